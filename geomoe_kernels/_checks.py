@@ -1,0 +1,102 @@
+"""Argument checks shared by every op: each error names the op, the argument, what was expected and
+what came. Metadata checks (device, dtype, shape, layout) cost nothing and always run. Value checks
+(NaN, id ranges, offsets) need to read the data, which is a host sync on a GPU, so by default they run
+only for CPU tensors; GEOMOE_CHECK_VALUES=1 turns them on everywhere, =0 off everywhere."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64,)
+
+
+class OpInputError(ValueError):
+    """Raised for a bad argument to a geomoe_kernels op."""
+
+
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: Optional[torch.Tensor],
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    dim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = True,
+    optional: bool = False,
+) -> None:
+    if t is None:
+        if optional:
+            return
+        raise OpInputError(f"{op}: argument '{name}' expected a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise OpInputError(f"{op}: argument '{name}' expected a tensor, got {type(t).__name__}")
+    if device is not None and t.device != device:
+        raise OpInputError(
+            f"{op}: argument '{name}' expected a tensor on {device} (the device of the first input), "
+            f"got one on {t.device}"
+        )
+    if dtypes is not None and t.dtype not in dtypes:
+        raise OpInputError(f"{op}: argument '{name}' expected dtype {_fmt_dtypes(dtypes)}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise OpInputError(
+            f"{op}: argument '{name}' expected a {dim}-d tensor, got shape {tuple(t.shape)}"
+        )
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise OpInputError(f"{op}: argument '{name}' expected shape {want}, got {list(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        overlap = any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
+        what = "overlapping memory (a stride of 0, as from expand())" if overlap else "a non-contiguous tensor"
+        raise OpInputError(
+            f"{op}: argument '{name}' expected contiguous memory, got {what} with strides "
+            f"{tuple(t.stride())} for shape {tuple(t.shape)}; call .contiguous() first"
+        )
+
+
+def check_same_dtype(op: str, names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]]) -> None:
+    ref_name, ref = names[0], tensors[0]
+    for n, t in zip(names[1:], tensors[1:]):
+        if t is not None and t.dtype != ref.dtype:
+            raise OpInputError(
+                f"{op}: argument '{n}' expected dtype {ref.dtype} (the dtype of '{ref_name}'), got {t.dtype}"
+            )
+
+
+def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise OpInputError(f"{op}: argument '{name}' expected one of {list(choices)}, got {value!r}")
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    flag = os.environ.get("GEOMOE_CHECK_VALUES", "")
+    if flag == "1":
+        return True
+    if flag == "0":
+        return False
+    return t.device.type == "cpu"
+
+
+def check_finite(op: str, name: str, t: torch.Tensor) -> None:
+    if value_checks_enabled(t) and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).sum()
+        raise OpInputError(f"{op}: argument '{name}' expected finite values, got {int(bad)} NaN/Inf entries")
+
+
+def check_index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Every entry of t in [low, high)."""
+    if value_checks_enabled(t) and t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < low or hi >= high:
+            raise OpInputError(
+                f"{op}: argument '{name}' expected values in [{low}, {high - 1}], got values in [{lo}, {hi}]"
+            )

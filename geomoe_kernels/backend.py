@@ -1,0 +1,74 @@
+"""Which implementation runs an op: the one place that decides.
+
+Every op registers its implementations here by backend name. "auto" picks, for CUDA tensors, the
+CUDA core where it is loaded and supports the case, else Triton, else the reference; for CPU tensors,
+Triton under TRITON_INTERPRET=1, else the reference. An explicit backend that cannot run the case is
+an error that says why, never a silent fallback."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# op name -> backend -> (implementation, supports(*args) -> reason it cannot run, or None)
+_REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
+
+# Why a backend has no implementation at all in this build; filled by the modules that provide them.
+_UNAVAILABLE_REASON = {
+    "triton": "this build has no Triton kernel for it",
+    "cuda": "this build has no CUDA C++ kernel for it",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this op on these inputs."""
+
+
+def register(op: str, backend: str, impl: Callable, supports: Optional[Callable] = None) -> None:
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
+    _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"argument 'backend' expected one of {list(BACKENDS)}, got {backend!r}")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]:
+    entry = _REGISTRY.get(op, {}).get(backend)
+    if entry is None:
+        return _UNAVAILABLE_REASON.get(backend, "not registered")
+    if backend == "cuda" and device.type != "cuda":
+        return f"the CUDA core runs on CUDA tensors, got tensors on {device}"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        return f"Triton runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; got tensors on {device}"
+    supports = entry[1]
+    return supports(*args) if (supports is not None and args is not None) else None
+
+
+def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Callable:
+    """The implementation of `op` for `backend` on `device`; `args` go to the support checks."""
+    check_backend_name(backend)
+    if backend != "auto":
+        reason = _why_not(op, backend, device, args)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
+        return _REGISTRY[op][backend][0]
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else (("triton", "torch") if triton_interpreting() else ("torch",))
+    for name in order:
+        if _why_not(op, name, device, args) is None:
+            return _REGISTRY[op][name][0]
+    raise BackendUnavailable(f"{op}: no backend can run on {device}")
+
+
+def available(op: str, device: torch.device) -> Dict[str, Optional[str]]:
+    """backend -> None if usable for `op` on `device`, else the reason (for info and tests)."""
+    return {b: _why_not(op, b, device, None) for b in BACKENDS[1:]}

@@ -1,0 +1,4 @@
+from .cblock import SparseCBlock
+from .moe import MoEMLP
+
+__all__ = ["MoEMLP", "SparseCBlock"]

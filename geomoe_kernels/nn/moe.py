@@ -1,0 +1,130 @@
+"""MoEMLP: a drop-in mixture-of-experts MLP on the geomoe ops.
+
+Defaults follow GeoMoE: 23 routed experts and 1 shared, top-3, sigmoid scores with a bias buffer
+used only for selection, renormalised weights, GELU experts of hidden int(0.75 * dim). Also Mixtral
+style (softmax, SwiGLU, no shared) and DeepSeek style (sigmoid + bias, shared experts, SwiGLU).
+
+forward(x [..., dim]) -> (y [..., dim], aux, load [E]):
+    aux = sum_i P_i * F_i, P_i = mean_t s_ti / sum_j s_tj (carries gradient),
+    F_i = E * load_i / (k * T) (does not).
+update_bias(load, rate) is the bias-based load balancing rule, applied after an optimizer step."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import backend as _backend
+from ..ops import SCORE_FUNCS, grouped_mm, permute, route, topk_gating, unpermute
+from ..reference import activations
+
+EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
+
+
+class MoEMLP(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: Optional[int] = None,
+        num_experts: int = 23,
+        num_shared_experts: int = 1,
+        top_k: int = 3,
+        score_func: str = "sigmoid",
+        renormalize: bool = True,
+        activation: str = "gelu",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"MoEMLP: argument 'score_func' expected one of {list(SCORE_FUNCS)}, got {score_func!r}")
+        if activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"MoEMLP: argument 'activation' expected one of {list(EXPERT_ACTIVATIONS)}, got {activation!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEMLP: argument 'top_k' expected 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        if num_shared_experts < 0:
+            raise ValueError(f"MoEMLP: argument 'num_shared_experts' expected >= 0, got {num_shared_experts}")
+        _backend.check_backend_name(backend)
+        self.dim = dim
+        self.hidden_dim = hidden_dim if hidden_dim is not None else int(0.75 * dim)
+        self.num_experts = num_experts
+        self.num_shared_experts = num_shared_experts
+        self.top_k = top_k
+        self.score_func = score_func
+        self.renormalize = renormalize
+        self.activation = activation
+        self.backend = backend
+        # SwiGLU's first projection holds [gate | up] side by side.
+        up = 2 * self.hidden_dim if activation == "swiglu" else self.hidden_dim
+        self.gate = nn.Linear(dim, num_experts)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # Stacked [E, in, out] for the grouped GEMM (x @ w), not nn.Linear's [out, in].
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, up))
+        self.b1 = nn.Parameter(torch.empty(num_experts, up))
+        self.w2 = nn.Parameter(torch.empty(num_experts, self.hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        S = num_shared_experts
+        self.shared_w1 = nn.Parameter(torch.empty(S, dim, up))
+        self.shared_b1 = nn.Parameter(torch.empty(S, up))
+        self.shared_w2 = nn.Parameter(torch.empty(S, self.hidden_dim, dim))
+        self.shared_b2 = nn.Parameter(torch.empty(S, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, per expert, as MAE-style initialisation gives nn.Linear."""
+        for w in (self.w1, self.w2, self.shared_w1, self.shared_w2, self.gate.weight):
+            fan_in, fan_out = w.shape[-2], w.shape[-1]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(w, -bound, bound)
+        for b in (self.b1, self.b2, self.shared_b1, self.shared_b2, self.gate.bias):
+            nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, shared={self.num_shared_experts}, "
+            f"top_k={self.top_k}, score={self.score_func}, activation={self.activation}, backend={self.backend!r}"
+        )
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _shared(self, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        if self.num_shared_experts == 0:
+            return None
+        h = torch.einsum("td,sdh->tsh", x, self.shared_w1.to(dtype)) + self.shared_b1.to(dtype)
+        h = activations.apply(self.activation, h)
+        return torch.einsum("tsh,shd->td", h, self.shared_w2.to(dtype)) + self.shared_b2.to(dtype).sum(0)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        shape = x.shape
+        if shape[-1] != self.dim:
+            raise ValueError(f"MoEMLP: argument 'x' expected last dimension {self.dim}, got shape {list(shape)}")
+        dtype = self._compute_dtype(x)
+        tokens = x.reshape(-1, self.dim).to(dtype)
+        T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
+
+        # Router in float32 whatever the compute dtype (or float64 when checking).
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), self.gate.bias.to(gate_dtype))
+        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        weights, ids, load, prob_mean = topk_gating(logits.contiguous(), bias, k, self.score_func, self.renormalize, be)
+
+        row_to_flat, flat_to_row, offsets = route(ids, E, be)
+        rows = permute(tokens, row_to_flat, flat_to_row, k, be)
+        h = grouped_mm(rows, self.w1.to(dtype), offsets, self.b1.to(dtype), self.activation, be)
+        rows_out = grouped_mm(h, self.w2.to(dtype), offsets, self.b2.to(dtype), "none", be)
+        y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
+
+        fraction = load.to(prob_mean.dtype) * (E / (k * max(T, 1)))
+        aux = (prob_mean * fraction).sum()
+        return y.reshape(shape[:-1] + (self.dim,)), aux, load
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor, rate: float = 1e-3) -> None:
+        """b_i += rate where load_i is below the mean load, -= rate where above (load summed over ranks)."""
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load.mean() - load)

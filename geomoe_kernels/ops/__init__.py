@@ -1,0 +1,8 @@
+"""The op boundaries: each a torch.library op (namespace `geomoe`) with a fake implementation,
+dispatching through geomoe_kernels.backend, behind a thin autograd Function."""
+from .gating import SCORE_FUNCS, topk_gating
+from .grouped_gemm import grouped_mm
+from .permute import permute, route, unpermute
+from .sparse_conv import masked_depthwise_conv
+
+__all__ = ["SCORE_FUNCS", "topk_gating", "grouped_mm", "permute", "route", "unpermute", "masked_depthwise_conv"]

@@ -1,0 +1,105 @@
+"""Masked sparse (submanifold) depthwise k x k convolution on the compact visible layout
+(geomoe_kernels.layout): rows [R, C], neighbour table [R, k*k] (-1 = masked or outside, read as
+zero), weight [C, k*k] (a depthwise Conv2d weight [C, 1, k, k] flattened), bias [C]."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, OpInputError, check_same_dtype, check_tensor, value_checks_enabled
+from ..reference import sparse_conv as _ref
+from ._dispatch import run
+
+
+def _check(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    op = "masked_depthwise_conv"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    R, C = x.shape
+    check_tensor(op, "neighbors", neighbors, dtypes=INDEX_DTYPES, dim=2, device=x.device)
+    kk = neighbors.shape[1]
+    k = int(round(kk**0.5))
+    if neighbors.shape[0] != R or k * k != kk or k % 2 == 0:
+        raise OpInputError(
+            f"{op}: argument 'neighbors' expected shape [{R}, k*k] with k odd (one row per row of x), got {list(neighbors.shape)}"
+        )
+    check_tensor(op, "weight", weight, shape=(C, kk), device=x.device)
+    check_tensor(op, "bias", bias, shape=(C,), device=x.device, optional=True)
+    check_same_dtype(op, ["x", "weight", "bias"], [x, weight, bias])
+
+
+def _check_table_values(neighbors: Tensor) -> None:
+    """Entries in [-1, R), and the table symmetric (backward relies on it: see the reference)."""
+    if not value_checks_enabled(neighbors) or neighbors.numel() == 0:
+        return
+    R, kk = neighbors.shape
+    lo, hi = int(neighbors.min()), int(neighbors.max())
+    if lo < -1 or hi >= R:
+        raise OpInputError(
+            f"masked_depthwise_conv: argument 'neighbors' expected values in [-1, {R - 1}], got values in [{lo}, {hi}]"
+        )
+    valid = neighbors >= 0
+    rows = torch.arange(R, device=neighbors.device)[:, None].expand(R, kk)
+    # tap kk-1-j of the neighbour q = neighbors[r, j] must point back at r
+    mirrored = neighbors.flip(1)[neighbors.clamp_min(0), torch.arange(kk, device=neighbors.device)]
+    if bool((valid & (mirrored != rows)).any()):
+        raise OpInputError(
+            "masked_depthwise_conv: argument 'neighbors' expected a symmetric submanifold table "
+            "(neighbors[r, j] = q implies neighbors[q, k*k-1-j] = r), as layout.neighbor_table builds; got one that is not"
+        )
+
+
+@torch.library.custom_op("geomoe::masked_depthwise_conv", mutates_args=())
+def masked_depthwise_conv_op(
+    x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str = "auto"
+) -> Tensor:
+    _check(x, neighbors, weight, bias)
+    _check_table_values(neighbors)
+    return run("masked_depthwise_conv", backend, x.device, (x, neighbors, weight, bias))
+
+
+@masked_depthwise_conv_op.register_fake
+def _(x, neighbors, weight, bias, backend="auto"):
+    _check(x, neighbors, weight, bias)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("geomoe::masked_depthwise_conv_backward", mutates_args=())
+def masked_depthwise_conv_backward_op(
+    grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor, backend: str = "auto"
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return run("masked_depthwise_conv_backward", backend, x.device, (grad_out, x, neighbors, weight))
+
+
+@masked_depthwise_conv_backward_op.register_fake
+def _(grad_out, x, neighbors, weight, backend="auto"):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+_backend.register("masked_depthwise_conv", "torch", _ref.masked_depthwise_conv)
+_backend.register("masked_depthwise_conv_backward", "torch", _ref.masked_depthwise_conv_backward)
+
+
+class MaskedDepthwiseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, neighbors, weight, bias, backend):
+        ctx.save_for_backward(x, neighbors, weight)
+        ctx.config = (backend, bias is not None)
+        return masked_depthwise_conv_op(x, neighbors, weight, bias, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, neighbors, weight = ctx.saved_tensors
+        backend, has_bias = ctx.config
+        dx, dw, db = masked_depthwise_conv_backward_op(grad_out.contiguous(), x, neighbors, weight, backend)
+        return dx, None, dw, (db if has_bias else None), None
+
+
+def masked_depthwise_conv(
+    x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: str = "auto"
+) -> Tensor:
+    """Depthwise conv at visible rows only; weight [C, k*k] or a Conv2d weight [C, 1, k, k]."""
+    if weight.dim() == 4:
+        weight = weight.reshape(weight.shape[0], -1)
+    bias = None if bias is None else bias.contiguous()
+    return MaskedDepthwiseConv.apply(x.contiguous(), neighbors.contiguous(), weight.contiguous(), bias, backend)

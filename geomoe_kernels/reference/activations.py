@@ -1,0 +1,51 @@
+"""Expert activations and their derivatives, written out so backward never re-enters autograd."""
+import math
+
+import torch
+
+ACTIVATIONS = ("none", "gelu", "silu", "swiglu")
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def out_features(activation: str, n: int) -> int:
+    """Columns after the activation for a pre-activation of n columns (SwiGLU halves them)."""
+    return n // 2 if activation == "swiglu" else n
+
+
+def apply(activation: str, pre: torch.Tensor) -> torch.Tensor:
+    if activation == "none":
+        return pre
+    if activation == "gelu":
+        return torch.nn.functional.gelu(pre)
+    if activation == "silu":
+        return torch.nn.functional.silu(pre)
+    if activation == "swiglu":  # columns [gate | up]
+        gate, up = pre.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _dsilu(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """d loss / d pre, given d loss / d out; computed in pre's dtype promoted to at least float32."""
+    if activation == "none":
+        return grad
+    acc = torch.promote_types(pre.dtype, torch.float32)
+    g, x = grad.to(acc), pre.to(acc)
+    if activation == "gelu":
+        d = 0.5 * (1 + torch.erf(x * _INV_SQRT2)) + x * _INV_SQRT2PI * torch.exp(-0.5 * x * x)
+        out = g * d
+    elif activation == "silu":
+        out = g * _dsilu(x)
+    elif activation == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        out = torch.cat([g * up * _dsilu(gate), g * torch.nn.functional.silu(gate)], dim=-1)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return out.to(pre.dtype)
