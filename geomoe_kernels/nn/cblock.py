@@ -59,7 +59,9 @@ class SparseCBlock(nn.Module):
     def forward_rows(self, x: Tensor, neighbors: Tensor) -> Tensor:
         """x [R, C] visible rows; neighbors [R, k*k] from layout.neighbor_table."""
         h = _pointwise(self.conv1, self.norm1(x))
-        h = masked_depthwise_conv(h, neighbors, self.attn.weight, self.attn.bias, self.backend)
+        # under autocast h is half precision while the parameters stay float32
+        bias = None if self.attn.bias is None else self.attn.bias.to(h.dtype)
+        h = masked_depthwise_conv(h, neighbors, self.attn.weight.to(h.dtype), bias, self.backend)
         x = x + _pointwise(self.conv2, h)
         h = _pointwise(self.mlp.fc1, self.norm2(x))
         return x + _pointwise(self.mlp.fc2, self.mlp.act(h))

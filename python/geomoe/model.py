@@ -1,0 +1,317 @@
+"""GeoMoE: a ConvMAE-style encoder with MoE transformer blocks, pretrained as a masked autoencoder
+with a cross-attention decoder (../shared/SPEC.md has every number). Built on geomoe_kernels the way
+a user's model would be: MoEMLP for the expert MLPs, SparseCBlock and the visible layout for stages 1-2.
+
+front_end="sparse" runs stages 1-2 at visible cells only (exact: the depthwise conv is the only op
+mixing positions and reads masked neighbours as zero); "dense" is the published masked computation."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geomoe_kernels import MoEMLP, SparseCBlock, layout
+from geomoe_kernels.backend import check_backend_name
+
+from .masking import random_masking, visibility_map
+from .pos_embed import sincos_2d
+
+PATCH = 16  # pixels per token side: stage strides 4 * 2 * 2
+FRONT_ENDS = ("sparse", "dense")
+
+
+class PatchEmbed(nn.Module):
+    """conv (kernel = stride) -> LayerNorm over channels (eps 1e-5) -> GELU."""
+
+    def __init__(self, in_chans: int, dim: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        x = self.proj(x)
+        return self.act(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    def forward_pixels(self, cells: Tensor) -> Tensor:
+        """cells [R, Cin * s * s]: one row per output cell, its pixels in (channel, y, x) order."""
+        return self.act(self.norm(F.linear(cells, self.proj.weight.flatten(1), self.proj.bias)))
+
+    def forward_rows(self, rows: Tensor) -> Tensor:
+        """rows [R, Cin] in Z-order -> [R / s^2, dim]."""
+        return self.act(self.norm(layout.strided_conv_rows(rows, self.proj.weight, self.proj.bias)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"argument 'num_heads' expected a divisor of the width {dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"argument 'decoder_num_heads' expected a divisor of the width {dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, L, C = x.shape
+        H = self.num_heads
+        q = self.q(x).reshape(B, L, H, C // H).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, context.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, moe: MoEMLP):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = moe
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        x = x + self.attn(self.norm1(x))
+        y, aux, load = self.mlp(self.norm2(x))
+        return x + y, aux, load
+
+
+class DecoderBlock(nn.Module):
+    """Cross-attention only: queries attend to the encoder output, then an MLP."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.cross_attn(self.norm1(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+def _triple(v, name: str) -> Tuple:
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+    if len(t) != 3:
+        raise ValueError(f"argument '{name}' expected one value or three (one per stage), got {v!r}")
+    return t
+
+
+class GeoMoE(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        embed_dim: Sequence[int] = (256, 384, 768),
+        depth: Sequence[int] = (2, 2, 11),
+        num_heads: int = 12,
+        mlp_ratio: Union[float, Sequence[float]] = 4.0,
+        moe_mlp_ratio: float = 0.75,
+        num_experts: int = 23,
+        num_shared_experts: int = 1,
+        top_k: int = 3,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        norm_pix_loss: bool = True,
+        front_end: str = "sparse",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if img_size % PATCH or img_size <= 0:
+            raise ValueError(f"argument 'img_size' expected a positive multiple of {PATCH}, got {img_size}")
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"argument 'front_end' expected one of {list(FRONT_ENDS)}, got {front_end!r}")
+        check_backend_name(backend)
+        e1, e2, e3 = _triple(embed_dim, "embed_dim")
+        d1, d2, d3 = _triple(depth, "depth")
+        r1, r2, r3 = _triple(mlp_ratio, "mlp_ratio")
+        self.img_size, self.in_chans = img_size, in_chans
+        self.grid = img_size // PATCH
+        self.front_end, self.backend = front_end, backend
+        self.norm_pix_loss = norm_pix_loss
+        self.num_experts = num_experts
+        L = self.grid * self.grid
+
+        self.patch_embed1 = PatchEmbed(in_chans, e1, 4)
+        self.patch_embed2 = PatchEmbed(e1, e2, 2)
+        self.patch_embed3 = PatchEmbed(e2, e3, 2)
+        self.patch_embed4 = nn.Linear(e3, e3)
+        self.blocks1 = nn.ModuleList(SparseCBlock(e1, r1, backend=backend) for _ in range(d1))
+        self.blocks2 = nn.ModuleList(SparseCBlock(e2, r2, backend=backend) for _ in range(d2))
+        self.stage1_output_decode = nn.Conv2d(e1, e3, 4, stride=4)
+        self.stage2_output_decode = nn.Conv2d(e2, e3, 2, stride=2)
+        self.pos_embed = nn.Parameter(sincos_2d(e3, self.grid, self.grid)[None], requires_grad=False)
+        self.blocks3 = nn.ModuleList(
+            MoEBlock(
+                e3,
+                num_heads,
+                MoEMLP(e3, int(e3 * moe_mlp_ratio), num_experts, num_shared_experts, top_k, backend=backend),
+            )
+            for _ in range(d3)
+        )
+        self.norm = nn.LayerNorm(e3, eps=1e-6)
+
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, r3) for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, PATCH * PATCH * in_chans)
+        self._init_weights()
+        assert self.pos_embed.shape[1] == L
+
+    def _init_weights(self) -> None:
+        for pe in (self.patch_embed1, self.patch_embed2, self.patch_embed3):
+            nn.init.xavier_uniform_(pe.proj.weight.view(pe.proj.weight.shape[0], -1))
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- encoder ---------------------------------------------------------------------------------
+
+    def _front_end_dense(self, imgs: Tensor, keep: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """The published computation: every cell, masked cells zeroed before each depthwise conv."""
+        G = self.grid
+        vis1 = None if keep is None else visibility_map(keep, G, 4).to(imgs.dtype)
+        vis2 = None if keep is None else visibility_map(keep, G, 2).to(imgs.dtype)
+        x = self.patch_embed1.forward_dense(imgs)
+        for blk in self.blocks1:
+            x = blk.forward_dense(x, vis1)
+        s1 = self.stage1_output_decode(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed2.forward_dense(x)
+        for blk in self.blocks2:
+            x = blk.forward_dense(x, vis2)
+        s2 = self.stage2_output_decode(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed3.forward_dense(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed4(x) + self.pos_embed.to(x.dtype)
+        if keep is not None:
+            idx = keep[:, :, None]
+            x, s1, s2 = (torch.gather(t, 1, idx.expand(-1, -1, t.shape[2])) for t in (x, s1, s2))
+        return x, s1, s2
+
+    def _front_end_sparse(self, imgs: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Stages 1-2 on the compact visible layout: rows ordered (image, kept token, Z-order cell)."""
+        G, N, Lk = self.grid, imgs.shape[0], keep.shape[1]
+        pixels = layout.gather_cells(F.pixel_unshuffle(imgs, 4), keep, 4)  # [N*Lk*16, in_chans*16]
+        x = self.patch_embed1.forward_pixels(pixels)
+        if len(self.blocks1):
+            nbr1 = layout.neighbor_table(keep, (G, G), 4, self.blocks1[0].attn.kernel_size[0])
+        for blk in self.blocks1:
+            x = blk.forward_rows(x, nbr1)
+        s1 = layout.strided_conv_rows(x, self.stage1_output_decode.weight, self.stage1_output_decode.bias)
+        x = self.patch_embed2.forward_rows(x)
+        if len(self.blocks2):
+            nbr2 = layout.neighbor_table(keep, (G, G), 2, self.blocks2[0].attn.kernel_size[0])
+        for blk in self.blocks2:
+            x = blk.forward_rows(x, nbr2)
+        s2 = layout.strided_conv_rows(x, self.stage2_output_decode.weight, self.stage2_output_decode.bias)
+        x = self.patch_embed4(self.patch_embed3.forward_rows(x)).view(N, Lk, -1)
+        x = x + torch.gather(self.pos_embed.to(x.dtype).expand(N, -1, -1), 1, keep[:, :, None].expand(-1, -1, x.shape[2]))
+        return x, s1.view(N, Lk, -1), s2.view(N, Lk, -1)
+
+    def forward_encoder(self, imgs: Tensor, keep: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """imgs [N, C, H, W], keep [N, L_keep] kept token ids (None: every token, no mask) ->
+        (latent [N, L_keep, C3], aux losses [layers], expert loads [layers, experts])."""
+        self._check_images(imgs)
+        if keep is None or self.front_end == "dense":
+            x, s1, s2 = self._front_end_dense(imgs, keep)
+        else:
+            x, s1, s2 = self._front_end_sparse(imgs, keep)
+        auxes, loads = [], []
+        for blk in self.blocks3:
+            x, aux, load = blk(x)
+            auxes.append(aux)
+            loads.append(load)
+        x = self.norm(x + s1 + s2)
+        aux = torch.stack(auxes) if auxes else x.new_zeros(0)
+        load = torch.stack(loads) if loads else torch.zeros(0, self.num_experts, dtype=torch.int64, device=x.device)
+        return x, aux, load
+
+    def _check_images(self, imgs: Tensor) -> None:
+        want = (self.in_chans, self.img_size, self.img_size)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
+            raise ValueError(f"GeoMoE: argument 'imgs' expected shape [N, {want[0]}, {want[1]}, {want[2]}], got {list(imgs.shape)}")
+
+    # ---- decoder and loss ------------------------------------------------------------------------
+
+    def forward_decoder(self, latent: Tensor, build: Tensor) -> Tensor:
+        N, Lb = build.shape
+        pos = torch.gather(self.decoder_pos_embed.expand(N, -1, -1), 1, build[:, :, None].expand(-1, -1, self.mask_token.shape[2]))
+        x = (self.mask_token + pos).to(latent.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x, latent)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def patchify(self, imgs: Tensor) -> Tensor:
+        """[N, C, H, W] -> [N, L, 16*16*C], ordered (patch row, patch col, pixel row, pixel col, channel)."""
+        N, C, H, W = imgs.shape
+        h, w = H // PATCH, W // PATCH
+        x = imgs.reshape(N, C, h, PATCH, w, PATCH)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, PATCH * PATCH * C)
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, build: Tensor) -> Tensor:
+        target = self.patchify(imgs)
+        target = torch.gather(target, 1, build[:, :, None].expand(-1, -1, target.shape[2]))
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return ((pred.to(target.dtype) - target) ** 2).mean()
+
+    def forward(
+        self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25, noise: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(loss, aux losses [layers], expert loads [layers, experts]) as the original model returns."""
+        self._check_images(imgs)
+        masking = random_masking(imgs.shape[0], self.grid**2, mask_ratio, kept_mask_ratio, noise, imgs.device)
+        latent, aux, load = self.forward_encoder(imgs, masking.keep)
+        pred = self.forward_decoder(latent, masking.build)
+        return self.forward_loss(imgs, pred, masking.build), aux, load
+
+    # ---- load balancing --------------------------------------------------------------------------
+
+    def moe_layers(self):
+        return [blk.mlp for blk in self.blocks3]
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
+        """The SPEC rule per layer; `loads` [layers, experts] already summed over data-parallel ranks."""
+        for moe, load in zip(self.moe_layers(), loads):
+            moe.update_bias(load, rate)
