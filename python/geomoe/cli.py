@@ -1,0 +1,49 @@
+"""geomoe command line: `geomoe pretrain ...` (also `python -m geomoe pretrain ...`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from geomoe_kernels.backend import BACKENDS
+
+from .configs import CONFIGS
+from .model import FRONT_ENDS
+
+
+def _pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="MAE pretraining (SPEC recipe)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
+    p.add_argument("--data", default=None, help="image folder root/<subfolder>/...; default: the embedded procedural scenes")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--out", default="runs/pretrain", help="run directory: checkpoints and metrics.jsonl")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --out) or a checkpoint path")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--front-end", choices=FRONT_ENDS, default="sparse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (default: on CUDA)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="geomoe", description="GeoMoE pretraining on geomoe_kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    ns = parser.parse_args(argv)
+    if ns.command == "pretrain":
+        from .train import PretrainArgs, pretrain
+
+        fields = {k: v for k, v in vars(ns).items() if k != "command"}
+        pretrain(PretrainArgs(**fields))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Pretraining data: an image folder in the OpticalRS-4M layout, or the embedded procedural scenes.
+
+No package on the registries ships a small set of real aerial images (the EuroSAT and tree-detection
+packages only download at run time), so the default data is a procedural generator of aerial-like
+scenes: a patchwork of fields with crop-row texture, roads, a river, built-up blocks with shadows,
+haze and sensor noise. Each image is a pure function of (seed, index), so the set needs no storage.
+
+Both sources go through the SPEC transforms: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic),
+horizontal flip, ImageNet mean/std. Augmentation randomness is a pure function of (seed, epoch,
+index), so a resumed run sees exactly the batches a straight run would."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+# ---- transforms ----------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The crop box of torchvision's RandomResizedCrop: ten tries at a random area and aspect, then a
+    centre crop clamped to the allowed aspect."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def pretrain_transform(img: Image.Image, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """PIL image -> normalised float tensor [3, size, size]."""
+    img = img.convert("RGB")
+    box = random_resized_crop_box(img.width, img.height, rng)
+    img = img.resize((size, size), Image.BICUBIC, box=box)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+# ---- procedural scenes ---------------------------------------------------------------------------
+
+_FIELD_COLOURS = np.array(
+    [[92, 120, 60], [120, 140, 70], [150, 140, 90], [170, 150, 100], [70, 100, 55], [130, 110, 80], [185, 170, 120], [60, 85, 50]],
+    dtype=np.float32,
+)
+
+
+def synthetic_scene(size: int, rng: np.random.Generator) -> np.ndarray:
+    """An aerial-like RGB scene, uint8 [size, size, 3]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # fields: a Voronoi patchwork, each cell with its own colour and crop-row direction
+    n = int(rng.integers(5, 14))
+    seeds = rng.random((n, 2)).astype(np.float32)
+    dist = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+    cell = dist.argmin(-1)
+    colours = _FIELD_COLOURS[rng.integers(0, len(_FIELD_COLOURS), n)] * rng.uniform(0.85, 1.15, (n, 1)).astype(np.float32)
+    angle = rng.uniform(0, np.pi, n).astype(np.float32)
+    freq = rng.uniform(20, 70, n).astype(np.float32)
+    rows = np.sin((xx * np.cos(angle[cell]) + yy * np.sin(angle[cell])) * freq[cell])
+    img = colours[cell] * (1 + 0.08 * rows[..., None])
+    # a river: a meandering band
+    if rng.random() < 0.6:
+        phase, amp, width = rng.uniform(0, 6.3), rng.uniform(0.05, 0.2), rng.uniform(0.02, 0.05)
+        centre = 0.5 + amp * np.sin(yy * rng.uniform(3, 8) + phase) + rng.uniform(-0.3, 0.3)
+        water = np.abs(xx - centre) < width
+        img[water] = np.array([40, 70, 95], dtype=np.float32) * rng.uniform(0.8, 1.2)
+    # roads: straight lines of a few pixels
+    for _ in range(int(rng.integers(1, 4))):
+        theta, offset = rng.uniform(0, np.pi), rng.uniform(0.2, 0.8)
+        d = np.abs((xx - 0.5) * np.cos(theta) + (yy - 0.5) * np.sin(theta) - (offset - 0.5))
+        img[d < rng.uniform(0.006, 0.015)] = np.array([150, 150, 145], dtype=np.float32)
+    # built-up blocks: bright roofs with a shadow to the lower right
+    if rng.random() < 0.7:
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        for _ in range(int(rng.integers(5, 25))):
+            y0 = int((cy + rng.normal(0, 0.12)) * size)
+            x0 = int((cx + rng.normal(0, 0.12)) * size)
+            h, w = (rng.integers(2, max(3, size // 14), 2)).tolist()
+            s = max(1, size // 100)
+            img[max(y0 + s, 0) : max(y0 + h + s, 0), max(x0 + s, 0) : max(x0 + w + s, 0)] *= 0.55
+            roof = np.array([[190, 90, 70], [200, 200, 195], [120, 120, 130]], dtype=np.float32)[rng.integers(0, 3)]
+            img[max(y0, 0) : max(y0 + h, 0), max(x0, 0) : max(x0 + w, 0)] = roof
+    # haze, illumination gradient and sensor noise
+    img = img * (0.9 + 0.2 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)))[..., None]
+    img = img + rng.normal(0, 4, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ---- datasets ------------------------------------------------------------------------------------
+
+
+class _EpochIndexed(Dataset):
+    """Items are addressed by code = epoch * len + index, so augmentation can depend on the epoch."""
+
+    def __init__(self, length: int, img_size: int, seed: int):
+        self.length, self.img_size, self.seed = length, img_size, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, code: int) -> torch.Tensor:
+        epoch, index = divmod(int(code), self.length)
+        rng = np.random.default_rng([self.seed, epoch, index, 1])
+        return pretrain_transform(self._image(index), self.img_size, rng)
+
+
+class SyntheticScenes(_EpochIndexed):
+    """The embedded default data: `length` procedural aerial-like scenes."""
+
+    def __init__(self, length: int = 4096, img_size: int = 224, seed: int = 0, source_size: Optional[int] = None):
+        super().__init__(length, img_size, seed)
+        self.source_size = source_size or max(img_size + img_size // 4, 64)
+
+    def _image(self, index: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, index, 0])
+        return Image.fromarray(synthetic_scene(self.source_size, rng))
+
+
+class ImageFolder(_EpochIndexed):
+    """Every image file under root/<subfolder>/ (recursively), the OpticalRS-4M layout."""
+
+    def __init__(self, root: str, img_size: int = 224, seed: int = 0):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"argument '--data' expected a directory, got {root!r}")
+        files: List[str] = []
+        for sub in sorted(os.listdir(root)):
+            top = os.path.join(root, sub)
+            if not os.path.isdir(top):
+                continue
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames.sort()
+                files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<subfolder>/")
+        self.files = files
+        super().__init__(len(files), img_size, seed)
+
+    def _image(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as img:
+            return img.convert("RGB")
+
+
+class ResumableBatchSampler(Sampler[List[int]]):
+    """Batches of item codes in a per-epoch permutation seeded by (seed, epoch), starting at a given
+    global step: the batch at step s is the same whether or not the run was resumed."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start_step: int = 0, total_steps: Optional[int] = None):
+        if length < batch_size:
+            raise ValueError(f"argument '--batch-size' expected at most the dataset size {length}, got {batch_size}")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.per_epoch = length // batch_size  # the last partial batch is dropped
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) if self.total_steps is not None else 2**62
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.start_step
+        while self.total_steps is None or step < self.total_steps:
+            epoch, b = divmod(step, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.length, generator=g)
+            batch = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            yield (batch + epoch * self.length).tolist()
+            step += 1
