@@ -23,20 +23,21 @@ class LoadResult(NamedTuple):
 
 
 def _moe_entries(prefix: str, moe: MoEMLP) -> Dict[str, _Target]:
+    p = f"{prefix}." if prefix else ""
     out: Dict[str, _Target] = {
-        f"{prefix}.gate.weight": (f"{prefix}.gate.weight", None, False),
-        f"{prefix}.gate.bias": (f"{prefix}.gate.bias", None, False),
-        f"{prefix}.bias": (f"{prefix}.expert_bias", None, False),
+        f"{p}gate.weight": (f"{p}gate.weight", None, False),
+        f"{p}gate.bias": (f"{p}gate.bias", None, False),
+        f"{p}bias": (f"{p}expert_bias", None, False),
     }
     for e in range(moe.num_experts):
         for fc, (w, b) in (("fc1", ("w1", "b1")), ("fc2", ("w2", "b2"))):
-            out[f"{prefix}.unique_experts.{e}.{fc}.weight"] = (f"{prefix}.{w}", e, True)
-            out[f"{prefix}.unique_experts.{e}.{fc}.bias"] = (f"{prefix}.{b}", e, False)
+            out[f"{p}unique_experts.{e}.{fc}.weight"] = (f"{p}{w}", e, True)
+            out[f"{p}unique_experts.{e}.{fc}.bias"] = (f"{p}{b}", e, False)
     for s in range(moe.num_shared_experts):
-        name = f"{prefix}.share_experts" if moe.num_shared_experts == 1 else f"{prefix}.share_experts.{s}"
+        name = f"{p}share_experts" if moe.num_shared_experts == 1 else f"{p}share_experts.{s}"
         for fc, (w, b) in (("fc1", ("shared_w1", "shared_b1")), ("fc2", ("shared_w2", "shared_b2"))):
-            out[f"{name}.{fc}.weight"] = (f"{prefix}.{w}", s, True)
-            out[f"{name}.{fc}.bias"] = (f"{prefix}.{b}", s, False)
+            out[f"{name}.{fc}.weight"] = (f"{p}{w}", s, True)
+            out[f"{name}.{fc}.bias"] = (f"{p}{b}", s, False)
     return out
 
 
@@ -47,7 +48,7 @@ def key_map(model: nn.Module) -> Dict[str, _Target]:
     for name, m in moes.items():
         out.update(_moe_entries(name, m))
     for key in model.state_dict():
-        if not any(key.startswith(name + ".") for name in moes):
+        if not any(name == "" or key.startswith(name + ".") for name in moes):
             out[key] = (key, None, False)
     return out
 

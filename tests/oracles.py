@@ -1,0 +1,113 @@
+"""Independent naive implementations (per-token and per-expert Python loops, float64) that the ops and
+layers are checked against. Written the way the published code reads, not the way our ops work."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def naive_gating(logits, bias, k, score_func="sigmoid", renormalize=True):
+    T, E = logits.shape
+    scores = torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, -1)
+    weights = torch.zeros(T, k, dtype=logits.dtype)
+    ids = torch.zeros(T, k, dtype=torch.int64)
+    for t in range(T):
+        sel = [(float(scores[t, e] + (0 if bias is None else bias[e])), -e) for e in range(E)]
+        top = sorted(sel, reverse=True)[:k]  # larger first, lower id first among ties
+        for j, (_, neg_e) in enumerate(top):
+            ids[t, j] = -neg_e
+            weights[t, j] = scores[t, -neg_e]
+        if renormalize:
+            weights[t] = weights[t] / weights[t].sum()
+    counts = torch.zeros(E, dtype=torch.int64)
+    for t in range(T):
+        for j in range(k):
+            counts[ids[t, j]] += 1
+    prob_mean = sum(scores[t] / scores[t].sum() for t in range(T)) / T
+    return weights, ids, counts, prob_mean
+
+
+def naive_route(ids, E):
+    T, k = ids.shape
+    rows = [t * k + j for e in range(E) for t in range(T) for j in range(k) if ids[t, j] == e]
+    row_to_flat = torch.tensor(rows, dtype=torch.int64)
+    flat_to_row = torch.empty_like(row_to_flat)
+    for r, f in enumerate(rows):
+        flat_to_row[f] = r
+    offsets = [0]
+    for e in range(E):
+        offsets.append(offsets[-1] + int((ids == e).sum()))
+    return row_to_flat, flat_to_row, torch.tensor(offsets)
+
+
+def apply_act(name, h):
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "silu":
+        return F.silu(h)
+    if name == "swiglu":
+        a, b = h.chunk(2, -1)
+        return F.silu(a) * b
+    return h
+
+
+def naive_grouped_mm(x, w, offsets, bias, act):
+    outs = []
+    for e in range(w.shape[0]):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        h = x[lo:hi] @ w[e]
+        if bias is not None:
+            h = h + bias[e]
+        outs.append(apply_act(act, h))
+    return torch.cat(outs)
+
+
+class Expert(nn.Module):
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden if act == "swiglu" else hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc2(apply_act(self.act, self.fc1(x)))
+
+
+class OriginalMoE(nn.Module):
+    """The published MoE MLP: one nn.Linear pair per expert, a loop over experts, index_add_ combine.
+    Its state dict is in the original key layout."""
+
+    def __init__(self, dim, hidden, num_experts, num_shared, top_k, score_func="sigmoid", renormalize=True, act="gelu"):
+        super().__init__()
+        assert num_shared in (0, 1)
+        self.k, self.E, self.score_func, self.renormalize = top_k, num_experts, score_func, renormalize
+        self.gate = nn.Linear(dim, num_experts)
+        self.unique_experts = nn.ModuleList(Expert(dim, hidden, act) for _ in range(num_experts))
+        self.share_experts = Expert(dim, hidden, act) if num_shared else None
+        self.register_buffer("bias", torch.zeros(num_experts))
+        for p in self.parameters():  # non-zero biases so every term is checked
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        T = flat.shape[0]
+        logits = self.gate(flat)
+        s = torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, -1)
+        sel = s + self.bias if self.score_func == "sigmoid" else s
+        ids = torch.topk(sel, self.k, dim=-1).indices
+        w = s.gather(1, ids)
+        if self.renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        y = torch.zeros_like(flat)
+        counts = torch.zeros(self.E, dtype=torch.int64)
+        for e in range(self.E):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            counts[e] = tok.numel()
+            if tok.numel():
+                y = y.index_add(0, tok, w[tok, slot, None] * self.unique_experts[e](flat[tok]))
+        if self.share_experts is not None:
+            y = y + self.share_experts(flat)
+        P = (s / s.sum(-1, keepdim=True)).mean(0)
+        Fr = self.E * counts.to(s.dtype) / (self.k * T)
+        return y.view_as(x), (P * Fr).sum(), counts
