@@ -22,6 +22,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --out) or a checkpoint path")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run after N steps with a checkpoint (resume later)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--front-end", choices=FRONT_ENDS, default="sparse")

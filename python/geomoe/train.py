@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -33,6 +31,7 @@ class PretrainArgs:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 3
     resume: Optional[str] = None  # "auto", a path, or None
+    stop_after: Optional[int] = None  # end this run after N steps with a checkpoint (time-sliced jobs)
     device: str = "auto"
     backend: str = "auto"
     front_end: str = "sparse"
@@ -57,8 +56,9 @@ def _device(name: str) -> torch.device:
 
 
 def _rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.frombuffer(json.dumps(np.random.get_state()[1].tolist()).encode(), dtype=np.uint8).copy())}
-    state["python"] = torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8)
+    """The global torch RNGs (masking noise). Data randomness is a pure function of (seed, epoch,
+    index) and needs no state."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -68,8 +68,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    py = json.loads(bytes(state["python"].tolist()).decode())
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 def load_balance(loads: torch.Tensor) -> float:
@@ -91,7 +89,6 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
 
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend).to(device)
     img_size = model.img_size
     if args.data:
@@ -115,8 +112,18 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
         elif args.resume != "auto":
             raise FileNotFoundError(f"argument '--resume' found no checkpoint at {args.resume}")
 
-    sampler = ResumableBatchSampler(len(dataset), batch, args.seed, start, steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    end = steps if args.stop_after is None else min(steps, start + args.stop_after)
+    sampler = ResumableBatchSampler(len(dataset), batch, args.seed, start, end)
+    # Its own generator: a loader seeds workers from the global RNG otherwise, which would shift the
+    # masking noise of a resumed run against a straight one.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"geomoe pretrain: config {args.config} ({n_params / 1e6:.2f} M parameters), {device}, backend {args.backend}, "
@@ -168,7 +175,7 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         aux_sum = aux.detach().mean() if aux_sum is None else aux_sum + aux.detach().mean()
         bar.update(1)
-        if step % args.log_every == 0 or step == steps:
+        if step % args.log_every == 0 or step == end:
             now = time.perf_counter()
             n_steps = images_since // imgs.shape[0]
             record = {
@@ -188,7 +195,7 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
                 f"step {step:>6}/{steps} | loss {record['loss']:.4f} | lr {lr:.2e} | {record['images_per_s']:7.1f} img/s | "
                 f"aux {record['aux']:.4f} | expert load max/mean {record['load_max_over_mean']:.2f}"
             )
-        if args.save_every and step % args.save_every == 0 and step != steps:
+        if args.save_every and step % args.save_every == 0 and step != end:
             save(step)
     bar.close()
     final = save(step)

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from geomoe import load_original_state_dict
+from geomoe_kernels import MoEMLP
+from oracles import OriginalMoE
+
+
+def _pair(dim=12, hidden=10, E=6, S=1, k=3, score_func="sigmoid", renormalize=True, act="gelu"):
+    orig = OriginalMoE(dim, hidden, E, S, k, score_func, renormalize, act).double()
+    ours = MoEMLP(dim, hidden, E, S, k, score_func, renormalize, act).double()
+    res = load_original_state_dict(ours, orig.state_dict(), strict=True)
+    assert res.missing == [] and res.unexpected == []
+    return orig, ours
+
+
+def _compare(orig, ours, x, atol=1e-12):
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    ya, aux_a, load_a = orig(xa)
+    yb, aux_b, load_b = ours(xb)
+    assert torch.equal(load_a, load_b)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=atol)
+    torch.testing.assert_close(aux_b, aux_a, rtol=0, atol=atol)
+    g = torch.randn_like(ya)
+    (ya * g).sum().add(aux_a).backward()
+    (yb * g).sum().add(aux_b).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=atol)
+    # every parameter gradient, through the original layout
+    from geomoe.original import key_map
+
+    grads = {n: p.grad for n, p in ours.named_parameters()}
+    for orig_key, (our_key, idx, transposed) in key_map(ours).items():
+        p = dict(orig.named_parameters()).get(orig_key)
+        if p is None:
+            continue  # the bias buffer
+        g_ours = grads[our_key] if idx is None else grads[our_key][idx]
+        g_ours = g_ours.t() if transposed else g_ours
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g_ours, want, rtol=0, atol=atol, msg=lambda m: f"{orig_key}: {m}")
+    return load_b
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("S", [0, 1])
+def test_matches_published_loop(k, S):
+    orig, ours = _pair(S=S, k=k)
+    orig.bias.copy_(0.1 * torch.randn(6))
+    ours.expert_bias.copy_(orig.bias)
+    _compare(orig, ours, torch.randn(2, 19, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T", [1, 100, 511, 600])
+def test_odd_sizes(T):
+    orig, ours = _pair(dim=8, hidden=6, E=5, k=3)
+    _compare(orig, ours, torch.randn(T, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("act", ["silu", "swiglu"])
+@pytest.mark.parametrize("score_func,renormalize", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+def test_variants(act, score_func, renormalize):
+    orig, ours = _pair(act=act, score_func=score_func, renormalize=renormalize, k=2)
+    _compare(orig, ours, torch.randn(23, 12, dtype=torch.float64))
+
+
+def test_all_tokens_to_one_expert_and_empty_experts():
+    orig, ours = _pair(E=6, k=1)
+    ours.expert_bias.copy_(torch.tensor([0, 0, 0, 0, 50.0, 0]))
+    orig.bias.copy_(ours.expert_bias)
+    load = _compare(orig, ours, torch.randn(40, 12, dtype=torch.float64))
+    assert load.tolist() == [0, 0, 0, 0, 40, 0]
+    for name in ("w1", "b1", "w2", "b2"):
+        grad = getattr(ours, name).grad
+        for e in (0, 1, 2, 3, 5):
+            assert torch.equal(grad[e], torch.zeros_like(grad[e])), name
+
+
+def test_non_contiguous_input():
+    orig, ours = _pair()
+    x = torch.randn(12, 30, dtype=torch.float64).t()  # [30, 12], strides (1, 30)
+    assert not x.is_contiguous()
+    _compare(orig, ours, x)
+
+
+def test_bitwise_repeatable():
+    m = MoEMLP(32, 24, 7, 1, 3)
+    x = torch.randn(200, 32, requires_grad=True)
+    runs = []
+    for _ in range(3):
+        m.zero_grad()
+        x.grad = None
+        y, aux, load = m(x)
+        (y.square().sum() + aux).backward()
+        runs.append((y.detach(), x.grad.clone(), m.w1.grad.clone(), m.gate.weight.grad.clone()))
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
+
+
+def test_shapes_dtypes_and_defaults():
+    m = MoEMLP(768)
+    assert (m.num_experts, m.num_shared_experts, m.top_k, m.hidden_dim, m.score_func) == (23, 1, 3, 576, "sigmoid")
+    n_expert = sum(p.numel() for name, p in m.named_parameters() if name in ("w1", "b1", "w2", "b2")) // 23
+    assert n_expert == 886_080
+    y, aux, load = MoEMLP(16, num_experts=4, top_k=2)(torch.randn(3, 5, 16))
+    assert y.shape == (3, 5, 16) and aux.dim() == 0 and load.dtype == torch.int64 and int(load.sum()) == 30
+
+
+def test_update_bias_rule():
+    m = MoEMLP(8, num_experts=4, top_k=1)
+    m.update_bias(torch.tensor([1, 5, 3, 3]))
+    torch.testing.assert_close(m.expert_bias, torch.tensor([1e-3, -1e-3, 0.0, 0.0]))
+    m.update_bias(torch.tensor([1, 5, 3, 3]), rate=0.5)
+    torch.testing.assert_close(m.expert_bias, torch.tensor([0.501, -0.501, 0.0, 0.0]))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    m = MoEMLP(16, 12, 5, 1, 2)
+    x = torch.randn(33, 16, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y, aux, load = compiled(x)
+    (y.sum() + aux).backward()
+    g_compiled = x.grad.clone()
+    x.grad = None
+    y2, aux2, load2 = m(x)
+    (y2.sum() + aux2).backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(g_compiled, x.grad)
+    assert torch.equal(load, load2)

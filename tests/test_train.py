@@ -1,0 +1,96 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geomoe import GeoMoE
+from geomoe.checkpoint import list_checkpoints, load_latest
+from geomoe.configs import CONFIGS
+from geomoe.train import PretrainArgs, lr_at, pretrain
+
+FAST = dict(steps=4, batch_size=8, log_every=2, progress=False, device="cpu")
+
+
+def test_main_job_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "geomoe", "pretrain", "--config", "tiny", "--steps", "4", "--batch-size", "8",
+           "--log-every", "2", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s" in proc.stdout and "loss" in proc.stdout and "expert load" in proc.stdout
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004.pt"]
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GeoMoE(**CONFIGS["tiny"]["model"])
+    imgs = torch.randn(8, 3, 96, 96).cumsum(-1) / 10  # smooth, image-like rows
+    noise = torch.rand(8, 36)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(50):
+        loss, aux, loads = model(imgs, noise=noise)
+        opt.zero_grad()
+        (loss + 1e-4 * aux.sum()).backward()
+        opt.step()
+        model.update_expert_biases(loads)
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_resume_is_exact(tmp_path):
+    straight = pretrain(PretrainArgs(out=str(tmp_path / "a"), **FAST))
+    first = pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
+    resumed = pretrain(PretrainArgs(out=str(tmp_path / "b"), resume="auto", **FAST))
+    a = straight["model"].state_dict()
+    b = resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["history"][-1]["loss"] == resumed["history"][-1]["loss"]
+    assert first["history"][-1]["step"] == 2
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    out = tmp_path / "run"
+    pretrain(PretrainArgs(out=str(out), save_every=2, **FAST))
+    newest = list_checkpoints(str(out))[-1]
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        state = load_latest(str(out))
+    assert state["step"] == 2
+
+
+def test_lr_schedule():
+    peak, total, warm = 1.0, 100, 10
+    assert lr_at(0, total, peak, warm, 1e-3) == pytest.approx(0.1)
+    assert lr_at(9, total, peak, warm, 1e-3) == pytest.approx(1.0)
+    assert lr_at(10, total, peak, warm, 1e-3) == pytest.approx(1.0)
+    assert lr_at(100, total, peak, warm, 1e-3) == pytest.approx(1e-3)
+    assert lr_at(55, total, peak, warm, 1e-3) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+
+
+def test_image_folder_data(tmp_path):
+    root = tmp_path / "data"
+    for sub in ("scene_a", "scene_b"):
+        (root / sub).mkdir(parents=True)
+        for i in range(5):
+            arr = (np.random.rand(120, 150, 3) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / sub / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "notes.txt").write_text("not an image, not in a subfolder")
+    res = pretrain(PretrainArgs(out=str(tmp_path / "run"), data=str(root), **FAST))
+    assert math.isfinite(res["history"][-1]["loss"])
+
+
+def test_bad_data_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data"):
+        pretrain(PretrainArgs(out=str(tmp_path / "r"), data=str(tmp_path / "nope"), **FAST))
