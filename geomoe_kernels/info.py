@@ -1,0 +1,40 @@
+"""python -m geomoe_kernels.info: which backends run here, and why the others do not."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import backend, cuda, ops  # noqa: F401  (ops registers the implementations)
+
+OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "masked_depthwise_conv")
+
+
+def report() -> str:
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}; interpreter {'on' if backend.triton_interpreting() else 'off'} (TRITON_INTERPRET)")
+    except ImportError:
+        lines.append("triton not installed")
+    lines.append(f"CUDA core: {cuda.load()[1]}")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
+        devices = [torch.device("cpu"), torch.device("cuda")]
+    else:
+        lines.append("device: no CUDA device; CPU only")
+        devices = [torch.device("cpu")]
+    for dev in devices:
+        lines.append(f"backends on {dev}:")
+        for op in OPS:
+            avail = backend.available(op, dev)
+            usable = [b for b, why in avail.items() if why is None]
+            why_not = "; ".join(f"{b}: {why}" for b, why in avail.items() if why is not None)
+            lines.append(f"  {op:<22} usable: {', '.join(usable) or '-':<14} {why_not}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
