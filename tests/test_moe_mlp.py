@@ -126,3 +126,19 @@ def test_torch_compile_fullgraph_forward_backward():
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(g_compiled, x.grad)
     assert torch.equal(load, load2)
+
+
+def test_two_shared_experts_add_up():
+    m = MoEMLP(10, 8, 4, num_shared_experts=2, top_k=2).double()
+    with torch.no_grad():
+        for p in (m.shared_b1, m.shared_b2):
+            p.normal_()
+    x = torch.randn(9, 10, dtype=torch.float64)
+    y, _, _ = m(x)
+    routed = MoEMLP(10, 8, 4, num_shared_experts=0, top_k=2).double()
+    routed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared")})
+    want = routed(x)[0]
+    for s in range(2):
+        h = torch.nn.functional.gelu(x @ m.shared_w1[s] + m.shared_b1[s])
+        want = want + h @ m.shared_w2[s] + m.shared_b2[s]
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
