@@ -65,20 +65,20 @@ class MoEMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, self.hidden_dim, dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         S = num_shared_experts
-        self.shared_w1 = nn.Parameter(torch.empty(S, dim, up))
-        self.shared_b1 = nn.Parameter(torch.empty(S, up))
-        self.shared_w2 = nn.Parameter(torch.empty(S, self.hidden_dim, dim))
-        self.shared_b2 = nn.Parameter(torch.empty(S, dim))
+        shapes = {"shared_w1": (S, dim, up), "shared_b1": (S, up), "shared_w2": (S, self.hidden_dim, dim), "shared_b2": (S, dim)}
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if S else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights and zero biases, per expert, as MAE-style initialisation gives nn.Linear."""
         for w in (self.w1, self.w2, self.shared_w1, self.shared_w2, self.gate.weight):
-            fan_in, fan_out = w.shape[-2], w.shape[-1]
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            nn.init.uniform_(w, -bound, bound)
+            if w is not None:
+                bound = math.sqrt(6.0 / (w.shape[-2] + w.shape[-1]))
+                nn.init.uniform_(w, -bound, bound)
         for b in (self.b1, self.b2, self.shared_b1, self.shared_b2, self.gate.bias):
-            nn.init.zeros_(b)
+            if b is not None:
+                nn.init.zeros_(b)
 
     def extra_repr(self) -> str:
         return (
