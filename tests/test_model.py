@@ -104,3 +104,19 @@ def test_bad_arguments():
         model(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="noise"):
         model(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 15))
+
+
+def test_mixed_precision_runs_and_keeps_router_in_float32():
+    model = GeoMoE(**TINY)
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    with torch.no_grad():
+        ref = model(imgs, noise=noise)[0]
+    for front_end in ("sparse", "dense"):
+        model.front_end = front_end
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, aux, load = model(imgs, noise=noise)
+        loss.backward()
+        assert aux.dtype == torch.float32 and load.dtype == torch.int64
+        assert abs(float(loss) - float(ref)) < 5e-2 * abs(float(ref))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()
