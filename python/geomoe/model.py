@@ -126,7 +126,95 @@ def _triple(v, name: str) -> Tuple:
     return t
 
 
-class GeoMoE(nn.Module):
+class GeoMoEEncoderBase(nn.Module):
+    """The encoder's modules (original names: patch_embed1-4, blocks1-3, pos_embed) and the pieces of
+    its forward that pretraining and the downstream backbone share."""
+
+    def __init__(
+        self,
+        img_size: int,
+        in_chans: int,
+        embed_dim: Sequence[int],
+        depth: Sequence[int],
+        num_heads: int,
+        mlp_ratio: Union[float, Sequence[float]],
+        moe_mlp_ratio: float,
+        num_experts: int,
+        num_shared_experts: int,
+        top_k: int,
+        backend: str,
+    ):
+        super().__init__()
+        if img_size % PATCH or img_size <= 0:
+            raise ValueError(f"argument 'img_size' expected a positive multiple of {PATCH}, got {img_size}")
+        check_backend_name(backend)
+        e1, e2, e3 = _triple(embed_dim, "embed_dim")
+        d1, d2, d3 = _triple(depth, "depth")
+        self.mlp_ratios = _triple(mlp_ratio, "mlp_ratio")
+        r1, r2, _ = self.mlp_ratios
+        self.embed_dims = (e1, e2, e3)
+        self.img_size, self.in_chans = img_size, in_chans
+        self.grid = img_size // PATCH
+        self.backend = backend
+        self.num_experts = num_experts
+
+        self.patch_embed1 = PatchEmbed(in_chans, e1, 4)
+        self.patch_embed2 = PatchEmbed(e1, e2, 2)
+        self.patch_embed3 = PatchEmbed(e2, e3, 2)
+        self.patch_embed4 = nn.Linear(e3, e3)
+        self.blocks1 = nn.ModuleList(SparseCBlock(e1, r1, backend=backend) for _ in range(d1))
+        self.blocks2 = nn.ModuleList(SparseCBlock(e2, r2, backend=backend) for _ in range(d2))
+        self.pos_embed = nn.Parameter(sincos_2d(e3, self.grid, self.grid)[None], requires_grad=False)
+        self.blocks3 = nn.ModuleList(
+            MoEBlock(
+                e3,
+                num_heads,
+                MoEMLP(e3, int(e3 * moe_mlp_ratio), num_experts, num_shared_experts, top_k, backend=backend),
+            )
+            for _ in range(d3)
+        )
+
+    def _init_weights(self) -> None:
+        for pe in (self.patch_embed1, self.patch_embed2, self.patch_embed3):
+            nn.init.xavier_uniform_(pe.proj.weight.view(pe.proj.weight.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _stages_dense(self, imgs: Tensor, vis1: Optional[Tensor], vis2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Stage maps [N, C1, H/4, W/4], [N, C2, H/8, W/8] and the stage-3 tokens [N, L, C3] after
+        patch_embed4 (before the position table), every cell computed; vis1/vis2 zero masked cells
+        before each depthwise conv (None: no mask)."""
+        x1 = self.patch_embed1.forward_dense(imgs)
+        for blk in self.blocks1:
+            x1 = blk.forward_dense(x1, vis1)
+        x2 = self.patch_embed2.forward_dense(x1)
+        for blk in self.blocks2:
+            x2 = blk.forward_dense(x2, vis2)
+        x3 = self.patch_embed3.forward_dense(x2).flatten(2).transpose(1, 2)
+        return x1, x2, self.patch_embed4(x3)
+
+    def _moe_blocks(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(x, aux losses [layers], expert loads [layers, experts])."""
+        auxes, loads = [], []
+        for blk in self.blocks3:
+            x, aux, load = blk(x)
+            auxes.append(aux)
+            loads.append(load)
+        aux = torch.stack(auxes) if auxes else x.new_zeros(0)
+        load = torch.stack(loads) if loads else torch.zeros(0, self.num_experts, dtype=torch.int64, device=x.device)
+        return x, aux, load
+
+    def moe_layers(self):
+        return [blk.mlp for blk in self.blocks3]
+
+
+class GeoMoE(GeoMoEEncoderBase):
     def __init__(
         self,
         img_size: int = 224,
@@ -146,63 +234,28 @@ class GeoMoE(nn.Module):
         front_end: str = "sparse",
         backend: str = "auto",
     ):
-        super().__init__()
-        if img_size % PATCH or img_size <= 0:
-            raise ValueError(f"argument 'img_size' expected a positive multiple of {PATCH}, got {img_size}")
         if front_end not in FRONT_ENDS:
             raise ValueError(f"argument 'front_end' expected one of {list(FRONT_ENDS)}, got {front_end!r}")
-        check_backend_name(backend)
-        e1, e2, e3 = _triple(embed_dim, "embed_dim")
-        d1, d2, d3 = _triple(depth, "depth")
-        r1, r2, r3 = _triple(mlp_ratio, "mlp_ratio")
-        self.img_size, self.in_chans = img_size, in_chans
-        self.grid = img_size // PATCH
-        self.front_end, self.backend = front_end, backend
+        super().__init__(
+            img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, moe_mlp_ratio,
+            num_experts, num_shared_experts, top_k, backend,
+        )
+        e1, e2, e3 = self.embed_dims
+        self.front_end = front_end
         self.norm_pix_loss = norm_pix_loss
-        self.num_experts = num_experts
-        L = self.grid * self.grid
-
-        self.patch_embed1 = PatchEmbed(in_chans, e1, 4)
-        self.patch_embed2 = PatchEmbed(e1, e2, 2)
-        self.patch_embed3 = PatchEmbed(e2, e3, 2)
-        self.patch_embed4 = nn.Linear(e3, e3)
-        self.blocks1 = nn.ModuleList(SparseCBlock(e1, r1, backend=backend) for _ in range(d1))
-        self.blocks2 = nn.ModuleList(SparseCBlock(e2, r2, backend=backend) for _ in range(d2))
         self.stage1_output_decode = nn.Conv2d(e1, e3, 4, stride=4)
         self.stage2_output_decode = nn.Conv2d(e2, e3, 2, stride=2)
-        self.pos_embed = nn.Parameter(sincos_2d(e3, self.grid, self.grid)[None], requires_grad=False)
-        self.blocks3 = nn.ModuleList(
-            MoEBlock(
-                e3,
-                num_heads,
-                MoEMLP(e3, int(e3 * moe_mlp_ratio), num_experts, num_shared_experts, top_k, backend=backend),
-            )
-            for _ in range(d3)
-        )
         self.norm = nn.LayerNorm(e3, eps=1e-6)
 
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, r3) for _ in range(decoder_depth)
+            DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, self.mlp_ratios[2]) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, PATCH * PATCH * in_chans)
         self._init_weights()
-        assert self.pos_embed.shape[1] == L
-
-    def _init_weights(self) -> None:
-        for pe in (self.patch_embed1, self.patch_embed2, self.patch_embed3):
-            nn.init.xavier_uniform_(pe.proj.weight.view(pe.proj.weight.shape[0], -1))
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     # ---- encoder ---------------------------------------------------------------------------------
 
@@ -211,16 +264,10 @@ class GeoMoE(nn.Module):
         G = self.grid
         vis1 = None if keep is None else visibility_map(keep, G, 4).to(imgs.dtype)
         vis2 = None if keep is None else visibility_map(keep, G, 2).to(imgs.dtype)
-        x = self.patch_embed1.forward_dense(imgs)
-        for blk in self.blocks1:
-            x = blk.forward_dense(x, vis1)
-        s1 = self.stage1_output_decode(x).flatten(2).transpose(1, 2)
-        x = self.patch_embed2.forward_dense(x)
-        for blk in self.blocks2:
-            x = blk.forward_dense(x, vis2)
-        s2 = self.stage2_output_decode(x).flatten(2).transpose(1, 2)
-        x = self.patch_embed3.forward_dense(x).flatten(2).transpose(1, 2)
-        x = self.patch_embed4(x) + self.pos_embed.to(x.dtype)
+        x1, x2, x = self._stages_dense(imgs, vis1, vis2)
+        s1 = self.stage1_output_decode(x1).flatten(2).transpose(1, 2)
+        s2 = self.stage2_output_decode(x2).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed.to(x.dtype)
         if keep is not None:
             idx = keep[:, :, None]
             x, s1, s2 = (torch.gather(t, 1, idx.expand(-1, -1, t.shape[2])) for t in (x, s1, s2))
@@ -254,15 +301,8 @@ class GeoMoE(nn.Module):
             x, s1, s2 = self._front_end_dense(imgs, keep)
         else:
             x, s1, s2 = self._front_end_sparse(imgs, keep)
-        auxes, loads = [], []
-        for blk in self.blocks3:
-            x, aux, load = blk(x)
-            auxes.append(aux)
-            loads.append(load)
-        x = self.norm(x + s1 + s2)
-        aux = torch.stack(auxes) if auxes else x.new_zeros(0)
-        load = torch.stack(loads) if loads else torch.zeros(0, self.num_experts, dtype=torch.int64, device=x.device)
-        return x, aux, load
+        x, aux, load = self._moe_blocks(x)
+        return self.norm(x + s1 + s2), aux, load
 
     def _check_images(self, imgs: Tensor) -> None:
         want = (self.in_chans, self.img_size, self.img_size)
@@ -306,9 +346,6 @@ class GeoMoE(nn.Module):
         return self.forward_loss(imgs, pred, masking.build), aux, load
 
     # ---- load balancing --------------------------------------------------------------------------
-
-    def moe_layers(self):
-        return [blk.mlp for blk in self.blocks3]
 
     @torch.no_grad()
     def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
