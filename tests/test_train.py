@@ -12,7 +12,8 @@ from PIL import Image
 from geomoe import GeoMoE
 from geomoe.checkpoint import list_checkpoints, load_latest
 from geomoe.configs import CONFIGS
-from geomoe.train import PretrainArgs, lr_at, pretrain
+from geomoe.runtime import lr_at
+from geomoe.train import PretrainArgs, pretrain
 
 FAST = dict(steps=4, batch_size=8, log_every=2, progress=False, device="cpu")
 

@@ -1,4 +1,4 @@
-"""geomoe command line: `geomoe pretrain ...` (also `python -m geomoe pretrain ...`)."""
+"""geomoe command line: `geomoe pretrain ...` and `geomoe finetune ...` (also `python -m geomoe ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -33,16 +33,47 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="scene-classification fine-tuning of the pretrained encoder")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="encoder preset (default tiny)")
+    p.add_argument("--data", default=None, help="folder with train/<class>/ and val/<class>/; default: generated scene classes")
+    p.add_argument("--weights", default=None, help="pretrained weights: a geomoe pretrain checkpoint or an original-layout file")
+    p.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 16 (position table interpolated)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head")
+    p.add_argument("--layer-decay", type=float, default=0.85)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geomoe", description="GeoMoE pretraining on geomoe_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
+    _finetune_parser(sub)
     ns = parser.parse_args(argv)
+    fields = {k: v for k, v in vars(ns).items() if k != "command"}
     if ns.command == "pretrain":
         from .train import PretrainArgs, pretrain
 
-        fields = {k: v for k, v in vars(ns).items() if k != "command"}
         pretrain(PretrainArgs(**fields))
+    elif ns.command == "finetune":
+        from .finetune import FinetuneArgs, finetune
+
+        finetune(FinetuneArgs(**fields))
     return 0
 
 

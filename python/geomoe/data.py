@@ -52,10 +52,10 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return left, top, left + w, top + h
 
 
-def pretrain_transform(img: Image.Image, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """PIL image -> normalised float tensor [3, size, size]."""
+def pretrain_transform(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.2, 1.0)) -> torch.Tensor:
+    """PIL image -> random resized crop, random flip, normalised float tensor [3, size, size]."""
     img = img.convert("RGB")
-    box = random_resized_crop_box(img.width, img.height, rng)
+    box = random_resized_crop_box(img.width, img.height, rng, scale)
     img = img.resize((size, size), Image.BICUBIC, box=box)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if rng.random() < 0.5:
@@ -72,45 +72,118 @@ _FIELD_COLOURS = np.array(
 )
 
 
-def synthetic_scene(size: int, rng: np.random.Generator) -> np.ndarray:
-    """An aerial-like RGB scene, uint8 [size, size, 3]."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    # fields: a Voronoi patchwork, each cell with its own colour and crop-row direction
+def _grid(size: int):
+    return np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+
+def _fields(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A Voronoi patchwork of fields, each with its own colour and crop-row direction."""
+    yy, xx = _grid(size)
     n = int(rng.integers(5, 14))
     seeds = rng.random((n, 2)).astype(np.float32)
-    dist = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
-    cell = dist.argmin(-1)
+    cell = ((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2).argmin(-1)
     colours = _FIELD_COLOURS[rng.integers(0, len(_FIELD_COLOURS), n)] * rng.uniform(0.85, 1.15, (n, 1)).astype(np.float32)
     angle = rng.uniform(0, np.pi, n).astype(np.float32)
     freq = rng.uniform(20, 70, n).astype(np.float32)
     rows = np.sin((xx * np.cos(angle[cell]) + yy * np.sin(angle[cell])) * freq[cell])
-    img = colours[cell] * (1 + 0.08 * rows[..., None])
-    # a river: a meandering band
-    if rng.random() < 0.6:
-        phase, amp, width = rng.uniform(0, 6.3), rng.uniform(0.05, 0.2), rng.uniform(0.02, 0.05)
-        centre = 0.5 + amp * np.sin(yy * rng.uniform(3, 8) + phase) + rng.uniform(-0.3, 0.3)
-        water = np.abs(xx - centre) < width
-        img[water] = np.array([40, 70, 95], dtype=np.float32) * rng.uniform(0.8, 1.2)
-    # roads: straight lines of a few pixels
-    for _ in range(int(rng.integers(1, 4))):
+    return colours[cell] * (1 + 0.08 * rows[..., None])
+
+
+def _river(img: np.ndarray, rng: np.random.Generator, width=(0.02, 0.05)) -> None:
+    yy, xx = _grid(img.shape[0])
+    phase, amp, w = rng.uniform(0, 6.3), rng.uniform(0.05, 0.2), rng.uniform(*width)
+    centre = 0.5 + amp * np.sin(yy * rng.uniform(3, 8) + phase) + rng.uniform(-0.3, 0.3)
+    img[np.abs(xx - centre) < w] = np.array([40, 70, 95], dtype=np.float32) * rng.uniform(0.8, 1.2)
+
+
+def _roads(img: np.ndarray, rng: np.random.Generator, count=(1, 4)) -> None:
+    yy, xx = _grid(img.shape[0])
+    for _ in range(int(rng.integers(*count))):
         theta, offset = rng.uniform(0, np.pi), rng.uniform(0.2, 0.8)
         d = np.abs((xx - 0.5) * np.cos(theta) + (yy - 0.5) * np.sin(theta) - (offset - 0.5))
         img[d < rng.uniform(0.006, 0.015)] = np.array([150, 150, 145], dtype=np.float32)
-    # built-up blocks: bright roofs with a shadow to the lower right
-    if rng.random() < 0.7:
-        cy, cx = rng.uniform(0.2, 0.8, 2)
-        for _ in range(int(rng.integers(5, 25))):
-            y0 = int((cy + rng.normal(0, 0.12)) * size)
-            x0 = int((cx + rng.normal(0, 0.12)) * size)
-            h, w = (rng.integers(2, max(3, size // 14), 2)).tolist()
-            s = max(1, size // 100)
-            img[max(y0 + s, 0) : max(y0 + h + s, 0), max(x0 + s, 0) : max(x0 + w + s, 0)] *= 0.55
-            roof = np.array([[190, 90, 70], [200, 200, 195], [120, 120, 130]], dtype=np.float32)[rng.integers(0, 3)]
-            img[max(y0, 0) : max(y0 + h, 0), max(x0, 0) : max(x0 + w, 0)] = roof
-    # haze, illumination gradient and sensor noise
+
+
+def _buildings(img: np.ndarray, rng: np.random.Generator, count=(5, 25), spread=0.12) -> None:
+    """Bright roofs with a shadow to the lower right, clustered around a centre."""
+    size = img.shape[0]
+    cy, cx = rng.uniform(0.2, 0.8, 2)
+    s = max(1, size // 100)
+    for _ in range(int(rng.integers(*count))):
+        y0 = max(int((cy + rng.normal(0, spread)) * size), 0)
+        x0 = max(int((cx + rng.normal(0, spread)) * size), 0)
+        h, w = (rng.integers(2, max(3, size // 14), 2)).tolist()
+        img[y0 + s : y0 + h + s, x0 + s : x0 + w + s] *= 0.55
+        img[y0 : y0 + h, x0 : x0 + w] = np.array([[190, 90, 70], [200, 200, 195], [120, 120, 130]], dtype=np.float32)[rng.integers(0, 3)]
+
+
+def _canopy(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Dense tree crowns: dark green with round bright and dark blobs."""
+    yy, xx = _grid(size)
+    img = np.empty((size, size, 3), dtype=np.float32)
+    img[:] = np.array([45, 75, 40], dtype=np.float32) * rng.uniform(0.8, 1.2)
+    for _ in range(int(rng.integers(40, 90))):
+        y, x, r = rng.random(), rng.random(), rng.uniform(0.02, 0.06)
+        img[(yy - y) ** 2 + (xx - x) ** 2 < r * r] *= rng.uniform(0.7, 1.4)
+    return img
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Haze / illumination gradient and sensor noise, then uint8."""
+    yy, xx = _grid(img.shape[0])
     img = img * (0.9 + 0.2 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)))[..., None]
     img = img + rng.normal(0, 4, img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def synthetic_scene(size: int, rng: np.random.Generator) -> np.ndarray:
+    """An aerial-like RGB scene, uint8 [size, size, 3]: fields, maybe a river, roads, maybe a village."""
+    img = _fields(size, rng)
+    if rng.random() < 0.6:
+        _river(img, rng)
+    _roads(img, rng)
+    if rng.random() < 0.7:
+        _buildings(img, rng)
+    return _finish(img, rng)
+
+
+def _urban(size: int, rng: np.random.Generator) -> np.ndarray:
+    img = np.empty((size, size, 3), dtype=np.float32)
+    img[:] = np.array([118, 116, 110], dtype=np.float32) * rng.uniform(0.85, 1.15)
+    _roads(img, rng, (3, 6))
+    _buildings(img, rng, (60, 120), spread=0.3)
+    return img
+
+
+def _riverside(size: int, rng: np.random.Generator) -> np.ndarray:
+    img = _fields(size, rng)
+    _river(img, rng, width=(0.08, 0.15))
+    return img
+
+
+def _farmland(size: int, rng: np.random.Generator) -> np.ndarray:
+    img = _fields(size, rng)
+    _roads(img, rng, (1, 2))
+    return img
+
+
+SCENE_CLASSES = {"farmland": _farmland, "forest": _canopy, "river": _riverside, "urban": _urban}
+
+
+def scene_of_class(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    return _finish(SCENE_CLASSES[name](size, rng), rng)
+
+
+def write_scene_classes(root: str, per_class_train: int, per_class_val: int, size: int = 96, seed: int = 0) -> None:
+    """A small scene-classification set, root/{train,val}/<class>/*.png: the embedded default for
+    fine-tuning and the CI check that fine-tuning learns."""
+    for split, count, salt in (("train", per_class_train, 1), ("val", per_class_val, 2)):
+        for c, name in enumerate(sorted(SCENE_CLASSES)):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, salt, c, i])
+                Image.fromarray(scene_of_class(name, size, rng)).save(os.path.join(folder, f"{i:05d}.png"))
 
 
 # ---- datasets ------------------------------------------------------------------------------------
@@ -193,3 +266,37 @@ class ResumableBatchSampler(Sampler[List[int]]):
             batch = perm[b * self.batch_size : (b + 1) * self.batch_size]
             yield (batch + epoch * self.length).tolist()
             step += 1
+
+
+class ClassFolder(Dataset):
+    """root/<class>/... image files, labels by sorted class name. Training items are addressed by
+    code = epoch * len + index (random-resized-crop and flip from (seed, epoch, index)); evaluation
+    items by index (a plain bicubic resize)."""
+
+    def __init__(self, root: str, img_size: int, train: bool, seed: int = 0, classes: Optional[Sequence[str]] = None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"expected a class folder root/<class>/..., got {root!r} which is not a directory")
+        self.classes = list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+                dirnames.sort()
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise FileNotFoundError(f"no image files under {root}/<class>/")
+        self.img_size, self.train, self.seed = img_size, train, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, code: int):
+        epoch, index = divmod(int(code), len(self.samples))
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, index, 2])
+            return pretrain_transform(img, self.img_size, rng, scale=(0.08, 1.0)), label
+        img = img.resize((self.img_size, self.img_size), Image.BICUBIC)
+        arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label

@@ -4,20 +4,19 @@ expert-bias update after every optimizer step, fp16 autocast on GPU and float32 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
 from .configs import CONFIGS, RECIPE
-from .data import ImageFolder, ResumableBatchSampler, SyntheticScenes
+from .data import ImageFolder, SyntheticScenes
 from .model import GeoMoE
+from .runtime import load_resume_state, lr_at, make_loader, resolve_device, restore_training_state, training_state
 
 
 @dataclass
@@ -42,34 +41,6 @@ class PretrainArgs:
     progress: bool = True
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _rng_state() -> Dict[str, Any]:
-    """The global torch RNGs (masking noise). Data randomness is a pure function of (seed, epoch,
-    index) and needs no state."""
-    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_balance(loads: torch.Tensor) -> float:
     """Max over mean expert load, worst layer (1.0 is perfectly balanced)."""
     loads = loads.float()
@@ -80,7 +51,7 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
     if args.config not in CONFIGS:
         raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {args.config!r}")
     preset = CONFIGS[args.config]
-    device = _device(args.device)
+    device = resolve_device(args.device)
     steps = args.steps or preset["steps"]
     batch = args.batch_size or preset["batch_size"]
     peak_lr = args.lr or preset.get("lr") or preset["base_lr"] * batch / 256
@@ -100,30 +71,12 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
 
     os.makedirs(args.out, exist_ok=True)
     start = 0
-    if args.resume:
-        state = checkpoint.load_latest(args.out) if args.resume == "auto" else checkpoint.load(args.resume)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start = int(state["step"])
-            print(f"resumed from {state.get('path', args.resume)} at step {start}")
-        elif args.resume != "auto":
-            raise FileNotFoundError(f"argument '--resume' found no checkpoint at {args.resume}")
-
+    state = load_resume_state(args.resume, args.out)
+    if state is not None:
+        start = restore_training_state(state, model, opt, scaler)
+        print(f"resumed from {state['path']} at step {start}")
     end = steps if args.stop_after is None else min(steps, start + args.stop_after)
-    sampler = ResumableBatchSampler(len(dataset), batch, args.seed, start, end)
-    # Its own generator: a loader seeds workers from the global RNG otherwise, which would shift the
-    # masking noise of a resumed run against a straight one.
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader = make_loader(dataset, batch, args.seed, start, end, workers, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"geomoe pretrain: config {args.config} ({n_params / 1e6:.2f} M parameters), {device}, backend {args.backend}, "
@@ -141,17 +94,7 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
 
     def save(step_done: int) -> str:
         path = checkpoint.checkpoint_path(args.out, step_done)
-        checkpoint.save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step_done,
-                "rng": _rng_state(),
-                "config": {k: v for k, v in asdict(args).items() if v is None or isinstance(v, (int, float, str, bool))},
-            },
-            path,
-        )
+        checkpoint.save_atomic(training_state(model, opt, scaler, step_done, args), path)
         checkpoint.prune(args.out, args.keep_last)
         return path
 

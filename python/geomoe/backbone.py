@@ -1,0 +1,90 @@
+"""The pretrained encoder as a backbone for downstream work: dense (no mask) at any input size that
+is a multiple of 16, the position table interpolated bicubically, a 4-level pyramid for detection and
+segmentation frameworks and mean-pooled token features for classification. The MoE biases are
+frozen (never updated); the auxiliary loss is exposed for fine-tuning to add (weight 5e-6)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import PATCH, GeoMoEEncoderBase
+
+
+class BackboneOutput(NamedTuple):
+    features: Tuple[Tensor, Tensor, Tensor, Tensor]  # strides 4, 8, 16, 32
+    pooled: Tensor  # [N, C3] mean of the stage-3 tokens
+    aux: Tensor  # [layers] auxiliary load-balancing losses
+    load: Tensor  # [layers, experts] assignments per expert
+
+
+def interpolate_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """[1, g*g, C] table for a square g x g grid -> [1, h*w, C], bicubic (exact copy when equal)."""
+    n, C = pos.shape[1], pos.shape[2]
+    g = int(round(n**0.5))
+    if (g, g) == tuple(grid):
+        return pos
+    table = pos.reshape(1, g, g, C).permute(0, 3, 1, 2).float()
+    table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+    return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(pos.dtype)
+
+
+class GeoMoEBackbone(GeoMoEEncoderBase):
+    """Keys are the original layout's encoder keys, so `load_original_state_dict` loads the released
+    encoder-only file as is. `img_size` is the size the position table was pretrained at.
+
+    forward(imgs) -> BackboneOutput, or with features_only=True the 4 maps alone (a tuple, as
+    detection frameworks expect), the auxiliary loss then kept in `self.aux_loss`."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        embed_dim: Sequence[int] = (256, 384, 768),
+        depth: Sequence[int] = (2, 2, 11),
+        num_heads: int = 12,
+        mlp_ratio: Union[float, Sequence[float]] = 4.0,
+        moe_mlp_ratio: float = 0.75,
+        num_experts: int = 23,
+        num_shared_experts: int = 1,
+        top_k: int = 3,
+        backend: str = "auto",
+        features_only: bool = False,
+    ):
+        super().__init__(
+            img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, moe_mlp_ratio,
+            num_experts, num_shared_experts, top_k, backend,
+        )
+        self.features_only = features_only
+        self.aux_loss: Optional[Tensor] = None
+        self._init_weights()
+
+    @property
+    def out_channels(self) -> Tuple[int, int, int, int]:
+        e1, e2, e3 = self.embed_dims
+        return (e1, e2, e3, e3)
+
+    def forward_features(self, imgs: Tensor) -> BackboneOutput:
+        if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or imgs.shape[2] % PATCH or imgs.shape[3] % PATCH:
+            raise ValueError(
+                f"GeoMoEBackbone: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of {PATCH}, "
+                f"got {list(imgs.shape)}"
+            )
+        N, _, H, W = imgs.shape
+        h, w = H // PATCH, W // PATCH
+        c1, c2, x = self._stages_dense(imgs, None, None)
+        # a 14x14 table interpolated per call: microseconds, and never stale after a load
+        x = x + interpolate_pos_embed(self.pos_embed, (h, w)).to(x.dtype)
+        x, aux, load = self._moe_blocks(x)
+        c3 = x.transpose(1, 2).reshape(N, x.shape[2], h, w)
+        c4 = F.max_pool2d(c3, 2)
+        return BackboneOutput((c1, c2, c3, c4), x.mean(dim=1), aux, load)
+
+    def forward(self, imgs: Tensor):
+        out = self.forward_features(imgs)
+        if self.features_only:
+            self.aux_loss = out.aux.sum()
+            return out.features
+        return out
