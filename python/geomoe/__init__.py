@@ -1,6 +1,7 @@
 """geomoe: the GeoMoE remote-sensing MAE model and its pretraining, built on geomoe_kernels."""
 from .masking import random_masking
+from .backbone import GeoMoEBackbone
 from .model import GeoMoE
 from .original import LoadResult, load_original_state_dict, original_state_dict
 
-__all__ = ["GeoMoE", "LoadResult", "load_original_state_dict", "original_state_dict", "random_masking"]
+__all__ = ["GeoMoE", "GeoMoEBackbone", "LoadResult", "load_original_state_dict", "original_state_dict", "random_masking"]
