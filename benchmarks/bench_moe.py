@@ -1,0 +1,123 @@
+"""MoE ops and the MoE layer: ours against the published loop, torch._grouped_mm with torch
+permutation, and the reference ops, with the ceilings (torch.mm on the same rows, a device copy)
+measured in the same run. Each row records FLOPs or bytes; run.py turns times into TFLOP/s, GB/s
+and fractions of the ceilings."""
+import pytest
+import torch
+
+from benchmarks import common as C
+from geomoe_kernels import grouped_mm, permute, route, topk_gating, unpermute
+
+LAYER_IMPLS = ("geomoe", "reference", "grouped_mm", "loop")
+
+
+def _routing_cases():
+    cases = [(t, "uniform") for t in C.token_sweep()]
+    cases += [(C.reference_tokens(), r) for r in ("mild", "heavy")]
+    return cases
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+@pytest.mark.parametrize("tokens,routing", _routing_cases())
+def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
+    moe, x, g = C.skewed_layer(tokens, routing)
+    if impl == "reference":
+        moe.backend = "torch"
+    if impl == "grouped_mm":
+        if C.mode() == "gpu" and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("torch._grouped_mm needs sm_90 or newer")
+        layer = C.GroupedMMLayer(moe)
+    elif impl == "loop":
+        layer = C.published_layer(moe)
+    else:
+        layer = moe
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x3 = x if impl != "loop" else x.view(1, tokens, -1)
+    g3 = g if impl != "loop" else g.view(1, tokens, -1)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.device.type == "cuda"):
+            y, aux, load = layer(x3)
+        torch.autograd.backward([y, aux], [g3, torch.ones_like(aux)])
+        return load
+
+    load = step()
+    if C.device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    C.run_pedantic(benchmark, step)
+    benchmark.extra_info.update(
+        group="moe_layer", impl=impl, tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
+        load_max_over_mean=C.load_imbalance(load),
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if C.device().type == "cuda" else None,
+        mm_tflops=C.mm_tflops(tokens * (moe.top_k + 1), moe.dim, moe.hidden_dim),
+    )
+
+
+@pytest.mark.parametrize("tokens", C.token_sweep())
+def test_gating(benchmark, tokens):
+    s = C.layer_shape()
+    logits = torch.randn(tokens, s["experts"], device=C.device())
+    bias = torch.zeros(s["experts"], device=C.device())
+    C.run_pedantic(benchmark, lambda: topk_gating(logits, bias, s["top_k"]))
+    nbytes = logits.numel() * 4 + tokens * s["top_k"] * 12
+    benchmark.extra_info.update(group="gating", impl="geomoe", tokens=tokens, bytes=nbytes, copy_gbps=C.copy_gbps(nbytes))
+
+
+def _routed(tokens):
+    s = C.layer_shape()
+    ids = torch.stack([torch.randperm(s["experts"], device=C.device())[: s["top_k"]] for _ in range(1)]).expand(tokens, -1)
+    ids = (ids + torch.randint(0, s["experts"], (tokens, 1), device=C.device())) % s["experts"]
+    x = torch.randn(tokens, s["dim"], device=C.device(), dtype=C.dtype())
+    return s, ids.contiguous(), x
+
+
+@pytest.mark.parametrize("tokens", C.token_sweep())
+def test_permute(benchmark, tokens):
+    s, ids, x = _routed(tokens)
+
+    def run():
+        r2f, f2r, offsets = route(ids, s["experts"])
+        return permute(x, r2f, f2r, s["top_k"])
+
+    C.run_pedantic(benchmark, run)
+    nbytes = 2 * tokens * s["top_k"] * s["dim"] * x.element_size()  # rows read and written
+    benchmark.extra_info.update(group="permute", impl="geomoe", tokens=tokens, bytes=nbytes, copy_gbps=C.copy_gbps(nbytes))
+
+
+@pytest.mark.parametrize("tokens", C.token_sweep())
+def test_unpermute(benchmark, tokens):
+    s, ids, x = _routed(tokens)
+    r2f, f2r, _ = route(ids, s["experts"])
+    rows = permute(x, r2f, f2r, s["top_k"])
+    w = torch.rand(tokens, s["top_k"], device=C.device())
+    C.run_pedantic(benchmark, lambda: unpermute(rows, r2f, f2r, s["top_k"], w, x))
+    nbytes = (tokens * s["top_k"] + 2 * tokens) * s["dim"] * x.element_size()
+    benchmark.extra_info.update(group="unpermute", impl="geomoe", tokens=tokens, bytes=nbytes, copy_gbps=C.copy_gbps(nbytes))
+
+
+@pytest.mark.parametrize("impl", ("geomoe", "grouped_mm", "loop"))
+@pytest.mark.parametrize("tokens", C.token_sweep())
+def test_grouped_gemm_up_projection(benchmark, impl, tokens):
+    s, ids, x = _routed(tokens)
+    r2f, f2r, offsets = route(ids, s["experts"])
+    rows = permute(x, r2f, f2r, s["top_k"])
+    w = torch.randn(s["experts"], s["dim"], s["hidden"], device=C.device(), dtype=C.dtype()) / s["dim"] ** 0.5
+    b = torch.zeros(s["experts"], s["hidden"], device=C.device(), dtype=C.dtype())
+    if impl == "geomoe":
+        fn = lambda: grouped_mm(rows, w, offsets, b, "gelu")
+    elif impl == "grouped_mm":
+        if C.mode() == "gpu" and torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("torch._grouped_mm needs sm_90 or newer")
+        offs = offsets[1:].to(torch.int32)
+        expert_of_row = torch.repeat_interleave(torch.arange(s["experts"], device=C.device()), offsets.diff())
+        fn = lambda: torch.nn.functional.gelu(torch._grouped_mm(rows, w, offs=offs) + b[expert_of_row])
+    else:
+        bounds = offsets.tolist()
+        fn = lambda: torch.cat([torch.nn.functional.gelu(rows[bounds[e] : bounds[e + 1]] @ w[e] + b[e]) for e in range(s["experts"])])
+    C.run_pedantic(benchmark, fn)
+    M = tokens * s["top_k"]
+    benchmark.extra_info.update(group="grouped_gemm", impl=impl, tokens=tokens, flops=2 * M * s["dim"] * s["hidden"],
+                                mm_tflops=C.mm_tflops(M, s["dim"], s["hidden"]))

@@ -1,0 +1,51 @@
+"""One pretraining step (forward, backward, AdamW) of the default model: ours (visible-only front end,
+geomoe MoE layers) against the faithful copy of the published implementation, same batch and
+precision (fp16 autocast with a grad scaler on a GPU, as published; float32 on the CPU)."""
+import pytest
+import torch
+
+from benchmarks import common as C
+from benchmarks.published_geomoe import PublishedGeoMoE
+from geomoe import GeoMoE, original_state_dict
+
+SMOKE = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, num_experts=4, top_k=2,
+             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.mark.parametrize("impl", ("geomoe", "published"))
+def test_pretrain_step(benchmark, impl):
+    cfg = SMOKE if C.mode() == "smoke" else {}
+    batch = {"smoke": 2, "cpu": 2, "gpu": 64}[C.mode()]
+    dev = C.device()
+    torch.manual_seed(0)
+    ours = GeoMoE(**cfg)
+    if impl == "geomoe":
+        model = ours.to(dev)
+    else:
+        keys = {k: v for k, v in cfg.items() if k != "num_shared_experts"}
+        model = PublishedGeoMoE(**keys)
+        model.load_state_dict(original_state_dict(ours))
+        model = model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
+    imgs = torch.randn(batch, 3, model.grid * 16, model.grid * 16, device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            loss, aux, load = model(imgs)
+            total = loss + 1e-4 * aux.sum()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    C.run_pedantic(benchmark, step)
+    benchmark.extra_info.update(group="train_step", impl=impl, images=batch,
+                                peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)

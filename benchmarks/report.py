@@ -1,0 +1,88 @@
+"""Results JSON -> a markdown table and PNG plots: python -m benchmarks.report RESULTS.json [...]"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Any, Dict, List
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f} %"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    s, m = result["summary"], result["machine"]
+    out = [f"# Benchmarks: {s.get('card')} ({m.get('mode')} mode), commit {s.get('commit')}", "",
+           f"torch {s.get('torch')}, CUDA {s.get('cuda')}, Triton {s.get('triton')}, Python {m.get('python')}, {result.get('datetime')}", "",
+           "## Summary", "", "| figure | value |", "| --- | --- |"]
+    for k, v in s.items():
+        if k not in ("card", "torch", "cuda", "triton", "commit"):
+            out.append(f"| {k} | {_fmt(v)} |")
+    groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for r in result["rows"]:
+        groups[r.get("group", "other")].append(r)
+    cols = ["impl", "tokens", "routing", "mask_ratio", "images", "median_s", "tflops", "fraction_of_mm", "gbps",
+            "fraction_of_copy", "images_per_s", "load_max_over_mean", "peak_memory_bytes"]
+    for group, rows in groups.items():
+        present = [c for c in cols if any(r.get(c) is not None for r in rows)]
+        out += ["", f"## {group}", "", "| " + " | ".join(present) + " |", "|" + " --- |" * len(present)]
+        for r in rows:
+            out.append("| " + " | ".join(_fmt(r.get(c), pct=c.startswith("fraction")) for c in present) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plots(result: Dict[str, Any], stem: str) -> List[str]:
+    """TFLOP/s and speedup over the published loop against tokens, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("group") == "moe_layer" and r.get("routing") == "uniform" and r.get("median_s")]
+    if not rows:
+        return []
+    by_impl: Dict[str, Dict[int, Dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        by_impl[r["impl"]][r["tokens"]] = r
+    loop = by_impl.get("loop", {})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for impl, pts in sorted(by_impl.items()):
+        t = sorted(pts)
+        a1.plot(t, [pts[x].get("tflops", 0) for x in t], marker="o", label=impl)
+        if loop:
+            t2 = [x for x in t if x in loop]
+            a2.plot(t2, [loop[x]["median_s"] / pts[x]["median_s"] for x in t2], marker="o", label=impl)
+    a1.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s (fwd + bwd)", title="MoE layer throughput")
+    a2.set(xscale="log", xlabel="tokens", ylabel="speedup over the published loop", title="MoE layer speedup")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+        a.legend()
+    fig.suptitle(f"{result['summary'].get('card')}, commit {result['summary'].get('commit')}")
+    fig.tight_layout()
+    path = stem + "-moe-layer.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv=None) -> int:
+    for path in (argv or sys.argv[1:]):
+        result = json.load(open(path))
+        stem = os.path.splitext(path)[0]
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+        made = plots(result, stem)
+        print(f"wrote {stem}.md" + "".join(f", {p}" for p in made))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

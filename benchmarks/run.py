@@ -1,0 +1,125 @@
+"""Run the benchmark suite and record it: python -m benchmarks.run [--out DIR] [-k EXPR]
+
+Writes <date>-<card>-<commit>.json (a `summary` of the headline figures, the machine, and every
+row with its time, TFLOP/s or GB/s and fraction of the ceilings measured in the same run), the
+markdown table beside it, and the plots (benchmarks/report.py)."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _row(b: Dict[str, Any]) -> Dict[str, Any]:
+    info = dict(b.get("extra_info", {}))
+    stats = b.get("stats") or {}
+    median = stats.get("median")
+    row = {"name": b["name"], **info, "median_s": median, "mean_s": stats.get("mean"), "stddev_s": stats.get("stddev"),
+           "rounds": stats.get("rounds")}
+    if median:
+        if info.get("flops"):
+            row["tflops"] = info["flops"] / median / 1e12
+            if info.get("mm_tflops"):
+                row["fraction_of_mm"] = row["tflops"] / info["mm_tflops"]
+        if info.get("bytes"):
+            row["gbps"] = info["bytes"] / median / 1e9
+            if info.get("copy_gbps"):
+                row["fraction_of_copy"] = row["gbps"] / info["copy_gbps"]
+        if info.get("images"):
+            row["images_per_s"] = info["images"] / median
+    return row
+
+
+def _find(rows, **match) -> Optional[Dict[str, Any]]:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()) and r.get("median_s"):
+            return r
+    return None
+
+
+def _ratio(a, b) -> Optional[float]:
+    return a["median_s"] / b["median_s"] if a and b else None
+
+
+def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
+    layer = [r for r in rows if r.get("group") == "moe_layer" and r.get("routing") == "uniform"]
+    largest = max((r["tokens"] for r in layer), default=None)
+    ours = _find(rows, group="moe_layer", impl="geomoe", tokens=ref_tokens, routing="uniform")
+    big = _find(rows, group="moe_layer", impl="geomoe", tokens=largest, routing="uniform")
+    gg = _find(rows, group="grouped_gemm", impl="geomoe", tokens=ref_tokens)
+    perm = _find(rows, group="permute", tokens=ref_tokens)
+    fe_s = _find(rows, group="front_end", impl="sparse", mask_ratio=0.75)
+    fe_d = _find(rows, group="front_end", impl="dense", mask_ratio=0.75)
+    ts_o = _find(rows, group="train_step", impl="geomoe")
+    ts_p = _find(rows, group="train_step", impl="published")
+    return {
+        "reference_tokens": ref_tokens,
+        "largest_tokens": largest,
+        "moe_layer_fwdbwd_tflops": big.get("tflops") if big else None,
+        "moe_layer_speedup_vs_loop": _ratio(_find(rows, group="moe_layer", impl="loop", tokens=ref_tokens, routing="uniform"), ours),
+        "moe_layer_speedup_vs_grouped_mm": _ratio(_find(rows, group="moe_layer", impl="grouped_mm", tokens=ref_tokens, routing="uniform"), ours),
+        "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
+        "permute_fraction_of_copy": perm.get("fraction_of_copy") if perm else None,
+        "front_end_speedup_vs_dense": _ratio(fe_d, fe_s),
+        "front_end_peak_memory_ratio_dense_over_sparse": (fe_d["peak_memory_bytes"] / fe_s["peak_memory_bytes"])
+        if fe_s and fe_d and fe_s.get("peak_memory_bytes") else None,
+        "train_step_speedup_vs_original": _ratio(ts_p, ts_o),
+        "train_step_images_per_s": ts_o.get("images_per_s") if ts_o else None,
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("-k", default=None, help="pytest -k expression to run a subset")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from benchmarks import common, report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "benchmarks"), f"--benchmark-json={raw}", "-p", "no:cacheprovider"]
+        if args.k:
+            cmd += ["-k", args.k]
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if not os.path.exists(raw):
+            print("benchmarks produced no results", file=sys.stderr)
+            return proc.returncode or 1
+        data = json.load(open(raw))
+    machine = data["machine_info"].get("geomoe", {})
+    rows = [_row(b) for b in data["benchmarks"]]
+    card = "cpu" if machine.get("mode") != "gpu" else _slug(machine.get("card", "gpu").replace("NVIDIA", ""))
+    result = {
+        "summary": {**summarize(rows, common.reference_tokens()), "card": machine.get("card"), "torch": machine.get("torch"),
+                    "cuda": machine.get("cuda"), "triton": machine.get("triton"), "commit": machine.get("commit")},
+        "machine": machine,
+        "datetime": data.get("datetime"),
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{dt.date.today().isoformat()}-{card}-{machine.get('commit', 'unknown')}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(result))
+    if not args.no_plots:
+        report.plots(result, stem)
+    print(f"wrote {stem}.json and {stem}.md")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
