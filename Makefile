@@ -25,7 +25,7 @@ pretrain: $(STAMP)
 	$(BIN)/geomoe pretrain --config tiny --out runs/tiny
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
 
 info: $(STAMP)
 	$(BIN)/python -m geomoe_kernels.info

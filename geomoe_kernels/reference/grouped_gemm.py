@@ -1,9 +1,13 @@
 """Grouped GEMM over expert-major rows: out[r] = act(x[r] @ W[e(r)] + b[e(r)]) for offsets[e] <= r < offsets[e+1].
 
-Vectorised without a loop over experts or a host sync: the rows are laid into fixed tiles of B rows,
-each tile owned by one expert (every expert padded to a multiple of B), then one batched matmul runs
-over the tiles. With B = ceil(M / E) there are at most ceil(M / B) + E <= 2E + 1 tiles, so the padded
-copy and the per-tile weights stay within about 2x of the inputs, and every size is known from shapes."""
+Two vectorised paths, neither with a loop over experts or a host sync:
+- stock: torch._grouped_mm, where it runs the case (CPU in float32/16, bfloat16; sm_90+ GPUs in
+  bfloat16; rows 16-byte aligned). Fast, but it leaves empty groups undefined: we mask them.
+- tiled (everything else, float64 included): the rows are laid into fixed tiles of B rows, each tile
+  owned by one expert (every expert padded to a multiple of B), then one batched matmul runs over
+  the tiles. With B = ceil(M / E) there are at most ceil(M / B) + E <= 2E + 1 tiles, so the padded
+  copy and the per-tile weights stay within about 2x of the inputs, and every size is known from
+  shapes. The per-tile weight copy makes it slow when M is small against E * K * N."""
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -17,6 +21,7 @@ class Tiling(NamedTuple):
     tiles: int
     pad_pos: Tensor  # [M] padded row of each input row; rows past offsets[-1] go to a spare row at the end
     tile_expert: Tensor  # [tiles] owning expert (tiles past the last one hold only zero rows)
+    segment_lengths: Tensor  # [E] tiles per expert, the spare zero tiles counted to the last expert
 
 
 def tiling(offsets: Tensor, M: int) -> Tiling:
@@ -35,7 +40,15 @@ def tiling(offsets: Tensor, M: int) -> Tiling:
     pad_pos = row - offsets.index_select(0, row_expert) + padded_start.index_select(0, row_expert)
     pad_pos = torch.where(valid, pad_pos, torch.full_like(pad_pos, tiles * block))
     tile_expert = torch.searchsorted(tile_end, torch.arange(tiles, device=offsets.device), right=True)
-    return Tiling(block, tiles, pad_pos, tile_expert.clamp_max(E - 1))
+    lengths = tiles_per.clone()
+    lengths[-1:] += tiles - tile_end[-1:]
+    return Tiling(block, tiles, pad_pos, tile_expert.clamp_max(E - 1), lengths)
+
+
+def _sum_per_expert(per_tile: Tensor, t: Tiling) -> Tensor:
+    """[tiles, ...] -> [E, ...]: each expert's tiles summed in order, zero for an expert with none.
+    A segmented reduction, not index_add_: deterministic on the GPU too (no float atomics)."""
+    return torch.segment_reduce(per_tile, "sum", lengths=t.segment_lengths, axis=0, unsafe=True)
 
 
 def _to_tiles(rows: Tensor, t: Tiling) -> Tensor:
@@ -50,16 +63,56 @@ def _from_tiles(tiles: Tensor, t: Tiling) -> Tensor:
     return flat.index_select(0, t.pad_pos)
 
 
+_STOCK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_stock(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch._grouped_mm runs this case (decided from metadata only)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in _STOCK_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif x.device.type != "cpu":
+        return False
+    elt = x.element_size()
+    return (weight.shape[1] * elt) % 16 == 0 and (weight.shape[2] * elt) % 16 == 0
+
+
+def _ends(offsets: Tensor) -> Tensor:
+    return offsets[1:].to(torch.int32)
+
+
+def _row_expert(offsets: Tensor, M: int) -> Tensor:
+    E = offsets.numel() - 1
+    rows = torch.arange(M, device=offsets.device)
+    return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_max(E - 1)
+
+
+def _sum_rows_per_expert(rows: Tensor, offsets: Tensor) -> Tensor:
+    """[M, N] -> [E, N], each expert's rows summed in order; zero for an expert with none."""
+    return torch.segment_reduce(rows, "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
+
+
+def _empty(offsets: Tensor) -> Tensor:
+    return (offsets[1:] == offsets[:-1])[:, None, None]
+
+
 def grouped_mm(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out, pre): pre is the pre-activation kept for backward, empty when activation is 'none'."""
-    t = tiling(offsets, x.shape[0])
-    w = weight.index_select(0, t.tile_expert)
-    pre_tiles = torch.bmm(_to_tiles(x, t), w)
-    if bias is not None:
-        pre_tiles = pre_tiles + bias.index_select(0, t.tile_expert)[:, None, :]
-    pre = _from_tiles(pre_tiles, t)
+    if use_stock(x, weight):
+        pre = torch._grouped_mm(x, weight, offs=_ends(offsets))
+        if bias is not None:
+            pre = pre + bias.index_select(0, _row_expert(offsets, x.shape[0]))
+    else:
+        t = tiling(offsets, x.shape[0])
+        w = weight.index_select(0, t.tile_expert)
+        pre_tiles = torch.bmm(_to_tiles(x, t), w)
+        if bias is not None:
+            pre_tiles = pre_tiles + bias.index_select(0, t.tile_expert)[:, None, :]
+        pre = _from_tiles(pre_tiles, t)
     if activation == "none":
         return pre, pre.new_empty(0)
     return activations.apply(activation, pre), pre
@@ -75,15 +128,19 @@ def grouped_mm_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias). Experts with no rows get exact zeros; weight gradients are summed over
     tiles in float32 (or float64) whatever the input dtype."""
-    E = weight.shape[0]
     acc = torch.promote_types(weight.dtype, torch.float32)
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
+    if use_stock(x, weight):
+        ends = _ends(offsets)
+        dx = torch._grouped_mm(dpre, weight.transpose(1, 2), offs=ends)
+        # empty groups come back undefined (NaN in a poisoned allocator): fill, not a multiply
+        dw = torch._grouped_mm(x.t(), dpre, offs=ends).masked_fill_(_empty(offsets), 0)
+        db = _sum_rows_per_expert(dpre.to(acc), offsets)
+        return dx, dw.to(weight.dtype), db.to(weight.dtype)
     t = tiling(offsets, x.shape[0])
     w = weight.index_select(0, t.tile_expert)
     dpre_tiles = _to_tiles(dpre, t)
     dx = _from_tiles(torch.bmm(dpre_tiles, w.transpose(1, 2)), t)
-    dw_tiles = torch.bmm(_to_tiles(x, t).transpose(1, 2), dpre_tiles).to(acc)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device).index_add_(0, t.tile_expert, dw_tiles)
-    db_tiles = dpre_tiles.to(acc).sum(dim=1)
-    db = torch.zeros(E, weight.shape[2], dtype=acc, device=weight.device).index_add_(0, t.tile_expert, db_tiles)
+    dw = _sum_per_expert(torch.bmm(_to_tiles(x, t).transpose(1, 2), dpre_tiles).to(acc), t)
+    db = _sum_per_expert(dpre_tiles.to(acc).sum(dim=1), t)
     return dx, dw.to(weight.dtype), db.to(weight.dtype)

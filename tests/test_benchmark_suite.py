@@ -1,0 +1,33 @@
+"""The benchmark pipeline end to end on tiny shapes: pytest-benchmark -> results JSON with the
+summary -> markdown and plots. (The timings themselves live in benchmarks/, never in tests.)"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_KEYS = {
+    "moe_layer_fwdbwd_tflops", "moe_layer_speedup_vs_loop", "moe_layer_speedup_vs_grouped_mm",
+    "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "front_end_speedup_vs_dense",
+    "train_step_speedup_vs_original", "train_step_images_per_s", "card", "torch", "commit",
+}
+
+
+def test_run_writes_results_summary_table_and_plot(tmp_path):
+    env = dict(os.environ, GEOMOE_BENCH="smoke")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    result = json.load(open(tmp_path / path))
+    assert SUMMARY_KEYS <= set(result["summary"])
+    s = result["summary"]
+    for key in ("moe_layer_speedup_vs_loop", "front_end_speedup_vs_dense", "train_step_speedup_vs_original",
+                "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy"):
+        assert isinstance(s[key], float) and s[key] > 0, key
+    groups = {r["group"] for r in result["rows"]}
+    assert {"moe_layer", "gating", "permute", "unpermute", "grouped_gemm", "front_end", "cblock", "train_step"} <= groups
+    impls = {r["impl"] for r in result["rows"] if r["group"] == "moe_layer"}
+    assert impls == {"geomoe", "reference", "grouped_mm", "loop"}
+    assert os.path.exists(tmp_path / path.replace(".json", ".md"))
+    assert os.path.exists(tmp_path / path.replace(".json", "-moe-layer.png"))

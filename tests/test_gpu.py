@@ -1,0 +1,159 @@
+"""GPU checks (skipped without CUDA): every op on the device against the float64 CPU oracle in fp32
+(TF32 off), fp16 and bf16 with the ANCHORS tolerances; bitwise determinism; zero-token experts under
+a poisoned allocator; CUDA-graph capture and torch.compile of the layer; the model's two front ends."""
+import pytest
+import torch
+
+from geomoe import GeoMoE
+from geomoe_kernels import MoEMLP, grouped_mm, layout, masked_depthwise_conv, permute, route, topk_gating, unpermute
+from oracles import OriginalMoE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = torch.device("cuda")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1.4e-2, rtol=2e-2), torch.bfloat16: dict(atol=1.4e-2, rtol=2e-2)}
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _poison_allocator():
+    """Fill freed cached blocks with NaN so that uninitialised memory shows up as NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    junk = torch.full((min(free // 8, 2**30) // 4,), float("nan"), device=CUDA)
+    del junk
+
+
+def _pair(E=23, k=3, dim=64, hidden=48):
+    orig = OriginalMoE(dim, hidden, E, 1, k).double()
+    ours = MoEMLP(dim, hidden, E, 1, k)
+    from geomoe import load_original_state_dict
+
+    load_original_state_dict(ours, orig.state_dict(), strict=True)
+    return orig, ours.to(CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 511, 4096])
+def test_moe_layer_against_float64_oracle(dtype, tokens):
+    orig, ours = _pair()
+    x = torch.randn(tokens, 64, dtype=torch.float64)
+    xa = x.clone().requires_grad_(True)
+    ya, aux_a, load_a = orig(xa)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    xb = x.to(CUDA, dtype).requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        yb, aux_b, load_b = ours(xb)
+    yb.backward(g.to(CUDA, yb.dtype))
+    if dtype == torch.float32:  # half-precision inputs may route a near-tie differently
+        assert torch.equal(load_b.cpu(), load_a)
+    torch.testing.assert_close(yb.double().cpu(), ya.detach(), **TOL[dtype])
+    torch.testing.assert_close(xb.grad.double().cpu(), xa.grad, **GRAD_TOL[dtype])
+
+
+def test_ops_on_device_match_cpu():
+    T, k, E, d = 300, 3, 23, 32
+    logits = torch.randn(T, E, dtype=torch.float64)
+    w, ids, counts, p = topk_gating(logits.to(CUDA), None, k)
+    w0, ids0, counts0, p0 = topk_gating(logits, None, k)
+    assert torch.equal(ids.cpu(), ids0) and torch.equal(counts.cpu(), counts0)
+    torch.testing.assert_close(w.cpu(), w0)
+    for a, b in zip(route(ids, E), route(ids0, E)):
+        assert torch.equal(a.cpu(), b)
+    kept = torch.stack([torch.randperm(196)[:49] for _ in range(4)])
+    nbr = layout.neighbor_table(kept.to(CUDA), (14, 14), 4, 5)
+    assert torch.equal(nbr.cpu(), layout.neighbor_table(kept, (14, 14), 4, 5))
+    x = torch.randn(nbr.shape[0], 16, dtype=torch.float64)
+    wt = torch.randn(16, 25, dtype=torch.float64)
+    torch.testing.assert_close(masked_depthwise_conv(x.to(CUDA), nbr, wt.to(CUDA)).cpu(), masked_depthwise_conv(x, nbr.cpu(), wt))
+
+
+def test_bitwise_deterministic_layer():
+    _, m = _pair()
+    x = torch.randn(15680, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    runs = []
+    for _ in range(3):
+        m.zero_grad()
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, aux, _ = m(x)
+        (y.float().square().mean() + aux).backward()
+        runs.append([y.detach().clone(), x.grad.clone(), m.w1.grad.clone(), m.b2.grad.clone(), m.gate.weight.grad.clone()])
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
+
+
+def test_empty_experts_zero_grads_under_poisoned_allocator():
+    _, m = _pair(E=8, k=1)
+    with torch.no_grad():
+        m.expert_bias.copy_(torch.tensor([0, 0, 50.0, 0, 0, 0, 0, 0]))
+    _poison_allocator()
+    x = torch.randn(1000, 64, device=CUDA, requires_grad=True)
+    y, aux, load = m(x)
+    y.square().sum().backward()
+    assert load.tolist() == [0, 0, 1000, 0, 0, 0, 0, 0]
+    for name in ("w1", "b1", "w2", "b2"):
+        g = getattr(m, name).grad
+        assert torch.isfinite(g).all(), name
+        assert torch.count_nonzero(torch.cat([g[:2].flatten(), g[3:].flatten()])) == 0, name
+
+
+def test_cuda_graph_capture_of_the_layer():
+    _, m = _pair()
+    x = torch.randn(4096, 64, device=CUDA, requires_grad=True)
+    g = torch.randn(4096, 64, device=CUDA)
+
+    def step():
+        y, aux, _ = m(x)
+        torch.autograd.backward([y, aux], [g, torch.ones_like(aux)])
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    m.zero_grad(set_to_none=False)
+    x.grad.zero_()
+    with torch.cuda.graph(graph):
+        y_static = step()
+    m.zero_grad(set_to_none=False)
+    x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    y_eager = m(x)[0]
+    torch.testing.assert_close(y_static, y_eager)
+
+
+def test_torch_compile_fullgraph_on_gpu():
+    _, m = _pair()
+    x = torch.randn(1024, 64, device=CUDA, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True)
+    y, aux, load = compiled(x)
+    (y.sum() + aux).backward()
+    g = x.grad.clone()
+    x.grad = None
+    y2, aux2, _ = m(x)
+    (y2.sum() + aux2).backward()
+    torch.testing.assert_close(y, y2, **TOL[torch.float32])
+    torch.testing.assert_close(g, x.grad, **GRAD_TOL[torch.float32])
+
+
+def test_model_front_ends_agree_on_gpu():
+    cfg = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 2), num_heads=2, num_experts=5, top_k=2,
+               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    sparse = GeoMoE(**cfg).to(CUDA)
+    dense = GeoMoE(**cfg, front_end="dense").to(CUDA)
+    dense.load_state_dict(sparse.state_dict())
+    imgs, noise = torch.randn(8, 3, 64, 64, device=CUDA), torch.rand(8, 16, device=CUDA)
+    ls = sparse(imgs, noise=noise)[0]
+    ld = dense(imgs, noise=noise)[0]
+    torch.testing.assert_close(ls, ld, **TOL[torch.float32])
