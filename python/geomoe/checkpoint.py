@@ -1,62 +1,109 @@
-"""Training checkpoints: written atomically (temp file, fsync, rename) so a crash mid-save never
-leaves a half file under a real name; the newest one that loads is the one resumed."""
+"""Training checkpoints, one directory per step:
+
+    ckpt_00000100/model.safetensors   the weights (and buffers: expert biases), readable anywhere
+    ckpt_00000100/train_state.pt      optimizer, grad scaler, step, data position, RNG states, config
+
+A checkpoint is written into a temporary directory, each file fsynced, then renamed into place (an
+atomic step on POSIX): a crash or kill -9 mid-save leaves at most a `.tmp` directory that is never
+read, and the previous checkpoint stands. `--resume auto` takes the newest one that reads; a
+truncated or corrupt one gets a warning naming it and why, and the one before is used."""
 from __future__ import annotations
 
 import glob
 import os
 import re
+import shutil
+import time
 import warnings
 from typing import Any, Dict, Optional
 
 import torch
 
-_NAME = re.compile(r"ckpt_(\d+)\.pt$")
+_NAME = re.compile(r"ckpt_(\d+)$")
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
 
 
-def save_atomic(obj: Dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def checkpoint_path(directory: str, step: int) -> str:
-    return os.path.join(directory, f"ckpt_{step:08d}.pt")
+    return os.path.join(directory, f"ckpt_{step:08d}")
+
+
+def save(directory: str, step: int, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> str:
+    """Write checkpoint `step` atomically; returns its path."""
+    from safetensors.torch import save_file
+
+    final = checkpoint_path(directory, step)
+    tmp = os.path.join(directory, f".ckpt_{step:08d}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    save_file(weights, os.path.join(tmp, MODEL_FILE))
+    _fsync_file(os.path.join(tmp, MODEL_FILE))
+    slow = float(os.environ.get("GEOMOE_FAULT_SLOW_SAVE", "0"))  # fault-injection tests: a window to kill in
+    if slow:
+        time.sleep(slow)
+    with open(os.path.join(tmp, STATE_FILE), "wb") as f:
+        torch.save(train_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # saving the same step again (a resumed run that ends where it began)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return final
 
 
 def list_checkpoints(directory: str):
-    """Paths, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(directory, "ckpt_*.pt")) if (m := _NAME.search(p))]
+    """Checkpoint directories, oldest first (temporary ones never count)."""
+    found = []
+    for p in glob.glob(os.path.join(directory, "ckpt_*")):
+        m = _NAME.search(p)
+        if m and os.path.isdir(p):
+            found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
 def prune(directory: str, keep_last: int) -> None:
-    for path in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
-        os.remove(path)
+    """Keep the newest `keep_last` checkpoints; remove temporary directories a crash left behind."""
+    if keep_last > 0:
+        for path in list_checkpoints(directory)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    for tmp in glob.glob(os.path.join(directory, ".ckpt_*.tmp-*")):
+        if not tmp.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(path: str) -> Dict[str, Any]:
+    """{"model": weights, **train_state, "path": path}; a clear error if any part cannot be read."""
+    from safetensors.torch import load_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or corrupt file: name it and why
+        model = load_file(os.path.join(path, MODEL_FILE))
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or missing: name it and why
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    return {"model": model, **state, "path": path}
 
 
 def load_latest(directory: str) -> Optional[Dict[str, Any]]:
     """The newest checkpoint that reads, warning about each newer one that does not; None if none."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            state = load(path)
+            return load(path)
         except RuntimeError as exc:
             warnings.warn(f"{exc}; trying the previous checkpoint")
-            continue
-        state["path"] = path
-        return state
     return None

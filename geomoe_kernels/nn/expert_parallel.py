@@ -1,0 +1,127 @@
+"""Expert parallelism for MoEMLP: the routed experts sharded over the ranks of a process group, the
+routed rows exchanged with all_to_all_single (uneven splits), everything else replicated.
+
+Per rank: gate and route the local tokens over all E experts (expert-major rows), send each rank
+the rows of the experts it owns, regroup what arrives by local expert, run the grouped GEMMs, send
+the results back, and combine as usual. Both exchanges are differentiable. The split sizes must be
+known on the host (all_to_all_single takes lists), so each forward has one host sync: the price of
+expert parallelism, not of the single-device path.
+
+Rank r owns experts [r*E//W, (r+1)*E//W), so 23 experts on 2 ranks is 11 + 12. The per-expert
+gradients a rank computes sum over the tokens of every rank; a hook divides them by W so they match
+the data-parallel average of the replicated parameters (and a single process on the whole batch)."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..ops import grouped_mm, permute, route, topk_gating, unpermute
+from .moe import MoEMLP
+
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def expert_range(num_experts: int, rank: int, world: int) -> Tuple[int, int]:
+    return rank * num_experts // world, (rank + 1) * num_experts // world
+
+
+def _all_to_all(rows: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+    """Differentiable all_to_all_single with uneven splits."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    group = group if group is not None else dist.group.WORLD
+    return wait_tensor(all_to_all_single_autograd(rows, out_splits, in_splits, group))
+
+
+class ExpertParallelMoEMLP(MoEMLP):
+    """An MoEMLP holding only this rank's routed experts. Build it with `from_dense`, on every rank
+    from identically initialised (or loaded) MoEMLPs."""
+
+    @classmethod
+    def from_dense(cls, moe: MoEMLP, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelMoEMLP":
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        ep = cls.__new__(cls)
+        ep.__dict__.update(moe.__dict__)  # same modules, parameters and settings
+        ep._parameters = dict(moe._parameters)
+        ep._buffers = dict(moe._buffers)
+        ep._modules = dict(moe._modules)
+        ep.group, ep.world = group, world
+        ep.expert_start, ep.expert_end = expert_range(moe.num_experts, rank, world)
+        for name in EXPERT_PARAMS:
+            full = getattr(moe, name)
+            local = torch.nn.Parameter(full.detach()[ep.expert_start : ep.expert_end].clone())
+            local.register_hook(lambda g, w=world: g / w)
+            ep._parameters[name] = local
+        return ep
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", experts {self.expert_start}..{self.expert_end - 1} of {self.num_experts} here"
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        shape = x.shape
+        dtype = self._compute_dtype(x)
+        tokens = x.reshape(-1, self.dim).to(dtype)
+        T, E, k, be, W = tokens.shape[0], self.num_experts, self.top_k, self.backend, self.world
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = torch.nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), self.gate.bias.to(gate_dtype))
+        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        weights, ids, load, prob_mean = topk_gating(logits.contiguous(), bias, k, self.score_func, self.renormalize, be)
+        row_to_flat, flat_to_row, offsets = route(ids, E, be)
+        rows = permute(tokens, row_to_flat, flat_to_row, k, be)
+
+        # who gets what: every rank's per-expert counts, then the split sizes on the host
+        counts = (offsets[1:] - offsets[:-1]).contiguous()
+        all_counts = torch.empty(W * E, dtype=counts.dtype, device=counts.device)
+        dist.all_gather_into_tensor(all_counts, counts, group=self.group)
+        all_counts = all_counts.view(W, E)
+        bounds = [expert_range(E, j, W) for j in range(W)]
+        send = torch.stack([counts[a:b].sum() for a, b in bounds])
+        mine = all_counts[:, self.expert_start : self.expert_end]  # [source rank, local expert]
+        send_l, recv_l, mine_l = send.tolist(), mine.sum(1).tolist(), mine.tolist()  # the one host sync
+        arrived = _all_to_all(rows, recv_l, send_l, self.group)
+
+        # regroup from (source, local expert) blocks to (local expert, source): expert-major
+        to_expert_major = _block_transpose(mine_l, arrived.device)
+        expert_rows = arrived.index_select(0, to_expert_major)
+        local_counts = mine.sum(0)
+        local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
+        h = grouped_mm(expert_rows, self.w1.to(dtype), local_offsets, self.b1.to(dtype), self.activation, be)
+        out = grouped_mm(h, self.w2.to(dtype), local_offsets, self.b2.to(dtype), "none", be)
+        back_order = torch.empty_like(to_expert_major)
+        back_order[to_expert_major] = torch.arange(to_expert_major.numel(), device=out.device)
+        returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)
+
+        y = unpermute(returned, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
+        fraction = load.to(prob_mean.dtype) * (E / (k * max(T, 1)))
+        aux = (prob_mean * fraction).sum()
+        return y.reshape(shape[:-1] + (self.dim,)), aux, load
+
+
+def _block_transpose(counts: List[List[int]], device) -> Tensor:
+    """Row indices that reorder blocks laid out (source s, expert e) into (expert e, source s)."""
+    S, n = len(counts), len(counts[0]) if counts else 0
+    start, pos = [[0] * n for _ in range(S)], 0
+    for s in range(S):
+        for e in range(n):
+            start[s][e] = pos
+            pos += counts[s][e]
+    order = [torch.arange(start[s][e], start[s][e] + counts[s][e]) for e in range(n) for s in range(S)]
+    return (torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)).to(device)
+
+
+def shard_experts(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> List[str]:
+    """Replace every MoEMLP in `model` by its expert-parallel shard; returns the names of the sharded
+    (rank-local) parameters, for DistributedDataParallel to leave alone."""
+    local: List[str] = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, MoEMLP) and not isinstance(child, ExpertParallelMoEMLP):
+                setattr(module, child_name, ExpertParallelMoEMLP.from_dense(child, group))
+                prefix = f"{name}.{child_name}" if name else child_name
+                local += [f"{prefix}.{p}" for p in EXPERT_PARAMS]
+    return local

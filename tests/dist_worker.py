@@ -1,0 +1,37 @@
+"""Worker functions for the multi-process tests (spawned; importable by the children)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank: the same MoEMLP, sharded; its half of the tokens; saves output and gradients."""
+    from geomoe_kernels import MoEMLP
+    from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
+
+    init(rank, world, init_file)
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 12, 7, 1, 3).double()
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.0, 0.3, 0, 0, 0, -0.2, 0], dtype=torch.float64))
+        for p in (moe.b1, moe.b2):
+            p.normal_()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    g = torch.randn(40, 16, dtype=torch.float64)
+    ep = ExpertParallelMoEMLP.from_dense(moe)
+    lo, hi = rank * 40 // world, (rank + 1) * 40 // world
+    if os.environ.get("GEOMOE_TEST_EMPTY_RANK"):  # rank 0 takes every token, rank 1 none
+        lo, hi = (0, 40) if rank == 0 else (40, 40)
+    xs = x[lo:hi].clone().requires_grad_(True)
+    y, aux, load = ep(xs)
+    (y * g[lo:hi]).sum().backward()
+    torch.save({"y": y.detach(), "x_grad": xs.grad, "load": load, "lo": lo, "hi": hi,
+                "grads": {n: p.grad for n, p in ep.named_parameters() if p.grad is not None},
+                "range": (ep.expert_start, ep.expert_end)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
