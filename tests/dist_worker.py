@@ -34,4 +34,5 @@ def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.save({"y": y.detach(), "x_grad": xs.grad, "load": load, "lo": lo, "hi": hi,
                 "grads": {n: p.grad for n, p in ep.named_parameters() if p.grad is not None},
                 "range": (ep.expert_start, ep.expert_end)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()

@@ -28,7 +28,8 @@ def test_main_job_runs_from_the_command_line(tmp_path):
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
-    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004.pt"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004"]
+    assert sorted(os.listdir(out / "ckpt_00000004")) == ["model.safetensors", "train_state.pt"]
 
 
 def test_tiny_model_overfits_one_batch():
@@ -64,7 +65,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     out = tmp_path / "run"
     pretrain(PretrainArgs(out=str(out), save_every=2, **FAST))
     newest = list_checkpoints(str(out))[-1]
-    with open(newest, "r+b") as f:
+    with open(os.path.join(newest, "model.safetensors"), "r+b") as f:
         f.truncate(100)
     with pytest.warns(UserWarning, match="cannot be read"):
         state = load_latest(str(out))

@@ -28,6 +28,10 @@ def expert_range(num_experts: int, rank: int, world: int) -> Tuple[int, int]:
     return rank * num_experts // world, (rank + 1) * num_experts // world
 
 
+# all_gather_single replaces all_gather_into_tensor in newer torch; older ones have only the latter
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _all_to_all(rows: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
     """Differentiable all_to_all_single with uneven splits."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
@@ -77,7 +81,7 @@ class ExpertParallelMoEMLP(MoEMLP):
         # who gets what: every rank's per-expert counts, then the split sizes on the host
         counts = (offsets[1:] - offsets[:-1]).contiguous()
         all_counts = torch.empty(W * E, dtype=counts.dtype, device=counts.device)
-        dist.all_gather_into_tensor(all_counts, counts, group=self.group)
+        _all_gather_flat(all_counts, counts, group=self.group)
         all_counts = all_counts.view(W, E)
         bounds = [expert_range(E, j, W) for j in range(W)]
         send = torch.stack([counts[a:b].sum() for a, b in bounds])
@@ -125,3 +129,30 @@ def shard_experts(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = N
                 prefix = f"{name}.{child_name}" if name else child_name
                 local += [f"{prefix}.{p}" for p in EXPERT_PARAMS]
     return local
+
+
+def _sharded(model: torch.nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertParallelMoEMLP)]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's state with every routed expert gathered from its rank (a collective: call
+    on every rank). Keys and shapes are those of the unsharded model."""
+    sd = dict(model.state_dict())
+    for name, m in _sharded(model):
+        for p in EXPERT_PARAMS:
+            key = f"{name}.{p}" if name else p
+            parts: List[Optional[Tensor]] = [None] * m.world
+            dist.all_gather_object(parts, sd[key].detach().cpu(), group=m.group)
+            sd[key] = torch.cat(parts)
+    return sd
+
+
+def local_state_dict(model: torch.nn.Module, full: dict) -> dict:
+    """An unsharded state dict cut down to this rank's experts, for load_state_dict."""
+    sd = dict(full)
+    for name, m in _sharded(model):
+        for p in EXPERT_PARAMS:
+            key = f"{name}.{p}" if name else p
+            sd[key] = sd[key][m.expert_start : m.expert_end]
+    return sd

@@ -92,11 +92,16 @@ class MoEMLP(nn.Module):
         return x.dtype
 
     def _shared(self, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        if self.num_shared_experts == 0:
+        """Sum of the shared experts (weight 1 each), as batched matmuls over the S experts so that
+        every weight gradient comes out contiguous (what DDP's buckets expect)."""
+        S = self.num_shared_experts
+        if S == 0:
             return None
-        h = torch.einsum("td,sdh->tsh", x, self.shared_w1.to(dtype)) + self.shared_b1.to(dtype)
+        T = x.shape[0]
+        h = torch.baddbmm(self.shared_b1.to(dtype)[:, None, :], x.expand(S, T, self.dim), self.shared_w1.to(dtype))
         h = activations.apply(self.activation, h)
-        return torch.einsum("tsh,shd->td", h, self.shared_w2.to(dtype)) + self.shared_b2.to(dtype).sum(0)
+        y = torch.baddbmm(self.shared_b2.to(dtype)[:, None, :], h, self.shared_w2.to(dtype))
+        return y[0] if S == 1 else y.sum(0)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         shape = x.shape

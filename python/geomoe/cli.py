@@ -31,6 +31,10 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (default: on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--expert-parallel", action="store_true", help="shard the routed experts over the torchrun ranks")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
 
 
 def _finetune_parser(sub) -> None:
@@ -64,6 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _finetune_parser(sub)
+    rep = sub.add_parser("report", help="PNG plots of a run: loss, throughput, expert load")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
     ns = parser.parse_args(argv)
     fields = {k: v for k, v in vars(ns).items() if k != "command"}
     if ns.command == "pretrain":
@@ -74,6 +80,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .finetune import FinetuneArgs, finetune
 
         finetune(FinetuneArgs(**fields))
+    elif ns.command == "report":
+        from .report import write_report
+
+        for path in write_report(ns.run_dir):
+            print(f"wrote {path}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -194,6 +195,7 @@ class _EpochIndexed(Dataset):
 
     def __init__(self, length: int, img_size: int, seed: int):
         self.length, self.img_size, self.seed = length, img_size, seed
+        self._warned: set = set()
 
     def __len__(self) -> int:
         return self.length
@@ -201,10 +203,22 @@ class _EpochIndexed(Dataset):
     def _image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
-    def __getitem__(self, code: int) -> torch.Tensor:
+    def __getitem__(self, code: int) -> Optional[torch.Tensor]:
+        """The transformed image, or None for a file that cannot be decoded (warned about once,
+        counted by `skip_unreadable`, never replaced by another image)."""
         epoch, index = divmod(int(code), self.length)
         rng = np.random.default_rng([self.seed, epoch, index, 1])
-        return pretrain_transform(self._image(index), self.img_size, rng)
+        try:
+            img = self._image(index)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable image {self._describe(index)}: {type(exc).__name__}: {exc}")
+            return None
+        return pretrain_transform(img, self.img_size, rng)
+
+    def _describe(self, index: int) -> str:
+        return f"#{index}"
 
 
 class SyntheticScenes(_EpochIndexed):
@@ -242,16 +256,30 @@ class ImageFolder(_EpochIndexed):
         with Image.open(self.files[index]) as img:
             return img.convert("RGB")
 
+    def _describe(self, index: int) -> str:
+        return self.files[index]
+
+
+def skip_unreadable(batch: List[Optional[torch.Tensor]]):
+    """Collate: stack the images that decoded; (images or None, how many were skipped)."""
+    good = [b for b in batch if b is not None]
+    return (torch.stack(good) if good else None), len(batch) - len(good)
+
 
 class ResumableBatchSampler(Sampler[List[int]]):
     """Batches of item codes in a per-epoch permutation seeded by (seed, epoch), starting at a given
-    global step: the batch at step s is the same whether or not the run was resumed."""
+    global step: the batch at step s is the same whether or not the run was resumed. With several
+    ranks the global batch is batch_size * world and rank r takes the r-th slice of it."""
 
-    def __init__(self, length: int, batch_size: int, seed: int, start_step: int = 0, total_steps: Optional[int] = None):
-        if length < batch_size:
-            raise ValueError(f"argument '--batch-size' expected at most the dataset size {length}, got {batch_size}")
-        self.length, self.batch_size, self.seed = length, batch_size, seed
-        self.per_epoch = length // batch_size  # the last partial batch is dropped
+    def __init__(self, length: int, batch_size: int, seed: int, start_step: int = 0, total_steps: Optional[int] = None,
+                 rank: int = 0, world: int = 1):
+        if length < batch_size * world:
+            raise ValueError(
+                f"argument '--batch-size' expected at most the dataset size {length} over {world} rank(s), got {batch_size}"
+            )
+        self.length, self.seed, self.rank = length, seed, rank
+        self.batch_size, self.local = batch_size * world, batch_size
+        self.per_epoch = length // self.batch_size  # the last partial batch is dropped
         self.start_step, self.total_steps = start_step, total_steps
 
     def __len__(self) -> int:
@@ -263,7 +291,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
             epoch, b = divmod(step, self.per_epoch)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.length, generator=g)
-            batch = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = perm[b * self.batch_size : (b + 1) * self.batch_size][self.rank * self.local : (self.rank + 1) * self.local]
             yield (batch + epoch * self.length).tolist()
             step += 1
 

@@ -21,7 +21,7 @@ from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
 from .data import ClassFolder, write_scene_classes
 from .original import load_original_state_dict
-from .runtime import load_resume_state, lr_at, make_loader, resolve_device, restore_training_state, training_state
+from .runtime import load_resume_state, lr_at, make_loader, resolve_device, restore_single, save_single
 
 AUX_WEIGHT = 5e-6
 _BIAS_NAMES = {"b1", "b2", "shared_b1", "shared_b2"}  # stacked expert biases: 2-d, but biases
@@ -112,9 +112,10 @@ def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device
 
 
 def load_pretrained(backbone: GeoMoEBackbone, path: str) -> str:
-    """Our pretraining checkpoint, or a file in the original layout (full or encoder-only)."""
-    state = checkpoint.load(path) if path.endswith(".pt") else None
-    if state is not None and isinstance(state.get("model"), dict) and any(k.endswith(".mlp.w1") for k in state["model"]):
+    """Our pretraining checkpoint (a ckpt_* directory), or a file in the original layout (full or
+    encoder-only)."""
+    state = checkpoint.load(path) if os.path.isdir(path) else None
+    if state is not None:
         own = backbone.state_dict()
         picked = {k: v for k, v in state["model"].items() if k in own}
         backbone.load_state_dict(picked, strict=False)
@@ -180,7 +181,7 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
     start, best = 0, 0.0
     state = load_resume_state(args.resume, args.out)
     if state is not None:
-        start = restore_training_state(state, model, opt, scaler)
+        start = restore_single(state, model, opt, scaler)
         best = float(state.get("best_top1", 0.0))
         print(f"resumed from {state['path']} at step {start}")
     print(
@@ -223,7 +224,6 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             tqdm.write(f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                        f"val top-1 {100 * top1:.1f}% (best {100 * best:.1f}%) | {record['images_per_s']:.1f} img/s")
-            checkpoint.save_atomic(training_state(model, opt, scaler, step, args, best_top1=best), checkpoint.checkpoint_path(args.out, step))
-            checkpoint.prune(args.out, args.keep_last)
+            save_single(args.out, step, args.keep_last, model, opt, scaler, args, best_top1=best)
     bar.close()
     return {"history": history, "best_top1": best, "model": model}

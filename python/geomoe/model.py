@@ -192,10 +192,10 @@ class GeoMoEEncoderBase(nn.Module):
         before each depthwise conv (None: no mask)."""
         x1 = self.patch_embed1.forward_dense(imgs)
         for blk in self.blocks1:
-            x1 = blk.forward_dense(x1, vis1)
+            x1 = blk(x1, vis1)
         x2 = self.patch_embed2.forward_dense(x1)
         for blk in self.blocks2:
-            x2 = blk.forward_dense(x2, vis2)
+            x2 = blk(x2, vis2)
         x3 = self.patch_embed3.forward_dense(x2).flatten(2).transpose(1, 2)
         return x1, x2, self.patch_embed4(x3)
 
@@ -281,13 +281,13 @@ class GeoMoE(GeoMoEEncoderBase):
         if len(self.blocks1):
             nbr1 = layout.neighbor_table(keep, (G, G), 4, self.blocks1[0].attn.kernel_size[0])
         for blk in self.blocks1:
-            x = blk.forward_rows(x, nbr1)
+            x = blk(x, nbr1)  # through __call__: module hooks (FSDP) must see it
         s1 = layout.strided_conv_rows(x, self.stage1_output_decode.weight, self.stage1_output_decode.bias)
         x = self.patch_embed2.forward_rows(x)
         if len(self.blocks2):
             nbr2 = layout.neighbor_table(keep, (G, G), 2, self.blocks2[0].attn.kernel_size[0])
         for blk in self.blocks2:
-            x = blk.forward_rows(x, nbr2)
+            x = blk(x, nbr2)
         s2 = layout.strided_conv_rows(x, self.stage2_output_decode.weight, self.stage2_output_decode.bias)
         x = self.patch_embed4(self.patch_embed3.forward_rows(x)).view(N, Lk, -1)
         x = x + torch.gather(self.pos_embed.to(x.dtype).expand(N, -1, -1), 1, keep[:, :, None].expand(-1, -1, x.shape[2]))

@@ -26,21 +26,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def make_loader(dataset: Dataset, batch: int, seed: int, start: int, end: int, workers: int, device: torch.device) -> DataLoader:
-    """Batches for steps start..end-1, the same whether or not the run was resumed. The loader gets its
-    own generator: it would otherwise seed its workers from the global RNG and shift the random
-    draws (masking, mixing) of a resumed run against a straight one."""
+def make_loader(dataset: Dataset, batch: int, seed: int, start: int, end: int, workers: int, device: torch.device,
+                rank: int = 0, world: int = 1, collate_fn=None) -> DataLoader:
+    """This rank's batches for steps start..end-1, the same whether or not the run was resumed. The
+    loader gets its own generator: it would otherwise seed its workers from the global RNG and shift
+    the random draws (masking, mixing) of a resumed run against a straight one."""
     return DataLoader(
         dataset,
-        batch_sampler=ResumableBatchSampler(len(dataset), batch, seed, start, end),
+        batch_sampler=ResumableBatchSampler(len(dataset), batch, seed, start, end, rank, world),
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
     """The global torch RNGs. Data randomness is a pure function of (seed, epoch, index)."""
     state: Dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -48,32 +50,49 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
-def training_state(model, optimizer, scaler, step: int, args, **extra) -> Dict[str, Any]:
-    config = {k: v for k, v in asdict(args).items() if v is None or isinstance(v, (int, float, str, bool))}
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, rng=_rng_state(), config=config, **extra)
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_training_state(state: Dict[str, Any], model, optimizer, scaler) -> int:
-    """Loads what training_state saved; returns the step to continue from."""
+def config_of(args) -> Dict[str, Any]:
+    return {k: v for k, v in asdict(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+
+
+def save_single(directory: str, step: int, keep_last: int, model, optimizer, scaler, args, **extra) -> str:
+    """A one-process checkpoint (fine-tuning): weights, optimizer, scaler, step, RNG, config."""
+    from . import checkpoint
+
+    state = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, rng=[rng_state()],
+                 config=config_of(args), world=1, **extra)
+    path = checkpoint.save(directory, step, model.state_dict(), state)
+    checkpoint.prune(directory, keep_last)
+    return path
+
+
+def restore_single(state: Dict[str, Any], model, optimizer, scaler) -> int:
+    """Loads what save_single saved; returns the step to continue from."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"][0])
     return int(state["step"])
 
 
-def load_resume_state(resume: Optional[str], directory: str) -> Optional[Dict[str, Any]]:
+def load_resume_state(resume: Optional[str], directory: str, rank_file: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """--resume auto: the newest readable checkpoint in the run directory (None if there is none);
-    --resume PATH: that file, which must exist."""
+    --resume PATH: that checkpoint directory, which must read."""
     from . import checkpoint
 
     if not resume:
         return None
     if resume == "auto":
-        return checkpoint.load_latest(directory)
-    state = checkpoint.load(resume)
-    state["path"] = resume
-    return state
+        state = checkpoint.load_latest(directory, rank_file)
+        if state is None and checkpoint.list_checkpoints(directory):
+            raise RuntimeError(
+                f"--resume auto: no checkpoint in {directory} can be read (see the warnings above); "
+                "refusing to start over on top of them: move them aside or name one with --resume PATH"
+            )
+        return state
+    return checkpoint.load(resume, rank_file)
