@@ -6,3 +6,7 @@ from .permute import permute, route, unpermute
 from .sparse_conv import masked_depthwise_conv
 
 __all__ = ["SCORE_FUNCS", "topk_gating", "grouped_mm", "permute", "route", "unpermute", "masked_depthwise_conv"]
+
+from .. import triton as _triton_kernels  # noqa: E402  (registers the Triton backend, lazily)
+
+_triton_kernels.register()

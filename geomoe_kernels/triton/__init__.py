@@ -1,0 +1,54 @@
+"""Triton kernels beside their launchers, one file per op family. Registered with the backend
+registry lazily: nothing imports triton until a Triton kernel is first called, so that
+TRITON_INTERPRET (read when a kernel is defined) can be set by then, and so that machines without
+triton import geomoe_kernels at all."""
+import importlib
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+
+from .. import backend as _backend
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _lazy(module: str, name: str) -> Callable:
+    def call(*args):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
+
+    call.__name__ = f"triton_{name}"
+    return call
+
+
+def _rows_dtype(t: torch.Tensor) -> Optional[str]:
+    return None if t.dtype in _DTYPES else f"the Triton kernels take float16, bfloat16 or float32 rows, got {t.dtype}"
+
+
+def _weights_ok(w) -> Optional[str]:
+    return None if w is None or w.dtype == torch.float32 else f"the Triton combine takes float32 weights, got {w.dtype}"
+
+
+def _gating_ok(logits, *rest) -> Optional[str]:
+    if logits.dtype != torch.float32:
+        return f"the Triton gating kernel takes float32 logits, got {logits.dtype}"
+    return None if logits.shape[1] <= 1024 else f"the Triton gating kernel holds at most 1024 experts a row, got {logits.shape[1]}"
+
+
+def _route_ok(ids, num_experts, *rest) -> Optional[str]:
+    return None if num_experts <= 256 else f"the Triton routing histogram takes at most 256 experts, got {num_experts}"
+
+
+def register() -> None:
+    if importlib.util.find_spec("triton") is None:
+        _backend._UNAVAILABLE_REASON["triton"] = "triton is not installed"
+        return
+    r = _backend.register
+    r("topk_gating", "triton", _lazy("gating", "topk_gating"), _gating_ok)
+    r("topk_gating_backward", "triton", _lazy("gating", "topk_gating_backward"), lambda gw, gp, logits, *rest: _gating_ok(logits))
+    r("route", "triton", _lazy("permute", "route"), _route_ok)
+    r("permute", "triton", _lazy("permute", "permute"), lambda x, r2f, k, w: _rows_dtype(x) or _weights_ok(w))
+    r("unpermute", "triton", _lazy("permute", "unpermute"), lambda rows, f2r, k, w, s: _rows_dtype(rows) or _weights_ok(w))
+    r("unpermute_weight_grad", "triton", _lazy("permute", "unpermute_weight_grad"), lambda g, rows, *rest: _rows_dtype(rows))
+    r("grouped_mm", "triton", _lazy("grouped_gemm", "grouped_mm"), lambda x, *rest: _rows_dtype(x))
+    r("grouped_mm_backward", "triton", _lazy("grouped_gemm", "grouped_mm_backward"), lambda g, x, *rest: _rows_dtype(x))

@@ -1,0 +1,130 @@
+"""Triton fused top-k gating: float32 logits -> score (sigmoid or softmax) -> + bias -> top-k by k
+rounds of argmax (ties to the lower expert, like the reference's stable sort) -> renormalised
+weights, per-expert counts (integer atomics: exact) and per-block sums of the normalised scores
+(summed afterwards in a fixed order: deterministic). Its backward recomputes the scores."""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import INTERPRET, pow2
+
+TOKENS = 8 if INTERPRET else 64
+
+
+@triton.jit
+def _scores(L, B, t, T, E, stride_l, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, EP: tl.constexpr):
+    cols = tl.arange(0, EP)
+    valid = (t < T)[:, None] & (cols < E)[None, :]
+    # rows past T read as 0 (finite: no NaN to mask later), padding experts as -inf (never chosen)
+    logit = tl.load(L + t[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    logit = tl.where((cols < E)[None, :], logit, float("-inf"))
+    if SOFTMAX:
+        z = tl.exp(logit - tl.max(logit, axis=1)[:, None])
+        s = z / tl.sum(z, axis=1)[:, None]
+    else:
+        s = tl.sigmoid(logit)
+    s = tl.where(valid, s, 0.0)
+    if HAS_BIAS:
+        sel = s + tl.load(B + cols, mask=cols < E, other=0.0)[None, :]
+    else:
+        sel = s
+    return s, tl.where(valid, sel, float("-inf")), valid
+
+
+@triton.jit
+def _gating_kernel(L, B, W, Ids, Counts, Partial, T, E, stride_l,
+                   TOP_K: tl.constexpr, KP: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   RENORM: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mt = t < T
+    cols = tl.arange(0, EP)
+    s, sel, valid = _scores(L, B, t, T, E, stride_l, SOFTMAX, HAS_BIAS, EP)
+    slots = tl.arange(0, KP)
+    w = tl.zeros((BT, KP), dtype=tl.float32)
+    ids = tl.zeros((BT, KP), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(sel, axis=1, tie_break_left=True)
+        hit = cols[None, :] == best[:, None]
+        wj = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        w = tl.where(slots[None, :] == j, wj[:, None], w)
+        ids = tl.where(slots[None, :] == j, best[:, None].to(tl.int64), ids)
+        sel = tl.where(hit, float("-inf"), sel)
+        tl.atomic_add(Counts + best, tl.full((BT,), 1, tl.int64), mask=mt)
+    if RENORM:
+        w = w / tl.where(mt, tl.sum(w, axis=1), 1.0)[:, None]
+    out_mask = mt[:, None] & (slots < TOP_K)[None, :]
+    tl.store(W + t[:, None] * TOP_K + slots[None, :], w, mask=out_mask)
+    tl.store(Ids + t[:, None] * TOP_K + slots[None, :], ids, mask=out_mask)
+    q = s / tl.where(mt, tl.sum(s, axis=1), 1.0)[:, None]
+    tl.store(Partial + tl.program_id(0) * E + cols, tl.sum(tl.where(valid, q, 0.0), axis=0), mask=cols < E)
+
+
+@triton.jit
+def _gating_backward_kernel(L, GW, GP, Ids, GL, T, E, stride_l, inv_T,
+                            TOP_K: tl.constexpr, KP: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
+                            HAS_GW: tl.constexpr, HAS_GP: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mt = t < T
+    cols = tl.arange(0, EP)
+    s, _, valid = _scores(L, L, t, T, E, stride_l, SOFTMAX, False, EP)
+    g_s = tl.zeros((BT, EP), dtype=tl.float32)
+    if HAS_GW:
+        slots = tl.arange(0, KP)
+        m = mt[:, None] & (slots < TOP_K)[None, :]
+        ids = tl.load(Ids + t[:, None] * TOP_K + slots[None, :], mask=m, other=-1)
+        gw = tl.load(GW + t[:, None] * TOP_K + slots[None, :], mask=m, other=0.0).to(tl.float32)
+        if RENORM:  # w = s_sel / S: d/ds_m = (gw_m - sum_j gw_j w_j) / S
+            sel = tl.zeros((BT, KP), dtype=tl.float32)
+            for j in tl.static_range(TOP_K):
+                id_j = tl.sum(tl.where(slots[None, :] == j, ids, 0), axis=1)
+                s_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], s, 0.0), axis=1)
+                sel = tl.where(slots[None, :] == j, s_j[:, None], sel)
+            total = tl.sum(sel, axis=1)
+            total = tl.where(mt, total, 1.0)
+            wts = sel / total[:, None]
+            gw = (gw - tl.sum(gw * wts, axis=1)[:, None]) / total[:, None]
+        for j in tl.static_range(TOP_K):
+            id_j = tl.sum(tl.where(slots[None, :] == j, ids, 0), axis=1)
+            g_j = tl.sum(tl.where(slots[None, :] == j, gw, 0.0), axis=1)
+            g_s += tl.where(cols[None, :] == id_j[:, None], g_j[:, None], 0.0)
+    if HAS_GP:  # prob_mean = mean_t s / sum(s)
+        z = tl.where(mt, tl.sum(s, axis=1), 1.0)
+        q = s / z[:, None]
+        gq = tl.load(GP + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :] * inv_T
+        g_s += tl.where(valid, (gq - tl.sum(gq * q, axis=1)[:, None]) / z[:, None], 0.0)
+    if SOFTMAX:
+        g_l = s * (g_s - tl.sum(g_s * s, axis=1)[:, None])
+    else:
+        g_l = g_s * s * (1.0 - s)
+    tl.store(GL + t[:, None].to(tl.int64) * stride_l + cols[None, :], g_l, mask=valid)
+
+
+def topk_gating(logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str, renormalize: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, E = logits.shape
+    blocks = max(1, triton.cdiv(T, TOKENS))
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
+    partial = torch.zeros(blocks, E, dtype=torch.float32, device=logits.device)
+    if T:
+        _gating_kernel[(blocks,)](logits, bias if bias is not None else logits, w, ids, counts, partial, T, E, logits.stride(0),
+                                  TOP_K=top_k, KP=pow2(top_k), SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None,
+                                  RENORM=renormalize, EP=pow2(E), BT=TOKENS)
+    return w, ids, counts, partial.sum(0) / max(T, 1)
+
+
+def topk_gating_backward(grad_weights: Optional[Tensor], grad_prob_mean: Optional[Tensor], logits: Tensor, ids: Tensor,
+                         score_func: str, renormalize: bool) -> Tensor:
+    T, E = logits.shape
+    top_k = ids.shape[1]
+    grad = torch.empty_like(logits)
+    if T:
+        _gating_backward_kernel[(triton.cdiv(T, TOKENS),)](
+            logits, grad_weights if grad_weights is not None else logits, grad_prob_mean if grad_prob_mean is not None else logits,
+            ids, grad, T, E, logits.stride(0), 1.0 / max(T, 1),
+            TOP_K=top_k, KP=pow2(top_k), SOFTMAX=score_func == "softmax", RENORM=renormalize,
+            HAS_GW=grad_weights is not None, HAS_GP=grad_prob_mean is not None, EP=pow2(E), BT=TOKENS)
+    return grad

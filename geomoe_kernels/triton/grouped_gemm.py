@@ -1,0 +1,212 @@
+"""Triton grouped GEMM over expert-major rows: one kernel for the forward (bias and activation in
+the epilogue, optionally gathering its A rows through an index inside the load) and for dgrad
+(the same kernel reading the weights transposed), and a weight-gradient kernel over variable-size
+groups, split over the rows of each expert so small groups still fill the GPU; the splits are
+summed in a fixed order (deterministic, no atomics), and experts without rows get exact zeros.
+
+The row blocks are scheduled on the device: expert e gets ceil(count_e / BM) blocks, and the grid
+is the static bound ceil(M / BM) + E, surplus programs exiting at once. No host sync."""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import activations
+from ._config import INTERPRET, configs
+
+ACT_CODES = {"none": 0, "gelu": 1, "silu": 2, "swiglu": 3}
+BLOCK_M = 16 if INTERPRET else 128
+
+
+_GEMM_CONFIGS = configs(
+    [
+        ({"BN": 64, "BK": 64}, 4, 4),
+        ({"BN": 128, "BK": 64}, 8, 3),
+        ({"BN": 64, "BK": 32}, 4, 5),
+        ({"BN": 128, "BK": 32}, 4, 4),
+    ],
+    {"BN": 16, "BK": 16},
+)
+
+
+@triton.jit
+def _apply_act(x, ACT: tl.constexpr):
+    if ACT == 1:  # GELU, erf form (nn.GELU's default)
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER"])
+@triton.jit
+def _gmm_kernel(
+    A, W, Bias, Out, Pre, Gather, blk_expert, blk_row0, offsets,
+    N, K, top_k,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_pm,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GATHER: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    e = tl.load(blk_expert + tl.program_id(0))
+    if e >= 0:
+        row0 = tl.load(blk_row0 + tl.program_id(0))
+        end = tl.load(offsets + e + 1)
+        rm = row0 + tl.arange(0, BM).to(tl.int64)
+        mask_m = rm < end
+        if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
+            arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+        else:
+            arow = rm
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask_n = rn < N
+        w_base = W + e.to(tl.int64) * stride_we
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mask_k = rk < K
+            a = tl.load(A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+            if ACT == 3:  # SwiGLU: the 'up' half sits N columns to the right
+                wu = tl.load(w_base + rk[:, None] * stride_wk + (rn + N)[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if IEEE:
+                    acc_up += tl.dot(a, wu, input_precision="ieee")
+                else:
+                    acc_up += tl.dot(a, wu)
+        if HAS_BIAS:
+            b_base = Bias + e.to(tl.int64) * stride_be
+            acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if ACT == 3:
+                acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if STORE_PRE:
+            tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
+            if ACT == 3:
+                tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
+        if ACT == 3:
+            out = acc * tl.sigmoid(acc) * acc_up
+        else:
+            out = _apply_act(acc, ACT)
+        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+
+_WGRAD_CONFIGS = configs(
+    [({"BK": 64, "BN": 64, "BM": 64}, 4, 3), ({"BK": 128, "BN": 64, "BM": 32}, 4, 4), ({"BK": 64, "BN": 128, "BM": 32}, 4, 4)],
+    {"BK": 16, "BN": 16, "BM": 16},
+)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS"])
+@triton.jit
+def _wgrad_kernel(
+    A, G, DW, Gather, offsets, K, N, top_k,
+    stride_am, stride_ak, stride_gm, stride_gn, stride_ds, stride_de, stride_dk,
+    SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+):
+    e = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BN)
+    rk = (tl.program_id(1) // n_tiles) * BK + tl.arange(0, BK)
+    rn = (tl.program_id(1) % n_tiles) * BN + tl.arange(0, BN)
+    split = tl.program_id(2)
+    start = tl.load(offsets + e)
+    end = tl.load(offsets + e + 1)
+    chunk = tl.cdiv(end - start, SPLITS)
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for m0 in range(lo, hi, BM):
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
+        mask_m = rm < hi
+        if GATHER:
+            arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+        else:
+            arow = rm
+        a = tl.load(A + arow[None, :] * stride_am + rk[:, None] * stride_ak, mask=mask_m[None, :] & (rk < K)[:, None], other=0.0)
+        g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, g, input_precision="ieee")
+        else:
+            acc += tl.dot(a, g)
+    out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None] * stride_dk + rn[None, :]
+    tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
+
+
+def block_schedule(offsets: Tensor, M: int, bm: int = BLOCK_M) -> Tuple[Tensor, Tensor, int]:
+    """(expert of each row block or -1, first row of each block, number of programs): on the device."""
+    E = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    per = torch.div(counts + bm - 1, bm, rounding_mode="floor")
+    cum = torch.cumsum(per, 0)
+    blocks = -(-M // bm) + E
+    b = torch.arange(blocks, device=offsets.device)
+    e = torch.searchsorted(cum, b, right=True)
+    ec = e.clamp_max(E - 1)
+    row0 = offsets.index_select(0, ec) + (b - (cum - per).index_select(0, ec)) * bm
+    return torch.where(e < E, ec, torch.full_like(ec, -1)), row0, blocks
+
+
+def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
+                    gather: Optional[Tensor] = None, top_k: int = 1, n_rows: Optional[int] = None,
+                    transpose_weight: bool = False) -> Tuple[Tensor, Tensor]:
+    """out[r] = act(A[r] @ W[e(r)] + b[e(r)]) for the expert-major rows r; A[r] = a[gather[r] // top_k]
+    when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre)."""
+    M = n_rows if n_rows is not None else a.shape[0]
+    if transpose_weight:
+        E, N_w, K = weight.shape
+        s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)
+    else:
+        E, K, N_w = weight.shape
+        s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
+    N = activations.out_features(activation, N_w)
+    out = a.new_empty(M, N)
+    store_pre = activation != "none"
+    pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
+    blk_expert, blk_row0, blocks = block_schedule(offsets, M)
+    grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
+    _gmm_kernel[grid](
+        a, weight, bias if bias is not None else weight, out, pre if store_pre else out,
+        gather if gather is not None else offsets, blk_expert, blk_row0, offsets,
+        N, K, top_k,
+        a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
+        out.stride(0), pre.stride(0) if store_pre else 0,
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], STORE_PRE=store_pre, GATHER=gather is not None,
+        IEEE=a.dtype == torch.float32, BM=BLOCK_M,
+    )
+    return out, pre
+
+
+def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor] = None, top_k: int = 1,
+                splits: Optional[int] = None) -> Tensor:
+    """dW[e] = A_e^T @ G_e in float32 [E, K, N]; A rows gathered like grouped_mm_rows."""
+    E = offsets.numel() - 1
+    K, N = a.shape[1], grad.shape[1]
+    if splits is None:  # enough programs for ~4 waves of 132 SMs when groups are small
+        splits = 1 if INTERPRET else max(1, min(8, (4 * 132) // max(1, E * triton.cdiv(K, 64) * triton.cdiv(N, 64))))
+    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
+    grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
+    _wgrad_kernel[grid](
+        a, grad, partial, gather if gather is not None else offsets, offsets, K, N, top_k,
+        a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+        SPLITS=splits, GATHER=gather is not None, IEEE=a.dtype == torch.float32,
+    )
+    return partial[0] if splits == 1 else partial.sum(0)  # a fixed-order sum: deterministic
+
+
+def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str) -> Tuple[Tensor, Tensor]:
+    return grouped_mm_rows(x, weight, offsets, bias, activation)
+
+
+def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, pre: Optional[Tensor],
+                        activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
+    dpre = dpre.contiguous()
+    dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)
+    dw = weight_grad(x, dpre, offsets).to(weight.dtype)
+    db = torch.segment_reduce(dpre.float(), "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
+    return dx, dw, db.to(weight.dtype)

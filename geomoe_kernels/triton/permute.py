@@ -1,0 +1,138 @@
+"""Triton routing permutation (no device-wide sort: a per-block histogram, a prefix sum over the
+small [blocks, E] table on the device, and a stable scatter), and the row gather / weighted
+combine. The combine reads each token's k rows and sums them in slot order in float32: no atomics,
+the same bits every run."""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import INTERPRET, pow2
+
+ROUTE_BLOCK = 32 if INTERPRET else 1024
+ROWS, COLS = (8, 16) if INTERPRET else (32, 128)
+
+
+@triton.jit
+def _histogram_kernel(ids, counts, n, E, EP: tl.constexpr, BLOCK: tl.constexpr):
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(ids + f, mask=f < n, other=-1)
+    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int64)
+    tl.store(counts + tl.program_id(0) * E + tl.arange(0, EP), tl.sum(onehot, axis=0), mask=tl.arange(0, EP) < E)
+
+
+@triton.jit
+def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr, BLOCK: tl.constexpr):
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = f < n
+    e = tl.load(ids + f, mask=valid, other=-1)
+    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int64)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier entries of the same expert in this block
+    start = tl.load(base + tl.program_id(0) * E + e, mask=valid, other=0)
+    row = start + rank
+    tl.store(row_to_flat + row, f.to(tl.int64), mask=valid)
+    tl.store(flat_to_row + f, row, mask=valid)
+
+
+def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
+    flat = expert_ids.reshape(-1)
+    n, E = flat.numel(), num_experts
+    blocks = max(1, triton.cdiv(n, ROUTE_BLOCK))
+    EP = pow2(E)
+    per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
+    if n:
+        _histogram_kernel[(blocks,)](flat, per_block, n, E, EP=EP, BLOCK=ROUTE_BLOCK)
+    counts = per_block.sum(0)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    # block b's rows of expert e start after every earlier block's rows of e
+    base = offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block
+    row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
+    flat_to_row = torch.empty_like(row_to_flat)
+    if n:
+        _scatter_kernel[(blocks,)](flat, base.contiguous(), row_to_flat, flat_to_row, n, E, EP=EP, BLOCK=ROUTE_BLOCK)
+    return row_to_flat, flat_to_row, offsets
+
+
+@triton.jit
+def _permute_kernel(X, R2F, Wts, Out, n_rows, d, top_k, stride_x, stride_o,
+                    WEIGHTED: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    mr = r < n_rows
+    mask = mr[:, None] & (c < d)[None, :]
+    f = tl.load(R2F + r, mask=mr, other=0)
+    x = tl.load(X + (f // top_k)[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+    if WEIGHTED:
+        w = tl.load(Wts + f, mask=mr, other=0.0)
+        x = (x.to(tl.float32) * w[:, None]).to(Out.dtype.element_ty)
+    tl.store(Out + r[:, None].to(tl.int64) * stride_o + c[None, :], x, mask=mask)
+
+
+@triton.jit
+def _unpermute_kernel(Rows, F2R, Wts, Shared, Out, T, d, stride_r, stride_s, stride_o,
+                      TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, HAS_SHARED: tl.constexpr,
+                      BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    mt = t < T
+    mask = mt[:, None] & (c < d)[None, :]
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # slot order: a fixed summation order
+        row = tl.load(F2R + t * TOP_K + j, mask=mt, other=0)
+        v = tl.load(Rows + row[:, None] * stride_r + c[None, :], mask=mask, other=0.0).to(acc.dtype)
+        if WEIGHTED:
+            v = v * tl.load(Wts + t * TOP_K + j, mask=mt, other=0.0)[:, None]
+        acc += v
+    if HAS_SHARED:
+        acc += tl.load(Shared + t[:, None].to(tl.int64) * stride_s + c[None, :], mask=mask, other=0.0).to(acc.dtype)
+    tl.store(Out + t[:, None].to(tl.int64) * stride_o + c[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(G, Rows, F2R, Out, T, d, stride_g, stride_r, TOP_K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mt = t < T
+    for j in tl.static_range(TOP_K):
+        row = tl.load(F2R + t * TOP_K + j, mask=mt, other=0)
+        acc = tl.zeros((BT,), dtype=Out.dtype.element_ty)
+        for c0 in range(0, d, BD):
+            c = c0 + tl.arange(0, BD)
+            mask = mt[:, None] & (c < d)[None, :]
+            g = tl.load(G + t[:, None].to(tl.int64) * stride_g + c[None, :], mask=mask, other=0.0).to(acc.dtype)
+            v = tl.load(Rows + row[:, None] * stride_r + c[None, :], mask=mask, other=0.0).to(acc.dtype)
+            acc += tl.sum(g * v, axis=1)
+        tl.store(Out + t * TOP_K + j, acc, mask=mt)
+
+
+def permute(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor]) -> Tensor:
+    n, d = row_to_flat.numel(), x.shape[1]
+    out = x.new_empty(n, d)
+    if n:
+        grid = (triton.cdiv(n, ROWS), triton.cdiv(d, COLS))
+        wflat = weights.reshape(-1) if weights is not None else x
+        _permute_kernel[grid](x, row_to_flat, wflat, out, n, d, top_k, x.stride(0), out.stride(0),
+                              WEIGHTED=weights is not None, BR=ROWS, BD=COLS)
+    return out
+
+
+def unpermute(rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor]) -> Tensor:
+    T, d = flat_to_row.numel() // top_k, rows.shape[1]
+    out = rows.new_empty(T, d)
+    if T:
+        grid = (triton.cdiv(T, ROWS), triton.cdiv(d, COLS))
+        _unpermute_kernel[grid](rows, flat_to_row, weights if weights is not None else rows, shared if shared is not None else rows,
+                                out, T, d, rows.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0),
+                                TOP_K=top_k, WEIGHTED=weights is not None, HAS_SHARED=shared is not None, BT=ROWS, BD=COLS)
+    return out
+
+
+def unpermute_weight_grad(grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, top_k: int) -> Tensor:
+    T, d = grad_out.shape
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    out = torch.empty(T, top_k, dtype=acc, device=rows.device)
+    if T:
+        _weight_grad_kernel[(triton.cdiv(T, ROWS),)](grad_out, rows, flat_to_row, out, T, d, grad_out.stride(0), rows.stride(0),
+                                                      TOP_K=top_k, BT=ROWS, BD=COLS)
+    return out
