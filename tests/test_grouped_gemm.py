@@ -111,3 +111,22 @@ def test_float32_both_paths_match_float64_loop(monkeypatch, stock, act):
         torch.testing.assert_close(a.double(), bb.double(), rtol=1e-4, atol=1e-4)
     for e in (1, 4):  # empty experts: exactly zero, whichever path
         assert torch.equal(grads[1][e], torch.zeros(16, 24)) and torch.equal(grads[2][e], torch.zeros(24))
+
+
+def test_gathered_rows_equal_a_permuted_copy_and_opcheck():
+    from geomoe_kernels import route
+
+    T, k, E = 9, 2, 4
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    r2f, f2r, off = route(ids, E)
+    x = torch.randn(T, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, 6, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, 8, dtype=torch.float64, requires_grad=True)
+    got = grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k)
+    want = naive_grouped_mm(x[r2f // k], w, off, b, "silu")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w, b: grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k), (x, w, b))
+    xf = x.detach().float()
+    torch.library.opcheck(grouped_mm_op, (xf, w.detach().float(), off, None, "gelu", r2f, k))
+    _, pre = grouped_mm_op(xf, w.detach().float(), off, None, "gelu", r2f, k)
+    torch.library.opcheck(grouped_mm_backward_op, (torch.randn(T * k, 8), xf, w.detach().float(), off, pre, "gelu", r2f, k))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
-from ..ops import SCORE_FUNCS, grouped_mm, permute, route, topk_gating, unpermute
+from ..ops import SCORE_FUNCS, grouped_mm, route, topk_gating, unpermute
 from ..reference import activations
 
 EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
@@ -119,8 +119,9 @@ class MoEMLP(nn.Module):
         weights, ids, load, prob_mean = topk_gating(logits.contiguous(), bias, k, self.score_func, self.renormalize, be)
 
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
-        rows = permute(tokens, row_to_flat, flat_to_row, k, be)
-        h = grouped_mm(rows, self.w1.to(dtype), offsets, self.b1.to(dtype), self.activation, be)
+        # the first GEMM reads its rows straight from the tokens through the permutation
+        h = grouped_mm(tokens, self.w1.to(dtype), offsets, self.b1.to(dtype), self.activation, be,
+                       gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
         rows_out = grouped_mm(h, self.w2.to(dtype), offsets, self.b2.to(dtype), "none", be)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
 

@@ -1,6 +1,10 @@
 """Grouped GEMM: rows [M, K] grouped by offsets [E+1] times weights [E, K, N] (+ bias [E, N]),
 with an optional activation (gelu, silu, or swiglu on columns [gate | up], which halves N).
 
+With `gather` (the routing's row_to_flat, [M]) x holds tokens [M / top_k, K] and row r reads token
+gather[r] // top_k: the permutation happens inside the GEMM's load, with no permuted copy; the
+gradient of x then comes back through the combine (unpermute) of the row gradients.
+
 The op returns (out, pre): pre is the pre-activation that backward needs (empty for 'none').
 Backward gives dx, dweight, dbias (always computed: it is one reduction); experts that own no rows get exactly zero dweight and dbias."""
 from typing import Optional, Tuple
@@ -14,6 +18,7 @@ from .._checks import (
     INDEX_DTYPES,
     OpInputError,
     check_choice,
+    check_index_range,
     check_same_dtype,
     check_tensor,
     value_checks_enabled,
@@ -21,11 +26,23 @@ from .._checks import (
 from ..reference import activations
 from ..reference import grouped_gemm as _ref
 from ._dispatch import run
+from .permute import unpermute_op
 
 
-def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str) -> None:
+def _rows(x: Tensor, gather: Optional[Tensor]) -> int:
+    return x.shape[0] if gather is None else gather.numel()
+
+
+def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
+           gather: Optional[Tensor] = None, top_k: int = 1) -> None:
     op = "grouped_mm"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    if gather is not None:
+        check_tensor(op, "gather", gather, dtypes=INDEX_DTYPES, dim=1, device=x.device)
+        if top_k < 1 or gather.numel() != x.shape[0] * top_k:
+            raise OpInputError(
+                f"{op}: argument 'gather' expected T * top_k = {x.shape[0]} * {top_k} entries (x holds T tokens), got {gather.numel()}"
+            )
     check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES, dim=3, device=x.device)
     check_same_dtype(op, ["x", "weight"], [x, weight])
     E, K, N = weight.shape
@@ -51,17 +68,20 @@ def _check_offset_values(offsets: Tensor, M: int) -> None:
 
 @torch.library.custom_op("geomoe::grouped_mm", mutates_args=())
 def grouped_mm_op(
-    x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str, backend: str = "auto"
+    x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
+    gather: Optional[Tensor] = None, top_k: int = 1, backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    _check(x, weight, offsets, bias, activation)
-    _check_offset_values(offsets, x.shape[0])
-    return run("grouped_mm", backend, x.device, (x, weight, offsets, bias, activation))
+    _check(x, weight, offsets, bias, activation, gather, top_k)
+    _check_offset_values(offsets, _rows(x, gather))
+    if gather is not None:
+        check_index_range("grouped_mm", "gather", gather, 0, gather.numel())
+    return run("grouped_mm", backend, x.device, (x, weight, offsets, bias, activation, gather, top_k))
 
 
 @grouped_mm_op.register_fake
-def _(x, weight, offsets, bias, activation, backend="auto"):
-    _check(x, weight, offsets, bias, activation)
-    M, N = x.shape[0], weight.shape[2]
+def _(x, weight, offsets, bias, activation, gather=None, top_k=1, backend="auto"):
+    _check(x, weight, offsets, bias, activation, gather, top_k)
+    M, N = _rows(x, gather), weight.shape[2]
     out = x.new_empty(M, activations.out_features(activation, N))
     pre = x.new_empty(0) if activation == "none" else x.new_empty(M, N)
     return out, pre
@@ -75,15 +95,18 @@ def grouped_mm_backward_op(
     offsets: Tensor,
     pre: Optional[Tensor],
     activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(d rows [M, K] in expert-major order, dweight, dbias)."""
     check_tensor("grouped_mm_backward", "grad_out", grad_out, dtypes=(x.dtype,), dim=2, device=x.device)
-    return run("grouped_mm_backward", backend, x.device, (grad_out, x, weight, offsets, pre, activation))
+    return run("grouped_mm_backward", backend, x.device, (grad_out, x, weight, offsets, pre, activation, gather, top_k))
 
 
 @grouped_mm_backward_op.register_fake
-def _(grad_out, x, weight, offsets, pre, activation, backend="auto"):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0], weight.shape[2])
+def _(grad_out, x, weight, offsets, pre, activation, gather=None, top_k=1, backend="auto"):
+    return x.new_empty(_rows(x, gather), x.shape[1]), torch.empty_like(weight), weight.new_empty(weight.shape[0], weight.shape[2])
 
 
 _backend.register("grouped_mm", "torch", _ref.grouped_mm)
@@ -92,18 +115,20 @@ _backend.register("grouped_mm_backward", "torch", _ref.grouped_mm_backward)
 
 class GroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, offsets, bias, activation, backend):
-        out, pre = grouped_mm_op(x, weight, offsets, bias, activation, backend)
-        ctx.save_for_backward(x, weight, offsets, pre if activation != "none" else None)
-        ctx.config = (activation, backend, bias is not None)
+    def forward(ctx, x, weight, offsets, bias, activation, gather, flat_to_row, top_k, backend):
+        out, pre = grouped_mm_op(x, weight, offsets, bias, activation, gather, top_k, backend)
+        ctx.save_for_backward(x, weight, offsets, pre if activation != "none" else None, gather, flat_to_row)
+        ctx.config = (activation, backend, bias is not None, top_k)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, offsets, pre = ctx.saved_tensors
-        activation, backend, has_bias = ctx.config
-        dx, dw, db = grouped_mm_backward_op(grad_out.contiguous(), x, weight, offsets, pre, activation, backend)
-        return dx, dw, None, (db if has_bias else None), None, None
+        x, weight, offsets, pre, gather, flat_to_row = ctx.saved_tensors
+        activation, backend, has_bias, top_k = ctx.config
+        d_rows, dw, db = grouped_mm_backward_op(grad_out.contiguous(), x, weight, offsets, pre, activation, gather, top_k, backend)
+        # gathered: each token's k row gradients summed in slot order (deterministic)
+        dx = d_rows if gather is None else unpermute_op(d_rows, flat_to_row, top_k, None, None, backend)
+        return dx, dw, None, (db if has_bias else None), None, None, None, None, None
 
 
 def grouped_mm(
@@ -113,7 +138,13 @@ def grouped_mm(
     bias: Optional[Tensor] = None,
     activation: str = "none",
     backend: str = "auto",
+    gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
+    top_k: int = 1,
 ) -> Tensor:
-    """act(x[r] @ weight[e] + bias[e]) for the rows r of each expert e; differentiable in x, weight, bias."""
+    """act(A[r] @ weight[e] + bias[e]) for the rows r of each expert e, A = x, or with `gather` (and
+    its inverse `flat_to_row`, from route) A[r] = x[gather[r] // top_k]; differentiable in x, weight, bias."""
+    if (gather is None) != (flat_to_row is None):
+        raise OpInputError("grouped_mm: arguments 'gather' and 'flat_to_row' expected together (both from route), got one")
     bias = None if bias is None else bias.contiguous()
-    return GroupedMM.apply(x.contiguous(), weight.contiguous(), offsets, bias, activation, backend)
+    return GroupedMM.apply(x.contiguous(), weight.contiguous(), offsets, bias, activation, gather, flat_to_row, top_k, backend)

@@ -98,10 +98,17 @@ def _empty(offsets: Tensor) -> Tensor:
     return (offsets[1:] == offsets[:-1])[:, None, None]
 
 
+def _gathered(x: Tensor, gather: Optional[Tensor], top_k: int) -> Tensor:
+    return x if gather is None else x.index_select(0, torch.div(gather, top_k, rounding_mode="floor"))
+
+
 def grouped_mm(
-    x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str
+    x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
+    gather: Optional[Tensor] = None, top_k: int = 1,
 ) -> Tuple[Tensor, Tensor]:
-    """Returns (out, pre): pre is the pre-activation kept for backward, empty when activation is 'none'."""
+    """Returns (out, pre): pre is the pre-activation kept for backward, empty when activation is 'none'.
+    With `gather` the rows are x[gather // top_k] (materialised here: the reference favours clarity)."""
+    x = _gathered(x, gather, top_k)
     if use_stock(x, weight):
         pre = torch._grouped_mm(x, weight, offs=_ends(offsets))
         if bias is not None:
@@ -125,9 +132,12 @@ def grouped_mm_backward(
     offsets: Tensor,
     pre: Optional[Tensor],
     activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias). Experts with no rows get exact zeros; weight gradients are summed over
-    tiles in float32 (or float64) whatever the input dtype."""
+    """(d rows, dweight, dbias). Experts with no rows get exact zeros; weight gradients are summed
+    over tiles in float32 (or float64) whatever the input dtype."""
+    x = _gathered(x, gather, top_k)
     acc = torch.promote_types(weight.dtype, torch.float32)
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
     if use_stock(x, weight):

@@ -198,15 +198,17 @@ def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tenso
     return partial[0] if splits == 1 else partial.sum(0)  # a fixed-order sum: deterministic
 
 
-def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str) -> Tuple[Tensor, Tensor]:
-    return grouped_mm_rows(x, weight, offsets, bias, activation)
+def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
+               gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
+    n_rows = x.shape[0] if gather is None else gather.numel()
+    return grouped_mm_rows(x, weight, offsets, bias, activation, gather, top_k, n_rows)
 
 
 def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, pre: Optional[Tensor],
-                        activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+                        activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
     dpre = dpre.contiguous()
-    dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)
-    dw = weight_grad(x, dpre, offsets).to(weight.dtype)
+    dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)  # row gradients
+    dw = weight_grad(x, dpre, offsets, gather, top_k).to(weight.dtype)
     db = torch.segment_reduce(dpre.float(), "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
     return dx, dw, db.to(weight.dtype)
