@@ -10,20 +10,25 @@ def init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
-def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Each rank: the same MoEMLP, sharded; its half of the tokens; saves output and gradients."""
+def make_layer():
+    """The layer and data every rank (and the single-process reference) starts from."""
     from geomoe_kernels import MoEMLP
-    from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
 
-    init(rank, world, init_file)
     torch.manual_seed(0)
     moe = MoEMLP(16, 12, 7, 1, 3).double()
     with torch.no_grad():
         moe.expert_bias.copy_(torch.tensor([0.0, 0.3, 0, 0, 0, -0.2, 0], dtype=torch.float64))
         for p in (moe.b1, moe.b2):
             p.normal_()
-    x = torch.randn(40, 16, dtype=torch.float64)
-    g = torch.randn(40, 16, dtype=torch.float64)
+    return moe, torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+
+
+def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank: the same MoEMLP, sharded; its half of the tokens; saves output and gradients."""
+    from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
+
+    init(rank, world, init_file)
+    moe, x, g = make_layer()
     ep = ExpertParallelMoEMLP.from_dense(moe)
     lo, hi = rank * 40 // world, (rank + 1) * 40 // world
     if os.environ.get("GEOMOE_TEST_EMPTY_RANK"):  # rank 0 takes every token, rank 1 none

@@ -9,21 +9,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_worker import ep_layer
-from geomoe_kernels import MoEMLP
+from dist_worker import ep_layer, make_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _single_process_reference():
-    torch.manual_seed(0)
-    moe = MoEMLP(16, 12, 7, 1, 3).double()
-    with torch.no_grad():
-        moe.expert_bias.copy_(torch.tensor([0.0, 0.3, 0, 0, 0, -0.2, 0], dtype=torch.float64))
-        for p in (moe.b1, moe.b2):
-            p.normal_()
-    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(40, 16, dtype=torch.float64)
+    moe, x, g = make_layer()
+    x.requires_grad_(True)
     y, aux, load = moe(x)
     (y * g).sum().backward()
     return moe, x, y, load
