@@ -1,9 +1,18 @@
-"""Loads the compiled CUDA core (geomoe_kernels._cuda_core, built by setup.py with nvcc) and says
-why when it cannot."""
+"""The CUDA core (geomoe_kernels._cuda_core, built by setup.py with nvcc): loads it, says why when it
+cannot, and registers its kernels as the 'cuda' backend. The wrappers pass data pointers, sizes
+and the current stream; the ops have already checked devices, dtypes, shapes and contiguity."""
 from __future__ import annotations
 
 import importlib
 from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+
+_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ROUTE_BLOCK = 32  # ids per scatter thread: the in-block rank is a short walk
 
 
 def load() -> Tuple[Optional[object], str]:
@@ -11,6 +20,108 @@ def load() -> Tuple[Optional[object], str]:
     try:
         core = importlib.import_module("geomoe_kernels._cuda_core")
     except ImportError as exc:
-        return None, f"not built ({exc}); this version ships no CUDA C++ kernels yet"
-    archs = getattr(core, "architectures", lambda: "unknown")()
-    return core, f"loaded from {core.__file__} for {archs}"
+        return None, f"not built ({exc}); reinstall where nvcc is found (see setup.py)"
+    return core, f"loaded from {core.__file__} for sm {core.architectures()}"
+
+
+_core, _status = load()
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _p(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def topk_gating(logits, bias, top_k, score_func, renormalize):
+    T, E = logits.shape
+    per = _core.gating_tokens_per_block()
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
+    partial = torch.empty(max(1, -(-T // per)), E, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        partial.zero_()
+    _core.topk_gating(_p(logits), T, E, _p(bias), top_k, score_func == "softmax", renormalize, _p(w), _p(ids), _p(counts),
+                      _p(partial), _stream(logits))
+    return w, ids, counts, partial.sum(0) / max(T, 1)
+
+
+def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, renormalize):
+    grad = torch.empty_like(logits)
+    gw = None if grad_weights is None else grad_weights.float().contiguous()
+    gp = None if grad_prob_mean is None else grad_prob_mean.float().contiguous()
+    _core.topk_gating_backward(_p(logits), logits.shape[0], logits.shape[1], _p(ids), ids.shape[1], _p(gw), _p(gp),
+                               score_func == "softmax", renormalize, _p(grad), _stream(logits))
+    return grad
+
+
+def route(expert_ids, num_experts):
+    flat = expert_ids.reshape(-1)
+    n, E = flat.numel(), num_experts
+    blocks = max(1, -(-n // ROUTE_BLOCK))
+    per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
+    _core.route_histogram(_p(flat), n, E, ROUTE_BLOCK, _p(per_block), _stream(flat))
+    counts = per_block.sum(0)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    base = (offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block).contiguous()
+    row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
+    flat_to_row = torch.empty_like(row_to_flat)
+    _core.route_scatter(_p(flat), n, E, ROUTE_BLOCK, _p(base), _p(row_to_flat), _p(flat_to_row), _stream(flat))
+    return row_to_flat, flat_to_row, offsets
+
+
+def permute(x, row_to_flat, top_k, weights):
+    out = x.new_empty(row_to_flat.numel(), x.shape[1])
+    w = None if weights is None else weights.reshape(-1)
+    _core.permute(_DTYPE[x.dtype], _p(x), x.stride(0), _p(row_to_flat), _p(w), out.shape[0], x.shape[1], top_k, _p(out),
+                  out.stride(0), _stream(x))
+    return out
+
+
+def unpermute(rows, flat_to_row, top_k, weights, shared):
+    T, d = flat_to_row.numel() // top_k, rows.shape[1]
+    out = rows.new_empty(T, d)
+    _core.unpermute(_DTYPE[rows.dtype], _p(rows), rows.stride(0), _p(flat_to_row), _p(weights), _p(shared),
+                    shared.stride(0) if shared is not None else 0, T, d, top_k, _p(out), out.stride(0), _stream(rows))
+    return out
+
+
+def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
+    out = torch.empty(grad_out.shape[0], top_k, dtype=torch.float32, device=rows.device)
+    _core.unpermute_weight_grad(_DTYPE[rows.dtype], _p(grad_out), grad_out.stride(0), _p(rows), rows.stride(0),
+                                _p(flat_to_row), grad_out.shape[0], rows.shape[1], top_k, _p(out), _stream(rows))
+    return out
+
+
+def _rows_ok(t: Tensor) -> Optional[str]:
+    return None if t.dtype in _DTYPE else f"the CUDA core takes float16, bfloat16 or float32 rows, got {t.dtype}"
+
+
+def _weights_ok(w) -> Optional[str]:
+    return None if w is None or w.dtype == torch.float32 else f"the CUDA combine takes float32 weights, got {w.dtype}"
+
+
+def _gating_ok(logits, *rest) -> Optional[str]:
+    if logits.dtype != torch.float32:
+        return f"the CUDA gating kernel takes float32 logits, got {logits.dtype}"
+    k = rest[1] if len(rest) > 1 and isinstance(rest[1], int) else 1
+    if logits.shape[1] > 1024 or k > 8:
+        return f"the CUDA gating kernel takes at most 1024 experts and top_k 8, got {logits.shape[1]} and {k}"
+    return None
+
+
+def register() -> None:
+    if _core is None:
+        _backend._UNAVAILABLE_REASON["cuda"] = f"the CUDA core is {_status}"
+        return
+    _backend._UNAVAILABLE_REASON["cuda"] = "the CUDA core has no kernel for it yet"
+    r = _backend.register
+    r("topk_gating", "cuda", topk_gating, _gating_ok)
+    r("topk_gating_backward", "cuda", topk_gating_backward, lambda gw, gp, logits, ids, *rest: _gating_ok(logits, None, ids.shape[1]))
+    r("route", "cuda", route, lambda ids, E, *rest: None if E <= 4096 else f"the CUDA histogram keeps E in shared memory: at most 4096, got {E}")
+    r("permute", "cuda", permute, lambda x, r2f, k, w: _rows_ok(x) or _weights_ok(w))
+    r("unpermute", "cuda", unpermute, lambda rows, f2r, k, w, s: _rows_ok(rows) or _weights_ok(w))
+    r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda g, rows, *rest: _rows_ok(rows))

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from . import backend, cuda, ops  # noqa: F401  (ops registers the implementations)
+from . import backend, cuda, ops  # noqa: F401  (importing ops registers the implementations)
 
 OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "masked_depthwise_conv")
 

@@ -157,3 +157,35 @@ def test_model_front_ends_agree_on_gpu():
     ls = sparse(imgs, noise=noise)[0]
     ld = dense(imgs, noise=noise)[0]
     torch.testing.assert_close(ls, ld, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_core_ops_match_the_reference(dtype):
+    from geomoe_kernels.cuda import _core
+
+    if _core is None:
+        pytest.skip("the CUDA core was not built")
+    T, k, E, d = 1000, 3, 23, 96
+    logits = torch.randn(T, E, device=CUDA, requires_grad=True)
+    bias = 0.05 * torch.randn(E, device=CUDA)
+    got = topk_gating(logits, bias, k, backend="cuda")
+    want = topk_gating(logits, bias, k, backend="torch")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[3], want[3])
+    gw, gp = torch.randn(T, k, device=CUDA), torch.randn(E, device=CUDA)
+    g1 = torch.autograd.grad((got[0] * gw).sum() + (got[3] * gp).sum(), logits)[0]
+    g2 = torch.autograd.grad((want[0] * gw).sum() + (want[3] * gp).sum(), logits)[0]
+    torch.testing.assert_close(g1, g2)
+    ids = got[1]
+    for a, b in zip(route(ids, E, backend="cuda"), route(ids, E, backend="torch")):
+        assert torch.equal(a, b)
+    r2f, f2r, _ = route(ids, E)
+    x = torch.randn(T, d, device=CUDA, dtype=dtype, requires_grad=True)
+    w = torch.rand(T, k, device=CUDA, requires_grad=True)
+    outs = []
+    for backend in ("cuda", "torch"):
+        y = unpermute(permute(x, r2f, f2r, k, backend=backend) * 2, r2f, f2r, k, w, x, backend=backend)
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])

@@ -10,3 +10,7 @@ __all__ = ["SCORE_FUNCS", "topk_gating", "grouped_mm", "permute", "route", "unpe
 from .. import triton as _triton_kernels  # noqa: E402  (registers the Triton backend, lazily)
 
 _triton_kernels.register()
+
+from .. import cuda as _cuda_core  # noqa: E402  (registers the CUDA core's kernels, if it was built)
+
+_cuda_core.register()

@@ -1,0 +1,73 @@
+// The one binding file: exposes the CUDA core to Python with pybind11. Pointers and streams arrive
+// as integers (tensor.data_ptr(), stream.cuda_stream): no torch headers, so the binary depends on
+// the CUDA runtime only and works with any torch.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "geomoe_core.h"
+
+namespace py = pybind11;
+using geomoe::DType;
+
+namespace {
+
+template <typename T> T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+cudaStream_t stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("geomoe CUDA core: ") + what + ": " + cudaGetErrorString(err));
+}
+
+#ifndef GEOMOE_CUDA_ARCHS
+#define GEOMOE_CUDA_ARCHS "unknown"
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda_core, m) {
+  m.doc() = "geomoe CUDA core: MoE routing, permutation, combine and gating kernels";
+  m.def("architectures", [] { return std::string(GEOMOE_CUDA_ARCHS); });
+  m.def("gating_tokens_per_block", &geomoe::gating_tokens_per_block);
+  m.def("route_histogram", [](std::uintptr_t ids, int64_t n, int E, int block, std::uintptr_t per_block, std::uintptr_t s) {
+    check(geomoe::route_histogram(ptr<const int64_t>(ids), n, E, block, ptr<int64_t>(per_block), stream(s)), "route_histogram");
+  });
+  m.def("route_scatter", [](std::uintptr_t ids, int64_t n, int E, int block, std::uintptr_t base, std::uintptr_t r2f,
+                            std::uintptr_t f2r, std::uintptr_t s) {
+    check(geomoe::route_scatter(ptr<const int64_t>(ids), n, E, block, ptr<const int64_t>(base), ptr<int64_t>(r2f),
+                                ptr<int64_t>(f2r), stream(s)), "route_scatter");
+  });
+  m.def("permute", [](int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t r2f, std::uintptr_t w, int64_t rows,
+                      int64_t d, int top_k, std::uintptr_t out, int64_t ldo, std::uintptr_t s) {
+    check(geomoe::permute(static_cast<DType>(dtype), ptr<const void>(x), ldx, ptr<const int64_t>(r2f), ptr<const float>(w),
+                          rows, d, top_k, ptr<void>(out), ldo, stream(s)), "permute");
+  });
+  m.def("unpermute", [](int dtype, std::uintptr_t rows, int64_t ldr, std::uintptr_t f2r, std::uintptr_t w,
+                        std::uintptr_t shared, int64_t lds, int64_t tokens, int64_t d, int top_k, std::uintptr_t out,
+                        int64_t ldo, std::uintptr_t s) {
+    check(geomoe::unpermute(static_cast<DType>(dtype), ptr<const void>(rows), ldr, ptr<const int64_t>(f2r),
+                            ptr<const float>(w), ptr<const void>(shared), lds, tokens, d, top_k, ptr<void>(out), ldo,
+                            stream(s)), "unpermute");
+  });
+  m.def("unpermute_weight_grad", [](int dtype, std::uintptr_t g, int64_t ldg, std::uintptr_t rows, int64_t ldr,
+                                    std::uintptr_t f2r, int64_t tokens, int64_t d, int top_k, std::uintptr_t out,
+                                    std::uintptr_t s) {
+    check(geomoe::unpermute_weight_grad(static_cast<DType>(dtype), ptr<const void>(g), ldg, ptr<const void>(rows), ldr,
+                                        ptr<const int64_t>(f2r), tokens, d, top_k, ptr<float>(out), stream(s)),
+          "unpermute_weight_grad");
+  });
+  m.def("topk_gating", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t bias, int k, bool softmax, bool renorm,
+                          std::uintptr_t w, std::uintptr_t ids, std::uintptr_t counts, std::uintptr_t partial,
+                          std::uintptr_t s) {
+    check(geomoe::topk_gating(ptr<const float>(logits), T, E, ptr<const float>(bias), k, softmax, renorm, ptr<float>(w),
+                              ptr<int64_t>(ids), ptr<int64_t>(counts), ptr<float>(partial), stream(s)), "topk_gating");
+  });
+  m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
+                                   std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {
+    check(geomoe::topk_gating_backward(ptr<const float>(logits), T, E, ptr<const int64_t>(ids), k, ptr<const float>(gw),
+                                       ptr<const float>(gp), softmax, renorm, ptr<float>(grad), stream(s)),
+          "topk_gating_backward");
+  });
+}

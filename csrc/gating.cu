@@ -1,0 +1,242 @@
+// Fused top-k gating: one warp per token, the token's scores spread over the lanes (E <= 1024).
+#include <cfloat>
+#include <climits>
+#include <type_traits>
+
+#include "geomoe_core.h"
+
+namespace geomoe {
+namespace {
+
+constexpr int kWarps = 8;  // tokens per block
+constexpr int kMaxPerLane = 32;  // 32 lanes x 32 = 1024 experts
+constexpr int kMaxTopK = 8;
+// PER_LANE (experts per lane, a power of two) and fully unrolled loops keep every per-token array
+// in registers: no local memory.
+
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ inline float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// (value, index) of the largest value, the lower index among equals
+__device__ inline void warp_argmax(float& v, int& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+  }
+}
+
+// Scores of token t into s[] (lane-strided: expert e = lane + 32 * j); padding slots are 0.
+template <int PER_LANE>
+__device__ inline void scores(const float* __restrict__ logits, int64_t t, int E, bool softmax, int lane,
+                              float (&s)[PER_LANE]) {
+  const float* row = logits + t * E;
+  float mx = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int e = lane + 32 * j;
+    s[j] = e < E ? row[e] : -FLT_MAX;
+    mx = fmaxf(mx, s[j]);
+  }
+  if (softmax) {
+    mx = warp_max(mx);
+    float z = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      const int e = lane + 32 * j;
+      s[j] = e < E ? __expf(s[j] - mx) : 0.f;
+      z += s[j];
+    }
+    z = warp_sum(z);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) s[j] /= z;
+  } else {
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) s[j] = (lane + 32 * j) < E ? 1.f / (1.f + __expf(-s[j])) : 0.f;
+  }
+}
+
+template <int PER_LANE>
+__global__ void gating_kernel(const float* __restrict__ logits, int64_t T, int E, const float* __restrict__ bias,
+                              int top_k, bool softmax, bool renorm, float* __restrict__ weights,
+                              int64_t* __restrict__ ids, unsigned long long* __restrict__ counts,
+                              float* __restrict__ partial) {
+  extern __shared__ float q_smem[];  // [kWarps][E]: per-warp normalised scores, summed in warp order
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  float s[PER_LANE];
+  float* q = q_smem + warp * E;
+  if (t < T) {
+    scores<PER_LANE>(logits, t, E, softmax, lane, s);
+    float sel[PER_LANE];
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      const int e = lane + 32 * j;
+      sel[j] = e < E ? s[j] + (bias ? bias[e] : 0.f) : -FLT_MAX;
+      total += s[j];
+    }
+    total = warp_sum(total);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      const int e = lane + 32 * j;
+      if (e < E) q[e] = s[j] / total;
+    }
+    float chosen_sum = 0.f, chosen[kMaxTopK];
+#pragma unroll
+    for (int r = 0; r < kMaxTopK; ++r) {
+      if (r >= top_k) break;
+      float best = -FLT_MAX;
+      int best_e = INT_MAX;
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j) {
+        const int e = lane + 32 * j;
+        if (e < E && (sel[j] > best || (sel[j] == best && e < best_e))) { best = sel[j]; best_e = e; }
+      }
+      warp_argmax(best, best_e);
+      float sv = 0.f;
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j)
+        if (lane + 32 * j == best_e) { sv = s[j]; sel[j] = -FLT_MAX; }
+      sv = warp_sum(sv);  // exactly one lane holds it
+      chosen[r] = sv;
+      chosen_sum += sv;
+      if (lane == 0) {
+        ids[t * top_k + r] = best_e;
+        atomicAdd(counts + best_e, 1ull);
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kMaxTopK; ++r)
+        if (r < top_k) weights[t * top_k + r] = renorm ? chosen[r] / chosen_sum : chosen[r];
+    }
+  } else {
+    for (int e = lane; e < E; e += 32) q[e] = 0.f;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    float acc = 0.f;
+    for (int w = 0; w < kWarps; ++w) acc += q_smem[w * E + e];
+    partial[static_cast<int64_t>(blockIdx.x) * E + e] = acc;
+  }
+}
+
+template <int PER_LANE>
+__global__ void gating_backward_kernel(const float* __restrict__ logits, int64_t T, int E,
+                                       const int64_t* __restrict__ ids, int top_k, const float* __restrict__ gw,
+                                       const float* __restrict__ gp, bool softmax, bool renorm,
+                                       float* __restrict__ grad) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (t >= T) return;
+  float s[PER_LANE], g[PER_LANE];
+  scores<PER_LANE>(logits, t, E, softmax, lane, s);
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) g[j] = 0.f;
+  if (gw) {
+    float sel_sum = 0.f, dot = 0.f, sel[kMaxTopK];
+#pragma unroll
+    for (int r = 0; r < kMaxTopK; ++r) {
+      sel[r] = 0.f;
+      if (r >= top_k) continue;
+      const int64_t e = ids[t * top_k + r];
+      float v = 0.f;
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j)
+        if (lane + 32 * j == e) v = s[j];
+      sel[r] = warp_sum(v);
+      sel_sum += sel[r];
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxTopK; ++r)
+      if (r < top_k) dot += gw[t * top_k + r] * sel[r] / sel_sum;
+#pragma unroll
+    for (int r = 0; r < kMaxTopK; ++r) {
+      if (r >= top_k) continue;
+      const int64_t e = ids[t * top_k + r];
+      const float gr = renorm ? (gw[t * top_k + r] - dot) / sel_sum : gw[t * top_k + r];
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j)
+        if (lane + 32 * j == e) g[j] += gr;
+    }
+  }
+  if (gp) {  // prob_mean = mean_t s / sum(s)
+    float z = 0.f, gq_q = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) z += s[j];
+    z = warp_sum(z);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      const int e = lane + 32 * j;
+      if (e < E) gq_q += gp[e] / T * s[j] / z;
+    }
+    gq_q = warp_sum(gq_q);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      const int e = lane + 32 * j;
+      if (e < E) g[j] += (gp[e] / T - gq_q) / z;
+    }
+  }
+  float gs_s = 0.f;
+  if (softmax) {
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) gs_s += g[j] * s[j];
+    gs_s = warp_sum(gs_s);
+  }
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int e = lane + 32 * j;
+    if (e < E) grad[t * E + e] = softmax ? s[j] * (g[j] - gs_s) : g[j] * s[j] * (1.f - s[j]);
+  }
+}
+
+// Calls f(std::integral_constant<int, P>) with P the power of two >= ceil(E / 32).
+template <typename F>
+cudaError_t by_per_lane(int E, F&& f) {
+  const int need = (E + 31) / 32;
+  if (need <= 1) return f(std::integral_constant<int, 1>{});
+  if (need <= 2) return f(std::integral_constant<int, 2>{});
+  if (need <= 4) return f(std::integral_constant<int, 4>{});
+  if (need <= 8) return f(std::integral_constant<int, 8>{});
+  if (need <= 16) return f(std::integral_constant<int, 16>{});
+  return f(std::integral_constant<int, 32>{});
+}
+
+}  // namespace
+
+int gating_tokens_per_block() { return kWarps; }
+
+cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k,
+                        bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
+                        cudaStream_t stream) {
+  if (num_experts > 32 * kMaxPerLane || top_k > kMaxTopK) return cudaErrorInvalidValue;
+  const int64_t blocks = (tokens + kWarps - 1) / kWarps;
+  if (blocks == 0) return cudaSuccess;
+  return by_per_lane(num_experts, [&](auto p) {
+    gating_kernel<decltype(p)::value><<<blocks, kWarps * 32, kWarps * num_experts * sizeof(float), stream>>>(
+        logits, tokens, num_experts, bias, top_k, softmax, renormalize, weights, ids,
+        reinterpret_cast<unsigned long long*>(counts), partial);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
+                                 const float* grad_weights, const float* grad_prob_mean, bool softmax,
+                                 bool renormalize, float* grad_logits, cudaStream_t stream) {
+  if (num_experts > 32 * kMaxPerLane || top_k > kMaxTopK) return cudaErrorInvalidValue;
+  const int64_t blocks = (tokens + kWarps - 1) / kWarps;
+  if (blocks == 0) return cudaSuccess;
+  return by_per_lane(num_experts, [&](auto p) {
+    gating_backward_kernel<decltype(p)::value><<<blocks, kWarps * 32, 0, stream>>>(
+        logits, tokens, num_experts, ids, top_k, grad_weights, grad_prob_mean, softmax, renormalize, grad_logits);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace geomoe

@@ -1,0 +1,42 @@
+// geomoe CUDA core: kernels and their launchers, depending on the CUDA runtime only (no torch).
+// Every launcher takes raw device pointers, sizes, leading dimensions and a stream, launches
+// asynchronously and returns the launch's cudaError_t. Row x leading-dimension products are int64.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace geomoe {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Routing: per-block expert histograms [blocks, E], then (after an exclusive prefix `base` over
+// blocks and experts, computed by the caller) a stable scatter of the flat ids into expert-major rows.
+cudaError_t route_histogram(const int64_t* ids, int64_t n, int num_experts, int block, int64_t* per_block,
+                            cudaStream_t stream);
+cudaError_t route_scatter(const int64_t* ids, int64_t n, int num_experts, int block, const int64_t* base,
+                          int64_t* row_to_flat, int64_t* flat_to_row, cudaStream_t stream);
+
+// out[r] = x[row_to_flat[r] / top_k] * (weights ? weights[row_to_flat[r]] : 1)
+cudaError_t permute(DType dtype, const void* x, int64_t ldx, const int64_t* row_to_flat, const float* weights,
+                    int64_t rows, int64_t d, int top_k, void* out, int64_t ldo, cudaStream_t stream);
+// out[t] = shared[t] + sum_j weights[t, j] * rows[flat_to_row[t * top_k + j]], float32 accumulation, slot order
+cudaError_t unpermute(DType dtype, const void* rows, int64_t ldr, const int64_t* flat_to_row, const float* weights,
+                      const void* shared, int64_t lds, int64_t tokens, int64_t d, int top_k, void* out, int64_t ldo,
+                      cudaStream_t stream);
+// grad_w[t, j] = <grad_out[t], rows[flat_to_row[t * top_k + j]]>
+cudaError_t unpermute_weight_grad(DType dtype, const void* grad_out, int64_t ldg, const void* rows, int64_t ldr,
+                                  const int64_t* flat_to_row, int64_t tokens, int64_t d, int top_k, float* grad_w,
+                                  cudaStream_t stream);
+
+// Fused top-k gating on float32 logits [T, E] (E <= 1024): scores, top-k of score + bias (ties to
+// the lower expert), weights (renormalised or not), counts (atomics on integers: exact) and
+// per-block sums of s / sum(s) in `partial` [blocks, E] (the caller sums them in order).
+int gating_tokens_per_block();
+cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k,
+                        bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
+                        cudaStream_t stream);
+cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
+                                 const float* grad_weights, const float* grad_prob_mean, bool softmax,
+                                 bool renormalize, float* grad_logits, cudaStream_t stream);
+
+}  // namespace geomoe
