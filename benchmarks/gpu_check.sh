@@ -30,6 +30,7 @@ fi
 step info 60 $PY -m geomoe_kernels.info
 if ls csrc/*.cu csrc/**/*.cu > /dev/null 2>&1; then
   step build 240 $PY setup.py build_ext --inplace
+  cp geomoe_kernels/_cuda_build.txt "$OUT/" 2>/dev/null || true
 else
   log "build: no CUDA sources in csrc/ yet"
 fi
