@@ -144,3 +144,22 @@ def test_model_loss_and_gradients_with_triton_kernels():
     assert torch.equal(runs[0][1], runs[1][1])
     for name, g in runs[1][2].items():
         torch.testing.assert_close(runs[0][2][name], g, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [3, 5])
+def test_masked_depthwise_conv(dtype, k):
+    from geomoe_kernels import layout, masked_depthwise_conv
+
+    kept = torch.stack([torch.randperm(16)[:5] for _ in range(2)])
+    kept[1, 0] = 0  # a corner token
+    nbr = layout.neighbor_table(kept, (4, 4), 4, k)
+    x = torch.randn(nbr.shape[0], 20).to(dtype).requires_grad_(True)
+    w = (torch.randn(20, k * k) / k).to(dtype).requires_grad_(True)
+    b = torch.randn(20).to(dtype).requires_grad_(True)
+    outs = []
+    for backend in ("triton", "torch"):
+        y = masked_depthwise_conv(x, nbr, w, b, backend=backend)
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
