@@ -98,13 +98,16 @@ def neighbor_table(kept: Tensor, grid: Tuple[int, int], s: int, kernel_size: int
 
 def conv_weight_as_matrix(weight: Tensor) -> Tensor:
     """A kernel = stride conv weight [Cout, Cin, s, s] as a [s*s*Cin, Cout] matrix for rows grouped
-    s*s at a time in Z-order (row-major inside each group for s = 2)."""
+    s*s at a time in Z-order. Z-order interleaves the bits of (cy, cx), so this is a reshape into
+    bits and a permute (no gather: its backward is a copy, not a scatter)."""
     Cout, Cin, s, s2 = weight.shape
     if s != s2:
         raise ValueError(f"argument 'weight' expected a square kernel, got {s}x{s2}")
-    cells = zorder_cells(s, weight.device)
-    w = weight[:, :, cells[:, 0], cells[:, 1]]  # [Cout, Cin, s*s]
-    return w.permute(2, 1, 0).reshape(s * s * Cin, Cout)
+    _check_power_of_two("kernel size", s)
+    b = s.bit_length() - 1
+    w = weight.reshape(Cout, Cin, *([2] * (2 * b)))  # dims: Cout, Cin, y bits (high first), x bits (high first)
+    order = [d for i in range(b) for d in (2 + i, 2 + b + i)]  # (y, x) bit pairs, most significant first
+    return w.permute(*order, 1, 0).reshape(s * s * Cin, Cout)
 
 
 def strided_conv_rows(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
