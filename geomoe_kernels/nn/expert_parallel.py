@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import grouped_mm, permute, route, topk_gating, unpermute
+from ..ops import grouped_mm, permute, route, unpermute
 from .moe import MoEMLP
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -66,15 +66,9 @@ class ExpertParallelMoEMLP(MoEMLP):
         return super().extra_repr() + f", experts {self.expert_start}..{self.expert_end - 1} of {self.num_experts} here"
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        shape = x.shape
-        dtype = self._compute_dtype(x)
-        tokens = x.reshape(-1, self.dim).to(dtype)
+        tokens, dtype = self._tokens(x)
         T, E, k, be, W = tokens.shape[0], self.num_experts, self.top_k, self.backend, self.world
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = torch.nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), self.gate.bias.to(gate_dtype))
-        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
-        weights, ids, load, prob_mean = topk_gating(logits.contiguous(), bias, k, self.score_func, self.renormalize, be)
+        weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         rows = permute(tokens, row_to_flat, flat_to_row, k, be)
 
@@ -101,9 +95,7 @@ class ExpertParallelMoEMLP(MoEMLP):
         returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)
 
         y = unpermute(returned, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
-        fraction = load.to(prob_mean.dtype) * (E / (k * max(T, 1)))
-        aux = (prob_mean * fraction).sum()
-        return y.reshape(shape[:-1] + (self.dim,)), aux, load
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
 
 def _block_transpose(counts: List[List[int]], device) -> Tensor:

@@ -103,31 +103,36 @@ class MoEMLP(nn.Module):
         y = torch.baddbmm(self.shared_b2.to(dtype)[:, None, :], h, self.shared_w2.to(dtype))
         return y[0] if S == 1 else y.sum(0)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        shape = x.shape
-        if shape[-1] != self.dim:
-            raise ValueError(f"MoEMLP: argument 'x' expected last dimension {self.dim}, got shape {list(shape)}")
+    def _tokens(self, x: Tensor) -> Tuple[Tensor, torch.dtype]:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"MoEMLP: argument 'x' expected last dimension {self.dim}, got shape {list(x.shape)}")
         dtype = self._compute_dtype(x)
-        tokens = x.reshape(-1, self.dim).to(dtype)
-        T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
+        return x.reshape(-1, self.dim).to(dtype), dtype
 
-        # Router in float32 whatever the compute dtype (or float64 when checking).
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+    def _gate(self, tokens: Tensor, x_dtype: torch.dtype):
+        """(weights, ids, load, prob_mean) for the tokens; the router in float32 whatever the compute
+        dtype (float64 when checking)."""
+        gate_dtype = torch.promote_types(x_dtype, torch.float32)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
             logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), self.gate.bias.to(gate_dtype))
         bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
-        weights, ids, load, prob_mean = topk_gating(logits.contiguous(), bias, k, self.score_func, self.renormalize, be)
+        return topk_gating(logits.contiguous(), bias, self.top_k, self.score_func, self.renormalize, self.backend)
 
+    def _aux(self, load: Tensor, prob_mean: Tensor, T: int) -> Tensor:
+        fraction = load.to(prob_mean.dtype) * (self.num_experts / (self.top_k * max(T, 1)))
+        return (prob_mean * fraction).sum()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        tokens, dtype = self._tokens(x)
+        T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
+        weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         # the first GEMM reads its rows straight from the tokens through the permutation
         h = grouped_mm(tokens, self.w1.to(dtype), offsets, self.b1.to(dtype), self.activation, be,
                        gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
         rows_out = grouped_mm(h, self.w2.to(dtype), offsets, self.b2.to(dtype), "none", be)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
-
-        fraction = load.to(prob_mean.dtype) * (E / (k * max(T, 1)))
-        aux = (prob_mean * fraction).sum()
-        return y.reshape(shape[:-1] + (self.dim,)), aux, load
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
     @torch.no_grad()
     def update_bias(self, load: Tensor, rate: float = 1e-3) -> None:
