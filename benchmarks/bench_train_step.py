@@ -26,7 +26,8 @@ def test_pretrain_step(benchmark, impl):
         model = PublishedGeoMoE(**keys)
         model.load_state_dict(original_state_dict(ours))
         model = model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    # the same fused AdamW for both: the step measures the models, not two optimizer code paths
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=amp)
     imgs = torch.randn(batch, 3, model.grid * 16, model.grid * 16, device=dev)

@@ -172,7 +172,7 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
     note = load_pretrained(backbone, args.weights) if args.weights else "from scratch (no --weights)"
     model = GeoMoEClassifier(backbone, len(train_set.classes)).to(device)
     groups = param_groups(model, args.weight_decay, args.layer_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     per_epoch = len(train_set) // args.batch_size
     total = per_epoch * args.epochs

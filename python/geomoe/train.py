@@ -123,8 +123,10 @@ class _Trainer:
         if self.state is not None:
             self._load_weights(self.state["model"])
         self.wrapped = self._wrap(self.model)
+        # fused: one kernel over all parameters (on a CPU 4-5x faster than the per-op path with the
+        # large stacked expert tensors); FSDP2's sharded DTensors keep the default implementation
         self.opt = torch.optim.AdamW(self.wrapped.parameters(), lr=self.peak_lr, betas=RECIPE["betas"],
-                                     weight_decay=RECIPE["weight_decay"])
+                                     weight_decay=RECIPE["weight_decay"], fused=not args.fsdp)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp)
         torch.manual_seed(args.seed * 1_000_003 + env.rank)  # masking noise differs per rank
         if self.state is not None:
