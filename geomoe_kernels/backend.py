@@ -72,3 +72,25 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Cal
 def available(op: str, device: torch.device) -> Dict[str, Optional[str]]:
     """backend -> None if usable for `op` on `device`, else the reason (for info and tests)."""
     return {b: _why_not(op, b, device, None) for b in BACKENDS[1:]}
+
+
+# ---- support checks shared by the kernel backends ------------------------------------------------
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rows_reason(who: str, t: torch.Tensor) -> Optional[str]:
+    """Why `who`'s kernels cannot take these rows, or None."""
+    return None if t.dtype in KERNEL_DTYPES else f"{who} takes float16, bfloat16 or float32 rows, got {t.dtype}"
+
+
+def weights_reason(who: str, w: Optional[torch.Tensor]) -> Optional[str]:
+    return None if w is None or w.dtype == torch.float32 else f"{who} takes float32 routing weights, got {w.dtype}"
+
+
+def gating_reason(who: str, logits: torch.Tensor, top_k: int, max_experts: int, max_k: int) -> Optional[str]:
+    if logits.dtype != torch.float32:
+        return f"{who} takes float32 logits, got {logits.dtype}"
+    if logits.shape[1] > max_experts or top_k > max_k:
+        return f"{who} takes at most {max_experts} experts and top_k {max_k}, got {logits.shape[1]} and {top_k}"
+    return None

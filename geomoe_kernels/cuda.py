@@ -96,21 +96,19 @@ def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     return out
 
 
+WHO = "the CUDA core"
+
+
 def _rows_ok(t: Tensor) -> Optional[str]:
-    return None if t.dtype in _DTYPE else f"the CUDA core takes float16, bfloat16 or float32 rows, got {t.dtype}"
+    return _backend.rows_reason(WHO, t)
 
 
 def _weights_ok(w) -> Optional[str]:
-    return None if w is None or w.dtype == torch.float32 else f"the CUDA combine takes float32 weights, got {w.dtype}"
+    return _backend.weights_reason(WHO, w)
 
 
-def _gating_ok(logits, *rest) -> Optional[str]:
-    if logits.dtype != torch.float32:
-        return f"the CUDA gating kernel takes float32 logits, got {logits.dtype}"
-    k = rest[1] if len(rest) > 1 and isinstance(rest[1], int) else 1
-    if logits.shape[1] > 1024 or k > 8:
-        return f"the CUDA gating kernel takes at most 1024 experts and top_k 8, got {logits.shape[1]} and {k}"
-    return None
+def _gating_ok(logits, bias=None, top_k=1, *rest) -> Optional[str]:
+    return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=8)
 
 
 def register() -> None:

@@ -10,7 +10,6 @@ import torch
 
 from .. import backend as _backend
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -21,18 +20,19 @@ def _lazy(module: str, name: str) -> Callable:
     return call
 
 
+WHO = "the Triton kernels"
+
+
 def _rows_dtype(t: torch.Tensor) -> Optional[str]:
-    return None if t.dtype in _DTYPES else f"the Triton kernels take float16, bfloat16 or float32 rows, got {t.dtype}"
+    return _backend.rows_reason(WHO, t)
 
 
 def _weights_ok(w) -> Optional[str]:
-    return None if w is None or w.dtype == torch.float32 else f"the Triton combine takes float32 weights, got {w.dtype}"
+    return _backend.weights_reason(WHO, w)
 
 
-def _gating_ok(logits, *rest) -> Optional[str]:
-    if logits.dtype != torch.float32:
-        return f"the Triton gating kernel takes float32 logits, got {logits.dtype}"
-    return None if logits.shape[1] <= 1024 else f"the Triton gating kernel holds at most 1024 experts a row, got {logits.shape[1]}"
+def _gating_ok(logits, bias=None, top_k=1, *rest) -> Optional[str]:
+    return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=64)
 
 
 def _route_ok(ids, num_experts, *rest) -> Optional[str]:
@@ -45,7 +45,8 @@ def register() -> None:
         return
     r = _backend.register
     r("topk_gating", "triton", _lazy("gating", "topk_gating"), _gating_ok)
-    r("topk_gating_backward", "triton", _lazy("gating", "topk_gating_backward"), lambda gw, gp, logits, *rest: _gating_ok(logits))
+    r("topk_gating_backward", "triton", _lazy("gating", "topk_gating_backward"),
+      lambda gw, gp, logits, ids, *rest: _gating_ok(logits, None, ids.shape[1]))
     r("route", "triton", _lazy("permute", "route"), _route_ok)
     r("permute", "triton", _lazy("permute", "permute"), lambda x, r2f, k, w: _rows_dtype(x) or _weights_ok(w))
     r("unpermute", "triton", _lazy("permute", "unpermute"), lambda rows, f2r, k, w, s: _rows_dtype(rows) or _weights_ok(w))
