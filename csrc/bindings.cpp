@@ -28,7 +28,7 @@ void check(cudaError_t err, const char* what) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda_core, m) {
-  m.doc() = "geomoe CUDA core: MoE routing, permutation, combine and gating kernels";
+  m.doc() = "geomoe CUDA core: MoE gating, routing, permutation and combine; masked depthwise conv";
   m.def("architectures", [] { return std::string(GEOMOE_CUDA_ARCHS); });
   m.def("gating_tokens_per_block", &geomoe::gating_tokens_per_block);
   m.def("route_histogram", [](std::uintptr_t ids, int64_t n, int E, int block, std::uintptr_t per_block, std::uintptr_t s) {
@@ -63,6 +63,21 @@ PYBIND11_MODULE(_cuda_core, m) {
                           std::uintptr_t s) {
     check(geomoe::topk_gating(ptr<const float>(logits), T, E, ptr<const float>(bias), k, softmax, renorm, ptr<float>(w),
                               ptr<int64_t>(ids), ptr<int64_t>(counts), ptr<float>(partial), stream(s)), "topk_gating");
+  });
+  m.def("dwconv_grad_rows_per_block", &geomoe::dwconv_grad_rows_per_block);
+  m.def("masked_depthwise_conv", [](int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t nbr, int kk, std::uintptr_t w,
+                                    std::uintptr_t bias, int64_t rows, int64_t channels, bool flip, std::uintptr_t out,
+                                    int64_t ldo, std::uintptr_t s) {
+    check(geomoe::masked_depthwise_conv(static_cast<DType>(dtype), ptr<const void>(x), ldx, ptr<const int64_t>(nbr), kk,
+                                        ptr<const void>(w), ptr<const void>(bias), rows, channels, flip, ptr<void>(out), ldo,
+                                        stream(s)), "masked_depthwise_conv");
+  });
+  m.def("masked_depthwise_conv_wgrad", [](int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t g, int64_t ldg,
+                                          std::uintptr_t nbr, int kk, int64_t rows, int64_t channels, std::uintptr_t dw,
+                                          std::uintptr_t db, std::uintptr_t s) {
+    check(geomoe::masked_depthwise_conv_wgrad(static_cast<DType>(dtype), ptr<const void>(x), ldx, ptr<const void>(g), ldg,
+                                              ptr<const int64_t>(nbr), kk, rows, channels, ptr<float>(dw), ptr<float>(db),
+                                              stream(s)), "masked_depthwise_conv_wgrad");
   });
   m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
                                    std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {

@@ -39,4 +39,16 @@ cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_ex
                                  const float* grad_weights, const float* grad_prob_mean, bool softmax,
                                  bool renormalize, float* grad_logits, cudaStream_t stream);
 
+// Submanifold depthwise conv on visible rows [rows, channels] with a neighbour table [rows, kk]
+// (-1 reads as zero) and weight [channels, kk]; flip reads the kernel reversed (dx of a symmetric table).
+cudaError_t masked_depthwise_conv(DType dtype, const void* x, int64_t ldx, const int64_t* neighbors, int kk,
+                                  const void* weight, const void* bias, int64_t rows, int64_t channels, bool flip,
+                                  void* out, int64_t ldo, cudaStream_t stream);
+// Per-block partial sums: dw_partial [blocks, channels, kk], db_partial [blocks, channels], blocks =
+// ceil(rows / dwconv_grad_rows_per_block()); the caller sums them over blocks in order.
+int dwconv_grad_rows_per_block();
+cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx, const void* grad_out, int64_t ldg,
+                                        const int64_t* neighbors, int kk, int64_t rows, int64_t channels,
+                                        float* dw_partial, float* db_partial, cudaStream_t stream);
+
 }  // namespace geomoe

@@ -96,6 +96,25 @@ def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     return out
 
 
+def masked_depthwise_conv(x, neighbors, weight, bias, flip: bool = False):
+    out = torch.empty_like(x)
+    _core.masked_depthwise_conv(_DTYPE[x.dtype], _p(x), x.stride(0), _p(neighbors), neighbors.shape[1], _p(weight), _p(bias),
+                                x.shape[0], x.shape[1], flip, _p(out), out.stride(0), _stream(x))
+    return out
+
+
+def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
+    R, C = x.shape
+    kk = neighbors.shape[1]
+    dx = masked_depthwise_conv(grad_out, neighbors, weight, None, flip=True)
+    blocks = max(1, -(-R // _core.dwconv_grad_rows_per_block()))
+    dw = torch.zeros(blocks, C, kk, dtype=torch.float32, device=x.device)
+    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
+    _core.masked_depthwise_conv_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(grad_out), grad_out.stride(0), _p(neighbors),
+                                      kk, R, C, _p(dw), _p(db), _stream(x))
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)  # blocks summed in order
+
+
 WHO = "the CUDA core"
 
 
@@ -123,3 +142,5 @@ def register() -> None:
     r("permute", "cuda", permute, lambda x, r2f, k, w: _rows_ok(x) or _weights_ok(w))
     r("unpermute", "cuda", unpermute, lambda rows, f2r, k, w, s: _rows_ok(rows) or _weights_ok(w))
     r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda g, rows, *rest: _rows_ok(rows))
+    r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, *rest: _rows_ok(x))
+    r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda g, x, *rest: _rows_ok(x))

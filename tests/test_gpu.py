@@ -189,3 +189,24 @@ def test_cuda_core_ops_match_the_reference(dtype):
         outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w))))
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_depthwise_conv_kernels_match_the_reference(backend, dtype):
+    if backend == "cuda":
+        from geomoe_kernels.cuda import _core
+
+        if _core is None:
+            pytest.skip("the CUDA core was not built")
+    kept = torch.stack([torch.randperm(196)[:49] for _ in range(8)]).to(CUDA)
+    nbr = layout.neighbor_table(kept, (14, 14), 4, 5)
+    x = torch.randn(nbr.shape[0], 256, device=CUDA, dtype=dtype, requires_grad=True)
+    w = (torch.randn(256, 25, device=CUDA) / 5).to(dtype).requires_grad_(True)
+    b = torch.randn(256, device=CUDA, dtype=dtype, requires_grad=True)
+    outs = []
+    for be in (backend, "torch"):
+        y = masked_depthwise_conv(x, nbr, w, b, backend=be)
+        outs.append((y, *torch.autograd.grad(y.float().square().mean(), (x, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.float(), r.float(), **GRAD_TOL[dtype])
