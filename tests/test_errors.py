@@ -112,3 +112,13 @@ def test_backend_without_kernels_says_why():
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), backend="cuda")
     with pytest.raises(BackendUnavailable, match=r"topk_gating: backend 'triton' cannot run here"):
         topk_gating(torch.randn(3, 4), None, 2, backend="triton")
+
+
+def test_info_reports_every_backend():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "geomoe_kernels.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("torch", "triton", "CUDA core", "grouped_mm", "masked_depthwise_conv", "usable"):
+        assert word in out.stdout

@@ -5,8 +5,9 @@ With `gather` (the routing's row_to_flat, [M]) x holds tokens [M / top_k, K] and
 gather[r] // top_k: the permutation happens inside the GEMM's load, with no permuted copy; the
 gradient of x then comes back through the combine (unpermute) of the row gradients.
 
-The op returns (out, pre): pre is the pre-activation that backward needs (empty for 'none').
-Backward gives dx, dweight, dbias (always computed: it is one reduction); experts that own no rows get exactly zero dweight and dbias."""
+The op returns (out, pre): pre is the pre-activation that backward needs (empty for 'none'). The
+backward op gives the row gradients, dweight and dbias (always computed: one reduction); experts
+that own no rows get exactly zero dweight and dbias."""
 from typing import Optional, Tuple
 
 import torch
