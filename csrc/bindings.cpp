@@ -28,7 +28,7 @@ void check(cudaError_t err, const char* what) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda_core, m) {
-  m.doc() = "geomoe CUDA core: MoE gating, routing, permutation and combine; masked depthwise conv";
+  m.doc() = "geomoe CUDA core: MoE gating, routing, permutation, grouped GEMM and combine; masked depthwise conv";
   m.def("architectures", [] { return std::string(GEOMOE_CUDA_ARCHS); });
   m.def("gating_tokens_per_block", &geomoe::gating_tokens_per_block);
   m.def("route_histogram", [](std::uintptr_t ids, int64_t n, int E, int block, std::uintptr_t per_block, std::uintptr_t s) {
@@ -78,6 +78,23 @@ PYBIND11_MODULE(_cuda_core, m) {
     check(geomoe::masked_depthwise_conv_wgrad(static_cast<DType>(dtype), ptr<const void>(x), ldx, ptr<const void>(g), ldg,
                                               ptr<const int64_t>(nbr), kk, rows, channels, ptr<float>(dw), ptr<float>(db),
                                               stream(s)), "masked_depthwise_conv_wgrad");
+  });
+  m.def("grouped_mm_block_rows", &geomoe::grouped_mm_block_rows);
+  m.def("grouped_mm", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t w,
+                         int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, std::uintptr_t bias,
+                         std::uintptr_t blk_expert, std::uintptr_t blk_row0, int64_t blocks, std::uintptr_t offsets, int act,
+                         std::uintptr_t out, int64_t ldo, std::uintptr_t pre, int64_t ldp, std::uintptr_t s) {
+    check(geomoe::grouped_mm(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
+                             ptr<const void>(w), K, N, ldw, stride_we, trans_w, ptr<const void>(bias),
+                             ptr<const int64_t>(blk_expert), ptr<const int64_t>(blk_row0), blocks, ptr<const int64_t>(offsets),
+                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, stream(s)), "grouped_mm");
+  });
+  m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t g,
+                               int64_t ldg, std::uintptr_t offsets, int64_t E, int64_t K, int64_t N, int splits,
+                               std::uintptr_t partial, std::uintptr_t s) {
+    check(geomoe::grouped_mm_wgrad(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
+                                   ptr<const void>(g), ldg, ptr<const int64_t>(offsets), E, K, N, splits, ptr<float>(partial),
+                                   stream(s)), "grouped_mm_wgrad");
   });
   m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
                                    std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {

@@ -15,6 +15,8 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # op name -> backend -> (implementation, supports(*args) -> reason it cannot run, or None)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
+# (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
+_EXPLICIT_ONLY = set()
 
 # Why a backend has no implementation at all in this build; filled by the modules that provide them.
 _UNAVAILABLE_REASON = {
@@ -27,10 +29,13 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs."""
 
 
-def register(op: str, backend: str, impl: Callable, supports: Optional[Callable] = None) -> None:
+def register(op: str, backend: str, impl: Callable, supports: Optional[Callable] = None, auto: bool = True) -> None:
+    """auto=False: `backend="auto"` never picks it; only an explicit request runs it."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
     _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
+    if not auto:
+        _EXPLICIT_ONLY.add((op, backend))
 
 
 def check_backend_name(backend: str) -> None:
@@ -64,7 +69,7 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Cal
         return _REGISTRY[op][backend][0]
     order = ("cuda", "triton", "torch") if device.type == "cuda" else (("triton", "torch") if triton_interpreting() else ("torch",))
     for name in order:
-        if _why_not(op, name, device, args) is None:
+        if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
             return _REGISTRY[op][name][0]
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
 

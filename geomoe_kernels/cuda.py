@@ -115,6 +115,48 @@ def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)  # blocks summed in order
 
 
+_ACT = {"none": 0, "gelu": 1, "silu": 2}
+
+
+def grouped_mm(x, weight, offsets, bias, activation, gather=None, top_k=1):
+    from .reference.grouped_gemm import block_schedule
+
+    M = x.shape[0] if gather is None else gather.numel()
+    E, K, N = weight.shape
+    blk_expert, blk_row0, blocks = block_schedule(offsets, M, _core.grouped_mm_block_rows())
+    out = x.new_empty(M, N)
+    pre = x.new_empty(M, N) if activation != "none" else None
+    _core.grouped_mm(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(weight), K, N, weight.stride(1),
+                     weight.stride(0), False, _p(bias), _p(blk_expert), _p(blk_row0), blocks, _p(offsets), _ACT[activation],
+                     _p(out), out.stride(0), _p(pre), pre.stride(0) if pre is not None else 0, _stream(x))
+    return out, (pre if pre is not None else x.new_empty(0))
+
+
+def grouped_mm_backward(grad_out, x, weight, offsets, pre, activation, gather=None, top_k=1):
+    from .reference import activations
+    from .reference.grouped_gemm import block_schedule
+
+    dpre = (grad_out if activation == "none" else activations.backward(activation, grad_out, pre)).contiguous()
+    M, (E, K, N) = dpre.shape[0], weight.shape
+    blk_expert, blk_row0, blocks = block_schedule(offsets, M, _core.grouped_mm_block_rows())
+    d_rows = dpre.new_empty(M, K)  # dpre @ W^T: reduce over N, W[e] read transposed
+    _core.grouped_mm(_DTYPE[dpre.dtype], _p(dpre), dpre.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),
+                     True, 0, _p(blk_expert), _p(blk_row0), blocks, _p(offsets), 0, _p(d_rows), d_rows.stride(0), 0, 0,
+                     _stream(dpre))
+    splits = max(1, min(8, 528 // max(1, E * -(-K // 64) * -(-N // 64))))  # ~4 waves of 132 SMs when groups are small
+    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=x.device)
+    _core.grouped_mm_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(dpre), dpre.stride(0), _p(offsets),
+                           E, K, N, splits, _p(partial), _stream(x))
+    db = torch.segment_reduce(dpre.float(), "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
+    return d_rows, partial.sum(0).to(weight.dtype), db.to(weight.dtype)  # splits summed in order
+
+
+def _gemm_ok(x, weight, offsets, bias, activation, *rest) -> Optional[str]:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
+    return None if activation in _ACT else f"the CUDA grouped GEMM fuses none, gelu or silu, got {activation!r}"
+
+
 WHO = "the CUDA core"
 
 
@@ -142,5 +184,9 @@ def register() -> None:
     r("permute", "cuda", permute, lambda x, r2f, k, w: _rows_ok(x) or _weights_ok(w))
     r("unpermute", "cuda", unpermute, lambda rows, f2r, k, w, s: _rows_ok(rows) or _weights_ok(w))
     r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda g, rows, *rest: _rows_ok(rows))
+    # not picked by backend="auto" until it has run on a GPU: ask for backend="cuda" to use it
+    r("grouped_mm", "cuda", grouped_mm, _gemm_ok, auto=False)
+    r("grouped_mm_backward", "cuda", grouped_mm_backward,
+      lambda g, x, w, off, pre, act, *rest: _gemm_ok(x, w, off, None, act), auto=False)
     r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, *rest: _rows_ok(x))
     r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda g, x, *rest: _rows_ok(x))

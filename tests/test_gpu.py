@@ -210,3 +210,30 @@ def test_masked_depthwise_conv_kernels_match_the_reference(backend, dtype):
         outs.append((y, *torch.autograd.grad(y.float().square().mean(), (x, w, b))))
     for a, r in zip(*outs):
         torch.testing.assert_close(a.float(), r.float(), **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_cuda_grouped_gemm_matches_the_reference(dtype, act, gathered):
+    """The WMMA grouped GEMM runs only when asked for (backend="cuda") until this passes on a GPU."""
+    from geomoe_kernels.cuda import _core
+
+    if _core is None:
+        pytest.skip("the CUDA core was not built")
+    T, k, E, K, N = 1500, 3, 23, 768, 576
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(CUDA)
+    ids[:200] = torch.tensor([0, 1, 2], device=CUDA)  # uneven groups; some experts may get none
+    r2f, f2r, off = route(ids, E)
+    x = (torch.randn(T, K, device=CUDA) / 4).to(dtype).requires_grad_(True)
+    w = (torch.randn(E, K, N, device=CUDA) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(E, N, device=CUDA, dtype=dtype, requires_grad=True)
+    outs = []
+    for backend in ("cuda", "torch"):
+        if gathered:
+            y = grouped_mm(x, w, off, b, act, backend=backend, gather=r2f, flat_to_row=f2r, top_k=k)
+        else:
+            y = grouped_mm(permute(x, r2f, f2r, k), w, off, b, act, backend=backend)
+        outs.append((y, *torch.autograd.grad(y.float().square().mean(), (x, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.float(), r.float(), **GRAD_TOL[dtype])

@@ -154,3 +154,19 @@ def grouped_mm_backward(
     dw = _sum_per_expert(torch.bmm(_to_tiles(x, t).transpose(1, 2), dpre_tiles).to(acc), t)
     db = _sum_per_expert(dpre_tiles.to(acc).sum(dim=1), t)
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
+
+
+def block_schedule(offsets: Tensor, M: int, bm: int) -> Tuple[Tensor, Tensor, int]:
+    """For kernels that give each program bm rows of one expert: (expert of each block or -1 for the
+    surplus ones, first row of each block, number of blocks = the static bound ceil(M / bm) + E).
+    Computed on the device: no host sync."""
+    E = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    per = torch.div(counts + bm - 1, bm, rounding_mode="floor")
+    cum = torch.cumsum(per, 0)
+    blocks = -(-M // bm) + E
+    b = torch.arange(blocks, device=offsets.device)
+    e = torch.searchsorted(cum, b, right=True)
+    ec = e.clamp_max(E - 1)
+    row0 = offsets.index_select(0, ec) + (b - (cum - per).index_select(0, ec)) * bm
+    return torch.where(e < E, ec, torch.full_like(ec, -1)), row0, blocks

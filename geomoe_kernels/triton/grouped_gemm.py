@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import activations
+from ..reference.grouped_gemm import block_schedule
 from ._config import INTERPRET, configs
 
 ACT_CODES = {"none": 0, "gelu": 1, "silu": 2, "swiglu": 3}
@@ -137,20 +138,6 @@ def _wgrad_kernel(
     tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
 
 
-def block_schedule(offsets: Tensor, M: int, bm: int = BLOCK_M) -> Tuple[Tensor, Tensor, int]:
-    """(expert of each row block or -1, first row of each block, number of programs): on the device."""
-    E = offsets.numel() - 1
-    counts = offsets[1:] - offsets[:-1]
-    per = torch.div(counts + bm - 1, bm, rounding_mode="floor")
-    cum = torch.cumsum(per, 0)
-    blocks = -(-M // bm) + E
-    b = torch.arange(blocks, device=offsets.device)
-    e = torch.searchsorted(cum, b, right=True)
-    ec = e.clamp_max(E - 1)
-    row0 = offsets.index_select(0, ec) + (b - (cum - per).index_select(0, ec)) * bm
-    return torch.where(e < E, ec, torch.full_like(ec, -1)), row0, blocks
-
-
 def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
                     gather: Optional[Tensor] = None, top_k: int = 1, n_rows: Optional[int] = None,
                     transpose_weight: bool = False) -> Tuple[Tensor, Tensor]:
@@ -167,7 +154,7 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
     out = a.new_empty(M, N)
     store_pre = activation != "none"
     pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
-    blk_expert, blk_row0, blocks = block_schedule(offsets, M)
+    blk_expert, blk_row0, blocks = block_schedule(offsets, M, BLOCK_M)
     grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
     _gmm_kernel[grid](
         a, weight, bias if bias is not None else weight, out, pre if store_pre else out,

@@ -1,0 +1,223 @@
+// Tensor-core grouped GEMM (WMMA, fp16/bf16 in, fp32 accumulate) over expert-major rows.
+//   forward / dgrad: out[r] = act(A[r] @ W[e(r)] + b[e(r)]); A[r] = a[gather[r] / top_k] when gathered;
+//                    trans_w reads W[e] as [N, K] (dgrad: dA = dPre @ W^T).
+//   wgrad:           dW[s, e] = sum over split s of expert e's rows of A^T G (fp32 partials, summed by the caller).
+// Row blocks come from a device-side schedule (expert and first row of each 64-row block, -1 for
+// surplus blocks), so nothing is read back to the host.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "geomoe_core.h"
+
+namespace geomoe {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;  // 4 warps, each a 32 x 32 tile of 2 x 2 fragments
+constexpr int PAD = 8;
+
+template <typename T> __device__ inline float f32(T v);
+template <> __device__ inline float f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ inline float f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ inline T cast(float v);
+template <> __device__ inline __half cast<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ inline __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ inline T zero() { return cast<T>(0.f); }
+
+__device__ inline float activate(float x, int act) {
+  if (act == 1) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
+  if (act == 2) return x / (1.f + __expf(-x));                              // SiLU
+  return x;
+}
+
+// ACT, TRANS_W and GATHER are compile-time: fewer live registers and no branches in the loops.
+template <typename T, int ACT, bool TRANS_W, bool GATHER>
+__global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
+    int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
+    const int64_t* __restrict__ blk_expert, const int64_t* __restrict__ blk_row0, const int64_t* __restrict__ offsets,
+    T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp) {
+  __shared__ __align__(32) T As[BM][BK + PAD];
+  __shared__ __align__(32) T Bs[BK][BN + PAD];
+  __shared__ __align__(32) float Cs[BM][BN + 4];
+  const int64_t e = blk_expert[blockIdx.x];
+  if (e < 0) return;
+  const int64_t row0 = blk_row0[blockIdx.x], end = offsets[e + 1];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const T* we = w + e * stride_we;
+  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
+      const int r = idx / BK, c = idx % BK;
+      const int64_t row = row0 + r, k = k0 + c;
+      T v = zero<T>();
+      if (row < end && k < K) {
+        const int64_t src = GATHER ? gather[row] / top_k : row;
+        v = a[src * lda + k];
+      }
+      As[r][c] = v;
+    }
+    for (int idx = threadIdx.x; idx < BK * BN; idx += kThreads) {
+      const int kr = idx / BN, c = idx % BN;
+      const int64_t k = k0 + kr, n = n0 + c;
+      T v = zero<T>();
+      if (k < K && n < N) v = TRANS_W ? we[n * ldw + k] : we[k * ldw + n];
+      Bs[kr][c] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &As[wm * 32 + i * 16][kk], BK + PAD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Bs[kk][wn * 32 + j * 16], BN + PAD);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], BN + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {  // epilogue: bias, pre-activation, activation
+    const int r = idx / BN, c = idx % BN;
+    const int64_t row = row0 + r, n = n0 + c;
+    if (row >= end || n >= N) continue;
+    float v = Cs[r][c];
+    if (bias) v += f32(bias[e * N + n]);
+    if (pre) pre[row * ldp + n] = cast<T>(v);
+    out[row * ldo + n] = cast<T>(activate(v, ACT));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) wgrad_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
+    int64_t ldg, const int64_t* __restrict__ offsets, int64_t K, int64_t N, int splits, float* __restrict__ partial) {
+  constexpr int TK = 64, TN = 64, TM = 32;
+  __shared__ __align__(32) T At[TK][TM + PAD];  // A^T tile: [k][m]
+  __shared__ __align__(32) T Gs[TM][TN + PAD];
+  __shared__ __align__(32) float Cs[TK][TN + 4];
+  const int64_t e = blockIdx.x;
+  const int64_t n_tiles = (N + TN - 1) / TN;
+  const int64_t k0 = (blockIdx.y / n_tiles) * TK, n0 = (blockIdx.y % n_tiles) * TN;
+  const int s = blockIdx.z;
+  const int64_t start = offsets[e], end = offsets[e + 1];
+  const int64_t chunk = (end - start + splits - 1) / splits;
+  const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
+  const int warp = threadIdx.x / 32, wk = warp / 2, wn = warp % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t m0 = lo; m0 < hi; m0 += TM) {
+    for (int idx = threadIdx.x; idx < TK * TM; idx += kThreads) {
+      const int m = idx / TK, kc = idx % TK;  // consecutive threads along k: coalesced row reads
+      const int64_t row = m0 + m, k = k0 + kc;
+      T v = zero<T>();
+      if (row < hi && k < K) v = a[(gather ? gather[row] / top_k : row) * lda + k];
+      At[kc][m] = v;
+    }
+    for (int idx = threadIdx.x; idx < TM * TN; idx += kThreads) {
+      const int m = idx / TN, c = idx % TN;
+      const int64_t row = m0 + m, n = n0 + c;
+      Gs[m][c] = (row < hi && n < N) ? g[row * ldg + n] : zero<T>();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int mm = 0; mm < TM; mm += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &At[wk * 32 + i * 16][mm], TM + PAD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Gs[mm][wn * 32 + j * 16], TN + PAD);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&Cs[wk * 32 + i * 16][wn * 32 + j * 16], acc[i][j], TN + 4, wmma::mem_row_major);
+  __syncthreads();
+  float* dst = partial + (static_cast<int64_t>(s) * gridDim.x + e) * K * N;
+  for (int idx = threadIdx.x; idx < TK * TN; idx += kThreads) {  // every element written: empty experts get zeros
+    const int kr = idx / TN, c = idx % TN;
+    const int64_t k = k0 + kr, n = n0 + c;
+    if (k < K && n < N) dst[k * N + n] = Cs[kr][c];
+  }
+}
+
+template <typename F>
+cudaError_t by_half_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;  // fp32: the Triton kernel (IEEE dot) serves it
+  }
+}
+
+}  // namespace
+
+int grouped_mm_block_rows() { return BM; }
+
+cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
+                       int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
+                       const int64_t* blk_expert, const int64_t* blk_row0, int64_t blocks, const int64_t* offsets,
+                       int act, void* out, int64_t ldo, void* pre, int64_t ldp, cudaStream_t stream) {
+  if (blocks == 0 || N == 0) return cudaSuccess;
+  const dim3 grid(blocks, (N + BN - 1) / BN);
+  return by_half_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N,
+                                            ldw, stride_we, static_cast<const T*>(bias), blk_expert, blk_row0, offsets,
+                                            static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp);
+      return cudaGetLastError();
+    };
+    if (trans_w) return launch(gmm_kernel<T, 0, true, false>);  // dgrad: no activation, rows not gathered
+    const bool g = gather != nullptr;
+    switch (act) {
+      case 0: return g ? launch(gmm_kernel<T, 0, false, true>) : launch(gmm_kernel<T, 0, false, false>);
+      case 1: return g ? launch(gmm_kernel<T, 1, false, true>) : launch(gmm_kernel<T, 1, false, false>);
+      case 2: return g ? launch(gmm_kernel<T, 2, false, true>) : launch(gmm_kernel<T, 2, false, false>);
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
+                             int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
+                             float* partial, cudaStream_t stream) {
+  if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
+  const dim3 grid(num_experts, ((K + 63) / 64) * ((N + 63) / 64), splits);
+  return by_half_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    wgrad_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g),
+                                                    ldg, offsets, K, N, splits, partial);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace geomoe
