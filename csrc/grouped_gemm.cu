@@ -4,11 +4,9 @@
 //   wgrad:           dW[s, e] = sum over split s of expert e's rows of A^T G (fp32 partials, summed by the caller).
 // Row blocks come from a device-side schedule (expert and first row of each 64-row block, -1 for
 // surplus blocks), so nothing is read back to the host.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
-#include "geomoe_core.h"
+#include "dtype.cuh"
 
 namespace geomoe {
 namespace {
@@ -18,13 +16,42 @@ using namespace nvcuda;
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;  // 4 warps, each a 32 x 32 tile of 2 x 2 fragments
 constexpr int PAD = 8;
 
-template <typename T> __device__ inline float f32(T v);
-template <> __device__ inline float f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ inline float f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ inline T cast(float v);
-template <> __device__ inline __half cast<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ inline __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> __device__ inline T zero() { return cast<T>(0.f); }
+template <typename T> __device__ inline T zero() { return from_f32<T>(0.f); }
+
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// One warp's 32 x 32 tile += a[32 x depth] @ b[depth x 32], both in shared memory, row-major.
+template <typename T, int DEPTH>
+__device__ inline void warp_mma(Acc (&acc)[2][2], const T* a, int lda, const T* b, int ldb) {
+#pragma unroll
+  for (int kk = 0; kk < DEPTH; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * lda + kk, lda);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + kk * ldb + j * 16, ldb);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
+__device__ inline void warp_zero(Acc (&acc)[2][2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+}
+
+// The warp's tile into shared memory (c points at its top-left corner).
+__device__ inline void warp_store(const Acc (&acc)[2][2], float* c, int ldc) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(c + i * 16 * ldc + j * 16, acc[i][j], ldc, wmma::mem_row_major);
+}
 
 __device__ inline float activate(float x, int act) {
   if (act == 1) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
@@ -48,12 +75,8 @@ __global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
   const T* we = w + e * stride_we;
   const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-
+  Acc acc[2][2];
+  warp_zero(acc);
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
     for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
       const int r = idx / BK, c = idx % BK;
@@ -73,35 +96,19 @@ __global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
       Bs[kr][c] = v;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &As[wm * 32 + i * 16][kk], BK + PAD);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Bs[kk][wn * 32 + j * 16], BN + PAD);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    warp_mma<T, BK>(acc, &As[wm * 32][0], BK + PAD, &Bs[0][wn * 32], BN + PAD);
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], BN + 4, wmma::mem_row_major);
+  warp_store(acc, &Cs[wm * 32][wn * 32], BN + 4);
   __syncthreads();
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {  // epilogue: bias, pre-activation, activation
     const int r = idx / BN, c = idx % BN;
     const int64_t row = row0 + r, n = n0 + c;
     if (row >= end || n >= N) continue;
     float v = Cs[r][c];
-    if (bias) v += f32(bias[e * N + n]);
-    if (pre) pre[row * ldp + n] = cast<T>(v);
-    out[row * ldo + n] = cast<T>(activate(v, ACT));
+    if (bias) v += to_f32(bias[e * N + n]);
+    if (pre) pre[row * ldp + n] = from_f32<T>(v);
+    out[row * ldo + n] = from_f32<T>(activate(v, ACT));
   }
 }
 
@@ -121,11 +128,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
   const int64_t chunk = (end - start + splits - 1) / splits;
   const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
   const int warp = threadIdx.x / 32, wk = warp / 2, wn = warp % 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  Acc acc[2][2];
+  warp_zero(acc);
   for (int64_t m0 = lo; m0 < hi; m0 += TM) {
     for (int idx = threadIdx.x; idx < TK * TM; idx += kThreads) {
       const int m = idx / TK, kc = idx % TK;  // consecutive threads along k: coalesced row reads
@@ -140,26 +144,10 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
       Gs[m][c] = (row < hi && n < N) ? g[row * ldg + n] : zero<T>();
     }
     __syncthreads();
-#pragma unroll
-    for (int mm = 0; mm < TM; mm += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &At[wk * 32 + i * 16][mm], TM + PAD);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Gs[mm][wn * 32 + j * 16], TN + PAD);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    warp_mma<T, TM>(acc, &At[wk * 32][0], TM + PAD, &Gs[0][wn * 32], TN + PAD);
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[wk * 32 + i * 16][wn * 32 + j * 16], acc[i][j], TN + 4, wmma::mem_row_major);
+  warp_store(acc, &Cs[wk * 32][wn * 32], TN + 4);
   __syncthreads();
   float* dst = partial + (static_cast<int64_t>(s) * gridDim.x + e) * K * N;
   for (int idx = threadIdx.x; idx < TK * TN; idx += kThreads) {  // every element written: empty experts get zeros

@@ -1,18 +1,10 @@
 // Row gather into expert-major order, the deterministic weighted combine, and routing.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-#include "geomoe_core.h"
+#include "dtype.cuh"
 
 namespace geomoe {
 namespace {
 
-template <typename T> __device__ inline float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ inline float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ inline float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ inline T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ inline __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kThreads = 256;
 
@@ -26,7 +18,7 @@ __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx, const int64
   const T* src = x + (f / top_k) * ldx;
   T* dst = out + r * ldo;
   const float w = weights ? weights[f] : 1.f;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = weights ? from_f<T>(to_f(src[c]) * w) : src[c];
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = weights ? from_f32<T>(to_f32(src[c]) * w) : src[c];
 }
 
 template <typename T>
@@ -38,11 +30,11 @@ __global__ void unpermute_kernel(const T* __restrict__ rows, int64_t ldr, const 
     float acc = 0.f;
     for (int j = 0; j < top_k; ++j) {  // slot order: the same sum every run
       const int64_t row = flat_to_row[t * top_k + j];
-      const float v = to_f(rows[row * ldr + c]);
+      const float v = to_f32(rows[row * ldr + c]);
       acc += weights ? weights[t * top_k + j] * v : v;
     }
-    if (shared) acc += to_f(shared[t * lds + c]);
-    out[t * ldo + c] = from_f<T>(acc);
+    if (shared) acc += to_f32(shared[t * lds + c]);
+    out[t * ldo + c] = from_f32<T>(acc);
   }
 }
 
@@ -55,7 +47,7 @@ __global__ void weight_grad_kernel(const T* __restrict__ grad, int64_t ldg, cons
   for (int j = 0; j < top_k; ++j) {
     const int64_t row = flat_to_row[t * top_k + j];
     float acc = 0.f;
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc += to_f(grad[t * ldg + c]) * to_f(rows[row * ldr + c]);
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc += to_f32(grad[t * ldg + c]) * to_f32(rows[row * ldr + c]);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -99,15 +91,6 @@ __global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int n
   }
 }
 
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 }  // namespace
 

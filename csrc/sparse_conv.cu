@@ -2,20 +2,12 @@
 // rows through the table [R, k*k] (-1: masked or outside, read as zero). Threads run along the
 // channels, so each gather is a coalesced row read. dx is the same kernel with the kernel flipped
 // (the table is symmetric); dweight and dbias are per-block partial sums the caller reduces in order.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-#include "geomoe_core.h"
+#include "dtype.cuh"
 
 namespace geomoe {
 namespace {
 
-template <typename T> __device__ inline float f32(T v) { return static_cast<float>(v); }
-template <> __device__ inline float f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ inline float f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ inline T cast(float v) { return static_cast<T>(v); }
-template <> __device__ inline __half cast<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ inline __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kChannels = 64;  // threads along C
 constexpr int kRows = 4;       // rows per block (threadIdx.y)
@@ -28,12 +20,12 @@ __global__ void dwconv_kernel(const T* __restrict__ x, int64_t ldx, const int64_
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kChannels + threadIdx.x;
   if (r >= R || c >= C) return;
-  float acc = bias ? f32(bias[c]) : 0.f;
+  float acc = bias ? to_f32(bias[c]) : 0.f;
   for (int j = 0; j < kk; ++j) {
     const int64_t q = nbr[r * kk + j];
-    if (q >= 0) acc += f32(x[q * ldx + c]) * f32(w[c * kk + (FLIP ? kk - 1 - j : j)]);
+    if (q >= 0) acc += to_f32(x[q * ldx + c]) * to_f32(w[c * kk + (FLIP ? kk - 1 - j : j)]);
   }
-  out[r * ldo + c] = cast<T>(acc);
+  out[r * ldo + c] = from_f32<T>(acc);
 }
 
 template <typename T>
@@ -45,27 +37,18 @@ __global__ void dwconv_wgrad_kernel(const T* __restrict__ x, int64_t ldx, const 
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGradRows;
   const int64_t r1 = r0 + kGradRows < R ? r0 + kGradRows : R;
   float db = 0.f;
-  for (int64_t r = r0; r < r1; ++r) db += f32(g[r * ldg + c]);
+  for (int64_t r = r0; r < r1; ++r) db += to_f32(g[r * ldg + c]);
   db_partial[blockIdx.x * C + c] = db;
   for (int j = 0; j < kk; ++j) {
     float acc = 0.f;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t q = nbr[r * kk + j];
-      if (q >= 0) acc += f32(g[r * ldg + c]) * f32(x[q * ldx + c]);
+      if (q >= 0) acc += to_f32(g[r * ldg + c]) * to_f32(x[q * ldx + c]);
     }
     dw_partial[(blockIdx.x * C + c) * kk + j] = acc;
   }
 }
 
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 }  // namespace
 
