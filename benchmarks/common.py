@@ -121,8 +121,6 @@ def skewed_layer(tokens: int, routing: str, seed: int = 0):
 def published_layer(moe: MoEMLP) -> PublishedMoE:
     """The published loop MoE holding the same weights (through the original key layout)."""
     pub = PublishedMoE(moe.dim, moe.hidden_dim, moe.num_experts, moe.top_k).to(moe.w1.device)
-    from geomoe.original import original_state_dict
-
     pub.load_state_dict(original_state_dict(moe))
     return pub
 

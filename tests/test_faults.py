@@ -110,7 +110,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 
 
 def test_report_plots_a_run(tmp_path):
-    res = pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=4, log_every=1, **FAST))
+    pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=4, log_every=1, **FAST))
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     for key in ("loss", "lr", "images_per_s", "tokens_per_s", "aux_per_layer", "load_per_layer",
                 "expert_bias_per_layer", "grad_norm", "memory_bytes"):

@@ -58,7 +58,7 @@ def test_moe_layer_against_float64_oracle(dtype, tokens):
 
 
 def test_ops_on_device_match_cpu():
-    T, k, E, d = 300, 3, 23, 32
+    T, k, E = 300, 3, 23
     logits = torch.randn(T, E, dtype=torch.float64)
     w, ids, counts, p = topk_gating(logits.to(CUDA), None, k)
     w0, ids0, counts0, p0 = topk_gating(logits, None, k)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .model import PATCH, GeoMoEEncoderBase
 
