@@ -1,6 +1,7 @@
 """One pretraining step (forward, backward, AdamW) of the default model: ours (visible-only front end,
-geomoe MoE layers) against the faithful copy of the published implementation, same batch and
-precision (fp16 autocast with a grad scaler on a GPU, as published; float32 on the CPU)."""
+geomoe MoE layers) against the faithful copy of the published implementation and against ours with
+the dense masked front end, same batch and precision (fp16 autocast with a grad scaler on a GPU, as
+published; float32 on the CPU)."""
 import pytest
 import torch
 
@@ -12,14 +13,14 @@ SMOKE = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, 
              decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
-@pytest.mark.parametrize("impl", ("geomoe", "published"))
+@pytest.mark.parametrize("impl", ("geomoe", "geomoe_dense", "published"))
 def test_pretrain_step(benchmark, impl):
     cfg = SMOKE if C.mode() == "smoke" else {}
     batch = {"smoke": 2, "cpu": 2, "gpu": 64}[C.mode()]
     dev = C.device()
     torch.manual_seed(0)
-    ours = GeoMoE(**cfg)
-    if impl == "geomoe":
+    ours = GeoMoE(**cfg, front_end="dense" if impl == "geomoe_dense" else "sparse")
+    if impl.startswith("geomoe"):
         model = ours.to(dev)
     else:
         keys = {k: v for k, v in cfg.items() if k != "num_shared_experts"}

@@ -56,6 +56,8 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     big = _find(rows, group="moe_layer", impl="geomoe", tokens=largest, routing="uniform")
     gg = _find(rows, group="grouped_gemm", impl="geomoe", tokens=ref_tokens)
     perm = _find(rows, group="permute", tokens=ref_tokens)
+    fc1 = _find(rows, group="norm_linear", impl="geomoe", layer="fc1")
+    conv = _find(rows, group="masked_dwconv", direction="forward")
     fe_s = _find(rows, group="front_end", impl="sparse", mask_ratio=0.75)
     fe_d = _find(rows, group="front_end", impl="dense", mask_ratio=0.75)
     ts_o = _find(rows, group="train_step", impl="geomoe")
@@ -69,9 +71,13 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
         "permute_fraction_of_copy": perm.get("fraction_of_copy") if perm else None,
         "front_end_speedup_vs_dense": _ratio(fe_d, fe_s),
+        "norm_linear_fc1_fraction_of_mm": fc1.get("fraction_of_mm") if fc1 else None,
+        "norm_linear_fc1_speedup_vs_torch": _ratio(_find(rows, group="norm_linear", impl="torch", layer="fc1"), fc1),
+        "masked_dwconv_fraction_of_copy": conv.get("fraction_of_copy") if conv else None,
         "front_end_peak_memory_ratio_dense_over_sparse": (fe_d["peak_memory_bytes"] / fe_s["peak_memory_bytes"])
         if fe_s and fe_d and fe_s.get("peak_memory_bytes") else None,
         "train_step_speedup_vs_original": _ratio(ts_p, ts_o),
+        "train_step_speedup_vs_dense_front_end": _ratio(_find(rows, group="train_step", impl="geomoe_dense"), ts_o),
         "train_step_images_per_s": ts_o.get("images_per_s") if ts_o else None,
     }
 

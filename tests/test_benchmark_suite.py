@@ -9,7 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
     "moe_layer_fwdbwd_tflops", "moe_layer_speedup_vs_loop", "moe_layer_speedup_vs_grouped_mm",
     "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "front_end_speedup_vs_dense",
-    "train_step_speedup_vs_original", "train_step_images_per_s", "card", "torch", "commit",
+    "train_step_speedup_vs_original", "train_step_speedup_vs_dense_front_end", "train_step_images_per_s",
+    "norm_linear_fc1_fraction_of_mm", "norm_linear_fc1_speedup_vs_torch", "masked_dwconv_fraction_of_copy",
+    "card", "torch", "commit",
 }
 
 
@@ -23,10 +25,12 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
     assert SUMMARY_KEYS <= set(result["summary"])
     s = result["summary"]
     for key in ("moe_layer_speedup_vs_loop", "front_end_speedup_vs_dense", "train_step_speedup_vs_original",
-                "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy"):
+                "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "train_step_speedup_vs_dense_front_end",
+                "norm_linear_fc1_fraction_of_mm", "norm_linear_fc1_speedup_vs_torch", "masked_dwconv_fraction_of_copy"):
         assert isinstance(s[key], float) and s[key] > 0, key
     groups = {r["group"] for r in result["rows"]}
-    assert {"moe_layer", "gating", "permute", "unpermute", "grouped_gemm", "front_end", "cblock", "train_step"} <= groups
+    assert {"moe_layer", "gating", "permute", "unpermute", "grouped_gemm", "front_end", "cblock", "train_step",
+            "norm_linear", "masked_dwconv"} <= groups
     impls = {r["impl"] for r in result["rows"] if r["group"] == "moe_layer"}
     assert impls == {"geomoe", "reference", "grouped_mm", "loop"}
     assert os.path.exists(tmp_path / path.replace(".json", ".md"))

@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from geomoe import GeoMoE
-from geomoe_kernels import MoEMLP, grouped_mm, layout, masked_depthwise_conv, permute, route, topk_gating, unpermute
+from geomoe_kernels import (
+    MoEMLP,
+    SparseCBlock,
+    grouped_mm,
+    layout,
+    masked_depthwise_conv,
+    norm_linear,
+    permute,
+    route,
+    topk_gating,
+    unpermute,
+)
 from oracles import OriginalMoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -237,3 +248,35 @@ def test_cuda_grouped_gemm_matches_the_reference(dtype, act, gathered):
         outs.append((y, *torch.autograd.grad(y.float().square().mean(), (x, w, b))))
     for a, r in zip(*outs):
         torch.testing.assert_close(a.float(), r.float(), **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_triton_norm_linear_matches_the_reference(dtype, act):
+    """Stage-1 shapes: 256 -> 1024 (fc1); float32 rows, the GEMM in dtype, as under autocast."""
+    R, K, N = 8 * 49 * 16 + 5, 256, 1024
+    x = (torch.randn(R, K, device=CUDA) * 2 + 3).requires_grad_(True)
+    nw = (1 + torch.randn(K, device=CUDA) / 4).requires_grad_(True)
+    nb = torch.randn(K, device=CUDA, requires_grad=True)
+    w = (torch.randn(N, K, device=CUDA) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(N, device=CUDA, dtype=dtype, requires_grad=True)
+    outs = []
+    for backend in ("triton", "torch"):
+        y = norm_linear(x, nw, nb, w, b, act, 1e-5, backend=backend)
+        outs.append((y, *torch.autograd.grad(y.float().square().mean(), (x, nw, nb, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.float(), r.float(), **GRAD_TOL[dtype])
+
+
+def test_sparse_cblock_compiles_fullgraph_on_gpu():
+    block = SparseCBlock(64).to(CUDA)
+    kept = torch.stack([torch.randperm(16)[:4] for _ in range(2)]).to(CUDA)
+    nbr = layout.neighbor_table(kept, (4, 4), 4, 5)
+    x = torch.randn(nbr.shape[0], 64, device=CUDA, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(x, nbr)
+    g = torch.autograd.grad(y.square().sum(), x)[0]
+    y2 = block(x, nbr)
+    g2 = torch.autograd.grad(y2.square().sum(), x)[0]
+    torch.testing.assert_close(y, y2, **TOL[torch.float32])
+    torch.testing.assert_close(g, g2, **GRAD_TOL[torch.float32])

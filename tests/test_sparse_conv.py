@@ -125,3 +125,18 @@ def test_opcheck():
     torch.library.opcheck(masked_depthwise_conv_op, (x, nbr, w, torch.randn(3)))
     torch.library.opcheck(masked_depthwise_conv_op, (x, nbr, w, None))
     torch.library.opcheck(masked_depthwise_conv_backward_op, (torch.randn_like(x), x, nbr, w))
+
+
+def test_sparse_cblock_compiles_fullgraph():
+    from geomoe_kernels import SparseCBlock
+
+    block = SparseCBlock(8, kernel_size=3)
+    nbr = layout.neighbor_table(_kept(2, 3, 3, 4), (3, 3), 2, 3)
+    x = torch.randn(nbr.shape[0], 8, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y = compiled(x, nbr)
+    g = torch.autograd.grad(y.square().sum(), x)[0]
+    y2 = block(x, nbr)
+    g2 = torch.autograd.grad(y2.square().sum(), x)[0]
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(g, g2)

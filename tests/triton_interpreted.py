@@ -163,3 +163,24 @@ def test_masked_depthwise_conv(dtype, k):
         outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, w, b))))
     for a, r in zip(*outs):
         torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+def test_norm_linear(dtype, act):
+    """LayerNorm in the prologue, bias + activation in the epilogue; rows with a large mean, a
+    column count that is not a multiple of the tile, and statistics that stay float32."""
+    from geomoe_kernels import norm_linear
+
+    x = (torch.randn(37, 20) * 2 + 50).requires_grad_(True)  # float32 rows, as in the residual stream
+    nw = (1 + torch.randn(20) / 4).requires_grad_(True)
+    nb = torch.randn(20).requires_grad_(True)
+    w = (torch.randn(27, 20) / 5).to(dtype).requires_grad_(True)
+    b = torch.randn(27).to(dtype).requires_grad_(True)
+    outs = []
+    for backend in ("triton", "torch"):
+        y = norm_linear(x, nw, nb, w, b, act, 1e-5, backend=backend)
+        assert y.dtype == dtype
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, nw, nb, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])

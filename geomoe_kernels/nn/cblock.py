@@ -7,15 +7,20 @@ Dense (forward_dense) is the published masked computation on [N, C, H, W]. Spars
 computes the same values at visible cells only, on rows [R, C] of the compact layout with a
 neighbour table (geomoe_kernels.layout): the depthwise conv is the only op that mixes positions, and
 masked neighbours are exact zeros there, so both agree at every visible cell and in every gradient.
-Parameters are stored as the original Conv2d / LayerNorm modules, so checkpoints load unchanged."""
+Parameters are stored as the original Conv2d / LayerNorm modules, so checkpoints load unchanged.
+
+On rows, LN1 + conv1 and LN2 + fc1 + GELU are each one norm_linear op (the LayerNorm in the GEMM's
+prologue, bias and GELU in its epilogue). The mask needs no fusing there: masked cells have no rows.
+The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch")."""
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
-from ..ops import masked_depthwise_conv
+from ..ops import masked_depthwise_conv, norm_linear
 
 
 class _ConvMlp(nn.Module):
@@ -55,15 +60,22 @@ class SparseCBlock(nn.Module):
         h = self.mlp.fc1(self._channels_last_norm(self.norm2, x))
         return x + self.mlp.fc2(self.mlp.act(h))
 
+    def _norm_pointwise(self, norm: nn.LayerNorm, conv: nn.Conv2d, x: Tensor, activation: str) -> Tensor:
+        """act(conv(norm(x))) on rows, in the autocast dtype when autocast is on (as nn.Linear would)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        bias = None if conv.bias is None else conv.bias.to(dtype)
+        backend = "torch" if self.backend == "cuda" else self.backend
+        return norm_linear(x, norm.weight, norm.bias, conv.weight.flatten(1).to(dtype), bias, activation, norm.eps, backend)
+
     def forward_rows(self, x: Tensor, neighbors: Tensor) -> Tensor:
         """x [R, C] visible rows; neighbors [R, k*k] from layout.neighbor_table."""
-        h = _pointwise(self.conv1, self.norm1(x))
+        h = self._norm_pointwise(self.norm1, self.conv1, x, "none")
         # under autocast h is half precision while the parameters stay float32
         bias = None if self.attn.bias is None else self.attn.bias.to(h.dtype)
         h = masked_depthwise_conv(h, neighbors, self.attn.weight.to(h.dtype), bias, self.backend)
         x = x + _pointwise(self.conv2, h)
-        h = _pointwise(self.mlp.fc1, self.norm2(x))
-        return x + _pointwise(self.mlp.fc2, self.mlp.act(h))
+        h = self._norm_pointwise(self.norm2, self.mlp.fc1, x, "gelu")
+        return x + _pointwise(self.mlp.fc2, h)
 
     def forward(self, x: Tensor, mask_or_neighbors: Optional[Tensor] = None) -> Tensor:
         """Dense for a 4-d x (the second argument a visibility map or None), sparse for 2-d rows."""

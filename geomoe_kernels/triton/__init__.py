@@ -56,3 +56,5 @@ def register() -> None:
     r("masked_depthwise_conv", "triton", _lazy("sparse_conv", "masked_depthwise_conv"), lambda x, *rest: _rows_dtype(x))
     r("masked_depthwise_conv_backward", "triton", _lazy("sparse_conv", "masked_depthwise_conv_backward"),
       lambda g, x, *rest: _rows_dtype(x))
+    r("norm_linear", "triton", _lazy("norm_linear", "norm_linear"),
+      lambda x, nw, nb, w, *rest: _rows_dtype(x) or _rows_dtype(w))

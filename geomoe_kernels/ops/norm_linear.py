@@ -1,0 +1,114 @@
+"""norm_linear: act(LayerNorm(x) @ weight.T + bias) in one op, for the 1 x 1 convs of the ConvMAE
+block on visible rows (conv1 after norm1; fc1 + GELU after norm2).
+
+On a GPU the forward is one Triton kernel: the LayerNorm runs in the GEMM's prologue (row statistics,
+then each A tile normalised as it is loaded) and bias + activation in its epilogue, so neither the
+normalised rows nor the pre-GELU tensor make an extra round trip through memory. The op keeps mean
+and rstd [R] instead of the normalised rows; backward recomputes them. Backward is cuBLAS GEMMs and
+torch's fused LayerNorm backward on every backend: a Triton copy of those would gain nothing.
+
+x [R, K] (any float dtype; statistics in float32), norm_weight / norm_bias [K], weight [N, K]
+(nn.Linear's layout; the output takes its dtype), bias [N] or None, activation none / gelu / silu."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from .._checks import FLOAT_DTYPES, OpInputError, check_choice, check_tensor
+from ..reference import norm_linear as _ref
+from ._dispatch import run
+
+ACTIVATIONS = ("none", "gelu", "silu")
+
+
+def _check(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
+           activation: str, eps: float) -> None:
+    op = "norm_linear"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    K = x.shape[1]
+    check_tensor(op, "norm_weight", norm_weight, dtypes=FLOAT_DTYPES, shape=(K,), device=x.device)
+    check_tensor(op, "norm_bias", norm_bias, dtypes=(norm_weight.dtype,), shape=(K,), device=x.device)
+    check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES, dim=2, device=x.device)
+    if weight.shape[1] != K:
+        raise OpInputError(f"{op}: argument 'weight' expected [N, {K}] (x has {K} columns), got {list(weight.shape)}")
+    check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(weight.shape[0],), device=x.device, optional=True)
+    check_choice(op, "activation", activation, ACTIVATIONS)
+    if not eps > 0:
+        raise OpInputError(f"{op}: argument 'eps' expected a positive number, got {eps}")
+
+
+@torch.library.custom_op("geomoe::norm_linear", mutates_args=())
+def norm_linear_op(
+    x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+    eps: float = 1e-6, backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out [R, N], pre [R, N] or empty for 'none', mean [R], rstd [R])."""
+    _check(x, norm_weight, norm_bias, weight, bias, activation, eps)
+    return run("norm_linear", backend, x.device, (x, norm_weight, norm_bias, weight, bias, activation, eps))
+
+
+@norm_linear_op.register_fake
+def _(x, norm_weight, norm_bias, weight, bias, activation, eps=1e-6, backend="auto"):
+    _check(x, norm_weight, norm_bias, weight, bias, activation, eps)
+    R, N = x.shape[0], weight.shape[0]
+    stats = x.new_empty(R, dtype=_ref.stats_dtype(x))
+    pre = weight.new_empty(0) if activation == "none" else weight.new_empty(R, N)
+    return weight.new_empty(R, N), pre, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("geomoe::norm_linear_backward", mutates_args=())
+def norm_linear_backward_op(
+    grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
+    mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6, backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dnorm_weight, dnorm_bias, dweight, dbias)."""
+    check_tensor("norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,),
+                 shape=(x.shape[0], weight.shape[0]), device=x.device)
+    return run("norm_linear_backward", backend, x.device,
+               (grad_out, x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps))
+
+
+@norm_linear_backward_op.register_fake
+def _(grad_out, x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps=1e-6, backend="auto"):
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
+
+
+_backend.register("norm_linear", "torch", _ref.norm_linear)
+for _name in ("torch", "triton"):  # the same GEMMs + fused LayerNorm backward (see the module docstring)
+    _backend.register("norm_linear_backward", _name, _ref.norm_linear_backward)
+
+
+class NormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, activation, eps, backend):
+        out, pre, mean, rstd = norm_linear_op(x, norm_weight, norm_bias, weight, bias, activation, eps, backend)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight, pre, mean, rstd)
+        ctx.config = (activation, eps, backend, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, norm_weight, norm_bias, weight, pre, mean, rstd = ctx.saved_tensors
+        activation, eps, backend, has_bias = ctx.config
+        dx, dnw, dnb, dw, db = norm_linear_backward_op(
+            grad_out.contiguous(), x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps, backend
+        )
+        return dx, dnw, dnb, dw, (db if has_bias else None), None, None, None
+
+
+def norm_linear(
+    x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+    activation: str = "none", eps: float = 1e-6, backend: str = "auto",
+) -> Tensor:
+    """act(layer_norm(x, [K], norm_weight, norm_bias, eps) @ weight.T + bias); differentiable in all
+    tensors. A LayerNorm without affine parameters: pass None for norm_weight and norm_bias."""
+    K = x.shape[-1]
+    if norm_weight is None:
+        norm_weight = torch.ones(K, dtype=x.dtype, device=x.device)
+    if norm_bias is None:
+        norm_bias = torch.zeros(K, dtype=norm_weight.dtype, device=x.device)
+    bias = None if bias is None else bias.contiguous()
+    return NormLinear.apply(x.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), weight.contiguous(),
+                            bias, activation, float(eps), backend)
