@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("-k", default=None, help="pytest -k expression to run a subset")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: benchmarks that would start later are skipped (headline figures run first)")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     from benchmarks import common, report
@@ -100,7 +103,10 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "benchmarks"), f"--benchmark-json={raw}", "-p", "no:cacheprovider"]
         if args.k:
             cmd += ["-k", args.k]
-        proc = subprocess.run(cmd, cwd=ROOT)
+        env = dict(os.environ)
+        if args.budget is not None:
+            env["GEOMOE_BENCH_DEADLINE"] = str(time.time() + args.budget)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
         if not os.path.exists(raw):
             print("benchmarks produced no results", file=sys.stderr)
             return proc.returncode or 1

@@ -35,3 +35,17 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
     assert impls == {"geomoe", "reference", "grouped_mm", "loop"}
     assert os.path.exists(tmp_path / path.replace(".json", ".md"))
     assert os.path.exists(tmp_path / path.replace(".json", "-moe-layer.png"))
+
+
+def test_headline_benchmarks_run_first_and_a_spent_budget_skips_the_rest():
+    env = dict(os.environ, GEOMOE_BENCH="smoke")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    headline = [i for i, n in enumerate(ids) if "test_pretrain_step" in n or "[0.75-" in n or "uniform" in n]
+    assert headline == list(range(len(headline))) and len(headline) >= 9, ids[:12]
+    env["GEOMOE_BENCH_DEADLINE"] = "0"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "benchmarks/bench_moe.py", "-p", "no:cacheprovider", "-k", "gating"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0 and "skipped" in last and "passed" not in last, proc.stdout[-1000:]
