@@ -1,8 +1,9 @@
 """Triton grouped GEMM over expert-major rows: one kernel for the forward (bias and activation in
 the epilogue, optionally gathering its A rows through an index inside the load) and for dgrad
 (the same kernel reading the weights transposed), and a weight-gradient kernel over variable-size
-groups, split over the rows of each expert so small groups still fill the GPU; the splits are
-summed in a fixed order (deterministic, no atomics), and experts without rows get exact zeros.
+groups, split over the rows of each expert so small groups still fill the GPU, which also sums the
+bias gradient from the same loads; the splits are summed in a fixed order (deterministic, no
+atomics), and experts without rows get exact zeros.
 
 The row blocks are scheduled on the device: expert e gets ceil(count_e / BM) blocks, and the grid
 is the static bound ceil(M / BM) + E, surplus programs exiting at once. No host sync."""
@@ -106,10 +107,12 @@ _WGRAD_CONFIGS = configs(
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS"])
 @triton.jit
 def _wgrad_kernel(
-    A, G, DW, Gather, offsets, K, N, top_k,
+    A, G, DW, DB, Gather, offsets, K, N, top_k,
     stride_am, stride_ak, stride_gm, stride_gn, stride_ds, stride_de, stride_dk,
     SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
+    """dW partials [SPLITS, E, K, N]; the programs of the first K tile also sum G's columns: the
+    bias gradient partials DB [SPLITS, E, N] (G is read once for both)."""
     e = tl.program_id(0)
     n_tiles = tl.cdiv(N, BN)
     rk = (tl.program_id(1) // n_tiles) * BK + tl.arange(0, BK)
@@ -121,6 +124,8 @@ def _wgrad_kernel(
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, end)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
+    col_sum = tl.zeros((BN,), dtype=tl.float32)
+    first_k_tile = tl.program_id(1) < n_tiles
     for m0 in range(lo, hi, BM):
         rm = m0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < hi
@@ -134,8 +139,12 @@ def _wgrad_kernel(
             acc += tl.dot(a, g, input_precision="ieee")
         else:
             acc += tl.dot(a, g)
+        if first_k_tile:
+            col_sum += tl.sum(g.to(tl.float32), axis=0)
     out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None] * stride_dk + rn[None, :]
     tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
+    if first_k_tile:
+        tl.store(DB + (split * tl.num_programs(0) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
 
 
 def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
@@ -169,20 +178,24 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
 
 
 def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor] = None, top_k: int = 1,
-                splits: Optional[int] = None) -> Tensor:
-    """dW[e] = A_e^T @ G_e in float32 [E, K, N]; A rows gathered like grouped_mm_rows."""
+                splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(dW, db) in float32: dW[e] = A_e^T @ G_e [E, K, N], db[e] = the sum of G_e's rows [E, N];
+    A rows gathered like grouped_mm_rows."""
     E = offsets.numel() - 1
     K, N = a.shape[1], grad.shape[1]
     if splits is None:  # enough programs for ~4 waves of 132 SMs when groups are small
         splits = 1 if INTERPRET else max(1, min(8, (4 * 132) // max(1, E * triton.cdiv(K, 64) * triton.cdiv(N, 64))))
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
+    partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
     grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
     _wgrad_kernel[grid](
-        a, grad, partial, gather if gather is not None else offsets, offsets, K, N, top_k,
+        a, grad, partial, partial_db, gather if gather is not None else offsets, offsets, K, N, top_k,
         a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
         SPLITS=splits, GATHER=gather is not None, IEEE=a.dtype == torch.float32,
     )
-    return partial[0] if splits == 1 else partial.sum(0)  # a fixed-order sum: deterministic
+    if splits == 1:
+        return partial[0], partial_db[0]
+    return partial.sum(0), partial_db.sum(0)  # fixed-order sums: deterministic
 
 
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
@@ -196,6 +209,5 @@ def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Te
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
     dpre = dpre.contiguous()
     dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)  # row gradients
-    dw = weight_grad(x, dpre, offsets, gather, top_k).to(weight.dtype)
-    db = torch.segment_reduce(dpre.float(), "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
-    return dx, dw, db.to(weight.dtype)
+    dw, db = weight_grad(x, dpre, offsets, gather, top_k)
+    return dx, dw.to(weight.dtype), db.to(weight.dtype)
