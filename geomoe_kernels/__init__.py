@@ -1,13 +1,13 @@
 """geomoe_kernels: fused kernels and drop-in layers for sparse mixture-of-experts vision models.
 
 Ops (each a torch.library op in namespace `geomoe`, differentiable through a thin autograd Function):
-topk_gating, route, permute, unpermute, grouped_mm, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
+topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
 SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
 from . import layout
 from .backend import BACKENDS, BackendUnavailable
 from ._checks import OpInputError
 from .nn import MoEMLP, SparseCBlock
-from .ops import grouped_mm, masked_depthwise_conv, norm_linear, permute, route, topk_gating, unpermute
+from .ops import expert_mlp, grouped_mm, masked_depthwise_conv, norm_linear, permute, route, topk_gating, unpermute
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "OpInputError",
+    "expert_mlp",
     "MoEMLP",
     "SparseCBlock",
     "grouped_mm",

@@ -188,5 +188,12 @@ def register() -> None:
     r("grouped_mm", "cuda", grouped_mm, _gemm_ok, auto=False)
     r("grouped_mm_backward", "cuda", grouped_mm_backward,
       lambda g, x, w, off, pre, act, *rest: _gemm_ok(x, w, off, None, act), auto=False)
+    # the experts' MLP: the two GEMMs composed (no cross-GEMM fusion in the CUDA core yet)
+    from .reference.expert_mlp import compose
+
+    mlp, mlp_backward = compose(grouped_mm, grouped_mm_backward)
+    r("expert_mlp", "cuda", mlp, lambda x, w1, b1, w2, b2, off, act, *rest: _gemm_ok(x, w1, off, None, act), auto=False)
+    r("expert_mlp_backward", "cuda", mlp_backward, lambda g, x, w1, w2, off, pre, act, *rest: _gemm_ok(x, w1, off, None, act),
+      auto=False)
     r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, *rest: _rows_ok(x))
     r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda g, x, *rest: _rows_ok(x))

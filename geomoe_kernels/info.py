@@ -7,7 +7,7 @@ import torch
 
 from . import backend, cuda, ops  # noqa: F401  (importing ops registers the implementations)
 
-OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "masked_depthwise_conv", "norm_linear")
+OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "expert_mlp", "masked_depthwise_conv", "norm_linear")
 
 
 def report() -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import grouped_mm, permute, route, unpermute
+from ..ops import expert_mlp, permute, route, unpermute
 from .moe import MoEMLP
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -88,8 +88,8 @@ class ExpertParallelMoEMLP(MoEMLP):
         expert_rows = arrived.index_select(0, to_expert_major)
         local_counts = mine.sum(0)
         local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
-        h = grouped_mm(expert_rows, self.w1.to(dtype), local_offsets, self.b1.to(dtype), self.activation, be)
-        out = grouped_mm(h, self.w2.to(dtype), local_offsets, self.b2.to(dtype), "none", be)
+        out = expert_mlp(expert_rows, self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype), self.b2.to(dtype),
+                         local_offsets, self.activation, be)
         back_order = torch.empty_like(to_expert_major)
         back_order[to_expert_major] = torch.arange(to_expert_major.numel(), device=out.device)
         returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
-from ..ops import SCORE_FUNCS, grouped_mm, route, topk_gating, unpermute
+from ..ops import SCORE_FUNCS, expert_mlp, route, topk_gating, unpermute
 from ..reference import activations
 
 EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
@@ -127,10 +127,10 @@ class MoEMLP(nn.Module):
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
-        # the first GEMM reads its rows straight from the tokens through the permutation
-        h = grouped_mm(tokens, self.w1.to(dtype), offsets, self.b1.to(dtype), self.activation, be,
-                       gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
-        rows_out = grouped_mm(h, self.w2.to(dtype), offsets, self.b2.to(dtype), "none", be)
+        # both GEMMs in one op: the first reads its rows straight from the tokens through the
+        # permutation, and only the pre-activation is kept for backward
+        rows_out = expert_mlp(tokens, self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype), self.b2.to(dtype), offsets,
+                              self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 

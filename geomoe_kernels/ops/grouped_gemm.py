@@ -35,8 +35,9 @@ def _rows(x: Tensor, gather: Optional[Tensor]) -> int:
 
 
 def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-           gather: Optional[Tensor] = None, top_k: int = 1) -> None:
-    op = "grouped_mm"
+           gather: Optional[Tensor] = None, top_k: int = 1, op: str = "grouped_mm", names=("weight", "bias")) -> None:
+    """names: what the op calls its weight and bias (expert_mlp: w1, b1)."""
+    wname, bname = names
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
     if gather is not None:
         check_tensor(op, "gather", gather, dtypes=INDEX_DTYPES, dim=1, device=x.device)
@@ -44,25 +45,25 @@ def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], a
             raise OpInputError(
                 f"{op}: argument 'gather' expected T * top_k = {x.shape[0]} * {top_k} entries (x holds T tokens), got {gather.numel()}"
             )
-    check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES, dim=3, device=x.device)
-    check_same_dtype(op, ["x", "weight"], [x, weight])
+    check_tensor(op, wname, weight, dtypes=FLOAT_DTYPES, dim=3, device=x.device)
+    check_same_dtype(op, ["x", wname], [x, weight])
     E, K, N = weight.shape
     if x.shape[1] != K:
-        raise OpInputError(f"{op}: argument 'x' expected {K} columns (weight is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}")
+        raise OpInputError(f"{op}: argument 'x' expected {K} columns ({wname} is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}")
     check_tensor(op, "offsets", offsets, dtypes=INDEX_DTYPES, shape=(E + 1,), device=x.device)
-    check_tensor(op, "bias", bias, dtypes=(x.dtype,), shape=(E, N), device=x.device, optional=True)
+    check_tensor(op, bname, bias, dtypes=(x.dtype,), shape=(E, N), device=x.device, optional=True)
     check_choice(op, "activation", activation, activations.ACTIVATIONS)
     if activation == "swiglu" and N % 2:
         raise OpInputError(f"{op}: activation 'swiglu' expected an even N ([gate | up] columns), got N = {N}")
 
 
-def _check_offset_values(offsets: Tensor, M: int) -> None:
+def _check_offset_values(offsets: Tensor, M: int, op: str = "grouped_mm") -> None:
     if not value_checks_enabled(offsets):
         return
     steps = offsets[1:] - offsets[:-1]
     if int(offsets[0]) != 0 or int(offsets[-1]) != M or bool((steps < 0).any()):
         raise OpInputError(
-            f"grouped_mm: argument 'offsets' expected non-decreasing values from 0 to {M} (the rows of x), "
+            f"{op}: argument 'offsets' expected non-decreasing values from 0 to {M} (the rows of x), "
             f"got {offsets.tolist() if offsets.numel() <= 16 else 'first ' + str(int(offsets[0])) + ', last ' + str(int(offsets[-1]))}"
         )
 

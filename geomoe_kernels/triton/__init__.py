@@ -53,6 +53,8 @@ def register() -> None:
     r("unpermute_weight_grad", "triton", _lazy("permute", "unpermute_weight_grad"), lambda g, rows, *rest: _rows_dtype(rows))
     r("grouped_mm", "triton", _lazy("grouped_gemm", "grouped_mm"), lambda x, *rest: _rows_dtype(x))
     r("grouped_mm_backward", "triton", _lazy("grouped_gemm", "grouped_mm_backward"), lambda g, x, *rest: _rows_dtype(x))
+    r("expert_mlp", "triton", _lazy("grouped_gemm", "expert_mlp"), lambda x, *rest: _rows_dtype(x))
+    r("expert_mlp_backward", "triton", _lazy("grouped_gemm", "expert_mlp_backward"), lambda g, x, *rest: _rows_dtype(x))
     r("masked_depthwise_conv", "triton", _lazy("sparse_conv", "masked_depthwise_conv"), lambda x, *rest: _rows_dtype(x))
     r("masked_depthwise_conv_backward", "triton", _lazy("sparse_conv", "masked_depthwise_conv_backward"),
       lambda g, x, *rest: _rows_dtype(x))

@@ -42,15 +42,28 @@ def _apply_act(x, ACT: tl.constexpr):
     return x
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER"])
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """d act / d x for GELU (erf form) and SiLU, float32."""
+    if ACT == 1:
+        d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    else:
+        s = tl.sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    return d
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT"])
 @triton.jit
 def _gmm_kernel(
     A, W, Bias, Out, Pre, Gather, blk_expert, blk_row0, offsets,
     N, K, top_k,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_pm,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GATHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GATHER: tl.constexpr, GRAD_ACT: tl.constexpr,
     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    """GRAD_ACT (the down-projection's dgrad): Pre is read, not written, and the epilogue turns the
+    product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre."""
     e = tl.load(blk_expert + tl.program_id(0))
     if e >= 0:
         row0 = tl.load(blk_row0 + tl.program_id(0))
@@ -87,15 +100,27 @@ def _gmm_kernel(
             if ACT == 3:
                 acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        if STORE_PRE:
-            tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
-            if ACT == 3:
-                tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
-        if ACT == 3:
-            out = acc * tl.sigmoid(acc) * acc_up
+        if GRAD_ACT != 0:
+            p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
+            o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
+            x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+            if GRAD_ACT == 3:  # pre = [gate | up], hidden = silu(gate) * up
+                up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+                s = tl.sigmoid(x)
+                tl.store(o_ptr, (acc * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
+                tl.store(o_ptr + N, (acc * x * s).to(Out.dtype.element_ty), mask=mask)
+            else:
+                tl.store(o_ptr, (acc * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
         else:
-            out = _apply_act(acc, ACT)
-        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+            if STORE_PRE:
+                tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
+                if ACT == 3:
+                    tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
+            if ACT == 3:
+                out = acc * tl.sigmoid(acc) * acc_up
+            else:
+                out = _apply_act(acc, ACT)
+            tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 _WGRAD_CONFIGS = configs(
@@ -104,15 +129,18 @@ _WGRAD_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT"])
 @triton.jit
 def _wgrad_kernel(
     A, G, DW, DB, Gather, offsets, K, N, top_k,
     stride_am, stride_ak, stride_gm, stride_gn, stride_ds, stride_de, stride_dk,
-    SPLITS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    SPLITS: tl.constexpr, GATHER: tl.constexpr, A_ACT: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):
     """dW partials [SPLITS, E, K, N]; the programs of the first K tile also sum G's columns: the
-    bias gradient partials DB [SPLITS, E, N] (G is read once for both)."""
+    bias gradient partials DB [SPLITS, E, N] (G is read once for both). A_ACT: A holds the
+    pre-activation and the hidden rows act(A) are formed as they load (SwiGLU: A = [gate | up],
+    2K columns), so the hidden rows need not be kept from the forward."""
     e = tl.program_id(0)
     n_tiles = tl.cdiv(N, BN)
     rk = (tl.program_id(1) // n_tiles) * BK + tl.arange(0, BK)
@@ -133,7 +161,15 @@ def _wgrad_kernel(
             arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
         else:
             arow = rm
-        a = tl.load(A + arow[None, :] * stride_am + rk[:, None] * stride_ak, mask=mask_m[None, :] & (rk < K)[:, None], other=0.0)
+        a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
+        a_mask = mask_m[None, :] & (rk < K)[:, None]
+        a = tl.load(a_ptr, mask=a_mask, other=0.0)
+        if A_ACT == 3:
+            af = a.to(tl.float32)
+            up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
+        elif A_ACT != 0:
+            a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
         g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, g, input_precision="ieee")
@@ -149,9 +185,11 @@ def _wgrad_kernel(
 
 def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
                     gather: Optional[Tensor] = None, top_k: int = 1, n_rows: Optional[int] = None,
-                    transpose_weight: bool = False) -> Tuple[Tensor, Tensor]:
+                    transpose_weight: bool = False, grad_of: Optional[Tuple[str, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """out[r] = act(A[r] @ W[e(r)] + b[e(r)]) for the expert-major rows r; A[r] = a[gather[r] // top_k]
-    when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre)."""
+    when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre).
+    grad_of = (activation, pre) instead returns (d pre, empty): the product is d act(pre), and the
+    epilogue applies act'(pre) (the down-projection's dgrad in expert_mlp_backward)."""
     M = n_rows if n_rows is not None else a.shape[0]
     if transpose_weight:
         E, N_w, K = weight.shape
@@ -160,29 +198,34 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
         E, K, N_w = weight.shape
         s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
     N = activations.out_features(activation, N_w)
-    out = a.new_empty(M, N)
     store_pre = activation != "none"
-    pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
+    if grad_of is not None:
+        grad_act, pre = grad_of
+        out = a.new_empty(M, pre.shape[1])  # d pre: both halves for SwiGLU
+    else:
+        grad_act = "none"
+        out = a.new_empty(M, N)
+        pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
     blk_expert, blk_row0, blocks = block_schedule(offsets, M, BLOCK_M)
     grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
     _gmm_kernel[grid](
-        a, weight, bias if bias is not None else weight, out, pre if store_pre else out,
+        a, weight, bias if bias is not None else weight, out, pre if pre.numel() else out,
         gather if gather is not None else offsets, blk_expert, blk_row0, offsets,
         N, K, top_k,
         a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
-        out.stride(0), pre.stride(0) if store_pre else 0,
+        out.stride(0), pre.stride(0) if pre.numel() else 0,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], STORE_PRE=store_pre, GATHER=gather is not None,
-        IEEE=a.dtype == torch.float32, BM=BLOCK_M,
+        GRAD_ACT=ACT_CODES[grad_act], IEEE=a.dtype == torch.float32, BM=BLOCK_M,
     )
-    return out, pre
+    return (out, a.new_empty(0)) if grad_of is not None else (out, pre)
 
 
 def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor] = None, top_k: int = 1,
-                splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                splits: Optional[int] = None, a_activation: str = "none") -> Tuple[Tensor, Tensor]:
     """(dW, db) in float32: dW[e] = A_e^T @ G_e [E, K, N], db[e] = the sum of G_e's rows [E, N];
-    A rows gathered like grouped_mm_rows."""
+    A rows gathered like grouped_mm_rows; with a_activation, A = act(a) formed in the load."""
     E = offsets.numel() - 1
-    K, N = a.shape[1], grad.shape[1]
+    K, N = activations.out_features(a_activation, a.shape[1]), grad.shape[1]
     if splits is None:  # enough programs for ~4 waves of 132 SMs when groups are small
         splits = 1 if INTERPRET else max(1, min(8, (4 * 132) // max(1, E * triton.cdiv(K, 64) * triton.cdiv(N, 64))))
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
@@ -191,7 +234,7 @@ def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tenso
     _wgrad_kernel[grid](
         a, grad, partial, partial_db, gather if gather is not None else offsets, offsets, K, N, top_k,
         a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-        SPLITS=splits, GATHER=gather is not None, IEEE=a.dtype == torch.float32,
+        SPLITS=splits, GATHER=gather is not None, A_ACT=ACT_CODES[a_activation], IEEE=a.dtype == torch.float32,
     )
     if splits == 1:
         return partial[0], partial_db[0]
@@ -211,3 +254,22 @@ def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Te
     dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)  # row gradients
     dw, db = weight_grad(x, dpre, offsets, gather, top_k)
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
+
+
+def expert_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
+               activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
+    """(rows_out, pre): the hidden rows live only between the two GEMMs."""
+    hidden, pre = grouped_mm(x, w1, offsets, b1, activation, gather, top_k)
+    out, _ = grouped_mm_rows(hidden, w2, offsets, b2, "none")
+    return out, pre
+
+
+def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor, pre: Tensor,
+                        activation: str, gather: Optional[Tensor] = None, top_k: int = 1):
+    """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
+    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
+    d_pre, _ = grouped_mm_rows(grad_out, w2, offsets, None, "none", transpose_weight=True, grad_of=(activation, pre))
+    dw2, db2 = weight_grad(pre, grad_out, offsets, a_activation=activation)
+    d_rows, _ = grouped_mm_rows(d_pre, w1, offsets, None, "none", transpose_weight=True)
+    dw1, db1 = weight_grad(x, d_pre, offsets, gather, top_k)
+    return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)

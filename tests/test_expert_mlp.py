@@ -1,0 +1,99 @@
+"""expert_mlp (both expert GEMMs in one op, the hidden rows recomputed in backward) against a
+per-expert loop of nn.Linear-style matmuls in float64; opcheck; errors."""
+import pytest
+import torch
+
+from geomoe_kernels import OpInputError, expert_mlp, route
+from geomoe_kernels.ops.expert_mlp import expert_mlp_backward_op, expert_mlp_op
+from oracles import apply_act
+
+CASES = {"uneven": [5, 0, 17, 1, 9], "all_to_one": [0, 0, 31, 0], "one_row": [0, 1, 0], "none": [0, 0, 0]}
+
+
+def _offsets(counts):
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64)
+
+
+def _params(E, K, H, D, act, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N1 = 2 * H if act == "swiglu" else H
+    w1 = torch.randn(E, K, N1, generator=g, dtype=dtype) / K**0.5
+    b1 = torch.randn(E, N1, generator=g, dtype=dtype)
+    w2 = torch.randn(E, H, D, generator=g, dtype=dtype) / H**0.5
+    b2 = torch.randn(E, D, generator=g, dtype=dtype)
+    return [t.requires_grad_(True) for t in (w1, b1, w2, b2)]
+
+
+def _loop(rows, w1, b1, w2, b2, offsets, act):
+    outs = []
+    for e in range(w1.shape[0]):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        h = apply_act(act, rows[lo:hi] @ w1[e] + b1[e])
+        outs.append(h @ w2[e] + b2[e])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_match_a_per_expert_loop_float64(act, case):
+    counts = CASES[case]
+    off = _offsets(counts)
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    params = _params(len(counts), 6, 5, 7, act)
+    got = expert_mlp(x, *params[:2], *params[2:], off, act)
+    want = _loop(x, *params, off, act)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, *params], g, allow_unused=True),
+                    torch.autograd.grad(want, [x, *params], g, allow_unused=True)):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-11)
+    for e, n in enumerate(counts):  # experts without rows: exactly zero weight and bias gradients
+        if n == 0:
+            assert all(torch.count_nonzero(p.grad[e]) == 0 for p in params if p.grad is not None)
+
+
+def test_gathered_tokens_gradcheck_and_opcheck():
+    T, k, E = 9, 2, 4
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    r2f, f2r, off = route(ids, E)
+    x = torch.randn(T, 6, dtype=torch.float64, requires_grad=True)
+    params = _params(E, 6, 4, 5, "gelu")
+    got = expert_mlp(x, *params, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k)
+    torch.testing.assert_close(got, _loop(x[r2f // k], *params, off, "gelu"), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params))
+    xf, pf = x.detach().float(), [p.detach().float() for p in params]
+    for act in ("gelu", "swiglu"):
+        pa = [p.detach().float() for p in _params(E, 6, 4, 5, act)]
+        torch.library.opcheck(expert_mlp_op, (xf, *pa, off, act, r2f, k))
+    torch.library.opcheck(expert_mlp_op, (xf, pf[0], None, pf[2], None, off, "silu", r2f, k))
+    _, pre = expert_mlp_op(xf, *pf, off, "gelu", r2f, k)
+    torch.library.opcheck(expert_mlp_backward_op, (torch.randn(T * k, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k))
+
+
+def test_keeps_only_the_pre_activation_for_backward():
+    """The hidden rows are not among the saved tensors (they are recomputed)."""
+    off = _offsets([3, 4])
+    x = torch.randn(7, 6, requires_grad=True)
+    params = _params(2, 6, 5, 6, "gelu", dtype=torch.float32)
+    y = expert_mlp(x, *params, off, "gelu")
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert sorted(tuple(t.shape) for t in saved if t.dim() == 2) == [(7, 5), (7, 6)]  # pre and x, nothing else [M, *]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(act="none"), "argument 'activation' expected one of"),
+        (dict(w2=torch.randn(2, 4, 6)), "argument 'w2' expected [2, 5, D]"),
+        (dict(w1=torch.randn(2, 5, 5)), "argument 'x' expected 5 columns (w1 is"),
+        (dict(b2=torch.randn(2, 5)), "argument 'b2'"),
+        (dict(off=torch.tensor([0, 3, 8])), "argument 'offsets' expected non-decreasing values from 0 to 7"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, message):
+    w1, b1, w2, b2 = (p.detach().float() for p in _params(2, 6, 5, 6, "gelu"))
+    args = dict(x=torch.randn(7, 6), w1=w1, b1=b1, w2=w2, b2=b2, off=_offsets([3, 4]), act="gelu")
+    args.update(change)
+    with pytest.raises(OpInputError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        expert_mlp_op(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], args["off"], args["act"])
