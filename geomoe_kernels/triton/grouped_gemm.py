@@ -185,11 +185,13 @@ def _wgrad_kernel(
 
 def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
                     gather: Optional[Tensor] = None, top_k: int = 1, n_rows: Optional[int] = None,
-                    transpose_weight: bool = False, grad_of: Optional[Tuple[str, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+                    transpose_weight: bool = False, grad_of: Optional[Tuple[str, Tensor]] = None,
+                    schedule: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tuple[Tensor, Tensor]:
     """out[r] = act(A[r] @ W[e(r)] + b[e(r)]) for the expert-major rows r; A[r] = a[gather[r] // top_k]
     when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre).
     grad_of = (activation, pre) instead returns (d pre, empty): the product is d act(pre), and the
-    epilogue applies act'(pre) (the down-projection's dgrad in expert_mlp_backward)."""
+    epilogue applies act'(pre) (the down-projection's dgrad in expert_mlp_backward). schedule: a
+    block_schedule(offsets, M, BLOCK_M) to reuse across calls on the same rows."""
     M = n_rows if n_rows is not None else a.shape[0]
     if transpose_weight:
         E, N_w, K = weight.shape
@@ -206,7 +208,7 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
         grad_act = "none"
         out = a.new_empty(M, N)
         pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
-    blk_expert, blk_row0, blocks = block_schedule(offsets, M, BLOCK_M)
+    blk_expert, blk_row0, blocks = schedule if schedule is not None else block_schedule(offsets, M, BLOCK_M)
     grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
     _gmm_kernel[grid](
         a, weight, bias if bias is not None else weight, out, pre if pre.numel() else out,
@@ -259,8 +261,10 @@ def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Te
 def expert_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
                activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
     """(rows_out, pre): the hidden rows live only between the two GEMMs."""
-    hidden, pre = grouped_mm(x, w1, offsets, b1, activation, gather, top_k)
-    out, _ = grouped_mm_rows(hidden, w2, offsets, b2, "none")
+    M = x.shape[0] if gather is None else gather.numel()
+    schedule = block_schedule(offsets, M, BLOCK_M)  # one row-block schedule for both GEMMs
+    hidden, pre = grouped_mm_rows(x, w1, offsets, b1, activation, gather, top_k, M, schedule=schedule)
+    out, _ = grouped_mm_rows(hidden, w2, offsets, b2, "none", schedule=schedule)
     return out, pre
 
 
@@ -268,8 +272,10 @@ def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, off
                         activation: str, gather: Optional[Tensor] = None, top_k: int = 1):
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
     dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
-    d_pre, _ = grouped_mm_rows(grad_out, w2, offsets, None, "none", transpose_weight=True, grad_of=(activation, pre))
+    schedule = block_schedule(offsets, grad_out.shape[0], BLOCK_M)
+    d_pre, _ = grouped_mm_rows(grad_out, w2, offsets, None, "none", transpose_weight=True, grad_of=(activation, pre),
+                               schedule=schedule)
     dw2, db2 = weight_grad(pre, grad_out, offsets, a_activation=activation)
-    d_rows, _ = grouped_mm_rows(d_pre, w1, offsets, None, "none", transpose_weight=True)
+    d_rows, _ = grouped_mm_rows(d_pre, w1, offsets, None, "none", transpose_weight=True, schedule=schedule)
     dw1, db1 = weight_grad(x, d_pre, offsets, gather, top_k)
     return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
