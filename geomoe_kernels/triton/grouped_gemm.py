@@ -19,7 +19,12 @@ from ..reference.grouped_gemm import block_schedule
 from ._config import INTERPRET, configs
 
 ACT_CODES = {"none": 0, "gelu": 1, "silu": 2, "swiglu": 3}
-BLOCK_M = 16 if INTERPRET else 128
+
+
+def block_m(dtype: torch.dtype) -> int:
+    """Rows per program (fixed per dtype: the row-block schedule depends on it). fp32 tiles take twice
+    the registers and shared memory: at 128 rows every fp32 config spilled in the offline compile."""
+    return 16 if INTERPRET else (64 if dtype == torch.float32 else 128)
 
 
 _GEMM_CONFIGS = configs(
@@ -27,7 +32,8 @@ _GEMM_CONFIGS = configs(
         ({"BN": 64, "BK": 64}, 4, 4),
         ({"BN": 128, "BK": 64}, 8, 3),
         ({"BN": 64, "BK": 32}, 4, 5),
-        ({"BN": 128, "BK": 32}, 4, 4),
+        ({"BN": 128, "BK": 32}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
+        ({"BN": 32, "BK": 64}, 4, 4),  # SwiGLU keeps two accumulators: the narrow tile avoids spills
     ],
     {"BN": 16, "BK": 16},
 )
@@ -191,7 +197,7 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
     when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre).
     grad_of = (activation, pre) instead returns (d pre, empty): the product is d act(pre), and the
     epilogue applies act'(pre) (the down-projection's dgrad in expert_mlp_backward). schedule: a
-    block_schedule(offsets, M, BLOCK_M) to reuse across calls on the same rows."""
+    block_schedule(offsets, M, block_m(a.dtype)) to reuse across calls on the same rows."""
     M = n_rows if n_rows is not None else a.shape[0]
     if transpose_weight:
         E, N_w, K = weight.shape
@@ -208,7 +214,8 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
         grad_act = "none"
         out = a.new_empty(M, N)
         pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
-    blk_expert, blk_row0, blocks = schedule if schedule is not None else block_schedule(offsets, M, BLOCK_M)
+    bm = block_m(a.dtype)
+    blk_expert, blk_row0, blocks = schedule if schedule is not None else block_schedule(offsets, M, bm)
     grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
     _gmm_kernel[grid](
         a, weight, bias if bias is not None else weight, out, pre if pre.numel() else out,
@@ -217,7 +224,7 @@ def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[T
         a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
         out.stride(0), pre.stride(0) if pre.numel() else 0,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], STORE_PRE=store_pre, GATHER=gather is not None,
-        GRAD_ACT=ACT_CODES[grad_act], IEEE=a.dtype == torch.float32, BM=BLOCK_M,
+        GRAD_ACT=ACT_CODES[grad_act], IEEE=a.dtype == torch.float32, BM=bm,
     )
     return (out, a.new_empty(0)) if grad_of is not None else (out, pre)
 
@@ -262,7 +269,7 @@ def expert_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opti
                activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
     """(rows_out, pre): the hidden rows live only between the two GEMMs."""
     M = x.shape[0] if gather is None else gather.numel()
-    schedule = block_schedule(offsets, M, BLOCK_M)  # one row-block schedule for both GEMMs
+    schedule = block_schedule(offsets, M, block_m(x.dtype))  # one row-block schedule for both GEMMs
     hidden, pre = grouped_mm_rows(x, w1, offsets, b1, activation, gather, top_k, M, schedule=schedule)
     out, _ = grouped_mm_rows(hidden, w2, offsets, b2, "none", schedule=schedule)
     return out, pre
@@ -272,7 +279,7 @@ def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, off
                         activation: str, gather: Optional[Tensor] = None, top_k: int = 1):
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
     dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
-    schedule = block_schedule(offsets, grad_out.shape[0], BLOCK_M)
+    schedule = block_schedule(offsets, grad_out.shape[0], block_m(grad_out.dtype))
     d_pre, _ = grouped_mm_rows(grad_out, w2, offsets, None, "none", transpose_weight=True, grad_of=(activation, pre),
                                schedule=schedule)
     dw2, db2 = weight_grad(pre, grad_out, offsets, a_activation=activation)

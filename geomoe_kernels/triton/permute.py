@@ -11,16 +11,21 @@ from torch import Tensor
 
 from ._config import INTERPRET, pow2
 
-ROUTE_BLOCK = 32 if INTERPRET else 1024
 ROWS, COLS = (8, 16) if INTERPRET else (32, 128)
+
+
+def route_block(ep: int) -> int:
+    """Entries per routing program: the [block, EP] one-hot and its cumsum go through shared memory,
+    so block * EP stays at 8192 int32 (32 KB; 1024 x 32 int64 needed 256 KB, more than an H100 has)."""
+    return 32 if INTERPRET else max(16, min(512, 8192 // ep))
 
 
 @triton.jit
 def _histogram_kernel(ids, counts, n, E, EP: tl.constexpr, BLOCK: tl.constexpr):
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids + f, mask=f < n, other=-1)
-    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int64)
-    tl.store(counts + tl.program_id(0) * E + tl.arange(0, EP), tl.sum(onehot, axis=0), mask=tl.arange(0, EP) < E)
+    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int32)
+    tl.store(counts + tl.program_id(0) * E + tl.arange(0, EP), tl.sum(onehot, axis=0).to(tl.int64), mask=tl.arange(0, EP) < E)
 
 
 @triton.jit
@@ -28,7 +33,7 @@ def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr,
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = f < n
     e = tl.load(ids + f, mask=valid, other=-1)
-    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int64)
+    onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier entries of the same expert in this block
     start = tl.load(base + tl.program_id(0) * E + e, mask=valid, other=0)
     row = start + rank
@@ -39,11 +44,12 @@ def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr,
 def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
     flat = expert_ids.reshape(-1)
     n, E = flat.numel(), num_experts
-    blocks = max(1, triton.cdiv(n, ROUTE_BLOCK))
     EP = pow2(E)
+    block = route_block(EP)
+    blocks = max(1, triton.cdiv(n, block))
     per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
     if n:
-        _histogram_kernel[(blocks,)](flat, per_block, n, E, EP=EP, BLOCK=ROUTE_BLOCK)
+        _histogram_kernel[(blocks,)](flat, per_block, n, E, EP=EP, BLOCK=block)
     counts = per_block.sum(0)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     # block b's rows of expert e start after every earlier block's rows of e
@@ -51,7 +57,7 @@ def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]
     row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
     flat_to_row = torch.empty_like(row_to_flat)
     if n:
-        _scatter_kernel[(blocks,)](flat, base.contiguous(), row_to_flat, flat_to_row, n, E, EP=EP, BLOCK=ROUTE_BLOCK)
+        _scatter_kernel[(blocks,)](flat, base.contiguous(), row_to_flat, flat_to_row, n, E, EP=EP, BLOCK=block)
     return row_to_flat, flat_to_row, offsets
 
 

@@ -24,7 +24,9 @@ def _dwconv_kernel(X, Nbr, W, Bias, Out, R, C, KK: tl.constexpr, stride_x, strid
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mr, mc = r < R, c < C
     acc = tl.zeros((BR, BC), dtype=tl.float32)
-    for j in tl.static_range(KK):
+    # a loop, not unrolled: unrolled, the compiler hoists all k*k tile loads and runs out of registers
+    # (255 registers and a 0.5-7 KB stack for 5 x 5 at sm_90, in the offline compile)
+    for j in range(KK):
         nb = tl.load(Nbr + r.to(tl.int64) * KK + j, mask=mr, other=-1)
         tap = KK - 1 - j if FLIP else j
         w = tl.load(W + c * KK + tap, mask=mc, other=0.0).to(tl.float32)

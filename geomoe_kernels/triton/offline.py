@@ -1,0 +1,270 @@
+"""Compile the Triton kernels for a GPU architecture on a machine without one, and report what the
+compiler reports: registers, spilled bytes, stack and shared memory per kernel and launch config.
+
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but never compiles them, so it
+cannot see what only the real compiler rejects (layouts, dot operand types, shared memory beyond the
+card's). Here every launcher runs with CPU tensors of GeoMoE's shapes and dtypes while its kernels
+are replaced by recorders, so each kernel is compiled exactly as the launchers call it, in every
+autotune config, for the target (default sm_90); ptxas's resource report comes from the cubin.
+
+    python -m geomoe_kernels.triton.offline [--arch 90] [--first-config-only]
+
+Triton here may not be the GPU machine's version: a clean compile here is evidence, not proof."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, native_specialize_impl
+
+_PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
+        torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+MODULES = ("gating", "permute", "grouped_gemm", "norm_linear", "sparse_conv")
+
+
+@dataclass
+class Launch:
+    name: str
+    kernel: Any  # JITFunction or Autotuner
+    args: Tuple
+    kwargs: Dict[str, Any]
+
+
+@dataclass
+class Compiled:
+    name: str
+    launch: int  # which recorded launch (the configs of one launch share it)
+    variant: str
+    num_warps: int
+    num_stages: int
+    autotuned: bool
+    registers: Optional[int] = None
+    local_bytes: Optional[int] = None  # stack frame + local memory per thread: register spills
+    shared_bytes: Optional[int] = None
+    fits: bool = True  # shared memory within the card's
+    error: Optional[str] = None
+
+
+class _Recorder:
+    def __init__(self, name: str, kernel: Any, calls: List[Launch]):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(Launch(self.name, self.kernel, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[Launch]]:
+    """Every Triton kernel of our modules replaced by a recorder for the duration."""
+    calls: List[Launch] = []
+    saved = []
+    for short in MODULES:
+        mod = importlib.import_module(f"geomoe_kernels.triton.{short}")
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, (JITFunction, Autotuner)) and attr.endswith("_kernel"):
+                saved.append((mod, attr, value))
+                setattr(mod, attr, _Recorder(attr, value, calls))
+    try:
+        yield calls
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+
+
+def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
+    """Run every launcher once on CPU tensors of GeoMoE's shapes (23 experts, top-3, d 768, expert
+    hidden 576; stage-1 rows of width 256) in each of `dtypes`, recording the kernel calls."""
+    from . import gating, grouped_gemm, norm_linear, permute, sparse_conv
+
+    T, k, E, D, H = 64, 3, 23, 768, 576
+    with recording() as calls:
+        for score in ("sigmoid", "softmax"):
+            logits = torch.randn(T, E)
+            w, ids, counts, _ = gating.topk_gating(logits, torch.zeros(E), k, score, True)
+            gating.topk_gating_backward(torch.randn(T, k), torch.randn(E), logits, ids, score, True)
+        ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+        permute.route(ids, E)
+        from ..reference.permute import route as ref_route
+
+        r2f, f2r, off = ref_route(ids, E)
+        for dtype in dtypes:
+            x = torch.randn(T, D, dtype=dtype)
+            rows = permute.permute(x, r2f, k, None)
+            permute.permute(x, r2f, k, torch.rand(T, k))
+            permute.unpermute(rows, f2r, k, torch.rand(T, k), x)
+            permute.unpermute_weight_grad(x, rows, f2r, k)
+            for act in ("gelu", "swiglu"):
+                N1 = 2 * H if act == "swiglu" else H
+                w1, b1 = torch.randn(E, D, N1, dtype=dtype), torch.randn(E, N1, dtype=dtype)
+                w2, b2 = torch.randn(E, H, D, dtype=dtype), torch.randn(E, D, dtype=dtype)
+                out, pre = grouped_gemm.expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k)
+                grouped_gemm.expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k)
+            grouped_gemm.grouped_mm_backward(rows[:, :H].contiguous(), rows, torch.randn(E, D, H, dtype=dtype), off,
+                                             torch.randn(T * k, H, dtype=dtype), "silu")
+            R = 4 * 49 * 16
+            xr = torch.randn(R, 256)
+            norm_linear.norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(1024, 256, dtype=dtype),
+                                    torch.zeros(1024, dtype=dtype), "gelu", 1e-6)
+            norm_linear.norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(256, 256, dtype=dtype), None, "none", 1e-6)
+            nbr = torch.randint(-1, R, (R, 25))
+            h = torch.randn(R, 256, dtype=dtype)
+            sparse_conv.masked_depthwise_conv(h, nbr, torch.randn(256, 25, dtype=dtype), torch.randn(256, dtype=dtype))
+            sparse_conv.masked_depthwise_conv_backward(h, h, nbr, torch.randn(256, 25, dtype=dtype))
+    return calls
+
+
+def _variants(launch: Launch, first_config_only: bool) -> List[Tuple[JITFunction, Dict, Dict, Dict, Dict]]:
+    """(jit, signature, constexprs, attributes, options) for each config the launch can run with."""
+    kernel = launch.kernel
+    jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    kwargs = dict(launch.kwargs)
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    configs = [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in kernel.configs] \
+        if isinstance(kernel, Autotuner) else [({}, options)]
+    if first_config_only:
+        configs = configs[:1]
+    out = []
+    for meta, opts in configs:
+        consts = {**kwargs, **meta}
+        sig, cst, attrs = {}, {}, {}
+        for i, p in enumerate(jit.params):
+            if p.name in consts:
+                value = consts[p.name]
+            elif i < len(launch.args):
+                value = launch.args[i]
+            elif p.default is not inspect.Parameter.empty:
+                value = p.default
+            else:
+                raise TypeError(f"{launch.name}: no value for argument {p.name}")
+            if p.is_constexpr:
+                sig[p.name], cst[(i,)] = "constexpr", value
+                continue
+            # as the JIT specialises at a launch: ints equal to 1 become constants, and ints and
+            # pointers divisible by 16 get the divisibility hint (what makes loads vectorise)
+            ty, spec = native_specialize_impl(BaseBackend, value, p.is_const, not p.do_not_specialize, True)
+            sig[p.name] = ty
+            if ty == "constexpr":
+                cst[(i,)] = spec
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        out.append((jit, sig, cst, attrs, opts))
+    return out
+
+
+def _resource_usage(cubin: bytes, tool: str) -> Dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k: int(v) for k, v in found.items()}
+
+
+def _cuobjdump() -> str:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else (shutil.which("cuobjdump") or "cuobjdump")
+
+
+def compile_all(arch: int = 90, first_config_only: bool = False, progress: Optional[Callable[[str], None]] = None,
+                only: Optional[str] = None, dtypes=(torch.bfloat16, torch.float32)) -> List[Compiled]:
+    """only: compile just the kernels whose name contains it."""
+    target = GPUTarget("cuda", arch, 32)
+    tool = _cuobjdump()
+    limit = SHARED_LIMIT.get(arch, 99 * 1024)
+    seen, results = set(), []
+    for n, launch in enumerate(geomoe_launches(dtypes)):
+        if only and only not in launch.name:
+            continue
+        variants = _variants(launch, first_config_only)
+        launch_key = (launch.name, tuple(sorted(variants[0][1].items())), tuple(sorted(launch.kwargs.items())))
+        if launch_key in seen:
+            continue
+        seen.add(launch_key)
+        for jit, sig, cst, attrs, opts in variants:
+            names = [p.name for p in jit.params]
+            variant = ", ".join(f"{names[i]}={v}" for (i,), v in cst.items()) + "; " + \
+                ", ".join(f"{n}:{t}" for n, t in sig.items() if t.startswith("*"))
+            row = Compiled(launch.name, n, variant, opts["num_warps"], opts["num_stages"], isinstance(launch.kernel, Autotuner))
+            if progress:
+                progress(f"{launch.name} {opts} {variant[:120]}")
+            try:
+                kernel = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=cst, attrs=attrs), target=target, options=opts)
+                usage = _resource_usage(kernel.asm["cubin"], tool)
+                row.registers = usage.get("REG")
+                row.local_bytes = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+                row.shared_bytes = kernel.metadata.shared
+                row.fits = row.shared_bytes <= limit
+            except Exception as exc:  # reported, not raised: the report lists every failure at once
+                row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            results.append(row)
+    return results
+
+
+def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
+    """What would go wrong on the card: a build that fails; a launch with no config that fits the
+    shared memory and keeps every register (the autotuner skips configs that do not fit and is
+    free to pick a spilling one only if it is the fastest)."""
+    out = [f"{r.name} failed to compile: {r.error} [{r.variant}]" for r in rows if r.error]
+    by_launch: Dict[int, List[Compiled]] = {}
+    for r in rows:
+        by_launch.setdefault(r.launch, []).append(r)
+    for group in by_launch.values():
+        ok = [r for r in group if r.error is None and r.fits and r.local_bytes == 0]
+        if not ok:
+            r = group[0]
+            out.append(f"{r.name}: no config fits sm_{arch}'s shared memory without spilling [{r.variant}]")
+    return out
+
+
+def report(rows: List[Compiled], arch: int) -> str:
+    lines = [f"Triton {triton.__version__}, compiled offline for sm_{arch}: kernel, warps/stages, registers, local memory "
+             "per thread (stack + spills), shared memory; then the variant (constexprs; pointer types)"]
+    for r in rows:
+        head = f"{r.name:<26} w{r.num_warps}/s{r.num_stages}"
+        if r.error:
+            lines.append(f"{head}  FAILED {r.error}\n    {r.variant}")
+        else:
+            note = "" if r.fits else f"  shared memory over sm_{arch}'s {SHARED_LIMIT.get(arch)} B: the autotuner skips it"
+            lines.append(f"{head}  reg {r.registers:>3}  local {r.local_bytes:>5}  smem {r.shared_bytes:>6}{note}\n    {r.variant}")
+    found = problems(rows, arch)
+    spilling = sum(bool(r.local_bytes) for r in rows if r.error is None)
+    lines.append(f"{len(rows)} kernel builds in {len({r.launch for r in rows})} launches: {sum(r.error is not None for r in rows)} "
+                 f"failed, {spilling} with local memory (spills), max registers {max((r.registers or 0) for r in rows)}; "
+                 f"{len(found)} launches with no clean config" + "".join(f"\n  {p}" for p in found))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--first-config-only", action="store_true")
+    ap.add_argument("--only", default=None, help="compile only the kernels whose name contains this")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    progress = None if args.quiet else (lambda s: print("compiling", s, file=sys.stderr, flush=True))
+    rows = compile_all(args.arch, args.first_config_only, progress, args.only)
+    print(report(rows, args.arch))
+    return 1 if problems(rows, args.arch) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
