@@ -137,9 +137,10 @@ def _variants(launch: Launch, first_config_only: bool) -> List[Tuple[JITFunction
     kernel = launch.kernel
     jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
     kwargs = dict(launch.kwargs)
-    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
-    configs = [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in kernel.configs] \
-        if isinstance(kernel, Autotuner) else [({}, options)]
+    # FP fusion on, as launches compile by default (said explicitly: Triton 3.9 warns when it is left unset)
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3), "enable_fp_fusion": True}
+    configs = [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages, "enable_fp_fusion": True})
+               for c in kernel.configs] if isinstance(kernel, Autotuner) else [({}, options)]
     if first_config_only:
         configs = configs[:1]
     out = []
