@@ -15,6 +15,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"  # no install step: nothing to download
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # autotune once per shape, not once per process
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${GEOMOE_GPU_BUDGET:-420}
