@@ -83,18 +83,18 @@ PYBIND11_MODULE(_cuda_core, m) {
   m.def("grouped_mm", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t w,
                          int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, std::uintptr_t bias,
                          std::uintptr_t blk_expert, std::uintptr_t blk_row0, int64_t blocks, std::uintptr_t offsets, int act,
-                         std::uintptr_t out, int64_t ldo, std::uintptr_t pre, int64_t ldp, std::uintptr_t s) {
+                         std::uintptr_t out, int64_t ldo, std::uintptr_t pre, int64_t ldp, int grad_act, std::uintptr_t s) {
     check(geomoe::grouped_mm(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
                              ptr<const void>(w), K, N, ldw, stride_we, trans_w, ptr<const void>(bias),
                              ptr<const int64_t>(blk_expert), ptr<const int64_t>(blk_row0), blocks, ptr<const int64_t>(offsets),
-                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, stream(s)), "grouped_mm");
+                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, grad_act, stream(s)), "grouped_mm");
   });
   m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t g,
-                               int64_t ldg, std::uintptr_t offsets, int64_t E, int64_t K, int64_t N, int splits,
-                               std::uintptr_t partial, std::uintptr_t s) {
+                               int64_t ldg, std::uintptr_t offsets, int64_t E, int64_t K, int64_t N, int splits, int a_act,
+                               std::uintptr_t partial, std::uintptr_t partial_db, std::uintptr_t s) {
     check(geomoe::grouped_mm_wgrad(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
-                                   ptr<const void>(g), ldg, ptr<const int64_t>(offsets), E, K, N, splits, ptr<float>(partial),
-                                   stream(s)), "grouped_mm_wgrad");
+                                   ptr<const void>(g), ldg, ptr<const int64_t>(offsets), E, K, N, splits, a_act,
+                                   ptr<float>(partial), ptr<float>(partial_db), stream(s)), "grouped_mm_wgrad");
   });
   m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
                                    std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {

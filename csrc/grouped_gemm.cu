@@ -1,7 +1,9 @@
 // Tensor-core grouped GEMM (WMMA, fp16/bf16 in, fp32 accumulate) over expert-major rows.
 //   forward / dgrad: out[r] = act(A[r] @ W[e(r)] + b[e(r)]); A[r] = a[gather[r] / top_k] when gathered;
-//                    trans_w reads W[e] as [N, K] (dgrad: dA = dPre @ W^T).
-//   wgrad:           dW[s, e] = sum over split s of expert e's rows of A^T G (fp32 partials, summed by the caller).
+//                    trans_w reads W[e] as [N, K] (dgrad: dA = dPre @ W^T); with grad_act the dgrad's
+//                    epilogue reads pre and writes d pre = (dH @ W^T) * act'(pre) (expert_mlp backward).
+//   wgrad:           dW[s, e] = sum over split s of expert e's rows of A^T G, and db[s, e] = the sum of
+//                    G's rows (fp32 partials, summed by the caller); a_act forms act(A) as A loads.
 // Row blocks come from a device-side schedule (expert and first row of each 64-row block, -1 for
 // surplus blocks), so nothing is read back to the host.
 #include <mma.h>
@@ -59,8 +61,14 @@ __device__ inline float activate(float x, int act) {
   return x;
 }
 
-// ACT, TRANS_W and GATHER are compile-time: fewer live registers and no branches in the loops.
-template <typename T, int ACT, bool TRANS_W, bool GATHER>
+__device__ inline float activate_grad(float x, int act) {
+  if (act == 1) return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+  const float s = 1.f / (1.f + __expf(-x));  // SiLU
+  return s * (1.f + x * (1.f - s));
+}
+
+// ACT, TRANS_W, GATHER and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
+template <typename T, int ACT, bool TRANS_W, bool GATHER, int GRAD_ACT = 0>
 __global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
@@ -106,16 +114,21 @@ __global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
     const int64_t row = row0 + r, n = n0 + c;
     if (row >= end || n >= N) continue;
     float v = Cs[r][c];
+    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
+      out[row * ldo + n] = from_f32<T>(v * activate_grad(to_f32(pre[row * ldp + n]), GRAD_ACT));
+      continue;
+    }
     if (bias) v += to_f32(bias[e * N + n]);
     if (pre) pre[row * ldp + n] = from_f32<T>(v);
     out[row * ldo + n] = from_f32<T>(activate(v, ACT));
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) wgrad_kernel(
+template <typename T, int A_ACT>
+__global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
-    int64_t ldg, const int64_t* __restrict__ offsets, int64_t K, int64_t N, int splits, float* __restrict__ partial) {
+    int64_t ldg, const int64_t* __restrict__ offsets, int64_t K, int64_t N, int splits, float* __restrict__ partial,
+    float* __restrict__ partial_db) {
   constexpr int TK = 64, TN = 64, TM = 32;
   __shared__ __align__(32) T At[TK][TM + PAD];  // A^T tile: [k][m]
   __shared__ __align__(32) T Gs[TM][TN + PAD];
@@ -128,6 +141,9 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
   const int64_t chunk = (end - start + splits - 1) / splits;
   const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
   const int warp = threadIdx.x / 32, wk = warp / 2, wn = warp % 2;
+  // the first K tile's blocks also sum G's columns (the bias gradient), one column per thread
+  const bool sums_bias = partial_db != nullptr && k0 == 0 && threadIdx.x < TN;
+  float col_sum = 0.f;
   Acc acc[2][2];
   warp_zero(acc);
   for (int64_t m0 = lo; m0 < hi; m0 += TM) {
@@ -135,7 +151,10 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
       const int m = idx / TK, kc = idx % TK;  // consecutive threads along k: coalesced row reads
       const int64_t row = m0 + m, k = k0 + kc;
       T v = zero<T>();
-      if (row < hi && k < K) v = a[(gather ? gather[row] / top_k : row) * lda + k];
+      if (row < hi && k < K) {
+        v = a[(gather ? gather[row] / top_k : row) * lda + k];
+        if (A_ACT) v = from_f32<T>(activate(to_f32(v), A_ACT));  // a holds pre: the hidden rows, formed here
+      }
       At[kc][m] = v;
     }
     for (int idx = threadIdx.x; idx < TM * TN; idx += kThreads) {
@@ -144,9 +163,14 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
       Gs[m][c] = (row < hi && n < N) ? g[row * ldg + n] : zero<T>();
     }
     __syncthreads();
+    if (sums_bias) {
+#pragma unroll 8
+      for (int m = 0; m < TM; ++m) col_sum += to_f32(Gs[m][threadIdx.x]);
+    }
     warp_mma<T, TM>(acc, &At[wk * 32][0], TM + PAD, &Gs[0][wn * 32], TN + PAD);
     __syncthreads();
   }
+  if (sums_bias && n0 + threadIdx.x < N) partial_db[(static_cast<int64_t>(s) * gridDim.x + e) * N + n0 + threadIdx.x] = col_sum;
   warp_store(acc, &Cs[wk * 32][wn * 32], TN + 4);
   __syncthreads();
   float* dst = partial + (static_cast<int64_t>(s) * gridDim.x + e) * K * N;
@@ -173,7 +197,7 @@ int grouped_mm_block_rows() { return BM; }
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        const int64_t* blk_expert, const int64_t* blk_row0, int64_t blocks, const int64_t* offsets,
-                       int act, void* out, int64_t ldo, void* pre, int64_t ldp, cudaStream_t stream) {
+                       int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
   const dim3 grid(blocks, (N + BN - 1) / BN);
   return by_half_dtype(dtype, [&](auto tag) {
@@ -184,7 +208,15 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
                                             static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp);
       return cudaGetLastError();
     };
-    if (trans_w) return launch(gmm_kernel<T, 0, true, false>);  // dgrad: no activation, rows not gathered
+    if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
+      switch (grad_act) {
+        case 0: return launch(gmm_kernel<T, 0, true, false, 0>);
+        case 1: return launch(gmm_kernel<T, 0, true, false, 1>);
+        case 2: return launch(gmm_kernel<T, 0, true, false, 2>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
+    if (grad_act != 0) return cudaErrorInvalidValue;  // act' applies to a dgrad only
     const bool g = gather != nullptr;
     switch (act) {
       case 0: return g ? launch(gmm_kernel<T, 0, false, true>) : launch(gmm_kernel<T, 0, false, false>);
@@ -197,14 +229,22 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
 
 cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             float* partial, cudaStream_t stream) {
+                             int a_act, float* partial, float* partial_db, cudaStream_t stream) {
   if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
   const dim3 grid(num_experts, ((K + 63) / 64) * ((N + 63) / 64), splits);
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    wgrad_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g),
-                                                    ldg, offsets, K, N, splits, partial);
-    return cudaGetLastError();
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg,
+                                            offsets, K, N, splits, partial, partial_db);
+      return cudaGetLastError();
+    };
+    switch (a_act) {
+      case 0: return launch(wgrad_kernel<T, 0>);
+      case 1: return launch(wgrad_kernel<T, 1>);
+      case 2: return launch(wgrad_kernel<T, 2>);
+      default: return cudaErrorInvalidValue;
+    }
   });
 }
 

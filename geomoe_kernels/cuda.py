@@ -118,37 +118,72 @@ def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
 _ACT = {"none": 0, "gelu": 1, "silu": 2}
 
 
-def grouped_mm(x, weight, offsets, bias, activation, gather=None, top_k=1):
+def _schedule(offsets, M):
     from .reference.grouped_gemm import block_schedule
 
+    return block_schedule(offsets, M, _core.grouped_mm_block_rows())
+
+
+def _dgrad(grad, weight, offsets, schedule, grad_act: str = "none", pre=None):
+    """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
+    M, (E, K, N) = grad.shape[0], weight.shape
+    blk_expert, blk_row0, blocks = schedule
+    out = grad.new_empty(M, K)
+    _core.grouped_mm(_DTYPE[grad.dtype], _p(grad), grad.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),
+                     True, 0, _p(blk_expert), _p(blk_row0), blocks, _p(offsets), 0, _p(out), out.stride(0), _p(pre),
+                     pre.stride(0) if pre is not None else 0, _ACT[grad_act], _stream(grad))
+    return out
+
+
+def _wgrad(a, grad, offsets, gather=None, top_k=1, a_act: str = "none"):
+    """(dW, db) in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_act."""
+    E, K, N = offsets.numel() - 1, a.shape[1], grad.shape[1]
+    splits = max(1, min(8, 528 // max(1, E * -(-K // 64) * -(-N // 64))))  # ~4 waves of 132 SMs when groups are small
+    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
+    partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
+    _core.grouped_mm_wgrad(_DTYPE[a.dtype], _p(a), a.stride(0), _p(gather), top_k, _p(grad), grad.stride(0), _p(offsets),
+                           E, K, N, splits, _ACT[a_act], _p(partial), _p(partial_db), _stream(a))
+    return partial.sum(0), partial_db.sum(0)  # splits summed in order
+
+
+def grouped_mm(x, weight, offsets, bias, activation, gather=None, top_k=1, schedule=None):
     M = x.shape[0] if gather is None else gather.numel()
     E, K, N = weight.shape
-    blk_expert, blk_row0, blocks = block_schedule(offsets, M, _core.grouped_mm_block_rows())
+    blk_expert, blk_row0, blocks = schedule if schedule is not None else _schedule(offsets, M)
     out = x.new_empty(M, N)
     pre = x.new_empty(M, N) if activation != "none" else None
     _core.grouped_mm(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(weight), K, N, weight.stride(1),
                      weight.stride(0), False, _p(bias), _p(blk_expert), _p(blk_row0), blocks, _p(offsets), _ACT[activation],
-                     _p(out), out.stride(0), _p(pre), pre.stride(0) if pre is not None else 0, _stream(x))
+                     _p(out), out.stride(0), _p(pre), pre.stride(0) if pre is not None else 0, 0, _stream(x))
     return out, (pre if pre is not None else x.new_empty(0))
 
 
 def grouped_mm_backward(grad_out, x, weight, offsets, pre, activation, gather=None, top_k=1):
     from .reference import activations
-    from .reference.grouped_gemm import block_schedule
 
     dpre = (grad_out if activation == "none" else activations.backward(activation, grad_out, pre)).contiguous()
-    M, (E, K, N) = dpre.shape[0], weight.shape
-    blk_expert, blk_row0, blocks = block_schedule(offsets, M, _core.grouped_mm_block_rows())
-    d_rows = dpre.new_empty(M, K)  # dpre @ W^T: reduce over N, W[e] read transposed
-    _core.grouped_mm(_DTYPE[dpre.dtype], _p(dpre), dpre.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),
-                     True, 0, _p(blk_expert), _p(blk_row0), blocks, _p(offsets), 0, _p(d_rows), d_rows.stride(0), 0, 0,
-                     _stream(dpre))
-    splits = max(1, min(8, 528 // max(1, E * -(-K // 64) * -(-N // 64))))  # ~4 waves of 132 SMs when groups are small
-    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=x.device)
-    _core.grouped_mm_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(dpre), dpre.stride(0), _p(offsets),
-                           E, K, N, splits, _p(partial), _stream(x))
-    db = torch.segment_reduce(dpre.float(), "sum", lengths=offsets[1:] - offsets[:-1], axis=0, unsafe=True)
-    return d_rows, partial.sum(0).to(weight.dtype), db.to(weight.dtype)  # splits summed in order
+    d_rows = _dgrad(dpre, weight, offsets, _schedule(offsets, dpre.shape[0]))
+    dw, db = _wgrad(x, dpre, offsets, gather, top_k)
+    return d_rows, dw.to(weight.dtype), db.to(weight.dtype)
+
+
+def expert_mlp(x, w1, b1, w2, b2, offsets, activation, gather=None, top_k=1):
+    M = x.shape[0] if gather is None else gather.numel()
+    schedule = _schedule(offsets, M)
+    hidden, pre = grouped_mm(x, w1, offsets, b1, activation, gather, top_k, schedule)
+    out, _ = grouped_mm(hidden, w2, offsets, b2, "none", schedule=schedule)
+    return out, pre
+
+
+def expert_mlp_backward(grad_out, x, w1, w2, offsets, pre, activation, gather=None, top_k=1):
+    """As the Triton one: d pre from the down-projection's dgrad with act'(pre) in its epilogue; dW2
+    and db2 from act(pre) formed as it loads; then the row gradients, dW1 and db1."""
+    schedule = _schedule(offsets, grad_out.shape[0])
+    d_pre = _dgrad(grad_out, w2, offsets, schedule, activation, pre)
+    dw2, db2 = _wgrad(pre, grad_out, offsets, a_act=activation)
+    d_rows = _dgrad(d_pre, w1, offsets, schedule)
+    dw1, db1 = _wgrad(x, d_pre, offsets, gather, top_k)
+    return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
 def _gemm_ok(x, weight, offsets, bias, activation, *rest) -> Optional[str]:
@@ -188,12 +223,9 @@ def register() -> None:
     r("grouped_mm", "cuda", grouped_mm, _gemm_ok, auto=False)
     r("grouped_mm_backward", "cuda", grouped_mm_backward,
       lambda g, x, w, off, pre, act, *rest: _gemm_ok(x, w, off, None, act), auto=False)
-    # the experts' MLP: the two GEMMs composed (no cross-GEMM fusion in the CUDA core yet)
-    from .reference.expert_mlp import compose
-
-    mlp, mlp_backward = compose(grouped_mm, grouped_mm_backward)
-    r("expert_mlp", "cuda", mlp, lambda x, w1, b1, w2, b2, off, act, *rest: _gemm_ok(x, w1, off, None, act), auto=False)
-    r("expert_mlp_backward", "cuda", mlp_backward, lambda g, x, w1, w2, off, pre, act, *rest: _gemm_ok(x, w1, off, None, act),
+    r("expert_mlp", "cuda", expert_mlp, lambda x, w1, b1, w2, b2, off, act, *rest: _gemm_ok(x, w1, off, None, act),
       auto=False)
+    r("expert_mlp_backward", "cuda", expert_mlp_backward,
+      lambda g, x, w1, w2, off, pre, act, *rest: _gemm_ok(x, w1, off, None, act), auto=False)
     r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, *rest: _rows_ok(x))
     r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda g, x, *rest: _rows_ok(x))

@@ -300,7 +300,7 @@ def test_sparse_cblock_compiles_fullgraph_on_gpu():
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 def test_expert_mlp_matches_the_reference(backend, dtype, act):
     """Triton: d pre from the down-projection's dgrad epilogue, dW2 from act(pre) formed in the load;
-    CUDA: its two grouped GEMMs composed. GeoMoE's shapes, uneven groups, maybe empty experts."""
+    CUDA: the same fusions in its WMMA kernels. GeoMoE's shapes, uneven groups, maybe empty experts."""
     if backend == "cuda":
         from geomoe_kernels.cuda import _core
 
