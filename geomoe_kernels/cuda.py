@@ -126,7 +126,7 @@ def _schedule(offsets, M):
 
 def _dgrad(grad, weight, offsets, schedule, grad_act: str = "none", pre=None):
     """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
-    M, (E, K, N) = grad.shape[0], weight.shape
+    M, (K, N) = grad.shape[0], weight.shape[1:]
     blk_expert, blk_row0, blocks = schedule
     out = grad.new_empty(M, K)
     _core.grouped_mm(_DTYPE[grad.dtype], _p(grad), grad.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),

@@ -120,3 +120,17 @@ def test_mixed_precision_runs_and_keeps_router_in_float32():
         assert abs(float(loss.detach()) - float(ref)) < 5e-2 * abs(float(ref))
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         model.zero_grad()
+
+
+def test_sparse_front_end_keeps_a_third_of_the_dense_ones_activations():
+    """Issue goal: stage 1-2 activation memory at least 3x smaller at mask 0.75 (default widths;
+    what autograd keeps for backward, parameters not counted)."""
+    from saved_bytes import bytes_saved_for_backward
+
+    torch.manual_seed(0)
+    model = GeoMoE()
+    imgs = torch.randn(2, 3, model.img_size, model.img_size)
+    keep = random_masking(2, model.grid**2, 0.75, 0.25).keep
+    sparse = bytes_saved_for_backward(lambda: model._front_end_sparse(imgs, keep), model.parameters())
+    dense = bytes_saved_for_backward(lambda: model._front_end_dense(imgs, keep), model.parameters())
+    assert dense >= 3 * sparse, (dense, sparse)

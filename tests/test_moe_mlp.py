@@ -144,30 +144,16 @@ def test_two_shared_experts_add_up():
     torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
 
 
-def _bytes_saved_for_backward(module, x):
-    """Bytes of the distinct storages autograd keeps for backward, parameters not counted."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            kept[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(kept.values())
-
-
 def test_keeps_no_more_for_backward_than_the_published_layer():
     """ISSUE goal: peak activation memory no higher than the published loop's. The routed experts keep
     only the tokens and the pre-activation [T*k, hidden] (the hidden rows are recomputed)."""
     from benchmarks.common import published_layer
+    from saved_bytes import bytes_saved_for_backward
 
     torch.manual_seed(0)
     m = MoEMLP(64, 48, 8, 1, 3)
+    pub = published_layer(m)
     x = torch.randn(512, 64, requires_grad=True)
-    ours = _bytes_saved_for_backward(m, x)
-    published = _bytes_saved_for_backward(published_layer(m), x.view(1, 512, 64))
+    ours = bytes_saved_for_backward(lambda: m(x), m.parameters())
+    published = bytes_saved_for_backward(lambda: pub(x.view(1, 512, 64)), pub.parameters())
     assert ours <= published, (ours, published)
