@@ -22,11 +22,13 @@ def _taps(neighbors: Tensor, zero_row: int) -> Tensor:
 def masked_depthwise_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     acc = torch.promote_types(x.dtype, torch.float32)
     xz, R = _with_zero_row(x, acc)
-    taps = _taps(neighbors, R)
-    w = weight.to(acc)
+    taps = _taps(neighbors, R).t().contiguous()  # one contiguous index row per tap
+    w = weight.to(acc).t().contiguous()
     out = torch.zeros(R, x.shape[1], dtype=acc, device=x.device)
-    for j in range(neighbors.shape[1]):
-        out += xz.index_select(0, taps[:, j]) * w[:, j]
+    gathered = torch.empty_like(out)  # reused by every tap: no allocation in the loop
+    for j in range(taps.shape[0]):
+        torch.index_select(xz, 0, taps[j], out=gathered)
+        out.addcmul_(gathered, w[j])
     if bias is not None:
         out += bias.to(acc)
     return out.to(x.dtype)
@@ -42,14 +44,16 @@ def masked_depthwise_conv_backward(
     kk = neighbors.shape[1]
     gz, R = _with_zero_row(grad_out, acc)
     xz, _ = _with_zero_row(x, acc)
-    taps = _taps(neighbors, R)
-    w = weight.to(acc)
+    taps = _taps(neighbors, R).t().contiguous()
+    w = weight.to(acc).t().contiguous()
     g = gz[:R]
     dx = torch.zeros(R, x.shape[1], dtype=acc, device=x.device)
-    dw = torch.empty(weight.shape, dtype=acc, device=x.device)
+    dw = torch.empty(kk, weight.shape[0], dtype=acc, device=x.device)
+    gathered = torch.empty_like(dx)
     for j in range(kk):
-        col = taps[:, j]
-        dx += gz.index_select(0, col) * w[:, kk - 1 - j]
-        dw[:, j] = (g * xz.index_select(0, col)).sum(dim=0)
+        torch.index_select(gz, 0, taps[j], out=gathered)
+        dx.addcmul_(gathered, w[kk - 1 - j])
+        torch.index_select(xz, 0, taps[j], out=gathered)
+        torch.sum(gathered.mul_(g), dim=0, out=dw[j])
     db = g.sum(dim=0).to(weight.dtype)
-    return dx.to(x.dtype), dw.to(weight.dtype), db
+    return dx.to(x.dtype), dw.t().contiguous().to(weight.dtype), db
