@@ -8,7 +8,8 @@ import torch
 from benchmarks import common as C
 from geomoe_kernels import grouped_mm, permute, route, topk_gating, unpermute
 
-LAYER_IMPLS = ("geomoe", "reference", "grouped_mm", "loop")
+LAYER_IMPLS = ("geomoe", "geomoe_cuda", "reference", "grouped_mm", "loop")
+PEERS = ("grouped_mm", "loop")  # baselines for moe_layer_speedup_vs_best_peer
 
 
 def _routing_cases():
@@ -23,6 +24,10 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
     moe, x, g = C.skewed_layer(tokens, routing)
     if impl == "reference":
         moe.backend = "torch"
+    if impl == "geomoe_cuda":  # every op on the CUDA core, its grouped GEMM included
+        if C.device().type != "cuda":
+            pytest.skip("the CUDA core runs on CUDA tensors")
+        moe.backend = "cuda"
     if impl == "grouped_mm":
         if C.mode() == "gpu" and torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("torch._grouped_mm needs sm_90 or newer")
@@ -49,7 +54,7 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
         torch.cuda.reset_peak_memory_stats()
     C.run_pedantic(benchmark, step)
     benchmark.extra_info.update(
-        group="moe_layer", impl=impl, tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
+        group="moe_layer", impl=impl, peer=impl in PEERS, tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
         load_max_over_mean=C.load_imbalance(load),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if C.device().type == "cuda" else None,
         mm_tflops=C.mm_tflops(tokens * (moe.top_k + 1), moe.dim, moe.hidden_dim),
@@ -98,7 +103,7 @@ def test_unpermute(benchmark, tokens):
     benchmark.extra_info.update(group="unpermute", impl="geomoe", tokens=tokens, bytes=nbytes, copy_gbps=C.copy_gbps(nbytes))
 
 
-@pytest.mark.parametrize("impl", ("geomoe", "grouped_mm", "loop"))
+@pytest.mark.parametrize("impl", ("geomoe", "geomoe_cuda", "grouped_mm", "loop"))
 @pytest.mark.parametrize("tokens", C.token_sweep())
 def test_grouped_gemm_up_projection(benchmark, impl, tokens):
     s, ids, x = _routed(tokens)
@@ -108,6 +113,10 @@ def test_grouped_gemm_up_projection(benchmark, impl, tokens):
     b = torch.zeros(s["experts"], s["hidden"], device=C.device(), dtype=C.dtype())
     if impl == "geomoe":
         fn = lambda: grouped_mm(rows, w, offsets, b, "gelu")
+    elif impl == "geomoe_cuda":
+        if C.device().type != "cuda":
+            pytest.skip("the CUDA core runs on CUDA tensors")
+        fn = lambda: grouped_mm(rows, w, offsets, b, "gelu", backend="cuda")
     elif impl == "grouped_mm":
         if C.mode() == "gpu" and torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("torch._grouped_mm needs sm_90 or newer")

@@ -5,14 +5,27 @@
 #   builds the CUDA extension for this card only, runs the GPU tests (all of them, not stopping at
 #   the first failure), the benchmarks (headline figures first; what would start after the budget
 #   is skipped, and the results written anyway), then the rest of the suite with the time left;
-#   everything goes to $OUT: results JSON + markdown + plots, logs, junit XML.
+#   everything goes to $GEOMOE_GPU_OUT (default gpu-out/): results JSON + markdown + plots, logs,
+#   junit XML; when $OUT is set (a device tool's return folder, which takes only a few files), a
+#   tarball of it plus the log and the results JSON and markdown are copied there at exit, also
+#   when a step fails or the script is stopped.
 # The device has no network: if its Python lacks pybind11 (header-only, pure Python), the build takes
 # a copy carried from here: run it with carry [".venv/lib/python3.11/site-packages/pybind11"].
 # Rehearse on a CPU machine with GEOMOE_REHEARSE=1 (and GEOMOE_BENCH=smoke for speed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
+RETURN_DIR=${OUT:-}
+OUT=${GEOMOE_GPU_OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+pack() {  # the return folder takes few files: one tarball of everything, plus the headline files
+  [ -n "$RETURN_DIR" ] && [ "$RETURN_DIR" != "$OUT" ] || return 0
+  tar -czf "$RETURN_DIR/gpu_check.tgz" -C "$OUT" . 2> /dev/null
+  cp "$OUT/gpu_check.log" "$RETURN_DIR/" 2> /dev/null
+  cp "$OUT"/results/*.json "$OUT"/results/*.md "$RETURN_DIR/" 2> /dev/null
+  return 0
+}
+trap pack EXIT
+trap 'exit 143' TERM INT
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"  # no install step: nothing to download
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # autotune once per shape, not once per process
@@ -61,9 +74,20 @@ fi
 per_test=()  # a hung kernel fails its test instead of eating the budget (pytest-timeout is on the device)
 $PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=90)
 step gpu_tests 150 $PY -m pytest -q -rfE --maxfail=30 "${per_test[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
-# benchmarks: stop starting new ones 45 s before the budget ends (results, tables and plots still get written)
-step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - 45 ))
+# benchmarks: stop starting new ones 100 s before the budget ends (results, tables and plots still
+# get written; the sanitizer and the other tests get the rest)
+step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - 100 ))
 cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
+# compute-sanitizer on a short set of CUDA-core launches (each tool on one small test)
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    step "sanitizer_$tool" 40 compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
+      $PY -m pytest -q -x "${per_test[@]}" tests/test_gpu.py -p no:cacheprovider \
+      -k "test_cuda_core_ops_match_the_reference and float32"
+  done
+else
+  log "compute-sanitizer not found: sanitizer steps skipped"
+fi
 step other_tests 300 $PY -m pytest -q -x tests --ignore=tests/test_gpu.py --junitxml="$OUT/all_tests.xml" -p no:cacheprovider
 log "done, status $status; results in $OUT/results"
 exit $status

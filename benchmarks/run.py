@@ -56,6 +56,10 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     ours = _find(rows, group="moe_layer", impl="geomoe", tokens=ref_tokens, routing="uniform")
     big = _find(rows, group="moe_layer", impl="geomoe", tokens=largest, routing="uniform")
     gg = _find(rows, group="grouped_gemm", impl="geomoe", tokens=ref_tokens)
+    gg_cuda = _find(rows, group="grouped_gemm", impl="geomoe_cuda", tokens=ref_tokens)
+    peers = [r for r in rows if r.get("group") == "moe_layer" and r.get("tokens") == ref_tokens
+             and r.get("routing") == "uniform" and r.get("peer") and r.get("median_s")]
+    best_peer = min(peers, key=lambda r: r["median_s"], default=None)
     perm = _find(rows, group="permute", tokens=ref_tokens)
     fc1 = _find(rows, group="norm_linear", impl="geomoe", layer="fc1")
     conv = _find(rows, group="masked_dwconv", direction="forward")
@@ -69,7 +73,10 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "moe_layer_fwdbwd_tflops": big.get("tflops") if big else None,
         "moe_layer_speedup_vs_loop": _ratio(_find(rows, group="moe_layer", impl="loop", tokens=ref_tokens, routing="uniform"), ours),
         "moe_layer_speedup_vs_grouped_mm": _ratio(_find(rows, group="moe_layer", impl="grouped_mm", tokens=ref_tokens, routing="uniform"), ours),
+        "moe_layer_speedup_vs_best_peer": _ratio(best_peer, ours),
+        "moe_layer_best_peer": best_peer.get("impl") if best_peer else None,
         "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
+        "cuda_grouped_gemm_fraction_of_mm": gg_cuda.get("fraction_of_mm") if gg_cuda else None,
         "permute_fraction_of_copy": perm.get("fraction_of_copy") if perm else None,
         "front_end_speedup_vs_dense": _ratio(fe_d, fe_s),
         "norm_linear_fc1_fraction_of_mm": fc1.get("fraction_of_mm") if fc1 else None,
