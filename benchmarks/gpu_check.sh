@@ -33,10 +33,13 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${GEOMOE_GPU_BUDGET:-420}
 left() { echo $(( START + BUDGET - $(date +%s) )); }
+STEPS=${GEOMOE_GPU_STEPS:-info,build,gpu_tests,benchmarks,profile,sanitizer,other_tests}  # a subset for a short run
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 step() {  # step NAME SECONDS CMD...: run with a time limit (capped by the budget left), log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  want "${name%%_*}" || want "$name" || return 0
   [ "$limit" -le "$(left)" ] || limit=$(left)
   if [ "$limit" -lt 10 ]; then log "$name skipped: the budget is spent"; return; fi
   log "$name (limit ${limit}s): $*"
@@ -72,18 +75,22 @@ else
   log "build: no CUDA sources in csrc/ yet"
 fi
 per_test=()  # a hung kernel fails its test instead of eating the budget (pytest-timeout is on the device)
-$PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=90)
-step gpu_tests 150 $PY -m pytest -q -rfE --maxfail=30 "${per_test[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
+$PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=120)
+parallel=()  # the first run of each Triton kernel compiles every autotune config: 8 processes share that
+$PY -c "import xdist" 2> /dev/null && parallel=(-n 8)
+export GEOMOE_FAILURE_LOG="$OUT/failures.log"  # each failure's traceback as it happens
+step gpu_tests 110 $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 # benchmarks: stop starting new ones 100 s before the budget ends (results, tables and plots still
 # get written; the sanitizer and the other tests get the rest)
-step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - 100 ))
+want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - 100 ))
 cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
+step profile 60 $PY -m benchmarks.profile_gpu
 # compute-sanitizer on a short set of CUDA-core launches (each tool on one small test)
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
-    step "sanitizer_$tool" 40 compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-      $PY -m pytest -q -x "${per_test[@]}" tests/test_gpu.py -p no:cacheprovider \
-      -k "test_cuda_core_ops_match_the_reference and float32"
+    step "sanitizer_$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      $PY -m pytest -q "${per_test[@]}" tests/test_gpu.py -p no:cacheprovider \
+      -k "(test_cuda_core_ops_match_the_reference and dtype0) or (test_cuda_grouped_gemm_matches_the_reference and gelu and True and dtype1)"
   done
 else
   log "compute-sanitizer not found: sanitizer steps skipped"

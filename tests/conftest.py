@@ -13,3 +13,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_runtest_logreport(report):
+    """GEOMOE_FAILURE_LOG=FILE: append each failure's traceback as it happens, so a run stopped by
+    its time limit (a device run) still says what failed and why."""
+    path = os.environ.get("GEOMOE_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # once, in the controller
+        with open(path, "a") as f:
+            f.write(f"===== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
