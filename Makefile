@@ -16,7 +16,7 @@ STAMP := $(VENV)/.geomoe-installed
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	GEOMOE_EMULATION_ASAN=1 $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 setup: $(STAMP)

@@ -17,8 +17,14 @@ namespace {
 template <typename T> T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 cudaStream_t stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+#ifdef GEOMOE_EMULATION
+constexpr const char* kCore = "geomoe emulated CUDA core: ";
+#else
+constexpr const char* kCore = "geomoe CUDA core: ";
+#endif
+
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("geomoe CUDA core: ") + what + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess) throw std::runtime_error(std::string(kCore) + what + ": " + cudaGetErrorString(err));
 }
 
 #ifndef GEOMOE_CUDA_ARCHS
@@ -27,7 +33,12 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda_core, m) {
+// The same binding serves the emulated core (csrc/emulation/), built by the host compiler.
+#ifndef GEOMOE_MODULE
+#define GEOMOE_MODULE _cuda_core
+#endif
+
+PYBIND11_MODULE(GEOMOE_MODULE, m) {
   m.doc() = "geomoe CUDA core: MoE gating, routing, permutation, grouped GEMM and combine; masked depthwise conv";
   m.def("architectures", [] { return std::string(GEOMOE_CUDA_ARCHS); });
   m.def("gating_tokens_per_block", &geomoe::gating_tokens_per_block);
