@@ -2,8 +2,9 @@
 
 Every op registers its implementations here by backend name. "auto" picks, for CUDA tensors, the
 CUDA core where it is loaded and supports the case, else Triton, else the reference; for CPU tensors,
-Triton under TRITON_INTERPRET=1, else the reference. An explicit backend that cannot run the case is
-an error that says why, never a silent fallback."""
+the emulated CUDA core under GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the
+reference. An explicit backend that cannot run the case is an error that says why, never a silent
+fallback."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,9 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
 # (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
 _EXPLICIT_ONLY = set()
+
+# backend -> device -> why the backend cannot run there, or None; registered by the module that provides it
+_DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
 
 # Why a backend has no implementation at all in this build; filled by the modules that provide them.
 _UNAVAILABLE_REASON = {
@@ -38,6 +42,11 @@ def register(op: str, backend: str, impl: Callable, supports: Optional[Callable]
         _EXPLICIT_ONLY.add((op, backend))
 
 
+def register_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
+    """check(device): why `backend` cannot run on that device, or None."""
+    _DEVICE_CHECKS[backend] = check
+
+
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"argument 'backend' expected one of {list(BACKENDS)}, got {backend!r}")
@@ -51,7 +60,11 @@ def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]
     entry = _REGISTRY.get(op, {}).get(backend)
     if entry is None:
         return _UNAVAILABLE_REASON.get(backend, "not registered")
-    if backend == "cuda" and device.type != "cuda":
+    if backend in _DEVICE_CHECKS:
+        reason = _DEVICE_CHECKS[backend](device)
+        if reason is not None:
+            return reason
+    elif backend == "cuda" and device.type != "cuda":
         return f"the CUDA core runs on CUDA tensors, got tensors on {device}"
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"Triton runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; got tensors on {device}"
@@ -67,7 +80,8 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Cal
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
         return _REGISTRY[op][backend][0]
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else (("triton", "torch") if triton_interpreting() else ("torch",))
+    # on CPU tensors "cuda" is the emulated core, when GEOMOE_CUDA_EMULATE turns it on
+    order = ("cuda", "triton", "torch") if device.type == "cuda" or triton_interpreting() else ("cuda", "torch")
     for name in order:
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
             return _REGISTRY[op][name][0]

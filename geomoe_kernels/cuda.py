@@ -1,10 +1,16 @@
 """The CUDA core (geomoe_kernels._cuda_core, built by setup.py with nvcc): loads it, says why when it
 cannot, and registers its kernels as the 'cuda' backend. The wrappers pass data pointers, sizes
-and the current stream; the ops have already checked devices, dtypes, shapes and contiguity."""
+and the current stream, each argument by its name; the ops have already checked devices, dtypes,
+shapes and contiguity.
+
+The same kernels built by the host compiler into geomoe_kernels._cuda_emulated run on the CPU
+(csrc/emulation/): with GEOMOE_CUDA_EMULATE=1 the 'cuda' backend takes CPU tensors through it, and
+GEOMOE_CUDA_EMULATE=asan picks its AddressSanitizer build (which needs libasan preloaded)."""
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,9 +32,37 @@ def load() -> Tuple[Optional[object], str]:
 
 _core, _status = load()
 
+EMULATED_MODULES = {"1": "_cuda_emulated", "asan": "_cuda_emulated_asan"}
+_emulated: Dict[str, Tuple[Optional[object], str]] = {}
+
+
+def emulation() -> Optional[str]:
+    """The emulated build GEOMOE_CUDA_EMULATE asks for ('1' or 'asan'), or None when it is off."""
+    value = os.environ.get("GEOMOE_CUDA_EMULATE", "0")
+    return value if value in EMULATED_MODULES else None
+
+
+def load_emulated(variant: str = "1") -> Tuple[Optional[object], str]:
+    """(emulated module or None, a line saying what was loaded or why not). The ASan build is
+    imported only when asked for: without libasan preloaded, its import ends the process."""
+    if variant not in _emulated:
+        name = EMULATED_MODULES[variant]
+        try:
+            core = importlib.import_module(f"geomoe_kernels.{name}")
+            _emulated[variant] = core, f"the kernels run on the CPU, loaded from {core.__file__}"
+        except ImportError as exc:
+            _emulated[variant] = None, f"not built ({exc}); reinstall where a C++ compiler and the CUDA headers are"
+    return _emulated[variant]
+
+
+def _core_for(t: Tensor):
+    """The real core for CUDA tensors, the emulated one for CPU tensors (the backend has checked
+    that the one needed is there)."""
+    return _core if t.device.type == "cuda" else load_emulated(emulation() or "1")[0]
+
 
 def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
 
 def _p(t: Optional[Tensor]) -> int:
@@ -37,15 +71,17 @@ def _p(t: Optional[Tensor]) -> int:
 
 def topk_gating(logits, bias, top_k, score_func, renormalize):
     T, E = logits.shape
-    per = _core.gating_tokens_per_block()
+    core = _core_for(logits)
+    per = core.gating_tokens_per_block()
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
     partial = torch.empty(max(1, -(-T // per)), E, dtype=torch.float32, device=logits.device)
     if T == 0:
         partial.zero_()
-    _core.topk_gating(_p(logits), T, E, _p(bias), top_k, score_func == "softmax", renormalize, _p(w), _p(ids), _p(counts),
-                      _p(partial), _stream(logits))
+    core.topk_gating(logits=_p(logits), tokens=T, num_experts=E, bias=_p(bias), top_k=top_k,
+                     softmax=score_func == "softmax", renormalize=renormalize, weights=_p(w), ids=_p(ids),
+                     counts=_p(counts), partial=_p(partial), stream=_stream(logits))
     return w, ids, counts, partial.sum(0) / max(T, 1)
 
 
@@ -53,8 +89,10 @@ def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, 
     grad = torch.empty_like(logits)
     gw = None if grad_weights is None else grad_weights.float().contiguous()
     gp = None if grad_prob_mean is None else grad_prob_mean.float().contiguous()
-    _core.topk_gating_backward(_p(logits), logits.shape[0], logits.shape[1], _p(ids), ids.shape[1], _p(gw), _p(gp),
-                               score_func == "softmax", renormalize, _p(grad), _stream(logits))
+    _core_for(logits).topk_gating_backward(
+        logits=_p(logits), tokens=logits.shape[0], num_experts=logits.shape[1], ids=_p(ids), top_k=ids.shape[1],
+        grad_weights=_p(gw), grad_prob_mean=_p(gp), softmax=score_func == "softmax", renormalize=renormalize,
+        grad_logits=_p(grad), stream=_stream(logits))
     return grad
 
 
@@ -63,43 +101,49 @@ def route(expert_ids, num_experts):
     n, E = flat.numel(), num_experts
     blocks = max(1, -(-n // ROUTE_BLOCK))
     per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
-    _core.route_histogram(_p(flat), n, E, ROUTE_BLOCK, _p(per_block), _stream(flat))
+    core = _core_for(flat)
+    core.route_histogram(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, per_block=_p(per_block), stream=_stream(flat))
     counts = per_block.sum(0)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     base = (offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block).contiguous()
     row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
     flat_to_row = torch.empty_like(row_to_flat)
-    _core.route_scatter(_p(flat), n, E, ROUTE_BLOCK, _p(base), _p(row_to_flat), _p(flat_to_row), _stream(flat))
+    core.route_scatter(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, base=_p(base), row_to_flat=_p(row_to_flat),
+                       flat_to_row=_p(flat_to_row), stream=_stream(flat))
     return row_to_flat, flat_to_row, offsets
 
 
 def permute(x, row_to_flat, top_k, weights):
     out = x.new_empty(row_to_flat.numel(), x.shape[1])
     w = None if weights is None else weights.reshape(-1)
-    _core.permute(_DTYPE[x.dtype], _p(x), x.stride(0), _p(row_to_flat), _p(w), out.shape[0], x.shape[1], top_k, _p(out),
-                  out.stride(0), _stream(x))
+    _core_for(x).permute(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), row_to_flat=_p(row_to_flat), weights=_p(w),
+                         rows=out.shape[0], d=x.shape[1], top_k=top_k, out=_p(out), ldo=out.stride(0), stream=_stream(x))
     return out
 
 
 def unpermute(rows, flat_to_row, top_k, weights, shared):
     T, d = flat_to_row.numel() // top_k, rows.shape[1]
     out = rows.new_empty(T, d)
-    _core.unpermute(_DTYPE[rows.dtype], _p(rows), rows.stride(0), _p(flat_to_row), _p(weights), _p(shared),
-                    shared.stride(0) if shared is not None else 0, T, d, top_k, _p(out), out.stride(0), _stream(rows))
+    _core_for(rows).unpermute(dtype=_DTYPE[rows.dtype], rows=_p(rows), ldr=rows.stride(0), flat_to_row=_p(flat_to_row),
+                              weights=_p(weights), shared=_p(shared), lds=shared.stride(0) if shared is not None else 0,
+                              tokens=T, d=d, top_k=top_k, out=_p(out), ldo=out.stride(0), stream=_stream(rows))
     return out
 
 
 def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     out = torch.empty(grad_out.shape[0], top_k, dtype=torch.float32, device=rows.device)
-    _core.unpermute_weight_grad(_DTYPE[rows.dtype], _p(grad_out), grad_out.stride(0), _p(rows), rows.stride(0),
-                                _p(flat_to_row), grad_out.shape[0], rows.shape[1], top_k, _p(out), _stream(rows))
+    _core_for(rows).unpermute_weight_grad(
+        dtype=_DTYPE[rows.dtype], grad_out=_p(grad_out), ldg=grad_out.stride(0), rows=_p(rows), ldr=rows.stride(0),
+        flat_to_row=_p(flat_to_row), tokens=grad_out.shape[0], d=rows.shape[1], top_k=top_k, grad_w=_p(out),
+        stream=_stream(rows))
     return out
 
 
 def masked_depthwise_conv(x, neighbors, weight, bias, flip: bool = False):
     out = torch.empty_like(x)
-    _core.masked_depthwise_conv(_DTYPE[x.dtype], _p(x), x.stride(0), _p(neighbors), neighbors.shape[1], _p(weight), _p(bias),
-                                x.shape[0], x.shape[1], flip, _p(out), out.stride(0), _stream(x))
+    _core_for(x).masked_depthwise_conv(
+        dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1], weight=_p(weight),
+        bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out), ldo=out.stride(0), stream=_stream(x))
     return out
 
 
@@ -107,11 +151,13 @@ def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
     R, C = x.shape
     kk = neighbors.shape[1]
     dx = masked_depthwise_conv(grad_out, neighbors, weight, None, flip=True)
-    blocks = max(1, -(-R // _core.dwconv_grad_rows_per_block()))
+    core = _core_for(x)
+    blocks = max(1, -(-R // core.dwconv_grad_rows_per_block()))
     dw = torch.zeros(blocks, C, kk, dtype=torch.float32, device=x.device)
     db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
-    _core.masked_depthwise_conv_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(grad_out), grad_out.stride(0), _p(neighbors),
-                                      kk, R, C, _p(dw), _p(db), _stream(x))
+    core.masked_depthwise_conv_wgrad(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), grad_out=_p(grad_out),
+                                     ldg=grad_out.stride(0), neighbors=_p(neighbors), kk=kk, rows=R, channels=C,
+                                     dw_partial=_p(dw), db_partial=_p(db), stream=_stream(x))
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)  # blocks summed in order
 
 
@@ -121,7 +167,7 @@ _ACT = {"none": 0, "gelu": 1, "silu": 2}
 def _schedule(offsets, M):
     from .reference.grouped_gemm import block_schedule
 
-    return block_schedule(offsets, M, _core.grouped_mm_block_rows())
+    return block_schedule(offsets, M, _core_for(offsets).grouped_mm_block_rows())
 
 
 def _dgrad(grad, weight, offsets, schedule, grad_act: str = "none", pre=None):
@@ -129,9 +175,11 @@ def _dgrad(grad, weight, offsets, schedule, grad_act: str = "none", pre=None):
     M, (K, N) = grad.shape[0], weight.shape[1:]
     blk_expert, blk_row0, blocks = schedule
     out = grad.new_empty(M, K)
-    _core.grouped_mm(_DTYPE[grad.dtype], _p(grad), grad.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),
-                     True, 0, _p(blk_expert), _p(blk_row0), blocks, _p(offsets), 0, _p(out), out.stride(0), _p(pre),
-                     pre.stride(0) if pre is not None else 0, _ACT[grad_act], _stream(grad))
+    _core_for(grad).grouped_mm(
+        dtype=_DTYPE[grad.dtype], a=_p(grad), lda=grad.stride(0), gather=0, top_k=1, w=_p(weight), K=N, N=K,
+        ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=True, bias=0, blk_expert=_p(blk_expert),
+        blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=0, out=_p(out), ldo=out.stride(0), pre=_p(pre),
+        ldp=pre.stride(0) if pre is not None else 0, grad_act=_ACT[grad_act], stream=_stream(grad))
     return out
 
 
@@ -141,8 +189,10 @@ def _wgrad(a, grad, offsets, gather=None, top_k=1, a_act: str = "none"):
     splits = max(1, min(8, 528 // max(1, E * -(-K // 64) * -(-N // 64))))  # ~4 waves of 132 SMs when groups are small
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
     partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
-    _core.grouped_mm_wgrad(_DTYPE[a.dtype], _p(a), a.stride(0), _p(gather), top_k, _p(grad), grad.stride(0), _p(offsets),
-                           E, K, N, splits, _ACT[a_act], _p(partial), _p(partial_db), _stream(a))
+    _core_for(a).grouped_mm_wgrad(
+        dtype=_DTYPE[a.dtype], a=_p(a), lda=a.stride(0), gather=_p(gather), top_k=top_k, g=_p(grad), ldg=grad.stride(0),
+        offsets=_p(offsets), num_experts=E, K=K, N=N, splits=splits, a_act=_ACT[a_act], partial=_p(partial),
+        partial_db=_p(partial_db), stream=_stream(a))
     return partial.sum(0), partial_db.sum(0)  # splits summed in order
 
 
@@ -152,9 +202,11 @@ def grouped_mm(x, weight, offsets, bias, activation, gather=None, top_k=1, sched
     blk_expert, blk_row0, blocks = schedule if schedule is not None else _schedule(offsets, M)
     out = x.new_empty(M, N)
     pre = x.new_empty(M, N) if activation != "none" else None
-    _core.grouped_mm(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(weight), K, N, weight.stride(1),
-                     weight.stride(0), False, _p(bias), _p(blk_expert), _p(blk_row0), blocks, _p(offsets), _ACT[activation],
-                     _p(out), out.stride(0), _p(pre), pre.stride(0) if pre is not None else 0, 0, _stream(x))
+    _core_for(x).grouped_mm(
+        dtype=_DTYPE[x.dtype], a=_p(x), lda=x.stride(0), gather=_p(gather), top_k=top_k, w=_p(weight), K=K, N=N,
+        ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=False, bias=_p(bias), blk_expert=_p(blk_expert),
+        blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=_ACT[activation], out=_p(out), ldo=out.stride(0),
+        pre=_p(pre), ldp=pre.stride(0) if pre is not None else 0, grad_act=0, stream=_stream(x))
     return out, (pre if pre is not None else x.new_empty(0))
 
 
@@ -207,10 +259,21 @@ def _gating_ok(logits, bias=None, top_k=1, *rest) -> Optional[str]:
     return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=8)
 
 
+def _device_reason(device: torch.device) -> Optional[str]:
+    """Why the 'cuda' backend cannot run on `device` (None: it can): CUDA tensors need the real
+    core, CPU tensors GEOMOE_CUDA_EMULATE and the emulated one."""
+    if device.type == "cuda":
+        return None if _core is not None else f"the CUDA core is {_status}"
+    variant = emulation()
+    if variant is None or device.type != "cpu":
+        return (f"the CUDA core runs on CUDA tensors, got tensors on {device} "
+                "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)")
+    core, status = load_emulated(variant)
+    return None if core is not None else f"the emulated CUDA core is {status}"
+
+
 def register() -> None:
-    if _core is None:
-        _backend._UNAVAILABLE_REASON["cuda"] = f"the CUDA core is {_status}"
-        return
+    _backend.register_device_check("cuda", _device_reason)
     _backend._UNAVAILABLE_REASON["cuda"] = "the CUDA core has no kernel for it yet"
     r = _backend.register
     r("topk_gating", "cuda", topk_gating, _gating_ok)
