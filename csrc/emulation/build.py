@@ -17,8 +17,11 @@ CSRC = os.path.dirname(HERE)
 DYNAMIC_SHARED = re.compile(r"\bextern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 # -fno-ipa-icf keeps identical kernels apart, so that an error names the kernel that failed;
-# #pragma unroll is nvcc's; the kernels compare blockDim (unsigned) with ints as CUDA code does.
-FLAGS = ["-std=c++17", "-O2", "-fno-ipa-icf", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-DGEOMOE_EMULATION=1"]
+# -fvisibility=hidden gives every library its own emulator (the C++ runtime would otherwise make one
+# copy of its inline state serve every library in the process); #pragma unroll is nvcc's; the
+# kernels compare blockDim (unsigned) with ints as CUDA code does.
+FLAGS = ["-std=c++17", "-O2", "-fno-ipa-icf", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-sign-compare",
+         "-DGEOMOE_EMULATION=1"]
 ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 
