@@ -102,7 +102,8 @@ def route(expert_ids, num_experts):
     blocks = max(1, -(-n // ROUTE_BLOCK))
     per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
     core = _core_for(flat)
-    core.route_histogram(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, per_block=_p(per_block), stream=_stream(flat))
+    core.route_histogram(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, per_block=_p(per_block),
+                         stream=_stream(flat))
     counts = per_block.sum(0)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     base = (offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block).contiguous()
@@ -117,7 +118,8 @@ def permute(x, row_to_flat, top_k, weights):
     out = x.new_empty(row_to_flat.numel(), x.shape[1])
     w = None if weights is None else weights.reshape(-1)
     _core_for(x).permute(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), row_to_flat=_p(row_to_flat), weights=_p(w),
-                         rows=out.shape[0], d=x.shape[1], top_k=top_k, out=_p(out), ldo=out.stride(0), stream=_stream(x))
+                         rows=out.shape[0], d=x.shape[1], top_k=top_k, out=_p(out), ldo=out.stride(0),
+                         stream=_stream(x))
     return out
 
 
@@ -142,8 +144,9 @@ def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
 def masked_depthwise_conv(x, neighbors, weight, bias, flip: bool = False):
     out = torch.empty_like(x)
     _core_for(x).masked_depthwise_conv(
-        dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1], weight=_p(weight),
-        bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out), ldo=out.stride(0), stream=_stream(x))
+        dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1],
+        weight=_p(weight), bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out),
+        ldo=out.stride(0), stream=_stream(x))
     return out
 
 

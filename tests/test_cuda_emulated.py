@@ -148,6 +148,22 @@ def test_permute_and_weighted_unpermute(dtype, T, k, d):
     _within_reference(run, [x, w, shared], dtype)
 
 
+@pytest.mark.parametrize("k", range(1, 9))
+def test_every_k_from_gating_to_combine(k):
+    """Each k the kernels take, through gating, routing and the weighted combine, in float32."""
+    T, E, d = 17, 11, 24
+    logits = torch.randn(T, E)
+    w, ids, _, _ = topk_gating(logits, None, k, backend="cuda")
+    _, want_ids, _, _ = topk_gating(logits.double(), None, k, backend="torch")
+    assert torch.equal(ids, want_ids)
+    r2f, f2r, off = route(ids, E, backend="cuda")
+    for a, b in zip((r2f, f2r, off), naive_route(ids, E)):
+        assert torch.equal(a, b)
+    x = torch.randn(T, d, requires_grad=True)
+    run = lambda be, x, w: unpermute(permute(x, r2f, f2r, k, backend=be), r2f, f2r, k, w, None, backend=be)  # noqa: E731
+    _within_reference(run, [x, w.detach().requires_grad_(True)], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", ALL)
 @pytest.mark.parametrize("s, kernel, channels", [(4, 5, 72), (2, 3, 130)])
 def test_masked_depthwise_conv(dtype, s, kernel, channels):
@@ -191,7 +207,7 @@ def test_expert_mlp(dtype, T, k, act):
     E, K, H = 5, 40, 72
     r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
     x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
-    params = [(torch.randn(E, K, H) / K**0.5), torch.randn(E, H) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
+    params = [torch.randn(E, K, H) / K**0.5, torch.randn(E, H) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
     params = [p.to(dtype).requires_grad_(True) for p in params]
 
     def run(be, x, *ps):
@@ -256,7 +272,8 @@ def _missing(why):
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("geomoe_emulation_build", os.path.join(REPO, "csrc", "emulation", "build.py"))
+    path = os.path.join(REPO, "csrc", "emulation", "build.py")
+    spec = importlib.util.spec_from_file_location("geomoe_emulation_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -272,7 +289,8 @@ def _build_cases(out_dir, flags=()):
     with open(src, "w") as f:
         f.write(recipe.host_source(os.path.join(HERE, "emulation", "broken_kernels.cu")))
     lib = os.path.join(out_dir, "broken_kernels.so")
-    cmd = [_compiler(), "-shared", "-fPIC", *recipe.FLAGS, *flags, *(f"-I{d}" for d in recipe.include_dirs(headers)), src, "-o", lib]
+    includes = [f"-I{d}" for d in recipe.include_dirs(headers)]
+    cmd = [_compiler(), "-shared", "-fPIC", *recipe.FLAGS, *flags, *includes, src, "-o", lib]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return lib
@@ -287,7 +305,8 @@ class Cases:
     def __call__(self, name, a=None, b=None, out=None):
         out = torch.zeros(64) if out is None else out
         a = torch.zeros(1024, dtype=torch.float16) if a is None else a
-        return self.lib.run_case(name.encode(), a.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr()).decode()
+        b = None if b is None else b.data_ptr()
+        return self.lib.run_case(name.encode(), a.data_ptr(), b, out.data_ptr()).decode()
 
 
 @pytest.fixture(scope="module", params=["fibers", "ucontext"])
@@ -307,8 +326,18 @@ def test_detector_controls_correct_kernels_run(cases):
     torch.testing.assert_close(cd.reshape(16, 16).t(), a.float() @ b.float() + c)
 
 
+def test_detector_controls_a_missing_barrier_shows_in_one_of_the_thread_orders(cases):
+    """Not a detector: without the barrier, thread 0 of the block that runs its threads in index
+    order sums the other warps' partials before they are written (it reads the other block's)."""
+    x, out = torch.randn(192), torch.zeros(64)
+    assert cases("block_sums_without_barrier", x, out=out) == "no error"
+    want = x.reshape(2, 96).sum(1)
+    assert torch.allclose(out[1], want[1]) and not torch.allclose(out[0], want[0])
+
+
 @pytest.mark.parametrize("case, message", [
-    ("grid_y_too_large", r"kernel broken::touch \(launched at broken_kernels.cu:\d+\): grid y dimension 65536 is outside 1..65535"),
+    ("grid_y_too_large", r"kernel broken::touch \(launched at broken_kernels.cu:\d+\): grid y dimension 65536 is "
+                         r"outside 1..65535"),
     ("grid_z_too_large", r"broken::touch .*grid z dimension 65536 is outside 1..65535"),
     ("too_many_threads", r"broken::touch .*1056 threads per block \(32x33x1\), more than 1024"),
     ("too_much_shared", r"broken::uses_dynamic_shared .*49156 bytes of dynamic shared memory, more than the 49152"),
@@ -388,8 +417,10 @@ def asan_cases(tmp_path_factory):
 ])
 def test_detector_address_sanitizer_catches_out_of_bounds(asan_cases, case, kind):
     lib, env = asan_cases
-    script = ("import ctypes, torch; lib = ctypes.CDLL(%r); lib.run_case.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3; "
-              "x, out = torch.randn(64), torch.zeros(64); lib.run_case(%r, x.data_ptr(), None, out.data_ptr())") % (lib, case.encode())
+    script = (f"import ctypes, torch; lib = ctypes.CDLL({lib!r}); "
+              "lib.run_case.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3; "
+              "x, out = torch.randn(64), torch.zeros(64); "
+              f"lib.run_case({case.encode()!r}, x.data_ptr(), None, out.data_ptr())")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert f"AddressSanitizer: {kind}" in proc.stderr and f"in broken::{case}(" in proc.stderr, proc.stderr[-3000:]
@@ -406,7 +437,8 @@ def test_emulated_kernels_under_address_sanitizer():
     if importlib.util.find_spec("geomoe_kernels._cuda_emulated_asan") is None:
         _missing("the ASan build of the emulated core was not built (GEOMOE_EMULATION_ASAN=1 at install)")
     env = _asan_env(GEOMOE_CUDA_EMULATE="asan")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not detector and not under_address_sanitizer", __file__]
+    tests = "not detector and not under_address_sanitizer"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, __file__]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]

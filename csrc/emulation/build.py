@@ -14,7 +14,8 @@ CSRC = os.path.dirname(HERE)
 
 # `extern __shared__ T name[];` has no meaning to a host compiler: the emulated copy of a kernel
 # source reads the launch's dynamic shared memory from the emulator instead. Nothing else changes.
-DYNAMIC_SHARED = re.compile(r"\bextern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
+DYNAMIC_SHARED = re.compile(
+    r"\bextern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 # -fno-ipa-icf keeps identical kernels apart, so that an error names the kernel that failed;
 # -fvisibility=hidden gives every library its own emulator (the C++ runtime would otherwise make one
@@ -29,7 +30,7 @@ def host_source(path: str) -> str:
     """The text the host compiler compiles for the kernel source at `path` (its own line numbers)."""
     text = DYNAMIC_SHARED.sub(r"\1* const \2 = ::geomoe_emu::dynamic_shared<\1>();", open(path).read())
     if "extern __shared__" in text:
-        raise RuntimeError(f"{os.path.basename(path)}: a dynamic shared memory declaration the emulated build cannot read")
+        raise RuntimeError(f"{os.path.basename(path)}: a dynamic shared memory declaration the emulation cannot read")
     return f'#line 1 "{path}"\n{text}'
 
 

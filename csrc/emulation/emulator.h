@@ -127,7 +127,8 @@ inline std::string symbol_name(const void* fn) {
   const auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(base);
   const auto want = reinterpret_cast<std::uintptr_t>(fn) -
                     (eh->e_type == ET_DYN ? reinterpret_cast<std::uintptr_t>(info.dli_fbase) : 0);
-  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_shoff + eh->e_shnum * sizeof(ElfW(Shdr)) <= std::size_t(st.st_size)) {
+  const bool elf = std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0;
+  if (elf && eh->e_shoff + eh->e_shnum * sizeof(ElfW(Shdr)) <= std::size_t(st.st_size)) {
     const auto* sh = reinterpret_cast<const ElfW(Shdr)*>(base + eh->e_shoff);
     for (unsigned i = 0; i < eh->e_shnum && found.empty(); ++i) {
       if (sh[i].sh_type != SHT_SYMTAB) continue;
@@ -151,7 +152,7 @@ enum class State : unsigned char { kRunnable, kBarrier, kCollective, kDone };
 struct Thread {
   fiber::Context ctx;
   uint3 idx;
-  unsigned linear, warp, lane;
+  unsigned warp, lane;
   State state;
   Site site;             // where it waits
   const char* what;      // in what (a barrier or a collective)
@@ -267,7 +268,8 @@ inline void syncthreads(Site site) {
     std::map<std::string, std::vector<unsigned>> sites;
     for (unsigned i = 0; i < r.n_threads; ++i) sites[r.threads[i].site.str()].push_back(i);
     std::string where;
-    for (auto& [s, ids] : sites) where += format("%sthreads %s at %s", where.empty() ? "" : "; ", ranges(ids).c_str(), s.c_str());
+    for (auto& [s, ids] : sites)
+      where += format("%sthreads %s at %s", where.empty() ? "" : "; ", ranges(ids).c_str(), s.c_str());
     throw Error("the block's threads wait at different __syncthreads: " + where);
   }
   for (unsigned i = 0; i < r.n_threads; ++i) r.threads[i].state = State::kRunnable;
@@ -292,8 +294,9 @@ void collective(const char* what, unsigned mask, Slot& slot, Site site) {
     throw Error(format("%s at %s: lane %u calls it with mask 0x%08x, which leaves the lane itself out", what,
                        site.str().c_str(), t.lane, mask));
   if (mask & ~w.present)
-    throw Error(format("%s at %s: mask 0x%08x names lanes %s, which warp %u of this %u-thread block does not have", what,
-                       site.str().c_str(), mask, ranges(lanes_of(mask & ~w.present)).c_str(), t.warp, r.n_threads));
+    throw Error(format("%s at %s: mask 0x%08x names lanes %s, which warp %u of this %u-thread block does not have",
+                       what, site.str().c_str(), mask, ranges(lanes_of(mask & ~w.present)).c_str(), t.warp,
+                       r.n_threads));
   if (mask & w.exited)
     throw Error(format("%s at %s: mask 0x%08x names lanes %s, which have exited", what, site.str().c_str(), mask,
                        ranges(lanes_of(mask & w.exited)).c_str()));
@@ -376,7 +379,8 @@ inline std::string deadlock() {
       waits[format("in %s (mask 0x%08x) at %s", t.what, t.mask, t.site.str().c_str())].push_back(i);
   }
   std::string out = "deadlock: no thread can go on:";
-  for (auto& [where, ids] : waits) out += format("%s threads %s wait %s", out.back() == ':' ? "" : ";", ranges(ids).c_str(), where.c_str());
+  for (auto& [where, ids] : waits)
+    out += format("%s threads %s wait %s", out.back() == ':' ? "" : ";", ranges(ids).c_str(), where.c_str());
   return out;
 }
 
@@ -388,7 +392,6 @@ inline void run_block(unsigned block_linear) {
   for (unsigned i = 0; i < r.n_threads; ++i) {
     Thread& t = r.threads[i];
     t.idx = uint3{i % b.x, i / b.x % b.y, i / (b.x * b.y)};
-    t.linear = i;
     t.warp = i / kWarpSize;
     t.lane = i % kWarpSize;
     t.state = State::kRunnable;
@@ -467,7 +470,8 @@ inline cudaError_t launch(const LaunchSpec& s) {
   const unsigned long long blocks = 1ull * s.grid.x * s.grid.y * s.grid.z;
   // last block first: a kernel that expects earlier blocks to have finished fails here as it may on a GPU
   for (unsigned long long n = blocks; n-- > 0 && !r.failed;) {
-    g_block_idx = uint3{unsigned(n % s.grid.x), unsigned(n / s.grid.x % s.grid.y), unsigned(n / (1ull * s.grid.x * s.grid.y))};
+    g_block_idx = uint3{unsigned(n % s.grid.x), unsigned(n / s.grid.x % s.grid.y),
+                        unsigned(n / (1ull * s.grid.x * s.grid.y))};
     if (s.smem) std::memset(r.dynamic_smem, 0xff, s.smem);  // no kernel may rely on its contents: NaNs
     run_block(static_cast<unsigned>(n));
   }

@@ -142,7 +142,9 @@ struct Context {
 
 #ifdef GEOMOE_EMU_UCONTEXT
   static void ucontext_entry(unsigned f_lo, unsigned f_hi, unsigned a_lo, unsigned a_hi) {
-    auto join = [](unsigned lo, unsigned hi) { return static_cast<std::uintptr_t>(lo) | (static_cast<std::uintptr_t>(hi) << 32); };
+    auto join = [](unsigned lo, unsigned hi) {
+      return static_cast<std::uintptr_t>(lo) | (static_cast<std::uintptr_t>(hi) << 32);
+    };
     reinterpret_cast<void (*)(void*)>(join(f_lo, f_hi))(reinterpret_cast<void*>(join(a_lo, a_hi)));
   }
 #endif

@@ -30,7 +30,10 @@ template <int M, int N, int K> struct Shape<matrix_a, M, N, K> { static constexp
 template <int M, int N, int K> struct Shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
 template <int M, int N, int K> struct Shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
 
-template <class L> constexpr layout_t layout_of() { return std::is_same<L, col_major>::value ? mem_col_major : mem_row_major; }
+template <class L>
+constexpr layout_t layout_of() {
+  return std::is_same<L, col_major>::value ? mem_col_major : mem_row_major;
+}
 
 inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
@@ -95,7 +98,9 @@ struct MemorySlot {
     const std::size_t bytes = a.ldm * sizeof(typename Frag::element_type);
     if (bytes % 16) throw Error(format("leading dimension %u (%zu bytes) is not a multiple of 16 bytes", a.ldm, bytes));
   }
-  std::size_t offset(int r, int c) const { return layout == mem_row_major ? std::size_t(r) * ldm + c : r + std::size_t(c) * ldm; }
+  std::size_t offset(int r, int c) const {
+    return layout == mem_row_major ? std::size_t(r) * ldm + c : r + std::size_t(c) * ldm;
+  }
 };
 
 template <class Frag, class T>

@@ -26,6 +26,20 @@ __global__ void block_sum(const float* in, float* out) {
   }
 }
 
+// block_sum per block of 96 inputs without the barrier: thread 0 may read the other warps' partial
+// sums before they are written (on a GPU as here, where one of the two thread orders does).
+__global__ void block_sums_without_barrier(const float* in, float* out) {
+  __shared__ float partial[32];
+  float v = in[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) s += partial[w];
+    out[blockIdx.x] = s;
+  }
+}
+
 // Correct: D = A B + C for 16 x 16 tiles, A read column-major, B row-major, C and D column-major.
 __global__ void wmma_layouts(const __half* a, const __half* b, float* cd) {
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major> fa;
@@ -125,6 +139,7 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
   const auto* ha = static_cast<const __half*>(a);
   cudaStream_t s = nullptr;
   if (is("block_sum")) GEOMOE_LAUNCH(1, 96, 0, s, block_sum)(fa, out);
+  else if (is("block_sums_without_barrier")) GEOMOE_LAUNCH(2, 96, 0, s, block_sums_without_barrier)(fa, out);
   else if (is("wmma_layouts")) GEOMOE_LAUNCH(1, 32, 0, s, wmma_layouts)(ha, static_cast<const __half*>(b), out);
   else if (is("grid_y_too_large")) GEOMOE_LAUNCH(dim3(1, 65536), 32, 0, s, touch)(out);
   else if (is("grid_z_too_large")) GEOMOE_LAUNCH(dim3(1, 1, 65536), 32, 0, s, touch)(out);
@@ -154,6 +169,7 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
 
 }  // namespace broken
 
-extern "C" __attribute__((visibility("default"))) const char* run_case(const char* name, const void* a, const void* b, float* out) {
+extern "C" __attribute__((visibility("default"))) const char* run_case(const char* name, const void* a, const void* b,
+                                                                      float* out) {
   return cudaGetErrorString(broken::run(name, a, b, out));
 }
