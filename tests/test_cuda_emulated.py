@@ -138,14 +138,15 @@ def test_permute_and_weighted_unpermute(dtype, T, k, d):
     E = 5
     r2f, f2r, _ = route(_ids(T, E, k), E, backend="torch")
     x = torch.randn(T, d).to(dtype).requires_grad_(True)
+    z = torch.randn(T * k, d).to(dtype).requires_grad_(True)  # each slot's row its own
     w = torch.rand(T, k, requires_grad=True)
     shared = torch.randn(T, d).to(dtype).requires_grad_(True)
 
-    def run(be, x, w, shared):
-        rows = permute(x, r2f, f2r, k, backend=be) * 2
+    def run(be, x, z, w, shared):
+        rows = permute(x, r2f, f2r, k, backend=be) * 2 + z
         return unpermute(rows, r2f, f2r, k, w, shared, backend=be)
 
-    _within_reference(run, [x, w, shared], dtype)
+    _within_reference(run, [x, z, w, shared], dtype)
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -159,9 +160,12 @@ def test_every_k_from_gating_to_combine(k):
     r2f, f2r, off = route(ids, E, backend="cuda")
     for a, b in zip((r2f, f2r, off), naive_route(ids, E)):
         assert torch.equal(a, b)
-    x = torch.randn(T, d, requires_grad=True)
-    run = lambda be, x, w: unpermute(permute(x, r2f, f2r, k, backend=be), r2f, f2r, k, w, None, backend=be)  # noqa: E731
-    _within_reference(run, [x, w.detach().requires_grad_(True)], torch.float32)
+    x, z = torch.randn(T, d, requires_grad=True), torch.randn(T * k, d, requires_grad=True)
+
+    def run(be, x, z, w):
+        return unpermute(permute(x, r2f, f2r, k, backend=be) + z, r2f, f2r, k, w, None, backend=be)
+
+    _within_reference(run, [x, z, w.detach().requires_grad_(True)], torch.float32)
 
 
 @pytest.mark.parametrize("dtype", ALL)

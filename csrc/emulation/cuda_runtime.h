@@ -4,9 +4,10 @@
 //
 // Execution. A launch runs at once on the calling host thread, block after block (the last first).
 // The threads of a block are fibers (fiber.h) on that one host thread; each runs until it waits at
-// __syncthreads or in a warp collective, or returns, and the next runnable one goes on. So a
-// barrier is a real barrier among concurrently live threads, warps do not run in lockstep (as on
-// Volta and later), and every run of a kernel is the same run.
+// __syncthreads or in a warp collective, or returns, and then the first runnable thread in index
+// order (reverse order in odd blocks) goes on. So a barrier is a real barrier among concurrently
+// live threads, warps do not run in lockstep (as on Volta and later), early (or late) warps run
+// ahead as far as the barriers allow, and every run of a kernel is the same run.
 //
 // Types and arithmetic come from the CUDA toolkit's own headers (their host versions of __half,
 // __nv_bfloat16 and the conversions), so an emulated kernel rounds as the GPU's conversions do.

@@ -193,6 +193,7 @@ struct Runtime {
   const LaunchSpec* spec = nullptr;
   std::string kernel_name;
   unsigned n_threads = 0, at_barrier = 0, exited = 0;
+  bool woken = false;  // a barrier or collective has made waiting threads runnable again
   bool failed = false;
   std::string failure;
   unsigned char* dynamic_smem = nullptr;
@@ -273,6 +274,8 @@ inline void syncthreads(Site site) {
     throw Error("the block's threads wait at different __syncthreads: " + where);
   }
   for (unsigned i = 0; i < r.n_threads; ++i) r.threads[i].state = State::kRunnable;
+  r.woken = true;
+  yield(t);  // the scheduler's order, not the last arrival, decides who goes on first
 }
 
 // ---- warp collectives ----------------------------------------------------------------------------
@@ -327,7 +330,9 @@ void collective(const char* what, unsigned mask, Slot& slot, Site site) {
   } catch (const Error& e) {
     throw Error(format("%s at %s: ", what, site.str().c_str()) + e.message);
   }
-  for_lanes(mask & ~me, [&](unsigned l) { r.threads[t.warp * kWarpSize + l].state = State::kRunnable; });
+  for_lanes(mask, [&](unsigned l) { r.threads[t.warp * kWarpSize + l].state = State::kRunnable; });
+  r.woken = true;
+  yield(t);  // the scheduler's order, not the last arrival, decides who goes on first
 }
 
 // A thread returns from the kernel: nobody may still be waiting for it.
@@ -384,8 +389,11 @@ inline std::string deadlock() {
   return out;
 }
 
-// Threads run in index order in even blocks and in reverse order in odd ones, so a read that
-// relies on another thread's write without a barrier between them sees the stale value in one of the two.
+// The scheduler always resumes the first runnable thread in index order in even blocks, and in
+// reverse order in odd ones: the first warps (or the last) run ahead as far as the barriers let
+// them. So a read that relies on another thread's write without a barrier between them, or a
+// write that a barrier should have kept from overtaking another warp's read, goes wrong in one of
+// the two orders.
 inline void run_block(unsigned block_linear) {
   Runtime& r = runtime();
   const dim3 b = g_block_dim;
@@ -404,23 +412,23 @@ inline void run_block(unsigned block_linear) {
     r.warps[w].groups.clear();
   }
   r.at_barrier = r.exited = 0;
+  r.woken = false;
   const bool reverse = block_linear & 1u;
-  for (unsigned done = 0; done < r.n_threads;) {
-    bool ran = false;
-    for (unsigned k = 0; k < r.n_threads; ++k) {
-      Thread& t = r.threads[reverse ? r.n_threads - 1 - k : k];
-      if (t.state != State::kRunnable) continue;
-      g_thread = &t;
-      fiber::switch_to(r.scheduler, t.ctx);
-      g_thread = nullptr;
-      ran = true;
-      if (r.failed) return;
-      done += t.state == State::kDone;
-    }
-    if (!ran) {
+  // threads before position p in the order are waiting (or done) unless something woke them since
+  for (unsigned p = 0, done = 0; done < r.n_threads;) {
+    auto at = [&](unsigned q) -> Thread& { return r.threads[reverse ? r.n_threads - 1 - q : q]; };
+    while (p < r.n_threads && at(p).state != State::kRunnable) ++p;
+    if (p == r.n_threads) {
       fail(nullptr, deadlock());
       return;
     }
+    Thread& t = at(p);
+    g_thread = &t;
+    fiber::switch_to(r.scheduler, t.ctx);  // back when t waits or returns
+    g_thread = nullptr;
+    if (r.failed) return;
+    done += t.state == State::kDone;
+    if (r.woken) r.woken = false, p = 0;
   }
 }
 
