@@ -30,7 +30,7 @@ def markdown(result: Dict[str, Any]) -> str:
     for r in result["rows"]:
         groups[r.get("group", "other")].append(r)
     cols = ["impl", "tokens", "routing", "mask_ratio", "images", "median_s", "tflops", "fraction_of_mm", "gbps",
-            "fraction_of_copy", "images_per_s", "load_max_over_mean", "peak_memory_bytes"]
+            "fraction_of_copy", "images_per_s", "load_max_over_mean", "peak_memory_bytes", "version", "unsupported"]
     for group, rows in groups.items():
         present = [c for c in cols if any(r.get(c) is not None for r in rows)]
         out += ["", f"## {group}", "", "| " + " | ".join(present) + " |", "|" + " --- |" * len(present)]

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _row(b: Dict[str, Any]) -> Dict[str, Any]:
     info = dict(b.get("extra_info", {}))
-    stats = b.get("stats") or {}
+    stats = {} if info.get("unsupported") else (b.get("stats") or {})  # recorded with its reason, untimed
     median = stats.get("median")
     row = {"name": b["name"], **info, "median_s": median, "mean_s": stats.get("mean"), "stddev_s": stats.get("stddev"),
            "rounds": stats.get("rounds")}

@@ -1,4 +1,6 @@
-"""python -m geomoe_kernels.info: which backends run here, and why the others do not."""
+"""python -m geomoe_kernels.info [--verify]: which backends run here, and why the others do not;
+with --verify, also check every usable kernel backend against the reference (geomoe_kernels.verify)
+and exit non-zero if any fails."""
 from __future__ import annotations
 
 import platform
@@ -36,5 +38,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--verify", action="store_true", help="check each usable backend and dtype against the reference")
+    args = ap.parse_args(argv)
+    print(report(), flush=True)
+    if not args.verify:
+        return 0
+    from . import verify
+
+    text, status = verify.main()
+    print("\nverification (a small ragged case per op, forward and backward, against float64):\n" + text)
+    return status
+
+
 if __name__ == "__main__":
-    print(report())
+    raise SystemExit(main())

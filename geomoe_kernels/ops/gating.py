@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._checks import OpInputError, check_choice, check_finite, check_tensor
 from ..reference import gating as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 _GATE_DTYPES = (torch.float32, torch.float64)
@@ -28,7 +28,7 @@ def _check(logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str) 
         raise OpInputError(f"{op}: argument 'top_k' expected 1 <= top_k <= {E} (the number of experts), got {top_k}")
 
 
-@torch.library.custom_op("geomoe::topk_gating", mutates_args=())
+@torch.library.custom_op("geomoe::topk_gating", mutates_args=(), tags=OP_TAGS)
 def topk_gating_op(
     logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str, renormalize: bool, backend: str = "auto"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -49,7 +49,7 @@ def _(logits, bias, top_k, score_func, renormalize, backend="auto"):
     )
 
 
-@torch.library.custom_op("geomoe::topk_gating_backward", mutates_args=())
+@torch.library.custom_op("geomoe::topk_gating_backward", mutates_args=(), tags=OP_TAGS)
 def topk_gating_backward_op(
     grad_weights: Optional[Tensor],
     grad_prob_mean: Optional[Tensor],

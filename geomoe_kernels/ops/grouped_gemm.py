@@ -26,7 +26,7 @@ from .._checks import (
 )
 from ..reference import activations
 from ..reference import grouped_gemm as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 from .permute import unpermute_op
 
 
@@ -68,7 +68,7 @@ def _check_offset_values(offsets: Tensor, M: int, op: str = "grouped_mm") -> Non
         )
 
 
-@torch.library.custom_op("geomoe::grouped_mm", mutates_args=())
+@torch.library.custom_op("geomoe::grouped_mm", mutates_args=(), tags=OP_TAGS)
 def grouped_mm_op(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
     gather: Optional[Tensor] = None, top_k: int = 1, backend: str = "auto",
@@ -89,7 +89,7 @@ def _(x, weight, offsets, bias, activation, gather=None, top_k=1, backend="auto"
     return out, pre
 
 
-@torch.library.custom_op("geomoe::grouped_mm_backward", mutates_args=())
+@torch.library.custom_op("geomoe::grouped_mm_backward", mutates_args=(), tags=OP_TAGS)
 def grouped_mm_backward_op(
     grad_out: Tensor,
     x: Tensor,
