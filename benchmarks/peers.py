@@ -75,6 +75,8 @@ class ScatterMoELayer(TorchRoutedLayer):
     def experts(self, x, ids, w):
         if x.device.type != "cuda":
             raise PeerUnavailable("ScatterMoE's Triton kernels run on CUDA tensors only")
+        if next(self.mlp.parameters()).dtype != x.dtype:  # it takes weights in the activation dtype (no autocast)
+            self.mlp.to(x.dtype)
         return self.mlp(x, w.to(x.dtype), ids)
 
 

@@ -16,7 +16,7 @@ gradients are compared with the reference computed in float64 on the CPU:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -147,11 +147,19 @@ def _compare(ours, same_dtype_ref, exact, dtype) -> Optional[str]:
 
 def verify(device: Optional[torch.device] = None, ops: Optional[Sequence[str]] = None,
            backends: Sequence[str] = ("torch", "triton", "cuda"),
-           dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16)) -> List[Verdict]:
-    """Every (op, backend, dtype) that can run on `device` (default: the GPU if any, else the CPU)."""
+           dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),
+           on_verdict: Optional[Callable[[Verdict], None]] = None) -> List[Verdict]:
+    """Every (op, backend, dtype) that can run on `device` (default: the GPU if any, else the CPU);
+    on_verdict sees each verdict as it is reached (a run cut short still says what it found)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = _case()
-    verdicts = []
+    verdicts: List[Verdict] = []
+
+    def add(v: Verdict) -> None:
+        verdicts.append(v)
+        if on_verdict is not None:
+            on_verdict(v)
+
     for op in ops or CHECKS:
         check = CHECKS[op]
         exact = check(case, "torch", torch.device("cpu"), torch.float64)
@@ -162,34 +170,44 @@ def verify(device: Optional[torch.device] = None, ops: Optional[Sequence[str]] =
                 if why is None and be == "triton" and dt == torch.bfloat16 and _backend.triton_interpreting():
                     why = "the Triton interpreter computes bfloat16 products wrongly (numpy has no bfloat16)"
                 if why is not None:
-                    verdicts.append(Verdict(op, be, dt, "unavailable", why))
+                    add(Verdict(op, be, dt, "unavailable", why))
                     continue
                 try:
                     if same_dtype_ref is None:
                         same_dtype_ref = check(case, "torch", device, dt)
                     ours = check(case, be, device, dt)
                 except _backend.BackendUnavailable as e:
-                    verdicts.append(Verdict(op, be, dt, "unavailable", str(e)))
+                    add(Verdict(op, be, dt, "unavailable", str(e)))
                     continue
                 except Exception as e:  # a kernel that crashes has failed its check
-                    verdicts.append(Verdict(op, be, dt, "failed", f"{type(e).__name__}: {e}"))
+                    add(Verdict(op, be, dt, "failed", f"{type(e).__name__}: {e}"))
                     continue
                 problem = _compare(ours, same_dtype_ref, exact, dt)
-                verdicts.append(Verdict(op, be, dt, "failed" if problem else "verified", problem or ""))
+                add(Verdict(op, be, dt, "failed" if problem else "verified", problem or ""))
     return verdicts
 
 
-def table(verdicts: Sequence[Verdict]) -> str:
-    lines = [f"{'op':<22} {'backend':<7} {'dtype':<9} verdict"]
-    for v in verdicts:
-        dtype = str(v.dtype).replace("torch.", "")
-        lines.append(f"{v.op:<22} {v.backend:<7} {dtype:<9} {v.status}{': ' + v.detail if v.detail else ''}")
+HEADER = f"{'op':<22} {'backend':<7} {'dtype':<9} verdict"
+
+
+def line(v: Verdict) -> str:
+    dtype = str(v.dtype).replace("torch.", "")
+    return f"{v.op:<22} {v.backend:<7} {dtype:<9} {v.status}{': ' + v.detail if v.detail else ''}"
+
+
+def totals(verdicts: Sequence[Verdict]) -> str:
     failed = sum(v.status == "failed" for v in verdicts)
     ok = sum(v.status == "verified" for v in verdicts)
-    lines.append(f"{ok} verified, {failed} failed, {len(verdicts) - ok - failed} unavailable")
-    return "\n".join(lines)
+    return f"{ok} verified, {failed} failed, {len(verdicts) - ok - failed} unavailable"
 
 
-def main() -> Tuple[str, int]:
-    verdicts = verify()
-    return table(verdicts), int(any(v.status == "failed" for v in verdicts))
+def table(verdicts: Sequence[Verdict]) -> str:
+    return "\n".join([HEADER, *map(line, verdicts), totals(verdicts)])
+
+
+def main() -> int:
+    """Print the table line by line as the checks run; non-zero if any check failed."""
+    print(HEADER, flush=True)
+    verdicts = verify(on_verdict=lambda v: print(line(v), flush=True))
+    print(totals(verdicts), flush=True)
+    return int(any(v.status == "failed" for v in verdicts))
