@@ -11,7 +11,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import self_check
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
+KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
 
 # op name -> backend -> (implementation, supports(*args) -> reason it cannot run, or None)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
@@ -66,10 +69,14 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Cal
         reason = _why_not(op, backend, device, args)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
+        if backend in KERNEL_BACKENDS:
+            self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return _REGISTRY[op][backend][0]
     order = ("cuda", "triton", "torch") if device.type == "cuda" else (("triton", "torch") if triton_interpreting() else ("torch",))
     for name in order:
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
+            if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
+                continue  # failed its check on this device: the next backend runs
             return _REGISTRY[op][name][0]
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
 

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import backend, cuda, ops  # noqa: F401  (importing ops registers the implementations)
+from . import backend, cuda, ops, self_check  # noqa: F401  (importing ops registers the implementations)
 
 OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "expert_mlp", "masked_depthwise_conv", "norm_linear")
 
@@ -21,6 +21,7 @@ def report() -> str:
     except ImportError:
         lines.append("triton not installed")
     lines.append(f"CUDA core: {cuda.load()[1]}")
+    lines.append(self_check.summary())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         lines.append(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
