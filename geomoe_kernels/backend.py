@@ -28,6 +28,16 @@ _UNAVAILABLE_REASON = {
 }
 
 
+# backend -> device -> why the backend cannot run on that device at all (e.g. no kernel image for its
+# architecture), or None; set by the module that provides the backend
+_DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
+
+
+def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
+    """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
+    _DEVICE_CHECKS[backend] = check
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs."""
 
@@ -56,6 +66,10 @@ def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]
         return _UNAVAILABLE_REASON.get(backend, "not registered")
     if backend == "cuda" and device.type != "cuda":
         return f"the CUDA core runs on CUDA tensors, got tensors on {device}"
+    if backend in _DEVICE_CHECKS:
+        reason = _DEVICE_CHECKS[backend](device)
+        if reason is not None:
+            return reason
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"Triton runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; got tensors on {device}"
     supports = entry[1]

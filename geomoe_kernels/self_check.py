@@ -178,7 +178,8 @@ def forget() -> None:
 def summary() -> str:
     data = _read()
     failed = [k for k, v in data.items() if v.get("status") == "failed"]
-    state = "on" if os.environ.get("GEOMOE_SELF_CHECK") != "0" else "off (GEOMOE_SELF_CHECK=0)"
+    flag = os.environ.get("GEOMOE_SELF_CHECK")
+    state = {None: "on for CUDA devices", "0": "off (GEOMOE_SELF_CHECK=0)"}.get(flag, "on for every device (GEOMOE_SELF_CHECK=1)")
     secs = [float(v.get("seconds", 0)) for v in data.values()]
     cost = f"; a check takes {min(secs):.2f}-{max(secs):.2f} s, once per kernel and dtype" if secs else ""
     return (f"self-check {state}: {len(data)} verdicts cached in {cache_path()}, {len(failed)} failed{cost}"
