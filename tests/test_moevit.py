@@ -86,3 +86,27 @@ def test_backbone_pyramid_at_any_multiple_of_16(size):
     assert [f["reduction"] for f in bb.feature_info] == [4, 8, 16, 32] and all(f["num_chs"] == 64 for f in bb.feature_info)
     assert bb.aux_loss is not None and bb.aux_loss.dim() == 0
     assert all(not b.requires_grad for m in bb.moe_layers() for b in m.buffers())
+
+
+def test_mae_pretraining_loss_falls_and_its_encoder_loads_into_the_classifier():
+    from geomoe import MoEViTMAE
+
+    torch.manual_seed(0)
+    mae = MoEViTMAE(32, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **SMALL)
+    # smooth images: a masked patch is predictable from the visible one (noise would not be)
+    imgs = torch.nn.functional.interpolate(torch.randn(8, 3, 2, 2), size=(32, 32), mode="bilinear", align_corners=True)
+    opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        loss, aux, load = mae(imgs, noise=torch.rand(8, 4, generator=torch.Generator().manual_seed(step)))
+        assert aux.shape == (3,) and load.shape == (3, 5) and int(load.sum()) == 3 * 8 * 2 * 2  # cls + 1 kept token, top-2
+        opt.zero_grad()
+        (loss + 1e-4 * aux.sum()).backward()
+        opt.step()
+        mae.update_expert_biases(load)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    clf = MoEViTClassifier(4, 32, **SMALL)
+    result = load_original_state_dict(clf, original_state_dict(mae))
+    assert sorted(result.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert all(k.startswith(("norm.", "mask_token", "decoder")) for k in result.unexpected)

@@ -21,7 +21,8 @@ from geomoe_kernels import MoEMLP
 from geomoe_kernels.backend import check_backend_name
 
 from .backbone import interpolate_pos_embed
-from .model import Attention, Mlp
+from .masking import random_masking
+from .model import Attention, MaskedAutoencoder, Mlp
 from .pos_embed import sincos_2d
 
 PATCH = 16
@@ -204,3 +205,45 @@ class MoEViTBackbone(MoEViTEncoder):
         maps = [out.hidden[i][:, 1:].transpose(1, 2).reshape(N, self.embed_dim, h, w) for i in self.out_indices]
         self.aux_loss = self.aux_weight * out.aux.sum()
         return tuple(f(m) for f, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps))
+
+
+class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
+    """MAE pretraining of the MoE-ViT. Its pretraining code is not published: this assumes GeoMoE's
+    objective (mask 0.75, 49 rebuilt tokens, norm-pix loss, the 8-block 512-wide cross-attention
+    decoder), the cls token kept beside the visible tokens, no drop path, and a final LayerNorm
+    (eps 1e-6, `norm`) on the encoder output as in MAE. forward(imgs) -> (loss, aux [layers],
+    loads [layers, experts]), like GeoMoE, so the same trainer runs either model."""
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, backend: str = "auto", **kw):
+        kw.setdefault("drop_path_rate", 0.0)
+        super().__init__(img_size=img_size, in_chans=in_chans, backend=backend, **kw)
+        self.norm_pix_loss = norm_pix_loss
+        self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        self._build_decoder(self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, 4.0)
+        self._init_weights()
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, imgs: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The cls token and the kept patch tokens (in `keep`'s order) through the blocks."""
+        if tuple(imgs.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"MoEViTMAE: argument 'imgs' expected shape [N, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                             f"got {list(imgs.shape)}")
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
+        x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[2]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        auxes, loads = [], []
+        for block in self.blocks:
+            x, aux, load = block(x)
+            if aux is not None:
+                auxes.append(aux)
+                loads.append(load)
+        return self.norm(x), torch.stack(auxes), torch.stack(loads)
+
+    def forward(self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25,
+                noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        masking = random_masking(imgs.shape[0], self.grid**2, mask_ratio, kept_mask_ratio, noise, imgs.device)
+        latent, aux, load = self.forward_encoder(imgs, masking.keep)
+        pred = self.forward_decoder(latent, masking.build)
+        return self.forward_loss(imgs, pred, masking.build), aux, load
