@@ -80,7 +80,9 @@ fi
 # get written; the steps after them get the rest: GEOMOE_BENCH_RESERVE seconds)
 quick=()  # GEOMOE_QUICK_CHECKS=1: verify and test with one Triton config per kernel (no autotuning)
 [ "${GEOMOE_QUICK_CHECKS:-0}" = 1 ] && quick=(env GEOMOE_TRITON_AUTOTUNE=0)
-want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - ${GEOMOE_BENCH_RESERVE:-100} ))
+bench_k=()  # GEOMOE_BENCH_K: a pytest -k expression, to run a subset of the benchmarks
+[ -n "${GEOMOE_BENCH_K:-}" ] && bench_k=(-k "$GEOMOE_BENCH_K")
+want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" "${bench_k[@]}" --budget $(( $(left) - ${GEOMOE_BENCH_RESERVE:-100} ))
 cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
 step profile 60 $PY -m benchmarks.profile_gpu ${GEOMOE_PROFILE_ARGS:-}
 step verify 120 "${quick[@]}" $PY -m geomoe_kernels.info --verify
