@@ -183,6 +183,26 @@ def test_2_a_second_signal_stops_at_once(tmp_path):
     assert res["step"] == 1
 
 
+def test_2_finetune_saves_and_stops_on_a_signal_too(tmp_path, monkeypatch):
+    import geomoe.finetune as ft
+
+    data = _class_folder(tmp_path / "d", bad=False)
+    original, calls = ft.mix_batch, {"n": 0}
+
+    def mix_batch(*args, **kwargs):  # the signal arrives during the second step
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "mix_batch", mix_batch)
+    args = dict(data=str(data), out=str(tmp_path / "ft"), img_size=32, epochs=2, batch_size=4, progress=False, device="cpu")
+    first = finetune(FinetuneArgs(**args))
+    assert first["history"] == [] and _names(tmp_path / "ft") == ["ckpt_00000002"]  # mid-epoch, saved
+    more = finetune(FinetuneArgs(resume="auto", **args))
+    assert [h["epoch"] for h in more["history"]] == [1, 2] and _names(tmp_path / "ft")[-1] == "ckpt_00000008"
+
+
 # ---- 3. re-saving a step is atomic ---------------------------------------------------------------
 
 
@@ -376,17 +396,25 @@ def test_8_every_number_is_checked_and_resume_names_changed_arguments(tmp_path, 
 # ---- 9. fine-tuning skips unreadable images ------------------------------------------------------
 
 
-def test_9_finetune_skips_unreadable_images_and_names_them(tmp_path):
+def _class_folder(root, bad):
+    """train/ and val/ with classes dark and light, 8 + 2 images each, 40 px; with `bad`, one
+    training and one validation image truncated (train/dark/cut.jpg replacing one good one)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 2)):
         for c, colour in (("dark", 40), ("light", 210)):
-            (tmp_path / "d" / split / c).mkdir(parents=True)
-            for i in range(n - (split == "train" and c == "dark")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n - (bad and split == "train" and c == "dark")):
                 arr = np.clip(colour + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(tmp_path / "d" / split / c / f"{i}.jpg")
-    good = (tmp_path / "d" / "train" / "dark" / "0.jpg").read_bytes()
-    (tmp_path / "d" / "train" / "dark" / "cut.jpg").write_bytes(good[: len(good) // 2])  # truncated
-    (tmp_path / "d" / "val" / "light" / "cut.jpg").write_bytes(good[: len(good) // 2])
+                Image.fromarray(arr).save(root / split / c / f"{i}.jpg")
+    if bad:
+        good = (root / "train" / "dark" / "0.jpg").read_bytes()
+        (root / "train" / "dark" / "cut.jpg").write_bytes(good[: len(good) // 2])  # truncated
+        (root / "val" / "light" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_9_finetune_skips_unreadable_images_and_names_them(tmp_path):
+    _class_folder(tmp_path / "d", bad=True)
     with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
         res = finetune(FinetuneArgs(data=str(tmp_path / "d"), out=str(tmp_path / "ft"), img_size=32, epochs=1,
                                     batch_size=4, progress=False, device="cpu"))
