@@ -88,26 +88,25 @@ def _deadline(seconds):
 
 def test_1_a_run_owns_its_directory(tmp_path):
     out = tmp_path / "run"
-    pretrain(PretrainArgs(out=str(out), steps=6, save_every=2, keep_last=0, **FAST))
-    assert _names(out) == ["ckpt_00000002", "ckpt_00000004", "ckpt_00000006"]
+    pretrain(PretrainArgs(out=str(out), steps=4, save_every=2, keep_last=0, **FAST))
+    assert _names(out) == ["ckpt_00000002", "ckpt_00000004"]
     # a fresh run into it (the shared default --out) is refused, says what is there, and changes nothing
     before = _snapshot(out)
-    with pytest.raises(RuntimeError, match=r"holds ckpt_00000002, ckpt_00000004, ckpt_00000006 of an earlier run: "
-                                           r"pass --resume auto"):
+    with pytest.raises(RuntimeError, match=r"holds ckpt_00000002, ckpt_00000004 of an earlier run: pass --resume auto"):
         pretrain(PretrainArgs(out=str(out), steps=4, keep_last=1, **FAST))
     assert _snapshot(out) == before
     # resuming past a corrupt newest checkpoint with --keep-last 1 keeps what it wrote, and the corrupt one
-    _truncate(out / "ckpt_00000006")
-    with pytest.warns(UserWarning, match="ckpt_00000006 cannot be read"):
-        pretrain(PretrainArgs(out=str(out), steps=6, stop_after=1, keep_last=1, resume="auto", **FAST))
-    assert _names(out) == ["ckpt_00000005", "ckpt_00000006"]
-    assert checkpoint.load(str(out / "ckpt_00000005"))["step"] == 5
-    # the next resume starts from step 5; saving step 6 over the unreadable one keeps that one aside
-    with pytest.warns(UserWarning, match="not written by this run or cannot be read: kept, renamed to ckpt_00000006.set-aside"):
-        res = pretrain(PretrainArgs(out=str(out), steps=6, keep_last=1, resume="auto", **FAST))
-    assert res["step"] == 6 and _names(out) == ["ckpt_00000006"]
-    assert checkpoint.load(str(out / "ckpt_00000006"))["step"] == 6
-    assert os.path.getsize(out / "ckpt_00000006.set-aside" / checkpoint.MODEL_FILE) == 100
+    _truncate(out / "ckpt_00000004")
+    with pytest.warns(UserWarning, match="ckpt_00000004 cannot be read"):
+        pretrain(PretrainArgs(out=str(out), steps=4, stop_after=1, keep_last=1, resume="auto", **FAST))
+    assert _names(out) == ["ckpt_00000003", "ckpt_00000004"]
+    assert checkpoint.load(str(out / "ckpt_00000003"))["step"] == 3
+    # the next resume starts from step 3; saving step 4 over the unreadable one keeps that one aside
+    with pytest.warns(UserWarning, match="not written by this run or cannot be read: kept, renamed to ckpt_00000004.set-aside"):
+        res = pretrain(PretrainArgs(out=str(out), steps=4, keep_last=1, resume="auto", **FAST))
+    assert res["step"] == 4 and _names(out) == ["ckpt_00000004"]
+    assert checkpoint.load(str(out / "ckpt_00000004"))["step"] == 4
+    assert os.path.getsize(out / "ckpt_00000004.set-aside" / checkpoint.MODEL_FILE) == 100
 
 
 def _fake_checkpoint(out, step, run_id, readable=True):
@@ -206,16 +205,25 @@ def test_2_finetune_saves_and_stops_on_a_signal_too(tmp_path, monkeypatch):
 # ---- 3. re-saving a step is atomic ---------------------------------------------------------------
 
 
-def test_3_a_kill_while_resaving_a_step_loses_nothing(tmp_path):
+class _Killed(BaseException):
+    """Stands for kill -9: nothing catches it, and nothing after it runs in the process."""
+
+
+def test_3_a_kill_while_resaving_a_step_loses_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     pretrain(PretrainArgs(out=str(out), steps=2, **FAST))
     before = checkpoint.load(str(out / "ckpt_00000002"))
-    # a resumed run that ends where it began saves step 2 again; kill -9 it between the two renames
-    proc = _cli(out, "--steps", "2", "--resume", "auto", env_extra={"GEOMOE_FAULT_SLOW_COMMIT": "30"})
-    _wait_for(out / ".ckpt_00000002.old", proc)
-    proc.kill()
-    proc.wait(timeout=30)
-    assert _names(out) == []  # at this instant step 2 exists only set aside
+
+    def killed(name):  # the instant between setting the old step 2 aside and renaming the new one in
+        if name == "SLOW_COMMIT":
+            raise _Killed
+
+    # a resumed run that ends where it began saves step 2 again, and dies in that instant
+    monkeypatch.setattr(checkpoint, "_fault_pause", killed)
+    with pytest.raises(_Killed):
+        pretrain(PretrainArgs(out=str(out), steps=2, resume="auto", **FAST))
+    monkeypatch.undo()
+    assert _names(out) == [] and (out / ".ckpt_00000002.old").is_dir()  # step 2 exists only set aside
     with pytest.warns(UserWarning, match="restored .*ckpt_00000002"):
         res = pretrain(PretrainArgs(out=str(out), steps=3, resume="auto", **FAST))
     assert res["step"] == 3 and _names(out) == ["ckpt_00000002", "ckpt_00000003"]
@@ -507,9 +515,9 @@ def test_rule_signals_to_the_group_at_random_moments_leave_a_resumable_run(tmp_p
         proc.wait(timeout=120)
         text = log.read_text()
         assert "killed by signal" not in text and "holds it" not in text, text
-        # it saved and ended (0), ended at once on a second signal, or was interrupted while still importing
-        assert proc.returncode in (0, -signal.SIGTERM, -signal.SIGINT) or (
-            proc.returncode == 1 and "KeyboardInterrupt" in text and "geomoe pretrain:" not in text), text
+        if "geomoe pretrain:" in text:  # signalled once it ran: it saved and ended, or a second signal ended it
+            assert proc.returncode in (0, -signal.SIGTERM, -signal.SIGINT), text
+        # (a signal before the handlers are installed, during the imports, ends Python as Python ends)
         state = load_resume_state("auto", str(out))  # never raises: the newest checkpoint there reads
         if state is not None:
             assert state["step"] > 0
