@@ -34,6 +34,8 @@ def topk_gating_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check(logits, bias, top_k, score_func)
     check_finite("topk_gating", "logits", logits)
+    if bias is not None:  # a NaN here would silently route every token to the same experts
+        check_finite("topk_gating", "bias", bias, data=False)
     return run("topk_gating", backend, logits.device, (logits, bias, top_k, score_func, renormalize))
 
 

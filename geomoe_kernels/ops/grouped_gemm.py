@@ -48,6 +48,8 @@ def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], a
     check_tensor(op, wname, weight, dtypes=FLOAT_DTYPES, dim=3, device=x.device)
     check_same_dtype(op, ["x", wname], [x, weight])
     E, K, N = weight.shape
+    if K == 0 or N == 0:
+        raise OpInputError(f"{op}: argument '{wname}' expected [E, K, N] with K >= 1 and N >= 1, got {list(weight.shape)}")
     if x.shape[1] != K:
         raise OpInputError(f"{op}: argument 'x' expected {K} columns ({wname} is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}")
     check_tensor(op, "offsets", offsets, dtypes=INDEX_DTYPES, shape=(E + 1,), device=x.device)

@@ -72,6 +72,8 @@ def use_stock(x: Tensor, weight: Tensor) -> bool:
     """Whether torch._grouped_mm runs this case (decided from metadata only)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in _STOCK_DTYPES:
         return False
+    if x.shape[0] == 0:  # no rows: torch._grouped_mm rejects the empty gradient's strides; the tiled path is exact
+        return False
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False

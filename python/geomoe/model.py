@@ -166,6 +166,22 @@ class MaskedAutoencoder:
             moe.update_bias(load, rate)
 
 
+def check_image_batch(owner: str, imgs: Tensor, like: Tensor, allow_empty: bool) -> None:
+    """Images must be floating point in the model's dtype (`like`; under autocast any float dtype),
+    and with allow_empty=False at least one."""
+    if not isinstance(imgs, Tensor):
+        raise ValueError(f"{owner}: argument 'imgs' expected a tensor [N, C, H, W], got {type(imgs).__name__}")
+    if not imgs.is_floating_point():
+        raise ValueError(
+            f"{owner}: argument 'imgs' expected normalised floating-point images of dtype {like.dtype}, got dtype {imgs.dtype} "
+            "(uint8 pixels: convert with .float() / 255, then normalise by the ImageNet mean and std)"
+        )
+    if imgs.dtype != like.dtype and not torch.is_autocast_enabled(imgs.device.type):
+        raise ValueError(f"{owner}: argument 'imgs' expected dtype {like.dtype} (the model's parameters'), got {imgs.dtype}")
+    if not allow_empty and imgs.dim() >= 1 and imgs.shape[0] == 0:
+        raise ValueError(f"{owner}: argument 'imgs' expected at least one image, got a batch of 0 (shape {list(imgs.shape)})")
+
+
 def _triple(v, name: str) -> Tuple:
     t = tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
     if len(t) != 3:
@@ -347,6 +363,7 @@ class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
 
     def _check_images(self, imgs: Tensor) -> None:
         want = (self.in_chans, self.img_size, self.img_size)
+        check_image_batch("GeoMoE", imgs, self.patch_embed1.proj.weight, allow_empty=False)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
             raise ValueError(f"GeoMoE: argument 'imgs' expected shape [N, {want[0]}, {want[1]}, {want[2]}], got {list(imgs.shape)}")
 

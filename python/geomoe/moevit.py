@@ -22,7 +22,7 @@ from geomoe_kernels.backend import check_backend_name
 
 from .backbone import interpolate_pos_embed
 from .masking import random_masking
-from .model import Attention, MaskedAutoencoder, Mlp
+from .model import Attention, MaskedAutoencoder, Mlp, check_image_batch
 from .pos_embed import sincos_2d
 
 PATCH = 16
@@ -131,8 +131,7 @@ class MoEViTEncoder(nn.Module):
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or imgs.shape[2] % PATCH or imgs.shape[3] % PATCH:
             raise ValueError(f"MoEViT: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of "
                              f"{PATCH}, got {list(imgs.shape)}")
-        if not imgs.is_floating_point():
-            raise ValueError(f"MoEViT: argument 'imgs' expected a floating-point tensor, got {imgs.dtype}")
+        check_image_batch("MoEViT", imgs, self.patch_embed.proj.weight, allow_empty=True)
         h, w = imgs.shape[2] // PATCH, imgs.shape[3] // PATCH
         x = self.patch_embed(imgs)
         pos = self.pos_embed
@@ -226,6 +225,7 @@ class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
 
     def forward_encoder(self, imgs: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """The cls token and the kept patch tokens (in `keep`'s order) through the blocks."""
+        check_image_batch("MoEViTMAE", imgs, self.patch_embed.proj.weight, allow_empty=False)
         if tuple(imgs.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
             raise ValueError(f"MoEViTMAE: argument 'imgs' expected shape [N, {self.in_chans}, {self.img_size}, {self.img_size}], "
                              f"got {list(imgs.shape)}")
