@@ -15,6 +15,8 @@ from .model import FRONT_ENDS
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="MAE pretraining (SPEC recipe)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
+    p.add_argument("--model", choices=("geomoe", "moevit"), default="geomoe",
+                   help="GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)")
     p.add_argument("--data", default=None, help="image folder root/<subfolder>/...; default: the embedded procedural scenes")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None)

@@ -31,6 +31,9 @@ from . import checkpoint, distributed
 from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .model import GeoMoE
+from .moevit import MoEViTMAE
+
+MODELS = ("geomoe", "moevit")
 from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, config_of, load_resume_state, lr_at,
                       make_loader, refuse_fresh_run_into_used_directory, rng_state, run_identity, set_rng_state,
                       start_batches, warn_changed_run_arguments)
@@ -39,6 +42,7 @@ from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, chec
 @dataclass
 class PretrainArgs:
     config: str = "tiny"
+    model: str = "geomoe"  # or "moevit": the plain-ViT MoE baseline
     data: Optional[str] = None
     steps: Optional[int] = None
     batch_size: Optional[int] = None  # per rank
@@ -66,6 +70,8 @@ class PretrainArgs:
         """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
         if self.config not in CONFIGS:
             raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"argument '--model' expected one of {list(MODELS)}, got {self.model!r}")
         check_int("steps", self.steps, 1, optional=True)
         check_int("batch_size", self.batch_size, 1, optional=True)
         check_float("lr", self.lr, 0, low_open=True, optional=True)
@@ -109,7 +115,7 @@ class _Trainer:
             raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
         self.start = 0
         # what makes this run this run: a resume with any of these changed gets a warning
-        self.run_args = dict(config=args.config, data=args.data, seed=args.seed, batch_size=self.batch, steps=self.steps,
+        self.run_args = dict(config=args.config, model=args.model, data=args.data, seed=args.seed, batch_size=self.batch, steps=self.steps,
                              lr=self.peak_lr, front_end=args.front_end)
         self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
         self.run_id = run_identity(self.state)
@@ -117,7 +123,10 @@ class _Trainer:
             warn_changed_run_arguments(self.state, self.run_args, warn=env.main)
 
         torch.manual_seed(args.seed)  # the same initial weights on every rank
-        model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend)
+        if args.model == "moevit":  # no convolutional front end: --front-end does not apply
+            model = MoEViTMAE(**preset["moevit"], backend=args.backend)
+        else:
+            model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend)
         self.local_params: List[str] = []
         if args.expert_parallel:
             self.local_params = shard_experts(model)
@@ -145,7 +154,9 @@ class _Trainer:
         if self.args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for blk in list(model.blocks1) + list(model.blocks2) + list(model.blocks3) + list(model.decoder_blocks):
+            encoder = list(model.blocks) if isinstance(model, MoEViTMAE) else (
+                list(model.blocks1) + list(model.blocks2) + list(model.blocks3))
+            for blk in encoder + list(model.decoder_blocks):
                 fully_shard(blk)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -234,8 +245,9 @@ class _Trainer:
             mode = "FSDP2" if args.fsdp else ("DDP" if env.enabled else "one process")
             mode += " + expert parallel" if args.expert_parallel else ""
             print(
-                f"geomoe pretrain: config {args.config} ({n_params / 1e6:.2f} M parameters on rank 0), {env.world} x {env.device.type} "
-                f"({mode}), backend {args.backend}, front end {args.front_end}, batch {self.batch} per rank, "
+                f"geomoe pretrain: {args.model} config {args.config} ({n_params / 1e6:.2f} M parameters on rank 0), "
+                f"{env.world} x {env.device.type} ({mode}), backend {args.backend}, "
+                f"{'front end ' + args.front_end + ', ' if args.model == 'geomoe' else ''}batch {self.batch} per rank, "
                 f"steps {self.start}..{self.steps}, peak lr {self.peak_lr:.2e}, "
                 f"data {'folder ' + args.data if args.data else 'embedded procedural scenes'} ({len(self.dataset)} images), "
                 f"{'fp16 autocast' if self.amp else 'float32'}"
