@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from benchmarks import common as C
+from benchmarks import peers as P
 from geomoe_kernels import grouped_mm, permute, route, topk_gating, unpermute
 
-LAYER_IMPLS = ("geomoe", "geomoe_cuda", "reference", "grouped_mm", "loop")
-PEERS = ("grouped_mm", "loop")  # baselines for moe_layer_speedup_vs_best_peer
+LAYER_IMPLS = ("geomoe", "geomoe_graph", "geomoe_cuda", "reference", "grouped_mm", "loop") + tuple(P.PEERS)
+PEERS = ("grouped_mm", "loop") + tuple(P.PEERS)  # baselines for moe_layer_speedup_vs_best_peer
+
+
+def _unsupported(benchmark, reason: str, **info) -> None:
+    """A peer that cannot run a case is recorded with the reason (run.py keeps it, untimed)."""
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(unsupported=reason, **info)
 
 
 def _routing_cases():
@@ -24,9 +31,9 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
     moe, x, g = C.skewed_layer(tokens, routing)
     if impl == "reference":
         moe.backend = "torch"
+    if impl in ("geomoe_cuda", "geomoe_graph") and C.device().type != "cuda":
+        pytest.skip(f"{impl} runs on CUDA tensors")
     if impl == "geomoe_cuda":  # every op on the CUDA core, its grouped GEMM included
-        if C.device().type != "cuda":
-            pytest.skip("the CUDA core runs on CUDA tensors")
         moe.backend = "cuda"
     if impl == "grouped_mm":
         if C.mode() == "gpu" and torch.cuda.get_device_capability()[0] < 9:
@@ -34,31 +41,56 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
         layer = C.GroupedMMLayer(moe)
     elif impl == "loop":
         layer = C.published_layer(moe)
+    elif impl in P.PEERS:
+        try:
+            layer = P.make(impl, moe, tokens)
+            layer(x[:8])  # a peer that cannot run here fails now, not inside the timing
+        except P.PeerUnavailable as e:
+            return _unsupported(benchmark, str(e), group="moe_layer", impl=impl, peer=True, tokens=tokens, routing=routing)
     else:
         layer = moe
     params = [p for p in layer.parameters() if p.requires_grad]
     x3 = x if impl != "loop" else x.view(1, tokens, -1)
     g3 = g if impl != "loop" else g.view(1, tokens, -1)
 
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
+    def step(keep_grads=False):
+        for t in params + [x]:
+            if keep_grads:  # in place, for a CUDA graph's static buffers
+                t.grad.zero_()
+            else:
+                t.grad = None
         with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.device.type == "cuda"):
             y, aux, load = layer(x3)
         torch.autograd.backward([y, aux], [g3, torch.ones_like(aux)])
         return load
 
     load = step()
+    if impl == "geomoe_graph":  # the same step replayed from a CUDA graph: the layer without host overhead
+        step = _graphed(step)
     if C.device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     C.run_pedantic(benchmark, step)
     benchmark.extra_info.update(
-        group="moe_layer", impl=impl, peer=impl in PEERS, tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
+        group="moe_layer", impl=impl, peer=impl in PEERS, version=getattr(layer, "version", None), tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
         load_max_over_mean=C.load_imbalance(load),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if C.device().type == "cuda" else None,
         mm_tflops=C.mm_tflops(tokens * (moe.top_k + 1), moe.dim, moe.hidden_dim),
     )
+
+
+def _graphed(step):
+    """step (forward + backward) captured in a CUDA graph, after warm-up on a side stream (autotuning
+    must not happen inside a capture); the captured step zeroes and refills the same grad buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        load = step(keep_grads=True)
+    return lambda: (graph.replay(), load)[1]
 
 
 @pytest.mark.parametrize("tokens", C.token_sweep())

@@ -13,10 +13,13 @@ SMOKE = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, 
              decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
+BATCHES = {"smoke": [2], "cpu": [2, 8], "gpu": [64]}[C.mode()]  # the first is the summary's
+
+
 @pytest.mark.parametrize("impl", ("geomoe", "geomoe_dense", "published"))
-def test_pretrain_step(benchmark, impl):
+@pytest.mark.parametrize("batch", BATCHES)
+def test_pretrain_step(benchmark, impl, batch):
     cfg = SMOKE if C.mode() == "smoke" else {}
-    batch = {"smoke": 2, "cpu": 2, "gpu": 64}[C.mode()]
     dev = C.device()
     torch.manual_seed(0)
     ours = GeoMoE(**cfg, front_end="dense" if impl == "geomoe_dense" else "sparse")

@@ -125,13 +125,17 @@ def published_layer(moe: MoEMLP) -> PublishedMoE:
     return pub
 
 
-class GroupedMMLayer(torch.nn.Module):
-    """The MoE layer on torch._grouped_mm with torch permutation (argsort, gather, weighted sum):
-    the strongest stock-PyTorch baseline. Shares the parameters of an MoEMLP."""
+class TorchRoutedLayer(torch.nn.Module):
+    """A baseline MoE layer sharing an MoEMLP's parameters: the same sigmoid + bias top-k router and
+    shared expert in plain torch, and the routed experts by `experts(x, ids, weights)` (a subclass or
+    a peer library). Returns (y, aux, load) like MoEMLP."""
 
     def __init__(self, moe: MoEMLP):
         super().__init__()
         self.moe = moe
+
+    def experts(self, x, ids, w):
+        raise NotImplementedError
 
     def forward(self, x):
         m = self.moe
@@ -141,9 +145,22 @@ class GroupedMMLayer(torch.nn.Module):
         ids = torch.topk(scores + m.expert_bias, k, dim=-1).indices
         w = scores.gather(1, ids)
         w = w / w.sum(-1, keepdim=True)
+        load = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+        routed = self.experts(x, ids, w)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        aux = (P * E * load.float() / (k * T)).sum()
+        return (routed.float() + m._shared(x, x.dtype).float()).to(x.dtype), aux, load
+
+
+class GroupedMMLayer(TorchRoutedLayer):
+    """torch._grouped_mm with torch permutation (argsort, gather, weighted sum in float32): the
+    strongest stock-PyTorch baseline."""
+
+    def experts(self, x, ids, w):
+        m, (T, k) = self.moe, ids.shape
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(m.num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0).to(torch.int32)
         expert_of_row = flat[order]
         rows = x[order // k]
@@ -152,12 +169,7 @@ class GroupedMMLayer(torch.nn.Module):
         out = torch._grouped_mm(h, m.w2.to(x.dtype), offs=offs) + m.b2.to(x.dtype)[expert_of_row]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)
-        routed = (out[inverse].view(T, k, -1).float() * w[..., None]).sum(1)
-        shared = m._shared(x, x.dtype)
-        load = counts
-        P = (scores / scores.sum(-1, keepdim=True)).mean(0)
-        aux = (P * E * load.float() / (k * T)).sum()
-        return (routed + shared.float()).to(x.dtype), aux, load
+        return (out[inverse].view(T, k, -1).float() * w[..., None]).sum(1)
 
 
 def moe_flops(tokens: int, backward: bool) -> float:

@@ -18,17 +18,24 @@ def pytest_configure(config):
 
 def _priority(item) -> int:
     """0: the headline figures (the MoE layer at the reference size, uniform routing; the front end
-    at mask 0.75; the train step); 1: the rest at the reference size; 2: the sweep. A run cut short
-    by its time budget keeps the figures that matter most."""
-    from benchmarks.common import reference_tokens
+    at mask 0.75; the train step); 1: each kernel at the reference size and the MoE layer at the
+    largest size; 2: the rest at the reference size (skewed routing, other masks); 3: the sweep.
+    A run cut short by its time budget keeps the figures that matter most."""
+    from benchmarks.common import reference_tokens, token_sweep
 
     params = getattr(getattr(item, "callspec", None), "params", {})
     group = item.originalname if hasattr(item, "originalname") else item.name
-    at_reference = params.get("tokens", reference_tokens()) == reference_tokens()
-    if (group == "test_moe_layer_fwdbwd" and at_reference and params.get("routing") == "uniform") or \
+    tokens = params.get("tokens", reference_tokens())
+    uniform = params.get("routing", "uniform") == "uniform"
+    if (group == "test_moe_layer_fwdbwd" and tokens == reference_tokens() and uniform) or \
             (group == "test_front_end_fwdbwd" and params.get("mask_ratio") == 0.75) or group == "test_pretrain_step":
         return 0
-    return 1 if at_reference else 2
+    if group == "test_moe_layer_fwdbwd":
+        largest = tokens == token_sweep()[-1] and uniform and params.get("impl") in ("geomoe", "geomoe_graph")
+        return 1 if largest else (2 if tokens == reference_tokens() else 3)
+    if group in ("test_front_end_fwdbwd", "test_cblock_fwdbwd"):
+        return 2
+    return 1 if tokens == reference_tokens() else 3
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -2,9 +2,11 @@
 # The one prepared device script. On a fresh GPU machine with no network (Python 3.12, torch 2.11,
 # Triton 3.6, nvcc 13.0), from the repository root, within GEOMOE_GPU_BUDGET seconds (default 420,
 # which leaves a 15-minute device allowance room for the machine's start and one rerun):
-#   builds the CUDA extension for this card only, runs the GPU tests (all of them, not stopping at
-#   the first failure), the benchmarks (headline figures first; what would start after the budget
-#   is skipped, and the results written anyway), then the rest of the suite with the time left;
+#   builds the CUDA extension for this card only, runs the benchmarks (headline figures first; what
+#   would start after the budget is skipped, and the results written anyway), a profile of where
+#   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests (all
+#   of them, not stopping at the first failure), compute-sanitizer on a short set, then the rest of
+#   the suite with the time left. GEOMOE_GPU_STEPS names a subset of those steps;
 #   everything goes to $GEOMOE_GPU_OUT (default gpu-out/): results JSON + markdown + plots, logs,
 #   junit XML; when $OUT is set (a device tool's return folder, which takes only a few files), a
 #   tarball of it plus the log and the results JSON and markdown are copied there at exit, also
@@ -33,7 +35,7 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${GEOMOE_GPU_BUDGET:-420}
 left() { echo $(( START + BUDGET - $(date +%s) )); }
-STEPS=${GEOMOE_GPU_STEPS:-info,build,gpu_tests,benchmarks,profile,sanitizer,other_tests}  # a subset for a short run
+STEPS=${GEOMOE_GPU_STEPS:-info,build,benchmarks,profile,verify,gpu_tests,sanitizer,other_tests}  # a subset for a short run
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
@@ -74,17 +76,24 @@ if compgen -G "csrc/*.cu" > /dev/null; then
 else
   log "build: no CUDA sources in csrc/ yet"
 fi
+# benchmarks: stop starting new ones 100 s before the budget ends (results, tables and plots still
+# get written; the steps after them get the rest: GEOMOE_BENCH_RESERVE seconds)
+quick=()  # GEOMOE_QUICK_CHECKS=1: verify and test with one Triton config per kernel (no autotuning)
+[ "${GEOMOE_QUICK_CHECKS:-0}" = 1 ] && quick=(env GEOMOE_TRITON_AUTOTUNE=0)
+bench_k=()  # GEOMOE_BENCH_K: a pytest -k expression, to run a subset of the benchmarks
+[ -n "${GEOMOE_BENCH_K:-}" ] && bench_k=(-k "$GEOMOE_BENCH_K")
+want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" "${bench_k[@]}" --budget $(( $(left) - ${GEOMOE_BENCH_RESERVE:-100} ))
+cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
+step profile 60 $PY -m benchmarks.profile_gpu ${GEOMOE_PROFILE_ARGS:-}
+step verify 120 "${quick[@]}" $PY -m geomoe_kernels.info --verify
 per_test=()  # a hung kernel fails its test instead of eating the budget (pytest-timeout is on the device)
 $PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=120)
 parallel=()  # the first run of each Triton kernel compiles every autotune config: 8 processes share that
 $PY -c "import xdist" 2> /dev/null && parallel=(-n 8)
 export GEOMOE_FAILURE_LOG="$OUT/failures.log"  # each failure's traceback as it happens
-step gpu_tests 110 $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
-# benchmarks: stop starting new ones 100 s before the budget ends (results, tables and plots still
-# get written; the sanitizer and the other tests get the rest)
-want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" --budget $(( $(left) - 100 ))
-cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
-step profile 60 $PY -m benchmarks.profile_gpu
+select=()  # GEOMOE_GPU_TESTS_K: a pytest -k expression, to rerun a subset
+[ -n "${GEOMOE_GPU_TESTS_K:-}" ] && select=(-k "$GEOMOE_GPU_TESTS_K")
+step gpu_tests 110 "${quick[@]}" $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" "${select[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 # compute-sanitizer on a short set of CUDA-core launches (each tool on one small test)
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do

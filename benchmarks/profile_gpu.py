@@ -63,14 +63,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=C.PRETRAIN_TOKENS)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--backends", default="auto,triton,cuda,torch")
+    ap.add_argument("--backends", default="auto,triton,cuda,torch", help="MoE layer backends to profile ('' for none)")
+    ap.add_argument("--front-ends", default="sparse,dense", help="front ends to profile ('' for none)")
     args = ap.parse_args(argv)
-    for backend in args.backends.split(","):
+    for backend in filter(None, args.backends.split(",")):
         try:
             moe_layer(args.tokens, backend, args.rows)
         except Exception as e:  # a backend that cannot run here says why and the rest still run
             print(f"\n===== MoE layer, backend {backend}: {type(e).__name__}: {e}", flush=True)
-    for front in ("sparse", "dense"):
+    for front in filter(None, args.front_ends.split(",")):
         front_end(args.images, front, args.rows)
     return 0
 

@@ -18,6 +18,20 @@ def _fmt(v, pct=False) -> str:
     return str(v)
 
 
+def _bound_us(row: Dict[str, Any], mode: str):
+    """The roofline's H100 lower bound beside a GPU row at GeoMoE's shape (benchmarks/roofline.py):
+    the MoE layer's routed path forward + backward, or the grouped up-projection."""
+    from benchmarks import roofline
+
+    if mode != "gpu" or not row.get("tokens"):
+        return None
+    if row.get("group") == "moe_layer":
+        return roofline.layer_bound_us(row["tokens"])
+    if row.get("group") == "grouped_gemm":
+        return roofline.up_proj_bound_us(row["tokens"])
+    return None
+
+
 def markdown(result: Dict[str, Any]) -> str:
     s, m = result["summary"], result["machine"]
     out = [f"# Benchmarks: {s.get('card')} ({m.get('mode')} mode), commit {s.get('commit')}", "",
@@ -28,9 +42,10 @@ def markdown(result: Dict[str, Any]) -> str:
             out.append(f"| {k} | {_fmt(v)} |")
     groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for r in result["rows"]:
-        groups[r.get("group", "other")].append(r)
+        groups[r.get("group", "other")].append(dict(r, h100_bound_us=_bound_us(r, m.get("mode"))))
     cols = ["impl", "tokens", "routing", "mask_ratio", "images", "median_s", "tflops", "fraction_of_mm", "gbps",
-            "fraction_of_copy", "images_per_s", "load_max_over_mean", "peak_memory_bytes"]
+            "fraction_of_copy", "images_per_s", "h100_bound_us", "load_max_over_mean", "peak_memory_bytes", "version",
+            "unsupported"]
     for group, rows in groups.items():
         present = [c for c in cols if any(r.get(c) is not None for r in rows)]
         out += ["", f"## {group}", "", "| " + " | ".join(present) + " |", "|" + " --- |" * len(present)]

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _row(b: Dict[str, Any]) -> Dict[str, Any]:
     info = dict(b.get("extra_info", {}))
-    stats = b.get("stats") or {}
+    stats = {} if info.get("unsupported") else (b.get("stats") or {})  # recorded with its reason, untimed
     median = stats.get("median")
     row = {"name": b["name"], **info, "median_s": median, "mean_s": stats.get("mean"), "stddev_s": stats.get("stddev"),
            "rounds": stats.get("rounds")}
@@ -65,8 +65,9 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     conv = _find(rows, group="masked_dwconv", direction="forward")
     fe_s = _find(rows, group="front_end", impl="sparse", mask_ratio=0.75)
     fe_d = _find(rows, group="front_end", impl="dense", mask_ratio=0.75)
-    ts_o = _find(rows, group="train_step", impl="geomoe")
-    ts_p = _find(rows, group="train_step", impl="published")
+    first_batch = min((r["images"] for r in rows if r.get("group") == "train_step"), default=None)  # the summary's batch
+    ts_o = _find(rows, group="train_step", impl="geomoe", images=first_batch)
+    ts_p = _find(rows, group="train_step", impl="published", images=first_batch)
     return {
         "reference_tokens": ref_tokens,
         "largest_tokens": largest,
@@ -85,7 +86,7 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "front_end_peak_memory_ratio_dense_over_sparse": (fe_d["peak_memory_bytes"] / fe_s["peak_memory_bytes"])
         if fe_s and fe_d and fe_s.get("peak_memory_bytes") else None,
         "train_step_speedup_vs_original": _ratio(ts_p, ts_o),
-        "train_step_speedup_vs_dense_front_end": _ratio(_find(rows, group="train_step", impl="geomoe_dense"), ts_o),
+        "train_step_speedup_vs_dense_front_end": _ratio(_find(rows, group="train_step", impl="geomoe_dense", images=first_batch), ts_o),
         "train_step_images_per_s": ts_o.get("images_per_s") if ts_o else None,
     }
 

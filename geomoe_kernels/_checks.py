@@ -4,8 +4,10 @@ what came. Metadata checks (device, dtype, shape, layout) cost nothing and alway
 only for CPU tensors; GEOMOE_CHECK_VALUES=1 turns them on everywhere, =0 off everywhere."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Optional, Sequence
+import threading
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -86,7 +88,27 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def check_finite(op: str, name: str, t: torch.Tensor) -> None:
+_passing = threading.local()
+
+
+@contextlib.contextmanager
+def non_finite_passes() -> Iterator[None]:
+    """Inside this block NaN/Inf in the data an op reads (router logits) pass through, as they do on
+    a GPU where value checks are off, instead of raising: a training loop that checks its loss then
+    skips a non-finite step the same way on every device. Parameters and buffers (expert_bias) are
+    still checked."""
+    before = getattr(_passing, "on", False)
+    _passing.on = True
+    try:
+        yield
+    finally:
+        _passing.on = before
+
+
+def check_finite(op: str, name: str, t: torch.Tensor, data: bool = True) -> None:
+    """NaN/Inf in `t` is an error where value checks run; `data` tensors pass inside non_finite_passes()."""
+    if data and getattr(_passing, "on", False):
+        return
     if value_checks_enabled(t) and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).sum()
         raise OpInputError(f"{op}: argument '{name}' expected finite values, got {int(bad)} NaN/Inf entries")

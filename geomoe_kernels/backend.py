@@ -12,21 +12,31 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import self_check
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
+KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
 
 # op name -> backend -> (implementation, supports(*args) -> reason it cannot run, or None)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
 # (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
 _EXPLICIT_ONLY = set()
 
-# backend -> device -> why the backend cannot run there, or None; registered by the module that provides it
-_DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
-
 # Why a backend has no implementation at all in this build; filled by the modules that provide them.
 _UNAVAILABLE_REASON = {
     "triton": "this build has no Triton kernel for it",
     "cuda": "this build has no CUDA C++ kernel for it",
 }
+
+
+# backend -> device -> why the backend cannot run on that device at all (e.g. no kernel image for its
+# architecture), or None; set by the module that provides the backend
+_DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
+
+
+def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
+    """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
+    _DEVICE_CHECKS[backend] = check
 
 
 class BackendUnavailable(RuntimeError):
@@ -42,11 +52,6 @@ def register(op: str, backend: str, impl: Callable, supports: Optional[Callable]
         _EXPLICIT_ONLY.add((op, backend))
 
 
-def register_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
-    """check(device): why `backend` cannot run on that device, or None."""
-    _DEVICE_CHECKS[backend] = check
-
-
 def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"argument 'backend' expected one of {list(BACKENDS)}, got {backend!r}")
@@ -60,7 +65,7 @@ def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]
     entry = _REGISTRY.get(op, {}).get(backend)
     if entry is None:
         return _UNAVAILABLE_REASON.get(backend, "not registered")
-    if backend in _DEVICE_CHECKS:
+    if backend in _DEVICE_CHECKS:  # the CUDA core's check decides on CPU tensors too (its emulation)
         reason = _DEVICE_CHECKS[backend](device)
         if reason is not None:
             return reason
@@ -79,11 +84,15 @@ def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Cal
         reason = _why_not(op, backend, device, args)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
+        if backend in KERNEL_BACKENDS:
+            self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return _REGISTRY[op][backend][0]
     # on CPU tensors "cuda" is the emulated core, when GEOMOE_CUDA_EMULATE turns it on
     order = ("cuda", "triton", "torch") if device.type == "cuda" or triton_interpreting() else ("cuda", "torch")
     for name in order:
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
+            if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
+                continue  # failed its check on this device: the next backend runs
             return _REGISTRY[op][name][0]
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
 

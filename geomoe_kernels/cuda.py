@@ -8,6 +8,7 @@ The same kernels built by the host compiler into geomoe_kernels._cuda_emulated r
 GEOMOE_CUDA_EMULATE=asan picks its AddressSanitizer build (which needs libasan preloaded)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Dict, Optional, Tuple
@@ -61,6 +62,48 @@ def _core_for(t: Tensor):
     return _core if t.device.type == "cuda" else load_emulated(emulation() or "1")[0]
 
 
+def runs_on(capability: Tuple[int, int], architectures: str) -> bool:
+    """Whether a build for `architectures` ("80;90a", PTX as "compute_90") has code for a device of
+    this compute capability: a cubin sm_XY runs on X.Y' for Y' >= Y, an arch-specific sm_XYa only on
+    X.Y, PTX compute_XY (compiled by the driver at load) on anything from X.Y up."""
+    major, minor = capability
+    for arch in filter(None, architectures.replace(",", ";").split(";")):
+        ptx = arch.startswith("compute_")
+        digits = arch.removeprefix("compute_").removeprefix("sm_")
+        specific = digits.endswith("a")
+        digits = digits.rstrip("a")
+        x, y = int(digits[:-1]), int(digits[-1])
+        if (specific and (major, minor) == (x, y)) or (not specific and not ptx and major == x and minor >= y) \
+                or (ptx and (major, minor) >= (x, y)):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture_reason(index: int) -> Optional[str]:
+    major, minor = torch.cuda.get_device_capability(index)
+    built = _core.architectures()
+    if runs_on((major, minor), built):
+        return None
+    return (f"the CUDA core was built for {built}, which has no code for this device (sm_{major}{minor}); "
+            f"rebuild with GEOMOE_CUDA_ARCHS including {major}{minor}")
+
+
+def device_reason(device: torch.device) -> Optional[str]:
+    """Why the 'cuda' backend cannot run on `device` (None: it can): a CUDA device needs the real core
+    with code for its architecture, CPU tensors GEOMOE_CUDA_EMULATE and the emulated core."""
+    if device.type == "cuda":
+        if _core is None:
+            return f"the CUDA core is {_status}"
+        return _architecture_reason(device.index if device.index is not None else torch.cuda.current_device())
+    variant = emulation()
+    if variant is None or device.type != "cpu":
+        return (f"the CUDA core runs on CUDA tensors, got tensors on {device} "
+                "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)")
+    core, status = load_emulated(variant)
+    return None if core is not None else f"the emulated CUDA core is {status}"
+
+
 def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
@@ -106,7 +149,8 @@ def route(expert_ids, num_experts):
                          stream=_stream(flat))
     counts = per_block.sum(0)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    base = (offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block).contiguous()
+    # the running sum over blocks along the fast axis (see the Triton launcher: dim-0 scans are slow)
+    base = (offsets[:-1][None, :] + per_block.t().contiguous().cumsum(1).t() - per_block).contiguous()
     row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
     flat_to_row = torch.empty_like(row_to_flat)
     core.route_scatter(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, base=_p(base), row_to_flat=_p(row_to_flat),
@@ -262,22 +306,9 @@ def _gating_ok(logits, bias=None, top_k=1, *rest) -> Optional[str]:
     return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=8)
 
 
-def _device_reason(device: torch.device) -> Optional[str]:
-    """Why the 'cuda' backend cannot run on `device` (None: it can): CUDA tensors need the real
-    core, CPU tensors GEOMOE_CUDA_EMULATE and the emulated one."""
-    if device.type == "cuda":
-        return None if _core is not None else f"the CUDA core is {_status}"
-    variant = emulation()
-    if variant is None or device.type != "cpu":
-        return (f"the CUDA core runs on CUDA tensors, got tensors on {device} "
-                "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)")
-    core, status = load_emulated(variant)
-    return None if core is not None else f"the emulated CUDA core is {status}"
-
-
 def register() -> None:
-    _backend.register_device_check("cuda", _device_reason)
     _backend._UNAVAILABLE_REASON["cuda"] = "the CUDA core has no kernel for it yet"
+    _backend.set_device_check("cuda", device_reason)
     r = _backend.register
     r("topk_gating", "cuda", topk_gating, _gating_ok)
     r("topk_gating_backward", "cuda", topk_gating_backward, lambda gw, gp, logits, ids, *rest: _gating_ok(logits, None, ids.shape[1]))
@@ -285,7 +316,8 @@ def register() -> None:
     r("permute", "cuda", permute, lambda x, r2f, k, w: _rows_ok(x) or _weights_ok(w))
     r("unpermute", "cuda", unpermute, lambda rows, f2r, k, w, s: _rows_ok(rows) or _weights_ok(w))
     r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda g, rows, *rest: _rows_ok(rows))
-    # not picked by backend="auto" until it has run on a GPU: ask for backend="cuda" to use it
+    # correct on an H200 (every GPU test passed) but 3.4x slower than the Triton GEMMs at GeoMoE's
+    # shape (plain WMMA tiles): backend="auto" keeps Triton; ask for backend="cuda" to use it
     r("grouped_mm", "cuda", grouped_mm, _gemm_ok, auto=False)
     r("grouped_mm_backward", "cuda", grouped_mm_backward,
       lambda g, x, w, off, pre, act, *rest: _gemm_ok(x, w, off, None, act), auto=False)

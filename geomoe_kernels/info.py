@@ -1,11 +1,13 @@
-"""python -m geomoe_kernels.info: which backends run here, and why the others do not."""
+"""python -m geomoe_kernels.info [--verify]: which backends run here, and why the others do not;
+with --verify, also check every usable kernel backend against the reference (geomoe_kernels.verify)
+and exit non-zero if any fails."""
 from __future__ import annotations
 
 import platform
 
 import torch
 
-from . import backend, cuda, ops  # noqa: F401  (importing ops registers the implementations)
+from . import backend, cuda, ops, self_check  # noqa: F401  (importing ops registers the implementations)
 
 OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "expert_mlp", "masked_depthwise_conv", "norm_linear")
 
@@ -23,6 +25,7 @@ def report() -> str:
     lines.append(f"emulated CUDA core: {cuda.load_emulated(variant or '1')[1]}; " +
                  (f"GEOMOE_CUDA_EMULATE={variant}: the cuda backend runs CPU tensors through it" if variant
                   else "GEOMOE_CUDA_EMULATE=1 runs CPU tensors through it"))
+    lines.append(self_check.summary())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         lines.append(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
@@ -40,5 +43,20 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--verify", action="store_true", help="check each usable backend and dtype against the reference")
+    args = ap.parse_args(argv)
+    print(report(), flush=True)
+    if not args.verify:
+        return 0
+    from . import verify
+
+    print("\nverification (a small ragged case per op, forward and backward, against float64):", flush=True)
+    return verify.main()
+
+
 if __name__ == "__main__":
-    print(report())
+    raise SystemExit(main())

@@ -41,3 +41,31 @@ def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 "range": (ep.expert_start, ep.expert_end)}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+
+
+def stalled_peer(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 joins, then stops answering (as a SIGSTOPped or hung rank would) until rank 0 is done;
+    rank 0's next collective must end within the --timeout with a message, not wait 30 minutes."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from geomoe import distributed
+
+    env = distributed.setup("cpu", timeout=2.0)
+    done = os.path.join(out_dir, "rank0_done")
+    if rank == 1:
+        t0 = time.time()
+        while not os.path.exists(done) and time.time() - t0 < 60:
+            time.sleep(0.05)
+        return
+    t0 = time.time()
+    try:
+        distributed.all_reduce(env, torch.ones(1))
+        message = "no error"
+    except RuntimeError as exc:
+        message = str(exc)
+    with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.2f}\n{message}")
+    open(done, "w").close()

@@ -111,3 +111,54 @@ class OriginalMoE(nn.Module):
         P = (s / s.sum(-1, keepdim=True)).mean(0)
         Fr = self.E * counts.to(s.dtype) / (self.k * T)
         return y.view_as(x), (P * Fr).sum(), counts
+
+
+class OriginalMoEViT(nn.Module):
+    """The published MoE-ViT classification computation, written from its description with the
+    original module names: conv patch embedding, cls token, a sin-cos table with a zero cls row
+    (a frozen parameter, as the original saves it), 12 pre-norm blocks (block 0 a dense MLP, the rest
+    the loop MoE), mean of the patch tokens, fc_norm, head. Returns (logits, per-layer aux)."""
+
+    def __init__(self, num_classes, img_size=224, dim=768, depth=12, heads=12, hidden=576, experts=23, top_k=3):
+        super().__init__()
+        from geomoe.pos_embed import sincos_2d
+
+        g = img_size // 16
+        self.heads = heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        table = torch.cat([torch.zeros(1, dim), sincos_2d(dim, g, g)])[None]
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            b.attn = nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            b.mlp = Expert(dim, 4 * dim, "gelu") if i == 0 else OriginalMoE(dim, hidden, experts, 1, top_k)
+            self.blocks.append(b)
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _attn(self, b, x):
+        B, L, C = x.shape
+        qkv = b.attn.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = torch.softmax(q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5, dim=-1)
+        return b.attn.proj((a @ v).transpose(1, 2).reshape(B, L, C))
+
+    def forward(self, imgs):
+        x = self.patch_embed.proj(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        auxes = []
+        for i, b in enumerate(self.blocks):
+            x = x + self._attn(b, b.norm1(x))
+            if i == 0:
+                x = x + b.mlp(b.norm2(x))
+            else:
+                y, aux, _ = b.mlp(b.norm2(x))
+                x = x + y
+                auxes.append(aux)
+        return self.head(self.fc_norm(x[:, 1:].mean(dim=1))), torch.stack(auxes)

@@ -5,13 +5,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
     "moe_layer_fwdbwd_tflops", "moe_layer_speedup_vs_loop", "moe_layer_speedup_vs_grouped_mm",
     "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "front_end_speedup_vs_dense",
     "train_step_speedup_vs_original", "train_step_speedup_vs_dense_front_end", "train_step_images_per_s",
     "norm_linear_fc1_fraction_of_mm", "norm_linear_fc1_speedup_vs_torch", "masked_dwconv_fraction_of_copy",
-    "card", "torch", "commit",
+    "card", "torch", "commit", "moe_layer_speedup_vs_best_peer", "cuda_grouped_gemm_fraction_of_mm",
 }
 
 
@@ -31,8 +34,12 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
     groups = {r["group"] for r in result["rows"]}
     assert {"moe_layer", "gating", "permute", "unpermute", "grouped_gemm", "front_end", "cblock", "train_step",
             "norm_linear", "masked_dwconv"} <= groups
-    impls = {r["impl"] for r in result["rows"] if r["group"] == "moe_layer"}
-    assert impls == {"geomoe", "reference", "grouped_mm", "loop"}
+    from benchmarks.peers import PEERS
+
+    layer_rows = [r for r in result["rows"] if r["group"] == "moe_layer"]
+    assert {r["impl"] for r in layer_rows} == {"geomoe", "reference", "grouped_mm", "loop", *PEERS}  # CUDA-only ones skip
+    for r in layer_rows:  # a peer that cannot run is recorded with its reason, never dropped
+        assert r.get("median_s") or r.get("unsupported"), r
     assert os.path.exists(tmp_path / path.replace(".json", ".md"))
     assert os.path.exists(tmp_path / path.replace(".json", "-moe-layer.png"))
 
@@ -49,3 +56,26 @@ def test_headline_benchmarks_run_first_and_a_spent_budget_skips_the_rest():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0 and "skipped" in last and "passed" not in last, proc.stdout[-1000:]
+
+
+@pytest.mark.parametrize("peer", ["grouped_mm", "hf_grouped_mm", "hf_batched_mm"])
+def test_peer_layers_compute_the_same_layer(peer):
+    """The baselines are timed as the same layer: outputs, aux and load equal MoEMLP's (float32, the
+    routers compute in float32)."""
+    from benchmarks import common as C
+    from benchmarks import peers as P
+    from geomoe_kernels import MoEMLP
+
+    if peer.startswith("hf_"):
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    moe = MoEMLP(32, 24, 6, 1, 2)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.randn(6))
+        for p in (moe.b1, moe.b2):
+            p.normal_()
+    x = torch.randn(50, 32)
+    layer = C.GroupedMMLayer(moe) if peer == "grouped_mm" else P.make(peer, moe, 50)
+    got, want = layer(x), moe(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to(b.dtype), b)

@@ -81,3 +81,15 @@ def test_every_wrapper_call_matches_its_binding(monkeypatch):
     assert {"topk_gating", "topk_gating_backward", "route_histogram", "route_scatter", "permute", "unpermute",
             "unpermute_weight_grad", "masked_depthwise_conv", "masked_depthwise_conv_wgrad", "grouped_mm",
             "grouped_mm_wgrad"} <= launched, launched
+
+
+@pytest.mark.parametrize("capability,archs,runs", [
+    ((9, 0), "80;90a", True), ((8, 0), "80;90a", True), ((8, 9), "80;90a", True), ((8, 6), "90a", False),
+    ((10, 0), "80;90a", False), ((12, 0), "80;90a;compute_90", True), ((7, 5), "80;compute_80", False),
+    ((9, 0), "90", True), ((10, 0), "90a", False),
+])
+def test_architecture_check(capability, archs, runs):
+    """Which devices a build has code for: auto skips the CUDA core on the others (no 'no kernel image')."""
+    from geomoe_kernels.cuda import runs_on
+
+    assert runs_on(capability, archs) is runs

@@ -33,9 +33,13 @@ def _loop(rows, w1, b1, w2, b2, offsets, act):
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("host_loop", [True, False])
 @pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_a_per_expert_loop_float64(act, case):
+def test_forward_and_gradients_match_a_per_expert_loop_float64(act, case, host_loop, monkeypatch):
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    monkeypatch.setattr(ref, "host_loop", lambda x: host_loop)  # the CPU's loop and the other devices' paths
     counts = CASES[case]
     off = _offsets(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)

@@ -12,6 +12,17 @@ def _offsets(counts):
     return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64)
 
 
+@pytest.fixture(params=["host_loop", "vectorised"])
+def path(request, monkeypatch):
+    """The reference's two ways on CPU tensors: the per-expert loop on host-read offsets (what the
+    CPU runs) and the vectorised sync-free paths (what other devices run), forced here."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    if request.param == "vectorised":
+        monkeypatch.setattr(ref, "host_loop", lambda x: False)
+    return request.param
+
+
 CASES = {
     "uneven": [5, 0, 17, 1, 9],
     "all_to_one": [0, 0, 31, 0],
@@ -24,7 +35,7 @@ CASES = {
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_forward_and_grads_match_per_expert_loop(act, case, with_bias):
+def test_forward_and_grads_match_per_expert_loop(act, case, with_bias, path):
     counts = CASES[case]
     E, K, N = len(counts), 6, 8
     M = sum(counts)
@@ -43,7 +54,7 @@ def test_forward_and_grads_match_per_expert_loop(act, case, with_bias):
         torch.testing.assert_close(a, torch.zeros_like(a) if bb is None else bb, rtol=0, atol=1e-11)
 
 
-def test_empty_experts_get_exact_zero_gradients():
+def test_empty_experts_get_exact_zero_gradients(path):
     counts = [4, 0, 6, 0]
     off = _offsets(counts)
     x = torch.randn(10, 5, requires_grad=True)
@@ -90,9 +101,11 @@ def test_opcheck():
 @pytest.mark.parametrize("stock", [True, False])
 @pytest.mark.parametrize("act", ACTS)
 def test_float32_both_paths_match_float64_loop(monkeypatch, stock, act):
-    """Float32 runs torch._grouped_mm (aligned rows) or the tiled batched matmul; both match the loop."""
+    """Off the CPU's host loop, float32 runs torch._grouped_mm (aligned rows) or the tiled batched
+    matmul; both match the loop."""
     from geomoe_kernels.reference import grouped_gemm as ref
 
+    monkeypatch.setattr(ref, "host_loop", lambda x: False)
     counts = [9, 0, 30, 1, 0, 12]
     off = _offsets(counts)
     x = torch.randn(sum(counts), 16, requires_grad=True)

@@ -43,6 +43,10 @@ class MoEMLP(nn.Module):
             raise ValueError(f"MoEMLP: argument 'activation' expected one of {list(EXPERT_ACTIVATIONS)}, got {activation!r}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"MoEMLP: argument 'top_k' expected 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        hidden = hidden_dim if hidden_dim is not None else int(0.75 * dim)
+        if dim < 1 or hidden < 1:
+            default = " (the default, int(0.75 * dim))" if hidden_dim is None else ""
+            raise ValueError(f"MoEMLP: arguments 'dim' and 'hidden_dim' expected >= 1, got dim = {dim}, hidden_dim = {hidden}{default}")
         if num_shared_experts < 0:
             raise ValueError(f"MoEMLP: argument 'num_shared_experts' expected >= 0, got {num_shared_experts}")
         _backend.check_backend_name(backend)

@@ -19,7 +19,7 @@ from .. import backend as _backend
 from .._checks import OpInputError, check_choice, check_index_range, check_same_dtype, check_tensor
 from ..reference import activations
 from ..reference import expert_mlp as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 from .grouped_gemm import _check as _check_gemm
 from .grouped_gemm import _check_offset_values, _rows
 from .permute import unpermute_op
@@ -41,7 +41,7 @@ def _check(x, w1, b1, w2, b2, offsets, activation, gather, top_k) -> None:
     check_tensor(op, "b2", b2, shape=(E, w2.shape[2]), device=x.device, optional=True)
 
 
-@torch.library.custom_op("geomoe::expert_mlp", mutates_args=())
+@torch.library.custom_op("geomoe::expert_mlp", mutates_args=(), tags=OP_TAGS)
 def expert_mlp_op(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor, activation: str,
     gather: Optional[Tensor] = None, top_k: int = 1, backend: str = "auto",
@@ -60,7 +60,7 @@ def _(x, w1, b1, w2, b2, offsets, activation, gather=None, top_k=1, backend="aut
     return x.new_empty(M, w2.shape[2]), x.new_empty(M, w1.shape[2])
 
 
-@torch.library.custom_op("geomoe::expert_mlp_backward", mutates_args=())
+@torch.library.custom_op("geomoe::expert_mlp_backward", mutates_args=(), tags=OP_TAGS)
 def expert_mlp_backward_op(
     grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor, pre: Tensor, activation: str,
     gather: Optional[Tensor] = None, top_k: int = 1, backend: str = "auto",

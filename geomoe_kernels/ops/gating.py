@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._checks import OpInputError, check_choice, check_finite, check_tensor
 from ..reference import gating as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 _GATE_DTYPES = (torch.float32, torch.float64)
@@ -28,12 +28,14 @@ def _check(logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str) 
         raise OpInputError(f"{op}: argument 'top_k' expected 1 <= top_k <= {E} (the number of experts), got {top_k}")
 
 
-@torch.library.custom_op("geomoe::topk_gating", mutates_args=())
+@torch.library.custom_op("geomoe::topk_gating", mutates_args=(), tags=OP_TAGS)
 def topk_gating_op(
     logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str, renormalize: bool, backend: str = "auto"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check(logits, bias, top_k, score_func)
     check_finite("topk_gating", "logits", logits)
+    if bias is not None:  # a NaN here would silently route every token to the same experts
+        check_finite("topk_gating", "bias", bias, data=False)
     return run("topk_gating", backend, logits.device, (logits, bias, top_k, score_func, renormalize))
 
 
@@ -49,7 +51,7 @@ def _(logits, bias, top_k, score_func, renormalize, backend="auto"):
     )
 
 
-@torch.library.custom_op("geomoe::topk_gating_backward", mutates_args=())
+@torch.library.custom_op("geomoe::topk_gating_backward", mutates_args=(), tags=OP_TAGS)
 def topk_gating_backward_op(
     grad_weights: Optional[Tensor],
     grad_prob_mean: Optional[Tensor],

@@ -26,7 +26,7 @@ from .._checks import (
 )
 from ..reference import activations
 from ..reference import grouped_gemm as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 from .permute import unpermute_op
 
 
@@ -48,6 +48,8 @@ def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], a
     check_tensor(op, wname, weight, dtypes=FLOAT_DTYPES, dim=3, device=x.device)
     check_same_dtype(op, ["x", wname], [x, weight])
     E, K, N = weight.shape
+    if K == 0 or N == 0:
+        raise OpInputError(f"{op}: argument '{wname}' expected [E, K, N] with K >= 1 and N >= 1, got {list(weight.shape)}")
     if x.shape[1] != K:
         raise OpInputError(f"{op}: argument 'x' expected {K} columns ({wname} is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}")
     check_tensor(op, "offsets", offsets, dtypes=INDEX_DTYPES, shape=(E + 1,), device=x.device)
@@ -68,7 +70,7 @@ def _check_offset_values(offsets: Tensor, M: int, op: str = "grouped_mm") -> Non
         )
 
 
-@torch.library.custom_op("geomoe::grouped_mm", mutates_args=())
+@torch.library.custom_op("geomoe::grouped_mm", mutates_args=(), tags=OP_TAGS)
 def grouped_mm_op(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
     gather: Optional[Tensor] = None, top_k: int = 1, backend: str = "auto",
@@ -89,7 +91,7 @@ def _(x, weight, offsets, bias, activation, gather=None, top_k=1, backend="auto"
     return out, pre
 
 
-@torch.library.custom_op("geomoe::grouped_mm_backward", mutates_args=())
+@torch.library.custom_op("geomoe::grouped_mm_backward", mutates_args=(), tags=OP_TAGS)
 def grouped_mm_backward_op(
     grad_out: Tensor,
     x: Tensor,

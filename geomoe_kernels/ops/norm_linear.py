@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._checks import FLOAT_DTYPES, OpInputError, check_choice, check_tensor
 from ..reference import norm_linear as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 
 ACTIVATIONS = ("none", "gelu", "silu")
 
@@ -38,7 +38,7 @@ def _check(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bi
         raise OpInputError(f"{op}: argument 'eps' expected a positive number, got {eps}")
 
 
-@torch.library.custom_op("geomoe::norm_linear", mutates_args=())
+@torch.library.custom_op("geomoe::norm_linear", mutates_args=(), tags=OP_TAGS)
 def norm_linear_op(
     x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
     eps: float = 1e-6, backend: str = "auto",
@@ -57,7 +57,7 @@ def _(x, norm_weight, norm_bias, weight, bias, activation, eps=1e-6, backend="au
     return weight.new_empty(R, N), pre, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("geomoe::norm_linear_backward", mutates_args=())
+@torch.library.custom_op("geomoe::norm_linear_backward", mutates_args=(), tags=OP_TAGS)
 def norm_linear_backward_op(
     grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
     mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6, backend: str = "auto",

@@ -19,7 +19,7 @@ from .._checks import (
     check_tensor,
 )
 from ..reference import permute as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64)
 
@@ -45,7 +45,7 @@ def _check_route(expert_ids: Tensor, num_experts: int) -> None:
         raise OpInputError(f"route: argument 'num_experts' expected >= 1, got {num_experts}")
 
 
-@torch.library.custom_op("geomoe::route", mutates_args=())
+@torch.library.custom_op("geomoe::route", mutates_args=(), tags=OP_TAGS)
 def route_op(expert_ids: Tensor, num_experts: int, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     _check_route(expert_ids, num_experts)
     check_index_range("route", "expert_ids", expert_ids, 0, num_experts)
@@ -72,7 +72,7 @@ def _check_permute(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional
     _check_weights("permute", weights, x.shape[0], top_k, x.device)
 
 
-@torch.library.custom_op("geomoe::permute", mutates_args=())
+@torch.library.custom_op("geomoe::permute", mutates_args=(), tags=OP_TAGS)
 def permute_op(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor], backend: str = "auto") -> Tensor:
     _check_permute(x, row_to_flat, top_k, weights)
     check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel())
@@ -98,7 +98,7 @@ def _check_unpermute(rows: Tensor, flat_to_row: Tensor, top_k: int, weights, sha
     check_same_dtype(op, ["rows", "shared"], [rows, shared])
 
 
-@torch.library.custom_op("geomoe::unpermute", mutates_args=())
+@torch.library.custom_op("geomoe::unpermute", mutates_args=(), tags=OP_TAGS)
 def unpermute_op(
     rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor], backend: str = "auto"
 ) -> Tensor:
@@ -113,7 +113,7 @@ def _(rows, flat_to_row, top_k, weights, shared, backend="auto"):
     return rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1])
 
 
-@torch.library.custom_op("geomoe::unpermute_weight_grad", mutates_args=())
+@torch.library.custom_op("geomoe::unpermute_weight_grad", mutates_args=(), tags=OP_TAGS)
 def unpermute_weight_grad_op(
     grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, top_k: int, backend: str = "auto"
 ) -> Tensor:

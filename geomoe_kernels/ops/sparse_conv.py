@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import backend as _backend
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, OpInputError, check_same_dtype, check_tensor, value_checks_enabled
 from ..reference import sparse_conv as _ref
-from ._dispatch import run
+from ._dispatch import OP_TAGS, run
 
 
 def _check(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -49,7 +49,7 @@ def _check_table_values(neighbors: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("geomoe::masked_depthwise_conv", mutates_args=())
+@torch.library.custom_op("geomoe::masked_depthwise_conv", mutates_args=(), tags=OP_TAGS)
 def masked_depthwise_conv_op(
     x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str = "auto"
 ) -> Tensor:
@@ -64,7 +64,7 @@ def _(x, neighbors, weight, bias, backend="auto"):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("geomoe::masked_depthwise_conv_backward", mutates_args=())
+@torch.library.custom_op("geomoe::masked_depthwise_conv_backward", mutates_args=(), tags=OP_TAGS)
 def masked_depthwise_conv_backward_op(
     grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor, backend: str = "auto"
 ) -> Tuple[Tensor, Tensor, Tensor]:

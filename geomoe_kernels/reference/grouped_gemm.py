@@ -1,6 +1,8 @@
 """Grouped GEMM over expert-major rows: out[r] = act(x[r] @ W[e(r)] + b[e(r)]) for offsets[e] <= r < offsets[e+1].
 
-Two vectorised paths, neither with a loop over experts or a host sync:
+On CPU tensors, where reading the offsets costs nothing, one GEMM per expert that has rows (the
+work each expert has, nothing more: no padded tiles, no zero-filled [E, K, N] product for empty
+experts). On other devices two vectorised paths, neither with a loop over experts or a host sync:
 - stock: torch._grouped_mm, where it runs the case (CPU in float32/16, bfloat16; sm_90+ GPUs in
   bfloat16; rows 16-byte aligned). Fast, but it leaves empty groups undefined: we mask them.
 - tiled (everything else, float64 included): the rows are laid into fixed tiles of B rows, each tile
@@ -70,6 +72,8 @@ def use_stock(x: Tensor, weight: Tensor) -> bool:
     """Whether torch._grouped_mm runs this case (decided from metadata only)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in _STOCK_DTYPES:
         return False
+    if x.shape[0] == 0:  # no rows: torch._grouped_mm rejects the empty gradient's strides; the tiled path is exact
+        return False
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
@@ -102,6 +106,40 @@ def _gathered(x: Tensor, gather: Optional[Tensor], top_k: int) -> Tensor:
     return x if gather is None else x.index_select(0, torch.div(gather, top_k, rounding_mode="floor"))
 
 
+def host_loop(x: Tensor) -> bool:
+    """CPU tensors: loop over the experts with rows, offsets read on the host (free there)."""
+    return x.device.type == "cpu"
+
+
+def _spans(offsets: Tensor):
+    """(expert, first row, end row) of every expert with rows, in expert order."""
+    bounds = offsets.tolist()
+    return [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+
+
+def _loop_forward(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor]) -> Tensor:
+    pre = x.new_empty(x.shape[0], weight.shape[2])
+    for e, lo, hi in _spans(offsets):
+        if bias is None:
+            torch.mm(x[lo:hi], weight[e], out=pre[lo:hi])
+        else:
+            torch.addmm(bias[e], x[lo:hi], weight[e], out=pre[lo:hi])
+    pre[int(offsets[-1]):].zero_()  # rows past the last expert's (none in a routed layout)
+    return pre
+
+
+def _loop_backward(dpre: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, acc: torch.dtype):
+    dx = dpre.new_zeros(dpre.shape[0], weight.shape[1])
+    dw = torch.zeros(weight.shape, dtype=acc)  # experts without rows keep these exact zeros
+    db = torch.zeros(weight.shape[0], weight.shape[2], dtype=acc)
+    for e, lo, hi in _spans(offsets):
+        g = dpre[lo:hi]
+        torch.mm(g, weight[e].t(), out=dx[lo:hi])
+        dw[e] = (x[lo:hi].t() @ g).to(acc)
+        db[e] = g.to(acc).sum(0)
+    return dx, dw, db
+
+
 def grouped_mm(
     x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
     gather: Optional[Tensor] = None, top_k: int = 1,
@@ -109,7 +147,9 @@ def grouped_mm(
     """Returns (out, pre): pre is the pre-activation kept for backward, empty when activation is 'none'.
     With `gather` the rows are x[gather // top_k] (materialised here: the reference favours clarity)."""
     x = _gathered(x, gather, top_k)
-    if use_stock(x, weight):
+    if host_loop(x):
+        pre = _loop_forward(x, weight, offsets, bias)
+    elif use_stock(x, weight):
         pre = torch._grouped_mm(x, weight, offs=_ends(offsets))
         if bias is not None:
             pre = pre + bias.index_select(0, _row_expert(offsets, x.shape[0]))
@@ -140,6 +180,9 @@ def grouped_mm_backward(
     x = _gathered(x, gather, top_k)
     acc = torch.promote_types(weight.dtype, torch.float32)
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
+    if host_loop(x):
+        dx, dw, db = _loop_backward(dpre, x, weight, offsets, acc)
+        return dx, dw.to(weight.dtype), db.to(weight.dtype)
     if use_stock(x, weight):
         ends = _ends(offsets)
         dx = torch._grouped_mm(dpre, weight.transpose(1, 2), offs=ends)

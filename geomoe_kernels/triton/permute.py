@@ -52,8 +52,10 @@ def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]
         _histogram_kernel[(blocks,)](flat, per_block, n, E, EP=EP, BLOCK=block)
     counts = per_block.sum(0)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    # block b's rows of expert e start after every earlier block's rows of e
-    base = offsets[:-1][None, :] + torch.cumsum(per_block, 0) - per_block
+    # block b's rows of expert e start after every earlier block's rows of e. The running sum is taken
+    # along the fast axis of an [E, blocks] copy: torch's scan along dim 0 of [blocks, E] runs one
+    # thread per column (measured 242 us at 47k ids on an H200; the inner-axis scan takes a few us)
+    base = offsets[:-1][None, :] + per_block.t().contiguous().cumsum(1).t() - per_block
     row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
     flat_to_row = torch.empty_like(row_to_flat)
     if n:

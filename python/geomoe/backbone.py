@@ -9,11 +9,11 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import PATCH, GeoMoEEncoderBase
+from .model import PATCH, GeoMoEEncoderBase, check_image_batch
 
 
 class BackboneOutput(NamedTuple):
-    features: Tuple[Tensor, Tensor, Tensor, Tensor]  # strides 4, 8, 16, 32
+    features: Tuple[Tensor, Tensor, Tensor, Tensor]  # strides 4, 8, 16, 32 (the last ceil(H/32) x ceil(W/32))
     pooled: Tensor  # [N, C3] mean of the stage-3 tokens
     aux: Tensor  # [layers] auxiliary load-balancing losses
     load: Tensor  # [layers, experts] assignments per expert
@@ -66,6 +66,7 @@ class GeoMoEBackbone(GeoMoEEncoderBase):
         return (e1, e2, e3, e3)
 
     def forward_features(self, imgs: Tensor) -> BackboneOutput:
+        check_image_batch("GeoMoEBackbone", imgs, self.patch_embed1.proj.weight, allow_empty=True)
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or imgs.shape[2] % PATCH or imgs.shape[3] % PATCH:
             raise ValueError(
                 f"GeoMoEBackbone: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of {PATCH}, "
@@ -78,7 +79,7 @@ class GeoMoEBackbone(GeoMoEEncoderBase):
         x = x + interpolate_pos_embed(self.pos_embed, (h, w)).to(x.dtype)
         x, aux, load = self._moe_blocks(x)
         c3 = x.transpose(1, 2).reshape(N, x.shape[2], h, w)
-        c4 = F.max_pool2d(c3, 2)
+        c4 = F.max_pool2d(c3, 2, ceil_mode=True)  # ceil(H/32) x ceil(W/32): defined down to H or W = 16
         return BackboneOutput((c1, c2, c3, c4), x.mean(dim=1), aux, load)
 
     def forward(self, imgs: Tensor):

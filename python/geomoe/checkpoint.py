@@ -5,8 +5,14 @@
 
 A checkpoint is written into a temporary directory, each file fsynced, then renamed into place (an
 atomic step on POSIX): a crash or kill -9 mid-save leaves at most a `.tmp` directory that is never
-read, and the previous checkpoint stands. `--resume auto` takes the newest one that reads; a
-truncated or corrupt one gets a warning naming it and why, and the one before is used."""
+read, and the previous checkpoint stands. Saving a step that already exists sets the old one aside
+first (`.ckpt_<step>.old`), and `recover` puts it back if the process died before the new one was in
+place. `--resume auto` takes the newest one that reads; a truncated or corrupt one gets a warning
+naming it and why, and the one before is used.
+
+Each checkpoint records the identity of the run that wrote it (`train_state.pt`: "run"). `prune`
+removes only that run's own older checkpoints, and only once `keep_last` newer ones of it have been
+verified to read: never another run's, never one it cannot read, never the newest that reads."""
 from __future__ import annotations
 
 import glob
@@ -16,11 +22,12 @@ import re
 import shutil
 import time
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 _NAME = re.compile(r"ckpt_(\d+)$")
+_OLD = re.compile(r"\.ckpt_(\d+)\.old$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 
@@ -44,6 +51,10 @@ def checkpoint_path(directory: str, step: int) -> str:
 
 def temp_path(directory: str, step: int) -> str:
     return os.path.join(directory, f".ckpt_{step:08d}.tmp")
+
+
+def old_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f".ckpt_{step:08d}.old")
 
 
 def begin(directory: str, step: int) -> str:
@@ -72,15 +83,63 @@ def write_state(tmp: str, obj: Any, name: str = STATE_FILE) -> None:
         os.fsync(f.fileno())
 
 
-def commit(directory: str, step: int) -> str:
-    """Move the finished temporary directory into place: the checkpoint exists from this instant."""
-    tmp, final = temp_path(directory, step), checkpoint_path(directory, step)
+def _fault_pause(name: str) -> None:
+    """Fault-injection tests: GEOMOE_FAULT_<name>=SECONDS opens a window to kill the process in."""
+    slow = float(os.environ.get(f"GEOMOE_FAULT_{name}", "0"))
+    if slow:
+        time.sleep(slow)
+
+
+def _set_aside(path: str, why: str) -> str:
+    """Rename a checkpoint this run cannot vouch for out of the `ckpt_<step>` pattern (it is then
+    never read, replaced or pruned) and say so; the name it now has."""
+    dest, n = f"{path}.set-aside", 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}.set-aside-{n}"
+    os.replace(path, dest)
+    warnings.warn(f"checkpoint {path} {why}: kept, renamed to {os.path.basename(dest)}, not deleted")
+    return dest
+
+
+def commit(directory: str, step: int, run_id: Optional[str] = None) -> str:
+    """Move the finished temporary directory into place: the checkpoint exists from this instant.
+
+    Saving a step that exists already (a resumed run that ends where it began, or one that passes
+    a corrupt newest checkpoint) never leaves the step without a readable checkpoint: the old one
+    is renamed aside to `.ckpt_<step>.old` first, the new one renamed in, and only then the old one
+    removed; `recover` restores the old one if the process dies in between. An existing checkpoint
+    that is not verifiably this run's (another run's, or unreadable) is kept under another name."""
+    tmp, final, old = temp_path(directory, step), checkpoint_path(directory, step), old_path(directory, step)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # saving the same step again (a resumed run that ends where it began)
-        shutil.rmtree(final)
+    if os.path.exists(final):
+        if run_id is not None and _run_id_of(final) != run_id:
+            _set_aside(final, "was not written by this run or cannot be read")
+        else:
+            shutil.rmtree(old, ignore_errors=True)  # a stale one: `final` exists, so it was replaced already
+            os.replace(final, old)
+        _fsync_dir(directory)
+        _fault_pause("SLOW_COMMIT")
     os.replace(tmp, final)
     _fsync_dir(directory)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover(directory: str) -> None:
+    """Finish what a process killed while re-saving a step left behind: a `.ckpt_<step>.old` whose
+    step has no checkpoint goes back into place; one whose step has its new checkpoint is removed."""
+    for old in glob.glob(os.path.join(directory, ".ckpt_*.old")):
+        m = _OLD.search(old)
+        if not m or not os.path.isdir(old):
+            continue
+        final = checkpoint_path(directory, int(m.group(1)))
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+            _fsync_dir(directory)
+            warnings.warn(f"restored {final}: a re-save of step {int(m.group(1))} was interrupted before it finished")
 
 
 def save(directory: str, step: int, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> str:
@@ -88,7 +147,7 @@ def save(directory: str, step: int, model_state: Dict[str, torch.Tensor], train_
     tmp = begin(directory, step)
     write_model(tmp, model_state)
     write_state(tmp, train_state)
-    return commit(directory, step)
+    return commit(directory, step, run_id_of_state(train_state))
 
 
 def list_checkpoints(directory: str):
@@ -101,13 +160,55 @@ def list_checkpoints(directory: str):
     return [p for _, p in sorted(found)]
 
 
-def prune(directory: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints; remove temporary directories a crash left behind."""
-    if keep_last > 0:
-        for path in list_checkpoints(directory)[:-keep_last]:
+def run_id_of_state(state: Dict[str, Any]) -> Optional[str]:
+    run = state.get("run")
+    return run.get("id") if isinstance(run, dict) else None
+
+
+def verify(path: str) -> Dict[str, Any]:
+    """Check that checkpoint `path` reads without reading the tensors' data: the safetensors header
+    against the file's size, the zip structure of train_state.pt and of each rank's optimizer file
+    (memory-mapped). Returns the training state (tensors mapped, not read); raises if any part is
+    missing, truncated or malformed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(path, MODEL_FILE), "pt") as f:
+            f.keys()
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
+        if "optimizer" not in state:  # sharded optimizer state: one file per rank
+            importlib.import_module("torch.distributed.tensor")
+            for rank in range(int(state.get("world", 1))):
+                torch.load(os.path.join(path, f"optimizer_rank{rank}.pt"), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    return state
+
+
+def _run_id_of(path: str) -> Optional[str]:
+    """The identity of the run that wrote checkpoint `path`; None if it does not read or has none."""
+    try:
+        return run_id_of_state(verify(path))
+    except RuntimeError:
+        return None
+
+
+def prune(directory: str, keep_last: int, run_id: Optional[str] = None) -> List[str]:
+    """Remove this run's (`run_id`'s) checkpoints older than its newest `keep_last` verified ones,
+    and the temporary directories a crash left behind; returns the paths removed. Checkpoints of
+    other runs, ones without a run identity and ones that do not read are never touched, and with
+    keep_last >= 1 the newest checkpoint that reads is always kept. keep_last <= 0 or no run_id:
+    no checkpoint is removed."""
+    recover(directory)
+    removed: List[str] = []
+    if keep_last > 0 and run_id is not None:
+        ours = [p for p in list_checkpoints(directory) if _run_id_of(p) == run_id]  # verified, oldest first
+        for path in ours[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     for tmp in glob.glob(os.path.join(directory, ".ckpt_*.tmp")):
         shutil.rmtree(tmp, ignore_errors=True)
+    return removed
 
 
 def load(path: str, rank_file: Optional[str] = None) -> Dict[str, Any]:

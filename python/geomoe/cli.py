@@ -8,19 +8,23 @@ from typing import List, Optional
 from geomoe_kernels.backend import BACKENDS
 
 from .configs import CONFIGS
+from .distributed import DEFAULT_TIMEOUT
 from .model import FRONT_ENDS
 
 
-def _pretrain_parser(sub) -> None:
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="MAE pretraining (SPEC recipe)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
+    p.add_argument("--model", choices=("geomoe", "moevit"), default="geomoe",
+                   help="GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)")
     p.add_argument("--data", default=None, help="image folder root/<subfolder>/...; default: the embedded procedural scenes")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--out", default="runs/pretrain", help="run directory: checkpoints and metrics.jsonl")
+    p.add_argument("--out", default="runs/pretrain",
+                   help="run directory: checkpoints and metrics.jsonl; a new run needs one without checkpoints")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--keep-last", type=int, default=3, help="this run's newest checkpoints kept (0: all)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --out) or a checkpoint path")
     p.add_argument("--stop-after", type=int, default=None, help="end this run after N steps with a checkpoint (resume later)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -35,13 +39,21 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds a collective between ranks or a data-loader batch may take before the run stops with an "
+                        f"error (default {DEFAULT_TIMEOUT:g})")
+    return p
 
 
-def _finetune_parser(sub) -> None:
+def _finetune_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="scene-classification fine-tuning of the pretrained encoder")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="encoder preset (default tiny)")
     p.add_argument("--data", default=None, help="folder with train/<class>/ and val/<class>/; default: generated scene classes")
-    p.add_argument("--weights", default=None, help="pretrained weights: a geomoe pretrain checkpoint or an original-layout file")
+    p.add_argument("--weights", default=None,
+                   help="pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
+                        "file; every backbone tensor must be in it")
+    p.add_argument("--allow-partial-weights", action="store_true",
+                   help="load what --weights has of the backbone and name what it lacks (kept at initial values)")
     p.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 16 (position table interpolated)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
@@ -54,20 +66,22 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--keep-last", type=int, default=2, help="this run's newest checkpoints kept (0: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds a data-loader batch may take before the run stops with an error (default {DEFAULT_TIMEOUT:g})")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geomoe", description="GeoMoE pretraining on geomoe_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    _pretrain_parser(sub)
-    _finetune_parser(sub)
+    parsers = {"pretrain": _pretrain_parser(sub), "finetune": _finetune_parser(sub)}
     rep = sub.add_parser("report", help="PNG plots of a run: loss, throughput, expert load")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     ns = parser.parse_args(argv)
@@ -75,17 +89,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.command == "pretrain":
         from .train import PretrainArgs, pretrain
 
-        pretrain(PretrainArgs(**fields))
+        args = PretrainArgs(**fields)
+        _validate(parsers["pretrain"], args)
+        pretrain(args)
     elif ns.command == "finetune":
         from .finetune import FinetuneArgs, finetune
 
-        finetune(FinetuneArgs(**fields))
+        args = FinetuneArgs(**fields)
+        _validate(parsers["finetune"], args)
+        finetune(args)
     elif ns.command == "report":
         from .report import write_report
 
         for path in write_report(ns.run_dir):
             print(f"wrote {path}")
     return 0
+
+
+def _validate(parser: argparse.ArgumentParser, args) -> None:
+    """A number out of range (or a device this machine lacks) is a usage error naming the flag."""
+    from .runtime import resolve_device
+
+    try:
+        args.validate()
+        if args.device != "auto":
+            resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Presets: `base` is the published model and recipe (../shared/SPEC.md); `tiny` is a small model
-with the same structure that trains on a CPU in minutes."""
+"""Presets: `base` is the published model and recipe (docs/ describes them); `tiny` is a small model
+with the same structure that trains on a CPU in minutes. Each preset has a GeoMoE (`model`) and a
+MoE-ViT (`moevit`: the plain-ViT baseline, pretrained on GeoMoE's objective by assumption) of that
+size; `geomoe pretrain --model` picks one."""
 from typing import Any, Dict
 
 CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -16,6 +18,18 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
             decoder_depth=1,
             decoder_num_heads=4,
         ),
+        "moevit": dict(
+            img_size=96,
+            embed_dim=128,
+            depth=3,
+            num_heads=4,
+            num_experts=8,
+            num_shared_experts=1,
+            top_k=2,
+            decoder_embed_dim=64,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        ),
         "batch_size": 64,
         "steps": 300,
         "lr": 2e-3,
@@ -24,6 +38,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     },
     "base": {
         "model": {},
+        "moevit": {},
         "batch_size": 320,
         "steps": 400 * (4_000_000 // 2560),
         # peak lr = 1.5e-4 * (0.25 / 0.75) * global batch / 256 (5e-4 at 2560)

@@ -7,13 +7,19 @@ haze and sensor noise. Each image is a pure function of (seed, index), so the se
 
 Both sources go through the SPEC transforms: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic),
 horizontal flip, ImageNet mean/std. Augmentation randomness is a pure function of (seed, epoch,
-index), so a resumed run sees exactly the batches a straight run would."""
+index), so a resumed run sees exactly the batches a straight run would.
+
+Files are read as they are: 16-bit and float images (common in remote sensing) are scaled by their
+own range to 8 bits, never clipped (`to_rgb`); only regular files are opened, and never in a way
+that can block (a FIFO named *.png is skipped, not waited on); a file that cannot be decoded is
+skipped with a warning naming it, in pretraining and fine-tuning alike."""
 from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,9 +59,66 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return left, top, left + w, top + h
 
 
+_HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. PIL's convert("RGB") clips 16-bit and 32-bit integer and float images
+    (modes I;16, I, F: 16-bit PNG and TIFF, float TIFF) to 0-255, which makes a 16-bit image almost
+    white and a float image in [0, 1] black; they are scaled by their real range instead: integer
+    images from their minimum to their maximum, float images as they are when they lie in [0, 1] and
+    from their minimum to their maximum otherwise. NaN or Inf pixels (no-data values) cannot be
+    scaled: a ValueError, so the image is skipped with a warning naming it."""
+    if img.mode not in _HIGH_BIT_MODES:
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{int((~np.isfinite(arr)).sum())} NaN/Inf pixels in a mode {img.mode} image: no range to scale it by")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8)).convert("RGB")
+
+
+def open_image(path: str) -> Image.Image:
+    """The decoded 8-bit RGB image at `path` (`to_rgb`). Opened without blocking (O_NONBLOCK), and
+    anything but a regular file refused: a FIFO or a device named like an image raises at once
+    instead of hanging the run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if (
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a file"
+            raise OSError(f"not a regular file ({kind})")
+        f = os.fdopen(fd, "rb")
+        fd = -1  # the file object owns it now
+        with f, Image.open(f) as img:
+            return to_rgb(img)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _regular_image_files(folder: str, filenames: Sequence[str]) -> List[str]:
+    """The image files among `filenames` (by extension) that are regular files (symlinks followed):
+    a FIFO, socket or device named *.png is left out with a warning."""
+    out = []
+    for f in sorted(filenames):
+        if not f.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        path = os.path.join(folder, f)
+        if os.path.isfile(path):
+            out.append(path)
+        else:
+            warnings.warn(f"skipping {path}: not a regular file (a FIFO, socket, device or broken link)")
+    return out
+
+
 def pretrain_transform(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.2, 1.0)) -> torch.Tensor:
     """PIL image -> random resized crop, random flip, normalised float tensor [3, size, size]."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     box = random_resized_crop_box(img.width, img.height, rng, scale)
     img = img.resize((size, size), Image.BICUBIC, box=box)
     arr = np.asarray(img, dtype=np.float32) / 255.0
@@ -246,15 +309,14 @@ class ImageFolder(_EpochIndexed):
                 continue
             for dirpath, dirnames, filenames in os.walk(top):
                 dirnames.sort()
-                files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                files += _regular_image_files(dirpath, filenames)
         if not files:
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<subfolder>/")
         self.files = files
         super().__init__(len(files), img_size, seed)
 
     def _image(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as img:
-            return img.convert("RGB")
+        return open_image(self.files[index])
 
     def _describe(self, index: int) -> str:
         return self.files[index]
@@ -264,6 +326,14 @@ def skip_unreadable(batch: List[Optional[torch.Tensor]]):
     """Collate: stack the images that decoded; (images or None, how many were skipped)."""
     good = [b for b in batch if b is not None]
     return (torch.stack(good) if good else None), len(batch) - len(good)
+
+
+def skip_unreadable_labelled(batch: List[Optional[Tuple[torch.Tensor, int]]]):
+    """Collate for (image, label) items: (images or None, labels or None, how many were skipped)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, None, len(batch)
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(batch) - len(good)
 
 
 class ResumableBatchSampler(Sampler[List[int]]):
@@ -299,7 +369,8 @@ class ResumableBatchSampler(Sampler[List[int]]):
 class ClassFolder(Dataset):
     """root/<class>/... image files, labels by sorted class name. Training items are addressed by
     code = epoch * len + index (random-resized-crop and flip from (seed, epoch, index)); evaluation
-    items by index (a plain bicubic resize)."""
+    items by index (a plain bicubic resize). An item whose file cannot be decoded is None (warned
+    about once, naming the file; `skip_unreadable_labelled` leaves it out of the batch)."""
 
     def __init__(self, root: str, img_size: int, train: bool, seed: int = 0, classes: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
@@ -309,19 +380,31 @@ class ClassFolder(Dataset):
         for label, name in enumerate(self.classes):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
                 dirnames.sort()
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                self.samples += [(path, label) for path in _regular_image_files(dirpath, filenames)]
         if not self.samples:
             raise FileNotFoundError(f"no image files under {root}/<class>/")
         self.img_size, self.train, self.seed = img_size, train, seed
+        self._warned: set = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def unreadable(self) -> int:
+        """How many files this process found it cannot decode (in the loading process: with loader
+        workers, count through the collate function instead)."""
+        return len(self._warned)
+
     def __getitem__(self, code: int):
         epoch, index = divmod(int(code), len(self.samples))
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        try:
+            img = open_image(path)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for broken files
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}")
+            return None
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, index, 2])
             return pretrain_transform(img, self.img_size, rng, scale=(0.08, 1.0)), label

@@ -119,6 +119,69 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class MaskedAutoencoder:
+    """The pretraining objective both models share: a cross-attention decoder whose queries (mask
+    token + decoder position) attend to the encoder output, norm-pix MSE on the rebuilt tokens, and
+    the expert-bias update. A subclass builds its encoder and calls `_build_decoder`."""
+
+    def _build_decoder(self, context_dim: int, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
+                       mlp_ratio: float) -> None:
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            DecoderBlock(decoder_embed_dim, context_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, PATCH * PATCH * self.in_chans)
+
+    def forward_decoder(self, latent: Tensor, build: Tensor) -> Tensor:
+        N, Lb = build.shape
+        pos = torch.gather(self.decoder_pos_embed.expand(N, -1, -1), 1, build[:, :, None].expand(-1, -1, self.mask_token.shape[2]))
+        x = (self.mask_token + pos).to(latent.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x, latent)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def patchify(self, imgs: Tensor) -> Tensor:
+        """[N, C, H, W] -> [N, L, 16*16*C], ordered (patch row, patch col, pixel row, pixel col, channel)."""
+        N, C, H, W = imgs.shape
+        h, w = H // PATCH, W // PATCH
+        x = imgs.reshape(N, C, h, PATCH, w, PATCH)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, PATCH * PATCH * C)
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, build: Tensor) -> Tensor:
+        target = self.patchify(imgs)
+        target = torch.gather(target, 1, build[:, :, None].expand(-1, -1, target.shape[2]))
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return ((pred.to(target.dtype) - target) ** 2).mean()
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
+        """Per layer, b += rate where the load is below the mean, -= rate above; `loads` [layers, experts]
+        already summed over the data-parallel ranks."""
+        for moe, load in zip(self.moe_layers(), loads):
+            moe.update_bias(load, rate)
+
+
+def check_image_batch(owner: str, imgs: Tensor, like: Tensor, allow_empty: bool) -> None:
+    """Images must be floating point in the model's dtype (`like`; under autocast any float dtype),
+    and with allow_empty=False at least one."""
+    if not isinstance(imgs, Tensor):
+        raise ValueError(f"{owner}: argument 'imgs' expected a tensor [N, C, H, W], got {type(imgs).__name__}")
+    if not imgs.is_floating_point():
+        raise ValueError(
+            f"{owner}: argument 'imgs' expected normalised floating-point images of dtype {like.dtype}, got dtype {imgs.dtype} "
+            "(uint8 pixels: convert with .float() / 255, then normalise by the ImageNet mean and std)"
+        )
+    if imgs.dtype != like.dtype and not torch.is_autocast_enabled(imgs.device.type):
+        raise ValueError(f"{owner}: argument 'imgs' expected dtype {like.dtype} (the model's parameters'), got {imgs.dtype}")
+    if not allow_empty and imgs.dim() >= 1 and imgs.shape[0] == 0:
+        raise ValueError(f"{owner}: argument 'imgs' expected at least one image, got a batch of 0 (shape {list(imgs.shape)})")
+
+
 def _triple(v, name: str) -> Tuple:
     t = tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
     if len(t) != 3:
@@ -214,7 +277,7 @@ class GeoMoEEncoderBase(nn.Module):
         return [blk.mlp for blk in self.blocks3]
 
 
-class GeoMoE(GeoMoEEncoderBase):
+class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
     def __init__(
         self,
         img_size: int = 224,
@@ -247,13 +310,7 @@ class GeoMoE(GeoMoEEncoderBase):
         self.stage2_output_decode = nn.Conv2d(e2, e3, 2, stride=2)
         self.norm = nn.LayerNorm(e3, eps=1e-6)
 
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, self.mlp_ratios[2]) for _ in range(decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, PATCH * PATCH * in_chans)
+        self._build_decoder(e3, decoder_embed_dim, decoder_depth, decoder_num_heads, self.mlp_ratios[2])
         self._init_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -306,34 +363,9 @@ class GeoMoE(GeoMoEEncoderBase):
 
     def _check_images(self, imgs: Tensor) -> None:
         want = (self.in_chans, self.img_size, self.img_size)
+        check_image_batch("GeoMoE", imgs, self.patch_embed1.proj.weight, allow_empty=False)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
             raise ValueError(f"GeoMoE: argument 'imgs' expected shape [N, {want[0]}, {want[1]}, {want[2]}], got {list(imgs.shape)}")
-
-    # ---- decoder and loss ------------------------------------------------------------------------
-
-    def forward_decoder(self, latent: Tensor, build: Tensor) -> Tensor:
-        N, Lb = build.shape
-        pos = torch.gather(self.decoder_pos_embed.expand(N, -1, -1), 1, build[:, :, None].expand(-1, -1, self.mask_token.shape[2]))
-        x = (self.mask_token + pos).to(latent.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x, latent)
-        return self.decoder_pred(self.decoder_norm(x))
-
-    def patchify(self, imgs: Tensor) -> Tensor:
-        """[N, C, H, W] -> [N, L, 16*16*C], ordered (patch row, patch col, pixel row, pixel col, channel)."""
-        N, C, H, W = imgs.shape
-        h, w = H // PATCH, W // PATCH
-        x = imgs.reshape(N, C, h, PATCH, w, PATCH)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, PATCH * PATCH * C)
-
-    def forward_loss(self, imgs: Tensor, pred: Tensor, build: Tensor) -> Tensor:
-        target = self.patchify(imgs)
-        target = torch.gather(target, 1, build[:, :, None].expand(-1, -1, target.shape[2]))
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        return ((pred.to(target.dtype) - target) ** 2).mean()
 
     def forward(
         self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25, noise: Optional[Tensor] = None
@@ -344,11 +376,3 @@ class GeoMoE(GeoMoEEncoderBase):
         latent, aux, load = self.forward_encoder(imgs, masking.keep)
         pred = self.forward_decoder(latent, masking.build)
         return self.forward_loss(imgs, pred, masking.build), aux, load
-
-    # ---- load balancing --------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
-        """The SPEC rule per layer; `loads` [layers, experts] already summed over data-parallel ranks."""
-        for moe, load in zip(self.moe_layers(), loads):
-            moe.update_bias(load, rate)

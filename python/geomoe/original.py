@@ -94,6 +94,9 @@ def load_original_state_dict(
     decoder, stage*_output_decode or norm). Returns the missing and unexpected keys; strict=True makes
     either an error. A shape that does not match is always an error naming the key."""
     data = _read(source)
+    # tables the model recomputes from its configuration (the MoE-ViT's position table) are not read
+    recomputed = set(getattr(model, "ORIGINAL_KEYS_RECOMPUTED", ()))
+    data = {k: v for k, v in data.items() if k not in recomputed}
     mapping = key_map(model)
     unexpected = sorted(k for k in data if k not in mapping)
     missing = sorted(k for k in mapping if k not in data)

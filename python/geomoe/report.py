@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, List
 
 
 def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl. A line that is not a whole JSON record (a run killed
+    while writing it leaves a partial last line) is skipped with a warning naming it."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"argument 'RUN_DIR' expected a run directory with metrics.jsonl, got {run_dir!r}")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows, broken = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+            else:
+                broken.append(number)
+    if broken:
+        warnings.warn(f"{path}: skipped line(s) {', '.join(map(str, broken[:10]))}"
+                      f"{' ...' if len(broken) > 10 else ''}: not a whole metrics record (a run stopped while writing it?)")
     if not rows:
-        raise ValueError(f"{path} holds no metrics yet")
+        raise ValueError(f"{path} holds no metrics records yet")
     return rows
 
 

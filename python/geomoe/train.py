@@ -6,14 +6,15 @@ float32 on CPUs.
 One process, or many under torchrun (`torchrun --nproc_per_node N -m geomoe pretrain ...`): data
 parallel with DistributedDataParallel (or FSDP2 with --fsdp), optionally expert parallel
 (--expert-parallel: the routed experts sharded over the ranks). Checkpoints are atomic and exact to
-resume; a non-finite loss skips the step (and stops the run after --max-bad-steps in a row);
-unreadable images are skipped and counted; SIGTERM writes a checkpoint and ends the run."""
+resume; a non-finite loss skips the step on every device (and stops the run after --max-bad-steps
+in a row); unreadable images are skipped and counted; SIGTERM or SIGINT, to the process or its whole
+group, writes a checkpoint and ends the run (a second one ends it at once). A run owns its --out:
+a new run there is refused while checkpoints of another lie in it, and pruning removes only the
+run's own older checkpoints (checkpoint.py)."""
 from __future__ import annotations
 
-import json
 import os
 import resource
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,18 +24,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from geomoe_kernels._checks import non_finite_passes
 from geomoe_kernels.nn.expert_parallel import full_state_dict, local_state_dict, shard_experts
 
 from . import checkpoint, distributed
 from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .model import GeoMoE
-from .runtime import config_of, load_resume_state, lr_at, make_loader, rng_state, set_rng_state
+from .moevit import MoEViTMAE
+
+MODELS = ("geomoe", "moevit")
+from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, config_of, load_resume_state, lr_at,
+                      make_loader, refuse_fresh_run_into_used_directory, rng_state, run_identity, set_rng_state,
+                      start_batches, warn_changed_run_arguments)
 
 
 @dataclass
 class PretrainArgs:
     config: str = "tiny"
+    model: str = "geomoe"  # or "moevit": the plain-ViT MoE baseline
     data: Optional[str] = None
     steps: Optional[int] = None
     batch_size: Optional[int] = None  # per rank
@@ -56,28 +64,27 @@ class PretrainArgs:
     fsdp: bool = False
     max_bad_steps: int = 5
     tensorboard: bool = True
+    timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a collective or a loader batch may take
 
-
-class _Stop:
-    """SIGTERM (a scheduler's pre-emption) asks the loop to save and end after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, nothing to stop
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+    def validate(self) -> None:
+        """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
+        if self.config not in CONFIGS:
+            raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"argument '--model' expected one of {list(MODELS)}, got {self.model!r}")
+        check_int("steps", self.steps, 1, optional=True)
+        check_int("batch_size", self.batch_size, 1, optional=True)
+        check_float("lr", self.lr, 0, low_open=True, optional=True)
+        check_int("save_every", self.save_every, 0)
+        check_int("keep_last", self.keep_last, 0)
+        check_int("stop_after", self.stop_after, 1, optional=True)
+        check_int("seed", self.seed, 0, maximum=2**32 - 1)
+        check_int("log_every", self.log_every, 1)
+        check_int("workers", self.workers, 0, optional=True)
+        check_int("max_bad_steps", self.max_bad_steps, 1)
+        check_float("timeout", self.timeout, 0, low_open=True)
+        if self.expert_parallel and self.fsdp:
+            raise ValueError("arguments '--expert-parallel' and '--fsdp' expected one at most, got both")
 
 
 def load_balance(loads: torch.Tensor) -> float:
@@ -94,32 +101,38 @@ def _memory_bytes(device: torch.device) -> int:
 
 class _Trainer:
     def __init__(self, args: PretrainArgs, env: distributed.DistEnv):
-        if args.config not in CONFIGS:
-            raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {args.config!r}")
-        if args.expert_parallel and args.fsdp:
-            raise ValueError("arguments '--expert-parallel' and '--fsdp' expected one at most, got both")
         self.args, self.env = args, env
         preset = CONFIGS[args.config]
-        self.steps = args.steps or preset["steps"]
-        self.batch = args.batch_size or preset["batch_size"]
+        self.steps = args.steps if args.steps is not None else preset["steps"]
+        self.batch = args.batch_size if args.batch_size is not None else preset["batch_size"]
         global_batch = self.batch * env.world
-        self.peak_lr = args.lr or preset.get("lr") or preset["base_lr"] * global_batch / 256
+        self.peak_lr = args.lr if args.lr is not None else (preset.get("lr") or preset["base_lr"] * global_batch / 256)
         self.warmup = max(1, int(self.steps * preset["warmup_fraction"]))
         self.amp = env.device.type == "cuda" if args.amp is None else args.amp
         self.workers = args.workers if args.workers is not None else (4 if env.device.type == "cuda" else 0)
 
+        if args.expert_parallel and not env.enabled:
+            raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
+        self.start = 0
+        # what makes this run this run: a resume with any of these changed gets a warning
+        self.run_args = dict(config=args.config, model=args.model, data=args.data, seed=args.seed, batch_size=self.batch, steps=self.steps,
+                             lr=self.peak_lr, front_end=args.front_end)
+        self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
+        self.run_id = run_identity(self.state)
+        if self.state is not None:
+            warn_changed_run_arguments(self.state, self.run_args, warn=env.main)
+
         torch.manual_seed(args.seed)  # the same initial weights on every rank
-        model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend)
+        if args.model == "moevit":  # no convolutional front end: --front-end does not apply
+            model = MoEViTMAE(**preset["moevit"], backend=args.backend)
+        else:
+            model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend)
         self.local_params: List[str] = []
         if args.expert_parallel:
-            if not env.enabled:
-                raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
             self.local_params = shard_experts(model)
         self.model = model.to(env.device)
         self.dataset = ImageFolder(args.data, model.img_size, args.seed) if args.data else SyntheticScenes(
             preset["dataset_length"], model.img_size, args.seed)
-        self.start = 0
-        self.state = self._read_checkpoint()
         if self.state is not None:
             self._load_weights(self.state["model"])
         self.wrapped = self._wrap(self.model)
@@ -141,7 +154,9 @@ class _Trainer:
         if self.args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            for blk in list(model.blocks1) + list(model.blocks2) + list(model.blocks3) + list(model.decoder_blocks):
+            encoder = list(model.blocks) if isinstance(model, MoEViTMAE) else (
+                list(model.blocks1) + list(model.blocks2) + list(model.blocks3))
+            for blk in encoder + list(model.decoder_blocks):
                 fully_shard(blk)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -166,10 +181,11 @@ class _Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def _rank_file(self) -> Optional[str]:
-        return f"optimizer_rank{self.env.rank}.pt" if (self.local_params or self.args.fsdp) else None
+        return f"optimizer_rank{self.env.rank}.pt" if (self.args.expert_parallel or self.args.fsdp) else None
 
     def _read_checkpoint(self) -> Optional[Dict[str, Any]]:
-        os.makedirs(self.args.out, exist_ok=True)
+        distributed.barrier(self.env)  # rank 0 has claimed --out and recovered any interrupted save
+        refuse_fresh_run_into_used_directory(self.args.out, self.args.resume)
         state = load_resume_state(self.args.resume, self.args.out, self._rank_file())
         if state is None:
             return None
@@ -202,7 +218,7 @@ class _Trainer:
             tmp = checkpoint.begin(out, step)
             checkpoint.write_model(tmp, weights)
             train_state = dict(scaler=self.scaler.state_dict(), step=step, rng=rngs, config=config_of(self.args),
-                               world=env.world)
+                               world=env.world, run=dict(id=self.run_id, **self.run_args))
             if self._rank_file() is None:
                 train_state["optimizer"] = self.opt.state_dict()
             checkpoint.write_state(tmp, train_state)
@@ -211,26 +227,27 @@ class _Trainer:
             checkpoint.write_state(checkpoint.temp_path(out, step), self.opt.state_dict(), self._rank_file())
         distributed.barrier(env)
         if env.main:
-            path = checkpoint.commit(out, step)
-            checkpoint.prune(out, self.args.keep_last)
+            path = checkpoint.commit(out, step, self.run_id)
+            checkpoint.prune(out, self.args.keep_last, self.run_id)
         distributed.barrier(env)
         return path
 
     # ---- the loop ---------------------------------------------------------------------------------
 
-    def run(self) -> Dict[str, Any]:
+    def run(self, stop: StopSignals) -> Dict[str, Any]:
         args, env = self.args, self.env
         end = self.steps if args.stop_after is None else min(self.steps, self.start + args.stop_after)
         loader = make_loader(self.dataset, self.batch, args.seed, self.start, end, self.workers, env.device,
-                             env.rank, env.world, collate_fn=skip_unreadable)
+                             env.rank, env.world, collate_fn=skip_unreadable, timeout=args.timeout)
         main = env.main
         if main:
             n_params = sum(p.numel() for p in self.model.parameters())
             mode = "FSDP2" if args.fsdp else ("DDP" if env.enabled else "one process")
             mode += " + expert parallel" if args.expert_parallel else ""
             print(
-                f"geomoe pretrain: config {args.config} ({n_params / 1e6:.2f} M parameters on rank 0), {env.world} x {env.device.type} "
-                f"({mode}), backend {args.backend}, front end {args.front_end}, batch {self.batch} per rank, "
+                f"geomoe pretrain: {args.model} config {args.config} ({n_params / 1e6:.2f} M parameters on rank 0), "
+                f"{env.world} x {env.device.type} ({mode}), backend {args.backend}, "
+                f"{'front end ' + args.front_end + ', ' if args.model == 'geomoe' else ''}batch {self.batch} per rank, "
                 f"steps {self.start}..{self.steps}, peak lr {self.peak_lr:.2e}, "
                 f"data {'folder ' + args.data if args.data else 'embedded procedural scenes'} ({len(self.dataset)} images), "
                 f"{'fp16 autocast' if self.amp else 'float32'}"
@@ -241,39 +258,38 @@ class _Trainer:
         window = _Window(env.device)
         step, bad_in_row, final = self.start, 0, None
         self.wrapped.train()
-        with _Stop() as stop:
-            for imgs, skipped in loader:
-                lr = lr_at(step, self.steps, self.peak_lr, self.warmup, RECIPE["min_lr_ratio"])
-                ok = self._train_step(imgs, lr, window)
-                window.skipped_images += skipped
-                step += 1
-                bar.update(1)
-                if ok:
-                    bad_in_row = 0
-                else:
-                    bad_in_row += 1
-                    window.bad_steps += 1
-                    if main:
-                        warnings.warn(f"step {step}: non-finite loss or empty batch, step skipped ({bad_in_row} in a row)")
-                    if bad_in_row >= args.max_bad_steps:
-                        raise RuntimeError(
-                            f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable "
-                            f"images (--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
-                        )
-                if step % args.log_every == 0 or step == end:
-                    record = window.record(step, lr, self.model, env)
-                    if main and record is not None:
-                        history.append(record)
-                        self._log(record, writer)
-                stopping = self._agree(stop.requested)
-                if stopping or (args.save_every and step % args.save_every == 0 and step != end):
-                    final = self.save(step)
-                if stopping:
-                    if main:
-                        print(f"SIGTERM: stopped at step {step}; checkpoint {final}")
-                    break
+        for imgs, skipped in start_batches(loader):
+            lr = lr_at(step, self.steps, self.peak_lr, self.warmup, RECIPE["min_lr_ratio"])
+            ok = self._train_step(imgs, lr, window)
+            window.skipped_images += skipped
+            step += 1
+            bar.update(1)
+            if ok:
+                bad_in_row = 0
             else:
+                bad_in_row += 1
+                window.bad_steps += 1
+                if main:
+                    warnings.warn(f"step {step}: non-finite loss or empty batch, step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= args.max_bad_steps:
+                    raise RuntimeError(
+                        f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable "
+                        f"images (--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
+                    )
+            if step % args.log_every == 0 or step == end:
+                record = window.record(step, lr, self.model, env)
+                if main and record is not None:
+                    history.append(record)
+                    self._log(record, writer)
+            stopping = self._agree(stop.requested)
+            if stopping or (args.save_every and step % args.save_every == 0 and step != end):
                 final = self.save(step)
+            if stopping:
+                if main:
+                    print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
+                break
+        else:
+            final = self.save(step)
         bar.close()
         if writer is not None:
             writer.close()
@@ -296,7 +312,9 @@ class _Trainer:
         imgs = imgs.to(env.device, non_blocking=True)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(env.device.type, dtype=torch.float16, enabled=self.amp):
+        # NaN/Inf router scores flow on to the loss check below, as they do on a GPU (where the ops'
+        # value checks are off), instead of raising in the CPU value check: a skipped step everywhere
+        with torch.autocast(env.device.type, dtype=torch.float16, enabled=self.amp), non_finite_passes():
             loss, aux, loads = self.wrapped(imgs, RECIPE["mask_ratio"], RECIPE["kept_mask_ratio"])
             total = loss + RECIPE["aux_weight"] * aux.sum()
         finite = torch.isfinite(total.detach()).float().reshape(1)
@@ -327,8 +345,7 @@ class _Trainer:
         return SummaryWriter(os.path.join(self.args.out, "tensorboard"))
 
     def _log(self, record: Dict[str, Any], writer) -> None:
-        with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(os.path.join(self.args.out, "metrics.jsonl"), record)
         if writer is not None:
             for key in ("loss", "lr", "images_per_s", "tokens_per_s", "aux", "grad_norm", "load_max_over_mean"):
                 writer.add_scalar(key, record[key], record["step"])
@@ -384,10 +401,16 @@ class _Window:
 
 
 def pretrain(args: PretrainArgs) -> Dict[str, Any]:
-    env = distributed.setup(args.device)
-    try:
-        result = _Trainer(args, env).run()
-        distributed.barrier(env)  # on success only: no rank tears gloo down while another still talks to it
-        return result
-    finally:
-        distributed.teardown(env)
+    args.validate()
+    with StopSignals() as stop:  # from the start: a signal during set-up stops the run after its first step
+        env = distributed.setup(args.device, args.timeout)
+        try:
+            if env.main:
+                with RunDirectory(args.out):
+                    result = _Trainer(args, env).run(stop)
+            else:
+                result = _Trainer(args, env).run(stop)
+            distributed.barrier(env)  # on success only: no rank tears gloo down while another still talks to it
+            return result
+        finally:
+            distributed.teardown(env)

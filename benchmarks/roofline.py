@@ -1,0 +1,134 @@
+"""A roofline model of every kernel of one MoE layer, forward and backward, to read GPU timings
+against: python -m benchmarks.roofline [--json]
+
+For each kernel at GeoMoE's shapes (15,680 and 65,536 tokens; d 768, expert hidden 576 GELU,
+23 experts, top-3) and an LLM shape (16,384 tokens; d 2048, hidden 768 SwiGLU, 128 experts, top-8),
+all bf16 with float32 routing, it gives:
+- flops: the multiply-adds of the GEMMs (x2), zero for the data-movement kernels;
+- min_bytes: each input read once and each output written once from DRAM;
+- design_bytes: what this implementation's tiles and launch order move. The GEMM grids put the row
+  block on the fast axis, so every column tile is a pass over all of A; a pass that does not fit in
+  L2 comes from DRAM again. The weight-gradient grid runs expert-fastest over (K, N) tiles, so
+  expert e's A is re-read once per N tile and its G once per K tile unless all experts' rows fit
+  in L2. Tiles are the first autotune config (what GEOMOE_TRITON_AUTOTUNE=0 runs); a tuned run may
+  pick another, so design_bytes is a model, not a measurement;
+- bound_us: the H100 lower bound, max(flops / 989 TFLOP/s, min_bytes / 3.35 TB/s).
+The shared expert (a dense GEMM) and the router's GEMM (d x E) are left out: cuBLAS runs both."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+PEAK_BYTES = 3.35e12  # H100 SXM HBM3
+L2_BYTES = 50e6
+GEMM_TILE = dict(BM=128, BN=64, BK=64)  # the first config of triton/grouped_gemm.py's forward/dgrad kernel
+WGRAD_TILE = dict(BK=64, BN=64)  # and of its weight-gradient kernel
+BF16, F32, I64 = 2, 4, 8
+
+SHAPES = {
+    "geomoe-15680": dict(tokens=15680, d=768, h=576, E=23, k=3, gated=False),
+    "geomoe-65536": dict(tokens=65536, d=768, h=576, E=23, k=3, gated=False),
+    "llm-16384": dict(tokens=16384, d=2048, h=768, E=128, k=8, gated=True),
+}
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    tokens: int
+    flops: float
+    min_bytes: float
+    design_bytes: float
+    bound_us: float
+
+
+def _passes(a_bytes: float, n: int, bn: int) -> float:
+    """DRAM reads of an A that every one of the ceil(n / bn) column tiles streams again."""
+    tiles = math.ceil(n / bn)
+    return a_bytes * (tiles if a_bytes > L2_BYTES else 1)
+
+
+def _gemm(kernel, shape, M, K, N, E, a_min, a_bytes, out_bytes, extra_read=0.0):
+    """A [M, K] (a_min from DRAM at least, a_bytes as streamed) @ W [E, K, N] -> out; extra_read:
+    an operand read per output element (the pre-activation in a fused epilogue)."""
+    w = E * K * N * BF16
+    design = _passes(a_bytes, N, GEMM_TILE["BN"]) + w + out_bytes + extra_read
+    return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_min + w + out_bytes + extra_read, design_bytes=design)
+
+
+def _wgrad(kernel, shape, M, K, N, E, a_bytes, g_bytes):
+    """dW [E, K, N] (float32) = A^T G per expert, and the bias gradient from G."""
+    out = E * K * N * F32 + E * N * F32
+    fits = a_bytes + g_bytes <= L2_BYTES
+    design = (a_bytes + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])) + out
+    return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_bytes + g_bytes + out, design_bytes=design)
+
+
+def kernels(name: str) -> List[Row]:
+    s = SHAPES[name]
+    T, d, h, E, k = s["tokens"], s["d"], s["h"], s["E"], s["k"]
+    M, n1 = T * k, (2 * h if s["gated"] else h)  # routed rows; the up-projection's width
+    x, rows_d, rows_h, rows_n1 = T * d * BF16, M * d * BF16, M * h * BF16, M * n1 * BF16
+    out = [
+        dict(kernel="gating", flops=0.0, min_bytes=T * E * F32 + T * k * (F32 + I64) + E * (I64 + F32)),
+        dict(kernel="route", flops=0.0, min_bytes=M * I64 * 3),
+        dict(kernel="permute", flops=0.0, min_bytes=x + rows_d),  # standalone; the GEMM below gathers in its load
+        # forward: up-projection gathering x through the routing (keeps pre; writes the activation)
+        _gemm("up_proj_fwd", name, M, d, n1, E, x, rows_d, rows_h + rows_n1),
+        _gemm("down_proj_fwd", name, M, h, d, E, rows_h, rows_h, rows_d),
+        dict(kernel="unpermute", flops=0.0, min_bytes=rows_d + 2 * x + T * k * F32),
+        # backward
+        dict(kernel="unpermute_bwd", flops=0.0, min_bytes=x + rows_d + T * k * F32),
+        _gemm("down_proj_dgrad", name, M, d, h, E, rows_d, rows_d, rows_n1, extra_read=rows_n1),  # act' from pre
+        _wgrad("down_proj_wgrad", name, M, h, d, E, rows_n1, rows_d),  # act(pre) formed in the load
+        _gemm("up_proj_dgrad", name, M, n1, d, E, rows_n1, rows_n1, rows_d),
+        _wgrad("up_proj_wgrad", name, M, d, n1, E, rows_d, rows_n1),  # A gathered from x again
+        dict(kernel="permute_bwd", flops=0.0, min_bytes=rows_d + x),
+    ]
+    rows = []
+    for r in out:
+        r.setdefault("design_bytes", r["min_bytes"])
+        bound = max(r["flops"] / PEAK_FLOPS, r["min_bytes"] / PEAK_BYTES) * 1e6
+        rows.append(Row(shape=name, tokens=T, bound_us=bound, **r))
+    return rows
+
+
+def layer_bound_us(tokens: int) -> float:
+    """The MoE layer's forward + backward bound at GeoMoE's shape (sum over its kernels)."""
+    SHAPES.setdefault(f"geomoe-{tokens}", dict(SHAPES["geomoe-15680"], tokens=tokens))
+    return sum(r.bound_us for r in kernels(f"geomoe-{tokens}") if r.kernel != "permute")
+
+
+def up_proj_bound_us(tokens: int) -> float:
+    SHAPES.setdefault(f"geomoe-{tokens}", dict(SHAPES["geomoe-15680"], tokens=tokens))
+    return next(r.bound_us for r in kernels(f"geomoe-{tokens}") if r.kernel == "up_proj_fwd")
+
+
+def table(rows: List[Row]) -> str:
+    lines = [f"{'shape':<14} {'kernel':<16} {'GFLOP':>8} {'min MB':>9} {'design MB':>10} {'design/min':>10} {'bound us':>9}"]
+    for r in rows:
+        lines.append(f"{r.shape:<14} {r.kernel:<16} {r.flops / 1e9:>8.1f} {r.min_bytes / 1e6:>9.1f} {r.design_bytes / 1e6:>10.1f} "
+                     f"{r.design_bytes / r.min_bytes:>10.2f} {r.bound_us:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="one JSON object per row")
+    args = ap.parse_args(argv)
+    rows = [r for name in ("geomoe-15680", "geomoe-65536", "llm-16384") for r in kernels(name)]
+    if args.json:
+        keys = ("kernel", "shape", "tokens", "flops", "min_bytes", "design_bytes", "bound_us")
+        print(json.dumps([{k: asdict(r)[k] for k in keys} for r in rows], indent=1))
+    else:
+        print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""The MoE-ViT: the published plain-ViT baseline with GeoMoE's MoE layers (the release's "MoE" model).
+
+A 16x16 patch embedding (a conv with bias, no norm), a cls token, a fixed 2D sin-cos position table
+whose cls row is zero, then 12 pre-norm blocks of width 768 and 12 heads: block 0 has a dense MLP
+(768 -> 3072 -> 768), blocks 1-11 the MoE MLP (23 routed experts + 1 shared, top-3, sigmoid routing
+with the bias buffer, expert hidden 576). The cls token passes through the MoE layers too. Drop path
+rises linearly over the 12 blocks from 0 to `drop_path_rate`.
+
+Module names follow the original checkpoint's keys, so `load_original_state_dict` reads the released
+encoder-only file. The position table is recomputed, never loaded (`pos_embed` in a file is ignored),
+and interpolated bicubically to the input's grid when the input is not the pretraining size."""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geomoe_kernels import MoEMLP
+from geomoe_kernels.backend import check_backend_name
+
+from .backbone import interpolate_pos_embed
+from .masking import random_masking
+from .model import Attention, MaskedAutoencoder, Mlp, check_image_batch
+from .pos_embed import sincos_2d
+
+PATCH = 16
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch per sample with probability p and scale
+    the kept ones by 1 / (1 - p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=PATCH, stride=PATCH)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP; the MLP is dense or an MoEMLP (whose aux loss and load it returns)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = mlp
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        if isinstance(self.mlp, MoEMLP):
+            y, aux, load = self.mlp(self.norm2(x))
+            return x + self.drop_path(y), aux, load
+        return x + self.drop_path(self.mlp(self.norm2(x))), None, None
+
+
+class EncoderOutput(NamedTuple):
+    tokens: Tensor  # [N, 1 + h*w, C] after the last block (cls first)
+    hidden: List[Tensor]  # the tokens after each block
+    aux: Tensor  # [MoE layers] auxiliary load-balancing losses
+    load: Tensor  # [MoE layers, experts]
+
+
+class MoEViTEncoder(nn.Module):
+    """Patch embedding, cls token, position table and the 12 blocks (no final norm)."""
+
+    # recomputed from the image size, never read from a checkpoint
+    ORIGINAL_KEYS_RECOMPUTED = ("pos_embed",)
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, moe_mlp_ratio: float = 0.75, num_experts: int = 23, num_shared_experts: int = 1,
+                 top_k: int = 3, dense_blocks: Sequence[int] = (0,), drop_path_rate: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        check_backend_name(backend)
+        if img_size % PATCH:
+            raise ValueError(f"argument 'img_size' expected a multiple of {PATCH}, got {img_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {drop_path_rate}")
+        self.img_size, self.in_chans, self.embed_dim = img_size, in_chans, embed_dim
+        self.grid = img_size // PATCH
+        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        table = torch.cat([torch.zeros(1, embed_dim), sincos_2d(embed_dim, self.grid, self.grid)])
+        self.register_buffer("pos_embed", table[None], persistent=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            if i in dense_blocks:
+                mlp: nn.Module = Mlp(embed_dim, int(embed_dim * mlp_ratio))
+            else:
+                mlp = MoEMLP(embed_dim, int(embed_dim * moe_mlp_ratio), num_experts, num_shared_experts, top_k, backend=backend)
+            self.blocks.append(Block(embed_dim, num_heads, mlp, rates[i]))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def moe_layers(self) -> List[MoEMLP]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
+
+    def forward(self, imgs: Tensor) -> EncoderOutput:
+        if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or imgs.shape[2] % PATCH or imgs.shape[3] % PATCH:
+            raise ValueError(f"MoEViT: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of "
+                             f"{PATCH}, got {list(imgs.shape)}")
+        check_image_batch("MoEViT", imgs, self.patch_embed.proj.weight, allow_empty=True)
+        h, w = imgs.shape[2] // PATCH, imgs.shape[3] // PATCH
+        x = self.patch_embed(imgs)
+        pos = self.pos_embed
+        table = torch.cat([pos[:, :1], interpolate_pos_embed(pos[:, 1:], (h, w))], dim=1).to(x.dtype)
+        x = torch.cat([(self.cls_token + table[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype), x + table[:, 1:]], dim=1)
+        hidden, auxes, loads = [], [], []
+        for block in self.blocks:
+            x, aux, load = block(x)
+            hidden.append(x)
+            if aux is not None:
+                auxes.append(aux)
+                loads.append(load)
+        return EncoderOutput(x, hidden, torch.stack(auxes), torch.stack(loads))
+
+
+class MoEViTClassifier(MoEViTEncoder):
+    """Scene classification: mean of the patch tokens (cls dropped), fc_norm, linear head.
+    forward(imgs) -> (logits [N, classes], aux [MoE layers])."""
+
+    def __init__(self, num_classes: int, img_size: int = 224, drop_path_rate: float = 0.1, backend: str = "auto", **kw):
+        super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, backend=backend, **kw)
+        if num_classes < 1:
+            raise ValueError(f"argument 'num_classes' expected at least 1, got {num_classes}")
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs: Tensor) -> Tuple[Tensor, Tensor]:
+        out = super().forward(imgs)
+        return self.head(self.fc_norm(out.tokens[:, 1:].mean(dim=1))), out.aux
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an [N, C, H, W] map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MoEViTBackbone(MoEViTEncoder):
+    """The published dense-prediction pyramid: the tokens (cls dropped) after blocks `out_indices`
+    (3, 5, 7, 11) as stride-16 maps, turned into strides 4 (two 2x2 transposed convs with a channel
+    LayerNorm and GELU between), 8 (one), 16 (as is) and 32 (2x2 max-pool); 768 channels each.
+    forward(imgs) -> the 4 maps as a tuple; the auxiliary loss of the call, already multiplied by
+    `aux_weight`, is kept in `self.aux_loss` for the task loss. The MoE biases are frozen buffers
+    here: nothing in the backbone updates them."""
+
+    def __init__(self, img_size: int = 224, out_indices: Sequence[int] = (3, 5, 7, 11), drop_path_rate: float = 0.1,
+                 aux_weight: float = 5e-6, backend: str = "auto", **kw):
+        super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, backend=backend, **kw)
+        if len(out_indices) != 4 or any(not 0 <= i < len(self.blocks) for i in out_indices):
+            raise ValueError(f"argument 'out_indices' expected 4 block indices in [0, {len(self.blocks)}), got {list(out_indices)}")
+        C = self.embed_dim
+        self.out_indices = tuple(out_indices)
+        self.aux_weight = aux_weight
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(C, C, 2, 2), LayerNorm2d(C, eps=1e-6), nn.GELU(), nn.ConvTranspose2d(C, C, 2, 2))
+        self.fpn2 = nn.ConvTranspose2d(C, C, 2, 2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2)
+        self.aux_loss: Optional[Tensor] = None
+
+    @property
+    def feature_info(self) -> List[dict]:
+        return [dict(num_chs=self.embed_dim, reduction=r, module=f"fpn{i + 1}") for i, r in enumerate((4, 8, 16, 32))]
+
+    def forward(self, imgs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = super().forward(imgs)
+        N, h, w = imgs.shape[0], imgs.shape[2] // PATCH, imgs.shape[3] // PATCH
+        maps = [out.hidden[i][:, 1:].transpose(1, 2).reshape(N, self.embed_dim, h, w) for i in self.out_indices]
+        self.aux_loss = self.aux_weight * out.aux.sum()
+        return tuple(f(m) for f, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps))
+
+
+class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
+    """MAE pretraining of the MoE-ViT. Its pretraining code is not published: this assumes GeoMoE's
+    objective (mask 0.75, 49 rebuilt tokens, norm-pix loss, the 8-block 512-wide cross-attention
+    decoder), the cls token kept beside the visible tokens, no drop path, and a final LayerNorm
+    (eps 1e-6, `norm`) on the encoder output as in MAE. forward(imgs) -> (loss, aux [layers],
+    loads [layers, experts]), like GeoMoE, so the same trainer runs either model."""
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, backend: str = "auto", **kw):
+        kw.setdefault("drop_path_rate", 0.0)
+        super().__init__(img_size=img_size, in_chans=in_chans, backend=backend, **kw)
+        self.norm_pix_loss = norm_pix_loss
+        self.norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        self._build_decoder(self.embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, 4.0)
+        self._init_weights()
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, imgs: Tensor, keep: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The cls token and the kept patch tokens (in `keep`'s order) through the blocks."""
+        check_image_batch("MoEViTMAE", imgs, self.patch_embed.proj.weight, allow_empty=False)
+        if tuple(imgs.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"MoEViTMAE: argument 'imgs' expected shape [N, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                             f"got {list(imgs.shape)}")
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
+        x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[2]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        auxes, loads = [], []
+        for block in self.blocks:
+            x, aux, load = block(x)
+            if aux is not None:
+                auxes.append(aux)
+                loads.append(load)
+        return self.norm(x), torch.stack(auxes), torch.stack(loads)
+
+    def forward(self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25,
+                noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        masking = random_masking(imgs.shape[0], self.grid**2, mask_ratio, kept_mask_ratio, noise, imgs.device)
+        latent, aux, load = self.forward_encoder(imgs, masking.keep)
+        pred = self.forward_decoder(latent, masking.build)
+        return self.forward_loss(imgs, pred, masking.build), aux, load

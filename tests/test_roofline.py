@@ -1,0 +1,28 @@
+"""benchmarks.roofline: the model's FLOPs agree with the benchmark's FLOP count, bytes are sane, and
+--json has the documented keys."""
+import json
+import subprocess
+import sys
+
+from benchmarks import roofline
+
+
+def test_gemm_flops_match_the_layer_count_and_bounds_are_positive():
+    rows = roofline.kernels("geomoe-15680")
+    s = roofline.SHAPES["geomoe-15680"]
+    routed = 2 * s["tokens"] * s["k"] * s["d"] * s["h"]  # one GEMM's FLOPs over the routed rows
+    gemms = [r for r in rows if r.flops]
+    assert len(gemms) == 6 and all(abs(r.flops - routed) < 1 for r in gemms)  # 2 forward, 4 backward
+    for r in rows:
+        assert r.bound_us > 0 and r.design_bytes >= r.min_bytes > 0, r
+    # the up-projection's gathered A (72 MB) exceeds L2: every column tile streams it again
+    up = next(r for r in rows if r.kernel == "up_proj_fwd")
+    assert up.design_bytes > 4 * up.min_bytes
+
+
+def test_json_rows_have_the_documented_keys():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.roofline", "--json"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    rows = json.loads(out)
+    assert {r["shape"] for r in rows} == {"geomoe-15680", "geomoe-65536", "llm-16384"}
+    assert all(set(r) == {"kernel", "shape", "tokens", "flops", "min_bytes", "design_bytes", "bound_us"} for r in rows)
