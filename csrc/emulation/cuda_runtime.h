@@ -14,15 +14,17 @@
 //
 // Checks. A launch outside the card's limits, a __syncthreads that not every thread of the block
 // reaches (or that threads reach at different places), a warp collective whose mask names a lane
-// that is absent or has exited or that lanes join with different masks, a deadlock, and WMMA
+// that is absent or has exited, that lanes join with different masks or that reads a lane outside
+// its mask, a deadlock, and WMMA
 // misuse (mma.h) fail the launch; cudaGetLastError returns cudaErrorLaunchFailure (or
 // cudaErrorInvalidConfiguration) and cudaGetErrorString says which kernel, block, thread and
 // source line. Out-of-bounds accesses are left to AddressSanitizer: dynamic shared memory is a heap
 // block of exactly the launch's size, static __shared__ arrays are instrumented globals.
 //
 // One thing the kernels' source cannot say to the host compiler: `extern __shared__ T name[];`.
-// setup.py rewrites that one declaration to `T* const name = geomoe_emu::dynamic_shared<T>();` in
-// the copy it compiles; nothing else in a kernel changes, and launches go through GEOMOE_LAUNCH.
+// The build (build.py) rewrites that one declaration to `T* const name =
+// geomoe_emu::dynamic_shared<T>();` in the copy it compiles; nothing else in a kernel changes, and
+// launches go through GEOMOE_LAUNCH.
 #pragma once
 #include <cuda_runtime_api.h>  // the toolkit's types and declarations; nothing of the real runtime is linked
 #include <cuda_bf16.h>
