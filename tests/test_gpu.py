@@ -18,7 +18,7 @@ from geomoe_kernels import (
     topk_gating,
     unpermute,
 )
-from oracles import OriginalMoE
+from tests.oracles import OriginalMoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
