@@ -40,8 +40,8 @@ cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, co
                         bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
                         cudaStream_t stream);
 cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
-                                 const float* grad_weights, const float* grad_prob_mean, bool softmax,
-                                 bool renormalize, float* grad_logits, cudaStream_t stream);
+                                 const float* grad_weights, const float* grad_prob_mean, bool softmax, bool renormalize,
+                                 float* grad_logits, cudaStream_t stream);
 
 // Submanifold depthwise conv on visible rows [rows, channels] with a neighbour table [rows, kk]
 // (-1 reads as zero) and weight [channels, kk]; flip reads the kernel reversed (dx of a symmetric table).
@@ -57,8 +57,8 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 
 // Tensor-core grouped GEMM (fp16 / bf16, fp32 accumulation) over expert-major rows, scheduled by
 // row blocks of grouped_mm_block_rows() rows (blk_expert[b] = -1 for surplus blocks).
-// act: an Activation code, none, GELU or SiLU (no SwiGLU yet); pre (nullable) keeps the pre-activation; gather (nullable) reads A
-// row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
+// act: an Activation code, none, GELU or SiLU (no SwiGLU yet); pre (nullable) keeps the pre-activation; gather
+// (nullable) reads A row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
 // grad_act (trans_w only): pre is read instead, and out = (A @ W^T) * act'(pre).
 int grouped_mm_block_rows();
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,

@@ -59,12 +59,13 @@ __device__ inline void warp_store(const Acc (&acc)[2][2], float* c, int ldc) {
 
 __device__ inline float activate(float x, int act) {
   if (act == kGelu) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
-  if (act == kSilu) return x / (1.f + __expf(-x));                              // SiLU
+  if (act == kSilu) return x / (1.f + __expf(-x));                             // SiLU
   return x;
 }
 
 __device__ inline float activate_grad(float x, int act) {
-  if (act == kGelu) return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+  if (act == kGelu)
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
   const float s = 1.f / (1.f + __expf(-x));  // SiLU
   return s * (1.f + x * (1.f - s));
 }

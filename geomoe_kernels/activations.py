@@ -2,6 +2,7 @@
 the one table of codes: the Triton kernels take its values as constexprs, and csrc/geomoe_core.h
 mirrors it as `enum class Activation` for the CUDA core (tests/test_activation_codes.py checks that
 the two agree)."""
+
 import enum
 
 

@@ -8,7 +8,7 @@ fallback. Support checks take the op's arguments by name."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -19,7 +19,7 @@ _OPS: Dict[str, Optional[str]] = {}
 # op name -> backend -> (implementation, supports(**args) -> reason it cannot run, or None)
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable[..., Optional[str]]]]]] = {}
 # (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
-_EXPLICIT_ONLY = set()
+_EXPLICIT_ONLY: Set[Tuple[str, str]] = set()
 
 # Why a backend has no implementation of an op; a backend that cannot load at all says so through
 # set_unavailable_reason.

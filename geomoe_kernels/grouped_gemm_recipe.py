@@ -6,6 +6,7 @@ GroupedGemmKernels protocol); `implementations(kernels)` gives their ops.
 The row blocks are scheduled on the device: expert e gets ceil(count_e / block) blocks, and the
 grid is the static bound ceil(M / block) + E, surplus blocks exiting at once. No host sync. The
 reference's tiled grouped GEMM lays its tiles out by the same schedule."""
+
 from __future__ import annotations
 
 import functools
@@ -64,18 +65,46 @@ class GroupedGemmKernels(Protocol):
     def block_rows(self, dtype: torch.dtype) -> int:
         """Rows per program of forward and dgrad (the schedule's block)."""
 
-    def forward(self, a: Tensor, weight: Tensor, offsets: Tensor, schedule: BlockSchedule, bias: Optional[Tensor],
-                activation: str, gather: Optional[Tensor], top_k: int, out: Tensor, pre: Optional[Tensor]) -> None:
+    def forward(
+        self,
+        a: Tensor,
+        weight: Tensor,
+        offsets: Tensor,
+        schedule: BlockSchedule,
+        bias: Optional[Tensor],
+        activation: str,
+        gather: Optional[Tensor],
+        top_k: int,
+        out: Tensor,
+        pre: Optional[Tensor],
+    ) -> None:
         """out[r] = act(A[r] @ W[e] + b[e]), pre[r] the pre-activation (when not None); A[r] =
         a[gather[r] // top_k] with gather."""
 
-    def dgrad(self, grad: Tensor, weight: Tensor, offsets: Tensor, schedule: BlockSchedule, out: Tensor, grad_act: str,
-              pre: Optional[Tensor]) -> None:
+    def dgrad(
+        self,
+        grad: Tensor,
+        weight: Tensor,
+        offsets: Tensor,
+        schedule: BlockSchedule,
+        out: Tensor,
+        grad_act: str,
+        pre: Optional[Tensor],
+    ) -> None:
         """out[r] = grad[r] @ W[e]^T, times act'(pre[r]) in the epilogue unless grad_act is 'none'
         (SwiGLU: both halves of d pre)."""
 
-    def wgrad(self, a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor], top_k: int, a_activation: str,
-              partial: Tensor, partial_db: Tensor) -> None:
+    def wgrad(
+        self,
+        a: Tensor,
+        grad: Tensor,
+        offsets: Tensor,
+        gather: Optional[Tensor],
+        top_k: int,
+        a_activation: str,
+        partial: Tensor,
+        partial_db: Tensor,
+    ) -> None:
         """partial [splits, E, K, N] of A_e^T G_e over each split of expert e's rows and partial_db
         [splits, E, N] of G_e's row sums, every element written; A = act(a) formed as it loads."""
 
@@ -88,8 +117,17 @@ def schedule_for(kernels: GroupedGemmKernels, offsets: Tensor, M: int, dtype: to
     return block_schedule(offsets, M, kernels.block_rows(dtype))
 
 
-def forward(kernels: GroupedGemmKernels, a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-            gather: Optional[Tensor] = None, top_k: int = 1, schedule: Optional[BlockSchedule] = None) -> Tuple[Tensor, Tensor]:
+def forward(
+    kernels: GroupedGemmKernels,
+    a: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+    schedule: Optional[BlockSchedule] = None,
+) -> Tuple[Tensor, Tensor]:
     """(out, pre): pre is empty for 'none'."""
     M, N = _rows(a, gather), weight.shape[2]
     schedule = schedule if schedule is not None else schedule_for(kernels, offsets, M, a.dtype)
@@ -99,18 +137,37 @@ def forward(kernels: GroupedGemmKernels, a: Tensor, weight: Tensor, offsets: Ten
     return out, (pre if pre is not None else a.new_empty(0))
 
 
-def dgrad(kernels: GroupedGemmKernels, grad: Tensor, weight: Tensor, offsets: Tensor, schedule: Optional[BlockSchedule] = None,
-          grad_act: str = "none", pre: Optional[Tensor] = None) -> Tensor:
+def dgrad(
+    kernels: GroupedGemmKernels,
+    grad: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    schedule: Optional[BlockSchedule] = None,
+    grad_act: str = "none",
+    pre: Optional[Tensor] = None,
+) -> Tensor:
     """grad @ W[e]^T for each expert's rows; with grad_act, d pre = that times act'(pre)."""
     M = grad.shape[0]
     schedule = schedule if schedule is not None else schedule_for(kernels, offsets, M, grad.dtype)
-    out = grad.new_empty(M, pre.shape[1] if grad_act != "none" else weight.shape[1])
-    kernels.dgrad(grad, weight, offsets, schedule, out, grad_act, pre if grad_act != "none" else None)
+    if grad_act == "none":
+        pre = None
+    elif pre is None:
+        raise ValueError(f"dgrad with act' of {grad_act!r} reads the pre-activation: pass pre")
+    out = grad.new_empty(M, pre.shape[1] if pre is not None else weight.shape[1])  # d pre: both SwiGLU halves
+    kernels.dgrad(grad, weight, offsets, schedule, out, grad_act, pre)
     return out
 
 
-def weight_grad(kernels: GroupedGemmKernels, a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor] = None,
-                top_k: int = 1, a_activation: str = "none", splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+def weight_grad(
+    kernels: GroupedGemmKernels,
+    a: Tensor,
+    grad: Tensor,
+    offsets: Tensor,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+    a_activation: str = "none",
+    splits: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """(dW [E, K, N], db [E, N]) in float32; A = act(a) with a_activation; the splits summed in a
     fixed order (deterministic, no atomics), experts without rows exact zeros."""
     E, K, N = offsets.numel() - 1, out_features(a_activation, a.shape[1]), grad.shape[1]
@@ -123,22 +180,48 @@ def weight_grad(kernels: GroupedGemmKernels, a: Tensor, grad: Tensor, offsets: T
     return partial.sum(0), partial_db.sum(0)
 
 
-def grouped_mm(kernels: GroupedGemmKernels, x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-               gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
+def grouped_mm(
+    kernels: GroupedGemmKernels,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor]:
     return forward(kernels, x, weight, offsets, bias, activation, gather, top_k)
 
 
-def grouped_mm_backward(kernels: GroupedGemmKernels, grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor,
-                        pre: Optional[Tensor], activation: str, gather: Optional[Tensor] = None, top_k: int = 1
-                        ) -> Tuple[Tensor, Tensor, Tensor]:
+def grouped_mm_backward(
+    kernels: GroupedGemmKernels,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    pre: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
     dpre = (grad_out if activation == "none" else _act_math.backward(activation, grad_out, pre)).contiguous()
     d_rows = dgrad(kernels, dpre, weight, offsets)
     dw, db = weight_grad(kernels, x, dpre, offsets, gather, top_k)
     return d_rows, dw.to(weight.dtype), db.to(weight.dtype)
 
 
-def expert_mlp(kernels: GroupedGemmKernels, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-               offsets: Tensor, activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
+def expert_mlp(
+    kernels: GroupedGemmKernels,
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    offsets: Tensor,
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor]:
     """(rows_out, pre): the hidden rows live only between the two GEMMs, which share one schedule."""
     schedule = schedule_for(kernels, offsets, _rows(x, gather), x.dtype)
     hidden, pre = forward(kernels, x, w1, offsets, b1, activation, gather, top_k, schedule)
@@ -146,9 +229,18 @@ def expert_mlp(kernels: GroupedGemmKernels, x: Tensor, w1: Tensor, b1: Optional[
     return out, pre
 
 
-def expert_mlp_backward(kernels: GroupedGemmKernels, grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor,
-                        pre: Tensor, activation: str, gather: Optional[Tensor] = None, top_k: int = 1
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def expert_mlp_backward(
+    kernels: GroupedGemmKernels,
+    grad_out: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    offsets: Tensor,
+    pre: Tensor,
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
     dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
     schedule = schedule_for(kernels, offsets, grad_out.shape[0], grad_out.dtype)
@@ -161,4 +253,6 @@ def expert_mlp_backward(kernels: GroupedGemmKernels, grad_out: Tensor, x: Tensor
 
 def implementations(kernels: GroupedGemmKernels) -> Dict[str, Callable]:
     """The four ops this recipe runs, as a backend registers them."""
-    return {fn.__name__: functools.partial(fn, kernels) for fn in (grouped_mm, grouped_mm_backward, expert_mlp, expert_mlp_backward)}
+    return {
+        fn.__name__: functools.partial(fn, kernels) for fn in (grouped_mm, grouped_mm_backward, expert_mlp, expert_mlp_backward)
+    }

@@ -16,7 +16,7 @@ gradients are compared with the reference computed in float64 on the CPU:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ def _case() -> Dict[str, Tensor]:
 
 def _grads(outs: Sequence[Tensor], upstream: Sequence[Tensor], inputs: Sequence[Tensor]) -> List[Tensor]:
     loss = sum((o.double() * u.to(o.device)).sum() for o, u in zip(outs, upstream))
-    return list(torch.autograd.grad(loss, inputs))
+    return list(torch.autograd.grad(cast(Tensor, loss), inputs))
 
 
 def _leaves(c, names, device, dtype):

@@ -17,8 +17,11 @@ def pytest_generate_tests(metafunc):
     """`backend`: every backend that runs here; `kernel_backend`: those other than the reference.
     With `dtype` beside either: each backend in each of its dtypes. A test that parametrises them
     itself (tests/test_gpu.py) keeps its own."""
-    explicit = {n.strip() for m in metafunc.definition.iter_markers("parametrize")
-                for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])}
+    explicit = {
+        n.strip()
+        for m in metafunc.definition.iter_markers("parametrize")
+        for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])
+    }
     for name, found in (("backend", backends_here), ("kernel_backend", kernel_backends_here)):
         if name not in metafunc.fixturenames or name in explicit:
             continue

@@ -5,6 +5,7 @@ Backends: this process runs the reference on the CPU, plus Triton and the CUDA c
 there is one. Triton on the CPU needs TRITON_INTERPRET=1 from the start of the process, so
 tests/test_triton_interpreter.py runs the backend-parametrised tests again in a process of their
 own with it set, where "triton" is then the only backend."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ def backends_here() -> List[Backend]:
         return [Backend("triton", cpu, (torch.float32, torch.float16))]
     found = [Backend("torch", cpu, (torch.float32, torch.float16))]
     if torch.cuda.is_available():
-        found += [Backend("triton", cuda, (torch.float32, torch.float16, torch.bfloat16)),
-                  Backend("cuda", cuda, (torch.float32, torch.float16, torch.bfloat16))]
+        found += [
+            Backend("triton", cuda, (torch.float32, torch.float16, torch.bfloat16)),
+            Backend("cuda", cuda, (torch.float32, torch.float16, torch.bfloat16)),
+        ]
     return found
 
 

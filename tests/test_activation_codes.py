@@ -1,4 +1,5 @@
 """The codes the CUDA core takes (csrc/geomoe_core.h) are the Python tables' (activations and dtypes)."""
+
 import os
 import re
 

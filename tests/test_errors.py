@@ -1,5 +1,6 @@
 """Bad input to the layers, and a backend that cannot run, get an error that names the argument,
 what was expected and what came. (Each op's own argument errors are tested in tests/ops/.)"""
+
 import subprocess
 import sys
 

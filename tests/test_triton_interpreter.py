@@ -2,6 +2,7 @@
 pytest process of their own with TRITON_INTERPRET=1, where "triton" is the backend they check on
 the CPU: Triton reads the variable once per process, and the rest of this suite keeps the
 reference path. tests/conftest.py keeps only those tests there."""
+
 import os
 import subprocess
 import sys

@@ -18,6 +18,7 @@ Every function the declaration calls takes the op's arguments by name: a fake, v
 setup_context may list only the ones it reads and end with **_. The implementations (the
 reference here; Triton and CUDA register theirs in their own modules) take the arguments in the
 signature's order, less those named in for_backward_only (maps the op carries for its backward)."""
+
 from __future__ import annotations
 
 import inspect
@@ -45,8 +46,7 @@ def _device(args: Dict[str, Any]) -> torch.device:
 class Op:
     """A declared op. Call it like the torch.library op it wraps (`.op`)."""
 
-    def __init__(self, signature: Callable, reference: Callable, backward_of: Optional[str],
-                 for_backward_only: Sequence[str]):
+    def __init__(self, signature: Callable, reference: Callable, backward_of: Optional[str], for_backward_only: Sequence[str]):
         self.name = signature.__name__.removesuffix("_op")
         self.__doc__ = signature.__doc__
         self._check = signature
@@ -127,11 +127,14 @@ class Op:
         torch.library.register_autograd(self.op, backward_by_name, setup_context=setup)
 
 
-def declare(reference: Callable, backward_of: Optional[str] = None, for_backward_only: Sequence[str] = ()) -> Callable[[Callable], Op]:
+def declare(
+    reference: Callable, backward_of: Optional[str] = None, for_backward_only: Sequence[str] = ()
+) -> Callable[[Callable], Op]:
     """Decorates the op's signature (whose body is the metadata checks); see the module docstring.
     The op is named after the function, less a trailing "_op" (which leaves the plain name to a
-    public wrapper where the op has one: one that returns fewer outputs, say). reference: the pure-PyTorch implementation (backend "torch"). backward_of: the op whose
-    backward this one computes (it is then not listed among the ops users call)."""
+    public wrapper where the op has one: one that returns fewer outputs, say). reference: the
+    pure-PyTorch implementation (backend "torch"). backward_of: the op whose backward this one
+    computes (it is then not listed among the ops users call)."""
     return lambda signature: Op(signature, reference, backward_of, for_backward_only)
 
 

@@ -4,7 +4,7 @@ TRITON_INTERPRET (read when a kernel is defined) can be set by then, and so that
 triton import geomoe_kernels at all."""
 import importlib
 import importlib.util
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from .. import backend as _backend
 from ..reference.norm_linear import norm_linear_backward as _reference_norm_linear_backward
@@ -29,7 +29,7 @@ def _gating(logits, top_k: int) -> Optional[str]:
 
 
 # op -> (module, launcher) or a function, and the support check (the op's arguments by name)
-KERNELS = {
+KERNELS: Dict[str, Tuple[Union[Tuple[str, str], Callable], Optional[Callable[..., Optional[str]]]]] = {
     "topk_gating": (("gating", "topk_gating"), lambda logits, top_k, **_: _gating(logits, top_k)),
     "topk_gating_backward": (("gating", "topk_gating_backward"), lambda logits, ids, **_: _gating(logits, ids.shape[1])),
     "route": (("permute", "route"), lambda num_experts, **_: None if num_experts <= 256 else

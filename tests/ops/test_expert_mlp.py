@@ -1,6 +1,7 @@
 """expert_mlp (both expert GEMMs in one op, the hidden rows recomputed in backward): the reference
 against a per-expert loop of nn.Linear-style matmuls in float64; every backend's fused backward
 against that loop (half precision: within twice the reference's error); opcheck; errors."""
+
 import pytest
 import torch
 
@@ -42,8 +43,10 @@ def test_reference_matches_a_per_expert_loop_float64(act, case):
     want = _loop(x, *params, off, act)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, [x, *params], g, allow_unused=True),
-                    torch.autograd.grad(want, [x, *params], g, allow_unused=True)):
+    for a, b in zip(
+        torch.autograd.grad(got, [x, *params], g, allow_unused=True),
+        torch.autograd.grad(want, [x, *params], g, allow_unused=True),
+    ):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-11)
     for e, n in enumerate(counts):  # experts without rows: exactly zero weight and bias gradients
         if n == 0:
@@ -61,8 +64,7 @@ def test_backend_fused_backward(backend, dtype, act):
     r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
     N1 = 2 * H if act == "swiglu" else H
     x = torch.randn(T, K).to(dev, dtype).requires_grad_(True)
-    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True)
-              for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
     outs = []
     for name, cast in ((backend.name, None), ("torch", None), ("torch", torch.float64)):
         leaves = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in (x, *params)]
@@ -87,7 +89,8 @@ def test_gathered_tokens_gradcheck_and_opcheck():
     got = expert_mlp(x, *params, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k)
     torch.testing.assert_close(got, _loop(x[r2f // k], *params, off, "gelu"), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params))
+        lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params)
+    )
     xf, pf = x.detach().float(), [p.detach().float() for p in params]
     for act in ("gelu", "swiglu"):
         pa = [p.detach().float() for p in _params(E, 6, 4, 5, act)]

@@ -1,6 +1,7 @@
 """grouped_mm: the reference against a per-expert loop in float64 (both of its paths in float32),
 every backend against the loop in its dtypes, the kernels' gathered load and split weight
 gradient; experts without rows get exact zeros; opcheck; argument errors."""
+
 import pytest
 import torch
 
@@ -84,10 +85,12 @@ def test_kernels_gather_rows_inside_the_load_and_split_the_weight_gradient(kerne
     assert_close(out, naive_grouped_mm(rows.double(), w.double(), off, None, "none"), dtype)
     g = torch.randn(T * k, 24, device=dev).to(dtype)
     r64, g64 = rows.double(), g.double()
-    want = torch.stack([r64[int(off[e]):int(off[e + 1])].t() @ g64[int(off[e]):int(off[e + 1])] for e in range(E)])
-    want_db = torch.stack([g64[int(off[e]):int(off[e + 1])].sum(0) for e in range(E)])
-    for dw, db in (grouped_gemm_recipe.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
-                   grouped_gemm_recipe.weight_grad(kernels, rows, g, off, splits=3)):
+    want = torch.stack([r64[int(off[e]) : int(off[e + 1])].t() @ g64[int(off[e]) : int(off[e + 1])] for e in range(E)])
+    want_db = torch.stack([g64[int(off[e]) : int(off[e + 1])].sum(0) for e in range(E)])
+    for dw, db in (
+        grouped_gemm_recipe.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
+        grouped_gemm_recipe.weight_grad(kernels, rows, g, off, splits=3),
+    ):
         assert_close(dw, want, dtype)
         assert_close(db, want_db, dtype)
 
@@ -173,7 +176,9 @@ def test_gathered_rows_equal_a_permuted_copy_and_opcheck():
     got = grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k)
     want = naive_grouped_mm(x[r2f // k], w, off, b, "silu")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w, b: grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k), (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k), (x, w, b)
+    )
     xf = x.detach().float()
     torch.library.opcheck(grouped_mm_op.op, (xf, w.detach().float(), off, None, "gelu", r2f, f2r, k))
     _, pre = grouped_mm_op(xf, w.detach().float(), off, None, "gelu", r2f, f2r, k)

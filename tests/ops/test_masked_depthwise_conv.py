@@ -1,5 +1,6 @@
 """masked_depthwise_conv: the reference against a dense masked conv2d in float64; every backend
 against the reference; opcheck; bad neighbour tables."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,7 @@
 """norm_linear (LayerNorm + linear + bias + activation): the reference against torch's own
 layer_norm, linear and activations composed by autograd, in float64; every backend against the
 reference; opcheck; errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """permute (gather into expert-major rows): against a per-row loop, on every backend; its
 backward is unpermute (and, for the routing weights, unpermute_weight_grad)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """route: every backend gives exactly the stable expert-major permutation of a per-entry loop."""
+
 import pytest
 import torch
 

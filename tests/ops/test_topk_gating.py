@@ -1,5 +1,6 @@
 """topk_gating: the reference against a per-token loop in float64; every backend against the
 reference in float32 (ids and counts exactly); opcheck; argument errors."""
+
 import pytest
 import torch
 

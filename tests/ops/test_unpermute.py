@@ -1,5 +1,6 @@
 """unpermute (the weighted, deterministic combine, shared experts added in the same pass) against
 a per-token loop, on every backend; with permute, gradcheck and bitwise repeatability."""
+
 import pytest
 import torch
 
@@ -26,7 +27,9 @@ def test_reference_matches_naive(k):
     rows = permute(torch.randn(T, d, dtype=torch.float64), r2f, f2r, k)
     w = torch.rand(T, k, dtype=torch.float64)
     shared = torch.randn(T, d, dtype=torch.float64)
-    torch.testing.assert_close(unpermute(rows, r2f, f2r, k, w, shared), _naive_unpermute(rows, f2r, k, w, shared), rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        unpermute(rows, r2f, f2r, k, w, shared), _naive_unpermute(rows, f2r, k, w, shared), rtol=0, atol=1e-13
+    )
     torch.testing.assert_close(unpermute(rows, r2f, f2r, k), _naive_unpermute(rows, f2r, k, None, None), rtol=0, atol=1e-13)
 
 
