@@ -17,7 +17,7 @@ STAMP := $(VENV)/.geomoe-installed
 # become "." and csrc/*.
 RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/grouped_gemm_recipe.py geomoe_kernels/ops/_declare.py \
 	tests/__init__.py tests/conftest.py tests/helpers.py tests/ops tests/test_activation_codes.py tests/test_errors.py \
-	tests/test_triton_interpreter.py tools
+	tests/test_triton_interpreter.py tests/test_declare.py tools
 CLANG_FORMATTED := csrc/geomoe_core.h
 
 .PHONY: setup pretrain test lint info clean

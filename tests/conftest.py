@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_logreport(report):
     """GEOMOE_FAILURE_LOG=FILE: append each failure's traceback as it happens, so a run stopped by
-    its time limit (a device run) still says what failed and why."""
+    its time limit still says what failed and why."""
     path = os.environ.get("GEOMOE_FAILURE_LOG")
     if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # once, in the controller
         with open(path, "a") as f:

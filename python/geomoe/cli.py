@@ -12,7 +12,7 @@ from .model import FRONT_ENDS
 
 
 def _pretrain_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="MAE pretraining (SPEC recipe)")
+    p = sub.add_parser("pretrain", help="MAE pretraining (the published recipe: docs/recipe.md)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
     p.add_argument("--data", default=None, help="image folder root/<subfolder>/...; default: the embedded procedural scenes")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")

@@ -1,4 +1,4 @@
-"""Presets: `base` is the published model and recipe (../shared/SPEC.md); `tiny` is a small model
+"""Presets: `base` is the published model and recipe (docs/model.md, docs/recipe.md); `tiny` is a small model
 with the same structure that trains on a CPU in minutes."""
 from typing import Any, Dict
 

@@ -122,7 +122,7 @@ def test_half_precision_close_to_float64():
     w = torch.randn(4, 16, 24) / 4
     got = grouped_mm(x.half(), w.half(), off, None, "gelu").double()
     want = naive_grouped_mm(x.double(), w.double(), off, None, "gelu")
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)  # ANCHORS: low-precision forward
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)  # docs/testing.md: one half-precision rounding
 
 
 @pytest.mark.parametrize("stock", [True, False])
