@@ -2,20 +2,16 @@
 `geomoe::<name>` (tagged, with `backend: str = "auto"` appended), its fake, its autograd
 registration and its dispatch through geomoe_kernels.backend:
 
-    @declare(reference=_ref.route)
+    @declare(reference=_ref.route, fake=..., value_checks=...)
     def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
         ...  # the metadata checks (dtype, shape, device): the op and its fake both run them
 
-    @route.fake
-    def _(expert_ids, num_experts): ...          # empty outputs of the right shapes
+    route.register_autograd(setup_context, backward)   # for a differentiable op
 
-    @route.value_checks
-    def _(expert_ids, num_experts): ...          # checks that read values (the real op only)
-
-    route.register_autograd(setup_context, backward)   # for differentiable ops
-
-Every function the declaration calls takes the op's arguments by name: a fake, value check or
-setup_context may list only the ones it reads and end with **_. The implementations (the
+fake(**args) returns empty outputs of the right shapes; value_checks(**args) are the checks that
+read values (the real op only: see _checks); a longer one can be given by decorating it with
+@route.fake or @route.value_checks instead. Every function the declaration calls takes the op's
+arguments by name, so it may list only those it reads and end with **_. The implementations (the
 reference here; Triton and CUDA register theirs in their own modules) take the arguments in the
 signature's order, less those named in for_backward_only (maps the op carries for its backward)."""
 
@@ -23,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,75 +31,55 @@ from .. import backend as _backend
 OP_TAGS = (getattr(torch.Tag, "needs_contiguous_strides", torch.Tag.needs_fixed_stride_order),)
 
 
-def _device(args: Dict[str, Any]) -> torch.device:
-    """The device of the first tensor argument: the one the op runs on."""
-    for value in args.values():
-        if isinstance(value, torch.Tensor):
-            return value.device
-    raise TypeError("an op needs at least one tensor argument")
-
-
 class Op:
     """A declared op. Call it like the torch.library op it wraps (`.op`)."""
 
     def __init__(self, signature: Callable, reference: Callable, backward_of: Optional[str], for_backward_only: Sequence[str]):
-        self.name = signature.__name__.removesuffix("_op")
-        self.__doc__ = signature.__doc__
-        self._check = signature
+        self.name, self.__doc__ = signature.__name__.removesuffix("_op"), signature.__doc__
+        self._check: Callable = signature
         self._value_checks: Optional[Callable] = None
         hints = typing.get_type_hints(signature)
         params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(signature).parameters.values()]
         self.arg_names = [p.name for p in params]
-        unknown = set(for_backward_only) - set(self.arg_names)
-        if unknown:
-            raise ValueError(f"{self.name}: for_backward_only names {sorted(unknown)}, which the signature lacks")
+        if set(for_backward_only) - set(self.arg_names):
+            raise ValueError(f"{self.name}: for_backward_only names {sorted(for_backward_only)}, not all in the signature")
         self._impl_names = [n for n in self.arg_names if n not in for_backward_only]
         params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="auto", annotation=str))
         self.signature = inspect.Signature(params, return_annotation=hints["return"])
 
         def run(*args, **kwargs):
-            named = self._bind(args, kwargs)
-            backend = named.pop("backend")
-            self._check(**named)
+            named, backend = self._checked(args, kwargs)
             if self._value_checks is not None:
                 self._value_checks(**named)
-            device = _device(named)
+            device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))  # the first tensor's
             impl_args = {n: named[n] for n in self._impl_names}
             impl = _backend.select(self.name, backend, device, impl_args)
-            # inputs arrive in the dtypes the op was called with; the implementation decides its own
-            # accumulation precision
+            # inputs arrive in the dtypes the op was called with; the implementation decides its own precision
             with torch.autocast(device_type=device.type, enabled=False):
                 return impl(*impl_args.values())
 
-        run.__signature__ = self.signature  # type: ignore[attr-defined]
-        run.__name__ = self.name
-        run.__doc__ = signature.__doc__
+        run.__signature__, run.__name__, run.__doc__ = self.signature, self.name, signature.__doc__  # type: ignore[attr-defined]
         self.op = torch.library.custom_op(f"geomoe::{self.name}", run, mutates_args=(), tags=OP_TAGS)
         _backend.declare(self.name, backward_of)
         _backend.register(self.name, "torch", reference)
 
-    def _bind(self, args, kwargs) -> Dict[str, Any]:
+    def _checked(self, args, kwargs):
+        """(the arguments by name, backend) after the metadata checks."""
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return dict(bound.arguments)
+        named = dict(bound.arguments)
+        backend = named.pop("backend")
+        self._check(**named)
+        return named, backend
 
     def __call__(self, *args, **kwargs):
         return self.op(*args, **kwargs)
 
     def fake(self, fn: Callable) -> Callable:
-        """fn(**args) -> empty outputs of the right shapes and dtypes, after the metadata checks."""
-
-        def fake(*args, **kwargs):
-            named = self._bind(args, kwargs)
-            del named["backend"]
-            self._check(**named)
-            return fn(**named)
-
-        self.op.register_fake(fake)
+        self.op.register_fake(lambda *args, **kwargs: fn(**self._checked(args, kwargs)[0]))
         return fn
 
     def value_checks(self, fn: Callable) -> Callable:
-        """fn(**args): the checks that read values (a host sync on a GPU: see _checks)."""
         self._value_checks = fn
         return fn
 
@@ -113,29 +89,39 @@ class Op:
         arguments (the rest get None). ctx.needs_grad says by name which inputs need one."""
         names = self.arg_names
 
-        def setup(ctx, inputs, output):
-            setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
-
         def backward_by_name(ctx, *grads):
             ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
             got = backward(ctx, *grads)
-            unknown = set(got) - set(names)
-            if unknown:
-                raise RuntimeError(f"{self.name}'s backward returned gradients for {sorted(unknown)}, not its arguments")
+            if set(got) - set(names):
+                raise RuntimeError(f"{self.name}'s backward returned gradients for {sorted(got)}, not all its arguments")
             return tuple(got.get(n) for n in names) + (None,)  # None: backend
 
+        setup = lambda ctx, inputs, output: setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
         torch.library.register_autograd(self.op, backward_by_name, setup_context=setup)
 
 
 def declare(
-    reference: Callable, backward_of: Optional[str] = None, for_backward_only: Sequence[str] = ()
+    reference: Callable,
+    backward_of: Optional[str] = None,
+    for_backward_only: Sequence[str] = (),
+    fake: Optional[Callable] = None,
+    value_checks: Optional[Callable] = None,
 ) -> Callable[[Callable], Op]:
     """Decorates the op's signature (whose body is the metadata checks); see the module docstring.
     The op is named after the function, less a trailing "_op" (which leaves the plain name to a
     public wrapper where the op has one: one that returns fewer outputs, say). reference: the
     pure-PyTorch implementation (backend "torch"). backward_of: the op whose backward this one
     computes (it is then not listed among the ops users call)."""
-    return lambda signature: Op(signature, reference, backward_of, for_backward_only)
+
+    def make(signature: Callable) -> Op:
+        op = Op(signature, reference, backward_of, for_backward_only)
+        if fake is not None:
+            op.fake(fake)
+        if value_checks is not None:
+            op.value_checks(value_checks)
+        return op
+
+    return make
 
 
 def contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -25,7 +25,8 @@ from .grouped_gemm import _check_values, _rows, combine_row_grads
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 
 
-@declare(reference=_ref.expert_mlp, for_backward_only=("flat_to_row",))
+@declare(reference=_ref.expert_mlp, for_backward_only=("flat_to_row",),
+         value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "expert_mlp"))
 def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
                   activation: str, gather: Optional[Tensor] = None, flat_to_row: Optional[Tensor] = None, top_k: int = 1
                   ) -> Tuple[Tensor, Tensor]:
@@ -40,11 +41,6 @@ def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
         raise OpInputError(f"{op}: argument 'w2' expected [{E}, {H}, D] (w1 is {list(w1.shape)}, activation {activation!r}), "
                            f"got {list(w2.shape)}")
     check_tensor(op, "b2", b2, shape=(E, w2.shape[2]), device=x.device, optional=True)
-
-
-@expert_mlp_op.value_checks
-def _(x, offsets, gather, **_):
-    _check_values(x, offsets, gather, "expert_mlp")
 
 
 @expert_mlp_op.fake

@@ -17,7 +17,7 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 _GATE_DTYPES = (torch.float32, torch.float64)
 
 
-@declare(reference=_ref.topk_gating)
+@declare(reference=_ref.topk_gating, value_checks=lambda logits, **_: check_finite("topk_gating", "logits", logits))
 def topk_gating(logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, score_func: str = "sigmoid",
                 renormalize: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(weights [T, k], expert ids [T, k], counts [E], prob_mean [E]); differentiable in logits."""
@@ -28,11 +28,6 @@ def topk_gating(logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, s
     check_choice(op, "score_func", score_func, SCORE_FUNCS)
     if not 1 <= top_k <= E:
         raise OpInputError(f"{op}: argument 'top_k' expected 1 <= top_k <= {E} (the number of experts), got {top_k}")
-
-
-@topk_gating.value_checks
-def _(logits, **_):
-    check_finite("topk_gating", "logits", logits)
 
 
 @topk_gating.fake
@@ -46,15 +41,10 @@ def _(logits, top_k, **_):
     )
 
 
-@declare(reference=_ref.topk_gating_backward, backward_of="topk_gating")
+@declare(reference=_ref.topk_gating_backward, backward_of="topk_gating", fake=lambda logits, **_: torch.empty_like(logits))
 def topk_gating_backward(grad_weights: Optional[Tensor], grad_prob_mean: Optional[Tensor], logits: Tensor, ids: Tensor,
                          score_func: str, renormalize: bool) -> Tensor:
     """d logits."""
-
-
-@topk_gating_backward.fake
-def _(logits, **_):
-    return torch.empty_like(logits)
 
 
 def _setup_context(ctx, args, output):

@@ -82,16 +82,12 @@ def combine_row_grads(d_rows: Tensor, gather: Optional[Tensor], flat_to_row: Opt
     return d_rows if gather is None else unpermute_op(d_rows, gather, flat_to_row, top_k, None, None, backend)
 
 
-@declare(reference=_ref.grouped_mm, for_backward_only=("flat_to_row",))
+@declare(reference=_ref.grouped_mm, for_backward_only=("flat_to_row",),
+         value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "grouped_mm"))
 def grouped_mm_op(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
                   gather: Optional[Tensor] = None, flat_to_row: Optional[Tensor] = None, top_k: int = 1
                   ) -> Tuple[Tensor, Tensor]:
     _check(x, weight, offsets, bias, activation, gather, flat_to_row, top_k)
-
-
-@grouped_mm_op.value_checks
-def _(x, offsets, gather, **_):
-    _check_values(x, offsets, gather, "grouped_mm")
 
 
 @grouped_mm_op.fake
@@ -102,16 +98,15 @@ def _(x, weight, activation, gather, **_):
     return out, pre
 
 
-@declare(reference=_ref.grouped_mm_backward, backward_of="grouped_mm")
+def _fake_backward(x, weight, gather, **_):
+    return x.new_empty(_rows(x, gather), x.shape[1]), torch.empty_like(weight), weight.new_empty(weight.shape[0], weight.shape[2])
+
+
+@declare(reference=_ref.grouped_mm_backward, backward_of="grouped_mm", fake=_fake_backward)
 def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, pre: Optional[Tensor], activation: str,
                         gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """(d rows [M, K] in expert-major order, dweight, dbias)."""
     check_tensor("grouped_mm_backward", "grad_out", grad_out, dtypes=(x.dtype,), dim=2, device=x.device)
-
-
-@grouped_mm_backward.fake
-def _(x, weight, gather, **_):
-    return x.new_empty(_rows(x, gather), x.shape[1]), torch.empty_like(weight), weight.new_empty(weight.shape[0], weight.shape[2])
 
 
 def _setup_context(ctx, args, output):

@@ -47,19 +47,18 @@ def _(x, weight, activation, **_):
     return weight.new_empty(R, N), pre, stats, torch.empty_like(stats)
 
 
-@declare(reference=_ref.norm_linear_backward, backward_of="norm_linear")
+def _fake_backward(x, norm_weight, norm_bias, weight, **_):
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
+
+
+@declare(reference=_ref.norm_linear_backward, backward_of="norm_linear", fake=_fake_backward)
 def norm_linear_backward(grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
                          mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dnorm_weight, dnorm_bias, dweight, dbias)."""
     check_tensor("norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,),
                  shape=(x.shape[0], weight.shape[0]), device=x.device)
-
-
-@norm_linear_backward.fake
-def _(x, norm_weight, norm_bias, weight, **_):
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0]))
 
 
 def _setup_context(ctx, args, output):

@@ -44,17 +44,13 @@ def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, devic
 # ---- route ---------------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.route)
+@declare(reference=_ref.route, value_checks=lambda expert_ids, num_experts: check_index_range(
+    "route", "expert_ids", expert_ids, 0, num_experts))
 def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(row_to_flat [T*k], flat_to_row [T*k], offsets [E+1]) for expert ids [T, k]; all on the device."""
     check_tensor("route", "expert_ids", expert_ids, dtypes=INDEX_DTYPES, dim=2)
     if num_experts < 1:
         raise OpInputError(f"route: argument 'num_experts' expected >= 1, got {num_experts}")
-
-
-@route.value_checks
-def _(expert_ids, num_experts):
-    check_index_range("route", "expert_ids", expert_ids, 0, num_experts)
 
 
 @route.fake
@@ -66,7 +62,9 @@ def _(expert_ids, num_experts):
 # ---- permute -------------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.permute, for_backward_only=("flat_to_row",))
+@declare(reference=_ref.permute, for_backward_only=("flat_to_row",),
+         fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
+         value_checks=lambda row_to_flat, **_: check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel()))
 def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor]) -> Tensor:
     check_tensor("permute", "x", x, dtypes=FLOAT_DTYPES, dim=2)
     _check_map("permute", "row_to_flat", row_to_flat, x.device, top_k)
@@ -78,20 +76,12 @@ def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, 
     _check_weights("permute", weights, x.shape[0], top_k, x.device)
 
 
-@permute_op.value_checks
-def _(row_to_flat, **_):
-    check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel())
-
-
-@permute_op.fake
-def _(x, row_to_flat, **_):
-    return x.new_empty(row_to_flat.numel(), x.shape[1])
-
-
 # ---- unpermute -----------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.unpermute, for_backward_only=("row_to_flat",))
+@declare(reference=_ref.unpermute, for_backward_only=("row_to_flat",),
+         fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
+         value_checks=lambda rows, flat_to_row, **_: check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0]))
 def unpermute_op(rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor],
                  shared: Optional[Tensor]) -> Tensor:
     op = "unpermute"
@@ -102,16 +92,6 @@ def unpermute_op(rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: 
     _check_weights(op, weights, T, top_k, rows.device)
     check_tensor(op, "shared", shared, shape=(T, rows.shape[1]), device=rows.device, optional=True)
     check_same_dtype(op, ["rows", "shared"], [rows, shared])
-
-
-@unpermute_op.value_checks
-def _(rows, flat_to_row, **_):
-    check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0])
-
-
-@unpermute_op.fake
-def _(rows, flat_to_row, top_k, **_):
-    return rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1])
 
 
 @declare(reference=_ref.unpermute_weight_grad, backward_of="unpermute")

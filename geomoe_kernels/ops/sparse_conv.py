@@ -11,7 +11,7 @@ from ..reference import sparse_conv as _ref
 from ._declare import contiguous, declare
 
 
-@declare(reference=_ref.masked_depthwise_conv)
+@declare(reference=_ref.masked_depthwise_conv, fake=lambda x, **_: torch.empty_like(x))
 def masked_depthwise_conv_op(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     op = "masked_depthwise_conv"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
@@ -50,19 +50,10 @@ def _(neighbors, **_):
         )
 
 
-@masked_depthwise_conv_op.fake
-def _(x, **_):
-    return torch.empty_like(x)
-
-
-@declare(reference=_ref.masked_depthwise_conv_backward, backward_of="masked_depthwise_conv")
+@declare(reference=_ref.masked_depthwise_conv_backward, backward_of="masked_depthwise_conv",
+         fake=lambda x, weight, **_: (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])))
 def masked_depthwise_conv_backward(grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias)."""
-
-
-@masked_depthwise_conv_backward.fake
-def _(x, weight, **_):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _setup_context(ctx, args, output):
