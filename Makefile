@@ -15,7 +15,7 @@ STAMP := $(VENV)/.geomoe-installed
 # What the format checks cover so far: the files formatted with ruff format / clang-format. The rest
 # of the tree gets one formatting commit of its own (it would touch every file at once); then these
 # become "." and csrc/*.
-RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/grouped_gemm_recipe.py geomoe_kernels/ops/_declare.py \
+RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/kernel_recipes.py geomoe_kernels/ops/_declare.py \
 	tests/__init__.py tests/conftest.py tests/helpers.py tests/ops tests/test_activation_codes.py tests/test_errors.py \
 	tests/test_triton_interpreter.py tests/test_declare.py tools
 CLANG_FORMATTED := csrc/geomoe_core.h

@@ -3,6 +3,7 @@ cannot, and registers its kernels as the 'cuda' backend. The wrappers pass data 
 and the current stream; the ops have already checked devices, dtypes, shapes and contiguity."""
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional, Tuple
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from . import activations
 from . import backend as _backend
-from . import grouped_gemm_recipe as recipe
+from . import kernel_recipes as recipe
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ROUTE_BLOCK = 32  # ids per scatter thread: the in-block rank is a short walk
@@ -37,18 +38,19 @@ def _p(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def topk_gating(logits, bias, top_k, score_func, renormalize):
-    T, E = logits.shape
-    per = _core.gating_tokens_per_block()
-    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    partial = torch.empty(max(1, -(-T // per)), E, dtype=torch.float32, device=logits.device)
-    if T == 0:
-        partial.zero_()
-    _core.topk_gating(_p(logits), T, E, _p(bias), top_k, score_func == "softmax", renormalize, _p(w), _p(ids), _p(counts),
-                      _p(partial), _stream(logits))
-    return w, ids, counts, partial.sum(0) / max(T, 1)
+class CudaGating:
+    """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
+
+    def tokens_per_block(self) -> int:
+        return _core.gating_tokens_per_block()
+
+    def gating(self, logits, bias, top_k, softmax, renormalize, w, ids, counts, partial) -> None:
+        T, E = logits.shape
+        _core.topk_gating(_p(logits), T, E, _p(bias), top_k, softmax, renormalize, _p(w), _p(ids), _p(counts),
+                          _p(partial), _stream(logits))
+
+
+topk_gating = functools.partial(recipe.topk_gating, CudaGating())
 
 
 def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, renormalize):
@@ -60,20 +62,22 @@ def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, 
     return grad
 
 
-def route(expert_ids, num_experts):
-    flat = expert_ids.reshape(-1)
-    n, E = flat.numel(), num_experts
-    blocks = max(1, -(-n // ROUTE_BLOCK))
-    per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
-    _core.route_histogram(_p(flat), n, E, ROUTE_BLOCK, _p(per_block), _stream(flat))
-    counts = per_block.sum(0)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    # the running sum over blocks along the fast axis (see the Triton launcher: dim-0 scans are slow)
-    base = (offsets[:-1][None, :] + per_block.t().contiguous().cumsum(1).t() - per_block).contiguous()
-    row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
-    flat_to_row = torch.empty_like(row_to_flat)
-    _core.route_scatter(_p(flat), n, E, ROUTE_BLOCK, _p(base), _p(row_to_flat), _p(flat_to_row), _stream(flat))
-    return row_to_flat, flat_to_row, offsets
+class CudaRouting:
+    """The routing recipe's kernels (geomoe_kernels.kernel_recipes.route)."""
+
+    def block(self, num_experts: int) -> int:
+        return ROUTE_BLOCK
+
+    def histogram(self, flat, E, block, per_block) -> None:
+        n = flat.numel()
+        _core.route_histogram(_p(flat), n, E, block, _p(per_block), _stream(flat))
+
+    def scatter(self, flat, E, block, base, row_to_flat, flat_to_row) -> None:
+        n = flat.numel()
+        _core.route_scatter(_p(flat), n, E, block, _p(base), _p(row_to_flat), _p(flat_to_row), _stream(flat))
+
+
+route = functools.partial(recipe.route, CudaRouting())
 
 
 def permute(x, row_to_flat, top_k, weights):
@@ -99,27 +103,29 @@ def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     return out
 
 
-def masked_depthwise_conv(x, neighbors, weight, bias, flip: bool = False):
-    out = torch.empty_like(x)
-    _core.masked_depthwise_conv(_DTYPE[x.dtype], _p(x), x.stride(0), _p(neighbors), neighbors.shape[1], _p(weight), _p(bias),
-                                x.shape[0], x.shape[1], flip, _p(out), out.stride(0), _stream(x))
-    return out
+class CudaDepthwiseConv:
+    """The masked depthwise conv recipe's kernels (geomoe_kernels.kernel_recipes)."""
+
+    def wgrad_rows_per_block(self) -> int:
+        return _core.dwconv_grad_rows_per_block()
+
+    def conv(self, x, neighbors, weight, bias, flip, out) -> None:
+        _core.masked_depthwise_conv(_DTYPE[x.dtype], _p(x), x.stride(0), _p(neighbors), neighbors.shape[1], _p(weight), _p(bias),
+                                    x.shape[0], x.shape[1], flip, _p(out), out.stride(0), _stream(x))
+
+    def wgrad(self, x, grad_out, neighbors, dw, db) -> None:
+        R, C = x.shape
+        kk = neighbors.shape[1]
+        _core.masked_depthwise_conv_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(grad_out), grad_out.stride(0), _p(neighbors),
+                                          kk, R, C, _p(dw), _p(db), _stream(x))
 
 
-def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
-    R, C = x.shape
-    kk = neighbors.shape[1]
-    dx = masked_depthwise_conv(grad_out, neighbors, weight, None, flip=True)
-    blocks = max(1, -(-R // _core.dwconv_grad_rows_per_block()))
-    dw = torch.zeros(blocks, C, kk, dtype=torch.float32, device=x.device)
-    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
-    _core.masked_depthwise_conv_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(grad_out), grad_out.stride(0), _p(neighbors),
-                                      kk, R, C, _p(dw), _p(db), _stream(x))
-    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)  # blocks summed in order
+masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, CudaDepthwiseConv())
+masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_backward, CudaDepthwiseConv())
 
 
 class CudaGroupedGemm:
-    """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.grouped_gemm_recipe)."""
+    """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
 
     def block_rows(self, dtype: torch.dtype) -> int:
         return _core.grouped_mm_block_rows()
@@ -146,7 +152,7 @@ class CudaGroupedGemm:
                                E, K, N, splits, activations.code(a_activation), _p(partial), _p(partial_db), _stream(a))
 
 
-_gemm_ops = recipe.implementations(CudaGroupedGemm())
+_gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
 grouped_mm, grouped_mm_backward = _gemm_ops["grouped_mm"], _gemm_ops["grouped_mm_backward"]
 expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp_backward"]
 # the activations the CUDA grouped GEMM fuses (no SwiGLU yet)

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..grouped_gemm_recipe import block_schedule
+from ..kernel_recipes import block_schedule
 from . import activations
 
 
@@ -26,7 +26,7 @@ class Tiling(NamedTuple):
 
 
 def tiling(offsets: Tensor, M: int) -> Tiling:
-    """The tiles are the kernels' row blocks (grouped_gemm_recipe.block_schedule) at B = ceil(M / E)."""
+    """The tiles are the kernels' row blocks (kernel_recipes.block_schedule) at B = ceil(M / E)."""
     E = offsets.numel() - 1
     block = max(8, -(-M // max(E, 1)))
     block = -(-block // 8) * 8

@@ -4,7 +4,7 @@ the epilogue, optionally gathering its A rows through an index inside the load) 
 groups, split over the rows of each expert so small groups still fill the GPU, which also sums the
 bias gradient from the same loads; the splits are summed in a fixed order (deterministic, no
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
-the shared recipe's (geomoe_kernels.grouped_gemm_recipe): this module provides only the kernels."""
+the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
 from typing import Optional
 
 import torch
@@ -13,8 +13,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import activations
-from .. import grouped_gemm_recipe as recipe
-from ..grouped_gemm_recipe import BlockSchedule
+from .. import kernel_recipes as recipe
+from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, configs
 
 # the activation codes, as constants the kernels can compare against
@@ -194,7 +194,7 @@ def _wgrad_kernel(
 
 
 class TritonGroupedGemm:
-    """The kernels of the grouped-GEMM recipe (geomoe_kernels.grouped_gemm_recipe)."""
+    """The kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
 
     def block_rows(self, dtype: torch.dtype) -> int:
         return block_m(dtype)
@@ -237,6 +237,6 @@ class TritonGroupedGemm:
 
 
 KERNELS = TritonGroupedGemm()
-_ops = recipe.implementations(KERNELS)
+_ops = recipe.grouped_gemm_ops(KERNELS)
 grouped_mm, grouped_mm_backward = _ops["grouped_mm"], _ops["grouped_mm_backward"]
 expert_mlp, expert_mlp_backward = _ops["expert_mlp"], _ops["expert_mlp_backward"]

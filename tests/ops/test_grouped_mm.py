@@ -5,7 +5,7 @@ gradient; experts without rows get exact zeros; opcheck; argument errors."""
 import pytest
 import torch
 
-from geomoe_kernels import OpInputError, grouped_gemm_recipe, grouped_mm, route
+from geomoe_kernels import OpInputError, kernel_recipes, grouped_mm, route
 from geomoe_kernels.ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
 from tests.helpers import ACTIVATIONS, TOL, assert_close, expert_ids, offsets, skip_unavailable
 from tests.oracles import naive_grouped_mm
@@ -80,7 +80,7 @@ def test_kernels_gather_rows_inside_the_load_and_split_the_weight_gradient(kerne
     x = torch.randn(T, 16, device=dev).to(dtype)
     w = torch.randn(E, 16, 24, device=dev).to(dtype)
     kernels = _kernels(kernel_backend)
-    out, _ = grouped_gemm_recipe.forward(kernels, x, w, off, None, "none", gather=r2f, top_k=k)
+    out, _ = kernel_recipes.forward(kernels, x, w, off, None, "none", gather=r2f, top_k=k)
     rows = x[r2f // k]
     assert_close(out, naive_grouped_mm(rows.double(), w.double(), off, None, "none"), dtype)
     g = torch.randn(T * k, 24, device=dev).to(dtype)
@@ -88,8 +88,8 @@ def test_kernels_gather_rows_inside_the_load_and_split_the_weight_gradient(kerne
     want = torch.stack([r64[int(off[e]) : int(off[e + 1])].t() @ g64[int(off[e]) : int(off[e + 1])] for e in range(E)])
     want_db = torch.stack([g64[int(off[e]) : int(off[e + 1])].sum(0) for e in range(E)])
     for dw, db in (
-        grouped_gemm_recipe.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
-        grouped_gemm_recipe.weight_grad(kernels, rows, g, off, splits=3),
+        kernel_recipes.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
+        kernel_recipes.weight_grad(kernels, rows, g, off, splits=3),
     ):
         assert_close(dw, want, dtype)
         assert_close(db, want_db, dtype)
@@ -156,7 +156,7 @@ def test_block_schedule_covers_every_row_once():
     surplus blocks marked -1, nothing read back to the host."""
     counts = [5, 0, 17, 1, 9]
     off = offsets(counts)
-    s = grouped_gemm_recipe.block_schedule(off, sum(counts), 4)
+    s = kernel_recipes.block_schedule(off, sum(counts), 4)
     assert s.blocks == -(-sum(counts) // 4) + len(counts)
     covered = []
     for e, r0 in zip(s.expert.tolist(), s.row0.tolist()):
