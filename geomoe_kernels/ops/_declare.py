@@ -46,6 +46,9 @@ class Op:
         self._impl_names = [n for n in self.arg_names if n not in for_backward_only]
         params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="auto", annotation=str))
         self.signature = inspect.Signature(params, return_annotation=hints["return"])
+        self._all_names = [p.name for p in params]
+        self._defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self._first_default = next(i for i, p in enumerate(params) if p.default is not inspect.Parameter.empty)
 
         def run(*args, **kwargs):
             named, backend = self._checked(args, kwargs)
@@ -65,9 +68,13 @@ class Op:
 
     def _checked(self, args, kwargs):
         """(the arguments by name, backend) after the metadata checks."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        named = dict(bound.arguments)
+        if kwargs or len(args) < self._first_default:  # what the dispatcher does not do: bind in full
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            named = dict(bound.arguments)
+        else:  # positional, trailing defaults left out: the fast path of every call through the op
+            named = dict(zip(self._all_names, args))
+            named.update((n, self._defaults[n]) for n in self._all_names[len(args) :])
         backend = named.pop("backend")
         self._check(**named)
         return named, backend
