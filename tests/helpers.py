@@ -27,7 +27,13 @@ TOL = {
     torch.float16: dict(rtol=2e-2, atol=1.4e-2),  # one half-precision rounding of the output
     torch.bfloat16: dict(rtol=2e-2, atol=1.4e-2),
 }
-GRAD_TOL = {**TOL, torch.float64: dict(rtol=0, atol=1e-11)}
+# gradients sum more half-precision products: as tests/test_gpu.py's
+GRAD_TOL = {
+    **TOL,
+    torch.float64: dict(rtol=0, atol=1e-11),
+    torch.float16: dict(rtol=2e-2, atol=2e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 
 
 @dataclass(frozen=True)
