@@ -35,6 +35,8 @@ last_check_seconds: Optional[float] = None
 
 
 def enabled(device: torch.device) -> bool:
+    if device.type == "cuda" and not torch.cuda.is_available():  # nothing could run the check (a CPU torch)
+        return False
     flag = os.environ.get("GEOMOE_SELF_CHECK")
     if flag is not None:
         return flag != "0"
@@ -115,7 +117,7 @@ def _dtype_of(op: str, args) -> Optional[torch.dtype]:
     """The dtype row of verify's table that this call belongs to (gating and routing: float32)."""
     if family(op) in ("topk_gating", "route"):
         return torch.float32
-    for a in args or ():
+    for a in (args.values() if isinstance(args, dict) else args or ()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
     return None
