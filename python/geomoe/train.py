@@ -32,11 +32,11 @@ from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .model import GeoMoE
 from .moevit import MoEViTMAE
-
-MODELS = ("geomoe", "moevit")
 from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, config_of, load_resume_state, lr_at,
                       make_loader, refuse_fresh_run_into_used_directory, rng_state, run_identity, set_rng_state,
                       start_batches, warn_changed_run_arguments)
+
+MODELS = ("geomoe", "moevit")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from geomoe_kernels.ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
 from tests.helpers import ACTIVATIONS, TOL, assert_close, expert_ids, offsets, skip_unavailable
 from tests.oracles import naive_grouped_mm
 
+
 @pytest.fixture(params=["host_loop", "vectorised"])
 def path(request, monkeypatch):
     """The reference's two ways on CPU tensors: the per-expert loop on host-read offsets (what the
