@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make pretrain   a short pretraining of the tiny config on the embedded data (CPU, ~1.5 min)
-#   make test       the test suite (what .ci/run runs)
+#   make test       the test suite (what .ci/run runs, after make lint)
 # Both create .venv and install into it on first use.
+#   make lint       ruff (lint, and format --check), mypy on geomoe_kernels, clang-format on csrc/
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,15 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.geomoe-installed
 
-.PHONY: setup pretrain test info clean
+# What the format checks cover so far: the files formatted with ruff format / clang-format. The rest
+# of the tree gets one formatting commit of its own (it would touch every file at once); then these
+# become "." and csrc/*.
+RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/kernel_recipes.py geomoe_kernels/ops/_declare.py \
+	tests/__init__.py tests/conftest.py tests/helpers.py tests/ops tests/test_activation_codes.py tests/test_errors.py \
+	tests/test_triton_interpreter.py tests/test_declare.py tools
+CLANG_FORMATTED := csrc/geomoe_core.h
+
+.PHONY: setup pretrain test lint info clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +35,12 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(RUFF_FORMATTED)
+	$(BIN)/mypy
+	$(BIN)/clang-format --dry-run --Werror $(CLANG_FORMATTED)
 
 info: $(STAMP)
 	$(BIN)/python -m geomoe_kernels.info

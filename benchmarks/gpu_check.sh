@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared device script. On a fresh GPU machine with no network (Python 3.12, torch 2.11,
-# Triton 3.6, nvcc 13.0), from the repository root, within GEOMOE_GPU_BUDGET seconds (default 420,
-# which leaves a 15-minute device allowance room for the machine's start and one rerun):
+# The GPU check in one script. On a GPU machine (no network needed), from the repository root,
+# within GEOMOE_GPU_BUDGET seconds (default 420):
 #   builds the CUDA extension for this card only, runs the benchmarks (headline figures first; what
 #   would start after the budget is skipped, and the results written anyway), a profile of where
 #   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests (all
 #   of them, not stopping at the first failure), compute-sanitizer on a short set, then the rest of
 #   the suite with the time left. GEOMOE_GPU_STEPS names a subset of those steps;
 #   everything goes to $GEOMOE_GPU_OUT (default gpu-out/): results JSON + markdown + plots, logs,
-#   junit XML; when $OUT is set (a device tool's return folder, which takes only a few files), a
-#   tarball of it plus the log and the results JSON and markdown are copied there at exit, also
-#   when a step fails or the script is stopped.
-# The device has no network: if its Python lacks pybind11 (header-only, pure Python), the build takes
-# a copy carried from here: run it with carry [".venv/lib/python3.11/site-packages/pybind11"].
+#   junit XML; when $OUT is set (a second folder meant to hold only a few files), a tarball of it
+#   plus the log and the results JSON and markdown are copied there at exit, also when a step fails
+#   or the script is stopped.
+# Without network, a Python that lacks pybind11 (header-only, pure Python) builds with a copy found
+# under .venv/lib/python*/site-packages/pybind11, if the tree was copied with one.
 # Rehearse on a CPU machine with GEOMOE_REHEARSE=1 (and GEOMOE_BENCH=smoke for speed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RETURN_DIR=${OUT:-}
 OUT=${GEOMOE_GPU_OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-pack() {  # the return folder takes few files: one tarball of everything, plus the headline files
+pack() {  # $OUT gets few files: one tarball of everything, plus the headline files
   [ -n "$RETURN_DIR" ] && [ "$RETURN_DIR" != "$OUT" ] || return 0
   tar -czf "$RETURN_DIR/gpu_check.tgz" -C "$OUT" . 2> /dev/null
   cp "$OUT/gpu_check.log" "$RETURN_DIR/" 2> /dev/null
@@ -62,9 +61,9 @@ if compgen -G "csrc/*.cu" > /dev/null; then
     carried=$(ls -d .venv/lib/python*/site-packages/pybind11 2> /dev/null | head -n 1)
     if [ -n "$carried" ]; then
       PYB=$(mktemp -d) && cp -r "$carried" "$PYB/" && export PYTHONPATH="$PYTHONPATH:$PYB"
-      log "pybind11: using the carried copy $carried"
+      log "pybind11: using the copy $carried"
     else
-      log "pybind11 missing and none carried: the CUDA core will not build"
+      log "pybind11 missing and no copy found: the CUDA core will not build"
     fi
   fi
   if [ -z "${GEOMOE_CUDA_ARCHS:-}" ]; then  # this card's architecture only: half the build time
@@ -86,7 +85,7 @@ want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results
 cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
 step profile 60 $PY -m benchmarks.profile_gpu ${GEOMOE_PROFILE_ARGS:-}
 step verify 120 "${quick[@]}" $PY -m geomoe_kernels.info --verify
-per_test=()  # a hung kernel fails its test instead of eating the budget (pytest-timeout is on the device)
+per_test=()  # a hung kernel fails its test instead of eating the budget (where pytest-timeout is installed)
 $PY -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout=120)
 parallel=()  # the first run of each Triton kernel compiles every autotune config: 8 processes share that
 $PY -c "import xdist" 2> /dev/null && parallel=(-n 8)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Put the peer libraries that are not on a registry into peers/ (git-ignored), for the benchmarks
-# here and for a GPU machine without network (name peers/ in what the run carries).
+# here and for a GPU machine without network (copy peers/ there along with the tree).
 #   benchmarks/prepare_peers.sh [SCATTERMOE_CHECKOUT]
 # SCATTERMOE_CHECKOUT: a clone of ScatterMoE's public repository (default: clone it, which needs
 # network). transformers' experts (`grouped_mm`, `batched_mm`) need nothing here: the benchmarks use

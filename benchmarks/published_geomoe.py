@@ -1,5 +1,5 @@
-"""A faithful copy of the published GeoMoE computation, written from ../shared/SPEC.md in the
-original code's structure: dense masked front end (Conv2d blocks, the mask multiplied in before each
+"""A faithful copy of the published GeoMoE computation, written from the model facts in docs/model.md in
+the original code's structure: dense masked front end (Conv2d blocks, the mask multiplied in before each
 depthwise conv), a per-expert nn.Linear MoE with the published loop (argsort of the expert ids,
 split by the counts fetched to the host, one Linear pair per expert, index_add_ combine), and the
 cross-attention decoder. Its state dict is in the original key layout.

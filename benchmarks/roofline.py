@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import List
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3

@@ -19,6 +19,10 @@ namespace geomoe {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// The activation codes of the grouped GEMM's act, grad_act and a_act arguments: the same table as
+// geomoe_kernels/activations.py's Activation (tests/test_activation_codes.py checks that they agree).
+enum class Activation : int { kNone = 0, kGelu = 1, kSilu = 2, kSwiglu = 3 };
+
 // Routing: per-block expert histograms [blocks, E], then (after an exclusive prefix `base` over
 // blocks and experts, computed by the caller) a stable scatter of the flat ids into expert-major rows.
 cudaError_t route_histogram(const int64_t* ids, int64_t n, int num_experts, int block, int64_t* per_block,
@@ -46,8 +50,8 @@ cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, co
                         bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
                         cudaStream_t stream);
 cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
-                                 const float* grad_weights, const float* grad_prob_mean, bool softmax,
-                                 bool renormalize, float* grad_logits, cudaStream_t stream);
+                                 const float* grad_weights, const float* grad_prob_mean, bool softmax, bool renormalize,
+                                 float* grad_logits, cudaStream_t stream);
 
 // Submanifold depthwise conv on visible rows [rows, channels] with a neighbour table [rows, kk]
 // (-1 reads as zero) and weight [channels, kk]; flip reads the kernel reversed (dx of a symmetric table).
@@ -63,8 +67,8 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 
 // Tensor-core grouped GEMM (fp16 / bf16, fp32 accumulation) over expert-major rows, scheduled by
 // row blocks of grouped_mm_block_rows() rows (blk_expert[b] = -1 for surplus blocks).
-// act: 0 none, 1 GELU, 2 SiLU; pre (nullable) keeps the pre-activation; gather (nullable) reads A
-// row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
+// act: an Activation code, none, GELU or SiLU (no SwiGLU yet); pre (nullable) keeps the pre-activation; gather
+// (nullable) reads A row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
 // grad_act (trans_w only): pre is read instead, and out = (A @ W^T) * act'(pre).
 int grouped_mm_block_rows();
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
@@ -73,7 +77,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
                        int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream);
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
-// (zeros for experts without rows). a_act (0 none, 1 GELU, 2 SiLU) uses act(A) for A.
+// (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A.
 cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
                              int a_act, float* partial, float* partial_db, cudaStream_t stream);

@@ -17,6 +17,8 @@ using namespace nvcuda;
 
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;  // 4 warps, each a 32 x 32 tile of 2 x 2 fragments
 constexpr int PAD = 8;
+constexpr int kNone = static_cast<int>(Activation::kNone), kGelu = static_cast<int>(Activation::kGelu),
+              kSilu = static_cast<int>(Activation::kSilu);
 
 template <typename T> __device__ inline T zero() { return from_f32<T>(0.f); }
 
@@ -56,13 +58,14 @@ __device__ inline void warp_store(const Acc (&acc)[2][2], float* c, int ldc) {
 }
 
 __device__ inline float activate(float x, int act) {
-  if (act == 1) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
-  if (act == 2) return x / (1.f + __expf(-x));                              // SiLU
+  if (act == kGelu) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
+  if (act == kSilu) return x / (1.f + __expf(-x));                             // SiLU
   return x;
 }
 
 __device__ inline float activate_grad(float x, int act) {
-  if (act == 1) return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+  if (act == kGelu)
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.3989422804014327f * __expf(-0.5f * x * x);
   const float s = 1.f / (1.f + __expf(-x));  // SiLU
   return s * (1.f + x * (1.f - s));
 }
@@ -211,18 +214,18 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
     };
     if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
       switch (grad_act) {
-        case 0: return launch(gmm_kernel<T, 0, true, false, 0>);
-        case 1: return launch(gmm_kernel<T, 0, true, false, 1>);
-        case 2: return launch(gmm_kernel<T, 0, true, false, 2>);
+        case kNone: return launch(gmm_kernel<T, kNone, true, false, kNone>);
+        case kGelu: return launch(gmm_kernel<T, kNone, true, false, kGelu>);
+        case kSilu: return launch(gmm_kernel<T, kNone, true, false, kSilu>);
         default: return cudaErrorInvalidValue;
       }
     }
-    if (grad_act != 0) return cudaErrorInvalidValue;  // act' applies to a dgrad only
+    if (grad_act != kNone) return cudaErrorInvalidValue;  // act' applies to a dgrad only
     const bool g = gather != nullptr;
     switch (act) {
-      case 0: return g ? launch(gmm_kernel<T, 0, false, true>) : launch(gmm_kernel<T, 0, false, false>);
-      case 1: return g ? launch(gmm_kernel<T, 1, false, true>) : launch(gmm_kernel<T, 1, false, false>);
-      case 2: return g ? launch(gmm_kernel<T, 2, false, true>) : launch(gmm_kernel<T, 2, false, false>);
+      case kNone: return g ? launch(gmm_kernel<T, kNone, false, true>) : launch(gmm_kernel<T, kNone, false, false>);
+      case kGelu: return g ? launch(gmm_kernel<T, kGelu, false, true>) : launch(gmm_kernel<T, kGelu, false, false>);
+      case kSilu: return g ? launch(gmm_kernel<T, kSilu, false, true>) : launch(gmm_kernel<T, kSilu, false, false>);
       default: return cudaErrorInvalidValue;
     }
   });
@@ -242,9 +245,9 @@ cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int6
       return cudaGetLastError();
     };
     switch (a_act) {
-      case 0: return launch(wgrad_kernel<T, 0>);
-      case 1: return launch(wgrad_kernel<T, 1>);
-      case 2: return launch(wgrad_kernel<T, 2>);
+      case kNone: return launch(wgrad_kernel<T, kNone>);
+      case kGelu: return launch(wgrad_kernel<T, kGelu>);
+      case kSilu: return launch(wgrad_kernel<T, kSilu>);
       default: return cudaErrorInvalidValue;
     }
   });

@@ -1,6 +1,6 @@
 """geomoe_kernels: fused kernels and drop-in layers for sparse mixture-of-experts vision models.
 
-Ops (each a torch.library op in namespace `geomoe`, differentiable through a thin autograd Function):
+Ops (each a torch.library op in namespace `geomoe` with its backward registered, declared once in ops/):
 topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
 SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
 from . import layout

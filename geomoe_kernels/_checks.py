@@ -67,6 +67,7 @@ def check_tensor(
 
 def check_same_dtype(op: str, names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]]) -> None:
     ref_name, ref = names[0], tensors[0]
+    assert ref is not None, "the first tensor sets the dtype"
     for n, t in zip(names[1:], tensors[1:]):
         if t is not None and t.dtype != ref.dtype:
             raise OpInputError(

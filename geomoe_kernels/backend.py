@@ -1,14 +1,15 @@
 """Which implementation runs an op: the one place that decides.
 
-Every op registers its implementations here by backend name. "auto" picks, for CUDA tensors, the
-CUDA core where it is loaded and supports the case, else Triton, else the reference; for CPU tensors,
-the emulated CUDA core under GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the
-reference. An explicit backend that cannot run the case is an error that says why, never a silent
-fallback."""
+Every op is declared here (geomoe_kernels.ops declares them) and registers its implementations by
+backend name. "auto" picks, for CUDA tensors, the CUDA core where it is loaded and supports the
+case, else Triton, else the reference; for CPU tensors, the emulated CUDA core under
+GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the reference. An explicit backend
+that cannot run the case is an error that says why, never a silent fallback. Support checks take the
+op's arguments by name."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -17,12 +18,15 @@ from . import self_check
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
 
-# op name -> backend -> (implementation, supports(*args) -> reason it cannot run, or None)
-_REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable]]]] = {}
+# op name -> None for an op users call, or the name of the op whose backward it computes
+_OPS: Dict[str, Optional[str]] = {}
+# op name -> backend -> (implementation, supports(**args) -> reason it cannot run, or None)
+_REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable[..., Optional[str]]]]]] = {}
 # (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
-_EXPLICIT_ONLY = set()
+_EXPLICIT_ONLY: Set[Tuple[str, str]] = set()
 
-# Why a backend has no implementation at all in this build; filled by the modules that provide them.
+# Why a backend has no implementation of an op; a backend that cannot load at all says so through
+# set_unavailable_reason.
 _UNAVAILABLE_REASON = {
     "triton": "this build has no Triton kernel for it",
     "cuda": "this build has no CUDA C++ kernel for it",
@@ -43,13 +47,38 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs."""
 
 
-def register(op: str, backend: str, impl: Callable, supports: Optional[Callable] = None, auto: bool = True) -> None:
-    """auto=False: `backend="auto"` never picks it; only an explicit request runs it."""
+def declare(op: str, backward_of: Optional[str] = None) -> None:
+    """Make `op` known (ops/_declare.py does this for every op); backward_of: the op it differentiates."""
+    if op in _OPS:
+        raise ValueError(f"op {op!r} is declared twice")
+    _OPS[op] = backward_of
+
+
+def ops() -> List[str]:
+    """The ops users call (not the backward ops), in declaration order."""
+    return [op for op, backward_of in _OPS.items() if backward_of is None]
+
+
+def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[..., Optional[str]]] = None,
+             auto: bool = True) -> None:
+    """supports(**args) gets the op's arguments by name (backend excluded) and returns why this
+    implementation cannot run them, or None. auto=False: `backend="auto"` never picks it; only an
+    explicit request runs it."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
+    if op not in _OPS:
+        raise ValueError(f"{backend} registers an implementation of {op!r}, which no op declares")
     _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
     if not auto:
         _EXPLICIT_ONLY.add((op, backend))
+
+
+def set_unavailable_reason(backend: str, reason: str) -> None:
+    """Why `backend` cannot run the ops it registers no implementation of: a backend that cannot
+    load at all (not installed, not built) says so here, once."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
+    _UNAVAILABLE_REASON[backend] = reason
 
 
 def check_backend_name(backend: str) -> None:
@@ -61,7 +90,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]:
+def _why_not(op: str, backend: str, device: torch.device, args: Optional[Mapping[str, Any]]) -> Optional[str]:
     entry = _REGISTRY.get(op, {}).get(backend)
     if entry is None:
         return _UNAVAILABLE_REASON.get(backend, "not registered")
@@ -74,12 +103,13 @@ def _why_not(op: str, backend: str, device: torch.device, args) -> Optional[str]
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"Triton runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; got tensors on {device}"
     supports = entry[1]
-    return supports(*args) if (supports is not None and args is not None) else None
+    return supports(**args) if (supports is not None and args is not None) else None
 
 
-def select(op: str, backend: str, device: torch.device, args: tuple = ()) -> Callable:
-    """The implementation of `op` for `backend` on `device`; `args` go to the support checks."""
+def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[str, Any]] = None) -> Callable:
+    """The implementation of `op` for `backend` on `device`; `args` (by name) go to the support checks."""
     check_backend_name(backend)
+    args = {} if args is None else args
     if backend != "auto":
         reason = _why_not(op, backend, device, args)
         if reason is not None:

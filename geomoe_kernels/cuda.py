@@ -16,7 +16,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import activations
 from . import backend as _backend
+from . import kernel_recipes as recipe
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ROUTE_BLOCK = 32  # ids per scatter thread: the in-block rank is a short walk
@@ -62,6 +64,11 @@ def _core_for(t: Tensor):
     return _core if t.device.type == "cuda" else load_emulated(emulation() or "1")[0]
 
 
+def _any_core():
+    """For the launch constants (tile and block sizes), the same in both builds of the sources."""
+    return _core if _core is not None else _core_for(torch.empty(0))
+
+
 def runs_on(capability: Tuple[int, int], architectures: str) -> bool:
     """Whether a build for `architectures` ("80;90a", PTX as "compute_90") has code for a device of
     this compute capability: a cubin sm_XY runs on X.Y' for Y' >= Y, an arch-specific sm_XYa only on
@@ -95,6 +102,8 @@ def device_reason(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         if _core is None:
             return f"the CUDA core is {_status}"
+        if not torch.cuda.is_available():  # nothing to compare with (a CPU build of torch)
+            return None
         return _architecture_reason(device.index if device.index is not None else torch.cuda.current_device())
     variant = emulation()
     if variant is None or device.type != "cpu":
@@ -112,20 +121,20 @@ def _p(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def topk_gating(logits, bias, top_k, score_func, renormalize):
-    T, E = logits.shape
-    core = _core_for(logits)
-    per = core.gating_tokens_per_block()
-    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    partial = torch.empty(max(1, -(-T // per)), E, dtype=torch.float32, device=logits.device)
-    if T == 0:
-        partial.zero_()
-    core.topk_gating(logits=_p(logits), tokens=T, num_experts=E, bias=_p(bias), top_k=top_k,
-                     softmax=score_func == "softmax", renormalize=renormalize, weights=_p(w), ids=_p(ids),
-                     counts=_p(counts), partial=_p(partial), stream=_stream(logits))
-    return w, ids, counts, partial.sum(0) / max(T, 1)
+class CudaGating:
+    """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
+
+    def tokens_per_block(self) -> int:
+        return _any_core().gating_tokens_per_block()
+
+    def gating(self, logits, bias, top_k, softmax, renormalize, w, ids, counts, partial) -> None:
+        T, E = logits.shape
+        _core_for(logits).topk_gating(logits=_p(logits), tokens=T, num_experts=E, bias=_p(bias), top_k=top_k,
+                                      softmax=softmax, renormalize=renormalize, weights=_p(w), ids=_p(ids),
+                                      counts=_p(counts), partial=_p(partial), stream=_stream(logits))
+
+
+topk_gating = functools.partial(recipe.topk_gating, CudaGating())
 
 
 def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, renormalize):
@@ -139,23 +148,22 @@ def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, 
     return grad
 
 
-def route(expert_ids, num_experts):
-    flat = expert_ids.reshape(-1)
-    n, E = flat.numel(), num_experts
-    blocks = max(1, -(-n // ROUTE_BLOCK))
-    per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
-    core = _core_for(flat)
-    core.route_histogram(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, per_block=_p(per_block),
-                         stream=_stream(flat))
-    counts = per_block.sum(0)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    # the running sum over blocks along the fast axis (see the Triton launcher: dim-0 scans are slow)
-    base = (offsets[:-1][None, :] + per_block.t().contiguous().cumsum(1).t() - per_block).contiguous()
-    row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
-    flat_to_row = torch.empty_like(row_to_flat)
-    core.route_scatter(ids=_p(flat), n=n, num_experts=E, block=ROUTE_BLOCK, base=_p(base), row_to_flat=_p(row_to_flat),
-                       flat_to_row=_p(flat_to_row), stream=_stream(flat))
-    return row_to_flat, flat_to_row, offsets
+class CudaRouting:
+    """The routing recipe's kernels (geomoe_kernels.kernel_recipes.route)."""
+
+    def block(self, num_experts: int) -> int:
+        return ROUTE_BLOCK
+
+    def histogram(self, flat, E, block, per_block) -> None:
+        _core_for(flat).route_histogram(ids=_p(flat), n=flat.numel(), num_experts=E, block=block,
+                                        per_block=_p(per_block), stream=_stream(flat))
+
+    def scatter(self, flat, E, block, base, row_to_flat, flat_to_row) -> None:
+        _core_for(flat).route_scatter(ids=_p(flat), n=flat.numel(), num_experts=E, block=block, base=_p(base),
+                                      row_to_flat=_p(row_to_flat), flat_to_row=_p(flat_to_row), stream=_stream(flat))
+
+
+route = functools.partial(recipe.route, CudaRouting())
 
 
 def permute(x, row_to_flat, top_k, weights):
@@ -185,110 +193,75 @@ def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     return out
 
 
-def masked_depthwise_conv(x, neighbors, weight, bias, flip: bool = False):
-    out = torch.empty_like(x)
-    _core_for(x).masked_depthwise_conv(
-        dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1],
-        weight=_p(weight), bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out),
-        ldo=out.stride(0), stream=_stream(x))
-    return out
+class CudaDepthwiseConv:
+    """The masked depthwise conv recipe's kernels (geomoe_kernels.kernel_recipes)."""
+
+    def wgrad_rows_per_block(self) -> int:
+        return _any_core().dwconv_grad_rows_per_block()
+
+    def conv(self, x, neighbors, weight, bias, flip, out) -> None:
+        _core_for(x).masked_depthwise_conv(
+            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1],
+            weight=_p(weight), bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out),
+            ldo=out.stride(0), stream=_stream(x))
+
+    def wgrad(self, x, grad_out, neighbors, dw, db) -> None:
+        R, C = x.shape
+        _core_for(x).masked_depthwise_conv_wgrad(
+            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), grad_out=_p(grad_out), ldg=grad_out.stride(0),
+            neighbors=_p(neighbors), kk=neighbors.shape[1], rows=R, channels=C, dw_partial=_p(dw), db_partial=_p(db),
+            stream=_stream(x))
 
 
-def masked_depthwise_conv_backward(grad_out, x, neighbors, weight):
-    R, C = x.shape
-    kk = neighbors.shape[1]
-    dx = masked_depthwise_conv(grad_out, neighbors, weight, None, flip=True)
-    core = _core_for(x)
-    blocks = max(1, -(-R // core.dwconv_grad_rows_per_block()))
-    dw = torch.zeros(blocks, C, kk, dtype=torch.float32, device=x.device)
-    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
-    core.masked_depthwise_conv_wgrad(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), grad_out=_p(grad_out),
-                                     ldg=grad_out.stride(0), neighbors=_p(neighbors), kk=kk, rows=R, channels=C,
-                                     dw_partial=_p(dw), db_partial=_p(db), stream=_stream(x))
-    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)  # blocks summed in order
+masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, CudaDepthwiseConv())
+masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_backward, CudaDepthwiseConv())
 
 
-_ACT = {"none": 0, "gelu": 1, "silu": 2}
+class CudaGroupedGemm:
+    """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
+
+    def block_rows(self, dtype: torch.dtype) -> int:
+        return _any_core().grouped_mm_block_rows()
+
+    def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
+        E, K, N = weight.shape
+        blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
+        _core_for(x).grouped_mm(
+            dtype=_DTYPE[x.dtype], a=_p(x), lda=x.stride(0), gather=_p(gather), top_k=top_k, w=_p(weight), K=K, N=N,
+            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=False, bias=_p(bias), blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=activations.code(activation), out=_p(out),
+            ldo=out.stride(0), pre=_p(pre), ldp=pre.stride(0) if pre is not None else 0, grad_act=0, stream=_stream(x))
+
+    def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
+        """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
+        K, N = weight.shape[1:]
+        blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
+        _core_for(grad).grouped_mm(
+            dtype=_DTYPE[grad.dtype], a=_p(grad), lda=grad.stride(0), gather=0, top_k=1, w=_p(weight), K=N, N=K,
+            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=True, bias=0, blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=0, out=_p(out), ldo=out.stride(0), pre=_p(pre),
+            ldp=pre.stride(0) if pre is not None else 0, grad_act=activations.code(grad_act), stream=_stream(grad))
+
+    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
+        """(dW, db) partials in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_activation."""
+        splits, E, K, N = partial.shape
+        _core_for(a).grouped_mm_wgrad(
+            dtype=_DTYPE[a.dtype], a=_p(a), lda=a.stride(0), gather=_p(gather), top_k=top_k, g=_p(grad),
+            ldg=grad.stride(0), offsets=_p(offsets), num_experts=E, K=K, N=N, splits=splits,
+            a_act=activations.code(a_activation), partial=_p(partial), partial_db=_p(partial_db), stream=_stream(a))
 
 
-def _schedule(offsets, M):
-    from .reference.grouped_gemm import block_schedule
-
-    return block_schedule(offsets, M, _core_for(offsets).grouped_mm_block_rows())
-
-
-def _dgrad(grad, weight, offsets, schedule, grad_act: str = "none", pre=None):
-    """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
-    M, (K, N) = grad.shape[0], weight.shape[1:]
-    blk_expert, blk_row0, blocks = schedule
-    out = grad.new_empty(M, K)
-    _core_for(grad).grouped_mm(
-        dtype=_DTYPE[grad.dtype], a=_p(grad), lda=grad.stride(0), gather=0, top_k=1, w=_p(weight), K=N, N=K,
-        ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=True, bias=0, blk_expert=_p(blk_expert),
-        blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=0, out=_p(out), ldo=out.stride(0), pre=_p(pre),
-        ldp=pre.stride(0) if pre is not None else 0, grad_act=_ACT[grad_act], stream=_stream(grad))
-    return out
+_gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
+grouped_mm, grouped_mm_backward = _gemm_ops["grouped_mm"], _gemm_ops["grouped_mm_backward"]
+expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp_backward"]
+# the activations the CUDA grouped GEMM fuses (no SwiGLU yet)
+_FUSED = ("none", "gelu", "silu")
 
 
-def _wgrad(a, grad, offsets, gather=None, top_k=1, a_act: str = "none"):
-    """(dW, db) in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_act."""
-    E, K, N = offsets.numel() - 1, a.shape[1], grad.shape[1]
-    splits = max(1, min(8, 528 // max(1, E * -(-K // 64) * -(-N // 64))))  # ~4 waves of 132 SMs when groups are small
-    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
-    partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
-    _core_for(a).grouped_mm_wgrad(
-        dtype=_DTYPE[a.dtype], a=_p(a), lda=a.stride(0), gather=_p(gather), top_k=top_k, g=_p(grad), ldg=grad.stride(0),
-        offsets=_p(offsets), num_experts=E, K=K, N=N, splits=splits, a_act=_ACT[a_act], partial=_p(partial),
-        partial_db=_p(partial_db), stream=_stream(a))
-    return partial.sum(0), partial_db.sum(0)  # splits summed in order
-
-
-def grouped_mm(x, weight, offsets, bias, activation, gather=None, top_k=1, schedule=None):
-    M = x.shape[0] if gather is None else gather.numel()
-    E, K, N = weight.shape
-    blk_expert, blk_row0, blocks = schedule if schedule is not None else _schedule(offsets, M)
-    out = x.new_empty(M, N)
-    pre = x.new_empty(M, N) if activation != "none" else None
-    _core_for(x).grouped_mm(
-        dtype=_DTYPE[x.dtype], a=_p(x), lda=x.stride(0), gather=_p(gather), top_k=top_k, w=_p(weight), K=K, N=N,
-        ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=False, bias=_p(bias), blk_expert=_p(blk_expert),
-        blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=_ACT[activation], out=_p(out), ldo=out.stride(0),
-        pre=_p(pre), ldp=pre.stride(0) if pre is not None else 0, grad_act=0, stream=_stream(x))
-    return out, (pre if pre is not None else x.new_empty(0))
-
-
-def grouped_mm_backward(grad_out, x, weight, offsets, pre, activation, gather=None, top_k=1):
-    from .reference import activations
-
-    dpre = (grad_out if activation == "none" else activations.backward(activation, grad_out, pre)).contiguous()
-    d_rows = _dgrad(dpre, weight, offsets, _schedule(offsets, dpre.shape[0]))
-    dw, db = _wgrad(x, dpre, offsets, gather, top_k)
-    return d_rows, dw.to(weight.dtype), db.to(weight.dtype)
-
-
-def expert_mlp(x, w1, b1, w2, b2, offsets, activation, gather=None, top_k=1):
-    M = x.shape[0] if gather is None else gather.numel()
-    schedule = _schedule(offsets, M)
-    hidden, pre = grouped_mm(x, w1, offsets, b1, activation, gather, top_k, schedule)
-    out, _ = grouped_mm(hidden, w2, offsets, b2, "none", schedule=schedule)
-    return out, pre
-
-
-def expert_mlp_backward(grad_out, x, w1, w2, offsets, pre, activation, gather=None, top_k=1):
-    """As the Triton one: d pre from the down-projection's dgrad with act'(pre) in its epilogue; dW2
-    and db2 from act(pre) formed as it loads; then the row gradients, dW1 and db1."""
-    schedule = _schedule(offsets, grad_out.shape[0])
-    d_pre = _dgrad(grad_out, w2, offsets, schedule, activation, pre)
-    dw2, db2 = _wgrad(pre, grad_out, offsets, a_act=activation)
-    d_rows = _dgrad(d_pre, w1, offsets, schedule)
-    dw1, db1 = _wgrad(x, d_pre, offsets, gather, top_k)
-    return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
-
-
-def _gemm_ok(x, weight, offsets, bias, activation, *rest) -> Optional[str]:
+def _gemm_ok(x, activation, **_) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
-    return None if activation in _ACT else f"the CUDA grouped GEMM fuses none, gelu or silu, got {activation!r}"
+    return None if activation in _FUSED else f"the CUDA grouped GEMM fuses none, gelu or silu, got {activation!r}"
 
 
 WHO = "the CUDA core"
@@ -302,28 +275,27 @@ def _weights_ok(w) -> Optional[str]:
     return _backend.weights_reason(WHO, w)
 
 
-def _gating_ok(logits, bias=None, top_k=1, *rest) -> Optional[str]:
+def _gating_ok(logits, top_k, **_) -> Optional[str]:
     return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=8)
 
 
 def register() -> None:
-    _backend._UNAVAILABLE_REASON["cuda"] = "the CUDA core has no kernel for it yet"
+    if _core is None and load_emulated()[0] is None:
+        _backend.set_unavailable_reason("cuda", f"the CUDA core is {_status}")
+        return
+    _backend.set_unavailable_reason("cuda", "the CUDA core has no kernel for it yet")  # the ops not registered below
     _backend.set_device_check("cuda", device_reason)
     r = _backend.register
     r("topk_gating", "cuda", topk_gating, _gating_ok)
-    r("topk_gating_backward", "cuda", topk_gating_backward, lambda gw, gp, logits, ids, *rest: _gating_ok(logits, None, ids.shape[1]))
-    r("route", "cuda", route, lambda ids, E, *rest: None if E <= 4096 else f"the CUDA histogram keeps E in shared memory: at most 4096, got {E}")
-    r("permute", "cuda", permute, lambda x, r2f, k, w: _rows_ok(x) or _weights_ok(w))
-    r("unpermute", "cuda", unpermute, lambda rows, f2r, k, w, s: _rows_ok(rows) or _weights_ok(w))
-    r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda g, rows, *rest: _rows_ok(rows))
+    r("topk_gating_backward", "cuda", topk_gating_backward, lambda logits, ids, **_: _gating_ok(logits, ids.shape[1]))
+    r("route", "cuda", route, lambda num_experts, **_: None if num_experts <= 4096 else
+      f"the CUDA histogram keeps E in shared memory: at most 4096, got {num_experts}")
+    r("permute", "cuda", permute, lambda x, weights, **_: _rows_ok(x) or _weights_ok(weights))
+    r("unpermute", "cuda", unpermute, lambda rows, weights, **_: _rows_ok(rows) or _weights_ok(weights))
+    r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda rows, **_: _rows_ok(rows))
     # correct on an H200 (every GPU test passed) but 3.4x slower than the Triton GEMMs at GeoMoE's
     # shape (plain WMMA tiles): backend="auto" keeps Triton; ask for backend="cuda" to use it
-    r("grouped_mm", "cuda", grouped_mm, _gemm_ok, auto=False)
-    r("grouped_mm_backward", "cuda", grouped_mm_backward,
-      lambda g, x, w, off, pre, act, *rest: _gemm_ok(x, w, off, None, act), auto=False)
-    r("expert_mlp", "cuda", expert_mlp, lambda x, w1, b1, w2, b2, off, act, *rest: _gemm_ok(x, w1, off, None, act),
-      auto=False)
-    r("expert_mlp_backward", "cuda", expert_mlp_backward,
-      lambda g, x, w1, w2, off, pre, act, *rest: _gemm_ok(x, w1, off, None, act), auto=False)
-    r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, *rest: _rows_ok(x))
-    r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda g, x, *rest: _rows_ok(x))
+    for op, impl in _gemm_ops.items():
+        r(op, "cuda", impl, _gemm_ok, auto=False)
+    r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, **_: _rows_ok(x))
+    r("masked_depthwise_conv_backward", "cuda", masked_depthwise_conv_backward, lambda x, **_: _rows_ok(x))

@@ -7,9 +7,7 @@ import platform
 
 import torch
 
-from . import backend, cuda, ops, self_check  # noqa: F401  (importing ops registers the implementations)
-
-OPS = ("topk_gating", "route", "permute", "unpermute", "grouped_mm", "expert_mlp", "masked_depthwise_conv", "norm_linear")
+from . import backend, cuda, ops, self_check  # noqa: F401  (importing ops declares them and registers the implementations)
 
 
 def report() -> str:
@@ -35,7 +33,7 @@ def report() -> str:
         devices = [torch.device("cpu")]
     for dev in devices:
         lines.append(f"backends on {dev}:")
-        for op in OPS:
+        for op in backend.ops():
             avail = backend.available(op, dev)
             usable = [f"{b} (emulated)" if b == "cuda" and dev.type == "cpu" else b for b, why in avail.items() if why is None]
             why_not = "; ".join(f"{b}: {why}" for b, why in avail.items() if why is not None)

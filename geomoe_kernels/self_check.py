@@ -29,12 +29,14 @@ import torch
 
 CACHE_NAME = "self_check.json"
 _memo: Dict[str, Dict[str, str]] = {}  # this process's verdicts (the file is read once per key)
-_warned = set()
+_warned: set = set()
 _running = False  # a check runs ops itself: no nested checks
 last_check_seconds: Optional[float] = None
 
 
 def enabled(device: torch.device) -> bool:
+    if device.type == "cuda" and not torch.cuda.is_available():  # nothing could run the check (a CPU torch)
+        return False
     flag = os.environ.get("GEOMOE_SELF_CHECK")
     if flag is not None:
         return flag != "0"
@@ -115,7 +117,7 @@ def _dtype_of(op: str, args) -> Optional[torch.dtype]:
     """The dtype row of verify's table that this call belongs to (gating and routing: float32)."""
     if family(op) in ("topk_gating", "route"):
         return torch.float32
-    for a in args or ():
+    for a in (args.values() if isinstance(args, dict) else args or ()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
     return None
@@ -146,15 +148,15 @@ def verdict(op: str, backend: str, device: torch.device, args) -> Tuple[str, str
             _running, start = True, time.perf_counter()
             try:  # whatever the caller's context: the check needs autograd and its own precision
                 with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-                    [v] = verify.verify(device, ops=[family(op)], backends=(backend,), dtypes=(dtype,))
+                    [checked] = verify.verify(device, ops=[family(op)], backends=(backend,), dtypes=(dtype,))
             finally:
                 _running = False
             last_check_seconds = time.perf_counter() - start
-            cached = {"status": v.status, "detail": v.detail, "seconds": f"{last_check_seconds:.2f}"}
+            cached = {"status": checked.status, "detail": checked.detail, "seconds": f"{last_check_seconds:.2f}"}
             _store(k, cached)
         _memo[k] = cached
-    v = _memo[k]
-    return v["status"], v.get("detail", "")
+    entry = _memo[k]
+    return entry["status"], entry.get("detail", "")
 
 
 def failed_reason(op: str, backend: str, device: torch.device, args) -> Optional[str]:

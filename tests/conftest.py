@@ -1,11 +1,9 @@
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # oracles
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # benchmarks (the published model)
+from tests.helpers import backends_here, kernel_backends_here
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -15,9 +13,39 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_generate_tests(metafunc):
+    """`backend`: every backend that runs here; `kernel_backend`: those other than the reference.
+    With `dtype` beside either: each backend in each of its dtypes. A test that parametrises them
+    itself (tests/test_gpu.py) keeps its own."""
+    explicit = {
+        n.strip()
+        for m in metafunc.definition.iter_markers("parametrize")
+        for n in (m.args[0].split(",") if isinstance(m.args[0], str) else m.args[0])
+    }
+    for name, found in (("backend", backends_here), ("kernel_backend", kernel_backends_here)):
+        if name not in metafunc.fixturenames or name in explicit:
+            continue
+        if "dtype" in metafunc.fixturenames and "dtype" not in explicit:
+            pairs = [(b, dt) for b in found() for dt in b.dtypes]
+            metafunc.parametrize((name, "dtype"), pairs, ids=[f"{b}-{str(dt).replace('torch.', '')}" for b, dt in pairs])
+        else:
+            params = found()
+            metafunc.parametrize(name, params, ids=[str(b) for b in params])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under TRITON_INTERPRET=1 (tests/test_triton_interpreter.py's process) only the tests that
+    take a backend run: the rest have run in the main process."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    keep = [i for i in items if {"backend", "kernel_backend"} & set(getattr(i, "fixturenames", ()))]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
+
+
 def pytest_runtest_logreport(report):
     """GEOMOE_FAILURE_LOG=FILE: append each failure's traceback as it happens, so a run stopped by
-    its time limit (a device run) still says what failed and why."""
+    its time limit still says what failed and why."""
     path = os.environ.get("GEOMOE_FAILURE_LOG")
     if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # once, in the controller
         with open(path, "a") as f:

@@ -29,8 +29,8 @@ from geomoe_kernels import (
     topk_gating,
     unpermute,
 )
-from oracles import naive_gating, naive_route
-from test_gpu import GRAD_TOL, _assert_within_torch_error
+from tests.helpers import GRAD_TOL, assert_close, assert_within_twice_reference_error
+from tests.oracles import naive_gating, naive_route
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -51,13 +51,18 @@ def _emulate(monkeypatch):
 
 def _within_reference(run, leaves, dtype):
     """run(backend, *leaves) -> output. Output and the gradients of mean(output^2) from the emulated
-    kernels, from torch in the same dtype and from torch in float64, checked by the ANCHORS rule."""
+    kernels against float64: within 1e-4 in float32; in fp16 and bf16 at most twice the error of
+    torch's own run in that dtype."""
     outs = []
     for be, cast in (("cuda", None), ("torch", None), ("torch", torch.float64)):
         ls = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in leaves]
         y = run(be, *ls)
         outs.append([t.double() for t in (y, *torch.autograd.grad(y.double().square().mean(), ls))])
-    _assert_within_torch_error(*outs, dtype)
+    for ours, same_dtype, exact in zip(*outs):
+        if dtype == torch.float32:
+            assert_close(ours, exact, dtype, grad=True)
+        else:
+            assert_within_twice_reference_error(ours, same_dtype, exact)
     return outs[0]
 
 
@@ -73,16 +78,17 @@ def _ids(T, E, k, empty=()):
 def test_cuda_backend_runs_cpu_tensors_through_the_emulated_core(monkeypatch):
     x = torch.randn(4, 8)
     r2f = torch.arange(4)
+    args = dict(x=x, row_to_flat=r2f, flat_to_row=r2f, top_k=1, weights=None)
     assert cuda._core_for(x) is CORE and CORE.architectures() == "emulated"
     assert CORE.__name__.endswith("_asan") == (VARIANT == "asan")
-    assert backend.select("permute", "auto", x.device, (x, r2f, 1, None)) is cuda.permute
-    # not picked by auto until it has run on a GPU, emulated or not
+    assert backend.select("permute", "auto", x.device, args) is cuda.permute
+    # opt-in on a GPU (slower than Triton there), so here too
     assert backend.select("grouped_mm", "auto", x.device, None) is not cuda.grouped_mm
     from geomoe_kernels.info import report
 
     assert "cuda (emulated)" in report()
     monkeypatch.delenv("GEOMOE_CUDA_EMULATE")
-    assert backend.select("permute", "auto", x.device, (x, r2f, 1, None)) is not cuda.permute
+    assert backend.select("permute", "auto", x.device, args) is not cuda.permute
     with pytest.raises(BackendUnavailable, match="GEOMOE_CUDA_EMULATE=1"):
         permute(x, r2f, r2f, 1, backend="cuda")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_worker import ep_layer, make_layer
+from tests.dist_worker import ep_layer, make_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

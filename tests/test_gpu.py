@@ -1,5 +1,5 @@
 """GPU checks (skipped without CUDA): every op on the device against the float64 CPU oracle in fp32
-(TF32 off), fp16 and bf16 with the ANCHORS tolerances; bitwise determinism; zero-token experts under
+(TF32 off), fp16 and bf16 with the tolerances of docs/testing.md; bitwise determinism; zero-token experts under
 a poisoned allocator; CUDA-graph capture and torch.compile of the layer; the model's two front ends."""
 import pytest
 import torch
@@ -18,7 +18,7 @@ from geomoe_kernels import (
     topk_gating,
     unpermute,
 )
-from oracles import OriginalMoE
+from tests.oracles import OriginalMoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -36,7 +36,7 @@ def _no_tf32():
 
 def _assert_within_torch_error(ours, same_dtype_torch, exact, dtype):
     """Output and gradients (lists, in float64) against the float64 computation: fp32 within 1e-4;
-    fp16 / bf16 at most 2x the error of torch's own computation in that dtype (ANCHORS), since
+    fp16 / bf16 at most 2x the error of torch's own computation in that dtype (docs/testing.md), since
     chained half-precision GEMMs round differently in every implementation."""
     for a, t, e in zip(ours, same_dtype_torch, exact):
         if dtype == torch.float32:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from geomoe import GeoMoE, random_masking
+from tests.helpers import TOL
 
 TINY = dict(
     img_size=64, embed_dim=(8, 12, 16), depth=(2, 1, 2), num_heads=2, num_experts=5, top_k=2,
@@ -125,7 +126,7 @@ def test_mixed_precision_runs_and_keeps_router_in_float32():
 def test_sparse_front_end_keeps_a_third_of_the_dense_ones_activations():
     """Issue goal: stage 1-2 activation memory at least 3x smaller at mask 0.75 (default widths;
     what autograd keeps for backward, parameters not counted)."""
-    from saved_bytes import bytes_saved_for_backward
+    from tests.saved_bytes import bytes_saved_for_backward
 
     torch.manual_seed(0)
     model = GeoMoE()
@@ -134,3 +135,23 @@ def test_sparse_front_end_keeps_a_third_of_the_dense_ones_activations():
     sparse = bytes_saved_for_backward(lambda: model._front_end_sparse(imgs, keep), model.parameters())
     dense = bytes_saved_for_backward(lambda: model._front_end_dense(imgs, keep), model.parameters())
     assert dense >= 3 * sparse, (dense, sparse)
+
+
+def test_loss_and_gradients_with_kernel_backends(kernel_backend):
+    """backend "auto": the kernel backend wherever it has a kernel (Triton under the interpreter)."""
+    if kernel_backend.device.type == "cuda":
+        pytest.skip("on a GPU tests/test_gpu.py runs the model's front ends against each other")
+    cfg = dict(img_size=32, embed_dim=(8, 8, 16), depth=(1, 1, 1), num_heads=2, num_experts=4, top_k=2,
+               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    runs = []
+    for backend in ("auto", "torch"):
+        torch.manual_seed(0)
+        model = GeoMoE(**cfg, backend=backend)
+        loss, aux, load = model(imgs, mask_ratio=0.5, kept_mask_ratio=0.5, noise=noise)
+        (loss + 1e-4 * aux.sum()).backward()
+        runs.append((loss.detach(), load, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], **TOL[torch.float32])
+    assert torch.equal(runs[0][1], runs[1][1])
+    for name, g in runs[1][2].items():
+        torch.testing.assert_close(runs[0][2][name], g, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")

@@ -3,7 +3,8 @@ import torch
 
 from geomoe import load_original_state_dict
 from geomoe_kernels import MoEMLP
-from oracles import OriginalMoE
+from tests.helpers import TOL, skip_unavailable
+from tests.oracles import OriginalMoE
 
 
 def _pair(dim=12, hidden=10, E=6, S=1, k=3, score_func="sigmoid", renormalize=True, act="gelu"):
@@ -148,7 +149,7 @@ def test_keeps_no_more_for_backward_than_the_published_layer():
     """ISSUE goal: peak activation memory no higher than the published loop's. The routed experts keep
     only the tokens and the pre-activation [T*k, hidden] (the hidden rows are recomputed)."""
     from benchmarks.common import published_layer
-    from saved_bytes import bytes_saved_for_backward
+    from tests.saved_bytes import bytes_saved_for_backward
 
     torch.manual_seed(0)
     m = MoEMLP(64, 48, 8, 1, 3)
@@ -157,3 +158,21 @@ def test_keeps_no_more_for_backward_than_the_published_layer():
     ours = bytes_saved_for_backward(lambda: m(x), m.parameters())
     published = bytes_saved_for_backward(lambda: pub(x.view(1, 512, 64)), pub.parameters())
     assert ours <= published, (ours, published)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_on_kernel_backend_equals_torch(kernel_backend, activation):
+    torch.manual_seed(0)
+    m = MoEMLP(16, 12, 6, 1, 2, activation=activation).to(kernel_backend.device)
+    x = torch.randn(45, 16, device=kernel_backend.device, requires_grad=True)
+    results = []
+    for backend in (kernel_backend.name, "torch"):
+        m.backend = backend
+        m.zero_grad()
+        x.grad = None
+        y, aux, load = skip_unavailable(m, x)  # the CUDA grouped GEMM takes no float32
+        (y.square().sum() + aux).backward()
+        results.append((y.detach(), aux.detach(), load, x.grad.clone(), m.w1.grad.clone(), m.b2.grad.clone(), m.gate.weight.grad.clone()))
+    assert torch.equal(results[0][2], results[1][2])
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a.double(), b.double(), **TOL[torch.float32])

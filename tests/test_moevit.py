@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from geomoe import MoEViTBackbone, MoEViTClassifier, MoEViTEncoder, load_original_state_dict, original_state_dict
-from oracles import OriginalMoEViT
+from tests.oracles import OriginalMoEViT
 
 SMALL = dict(embed_dim=64, depth=4, num_heads=4, num_experts=5, top_k=2)
 

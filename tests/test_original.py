@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from geomoe import GeoMoE, load_original_state_dict, original_state_dict
-from test_model import TINY
+from tests.test_model import TINY
 
 DECODER_ONLY_PREFIXES = ("decoder", "stage1_output_decode", "stage2_output_decode", "norm.", "mask_token")
 

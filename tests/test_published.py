@@ -1,5 +1,5 @@
 """A checkpoint of the published computation loads into GeoMoE and gives the same loss and the same
-gradients (the SPEC's contract), on both front ends."""
+gradients (the contract of docs/checkpoints.md), on both front ends."""
 import pytest
 import torch
 

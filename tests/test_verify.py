@@ -15,6 +15,10 @@ def test_reference_backend_verifies_in_every_dtype_on_the_cpu():
     assert {v.op for v in verdicts} == set(verify.CHECKS)
 
 
+def test_every_op_has_a_verification_case():
+    assert list(verify.CHECKS) == B.ops()
+
+
 def test_a_wrong_kernel_fails_with_the_op_backend_dtype_and_reason(monkeypatch):
     """A "triton" permute 1 % off (its backward, unpermute, stands in by the reference): no Triton runs."""
     right = B._REGISTRY["permute"]["torch"][0]

@@ -44,6 +44,11 @@ class ExpertParallelMoEMLP(MoEMLP):
     """An MoEMLP holding only this rank's routed experts. Build it with `from_dense`, on every rank
     from identically initialised (or loaded) MoEMLPs."""
 
+    group: Optional[dist.ProcessGroup]
+    world: int
+    expert_start: int
+    expert_end: int
+
     @classmethod
     def from_dense(cls, moe: MoEMLP, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelMoEMLP":
         world = dist.get_world_size(group)
@@ -136,7 +141,7 @@ def full_state_dict(model: torch.nn.Module) -> dict:
             key = f"{name}.{p}" if name else p
             parts: List[Optional[Tensor]] = [None] * m.world
             dist.all_gather_object(parts, sd[key].detach().cpu(), group=m.group)
-            sd[key] = torch.cat(parts)
+            sd[key] = torch.cat([p for p in parts if p is not None])  # every rank sends its part
     return sd
 
 

@@ -24,6 +24,13 @@ EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
 
 
 class MoEMLP(nn.Module):
+    expert_bias: Tensor  # a buffer
+    # None without shared experts, and then never read
+    shared_w1: Tensor
+    shared_b1: Tensor
+    shared_w2: Tensor
+    shared_b2: Tensor
+
     def __init__(
         self,
         dim: int,

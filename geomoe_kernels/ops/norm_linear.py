@@ -14,16 +14,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from .._checks import FLOAT_DTYPES, OpInputError, check_choice, check_tensor
 from ..reference import norm_linear as _ref
-from ._dispatch import OP_TAGS, run
+from ._declare import contiguous, declare
 
 ACTIVATIONS = ("none", "gelu", "silu")
 
 
-def _check(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
-           activation: str, eps: float) -> None:
+@declare(reference=_ref.norm_linear)
+def norm_linear_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                   eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out [R, N], pre [R, N] or empty for 'none', mean [R], rstd [R])."""
     op = "norm_linear"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
     K = x.shape[1]
@@ -38,64 +39,44 @@ def _check(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bi
         raise OpInputError(f"{op}: argument 'eps' expected a positive number, got {eps}")
 
 
-@torch.library.custom_op("geomoe::norm_linear", mutates_args=(), tags=OP_TAGS)
-def norm_linear_op(
-    x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-    eps: float = 1e-6, backend: str = "auto",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out [R, N], pre [R, N] or empty for 'none', mean [R], rstd [R])."""
-    _check(x, norm_weight, norm_bias, weight, bias, activation, eps)
-    return run("norm_linear", backend, x.device, (x, norm_weight, norm_bias, weight, bias, activation, eps))
-
-
-@norm_linear_op.register_fake
-def _(x, norm_weight, norm_bias, weight, bias, activation, eps=1e-6, backend="auto"):
-    _check(x, norm_weight, norm_bias, weight, bias, activation, eps)
+@norm_linear_op.fake
+def _(x, weight, activation, **_):
     R, N = x.shape[0], weight.shape[0]
     stats = x.new_empty(R, dtype=_ref.stats_dtype(x))
     pre = weight.new_empty(0) if activation == "none" else weight.new_empty(R, N)
     return weight.new_empty(R, N), pre, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("geomoe::norm_linear_backward", mutates_args=(), tags=OP_TAGS)
-def norm_linear_backward_op(
-    grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
-    mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6, backend: str = "auto",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dnorm_weight, dnorm_bias, dweight, dbias)."""
-    check_tensor("norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,),
-                 shape=(x.shape[0], weight.shape[0]), device=x.device)
-    return run("norm_linear_backward", backend, x.device,
-               (grad_out, x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps))
-
-
-@norm_linear_backward_op.register_fake
-def _(grad_out, x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps=1e-6, backend="auto"):
+def _fake_backward(x, norm_weight, norm_bias, weight, **_):
     return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
             weight.new_empty(weight.shape[0]))
 
 
-_backend.register("norm_linear", "torch", _ref.norm_linear)
-for _name in ("torch", "triton"):  # the same GEMMs + fused LayerNorm backward (see the module docstring)
-    _backend.register("norm_linear_backward", _name, _ref.norm_linear_backward)
+@declare(reference=_ref.norm_linear_backward, backward_of="norm_linear", fake=_fake_backward)
+def norm_linear_backward(grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
+                         mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dnorm_weight, dnorm_bias, dweight, dbias)."""
+    check_tensor("norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,),
+                 shape=(x.shape[0], weight.shape[0]), device=x.device)
 
 
-class NormLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, activation, eps, backend):
-        out, pre, mean, rstd = norm_linear_op(x, norm_weight, norm_bias, weight, bias, activation, eps, backend)
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight, pre, mean, rstd)
-        ctx.config = (activation, eps, backend, bias is not None)
-        return out
+def _setup_context(ctx, args, output):
+    _, pre, mean, rstd = output
+    ctx.save_for_backward(args["x"], args["norm_weight"], args["norm_bias"], args["weight"], pre, mean, rstd)
+    ctx.config = (args["activation"], args["eps"], args["backend"], args["bias"] is not None)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, norm_weight, norm_bias, weight, pre, mean, rstd = ctx.saved_tensors
-        activation, eps, backend, has_bias = ctx.config
-        dx, dnw, dnb, dw, db = norm_linear_backward_op(
-            grad_out.contiguous(), x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps, backend
-        )
-        return dx, dnw, dnb, dw, (db if has_bias else None), None, None, None
+
+def _backward(ctx, grad_out, *_grad_saved):
+    x, norm_weight, norm_bias, weight, pre, mean, rstd = ctx.saved_tensors
+    activation, eps, backend, has_bias = ctx.config
+    dx, dnw, dnb, dw, db = norm_linear_backward(grad_out.contiguous(), x, norm_weight, norm_bias, weight, pre, mean, rstd,
+                                                activation, eps, backend)
+    grads = {"x": dx, "norm_weight": dnw, "norm_bias": dnb, "weight": dw}
+    return {**grads, "bias": db} if has_bias else grads
+
+
+norm_linear_op.register_autograd(_setup_context, _backward)
 
 
 def norm_linear(
@@ -109,6 +90,6 @@ def norm_linear(
         norm_weight = torch.ones(K, dtype=x.dtype, device=x.device)
     if norm_bias is None:
         norm_bias = torch.zeros(K, dtype=norm_weight.dtype, device=x.device)
-    bias = None if bias is None else bias.contiguous()
-    return NormLinear.apply(x.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), weight.contiguous(),
-                            bias, activation, float(eps), backend)
+    out, _, _, _ = norm_linear_op(x.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), weight.contiguous(),
+                                  contiguous(bias), activation, float(eps), backend)
+    return out

@@ -3,13 +3,14 @@ deterministic combine back to tokens, with the shared experts' output added in t
 
 route:     expert ids [T, k]            -> row_to_flat [T*k], flat_to_row [T*k], offsets [E+1] (int64)
 permute:   x [T, d]                     -> rows [T*k, d]  (optionally scaled by the routing weights)
-unpermute: rows [T*k, d], weights [T, k] -> out [T, d] = shared + sum_k w_k * rows[flat_to_row[t*k+k]]"""
+unpermute: rows [T*k, d], weights [T, k] -> out [T, d] = shared + sum_k w_k * rows[flat_to_row[t*k+k]]
+
+permute and unpermute are each other's backward, so each carries both maps."""
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from .._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -19,7 +20,7 @@ from .._checks import (
     check_tensor,
 )
 from ..reference import permute as _ref
-from ._dispatch import OP_TAGS, run
+from ._declare import contiguous, declare
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64)
 
@@ -32,6 +33,10 @@ def _check_map(op: str, name: str, index: Tensor, device: torch.device, top_k: i
         )
 
 
+def _check_inverse(op: str, name: str, index: Tensor, other: Tensor) -> None:
+    check_tensor(op, name, index, dtypes=INDEX_DTYPES, shape=(other.numel(),), device=other.device)
+
+
 def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, device) -> None:
     check_tensor(op, "weights", weights, dtypes=_WEIGHT_DTYPES, shape=(T, top_k), device=device, optional=True)
 
@@ -39,22 +44,17 @@ def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, devic
 # ---- route ---------------------------------------------------------------------------------------
 
 
-def _check_route(expert_ids: Tensor, num_experts: int) -> None:
+@declare(reference=_ref.route, value_checks=lambda expert_ids, num_experts: check_index_range(
+    "route", "expert_ids", expert_ids, 0, num_experts))
+def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(row_to_flat [T*k], flat_to_row [T*k], offsets [E+1]) for expert ids [T, k]; all on the device."""
     check_tensor("route", "expert_ids", expert_ids, dtypes=INDEX_DTYPES, dim=2)
     if num_experts < 1:
         raise OpInputError(f"route: argument 'num_experts' expected >= 1, got {num_experts}")
 
 
-@torch.library.custom_op("geomoe::route", mutates_args=(), tags=OP_TAGS)
-def route_op(expert_ids: Tensor, num_experts: int, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
-    _check_route(expert_ids, num_experts)
-    check_index_range("route", "expert_ids", expert_ids, 0, num_experts)
-    return run("route", backend, expert_ids.device, (expert_ids, num_experts))
-
-
-@route_op.register_fake
-def _(expert_ids, num_experts, backend="auto"):
-    _check_route(expert_ids, num_experts)
+@route.fake
+def _(expert_ids, num_experts):
     n = expert_ids.numel()
     return expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(num_experts + 1)
 
@@ -62,126 +62,88 @@ def _(expert_ids, num_experts, backend="auto"):
 # ---- permute -------------------------------------------------------------------------------------
 
 
-def _check_permute(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor]) -> None:
+@declare(reference=_ref.permute, for_backward_only=("flat_to_row",),
+         fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
+         value_checks=lambda row_to_flat, **_: check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel()))
+def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor]) -> Tensor:
     check_tensor("permute", "x", x, dtypes=FLOAT_DTYPES, dim=2)
     _check_map("permute", "row_to_flat", row_to_flat, x.device, top_k)
     if row_to_flat.numel() != x.shape[0] * top_k:
         raise OpInputError(
             f"permute: argument 'row_to_flat' expected {x.shape[0] * top_k} entries (T * top_k), got {row_to_flat.numel()}"
         )
+    _check_inverse("permute", "flat_to_row", flat_to_row, row_to_flat)
     _check_weights("permute", weights, x.shape[0], top_k, x.device)
-
-
-@torch.library.custom_op("geomoe::permute", mutates_args=(), tags=OP_TAGS)
-def permute_op(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor], backend: str = "auto") -> Tensor:
-    _check_permute(x, row_to_flat, top_k, weights)
-    check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel())
-    return run("permute", backend, x.device, (x, row_to_flat, top_k, weights))
-
-
-@permute_op.register_fake
-def _(x, row_to_flat, top_k, weights, backend="auto"):
-    _check_permute(x, row_to_flat, top_k, weights)
-    return x.new_empty(row_to_flat.numel(), x.shape[1])
 
 
 # ---- unpermute -----------------------------------------------------------------------------------
 
 
-def _check_unpermute(rows: Tensor, flat_to_row: Tensor, top_k: int, weights, shared) -> None:
+@declare(reference=_ref.unpermute, for_backward_only=("row_to_flat",),
+         fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
+         value_checks=lambda rows, flat_to_row, **_: check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0]))
+def unpermute_op(rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor],
+                 shared: Optional[Tensor]) -> Tensor:
     op = "unpermute"
     check_tensor(op, "rows", rows, dtypes=FLOAT_DTYPES, dim=2)
     _check_map(op, "flat_to_row", flat_to_row, rows.device, top_k)
+    _check_inverse(op, "row_to_flat", row_to_flat, flat_to_row)
     T = flat_to_row.numel() // top_k
     _check_weights(op, weights, T, top_k, rows.device)
     check_tensor(op, "shared", shared, shape=(T, rows.shape[1]), device=rows.device, optional=True)
     check_same_dtype(op, ["rows", "shared"], [rows, shared])
 
 
-@torch.library.custom_op("geomoe::unpermute", mutates_args=(), tags=OP_TAGS)
-def unpermute_op(
-    rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor], backend: str = "auto"
-) -> Tensor:
-    _check_unpermute(rows, flat_to_row, top_k, weights, shared)
-    check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0])
-    return run("unpermute", backend, rows.device, (rows, flat_to_row, top_k, weights, shared))
+@declare(reference=_ref.unpermute_weight_grad, backward_of="unpermute")
+def unpermute_weight_grad(grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, top_k: int) -> Tensor:
+    """[T, k]: <grad_out[t], rows[flat_to_row[t * k + j]]>, the combine's routing-weight gradient."""
 
 
-@unpermute_op.register_fake
-def _(rows, flat_to_row, top_k, weights, shared, backend="auto"):
-    _check_unpermute(rows, flat_to_row, top_k, weights, shared)
-    return rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1])
-
-
-@torch.library.custom_op("geomoe::unpermute_weight_grad", mutates_args=(), tags=OP_TAGS)
-def unpermute_weight_grad_op(
-    grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, top_k: int, backend: str = "auto"
-) -> Tensor:
-    return run("unpermute_weight_grad", backend, rows.device, (grad_out, rows, flat_to_row, top_k))
-
-
-@unpermute_weight_grad_op.register_fake
-def _(grad_out, rows, flat_to_row, top_k, backend="auto"):
+@unpermute_weight_grad.fake
+def _(rows, flat_to_row, top_k, **_):
     acc = torch.promote_types(rows.dtype, torch.float32)
     return rows.new_empty(flat_to_row.numel() // top_k, top_k, dtype=acc)
 
 
-for _name, _fn in (
-    ("route", _ref.route),
-    ("permute", _ref.permute),
-    ("unpermute", _ref.unpermute),
-    ("unpermute_weight_grad", _ref.unpermute_weight_grad),
-):
-    _backend.register(_name, "torch", _fn)
+# ---- autograd: permute and unpermute are each other's backward -----------------------------------
 
 
-# ---- autograd ------------------------------------------------------------------------------------
+def _save_maps(ctx, args, output):
+    weights = args["weights"]
+    rows_in = args["x"] if "x" in args else args["rows"]  # read only by the routing weights' gradient
+    ctx.save_for_backward(rows_in if weights is not None else None, args["row_to_flat"], args["flat_to_row"], weights)
+    ctx.config = (args["top_k"], args["backend"], args.get("shared") is not None)
 
 
-class Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, row_to_flat, flat_to_row, top_k, backend):
-        ctx.save_for_backward(flat_to_row)
-        ctx.config = (top_k, backend)
-        return permute_op(x, row_to_flat, top_k, None, backend)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (flat_to_row,) = ctx.saved_tensors
-        top_k, backend = ctx.config
-        grad_x = unpermute_op(grad_rows.contiguous(), flat_to_row, top_k, None, None, backend)
-        return grad_x, None, None, None, None
+def _permute_backward(ctx, grad_rows):
+    x, row_to_flat, flat_to_row, weights = ctx.saved_tensors
+    top_k, backend, _ = ctx.config
+    g = grad_rows.contiguous()
+    grads = {"x": unpermute_op(g, row_to_flat, flat_to_row, top_k, weights, None, backend)}
+    if weights is not None and ctx.needs_grad["weights"]:  # d w[f] = <g[row of f], x[f // k]>
+        grads["weights"] = unpermute_weight_grad(x, g, flat_to_row, top_k, backend).to(weights.dtype)
+    return grads
 
 
-class Unpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, row_to_flat, flat_to_row, top_k, weights, shared, backend):
-        ctx.save_for_backward(rows, row_to_flat, flat_to_row, weights)
-        ctx.config = (top_k, backend, shared is not None)
-        return unpermute_op(rows, flat_to_row, top_k, weights, shared, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        rows, row_to_flat, flat_to_row, weights = ctx.saved_tensors
-        top_k, backend, has_shared = ctx.config
-        g = grad_out.contiguous()
-        grad_rows = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = permute_op(g, row_to_flat, top_k, weights, backend)
-        if weights is not None and ctx.needs_input_grad[4]:
-            grad_weights = unpermute_weight_grad_op(g, rows, flat_to_row, top_k, backend).to(weights.dtype)
-        grad_shared = g if has_shared else None
-        return grad_rows, None, None, None, grad_weights, grad_shared, None
+def _unpermute_backward(ctx, grad_out):
+    rows, row_to_flat, flat_to_row, weights = ctx.saved_tensors
+    top_k, backend, has_shared = ctx.config
+    g = grad_out.contiguous()
+    grads = {"shared": g} if has_shared else {}
+    if ctx.needs_grad["rows"]:
+        grads["rows"] = permute_op(g, row_to_flat, flat_to_row, top_k, weights, backend)
+    if weights is not None and ctx.needs_grad["weights"]:
+        grads["weights"] = unpermute_weight_grad(g, rows, flat_to_row, top_k, backend).to(weights.dtype)
+    return grads
 
 
-def route(expert_ids: Tensor, num_experts: int, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
-    """(row_to_flat [T*k], flat_to_row [T*k], offsets [E+1]) for expert ids [T, k]; all on the device."""
-    return route_op(expert_ids, num_experts, backend)
+permute_op.register_autograd(_save_maps, _permute_backward)
+unpermute_op.register_autograd(_save_maps, _unpermute_backward)
 
 
 def permute(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, backend: str = "auto") -> Tensor:
     """Rows of x in expert-major order [T*k, d]; differentiable in x."""
-    return Permute.apply(x.contiguous(), row_to_flat, flat_to_row, top_k, backend)
+    return permute_op(x.contiguous(), row_to_flat, flat_to_row, top_k, None, backend)
 
 
 def unpermute(
@@ -194,6 +156,4 @@ def unpermute(
     backend: str = "auto",
 ) -> Tensor:
     """[T, d] = shared + sum over each token's k rows weighted by `weights` (float32 accumulation)."""
-    shared = None if shared is None else shared.contiguous()
-    weights = None if weights is None else weights.contiguous()
-    return Unpermute.apply(rows.contiguous(), row_to_flat, flat_to_row, top_k, weights, shared, backend)
+    return unpermute_op(rows.contiguous(), row_to_flat, flat_to_row, top_k, contiguous(weights), contiguous(shared), backend)

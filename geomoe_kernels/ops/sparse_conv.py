@@ -6,13 +6,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, OpInputError, check_same_dtype, check_tensor, value_checks_enabled
 from ..reference import sparse_conv as _ref
-from ._dispatch import OP_TAGS, run
+from ._declare import contiguous, declare
 
 
-def _check(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+@declare(reference=_ref.masked_depthwise_conv, fake=lambda x, **_: torch.empty_like(x))
+def masked_depthwise_conv_op(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     op = "masked_depthwise_conv"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
     R, C = x.shape
@@ -28,7 +28,8 @@ def _check(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor])
     check_same_dtype(op, ["x", "weight", "bias"], [x, weight, bias])
 
 
-def _check_table_values(neighbors: Tensor) -> None:
+@masked_depthwise_conv_op.value_checks
+def _(neighbors, **_):
     """Entries in [-1, R), and the table symmetric (backward relies on it: see the reference)."""
     if not value_checks_enabled(neighbors) or neighbors.numel() == 0:
         return
@@ -49,50 +50,25 @@ def _check_table_values(neighbors: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("geomoe::masked_depthwise_conv", mutates_args=(), tags=OP_TAGS)
-def masked_depthwise_conv_op(
-    x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str = "auto"
-) -> Tensor:
-    _check(x, neighbors, weight, bias)
-    _check_table_values(neighbors)
-    return run("masked_depthwise_conv", backend, x.device, (x, neighbors, weight, bias))
+@declare(reference=_ref.masked_depthwise_conv_backward, backward_of="masked_depthwise_conv",
+         fake=lambda x, weight, **_: (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])))
+def masked_depthwise_conv_backward(grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias)."""
 
 
-@masked_depthwise_conv_op.register_fake
-def _(x, neighbors, weight, bias, backend="auto"):
-    _check(x, neighbors, weight, bias)
-    return torch.empty_like(x)
+def _setup_context(ctx, args, output):
+    ctx.save_for_backward(args["x"], args["neighbors"], args["weight"])
+    ctx.config = (args["backend"], args["bias"] is not None)
 
 
-@torch.library.custom_op("geomoe::masked_depthwise_conv_backward", mutates_args=(), tags=OP_TAGS)
-def masked_depthwise_conv_backward_op(
-    grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor, backend: str = "auto"
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return run("masked_depthwise_conv_backward", backend, x.device, (grad_out, x, neighbors, weight))
+def _backward(ctx, grad_out):
+    x, neighbors, weight = ctx.saved_tensors
+    backend, has_bias = ctx.config
+    dx, dw, db = masked_depthwise_conv_backward(grad_out.contiguous(), x, neighbors, weight, backend)
+    return {"x": dx, "weight": dw, "bias": db} if has_bias else {"x": dx, "weight": dw}
 
 
-@masked_depthwise_conv_backward_op.register_fake
-def _(grad_out, x, neighbors, weight, backend="auto"):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
-
-
-_backend.register("masked_depthwise_conv", "torch", _ref.masked_depthwise_conv)
-_backend.register("masked_depthwise_conv_backward", "torch", _ref.masked_depthwise_conv_backward)
-
-
-class MaskedDepthwiseConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, neighbors, weight, bias, backend):
-        ctx.save_for_backward(x, neighbors, weight)
-        ctx.config = (backend, bias is not None)
-        return masked_depthwise_conv_op(x, neighbors, weight, bias, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, neighbors, weight = ctx.saved_tensors
-        backend, has_bias = ctx.config
-        dx, dw, db = masked_depthwise_conv_backward_op(grad_out.contiguous(), x, neighbors, weight, backend)
-        return dx, None, dw, (db if has_bias else None), None
+masked_depthwise_conv_op.register_autograd(_setup_context, _backward)
 
 
 def masked_depthwise_conv(
@@ -101,5 +77,4 @@ def masked_depthwise_conv(
     """Depthwise conv at visible rows only; weight [C, k*k] or a Conv2d weight [C, 1, k, k]."""
     if weight.dim() == 4:
         weight = weight.reshape(weight.shape[0], -1)
-    bias = None if bias is None else bias.contiguous()
-    return MaskedDepthwiseConv.apply(x.contiguous(), neighbors.contiguous(), weight.contiguous(), bias, backend)
+    return masked_depthwise_conv_op(x.contiguous(), neighbors.contiguous(), weight.contiguous(), contiguous(bias), backend)

@@ -1,12 +1,9 @@
 """Expert activations and their derivatives, called directly so backward never re-enters autograd."""
+from typing import Optional
+
 import torch
 
-ACTIVATIONS = ("none", "gelu", "silu", "swiglu")
-
-
-def out_features(activation: str, n: int) -> int:
-    """Columns after the activation for a pre-activation of n columns (SwiGLU halves them)."""
-    return n // 2 if activation == "swiglu" else n
+from ..activations import ACTIVATIONS, out_features  # noqa: F401  (the names and shapes live there)
 
 
 def apply(activation: str, pre: torch.Tensor) -> torch.Tensor:
@@ -27,10 +24,11 @@ def _dsilu(x: torch.Tensor) -> torch.Tensor:
     return s * (1 + x * (1 - s))
 
 
-def backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+def backward(activation: str, grad: torch.Tensor, pre: Optional[torch.Tensor]) -> torch.Tensor:
     """d loss / d pre, given d loss / d out; computed in pre's dtype promoted to at least float32."""
     if activation == "none":
         return grad
+    assert pre is not None, "an activation's backward reads its pre-activation"
     if activation in ("gelu", "silu"):  # torch's fused kernels: one pass, float32 math for half inputs
         fused = torch.ops.aten.gelu_backward if activation == "gelu" else torch.ops.aten.silu_backward
         return fused(grad.to(pre.dtype), pre)

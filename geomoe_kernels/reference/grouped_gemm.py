@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..kernel_recipes import block_schedule
 from . import activations
 
 
@@ -27,24 +28,22 @@ class Tiling(NamedTuple):
 
 
 def tiling(offsets: Tensor, M: int) -> Tiling:
+    """The tiles are the kernels' row blocks (kernel_recipes.block_schedule) at B = ceil(M / E)."""
     E = offsets.numel() - 1
     block = max(8, -(-M // max(E, 1)))
     block = -(-block // 8) * 8
-    tiles = -(-M // block) + E
-    counts = offsets[1:] - offsets[:-1]
-    tiles_per = torch.div(counts + block - 1, block, rounding_mode="floor")
-    tile_end = torch.cumsum(tiles_per, 0)
-    padded_start = (tile_end - tiles_per) * block
+    schedule = block_schedule(offsets, M, block)
+    tiles = schedule.blocks
+    padded_start = schedule.first_block * block
     row = torch.arange(M, device=offsets.device)
     row_expert = torch.searchsorted(offsets[1:].contiguous(), row, right=True)
     valid = row_expert < E
     row_expert = row_expert.clamp_max(E - 1)
     pad_pos = row - offsets.index_select(0, row_expert) + padded_start.index_select(0, row_expert)
     pad_pos = torch.where(valid, pad_pos, torch.full_like(pad_pos, tiles * block))
-    tile_expert = torch.searchsorted(tile_end, torch.arange(tiles, device=offsets.device), right=True)
-    lengths = tiles_per.clone()
-    lengths[-1:] += tiles - tile_end[-1:]
-    return Tiling(block, tiles, pad_pos, tile_expert.clamp_max(E - 1), lengths)
+    lengths = schedule.per_expert.clone()
+    lengths[-1:] += tiles - (schedule.first_block[-1:] + schedule.per_expert[-1:])
+    return Tiling(block, tiles, pad_pos, torch.where(schedule.expert >= 0, schedule.expert, E - 1), lengths)
 
 
 def _sum_per_expert(per_tile: Tensor, t: Tiling) -> Tensor:
@@ -197,19 +196,3 @@ def grouped_mm_backward(
     dw = _sum_per_expert(torch.bmm(_to_tiles(x, t).transpose(1, 2), dpre_tiles).to(acc), t)
     db = _sum_per_expert(dpre_tiles.to(acc).sum(dim=1), t)
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
-
-
-def block_schedule(offsets: Tensor, M: int, bm: int) -> Tuple[Tensor, Tensor, int]:
-    """For kernels that give each program bm rows of one expert: (expert of each block or -1 for the
-    surplus ones, first row of each block, number of blocks = the static bound ceil(M / bm) + E).
-    Computed on the device: no host sync."""
-    E = offsets.numel() - 1
-    counts = offsets[1:] - offsets[:-1]
-    per = torch.div(counts + bm - 1, bm, rounding_mode="floor")
-    cum = torch.cumsum(per, 0)
-    blocks = -(-M // bm) + E
-    b = torch.arange(blocks, device=offsets.device)
-    e = torch.searchsorted(cum, b, right=True)
-    ec = e.clamp_max(E - 1)
-    row0 = offsets.index_select(0, ec) + (b - (cum - per).index_select(0, ec)) * bm
-    return torch.where(e < E, ec, torch.full_like(ec, -1)), row0, blocks

@@ -2,13 +2,15 @@
 rounds of argmax (ties to the lower expert, like the reference's stable sort) -> renormalised
 weights, per-expert counts (integer atomics: exact) and per-block sums of the normalised scores
 (summed afterwards in a fixed order: deterministic). Its backward recomputes the scores."""
-from typing import Optional, Tuple
+import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import kernel_recipes as recipe
 from ._config import INTERPRET, pow2
 
 TOKENS = 8 if INTERPRET else 64
@@ -102,18 +104,21 @@ def _gating_backward_kernel(L, GW, GP, Ids, GL, T, E, stride_l, inv_T,
     tl.store(GL + t[:, None].to(tl.int64) * stride_l + cols[None, :], g_l, mask=valid)
 
 
-def topk_gating(logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str, renormalize: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    T, E = logits.shape
-    blocks = max(1, triton.cdiv(T, TOKENS))
-    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    partial = torch.zeros(blocks, E, dtype=torch.float32, device=logits.device)
-    if T:
-        _gating_kernel[(blocks,)](logits, bias if bias is not None else logits, w, ids, counts, partial, T, E, logits.stride(0),
-                                  TOP_K=top_k, KP=pow2(top_k), SOFTMAX=score_func == "softmax", HAS_BIAS=bias is not None,
-                                  RENORM=renormalize, EP=pow2(E), BT=TOKENS)
-    return w, ids, counts, partial.sum(0) / max(T, 1)
+class TritonGating:
+    """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
+
+    def tokens_per_block(self) -> int:
+        return TOKENS
+
+    def gating(self, logits: Tensor, bias: Optional[Tensor], top_k: int, softmax: bool, renormalize: bool, w: Tensor, ids: Tensor,
+               counts: Tensor, partial: Tensor) -> None:
+        T, E = logits.shape
+        _gating_kernel[(partial.shape[0],)](logits, bias if bias is not None else logits, w, ids, counts, partial, T, E,
+                                            logits.stride(0), TOP_K=top_k, KP=pow2(top_k), SOFTMAX=softmax,
+                                            HAS_BIAS=bias is not None, RENORM=renormalize, EP=pow2(E), BT=TOKENS)
+
+
+topk_gating = functools.partial(recipe.topk_gating, TritonGating())
 
 
 def topk_gating_backward(grad_weights: Optional[Tensor], grad_prob_mean: Optional[Tensor], logits: Tensor, ids: Tensor,

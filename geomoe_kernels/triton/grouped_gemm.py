@@ -3,22 +3,25 @@ the epilogue, optionally gathering its A rows through an index inside the load) 
 (the same kernel reading the weights transposed), and a weight-gradient kernel over variable-size
 groups, split over the rows of each expert so small groups still fill the GPU, which also sums the
 bias gradient from the same loads; the splits are summed in a fixed order (deterministic, no
-atomics), and experts without rows get exact zeros.
-
-The row blocks are scheduled on the device: expert e gets ceil(count_e / BM) blocks, and the grid
-is the static bound ceil(M / BM) + E, surplus programs exiting at once. No host sync."""
-from typing import Optional, Tuple
+atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
+the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import activations
-from ..reference.grouped_gemm import block_schedule
+from .. import activations
+from .. import kernel_recipes as recipe
+from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, configs
 
-ACT_CODES = {"none": 0, "gelu": 1, "silu": 2, "swiglu": 3}
+# the activation codes, as constants the kernels can compare against
+_NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
+_GELU: tl.constexpr = tl.constexpr(int(activations.Activation.GELU))
+_SILU: tl.constexpr = tl.constexpr(int(activations.Activation.SILU))
+_SWIGLU: tl.constexpr = tl.constexpr(int(activations.Activation.SWIGLU))
 
 
 def block_m(dtype: torch.dtype) -> int:
@@ -41,9 +44,9 @@ _GEMM_CONFIGS = configs(
 
 @triton.jit
 def _apply_act(x, ACT: tl.constexpr):
-    if ACT == 1:  # GELU, erf form (nn.GELU's default)
+    if ACT == _GELU:  # GELU, erf form (nn.GELU's default)
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACT == 2:
+    elif ACT == _SILU:
         x = x * tl.sigmoid(x)
     return x
 
@@ -51,7 +54,7 @@ def _apply_act(x, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(x, ACT: tl.constexpr):
     """d act / d x for GELU (erf form) and SiLU, float32."""
-    if ACT == 1:
+    if ACT == _GELU:
         d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     else:
         s = tl.sigmoid(x)
@@ -94,7 +97,7 @@ def _gmm_kernel(
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-            if ACT == 3:  # SwiGLU: the 'up' half sits N columns to the right
+            if ACT == _SWIGLU:  # SwiGLU: the 'up' half sits N columns to the right
                 wu = tl.load(w_base + rk[:, None] * stride_wk + (rn + N)[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 if IEEE:
                     acc_up += tl.dot(a, wu, input_precision="ieee")
@@ -103,14 +106,14 @@ def _gmm_kernel(
         if HAS_BIAS:
             b_base = Bias + e.to(tl.int64) * stride_be
             acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if ACT == 3:
+            if ACT == _SWIGLU:
                 acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        if GRAD_ACT != 0:
+        if GRAD_ACT != _NONE:
             p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
             o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
             x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-            if GRAD_ACT == 3:  # pre = [gate | up], hidden = silu(gate) * up
+            if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
                 up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
                 s = tl.sigmoid(x)
                 tl.store(o_ptr, (acc * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
@@ -120,9 +123,9 @@ def _gmm_kernel(
         else:
             if STORE_PRE:
                 tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
-                if ACT == 3:
+                if ACT == _SWIGLU:
                     tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
-            if ACT == 3:
+            if ACT == _SWIGLU:
                 out = acc * tl.sigmoid(acc) * acc_up
             else:
                 out = _apply_act(acc, ACT)
@@ -171,11 +174,11 @@ def _wgrad_kernel(
         a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = mask_m[None, :] & (rk < K)[:, None]
         a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if A_ACT == 3:
+        if A_ACT == _SWIGLU:
             af = a.to(tl.float32)
             up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
-        elif A_ACT != 0:
+        elif A_ACT != _NONE:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
         g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
         if IEEE:
@@ -190,100 +193,50 @@ def _wgrad_kernel(
         tl.store(DB + (split * tl.num_programs(0) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
 
 
-def grouped_mm_rows(a: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-                    gather: Optional[Tensor] = None, top_k: int = 1, n_rows: Optional[int] = None,
-                    transpose_weight: bool = False, grad_of: Optional[Tuple[str, Tensor]] = None,
-                    schedule: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tuple[Tensor, Tensor]:
-    """out[r] = act(A[r] @ W[e(r)] + b[e(r)]) for the expert-major rows r; A[r] = a[gather[r] // top_k]
-    when gather is given. transpose_weight reads W[e] as [N, K] (dgrad). Returns (out, pre).
-    grad_of = (activation, pre) instead returns (d pre, empty): the product is d act(pre), and the
-    epilogue applies act'(pre) (the down-projection's dgrad in expert_mlp_backward). schedule: a
-    block_schedule(offsets, M, block_m(a.dtype)) to reuse across calls on the same rows."""
-    M = n_rows if n_rows is not None else a.shape[0]
-    if transpose_weight:
-        E, N_w, K = weight.shape
-        s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)
-    else:
-        E, K, N_w = weight.shape
-        s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
-    N = activations.out_features(activation, N_w)
-    store_pre = activation != "none"
-    if grad_of is not None:
-        grad_act, pre = grad_of
-        out = a.new_empty(M, pre.shape[1])  # d pre: both halves for SwiGLU
-    else:
-        grad_act = "none"
-        out = a.new_empty(M, N)
-        pre = a.new_empty(M, N_w) if store_pre else a.new_empty(0)
-    bm = block_m(a.dtype)
-    blk_expert, blk_row0, blocks = schedule if schedule is not None else block_schedule(offsets, M, bm)
-    grid = lambda meta: (blocks, triton.cdiv(N, meta["BN"]))
-    _gmm_kernel[grid](
-        a, weight, bias if bias is not None else weight, out, pre if pre.numel() else out,
-        gather if gather is not None else offsets, blk_expert, blk_row0, offsets,
-        N, K, top_k,
-        a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
-        out.stride(0), pre.stride(0) if pre.numel() else 0,
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], STORE_PRE=store_pre, GATHER=gather is not None,
-        GRAD_ACT=ACT_CODES[grad_act], IEEE=a.dtype == torch.float32, BM=bm,
-    )
-    return (out, a.new_empty(0)) if grad_of is not None else (out, pre)
+class TritonGroupedGemm:
+    """The kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
+
+    def block_rows(self, dtype: torch.dtype) -> int:
+        return block_m(dtype)
+
+    def _launch(self, a: Tensor, weight: Tensor, offsets: Tensor, schedule: BlockSchedule, out: Tensor, pre: Optional[Tensor],
+                bias: Optional[Tensor], activation: str, gather: Optional[Tensor], top_k: int, transpose_weight: bool,
+                grad_act: str) -> None:
+        if transpose_weight:  # W[e] read as [N, K]
+            E, N_w, K = weight.shape
+            s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)
+        else:
+            E, K, N_w = weight.shape
+            s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
+        N = activations.out_features(activation, N_w)
+        grid = lambda meta: (schedule.blocks, triton.cdiv(N, meta["BN"]))
+        _gmm_kernel[grid](
+            a, weight, bias if bias is not None else weight, out, pre if pre is not None else out,
+            gather if gather is not None else offsets, schedule.expert, schedule.row0, offsets,
+            N, K, top_k,
+            a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
+            out.stride(0), pre.stride(0) if pre is not None else 0,
+            HAS_BIAS=bias is not None, ACT=activations.code(activation), STORE_PRE=pre is not None and grad_act == "none",
+            GATHER=gather is not None, GRAD_ACT=activations.code(grad_act), IEEE=a.dtype == torch.float32, BM=schedule.block,
+        )
+
+    def forward(self, a, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
+        self._launch(a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, False, "none")
+
+    def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
+        self._launch(grad, weight, offsets, schedule, out, pre, None, "none", None, 1, True, grad_act)
+
+    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
+        splits, E, K, N = partial.shape
+        grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
+        _wgrad_kernel[grid](
+            a, grad, partial, partial_db, gather if gather is not None else offsets, offsets, K, N, top_k,
+            a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+            SPLITS=splits, GATHER=gather is not None, A_ACT=activations.code(a_activation), IEEE=a.dtype == torch.float32,
+        )
 
 
-def weight_grad(a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor] = None, top_k: int = 1,
-                splits: Optional[int] = None, a_activation: str = "none") -> Tuple[Tensor, Tensor]:
-    """(dW, db) in float32: dW[e] = A_e^T @ G_e [E, K, N], db[e] = the sum of G_e's rows [E, N];
-    A rows gathered like grouped_mm_rows; with a_activation, A = act(a) formed in the load."""
-    E = offsets.numel() - 1
-    K, N = activations.out_features(a_activation, a.shape[1]), grad.shape[1]
-    if splits is None:  # enough programs for ~4 waves of 132 SMs when groups are small
-        splits = 1 if INTERPRET else max(1, min(8, (4 * 132) // max(1, E * triton.cdiv(K, 64) * triton.cdiv(N, 64))))
-    partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
-    partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
-    grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
-    _wgrad_kernel[grid](
-        a, grad, partial, partial_db, gather if gather is not None else offsets, offsets, K, N, top_k,
-        a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-        SPLITS=splits, GATHER=gather is not None, A_ACT=ACT_CODES[a_activation], IEEE=a.dtype == torch.float32,
-    )
-    if splits == 1:
-        return partial[0], partial_db[0]
-    return partial.sum(0), partial_db.sum(0)  # fixed-order sums: deterministic
-
-
-def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-               gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
-    n_rows = x.shape[0] if gather is None else gather.numel()
-    return grouped_mm_rows(x, weight, offsets, bias, activation, gather, top_k, n_rows)
-
-
-def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, pre: Optional[Tensor],
-                        activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
-    dpre = dpre.contiguous()
-    dx, _ = grouped_mm_rows(dpre, weight, offsets, None, "none", transpose_weight=True)  # row gradients
-    dw, db = weight_grad(x, dpre, offsets, gather, top_k)
-    return dx, dw.to(weight.dtype), db.to(weight.dtype)
-
-
-def expert_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
-               activation: str, gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor]:
-    """(rows_out, pre): the hidden rows live only between the two GEMMs."""
-    M = x.shape[0] if gather is None else gather.numel()
-    schedule = block_schedule(offsets, M, block_m(x.dtype))  # one row-block schedule for both GEMMs
-    hidden, pre = grouped_mm_rows(x, w1, offsets, b1, activation, gather, top_k, M, schedule=schedule)
-    out, _ = grouped_mm_rows(hidden, w2, offsets, b2, "none", schedule=schedule)
-    return out, pre
-
-
-def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor, pre: Tensor,
-                        activation: str, gather: Optional[Tensor] = None, top_k: int = 1):
-    """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
-    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
-    schedule = block_schedule(offsets, grad_out.shape[0], block_m(grad_out.dtype))
-    d_pre, _ = grouped_mm_rows(grad_out, w2, offsets, None, "none", transpose_weight=True, grad_of=(activation, pre),
-                               schedule=schedule)
-    dw2, db2 = weight_grad(pre, grad_out, offsets, a_activation=activation)
-    d_rows, _ = grouped_mm_rows(d_pre, w1, offsets, None, "none", transpose_weight=True, schedule=schedule)
-    dw1, db1 = weight_grad(x, d_pre, offsets, gather, top_k)
-    return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
+KERNELS = TritonGroupedGemm()
+_ops = recipe.grouped_gemm_ops(KERNELS)
+grouped_mm, grouped_mm_backward = _ops["grouped_mm"], _ops["grouped_mm_backward"]
+expert_mlp, expert_mlp_backward = _ops["expert_mlp"], _ops["expert_mlp_backward"]

@@ -9,8 +9,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import activations
 from ._config import INTERPRET, configs, pow2
-from .grouped_gemm import ACT_CODES, _apply_act
+from .grouped_gemm import _apply_act
 
 STAT_ROWS = 4 if INTERPRET else 16
 
@@ -104,6 +105,6 @@ def norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tenso
     _norm_linear_kernel[grid](
         x, norm_weight, norm_bias, weight, bias if bias is not None else weight, mean, rstd, out, pre if store_pre else out,
         R, N, K, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0), pre.stride(0) if store_pre else 0,
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], STORE_PRE=store_pre, IEEE=weight.dtype == torch.float32,
+        HAS_BIAS=bias is not None, ACT=activations.code(activation), STORE_PRE=store_pre, IEEE=weight.dtype == torch.float32,
     )
     return out, pre, mean, rstd

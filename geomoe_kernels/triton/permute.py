@@ -1,14 +1,17 @@
 """Triton routing permutation (no device-wide sort: a per-block histogram, a prefix sum over the
-small [blocks, E] table on the device, and a stable scatter), and the row gather / weighted
-combine. The combine reads each token's k rows and sums them in slot order in float32: no atomics,
-the same bits every run."""
-from typing import Optional, Tuple
+small [blocks, E] table on the device, and a stable scatter: the routing recipe of
+geomoe_kernels.kernel_recipes on these kernels), and the row gather / weighted combine. The
+combine reads each token's k rows and sums them in slot order in float32: no atomics, the same
+bits every run."""
+import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import kernel_recipes as recipe
 from ._config import INTERPRET, pow2
 
 ROWS, COLS = (8, 16) if INTERPRET else (32, 128)
@@ -41,26 +44,23 @@ def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr,
     tl.store(flat_to_row + f, row, mask=valid)
 
 
-def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
-    flat = expert_ids.reshape(-1)
-    n, E = flat.numel(), num_experts
-    EP = pow2(E)
-    block = route_block(EP)
-    blocks = max(1, triton.cdiv(n, block))
-    per_block = torch.zeros(blocks, E, dtype=torch.int64, device=flat.device)
-    if n:
-        _histogram_kernel[(blocks,)](flat, per_block, n, E, EP=EP, BLOCK=block)
-    counts = per_block.sum(0)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    # block b's rows of expert e start after every earlier block's rows of e. The running sum is taken
-    # along the fast axis of an [E, blocks] copy: torch's scan along dim 0 of [blocks, E] runs one
-    # thread per column (measured 242 us at 47k ids on an H200; the inner-axis scan takes a few us)
-    base = offsets[:-1][None, :] + per_block.t().contiguous().cumsum(1).t() - per_block
-    row_to_flat = torch.empty(n, dtype=torch.int64, device=flat.device)
-    flat_to_row = torch.empty_like(row_to_flat)
-    if n:
-        _scatter_kernel[(blocks,)](flat, base.contiguous(), row_to_flat, flat_to_row, n, E, EP=EP, BLOCK=block)
-    return row_to_flat, flat_to_row, offsets
+class TritonRouting:
+    """The routing recipe's kernels (geomoe_kernels.kernel_recipes.route)."""
+
+    def block(self, num_experts: int) -> int:
+        return route_block(pow2(num_experts))
+
+    def histogram(self, flat_ids: Tensor, num_experts: int, block: int, per_block: Tensor) -> None:
+        _histogram_kernel[(per_block.shape[0],)](flat_ids, per_block, flat_ids.numel(), num_experts, EP=pow2(num_experts),
+                                                 BLOCK=block)
+
+    def scatter(self, flat_ids: Tensor, num_experts: int, block: int, base: Tensor, row_to_flat: Tensor,
+                flat_to_row: Tensor) -> None:
+        _scatter_kernel[(base.shape[0],)](flat_ids, base, row_to_flat, flat_to_row, flat_ids.numel(), num_experts,
+                                          EP=pow2(num_experts), BLOCK=block)
+
+
+route = functools.partial(recipe.route, TritonRouting())
 
 
 @triton.jit

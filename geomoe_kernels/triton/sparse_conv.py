@@ -1,14 +1,16 @@
 """Triton submanifold depthwise conv on the compact visible layout: each program takes a block of
 rows and channels and walks the k*k taps, gathering neighbour rows through the table (-1 reads as
 zero). Backward: dx is the same kernel with the kernel flipped (the table is symmetric: see the
-reference), dweight and dbias are per-row-block partial sums reduced in a fixed order."""
-from typing import Optional, Tuple
+reference), dweight and dbias are per-row-block partial sums reduced in a fixed order (the recipe
+of geomoe_kernels.kernel_recipes on these kernels)."""
+import functools
+from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import kernel_recipes as recipe
 from ._config import INTERPRET, configs
 
 ROWS = 16 if INTERPRET else 64
@@ -54,28 +56,25 @@ def _dwconv_wgrad_kernel(X, G, Nbr, DW, DB, R, C, KK: tl.constexpr, stride_x, st
         tl.store(DW + (base + c) * KK + j, tl.sum(g * v, axis=0), mask=mc)
 
 
-def _launch(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool) -> Tensor:
-    R, C = x.shape
-    out = torch.empty_like(x)
-    if R:
+class TritonDepthwiseConv:
+    """The masked depthwise conv recipe's kernels (geomoe_kernels.kernel_recipes)."""
+
+    def wgrad_rows_per_block(self) -> int:
+        return ROWS
+
+    def conv(self, x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, out: Tensor) -> None:
+        R, C = x.shape
         grid = lambda meta: (triton.cdiv(R, ROWS), triton.cdiv(C, meta["BC"]))
         _dwconv_kernel[grid](x, neighbors, weight, bias if bias is not None else weight, out, R, C, neighbors.shape[1],
                              x.stride(0), out.stride(0), FLIP=flip, HAS_BIAS=bias is not None, BR=ROWS)
-    return out
+
+    def wgrad(self, x: Tensor, grad_out: Tensor, neighbors: Tensor, dw_partial: Tensor, db_partial: Tensor) -> None:
+        R, C = x.shape
+        grid = lambda meta: (dw_partial.shape[0], triton.cdiv(C, meta["BC"]))
+        _dwconv_wgrad_kernel[grid](x, grad_out, neighbors, dw_partial, db_partial, R, C, neighbors.shape[1], x.stride(0),
+                                   grad_out.stride(0), BR=ROWS)
 
 
-def masked_depthwise_conv(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _launch(x, neighbors, weight, bias, flip=False)
-
-
-def masked_depthwise_conv_backward(grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    R, C = x.shape
-    kk = neighbors.shape[1]
-    dx = _launch(grad_out, neighbors, weight, None, flip=True)
-    blocks = max(1, triton.cdiv(R, ROWS))
-    dw = torch.zeros(blocks, C, kk, dtype=torch.float32, device=x.device)
-    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
-    if R:
-        grid = lambda meta: (blocks, triton.cdiv(C, meta["BC"]))
-        _dwconv_wgrad_kernel[grid](x, grad_out, neighbors, dw, db, R, C, kk, x.stride(0), grad_out.stride(0), BR=ROWS)
-    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+_KERNELS = TritonDepthwiseConv()
+masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, _KERNELS)
+masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_backward, _KERNELS)

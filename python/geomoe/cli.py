@@ -13,7 +13,7 @@ from .model import FRONT_ENDS
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("pretrain", help="MAE pretraining (SPEC recipe)")
+    p = sub.add_parser("pretrain", help="MAE pretraining (the published recipe: docs/recipe.md)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
     p.add_argument("--model", choices=("geomoe", "moevit"), default="geomoe",
                    help="GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)")

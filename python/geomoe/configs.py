@@ -1,5 +1,5 @@
-"""Presets: `base` is the published model and recipe (docs/ describes them); `tiny` is a small model
-with the same structure that trains on a CPU in minutes. Each preset has a GeoMoE (`model`) and a
+"""Presets: `base` is the published model and recipe (docs/model.md, docs/recipe.md); `tiny` is a small
+model with the same structure that trains on a CPU in minutes. Each preset has a GeoMoE (`model`) and a
 MoE-ViT (`moevit`: the plain-ViT baseline, pretrained on GeoMoE's objective by assumption) of that
 size; `geomoe pretrain --model` picks one."""
 from typing import Any, Dict

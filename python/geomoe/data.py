@@ -5,7 +5,7 @@ packages only download at run time), so the default data is a procedural generat
 scenes: a patchwork of fields with crop-row texture, roads, a river, built-up blocks with shadows,
 haze and sensor noise. Each image is a pure function of (seed, index), so the set needs no storage.
 
-Both sources go through the SPEC transforms: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic),
+Both sources go through the published transforms: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic),
 horizontal flip, ImageNet mean/std. Augmentation randomness is a pure function of (seed, epoch,
 index), so a resumed run sees exactly the batches a straight run would.
 

@@ -1,5 +1,5 @@
 """GeoMoE: a ConvMAE-style encoder with MoE transformer blocks, pretrained as a masked autoencoder
-with a cross-attention decoder (../shared/SPEC.md has every number). Built on geomoe_kernels the way
+with a cross-attention decoder (docs/model.md has every number). Built on geomoe_kernels the way
 a user's model would be: MoEMLP for the expert MLPs, SparseCBlock and the visible layout for stages 1-2.
 
 front_end="sparse" runs stages 1-2 at visible cells only (exact: the depthwise conv is the only op
@@ -160,8 +160,8 @@ class MaskedAutoencoder:
 
     @torch.no_grad()
     def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
-        """Per layer, b += rate where the load is below the mean, -= rate above; `loads` [layers, experts]
-        already summed over the data-parallel ranks."""
+        """The published rule per layer (docs/model.md): b += rate where the load is below the mean, -= rate
+        above; `loads` [layers, experts] already summed over the data-parallel ranks."""
         for moe, load in zip(self.moe_layers(), loads):
             moe.update_bias(load, rate)
 

@@ -1,4 +1,4 @@
-"""MAE pretraining of GeoMoE with the SPEC recipe: AdamW (0.9, 0.95), weight decay 0.05, linear
+"""MAE pretraining of GeoMoE with the published recipe (docs/recipe.md): AdamW (0.9, 0.95), weight decay 0.05, linear
 warm-up then cosine to 1e-3 of the peak, gradient clip 1.0, aux loss weight 1e-4, the expert-bias
 update after every optimizer step from the loads summed over all ranks, fp16 autocast on GPUs and
 float32 on CPUs.
@@ -32,11 +32,11 @@ from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .model import GeoMoE
 from .moevit import MoEViTMAE
-
-MODELS = ("geomoe", "moevit")
 from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, config_of, load_resume_state, lr_at,
                       make_loader, refuse_fresh_run_into_used_directory, rng_state, run_identity, set_rng_state,
                       start_batches, warn_changed_run_arguments)
+
+MODELS = ("geomoe", "moevit")
 
 
 @dataclass
@@ -327,7 +327,7 @@ class _Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), RECIPE["clip_grad"])
         self.scaler.step(self.opt)
         self.scaler.update()
-        loads = distributed.all_reduce(env, loads.clone())  # SPEC: sum over data-parallel ranks
+        loads = distributed.all_reduce(env, loads.clone())  # the published rule: sum over data-parallel ranks
         self.model.update_expert_biases(loads, RECIPE["bias_rate"])
         window.add(imgs.shape[0] * env.world, imgs.shape[0] * env.world * self._kept_tokens(), loss, aux, loads, grad_norm)
         return True

@@ -1,17 +1,16 @@
-"""expert_mlp (both expert GEMMs in one op, the hidden rows recomputed in backward) against a
-per-expert loop of nn.Linear-style matmuls in float64; opcheck; errors."""
+"""expert_mlp (both expert GEMMs in one op, the hidden rows recomputed in backward): the reference
+against a per-expert loop of nn.Linear-style matmuls in float64; every backend's fused backward
+against that loop (half precision: within twice the reference's error); opcheck; errors."""
+
 import pytest
 import torch
 
 from geomoe_kernels import OpInputError, expert_mlp, route
-from geomoe_kernels.ops.expert_mlp import expert_mlp_backward_op, expert_mlp_op
-from oracles import apply_act
+from geomoe_kernels.ops.expert_mlp import expert_mlp_backward, expert_mlp_op
+from tests.helpers import TOL, assert_within_twice_reference_error, offsets, skip_unavailable
+from tests.oracles import apply_act
 
 CASES = {"uneven": [5, 0, 17, 1, 9], "all_to_one": [0, 0, 31, 0], "one_row": [0, 1, 0], "none": [0, 0, 0]}
-
-
-def _offsets(counts):
-    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64)
 
 
 def _params(E, K, H, D, act, dtype=torch.float64, seed=0):
@@ -36,24 +35,53 @@ def _loop(rows, w1, b1, w2, b2, offsets, act):
 @pytest.mark.parametrize("host_loop", [True, False])
 @pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_a_per_expert_loop_float64(act, case, host_loop, monkeypatch):
+def test_reference_matches_a_per_expert_loop_float64(act, case, host_loop, monkeypatch):
     from geomoe_kernels.reference import grouped_gemm as ref
 
     monkeypatch.setattr(ref, "host_loop", lambda x: host_loop)  # the CPU's loop and the other devices' paths
     counts = CASES[case]
-    off = _offsets(counts)
+    off = offsets(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     params = _params(len(counts), 6, 5, 7, act)
     got = expert_mlp(x, *params[:2], *params[2:], off, act)
     want = _loop(x, *params, off, act)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, [x, *params], g, allow_unused=True),
-                    torch.autograd.grad(want, [x, *params], g, allow_unused=True)):
+    for a, b in zip(
+        torch.autograd.grad(got, [x, *params], g, allow_unused=True),
+        torch.autograd.grad(want, [x, *params], g, allow_unused=True),
+    ):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-11)
     for e, n in enumerate(counts):  # experts without rows: exactly zero weight and bias gradients
         if n == 0:
             assert all(torch.count_nonzero(p.grad[e]) == 0 for p in params if p.grad is not None)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
+def test_backend_fused_backward(backend, dtype, act):
+    """d pre from the down-projection's dgrad epilogue and dW2 from act(pre) formed in the load
+    (kernel backends), against the reference's two separate grouped GEMMs; tokens gathered, one
+    expert without rows."""
+    dev = backend.device
+    T, k, E, K, H, D = 11, 2, 4, 20, 12, 20
+    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert E-1 gets no rows
+    r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
+    N1 = 2 * H if act == "swiglu" else H
+    x = torch.randn(T, K).to(dev, dtype).requires_grad_(True)
+    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    outs = []
+    for name, cast in ((backend.name, None), ("torch", None), ("torch", torch.float64)):
+        leaves = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in (x, *params)]
+        y = skip_unavailable(expert_mlp, leaves[0], *leaves[1:], off, act, backend=name, gather=r2f, flat_to_row=f2r, top_k=k)
+        outs.append([t.double() for t in (y, *torch.autograd.grad(y.float().square().sum(), leaves))])
+    ours, same_dtype_torch, exact = outs
+    for a, r, e in zip(ours, same_dtype_torch, exact):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, r, **TOL[dtype])
+        else:  # two chained half-precision GEMMs
+            assert_within_twice_reference_error(a, r, e)
+    for grad in ours[2:]:
+        assert torch.count_nonzero(grad[E - 1]) == 0
 
 
 def test_gathered_tokens_gradcheck_and_opcheck():
@@ -65,19 +93,20 @@ def test_gathered_tokens_gradcheck_and_opcheck():
     got = expert_mlp(x, *params, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k)
     torch.testing.assert_close(got, _loop(x[r2f // k], *params, off, "gelu"), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params))
+        lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params)
+    )
     xf, pf = x.detach().float(), [p.detach().float() for p in params]
     for act in ("gelu", "swiglu"):
         pa = [p.detach().float() for p in _params(E, 6, 4, 5, act)]
-        torch.library.opcheck(expert_mlp_op, (xf, *pa, off, act, r2f, k))
-    torch.library.opcheck(expert_mlp_op, (xf, pf[0], None, pf[2], None, off, "silu", r2f, k))
-    _, pre = expert_mlp_op(xf, *pf, off, "gelu", r2f, k)
-    torch.library.opcheck(expert_mlp_backward_op, (torch.randn(T * k, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k))
+        torch.library.opcheck(expert_mlp_op.op, (xf, *pa, off, act, r2f, f2r, k))
+    torch.library.opcheck(expert_mlp_op.op, (xf, pf[0], None, pf[2], None, off, "silu", r2f, f2r, k))
+    _, pre = expert_mlp_op(xf, *pf, off, "gelu", r2f, f2r, k)
+    torch.library.opcheck(expert_mlp_backward.op, (torch.randn(T * k, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k))
 
 
 def test_keeps_only_the_pre_activation_for_backward():
     """The hidden rows are not among the saved tensors (they are recomputed)."""
-    off = _offsets([3, 4])
+    off = offsets([3, 4])
     x = torch.randn(7, 6, requires_grad=True)
     params = _params(2, 6, 5, 6, "gelu", dtype=torch.float32)
     y = expert_mlp(x, *params, off, "gelu")
@@ -97,7 +126,7 @@ def test_keeps_only_the_pre_activation_for_backward():
 )
 def test_bad_arguments_name_the_argument(change, message):
     w1, b1, w2, b2 = (p.detach().float() for p in _params(2, 6, 5, 6, "gelu"))
-    args = dict(x=torch.randn(7, 6), w1=w1, b1=b1, w2=w2, b2=b2, off=_offsets([3, 4]), act="gelu")
+    args = dict(x=torch.randn(7, 6), w1=w1, b1=b1, w2=w2, b2=b2, off=offsets([3, 4]), act="gelu")
     args.update(change)
     with pytest.raises(OpInputError, match=message.replace("[", r"\[").replace("(", r"\(")):
         expert_mlp_op(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], args["off"], args["act"])

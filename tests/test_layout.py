@@ -1,9 +1,10 @@
+"""The compact visible layout of block-masked maps (geomoe_kernels.layout): the neighbour table
+against a dense map, Z-order, gather / scatter, strided convs as one GEMM; the CBlock on it compiles."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from geomoe_kernels import layout, masked_depthwise_conv
-from geomoe_kernels.ops.sparse_conv import masked_depthwise_conv_backward_op, masked_depthwise_conv_op
+from geomoe_kernels import layout
 
 
 def _kept(N, H, W, L):
@@ -65,66 +66,6 @@ def test_strided_conv_rows_matches_conv2d(s):
     got = layout.strided_conv_rows(rows, conv.weight, conv.bias)
     want = layout.gather_cells(conv(x), kept, 4 // s)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-
-
-def _dense_masked(rows, kept, s, grid, weight, bias):
-    k = int(weight.shape[1] ** 0.5)
-    dense = layout.scatter_cells(rows, kept, s, grid)
-    out = F.conv2d(dense, weight.view(-1, 1, k, k), bias, padding=k // 2, groups=rows.shape[1])
-    return layout.gather_cells(out, kept, s)
-
-
-@pytest.mark.parametrize("case", ["random", "all_visible", "single", "corners"])
-@pytest.mark.parametrize("k", [3, 5])
-def test_conv_matches_dense_masked_conv(case, k):
-    grid, s, C = (4, 4), 4, 6
-    if case == "random":
-        kept = _kept(3, *grid, 5)
-    elif case == "all_visible":
-        kept = torch.stack([torch.randperm(16) for _ in range(2)])
-    elif case == "single":
-        kept = torch.tensor([[5], [0]])
-    else:
-        kept = torch.tensor([[0, 3, 12, 15], [15, 0, 1, 4]])
-    nbr = layout.neighbor_table(kept, grid, s, k)
-    rows = torch.randn(nbr.shape[0], C, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(C, k * k, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
-    got = masked_depthwise_conv(rows, nbr, w, b)
-    want = _dense_masked(rows, kept, s, grid, w, b)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    g = torch.randn_like(got)
-    for a, bb in zip(torch.autograd.grad(got, (rows, w, b), g), torch.autograd.grad(want, (rows, w, b), g)):
-        torch.testing.assert_close(a, bb, rtol=0, atol=1e-11)
-
-
-def test_gradcheck():
-    kept = _kept(2, 3, 3, 3)
-    nbr = layout.neighbor_table(kept, (3, 3), 2, 3)
-    x = torch.randn(nbr.shape[0], 2, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: masked_depthwise_conv(x, nbr, w, b), (x, w, b))
-
-
-def test_low_precision_within_tolerance():
-    kept = _kept(2, 4, 4, 6)
-    nbr = layout.neighbor_table(kept, (4, 4), 4, 5)
-    x = torch.randn(nbr.shape[0], 8)
-    w = torch.randn(8, 25) / 5
-    want = masked_depthwise_conv(x.double(), nbr, w.double())
-    got = masked_depthwise_conv(x.half(), nbr, w.half()).double()
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)
-
-
-def test_opcheck():
-    kept = _kept(2, 3, 3, 4)
-    nbr = layout.neighbor_table(kept, (3, 3), 2, 5)
-    x = torch.randn(nbr.shape[0], 3)
-    w = torch.randn(3, 25)
-    torch.library.opcheck(masked_depthwise_conv_op, (x, nbr, w, torch.randn(3)))
-    torch.library.opcheck(masked_depthwise_conv_op, (x, nbr, w, None))
-    torch.library.opcheck(masked_depthwise_conv_backward_op, (torch.randn_like(x), x, nbr, w))
 
 
 def test_sparse_cblock_compiles_fullgraph():

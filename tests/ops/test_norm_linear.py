@@ -1,11 +1,14 @@
-"""norm_linear (LayerNorm + linear + bias + activation) against torch's own layer_norm, linear and
-activations composed by autograd, in float64; opcheck; errors."""
+"""norm_linear (LayerNorm + linear + bias + activation): the reference against torch's own
+layer_norm, linear and activations composed by autograd, in float64; every backend against the
+reference; opcheck; errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from geomoe_kernels import OpInputError, norm_linear
-from geomoe_kernels.ops.norm_linear import norm_linear_backward_op, norm_linear_op
+from geomoe_kernels.ops.norm_linear import norm_linear_backward, norm_linear_op
+from tests.helpers import TOL, skip_unavailable
 
 ACT = {"none": lambda t: t, "gelu": F.gelu, "silu": F.silu}
 
@@ -37,6 +40,25 @@ def test_forward_and_gradients_match_composed_torch_ops_float64(act, with_bias):
     used = [t for t in (x, nw, nb, w, b) if t is not None]
     for a, r in zip(torch.autograd.grad(got, used, g), torch.autograd.grad(want, used, g)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+def test_backend_matches_reference(backend, dtype, act):
+    """LayerNorm in the prologue, bias + activation in the epilogue (Triton); rows with a large
+    mean, a column count that is not a multiple of the tile, and statistics that stay float32."""
+    dev = backend.device
+    x = (torch.randn(37, 20, device=dev) * 2 + 50).requires_grad_(True)  # float32 rows, as in the residual stream
+    nw = (1 + torch.randn(20, device=dev) / 4).requires_grad_(True)
+    nb = torch.randn(20, device=dev).requires_grad_(True)
+    w = (torch.randn(27, 20, device=dev) / 5).to(dtype).requires_grad_(True)
+    b = torch.randn(27, device=dev).to(dtype).requires_grad_(True)
+    outs = []
+    for name in (backend.name, "torch"):
+        y = skip_unavailable(norm_linear, x, nw, nb, w, b, act, 1e-5, backend=name)  # the CUDA core has none
+        assert y.dtype == dtype
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, nw, nb, w, b))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
 
 
 def test_gradcheck():
@@ -76,10 +98,10 @@ def test_no_rows():
 def test_opcheck():
     x, nw, nb, w, b = (t.float() for t in _inputs(R=6, K=8, N=5))
     for act in ("none", "gelu"):
-        torch.library.opcheck(norm_linear_op, (x, nw, nb, w, b, act, 1e-5))
-    torch.library.opcheck(norm_linear_op, (x, nw, nb, w, None, "silu", 1e-5))
+        torch.library.opcheck(norm_linear_op.op, (x, nw, nb, w, b, act, 1e-5))
+    torch.library.opcheck(norm_linear_op.op, (x, nw, nb, w, None, "silu", 1e-5))
     out, pre, mean, rstd = norm_linear_op(x, nw, nb, w, b, "gelu", 1e-5)
-    torch.library.opcheck(norm_linear_backward_op, (torch.randn_like(out), x, nw, nb, w, pre, mean, rstd, "gelu", 1e-5))
+    torch.library.opcheck(norm_linear_backward.op, (torch.randn_like(out), x, nw, nb, w, pre, mean, rstd, "gelu", 1e-5))
 
 
 @pytest.mark.parametrize(

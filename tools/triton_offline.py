@@ -7,9 +7,10 @@ card's). Here every launcher runs with CPU tensors of GeoMoE's shapes and dtypes
 are replaced by recorders, so each kernel is compiled exactly as the launchers call it, in every
 autotune config, for the target (default sm_90); ptxas's resource report comes from the cubin.
 
-    python -m geomoe_kernels.triton.offline [--arch 90] [--first-config-only]
+    python -m tools.triton_offline [--arch 90] [--first-config-only]   (from the repository root)
 
 Triton here may not be the GPU machine's version: a clean compile here is evidence, not proof."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, native_specialize_impl
 
-_PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
-        torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_PTR = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 MODULES = ("gating", "permute", "grouped_gemm", "norm_linear", "sparse_conv")
 
@@ -93,7 +102,8 @@ def recording() -> Iterator[List[Launch]]:
 def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
     """Run every launcher once on CPU tensors of GeoMoE's shapes (23 experts, top-3, d 768, expert
     hidden 576; stage-1 rows of width 256) in each of `dtypes`, recording the kernel calls."""
-    from . import gating, grouped_gemm, norm_linear, permute, sparse_conv
+    from geomoe_kernels.reference.permute import route as ref_route
+    from geomoe_kernels.triton import gating, grouped_gemm, norm_linear, permute, sparse_conv
 
     T, k, E, D, H = 64, 3, 23, 768, 576
     with recording() as calls:
@@ -103,8 +113,6 @@ def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
             gating.topk_gating_backward(torch.randn(T, k), torch.randn(E), logits, ids, score, True)
         ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
         permute.route(ids, E)
-        from ..reference.permute import route as ref_route
-
         r2f, f2r, off = ref_route(ids, E)
         for dtype in dtypes:
             x = torch.randn(T, D, dtype=dtype)
@@ -118,12 +126,20 @@ def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
                 w2, b2 = torch.randn(E, H, D, dtype=dtype), torch.randn(E, D, dtype=dtype)
                 out, pre = grouped_gemm.expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k)
                 grouped_gemm.expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k)
-            grouped_gemm.grouped_mm_backward(rows[:, :H].contiguous(), rows, torch.randn(E, D, H, dtype=dtype), off,
-                                             torch.randn(T * k, H, dtype=dtype), "silu")
+            grouped_gemm.grouped_mm_backward(
+                rows[:, :H].contiguous(), rows, torch.randn(E, D, H, dtype=dtype), off, torch.randn(T * k, H, dtype=dtype), "silu"
+            )
             R = 4 * 49 * 16
             xr = torch.randn(R, 256)
-            norm_linear.norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(1024, 256, dtype=dtype),
-                                    torch.zeros(1024, dtype=dtype), "gelu", 1e-6)
+            norm_linear.norm_linear(
+                xr,
+                torch.ones(256),
+                torch.zeros(256),
+                torch.randn(1024, 256, dtype=dtype),
+                torch.zeros(1024, dtype=dtype),
+                "gelu",
+                1e-6,
+            )
             norm_linear.norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(256, 256, dtype=dtype), None, "none", 1e-6)
             nbr = torch.randint(-1, R, (R, 25))
             h = torch.randn(R, 256, dtype=dtype)
@@ -139,8 +155,14 @@ def _variants(launch: Launch, first_config_only: bool) -> List[Tuple[JITFunction
     kwargs = dict(launch.kwargs)
     # FP fusion on, as launches compile by default (said explicitly: Triton 3.9 warns when it is left unset)
     options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3), "enable_fp_fusion": True}
-    configs = [(dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages, "enable_fp_fusion": True})
-               for c in kernel.configs] if isinstance(kernel, Autotuner) else [({}, options)]
+    configs = (
+        [
+            (dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages, "enable_fp_fusion": True})
+            for c in kernel.configs
+        ]
+        if isinstance(kernel, Autotuner)
+        else [({}, options)]
+    )
     if first_config_only:
         configs = configs[:1]
     out = []
@@ -185,8 +207,13 @@ def _cuobjdump() -> str:
     return bundled if os.path.exists(bundled) else (shutil.which("cuobjdump") or "cuobjdump")
 
 
-def compile_all(arch: int = 90, first_config_only: bool = False, progress: Optional[Callable[[str], None]] = None,
-                only: Optional[str] = None, dtypes=(torch.bfloat16, torch.float32)) -> List[Compiled]:
+def compile_all(
+    arch: int = 90,
+    first_config_only: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    only: Optional[str] = None,
+    dtypes=(torch.bfloat16, torch.float32),
+) -> List[Compiled]:
     """only: compile just the kernels whose name contains it."""
     target = GPUTarget("cuda", arch, 32)
     tool = _cuobjdump()
@@ -202,13 +229,18 @@ def compile_all(arch: int = 90, first_config_only: bool = False, progress: Optio
         seen.add(launch_key)
         for jit, sig, cst, attrs, opts in variants:
             names = [p.name for p in jit.params]
-            variant = ", ".join(f"{names[i]}={v}" for (i,), v in cst.items()) + "; " + \
-                ", ".join(f"{n}:{t}" for n, t in sig.items() if t.startswith("*"))
+            variant = (
+                ", ".join(f"{names[i]}={v}" for (i,), v in cst.items())
+                + "; "
+                + ", ".join(f"{n}:{t}" for n, t in sig.items() if t.startswith("*"))
+            )
             row = Compiled(launch.name, n, variant, opts["num_warps"], opts["num_stages"], isinstance(launch.kernel, Autotuner))
             if progress:
                 progress(f"{launch.name} {opts} {variant[:120]}")
             try:
-                kernel = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=cst, attrs=attrs), target=target, options=opts)
+                kernel = triton.compile(
+                    ASTSource(fn=jit, signature=sig, constexprs=cst, attrs=attrs), target=target, options=opts
+                )
                 usage = _resource_usage(kernel.asm["cubin"], tool)
                 row.registers = usage.get("REG")
                 row.local_bytes = usage.get("STACK", 0) + usage.get("LOCAL", 0)
@@ -237,20 +269,26 @@ def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
 
 
 def report(rows: List[Compiled], arch: int) -> str:
-    lines = [f"Triton {triton.__version__}, compiled offline for sm_{arch}: kernel, warps/stages, registers, local memory "
-             "per thread (stack + spills), shared memory; then the variant (constexprs; pointer types)"]
+    lines = [
+        f"Triton {triton.__version__}, compiled offline for sm_{arch}: kernel, warps/stages, registers, local memory "
+        "per thread (stack + spills), shared memory; then the variant (constexprs; pointer types)"
+    ]
     for r in rows:
         head = f"{r.name:<26} w{r.num_warps}/s{r.num_stages}"
         if r.error:
             lines.append(f"{head}  FAILED {r.error}\n    {r.variant}")
         else:
             note = "" if r.fits else f"  shared memory over sm_{arch}'s {SHARED_LIMIT.get(arch)} B: the autotuner skips it"
-            lines.append(f"{head}  reg {r.registers:>3}  local {r.local_bytes:>5}  smem {r.shared_bytes:>6}{note}\n    {r.variant}")
+            lines.append(
+                f"{head}  reg {r.registers:>3}  local {r.local_bytes:>5}  smem {r.shared_bytes:>6}{note}\n    {r.variant}"
+            )
     found = problems(rows, arch)
     spilling = sum(bool(r.local_bytes) for r in rows if r.error is None)
-    lines.append(f"{len(rows)} kernel builds in {len({r.launch for r in rows})} launches: {sum(r.error is not None for r in rows)} "
-                 f"failed, {spilling} with local memory (spills), max registers {max((r.registers or 0) for r in rows)}; "
-                 f"{len(found)} launches with no clean config" + "".join(f"\n  {p}" for p in found))
+    lines.append(
+        f"{len(rows)} kernel builds in {len({r.launch for r in rows})} launches: {sum(r.error is not None for r in rows)} "
+        f"failed, {spilling} with local memory (spills), max registers {max((r.registers or 0) for r in rows)}; "
+        f"{len(found)} launches with no clean config" + "".join(f"\n  {p}" for p in found)
+    )
     return "\n".join(lines)
 
 

@@ -1,0 +1,236 @@
+"""grouped_mm: the reference against a per-expert loop in float64 (both of its paths in float32),
+every backend against the loop in its dtypes, the kernels' gathered load and split weight
+gradient; experts without rows get exact zeros; opcheck; argument errors."""
+
+import pytest
+import torch
+
+from geomoe_kernels import OpInputError, kernel_recipes, grouped_mm, route
+from geomoe_kernels.ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
+from tests.helpers import ACTIVATIONS, TOL, assert_close, expert_ids, offsets, skip_unavailable
+from tests.oracles import naive_grouped_mm
+
+
+@pytest.fixture(params=["host_loop", "vectorised"])
+def path(request, monkeypatch):
+    """The reference's two ways on CPU tensors: the per-expert loop on host-read offsets (what the
+    CPU runs) and the vectorised sync-free paths (what other devices run), forced here."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    if request.param == "vectorised":
+        monkeypatch.setattr(ref, "host_loop", lambda x: False)
+    return request.param
+
+
+CASES = {
+    "uneven": [5, 0, 17, 1, 9],
+    "all_to_one": [0, 0, 31, 0],
+    "one_row": [0, 1, 0],
+    "empty_first_last": [0, 12, 7, 0],
+    "odd_100": [13, 40, 0, 47],
+}
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_reference_matches_per_expert_loop(act, case, with_bias, path):
+    counts = CASES[case]
+    E, K, N = len(counts), 6, 8
+    M = sum(counts)
+    off = offsets(counts)
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, K, N, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, N, dtype=torch.float64, requires_grad=True) if with_bias else None
+    got = grouped_mm(x, w, off, b, act)
+    want = naive_grouped_mm(x, w, off, b, act)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    params = [x, w] + ([b] if with_bias else [])
+    g_got = torch.autograd.grad(got, params, g)
+    g_want = torch.autograd.grad(want, params, g, allow_unused=True)
+    for a, bb in zip(g_got, g_want):
+        torch.testing.assert_close(a, torch.zeros_like(a) if bb is None else bb, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_backend_matches_per_expert_loop(backend, dtype, act):
+    counts = [5, 0, 19, 1, 0, 9]
+    off = offsets(counts, backend.device)
+    x = (torch.randn(sum(counts), 24) / 2).to(backend.device, dtype).requires_grad_(True)
+    w = (torch.randn(6, 24, 40) / 5).to(backend.device, dtype).requires_grad_(True)
+    b = torch.randn(6, 40).to(backend.device, dtype).requires_grad_(True)
+    got = skip_unavailable(grouped_mm, x, w, off, b, act, backend=backend.name)
+    want = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
+    assert_close(got, want, dtype)
+    g = torch.randn_like(want)
+    gt = torch.autograd.grad(got, (x, w, b), g.to(dtype))
+    gw = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
+    for a, r in zip(gt, gw):
+        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
+    for e in (1, 4):  # experts without rows: exact zeros
+        assert torch.count_nonzero(gt[1][e]) == 0 and torch.count_nonzero(gt[2][e]) == 0
+
+
+def _kernels(backend):
+    if backend.name == "triton":
+        from geomoe_kernels.triton.grouped_gemm import KERNELS
+
+        return KERNELS
+    from geomoe_kernels.cuda import CudaGroupedGemm
+
+    return CudaGroupedGemm()
+
+
+def test_kernels_gather_rows_inside_the_load_and_split_the_weight_gradient(kernel_backend):
+    """The recipe's pieces on the backend's kernels: a forward that reads token rows through the
+    routing map, and weight gradients gathered alike or split three ways."""
+    dev = kernel_backend.device
+    dtype = torch.float32 if kernel_backend.name == "triton" else torch.float16
+    T, k, E = 13, 2, 4
+    r2f, f2r, off = (t.to(dev) for t in route(expert_ids(T, k, E), E, backend="torch"))
+    x = torch.randn(T, 16, device=dev).to(dtype)
+    w = torch.randn(E, 16, 24, device=dev).to(dtype)
+    kernels = _kernels(kernel_backend)
+    out, _ = kernel_recipes.forward(kernels, x, w, off, None, "none", gather=r2f, top_k=k)
+    rows = x[r2f // k]
+    assert_close(out, naive_grouped_mm(rows.double(), w.double(), off, None, "none"), dtype)
+    g = torch.randn(T * k, 24, device=dev).to(dtype)
+    r64, g64 = rows.double(), g.double()
+    want = torch.stack([r64[int(off[e]) : int(off[e + 1])].t() @ g64[int(off[e]) : int(off[e + 1])] for e in range(E)])
+    want_db = torch.stack([g64[int(off[e]) : int(off[e + 1])].sum(0) for e in range(E)])
+    for dw, db in (
+        kernel_recipes.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
+        kernel_recipes.weight_grad(kernels, rows, g, off, splits=3),
+    ):
+        assert_close(dw, want, dtype)
+        assert_close(db, want_db, dtype)
+
+
+def test_empty_experts_get_exact_zero_gradients(path):
+    off = offsets([4, 0, 6, 0])
+    x = torch.randn(10, 5, requires_grad=True)
+    w = torch.randn(4, 5, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    grouped_mm(x, w, off, b, "gelu").pow(2).sum().backward()
+    for e in (1, 3):
+        assert torch.equal(w.grad[e], torch.zeros(5, 6))
+        assert torch.equal(b.grad[e], torch.zeros(6))
+    assert w.grad[0].abs().sum() > 0 and w.grad[2].abs().sum() > 0
+
+
+def test_gradcheck_each_activation():
+    off = offsets([2, 0, 3])
+    for act in ACTIVATIONS:
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w, b: grouped_mm(x, w, off, b, act), (x, w, b))
+
+
+def test_half_precision_close_to_float64():
+    off = offsets([30, 0, 50, 20])
+    x = torch.randn(100, 16)
+    w = torch.randn(4, 16, 24) / 4
+    got = grouped_mm(x.half(), w.half(), off, None, "gelu").double()
+    want = naive_grouped_mm(x.double(), w.double(), off, None, "gelu")
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)  # docs/testing.md: one half-precision rounding
+
+
+@pytest.mark.parametrize("stock", [True, False])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_reference_float32_both_paths_match_float64_loop(monkeypatch, stock, act):
+    """Off the CPU's host loop, float32 runs torch._grouped_mm (aligned rows) or the tiled batched
+    matmul; both match the loop."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    monkeypatch.setattr(ref, "host_loop", lambda x: False)
+    counts = [9, 0, 30, 1, 0, 12]
+    off = offsets(counts)
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    w = torch.randn(6, 16, 24, requires_grad=True)
+    b = torch.randn(6, 24, requires_grad=True)
+    assert ref.use_stock(x, w)
+    if not stock:
+        monkeypatch.setattr(ref, "use_stock", lambda *_: False)
+    got = grouped_mm(x, w, off, b, act)
+    want = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (x, w, b), g.float())
+    grads_want = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
+    for a, bb in zip(grads, grads_want):
+        torch.testing.assert_close(a.double(), bb.double(), rtol=1e-4, atol=1e-4)
+    for e in (1, 4):  # empty experts: exactly zero, whichever path
+        assert torch.equal(grads[1][e], torch.zeros(16, 24)) and torch.equal(grads[2][e], torch.zeros(24))
+
+
+def test_block_schedule_covers_every_row_once():
+    """The kernels' row blocks (and the reference's tiles): each expert's rows in blocks of its own,
+    surplus blocks marked -1, nothing read back to the host."""
+    counts = [5, 0, 17, 1, 9]
+    off = offsets(counts)
+    s = kernel_recipes.block_schedule(off, sum(counts), 4)
+    assert s.blocks == -(-sum(counts) // 4) + len(counts)
+    covered = []
+    for e, r0 in zip(s.expert.tolist(), s.row0.tolist()):
+        if e >= 0:
+            covered += [r for r in range(r0, min(r0 + 4, int(off[e + 1])))]
+            assert int(off[e]) <= r0 < int(off[e + 1])
+    assert covered == list(range(sum(counts)))
+    assert s.per_expert.tolist() == [2, 0, 5, 1, 3]
+
+
+def test_gathered_rows_equal_a_permuted_copy_and_opcheck():
+    T, k, E = 9, 2, 4
+    r2f, f2r, off = route(expert_ids(T, k, E), E)
+    x = torch.randn(T, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, 6, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, 8, dtype=torch.float64, requires_grad=True)
+    got = grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k)
+    want = naive_grouped_mm(x[r2f // k], w, off, b, "silu")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: grouped_mm(x, w, off, b, "silu", gather=r2f, flat_to_row=f2r, top_k=k), (x, w, b)
+    )
+    xf = x.detach().float()
+    torch.library.opcheck(grouped_mm_op.op, (xf, w.detach().float(), off, None, "gelu", r2f, f2r, k))
+    _, pre = grouped_mm_op(xf, w.detach().float(), off, None, "gelu", r2f, f2r, k)
+    torch.library.opcheck(grouped_mm_backward.op, (torch.randn(T * k, 8), xf, w.detach().float(), off, pre, "gelu", r2f, k))
+
+
+def test_opcheck():
+    off = offsets([3, 0, 4])
+    x = torch.randn(7, 4)
+    w = torch.randn(3, 4, 6)
+    b = torch.randn(3, 6)
+    for act in ACTIVATIONS:
+        torch.library.opcheck(grouped_mm_op.op, (x, w, off, b, act))
+    torch.library.opcheck(grouped_mm_op.op, (x, w, off, None, "none"))
+    out, pre = grouped_mm_op(x, w, off, b, "swiglu")
+    torch.library.opcheck(grouped_mm_backward.op, (torch.randn(7, 3), x, w, off, pre, "swiglu"))
+    torch.library.opcheck(grouped_mm_backward.op, (torch.randn(7, 6), x, w, off, None, "none"))
+
+
+def test_bad_arguments():
+    with pytest.raises(OpInputError, match=r"'weight' expected dtype torch.float32 \(the dtype of 'x'\), got torch.float64"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5).double(), torch.tensor([0, 2, 4]))
+    with pytest.raises(OpInputError, match=r"'weight' expected a tensor on cpu"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5, device="meta"), torch.tensor([0, 2, 4]))
+    with pytest.raises(OpInputError, match=r"'x' expected 3 columns .* got 7"):
+        grouped_mm(torch.randn(4, 7), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]))
+    with pytest.raises(OpInputError, match=r"'offsets' expected shape \[3\], got \[2\]"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 4]))
+    with pytest.raises(OpInputError, match=r"'bias' expected shape \[2, 5\], got \[5\]"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), torch.randn(5))
+    with pytest.raises(OpInputError, match=r"'offsets' expected non-decreasing values from 0 to 4"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 3, 2]))
+    with pytest.raises(OpInputError, match=r"'activation' expected one of \['none', 'gelu', 'silu', 'swiglu'\], got 'relu'"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), activation="relu")
+    with pytest.raises(OpInputError, match="'gather' and 'flat_to_row' expected together"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 4, 8]), gather=torch.arange(8), top_k=2)
+
+
+def test_the_public_function_makes_its_inputs_contiguous():
+    out = grouped_mm(torch.randn(3, 4).t(), torch.randn(1, 3, 2), torch.tensor([0, 4]))
+    assert out.shape == (4, 2)
