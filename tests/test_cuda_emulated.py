@@ -4,6 +4,7 @@ it; fp16 and bf16 within 2x torch's own error in that dtype), the edge cases, th
 model on backend="cuda" against backend="torch"; then each of the emulator's detectors, fed a launch
 or kernel (tests/emulation/broken_kernels.cu) that breaks its rule; and this file once more in a
 process of its own against the AddressSanitizer build, so that an out-of-bounds access fails."""
+
 import ctypes
 import importlib.util
 import os
@@ -96,10 +97,17 @@ def test_cuda_backend_runs_cpu_tensors_through_the_emulated_core(monkeypatch):
 # ---- every kernel against the reference ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("T, E, k, score_func, renormalize", [
-    (1, 7, 1, "sigmoid", True), (100, 23, 3, "sigmoid", True), (511, 23, 8, "softmax", False),
-    (37, 64, 5, "softmax", True), (20, 1024, 8, "sigmoid", False), (9, 1000, 2, "softmax", True),
-])
+@pytest.mark.parametrize(
+    "T, E, k, score_func, renormalize",
+    [
+        (1, 7, 1, "sigmoid", True),
+        (100, 23, 3, "sigmoid", True),
+        (511, 23, 8, "softmax", False),
+        (37, 64, 5, "softmax", True),
+        (20, 1024, 8, "sigmoid", False),
+        (9, 1000, 2, "softmax", True),
+    ],
+)
 def test_gating_forward_and_backward(T, E, k, score_func, renormalize):
     """One warp per token, E up to the kernel's 1024 (32 per lane), k up to 8, a partial last block."""
     logits = torch.randn(T, E, requires_grad=True)
@@ -254,8 +262,17 @@ def test_moe_layer_on_cuda_matches_torch(dtype, shared, k):
 def test_model_on_cuda_matches_torch():
     from geomoe import GeoMoE
 
-    cfg = dict(img_size=32, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, num_experts=5, top_k=2,
-               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    cfg = dict(
+        img_size=32,
+        embed_dim=(16, 24, 32),
+        depth=(1, 1, 1),
+        num_heads=2,
+        num_experts=5,
+        top_k=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     ours = GeoMoE(**cfg, backend="cuda")
     ref = GeoMoE(**cfg, backend="torch")
     ref.load_state_dict(ours.state_dict())
@@ -345,48 +362,84 @@ def test_detector_controls_a_missing_barrier_shows_in_one_of_the_thread_orders(c
     assert torch.allclose(out[1], want[1]) and not torch.allclose(out[0], want[0])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("grid_y_too_large", r"kernel broken::touch \(launched at broken_kernels.cu:\d+\): grid y dimension 65536 is "
-                         r"outside 1..65535"),
-    ("grid_z_too_large", r"broken::touch .*grid z dimension 65536 is outside 1..65535"),
-    ("too_many_threads", r"broken::touch .*1056 threads per block \(32x33x1\), more than 1024"),
-    ("too_much_shared", r"broken::uses_dynamic_shared .*49156 bytes of dynamic shared memory, more than the 49152"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "grid_y_too_large",
+            r"kernel broken::touch \(launched at broken_kernels.cu:\d+\): grid y dimension 65536 is "
+            r"outside 1..65535",
+        ),
+        ("grid_z_too_large", r"broken::touch .*grid z dimension 65536 is outside 1..65535"),
+        ("too_many_threads", r"broken::touch .*1056 threads per block \(32x33x1\), more than 1024"),
+        ("too_much_shared", r"broken::uses_dynamic_shared .*49156 bytes of dynamic shared memory, more than the 49152"),
+    ],
+)
 def test_detector_launch_limits(cases, case, message):
     assert cases("shared_opted_in") == "no error"  # above 48 KiB once cudaFuncSetAttribute allows it
     assert re.search(message, cases(case)), cases(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("barrier_in_branch", r"broken::barrier_in_branch .*thread \(16,0,0\): __syncthreads at broken_kernels.cu:\d+ is not "
-                          r"reached by every thread of the block: threads 0-15 wait there"),
-    ("barriers_at_two_places", r"broken::barriers_at_two_places .*wait at different __syncthreads: threads 0-15 at "
-                               r"broken_kernels.cu:\d+; threads 16-63 at broken_kernels.cu:\d+"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "barrier_in_branch",
+            r"broken::barrier_in_branch .*thread \(16,0,0\): __syncthreads at broken_kernels.cu:\d+ is not "
+            r"reached by every thread of the block: threads 0-15 wait there",
+        ),
+        (
+            "barriers_at_two_places",
+            r"broken::barriers_at_two_places .*wait at different __syncthreads: threads 0-15 at "
+            r"broken_kernels.cu:\d+; threads 16-63 at broken_kernels.cu:\d+",
+        ),
+    ],
+)
 def test_detector_barrier_not_reached_by_every_thread(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("full_mask_shuffle", r"broken::full_mask_shuffle .*thread \(32,0,0\): __shfl_xor_sync at broken_kernels.cu:\d+: mask "
-                          r"0xffffffff names lanes 16-31, which warp 1 of this 48-thread block does not have"),
-    ("shuffle_after_exit", r"broken::shuffle_after_exit .*lane 16 exits while lanes 0-15 wait for it in __shfl_xor_sync"),
-    ("shuffle_from_outside_mask", r"broken::shuffle_from_outside_mask .*__shfl_sync at broken_kernels.cu:\d+: lane 0 reads "
-                                  r"lane 20, which is not in the mask 0x0000ffff"),
-    ("shuffle_against_barrier", r"broken::shuffle_against_barrier .*deadlock: no thread can go on: threads 16-31 wait at "
-                                r"__syncthreads .* threads 0-15 wait in __shfl_xor_sync \(mask 0xffffffff\)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "full_mask_shuffle",
+            r"broken::full_mask_shuffle .*thread \(32,0,0\): __shfl_xor_sync at broken_kernels.cu:\d+: mask "
+            r"0xffffffff names lanes 16-31, which warp 1 of this 48-thread block does not have",
+        ),
+        ("shuffle_after_exit", r"broken::shuffle_after_exit .*lane 16 exits while lanes 0-15 wait for it in __shfl_xor_sync"),
+        (
+            "shuffle_from_outside_mask",
+            r"broken::shuffle_from_outside_mask .*__shfl_sync at broken_kernels.cu:\d+: lane 0 reads "
+            r"lane 20, which is not in the mask 0x0000ffff",
+        ),
+        (
+            "shuffle_against_barrier",
+            r"broken::shuffle_against_barrier .*deadlock: no thread can go on: threads 16-31 wait at "
+            r"__syncthreads .* threads 0-15 wait in __shfl_xor_sync \(mask 0xffffffff\)",
+        ),
+    ],
+)
 def test_detector_warp_collective_names_an_absent_lane(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("wmma_misaligned", r"broken::wmma_misaligned .*wmma::load_matrix_sync at broken_kernels.cu:\d+: pointer 0x[0-9a-f]+ "
-                        r"is not 32-byte aligned"),
-    ("wmma_lanes_disagree", r"broken::wmma_lanes_disagree .*lanes 0 and 16 pass different arguments"),
-    ("wmma_half_warp", r"broken::wmma_half_warp .*wmma::load_matrix_sync .*names lanes 16-31, which warp 0 of this "
-                       r"16-thread block does not have"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "wmma_misaligned",
+            r"broken::wmma_misaligned .*wmma::load_matrix_sync at broken_kernels.cu:\d+: pointer 0x[0-9a-f]+ "
+            r"is not 32-byte aligned",
+        ),
+        ("wmma_lanes_disagree", r"broken::wmma_lanes_disagree .*lanes 0 and 16 pass different arguments"),
+        (
+            "wmma_half_warp",
+            r"broken::wmma_half_warp .*wmma::load_matrix_sync .*names lanes 16-31, which warp 0 of this "
+            r"16-thread block does not have",
+        ),
+    ],
+)
 def test_detector_wmma_misuse(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
 
@@ -394,19 +447,50 @@ def test_detector_wmma_misuse(cases, case, message):
 def test_detector_launch_limits_in_the_core_itself():
     """The production launcher: N = 65536 tiles of 64 columns asks for a grid y the card rejects.
     Nothing is read (the launch is refused first), so the pointers may be anything."""
-    with pytest.raises(RuntimeError, match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 0, "
-                                           r"false, false, 0> \(launched at grouped_gemm.cu:\d+\): grid y dimension 65536"):
-        CORE.grouped_mm(dtype=1, a=64, lda=8, gather=0, top_k=1, w=64, K=8, N=65536 * 64, ldw=65536 * 64, stride_we=0,
-                        trans_w=False, bias=0, blk_expert=64, blk_row0=64, blocks=1, offsets=64, act=0, out=64, ldo=8,
-                        pre=0, ldp=0, grad_act=0, stream=0)
+    with pytest.raises(
+        RuntimeError,
+        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 0, "
+        r"false, false, 0> \(launched at grouped_gemm.cu:\d+\): grid y dimension 65536",
+    ):
+        CORE.grouped_mm(
+            dtype=1,
+            a=64,
+            lda=8,
+            gather=0,
+            top_k=1,
+            w=64,
+            K=8,
+            N=65536 * 64,
+            ldw=65536 * 64,
+            stride_we=0,
+            trans_w=False,
+            bias=0,
+            blk_expert=64,
+            blk_row0=64,
+            blocks=1,
+            offsets=64,
+            act=0,
+            out=64,
+            ldo=8,
+            pre=0,
+            ldp=0,
+            grad_act=0,
+            stream=0,
+        )
 
 
 def _asan_env(**extra):
     """The environment of a process that loads ASan-built libraries: python is not built with ASan,
     so libasan is preloaded, and libstdc++ with it (its C++ exceptions pass through ASan's hooks,
     which must find libstdc++ when they start)."""
-    paths = [subprocess.run([_compiler(), f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-             for lib in ("libasan.so", "libstdc++.so")] if _compiler() else []
+    paths = (
+        [
+            subprocess.run([_compiler(), f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")
+        ]
+        if _compiler()
+        else []
+    )
     if not paths or not all(os.path.isabs(p) and os.path.exists(p) for p in paths):
         _missing("no compiler with AddressSanitizer")
     return dict(os.environ, LD_PRELOAD=" ".join(paths), ASAN_OPTIONS="detect_leaks=0", **extra)
@@ -420,35 +504,64 @@ def asan_cases(tmp_path_factory):
 
 
 @pytest.mark.skipif(VARIANT == "asan", reason="runs the ASan build itself")
-@pytest.mark.parametrize("case, kind", [
-    ("read_past_end", "heap-buffer-overflow"),  # one float past a torch tensor
-    ("static_shared_past_end", "global-buffer-overflow"),
-    ("dynamic_shared_past_end", "heap-buffer-overflow"),
-])
+@pytest.mark.parametrize(
+    "case, kind",
+    [
+        ("read_past_end", "heap-buffer-overflow"),  # one float past a torch tensor
+        ("static_shared_past_end", "global-buffer-overflow"),
+        ("dynamic_shared_past_end", "heap-buffer-overflow"),
+    ],
+)
 def test_detector_address_sanitizer_catches_out_of_bounds(asan_cases, case, kind):
     lib, env = asan_cases
-    script = (f"import ctypes, torch; lib = ctypes.CDLL({lib!r}); "
-              "lib.run_case.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3; "
-              "x, out = torch.randn(64), torch.zeros(64); "
-              f"lib.run_case({case.encode()!r}, x.data_ptr(), None, out.data_ptr())")
+    script = (
+        f"import ctypes, torch; lib = ctypes.CDLL({lib!r}); "
+        "lib.run_case.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3; "
+        "x, out = torch.randn(64), torch.zeros(64); "
+        f"lib.run_case({case.encode()!r}, x.data_ptr(), None, out.data_ptr())"
+    )
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert f"AddressSanitizer: {kind}" in proc.stderr and f"in broken::{case}(" in proc.stderr, proc.stderr[-3000:]
 
 
-# ---- this file under AddressSanitizer ------------------------------------------------------------------
+# ---- the backend-parametrised tests, and all of it under AddressSanitizer --------------------------------
+
+BACKEND_TESTS = [os.path.join(HERE, t) for t in ("ops", "test_moe_mlp.py", "test_model.py")]
+
+
+def _pytest(env, paths, deselect=None):
+    """pytest on `paths` in a process of its own with `env`; every test that runs must pass."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *(["-k", f"not ({deselect})"] if deselect else []),
+        *paths,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "failed" not in last and "error" not in last, last
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="runs in the ASan run's own list")
+def test_backend_tests_through_the_emulated_core():
+    """tests/ops/ and the MoE layer's and the model's backend-parametrised tests, in a process where
+    the emulated "cuda" is the backend they check (tests/helpers.backends_here), as the Triton
+    interpreter's process does for "triton"."""
+    _pytest(dict(os.environ, GEOMOE_CUDA_EMULATE="1"), BACKEND_TESTS)
 
 
 @pytest.mark.skipif(VARIANT == "asan", reason="this is the ASan run")
 def test_emulated_kernels_under_address_sanitizer():
-    """Every test above but the detectors' (which build kernels of their own), in a process where the
-    cuda backend is the AddressSanitizer build: an out-of-bounds read or write in any CUDA kernel
-    ends that process with ASan's report."""
+    """The backend-parametrised tests and every test above but the detectors' (which build kernels of
+    their own), in a process where the cuda backend is the AddressSanitizer build: an out-of-bounds
+    read or write in any CUDA kernel ends that process with ASan's report."""
     if importlib.util.find_spec("geomoe_kernels._cuda_emulated_asan") is None:
         _missing("the ASan build of the emulated core was not built (GEOMOE_EMULATION_ASAN=1 at install)")
-    env = _asan_env(GEOMOE_CUDA_EMULATE="asan")
-    tests = "not detector and not under_address_sanitizer"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests, __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
+    deselect = "detector or under_address_sanitizer or backend_tests_through"
+    _pytest(_asan_env(GEOMOE_CUDA_EMULATE="asan"), [*BACKEND_TESTS, __file__], deselect)

@@ -1,6 +1,7 @@
 """How kernel sources become the emulated build: the one source rewrite, the compiler flags and where
 the CUDA headers are. setup.py builds the emulated core with it, and the tests build the kernels
 they break on purpose with it (both load this file by its path: it imports nothing of the package)."""
+
 from __future__ import annotations
 
 import glob
@@ -14,15 +15,21 @@ CSRC = os.path.dirname(HERE)
 
 # `extern __shared__ T name[];` has no meaning to a host compiler: the emulated copy of a kernel
 # source reads the launch's dynamic shared memory from the emulator instead. Nothing else changes.
-DYNAMIC_SHARED = re.compile(
-    r"\bextern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
+DYNAMIC_SHARED = re.compile(r"\bextern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 # -fno-ipa-icf keeps identical kernels apart, so that an error names the kernel that failed;
 # -fvisibility=hidden gives every library its own emulator (the C++ runtime would otherwise make one
 # copy of its inline state serve every library in the process); #pragma unroll is nvcc's; the
 # kernels compare blockDim (unsigned) with ints as CUDA code does.
-FLAGS = ["-std=c++17", "-O2", "-fno-ipa-icf", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-sign-compare",
-         "-DGEOMOE_EMULATION=1"]
+FLAGS = [
+    "-std=c++17",
+    "-O2",
+    "-fno-ipa-icf",
+    "-fvisibility=hidden",
+    "-Wno-unknown-pragmas",
+    "-Wno-sign-compare",
+    "-DGEOMOE_EMULATION=1",
+]
 ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 

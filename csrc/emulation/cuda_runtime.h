@@ -77,8 +77,7 @@ inline void __syncthreads(const char* file = __builtin_FILE(), int line = __buil
 namespace geomoe_emu {
 
 // A shuffle: each lane offers its value and names the lane it reads (-1: keeps its own).
-template <class T>
-struct ShuffleSlot {
+template <class T> struct ShuffleSlot {
   T value;
   int src;
   T result;
@@ -92,8 +91,7 @@ struct ShuffleSlot {
   }
 };
 
-template <class T>
-T shuffle(const char* what, unsigned mask, T v, int src, Site site) {
+template <class T> T shuffle(const char* what, unsigned mask, T v, int src, Site site) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffles move 4- or 8-byte values");
   ShuffleSlot<T> slot{v, src, v};
   collective(what, mask, slot, site);
@@ -133,8 +131,7 @@ struct SyncSlot {
   static void complete(SyncSlot**, unsigned) {}
 };
 
-template <class T>
-std::uint64_t bits_of(T v) {
+template <class T> std::uint64_t bits_of(T v) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "4- or 8-byte values");
   std::uint64_t b = 0;
   std::memcpy(&b, &v, sizeof v);
@@ -145,23 +142,20 @@ std::uint64_t bits_of(T v) {
 
 #define GEOMOE_EMU_SITE const char *file = __builtin_FILE(), int line = __builtin_LINE()
 
-template <class T>
-T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32, GEOMOE_EMU_SITE) {
+template <class T> T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32, GEOMOE_EMU_SITE) {
   geomoe_emu::check_width("__shfl_sync", width, {file, line});
   const int lane = geomoe_emu::lane_id();
   return geomoe_emu::shuffle("__shfl_sync", mask, var, (lane & ~(width - 1)) + (srcLane & (width - 1)), {file, line});
 }
 
-template <class T>
-T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, GEOMOE_EMU_SITE) {
+template <class T> T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, GEOMOE_EMU_SITE) {
   geomoe_emu::check_width("__shfl_up_sync", width, {file, line});
   const int lane = geomoe_emu::lane_id();
   const int src = (lane & (width - 1)) >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1;
   return geomoe_emu::shuffle("__shfl_up_sync", mask, var, src, {file, line});
 }
 
-template <class T>
-T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, GEOMOE_EMU_SITE) {
+template <class T> T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, GEOMOE_EMU_SITE) {
   geomoe_emu::check_width("__shfl_down_sync", width, {file, line});
   const int lane = geomoe_emu::lane_id();
   const int src = (lane & (width - 1)) + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : -1;
@@ -169,8 +163,7 @@ T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, GEOMOE_
 }
 
 // Lanes may read from earlier groups of `width` lanes but get their own value from later ones.
-template <class T>
-T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32, GEOMOE_EMU_SITE) {
+template <class T> T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32, GEOMOE_EMU_SITE) {
   geomoe_emu::check_width("__shfl_xor_sync", width, {file, line});
   const int lane = geomoe_emu::lane_id();
   const int src = lane ^ laneMask;
@@ -196,8 +189,7 @@ inline int __all_sync(unsigned mask, int predicate, GEOMOE_EMU_SITE) {
   return slot.result == mask;
 }
 
-template <class T>
-unsigned __match_any_sync(unsigned mask, T value, GEOMOE_EMU_SITE) {
+template <class T> unsigned __match_any_sync(unsigned mask, T value, GEOMOE_EMU_SITE) {
   geomoe_emu::MatchSlot slot{geomoe_emu::bits_of(value), 0};
   geomoe_emu::collective("__match_any_sync", mask, slot, {file, line});
   return slot.result;
@@ -210,33 +202,28 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, GEOMOE_EMU_SITE) {
 
 // ---- atomics: one host thread runs every thread of every block, so a plain update is atomic -------
 
-template <class T>
-T atomicAdd(T* address, T val) {
+template <class T> T atomicAdd(T* address, T val) {
   static_assert(std::is_arithmetic<T>::value, "atomicAdd on int, unsigned, unsigned long long, float or double");
   const T old = *address;
   *address = old + val;
   return old;
 }
-template <class T>
-T atomicMax(T* address, T val) {
+template <class T> T atomicMax(T* address, T val) {
   const T old = *address;
   *address = old < val ? val : old;
   return old;
 }
-template <class T>
-T atomicMin(T* address, T val) {
+template <class T> T atomicMin(T* address, T val) {
   const T old = *address;
   *address = val < old ? val : old;
   return old;
 }
-template <class T>
-T atomicExch(T* address, T val) {
+template <class T> T atomicExch(T* address, T val) {
   const T old = *address;
   *address = val;
   return old;
 }
-template <class T>
-T atomicCAS(T* address, T compare, T val) {
+template <class T> T atomicCAS(T* address, T compare, T val) {
   const T old = *address;
   if (old == compare) *address = val;
   return old;
@@ -261,11 +248,18 @@ inline float __saturatef(float x) { return x < 0.f ? 0.f : x > 1.f ? 1.f : x; }
 inline float __fadd_rn(float x, float y) { return x + y; }
 inline float __fmul_rn(float x, float y) { return x * y; }
 inline float __fmaf_rn(float x, float y, float z) { return std::fma(x, y, z); }
-inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
-inline float __int_as_float(int i) { float x; std::memcpy(&x, &i, 4); return x; }
+inline int __float_as_int(float x) {
+  int i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x ? __builtin_clz(static_cast<unsigned>(x)) : 32; }
 inline int __ffs(int x) { return __builtin_ffs(x); }
-template <class T>
-T __ldg(const T* p) { return *p; }
+template <class T> T __ldg(const T* p) { return *p; }

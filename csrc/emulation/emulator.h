@@ -86,8 +86,7 @@ inline std::vector<unsigned> lanes_of(unsigned mask) {
 }
 
 // f(lane) for each lane of the mask, in order (no allocation: collectives complete this way)
-template <class F>
-void for_lanes(unsigned mask, F&& f) {
+template <class F> void for_lanes(unsigned mask, F&& f) {
   for (; mask; mask &= mask - 1) f(static_cast<unsigned>(__builtin_ctz(mask)));
 }
 
@@ -154,9 +153,9 @@ struct Thread {
   uint3 idx;
   unsigned warp, lane;
   State state;
-  Site site;             // where it waits
-  const char* what;      // in what (a barrier or a collective)
-  unsigned mask;         // the collective's lane mask
+  Site site;         // where it waits
+  const char* what;  // in what (a barrier or a collective)
+  unsigned mask;     // the collective's lane mask
 };
 
 // A warp collective that some of the lanes named in its mask have reached. Lanes post their slot
@@ -280,15 +279,13 @@ inline void syncthreads(Site site) {
 
 // ---- warp collectives ----------------------------------------------------------------------------
 
-template <class Slot>
-void complete_thunk(void** slots, unsigned mask) {
+template <class Slot> void complete_thunk(void** slots, unsigned mask) {
   Slot::complete(reinterpret_cast<Slot**>(slots), mask);
 }
 
 // Lane `t` joins the collective `what` over `mask`, offering `slot`; returns once every lane named
 // in the mask has joined and the collective has been completed.
-template <class Slot>
-void collective(const char* what, unsigned mask, Slot& slot, Site site) {
+template <class Slot> void collective(const char* what, unsigned mask, Slot& slot, Site site) {
   Runtime& r = runtime();
   Thread& t = *g_thread;
   Warp& w = r.warps[t.warp];
@@ -327,9 +324,7 @@ void collective(const char* what, unsigned mask, Slot& slot, Site site) {
   w.groups.erase(w.groups.begin() + (g - w.groups.data()));
   try {
     done.complete(const_cast<void**>(done.slots), mask);
-  } catch (const Error& e) {
-    throw Error(format("%s at %s: ", what, site.str().c_str()) + e.message);
-  }
+  } catch (const Error& e) { throw Error(format("%s at %s: ", what, site.str().c_str()) + e.message); }
   for_lanes(mask, [&](unsigned l) { r.threads[t.warp * kWarpSize + l].state = State::kRunnable; });
   r.woken = true;
   yield(t);  // the scheduler's order, not the last arrival, decides who goes on first
@@ -349,9 +344,10 @@ inline void thread_exit(Thread& t) {
     std::vector<unsigned> ids;
     for (unsigned i = 0; i < r.n_threads; ++i)
       if (r.threads[i].state == State::kBarrier) ids.push_back(i);
-    throw Error(format("__syncthreads at %s is not reached by every thread of the block: threads %s wait there "
-                       "while this thread exits",
-                       r.threads[ids[0]].site.str().c_str(), ranges(ids).c_str()));
+    throw Error(
+        format("__syncthreads at %s is not reached by every thread of the block: threads %s wait there "
+               "while this thread exits",
+               r.threads[ids[0]].site.str().c_str(), ranges(ids).c_str()));
   }
 }
 
@@ -364,9 +360,7 @@ inline void thread_main(void* arg) {
   try {
     r.spec->body(r.spec->ctx);
     thread_exit(t);
-  } catch (const Error& e) {
-    fail(&t, e.message);
-  } catch (const std::exception& e) {
+  } catch (const Error& e) { fail(&t, e.message); } catch (const std::exception& e) {
     fail(&t, std::string("the emulator failed: ") + e.what());
   }
   t.state = State::kDone;
@@ -478,8 +472,8 @@ inline cudaError_t launch(const LaunchSpec& s) {
   const unsigned long long blocks = 1ull * s.grid.x * s.grid.y * s.grid.z;
   // last block first: a kernel that expects earlier blocks to have finished fails here as it may on a GPU
   for (unsigned long long n = blocks; n-- > 0 && !r.failed;) {
-    g_block_idx = uint3{unsigned(n % s.grid.x), unsigned(n / s.grid.x % s.grid.y),
-                        unsigned(n / (1ull * s.grid.x * s.grid.y))};
+    g_block_idx =
+        uint3{unsigned(n % s.grid.x), unsigned(n / s.grid.x % s.grid.y), unsigned(n / (1ull * s.grid.x * s.grid.y))};
     if (s.smem) std::memset(r.dynamic_smem, 0xff, s.smem);  // no kernel may rely on its contents: NaNs
     run_block(static_cast<unsigned>(n));
   }
@@ -495,42 +489,36 @@ inline cudaError_t launch(const LaunchSpec& s) {
 // What GEOMOE_LAUNCH(grid, block, smem, stream, kernel)(args...) makes of the launch: the arguments
 // are converted to the kernel's parameter types once, as a launch copies them, and every thread
 // gets its own copy of them as its parameters.
-template <class... P>
-struct Launcher {
+template <class... P> struct Launcher {
   void (*kernel)(P...);
   const char* expr;
   dim3 grid, block;
   std::size_t smem;
   Site site;
 
-  template <class... A>
-  void operator()(A&&... args) const {
+  struct Params {
+    void (*kernel)(P...);
+    std::tuple<std::decay_t<P>...> args;
+  };
+  static void run(const void* p) {
+    const Params& x = *static_cast<const Params*>(p);
+    std::apply(x.kernel, x.args);
+  }
+
+  template <class... A> void operator()(A&&... args) const {
     static_assert(sizeof...(A) == sizeof...(P), "a kernel launch needs one argument per parameter");
-    struct Ctx {
-      void (*kernel)(P...);
-      std::tuple<std::decay_t<P>...> params;
-    } ctx{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
-    LaunchSpec spec{expr, reinterpret_cast<const void*>(kernel), grid, block, smem, site,
-                    [](const void* c) {
-                      const Ctx& x = *static_cast<const Ctx*>(c);
-                      std::apply(x.kernel, x.params);
-                    },
-                    &ctx};
-    launch(spec);
+    const Params params{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
+    launch(LaunchSpec{expr, reinterpret_cast<const void*>(kernel), grid, block, smem, site, &run, &params});
   }
 };
 
-template <class... P>
-Launcher<P...> launcher(const char* expr, void (*kernel)(P...), dim3 grid, dim3 block, std::size_t smem,
-                        cudaStream_t /*stream: launches run at once, in order*/, const char* file = __builtin_FILE(),
-                        int line = __builtin_LINE()) {
+template <class... P> Launcher<P...> launcher(const char* expr, void (*kernel)(P...), dim3 grid, dim3 block,
+                                              std::size_t smem, cudaStream_t /*stream: launches run at once, in order*/,
+                                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return Launcher<P...>{kernel, expr, grid, block, smem, Site{file, line}};
 }
 
-template <class T>
-T* dynamic_shared() {
-  return reinterpret_cast<T*>(runtime().dynamic_smem);
-}
+template <class T> T* dynamic_shared() { return reinterpret_cast<T*>(runtime().dynamic_smem); }
 
 // ---- the runtime API the core calls ---------------------------------------------------------------
 
@@ -558,8 +546,7 @@ inline const char* error_string(cudaError_t e) {
   }
 }
 
-template <class K>
-cudaError_t func_set_attribute(K* kernel, cudaFuncAttribute attr, int value) {
+template <class K> cudaError_t func_set_attribute(K* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
   if (value < 0 || std::size_t(value) > kOptInMaxShared) return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(runtime().mutex);

@@ -129,12 +129,12 @@ struct Context {
     std::uint16_t fpcw;
     asm volatile("fnstcw %0" : "=m"(fpcw));
     words[0] = static_cast<std::uint64_t>(mxcsr) | (static_cast<std::uint64_t>(fpcw) << 32);
-    words[1] = 0;                                           // r15
-    words[2] = 0;                                           // r14
-    words[3] = reinterpret_cast<std::uint64_t>(arg);        // r13
-    words[4] = reinterpret_cast<std::uint64_t>(entry);      // r12
-    words[5] = 0;                                           // rbx
-    words[6] = 0;                                           // rbp
+    words[1] = 0;                                       // r15
+    words[2] = 0;                                       // r14
+    words[3] = reinterpret_cast<std::uint64_t>(arg);    // r13
+    words[4] = reinterpret_cast<std::uint64_t>(entry);  // r12
+    words[5] = 0;                                       // rbx
+    words[6] = 0;                                       // rbp
     words[7] = reinterpret_cast<std::uint64_t>(&start_trampoline);
     sp = words;
 #endif

@@ -26,12 +26,17 @@ enum layout_t { mem_row_major, mem_col_major };
 
 namespace detail {
 template <class Use, int M, int N, int K> struct Shape;
-template <int M, int N, int K> struct Shape<matrix_a, M, N, K> { static constexpr int rows = M, cols = K; };
-template <int M, int N, int K> struct Shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
-template <int M, int N, int K> struct Shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
+template <int M, int N, int K> struct Shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K> struct Shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K> struct Shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
 
-template <class L>
-constexpr layout_t layout_of() {
+template <class L> constexpr layout_t layout_of() {
   return std::is_same<L, col_major>::value ? mem_col_major : mem_row_major;
 }
 
@@ -44,8 +49,7 @@ template <> inline __half from_float<__half>(float v) { return __float2half_rn(v
 template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 }  // namespace detail
 
-template <class Use, int M, int N, int K, class T, class Layout = void>
-class fragment {
+template <class Use, int M, int N, int K, class T, class Layout = void> class fragment {
  public:
   using element_type = T;
   using storage_element_type = T;
@@ -67,32 +71,31 @@ using geomoe_emu::Error;
 using geomoe_emu::format;
 
 // The 32 lanes' fragments `which` (get(slot) points at each) must hold the same tile.
-template <class Slot, class Get>
-void same_in_every_lane(const char* which, Slot* const* lanes, Get get) {
+template <class Slot, class Get> void same_in_every_lane(const char* which, Slot* const* lanes, Get get) {
   for (unsigned l = 1; l < 32; ++l)
     if (std::memcmp(get(*lanes[l]), get(*lanes[0]), sizeof(*get(*lanes[0]))) != 0)
-      throw Error(format("fragment %s differs between lanes 0 and %u; the emulator keeps the whole tile in every "
-                         "lane and cannot model code that relies on which lane holds which element",
-                         which, l));
+      throw Error(
+          format("fragment %s differs between lanes 0 and %u; the emulator keeps the whole tile in every "
+                 "lane and cannot model code that relies on which lane holds which element",
+                 which, l));
 }
 
 // Every lane's memory operation: the same pointer, leading dimension and layout in all 32.
-template <class Frag, class Ptr>
-struct MemorySlot {
+template <class Frag, class Ptr> struct MemorySlot {
   Ptr ptr;
   unsigned ldm;
   layout_t layout;
   Frag* frag;
 
-  template <class Slot>
-  static void check_uniform(Slot* const* lanes) {
+  template <class Slot> static void check_uniform(Slot* const* lanes) {
     const Slot& a = *lanes[0];
     for (unsigned l = 1; l < 32; ++l)
       if (lanes[l]->ptr != a.ptr || lanes[l]->ldm != a.ldm || lanes[l]->layout != a.layout)
-        throw Error(format("lanes 0 and %u pass different arguments (pointer %p / %p, ldm %u / %u, layout %d / %d); "
-                           "every lane of the warp must pass the same",
-                           l, (const void*)a.ptr, (const void*)lanes[l]->ptr, a.ldm, lanes[l]->ldm, int(a.layout),
-                           int(lanes[l]->layout)));
+        throw Error(
+            format("lanes 0 and %u pass different arguments (pointer %p / %p, ldm %u / %u, layout %d / %d); "
+                   "every lane of the warp must pass the same",
+                   l, (const void*)a.ptr, (const void*)lanes[l]->ptr, a.ldm, lanes[l]->ldm, int(a.layout),
+                   int(lanes[l]->layout)));
     if (reinterpret_cast<std::uintptr_t>(a.ptr) % 32)
       throw Error(format("pointer %p is not 32-byte aligned", (const void*)a.ptr));
     const std::size_t bytes = a.ldm * sizeof(typename Frag::element_type);
@@ -103,8 +106,7 @@ struct MemorySlot {
   }
 };
 
-template <class Frag, class T>
-struct LoadSlot : MemorySlot<Frag, const T*> {
+template <class Frag, class T> struct LoadSlot : MemorySlot<Frag, const T*> {
   static void complete(LoadSlot** lanes, unsigned /*mask: the whole warp*/) {
     LoadSlot::check_uniform(lanes);
     const LoadSlot& a = *lanes[0];
@@ -114,8 +116,7 @@ struct LoadSlot : MemorySlot<Frag, const T*> {
   }
 };
 
-template <class Frag, class T>
-struct StoreSlot : MemorySlot<Frag, T*> {
+template <class Frag, class T> struct StoreSlot : MemorySlot<Frag, T*> {
   static void complete(StoreSlot** lanes, unsigned /*mask: the whole warp*/) {
     StoreSlot::check_uniform(lanes);
     same_in_every_lane("c", lanes, [](const StoreSlot& s) { return s.frag; });
@@ -125,8 +126,7 @@ struct StoreSlot : MemorySlot<Frag, T*> {
   }
 };
 
-template <class FD, class FA, class FB, class FC>
-struct MmaSlot {
+template <class FD, class FA, class FB, class FC> struct MmaSlot {
   FD* d;
   const FA* a;
   const FB* b;
@@ -164,17 +164,15 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsign
   geomoe_emu::collective("wmma::load_matrix_sync", kFullWarp, slot, {file, line});
 }
 
-template <int M, int N, int K, class T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout,
-                             GEOMOE_EMU_SITE) {
+template <int M, int N, int K, class T> inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p,
+                                                                     unsigned ldm, layout_t layout, GEOMOE_EMU_SITE) {
   using F = fragment<accumulator, M, N, K, T>;
   detail::LoadSlot<F, T> slot{{p, ldm, layout, &f}};
   geomoe_emu::collective("wmma::load_matrix_sync", kFullWarp, slot, {file, line});
 }
 
-template <int M, int N, int K, class T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout,
-                              GEOMOE_EMU_SITE) {
+template <int M, int N, int K, class T> inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f,
+                                                                      unsigned ldm, layout_t layout, GEOMOE_EMU_SITE) {
   using F = fragment<accumulator, M, N, K, T>;
   detail::StoreSlot<F, T> slot{{p, ldm, layout, const_cast<F*>(&f)}};
   geomoe_emu::collective("wmma::store_matrix_sync", kFullWarp, slot, {file, line});

@@ -138,38 +138,57 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
   const auto* fa = static_cast<const float*>(a);
   const auto* ha = static_cast<const __half*>(a);
   cudaStream_t s = nullptr;
-  if (is("block_sum")) GEOMOE_LAUNCH(1, 96, 0, s, block_sum)(fa, out);
-  else if (is("block_sums_without_barrier")) GEOMOE_LAUNCH(2, 96, 0, s, block_sums_without_barrier)(fa, out);
-  else if (is("wmma_layouts")) GEOMOE_LAUNCH(1, 32, 0, s, wmma_layouts)(ha, static_cast<const __half*>(b), out);
-  else if (is("grid_y_too_large")) GEOMOE_LAUNCH(dim3(1, 65536), 32, 0, s, touch)(out);
-  else if (is("grid_z_too_large")) GEOMOE_LAUNCH(dim3(1, 1, 65536), 32, 0, s, touch)(out);
-  else if (is("too_many_threads")) GEOMOE_LAUNCH(1, dim3(32, 33), 0, s, touch)(out);
-  else if (is("too_much_shared")) GEOMOE_LAUNCH(1, 32, 48 * 1024 + 4, s, uses_dynamic_shared)(out);
+  if (is("block_sum"))
+    GEOMOE_LAUNCH(1, 96, 0, s, block_sum)(fa, out);
+  else if (is("block_sums_without_barrier"))
+    GEOMOE_LAUNCH(2, 96, 0, s, block_sums_without_barrier)(fa, out);
+  else if (is("wmma_layouts"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_layouts)(ha, static_cast<const __half*>(b), out);
+  else if (is("grid_y_too_large"))
+    GEOMOE_LAUNCH(dim3(1, 65536), 32, 0, s, touch)(out);
+  else if (is("grid_z_too_large"))
+    GEOMOE_LAUNCH(dim3(1, 1, 65536), 32, 0, s, touch)(out);
+  else if (is("too_many_threads"))
+    GEOMOE_LAUNCH(1, dim3(32, 33), 0, s, touch)(out);
+  else if (is("too_much_shared"))
+    GEOMOE_LAUNCH(1, 32, 48 * 1024 + 4, s, uses_dynamic_shared)(out);
   else if (is("shared_opted_in")) {
-    const cudaError_t e = cudaFuncSetAttribute(opts_in_to_more_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               64 * 1024);
+    const cudaError_t e =
+        cudaFuncSetAttribute(opts_in_to_more_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     if (e != cudaSuccess) return e;
     GEOMOE_LAUNCH(1, 32, 64 * 1024, s, opts_in_to_more_shared)(out);
-  }
-  else if (is("barrier_in_branch")) GEOMOE_LAUNCH(1, 64, 0, s, barrier_in_branch)(out);
-  else if (is("barriers_at_two_places")) GEOMOE_LAUNCH(1, 64, 0, s, barriers_at_two_places)(out);
-  else if (is("full_mask_shuffle")) GEOMOE_LAUNCH(1, 48, 0, s, full_mask_shuffle)(out);
-  else if (is("shuffle_after_exit")) GEOMOE_LAUNCH(1, 32, 0, s, shuffle_after_exit)(out);
-  else if (is("shuffle_from_outside_mask")) GEOMOE_LAUNCH(1, 32, 0, s, shuffle_from_outside_mask)(out);
-  else if (is("shuffle_against_barrier")) GEOMOE_LAUNCH(1, 32, 0, s, shuffle_against_barrier)(out);
-  else if (is("wmma_misaligned")) GEOMOE_LAUNCH(1, 32, 0, s, wmma_misaligned)(ha);
-  else if (is("wmma_lanes_disagree")) GEOMOE_LAUNCH(1, 32, 0, s, wmma_lanes_disagree)(ha);
-  else if (is("wmma_half_warp")) GEOMOE_LAUNCH(1, 16, 0, s, wmma_half_warp)(ha);
-  else if (is("read_past_end")) GEOMOE_LAUNCH(1, 64, 0, s, read_past_end)(fa, out);
-  else if (is("static_shared_past_end")) GEOMOE_LAUNCH(1, 64, 0, s, static_shared_past_end)(out);
-  else if (is("dynamic_shared_past_end")) GEOMOE_LAUNCH(1, 64, 64 * sizeof(float), s, dynamic_shared_past_end)(out);
-  else return cudaErrorInvalidValue;
+  } else if (is("barrier_in_branch"))
+    GEOMOE_LAUNCH(1, 64, 0, s, barrier_in_branch)(out);
+  else if (is("barriers_at_two_places"))
+    GEOMOE_LAUNCH(1, 64, 0, s, barriers_at_two_places)(out);
+  else if (is("full_mask_shuffle"))
+    GEOMOE_LAUNCH(1, 48, 0, s, full_mask_shuffle)(out);
+  else if (is("shuffle_after_exit"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_after_exit)(out);
+  else if (is("shuffle_from_outside_mask"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_from_outside_mask)(out);
+  else if (is("shuffle_against_barrier"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_against_barrier)(out);
+  else if (is("wmma_misaligned"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_misaligned)(ha);
+  else if (is("wmma_lanes_disagree"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_lanes_disagree)(ha);
+  else if (is("wmma_half_warp"))
+    GEOMOE_LAUNCH(1, 16, 0, s, wmma_half_warp)(ha);
+  else if (is("read_past_end"))
+    GEOMOE_LAUNCH(1, 64, 0, s, read_past_end)(fa, out);
+  else if (is("static_shared_past_end"))
+    GEOMOE_LAUNCH(1, 64, 0, s, static_shared_past_end)(out);
+  else if (is("dynamic_shared_past_end"))
+    GEOMOE_LAUNCH(1, 64, 64 * sizeof(float), s, dynamic_shared_past_end)(out);
+  else
+    return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 
 }  // namespace broken
 
 extern "C" __attribute__((visibility("default"))) const char* run_case(const char* name, const void* a, const void* b,
-                                                                      float* out) {
+                                                                       float* out) {
   return cudaGetErrorString(broken::run(name, a, b, out));
 }
