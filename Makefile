@@ -17,15 +17,15 @@ STAMP := $(VENV)/.geomoe-installed
 # become "." and csrc/*.
 RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/kernel_recipes.py geomoe_kernels/ops/_declare.py \
 	tests/__init__.py tests/conftest.py tests/helpers.py tests/ops tests/test_activation_codes.py tests/test_errors.py \
-	tests/test_triton_interpreter.py tests/test_declare.py tools
-CLANG_FORMATTED := csrc/geomoe_core.h
+	tests/test_triton_interpreter.py tests/test_declare.py tools tests/test_cuda_emulated.py csrc/emulation/build.py
+CLANG_FORMATTED := csrc/geomoe_core.h csrc/emulation/*.h tests/emulation/broken_kernels.cu
 
 .PHONY: setup pretrain test lint info clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	GEOMOE_EMULATION_ASAN=1 $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 setup: $(STAMP)

@@ -1,13 +1,20 @@
 """Install geomoe_kernels (the library) and geomoe (the application, from python/), and build the
-CUDA core in csrc/ into geomoe_kernels/_cuda_core.
+CUDA core in csrc/ into geomoe_kernels/_cuda_core, and the same kernels with the host C++ compiler
+into geomoe_kernels/_cuda_emulated, which runs them on the CPU (csrc/emulation/).
 
 The CUDA core needs only nvcc and the CUDA runtime (linked statically), never torch's headers, so
 it builds on a CPU-only machine and one binary works with any torch. Architectures come from
 GEOMOE_CUDA_ARCHS (default "80;90a"). The compiler's resource report (registers, stack, spills per
 kernel) is written to geomoe_kernels/_cuda_build.txt. Where nvcc is missing or the build fails, the
 install says so in one line and goes on without it, unless GEOMOE_REQUIRE_CUDA=1 (CI) makes it an
-error."""
+error.
+
+The emulated core needs a C++17 compiler and the CUDA toolkit's headers (for the host versions of
+__half and __nv_bfloat16; no GPU, driver or nvcc run). GEOMOE_EMULATION_ASAN=1 (set by the Makefile)
+also builds it with AddressSanitizer into geomoe_kernels/_cuda_emulated_asan, which the tests run
+with libasan preloaded. GEOMOE_REQUIRE_CUDA=1 requires these builds too."""
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -19,6 +26,18 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRE = os.environ.get("GEOMOE_REQUIRE_CUDA") == "1"
+ASAN = os.environ.get("GEOMOE_EMULATION_ASAN") == "1"
+EMULATED = "geomoe_kernels._cuda_emulated"
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("geomoe_emulation_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+emulation = _load(os.path.join(HERE, "csrc", "emulation", "build.py"))  # the emulated build's recipe
 
 
 def _nvcc():
@@ -40,15 +59,44 @@ def _say(msg: str) -> None:
 
 class BuildCudaCore(build_ext):
     def build_extensions(self):
-        try:
-            self._compile_cuda(self.extensions[0])
-        except Exception as exc:  # no nvcc, or a compile error
-            if REQUIRE:
-                raise
-            _say(f"the CUDA core was not built ({exc}); the torch and Triton backends work without it")
-            self.extensions = []
-            return
+        kept = []
+        for ext in self.extensions:
+            emulated = ext.name.startswith(EMULATED)
+            try:
+                self._prepare_emulated(ext) if emulated else self._compile_cuda(ext)
+                kept.append(ext)
+            except Exception as exc:  # no nvcc, no CUDA headers, or a compile error
+                if REQUIRE:
+                    raise
+                what = "the emulated CUDA core" if emulated else "the CUDA core"
+                _say(f"{what} was not built ({exc}); the torch and Triton backends work without it")
+        self.extensions = kept
         super().build_extensions()
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # the host compiler failed on the emulated core
+            if REQUIRE or not ext.name.startswith(EMULATED):
+                raise
+            _say(f"{ext.name} was not built ({exc}); the torch and Triton backends work without it")
+
+    def _prepare_emulated(self, ext):
+        """The kernel sources, unchanged but for dynamic shared memory, compiled as C++ against the
+        emulated runtime (csrc/emulation/ comes first on the include path)."""
+        headers = emulation.cuda_headers(_nvcc())
+        if headers is None:
+            raise RuntimeError("the CUDA headers were not found (set CUDA_HOME)")
+        out = os.path.join(self.build_temp, ext.name.rsplit(".", 1)[1])
+        os.makedirs(out, exist_ok=True)
+        sources = ["csrc/bindings.cpp"]  # setuptools takes relative paths only
+        for src in sorted(glob.glob("csrc/*.cu")):
+            dst = os.path.relpath(os.path.join(out, os.path.basename(src) + ".cpp"))
+            with open(dst, "w") as f:
+                f.write(emulation.host_source(src))
+            sources.append(dst)
+        ext.sources = sources
+        ext.include_dirs[:0] = emulation.include_dirs(headers)
 
     def _compile_cuda(self, ext):
         nvcc = _nvcc()
@@ -83,14 +131,25 @@ class BuildCudaCore(build_ext):
         ext.define_macros += [("GEOMOE_CUDA_ARCHS", f'"{";".join(archs)}"')]
 
 
+def _emulated_extension(name, pybind11_include, flags=()):
+    return Extension(name, sources=["csrc/bindings.cpp"], include_dirs=[pybind11_include],
+                     extra_compile_args=[*emulation.FLAGS, *flags], language="c++",
+                     extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
+                     define_macros=[("GEOMOE_MODULE", name.rsplit(".", 1)[1]), ("GEOMOE_CUDA_ARCHS", '"emulated"')])
+
+
 def _extensions():
     try:
         import pybind11
     except ImportError:
         _say("pybind11 is not installed; skipping the CUDA core")
         return []
-    return [Extension("geomoe_kernels._cuda_core", sources=["csrc/bindings.cpp"], include_dirs=[pybind11.get_include(), "csrc"],
-                      extra_compile_args=["-O2", "-std=c++17"], language="c++")]
+    exts = [Extension("geomoe_kernels._cuda_core", sources=["csrc/bindings.cpp"], include_dirs=[pybind11.get_include(), "csrc"],
+                      extra_compile_args=["-O2", "-std=c++17"], language="c++"),
+            _emulated_extension(EMULATED, pybind11.get_include(), ["-g0"])]
+    if ASAN:
+        exts.append(_emulated_extension(EMULATED + "_asan", pybind11.get_include(), emulation.ASAN_FLAGS))
+    return exts
 
 
 packages = find_packages(include=["geomoe_kernels", "geomoe_kernels.*"])

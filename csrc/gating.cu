@@ -219,7 +219,7 @@ cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, co
   const int64_t blocks = (tokens + kWarps - 1) / kWarps;
   if (blocks == 0) return cudaSuccess;
   return by_per_lane(num_experts, [&](auto p) {
-    gating_kernel<decltype(p)::value><<<blocks, kWarps * 32, kWarps * num_experts * sizeof(float), stream>>>(
+    GEOMOE_LAUNCH(blocks, kWarps * 32, kWarps * num_experts * sizeof(float), stream, gating_kernel<decltype(p)::value>)(
         logits, tokens, num_experts, bias, top_k, softmax, renormalize, weights, ids,
         reinterpret_cast<unsigned long long*>(counts), partial);
     return cudaGetLastError();
@@ -233,7 +233,7 @@ cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_ex
   const int64_t blocks = (tokens + kWarps - 1) / kWarps;
   if (blocks == 0) return cudaSuccess;
   return by_per_lane(num_experts, [&](auto p) {
-    gating_backward_kernel<decltype(p)::value><<<blocks, kWarps * 32, 0, stream>>>(
+    GEOMOE_LAUNCH(blocks, kWarps * 32, 0, stream, gating_backward_kernel<decltype(p)::value>)(
         logits, tokens, num_experts, ids, top_k, grad_weights, grad_prob_mean, softmax, renormalize, grad_logits);
     return cudaGetLastError();
   });

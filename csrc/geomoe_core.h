@@ -5,6 +5,16 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+// Every launch is GEOMOE_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) (the kernel last:
+// its template arguments may hold commas). nvcc sees <<<...>>>; the host compiler's emulated build
+// (csrc/emulation/) runs the kernel on the CPU.
+#ifdef GEOMOE_EMULATION
+#define GEOMOE_LAUNCH(grid, block, smem, stream, ...) \
+  ::geomoe_emu::launcher(#__VA_ARGS__, __VA_ARGS__, grid, block, smem, stream)
+#else
+#define GEOMOE_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace geomoe {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -206,9 +206,10 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N,
-                                            ldw, stride_we, static_cast<const T*>(bias), blk_expert, blk_row0, offsets,
-                                            static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp);
+      GEOMOE_LAUNCH(grid, kThreads, 0, stream, kernel)(static_cast<const T*>(a), lda, gather, top_k,
+                                                       static_cast<const T*>(w), K, N, ldw, stride_we,
+                                                       static_cast<const T*>(bias), blk_expert, blk_row0, offsets,
+                                                       static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp);
       return cudaGetLastError();
     };
     if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
@@ -238,8 +239,9 @@ cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int6
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg,
-                                            offsets, K, N, splits, partial, partial_db);
+      GEOMOE_LAUNCH(grid, kThreads, 0, stream, kernel)(static_cast<const T*>(a), lda, gather, top_k,
+                                                       static_cast<const T*>(g), ldg, offsets, K, N, splits, partial,
+                                                       partial_db);
       return cudaGetLastError();
     };
     switch (a_act) {

@@ -99,8 +99,8 @@ cudaError_t permute(DType dtype, const void* x, int64_t ldx, const int64_t* row_
   if (rows == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    permute_kernel<T><<<rows, kThreads, 0, stream>>>(static_cast<const T*>(x), ldx, row_to_flat, weights, d, top_k,
-                                                      static_cast<T*>(out), ldo);
+    GEOMOE_LAUNCH(rows, kThreads, 0, stream, permute_kernel<T>)(static_cast<const T*>(x), ldx, row_to_flat, weights, d,
+                                                                top_k, static_cast<T*>(out), ldo);
     return cudaGetLastError();
   });
 }
@@ -111,9 +111,9 @@ cudaError_t unpermute(DType dtype, const void* rows, int64_t ldr, const int64_t*
   if (tokens == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    unpermute_kernel<T><<<tokens, kThreads, 0, stream>>>(static_cast<const T*>(rows), ldr, flat_to_row, weights,
-                                                          static_cast<const T*>(shared), lds, d, top_k,
-                                                          static_cast<T*>(out), ldo);
+    GEOMOE_LAUNCH(tokens, kThreads, 0, stream, unpermute_kernel<T>)(static_cast<const T*>(rows), ldr, flat_to_row,
+                                                                    weights, static_cast<const T*>(shared), lds, d,
+                                                                    top_k, static_cast<T*>(out), ldo);
     return cudaGetLastError();
   });
 }
@@ -124,9 +124,9 @@ cudaError_t unpermute_weight_grad(DType dtype, const void* grad_out, int64_t ldg
   if (tokens == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    weight_grad_kernel<T><<<tokens, kThreads, 0, stream>>>(static_cast<const T*>(grad_out), ldg,
-                                                            static_cast<const T*>(rows), ldr, flat_to_row, d, top_k,
-                                                            grad_w);
+    GEOMOE_LAUNCH(tokens, kThreads, 0, stream, weight_grad_kernel<T>)(static_cast<const T*>(grad_out), ldg,
+                                                                      static_cast<const T*>(rows), ldr, flat_to_row, d,
+                                                                      top_k, grad_w);
     return cudaGetLastError();
   });
 }
@@ -135,8 +135,8 @@ cudaError_t route_histogram(const int64_t* ids, int64_t n, int num_experts, int 
                             cudaStream_t stream) {
   const int64_t blocks = (n + block - 1) / block;
   if (blocks == 0) return cudaSuccess;
-  histogram_kernel<<<blocks, kThreads, num_experts * sizeof(unsigned int), stream>>>(ids, n, num_experts, block,
-                                                                                      per_block);
+  GEOMOE_LAUNCH(blocks, kThreads, num_experts * sizeof(unsigned int), stream, histogram_kernel)(
+      ids, n, num_experts, block, per_block);
   return cudaGetLastError();
 }
 
@@ -144,8 +144,8 @@ cudaError_t route_scatter(const int64_t* ids, int64_t n, int num_experts, int bl
                           int64_t* row_to_flat, int64_t* flat_to_row, cudaStream_t stream) {
   const int64_t blocks = (n + block - 1) / block;
   if (blocks == 0) return cudaSuccess;
-  scatter_kernel<<<(blocks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ids, n, num_experts, block, base,
-                                                                              row_to_flat, flat_to_row, blocks);
+  GEOMOE_LAUNCH((blocks + kThreads - 1) / kThreads, kThreads, 0, stream, scatter_kernel)(
+      ids, n, num_experts, block, base, row_to_flat, flat_to_row, blocks);
   return cudaGetLastError();
 }
 

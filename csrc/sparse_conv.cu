@@ -63,13 +63,15 @@ cudaError_t masked_depthwise_conv(DType dtype, const void* x, int64_t ldx, const
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (flip)
-      dwconv_kernel<T, true><<<grid, block, 0, stream>>>(static_cast<const T*>(x), ldx, neighbors, kk,
-                                                          static_cast<const T*>(weight), static_cast<const T*>(bias),
-                                                          rows, channels, static_cast<T*>(out), ldo);
+      GEOMOE_LAUNCH(grid, block, 0, stream, dwconv_kernel<T, true>)(static_cast<const T*>(x), ldx, neighbors, kk,
+                                                                    static_cast<const T*>(weight),
+                                                                    static_cast<const T*>(bias), rows, channels,
+                                                                    static_cast<T*>(out), ldo);
     else
-      dwconv_kernel<T, false><<<grid, block, 0, stream>>>(static_cast<const T*>(x), ldx, neighbors, kk,
-                                                           static_cast<const T*>(weight), static_cast<const T*>(bias),
-                                                           rows, channels, static_cast<T*>(out), ldo);
+      GEOMOE_LAUNCH(grid, block, 0, stream, dwconv_kernel<T, false>)(static_cast<const T*>(x), ldx, neighbors, kk,
+                                                                     static_cast<const T*>(weight),
+                                                                     static_cast<const T*>(bias), rows, channels,
+                                                                     static_cast<T*>(out), ldo);
     return cudaGetLastError();
   });
 }
@@ -81,8 +83,9 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
   const dim3 grid((rows + kGradRows - 1) / kGradRows, (channels + 127) / 128);
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dwconv_wgrad_kernel<T><<<grid, 128, 0, stream>>>(static_cast<const T*>(x), ldx, static_cast<const T*>(grad_out), ldg,
-                                                      neighbors, kk, rows, channels, dw_partial, db_partial);
+    GEOMOE_LAUNCH(grid, 128, 0, stream, dwconv_wgrad_kernel<T>)(static_cast<const T*>(x), ldx,
+                                                                static_cast<const T*>(grad_out), ldg, neighbors, kk,
+                                                                rows, channels, dw_partial, db_partial);
     return cudaGetLastError();
   });
 }

@@ -2,9 +2,10 @@
 
 Every op is declared here (geomoe_kernels.ops declares them) and registers its implementations by
 backend name. "auto" picks, for CUDA tensors, the CUDA core where it is loaded and supports the
-case, else Triton, else the reference; for CPU tensors, Triton under TRITON_INTERPRET=1, else the
-reference. An explicit backend that cannot run the case is an error that says why, never a silent
-fallback. Support checks take the op's arguments by name."""
+case, else Triton, else the reference; for CPU tensors, the emulated CUDA core under
+GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the reference. An explicit backend
+that cannot run the case is an error that says why, never a silent fallback. Support checks take the
+op's arguments by name."""
 from __future__ import annotations
 
 import os
@@ -93,12 +94,12 @@ def _why_not(op: str, backend: str, device: torch.device, args: Optional[Mapping
     entry = _REGISTRY.get(op, {}).get(backend)
     if entry is None:
         return _UNAVAILABLE_REASON.get(backend, "not registered")
-    if backend == "cuda" and device.type != "cuda":
-        return f"the CUDA core runs on CUDA tensors, got tensors on {device}"
-    if backend in _DEVICE_CHECKS:
+    if backend in _DEVICE_CHECKS:  # the CUDA core's check decides on CPU tensors too (its emulation)
         reason = _DEVICE_CHECKS[backend](device)
         if reason is not None:
             return reason
+    elif backend == "cuda" and device.type != "cuda":
+        return f"the CUDA core runs on CUDA tensors, got tensors on {device}"
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"Triton runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; got tensors on {device}"
     supports = entry[1]
@@ -116,7 +117,8 @@ def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[s
         if backend in KERNEL_BACKENDS:
             self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return _REGISTRY[op][backend][0]
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else (("triton", "torch") if triton_interpreting() else ("torch",))
+    # on CPU tensors "cuda" is the emulated core, when GEOMOE_CUDA_EMULATE turns it on
+    order = ("cuda", "triton", "torch") if device.type == "cuda" or triton_interpreting() else ("cuda", "torch")
     for name in order:
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
             if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:

@@ -1,11 +1,17 @@
 """The CUDA core (geomoe_kernels._cuda_core, built by setup.py with nvcc): loads it, says why when it
 cannot, and registers its kernels as the 'cuda' backend. The wrappers pass data pointers, sizes
-and the current stream; the ops have already checked devices, dtypes, shapes and contiguity."""
+and the current stream, each argument by its name; the ops have already checked devices, dtypes,
+shapes and contiguity.
+
+The same kernels built by the host compiler into geomoe_kernels._cuda_emulated run on the CPU
+(csrc/emulation/): with GEOMOE_CUDA_EMULATE=1 the 'cuda' backend takes CPU tensors through it, and
+GEOMOE_CUDA_EMULATE=asan picks its AddressSanitizer build (which needs libasan preloaded)."""
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +35,39 @@ def load() -> Tuple[Optional[object], str]:
 
 _core, _status = load()
 
+EMULATED_MODULES = {"1": "_cuda_emulated", "asan": "_cuda_emulated_asan"}
+_emulated: Dict[str, Tuple[Optional[object], str]] = {}
+
+
+def emulation() -> Optional[str]:
+    """The emulated build GEOMOE_CUDA_EMULATE asks for ('1' or 'asan'), or None when it is off."""
+    value = os.environ.get("GEOMOE_CUDA_EMULATE", "0")
+    return value if value in EMULATED_MODULES else None
+
+
+def load_emulated(variant: str = "1") -> Tuple[Optional[object], str]:
+    """(emulated module or None, a line saying what was loaded or why not). The ASan build is
+    imported only when asked for: without libasan preloaded, its import ends the process."""
+    if variant not in _emulated:
+        name = EMULATED_MODULES[variant]
+        try:
+            core = importlib.import_module(f"geomoe_kernels.{name}")
+            _emulated[variant] = core, f"the kernels run on the CPU, loaded from {core.__file__}"
+        except ImportError as exc:
+            _emulated[variant] = None, f"not built ({exc}); reinstall where a C++ compiler and the CUDA headers are"
+    return _emulated[variant]
+
+
+def _core_for(t: Tensor):
+    """The real core for CUDA tensors, the emulated one for CPU tensors (the backend has checked
+    that the one needed is there)."""
+    return _core if t.device.type == "cuda" else load_emulated(emulation() or "1")[0]
+
+
+def _any_core():
+    """For the launch constants (tile and block sizes), the same in both builds of the sources."""
+    return _core if _core is not None else _core_for(torch.empty(0))
+
 
 def runs_on(capability: Tuple[int, int], architectures: str) -> bool:
     """Whether a build for `architectures` ("80;90a", PTX as "compute_90") has code for a device of
@@ -48,7 +87,7 @@ def runs_on(capability: Tuple[int, int], architectures: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_reason(index: int) -> Optional[str]:
+def _architecture_reason(index: int) -> Optional[str]:
     major, minor = torch.cuda.get_device_capability(index)
     built = _core.architectures()
     if runs_on((major, minor), built):
@@ -58,13 +97,24 @@ def _device_reason(index: int) -> Optional[str]:
 
 
 def device_reason(device: torch.device) -> Optional[str]:
-    if device.type != "cuda" or not torch.cuda.is_available():  # nothing to compare with (a CPU build of torch)
-        return None
-    return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
+    """Why the 'cuda' backend cannot run on `device` (None: it can): a CUDA device needs the real core
+    with code for its architecture, CPU tensors GEOMOE_CUDA_EMULATE and the emulated core."""
+    if device.type == "cuda":
+        if _core is None:
+            return f"the CUDA core is {_status}"
+        if not torch.cuda.is_available():  # nothing to compare with (a CPU build of torch)
+            return None
+        return _architecture_reason(device.index if device.index is not None else torch.cuda.current_device())
+    variant = emulation()
+    if variant is None or device.type != "cpu":
+        return (f"the CUDA core runs on CUDA tensors, got tensors on {device} "
+                "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)")
+    core, status = load_emulated(variant)
+    return None if core is not None else f"the emulated CUDA core is {status}"
 
 
 def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
 
 def _p(t: Optional[Tensor]) -> int:
@@ -75,12 +125,13 @@ class CudaGating:
     """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
 
     def tokens_per_block(self) -> int:
-        return _core.gating_tokens_per_block()
+        return _any_core().gating_tokens_per_block()
 
     def gating(self, logits, bias, top_k, softmax, renormalize, w, ids, counts, partial) -> None:
         T, E = logits.shape
-        _core.topk_gating(_p(logits), T, E, _p(bias), top_k, softmax, renormalize, _p(w), _p(ids), _p(counts),
-                          _p(partial), _stream(logits))
+        _core_for(logits).topk_gating(logits=_p(logits), tokens=T, num_experts=E, bias=_p(bias), top_k=top_k,
+                                      softmax=softmax, renormalize=renormalize, weights=_p(w), ids=_p(ids),
+                                      counts=_p(counts), partial=_p(partial), stream=_stream(logits))
 
 
 topk_gating = functools.partial(recipe.topk_gating, CudaGating())
@@ -90,8 +141,10 @@ def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, 
     grad = torch.empty_like(logits)
     gw = None if grad_weights is None else grad_weights.float().contiguous()
     gp = None if grad_prob_mean is None else grad_prob_mean.float().contiguous()
-    _core.topk_gating_backward(_p(logits), logits.shape[0], logits.shape[1], _p(ids), ids.shape[1], _p(gw), _p(gp),
-                               score_func == "softmax", renormalize, _p(grad), _stream(logits))
+    _core_for(logits).topk_gating_backward(
+        logits=_p(logits), tokens=logits.shape[0], num_experts=logits.shape[1], ids=_p(ids), top_k=ids.shape[1],
+        grad_weights=_p(gw), grad_prob_mean=_p(gp), softmax=score_func == "softmax", renormalize=renormalize,
+        grad_logits=_p(grad), stream=_stream(logits))
     return grad
 
 
@@ -102,12 +155,12 @@ class CudaRouting:
         return ROUTE_BLOCK
 
     def histogram(self, flat, E, block, per_block) -> None:
-        n = flat.numel()
-        _core.route_histogram(_p(flat), n, E, block, _p(per_block), _stream(flat))
+        _core_for(flat).route_histogram(ids=_p(flat), n=flat.numel(), num_experts=E, block=block,
+                                        per_block=_p(per_block), stream=_stream(flat))
 
     def scatter(self, flat, E, block, base, row_to_flat, flat_to_row) -> None:
-        n = flat.numel()
-        _core.route_scatter(_p(flat), n, E, block, _p(base), _p(row_to_flat), _p(flat_to_row), _stream(flat))
+        _core_for(flat).route_scatter(ids=_p(flat), n=flat.numel(), num_experts=E, block=block, base=_p(base),
+                                      row_to_flat=_p(row_to_flat), flat_to_row=_p(flat_to_row), stream=_stream(flat))
 
 
 route = functools.partial(recipe.route, CudaRouting())
@@ -116,23 +169,27 @@ route = functools.partial(recipe.route, CudaRouting())
 def permute(x, row_to_flat, top_k, weights):
     out = x.new_empty(row_to_flat.numel(), x.shape[1])
     w = None if weights is None else weights.reshape(-1)
-    _core.permute(_DTYPE[x.dtype], _p(x), x.stride(0), _p(row_to_flat), _p(w), out.shape[0], x.shape[1], top_k, _p(out),
-                  out.stride(0), _stream(x))
+    _core_for(x).permute(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), row_to_flat=_p(row_to_flat), weights=_p(w),
+                         rows=out.shape[0], d=x.shape[1], top_k=top_k, out=_p(out), ldo=out.stride(0),
+                         stream=_stream(x))
     return out
 
 
 def unpermute(rows, flat_to_row, top_k, weights, shared):
     T, d = flat_to_row.numel() // top_k, rows.shape[1]
     out = rows.new_empty(T, d)
-    _core.unpermute(_DTYPE[rows.dtype], _p(rows), rows.stride(0), _p(flat_to_row), _p(weights), _p(shared),
-                    shared.stride(0) if shared is not None else 0, T, d, top_k, _p(out), out.stride(0), _stream(rows))
+    _core_for(rows).unpermute(dtype=_DTYPE[rows.dtype], rows=_p(rows), ldr=rows.stride(0), flat_to_row=_p(flat_to_row),
+                              weights=_p(weights), shared=_p(shared), lds=shared.stride(0) if shared is not None else 0,
+                              tokens=T, d=d, top_k=top_k, out=_p(out), ldo=out.stride(0), stream=_stream(rows))
     return out
 
 
 def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     out = torch.empty(grad_out.shape[0], top_k, dtype=torch.float32, device=rows.device)
-    _core.unpermute_weight_grad(_DTYPE[rows.dtype], _p(grad_out), grad_out.stride(0), _p(rows), rows.stride(0),
-                                _p(flat_to_row), grad_out.shape[0], rows.shape[1], top_k, _p(out), _stream(rows))
+    _core_for(rows).unpermute_weight_grad(
+        dtype=_DTYPE[rows.dtype], grad_out=_p(grad_out), ldg=grad_out.stride(0), rows=_p(rows), ldr=rows.stride(0),
+        flat_to_row=_p(flat_to_row), tokens=grad_out.shape[0], d=rows.shape[1], top_k=top_k, grad_w=_p(out),
+        stream=_stream(rows))
     return out
 
 
@@ -140,17 +197,20 @@ class CudaDepthwiseConv:
     """The masked depthwise conv recipe's kernels (geomoe_kernels.kernel_recipes)."""
 
     def wgrad_rows_per_block(self) -> int:
-        return _core.dwconv_grad_rows_per_block()
+        return _any_core().dwconv_grad_rows_per_block()
 
     def conv(self, x, neighbors, weight, bias, flip, out) -> None:
-        _core.masked_depthwise_conv(_DTYPE[x.dtype], _p(x), x.stride(0), _p(neighbors), neighbors.shape[1], _p(weight), _p(bias),
-                                    x.shape[0], x.shape[1], flip, _p(out), out.stride(0), _stream(x))
+        _core_for(x).masked_depthwise_conv(
+            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1],
+            weight=_p(weight), bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out),
+            ldo=out.stride(0), stream=_stream(x))
 
     def wgrad(self, x, grad_out, neighbors, dw, db) -> None:
         R, C = x.shape
-        kk = neighbors.shape[1]
-        _core.masked_depthwise_conv_wgrad(_DTYPE[x.dtype], _p(x), x.stride(0), _p(grad_out), grad_out.stride(0), _p(neighbors),
-                                          kk, R, C, _p(dw), _p(db), _stream(x))
+        _core_for(x).masked_depthwise_conv_wgrad(
+            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), grad_out=_p(grad_out), ldg=grad_out.stride(0),
+            neighbors=_p(neighbors), kk=neighbors.shape[1], rows=R, channels=C, dw_partial=_p(dw), db_partial=_p(db),
+            stream=_stream(x))
 
 
 masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, CudaDepthwiseConv())
@@ -161,28 +221,34 @@ class CudaGroupedGemm:
     """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
 
     def block_rows(self, dtype: torch.dtype) -> int:
-        return _core.grouped_mm_block_rows()
+        return _any_core().grouped_mm_block_rows()
 
     def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
         E, K, N = weight.shape
         blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
-        _core.grouped_mm(_DTYPE[x.dtype], _p(x), x.stride(0), _p(gather), top_k, _p(weight), K, N, weight.stride(1),
-                         weight.stride(0), False, _p(bias), _p(blk_expert), _p(blk_row0), blocks, _p(offsets), activations.code(activation),
-                         _p(out), out.stride(0), _p(pre), pre.stride(0) if pre is not None else 0, 0, _stream(x))
+        _core_for(x).grouped_mm(
+            dtype=_DTYPE[x.dtype], a=_p(x), lda=x.stride(0), gather=_p(gather), top_k=top_k, w=_p(weight), K=K, N=N,
+            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=False, bias=_p(bias), blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=activations.code(activation), out=_p(out),
+            ldo=out.stride(0), pre=_p(pre), ldp=pre.stride(0) if pre is not None else 0, grad_act=0, stream=_stream(x))
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
         K, N = weight.shape[1:]
         blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
-        _core.grouped_mm(_DTYPE[grad.dtype], _p(grad), grad.stride(0), 0, 1, _p(weight), N, K, weight.stride(1), weight.stride(0),
-                         True, 0, _p(blk_expert), _p(blk_row0), blocks, _p(offsets), 0, _p(out), out.stride(0), _p(pre),
-                         pre.stride(0) if pre is not None else 0, activations.code(grad_act), _stream(grad))
+        _core_for(grad).grouped_mm(
+            dtype=_DTYPE[grad.dtype], a=_p(grad), lda=grad.stride(0), gather=0, top_k=1, w=_p(weight), K=N, N=K,
+            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=True, bias=0, blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=0, out=_p(out), ldo=out.stride(0), pre=_p(pre),
+            ldp=pre.stride(0) if pre is not None else 0, grad_act=activations.code(grad_act), stream=_stream(grad))
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
         """(dW, db) partials in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_activation."""
         splits, E, K, N = partial.shape
-        _core.grouped_mm_wgrad(_DTYPE[a.dtype], _p(a), a.stride(0), _p(gather), top_k, _p(grad), grad.stride(0), _p(offsets),
-                               E, K, N, splits, activations.code(a_activation), _p(partial), _p(partial_db), _stream(a))
+        _core_for(a).grouped_mm_wgrad(
+            dtype=_DTYPE[a.dtype], a=_p(a), lda=a.stride(0), gather=_p(gather), top_k=top_k, g=_p(grad),
+            ldg=grad.stride(0), offsets=_p(offsets), num_experts=E, K=K, N=N, splits=splits,
+            a_act=activations.code(a_activation), partial=_p(partial), partial_db=_p(partial_db), stream=_stream(a))
 
 
 _gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
@@ -214,7 +280,7 @@ def _gating_ok(logits, top_k, **_) -> Optional[str]:
 
 
 def register() -> None:
-    if _core is None:
+    if _core is None and load_emulated()[0] is None:
         _backend.set_unavailable_reason("cuda", f"the CUDA core is {_status}")
         return
     _backend.set_unavailable_reason("cuda", "the CUDA core has no kernel for it yet")  # the ops not registered below

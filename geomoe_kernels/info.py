@@ -19,6 +19,10 @@ def report() -> str:
     except ImportError:
         lines.append("triton not installed")
     lines.append(f"CUDA core: {cuda.load()[1]}")
+    variant = cuda.emulation()
+    lines.append(f"emulated CUDA core: {cuda.load_emulated(variant or '1')[1]}; " +
+                 (f"GEOMOE_CUDA_EMULATE={variant}: the cuda backend runs CPU tensors through it" if variant
+                  else "GEOMOE_CUDA_EMULATE=1 runs CPU tensors through it"))
     lines.append(self_check.summary())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -31,7 +35,7 @@ def report() -> str:
         lines.append(f"backends on {dev}:")
         for op in backend.ops():
             avail = backend.available(op, dev)
-            usable = [b for b, why in avail.items() if why is None]
+            usable = [f"{b} (emulated)" if b == "cuda" and dev.type == "cpu" else b for b, why in avail.items() if why is None]
             why_not = "; ".join(f"{b}: {why}" for b, why in avail.items() if why is not None)
             lines.append(f"  {op:<22} usable: {', '.join(usable) or '-':<14} {why_not}")
     return "\n".join(lines)

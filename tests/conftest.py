@@ -34,11 +34,18 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under TRITON_INTERPRET=1 (tests/test_triton_interpreter.py's process) only the tests that
-    take a backend run: the rest have run in the main process."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    """Under TRITON_INTERPRET=1 (tests/test_triton_interpreter.py's process) or GEOMOE_CUDA_EMULATE
+    (tests/test_cuda_emulated.py's) only the tests that take a backend run, and in the latter that
+    file's own: the rest have run in the main process."""
+    emulating = os.environ.get("GEOMOE_CUDA_EMULATE", "0") != "0"
+    if os.environ.get("TRITON_INTERPRET") != "1" and not emulating:
         return
-    keep = [i for i in items if {"backend", "kernel_backend"} & set(getattr(i, "fixturenames", ()))]
+
+    def kept(item) -> bool:
+        takes_backend = {"backend", "kernel_backend"} & set(getattr(item, "fixturenames", ()))
+        return bool(takes_backend) or (emulating and item.path.name == "test_cuda_emulated.py")
+
+    keep = [i for i in items if kept(i)]
     config.hook.pytest_deselected(items=[i for i in items if i not in keep])
     items[:] = keep
 

@@ -4,7 +4,9 @@ the activations, and the tolerance rules.
 Backends: this process runs the reference on the CPU, plus Triton and the CUDA core on a GPU when
 there is one. Triton on the CPU needs TRITON_INTERPRET=1 from the start of the process, so
 tests/test_triton_interpreter.py runs the backend-parametrised tests again in a process of their
-own with it set, where "triton" is then the only backend."""
+own with it set, where "triton" is then the only backend. tests/test_cuda_emulated.py does the same
+with GEOMOE_CUDA_EMULATE set, where "cuda" on the CPU (the CUDA core's kernels executed by its
+emulation, csrc/emulation/) is the only backend."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from geomoe_kernels import BackendUnavailable
 from geomoe_kernels.backend import triton_interpreting
+from geomoe_kernels.cuda import emulation
 
 ACTIVATIONS = ["none", "gelu", "silu", "swiglu"]
 HALF = (torch.float16, torch.bfloat16)
@@ -50,6 +53,8 @@ def backends_here() -> List[Backend]:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     if triton_interpreting():  # bfloat16: the interpreter computes its products wrongly (numpy has none)
         return [Backend("triton", cpu, (torch.float32, torch.float16))]
+    if emulation():
+        return [Backend("cuda", cpu, (torch.float32, torch.float16, torch.bfloat16))]
     found = [Backend("torch", cpu, (torch.float32, torch.float16))]
     if torch.cuda.is_available():
         found += [

@@ -34,10 +34,10 @@ class _LaunchProbe:
     def __getattr__(self, name):
         fn = getattr(self.core, name)
 
-        def call(*args):
+        def call(*args, **kwargs):
             self.called.append(name)
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             except RuntimeError as exc:  # the launch itself: fine, there is no GPU here
                 if "driver" not in str(exc) and "device" not in str(exc):
                     raise
@@ -53,7 +53,7 @@ def test_every_wrapper_call_matches_its_binding(monkeypatch):
     from geomoe_kernels.reference.permute import route
 
     probe = _LaunchProbe(cuda._core)
-    monkeypatch.setattr(cuda, "_core", probe)
+    monkeypatch.setattr(cuda, "_core_for", lambda t: probe)  # CPU tensors would go to the emulated core
     monkeypatch.setattr(cuda, "_stream", lambda t: 0)
     T, k, E, K, H = 6, 2, 4, 16, 8
     bf = dict(dtype=torch.bfloat16)

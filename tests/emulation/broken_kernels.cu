@@ -1,0 +1,194 @@
+// Kernels for tests/test_cuda_emulated.py only, built there with the emulated build's recipe
+// (csrc/emulation/build.py): two correct ones, and one per rule a GPU enforces, each breaking it.
+// run_case(name, a, b, out) launches the named case and returns cudaGetErrorString of the launch's
+// error ("no error" when it ran).
+#include <mma.h>
+
+#include <cstring>
+
+#include "geomoe_core.h"
+
+namespace broken {
+
+using namespace nvcuda;
+
+// Correct: a warp sum by shuffles, then a block sum through shared memory behind a barrier.
+__global__ void block_sum(const float* in, float* out) {
+  __shared__ float partial[32];
+  float v = in[threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) s += partial[w];
+    out[0] = s;
+  }
+}
+
+// block_sum per block of 96 inputs without the barrier: thread 0 may read the other warps' partial
+// sums before they are written (on a GPU as here, where one of the two thread orders does).
+__global__ void block_sums_without_barrier(const float* in, float* out) {
+  __shared__ float partial[32];
+  float v = in[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) s += partial[w];
+    out[blockIdx.x] = s;
+  }
+}
+
+// Correct: D = A B + C for 16 x 16 tiles, A read column-major, B row-major, C and D column-major.
+__global__ void wmma_layouts(const __half* a, const __half* b, float* cd) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::load_matrix_sync(acc, cd, 16, wmma::mem_col_major);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(cd, acc, 16, wmma::mem_col_major);
+}
+
+__global__ void touch(float* out) { out[0] = 1.f; }
+
+__global__ void uses_dynamic_shared(float* out) {
+  extern __shared__ float dyn[];
+  dyn[threadIdx.x] = 1.f;
+  out[0] = dyn[0];
+}
+
+__global__ void opts_in_to_more_shared(float* out) {  // the same, with its own attribute
+  extern __shared__ float dyn[];
+  dyn[threadIdx.x] = 1.f;
+  out[0] = dyn[0];
+}
+
+__global__ void barrier_in_branch(float* out) {
+  if (threadIdx.x < 16) __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void barriers_at_two_places(float* out) {
+  if (threadIdx.x < 16) {
+    out[threadIdx.x] = 1.f;
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = 2.f;
+    __syncthreads();
+  }
+}
+
+__global__ void full_mask_shuffle(float* out) {  // launched with 48 threads: warp 1 has lanes 0-15 only
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
+__global__ void shuffle_after_exit(float* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
+__global__ void shuffle_from_outside_mask(float* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, float(threadIdx.x), 20);
+}
+
+__global__ void shuffle_against_barrier(float* out) {
+  if (threadIdx.x < 16)
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+  else
+    __syncthreads();
+}
+
+__global__ void wmma_misaligned(const __half* a) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + 8, 16);  // 16 bytes past a 32-byte boundary
+}
+
+__global__ void wmma_lanes_disagree(const __half* a) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + (threadIdx.x / 16) * 256, 16);  // half the warp loads the next tile
+}
+
+__global__ void wmma_half_warp(const __half* a) {  // launched with 16 threads
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a, 16);
+}
+
+// For AddressSanitizer: each reads one element past the end of its array.
+__global__ void read_past_end(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+__global__ void static_shared_past_end(float* out) {
+  __shared__ float tile[64];
+  tile[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x + 1];
+}
+
+__global__ void dynamic_shared_past_end(float* out) {
+  extern __shared__ float dyn[];
+  dyn[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] = dyn[threadIdx.x + 1];
+}
+
+cudaError_t run(const char* name, const void* a, const void* b, float* out) {
+  auto is = [&](const char* n) { return std::strcmp(name, n) == 0; };
+  const auto* fa = static_cast<const float*>(a);
+  const auto* ha = static_cast<const __half*>(a);
+  cudaStream_t s = nullptr;
+  if (is("block_sum"))
+    GEOMOE_LAUNCH(1, 96, 0, s, block_sum)(fa, out);
+  else if (is("block_sums_without_barrier"))
+    GEOMOE_LAUNCH(2, 96, 0, s, block_sums_without_barrier)(fa, out);
+  else if (is("wmma_layouts"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_layouts)(ha, static_cast<const __half*>(b), out);
+  else if (is("grid_y_too_large"))
+    GEOMOE_LAUNCH(dim3(1, 65536), 32, 0, s, touch)(out);
+  else if (is("grid_z_too_large"))
+    GEOMOE_LAUNCH(dim3(1, 1, 65536), 32, 0, s, touch)(out);
+  else if (is("too_many_threads"))
+    GEOMOE_LAUNCH(1, dim3(32, 33), 0, s, touch)(out);
+  else if (is("too_much_shared"))
+    GEOMOE_LAUNCH(1, 32, 48 * 1024 + 4, s, uses_dynamic_shared)(out);
+  else if (is("shared_opted_in")) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(opts_in_to_more_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    if (e != cudaSuccess) return e;
+    GEOMOE_LAUNCH(1, 32, 64 * 1024, s, opts_in_to_more_shared)(out);
+  } else if (is("barrier_in_branch"))
+    GEOMOE_LAUNCH(1, 64, 0, s, barrier_in_branch)(out);
+  else if (is("barriers_at_two_places"))
+    GEOMOE_LAUNCH(1, 64, 0, s, barriers_at_two_places)(out);
+  else if (is("full_mask_shuffle"))
+    GEOMOE_LAUNCH(1, 48, 0, s, full_mask_shuffle)(out);
+  else if (is("shuffle_after_exit"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_after_exit)(out);
+  else if (is("shuffle_from_outside_mask"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_from_outside_mask)(out);
+  else if (is("shuffle_against_barrier"))
+    GEOMOE_LAUNCH(1, 32, 0, s, shuffle_against_barrier)(out);
+  else if (is("wmma_misaligned"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_misaligned)(ha);
+  else if (is("wmma_lanes_disagree"))
+    GEOMOE_LAUNCH(1, 32, 0, s, wmma_lanes_disagree)(ha);
+  else if (is("wmma_half_warp"))
+    GEOMOE_LAUNCH(1, 16, 0, s, wmma_half_warp)(ha);
+  else if (is("read_past_end"))
+    GEOMOE_LAUNCH(1, 64, 0, s, read_past_end)(fa, out);
+  else if (is("static_shared_past_end"))
+    GEOMOE_LAUNCH(1, 64, 0, s, static_shared_past_end)(out);
+  else if (is("dynamic_shared_past_end"))
+    GEOMOE_LAUNCH(1, 64, 64 * sizeof(float), s, dynamic_shared_past_end)(out);
+  else
+    return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+}  // namespace broken
+
+extern "C" __attribute__((visibility("default"))) const char* run_case(const char* name, const void* a, const void* b,
+                                                                       float* out) {
+  return cudaGetErrorString(broken::run(name, a, b, out));
+}

@@ -1,0 +1,567 @@
+"""The CUDA core's kernels executed on the CPU through the emulated core (csrc/emulation/), on every
+CI run: each kernel forward and backward against the float64 reference (fp32 where the kernel takes
+it; fp16 and bf16 within 2x torch's own error in that dtype), the edge cases, the MoE layer and the
+model on backend="cuda" against backend="torch"; then each of the emulator's detectors, fed a launch
+or kernel (tests/emulation/broken_kernels.cu) that breaks its rule; and this file once more in a
+process of its own against the AddressSanitizer build, so that an out-of-bounds access fails."""
+
+import ctypes
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from geomoe_kernels import (
+    BackendUnavailable,
+    MoEMLP,
+    backend,
+    cuda,
+    expert_mlp,
+    grouped_mm,
+    layout,
+    masked_depthwise_conv,
+    permute,
+    route,
+    topk_gating,
+    unpermute,
+)
+from tests.helpers import GRAD_TOL, assert_close, assert_within_twice_reference_error
+from tests.oracles import naive_gating, naive_route
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+REQUIRED = os.environ.get("GEOMOE_REQUIRE_CUDA") == "1"  # CI: the emulated core must have been built
+VARIANT = cuda.emulation() or "1"  # "asan" in the AddressSanitizer run below
+CORE, STATUS = cuda.load_emulated(VARIANT)
+HALF = [torch.float16, torch.bfloat16]
+ALL = [torch.float32, *HALF]
+
+pytestmark = pytest.mark.skipif(CORE is None and not REQUIRED, reason=f"the emulated CUDA core is {STATUS}")
+
+
+@pytest.fixture(autouse=True)
+def _emulate(monkeypatch):
+    assert CORE is not None, STATUS
+    monkeypatch.setenv("GEOMOE_CUDA_EMULATE", VARIANT)
+
+
+def _within_reference(run, leaves, dtype):
+    """run(backend, *leaves) -> output. Output and the gradients of mean(output^2) from the emulated
+    kernels against float64: within 1e-4 in float32; in fp16 and bf16 at most twice the error of
+    torch's own run in that dtype."""
+    outs = []
+    for be, cast in (("cuda", None), ("torch", None), ("torch", torch.float64)):
+        ls = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in leaves]
+        y = run(be, *ls)
+        outs.append([t.double() for t in (y, *torch.autograd.grad(y.double().square().mean(), ls))])
+    for ours, same_dtype, exact in zip(*outs):
+        if dtype == torch.float32:
+            assert_close(ours, exact, dtype, grad=True)
+        else:
+            assert_within_twice_reference_error(ours, same_dtype, exact)
+    return outs[0]
+
+
+def _ids(T, E, k, empty=()):
+    """[T, k] distinct expert ids per token; the experts in `empty` get no token."""
+    allowed = torch.tensor([e for e in range(E) if e not in empty])
+    return torch.stack([allowed[torch.randperm(len(allowed))[:k]] for _ in range(T)])
+
+
+# ---- which core runs -------------------------------------------------------------------------------
+
+
+def test_cuda_backend_runs_cpu_tensors_through_the_emulated_core(monkeypatch):
+    x = torch.randn(4, 8)
+    r2f = torch.arange(4)
+    args = dict(x=x, row_to_flat=r2f, flat_to_row=r2f, top_k=1, weights=None)
+    assert cuda._core_for(x) is CORE and CORE.architectures() == "emulated"
+    assert CORE.__name__.endswith("_asan") == (VARIANT == "asan")
+    assert backend.select("permute", "auto", x.device, args) is cuda.permute
+    # opt-in on a GPU (slower than Triton there), so here too
+    assert backend.select("grouped_mm", "auto", x.device, None) is not cuda.grouped_mm
+    from geomoe_kernels.info import report
+
+    assert "cuda (emulated)" in report()
+    monkeypatch.delenv("GEOMOE_CUDA_EMULATE")
+    assert backend.select("permute", "auto", x.device, args) is not cuda.permute
+    with pytest.raises(BackendUnavailable, match="GEOMOE_CUDA_EMULATE=1"):
+        permute(x, r2f, r2f, 1, backend="cuda")
+
+
+# ---- every kernel against the reference ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "T, E, k, score_func, renormalize",
+    [
+        (1, 7, 1, "sigmoid", True),
+        (100, 23, 3, "sigmoid", True),
+        (511, 23, 8, "softmax", False),
+        (37, 64, 5, "softmax", True),
+        (20, 1024, 8, "sigmoid", False),
+        (9, 1000, 2, "softmax", True),
+    ],
+)
+def test_gating_forward_and_backward(T, E, k, score_func, renormalize):
+    """One warp per token, E up to the kernel's 1024 (32 per lane), k up to 8, a partial last block."""
+    logits = torch.randn(T, E, requires_grad=True)
+    bias = 0.1 * torch.randn(E) if score_func == "sigmoid" else None
+    got = topk_gating(logits, bias, k, score_func, renormalize, backend="cuda")
+    l64 = logits.detach().double().requires_grad_(True)
+    want = topk_gating(l64, None if bias is None else bias.double(), k, score_func, renormalize, backend="torch")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    for a, b in ((got[0], want[0]), (got[3], want[3])):
+        torch.testing.assert_close(a.double(), b, **GRAD_TOL[torch.float32])
+    gw, gp = torch.randn(T, k, dtype=torch.float64), torch.randn(E, dtype=torch.float64)
+    g_got = torch.autograd.grad((got[0] * gw.float()).sum() + (got[3] * gp.float()).sum(), logits)[0]
+    g_want = torch.autograd.grad((want[0] * gw).sum() + (want[3] * gp).sum(), l64)[0]
+    torch.testing.assert_close(g_got.double(), g_want, **GRAD_TOL[torch.float32])
+
+
+def test_gating_matches_the_naive_loops_and_breaks_ties_to_the_lower_expert():
+    logits = torch.randn(13, 9)
+    got = topk_gating(logits, None, 3, "softmax", True, backend="cuda")
+    want = naive_gating(logits.double(), None, 3, "softmax", True)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0].double(), want[0], **GRAD_TOL[torch.float32])
+    _, ids, counts, _ = topk_gating(torch.zeros(5, 6), None, 3, backend="cuda")
+    assert ids.tolist() == [[0, 1, 2]] * 5 and counts.tolist() == [5, 5, 5, 0, 0, 0]
+
+
+@pytest.mark.parametrize("T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096)])
+def test_route(T, k, E):
+    """Histogram per block of 32 ids (E up to the 4096 that fit in shared memory) and the stable scatter."""
+    ids = _ids(T, E, k, empty=(1,) if E > k + 1 else ())
+    got = route(ids, E, backend="cuda")
+    want = naive_route(ids, E) if E <= 23 else route(ids, E, backend="torch")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("T, k, d", [(1, 1, 8), (100, 3, 72), (511, 2, 40)])
+def test_permute_and_weighted_unpermute(dtype, T, k, d):
+    """permute, unpermute with routing weights and the shared experts' rows, and their backward
+    (unpermute_weight_grad: one block per token, warp shuffles and a fixed-order block sum)."""
+    E = 5
+    r2f, f2r, _ = route(_ids(T, E, k), E, backend="torch")
+    x = torch.randn(T, d).to(dtype).requires_grad_(True)
+    z = torch.randn(T * k, d).to(dtype).requires_grad_(True)  # each slot's row its own
+    w = torch.rand(T, k, requires_grad=True)
+    shared = torch.randn(T, d).to(dtype).requires_grad_(True)
+
+    def run(be, x, z, w, shared):
+        rows = permute(x, r2f, f2r, k, backend=be) * 2 + z
+        return unpermute(rows, r2f, f2r, k, w, shared, backend=be)
+
+    _within_reference(run, [x, z, w, shared], dtype)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_every_k_from_gating_to_combine(k):
+    """Each k the kernels take, through gating, routing and the weighted combine, in float32."""
+    T, E, d = 17, 11, 24
+    logits = torch.randn(T, E)
+    w, ids, _, _ = topk_gating(logits, None, k, backend="cuda")
+    _, want_ids, _, _ = topk_gating(logits.double(), None, k, backend="torch")
+    assert torch.equal(ids, want_ids)
+    r2f, f2r, off = route(ids, E, backend="cuda")
+    for a, b in zip((r2f, f2r, off), naive_route(ids, E)):
+        assert torch.equal(a, b)
+    x, z = torch.randn(T, d, requires_grad=True), torch.randn(T * k, d, requires_grad=True)
+
+    def run(be, x, z, w):
+        return unpermute(permute(x, r2f, f2r, k, backend=be) + z, r2f, f2r, k, w, None, backend=be)
+
+    _within_reference(run, [x, z, w.detach().requires_grad_(True)], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("s, kernel, channels", [(4, 5, 72), (2, 3, 130)])
+def test_masked_depthwise_conv(dtype, s, kernel, channels):
+    """Forward, dx (the flipped kernel) and the per-block weight and bias gradients; rows and
+    channels that fill no block exactly."""
+    kept = torch.stack([torch.randperm(30)[:7] for _ in range(2)])
+    nbr = layout.neighbor_table(kept, (5, 6), s, kernel)
+    x = torch.randn(nbr.shape[0], channels).to(dtype).requires_grad_(True)
+    w = (torch.randn(channels, kernel * kernel) / kernel).to(dtype).requires_grad_(True)
+    b = torch.randn(channels).to(dtype).requires_grad_(True)
+    _within_reference(lambda be, x, w, b: masked_depthwise_conv(x, nbr, w, b, be), [x, w, b], dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_grouped_mm(dtype, act, gathered):
+    """The WMMA grouped GEMM forward, its dgrad and wgrad; K and N not multiples of the tiles,
+    experts 1 and 4 without rows: their weight and bias gradients are exact zeros."""
+    T, k, E, K, N = 67, 3, 6, 72, 40
+    r2f, f2r, off = route(_ids(T, E, k, empty=(1, 4)), E, backend="torch")
+    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(E, K, N) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(E, N).to(dtype).requires_grad_(True)
+
+    def run(be, x, w, b):
+        if gathered:
+            return grouped_mm(x, w, off, b, act, backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
+        return grouped_mm(permute(x, r2f, f2r, k, backend=be), w, off, b, act, backend=be)
+
+    _, _, dw, db = _within_reference(run, [x, w, b], dtype)
+    for e in (1, 4):
+        assert torch.count_nonzero(dw[e]) == 0 and torch.count_nonzero(db[e]) == 0
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("T, k, act", [(1, 1, "gelu"), (100, 1, "silu"), (511, 1, "gelu"), (200, 3, "silu")])
+def test_expert_mlp(dtype, T, k, act):
+    """Both GEMMs, the backward's act'(pre) in the dgrad epilogue and act(pre) formed in the wgrad
+    load: 1, 100, 511 and 600 rows; an expert without rows gets exact-zero gradients."""
+    E, K, H = 5, 40, 72
+    r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
+    params = [torch.randn(E, K, H) / K**0.5, torch.randn(E, H) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
+    params = [p.to(dtype).requires_grad_(True) for p in params]
+
+    def run(be, x, *ps):
+        return expert_mlp(x, *ps, off, act, backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
+
+    _, _, dw1, db1, dw2, db2 = _within_reference(run, [x, *params], dtype)
+    for g in (dw1, db1, dw2, db2):
+        assert torch.count_nonzero(g[2]) == 0
+
+
+# ---- the layer and the model -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shared, k", [(0, 2), (1, 3), (2, 1)])
+def test_moe_layer_on_cuda_matches_torch(dtype, shared, k):
+    torch.manual_seed(1)
+    ours = MoEMLP(48, 40, 9, shared, k, backend="cuda")
+    ref = MoEMLP(48, 40, 9, shared, k, backend="torch")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(150, 48)
+    outs = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            y, aux, load = m(xi)
+        grads = torch.autograd.grad((y.float().square().mean() + aux), [xi, m.w1, m.b2, m.gate.weight])
+        outs.append((y.float(), aux, load, *grads))
+    assert torch.equal(outs[0][2], outs[1][2])
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])
+
+
+def test_model_on_cuda_matches_torch():
+    from geomoe import GeoMoE
+
+    cfg = dict(
+        img_size=32,
+        embed_dim=(16, 24, 32),
+        depth=(1, 1, 1),
+        num_heads=2,
+        num_experts=5,
+        top_k=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    ours = GeoMoE(**cfg, backend="cuda")
+    ref = GeoMoE(**cfg, backend="torch")
+    ref.load_state_dict(ours.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    outs = []
+    for m in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(imgs, noise=noise)[0]
+        outs.append([loss.float(), *torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad][:6])])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[torch.bfloat16])
+
+
+# ---- the detectors, each fed a launch or kernel that breaks its rule -----------------------------------
+
+
+def _compiler():
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def _missing(why):
+    """A tool this machine lacks: CI has them all, elsewhere the test says what it needs."""
+    pytest.fail(why) if REQUIRED else pytest.skip(why)
+
+
+def _recipe():
+    path = os.path.join(REPO, "csrc", "emulation", "build.py")
+    spec = importlib.util.spec_from_file_location("geomoe_emulation_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_cases(out_dir, flags=()):
+    """tests/emulation/broken_kernels.cu built as the emulated core is (and with `flags`)."""
+    recipe = _recipe()
+    headers = recipe.cuda_headers()
+    if _compiler() is None or headers is None:
+        _missing("no C++ compiler or CUDA headers")
+    src = os.path.join(out_dir, "broken_kernels.cpp")
+    with open(src, "w") as f:
+        f.write(recipe.host_source(os.path.join(HERE, "emulation", "broken_kernels.cu")))
+    lib = os.path.join(out_dir, "broken_kernels.so")
+    includes = [f"-I{d}" for d in recipe.include_dirs(headers)]
+    cmd = [_compiler(), "-shared", "-fPIC", *recipe.FLAGS, *flags, *includes, src, "-o", lib]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return lib
+
+
+class Cases:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        self.lib.run_case.restype = ctypes.c_char_p
+        self.lib.run_case.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
+    def __call__(self, name, a=None, b=None, out=None):
+        out = torch.zeros(64) if out is None else out
+        a = torch.zeros(1024, dtype=torch.float16) if a is None else a
+        b = None if b is None else b.data_ptr()
+        return self.lib.run_case(name.encode(), a.data_ptr(), b, out.data_ptr()).decode()
+
+
+@pytest.fixture(scope="module", params=["fibers", "ucontext"])
+def cases(request, tmp_path_factory):
+    """The cases built with the x86-64 fiber switch and with the portable ucontext one."""
+    flags = ["-DGEOMOE_EMU_UCONTEXT"] if request.param == "ucontext" else []
+    return Cases(_build_cases(str(tmp_path_factory.mktemp(request.param)), flags))
+
+
+def test_detector_controls_correct_kernels_run(cases):
+    x, out = torch.randn(96), torch.zeros(64)
+    assert cases("block_sum", x, out=out) == "no error"
+    torch.testing.assert_close(out[0], x.sum())
+    a, b, c = torch.randn(16, 16).half(), torch.randn(16, 16).half(), torch.randn(16, 16)
+    cd = c.t().contiguous().reshape(-1)  # column-major
+    assert cases("wmma_layouts", a.t().contiguous(), b, out=cd) == "no error"  # a column-major
+    torch.testing.assert_close(cd.reshape(16, 16).t(), a.float() @ b.float() + c)
+
+
+def test_detector_controls_a_missing_barrier_shows_in_one_of_the_thread_orders(cases):
+    """Not a detector: without the barrier, thread 0 of the block that runs its threads in index
+    order sums the other warps' partials before they are written (it reads the other block's)."""
+    x, out = torch.randn(192), torch.zeros(64)
+    assert cases("block_sums_without_barrier", x, out=out) == "no error"
+    want = x.reshape(2, 96).sum(1)
+    assert torch.allclose(out[1], want[1]) and not torch.allclose(out[0], want[0])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "grid_y_too_large",
+            r"kernel broken::touch \(launched at broken_kernels.cu:\d+\): grid y dimension 65536 is "
+            r"outside 1..65535",
+        ),
+        ("grid_z_too_large", r"broken::touch .*grid z dimension 65536 is outside 1..65535"),
+        ("too_many_threads", r"broken::touch .*1056 threads per block \(32x33x1\), more than 1024"),
+        ("too_much_shared", r"broken::uses_dynamic_shared .*49156 bytes of dynamic shared memory, more than the 49152"),
+    ],
+)
+def test_detector_launch_limits(cases, case, message):
+    assert cases("shared_opted_in") == "no error"  # above 48 KiB once cudaFuncSetAttribute allows it
+    assert re.search(message, cases(case)), cases(case)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "barrier_in_branch",
+            r"broken::barrier_in_branch .*thread \(16,0,0\): __syncthreads at broken_kernels.cu:\d+ is not "
+            r"reached by every thread of the block: threads 0-15 wait there",
+        ),
+        (
+            "barriers_at_two_places",
+            r"broken::barriers_at_two_places .*wait at different __syncthreads: threads 0-15 at "
+            r"broken_kernels.cu:\d+; threads 16-63 at broken_kernels.cu:\d+",
+        ),
+    ],
+)
+def test_detector_barrier_not_reached_by_every_thread(cases, case, message):
+    assert re.search(message, cases(case)), cases(case)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "full_mask_shuffle",
+            r"broken::full_mask_shuffle .*thread \(32,0,0\): __shfl_xor_sync at broken_kernels.cu:\d+: mask "
+            r"0xffffffff names lanes 16-31, which warp 1 of this 48-thread block does not have",
+        ),
+        ("shuffle_after_exit", r"broken::shuffle_after_exit .*lane 16 exits while lanes 0-15 wait for it in __shfl_xor_sync"),
+        (
+            "shuffle_from_outside_mask",
+            r"broken::shuffle_from_outside_mask .*__shfl_sync at broken_kernels.cu:\d+: lane 0 reads "
+            r"lane 20, which is not in the mask 0x0000ffff",
+        ),
+        (
+            "shuffle_against_barrier",
+            r"broken::shuffle_against_barrier .*deadlock: no thread can go on: threads 16-31 wait at "
+            r"__syncthreads .* threads 0-15 wait in __shfl_xor_sync \(mask 0xffffffff\)",
+        ),
+    ],
+)
+def test_detector_warp_collective_names_an_absent_lane(cases, case, message):
+    assert re.search(message, cases(case)), cases(case)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "wmma_misaligned",
+            r"broken::wmma_misaligned .*wmma::load_matrix_sync at broken_kernels.cu:\d+: pointer 0x[0-9a-f]+ "
+            r"is not 32-byte aligned",
+        ),
+        ("wmma_lanes_disagree", r"broken::wmma_lanes_disagree .*lanes 0 and 16 pass different arguments"),
+        (
+            "wmma_half_warp",
+            r"broken::wmma_half_warp .*wmma::load_matrix_sync .*names lanes 16-31, which warp 0 of this "
+            r"16-thread block does not have",
+        ),
+    ],
+)
+def test_detector_wmma_misuse(cases, case, message):
+    assert re.search(message, cases(case)), cases(case)
+
+
+def test_detector_launch_limits_in_the_core_itself():
+    """The production launcher: N = 65536 tiles of 64 columns asks for a grid y the card rejects.
+    Nothing is read (the launch is refused first), so the pointers may be anything."""
+    with pytest.raises(
+        RuntimeError,
+        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 0, "
+        r"false, false, 0> \(launched at grouped_gemm.cu:\d+\): grid y dimension 65536",
+    ):
+        CORE.grouped_mm(
+            dtype=1,
+            a=64,
+            lda=8,
+            gather=0,
+            top_k=1,
+            w=64,
+            K=8,
+            N=65536 * 64,
+            ldw=65536 * 64,
+            stride_we=0,
+            trans_w=False,
+            bias=0,
+            blk_expert=64,
+            blk_row0=64,
+            blocks=1,
+            offsets=64,
+            act=0,
+            out=64,
+            ldo=8,
+            pre=0,
+            ldp=0,
+            grad_act=0,
+            stream=0,
+        )
+
+
+def _asan_env(**extra):
+    """The environment of a process that loads ASan-built libraries: python is not built with ASan,
+    so libasan is preloaded, and libstdc++ with it (its C++ exceptions pass through ASan's hooks,
+    which must find libstdc++ when they start)."""
+    paths = (
+        [
+            subprocess.run([_compiler(), f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")
+        ]
+        if _compiler()
+        else []
+    )
+    if not paths or not all(os.path.isabs(p) and os.path.exists(p) for p in paths):
+        _missing("no compiler with AddressSanitizer")
+    return dict(os.environ, LD_PRELOAD=" ".join(paths), ASAN_OPTIONS="detect_leaks=0", **extra)
+
+
+@pytest.fixture(scope="module")
+def asan_cases(tmp_path_factory):
+    """(the cases built with AddressSanitizer, the environment to load them in)"""
+    env = _asan_env()
+    return _build_cases(str(tmp_path_factory.mktemp("asan")), _recipe().ASAN_FLAGS), env
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="runs the ASan build itself")
+@pytest.mark.parametrize(
+    "case, kind",
+    [
+        ("read_past_end", "heap-buffer-overflow"),  # one float past a torch tensor
+        ("static_shared_past_end", "global-buffer-overflow"),
+        ("dynamic_shared_past_end", "heap-buffer-overflow"),
+    ],
+)
+def test_detector_address_sanitizer_catches_out_of_bounds(asan_cases, case, kind):
+    lib, env = asan_cases
+    script = (
+        f"import ctypes, torch; lib = ctypes.CDLL({lib!r}); "
+        "lib.run_case.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3; "
+        "x, out = torch.randn(64), torch.zeros(64); "
+        f"lib.run_case({case.encode()!r}, x.data_ptr(), None, out.data_ptr())"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f"AddressSanitizer: {kind}" in proc.stderr and f"in broken::{case}(" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---- the backend-parametrised tests, and all of it under AddressSanitizer --------------------------------
+
+BACKEND_TESTS = [os.path.join(HERE, t) for t in ("ops", "test_moe_mlp.py", "test_model.py")]
+
+
+def _pytest(env, paths, deselect=None):
+    """pytest on `paths` in a process of its own with `env`; every test that runs must pass."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *(["-k", f"not ({deselect})"] if deselect else []),
+        *paths,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "failed" not in last and "error" not in last, last
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="runs in the ASan run's own list")
+def test_backend_tests_through_the_emulated_core():
+    """tests/ops/ and the MoE layer's and the model's backend-parametrised tests, in a process where
+    the emulated "cuda" is the backend they check (tests/helpers.backends_here), as the Triton
+    interpreter's process does for "triton"."""
+    _pytest(dict(os.environ, GEOMOE_CUDA_EMULATE="1"), BACKEND_TESTS)
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="this is the ASan run")
+def test_emulated_kernels_under_address_sanitizer():
+    """The backend-parametrised tests and every test above but the detectors' (which build kernels of
+    their own), in a process where the cuda backend is the AddressSanitizer build: an out-of-bounds
+    read or write in any CUDA kernel ends that process with ASan's report."""
+    if importlib.util.find_spec("geomoe_kernels._cuda_emulated_asan") is None:
+        _missing("the ASan build of the emulated core was not built (GEOMOE_EMULATION_ASAN=1 at install)")
+    deselect = "detector or under_address_sanitizer or backend_tests_through"
+    _pytest(_asan_env(GEOMOE_CUDA_EMULATE="asan"), [*BACKEND_TESTS, __file__], deselect)
