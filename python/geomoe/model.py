@@ -182,6 +182,18 @@ def check_image_batch(owner: str, imgs: Tensor, like: Tensor, allow_empty: bool)
         raise ValueError(f"{owner}: argument 'imgs' expected at least one image, got a batch of 0 (shape {list(imgs.shape)})")
 
 
+def init_linears_and_norms(model: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _triple(v, name: str) -> Tuple:
     t = tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
     if len(t) != 3:
@@ -240,14 +252,7 @@ class GeoMoEEncoderBase(nn.Module):
     def _init_weights(self) -> None:
         for pe in (self.patch_embed1, self.patch_embed2, self.patch_embed3):
             nn.init.xavier_uniform_(pe.proj.weight.view(pe.proj.weight.shape[0], -1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     def _stages_dense(self, imgs: Tensor, vis1: Optional[Tensor], vis2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """Stage maps [N, C1, H/4, W/4], [N, C2, H/8, W/8] and the stage-3 tokens [N, L, C3] after

@@ -21,7 +21,7 @@ from geomoe_kernels.backend import check_backend_name
 
 from .backbone import interpolate_pos_embed
 from .masking import random_masking
-from .model import Attention, MaskedAutoencoder, Mlp, check_image_batch
+from .model import Attention, MaskedAutoencoder, Mlp, check_image_batch, init_linears_and_norms
 from .pos_embed import sincos_2d
 
 PATCH = 16
@@ -114,14 +114,7 @@ class MoEViTEncoder(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     def moe_layers(self) -> List[MoEMLP]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
