@@ -12,12 +12,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.geomoe-installed
 
-# What the format checks cover so far: the files formatted with ruff format / clang-format. The rest
-# of the tree gets one formatting commit of its own (it would touch every file at once); then these
-# become "." and csrc/*.
-RUFF_FORMATTED := geomoe_kernels/activations.py geomoe_kernels/kernel_recipes.py geomoe_kernels/ops/_declare.py \
-	tests/__init__.py tests/conftest.py tests/helpers.py tests/ops tests/test_activation_codes.py tests/test_errors.py \
-	tests/test_triton_interpreter.py tests/test_declare.py tools tests/test_cuda_emulated.py csrc/emulation/build.py
+# ruff format covers the whole tree. clang-format covers the headers written for it so far; the
+# kernel sources (csrc/*.cu, bindings.cpp) are not reformatted yet: the emulated build rewrites
+# their launch lines as text, so that change wants its own commit and an emulation run.
 CLANG_FORMATTED := csrc/geomoe_core.h csrc/emulation/*.h tests/emulation/broken_kernels.cu
 
 .PHONY: setup pretrain test lint info clean
@@ -38,7 +35,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check $(RUFF_FORMATTED)
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/clang-format --dry-run --Werror $(CLANG_FORMATTED)
 

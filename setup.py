@@ -13,6 +13,7 @@ The emulated core needs a C++17 compiler and the CUDA toolkit's headers (for the
 __half and __nv_bfloat16; no GPU, driver or nvcc run). GEOMOE_EMULATION_ASAN=1 (set by the Makefile)
 also builds it with AddressSanitizer into geomoe_kernels/_cuda_emulated_asan, which the tests run
 with libasan preloaded. GEOMOE_REQUIRE_CUDA=1 requires these builds too."""
+
 import glob
 import importlib.util
 import os
@@ -119,8 +120,10 @@ class BuildCudaCore(build_ext):
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
         stacks = [int(x) for x in re.findall(r"(\d+) bytes stack frame", text)]
         regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
-        summary = (f"archs {';'.join(archs)}; {len(regs)} kernel builds; max registers {max(regs, default=0)}; "
-                   f"max stack {max(stacks, default=0)} bytes; spill stores {sum(spills)} bytes")
+        summary = (
+            f"archs {';'.join(archs)}; {len(regs)} kernel builds; max registers {max(regs, default=0)}; "
+            f"max stack {max(stacks, default=0)} bytes; spill stores {sum(spills)} bytes"
+        )
         with open(os.path.join(HERE, "geomoe_kernels", "_cuda_build.txt"), "w") as f:
             f.write(f"# nvcc {nvcc}\n# {summary}\n{text}")
         _say(f"built the CUDA core with {nvcc}: {summary}")
@@ -132,10 +135,15 @@ class BuildCudaCore(build_ext):
 
 
 def _emulated_extension(name, pybind11_include, flags=()):
-    return Extension(name, sources=["csrc/bindings.cpp"], include_dirs=[pybind11_include],
-                     extra_compile_args=[*emulation.FLAGS, *flags], language="c++",
-                     extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
-                     define_macros=[("GEOMOE_MODULE", name.rsplit(".", 1)[1]), ("GEOMOE_CUDA_ARCHS", '"emulated"')])
+    return Extension(
+        name,
+        sources=["csrc/bindings.cpp"],
+        include_dirs=[pybind11_include],
+        extra_compile_args=[*emulation.FLAGS, *flags],
+        language="c++",
+        extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
+        define_macros=[("GEOMOE_MODULE", name.rsplit(".", 1)[1]), ("GEOMOE_CUDA_ARCHS", '"emulated"')],
+    )
 
 
 def _extensions():
@@ -144,9 +152,16 @@ def _extensions():
     except ImportError:
         _say("pybind11 is not installed; skipping the CUDA core")
         return []
-    exts = [Extension("geomoe_kernels._cuda_core", sources=["csrc/bindings.cpp"], include_dirs=[pybind11.get_include(), "csrc"],
-                      extra_compile_args=["-O2", "-std=c++17"], language="c++"),
-            _emulated_extension(EMULATED, pybind11.get_include(), ["-g0"])]
+    exts = [
+        Extension(
+            "geomoe_kernels._cuda_core",
+            sources=["csrc/bindings.cpp"],
+            include_dirs=[pybind11.get_include(), "csrc"],
+            extra_compile_args=["-O2", "-std=c++17"],
+            language="c++",
+        ),
+        _emulated_extension(EMULATED, pybind11.get_include(), ["-g0"]),
+    ]
     if ASAN:
         exts.append(_emulated_extension(EMULATED + "_asan", pybind11.get_include(), emulation.ASAN_FLAGS))
     return exts

@@ -2,6 +2,7 @@
 whole, forward + backward, at mask ratios 0.6, 0.75 and 0.85, with peak memory on a GPU; and its
 kernels on stage-1 rows at mask 0.75 (the masked depthwise conv against a copy of the same bytes,
 the fused LayerNorm + 1x1 conv against torch's layer_norm, linear and GELU, and torch.mm)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,17 @@ MASKS = (0.6, 0.75, 0.85)
 def _sizes():
     """(images, model config): the published widths except in smoke mode."""
     if C.mode() == "smoke":
-        return 2, dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, num_experts=4, top_k=2,
-                       decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+        return 2, dict(
+            img_size=64,
+            embed_dim=(16, 24, 32),
+            depth=(1, 1, 1),
+            num_heads=2,
+            num_experts=4,
+            top_k=2,
+            decoder_embed_dim=16,
+            decoder_depth=1,
+            decoder_num_heads=2,
+        )
     return (64 if C.mode() == "gpu" else 4), {}
 
 
@@ -55,8 +65,7 @@ def test_front_end_fwdbwd(benchmark, front_end, mask_ratio):
     step()
     base = _peak_reset()
     C.run_pedantic(benchmark, step)
-    benchmark.extra_info.update(group="front_end", impl=front_end, mask_ratio=mask_ratio, images=n,
-                                peak_memory_bytes=_peak(base))
+    benchmark.extra_info.update(group="front_end", impl=front_end, mask_ratio=mask_ratio, images=n, peak_memory_bytes=_peak(base))
 
 
 @pytest.mark.parametrize("front_end", ("sparse", "dense"))
@@ -83,8 +92,9 @@ def test_cblock_fwdbwd(benchmark, front_end):
     step()
     base = _peak_reset()
     C.run_pedantic(benchmark, step)
-    benchmark.extra_info.update(group="cblock", impl=front_end, mask_ratio=0.75, images=n, width=width,
-                                peak_memory_bytes=_peak(base))
+    benchmark.extra_info.update(
+        group="cblock", impl=front_end, mask_ratio=0.75, images=n, width=width, peak_memory_bytes=_peak(base)
+    )
 
 
 def _stage1_rows(width: int):
@@ -112,8 +122,15 @@ def test_masked_depthwise_conv(benchmark, direction):
         fn = lambda: torch.autograd.grad(y, (xg, wg), g, retain_graph=True)
         nbytes = 3 * x.numel() * x.element_size() + 2 * nbr.numel() * 8  # x and grad in, dx out
     C.run_pedantic(benchmark, fn)
-    benchmark.extra_info.update(group="masked_dwconv", impl="geomoe", direction=direction, rows=x.shape[0], width=width,
-                                bytes=nbytes, copy_gbps=C.copy_gbps(nbytes))
+    benchmark.extra_info.update(
+        group="masked_dwconv",
+        impl="geomoe",
+        direction=direction,
+        rows=x.shape[0],
+        width=width,
+        bytes=nbytes,
+        copy_gbps=C.copy_gbps(nbytes),
+    )
 
 
 @pytest.mark.parametrize("impl", ("geomoe", "torch"))
@@ -132,10 +149,18 @@ def test_norm_linear(benchmark, impl, layer):
     if impl == "geomoe":
         fn = lambda: norm_linear(x, nw, nb, w, b, act, 1e-6)
     else:
+
         def fn():
             y = F.linear(F.layer_norm(x, [width], nw, nb, 1e-6).to(w.dtype), w, b)
             return F.gelu(y) if act == "gelu" else y
+
     C.run_pedantic(benchmark, fn)
     R = x.shape[0]
-    benchmark.extra_info.update(group="norm_linear", impl=impl, layer=layer, rows=R, flops=2 * R * width * out_width,
-                                mm_tflops=C.mm_tflops(R, width, out_width))
+    benchmark.extra_info.update(
+        group="norm_linear",
+        impl=impl,
+        layer=layer,
+        rows=R,
+        flops=2 * R * width * out_width,
+        mm_tflops=C.mm_tflops(R, width, out_width),
+    )

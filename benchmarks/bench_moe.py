@@ -2,6 +2,7 @@
 permutation, and the reference ops, with the ceilings (torch.mm on the same rows, a device copy)
 measured in the same run. Each row records FLOPs or bytes; run.py turns times into TFLOP/s, GB/s
 and fractions of the ceilings."""
+
 import pytest
 import torch
 
@@ -71,7 +72,13 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
         torch.cuda.reset_peak_memory_stats()
     C.run_pedantic(benchmark, step)
     benchmark.extra_info.update(
-        group="moe_layer", impl=impl, peer=impl in PEERS, version=getattr(layer, "version", None), tokens=tokens, routing=routing, flops=C.moe_flops(tokens, backward=True),
+        group="moe_layer",
+        impl=impl,
+        peer=impl in PEERS,
+        version=getattr(layer, "version", None),
+        tokens=tokens,
+        routing=routing,
+        flops=C.moe_flops(tokens, backward=True),
         load_max_over_mean=C.load_imbalance(load),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if C.device().type == "cuda" else None,
         mm_tflops=C.mm_tflops(tokens * (moe.top_k + 1), moe.dim, moe.hidden_dim),
@@ -157,8 +164,15 @@ def test_grouped_gemm_up_projection(benchmark, impl, tokens):
         fn = lambda: torch.nn.functional.gelu(torch._grouped_mm(rows, w, offs=offs) + b[expert_of_row])
     else:
         bounds = offsets.tolist()
-        fn = lambda: torch.cat([torch.nn.functional.gelu(rows[bounds[e] : bounds[e + 1]] @ w[e] + b[e]) for e in range(s["experts"])])
+        fn = lambda: torch.cat(
+            [torch.nn.functional.gelu(rows[bounds[e] : bounds[e + 1]] @ w[e] + b[e]) for e in range(s["experts"])]
+        )
     C.run_pedantic(benchmark, fn)
     M = tokens * s["top_k"]
-    benchmark.extra_info.update(group="grouped_gemm", impl=impl, tokens=tokens, flops=2 * M * s["dim"] * s["hidden"],
-                                mm_tflops=C.mm_tflops(M, s["dim"], s["hidden"]))
+    benchmark.extra_info.update(
+        group="grouped_gemm",
+        impl=impl,
+        tokens=tokens,
+        flops=2 * M * s["dim"] * s["hidden"],
+        mm_tflops=C.mm_tflops(M, s["dim"], s["hidden"]),
+    )

@@ -2,6 +2,7 @@
 geomoe MoE layers) against the faithful copy of the published implementation and against ours with
 the dense masked front end, same batch and precision (fp16 autocast with a grad scaler on a GPU, as
 published; float32 on the CPU)."""
+
 import pytest
 import torch
 
@@ -9,8 +10,17 @@ from benchmarks import common as C
 from benchmarks.published_geomoe import PublishedGeoMoE
 from geomoe import GeoMoE, original_state_dict
 
-SMOKE = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 1), num_heads=2, num_experts=4, top_k=2,
-             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+SMOKE = dict(
+    img_size=64,
+    embed_dim=(16, 24, 32),
+    depth=(1, 1, 1),
+    num_heads=2,
+    num_experts=4,
+    top_k=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
 
 
 BATCHES = {"smoke": [2], "cpu": [2, 8], "gpu": [64]}[C.mode()]  # the first is the summary's
@@ -52,5 +62,9 @@ def test_pretrain_step(benchmark, impl, batch):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     C.run_pedantic(benchmark, step)
-    benchmark.extra_info.update(group="train_step", impl=impl, images=batch,
-                                peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
+    benchmark.extra_info.update(
+        group="train_step",
+        impl=impl,
+        images=batch,
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+    )

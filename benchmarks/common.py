@@ -1,5 +1,6 @@
 """Shared by the benchmarks: sizes per mode, timing ceilings measured in the same run, and the
 baseline MoE layers (the published loop and torch._grouped_mm with torch permutation)."""
+
 from __future__ import annotations
 
 import os
@@ -145,7 +146,9 @@ class TorchRoutedLayer(torch.nn.Module):
         ids = torch.topk(scores + m.expert_bias, k, dim=-1).indices
         w = scores.gather(1, ids)
         w = w / w.sum(-1, keepdim=True)
-        load = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+        load = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
+            0, ids.reshape(-1), torch.ones_like(ids.reshape(-1))
+        )
         routed = self.experts(x, ids, w)
         P = (scores / scores.sum(-1, keepdim=True)).mean(0)
         aux = (P * E * load.float() / (k * T)).sum()

@@ -27,8 +27,11 @@ def _priority(item) -> int:
     group = item.originalname if hasattr(item, "originalname") else item.name
     tokens = params.get("tokens", reference_tokens())
     uniform = params.get("routing", "uniform") == "uniform"
-    if (group == "test_moe_layer_fwdbwd" and tokens == reference_tokens() and uniform) or \
-            (group == "test_front_end_fwdbwd" and params.get("mask_ratio") == 0.75) or group == "test_pretrain_step":
+    if (
+        (group == "test_moe_layer_fwdbwd" and tokens == reference_tokens() and uniform)
+        or (group == "test_front_end_fwdbwd" and params.get("mask_ratio") == 0.75)
+        or group == "test_pretrain_step"
+    ):
         return 0
     if group == "test_moe_layer_fwdbwd":
         largest = tokens == token_sweep()[-1] and uniform and params.get("impl") in ("geomoe", "geomoe_graph")
@@ -64,7 +67,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["geomoe"] = {
         "mode": mode(),
-        "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "card": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _triton_version(),

@@ -3,6 +3,7 @@ MoEMLP's router and shared expert (benchmarks.common.TorchRoutedLayer) and runs 
 its own way; a peer that is not installed, or cannot run a case, says why (the benchmark records
 the reason and skips). ScatterMoE is not on the package registries: put its `scattermoe` package in
 the ignored folder peers/ (benchmarks/prepare_peers.sh) and it is found there."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -48,9 +49,18 @@ class HFExpertsLayer(TorchRoutedLayer):
     def experts(self, x, ids, w):
         m = self.moe
         view = SimpleNamespace(
-            num_experts=m.num_experts, has_gate=False, has_bias=True, is_transposed=True, is_concatenated=True,
-            has_post_expert_norm=False, _is_expert_parallel=False, act_fn=F.gelu,
-            up_proj=m.w1.to(x.dtype), up_proj_bias=m.b1.to(x.dtype), down_proj=m.w2.to(x.dtype), down_proj_bias=m.b2.to(x.dtype),
+            num_experts=m.num_experts,
+            has_gate=False,
+            has_bias=True,
+            is_transposed=True,
+            is_concatenated=True,
+            has_post_expert_norm=False,
+            _is_expert_parallel=False,
+            act_fn=F.gelu,
+            up_proj=m.w1.to(x.dtype),
+            up_proj_bias=m.b1.to(x.dtype),
+            down_proj=m.w2.to(x.dtype),
+            down_proj_bias=m.b2.to(x.dtype),
         )
         return self.fn(view, x, ids, w.to(x.dtype))
 
@@ -69,8 +79,11 @@ class ScatterMoELayer(TorchRoutedLayer):
             raise PeerUnavailable(f"scattermoe not found (run benchmarks/prepare_peers.sh): {e}")
         self.mlp = MLP(moe.dim, moe.hidden_dim, moe.num_experts, moe.top_k, bias=True, activation=torch.nn.GELU())
         self.mlp.to(moe.w1.device)
-        self.version = "git " + open(os.path.join(PEERS_DIR, "scattermoe", "VERSION")).read().strip() \
-            if os.path.exists(os.path.join(PEERS_DIR, "scattermoe", "VERSION")) else "unknown"
+        self.version = (
+            "git " + open(os.path.join(PEERS_DIR, "scattermoe", "VERSION")).read().strip()
+            if os.path.exists(os.path.join(PEERS_DIR, "scattermoe", "VERSION"))
+            else "unknown"
+        )
 
     def experts(self, x, ids, w):
         if x.device.type != "cuda":
@@ -90,6 +103,8 @@ PEERS: Dict[str, Callable] = {
 def make(name: str, moe, tokens: int):
     """The peer's layer for this MoEMLP, or PeerUnavailable saying why."""
     if name == "hf_batched_mm" and tokens * moe.top_k * moe.dim * moe.hidden_dim * 2 > 2**31:
-        raise PeerUnavailable("transformers' batched_mm gathers one weight matrix per routed row "
-                              f"({tokens * moe.top_k} x {moe.dim} x {moe.hidden_dim}): a decode path, not for this many tokens")
+        raise PeerUnavailable(
+            "transformers' batched_mm gathers one weight matrix per routed row "
+            f"({tokens * moe.top_k} x {moe.dim} x {moe.hidden_dim}): a decode path, not for this many tokens"
+        )
     return PEERS[name](moe)

@@ -3,6 +3,7 @@ autocast) on each backend and over the visible-only and dense front ends, printi
 kernels by total device time. python -m benchmarks.profile_gpu [--tokens 15680] [--images 64]
 
 On a CPU it profiles CPU time (useful only to check that the script runs)."""
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ cross-attention decoder. Its state dict is in the original key layout.
 
 It is the baseline the benchmarks measure against and, in tests, the reference that our GeoMoE must
 match in loss and gradients after load_original_state_dict."""
+
 from __future__ import annotations
 
 import torch
@@ -152,13 +153,28 @@ class DecoderBlock(nn.Module):
 
 
 class PublishedGeoMoE(nn.Module):
-    def __init__(self, img_size=224, embed_dim=(256, 384, 768), depth=(2, 2, 11), num_heads=12, mlp_ratio=4.0,
-                 moe_mlp_ratio=0.75, num_experts=23, top_k=3, decoder_embed_dim=512, decoder_depth=8,
-                 decoder_num_heads=16):
+    def __init__(
+        self,
+        img_size=224,
+        embed_dim=(256, 384, 768),
+        depth=(2, 2, 11),
+        num_heads=12,
+        mlp_ratio=4.0,
+        moe_mlp_ratio=0.75,
+        num_experts=23,
+        top_k=3,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ):
         super().__init__()
         e1, e2, e3 = embed_dim
         self.grid = img_size // 16
-        self.patch_embed1, self.patch_embed2, self.patch_embed3 = PatchEmbed(3, e1, 4), PatchEmbed(e1, e2, 2), PatchEmbed(e2, e3, 2)
+        self.patch_embed1, self.patch_embed2, self.patch_embed3 = (
+            PatchEmbed(3, e1, 4),
+            PatchEmbed(e1, e2, 2),
+            PatchEmbed(e2, e3, 2),
+        )
         self.patch_embed4 = nn.Linear(e3, e3)
         self.stage1_output_decode = nn.Conv2d(e1, e3, 4, stride=4)
         self.stage2_output_decode = nn.Conv2d(e2, e3, 2, stride=2)
@@ -169,7 +185,9 @@ class PublishedGeoMoE(nn.Module):
         self.norm = nn.LayerNorm(e3, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            DecoderBlock(decoder_embed_dim, e3, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, 16 * 16 * 3)
 
@@ -181,7 +199,7 @@ class PublishedGeoMoE(nn.Module):
         ids_shuffle = torch.argsort(noise, dim=1)
         len_keep = int(L * (1 - mask_ratio))
         ids_keep = ids_shuffle[:, :len_keep]
-        ids_build = torch.sort(ids_shuffle[:, L - int(L * kept_mask_ratio):], dim=1).values
+        ids_build = torch.sort(ids_shuffle[:, L - int(L * kept_mask_ratio) :], dim=1).values
         mask = torch.ones(N, L, device=imgs.device)
         mask.scatter_(1, ids_keep, 0)  # 0 = kept
         vis = (1 - mask).reshape(N, 1, G, G)
@@ -209,7 +227,9 @@ class PublishedGeoMoE(nn.Module):
             loads.append(load)
         latent = self.norm(x + s1 + s2)
 
-        pos = torch.gather(self.decoder_pos_embed.expand(N, -1, -1), 1, ids_build[:, :, None].expand(-1, -1, self.mask_token.shape[-1]))
+        pos = torch.gather(
+            self.decoder_pos_embed.expand(N, -1, -1), 1, ids_build[:, :, None].expand(-1, -1, self.mask_token.shape[-1])
+        )
         q = self.mask_token + pos
         for blk in self.decoder_blocks:
             q = blk(q, latent)

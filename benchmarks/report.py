@@ -1,4 +1,5 @@
 """Results JSON -> a markdown table and PNG plots: python -m benchmarks.report RESULTS.json [...]"""
+
 from __future__ import annotations
 
 import json
@@ -34,18 +35,40 @@ def _bound_us(row: Dict[str, Any], mode: str):
 
 def markdown(result: Dict[str, Any]) -> str:
     s, m = result["summary"], result["machine"]
-    out = [f"# Benchmarks: {s.get('card')} ({m.get('mode')} mode), commit {s.get('commit')}", "",
-           f"torch {s.get('torch')}, CUDA {s.get('cuda')}, Triton {s.get('triton')}, Python {m.get('python')}, {result.get('datetime')}", "",
-           "## Summary", "", "| figure | value |", "| --- | --- |"]
+    out = [
+        f"# Benchmarks: {s.get('card')} ({m.get('mode')} mode), commit {s.get('commit')}",
+        "",
+        f"torch {s.get('torch')}, CUDA {s.get('cuda')}, Triton {s.get('triton')}, Python {m.get('python')}, {result.get('datetime')}",
+        "",
+        "## Summary",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
     for k, v in s.items():
         if k not in ("card", "torch", "cuda", "triton", "commit"):
             out.append(f"| {k} | {_fmt(v)} |")
     groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for r in result["rows"]:
         groups[r.get("group", "other")].append(dict(r, h100_bound_us=_bound_us(r, m.get("mode"))))
-    cols = ["impl", "tokens", "routing", "mask_ratio", "images", "median_s", "tflops", "fraction_of_mm", "gbps",
-            "fraction_of_copy", "images_per_s", "h100_bound_us", "load_max_over_mean", "peak_memory_bytes", "version",
-            "unsupported"]
+    cols = [
+        "impl",
+        "tokens",
+        "routing",
+        "mask_ratio",
+        "images",
+        "median_s",
+        "tflops",
+        "fraction_of_mm",
+        "gbps",
+        "fraction_of_copy",
+        "images_per_s",
+        "h100_bound_us",
+        "load_max_over_mean",
+        "peak_memory_bytes",
+        "version",
+        "unsupported",
+    ]
     for group, rows in groups.items():
         present = [c for c in cols if any(r.get(c) is not None for r in rows)]
         out += ["", f"## {group}", "", "| " + " | ".join(present) + " |", "|" + " --- |" * len(present)]
@@ -89,7 +112,7 @@ def plots(result: Dict[str, Any], stem: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    for path in (argv or sys.argv[1:]):
+    for path in argv or sys.argv[1:]:
         result = json.load(open(path))
         stem = os.path.splitext(path)[0]
         with open(stem + ".md", "w") as f:

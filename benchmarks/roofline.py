@@ -14,6 +14,7 @@ all bf16 with float32 routing, it gives:
   pick another, so design_bytes is a model, not a measurement;
 - bound_us: the H100 lower bound, max(flops / 989 TFLOP/s, min_bytes / 3.35 TB/s).
 The shared expert (a dense GEMM) and the router's GEMM (d x E) are left out: cuBLAS runs both."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,9 @@ def _wgrad(kernel, shape, M, K, N, E, a_bytes, g_bytes):
     """dW [E, K, N] (float32) = A^T G per expert, and the bias gradient from G."""
     out = E * K * N * F32 + E * N * F32
     fits = a_bytes + g_bytes <= L2_BYTES
-    design = (a_bytes + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])) + out
+    design = (
+        a_bytes + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])
+    ) + out
     return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_bytes + g_bytes + out, design_bytes=design)
 
 
@@ -112,8 +115,10 @@ def up_proj_bound_us(tokens: int) -> float:
 def table(rows: List[Row]) -> str:
     lines = [f"{'shape':<14} {'kernel':<16} {'GFLOP':>8} {'min MB':>9} {'design MB':>10} {'design/min':>10} {'bound us':>9}"]
     for r in rows:
-        lines.append(f"{r.shape:<14} {r.kernel:<16} {r.flops / 1e9:>8.1f} {r.min_bytes / 1e6:>9.1f} {r.design_bytes / 1e6:>10.1f} "
-                     f"{r.design_bytes / r.min_bytes:>10.2f} {r.bound_us:>9.1f}")
+        lines.append(
+            f"{r.shape:<14} {r.kernel:<16} {r.flops / 1e9:>8.1f} {r.min_bytes / 1e6:>9.1f} {r.design_bytes / 1e6:>10.1f} "
+            f"{r.design_bytes / r.min_bytes:>10.2f} {r.bound_us:>9.1f}"
+        )
     return "\n".join(lines)
 
 

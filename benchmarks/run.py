@@ -3,6 +3,7 @@
 Writes <date>-<card>-<commit>.json (a `summary` of the headline figures, the machine, and every
 row with its time, TFLOP/s or GB/s and fraction of the ceilings measured in the same run), the
 markdown table beside it, and the plots (benchmarks/report.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ def _row(b: Dict[str, Any]) -> Dict[str, Any]:
     info = dict(b.get("extra_info", {}))
     stats = {} if info.get("unsupported") else (b.get("stats") or {})  # recorded with its reason, untimed
     median = stats.get("median")
-    row = {"name": b["name"], **info, "median_s": median, "mean_s": stats.get("mean"), "stddev_s": stats.get("stddev"),
-           "rounds": stats.get("rounds")}
+    row = {
+        "name": b["name"],
+        **info,
+        "median_s": median,
+        "mean_s": stats.get("mean"),
+        "stddev_s": stats.get("stddev"),
+        "rounds": stats.get("rounds"),
+    }
     if median:
         if info.get("flops"):
             row["tflops"] = info["flops"] / median / 1e12
@@ -57,8 +64,15 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     big = _find(rows, group="moe_layer", impl="geomoe", tokens=largest, routing="uniform")
     gg = _find(rows, group="grouped_gemm", impl="geomoe", tokens=ref_tokens)
     gg_cuda = _find(rows, group="grouped_gemm", impl="geomoe_cuda", tokens=ref_tokens)
-    peers = [r for r in rows if r.get("group") == "moe_layer" and r.get("tokens") == ref_tokens
-             and r.get("routing") == "uniform" and r.get("peer") and r.get("median_s")]
+    peers = [
+        r
+        for r in rows
+        if r.get("group") == "moe_layer"
+        and r.get("tokens") == ref_tokens
+        and r.get("routing") == "uniform"
+        and r.get("peer")
+        and r.get("median_s")
+    ]
     best_peer = min(peers, key=lambda r: r["median_s"], default=None)
     perm = _find(rows, group="permute", tokens=ref_tokens)
     fc1 = _find(rows, group="norm_linear", impl="geomoe", layer="fc1")
@@ -72,8 +86,12 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "reference_tokens": ref_tokens,
         "largest_tokens": largest,
         "moe_layer_fwdbwd_tflops": big.get("tflops") if big else None,
-        "moe_layer_speedup_vs_loop": _ratio(_find(rows, group="moe_layer", impl="loop", tokens=ref_tokens, routing="uniform"), ours),
-        "moe_layer_speedup_vs_grouped_mm": _ratio(_find(rows, group="moe_layer", impl="grouped_mm", tokens=ref_tokens, routing="uniform"), ours),
+        "moe_layer_speedup_vs_loop": _ratio(
+            _find(rows, group="moe_layer", impl="loop", tokens=ref_tokens, routing="uniform"), ours
+        ),
+        "moe_layer_speedup_vs_grouped_mm": _ratio(
+            _find(rows, group="moe_layer", impl="grouped_mm", tokens=ref_tokens, routing="uniform"), ours
+        ),
         "moe_layer_speedup_vs_best_peer": _ratio(best_peer, ours),
         "moe_layer_best_peer": best_peer.get("impl") if best_peer else None,
         "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
@@ -84,9 +102,12 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "norm_linear_fc1_speedup_vs_torch": _ratio(_find(rows, group="norm_linear", impl="torch", layer="fc1"), fc1),
         "masked_dwconv_fraction_of_copy": conv.get("fraction_of_copy") if conv else None,
         "front_end_peak_memory_ratio_dense_over_sparse": (fe_d["peak_memory_bytes"] / fe_s["peak_memory_bytes"])
-        if fe_s and fe_d and fe_s.get("peak_memory_bytes") else None,
+        if fe_s and fe_d and fe_s.get("peak_memory_bytes")
+        else None,
         "train_step_speedup_vs_original": _ratio(ts_p, ts_o),
-        "train_step_speedup_vs_dense_front_end": _ratio(_find(rows, group="train_step", impl="geomoe_dense", images=first_batch), ts_o),
+        "train_step_speedup_vs_dense_front_end": _ratio(
+            _find(rows, group="train_step", impl="geomoe_dense", images=first_batch), ts_o
+        ),
         "train_step_images_per_s": ts_o.get("images_per_s") if ts_o else None,
     }
 
@@ -100,15 +121,28 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("-k", default=None, help="pytest -k expression to run a subset")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds: benchmarks that would start later are skipped (headline figures run first)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds: benchmarks that would start later are skipped (headline figures run first)",
+    )
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     from benchmarks import common, report
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.json")
-        cmd = [sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "benchmarks"), f"--benchmark-json={raw}", "-p", "no:cacheprovider"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            os.path.join(ROOT, "benchmarks"),
+            f"--benchmark-json={raw}",
+            "-p",
+            "no:cacheprovider",
+        ]
         if args.k:
             cmd += ["-k", args.k]
         env = dict(os.environ)
@@ -123,8 +157,14 @@ def main(argv=None) -> int:
     rows = [_row(b) for b in data["benchmarks"]]
     card = "cpu" if machine.get("mode") != "gpu" else _slug(machine.get("card", "gpu").replace("NVIDIA", ""))
     result = {
-        "summary": {**summarize(rows, common.reference_tokens()), "card": machine.get("card"), "torch": machine.get("torch"),
-                    "cuda": machine.get("cuda"), "triton": machine.get("triton"), "commit": machine.get("commit")},
+        "summary": {
+            **summarize(rows, common.reference_tokens()),
+            "card": machine.get("card"),
+            "torch": machine.get("torch"),
+            "cuda": machine.get("cuda"),
+            "triton": machine.get("triton"),
+            "commit": machine.get("commit"),
+        },
         "machine": machine,
         "datetime": data.get("datetime"),
         "rows": rows,

@@ -3,6 +3,7 @@
 Ops (each a torch.library op in namespace `geomoe` with its backward registered, declared once in ops/):
 topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
 SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
+
 from . import layout
 from .backend import BACKENDS, BackendUnavailable
 from ._checks import OpInputError

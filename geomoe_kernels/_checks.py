@@ -2,6 +2,7 @@
 what came. Metadata checks (device, dtype, shape, layout) cost nothing and always run. Value checks
 (NaN, id ranges, offsets) need to read the data, which is a host sync on a GPU, so by default they run
 only for CPU tensors; GEOMOE_CHECK_VALUES=1 turns them on everywhere, =0 off everywhere."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,15 +44,12 @@ def check_tensor(
         raise OpInputError(f"{op}: argument '{name}' expected a tensor, got {type(t).__name__}")
     if device is not None and t.device != device:
         raise OpInputError(
-            f"{op}: argument '{name}' expected a tensor on {device} (the device of the first input), "
-            f"got one on {t.device}"
+            f"{op}: argument '{name}' expected a tensor on {device} (the device of the first input), got one on {t.device}"
         )
     if dtypes is not None and t.dtype not in dtypes:
         raise OpInputError(f"{op}: argument '{name}' expected dtype {_fmt_dtypes(dtypes)}, got {t.dtype}")
     if dim is not None and t.dim() != dim:
-        raise OpInputError(
-            f"{op}: argument '{name}' expected a {dim}-d tensor, got shape {tuple(t.shape)}"
-        )
+        raise OpInputError(f"{op}: argument '{name}' expected a {dim}-d tensor, got shape {tuple(t.shape)}")
     if shape is not None:
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
@@ -70,9 +68,7 @@ def check_same_dtype(op: str, names: Sequence[str], tensors: Sequence[Optional[t
     assert ref is not None, "the first tensor sets the dtype"
     for n, t in zip(names[1:], tensors[1:]):
         if t is not None and t.dtype != ref.dtype:
-            raise OpInputError(
-                f"{op}: argument '{n}' expected dtype {ref.dtype} (the dtype of '{ref_name}'), got {t.dtype}"
-            )
+            raise OpInputError(f"{op}: argument '{n}' expected dtype {ref.dtype} (the dtype of '{ref_name}'), got {t.dtype}")
 
 
 def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None:
@@ -120,6 +116,4 @@ def check_index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) 
     if value_checks_enabled(t) and t.numel() > 0:
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= high:
-            raise OpInputError(
-                f"{op}: argument '{name}' expected values in [{low}, {high - 1}], got values in [{lo}, {hi}]"
-            )
+            raise OpInputError(f"{op}: argument '{name}' expected values in [{low}, {high - 1}], got values in [{lo}, {hi}]")

@@ -6,6 +6,7 @@ case, else Triton, else the reference; for CPU tensors, the emulated CUDA core u
 GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the reference. An explicit backend
 that cannot run the case is an error that says why, never a silent fallback. Support checks take the
 op's arguments by name."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ def ops() -> List[str]:
     return [op for op, backward_of in _OPS.items() if backward_of is None]
 
 
-def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[..., Optional[str]]] = None,
-             auto: bool = True) -> None:
+def register(
+    op: str, backend: str, impl: Callable, supports: Optional[Callable[..., Optional[str]]] = None, auto: bool = True
+) -> None:
     """supports(**args) gets the op's arguments by name (backend excluded) and returns why this
     implementation cannot run them, or None. auto=False: `backend="auto"` never picks it; only an
     explicit request runs it."""

@@ -6,6 +6,7 @@ shapes and contiguity.
 The same kernels built by the host compiler into geomoe_kernels._cuda_emulated run on the CPU
 (csrc/emulation/): with GEOMOE_CUDA_EMULATE=1 the 'cuda' backend takes CPU tensors through it, and
 GEOMOE_CUDA_EMULATE=asan picks its AddressSanitizer build (which needs libasan preloaded)."""
+
 from __future__ import annotations
 
 import functools
@@ -80,8 +81,11 @@ def runs_on(capability: Tuple[int, int], architectures: str) -> bool:
         specific = digits.endswith("a")
         digits = digits.rstrip("a")
         x, y = int(digits[:-1]), int(digits[-1])
-        if (specific and (major, minor) == (x, y)) or (not specific and not ptx and major == x and minor >= y) \
-                or (ptx and (major, minor) >= (x, y)):
+        if (
+            (specific and (major, minor) == (x, y))
+            or (not specific and not ptx and major == x and minor >= y)
+            or (ptx and (major, minor) >= (x, y))
+        ):
             return True
     return False
 
@@ -92,8 +96,10 @@ def _architecture_reason(index: int) -> Optional[str]:
     built = _core.architectures()
     if runs_on((major, minor), built):
         return None
-    return (f"the CUDA core was built for {built}, which has no code for this device (sm_{major}{minor}); "
-            f"rebuild with GEOMOE_CUDA_ARCHS including {major}{minor}")
+    return (
+        f"the CUDA core was built for {built}, which has no code for this device (sm_{major}{minor}); "
+        f"rebuild with GEOMOE_CUDA_ARCHS including {major}{minor}"
+    )
 
 
 def device_reason(device: torch.device) -> Optional[str]:
@@ -107,8 +113,10 @@ def device_reason(device: torch.device) -> Optional[str]:
         return _architecture_reason(device.index if device.index is not None else torch.cuda.current_device())
     variant = emulation()
     if variant is None or device.type != "cpu":
-        return (f"the CUDA core runs on CUDA tensors, got tensors on {device} "
-                "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)")
+        return (
+            f"the CUDA core runs on CUDA tensors, got tensors on {device} "
+            "(GEOMOE_CUDA_EMULATE=1 runs CPU tensors through its emulation)"
+        )
     core, status = load_emulated(variant)
     return None if core is not None else f"the emulated CUDA core is {status}"
 
@@ -129,9 +137,20 @@ class CudaGating:
 
     def gating(self, logits, bias, top_k, softmax, renormalize, w, ids, counts, partial) -> None:
         T, E = logits.shape
-        _core_for(logits).topk_gating(logits=_p(logits), tokens=T, num_experts=E, bias=_p(bias), top_k=top_k,
-                                      softmax=softmax, renormalize=renormalize, weights=_p(w), ids=_p(ids),
-                                      counts=_p(counts), partial=_p(partial), stream=_stream(logits))
+        _core_for(logits).topk_gating(
+            logits=_p(logits),
+            tokens=T,
+            num_experts=E,
+            bias=_p(bias),
+            top_k=top_k,
+            softmax=softmax,
+            renormalize=renormalize,
+            weights=_p(w),
+            ids=_p(ids),
+            counts=_p(counts),
+            partial=_p(partial),
+            stream=_stream(logits),
+        )
 
 
 topk_gating = functools.partial(recipe.topk_gating, CudaGating())
@@ -142,9 +161,18 @@ def topk_gating_backward(grad_weights, grad_prob_mean, logits, ids, score_func, 
     gw = None if grad_weights is None else grad_weights.float().contiguous()
     gp = None if grad_prob_mean is None else grad_prob_mean.float().contiguous()
     _core_for(logits).topk_gating_backward(
-        logits=_p(logits), tokens=logits.shape[0], num_experts=logits.shape[1], ids=_p(ids), top_k=ids.shape[1],
-        grad_weights=_p(gw), grad_prob_mean=_p(gp), softmax=score_func == "softmax", renormalize=renormalize,
-        grad_logits=_p(grad), stream=_stream(logits))
+        logits=_p(logits),
+        tokens=logits.shape[0],
+        num_experts=logits.shape[1],
+        ids=_p(ids),
+        top_k=ids.shape[1],
+        grad_weights=_p(gw),
+        grad_prob_mean=_p(gp),
+        softmax=score_func == "softmax",
+        renormalize=renormalize,
+        grad_logits=_p(grad),
+        stream=_stream(logits),
+    )
     return grad
 
 
@@ -155,12 +183,21 @@ class CudaRouting:
         return ROUTE_BLOCK
 
     def histogram(self, flat, E, block, per_block) -> None:
-        _core_for(flat).route_histogram(ids=_p(flat), n=flat.numel(), num_experts=E, block=block,
-                                        per_block=_p(per_block), stream=_stream(flat))
+        _core_for(flat).route_histogram(
+            ids=_p(flat), n=flat.numel(), num_experts=E, block=block, per_block=_p(per_block), stream=_stream(flat)
+        )
 
     def scatter(self, flat, E, block, base, row_to_flat, flat_to_row) -> None:
-        _core_for(flat).route_scatter(ids=_p(flat), n=flat.numel(), num_experts=E, block=block, base=_p(base),
-                                      row_to_flat=_p(row_to_flat), flat_to_row=_p(flat_to_row), stream=_stream(flat))
+        _core_for(flat).route_scatter(
+            ids=_p(flat),
+            n=flat.numel(),
+            num_experts=E,
+            block=block,
+            base=_p(base),
+            row_to_flat=_p(row_to_flat),
+            flat_to_row=_p(flat_to_row),
+            stream=_stream(flat),
+        )
 
 
 route = functools.partial(recipe.route, CudaRouting())
@@ -169,27 +206,58 @@ route = functools.partial(recipe.route, CudaRouting())
 def permute(x, row_to_flat, top_k, weights):
     out = x.new_empty(row_to_flat.numel(), x.shape[1])
     w = None if weights is None else weights.reshape(-1)
-    _core_for(x).permute(dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), row_to_flat=_p(row_to_flat), weights=_p(w),
-                         rows=out.shape[0], d=x.shape[1], top_k=top_k, out=_p(out), ldo=out.stride(0),
-                         stream=_stream(x))
+    _core_for(x).permute(
+        dtype=_DTYPE[x.dtype],
+        x=_p(x),
+        ldx=x.stride(0),
+        row_to_flat=_p(row_to_flat),
+        weights=_p(w),
+        rows=out.shape[0],
+        d=x.shape[1],
+        top_k=top_k,
+        out=_p(out),
+        ldo=out.stride(0),
+        stream=_stream(x),
+    )
     return out
 
 
 def unpermute(rows, flat_to_row, top_k, weights, shared):
     T, d = flat_to_row.numel() // top_k, rows.shape[1]
     out = rows.new_empty(T, d)
-    _core_for(rows).unpermute(dtype=_DTYPE[rows.dtype], rows=_p(rows), ldr=rows.stride(0), flat_to_row=_p(flat_to_row),
-                              weights=_p(weights), shared=_p(shared), lds=shared.stride(0) if shared is not None else 0,
-                              tokens=T, d=d, top_k=top_k, out=_p(out), ldo=out.stride(0), stream=_stream(rows))
+    _core_for(rows).unpermute(
+        dtype=_DTYPE[rows.dtype],
+        rows=_p(rows),
+        ldr=rows.stride(0),
+        flat_to_row=_p(flat_to_row),
+        weights=_p(weights),
+        shared=_p(shared),
+        lds=shared.stride(0) if shared is not None else 0,
+        tokens=T,
+        d=d,
+        top_k=top_k,
+        out=_p(out),
+        ldo=out.stride(0),
+        stream=_stream(rows),
+    )
     return out
 
 
 def unpermute_weight_grad(grad_out, rows, flat_to_row, top_k):
     out = torch.empty(grad_out.shape[0], top_k, dtype=torch.float32, device=rows.device)
     _core_for(rows).unpermute_weight_grad(
-        dtype=_DTYPE[rows.dtype], grad_out=_p(grad_out), ldg=grad_out.stride(0), rows=_p(rows), ldr=rows.stride(0),
-        flat_to_row=_p(flat_to_row), tokens=grad_out.shape[0], d=rows.shape[1], top_k=top_k, grad_w=_p(out),
-        stream=_stream(rows))
+        dtype=_DTYPE[rows.dtype],
+        grad_out=_p(grad_out),
+        ldg=grad_out.stride(0),
+        rows=_p(rows),
+        ldr=rows.stride(0),
+        flat_to_row=_p(flat_to_row),
+        tokens=grad_out.shape[0],
+        d=rows.shape[1],
+        top_k=top_k,
+        grad_w=_p(out),
+        stream=_stream(rows),
+    )
     return out
 
 
@@ -201,16 +269,37 @@ class CudaDepthwiseConv:
 
     def conv(self, x, neighbors, weight, bias, flip, out) -> None:
         _core_for(x).masked_depthwise_conv(
-            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), neighbors=_p(neighbors), kk=neighbors.shape[1],
-            weight=_p(weight), bias=_p(bias), rows=x.shape[0], channels=x.shape[1], flip=flip, out=_p(out),
-            ldo=out.stride(0), stream=_stream(x))
+            dtype=_DTYPE[x.dtype],
+            x=_p(x),
+            ldx=x.stride(0),
+            neighbors=_p(neighbors),
+            kk=neighbors.shape[1],
+            weight=_p(weight),
+            bias=_p(bias),
+            rows=x.shape[0],
+            channels=x.shape[1],
+            flip=flip,
+            out=_p(out),
+            ldo=out.stride(0),
+            stream=_stream(x),
+        )
 
     def wgrad(self, x, grad_out, neighbors, dw, db) -> None:
         R, C = x.shape
         _core_for(x).masked_depthwise_conv_wgrad(
-            dtype=_DTYPE[x.dtype], x=_p(x), ldx=x.stride(0), grad_out=_p(grad_out), ldg=grad_out.stride(0),
-            neighbors=_p(neighbors), kk=neighbors.shape[1], rows=R, channels=C, dw_partial=_p(dw), db_partial=_p(db),
-            stream=_stream(x))
+            dtype=_DTYPE[x.dtype],
+            x=_p(x),
+            ldx=x.stride(0),
+            grad_out=_p(grad_out),
+            ldg=grad_out.stride(0),
+            neighbors=_p(neighbors),
+            kk=neighbors.shape[1],
+            rows=R,
+            channels=C,
+            dw_partial=_p(dw),
+            db_partial=_p(db),
+            stream=_stream(x),
+        )
 
 
 masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, CudaDepthwiseConv())
@@ -227,28 +316,82 @@ class CudaGroupedGemm:
         E, K, N = weight.shape
         blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
         _core_for(x).grouped_mm(
-            dtype=_DTYPE[x.dtype], a=_p(x), lda=x.stride(0), gather=_p(gather), top_k=top_k, w=_p(weight), K=K, N=N,
-            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=False, bias=_p(bias), blk_expert=_p(blk_expert),
-            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=activations.code(activation), out=_p(out),
-            ldo=out.stride(0), pre=_p(pre), ldp=pre.stride(0) if pre is not None else 0, grad_act=0, stream=_stream(x))
+            dtype=_DTYPE[x.dtype],
+            a=_p(x),
+            lda=x.stride(0),
+            gather=_p(gather),
+            top_k=top_k,
+            w=_p(weight),
+            K=K,
+            N=N,
+            ldw=weight.stride(1),
+            stride_we=weight.stride(0),
+            trans_w=False,
+            bias=_p(bias),
+            blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0),
+            blocks=blocks,
+            offsets=_p(offsets),
+            act=activations.code(activation),
+            out=_p(out),
+            ldo=out.stride(0),
+            pre=_p(pre),
+            ldp=pre.stride(0) if pre is not None else 0,
+            grad_act=0,
+            stream=_stream(x),
+        )
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
         K, N = weight.shape[1:]
         blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
         _core_for(grad).grouped_mm(
-            dtype=_DTYPE[grad.dtype], a=_p(grad), lda=grad.stride(0), gather=0, top_k=1, w=_p(weight), K=N, N=K,
-            ldw=weight.stride(1), stride_we=weight.stride(0), trans_w=True, bias=0, blk_expert=_p(blk_expert),
-            blk_row0=_p(blk_row0), blocks=blocks, offsets=_p(offsets), act=0, out=_p(out), ldo=out.stride(0), pre=_p(pre),
-            ldp=pre.stride(0) if pre is not None else 0, grad_act=activations.code(grad_act), stream=_stream(grad))
+            dtype=_DTYPE[grad.dtype],
+            a=_p(grad),
+            lda=grad.stride(0),
+            gather=0,
+            top_k=1,
+            w=_p(weight),
+            K=N,
+            N=K,
+            ldw=weight.stride(1),
+            stride_we=weight.stride(0),
+            trans_w=True,
+            bias=0,
+            blk_expert=_p(blk_expert),
+            blk_row0=_p(blk_row0),
+            blocks=blocks,
+            offsets=_p(offsets),
+            act=0,
+            out=_p(out),
+            ldo=out.stride(0),
+            pre=_p(pre),
+            ldp=pre.stride(0) if pre is not None else 0,
+            grad_act=activations.code(grad_act),
+            stream=_stream(grad),
+        )
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
         """(dW, db) partials in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_activation."""
         splits, E, K, N = partial.shape
         _core_for(a).grouped_mm_wgrad(
-            dtype=_DTYPE[a.dtype], a=_p(a), lda=a.stride(0), gather=_p(gather), top_k=top_k, g=_p(grad),
-            ldg=grad.stride(0), offsets=_p(offsets), num_experts=E, K=K, N=N, splits=splits,
-            a_act=activations.code(a_activation), partial=_p(partial), partial_db=_p(partial_db), stream=_stream(a))
+            dtype=_DTYPE[a.dtype],
+            a=_p(a),
+            lda=a.stride(0),
+            gather=_p(gather),
+            top_k=top_k,
+            g=_p(grad),
+            ldg=grad.stride(0),
+            offsets=_p(offsets),
+            num_experts=E,
+            K=K,
+            N=N,
+            splits=splits,
+            a_act=activations.code(a_activation),
+            partial=_p(partial),
+            partial_db=_p(partial_db),
+            stream=_stream(a),
+        )
 
 
 _gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
@@ -288,8 +431,14 @@ def register() -> None:
     r = _backend.register
     r("topk_gating", "cuda", topk_gating, _gating_ok)
     r("topk_gating_backward", "cuda", topk_gating_backward, lambda logits, ids, **_: _gating_ok(logits, ids.shape[1]))
-    r("route", "cuda", route, lambda num_experts, **_: None if num_experts <= 4096 else
-      f"the CUDA histogram keeps E in shared memory: at most 4096, got {num_experts}")
+    r(
+        "route",
+        "cuda",
+        route,
+        lambda num_experts, **_: (
+            None if num_experts <= 4096 else f"the CUDA histogram keeps E in shared memory: at most 4096, got {num_experts}"
+        ),
+    )
     r("permute", "cuda", permute, lambda x, weights, **_: _rows_ok(x) or _weights_ok(weights))
     r("unpermute", "cuda", unpermute, lambda rows, weights, **_: _rows_ok(rows) or _weights_ok(weights))
     r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda rows, **_: _rows_ok(rows))

@@ -1,6 +1,7 @@
 """python -m geomoe_kernels.info [--verify]: which backends run here, and why the others do not;
 with --verify, also check every usable kernel backend against the reference (geomoe_kernels.verify)
 and exit non-zero if any fails."""
+
 from __future__ import annotations
 
 import platform
@@ -15,14 +16,21 @@ def report() -> str:
     try:
         import triton
 
-        lines.append(f"triton {triton.__version__}; interpreter {'on' if backend.triton_interpreting() else 'off'} (TRITON_INTERPRET)")
+        lines.append(
+            f"triton {triton.__version__}; interpreter {'on' if backend.triton_interpreting() else 'off'} (TRITON_INTERPRET)"
+        )
     except ImportError:
         lines.append("triton not installed")
     lines.append(f"CUDA core: {cuda.load()[1]}")
     variant = cuda.emulation()
-    lines.append(f"emulated CUDA core: {cuda.load_emulated(variant or '1')[1]}; " +
-                 (f"GEOMOE_CUDA_EMULATE={variant}: the cuda backend runs CPU tensors through it" if variant
-                  else "GEOMOE_CUDA_EMULATE=1 runs CPU tensors through it"))
+    lines.append(
+        f"emulated CUDA core: {cuda.load_emulated(variant or '1')[1]}; "
+        + (
+            f"GEOMOE_CUDA_EMULATE={variant}: the cuda backend runs CPU tensors through it"
+            if variant
+            else "GEOMOE_CUDA_EMULATE=1 runs CPU tensors through it"
+        )
+    )
     lines.append(self_check.summary())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

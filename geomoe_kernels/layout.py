@@ -7,6 +7,7 @@ reshape plus one GEMM (consecutive groups of s'^2 rows are one output cell), wit
 
 Everything here is built on the device from the kept token ids, with no host sync and no dense map
 of cells: the only dense table is [N, H*W] at token level."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

@@ -14,6 +14,7 @@ checked: CPU kernels run under test harnesses). The cache is one JSON file in
 $GEOMOE_CACHE_DIR, else $XDG_CACHE_HOME/geomoe_kernels, else ~/.cache/geomoe_kernels; writers
 merge under a file lock and replace the file atomically, so concurrent ranks are safe, and a
 corrupt file is treated as empty and rewritten."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,8 @@ def enabled(device: torch.device) -> bool:
 
 def cache_path() -> str:
     root = os.environ.get("GEOMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "geomoe_kernels")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "geomoe_kernels"
+    )
     return os.path.join(root, CACHE_NAME)
 
 
@@ -117,7 +119,7 @@ def _dtype_of(op: str, args) -> Optional[torch.dtype]:
     """The dtype row of verify's table that this call belongs to (gating and routing: float32)."""
     if family(op) in ("topk_gating", "route"):
         return torch.float32
-    for a in (args.values() if isinstance(args, dict) else args or ()):
+    for a in args.values() if isinstance(args, dict) else args or ():
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
     return None
@@ -184,5 +186,6 @@ def summary() -> str:
     state = {None: "on for CUDA devices", "0": "off (GEOMOE_SELF_CHECK=0)"}.get(flag, "on for every device (GEOMOE_SELF_CHECK=1)")
     secs = [float(v.get("seconds", 0)) for v in data.values()]
     cost = f"; a check takes {min(secs):.2f}-{max(secs):.2f} s, once per kernel and dtype" if secs else ""
-    return (f"self-check {state}: {len(data)} verdicts cached in {cache_path()}, {len(failed)} failed{cost}"
-            + "".join(f"\n  failed: {k}: {data[k].get('detail', '')}" for k in failed))
+    return f"self-check {state}: {len(data)} verdicts cached in {cache_path()}, {len(failed)} failed{cost}" + "".join(
+        f"\n  failed: {k}: {data[k].get('detail', '')}" for k in failed
+    )

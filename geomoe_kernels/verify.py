@@ -13,6 +13,7 @@ gradients are compared with the reference computed in float64 on the CPU:
   every implementation, so a fixed bound would either fail correct kernels or pass wrong ones);
 - integer outputs (expert ids, counts, routing maps) must equal the same-dtype reference exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,11 +48,30 @@ def _case() -> Dict[str, Tensor]:
     ids[:60] = others[:K]  # uneven groups: the first experts get many more rows
     kept = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(2)])  # 2 images, 6 of 16 tokens kept
     return dict(
-        logits=r(T, E), bias=r(E, scale=0.1), ids=ids, x=r(T, D), rows=r(T * K, D), weights=torch.rand(T, K, generator=g, dtype=torch.float64),
-        shared=r(T, D), w1=r(E, D, H, scale=D**-0.5), b1=r(E, H, scale=0.1), w2=r(E, H, D, scale=H**-0.5), b2=r(E, D, scale=0.1),
-        kept=kept, conv_x=r(2 * 6 * 4, 24), conv_w=r(24, 25, scale=0.2), conv_b=r(24, scale=0.1),
-        ln_w=1 + r(D, scale=0.1), ln_b=r(D, scale=0.1), lin_w=r(H, D, scale=D**-0.5), lin_b=r(H, scale=0.1),
-        g_out=r(T, D), g_rows=r(T * K, D), g_hidden=r(T * K, H), g_conv=r(2 * 6 * 4, 24), g_lin=r(T, H),
+        logits=r(T, E),
+        bias=r(E, scale=0.1),
+        ids=ids,
+        x=r(T, D),
+        rows=r(T * K, D),
+        weights=torch.rand(T, K, generator=g, dtype=torch.float64),
+        shared=r(T, D),
+        w1=r(E, D, H, scale=D**-0.5),
+        b1=r(E, H, scale=0.1),
+        w2=r(E, H, D, scale=H**-0.5),
+        b2=r(E, D, scale=0.1),
+        kept=kept,
+        conv_x=r(2 * 6 * 4, 24),
+        conv_w=r(24, 25, scale=0.2),
+        conv_b=r(24, scale=0.1),
+        ln_w=1 + r(D, scale=0.1),
+        ln_b=r(D, scale=0.1),
+        lin_w=r(H, D, scale=D**-0.5),
+        lin_b=r(H, scale=0.1),
+        g_out=r(T, D),
+        g_rows=r(T * K, D),
+        g_hidden=r(T * K, H),
+        g_conv=r(2 * 6 * 4, 24),
+        g_lin=r(T, H),
     )
 
 
@@ -118,8 +138,14 @@ def _norm_linear(c, be, dev, dt):
 
 
 CHECKS: Dict[str, Callable] = {
-    "topk_gating": _gating, "route": _route, "permute": _permute, "unpermute": _unpermute, "grouped_mm": _grouped_mm,
-    "expert_mlp": _expert_mlp, "masked_depthwise_conv": _conv, "norm_linear": _norm_linear,
+    "topk_gating": _gating,
+    "route": _route,
+    "permute": _permute,
+    "unpermute": _unpermute,
+    "grouped_mm": _grouped_mm,
+    "expert_mlp": _expert_mlp,
+    "masked_depthwise_conv": _conv,
+    "norm_linear": _norm_linear,
 }
 # gating and routing take float32 logits and integer ids whatever the model's dtype: one row each
 DTYPES = {"topk_gating": (torch.float32,), "route": (torch.float32,)}
@@ -145,10 +171,13 @@ def _compare(ours, same_dtype_ref, exact, dtype) -> Optional[str]:
     return None
 
 
-def verify(device: Optional[torch.device] = None, ops: Optional[Sequence[str]] = None,
-           backends: Sequence[str] = ("torch", "triton", "cuda"),
-           dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),
-           on_verdict: Optional[Callable[[Verdict], None]] = None) -> List[Verdict]:
+def verify(
+    device: Optional[torch.device] = None,
+    ops: Optional[Sequence[str]] = None,
+    backends: Sequence[str] = ("torch", "triton", "cuda"),
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),
+    on_verdict: Optional[Callable[[Verdict], None]] = None,
+) -> List[Verdict]:
     """Every (op, backend, dtype) that can run on `device` (default: the GPU if any, else the CPU);
     on_verdict sees each verdict as it is reached (a run cut short still says what it found)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,5 @@
 """Worker functions for the multi-process tests (spawned; importable by the children)."""
+
 import os
 
 import torch
@@ -36,9 +37,18 @@ def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
     xs = x[lo:hi].clone().requires_grad_(True)
     y, aux, load = ep(xs)
     (y * g[lo:hi]).sum().backward()
-    torch.save({"y": y.detach(), "x_grad": xs.grad, "load": load, "lo": lo, "hi": hi,
-                "grads": {n: p.grad for n, p in ep.named_parameters() if p.grad is not None},
-                "range": (ep.expert_start, ep.expert_end)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "y": y.detach(),
+            "x_grad": xs.grad,
+            "load": load,
+            "lo": lo,
+            "hi": hi,
+            "grads": {n: p.grad for n, p in ep.named_parameters() if p.grad is not None},
+            "range": (ep.expert_start, ep.expert_end),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
@@ -48,8 +58,7 @@ def stalled_peer(rank: int, world: int, port: int, out_dir: str) -> None:
     rank 0's next collective must end within the --timeout with a message, not wait 30 minutes."""
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from geomoe import distributed
 

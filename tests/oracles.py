@@ -1,5 +1,6 @@
 """Independent naive implementations (per-token and per-expert Python loops, float64) that the ops and
 layers are checked against. Written the way the published code reads, not the way our ops work."""
+
 from __future__ import annotations
 
 import torch

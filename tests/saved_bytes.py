@@ -1,5 +1,6 @@
 """What autograd keeps for backward: the bytes of the distinct storages saved while fn runs,
 parameters not counted (they are not activations). A device-independent view of activation memory."""
+
 import torch
 
 

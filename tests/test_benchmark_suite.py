@@ -1,5 +1,6 @@
 """The benchmark pipeline end to end on tiny shapes: pytest-benchmark -> results JSON with the
 summary -> markdown and plots. (The timings themselves live in benchmarks/, never in tests.)"""
+
 import json
 import os
 import subprocess
@@ -10,30 +11,66 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
-    "moe_layer_fwdbwd_tflops", "moe_layer_speedup_vs_loop", "moe_layer_speedup_vs_grouped_mm",
-    "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "front_end_speedup_vs_dense",
-    "train_step_speedup_vs_original", "train_step_speedup_vs_dense_front_end", "train_step_images_per_s",
-    "norm_linear_fc1_fraction_of_mm", "norm_linear_fc1_speedup_vs_torch", "masked_dwconv_fraction_of_copy",
-    "card", "torch", "commit", "moe_layer_speedup_vs_best_peer", "cuda_grouped_gemm_fraction_of_mm",
+    "moe_layer_fwdbwd_tflops",
+    "moe_layer_speedup_vs_loop",
+    "moe_layer_speedup_vs_grouped_mm",
+    "grouped_gemm_fraction_of_mm",
+    "permute_fraction_of_copy",
+    "front_end_speedup_vs_dense",
+    "train_step_speedup_vs_original",
+    "train_step_speedup_vs_dense_front_end",
+    "train_step_images_per_s",
+    "norm_linear_fc1_fraction_of_mm",
+    "norm_linear_fc1_speedup_vs_torch",
+    "masked_dwconv_fraction_of_copy",
+    "card",
+    "torch",
+    "commit",
+    "moe_layer_speedup_vs_best_peer",
+    "cuda_grouped_gemm_fraction_of_mm",
 }
 
 
 def test_run_writes_results_summary_table_and_plot(tmp_path):
     env = dict(os.environ, GEOMOE_BENCH="smoke")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
     result = json.load(open(tmp_path / path))
     assert SUMMARY_KEYS <= set(result["summary"])
     s = result["summary"]
-    for key in ("moe_layer_speedup_vs_loop", "front_end_speedup_vs_dense", "train_step_speedup_vs_original",
-                "grouped_gemm_fraction_of_mm", "permute_fraction_of_copy", "train_step_speedup_vs_dense_front_end",
-                "norm_linear_fc1_fraction_of_mm", "norm_linear_fc1_speedup_vs_torch", "masked_dwconv_fraction_of_copy"):
+    for key in (
+        "moe_layer_speedup_vs_loop",
+        "front_end_speedup_vs_dense",
+        "train_step_speedup_vs_original",
+        "grouped_gemm_fraction_of_mm",
+        "permute_fraction_of_copy",
+        "train_step_speedup_vs_dense_front_end",
+        "norm_linear_fc1_fraction_of_mm",
+        "norm_linear_fc1_speedup_vs_torch",
+        "masked_dwconv_fraction_of_copy",
+    ):
         assert isinstance(s[key], float) and s[key] > 0, key
     groups = {r["group"] for r in result["rows"]}
-    assert {"moe_layer", "gating", "permute", "unpermute", "grouped_gemm", "front_end", "cblock", "train_step",
-            "norm_linear", "masked_dwconv"} <= groups
+    assert {
+        "moe_layer",
+        "gating",
+        "permute",
+        "unpermute",
+        "grouped_gemm",
+        "front_end",
+        "cblock",
+        "train_step",
+        "norm_linear",
+        "masked_dwconv",
+    } <= groups
     from benchmarks.peers import PEERS
 
     layer_rows = [r for r in result["rows"] if r["group"] == "moe_layer"]
@@ -46,14 +83,26 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
 
 def test_headline_benchmarks_run_first_and_a_spent_budget_skips_the_rest():
     env = dict(os.environ, GEOMOE_BENCH="smoke")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     headline = [i for i, n in enumerate(ids) if "test_pretrain_step" in n or "[0.75-" in n or "uniform" in n]
     assert headline == list(range(len(headline))) and len(headline) >= 9, ids[:12]
     env["GEOMOE_BENCH_DEADLINE"] = "0"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "benchmarks/bench_moe.py", "-p", "no:cacheprovider", "-k", "gating"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "benchmarks/bench_moe.py", "-p", "no:cacheprovider", "-k", "gating"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0 and "skipped" in last and "passed" not in last, proc.stdout[-1000:]
 

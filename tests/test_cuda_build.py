@@ -1,5 +1,6 @@
 """CI builds the CUDA core on every run (nvcc is on the CI machine, no GPU): it must have compiled,
 linked and imported, for the architectures asked for, with no register spills."""
+
 import os
 import re
 
@@ -78,16 +79,35 @@ def test_every_wrapper_call_matches_its_binding(monkeypatch):
     cuda.expert_mlp_backward(torch.randn(T * k, K, **bf), x, w1, w2, off, pre, "gelu", r2f, k)
     assert rows is not None
     launched = set(probe.called)
-    assert {"topk_gating", "topk_gating_backward", "route_histogram", "route_scatter", "permute", "unpermute",
-            "unpermute_weight_grad", "masked_depthwise_conv", "masked_depthwise_conv_wgrad", "grouped_mm",
-            "grouped_mm_wgrad"} <= launched, launched
+    assert {
+        "topk_gating",
+        "topk_gating_backward",
+        "route_histogram",
+        "route_scatter",
+        "permute",
+        "unpermute",
+        "unpermute_weight_grad",
+        "masked_depthwise_conv",
+        "masked_depthwise_conv_wgrad",
+        "grouped_mm",
+        "grouped_mm_wgrad",
+    } <= launched, launched
 
 
-@pytest.mark.parametrize("capability,archs,runs", [
-    ((9, 0), "80;90a", True), ((8, 0), "80;90a", True), ((8, 9), "80;90a", True), ((8, 6), "90a", False),
-    ((10, 0), "80;90a", False), ((12, 0), "80;90a;compute_90", True), ((7, 5), "80;compute_80", False),
-    ((9, 0), "90", True), ((10, 0), "90a", False),
-])
+@pytest.mark.parametrize(
+    "capability,archs,runs",
+    [
+        ((9, 0), "80;90a", True),
+        ((8, 0), "80;90a", True),
+        ((8, 9), "80;90a", True),
+        ((8, 6), "90a", False),
+        ((10, 0), "80;90a", False),
+        ((12, 0), "80;90a;compute_90", True),
+        ((7, 5), "80;compute_80", False),
+        ((9, 0), "90", True),
+        ((10, 0), "90a", False),
+    ],
+)
 def test_architecture_check(capability, archs, runs):
     """Which devices a build has code for: auto skips the CUDA core on the others (no 'no kernel image')."""
     from geomoe_kernels.cuda import runs_on

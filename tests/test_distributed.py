@@ -1,5 +1,6 @@
 """Multi-process tests on gloo (CPU): expert parallelism equals one process; data-parallel pretraining
 under torchrun; the loads summed over ranks drive the same bias update everywhere."""
+
 import json
 import os
 import subprocess
@@ -42,9 +43,29 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
 
 
 def _torchrun(out, *extra, steps=4, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "geomoe",
-           "pretrain", "--config", "tiny", "--steps", str(steps), "--batch-size", "4", "--log-every", "1",
-           "--out", str(out), "--no-progress", "--no-tensorboard", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "geomoe",
+        "pretrain",
+        "--config",
+        "tiny",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

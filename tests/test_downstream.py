@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -108,8 +107,19 @@ def test_finetune_reaches_90_percent_and_resumes(tmp_path):
 
 def test_finetune_from_a_pretraining_checkpoint(tmp_path):
     run = pretrain(PretrainArgs(out=str(tmp_path / "pre"), steps=2, batch_size=8, progress=False, device="cpu"))
-    res = finetune(FinetuneArgs(out=str(tmp_path / "ft"), weights=run["checkpoint"], img_size=64, epochs=1,
-                                batch_size=32, progress=False, device="cpu", mixup=0.8, cutmix=1.0))
+    res = finetune(
+        FinetuneArgs(
+            out=str(tmp_path / "ft"),
+            weights=run["checkpoint"],
+            img_size=64,
+            epochs=1,
+            batch_size=32,
+            progress=False,
+            device="cpu",
+            mixup=0.8,
+            cutmix=1.0,
+        )
+    )
     pre = run["model"].state_dict()
     # the first step moved the weights, so compare to what the checkpoint held through a fresh load
     bb = GeoMoEBackbone(**ENC)

@@ -1,4 +1,5 @@
 """Faults a multi-day run meets: kill -9 during a save, SIGTERM, non-finite losses, unreadable images."""
+
 import json
 import os
 import signal
@@ -21,10 +22,24 @@ FAST = dict(batch_size=8, progress=False, device="cpu", tensorboard=False)
 
 
 def _cli(out, *extra, env_extra=None):
-    cmd = [sys.executable, "-m", "geomoe", "pretrain", "--config", "tiny", "--batch-size", "8", "--out", str(out),
-           "--no-progress", "--no-tensorboard", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, **(env_extra or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "geomoe",
+        "pretrain",
+        "--config",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(os.environ, **(env_extra or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(path, proc, timeout=120):
@@ -102,8 +117,16 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "empty.tif").write_bytes(b"")
     with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
-        res = pretrain(PretrainArgs(out=str(tmp_path / "run"), data=str(tmp_path / "data"), steps=4, batch_size=4,
-                                    log_every=4, **{k: v for k, v in FAST.items() if k != "batch_size"}))
+        res = pretrain(
+            PretrainArgs(
+                out=str(tmp_path / "run"),
+                data=str(tmp_path / "data"),
+                steps=4,
+                batch_size=4,
+                log_every=4,
+                **{k: v for k, v in FAST.items() if k != "batch_size"},
+            )
+        )
     named = " ".join(str(w.message) for w in caught)
     assert "broken.jpg" in named and "empty.tif" in named
     rec = res["history"][-1]
@@ -114,8 +137,17 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_report_plots_a_run(tmp_path):
     pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=4, log_every=1, **FAST))
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    for key in ("loss", "lr", "images_per_s", "tokens_per_s", "aux_per_layer", "load_per_layer",
-                "expert_bias_per_layer", "grad_norm", "memory_bytes"):
+    for key in (
+        "loss",
+        "lr",
+        "images_per_s",
+        "tokens_per_s",
+        "aux_per_layer",
+        "load_per_layer",
+        "expert_bias_per_layer",
+        "grad_norm",
+        "memory_bytes",
+    ):
         assert key in rows[0], key
     made = write_report(str(tmp_path / "run"))
     assert sorted(os.path.basename(p) for p in made) == ["expert_load.png", "loss.png", "throughput.png"]

@@ -1,6 +1,7 @@
 """GPU checks (skipped without CUDA): every op on the device against the float64 CPU oracle in fp32
 (TF32 off), fp16 and bf16 with the tolerances of docs/testing.md; bitwise determinism; zero-token experts under
 a poisoned allocator; CUDA-graph capture and torch.compile of the layer; the model's two front ends."""
+
 import pytest
 import torch
 
@@ -22,8 +23,16 @@ from tests.oracles import OriginalMoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1.4e-2, rtol=2e-2), torch.bfloat16: dict(atol=1.4e-2, rtol=2e-2)}
-GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1.4e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=1.4e-2, rtol=2e-2),
+}
+GRAD_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -177,8 +186,17 @@ def test_torch_compile_fullgraph_on_gpu():
 
 
 def test_model_front_ends_agree_on_gpu():
-    cfg = dict(img_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 2), num_heads=2, num_experts=5, top_k=2,
-               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    cfg = dict(
+        img_size=64,
+        embed_dim=(16, 24, 32),
+        depth=(1, 1, 2),
+        num_heads=2,
+        num_experts=5,
+        top_k=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     sparse = GeoMoE(**cfg).to(CUDA)
     dense = GeoMoE(**cfg, front_end="dense").to(CUDA)
     dense.load_state_dict(sparse.state_dict())
@@ -319,8 +337,12 @@ def test_expert_mlp_matches_the_reference(backend, dtype, act):
     ids[:200] = torch.tensor([0, 1, 2], device=CUDA)
     r2f, f2r, off = route(ids, E)
     x = (torch.randn(T, K, device=CUDA) / 4).to(dtype).requires_grad_(True)
-    params = [(torch.randn(*shape, device=CUDA) / shape[-2] ** 0.5 if len(shape) == 3 else torch.randn(*shape, device=CUDA) / 4)
-              .to(dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, K), (E, K))]
+    params = [
+        (torch.randn(*shape, device=CUDA) / shape[-2] ** 0.5 if len(shape) == 3 else torch.randn(*shape, device=CUDA) / 4)
+        .to(dtype)
+        .requires_grad_(True)
+        for shape in ((E, K, N1), (E, N1), (E, H, K), (E, K))
+    ]
     outs = []
     for be, cast in ((backend, None), ("torch", None), ("torch", torch.float64)):
         leaves = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in (x, *params)]

@@ -1,6 +1,7 @@
 """What a hostile-input sweep found (issue #20), one test per finding, and the two general rules: a
 run never deletes a checkpoint it did not write or its newest readable one; a signal to the process
 group at random moments always leaves a resumable run."""
+
 import contextlib
 import json
 import os
@@ -38,11 +39,31 @@ ENC = {k: v for k, v in CONFIGS["tiny"]["model"].items() if not k.startswith("de
 def _cli(out, *extra, env_extra=None, log=None):
     """`geomoe pretrain` in its own process group (what a scheduler or a shell's job control signals);
     its output to a pipe, or to the file `log` (then waiting for it does not wait for its workers)."""
-    cmd = [sys.executable, "-m", "geomoe", "pretrain", "--config", "tiny", "--batch-size", "8", "--out", str(out),
-           "--no-progress", "--no-tensorboard", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geomoe",
+        "pretrain",
+        "--config",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
     sink = subprocess.PIPE if log is None else open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {})),
-                            stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {})),
+        stdout=sink,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path, proc, timeout=120):
@@ -59,8 +80,12 @@ def _names(out):
 
 
 def _snapshot(directory):
-    return sorted((os.path.relpath(os.path.join(d, f), directory), os.path.getsize(os.path.join(d, f)))
-                  for d, _, files in os.walk(directory) for f in files if f != ".lock")
+    return sorted(
+        (os.path.relpath(os.path.join(d, f), directory), os.path.getsize(os.path.join(d, f)))
+        for d, _, files in os.walk(directory)
+        for f in files
+        if f != ".lock"
+    )
 
 
 def _truncate(ckpt_dir):
@@ -71,6 +96,7 @@ def _truncate(ckpt_dir):
 @contextlib.contextmanager
 def _deadline(seconds):
     """A hang becomes a failure (SIGALRM interrupts even a blocked open())."""
+
     def expired(signum, frame):
         raise TimeoutError(f"still blocked after {seconds} s")
 
@@ -128,8 +154,9 @@ def test_rule_pruning_never_deletes_what_the_run_did_not_write_or_its_newest_rea
     kinds = {}
     for step in rng.sample(range(1, 40), rng.randint(3, 9)):
         kind = rng.choice(["ours", "ours", "ours", "other", "legacy", "ours-unreadable", "other-unreadable"])
-        _fake_checkpoint(out, step, {"other": "B", "legacy": None}.get(kind.split("-")[0], "A"),
-                         readable=not kind.endswith("unreadable"))
+        _fake_checkpoint(
+            out, step, {"other": "B", "legacy": None}.get(kind.split("-")[0], "A"), readable=not kind.endswith("unreadable")
+        )
         kinds[step] = kind
     (out / ".ckpt_00000099.tmp").mkdir()  # a crash's leftover
     keep = rng.randint(1, 3)
@@ -165,8 +192,17 @@ def test_2_sigterm_to_the_process_group_with_workers_saves_and_exits(tmp_path):
 
 def test_2_a_second_signal_stops_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = _cli(out, "--steps", "500", "--log-every", "1", "--workers", "2", env_extra={"GEOMOE_FAULT_SLOW_SAVE": "30"},
-                log=tmp_path / "log")
+    proc = _cli(
+        out,
+        "--steps",
+        "500",
+        "--log-every",
+        "1",
+        "--workers",
+        "2",
+        env_extra={"GEOMOE_FAULT_SLOW_SAVE": "30"},
+        log=tmp_path / "log",
+    )
     _wait_for(out / "metrics.jsonl", proc)
     os.killpg(proc.pid, signal.SIGINT)
     t0 = time.time()
@@ -251,8 +287,11 @@ def test_4_finetune_weights_load_strictly_with_a_report(tmp_path):
     assert torch.equal(bb.blocks3[1].mlp.w1, clf.backbone.blocks3[1].mlp.w1)
     # an unrelated file, or one lacking tensors: an error naming the flag and what is missing
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "unrelated.pt")
-    with pytest.raises(ValueError, match=r"'--weights' expected weights for every backbone tensor.* 0 of 81.*"
-                                         r"--allow-partial-weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"'--weights' expected weights for every backbone tensor.* 0 of 81.*"
+        r"--allow-partial-weights",
+    ):
         load_pretrained(GeoMoEBackbone(**ENC), str(tmp_path / "unrelated.pt"))
     half = {k: v for i, (k, v) in enumerate(want.items()) if i % 2}
     torch.save(half, tmp_path / "half.pt")
@@ -264,8 +303,16 @@ def test_4_finetune_weights_load_strictly_with_a_report(tmp_path):
     assert f"loaded {n} of 81" in note and "NOT loaded" in note
     # the command line is strict by default too, before any training
     with pytest.raises(ValueError, match="--allow-partial-weights"):
-        finetune(FinetuneArgs(out=str(tmp_path / "ftrun"), weights=str(tmp_path / "unrelated.pt"), img_size=32,
-                              epochs=1, progress=False, device="cpu"))
+        finetune(
+            FinetuneArgs(
+                out=str(tmp_path / "ftrun"),
+                weights=str(tmp_path / "unrelated.pt"),
+                img_size=32,
+                epochs=1,
+                progress=False,
+                device="cpu",
+            )
+        )
 
 
 # ---- 5. nothing hangs ----------------------------------------------------------------------------
@@ -298,8 +345,9 @@ def test_5_a_stopped_rank_ends_the_others_within_the_timeout(tmp_path):
     mp.spawn(stalled_peer, args=(2, port, str(tmp_path)), nprocs=2)
     seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert float(seconds) < 15
-    assert message.startswith("rank 0: all_reduce failed or did not finish within --timeout 2 s: another rank has "
-                              "stopped, hung or died"), message
+    assert message.startswith(
+        "rank 0: all_reduce failed or did not finish within --timeout 2 s: another rank has stopped, hung or died"
+    ), message
 
 
 # ---- 6. 16-bit and float images ------------------------------------------------------------------
@@ -371,19 +419,31 @@ def test_7_non_finite_steps_on_the_cpu_are_skipped_and_counted(tmp_path, monkeyp
 # ---- 8. every number checked; resume says what changed -------------------------------------------
 
 _BAD = [
-    ("pretrain", ["--steps", "0"], "--steps"), ("pretrain", ["--steps", "-5"], "--steps"),
-    ("pretrain", ["--batch-size", "0"], "--batch-size"), ("pretrain", ["--lr", "0"], "--lr"),
-    ("pretrain", ["--lr", "nan"], "--lr"), ("pretrain", ["--log-every", "0"], "--log-every"),
-    ("pretrain", ["--save-every", "-1"], "--save-every"), ("pretrain", ["--keep-last", "-1"], "--keep-last"),
-    ("pretrain", ["--stop-after", "0"], "--stop-after"), ("pretrain", ["--seed", "-1"], "--seed"),
-    ("pretrain", ["--workers", "-2"], "--workers"), ("pretrain", ["--max-bad-steps", "0"], "--max-bad-steps"),
+    ("pretrain", ["--steps", "0"], "--steps"),
+    ("pretrain", ["--steps", "-5"], "--steps"),
+    ("pretrain", ["--batch-size", "0"], "--batch-size"),
+    ("pretrain", ["--lr", "0"], "--lr"),
+    ("pretrain", ["--lr", "nan"], "--lr"),
+    ("pretrain", ["--log-every", "0"], "--log-every"),
+    ("pretrain", ["--save-every", "-1"], "--save-every"),
+    ("pretrain", ["--keep-last", "-1"], "--keep-last"),
+    ("pretrain", ["--stop-after", "0"], "--stop-after"),
+    ("pretrain", ["--seed", "-1"], "--seed"),
+    ("pretrain", ["--workers", "-2"], "--workers"),
+    ("pretrain", ["--max-bad-steps", "0"], "--max-bad-steps"),
     ("pretrain", ["--timeout", "0"], "--timeout"),
-    ("finetune", ["--img-size", "0"], "--img-size"), ("finetune", ["--img-size", "100"], "--img-size"),
-    ("finetune", ["--epochs", "0"], "--epochs"), ("finetune", ["--batch-size", "0"], "--batch-size"),
-    ("finetune", ["--lr", "0"], "--lr"), ("finetune", ["--smoothing", "2.0"], "--smoothing"),
-    ("finetune", ["--smoothing", "1"], "--smoothing"), ("finetune", ["--layer-decay", "0"], "--layer-decay"),
-    ("finetune", ["--weight-decay", "-0.1"], "--weight-decay"), ("finetune", ["--warmup-epochs", "-1"], "--warmup-epochs"),
-    ("finetune", ["--mixup", "-1"], "--mixup"), ("finetune", ["--cutmix", "inf"], "--cutmix"),
+    ("finetune", ["--img-size", "0"], "--img-size"),
+    ("finetune", ["--img-size", "100"], "--img-size"),
+    ("finetune", ["--epochs", "0"], "--epochs"),
+    ("finetune", ["--batch-size", "0"], "--batch-size"),
+    ("finetune", ["--lr", "0"], "--lr"),
+    ("finetune", ["--smoothing", "2.0"], "--smoothing"),
+    ("finetune", ["--smoothing", "1"], "--smoothing"),
+    ("finetune", ["--layer-decay", "0"], "--layer-decay"),
+    ("finetune", ["--weight-decay", "-0.1"], "--weight-decay"),
+    ("finetune", ["--warmup-epochs", "-1"], "--warmup-epochs"),
+    ("finetune", ["--mixup", "-1"], "--mixup"),
+    ("finetune", ["--cutmix", "inf"], "--cutmix"),
 ]
 
 
@@ -392,7 +452,10 @@ def test_8_every_number_is_checked_and_resume_names_changed_arguments(tmp_path, 
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--out", str(tmp_path / "never"), *extra])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and f"argument '{flag}' expected" in err and f"got {extra[1]}" in err.replace("'", ""), (extra, err)
+        assert exit_info.value.code == 2 and f"argument '{flag}' expected" in err and f"got {extra[1]}" in err.replace("'", ""), (
+            extra,
+            err,
+        )
     assert not (tmp_path / "never").exists()  # refused before anything was written
     pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=2, **FAST))
     with pytest.warns(UserWarning, match=r"arguments changed since it was written: --seed 0 -> 1, --batch-size 8 -> 4"):
@@ -424,8 +487,17 @@ def _class_folder(root, bad):
 def test_9_finetune_skips_unreadable_images_and_names_them(tmp_path):
     _class_folder(tmp_path / "d", bad=True)
     with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
-        res = finetune(FinetuneArgs(data=str(tmp_path / "d"), out=str(tmp_path / "ft"), img_size=32, epochs=1,
-                                    batch_size=4, progress=False, device="cpu"))
+        res = finetune(
+            FinetuneArgs(
+                data=str(tmp_path / "d"),
+                out=str(tmp_path / "ft"),
+                img_size=32,
+                epochs=1,
+                batch_size=4,
+                progress=False,
+                device="cpu",
+            )
+        )
     named = " ".join(str(w.message) for w in caught)
     assert os.path.join("train", "dark", "cut.jpg") in named and os.path.join("val", "light", "cut.jpg") in named
     rec = res["history"][-1]
@@ -451,7 +523,9 @@ def test_10_unclear_errors_are_clear(tmp_path, capsys):
         MoEMLP(8, 0, num_experts=4, top_k=2)
     with pytest.raises(ValueError, match=r"got dim = 0, hidden_dim = 0 \(the default"):
         MoEMLP(0, num_experts=4, top_k=2)
-    with pytest.raises(OpInputError, match=r"grouped_mm: argument 'weight' expected \[E, K, N\] with K >= 1 and N >= 1, got \[2, 3, 0\]"):
+    with pytest.raises(
+        OpInputError, match=r"grouped_mm: argument 'weight' expected \[E, K, N\] with K >= 1 and N >= 1, got \[2, 3, 0\]"
+    ):
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 0), torch.tensor([0, 2, 4]))
     # images: an empty batch, float64, uint8
     model = GeoMoE(**CONFIGS["tiny"]["model"])
@@ -498,8 +572,23 @@ def test_rule_signals_to_the_group_at_random_moments_leave_a_resumable_run(tmp_p
     for trial in range(3):
         # slow saves widen the windows a signal can land in; workers share the process group
         log = tmp_path / f"log{trial}"
-        proc = _cli(out, "--steps", "40", "--save-every", "2", "--keep-last", "2", "--workers", "2", "--resume", "auto",
-                    "--log-every", "1", env_extra={"GEOMOE_FAULT_SLOW_SAVE": "0.2"}, log=log)
+        proc = _cli(
+            out,
+            "--steps",
+            "40",
+            "--save-every",
+            "2",
+            "--keep-last",
+            "2",
+            "--workers",
+            "2",
+            "--resume",
+            "auto",
+            "--log-every",
+            "1",
+            env_extra={"GEOMOE_FAULT_SLOW_SAVE": "0.2"},
+            log=log,
+        )
         if trial == 0 or rng.random() < 0.3:  # during start-up
             time.sleep(rng.uniform(0.1, 3.0))
         else:  # while it trains and saves

@@ -1,4 +1,5 @@
 """The published layer-wise lr decay ids of both models, and the groups built from them."""
+
 import torch
 
 from geomoe import GeoMoEBackbone, GeoMoEClassifier, MoEViTClassifier
@@ -11,10 +12,18 @@ def test_geomoe_ids_follow_the_published_table():
     model = GeoMoEClassifier(GeoMoEBackbone(), 10)
     assert num_layers(model) == 20
     want = {
-        "backbone.patch_embed1.proj.weight": 0, "backbone.blocks1.0.conv1.weight": 1, "backbone.blocks1.1.mlp.fc2.bias": 2,
-        "backbone.patch_embed2.norm.weight": 3, "backbone.blocks2.0.attn.weight": 4, "backbone.blocks2.1.norm2.bias": 5,
-        "backbone.patch_embed3.proj.bias": 6, "backbone.patch_embed4.weight": 7, "backbone.blocks3.0.attn.qkv.weight": 8,
-        "backbone.blocks3.10.mlp.w1": 18, "fc_norm.weight": 19, "head.bias": 19,
+        "backbone.patch_embed1.proj.weight": 0,
+        "backbone.blocks1.0.conv1.weight": 1,
+        "backbone.blocks1.1.mlp.fc2.bias": 2,
+        "backbone.patch_embed2.norm.weight": 3,
+        "backbone.blocks2.0.attn.weight": 4,
+        "backbone.blocks2.1.norm2.bias": 5,
+        "backbone.patch_embed3.proj.bias": 6,
+        "backbone.patch_embed4.weight": 7,
+        "backbone.blocks3.0.attn.qkv.weight": 8,
+        "backbone.blocks3.10.mlp.w1": 18,
+        "fc_norm.weight": 19,
+        "head.bias": 19,
     }
     names = dict(model.named_parameters())
     for name, lid in want.items():
@@ -25,8 +34,15 @@ def test_geomoe_ids_follow_the_published_table():
 def test_moevit_ids_follow_the_published_table():
     model = MoEViTClassifier(10, 32, **SMALL_VIT)
     assert num_layers(model) == 13
-    want = {"patch_embed.proj.weight": 0, "cls_token": 0, "blocks.0.mlp.fc1.weight": 1, "blocks.5.norm1.weight": 6,
-            "blocks.11.mlp.w2": 12, "fc_norm.bias": 12, "head.weight": 12}
+    want = {
+        "patch_embed.proj.weight": 0,
+        "cls_token": 0,
+        "blocks.0.mlp.fc1.weight": 1,
+        "blocks.5.norm1.weight": 6,
+        "blocks.11.mlp.w2": 12,
+        "fc_norm.bias": 12,
+        "head.weight": 12,
+    }
     for name, lid in want.items():
         assert layer_id(name, model) == lid, name
 

@@ -1,5 +1,6 @@
 """The compact visible layout of block-masked maps (geomoe_kernels.layout): the neighbour table
 against a dense map, Z-order, gather / scatter, strided convs as one GEMM; the CBlock on it compiles."""
+
 import pytest
 import torch
 import torch.nn.functional as F

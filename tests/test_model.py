@@ -5,8 +5,15 @@ from geomoe import GeoMoE, random_masking
 from tests.helpers import TOL
 
 TINY = dict(
-    img_size=64, embed_dim=(8, 12, 16), depth=(2, 1, 2), num_heads=2, num_experts=5, top_k=2,
-    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+    img_size=64,
+    embed_dim=(8, 12, 16),
+    depth=(2, 1, 2),
+    num_heads=2,
+    num_experts=5,
+    top_k=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
 )
 
 
@@ -141,8 +148,17 @@ def test_loss_and_gradients_with_kernel_backends(kernel_backend):
     """backend "auto": the kernel backend wherever it has a kernel (Triton under the interpreter)."""
     if kernel_backend.device.type == "cuda":
         pytest.skip("on a GPU tests/test_gpu.py runs the model's front ends against each other")
-    cfg = dict(img_size=32, embed_dim=(8, 8, 16), depth=(1, 1, 1), num_heads=2, num_experts=4, top_k=2,
-               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    cfg = dict(
+        img_size=32,
+        embed_dim=(8, 8, 16),
+        depth=(1, 1, 1),
+        num_heads=2,
+        num_experts=4,
+        top_k=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
     runs = []
     for backend in ("auto", "torch"):

@@ -172,7 +172,9 @@ def test_layer_on_kernel_backend_equals_torch(kernel_backend, activation):
         x.grad = None
         y, aux, load = skip_unavailable(m, x)  # the CUDA grouped GEMM takes no float32
         (y.square().sum() + aux).backward()
-        results.append((y.detach(), aux.detach(), load, x.grad.clone(), m.w1.grad.clone(), m.b2.grad.clone(), m.gate.weight.grad.clone()))
+        results.append(
+            (y.detach(), aux.detach(), load, x.grad.clone(), m.w1.grad.clone(), m.b2.grad.clone(), m.gate.weight.grad.clone())
+        )
     assert torch.equal(results[0][2], results[1][2])
     for a, b in zip(results[0], results[1]):
         torch.testing.assert_close(a.double(), b.double(), **TOL[torch.float32])

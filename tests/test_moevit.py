@@ -1,5 +1,6 @@
 """The MoE-ViT (the published plain-ViT baseline): parameter count, the published classification
 computation in float64 through the original key layout, loads, the dense-prediction pyramid."""
+
 import pytest
 import torch
 
@@ -82,7 +83,12 @@ def test_backbone_pyramid_at_any_multiple_of_16(size):
     with torch.no_grad():
         feats = bb(torch.randn(1, 3, size, size))
     g = size // 16
-    assert [tuple(f.shape) for f in feats] == [(1, 64, 4 * g, 4 * g), (1, 64, 2 * g, 2 * g), (1, 64, g, g), (1, 64, g // 2, g // 2)]
+    assert [tuple(f.shape) for f in feats] == [
+        (1, 64, 4 * g, 4 * g),
+        (1, 64, 2 * g, 2 * g),
+        (1, 64, g, g),
+        (1, 64, g // 2, g // 2),
+    ]
     assert [f["reduction"] for f in bb.feature_info] == [4, 8, 16, 32] and all(f["num_chs"] == 64 for f in bb.feature_info)
     assert bb.aux_loss is not None and bb.aux_loss.dim() == 0
     assert all(not b.requires_grad for m in bb.moe_layers() for b in m.buffers())

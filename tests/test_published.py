@@ -1,5 +1,6 @@
 """A checkpoint of the published computation loads into GeoMoE and gives the same loss and the same
 gradients (the contract of docs/checkpoints.md), on both front ends."""
+
 import pytest
 import torch
 
@@ -7,8 +8,17 @@ from benchmarks.published_geomoe import PublishedGeoMoE
 from geomoe import GeoMoE, load_original_state_dict
 from geomoe.original import key_map
 
-CFG = dict(img_size=64, embed_dim=(8, 12, 16), depth=(1, 1, 2), num_heads=2, num_experts=5, top_k=2,
-           decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
+CFG = dict(
+    img_size=64,
+    embed_dim=(8, 12, 16),
+    depth=(1, 1, 2),
+    num_heads=2,
+    num_experts=5,
+    top_k=2,
+    decoder_embed_dim=16,
+    decoder_depth=2,
+    decoder_num_heads=2,
+)
 
 
 def test_published_state_dict_has_the_original_keys():

@@ -1,5 +1,6 @@
 """benchmarks.roofline: the model's FLOPs agree with the benchmark's FLOP count, bytes are sane, and
 --json has the documented keys."""
+
 import json
 import subprocess
 import sys
@@ -21,8 +22,9 @@ def test_gemm_flops_match_the_layer_count_and_bounds_are_positive():
 
 
 def test_json_rows_have_the_documented_keys():
-    out = subprocess.run([sys.executable, "-m", "benchmarks.roofline", "--json"], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.roofline", "--json"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     rows = json.loads(out)
     assert {r["shape"] for r in rows} == {"geomoe-15680", "geomoe-65536", "llm-16384"}
     assert all(set(r) == {"kernel", "shape", "tokens", "flops", "min_bytes", "design_bytes", "bound_us"} for r in rows)

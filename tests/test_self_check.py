@@ -1,6 +1,7 @@
 """Self-verification on first use (geomoe_kernels.self_check): a kernel made wrong for the test is
 caught, cached, skipped by auto with one warning, re-checked after a library upgrade; the cache
 survives a corrupt file and concurrent writers; GEOMOE_SELF_CHECK=0 turns it off."""
+
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from geomoe_kernels import permute, route, self_check
 
 @pytest.fixture
 def wrong_triton_permute(monkeypatch, tmp_path):
-    """"triton" permute 1 % off on CPU tensors (its backward stands in by the reference: no Triton
+    """ "triton" permute 1 % off on CPU tensors (its backward stands in by the reference: no Triton
     runs), self-check on for the CPU, a fresh cache."""
     right = B._REGISTRY["permute"]["torch"][0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -98,8 +99,10 @@ def test_a_corrupt_cache_is_checked_again_and_rewritten(wrong_triton_permute):
 
 
 def test_concurrent_writers_keep_every_verdict(tmp_path):
-    code = ("import sys; from geomoe_kernels import self_check as s\n"
-            "for i in range(25): s._store(f'{sys.argv[1]}-{i}', {'status': 'verified', 'detail': ''})")
+    code = (
+        "import sys; from geomoe_kernels import self_check as s\n"
+        "for i in range(25): s._store(f'{sys.argv[1]}-{i}', {'status': 'verified', 'detail': ''})"
+    )
     env = {**__import__("os").environ, "GEOMOE_CACHE_DIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(n)], env=env) for n in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in procs)

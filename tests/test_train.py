@@ -20,8 +20,23 @@ FAST = dict(steps=4, batch_size=8, log_every=2, progress=False, device="cpu")
 
 def test_main_job_runs_from_the_command_line(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "geomoe", "pretrain", "--config", "tiny", "--steps", "4", "--batch-size", "8",
-           "--log-every", "2", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geomoe",
+        "pretrain",
+        "--config",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stdout and "loss" in proc.stdout and "expert load" in proc.stdout

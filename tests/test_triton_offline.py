@@ -3,6 +3,7 @@
 fits an H100's shared memory without spilling registers. The interpreter tests check the values;
 this checks what only the real compiler sees (it caught a routing kernel needing 256 KB of shared
 memory and a depthwise conv spilling 0.5-7 KB per thread)."""
+
 import os
 
 import pytest
@@ -22,7 +23,14 @@ def test_every_bf16_kernel_compiles_for_sm90_with_a_clean_config():
 
     rows = compile_all(arch=90, dtypes=(torch.bfloat16,))
     names = {r.name for r in rows}
-    assert {"_gating_kernel", "_scatter_kernel", "_gmm_kernel", "_wgrad_kernel", "_norm_linear_kernel",
-            "_dwconv_kernel", "_unpermute_kernel"} <= names
+    assert {
+        "_gating_kernel",
+        "_scatter_kernel",
+        "_gmm_kernel",
+        "_wgrad_kernel",
+        "_norm_linear_kernel",
+        "_dwconv_kernel",
+        "_unpermute_kernel",
+    } <= names
     found = problems(rows, 90)
     assert not found, report(rows, 90)

@@ -1,5 +1,6 @@
 """info --verify: every usable backend against float64 on a small ragged case, and its verdict logic
 catches a kernel that is wrong."""
+
 import subprocess
 import sys
 

@@ -12,6 +12,7 @@ Parameters are stored as the original Conv2d / LayerNorm modules, so checkpoints
 On rows, LN1 + conv1 and LN2 + fc1 + GELU are each one norm_linear op (the LayerNorm in the GEMM's
 prologue, bias and GELU in its epilogue). The mask needs no fusing there: masked cells have no rows.
 The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch")."""
+
 from __future__ import annotations
 
 from typing import Optional

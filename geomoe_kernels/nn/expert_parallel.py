@@ -10,6 +10,7 @@ expert parallelism, not of the single-device path.
 Rank r owns experts [r*E//W, (r+1)*E//W), so 23 experts on 2 ranks is 11 + 12. The per-expert
 gradients a rank computes sum over the tokens of every rank; a hook divides them by W so they match
 the data-parallel average of the replicated parameters (and a single process on the whole batch)."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -93,8 +94,16 @@ class ExpertParallelMoEMLP(MoEMLP):
         expert_rows = arrived.index_select(0, to_expert_major)
         local_counts = mine.sum(0)
         local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
-        out = expert_mlp(expert_rows, self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype), self.b2.to(dtype),
-                         local_offsets, self.activation, be)
+        out = expert_mlp(
+            expert_rows,
+            self.w1.to(dtype),
+            self.b1.to(dtype),
+            self.w2.to(dtype),
+            self.b2.to(dtype),
+            local_offsets,
+            self.activation,
+            be,
+        )
         back_order = torch.empty_like(to_expert_major)
         back_order[to_expert_major] = torch.arange(to_expert_major.numel(), device=out.device)
         returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)

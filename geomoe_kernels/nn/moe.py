@@ -8,6 +8,7 @@ forward(x [..., dim]) -> (y [..., dim], aux, load [E]):
     aux = sum_i P_i * F_i, P_i = mean_t s_ti / sum_j s_tj (carries gradient),
     F_i = E * load_i / (k * T) (does not).
 update_bias(load, rate) is the bias-based load balancing rule, applied after an optimizer step."""
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,9 @@ class MoEMLP(nn.Module):
         hidden = hidden_dim if hidden_dim is not None else int(0.75 * dim)
         if dim < 1 or hidden < 1:
             default = " (the default, int(0.75 * dim))" if hidden_dim is None else ""
-            raise ValueError(f"MoEMLP: arguments 'dim' and 'hidden_dim' expected >= 1, got dim = {dim}, hidden_dim = {hidden}{default}")
+            raise ValueError(
+                f"MoEMLP: arguments 'dim' and 'hidden_dim' expected >= 1, got dim = {dim}, hidden_dim = {hidden}{default}"
+            )
         if num_shared_experts < 0:
             raise ValueError(f"MoEMLP: argument 'num_shared_experts' expected >= 0, got {num_shared_experts}")
         _backend.check_backend_name(backend)
@@ -140,8 +143,19 @@ class MoEMLP(nn.Module):
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         # both GEMMs in one op: the first reads its rows straight from the tokens through the
         # permutation, and only the pre-activation is kept for backward
-        rows_out = expert_mlp(tokens, self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype), self.b2.to(dtype), offsets,
-                              self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
+        rows_out = expert_mlp(
+            tokens,
+            self.w1.to(dtype),
+            self.b1.to(dtype),
+            self.w2.to(dtype),
+            self.b2.to(dtype),
+            offsets,
+            self.activation,
+            be,
+            gather=row_to_flat,
+            flat_to_row=flat_to_row,
+            top_k=k,
+        )
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 

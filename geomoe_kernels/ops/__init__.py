@@ -3,6 +3,7 @@
 Importing a module declares its ops; every module in this package is imported here, so a new op
 needs no line in this file. The names below are the public functions, in the order
 `python -m geomoe_kernels.info` lists the ops."""
+
 import importlib
 import pkgutil
 
@@ -13,8 +14,17 @@ from .expert_mlp import expert_mlp
 from .sparse_conv import masked_depthwise_conv
 from .norm_linear import norm_linear
 
-__all__ = ["SCORE_FUNCS", "topk_gating", "grouped_mm", "permute", "route", "unpermute", "masked_depthwise_conv", "norm_linear",
-           "expert_mlp"]
+__all__ = [
+    "SCORE_FUNCS",
+    "topk_gating",
+    "grouped_mm",
+    "permute",
+    "route",
+    "unpermute",
+    "masked_depthwise_conv",
+    "norm_linear",
+    "expert_mlp",
+]
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):

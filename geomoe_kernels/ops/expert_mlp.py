@@ -10,6 +10,7 @@ that is one [M, hidden] tensor fewer kept for backward and no separate activatio
 x [T or M, K], w1 [E, K, N1], b1 [E, N1], w2 [E, H, D], b2 [E, D] with H = N1 (N1 / 2 for swiglu,
 whose W1 holds [gate | up]). Returns (rows_out [M, D], pre [M, N1]); backward gives the row
 gradients [M, K] in expert-major order, dw1, db1, dw2, db2 (experts without rows: exact zeros)."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -25,11 +26,23 @@ from .grouped_gemm import _check_values, _rows, combine_row_grads
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 
 
-@declare(reference=_ref.expert_mlp, for_backward_only=("flat_to_row",),
-         value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "expert_mlp"))
-def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
-                  activation: str, gather: Optional[Tensor] = None, flat_to_row: Optional[Tensor] = None, top_k: int = 1
-                  ) -> Tuple[Tensor, Tensor]:
+@declare(
+    reference=_ref.expert_mlp,
+    for_backward_only=("flat_to_row",),
+    value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "expert_mlp"),
+)
+def expert_mlp_op(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    offsets: Tensor,
+    activation: str,
+    gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor]:
     op = "expert_mlp"
     check_choice(op, "activation", activation, ACTIVATIONS)
     _check_gemm(x, w1, offsets, b1, activation, gather, flat_to_row, top_k, op=op, names=("w1", "b1"))
@@ -38,8 +51,10 @@ def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
     check_tensor(op, "w2", w2, dim=3, device=x.device)
     check_same_dtype(op, ["x", "w2", "b2"], [x, w2, b2])
     if w2.shape[0] != E or w2.shape[1] != H:
-        raise OpInputError(f"{op}: argument 'w2' expected [{E}, {H}, D] (w1 is {list(w1.shape)}, activation {activation!r}), "
-                           f"got {list(w2.shape)}")
+        raise OpInputError(
+            f"{op}: argument 'w2' expected [{E}, {H}, D] (w1 is {list(w1.shape)}, activation {activation!r}), "
+            f"got {list(w2.shape)}"
+        )
     check_tensor(op, "b2", b2, shape=(E, w2.shape[2]), device=x.device, optional=True)
 
 
@@ -50,17 +65,32 @@ def _(x, w1, w2, gather, **_):
 
 
 @declare(reference=_ref.expert_mlp_backward, backward_of="expert_mlp")
-def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor, pre: Tensor, activation: str,
-                        gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def expert_mlp_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    offsets: Tensor,
+    pre: Tensor,
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d rows [M, K] in expert-major order, dw1, db1, dw2, db2)."""
-    check_tensor("expert_mlp_backward", "grad_out", grad_out, dtypes=(x.dtype,), shape=(pre.shape[0], w2.shape[2]),
-                 device=x.device)
+    check_tensor(
+        "expert_mlp_backward", "grad_out", grad_out, dtypes=(x.dtype,), shape=(pre.shape[0], w2.shape[2]), device=x.device
+    )
 
 
 @expert_mlp_backward.fake
 def _(x, w1, w2, pre, **_):
-    return (x.new_empty(pre.shape[0], x.shape[1]), torch.empty_like(w1), w1.new_empty(w1.shape[0], w1.shape[2]),
-            torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2]))
+    return (
+        x.new_empty(pre.shape[0], x.shape[1]),
+        torch.empty_like(w1),
+        w1.new_empty(w1.shape[0], w1.shape[2]),
+        torch.empty_like(w2),
+        w2.new_empty(w2.shape[0], w2.shape[2]),
+    )
 
 
 def _setup_context(ctx, args, output):
@@ -71,8 +101,9 @@ def _setup_context(ctx, args, output):
 def _backward(ctx, grad_out, _grad_pre):
     x, w1, w2, offsets, pre, gather, flat_to_row = ctx.saved_tensors
     activation, backend, has_b1, has_b2, top_k = ctx.config
-    d_rows, dw1, db1, dw2, db2 = expert_mlp_backward(grad_out.contiguous(), x, w1, w2, offsets, pre, activation, gather, top_k,
-                                                     backend)
+    d_rows, dw1, db1, dw2, db2 = expert_mlp_backward(
+        grad_out.contiguous(), x, w1, w2, offsets, pre, activation, gather, top_k, backend
+    )
     grads = {"x": combine_row_grads(d_rows, gather, flat_to_row, top_k, backend), "w1": dw1, "w2": dw2}
     if has_b1:
         grads["b1"] = db1
@@ -85,13 +116,32 @@ expert_mlp_op.register_autograd(_setup_context, _backward)
 
 
 def expert_mlp(
-    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
-    activation: str = "gelu", backend: str = "auto", gather: Optional[Tensor] = None,
-    flat_to_row: Optional[Tensor] = None, top_k: int = 1,
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    offsets: Tensor,
+    activation: str = "gelu",
+    backend: str = "auto",
+    gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
+    top_k: int = 1,
 ) -> Tensor:
     """act(A[r] @ w1[e] + b1[e]) @ w2[e] + b2[e] for the rows r of each expert e; A = x, or with
     `gather` and `flat_to_row` (from route) A[r] = x[gather[r] // top_k]. Differentiable in x and
     the weights and biases."""
-    out, _ = expert_mlp_op(x.contiguous(), w1.contiguous(), contiguous(b1), w2.contiguous(), contiguous(b2), offsets, activation,
-                           gather, flat_to_row, top_k, backend)
+    out, _ = expert_mlp_op(
+        x.contiguous(),
+        w1.contiguous(),
+        contiguous(b1),
+        w2.contiguous(),
+        contiguous(b2),
+        offsets,
+        activation,
+        gather,
+        flat_to_row,
+        top_k,
+        backend,
+    )
     return out

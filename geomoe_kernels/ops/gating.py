@@ -4,6 +4,7 @@ Scores are sigmoid (selection on score + bias buffer, weights from the score alo
 softmax (Switch/Mixtral; renormalisation optional). Everything is float32 (float64 passes through for
 checks). Outputs: weights [T, k], expert ids [T, k] int64, per-expert counts [E] int64, and prob_mean
 [E] = mean over tokens of s_i / sum_j s_j, the differentiable half of the auxiliary loss."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -24,8 +25,9 @@ def _value_checks(logits, bias, **_):
 
 
 @declare(reference=_ref.topk_gating, value_checks=_value_checks)
-def topk_gating(logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, score_func: str = "sigmoid",
-                renormalize: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_gating(
+    logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, score_func: str = "sigmoid", renormalize: bool = True
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(weights [T, k], expert ids [T, k], counts [E], prob_mean [E]); differentiable in logits."""
     op = "topk_gating"
     check_tensor(op, "logits", logits, dtypes=_GATE_DTYPES, dim=2)
@@ -48,8 +50,14 @@ def _(logits, top_k, **_):
 
 
 @declare(reference=_ref.topk_gating_backward, backward_of="topk_gating", fake=lambda logits, **_: torch.empty_like(logits))
-def topk_gating_backward(grad_weights: Optional[Tensor], grad_prob_mean: Optional[Tensor], logits: Tensor, ids: Tensor,
-                         score_func: str, renormalize: bool) -> Tensor:
+def topk_gating_backward(
+    grad_weights: Optional[Tensor],
+    grad_prob_mean: Optional[Tensor],
+    logits: Tensor,
+    ids: Tensor,
+    score_func: str,
+    renormalize: bool,
+) -> Tensor:
     """d logits."""
 
 
@@ -61,8 +69,9 @@ def _setup_context(ctx, args, output):
 def _backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_prob_mean):
     logits, ids = ctx.saved_tensors
     score_func, renormalize, backend = ctx.config
-    grad = topk_gating_backward(contiguous(grad_weights), contiguous(grad_prob_mean), logits, ids, score_func, renormalize,
-                                backend)
+    grad = topk_gating_backward(
+        contiguous(grad_weights), contiguous(grad_prob_mean), logits, ids, score_func, renormalize, backend
+    )
     return {"logits": grad}
 
 

@@ -9,6 +9,7 @@ its inverse `flat_to_row`.
 The op returns (out, pre): pre is the pre-activation that backward needs (empty for 'none'). The
 backward op gives the row gradients, dweight and dbias (always computed: one reduction); experts
 that own no rows get exactly zero dweight and dbias."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -34,9 +35,18 @@ def _rows(x: Tensor, gather: Optional[Tensor]) -> int:
     return x.shape[0] if gather is None else gather.numel()
 
 
-def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-           gather: Optional[Tensor] = None, flat_to_row: Optional[Tensor] = None, top_k: int = 1, op: str = "grouped_mm",
-           names=("weight", "bias")) -> None:
+def _check(
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
+    top_k: int = 1,
+    op: str = "grouped_mm",
+    names=("weight", "bias"),
+) -> None:
     """names: what the op calls its weight and bias (expert_mlp: w1, b1)."""
     wname, bname = names
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
@@ -55,7 +65,9 @@ def _check(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], a
     if K == 0 or N == 0:
         raise OpInputError(f"{op}: argument '{wname}' expected [E, K, N] with K >= 1 and N >= 1, got {list(weight.shape)}")
     if x.shape[1] != K:
-        raise OpInputError(f"{op}: argument 'x' expected {K} columns ({wname} is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}")
+        raise OpInputError(
+            f"{op}: argument 'x' expected {K} columns ({wname} is [E, K, N] = {list(weight.shape)}), got {x.shape[1]}"
+        )
     check_tensor(op, "offsets", offsets, dtypes=INDEX_DTYPES, shape=(E + 1,), device=x.device)
     check_tensor(op, bname, bias, dtypes=(x.dtype,), shape=(E, N), device=x.device, optional=True)
     check_choice(op, "activation", activation, activations.ACTIVATIONS)
@@ -77,18 +89,29 @@ def _check_values(x: Tensor, offsets: Tensor, gather: Optional[Tensor], op: str)
         check_index_range(op, "gather", gather, 0, gather.numel())
 
 
-def combine_row_grads(d_rows: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor], top_k: int,
-                      backend: str) -> Tensor:
+def combine_row_grads(
+    d_rows: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor], top_k: int, backend: str
+) -> Tensor:
     """d x from the row gradients: gathered rows sum into their token, its k rows in slot order
     (deterministic)."""
     return d_rows if gather is None else unpermute_op(d_rows, gather, flat_to_row, top_k, None, None, backend)
 
 
-@declare(reference=_ref.grouped_mm, for_backward_only=("flat_to_row",),
-         value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "grouped_mm"))
-def grouped_mm_op(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-                  gather: Optional[Tensor] = None, flat_to_row: Optional[Tensor] = None, top_k: int = 1
-                  ) -> Tuple[Tensor, Tensor]:
+@declare(
+    reference=_ref.grouped_mm,
+    for_backward_only=("flat_to_row",),
+    value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "grouped_mm"),
+)
+def grouped_mm_op(
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor]:
     _check(x, weight, offsets, bias, activation, gather, flat_to_row, top_k)
 
 
@@ -105,16 +128,30 @@ def _fake_backward(x, weight, gather, **_):
 
 
 @declare(reference=_ref.grouped_mm_backward, backward_of="grouped_mm", fake=_fake_backward)
-def grouped_mm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, pre: Optional[Tensor], activation: str,
-                        gather: Optional[Tensor] = None, top_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+def grouped_mm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    pre: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(d rows [M, K] in expert-major order, dweight, dbias)."""
     check_tensor("grouped_mm_backward", "grad_out", grad_out, dtypes=(x.dtype,), dim=2, device=x.device)
 
 
 def _setup_context(ctx, args, output):
     activation = args["activation"]
-    ctx.save_for_backward(args["x"], args["weight"], args["offsets"], output[1] if activation != "none" else None,
-                          args["gather"], args["flat_to_row"])
+    ctx.save_for_backward(
+        args["x"],
+        args["weight"],
+        args["offsets"],
+        output[1] if activation != "none" else None,
+        args["gather"],
+        args["flat_to_row"],
+    )
     ctx.config = (activation, args["backend"], args["bias"] is not None, args["top_k"])
 
 
@@ -142,6 +179,7 @@ def grouped_mm(
 ) -> Tensor:
     """act(A[r] @ weight[e] + bias[e]) for the rows r of each expert e, A = x, or with `gather` (and
     its inverse `flat_to_row`, from route) A[r] = x[gather[r] // top_k]; differentiable in x, weight, bias."""
-    out, _ = grouped_mm_op(x.contiguous(), weight.contiguous(), offsets, contiguous(bias), activation, gather, flat_to_row, top_k,
-                           backend)
+    out, _ = grouped_mm_op(
+        x.contiguous(), weight.contiguous(), offsets, contiguous(bias), activation, gather, flat_to_row, top_k, backend
+    )
     return out

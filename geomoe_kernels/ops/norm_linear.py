@@ -9,6 +9,7 @@ torch's fused LayerNorm backward on every backend: a Triton copy of those would 
 
 x [R, K] (any float dtype; statistics in float32), norm_weight / norm_bias [K], weight [N, K]
 (nn.Linear's layout; the output takes its dtype), bias [N] or None, activation none / gelu / silu."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -22,8 +23,9 @@ ACTIVATIONS = ("none", "gelu", "silu")
 
 
 @declare(reference=_ref.norm_linear)
-def norm_linear_op(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-                   eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def norm_linear_op(
+    x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [R, N], pre [R, N] or empty for 'none', mean [R], rstd [R])."""
     op = "norm_linear"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
@@ -48,17 +50,32 @@ def _(x, weight, activation, **_):
 
 
 def _fake_backward(x, norm_weight, norm_bias, weight, **_):
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0]))
+    return (
+        torch.empty_like(x),
+        torch.empty_like(norm_weight),
+        torch.empty_like(norm_bias),
+        torch.empty_like(weight),
+        weight.new_empty(weight.shape[0]),
+    )
 
 
 @declare(reference=_ref.norm_linear_backward, backward_of="norm_linear", fake=_fake_backward)
-def norm_linear_backward(grad_out: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, pre: Tensor,
-                         mean: Tensor, rstd: Tensor, activation: str, eps: float = 1e-6
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def norm_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    weight: Tensor,
+    pre: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    activation: str,
+    eps: float = 1e-6,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dnorm_weight, dnorm_bias, dweight, dbias)."""
-    check_tensor("norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,),
-                 shape=(x.shape[0], weight.shape[0]), device=x.device)
+    check_tensor(
+        "norm_linear_backward", "grad_out", grad_out, dtypes=(weight.dtype,), shape=(x.shape[0], weight.shape[0]), device=x.device
+    )
 
 
 def _setup_context(ctx, args, output):
@@ -70,8 +87,9 @@ def _setup_context(ctx, args, output):
 def _backward(ctx, grad_out, *_grad_saved):
     x, norm_weight, norm_bias, weight, pre, mean, rstd = ctx.saved_tensors
     activation, eps, backend, has_bias = ctx.config
-    dx, dnw, dnb, dw, db = norm_linear_backward(grad_out.contiguous(), x, norm_weight, norm_bias, weight, pre, mean, rstd,
-                                                activation, eps, backend)
+    dx, dnw, dnb, dw, db = norm_linear_backward(
+        grad_out.contiguous(), x, norm_weight, norm_bias, weight, pre, mean, rstd, activation, eps, backend
+    )
     grads = {"x": dx, "norm_weight": dnw, "norm_bias": dnb, "weight": dw}
     return {**grads, "bias": db} if has_bias else grads
 
@@ -80,8 +98,14 @@ norm_linear_op.register_autograd(_setup_context, _backward)
 
 
 def norm_linear(
-    x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
-    activation: str = "none", eps: float = 1e-6, backend: str = "auto",
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "none",
+    eps: float = 1e-6,
+    backend: str = "auto",
 ) -> Tensor:
     """act(layer_norm(x, [K], norm_weight, norm_bias, eps) @ weight.T + bias); differentiable in all
     tensors. A LayerNorm without affine parameters: pass None for norm_weight and norm_bias."""
@@ -90,6 +114,14 @@ def norm_linear(
         norm_weight = torch.ones(K, dtype=x.dtype, device=x.device)
     if norm_bias is None:
         norm_bias = torch.zeros(K, dtype=norm_weight.dtype, device=x.device)
-    out, _, _, _ = norm_linear_op(x.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), weight.contiguous(),
-                                  contiguous(bias), activation, float(eps), backend)
+    out, _, _, _ = norm_linear_op(
+        x.contiguous(),
+        norm_weight.contiguous(),
+        norm_bias.contiguous(),
+        weight.contiguous(),
+        contiguous(bias),
+        activation,
+        float(eps),
+        backend,
+    )
     return out

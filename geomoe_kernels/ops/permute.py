@@ -6,6 +6,7 @@ permute:   x [T, d]                     -> rows [T*k, d]  (optionally scaled by 
 unpermute: rows [T*k, d], weights [T, k] -> out [T, d] = shared + sum_k w_k * rows[flat_to_row[t*k+k]]
 
 permute and unpermute are each other's backward, so each carries both maps."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -28,9 +29,7 @@ _WEIGHT_DTYPES = (torch.float32, torch.float64)
 def _check_map(op: str, name: str, index: Tensor, device: torch.device, top_k: int) -> None:
     check_tensor(op, name, index, dtypes=INDEX_DTYPES, dim=1, device=device)
     if top_k < 1 or index.numel() % top_k:
-        raise OpInputError(
-            f"{op}: argument '{name}' expected T * top_k entries with top_k = {top_k}, got {index.numel()}"
-        )
+        raise OpInputError(f"{op}: argument '{name}' expected T * top_k entries with top_k = {top_k}, got {index.numel()}")
 
 
 def _check_inverse(op: str, name: str, index: Tensor, other: Tensor) -> None:
@@ -44,8 +43,10 @@ def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, devic
 # ---- route ---------------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.route, value_checks=lambda expert_ids, num_experts: check_index_range(
-    "route", "expert_ids", expert_ids, 0, num_experts))
+@declare(
+    reference=_ref.route,
+    value_checks=lambda expert_ids, num_experts: check_index_range("route", "expert_ids", expert_ids, 0, num_experts),
+)
 def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(row_to_flat [T*k], flat_to_row [T*k], offsets [E+1]) for expert ids [T, k]; all on the device."""
     check_tensor("route", "expert_ids", expert_ids, dtypes=INDEX_DTYPES, dim=2)
@@ -62,9 +63,12 @@ def _(expert_ids, num_experts):
 # ---- permute -------------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.permute, for_backward_only=("flat_to_row",),
-         fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
-         value_checks=lambda row_to_flat, **_: check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel()))
+@declare(
+    reference=_ref.permute,
+    for_backward_only=("flat_to_row",),
+    fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
+    value_checks=lambda row_to_flat, **_: check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel()),
+)
 def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor]) -> Tensor:
     check_tensor("permute", "x", x, dtypes=FLOAT_DTYPES, dim=2)
     _check_map("permute", "row_to_flat", row_to_flat, x.device, top_k)
@@ -79,11 +83,15 @@ def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, 
 # ---- unpermute -----------------------------------------------------------------------------------
 
 
-@declare(reference=_ref.unpermute, for_backward_only=("row_to_flat",),
-         fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
-         value_checks=lambda rows, flat_to_row, **_: check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0]))
-def unpermute_op(rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor],
-                 shared: Optional[Tensor]) -> Tensor:
+@declare(
+    reference=_ref.unpermute,
+    for_backward_only=("row_to_flat",),
+    fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
+    value_checks=lambda rows, flat_to_row, **_: check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0]),
+)
+def unpermute_op(
+    rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor]
+) -> Tensor:
     op = "unpermute"
     check_tensor(op, "rows", rows, dtypes=FLOAT_DTYPES, dim=2)
     _check_map(op, "flat_to_row", flat_to_row, rows.device, top_k)

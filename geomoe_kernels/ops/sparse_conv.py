@@ -1,6 +1,7 @@
 """Masked sparse (submanifold) depthwise k x k convolution on the compact visible layout
 (geomoe_kernels.layout): rows [R, C], neighbour table [R, k*k] (-1 = masked or outside, read as
 zero), weight [C, k*k] (a depthwise Conv2d weight [C, 1, k, k] flattened), bias [C]."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -50,9 +51,14 @@ def _(neighbors, **_):
         )
 
 
-@declare(reference=_ref.masked_depthwise_conv_backward, backward_of="masked_depthwise_conv",
-         fake=lambda x, weight, **_: (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])))
-def masked_depthwise_conv_backward(grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+@declare(
+    reference=_ref.masked_depthwise_conv_backward,
+    backward_of="masked_depthwise_conv",
+    fake=lambda x, weight, **_: (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])),
+)
+def masked_depthwise_conv_backward(
+    grad_out: Tensor, x: Tensor, neighbors: Tensor, weight: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias)."""
 
 

@@ -1,4 +1,5 @@
 """Expert activations and their derivatives, called directly so backward never re-enters autograd."""
+
 from typing import Optional
 
 import torch

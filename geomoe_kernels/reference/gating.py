@@ -1,5 +1,6 @@
 """Top-k gating: router logits -> scores -> (score + bias) top-k -> combine weights, counts, and the
 mean normalised score per expert that the auxiliary loss needs."""
+
 from typing import Optional, Tuple
 
 import torch

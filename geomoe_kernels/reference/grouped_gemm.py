@@ -10,6 +10,7 @@ experts). On other devices two vectorised paths, neither with a loop over expert
   the tiles. With B = ceil(M / E) there are at most ceil(M / B) + E <= 2E + 1 tiles, so the padded
   copy and the per-tile weights stay within about 2x of the inputs, and every size is known from
   shapes. The per-tile weight copy makes it slow when M is small against E * K * N."""
+
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -123,7 +124,7 @@ def _loop_forward(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Ten
             torch.mm(x[lo:hi], weight[e], out=pre[lo:hi])
         else:
             torch.addmm(bias[e], x[lo:hi], weight[e], out=pre[lo:hi])
-    pre[int(offsets[-1]):].zero_()  # rows past the last expert's (none in a routed layout)
+    pre[int(offsets[-1]) :].zero_()  # rows past the last expert's (none in a routed layout)
     return pre
 
 
@@ -140,8 +141,13 @@ def _loop_backward(dpre: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, acc
 
 
 def grouped_mm(
-    x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor], activation: str,
-    gather: Optional[Tensor] = None, top_k: int = 1,
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor] = None,
+    top_k: int = 1,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out, pre): pre is the pre-activation kept for backward, empty when activation is 'none'.
     With `gather` the rows are x[gather // top_k] (materialised here: the reference favours clarity)."""

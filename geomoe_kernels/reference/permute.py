@@ -4,6 +4,7 @@ A routed row is named by its flat index f = t * top_k + slot. `row_to_flat[r]` i
 expert-major row r (stable: increasing f within an expert); `flat_to_row` is its inverse; `offsets`
 [E + 1] bounds each expert's rows. The combine reads each token's top_k rows through `flat_to_row`
 and reduces them in a fixed order: no atomics, the same bits every run."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -33,9 +34,7 @@ def permute(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor
     return (rows.to(acc) * scale[:, None]).to(x.dtype)
 
 
-def unpermute(
-    rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor]
-) -> Tensor:
+def unpermute(rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor]) -> Tensor:
     acc = accumulate_dtype(rows.dtype)
     T, d = flat_to_row.numel() // top_k, rows.shape[1]
     picked = rows.index_select(0, flat_to_row).view(T, top_k, d).to(acc)

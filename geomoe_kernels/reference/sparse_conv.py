@@ -4,6 +4,7 @@ x [R, C] holds only visible cells; neighbors [R, k*k] gives, for each row and ea
 (row-major over (dy, dx)), the row of that neighbour or -1 where it is masked or outside the image
 (read as zero). out[r, c] = bias[c] + sum_j weight[c, j] * x[neighbors[r, j], c], i.e. PyTorch's
 cross-correlation. The loop runs over the k*k taps, each a gather of [R, C]: memory stays O(R*C)."""
+
 from typing import Optional, Tuple
 
 import torch

@@ -2,6 +2,7 @@
 registry lazily: nothing imports triton until a Triton kernel is first called, so that
 TRITON_INTERPRET (read when a kernel is defined) can be set by then, and so that machines without
 triton import geomoe_kernels at all."""
+
 import importlib
 import importlib.util
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -32,8 +33,12 @@ def _gating(logits, top_k: int) -> Optional[str]:
 KERNELS: Dict[str, Tuple[Union[Tuple[str, str], Callable], Optional[Callable[..., Optional[str]]]]] = {
     "topk_gating": (("gating", "topk_gating"), lambda logits, top_k, **_: _gating(logits, top_k)),
     "topk_gating_backward": (("gating", "topk_gating_backward"), lambda logits, ids, **_: _gating(logits, ids.shape[1])),
-    "route": (("permute", "route"), lambda num_experts, **_: None if num_experts <= 256 else
-              f"the Triton routing histogram takes at most 256 experts, got {num_experts}"),
+    "route": (
+        ("permute", "route"),
+        lambda num_experts, **_: (
+            None if num_experts <= 256 else f"the Triton routing histogram takes at most 256 experts, got {num_experts}"
+        ),
+    ),
     "permute": (("permute", "permute"), lambda x, weights, **_: _rows(x) or _backend.weights_reason(WHO, weights)),
     "unpermute": (("permute", "unpermute"), lambda rows, weights, **_: _rows(rows) or _backend.weights_reason(WHO, weights)),
     "unpermute_weight_grad": (("permute", "unpermute_weight_grad"), lambda rows, **_: _rows(rows)),

@@ -2,6 +2,7 @@
 (the interpreter cannot autotune, and is slow, so it gets tiny tiles). GEOMOE_TRITON_AUTOTUNE=0
 keeps only the first GPU config of each kernel: no autotuning, one compile per kernel (quick
 correctness runs on a GPU; not for speed)."""
+
 import os
 
 import triton

@@ -2,6 +2,7 @@
 rounds of argmax (ties to the lower expert, like the reference's stable sort) -> renormalised
 weights, per-expert counts (integer atomics: exact) and per-block sums of the normalised scores
 (summed afterwards in a fixed order: deterministic). Its backward recomputes the scores."""
+
 import functools
 from typing import Optional
 
@@ -37,9 +38,24 @@ def _scores(L, B, t, T, E, stride_l, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constex
 
 
 @triton.jit
-def _gating_kernel(L, B, W, Ids, Counts, Partial, T, E, stride_l,
-                   TOP_K: tl.constexpr, KP: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   RENORM: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+def _gating_kernel(
+    L,
+    B,
+    W,
+    Ids,
+    Counts,
+    Partial,
+    T,
+    E,
+    stride_l,
+    TOP_K: tl.constexpr,
+    KP: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORM: tl.constexpr,
+    EP: tl.constexpr,
+    BT: tl.constexpr,
+):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     mt = t < T
     cols = tl.arange(0, EP)
@@ -65,9 +81,25 @@ def _gating_kernel(L, B, W, Ids, Counts, Partial, T, E, stride_l,
 
 
 @triton.jit
-def _gating_backward_kernel(L, GW, GP, Ids, GL, T, E, stride_l, inv_T,
-                            TOP_K: tl.constexpr, KP: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
-                            HAS_GW: tl.constexpr, HAS_GP: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr):
+def _gating_backward_kernel(
+    L,
+    GW,
+    GP,
+    Ids,
+    GL,
+    T,
+    E,
+    stride_l,
+    inv_T,
+    TOP_K: tl.constexpr,
+    KP: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    RENORM: tl.constexpr,
+    HAS_GW: tl.constexpr,
+    HAS_GP: tl.constexpr,
+    EP: tl.constexpr,
+    BT: tl.constexpr,
+):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     mt = t < T
     cols = tl.arange(0, EP)
@@ -110,26 +142,71 @@ class TritonGating:
     def tokens_per_block(self) -> int:
         return TOKENS
 
-    def gating(self, logits: Tensor, bias: Optional[Tensor], top_k: int, softmax: bool, renormalize: bool, w: Tensor, ids: Tensor,
-               counts: Tensor, partial: Tensor) -> None:
+    def gating(
+        self,
+        logits: Tensor,
+        bias: Optional[Tensor],
+        top_k: int,
+        softmax: bool,
+        renormalize: bool,
+        w: Tensor,
+        ids: Tensor,
+        counts: Tensor,
+        partial: Tensor,
+    ) -> None:
         T, E = logits.shape
-        _gating_kernel[(partial.shape[0],)](logits, bias if bias is not None else logits, w, ids, counts, partial, T, E,
-                                            logits.stride(0), TOP_K=top_k, KP=pow2(top_k), SOFTMAX=softmax,
-                                            HAS_BIAS=bias is not None, RENORM=renormalize, EP=pow2(E), BT=TOKENS)
+        _gating_kernel[(partial.shape[0],)](
+            logits,
+            bias if bias is not None else logits,
+            w,
+            ids,
+            counts,
+            partial,
+            T,
+            E,
+            logits.stride(0),
+            TOP_K=top_k,
+            KP=pow2(top_k),
+            SOFTMAX=softmax,
+            HAS_BIAS=bias is not None,
+            RENORM=renormalize,
+            EP=pow2(E),
+            BT=TOKENS,
+        )
 
 
 topk_gating = functools.partial(recipe.topk_gating, TritonGating())
 
 
-def topk_gating_backward(grad_weights: Optional[Tensor], grad_prob_mean: Optional[Tensor], logits: Tensor, ids: Tensor,
-                         score_func: str, renormalize: bool) -> Tensor:
+def topk_gating_backward(
+    grad_weights: Optional[Tensor],
+    grad_prob_mean: Optional[Tensor],
+    logits: Tensor,
+    ids: Tensor,
+    score_func: str,
+    renormalize: bool,
+) -> Tensor:
     T, E = logits.shape
     top_k = ids.shape[1]
     grad = torch.empty_like(logits)
     if T:
         _gating_backward_kernel[(triton.cdiv(T, TOKENS),)](
-            logits, grad_weights if grad_weights is not None else logits, grad_prob_mean if grad_prob_mean is not None else logits,
-            ids, grad, T, E, logits.stride(0), 1.0 / max(T, 1),
-            TOP_K=top_k, KP=pow2(top_k), SOFTMAX=score_func == "softmax", RENORM=renormalize,
-            HAS_GW=grad_weights is not None, HAS_GP=grad_prob_mean is not None, EP=pow2(E), BT=TOKENS)
+            logits,
+            grad_weights if grad_weights is not None else logits,
+            grad_prob_mean if grad_prob_mean is not None else logits,
+            ids,
+            grad,
+            T,
+            E,
+            logits.stride(0),
+            1.0 / max(T, 1),
+            TOP_K=top_k,
+            KP=pow2(top_k),
+            SOFTMAX=score_func == "softmax",
+            RENORM=renormalize,
+            HAS_GW=grad_weights is not None,
+            HAS_GP=grad_prob_mean is not None,
+            EP=pow2(E),
+            BT=TOKENS,
+        )
     return grad

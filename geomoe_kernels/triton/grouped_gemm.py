@@ -5,6 +5,7 @@ groups, split over the rows of each expert so small groups still fill the GPU, w
 bias gradient from the same loads; the splits are summed in a fixed order (deterministic, no
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
 the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
+
 from typing import Optional
 
 import torch
@@ -65,11 +66,35 @@ def _act_grad(x, ACT: tl.constexpr):
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT"])
 @triton.jit
 def _gmm_kernel(
-    A, W, Bias, Out, Pre, Gather, blk_expert, blk_row0, offsets,
-    N, K, top_k,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_om, stride_pm,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GATHER: tl.constexpr, GRAD_ACT: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    A,
+    W,
+    Bias,
+    Out,
+    Pre,
+    Gather,
+    blk_expert,
+    blk_row0,
+    offsets,
+    N,
+    K,
+    top_k,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_be,
+    stride_om,
+    stride_pm,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GATHER: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """GRAD_ACT (the down-projection's dgrad): Pre is read, not written, and the epilogue turns the
     product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre."""
@@ -91,14 +116,22 @@ def _gmm_kernel(
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             mask_k = rk < K
-            a = tl.load(A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(
+                A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
+            w = tl.load(
+                w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            )
             if IEEE:
                 acc += tl.dot(a, w, input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
             if ACT == _SWIGLU:  # SwiGLU: the 'up' half sits N columns to the right
-                wu = tl.load(w_base + rk[:, None] * stride_wk + (rn + N)[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                wu = tl.load(
+                    w_base + rk[:, None] * stride_wk + (rn + N)[None, :] * stride_wn,
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
                 if IEEE:
                     acc_up += tl.dot(a, wu, input_precision="ieee")
                 else:
@@ -133,8 +166,12 @@ def _gmm_kernel(
 
 
 _WGRAD_CONFIGS = configs(
-    [({"BK": 64, "BN": 64, "BM": 64}, 4, 3), ({"BK": 128, "BN": 64, "BM": 32}, 4, 4), ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
-     ({"BK": 32, "BN": 64, "BM": 32}, 4, 3)],  # fp32 with the activation in the load spilled in all three on sm_80
+    [
+        ({"BK": 64, "BN": 64, "BM": 64}, 4, 3),
+        ({"BK": 128, "BN": 64, "BM": 32}, 4, 4),
+        ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
+        ({"BK": 32, "BN": 64, "BM": 32}, 4, 3),
+    ],  # fp32 with the activation in the load spilled in all three on sm_80
     {"BK": 16, "BN": 16, "BM": 16},
 )
 
@@ -142,10 +179,29 @@ _WGRAD_CONFIGS = configs(
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT"])
 @triton.jit
 def _wgrad_kernel(
-    A, G, DW, DB, Gather, offsets, K, N, top_k,
-    stride_am, stride_ak, stride_gm, stride_gn, stride_ds, stride_de, stride_dk,
-    SPLITS: tl.constexpr, GATHER: tl.constexpr, A_ACT: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    A,
+    G,
+    DW,
+    DB,
+    Gather,
+    offsets,
+    K,
+    N,
+    top_k,
+    stride_am,
+    stride_ak,
+    stride_gm,
+    stride_gn,
+    stride_ds,
+    stride_de,
+    stride_dk,
+    SPLITS: tl.constexpr,
+    GATHER: tl.constexpr,
+    A_ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """dW partials [SPLITS, E, K, N]; the programs of the first K tile also sum G's columns: the
     bias gradient partials DB [SPLITS, E, N] (G is read once for both). A_ACT: A holds the
@@ -199,9 +255,21 @@ class TritonGroupedGemm:
     def block_rows(self, dtype: torch.dtype) -> int:
         return block_m(dtype)
 
-    def _launch(self, a: Tensor, weight: Tensor, offsets: Tensor, schedule: BlockSchedule, out: Tensor, pre: Optional[Tensor],
-                bias: Optional[Tensor], activation: str, gather: Optional[Tensor], top_k: int, transpose_weight: bool,
-                grad_act: str) -> None:
+    def _launch(
+        self,
+        a: Tensor,
+        weight: Tensor,
+        offsets: Tensor,
+        schedule: BlockSchedule,
+        out: Tensor,
+        pre: Optional[Tensor],
+        bias: Optional[Tensor],
+        activation: str,
+        gather: Optional[Tensor],
+        top_k: int,
+        transpose_weight: bool,
+        grad_act: str,
+    ) -> None:
         if transpose_weight:  # W[e] read as [N, K]
             E, N_w, K = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)
@@ -211,13 +279,33 @@ class TritonGroupedGemm:
         N = activations.out_features(activation, N_w)
         grid = lambda meta: (schedule.blocks, triton.cdiv(N, meta["BN"]))
         _gmm_kernel[grid](
-            a, weight, bias if bias is not None else weight, out, pre if pre is not None else out,
-            gather if gather is not None else offsets, schedule.expert, schedule.row0, offsets,
-            N, K, top_k,
-            a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias.stride(0) if bias is not None else 0,
-            out.stride(0), pre.stride(0) if pre is not None else 0,
-            HAS_BIAS=bias is not None, ACT=activations.code(activation), STORE_PRE=pre is not None and grad_act == "none",
-            GATHER=gather is not None, GRAD_ACT=activations.code(grad_act), IEEE=a.dtype == torch.float32, BM=schedule.block,
+            a,
+            weight,
+            bias if bias is not None else weight,
+            out,
+            pre if pre is not None else out,
+            gather if gather is not None else offsets,
+            schedule.expert,
+            schedule.row0,
+            offsets,
+            N,
+            K,
+            top_k,
+            a.stride(0),
+            a.stride(1),
+            s_we,
+            s_wk,
+            s_wn,
+            bias.stride(0) if bias is not None else 0,
+            out.stride(0),
+            pre.stride(0) if pre is not None else 0,
+            HAS_BIAS=bias is not None,
+            ACT=activations.code(activation),
+            STORE_PRE=pre is not None and grad_act == "none",
+            GATHER=gather is not None,
+            GRAD_ACT=activations.code(grad_act),
+            IEEE=a.dtype == torch.float32,
+            BM=schedule.block,
         )
 
     def forward(self, a, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
@@ -230,9 +318,26 @@ class TritonGroupedGemm:
         splits, E, K, N = partial.shape
         grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
         _wgrad_kernel[grid](
-            a, grad, partial, partial_db, gather if gather is not None else offsets, offsets, K, N, top_k,
-            a.stride(0), a.stride(1), grad.stride(0), grad.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-            SPLITS=splits, GATHER=gather is not None, A_ACT=activations.code(a_activation), IEEE=a.dtype == torch.float32,
+            a,
+            grad,
+            partial,
+            partial_db,
+            gather if gather is not None else offsets,
+            offsets,
+            K,
+            N,
+            top_k,
+            a.stride(0),
+            a.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            partial.stride(0),
+            partial.stride(1),
+            partial.stride(2),
+            SPLITS=splits,
+            GATHER=gather is not None,
+            A_ACT=activations.code(a_activation),
+            IEEE=a.dtype == torch.float32,
         )
 
 

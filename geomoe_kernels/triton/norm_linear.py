@@ -2,6 +2,7 @@
 x), then a GEMM whose prologue normalises each A tile as it loads it and whose epilogue adds the
 bias and applies the activation. The normalised rows and the pre-activation never make an extra
 round trip through memory (pre is written once, for backward, only when there is an activation)."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -54,10 +55,30 @@ _CONFIGS = configs(
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "ACT"])
 @triton.jit
 def _norm_linear_kernel(
-    X, NW, NB, W, Bias, Mean, Rstd, Out, Pre, R, N, K,
-    stride_x, stride_wn, stride_wk, stride_o, stride_p,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    X,
+    NW,
+    NB,
+    W,
+    Bias,
+    Mean,
+    Rstd,
+    Out,
+    Pre,
+    R,
+    N,
+    K,
+    stride_x,
+    stride_wn,
+    stride_wk,
+    stride_o,
+    stride_p,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     rm = tl.program_id(0) * BM + tl.arange(0, BM).to(tl.int64)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -87,8 +108,9 @@ def _norm_linear_kernel(
     tl.store(Out + rm[:, None] * stride_o + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
-def norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor],
-                activation: str, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def norm_linear(
+    x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     R, K = x.shape
     N = weight.shape[0]
     mean = torch.empty(R, dtype=torch.float32, device=x.device)
@@ -103,8 +125,26 @@ def norm_linear(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tenso
     )
     grid = lambda meta: (triton.cdiv(R, meta["BM"]), triton.cdiv(N, meta["BN"]))
     _norm_linear_kernel[grid](
-        x, norm_weight, norm_bias, weight, bias if bias is not None else weight, mean, rstd, out, pre if store_pre else out,
-        R, N, K, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0), pre.stride(0) if store_pre else 0,
-        HAS_BIAS=bias is not None, ACT=activations.code(activation), STORE_PRE=store_pre, IEEE=weight.dtype == torch.float32,
+        x,
+        norm_weight,
+        norm_bias,
+        weight,
+        bias if bias is not None else weight,
+        mean,
+        rstd,
+        out,
+        pre if store_pre else out,
+        R,
+        N,
+        K,
+        x.stride(0),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        pre.stride(0) if store_pre else 0,
+        HAS_BIAS=bias is not None,
+        ACT=activations.code(activation),
+        STORE_PRE=store_pre,
+        IEEE=weight.dtype == torch.float32,
     )
     return out, pre, mean, rstd

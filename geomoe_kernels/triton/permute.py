@@ -3,6 +3,7 @@ small [blocks, E] table on the device, and a stable scatter: the routing recipe 
 geomoe_kernels.kernel_recipes on these kernels), and the row gather / weighted combine. The
 combine reads each token's k rows and sums them in slot order in float32: no atomics, the same
 bits every run."""
+
 import functools
 from typing import Optional
 
@@ -51,21 +52,25 @@ class TritonRouting:
         return route_block(pow2(num_experts))
 
     def histogram(self, flat_ids: Tensor, num_experts: int, block: int, per_block: Tensor) -> None:
-        _histogram_kernel[(per_block.shape[0],)](flat_ids, per_block, flat_ids.numel(), num_experts, EP=pow2(num_experts),
-                                                 BLOCK=block)
+        _histogram_kernel[(per_block.shape[0],)](
+            flat_ids, per_block, flat_ids.numel(), num_experts, EP=pow2(num_experts), BLOCK=block
+        )
 
-    def scatter(self, flat_ids: Tensor, num_experts: int, block: int, base: Tensor, row_to_flat: Tensor,
-                flat_to_row: Tensor) -> None:
-        _scatter_kernel[(base.shape[0],)](flat_ids, base, row_to_flat, flat_to_row, flat_ids.numel(), num_experts,
-                                          EP=pow2(num_experts), BLOCK=block)
+    def scatter(
+        self, flat_ids: Tensor, num_experts: int, block: int, base: Tensor, row_to_flat: Tensor, flat_to_row: Tensor
+    ) -> None:
+        _scatter_kernel[(base.shape[0],)](
+            flat_ids, base, row_to_flat, flat_to_row, flat_ids.numel(), num_experts, EP=pow2(num_experts), BLOCK=block
+        )
 
 
 route = functools.partial(recipe.route, TritonRouting())
 
 
 @triton.jit
-def _permute_kernel(X, R2F, Wts, Out, n_rows, d, top_k, stride_x, stride_o,
-                    WEIGHTED: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _permute_kernel(
+    X, R2F, Wts, Out, n_rows, d, top_k, stride_x, stride_o, WEIGHTED: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
+):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BD + tl.arange(0, BD)
     mr = r < n_rows
@@ -79,9 +84,23 @@ def _permute_kernel(X, R2F, Wts, Out, n_rows, d, top_k, stride_x, stride_o,
 
 
 @triton.jit
-def _unpermute_kernel(Rows, F2R, Wts, Shared, Out, T, d, stride_r, stride_s, stride_o,
-                      TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, HAS_SHARED: tl.constexpr,
-                      BT: tl.constexpr, BD: tl.constexpr):
+def _unpermute_kernel(
+    Rows,
+    F2R,
+    Wts,
+    Shared,
+    Out,
+    T,
+    d,
+    stride_r,
+    stride_s,
+    stride_o,
+    TOP_K: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     c = tl.program_id(1) * BD + tl.arange(0, BD)
     mt = t < T
@@ -120,8 +139,9 @@ def permute(x: Tensor, row_to_flat: Tensor, top_k: int, weights: Optional[Tensor
     if n:
         grid = (triton.cdiv(n, ROWS), triton.cdiv(d, COLS))
         wflat = weights.reshape(-1) if weights is not None else x
-        _permute_kernel[grid](x, row_to_flat, wflat, out, n, d, top_k, x.stride(0), out.stride(0),
-                              WEIGHTED=weights is not None, BR=ROWS, BD=COLS)
+        _permute_kernel[grid](
+            x, row_to_flat, wflat, out, n, d, top_k, x.stride(0), out.stride(0), WEIGHTED=weights is not None, BR=ROWS, BD=COLS
+        )
     return out
 
 
@@ -130,9 +150,23 @@ def unpermute(rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[T
     out = rows.new_empty(T, d)
     if T:
         grid = (triton.cdiv(T, ROWS), triton.cdiv(d, COLS))
-        _unpermute_kernel[grid](rows, flat_to_row, weights if weights is not None else rows, shared if shared is not None else rows,
-                                out, T, d, rows.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0),
-                                TOP_K=top_k, WEIGHTED=weights is not None, HAS_SHARED=shared is not None, BT=ROWS, BD=COLS)
+        _unpermute_kernel[grid](
+            rows,
+            flat_to_row,
+            weights if weights is not None else rows,
+            shared if shared is not None else rows,
+            out,
+            T,
+            d,
+            rows.stride(0),
+            shared.stride(0) if shared is not None else 0,
+            out.stride(0),
+            TOP_K=top_k,
+            WEIGHTED=weights is not None,
+            HAS_SHARED=shared is not None,
+            BT=ROWS,
+            BD=COLS,
+        )
     return out
 
 
@@ -141,6 +175,7 @@ def unpermute_weight_grad(grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, t
     acc = torch.promote_types(rows.dtype, torch.float32)
     out = torch.empty(T, top_k, dtype=acc, device=rows.device)
     if T:
-        _weight_grad_kernel[(triton.cdiv(T, ROWS),)](grad_out, rows, flat_to_row, out, T, d, grad_out.stride(0), rows.stride(0),
-                                                      TOP_K=top_k, BT=ROWS, BD=COLS)
+        _weight_grad_kernel[(triton.cdiv(T, ROWS),)](
+            grad_out, rows, flat_to_row, out, T, d, grad_out.stride(0), rows.stride(0), TOP_K=top_k, BT=ROWS, BD=COLS
+        )
     return out

@@ -3,6 +3,7 @@ rows and channels and walks the k*k taps, gathering neighbour rows through the t
 zero). Backward: dx is the same kernel with the kernel flipped (the table is symmetric: see the
 reference), dweight and dbias are per-row-block partial sums reduced in a fixed order (the recipe
 of geomoe_kernels.kernel_recipes on these kernels)."""
+
 import functools
 from typing import Optional
 
@@ -20,8 +21,22 @@ _CONV_CONFIGS = configs([({"BC": 64}, 4, 2), ({"BC": 128}, 4, 2), ({"BC": 32}, 2
 
 @triton.autotune(configs=_CONV_CONFIGS, key=["C", "KK"])
 @triton.jit
-def _dwconv_kernel(X, Nbr, W, Bias, Out, R, C, KK: tl.constexpr, stride_x, stride_o,
-                   FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _dwconv_kernel(
+    X,
+    Nbr,
+    W,
+    Bias,
+    Out,
+    R,
+    C,
+    KK: tl.constexpr,
+    stride_x,
+    stride_o,
+    FLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mr, mc = r < R, c < C
@@ -41,8 +56,7 @@ def _dwconv_kernel(X, Nbr, W, Bias, Out, R, C, KK: tl.constexpr, stride_x, strid
 
 @triton.autotune(configs=_CONV_CONFIGS, key=["C", "KK"])
 @triton.jit
-def _dwconv_wgrad_kernel(X, G, Nbr, DW, DB, R, C, KK: tl.constexpr, stride_x, stride_g,
-                         BR: tl.constexpr, BC: tl.constexpr):
+def _dwconv_wgrad_kernel(X, G, Nbr, DW, DB, R, C, KK: tl.constexpr, stride_x, stride_g, BR: tl.constexpr, BC: tl.constexpr):
     """Partial sums over this program's rows: DW [blocks, C, KK], DB [blocks, C]."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -65,14 +79,28 @@ class TritonDepthwiseConv:
     def conv(self, x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor], flip: bool, out: Tensor) -> None:
         R, C = x.shape
         grid = lambda meta: (triton.cdiv(R, ROWS), triton.cdiv(C, meta["BC"]))
-        _dwconv_kernel[grid](x, neighbors, weight, bias if bias is not None else weight, out, R, C, neighbors.shape[1],
-                             x.stride(0), out.stride(0), FLIP=flip, HAS_BIAS=bias is not None, BR=ROWS)
+        _dwconv_kernel[grid](
+            x,
+            neighbors,
+            weight,
+            bias if bias is not None else weight,
+            out,
+            R,
+            C,
+            neighbors.shape[1],
+            x.stride(0),
+            out.stride(0),
+            FLIP=flip,
+            HAS_BIAS=bias is not None,
+            BR=ROWS,
+        )
 
     def wgrad(self, x: Tensor, grad_out: Tensor, neighbors: Tensor, dw_partial: Tensor, db_partial: Tensor) -> None:
         R, C = x.shape
         grid = lambda meta: (dw_partial.shape[0], triton.cdiv(C, meta["BC"]))
-        _dwconv_wgrad_kernel[grid](x, grad_out, neighbors, dw_partial, db_partial, R, C, neighbors.shape[1], x.stride(0),
-                                   grad_out.stride(0), BR=ROWS)
+        _dwconv_wgrad_kernel[grid](
+            x, grad_out, neighbors, dw_partial, db_partial, R, C, neighbors.shape[1], x.stride(0), grad_out.stride(0), BR=ROWS
+        )
 
 
 _KERNELS = TritonDepthwiseConv()

@@ -2,6 +2,7 @@
 is a multiple of 16, the position table interpolated bicubically, a 4-level pyramid for detection and
 segmentation frameworks and mean-pooled token features for classification. The MoE biases are
 frozen (never updated); the auxiliary loss is exposed for fine-tuning to add (weight 5e-6)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -53,8 +54,17 @@ class GeoMoEBackbone(GeoMoEEncoderBase):
         features_only: bool = False,
     ):
         super().__init__(
-            img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, moe_mlp_ratio,
-            num_experts, num_shared_experts, top_k, backend,
+            img_size,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            moe_mlp_ratio,
+            num_experts,
+            num_shared_experts,
+            top_k,
+            backend,
         )
         self.features_only = features_only
         self.aux_loss: Optional[Tensor] = None

@@ -13,6 +13,7 @@ naming it and why, and the one before is used.
 Each checkpoint records the identity of the run that wrote it (`train_state.pt`: "run"). `prune`
 removes only that run's own older checkpoints, and only once `keep_last` newer ones of it have been
 verified to read: never another run's, never one it cannot read, never the newest that reads."""
+
 from __future__ import annotations
 
 import glob

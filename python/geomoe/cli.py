@@ -1,4 +1,5 @@
 """geomoe command line: `geomoe pretrain ...` and `geomoe finetune ...` (also `python -m geomoe ...`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,21 @@ from .model import FRONT_ENDS
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="MAE pretraining (the published recipe: docs/recipe.md)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model and recipe preset (default tiny)")
-    p.add_argument("--model", choices=("geomoe", "moevit"), default="geomoe",
-                   help="GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)")
+    p.add_argument(
+        "--model",
+        choices=("geomoe", "moevit"),
+        default="geomoe",
+        help="GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)",
+    )
     p.add_argument("--data", default=None, help="image folder root/<subfolder>/...; default: the embedded procedural scenes")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--out", default="runs/pretrain",
-                   help="run directory: checkpoints and metrics.jsonl; a new run needs one without checkpoints")
+    p.add_argument(
+        "--out",
+        default="runs/pretrain",
+        help="run directory: checkpoints and metrics.jsonl; a new run needs one without checkpoints",
+    )
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=3, help="this run's newest checkpoints kept (0: all)")
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --out) or a checkpoint path")
@@ -39,9 +47,13 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds a collective between ranks or a data-loader batch may take before the run stops with an "
-                        f"error (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a collective between ranks or a data-loader batch may take before the run stops with an "
+        f"error (default {DEFAULT_TIMEOUT:g})",
+    )
     return p
 
 
@@ -49,11 +61,17 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="scene-classification fine-tuning of the pretrained encoder")
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="encoder preset (default tiny)")
     p.add_argument("--data", default=None, help="folder with train/<class>/ and val/<class>/; default: generated scene classes")
-    p.add_argument("--weights", default=None,
-                   help="pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
-                        "file; every backbone tensor must be in it")
-    p.add_argument("--allow-partial-weights", action="store_true",
-                   help="load what --weights has of the backbone and name what it lacks (kept at initial values)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
+        "file; every backbone tensor must be in it",
+    )
+    p.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="load what --weights has of the backbone and name what it lacks (kept at initial values)",
+    )
     p.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 16 (position table interpolated)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
@@ -73,8 +91,12 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds a data-loader batch may take before the run stops with an error (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a data-loader batch may take before the run stops with an error (default {DEFAULT_TIMEOUT:g})",
+    )
     return p
 
 

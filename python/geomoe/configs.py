@@ -2,6 +2,7 @@
 model with the same structure that trains on a CPU in minutes. Each preset has a GeoMoE (`model`) and a
 MoE-ViT (`moevit`: the plain-ViT baseline, pretrained on GeoMoE's objective by assumption) of that
 size; `geomoe pretrain --model` picks one."""
+
 from typing import Any, Dict
 
 CONFIGS: Dict[str, Dict[str, Any]] = {

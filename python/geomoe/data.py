@@ -13,6 +13,7 @@ Files are read as they are: 16-bit and float images (common in remote sensing) a
 own range to 8 bits, never clipped (`to_rgb`); only regular files are opened, and never in a way
 that can block (a FIFO named *.png is skipped, not waited on); a file that cannot be decoded is
 skipped with a warning naming it, in pretraining and fine-tuning alike."""
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,15 @@ def open_image(path: str) -> Image.Image:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if (
-                stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a file"
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "a device"
+                if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
+                else "not a file"
+            )
             raise OSError(f"not a regular file ({kind})")
         f = os.fdopen(fd, "rb")
         fd = -1  # the file object owns it now
@@ -131,7 +139,16 @@ def pretrain_transform(img: Image.Image, size: int, rng: np.random.Generator, sc
 # ---- procedural scenes ---------------------------------------------------------------------------
 
 _FIELD_COLOURS = np.array(
-    [[92, 120, 60], [120, 140, 70], [150, 140, 90], [170, 150, 100], [70, 100, 55], [130, 110, 80], [185, 170, 120], [60, 85, 50]],
+    [
+        [92, 120, 60],
+        [120, 140, 70],
+        [150, 140, 90],
+        [170, 150, 100],
+        [70, 100, 55],
+        [130, 110, 80],
+        [185, 170, 120],
+        [60, 85, 50],
+    ],
     dtype=np.float32,
 )
 
@@ -178,7 +195,9 @@ def _buildings(img: np.ndarray, rng: np.random.Generator, count=(5, 25), spread=
         x0 = max(int((cx + rng.normal(0, spread)) * size), 0)
         h, w = (rng.integers(2, max(3, size // 14), 2)).tolist()
         img[y0 + s : y0 + h + s, x0 + s : x0 + w + s] *= 0.55
-        img[y0 : y0 + h, x0 : x0 + w] = np.array([[190, 90, 70], [200, 200, 195], [120, 120, 130]], dtype=np.float32)[rng.integers(0, 3)]
+        img[y0 : y0 + h, x0 : x0 + w] = np.array([[190, 90, 70], [200, 200, 195], [120, 120, 130]], dtype=np.float32)[
+            rng.integers(0, 3)
+        ]
 
 
 def _canopy(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -341,8 +360,16 @@ class ResumableBatchSampler(Sampler[List[int]]):
     global step: the batch at step s is the same whether or not the run was resumed. With several
     ranks the global batch is batch_size * world and rank r takes the r-th slice of it."""
 
-    def __init__(self, length: int, batch_size: int, seed: int, start_step: int = 0, total_steps: Optional[int] = None,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: Optional[int] = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if length < batch_size * world:
             raise ValueError(
                 f"argument '--batch-size' expected at most the dataset size {length} over {world} rank(s), got {batch_size}"
@@ -375,7 +402,9 @@ class ClassFolder(Dataset):
     def __init__(self, root: str, img_size: int, train: bool, seed: int = 0, classes: Optional[Sequence[str]] = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"expected a class folder root/<class>/..., got {root!r} which is not a directory")
-        self.classes = list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = (
+            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        )
         self.samples = []
         for label, name in enumerate(self.classes):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):

@@ -3,6 +3,7 @@
 Every collective has a time limit (`timeout`, seconds; the run's --timeout): a rank that is stopped,
 hung or dead makes the others fail with a message saying so within that time, instead of waiting
 for the backend's default (30 minutes on gloo) deaf to signals."""
+
 from __future__ import annotations
 
 import datetime
@@ -48,9 +49,14 @@ def setup(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> DistEnv:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        _guard(lambda: dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                               timeout=datetime.timedelta(seconds=timeout)),
-               "joining the process group", int(os.environ.get("RANK", "0")), timeout)
+        _guard(
+            lambda: dist.init_process_group(
+                "nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+            ),
+            "joining the process group",
+            int(os.environ.get("RANK", "0")),
+            timeout,
+        )
     rank = dist.get_rank() if world > 1 else 0
     return DistEnv(rank, world, local_rank, dev, timeout)
 

@@ -4,6 +4,7 @@ auxiliary loss weight 5e-6, MoE biases frozen, top-1 on a validation folder ever
 checkpoints and resume like pretraining (the run owns its --out; SIGTERM or SIGINT saves and stops;
 unreadable images are skipped and named). --weights loads strictly: every backbone tensor must come
 from the file, unless --allow-partial-weights."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,23 @@ from .configs import CONFIGS
 from .data import ClassFolder, skip_unreadable_labelled, write_scene_classes
 from .distributed import DEFAULT_TIMEOUT
 from .original import _read, key_map, load_original_state_dict
-from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, load_resume_state, lr_at,
-                      make_loader, refuse_fresh_run_into_used_directory, resolve_device, restore_single, run_identity,
-                      save_single, start_batches, warn_changed_run_arguments)
+from .runtime import (
+    RunDirectory,
+    StopSignals,
+    append_jsonl,
+    check_float,
+    check_int,
+    load_resume_state,
+    lr_at,
+    make_loader,
+    refuse_fresh_run_into_used_directory,
+    resolve_device,
+    restore_single,
+    run_identity,
+    save_single,
+    start_batches,
+    warn_changed_run_arguments,
+)
 
 AUX_WEIGHT = 5e-6
 _BIAS_NAMES = {"b1", "b2", "shared_b1", "shared_b2"}  # stacked expert biases: 2-d, but biases
@@ -123,8 +138,17 @@ def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device
 
 # Tensors of the pretraining model that the backbone does not have (the decoder side), and of a
 # fine-tuned classifier's head: expected extras in a --weights file, ignored.
-_PRETRAIN_ONLY = ("decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed", "decoder_embed", "mask_token",
-                  "norm", "stage1_output_decode", "stage2_output_decode")
+_PRETRAIN_ONLY = (
+    "decoder_blocks",
+    "decoder_norm",
+    "decoder_pred",
+    "decoder_pos_embed",
+    "decoder_embed",
+    "mask_token",
+    "norm",
+    "stage1_output_decode",
+    "stage2_output_decode",
+)
 _HEAD = ("head", "fc_norm")
 
 
@@ -146,17 +170,20 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
     keeps its initial values."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
-            raise ValueError(f"argument '--weights' expected a checkpoint directory holding {checkpoint.MODEL_FILE} "
-                             f"or a weights file, got the directory {path!r} without it")
+            raise ValueError(
+                f"argument '--weights' expected a checkpoint directory holding {checkpoint.MODEL_FILE} "
+                f"or a weights file, got the directory {path!r} without it"
+            )
         path = os.path.join(path, checkpoint.MODEL_FILE)
     try:
         tensors = _read(path)
     except Exception as exc:
-        raise ValueError(f"argument '--weights' expected a weights file (a dict of tensors), got {path!r} "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"argument '--weights' expected a weights file (a dict of tensors), got {path!r} ({type(exc).__name__}: {exc})"
+        ) from exc
     # a fine-tuning checkpoint holds the backbone under 'backbone.'
     if any(k.startswith("backbone.") for k in tensors):
-        tensors = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
+        tensors = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
     own = backbone.state_dict()
     original = key_map(backbone)
     # the original layout keeps one tensor per expert (unique_experts.<e>, share_experts); this
@@ -170,8 +197,10 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
         unexpected = sorted(k for k in wanted if k not in own)
         for k in sorted(set(own) & set(wanted)):
             if tuple(own[k].shape) != tuple(wanted[k].shape):
-                raise ValueError(f"argument '--weights': tensor '{k}' in {path} expected shape {list(own[k].shape)} "
-                                 f"(this --config), got {list(wanted[k].shape)}")
+                raise ValueError(
+                    f"argument '--weights': tensor '{k}' in {path} expected shape {list(own[k].shape)} "
+                    f"(this --config), got {list(wanted[k].shape)}"
+                )
         n_total, n_loaded = len(own), len(own) - len(missing)
     else:
         layout = "original layout"
@@ -181,7 +210,8 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
     if (missing or unexpected) and not partial:
         raise ValueError(
             f"argument '--weights' expected weights for every backbone tensor, got {path} ({layout}) with {n_loaded} of "
-            f"{n_total}" + (f"; missing: {_names(missing)}" if missing else "")
+            f"{n_total}"
+            + (f"; missing: {_names(missing)}" if missing else "")
             + (f"; unexpected: {_names(unexpected)}" if unexpected else "")
             + ". Pass --allow-partial-weights to load only what matches"
         )
@@ -230,8 +260,9 @@ class FinetuneArgs:
         """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
         if self.config not in CONFIGS:
             raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
-        if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int)
-                                          or self.img_size < 16 or self.img_size % 16):
+        if self.img_size is not None and (
+            isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16 or self.img_size % 16
+        ):
             raise ValueError(f"argument '--img-size' expected a positive multiple of 16, got {self.img_size!r}")
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
@@ -271,8 +302,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
 
     torch.manual_seed(args.seed)
     backbone = GeoMoEBackbone(**model_cfg, backend=args.backend)
-    note = (load_pretrained(backbone, args.weights, args.allow_partial_weights) if args.weights
-            else "from scratch (no --weights)")
+    note = load_pretrained(backbone, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
     model = GeoMoEClassifier(backbone, len(train_set.classes)).to(device)
     groups = param_groups(model, args.weight_decay, args.layer_decay)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
@@ -282,10 +312,22 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     warmup = max(1, int(per_epoch * args.warmup_epochs))
 
     start, best = 0, 0.0
-    run_args = dict(config=args.config, data=args.data, weights=args.weights, img_size=img_size, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
-                    warmup_epochs=args.warmup_epochs, smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix,
-                    seed=args.seed)
+    run_args = dict(
+        config=args.config,
+        data=args.data,
+        weights=args.weights,
+        img_size=img_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        smoothing=args.smoothing,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+        seed=args.seed,
+    )
     state = load_resume_state(args.resume, args.out)
     run = dict(id=run_identity(state), **run_args)
     if state is not None:
@@ -297,8 +339,17 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         f"geomoe finetune: config {args.config}, {img_size} px, {len(train_set.classes)} classes "
         f"({len(train_set)} train / {len(val_set)} val images), {device}, {note}"
     )
-    loader = make_loader(train_set, args.batch_size, args.seed, start, total, workers, device,
-                         collate_fn=skip_unreadable_labelled, timeout=args.timeout)
+    loader = make_loader(
+        train_set,
+        args.batch_size,
+        args.seed,
+        start,
+        total,
+        workers,
+        device,
+        collate_fn=skip_unreadable_labelled,
+        timeout=args.timeout,
+    )
     mix_gen = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=total, initial=start, disable=not args.progress, dynamic_ncols=True, leave=False)
     history, step, t0, seen, skipped_images = [], start, time.perf_counter(), 0, 0
@@ -331,16 +382,28 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
             top1 = evaluate(model, val_set, device, args.batch_size, amp)
             best = max(best, top1) if top1 == top1 else best
             now = time.perf_counter()
-            record = {"epoch": epoch, "step": step, "loss": float(loss.detach()), "lr": lr, "val_top1": top1,
-                      "images_per_s": seen / (now - t0), "skipped_images": skipped_images,
-                      "val_skipped_images": val_set.unreadable}
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": lr,
+                "val_top1": top1,
+                "images_per_s": seen / (now - t0),
+                "skipped_images": skipped_images,
+                "val_skipped_images": val_set.unreadable,
+            }
             t0, seen, skipped_images = now, 0, 0
             history.append(record)
             append_jsonl(os.path.join(args.out, "metrics.jsonl"), record)
-            tqdm.write(f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                       f"val top-1 {100 * top1:.1f}% (best {100 * best:.1f}%) | {record['images_per_s']:.1f} img/s"
-                       + (f" | skipped {record['skipped_images']} + {record['val_skipped_images']} val images"
-                          if record["skipped_images"] or record["val_skipped_images"] else ""))
+            tqdm.write(
+                f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                f"val top-1 {100 * top1:.1f}% (best {100 * best:.1f}%) | {record['images_per_s']:.1f} img/s"
+                + (
+                    f" | skipped {record['skipped_images']} + {record['val_skipped_images']} val images"
+                    if record["skipped_images"] or record["val_skipped_images"]
+                    else ""
+                )
+            )
             final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best)
         elif stop.requested:
             final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best)

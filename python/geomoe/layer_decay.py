@@ -9,6 +9,7 @@ MoE-ViT (L = 13): patch_embed, pos_embed, cls_token -> 0; blocks.i -> 1 + i; eve
 
 Names may carry a wrapper's prefix (`backbone.`, `module.`): only the part from the first known
 module name on counts. Detection and segmentation users call `param_groups` on their whole model."""
+
 from __future__ import annotations
 
 import re
@@ -66,8 +67,17 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float = 0.05, l
             continue
         lid, decay = layer_id(name, model), p.ndim > 1
         scale = layer_decay ** (L - 1 - lid)
-        g = groups.setdefault((lid, decay), {"params": [], "names": [], "layer_id": lid, "lr_scale": scale,
-                                             "lr": base_lr * scale, "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault(
+            (lid, decay),
+            {
+                "params": [],
+                "names": [],
+                "layer_id": lid,
+                "lr_scale": scale,
+                "lr": base_lr * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -1,6 +1,7 @@
 """Random token masking as GeoMoE does it: per image, shuffle = argsort(noise); the first
 int(L (1 - mask_ratio)) of the shuffle are kept (in that order), the last int(L kept_mask_ratio)
 are reconstructed, taken in ascending position order."""
+
 from typing import NamedTuple, Optional
 
 import torch

@@ -4,6 +4,7 @@ a user's model would be: MoEMLP for the expert MLPs, SparseCBlock and the visibl
 
 front_end="sparse" runs stages 1-2 at visible cells only (exact: the depthwise conv is the only op
 mixing positions and reads masked neighbours as zero); "dense" is the published masked computation."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
@@ -124,8 +125,9 @@ class MaskedAutoencoder:
     token + decoder position) attend to the encoder output, norm-pix MSE on the rebuilt tokens, and
     the expert-bias update. A subclass builds its encoder and calls `_build_decoder`."""
 
-    def _build_decoder(self, context_dim: int, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
-                       mlp_ratio: float) -> None:
+    def _build_decoder(
+        self, context_dim: int, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int, mlp_ratio: float
+    ) -> None:
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.grid, self.grid)[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
@@ -136,7 +138,9 @@ class MaskedAutoencoder:
 
     def forward_decoder(self, latent: Tensor, build: Tensor) -> Tensor:
         N, Lb = build.shape
-        pos = torch.gather(self.decoder_pos_embed.expand(N, -1, -1), 1, build[:, :, None].expand(-1, -1, self.mask_token.shape[2]))
+        pos = torch.gather(
+            self.decoder_pos_embed.expand(N, -1, -1), 1, build[:, :, None].expand(-1, -1, self.mask_token.shape[2])
+        )
         x = (self.mask_token + pos).to(latent.dtype)
         for blk in self.decoder_blocks:
             x = blk(x, latent)
@@ -305,8 +309,17 @@ class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
         if front_end not in FRONT_ENDS:
             raise ValueError(f"argument 'front_end' expected one of {list(FRONT_ENDS)}, got {front_end!r}")
         super().__init__(
-            img_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, moe_mlp_ratio,
-            num_experts, num_shared_experts, top_k, backend,
+            img_size,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            moe_mlp_ratio,
+            num_experts,
+            num_shared_experts,
+            top_k,
+            backend,
         )
         e1, e2, e3 = self.embed_dims
         self.front_end = front_end
@@ -370,7 +383,9 @@ class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
         want = (self.in_chans, self.img_size, self.img_size)
         check_image_batch("GeoMoE", imgs, self.patch_embed1.proj.weight, allow_empty=False)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != want:
-            raise ValueError(f"GeoMoE: argument 'imgs' expected shape [N, {want[0]}, {want[1]}, {want[2]}], got {list(imgs.shape)}")
+            raise ValueError(
+                f"GeoMoE: argument 'imgs' expected shape [N, {want[0]}, {want[1]}, {want[2]}], got {list(imgs.shape)}"
+            )
 
     def forward(
         self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25, noise: Optional[Tensor] = None

@@ -9,6 +9,7 @@ rises linearly over the 12 blocks from 0 to `drop_path_rate`.
 Module names follow the original checkpoint's keys, so `load_original_state_dict` reads the released
 encoder-only file. The position table is recomputed, never loaded (`pos_embed` in a file is ignored),
 and interpolated bicubically to the input's grid when the input is not the pretraining size."""
+
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -85,9 +86,22 @@ class MoEViTEncoder(nn.Module):
     # recomputed from the image size, never read from a checkpoint
     ORIGINAL_KEYS_RECOMPUTED = ("pos_embed",)
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, moe_mlp_ratio: float = 0.75, num_experts: int = 23, num_shared_experts: int = 1,
-                 top_k: int = 3, dense_blocks: Sequence[int] = (0,), drop_path_rate: float = 0.1, backend: str = "auto"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        moe_mlp_ratio: float = 0.75,
+        num_experts: int = 23,
+        num_shared_experts: int = 1,
+        top_k: int = 3,
+        dense_blocks: Sequence[int] = (0,),
+        drop_path_rate: float = 0.1,
+        backend: str = "auto",
+    ):
         super().__init__()
         check_backend_name(backend)
         if img_size % PATCH:
@@ -121,8 +135,10 @@ class MoEViTEncoder(nn.Module):
 
     def forward(self, imgs: Tensor) -> EncoderOutput:
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or imgs.shape[2] % PATCH or imgs.shape[3] % PATCH:
-            raise ValueError(f"MoEViT: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of "
-                             f"{PATCH}, got {list(imgs.shape)}")
+            raise ValueError(
+                f"MoEViT: argument 'imgs' expected shape [N, {self.in_chans}, H, W] with H and W multiples of "
+                f"{PATCH}, got {list(imgs.shape)}"
+            )
         check_image_batch("MoEViT", imgs, self.patch_embed.proj.weight, allow_empty=True)
         h, w = imgs.shape[2] // PATCH, imgs.shape[3] // PATCH
         x = self.patch_embed(imgs)
@@ -172,15 +188,26 @@ class MoEViTBackbone(MoEViTEncoder):
     `aux_weight`, is kept in `self.aux_loss` for the task loss. The MoE biases are frozen buffers
     here: nothing in the backbone updates them."""
 
-    def __init__(self, img_size: int = 224, out_indices: Sequence[int] = (3, 5, 7, 11), drop_path_rate: float = 0.1,
-                 aux_weight: float = 5e-6, backend: str = "auto", **kw):
+    def __init__(
+        self,
+        img_size: int = 224,
+        out_indices: Sequence[int] = (3, 5, 7, 11),
+        drop_path_rate: float = 0.1,
+        aux_weight: float = 5e-6,
+        backend: str = "auto",
+        **kw,
+    ):
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, backend=backend, **kw)
         if len(out_indices) != 4 or any(not 0 <= i < len(self.blocks) for i in out_indices):
-            raise ValueError(f"argument 'out_indices' expected 4 block indices in [0, {len(self.blocks)}), got {list(out_indices)}")
+            raise ValueError(
+                f"argument 'out_indices' expected 4 block indices in [0, {len(self.blocks)}), got {list(out_indices)}"
+            )
         C = self.embed_dim
         self.out_indices = tuple(out_indices)
         self.aux_weight = aux_weight
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(C, C, 2, 2), LayerNorm2d(C, eps=1e-6), nn.GELU(), nn.ConvTranspose2d(C, C, 2, 2))
+        self.fpn1 = nn.Sequential(
+            nn.ConvTranspose2d(C, C, 2, 2), LayerNorm2d(C, eps=1e-6), nn.GELU(), nn.ConvTranspose2d(C, C, 2, 2)
+        )
         self.fpn2 = nn.ConvTranspose2d(C, C, 2, 2)
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(2)
@@ -205,8 +232,17 @@ class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
     (eps 1e-6, `norm`) on the encoder output as in MAE. forward(imgs) -> (loss, aux [layers],
     loads [layers, experts]), like GeoMoE, so the same trainer runs either model."""
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, backend: str = "auto", **kw):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        norm_pix_loss: bool = True,
+        backend: str = "auto",
+        **kw,
+    ):
         kw.setdefault("drop_path_rate", 0.0)
         super().__init__(img_size=img_size, in_chans=in_chans, backend=backend, **kw)
         self.norm_pix_loss = norm_pix_loss
@@ -219,8 +255,10 @@ class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
         """The cls token and the kept patch tokens (in `keep`'s order) through the blocks."""
         check_image_batch("MoEViTMAE", imgs, self.patch_embed.proj.weight, allow_empty=False)
         if tuple(imgs.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
-            raise ValueError(f"MoEViTMAE: argument 'imgs' expected shape [N, {self.in_chans}, {self.img_size}, {self.img_size}], "
-                             f"got {list(imgs.shape)}")
+            raise ValueError(
+                f"MoEViTMAE: argument 'imgs' expected shape [N, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                f"got {list(imgs.shape)}"
+            )
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:].to(imgs.dtype)
         x = torch.gather(x, 1, keep[:, :, None].expand(-1, -1, x.shape[2]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -233,8 +271,9 @@ class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
                 loads.append(load)
         return self.norm(x), torch.stack(auxes), torch.stack(loads)
 
-    def forward(self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25,
-                noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, imgs: Tensor, mask_ratio: float = 0.75, kept_mask_ratio: float = 0.25, noise: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         masking = random_masking(imgs.shape[0], self.grid**2, mask_ratio, kept_mask_ratio, noise, imgs.device)
         latent, aux, load = self.forward_encoder(imgs, masking.keep)
         pred = self.forward_decoder(latent, masking.build)

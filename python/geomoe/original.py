@@ -3,6 +3,7 @@
 Our model keeps the original module names everywhere but in the MoE MLP, whose experts are stacked
 for the grouped GEMM ([E, in, out]) instead of one nn.Linear ([out, in]) per expert. The map below
 names, for every original key, where it lives here: (our key, expert index or None, transposed?)."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """The fixed 2D sin-cos position tables of MAE: rows in row-major token order, the first half of the
 channels encodes the column index, the second half the row index, each [sin(p w_i), cos(p w_i)] with
 w_i = 1 / 10000^(i / (d/4)), i < d/4."""
+
 import torch
 
 

@@ -1,5 +1,6 @@
 """geomoe report RUN_DIR: plots of a run's metrics.jsonl (loss and lr, throughput, the expert load of
 every MoE layer over the steps as a heatmap), written as PNG files into the run directory."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
             else:
                 broken.append(number)
     if broken:
-        warnings.warn(f"{path}: skipped line(s) {', '.join(map(str, broken[:10]))}"
-                      f"{' ...' if len(broken) > 10 else ''}: not a whole metrics record (a run stopped while writing it?)")
+        warnings.warn(
+            f"{path}: skipped line(s) {', '.join(map(str, broken[:10]))}"
+            f"{' ...' if len(broken) > 10 else ''}: not a whole metrics record (a run stopped while writing it?)"
+        )
     if not rows:
         raise ValueError(f"{path} holds no metrics records yet")
     return rows
@@ -71,8 +74,15 @@ def write_report(run_dir: str) -> List[str]:
         L = share.shape[1]
         fig, axes = plt.subplots(L, 1, figsize=(8, 1.2 + 1.4 * L), squeeze=False, sharex=True)
         for i in range(L):
-            im = axes[i, 0].imshow(share[:, i, :].T, aspect="auto", cmap="viridis", origin="lower",
-                                   extent=[steps[0], steps[-1], -0.5, share.shape[-1] - 0.5], vmin=0, vmax=max(2.0, share.max()))
+            im = axes[i, 0].imshow(
+                share[:, i, :].T,
+                aspect="auto",
+                cmap="viridis",
+                origin="lower",
+                extent=[steps[0], steps[-1], -0.5, share.shape[-1] - 0.5],
+                vmin=0,
+                vmax=max(2.0, share.max()),
+            )
             axes[i, 0].set_ylabel(f"layer {i}\nexpert")
         axes[-1, 0].set_xlabel("step")
         fig.colorbar(im, ax=axes[:, 0].tolist(), label="load / fair share")

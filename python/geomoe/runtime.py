@@ -1,6 +1,7 @@
 """What the pretraining and fine-tuning loops share: device choice, the warm-up + cosine schedule,
 the resumable data loader, the state a checkpoint carries, argument checks, the run's claim on its
 directory, and stopping on SIGTERM/SIGINT."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,15 @@ def check_int(name: str, value: Any, minimum: int, optional: bool = False, maxim
         raise ValueError(f"argument '{_flag(name)}' expected an integer {want}, got {value!r}")
 
 
-def check_float(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
-                high_open: bool = False, optional: bool = False) -> None:
+def check_float(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
     """A finite number in the interval [low, high] (open ends as asked); the error names the flag."""
     if value is None and optional:
         return
@@ -244,8 +252,19 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def make_loader(dataset: Dataset, batch: int, seed: int, start: int, end: int, workers: int, device: torch.device,
-                rank: int = 0, world: int = 1, collate_fn=None, timeout: float = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch: int,
+    seed: int,
+    start: int,
+    end: int,
+    workers: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    collate_fn=None,
+    timeout: float = 0,
+) -> DataLoader:
     """This rank's batches for steps start..end-1, the same whether or not the run was resumed. The
     loader gets its own generator: it would otherwise seed its workers from the global RNG and shift
     the random draws (masking, mixing) of a resumed run against a straight one. With workers, a
@@ -294,14 +313,21 @@ def config_of(args) -> Dict[str, Any]:
     return {k: v for k, v in asdict(args).items() if v is None or isinstance(v, (int, float, str, bool))}
 
 
-def save_single(directory: str, step: int, keep_last: int, model, optimizer, scaler, args, run: Dict[str, Any],
-                **extra) -> str:
+def save_single(directory: str, step: int, keep_last: int, model, optimizer, scaler, args, run: Dict[str, Any], **extra) -> str:
     """A one-process checkpoint (fine-tuning): weights, optimizer, scaler, step, RNG, config and the
     run's identity and run-defining arguments (`run`: {"id": ..., ...})."""
     from . import checkpoint
 
-    state = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, rng=[rng_state()],
-                 config=config_of(args), world=1, run=run, **extra)
+    state = dict(
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        step=step,
+        rng=[rng_state()],
+        config=config_of(args),
+        world=1,
+        run=run,
+        **extra,
+    )
     path = checkpoint.save(directory, step, model.state_dict(), state)
     checkpoint.prune(directory, keep_last, run["id"])
     return path

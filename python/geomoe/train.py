@@ -11,6 +11,7 @@ in a row); unreadable images are skipped and counted; SIGTERM or SIGINT, to the 
 group, writes a checkpoint and ends the run (a second one ends it at once). A run owns its --out:
 a new run there is refused while checkpoints of another lie in it, and pruning removes only the
 run's own older checkpoints (checkpoint.py)."""
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,23 @@ from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .model import GeoMoE
 from .moevit import MoEViTMAE
-from .runtime import (RunDirectory, StopSignals, append_jsonl, check_float, check_int, config_of, load_resume_state, lr_at,
-                      make_loader, refuse_fresh_run_into_used_directory, rng_state, run_identity, set_rng_state,
-                      start_batches, warn_changed_run_arguments)
+from .runtime import (
+    RunDirectory,
+    StopSignals,
+    append_jsonl,
+    check_float,
+    check_int,
+    config_of,
+    load_resume_state,
+    lr_at,
+    make_loader,
+    refuse_fresh_run_into_used_directory,
+    rng_state,
+    run_identity,
+    set_rng_state,
+    start_batches,
+    warn_changed_run_arguments,
+)
 
 MODELS = ("geomoe", "moevit")
 
@@ -115,8 +130,16 @@ class _Trainer:
             raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
         self.start = 0
         # what makes this run this run: a resume with any of these changed gets a warning
-        self.run_args = dict(config=args.config, model=args.model, data=args.data, seed=args.seed, batch_size=self.batch, steps=self.steps,
-                             lr=self.peak_lr, front_end=args.front_end)
+        self.run_args = dict(
+            config=args.config,
+            model=args.model,
+            data=args.data,
+            seed=args.seed,
+            batch_size=self.batch,
+            steps=self.steps,
+            lr=self.peak_lr,
+            front_end=args.front_end,
+        )
         self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
         self.run_id = run_identity(self.state)
         if self.state is not None:
@@ -131,15 +154,23 @@ class _Trainer:
         if args.expert_parallel:
             self.local_params = shard_experts(model)
         self.model = model.to(env.device)
-        self.dataset = ImageFolder(args.data, model.img_size, args.seed) if args.data else SyntheticScenes(
-            preset["dataset_length"], model.img_size, args.seed)
+        self.dataset = (
+            ImageFolder(args.data, model.img_size, args.seed)
+            if args.data
+            else SyntheticScenes(preset["dataset_length"], model.img_size, args.seed)
+        )
         if self.state is not None:
             self._load_weights(self.state["model"])
         self.wrapped = self._wrap(self.model)
         # fused: one kernel over all parameters (on a CPU 4-5x faster than the per-op path with the
         # large stacked expert tensors); FSDP2's sharded DTensors keep the default implementation
-        self.opt = torch.optim.AdamW(self.wrapped.parameters(), lr=self.peak_lr, betas=RECIPE["betas"],
-                                     weight_decay=RECIPE["weight_decay"], fused=not args.fsdp)
+        self.opt = torch.optim.AdamW(
+            self.wrapped.parameters(),
+            lr=self.peak_lr,
+            betas=RECIPE["betas"],
+            weight_decay=RECIPE["weight_decay"],
+            fused=not args.fsdp,
+        )
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp)
         torch.manual_seed(args.seed * 1_000_003 + env.rank)  # masking noise differs per rank
         if self.state is not None:
@@ -154,8 +185,11 @@ class _Trainer:
         if self.args.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            encoder = list(model.blocks) if isinstance(model, MoEViTMAE) else (
-                list(model.blocks1) + list(model.blocks2) + list(model.blocks3))
+            encoder = (
+                list(model.blocks)
+                if isinstance(model, MoEViTMAE)
+                else (list(model.blocks1) + list(model.blocks2) + list(model.blocks3))
+            )
             for blk in encoder + list(model.decoder_blocks):
                 fully_shard(blk)
             return fully_shard(model)
@@ -217,8 +251,14 @@ class _Trainer:
         if env.main:
             tmp = checkpoint.begin(out, step)
             checkpoint.write_model(tmp, weights)
-            train_state = dict(scaler=self.scaler.state_dict(), step=step, rng=rngs, config=config_of(self.args),
-                               world=env.world, run=dict(id=self.run_id, **self.run_args))
+            train_state = dict(
+                scaler=self.scaler.state_dict(),
+                step=step,
+                rng=rngs,
+                config=config_of(self.args),
+                world=env.world,
+                run=dict(id=self.run_id, **self.run_args),
+            )
             if self._rank_file() is None:
                 train_state["optimizer"] = self.opt.state_dict()
             checkpoint.write_state(tmp, train_state)
@@ -237,8 +277,19 @@ class _Trainer:
     def run(self, stop: StopSignals) -> Dict[str, Any]:
         args, env = self.args, self.env
         end = self.steps if args.stop_after is None else min(self.steps, self.start + args.stop_after)
-        loader = make_loader(self.dataset, self.batch, args.seed, self.start, end, self.workers, env.device,
-                             env.rank, env.world, collate_fn=skip_unreadable, timeout=args.timeout)
+        loader = make_loader(
+            self.dataset,
+            self.batch,
+            args.seed,
+            self.start,
+            end,
+            self.workers,
+            env.device,
+            env.rank,
+            env.world,
+            collate_fn=skip_unreadable,
+            timeout=args.timeout,
+        )
         main = env.main
         if main:
             n_params = sum(p.numel() for p in self.model.parameters())
@@ -377,7 +428,12 @@ class _Window:
         self.images += images
         self.tokens += tokens
         d = lambda acc, v: v.detach().float() if acc is None else acc + v.detach().float()
-        self.loss, self.aux, self.grad_norm, self.loads = d(self.loss, loss), d(self.aux, aux), d(self.grad_norm, grad_norm), d(self.loads, loads)
+        self.loss, self.aux, self.grad_norm, self.loads = (
+            d(self.loss, loss),
+            d(self.aux, aux),
+            d(self.grad_norm, grad_norm),
+            d(self.loads, loads),
+        )
 
     def record(self, step: int, lr: float, model: GeoMoE, env: distributed.DistEnv) -> Optional[Dict[str, Any]]:
         seconds = time.perf_counter() - self.t0
@@ -388,13 +444,21 @@ class _Window:
             aux = (self.aux / n).tolist()
             loads = (self.loads / n).tolist()
             rec = {
-                "step": step, "loss": float(self.loss) / n, "lr": lr,
-                "images_per_s": self.images / seconds, "tokens_per_s": self.tokens / seconds,
-                "aux": sum(aux) / max(len(aux), 1), "aux_per_layer": aux, "load_per_layer": loads,
+                "step": step,
+                "loss": float(self.loss) / n,
+                "lr": lr,
+                "images_per_s": self.images / seconds,
+                "tokens_per_s": self.tokens / seconds,
+                "aux": sum(aux) / max(len(aux), 1),
+                "aux_per_layer": aux,
+                "load_per_layer": loads,
                 "load_max_over_mean": load_balance(self.loads / n),
                 "expert_bias_per_layer": [m.expert_bias.tolist() for m in model.moe_layers()],
-                "grad_norm": float(self.grad_norm) / n, "memory_bytes": _memory_bytes(env.device),
-                "bad_steps": self.bad_steps, "skipped_images": self.skipped_images, "world": env.world,
+                "grad_norm": float(self.grad_norm) / n,
+                "memory_bytes": _memory_bytes(env.device),
+                "bad_steps": self.bad_steps,
+                "skipped_images": self.skipped_images,
+                "world": env.world,
             }
         self.reset()
         return rec
