@@ -29,7 +29,7 @@ from geomoe.runtime import load_resume_state
 from geomoe.train import PretrainArgs, pretrain
 from geomoe_kernels import MoEMLP, OpInputError, expert_mlp, grouped_mm
 
-from dist_worker import stalled_peer
+from tests.dist_worker import stalled_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(batch_size=8, progress=False, device="cpu", tensorboard=False)
