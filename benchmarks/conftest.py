@@ -18,8 +18,8 @@ def pytest_configure(config):
 
 def _priority(item) -> int:
     """0: the headline figures (the MoE layer at the reference size, uniform routing; the front end
-    at mask 0.75; the train step); 1: each kernel at the reference size and the MoE layer at the
-    largest size; 2: the rest at the reference size (skewed routing, other masks); 3: the sweep.
+    at mask 0.75; the train step; the grouped GEMM and the permutation at the reference size; our
+    layer at the largest size); 1: the other kernels at the reference size; 2: the rest at the reference size (skewed routing, other masks); 3: the sweep.
     A run cut short by its time budget keeps the figures that matter most."""
     from benchmarks.common import reference_tokens, token_sweep
 
@@ -31,11 +31,12 @@ def _priority(item) -> int:
         (group == "test_moe_layer_fwdbwd" and tokens == reference_tokens() and uniform)
         or (group == "test_front_end_fwdbwd" and params.get("mask_ratio") == 0.75)
         or group == "test_pretrain_step"
+        or (group in ("test_grouped_gemm_up_projection", "test_permute") and tokens == reference_tokens())
     ):
         return 0
     if group == "test_moe_layer_fwdbwd":
         largest = tokens == token_sweep()[-1] and uniform and params.get("impl") in ("geomoe", "geomoe_graph")
-        return 1 if largest else (2 if tokens == reference_tokens() else 3)
+        return 0 if largest else (2 if tokens == reference_tokens() else 3)
     if group in ("test_front_end_fwdbwd", "test_cblock_fwdbwd"):
         return 2
     return 1 if tokens == reference_tokens() else 3

@@ -92,7 +92,7 @@ $PY -c "import xdist" 2> /dev/null && parallel=(-n 8)
 export GEOMOE_FAILURE_LOG="$OUT/failures.log"  # each failure's traceback as it happens
 select=()  # GEOMOE_GPU_TESTS_K: a pytest -k expression, to rerun a subset
 [ -n "${GEOMOE_GPU_TESTS_K:-}" ] && select=(-k "$GEOMOE_GPU_TESTS_K")
-step gpu_tests 110 "${quick[@]}" $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" "${select[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
+step gpu_tests ${GEOMOE_GPU_TESTS_LIMIT:-160} "${quick[@]}" $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" "${select[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 # compute-sanitizer on a short set of CUDA-core launches (each tool on one small test)
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
