@@ -11,7 +11,7 @@ host sync. The reference's tiled grouped GEMM lays its tiles out by the same sch
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple
+from typing import Callable, Dict, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -20,28 +20,52 @@ from .activations import out_features
 from .reference import activations as _act_math
 
 
-class BlockSchedule(NamedTuple):
-    block: int  # rows per block
-    blocks: int  # the static bound ceil(M / block) + E
-    expert: Tensor  # [blocks] owning expert, -1 for the surplus blocks
-    row0: Tensor  # [blocks] first row of each block
-    per_expert: Tensor  # [E] blocks of each expert
-    first_block: Tensor  # [E] index of each expert's first block
+class BlockSchedule:
+    """For kernels that give each program `block` rows of one expert: expert e owns
+    ceil(count_e / block) consecutive blocks, and the grid is the static bound ceil(M / block) + E,
+    surplus blocks exiting at once. No host sync. The tensors are built on first use, on the
+    device, by a dozen small torch ops: the Triton kernels find their block from the offsets
+    themselves and never ask for them (each op call would otherwise pay those launches' host time,
+    measured at 194 us on an H200 host against a 170 us GEMM)."""
+
+    def __init__(self, offsets: Tensor, M: int, block: int):
+        self.offsets, self.block = offsets, block
+        self.experts = offsets.numel() - 1
+        self.blocks = -(-M // block) + self.experts  # the static bound
+
+    @functools.cached_property
+    def per_expert(self) -> Tensor:
+        """[E] blocks of each expert."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.div(counts + self.block - 1, self.block, rounding_mode="floor")
+
+    @functools.cached_property
+    def first_block(self) -> Tensor:
+        """[E] index of each expert's first block."""
+        return torch.cumsum(self.per_expert, 0) - self.per_expert
+
+    @functools.cached_property
+    def _expert_and_row0(self) -> Tuple[Tensor, Tensor]:
+        E, cum = self.experts, torch.cumsum(self.per_expert, 0)
+        b = torch.arange(self.blocks, device=self.offsets.device)
+        e = torch.searchsorted(cum, b, right=True)
+        ec = e.clamp_max(E - 1)
+        row0 = self.offsets.index_select(0, ec) + (b - self.first_block.index_select(0, ec)) * self.block
+        return torch.where(e < E, ec, torch.full_like(ec, -1)), row0
+
+    @property
+    def expert(self) -> Tensor:
+        """[blocks] owning expert, -1 for the surplus blocks."""
+        return self._expert_and_row0[0]
+
+    @property
+    def row0(self) -> Tensor:
+        """[blocks] first row of each block."""
+        return self._expert_and_row0[1]
 
 
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:
-    """For kernels that give each program `block` rows of one expert, computed on the device."""
-    E = offsets.numel() - 1
-    counts = offsets[1:] - offsets[:-1]
-    per = torch.div(counts + block - 1, block, rounding_mode="floor")
-    cum = torch.cumsum(per, 0)
-    blocks = -(-M // block) + E
-    b = torch.arange(blocks, device=offsets.device)
-    e = torch.searchsorted(cum, b, right=True)
-    ec = e.clamp_max(E - 1)
-    first = cum - per
-    row0 = offsets.index_select(0, ec) + (b - first.index_select(0, ec)) * block
-    return BlockSchedule(block, blocks, torch.where(e < E, ec, torch.full_like(ec, -1)), row0, per, first)
+    return BlockSchedule(offsets, M, block)
 
 
 @functools.lru_cache(maxsize=None)

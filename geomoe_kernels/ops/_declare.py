@@ -57,7 +57,11 @@ class Op:
             device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))  # the first tensor's
             impl_args = {n: named[n] for n in self._impl_names}
             impl = _backend.select(self.name, backend, device, impl_args)
-            # inputs arrive in the dtypes the op was called with; the implementation decides its own precision
+            # inputs arrive in the dtypes the op was called with; the implementation decides its own
+            # precision. Entering the autocast context costs host time on every call (the eager layer
+            # is host-bound on a GPU), so only where autocast is on.
+            if not torch.is_autocast_enabled(device.type):
+                return impl(*impl_args.values())
             with torch.autocast(device_type=device.type, enabled=False):
                 return impl(*impl_args.values())
 

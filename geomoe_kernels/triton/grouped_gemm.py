@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
-from ._config import INTERPRET, configs
+from ._config import INTERPRET, configs, pow2
 
 # the activation codes, as constants the kernels can compare against
 _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
@@ -63,7 +63,25 @@ def _act_grad(x, ACT: tl.constexpr):
     return d
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT"])
+@triton.jit
+def _block_of_expert(offsets, E, blk, BM: tl.constexpr, E_POW2: tl.constexpr):
+    """(expert, first row) of row block `blk` in the schedule where expert e owns ceil(count_e / BM)
+    consecutive blocks (kernel_recipes.BlockSchedule), found from the offsets alone: E_POW2 lanes
+    count each expert's blocks and scan them. expert == E for the surplus blocks past the last one.
+    Every program recomputes this (E + 1 loads and a scan of E_POW2 lanes) instead of reading a
+    schedule that a dozen small torch ops would build on the host side before each launch."""
+    re = tl.arange(0, E_POW2)
+    lo = tl.load(offsets + re, mask=re < E, other=0)
+    hi = tl.load(offsets + re + 1, mask=re < E, other=0)
+    per = (hi - lo + BM - 1) // BM
+    ends = tl.cumsum(per, 0)  # one past each expert's last block
+    e = tl.sum(((ends <= blk) & (re < E)).to(tl.int32), 0)
+    first = tl.sum(tl.where(re < e, per, 0), 0)
+    row0 = tl.load(offsets + tl.minimum(e, E - 1)) + (blk - first).to(tl.int64) * BM
+    return e, row0
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "E_POW2"])
 @triton.jit
 def _gmm_kernel(
     A,
@@ -72,9 +90,8 @@ def _gmm_kernel(
     Out,
     Pre,
     Gather,
-    blk_expert,
-    blk_row0,
     offsets,
+    E,
     N,
     K,
     top_k,
@@ -92,15 +109,20 @@ def _gmm_kernel(
     GATHER: tl.constexpr,
     GRAD_ACT: tl.constexpr,
     IEEE: tl.constexpr,
+    E_POW2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """GRAD_ACT (the down-projection's dgrad): Pre is read, not written, and the epilogue turns the
-    product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre."""
-    e = tl.load(blk_expert + tl.program_id(0))
-    if e >= 0:
-        row0 = tl.load(blk_row0 + tl.program_id(0))
+    product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre.
+    One grid axis, the column tile fastest: the programs that start together share one row block of
+    A (and one expert's W), so A streams from memory once instead of once per column tile, and the
+    grid has no 65,535 limit on any axis."""
+    n_tiles = tl.cdiv(N, BN)
+    blk = tl.program_id(0) // n_tiles
+    e, row0 = _block_of_expert(offsets, E, blk, BM, E_POW2)
+    if e < E:
         end = tl.load(offsets + e + 1)
         rm = row0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < end
@@ -108,7 +130,7 @@ def _gmm_kernel(
             arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
         else:
             arow = rm
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rn = (tl.program_id(0) % n_tiles) * BN + tl.arange(0, BN)
         mask_n = rn < N
         w_base = W + e.to(tl.int64) * stride_we
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -207,10 +229,13 @@ def _wgrad_kernel(
     bias gradient partials DB [SPLITS, E, N] (G is read once for both). A_ACT: A holds the
     pre-activation and the hidden rows act(A) are formed as they load (SwiGLU: A = [gate | up],
     2K columns), so the hidden rows need not be kept from the forward."""
-    e = tl.program_id(0)
+    # the tile on axis 0 (fastest): the programs that start together read the same expert's rows
+    # (A and G stream once per split from memory, not once per tile), and the K x N tiles of the
+    # largest experts (d 6144, N 32,768: 49,152 tiles) fit on an axis without the 65,535 limit
+    e = tl.program_id(1)
     n_tiles = tl.cdiv(N, BN)
-    rk = (tl.program_id(1) // n_tiles) * BK + tl.arange(0, BK)
-    rn = (tl.program_id(1) % n_tiles) * BN + tl.arange(0, BN)
+    rk = (tl.program_id(0) // n_tiles) * BK + tl.arange(0, BK)
+    rn = (tl.program_id(0) % n_tiles) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
     start = tl.load(offsets + e)
     end = tl.load(offsets + e + 1)
@@ -219,7 +244,7 @@ def _wgrad_kernel(
     hi = tl.minimum(lo + chunk, end)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     col_sum = tl.zeros((BN,), dtype=tl.float32)
-    first_k_tile = tl.program_id(1) < n_tiles
+    first_k_tile = tl.program_id(0) < n_tiles
     for m0 in range(lo, hi, BM):
         rm = m0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < hi
@@ -246,7 +271,7 @@ def _wgrad_kernel(
     out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None] * stride_dk + rn[None, :]
     tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
     if first_k_tile:
-        tl.store(DB + (split * tl.num_programs(0) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
+        tl.store(DB + (split * tl.num_programs(1) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
 
 
 class TritonGroupedGemm:
@@ -277,7 +302,7 @@ class TritonGroupedGemm:
             E, K, N_w = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
         N = activations.out_features(activation, N_w)
-        grid = lambda meta: (schedule.blocks, triton.cdiv(N, meta["BN"]))
+        grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
         _gmm_kernel[grid](
             a,
             weight,
@@ -285,9 +310,8 @@ class TritonGroupedGemm:
             out,
             pre if pre is not None else out,
             gather if gather is not None else offsets,
-            schedule.expert,
-            schedule.row0,
             offsets,
+            E,
             N,
             K,
             top_k,
@@ -305,6 +329,7 @@ class TritonGroupedGemm:
             GATHER=gather is not None,
             GRAD_ACT=activations.code(grad_act),
             IEEE=a.dtype == torch.float32,
+            E_POW2=pow2(E),
             BM=schedule.block,
         )
 
@@ -316,7 +341,7 @@ class TritonGroupedGemm:
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
         splits, E, K, N = partial.shape
-        grid = lambda meta: (E, triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), splits)
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
         _wgrad_kernel[grid](
             a,
             grad,

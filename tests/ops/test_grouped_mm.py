@@ -181,6 +181,28 @@ def test_block_schedule_covers_every_row_once():
     assert s.per_expert.tolist() == [2, 0, 5, 1, 3]
 
 
+@pytest.mark.parametrize("counts", [[5, 0, 17, 1, 9], [0, 0, 0, 33], [7], [3, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 16]])
+def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, counts):
+    """The Triton GEMM finds its (expert, first row) from the offsets inside the kernel: every block
+    of the static grid, surplus ones included, agrees with kernel_recipes.BlockSchedule."""
+    if kernel_backend.name != "triton":
+        pytest.skip("the in-kernel lookup is the Triton kernels'")
+    from geomoe_kernels.triton._config import pow2
+    from tests.ops.triton_probes import block_lookup
+
+    off = offsets(counts, kernel_backend.device)
+    E, block = len(counts), 4
+    s = kernel_recipes.block_schedule(off, sum(counts), block)
+    got_e = torch.empty(s.blocks, dtype=torch.int32, device=off.device)
+    got_row0 = torch.empty(s.blocks, dtype=torch.int64, device=off.device)
+    block_lookup[(s.blocks,)](off, E, got_e, got_row0, BM=block, E_POW2=pow2(E))
+    want_e = s.expert.to(torch.int32)
+    live = want_e >= 0
+    assert torch.equal(torch.where(live, got_e, -1), want_e)  # the kernel says E for a surplus block
+    assert bool((got_e[~live] == E).all())
+    assert torch.equal(got_row0[live], s.row0[live])
+
+
 def test_gathered_rows_equal_a_permuted_copy_and_opcheck():
     T, k, E = 9, 2, 4
     r2f, f2r, off = route(expert_ids(T, k, E), E)
