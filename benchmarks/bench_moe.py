@@ -29,7 +29,27 @@ def _routing_cases():
 @pytest.mark.parametrize("impl", LAYER_IMPLS)
 @pytest.mark.parametrize("tokens,routing", _routing_cases())
 def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
-    moe, x, g = C.skewed_layer(tokens, routing)
+    _layer(benchmark, impl, tokens, routing, "geomoe", backward=True)
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+def test_moe_layer_fwd(benchmark, impl):
+    """GeoMoE's layer forward only, under no_grad (inference, evaluation), at the reference size."""
+    _layer(benchmark, impl, C.reference_tokens(), "uniform", "geomoe", backward=False)
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+@pytest.mark.parametrize("passes", ("fwd", "fwdbwd"))
+def test_moe_layer_llm(benchmark, impl, passes):
+    """The LLM shape (benchmarks.common.LLM: d 2048, SwiGLU 768, 128 experts, top-8, softmax)."""
+    _layer(benchmark, impl, C.llm_tokens(), "uniform", "llm", backward=passes == "fwdbwd")
+
+
+def _layer(benchmark, impl, tokens, routing, kind, backward):
+    group = {("geomoe", True): "moe_layer", ("geomoe", False): "moe_layer_fwd"}.get((kind, backward), "moe_layer_llm")
+    info = dict(group=group, impl=impl, peer=impl in PEERS, tokens=tokens, routing=routing, shape=kind)
+    info["passes"] = "fwdbwd" if backward else "fwd"
+    moe, x, g = C.skewed_layer(tokens, routing, kind=kind)
     if impl == "reference":
         moe.backend = "torch"
     if impl in ("geomoe_cuda", "geomoe_graph") and C.device().type != "cuda":
@@ -41,13 +61,18 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
             pytest.skip("torch._grouped_mm needs sm_90 or newer")
         layer = C.GroupedMMLayer(moe)
     elif impl == "loop":
+        if kind != "geomoe":
+            return _unsupported(
+                benchmark, "the published loop is GeoMoE's layer (sigmoid routing, GELU, a shared expert)", **info
+            )
         layer = C.published_layer(moe)
     elif impl in P.PEERS:
         try:
             layer = P.make(impl, moe, tokens)
-            layer(x[:8])  # a peer that cannot run here fails now, not inside the timing
+            with torch.no_grad():
+                layer(x[:8])  # a peer that cannot run here fails now, not inside the timing
         except P.PeerUnavailable as e:
-            return _unsupported(benchmark, str(e), group="moe_layer", impl=impl, peer=True, tokens=tokens, routing=routing)
+            return _unsupported(benchmark, str(e), **info)
     else:
         layer = moe
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -55,6 +80,9 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
     g3 = g if impl != "loop" else g.view(1, tokens, -1)
 
     def step(keep_grads=False):
+        if not backward:  # inference: nothing saved for a backward
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype, enabled=x.device.type == "cuda"):
+                return layer(x3)[2]
         for t in params + [x]:
             if keep_grads:  # in place, for a CUDA graph's static buffers
                 t.grad.zero_()
@@ -71,17 +99,15 @@ def test_moe_layer_fwdbwd(benchmark, impl, tokens, routing):
     if C.device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     C.run_pedantic(benchmark, step)
+    s = C.layer_shape(kind)
+    up = 2 * s["hidden"] if s["activation"] == "swiglu" else s["hidden"]
     benchmark.extra_info.update(
-        group="moe_layer",
-        impl=impl,
-        peer=impl in PEERS,
+        **info,
         version=getattr(layer, "version", None),
-        tokens=tokens,
-        routing=routing,
-        flops=C.moe_flops(tokens, backward=True),
+        flops=C.moe_flops(tokens, backward=backward, kind=kind),
         load_max_over_mean=C.load_imbalance(load),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if C.device().type == "cuda" else None,
-        mm_tflops=C.mm_tflops(tokens * (moe.top_k + 1), moe.dim, moe.hidden_dim),
+        mm_tflops=C.mm_tflops(tokens * (moe.top_k + moe.num_shared_experts), moe.dim, up),
     )
 
 

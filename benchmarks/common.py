@@ -34,10 +34,24 @@ def dtype() -> torch.dtype:
     return torch.bfloat16 if mode() == "gpu" else torch.float32
 
 
-def layer_shape() -> Dict[str, int]:
+# An LLM's MoE layer (Qwen3-30B-A3B-like): d 2048, expert hidden 768 SwiGLU, 128 experts, top-8,
+# softmax routing renormalised over the top 8, no shared expert
+LLM = dict(dim=2048, hidden=768, experts=128, top_k=8, shared=0, activation="swiglu", score_func="softmax")
+GEOMOE = dict(dim=DIM, hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K, shared=1, activation="gelu", score_func="sigmoid")
+SHAPES = {"geomoe": GEOMOE, "llm": LLM}
+
+
+def layer_shape(kind: str = "geomoe") -> Dict:
+    """The layer's configuration: GeoMoE's, or the LLM shape; tiny in smoke mode."""
     if mode() == "smoke":
-        return dict(dim=64, hidden=48, experts=8, top_k=3)
-    return dict(dim=DIM, hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K)
+        tiny = dict(dim=64, hidden=48, experts=8, top_k=3) if kind == "geomoe" else dict(dim=64, hidden=32, experts=16, top_k=4)
+        return {**SHAPES[kind], **tiny}
+    return dict(SHAPES[kind])
+
+
+def llm_tokens() -> int:
+    """Tokens at the LLM shape: a 16k-token micro-batch on a GPU."""
+    return {"smoke": 64, "cpu": 512, "gpu": 16384}[mode()]
 
 
 def token_sweep():
@@ -106,11 +120,19 @@ def copy_gbps(nbytes: int) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def skewed_layer(tokens: int, routing: str, seed: int = 0):
+def skewed_layer(tokens: int, routing: str, seed: int = 0, kind: str = "geomoe"):
     """(MoEMLP on the device, input x, upstream grad g) with gate biases giving the routing skew."""
-    shape = layer_shape()
+    shape = layer_shape(kind)
     torch.manual_seed(seed)
-    moe = MoEMLP(shape["dim"], shape["hidden"], shape["experts"], 1, shape["top_k"]).to(device())
+    moe = MoEMLP(
+        shape["dim"],
+        shape["hidden"],
+        shape["experts"],
+        shape["shared"],
+        shape["top_k"],
+        score_func=shape["score_func"],
+        activation=shape["activation"],
+    ).to(device())
     with torch.no_grad():
         rank = torch.arange(1, shape["experts"] + 1, dtype=torch.float32, device=device())
         moe.gate.bias.copy_(-ROUTINGS[routing] * torch.log(rank))
@@ -142,17 +164,24 @@ class TorchRoutedLayer(torch.nn.Module):
         m = self.moe
         T, k, E = x.shape[0], m.top_k, m.num_experts
         with torch.autocast(device_type=x.device.type, enabled=False):
-            scores = torch.sigmoid(F.linear(x.float(), m.gate.weight.float(), m.gate.bias.float()))
-        ids = torch.topk(scores + m.expert_bias, k, dim=-1).indices
+            logits = F.linear(x.float(), m.gate.weight.float(), m.gate.bias.float())
+        if m.score_func == "sigmoid":  # selection by score + bias, weights from the scores
+            scores = torch.sigmoid(logits)
+            ids = torch.topk(scores + m.expert_bias, k, dim=-1).indices
+        else:
+            scores = torch.softmax(logits, -1)
+            ids = torch.topk(scores, k, dim=-1).indices
         w = scores.gather(1, ids)
-        w = w / w.sum(-1, keepdim=True)
+        if m.renormalize:
+            w = w / w.sum(-1, keepdim=True)
         load = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(
             0, ids.reshape(-1), torch.ones_like(ids.reshape(-1))
         )
         routed = self.experts(x, ids, w)
         P = (scores / scores.sum(-1, keepdim=True)).mean(0)
         aux = (P * E * load.float() / (k * T)).sum()
-        return (routed.float() + m._shared(x, x.dtype).float()).to(x.dtype), aux, load
+        shared = m._shared(x, x.dtype)
+        return (routed.float() + (shared.float() if shared is not None else 0.0)).to(x.dtype), aux, load
 
 
 class GroupedMMLayer(TorchRoutedLayer):
@@ -168,17 +197,26 @@ class GroupedMMLayer(TorchRoutedLayer):
         expert_of_row = flat[order]
         rows = x[order // k]
         h = torch._grouped_mm(rows, m.w1.to(x.dtype), offs=offs) + m.b1.to(x.dtype)[expert_of_row]
-        h = F.gelu(h)
+        h = _activation(m.activation, h)
         out = torch._grouped_mm(h, m.w2.to(x.dtype), offs=offs) + m.b2.to(x.dtype)[expert_of_row]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)
         return (out[inverse].view(T, k, -1).float() * w[..., None]).sum(1)
 
 
-def moe_flops(tokens: int, backward: bool) -> float:
-    """Expert GEMM FLOPs: k routed + 1 shared expert, two GEMMs each; backward doubles them."""
-    s = layer_shape()
-    fwd = 2 * 2 * tokens * (s["top_k"] + 1) * s["dim"] * s["hidden"]
+def _activation(name: str, h):
+    if name == "swiglu":  # [gate | up] side by side
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.silu(h) if name == "silu" else F.gelu(h)
+
+
+def moe_flops(tokens: int, backward: bool, kind: str = "geomoe") -> float:
+    """Expert GEMM FLOPs: k routed + the shared experts, two GEMMs each (SwiGLU's first is twice as
+    wide); backward doubles them."""
+    s = layer_shape(kind)
+    widths = 3 if s["activation"] == "swiglu" else 2  # d x (2)h up, h x d down
+    fwd = 2 * widths * tokens * (s["top_k"] + s["shared"]) * s["dim"] * s["hidden"]
     return fwd * (3 if backward else 1)
 
 

@@ -55,6 +55,7 @@ def markdown(result: Dict[str, Any]) -> str:
         "impl",
         "tokens",
         "routing",
+        "passes",
         "mask_ratio",
         "images",
         "median_s",

@@ -57,6 +57,14 @@ def _ratio(a, b) -> Optional[float]:
     return a["median_s"] / b["median_s"] if a and b else None
 
 
+def _vs_best_peer(rows: List[Dict[str, Any]], group: str, passes: str) -> Optional[float]:
+    """The fastest peer's time over ours in one group of layer rows (one size and pass each)."""
+    ours = _find(rows, group=group, impl="geomoe", passes=passes)
+    peers = [r for r in rows if r.get("group") == group and r.get("passes") == passes and r.get("peer") and r.get("median_s")]
+    best = min(peers, key=lambda r: r["median_s"], default=None)
+    return _ratio(best, ours)
+
+
 def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     layer = [r for r in rows if r.get("group") == "moe_layer" and r.get("routing") == "uniform"]
     largest = max((r["tokens"] for r in layer), default=None)
@@ -94,6 +102,9 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         ),
         "moe_layer_speedup_vs_best_peer": _ratio(best_peer, ours),
         "moe_layer_best_peer": best_peer.get("impl") if best_peer else None,
+        "moe_layer_fwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_fwd", "fwd"),
+        "llm_layer_fwdbwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_llm", "fwdbwd"),
+        "llm_layer_fwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_llm", "fwd"),
         "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
         "cuda_grouped_gemm_fraction_of_mm": gg_cuda.get("fraction_of_mm") if gg_cuda else None,
         "permute_fraction_of_copy": perm.get("fraction_of_copy") if perm else None,

@@ -92,7 +92,9 @@ def test_headline_benchmarks_run_first_and_a_spent_budget_skips_the_rest():
         timeout=300,
     )
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
-    headline = [i for i, n in enumerate(ids) if "test_pretrain_step" in n or "[0.75-" in n or "uniform" in n]
+    # smoke mode has one size, the reference one: its grouped GEMM and permutation rows are headline too
+    marks = ("test_pretrain_step", "[0.75-", "uniform", "test_grouped_gemm_up_projection[", "test_permute[")
+    headline = [i for i, n in enumerate(ids) if any(m in n for m in marks)]
     assert headline == list(range(len(headline))) and len(headline) >= 9, ids[:12]
     env["GEOMOE_BENCH_DEADLINE"] = "0"
     proc = subprocess.run(
@@ -108,9 +110,11 @@ def test_headline_benchmarks_run_first_and_a_spent_budget_skips_the_rest():
 
 
 @pytest.mark.parametrize("peer", ["grouped_mm", "hf_grouped_mm", "hf_batched_mm"])
-def test_peer_layers_compute_the_same_layer(peer):
+@pytest.mark.parametrize("kind", ["geomoe", "llm"])
+def test_peer_layers_compute_the_same_layer(peer, kind):
     """The baselines are timed as the same layer: outputs, aux and load equal MoEMLP's (float32, the
-    routers compute in float32)."""
+    routers compute in float32), at GeoMoE's configuration and the LLM one (softmax top-k, SwiGLU,
+    no shared expert)."""
     from benchmarks import common as C
     from benchmarks import peers as P
     from geomoe_kernels import MoEMLP
@@ -118,7 +122,10 @@ def test_peer_layers_compute_the_same_layer(peer):
     if peer.startswith("hf_"):
         pytest.importorskip("transformers")
     torch.manual_seed(0)
-    moe = MoEMLP(32, 24, 6, 1, 2)
+    if kind == "geomoe":
+        moe = MoEMLP(32, 24, 6, 1, 2)
+    else:
+        moe = MoEMLP(32, 24, 6, 0, 3, score_func="softmax", activation="swiglu")
     with torch.no_grad():
         moe.expert_bias.copy_(torch.randn(6))
         for p in (moe.b1, moe.b2):
