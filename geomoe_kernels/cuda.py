@@ -132,7 +132,7 @@ def _p(t: Optional[Tensor]) -> int:
 class CudaGating:
     """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
 
-    def tokens_per_block(self) -> int:
+    def tokens_per_block(self, num_experts: int) -> int:
         return _any_core().gating_tokens_per_block()
 
     def gating(self, logits, bias, top_k, softmax, renormalize, w, ids, counts, partial) -> None:

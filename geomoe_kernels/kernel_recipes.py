@@ -328,7 +328,7 @@ def route(kernels: RoutingKernels, expert_ids: Tensor, num_experts: int) -> Tupl
 
 
 class GatingKernels(Protocol):
-    def tokens_per_block(self) -> int: ...
+    def tokens_per_block(self, num_experts: int) -> int: ...
 
     def gating(
         self,
@@ -353,7 +353,7 @@ def topk_gating(
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    partial = torch.zeros(max(1, -(-T // kernels.tokens_per_block())), E, dtype=torch.float32, device=logits.device)
+    partial = torch.zeros(max(1, -(-T // kernels.tokens_per_block(E))), E, dtype=torch.float32, device=logits.device)
     if T:
         kernels.gating(logits, bias, top_k, score_func == "softmax", renormalize, w, ids, counts, partial)
     return w, ids, counts, partial.sum(0) / max(T, 1)  # the blocks summed in order: deterministic

@@ -101,7 +101,8 @@ def recording() -> Iterator[List[Launch]]:
 
 def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
     """Run every launcher once on CPU tensors of GeoMoE's shapes (23 experts, top-3, d 768, expert
-    hidden 576; stage-1 rows of width 256) in each of `dtypes`, recording the kernel calls."""
+    hidden 576; stage-1 rows of width 256) in each of `dtypes`, and the gating at 64, 128 and 256
+    experts and the expert MLP at an LLM's shape in bf16, recording the kernel calls."""
     from geomoe_kernels.reference.permute import route as ref_route
     from geomoe_kernels.triton import gating, grouped_gemm, norm_linear, permute, sparse_conv
 
@@ -111,6 +112,19 @@ def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
             logits = torch.randn(T, E)
             w, ids, counts, _ = gating.topk_gating(logits, torch.zeros(E), k, score, True)
             gating.topk_gating_backward(torch.randn(T, k), torch.randn(E), logits, ids, score, True)
+        for many, top in ((64, 8), (128, 8), (256, 8)):  # the LLM routers: the gating tile is sized from E
+            logits = torch.randn(T, many)
+            w, ids, counts, _ = gating.topk_gating(logits, None, top, "softmax", True)
+            gating.topk_gating_backward(torch.randn(T, top), torch.randn(many), logits, ids, "softmax", True)
+        # the LLM shape's expert MLP (d 2048, SwiGLU 768, 128 experts, top-8), bf16
+        El, kl, Dl, Hl = 128, 8, 2048, 768
+        ids_l = torch.stack([torch.randperm(El)[:kl] for _ in range(T)])
+        r2f_l, _, off_l = ref_route(ids_l, El)
+        xl = torch.randn(T, Dl, dtype=torch.bfloat16)
+        w1l, b1l = torch.randn(El, Dl, 2 * Hl, dtype=torch.bfloat16), torch.randn(El, 2 * Hl, dtype=torch.bfloat16)
+        w2l, b2l = torch.randn(El, Hl, Dl, dtype=torch.bfloat16), torch.randn(El, Dl, dtype=torch.bfloat16)
+        out_l, pre_l = grouped_gemm.expert_mlp(xl, w1l, b1l, w2l, b2l, off_l, "swiglu", r2f_l, kl)
+        grouped_gemm.expert_mlp_backward(out_l, xl, w1l, w2l, off_l, pre_l, "swiglu", r2f_l, kl)
         ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
         permute.route(ids, E)
         r2f, f2r, off = ref_route(ids, E)

@@ -14,7 +14,14 @@ from torch import Tensor
 from .. import kernel_recipes as recipe
 from ._config import INTERPRET, pow2
 
-TOKENS = 8 if INTERPRET else 64
+
+def tokens_per_program(num_experts: int) -> int:
+    """Tokens per program: the kernels hold a few [tokens, pow2(E)] float32 tiles, so the tile is
+    sized from E (64 x 32 at GeoMoE's 23 experts; 8 x 256 at DeepSeek's 256), about 2048 elements,
+    instead of a fixed 64 rows that would spill at E >= 128."""
+    if INTERPRET:
+        return 8
+    return max(4, min(64, 2048 // pow2(num_experts)))
 
 
 @triton.jit
@@ -139,8 +146,8 @@ def _gating_backward_kernel(
 class TritonGating:
     """The gating recipe's kernel (geomoe_kernels.kernel_recipes.topk_gating)."""
 
-    def tokens_per_block(self) -> int:
-        return TOKENS
+    def tokens_per_block(self, num_experts: int) -> int:
+        return tokens_per_program(num_experts)
 
     def gating(
         self,
@@ -171,7 +178,7 @@ class TritonGating:
             HAS_BIAS=bias is not None,
             RENORM=renormalize,
             EP=pow2(E),
-            BT=TOKENS,
+            BT=tokens_per_program(E),
         )
 
 
@@ -190,7 +197,7 @@ def topk_gating_backward(
     top_k = ids.shape[1]
     grad = torch.empty_like(logits)
     if T:
-        _gating_backward_kernel[(triton.cdiv(T, TOKENS),)](
+        _gating_backward_kernel[(triton.cdiv(T, tokens_per_program(E)),)](
             logits,
             grad_weights if grad_weights is not None else logits,
             grad_prob_mean if grad_prob_mean is not None else logits,
@@ -207,6 +214,6 @@ def topk_gating_backward(
             HAS_GW=grad_weights is not None,
             HAS_GP=grad_prob_mean is not None,
             EP=pow2(E),
-            BT=TOKENS,
+            BT=tokens_per_program(E),
         )
     return grad

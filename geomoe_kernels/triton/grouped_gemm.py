@@ -31,16 +31,25 @@ def block_m(dtype: torch.dtype) -> int:
     return 16 if INTERPRET else (64 if dtype == torch.float32 else 128)
 
 
+# Every config has the same BK: each output element's sum over K is then added up in the same
+# chunks whatever the tile and warp count, so the autotuned choice (which can differ between
+# processes and machines) never changes a bit of the result. BN, warps and stages vary.
 _GEMM_CONFIGS = configs(
     [
         ({"BN": 64, "BK": 64}, 4, 4),
         ({"BN": 128, "BK": 64}, 8, 3),
-        ({"BN": 64, "BK": 32}, 4, 5),
-        ({"BN": 128, "BK": 32}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
+        ({"BN": 64, "BK": 64}, 4, 5),
+        ({"BN": 128, "BK": 64}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
         ({"BN": 32, "BK": 64}, 4, 4),  # SwiGLU keeps two accumulators: the narrow tile avoids spills
     ],
     {"BN": 16, "BK": 16},
 )
+
+
+def fp32_ieee(dtype: torch.dtype) -> bool:
+    """float32 GEMMs in full IEEE precision unless torch's matmul precision allows TF32 ("high" or
+    "medium"), as torch.mm decides."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
 @triton.jit
@@ -81,7 +90,8 @@ def _block_of_expert(offsets, E, blk, BM: tl.constexpr, E_POW2: tl.constexpr):
     return e, row0
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "E_POW2"])
+# TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2"])
 @triton.jit
 def _gmm_kernel(
     A,
@@ -108,6 +118,7 @@ def _gmm_kernel(
     STORE_PRE: tl.constexpr,
     GATHER: tl.constexpr,
     GRAD_ACT: tl.constexpr,
+    TRANS_W: tl.constexpr,
     IEEE: tl.constexpr,
     E_POW2: tl.constexpr,
     BM: tl.constexpr,
@@ -187,9 +198,11 @@ def _gmm_kernel(
             tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+# Every config has the same BM (rows per step of the sum over each expert's rows, for dW and the
+# bias gradient alike): the result is the same bits whichever config autotuning picks.
 _WGRAD_CONFIGS = configs(
     [
-        ({"BK": 64, "BN": 64, "BM": 64}, 4, 3),
+        ({"BK": 64, "BN": 64, "BM": 32}, 4, 3),
         ({"BK": 128, "BN": 64, "BM": 32}, 4, 4),
         ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
         ({"BK": 32, "BN": 64, "BM": 32}, 4, 3),
@@ -198,7 +211,7 @@ _WGRAD_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE"])
 @triton.jit
 def _wgrad_kernel(
     A,
@@ -328,7 +341,8 @@ class TritonGroupedGemm:
             STORE_PRE=pre is not None and grad_act == "none",
             GATHER=gather is not None,
             GRAD_ACT=activations.code(grad_act),
-            IEEE=a.dtype == torch.float32,
+            TRANS_W=transpose_weight,
+            IEEE=fp32_ieee(a.dtype),
             E_POW2=pow2(E),
             BM=schedule.block,
         )
@@ -362,7 +376,7 @@ class TritonGroupedGemm:
             SPLITS=splits,
             GATHER=gather is not None,
             A_ACT=activations.code(a_activation),
-            IEEE=a.dtype == torch.float32,
+            IEEE=fp32_ieee(a.dtype),
         )
 
 

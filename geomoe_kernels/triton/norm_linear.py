@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import activations
 from ._config import INTERPRET, configs, pow2
-from .grouped_gemm import _apply_act
+from .grouped_gemm import _apply_act, fp32_ieee
 
 STAT_ROWS = 4 if INTERPRET else 16
 
@@ -46,13 +46,13 @@ _CONFIGS = configs(
         ({"BM": 128, "BN": 128, "BK": 64}, 8, 3),
         ({"BM": 128, "BN": 64, "BK": 64}, 4, 4),
         ({"BM": 64, "BN": 128, "BK": 64}, 4, 4),
-        ({"BM": 64, "BN": 64, "BK": 32}, 4, 5),
-    ],
+        ({"BM": 64, "BN": 64, "BK": 64}, 4, 5),
+    ],  # one BK for all: the sum over K in the same chunks whichever config autotuning picks
     {"BM": 16, "BN": 16, "BK": 16},
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "ACT"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "ACT", "IEEE"])
 @triton.jit
 def _norm_linear_kernel(
     X,
@@ -145,6 +145,6 @@ def norm_linear(
         HAS_BIAS=bias is not None,
         ACT=activations.code(activation),
         STORE_PRE=store_pre,
-        IEEE=weight.dtype == torch.float32,
+        IEEE=fp32_ieee(weight.dtype),
     )
     return out, pre, mean, rstd

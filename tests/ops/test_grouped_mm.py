@@ -203,6 +203,38 @@ def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, count
     assert torch.equal(got_row0[live], s.row0[live])
 
 
+def test_triton_gradients_are_the_same_bits_whichever_config_runs(kernel_backend, monkeypatch):
+    """Autotuning may pick another tile on another run or machine: the forward and every gradient
+    are bitwise equal across configs that differ in everything but the summation chunk (BK for the
+    row GEMMs, BM for the weight gradient)."""
+    if kernel_backend.name != "triton":
+        pytest.skip("the Triton kernels' configs")
+    import triton
+
+    from geomoe_kernels.triton import grouped_gemm as tg
+
+    device = kernel_backend.device
+    interpreting = device.type == "cpu"
+    chunk, wgrad_rows = (16, 16) if interpreting else (64, 32)  # the shipped configs' BK and BM on a GPU
+    tiles = [(16, 32), (32, 16)] if interpreting else [(64, 128), (128, 64)]
+    counts = [5, 0, 37, 1, 0, 21]
+    off = offsets(counts, device)
+    x = (torch.randn(sum(counts), 48) / 2).to(device).requires_grad_(True)
+    w = (torch.randn(6, 48, 40) / 5).to(device).requires_grad_(True)
+    b = torch.randn(6, 40).to(device).requires_grad_(True)
+    g = torch.randn(sum(counts), 40).to(device)
+    results = []
+    for bn, bk in tiles:
+        monkeypatch.setattr(tg._gmm_kernel, "configs", [triton.Config({"BN": bn, "BK": chunk}, num_warps=4 if bn < 128 else 8)])
+        monkeypatch.setattr(tg._wgrad_kernel, "configs", [triton.Config({"BK": bk, "BN": bn, "BM": wgrad_rows}, num_warps=4)])
+        for kernel in (tg._gmm_kernel, tg._wgrad_kernel):
+            monkeypatch.setattr(kernel, "cache", {})
+        y = grouped_mm(x, w, off, b, "gelu", backend="triton")
+        results.append((y.detach(),) + torch.autograd.grad(y, (x, w, b), g))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
 def test_gathered_rows_equal_a_permuted_copy_and_opcheck():
     T, k, E = 9, 2, 4
     r2f, f2r, off = route(expert_ids(T, k, E), E)
