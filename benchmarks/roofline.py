@@ -6,12 +6,15 @@ For each kernel at GeoMoE's shapes (15,680 and 65,536 tokens; d 768, expert hidd
 all bf16 with float32 routing, it gives:
 - flops: the multiply-adds of the GEMMs (x2), zero for the data-movement kernels;
 - min_bytes: each input read once and each output written once from DRAM;
-- design_bytes: what this implementation's tiles and launch order move. The GEMM grids put the row
-  block on the fast axis, so every column tile is a pass over all of A; a pass that does not fit in
-  L2 comes from DRAM again. The weight-gradient grid runs expert-fastest over (K, N) tiles, so
-  expert e's A is re-read once per N tile and its G once per K tile unless all experts' rows fit
-  in L2. Tiles are the first autotune config (what GEOMOE_TRITON_AUTOTUNE=0 runs); a tuned run may
-  pick another, so design_bytes is a model, not a measurement;
+- design_bytes: what this implementation's tiles and launch order move. The GEMMs run one grid
+  axis with the column tile fastest: the programs that run together share one row block of A (and
+  one expert's W), so A comes from DRAM once, W once per expert. A gathered A (the up-projection
+  reading tokens through the routing) costs the tokens once while they fit in L2, else every
+  gathered row. The weight-gradient grid puts the (K, N) tile fastest, one expert and row split
+  after another: that expert's rows of A and G come from DRAM once while they fit in L2, else once
+  per N tile and once per K tile. Tiles are the first autotune config (what
+  GEOMOE_TRITON_AUTOTUNE=0 runs); a tuned run may pick another, so design_bytes is a model, not a
+  measurement;
 - bound_us: the H100 lower bound, max(flops / 989 TFLOP/s, min_bytes / 3.35 TB/s).
 The shared expert (a dense GEMM) and the router's GEMM (d x E) are left out: cuBLAS runs both."""
 
@@ -48,24 +51,19 @@ class Row:
     bound_us: float
 
 
-def _passes(a_bytes: float, n: int, bn: int) -> float:
-    """DRAM reads of an A that every one of the ceil(n / bn) column tiles streams again."""
-    tiles = math.ceil(n / bn)
-    return a_bytes * (tiles if a_bytes > L2_BYTES else 1)
-
-
 def _gemm(kernel, shape, M, K, N, E, a_min, a_bytes, out_bytes, extra_read=0.0):
-    """A [M, K] (a_min from DRAM at least, a_bytes as streamed) @ W [E, K, N] -> out; extra_read:
-    an operand read per output element (the pre-activation in a fused epilogue)."""
+    """A [M, K] (a_min from DRAM at least, a_bytes as streamed: more when gathered) @ W [E, K, N] ->
+    out; extra_read: an operand read per output element (the pre-activation in a fused epilogue)."""
     w = E * K * N * BF16
-    design = _passes(a_bytes, N, GEMM_TILE["BN"]) + w + out_bytes + extra_read
+    a_design = a_min if a_min <= L2_BYTES else a_bytes
+    design = a_design + w + out_bytes + extra_read
     return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_min + w + out_bytes + extra_read, design_bytes=design)
 
 
 def _wgrad(kernel, shape, M, K, N, E, a_bytes, g_bytes):
     """dW [E, K, N] (float32) = A^T G per expert, and the bias gradient from G."""
     out = E * K * N * F32 + E * N * F32
-    fits = a_bytes + g_bytes <= L2_BYTES
+    fits = (a_bytes + g_bytes) / E <= L2_BYTES  # one expert's rows (less with the row splits)
     design = (
         a_bytes + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])
     ) + out
