@@ -49,7 +49,7 @@ __device__ inline void scores(const float* __restrict__ logits, int64_t t, int E
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       const int e = lane + 32 * j;
-      s[j] = e < E ? __expf(s[j] - mx) : 0.f;
+      s[j] = e < E ? expf(s[j] - mx) : 0.f;  // exact expf, not __expf: ties in top-k must match the reference
       z += s[j];
     }
     z = warp_sum(z);
@@ -57,7 +57,7 @@ __device__ inline void scores(const float* __restrict__ logits, int64_t t, int E
     for (int j = 0; j < PER_LANE; ++j) s[j] /= z;
   } else {
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) s[j] = (lane + 32 * j) < E ? 1.f / (1.f + __expf(-s[j])) : 0.f;
+    for (int j = 0; j < PER_LANE; ++j) s[j] = (lane + 32 * j) < E ? 1.f / (1.f + expf(-s[j])) : 0.f;
   }
 }
 
