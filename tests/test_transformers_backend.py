@@ -8,6 +8,7 @@ ours), with the router's gradient too. Skipped where transformers is not install
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 
 import pytest
@@ -185,14 +186,18 @@ def test_relayout_once_keeps_the_parameters():
 E, D, I, T, K = 5, 12, 8, 10, 2
 
 
+# the decorator's post-expert norm came in a later transformers 5 release
+HAS_POST_NORM_FLAG = "has_post_expert_norm" in inspect.signature(use_experts_implementation).parameters
+
+
 def _experts_class(is_transposed, is_concatenated, has_bias, has_gate, has_post_expert_norm, act):
-    @use_experts_implementation(
-        is_transposed=is_transposed,
-        is_concatenated=is_concatenated,
-        has_bias=has_bias,
-        has_gate=has_gate,
-        has_post_expert_norm=has_post_expert_norm,
-    )
+    flags = dict(is_transposed=is_transposed, is_concatenated=is_concatenated, has_bias=has_bias, has_gate=has_gate)
+    if has_post_expert_norm:
+        if not HAS_POST_NORM_FLAG:
+            pytest.skip(f"transformers {transformers.__version__} has no has_post_expert_norm")
+        flags["has_post_expert_norm"] = True
+
+    @use_experts_implementation(**flags)
     class Experts(nn.Module):
         def __init__(self, config):
             super().__init__()
@@ -299,6 +304,9 @@ def test_expert_parallel_sentinels_are_honoured():
         w[::3, 1] = 0.0
     ref = _run(module, "batched_mm", x, ids, w)
     got = _run(module, "geomoe", x, ids, w)
+    off_rank = ids == E  # batched_mm masks the router's gradient there only in later transformers 5 releases
+    assert torch.equal(got[2][off_rank], torch.zeros_like(got[2][off_rank]))
+    ref[2] = ref[2].masked_fill(off_rank, 0.0)
     for a, b in zip(got, ref):
         assert _max_rel(a, b) <= 1e-10
 

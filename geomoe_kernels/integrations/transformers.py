@@ -37,7 +37,8 @@ experts run in the autocast dtype, as eager's linears do. The routing weights ar
 Expert parallelism: with `_is_expert_parallel` (transformers' MoEParamShard), ids >= num_experts mark
 routes to other ranks' experts with zero weight. They are honoured: they run on the last local
 expert with weight zero, adding nothing and receiving no gradient (wasted rows, as transformers'
-batched_mm does). Expert weights that are DTensors (sharded but not turned into local tensors) are
+batched_mm does). Versions of transformers before the flag existed may send such sentinels to any
+experts module, so there they are honoured always. Expert weights that are DTensors (sharded but not turned into local tensors) are
 refused with an error naming the layout flags."""
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ if not hasattr(_hf_moe, "ExpertsInterface"):  # pragma: no cover
 NAME = "geomoe"
 _log = logging.getLogger(__name__)
 _LAYOUT_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate", "has_post_expert_norm", "_is_expert_parallel")
+# what every transformers 5 decorator sets; the last two came later (absent: no norm, and EP sentinels
+# possible on any experts module, as those versions' experts functions assume)
+_REQUIRED_FLAGS = _LAYOUT_FLAGS[:4]
 
 
 class UnsupportedExpertsLayout(ValueError):
@@ -184,7 +188,7 @@ def prepare(model: nn.Module) -> int:
 
 
 def _check_module(module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> None:
-    missing = [f for f in _LAYOUT_FLAGS + ("num_experts",) if not hasattr(module, f)]
+    missing = [f for f in _REQUIRED_FLAGS + ("num_experts",) if not hasattr(module, f)]
     if missing:
         raise _refuse(module, f"missing {missing} (is the class decorated with @use_experts_implementation?)")
     if hidden_states.dim() != 2:
@@ -240,7 +244,9 @@ def experts_forward(
 
     ids = top_k_index.to(torch.int64)
     weights = top_k_weights.to(torch.promote_types(dtype, torch.float32))
-    if module._is_expert_parallel:  # off-rank routes (id >= E, weight 0): run on the last expert, weight exactly 0
+    if getattr(
+        module, "_is_expert_parallel", True
+    ):  # off-rank routes (id >= E, weight 0): run on the last expert, weight exactly 0
         off_rank = ids >= E
         ids = ids.clamp_max(E - 1)
         weights = weights.masked_fill(off_rank, 0.0)
@@ -259,7 +265,7 @@ def experts_forward(
                 f"(down_proj's input size)",
             )
         rows = grouped_mm(hidden.to(dtype), w2, offsets, b2, "none", backend)
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):
         rows = module.post_expert_norm(rows).to(dtype)
     out = unpermute(rows, row_to_flat, flat_to_row, k, weights, None, backend)
     return out.to(hidden_states.dtype)
