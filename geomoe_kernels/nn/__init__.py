@@ -1,4 +1,5 @@
+from .balance import MoEBalancer, MoETensorMLP
 from .cblock import SparseCBlock
 from .moe import MoEMLP
 
-__all__ = ["MoEMLP", "SparseCBlock"]
+__all__ = ["MoEBalancer", "MoEMLP", "MoETensorMLP", "SparseCBlock"]

@@ -7,7 +7,18 @@ style (softmax, SwiGLU, no shared) and DeepSeek style (sigmoid + bias, shared ex
 forward(x [..., dim]) -> (y [..., dim], aux, load [E]):
     aux = sum_i P_i * F_i, P_i = mean_t s_ti / sum_j s_tj (carries gradient),
     F_i = E * load_i / (k * T) (does not).
-update_bias(load, rate) is the bias-based load balancing rule, applied after an optimizer step."""
+update_bias(load, rate) is the bias-based load balancing rule, applied after an optimizer step.
+
+Options for the MoE layers of LLMs (keyword-only; the defaults are GeoMoE's):
+- bias=False: experts (and shared experts) without biases; gate_bias=False: a router without one.
+- routed_scaling_factor: the routed experts' combine weights times this (DeepSeek-V3: 2.5).
+- n_group, topk_group: group-limited top-k (DeepSeek-V3): the experts in n_group equal groups, each
+  group scored by the sum of its two best selection scores (score + expert_bias for sigmoid), only
+  the topk_group best groups eligible. The router then runs as torch ops (the gating op has no groups).
+- shared_gate=True: the shared experts' output times sigmoid(x @ w) (Qwen2-MoE's shared_expert_gate).
+- swiglu_layout="interleaved": SwiGLU's first projection holds columns [g0, u0, g1, u1, ...] instead
+  of [gate | up]; then the two expert GEMMs run as two grouped_mm with the gate between them.
+Softmax-then-top-k with or without renormalisation is score_func="softmax" with renormalize."""
 
 from __future__ import annotations
 
@@ -18,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
-from ..ops import SCORE_FUNCS, expert_mlp, route, topk_gating, unpermute
+from ..ops import SCORE_FUNCS, expert_mlp, grouped_mm, route, topk_gating, unpermute
 from ..reference import activations
 
 EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
+SWIGLU_LAYOUTS = ("concat", "interleaved")
 
 
 class MoEMLP(nn.Module):
@@ -31,6 +43,9 @@ class MoEMLP(nn.Module):
     shared_b1: Tensor
     shared_w2: Tensor
     shared_b2: Tensor
+    # None with bias=False
+    b1: Tensor
+    b2: Tensor
 
     def __init__(
         self,
@@ -43,6 +58,14 @@ class MoEMLP(nn.Module):
         renormalize: bool = True,
         activation: str = "gelu",
         backend: str = "auto",
+        *,
+        bias: bool = True,
+        gate_bias: bool = True,
+        routed_scaling_factor: float = 1.0,
+        n_group: int = 1,
+        topk_group: Optional[int] = None,
+        shared_gate: bool = False,
+        swiglu_layout: str = "concat",
     ):
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -60,6 +83,30 @@ class MoEMLP(nn.Module):
         if num_shared_experts < 0:
             raise ValueError(f"MoEMLP: argument 'num_shared_experts' expected >= 0, got {num_shared_experts}")
         _backend.check_backend_name(backend)
+        topk_group = n_group if topk_group is None else topk_group
+        if n_group < 1 or num_experts % n_group:
+            raise ValueError(f"MoEMLP: argument 'n_group' expected >= 1 and dividing num_experts = {num_experts}, got {n_group}")
+        if not 1 <= topk_group <= n_group or top_k > topk_group * (num_experts // n_group):
+            raise ValueError(
+                f"MoEMLP: argument 'topk_group' expected 1 <= topk_group <= n_group = {n_group} with top_k = {top_k} <= "
+                f"topk_group * {num_experts // n_group} (experts per group), got {topk_group}"
+            )
+        if n_group > 1 and num_experts // n_group < 2:
+            raise ValueError(
+                f"MoEMLP: argument 'n_group' expected groups of >= 2 experts (scored by their best two), got {n_group}"
+            )
+        if swiglu_layout not in SWIGLU_LAYOUTS:
+            raise ValueError(f"MoEMLP: argument 'swiglu_layout' expected one of {list(SWIGLU_LAYOUTS)}, got {swiglu_layout!r}")
+        if not math.isfinite(routed_scaling_factor) or routed_scaling_factor <= 0:
+            raise ValueError(f"MoEMLP: argument 'routed_scaling_factor' expected a finite value > 0, got {routed_scaling_factor}")
+        if shared_gate and num_shared_experts == 0:
+            raise ValueError(
+                "MoEMLP: argument 'shared_gate' expected False without shared experts (num_shared_experts = 0), got True"
+            )
+        self.bias = bias
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.n_group, self.topk_group = n_group, topk_group
+        self.swiglu_layout = swiglu_layout
         self.dim = dim
         self.hidden_dim = hidden_dim if hidden_dim is not None else int(0.75 * dim)
         self.num_experts = num_experts
@@ -71,22 +118,24 @@ class MoEMLP(nn.Module):
         self.backend = backend
         # SwiGLU's first projection holds [gate | up] side by side.
         up = 2 * self.hidden_dim if activation == "swiglu" else self.hidden_dim
-        self.gate = nn.Linear(dim, num_experts)
+        self.gate = nn.Linear(dim, num_experts, bias=gate_bias)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Stacked [E, in, out] for the grouped GEMM (x @ w), not nn.Linear's [out, in].
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, up))
-        self.b1 = nn.Parameter(torch.empty(num_experts, up))
+        self.register_parameter("b1", nn.Parameter(torch.empty(num_experts, up)) if bias else None)
         self.w2 = nn.Parameter(torch.empty(num_experts, self.hidden_dim, dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.register_parameter("b2", nn.Parameter(torch.empty(num_experts, dim)) if bias else None)
         S = num_shared_experts
         shapes = {"shared_w1": (S, dim, up), "shared_b1": (S, up), "shared_w2": (S, self.hidden_dim, dim), "shared_b2": (S, dim)}
         for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if S else None)
+            keep = S and (bias or not name.startswith("shared_b"))
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)) if keep else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights and zero biases, per expert, as MAE-style initialisation gives nn.Linear."""
-        for w in (self.w1, self.w2, self.shared_w1, self.shared_w2, self.gate.weight):
+        for w in (self.w1, self.w2, self.shared_w1, self.shared_w2, self.gate.weight, getattr(self.shared_gate, "weight", None)):
             if w is not None:
                 bound = math.sqrt(6.0 / (w.shape[-2] + w.shape[-1]))
                 nn.init.uniform_(w, -bound, bound)
@@ -98,7 +147,21 @@ class MoEMLP(nn.Module):
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, experts={self.num_experts}, shared={self.num_shared_experts}, "
             f"top_k={self.top_k}, score={self.score_func}, activation={self.activation}, backend={self.backend!r}"
+            + ("" if self.bias else ", bias=False")
+            + ("" if self.routed_scaling_factor == 1.0 else f", routed_scaling_factor={self.routed_scaling_factor}")
+            + ("" if self.n_group == 1 else f", n_group={self.n_group}, topk_group={self.topk_group}")
+            + ("" if self.shared_gate is None else ", shared_gate=True")
+            + ("" if self.swiglu_layout == "concat" else f", swiglu_layout={self.swiglu_layout!r}")
         )
+
+    def _act(self, h: Tensor) -> Tensor:
+        if self.activation == "swiglu" and self.swiglu_layout == "interleaved":
+            return nn.functional.silu(h[..., ::2]) * h[..., 1::2]
+        return activations.apply(self.activation, h)
+
+    @staticmethod
+    def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        return torch.bmm(x, w.to(dtype)) if b is None else torch.baddbmm(b.to(dtype)[:, None, :], x, w.to(dtype))
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
@@ -112,10 +175,12 @@ class MoEMLP(nn.Module):
         if S == 0:
             return None
         T = x.shape[0]
-        h = torch.baddbmm(self.shared_b1.to(dtype)[:, None, :], x.expand(S, T, self.dim), self.shared_w1.to(dtype))
-        h = activations.apply(self.activation, h)
-        y = torch.baddbmm(self.shared_b2.to(dtype)[:, None, :], h, self.shared_w2.to(dtype))
-        return y[0] if S == 1 else y.sum(0)
+        h = self._act(self._linear(x.expand(S, T, self.dim), self.shared_w1, self.shared_b1, dtype))
+        y = self._linear(h, self.shared_w2, self.shared_b2, dtype)
+        y = y[0] if S == 1 else y.sum(0)
+        if self.shared_gate is not None:
+            y = y * torch.sigmoid(nn.functional.linear(x, self.shared_gate.weight.to(dtype)))
+        return y
 
     def _tokens(self, x: Tensor) -> Tuple[Tensor, torch.dtype]:
         if x.shape[-1] != self.dim:
@@ -128,9 +193,37 @@ class MoEMLP(nn.Module):
         dtype (float64 when checking)."""
         gate_dtype = torch.promote_types(x_dtype, torch.float32)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), self.gate.bias.to(gate_dtype))
+            gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
+            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
         bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
-        return topk_gating(logits.contiguous(), bias, self.top_k, self.score_func, self.renormalize, self.backend)
+        if self.n_group > 1:
+            weights, ids, load, prob_mean = self._group_limited_gate(logits, bias)
+        else:
+            weights, ids, load, prob_mean = topk_gating(
+                logits.contiguous(), bias, self.top_k, self.score_func, self.renormalize, self.backend
+            )
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return weights, ids, load, prob_mean
+
+    def _group_limited_gate(self, logits: Tensor, bias: Optional[Tensor]):
+        """DeepSeek-V3's routing as torch ops: experts of the topk_group best groups (a group's score:
+        the sum of its best two selection scores) are eligible; the top_k of them by selection score."""
+        T, E = logits.shape
+        scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, -1)
+        with torch.no_grad():
+            select = scores if bias is None else scores + bias
+            group_scores = select.view(T, self.n_group, E // self.n_group).topk(2, dim=-1).values.sum(-1)
+            groups = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+            keep = keep[:, :, None].expand(T, self.n_group, E // self.n_group).reshape(T, E)
+            ids = select.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        load = torch.bincount(ids.reshape(-1), minlength=E)
+        prob_mean = (scores / scores.sum(-1, keepdim=True)).mean(0) if T else scores.new_zeros(E)
+        return weights.to(torch.promote_types(logits.dtype, torch.float32)), ids, load, prob_mean
 
     def _aux(self, load: Tensor, prob_mean: Tensor, T: int) -> Tensor:
         fraction = load.to(prob_mean.dtype) * (self.num_experts / (self.top_k * max(T, 1)))
@@ -141,21 +234,29 @@ class MoEMLP(nn.Module):
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
-        # both GEMMs in one op: the first reads its rows straight from the tokens through the
-        # permutation, and only the pre-activation is kept for backward
-        rows_out = expert_mlp(
-            tokens,
-            self.w1.to(dtype),
-            self.b1.to(dtype),
-            self.w2.to(dtype),
-            self.b2.to(dtype),
-            offsets,
-            self.activation,
-            be,
-            gather=row_to_flat,
-            flat_to_row=flat_to_row,
-            top_k=k,
-        )
+        b1 = self.b1.to(dtype) if self.b1 is not None else None
+        b2 = self.b2.to(dtype) if self.b2 is not None else None
+        if self.activation == "swiglu" and self.swiglu_layout == "interleaved":  # the gate between two grouped GEMMs
+            pre = grouped_mm(
+                tokens, self.w1.to(dtype), offsets, b1, "none", be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k
+            )
+            rows_out = grouped_mm(self._act(pre), self.w2.to(dtype), offsets, b2, "none", be)
+        else:
+            # both GEMMs in one op: the first reads its rows straight from the tokens through the
+            # permutation, and only the pre-activation is kept for backward
+            rows_out = expert_mlp(
+                tokens,
+                self.w1.to(dtype),
+                b1,
+                self.w2.to(dtype),
+                b2,
+                offsets,
+                self.activation,
+                be,
+                gather=row_to_flat,
+                flat_to_row=flat_to_row,
+                top_k=k,
+            )
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
