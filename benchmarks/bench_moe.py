@@ -45,8 +45,19 @@ def test_moe_layer_llm(benchmark, impl, passes):
     _layer(benchmark, impl, C.llm_tokens(), "uniform", "llm", backward=passes == "fwdbwd")
 
 
-def _layer(benchmark, impl, tokens, routing, kind, backward):
-    group = {("geomoe", True): "moe_layer", ("geomoe", False): "moe_layer_fwd"}.get((kind, backward), "moe_layer_llm")
+DECODE_IMPLS = ("geomoe", "geomoe_graph", "reference", "grouped_mm", "hf_grouped_mm", "hf_batched_mm", "scattermoe")
+
+
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+@pytest.mark.parametrize("tokens", (1, 8, 64))
+def test_moe_layer_decode(benchmark, impl, tokens):
+    """The LLM layer at decode sizes (a batch of 1-64 sequences, one new token each), forward only:
+    where transformers' batched_mm is the path to beat."""
+    _layer(benchmark, impl, tokens, "uniform", "llm", backward=False, group="moe_layer_decode")
+
+
+def _layer(benchmark, impl, tokens, routing, kind, backward, group=None):
+    group = group or {("geomoe", True): "moe_layer", ("geomoe", False): "moe_layer_fwd"}.get((kind, backward), "moe_layer_llm")
     info = dict(group=group, impl=impl, peer=impl in PEERS, tokens=tokens, routing=routing, shape=kind)
     info["passes"] = "fwdbwd" if backward else "fwd"
     moe, x, g = C.skewed_layer(tokens, routing, kind=kind)

@@ -57,10 +57,19 @@ def _ratio(a, b) -> Optional[float]:
     return a["median_s"] / b["median_s"] if a and b else None
 
 
-def _vs_best_peer(rows: List[Dict[str, Any]], group: str, passes: str) -> Optional[float]:
-    """The fastest peer's time over ours in one group of layer rows (one size and pass each)."""
-    ours = _find(rows, group=group, impl="geomoe", passes=passes)
-    peers = [r for r in rows if r.get("group") == group and r.get("passes") == passes and r.get("peer") and r.get("median_s")]
+def _vs_best_peer(rows: List[Dict[str, Any]], group: str, passes: str, **match) -> Optional[float]:
+    """The fastest peer's time over ours in one group of layer rows (one pass; `match` picks a size
+    where the group has several)."""
+    ours = _find(rows, group=group, impl="geomoe", passes=passes, **match)
+    peers = [
+        r
+        for r in rows
+        if r.get("group") == group
+        and r.get("passes") == passes
+        and r.get("peer")
+        and r.get("median_s")
+        and all(r.get(k) == v for k, v in match.items())
+    ]
     best = min(peers, key=lambda r: r["median_s"], default=None)
     return _ratio(best, ours)
 
@@ -105,6 +114,7 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
         "moe_layer_fwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_fwd", "fwd"),
         "llm_layer_fwdbwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_llm", "fwdbwd"),
         "llm_layer_fwd_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_llm", "fwd"),
+        "llm_decode_8_tokens_speedup_vs_best_peer": _vs_best_peer(rows, "moe_layer_decode", "fwd", tokens=8),
         "grouped_gemm_fraction_of_mm": gg.get("fraction_of_mm") if gg else None,
         "cuda_grouped_gemm_fraction_of_mm": gg_cuda.get("fraction_of_mm") if gg_cuda else None,
         "permute_fraction_of_copy": perm.get("fraction_of_copy") if perm else None,
