@@ -343,7 +343,7 @@ class TritonGroupedGemm:
             GRAD_ACT=activations.code(grad_act),
             TRANS_W=transpose_weight,
             IEEE=fp32_ieee(a.dtype),
-            E_POW2=pow2(E),
+            E_POW2=max(16, pow2(E)),  # lanes of the block lookup (at least 16: no 1-lane scans)
             BM=schedule.block,
         )
 
