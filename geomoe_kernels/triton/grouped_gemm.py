@@ -46,6 +46,12 @@ _GEMM_CONFIGS = configs(
 )
 
 
+def lookup_lanes(num_experts: int) -> int:
+    """Lanes of the in-kernel block lookup (_block_of_expert): a power of two, at least 16 (no
+    one-lane scan at a single expert)."""
+    return max(16, pow2(num_experts))
+
+
 def fp32_ieee(dtype: torch.dtype) -> bool:
     """float32 GEMMs in full IEEE precision unless torch's matmul precision allows TF32 ("high" or
     "medium"), as torch.mm decides."""
@@ -82,7 +88,7 @@ def _block_of_expert(offsets, E, blk, BM: tl.constexpr, E_POW2: tl.constexpr):
     re = tl.arange(0, E_POW2)
     lo = tl.load(offsets + re, mask=re < E, other=0)
     hi = tl.load(offsets + re + 1, mask=re < E, other=0)
-    per = (hi - lo + BM - 1) // BM
+    per = ((hi - lo + BM - 1) // BM).to(tl.int32)  # block counts: bounded by the grid, below 2^31
     ends = tl.cumsum(per, 0)  # one past each expert's last block
     e = tl.sum(((ends <= blk) & (re < E)).to(tl.int32), 0)
     first = tl.sum(tl.where(re < e, per, 0), 0)
@@ -211,7 +217,7 @@ _WGRAD_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE"])
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "IEEE_SUMS"])
 @triton.jit
 def _wgrad_kernel(
     A,
@@ -234,6 +240,7 @@ def _wgrad_kernel(
     GATHER: tl.constexpr,
     A_ACT: tl.constexpr,
     IEEE: tl.constexpr,
+    IEEE_SUMS: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
@@ -256,7 +263,11 @@ def _wgrad_kernel(
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, end)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    col_sum = tl.zeros((BN,), dtype=tl.float32)
+    # the bias gradient as ones[16, BM] @ G: the dot adds the rows in the MMA's fixed order along its
+    # reduction axis, which no tile width or warp count changes (a tl.sum's tree follows the
+    # register layout, which BN and num_warps do change); its 16 rows are equal, row 0 is kept
+    col_sums = tl.zeros((16, BN), dtype=tl.float32)
+    ones = tl.full((16, BM), 1.0, G.dtype.element_ty)
     first_k_tile = tl.program_id(0) < n_tiles
     for m0 in range(lo, hi, BM):
         rm = m0 + tl.arange(0, BM).to(tl.int64)
@@ -280,10 +291,11 @@ def _wgrad_kernel(
         else:
             acc += tl.dot(a, g)
         if first_k_tile:
-            col_sum += tl.sum(g.to(tl.float32), axis=0)
+            col_sums = tl.dot(ones, g, col_sums, input_precision="ieee" if IEEE_SUMS else "tf32")
     out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None] * stride_dk + rn[None, :]
     tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
     if first_k_tile:
+        col_sum = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, col_sums, 0.0), axis=0)  # + zeros: exact
         tl.store(DB + (split * tl.num_programs(1) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
 
 
@@ -343,7 +355,7 @@ class TritonGroupedGemm:
             GRAD_ACT=activations.code(grad_act),
             TRANS_W=transpose_weight,
             IEEE=fp32_ieee(a.dtype),
-            E_POW2=max(16, pow2(E)),  # lanes of the block lookup (at least 16: no 1-lane scans)
+            E_POW2=lookup_lanes(E),
             BM=schedule.block,
         )
 
@@ -377,6 +389,7 @@ class TritonGroupedGemm:
             GATHER=gather is not None,
             A_ACT=activations.code(a_activation),
             IEEE=fp32_ieee(a.dtype),
+            IEEE_SUMS=grad.dtype == torch.float32,  # float32 bias sums never through TF32
         )
 
 

@@ -187,7 +187,7 @@ def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, count
     of the static grid, surplus ones included, agrees with kernel_recipes.BlockSchedule."""
     if kernel_backend.name != "triton":
         pytest.skip("the in-kernel lookup is the Triton kernels'")
-    from geomoe_kernels.triton._config import pow2
+    from geomoe_kernels.triton.grouped_gemm import lookup_lanes
     from tests.ops.triton_probes import block_lookup
 
     off = offsets(counts, kernel_backend.device)
@@ -195,7 +195,7 @@ def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, count
     s = kernel_recipes.block_schedule(off, sum(counts), block)
     got_e = torch.empty(s.blocks, dtype=torch.int32, device=off.device)
     got_row0 = torch.empty(s.blocks, dtype=torch.int64, device=off.device)
-    block_lookup[(s.blocks,)](off, E, got_e, got_row0, BM=block, E_POW2=pow2(E))
+    block_lookup[(s.blocks,)](off, E, got_e, got_row0, BM=block, E_POW2=lookup_lanes(E))
     want_e = s.expert.to(torch.int32)
     live = want_e >= 0
     assert torch.equal(torch.where(live, got_e, -1), want_e)  # the kernel says E for a surplus block
@@ -203,10 +203,11 @@ def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, count
     assert torch.equal(got_row0[live], s.row0[live])
 
 
-def test_triton_gradients_are_the_same_bits_whichever_config_runs(kernel_backend, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_gradients_are_the_same_bits_whichever_config_runs(kernel_backend, dtype, monkeypatch):
     """Autotuning may pick another tile on another run or machine: the forward and every gradient
     are bitwise equal across configs that differ in everything but the summation chunk (BK for the
-    row GEMMs, BM for the weight gradient)."""
+    row GEMMs, BM for the weight gradient), which every shipped config shares."""
     if kernel_backend.name != "triton":
         pytest.skip("the Triton kernels' configs")
     import triton
@@ -215,14 +216,17 @@ def test_triton_gradients_are_the_same_bits_whichever_config_runs(kernel_backend
 
     device = kernel_backend.device
     interpreting = device.type == "cpu"
-    chunk, wgrad_rows = (16, 16) if interpreting else (64, 32)  # the shipped configs' BK and BM on a GPU
+    if interpreting and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 dot is not the GPU's")
+    assert len({c.kwargs["BK"] for c in tg._GEMM_CONFIGS}) == 1 and len({c.kwargs["BM"] for c in tg._WGRAD_CONFIGS}) == 1
+    chunk, wgrad_rows = tg._GEMM_CONFIGS[0].kwargs["BK"], tg._WGRAD_CONFIGS[0].kwargs["BM"]
     tiles = [(16, 32), (32, 16)] if interpreting else [(64, 128), (128, 64)]
     counts = [5, 0, 37, 1, 0, 21]
     off = offsets(counts, device)
-    x = (torch.randn(sum(counts), 48) / 2).to(device).requires_grad_(True)
-    w = (torch.randn(6, 48, 40) / 5).to(device).requires_grad_(True)
-    b = torch.randn(6, 40).to(device).requires_grad_(True)
-    g = torch.randn(sum(counts), 40).to(device)
+    x = (torch.randn(sum(counts), 48) / 2).to(device, dtype).requires_grad_(True)
+    w = (torch.randn(6, 48, 40) / 5).to(device, dtype).requires_grad_(True)
+    b = torch.randn(6, 40).to(device, dtype).requires_grad_(True)
+    g = torch.randn(sum(counts), 40).to(device, dtype)
     results = []
     for bn, bk in tiles:
         monkeypatch.setattr(tg._gmm_kernel, "configs", [triton.Config({"BN": bn, "BK": chunk}, num_warps=4 if bn < 128 else 8)])
