@@ -16,7 +16,16 @@ from geomoe import GeoMoEBackbone, MoEViTBackbone
 from geomoe.augment import INCREASING_OPS, OPS, FILL, parse_randaug, random_erasing
 from geomoe.cli import main
 from geomoe.configs import CONFIGS
-from geomoe.data import LabelledImages, eval_transform, read_split, split_from_folder, write_scene_classes, write_split
+from geomoe.data import (
+    ClassFolder,
+    LabelledImages,
+    Split,
+    eval_transform,
+    read_split,
+    split_from_folder,
+    write_scene_classes,
+    write_split,
+)
 from geomoe.finetune import FinetuneArgs, finetune, peak_learning_rate
 from geomoe.layer_decay import param_groups
 
@@ -203,6 +212,25 @@ def test_recipe_published_sets_every_published_value(monkeypatch):
     assert peak_learning_rate(args) == 1e-4
 
 
+def test_the_readme_results_commands_run_the_published_recipe(monkeypatch):
+    import re
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    commands = re.findall(r"^\| (?:AID|RESISC-45) .*`(geomoe finetune [^`]*)` \|$", readme, flags=re.M)
+    assert len(commands) == 4
+    got = []
+    monkeypatch.setattr(ft, "finetune", lambda args: got.append(args.resolved()))
+    for command in commands:
+        for model in ("geomoe", "moevit"):
+            main(shlex.split(command.replace("MODEL", model).replace("ENCODER", "encoder.pth"))[1:])
+    assert [(a.model, a.recipe, a.config, a.epochs, a.img_size) for a in got[:2]] == [
+        ("geomoe", "published", "base", 200, 320),
+        ("moevit", "published", "base", 200, 320),
+    ]
+    assert all(a.split.endswith(".json") and a.weights == "encoder.pth" for a in got)
+
+
 def test_bad_recipe_arguments_are_usage_errors(capsys):
     with pytest.raises(ValueError, match=r"argument '--recipe' expected one of \['short', 'published'\], got 'paper'"):
         FinetuneArgs(recipe="paper").resolved()
@@ -299,14 +327,40 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path, monkey
     assert res["history"][0]["bad_steps"] == 1
     assert all(torch.isfinite(p).all() for p in res["model"].parameters())
     calls["n"] = 0
-    with pytest.raises(RuntimeError, match=r"stopping at step 2: 1 steps in a row had a non-finite loss"), pytest.warns(UserWarning):
+    with (
+        pytest.raises(RuntimeError, match=r"stopping at step 2: 1 steps in a row had a non-finite loss"),
+        pytest.warns(UserWarning),
+    ):
         finetune(FinetuneArgs(out=str(tmp_path / "b"), max_bad_steps=1, **args))
+
+
+def test_moevit_weights_load_from_its_pretraining_checkpoint_and_the_original_layout(tmp_path):
+    from geomoe import MoEViTClassifier, original_state_dict
+    from geomoe.train import PretrainArgs, pretrain
+
+    run = pretrain(PretrainArgs(model="moevit", out=str(tmp_path / "pre"), steps=1, batch_size=4, progress=False, device="cpu"))
+    cfg = {k: v for k, v in CONFIGS["tiny"]["moevit"].items() if not k.startswith("decoder")}
+    clf = MoEViTClassifier(4, **cfg)
+    note = ft.load_pretrained(clf, run["checkpoint"])
+    n = len([k for k in clf.state_dict() if not k.startswith(("fc_norm", "head"))])
+    assert f"loaded {n} of {n} backbone tensors" in note and "ignored" in note  # the decoder and final norm
+    pre = run["model"].state_dict()
+    assert torch.equal(clf.blocks[1].mlp.w1, pre["blocks.1.mlp.w1"]) and torch.equal(clf.cls_token, pre["cls_token"])
+    # the released encoder-only file: original keys, one tensor per expert, a position table to ignore
+    enc = {k: v for k, v in original_state_dict(run["model"]).items() if not k.startswith(("decoder", "mask_token", "norm."))}
+    enc["pos_embed"] = torch.zeros(1, 37, cfg["embed_dim"])
+    torch.save({"model": enc}, tmp_path / "released.pth")
+    clf = MoEViTClassifier(4, **cfg)
+    assert "original layout" in ft.load_pretrained(clf, str(tmp_path / "released.pth"))
+    assert torch.equal(clf.blocks[2].mlp.b2, pre["blocks.2.mlp.b2"])
 
 
 def test_moevit_finetunes_from_a_split_file_above_90_percent(tmp_path):
     root = tmp_path / "scenes"
     write_scene_classes(str(root), per_class_train=64, per_class_val=16, size=64)
-    split = split_from_folder(str(root / "train"), 0.8, seed=0)  # 52 of 64 per class for training
+    # the generated train/ and val/ folders (64 and 16 images per class) as a published split file
+    train, val = ClassFolder(str(root / "train"), 64, True), ClassFolder(str(root / "val"), 64, False)
+    split = Split(train.classes, train.samples, val.samples)
     write_split(str(tmp_path / "split.json"), split, str(root))
     res = finetune(
         FinetuneArgs(
@@ -314,6 +368,7 @@ def test_moevit_finetunes_from_a_split_file_above_90_percent(tmp_path):
             data=str(root),
             split=str(tmp_path / "split.json"),
             out=str(tmp_path / "ft"),
+            img_size=64,
             epochs=4,
             progress=False,
             device="cpu",

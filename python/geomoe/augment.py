@@ -102,16 +102,22 @@ for _name, _cls in _ENHANCERS.items():
 
 _GEOMETRY_AND_POINT = ["AutoContrast", "Equalize", "Invert", "Rotate"]
 _TAIL = ["ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
-INCREASING_OPS = _GEOMETRY_AND_POINT + [
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-] + _TAIL
-ORIGINAL_OPS = _GEOMETRY_AND_POINT + ["Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness"] + _TAIL
+INCREASING_OPS = (
+    _GEOMETRY_AND_POINT
+    + [
+        "PosterizeIncreasing",
+        "SolarizeIncreasing",
+        "SolarizeAdd",
+        "ColorIncreasing",
+        "ContrastIncreasing",
+        "BrightnessIncreasing",
+        "SharpnessIncreasing",
+    ]
+    + _TAIL
+)
+ORIGINAL_OPS = (
+    _GEOMETRY_AND_POINT + ["Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness"] + _TAIL
+)
 
 
 @dataclass(frozen=True)

@@ -515,7 +515,9 @@ class Split(NamedTuple):
 
 
 def _split_error(path: str, what: str) -> ValueError:
-    return ValueError(f"argument '--split' expected a split file {{'train': [{{'image', 'label'}}, ...], 'val': [...], 'categories': {{name: id}}}}, got {path}: {what}")
+    return ValueError(
+        f"argument '--split' expected a split file {{'train': [{{'image', 'label'}}, ...], 'val': [...], 'categories': {{name: id}}}}, got {path}: {what}"
+    )
 
 
 def read_split(path: str, root: Optional[str] = None) -> Split:

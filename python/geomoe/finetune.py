@@ -493,7 +493,9 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         else:
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             mix_gen.manual_seed(args.seed * 1_000_003 + step)  # mixing depends on the step alone: resumable
-            imgs, target = mix_batch(imgs, labels, num_classes, float(args.smoothing), float(args.mixup), float(args.cutmix), mix_gen)
+            imgs, target = mix_batch(
+                imgs, labels, num_classes, float(args.smoothing), float(args.mixup), float(args.cutmix), mix_gen
+            )
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             # NaN/Inf router scores flow on to the loss check, as on a GPU, instead of raising in the CPU value check
@@ -557,9 +559,13 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
                     else ""
                 )
             )
-            final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval)
+            final = save_single(
+                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
+            )
         elif stop.requested:
-            final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval)
+            final = save_single(
+                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
+            )
         if stop.requested:
             print(f"{stop.received}: stopped at step {step}; checkpoint {final}")
             break

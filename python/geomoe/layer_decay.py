@@ -69,7 +69,13 @@ _STACKED_BIASES = ("b1", "b2", "shared_b1", "shared_b2")
 
 def _one_dimensional_in_original(model: nn.Module) -> set:
     """ids of the stacked expert biases: 2-d here, one 1-d tensor per expert in the original layout."""
-    return {id(getattr(m, n)) for m in model.modules() if isinstance(m, MoEMLP) for n in _STACKED_BIASES if getattr(m, n, None) is not None}
+    return {
+        id(getattr(m, n))
+        for m in model.modules()
+        if isinstance(m, MoEMLP)
+        for n in _STACKED_BIASES
+        if getattr(m, n, None) is not None
+    }
 
 
 def param_groups(
