@@ -4,7 +4,8 @@ import torch
 from geomoe import GeoMoE, original_state_dict
 from geomoe.backbone import GeoMoEBackbone, interpolate_pos_embed
 from geomoe.configs import CONFIGS
-from geomoe.finetune import FinetuneArgs, GeoMoEClassifier, finetune, mix_batch, param_groups
+from geomoe.finetune import FinetuneArgs, GeoMoEClassifier, finetune, mix_batch
+from geomoe.layer_decay import param_groups
 from geomoe.pos_embed import sincos_2d
 from geomoe.train import PretrainArgs, pretrain
 
@@ -71,15 +72,17 @@ def test_released_encoder_file_loads(tmp_path):
 
 
 def test_layer_wise_lr_decay_and_no_decay_sets():
+    # the tiny config's ids by the published GeoMoE table: blocks3.i -> 8 + i, L = 8 + 2 + 1 = 11
     model = GeoMoEClassifier(GeoMoEBackbone(**ENC), 4)
-    groups = param_groups(model, 0.05, 0.85)
+    groups = param_groups(model, 1e-3, 0.05, 0.85)
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
-    n = len(model.backbone.blocks3) + 1
     assert scale_of[id(model.head.weight)] == (1.0, 0.05)
     assert scale_of[id(model.head.bias)] == (1.0, 0.0)
-    assert scale_of[id(model.backbone.blocks3[1].mlp.w1)] == pytest.approx((0.85 ** (n - 2), 0.05))
-    assert scale_of[id(model.backbone.blocks3[1].mlp.b1)][1] == 0.0
-    assert scale_of[id(model.backbone.patch_embed1.proj.weight)] == pytest.approx((0.85**n, 0.05))
+    assert scale_of[id(model.backbone.blocks3[1].mlp.w1)] == pytest.approx((0.85 ** (11 - 1 - 9), 0.05))
+    assert scale_of[id(model.backbone.blocks3[1].mlp.b1)][1] == 0.0  # per-expert biases: 1-d in the original layout
+    assert scale_of[id(model.backbone.blocks3[1].mlp.shared_b2)][1] == 0.0
+    assert scale_of[id(model.backbone.patch_embed1.proj.weight)] == pytest.approx((0.85**10, 0.05))
+    assert scale_of[id(model.backbone.patch_embed2.proj.weight)] == pytest.approx((0.85 ** (10 - 3), 0.05))
     assert id(model.backbone.pos_embed) not in scale_of  # frozen sin-cos table
 
 
@@ -95,10 +98,13 @@ def test_mixing_keeps_targets_normalised():
 
 
 def test_finetune_reaches_90_percent_and_resumes(tmp_path):
+    # the default recipe: drop path, RandAugment, random erasing, clipping, published layer decay
     args = dict(img_size=64, epochs=6, batch_size=32, progress=False, device="cpu")
     res = finetune(FinetuneArgs(out=str(tmp_path / "ft"), **args))
-    assert res["best_top1"] > 0.9, res["history"]
-    assert res["history"][-1]["val_top1"] > 0.9
+    assert res["top1"] > 0.9, res["history"]
+    assert res["top1"] == res["history"][-1]["val_top1"]  # the result is the last epoch's top-1
+    assert res["history"][-1]["val_top5"] == 1.0  # 4 classes: top-5 is top-4
+    assert 0 < res["val_loss"] == res["history"][-1]["val_loss"] < 1.0
     for moe in res["model"].backbone.moe_layers():  # biases frozen
         assert torch.equal(moe.expert_bias, torch.zeros_like(moe.expert_bias))
     more = finetune(FinetuneArgs(out=str(tmp_path / "ft"), resume="auto", **dict(args, epochs=7)))

@@ -54,5 +54,9 @@ def test_groups_scale_lr_and_skip_decay_on_one_dimensional_parameters():
     assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     for g in groups:
         assert abs(g["lr"] - 1e-3 * 0.85 ** (12 - g["layer_id"])) < 1e-15
-        assert all((p.ndim > 1) == (g["weight_decay"] == 0.05) for p in g["params"])
+        # one-dimensional in the original layout: biases, norms, and each expert's own bias vectors
+        # (stacked here as [E, hidden])
+        for n, p in zip(g["names"], g["params"]):
+            expert_bias = n.rsplit(".", 1)[-1] in ("b1", "b2", "shared_b1", "shared_b2")
+            assert (p.ndim > 1 and not expert_bias) == (g["weight_decay"] == 0.05), n
     torch.optim.AdamW(groups)  # the groups are what AdamW takes (extra keys are kept, not rejected)

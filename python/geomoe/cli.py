@@ -58,30 +58,54 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
 
 
 def _finetune_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("finetune", help="scene-classification fine-tuning of the pretrained encoder")
+    p = sub.add_parser(
+        "finetune",
+        help="scene-classification fine-tuning of either pretrained encoder (the published recipe: docs/recipe.md)",
+    )
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="encoder preset (default tiny)")
-    p.add_argument("--data", default=None, help="folder with train/<class>/ and val/<class>/; default: generated scene classes")
+    p.add_argument("--model", choices=("geomoe", "moevit"), default="geomoe", help="GeoMoE, or the plain-ViT MoE baseline")
+    p.add_argument(
+        "--recipe",
+        choices=("short", "published"),
+        default="short",
+        help="defaults for every flag below left unset: 'published' is the published recipe (200 epochs, batch 64, "
+        "320 px, blr 1e-3, mixup 0.8, cutmix 1.0, ...); 'short' (default) the same method for 10 epochs of batch 32 "
+        "at the config's size, blr 1.6e-2, no mixup or cutmix (for the tiny config from scratch)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="folder with train/<class>/ and val/<class>/, or with --split the folder its paths are relative to; "
+        "default: generated scene classes",
+    )
+    p.add_argument("--split", default=None, metavar="FILE.json", help="a published split file: train and val image lists")
     p.add_argument(
         "--weights",
         default=None,
         help="pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
-        "file; every backbone tensor must be in it",
+        "file; every encoder tensor must be in it",
     )
     p.add_argument(
         "--allow-partial-weights",
         action="store_true",
-        help="load what --weights has of the backbone and name what it lacks (kept at initial values)",
+        help="load what --weights has of the encoder and name what it lacks (kept at initial values)",
     )
     p.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 16 (position table interpolated)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head")
-    p.add_argument("--layer-decay", type=float, default=0.85)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--blr", type=float, default=None, help="base learning rate: peak lr = blr * batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (instead of --blr)")
+    p.add_argument("--layer-decay", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up over this fraction of all steps")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="warm-up length in epochs (instead of --warmup-ratio)")
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing")
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth of the last block (linear from 0)")
+    p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
+    p.add_argument("--randaug", default=None, help="RandAugment, e.g. rand-m9-mstd0.5-inc1, or none")
+    p.add_argument("--reprob", type=float, default=None, help="random erasing probability (per-pixel noise)")
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--keep-last", type=int, default=2, help="this run's newest checkpoints kept (0: all)")
@@ -89,8 +113,9 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (published: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument(
         "--timeout",
         type=float,

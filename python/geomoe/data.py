@@ -7,7 +7,9 @@ haze and sensor noise. Each image is a pure function of (seed, index), so the se
 
 Both sources go through the published transforms: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic),
 horizontal flip, ImageNet mean/std. Augmentation randomness is a pure function of (seed, epoch,
-index), so a resumed run sees exactly the batches a straight run would.
+index), so a resumed run sees exactly the batches a straight run would. Fine-tuning adds the
+published RandAugment and random erasing (augment.py) and validates through a short-side resize and
+a centre crop; its data is a class folder or a published split file (`read_split`).
 
 Files are read as they are: 16-bit and float images (common in remote sensing) are scaled by their
 own range to 8 bits, never clipped (`to_rgb`); only regular files are opened, and never in a way
@@ -16,16 +18,19 @@ skipped with a warning naming it, in pretraining and fine-tuning alike."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
 import warnings
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from .augment import RandAugment, random_erasing
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -393,26 +398,58 @@ class ResumableBatchSampler(Sampler[List[int]]):
             step += 1
 
 
-class ClassFolder(Dataset):
-    """root/<class>/... image files, labels by sorted class name. Training items are addressed by
-    code = epoch * len + index (random-resized-crop and flip from (seed, epoch, index)); evaluation
-    items by index (a plain bicubic resize). An item whose file cannot be decoded is None (warned
-    about once, naming the file; `skip_unreadable_labelled` leaves it out of the batch)."""
+def _normalised(img: Image.Image) -> torch.Tensor:
+    arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
-    def __init__(self, root: str, img_size: int, train: bool, seed: int = 0, classes: Optional[Sequence[str]] = None):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"expected a class folder root/<class>/..., got {root!r} which is not a directory")
-        self.classes = (
-            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        )
-        self.samples = []
-        for label, name in enumerate(self.classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()
-                self.samples += [(path, label) for path in _regular_image_files(dirpath, filenames)]
-        if not self.samples:
-            raise FileNotFoundError(f"no image files under {root}/<class>/")
+
+def finetune_train_transform(
+    img: Image.Image, size: int, rng: np.random.Generator, randaug: Optional[RandAugment] = None, reprob: float = 0.0
+) -> torch.Tensor:
+    """The published training transform: RandomResizedCrop(size, scale 0.08-1, ratio 3/4-4/3,
+    bicubic), horizontal flip, RandAugment (when given), ImageNet mean/std, random erasing with
+    probability `reprob` (per-pixel noise, one box). Every draw from `rng`."""
+    img = to_rgb(img)
+    box = random_resized_crop_box(img.width, img.height, rng, (0.08, 1.0))
+    img = img.resize((size, size), Image.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if randaug is not None:
+        img = randaug(img, rng)
+    return random_erasing(_normalised(img), rng, reprob)
+
+
+def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
+    """The published validation transform: the short side resized to `size` (bicubic; the long side
+    to int(size * long / short)), a centre crop of size x size, ImageNet mean/std."""
+    img = to_rgb(img)
+    w, h = img.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = img.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return _normalised(img.crop((left, top, left + size, top + size)))
+
+
+class LabelledImages(Dataset):
+    """(path, label) samples for classification. Training items are addressed by code = epoch * len
+    + index and transformed by `finetune_train_transform` with a generator seeded by (seed, epoch,
+    index); evaluation items by index, through `eval_transform`. An item whose file cannot be
+    decoded is None (warned about once, naming the file; `skip_unreadable_labelled` leaves it out
+    of the batch)."""
+
+    def __init__(
+        self,
+        samples: Sequence[Tuple[str, int]],
+        classes: Sequence[str],
+        img_size: int,
+        train: bool,
+        seed: int = 0,
+        randaug: Optional[RandAugment] = None,
+        reprob: float = 0.0,
+    ):
+        self.samples, self.classes = list(samples), list(classes)
         self.img_size, self.train, self.seed = img_size, train, seed
+        self.randaug, self.reprob = randaug, reprob
         self._warned: set = set()
 
     def __len__(self) -> int:
@@ -436,7 +473,117 @@ class ClassFolder(Dataset):
             return None
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, index, 2])
-            return pretrain_transform(img, self.img_size, rng, scale=(0.08, 1.0)), label
-        img = img.resize((self.img_size, self.img_size), Image.BICUBIC)
-        arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label
+            return finetune_train_transform(img, self.img_size, rng, self.randaug, self.reprob), label
+        return eval_transform(img, self.img_size), label
+
+
+class ClassFolder(LabelledImages):
+    """root/<class>/... image files, labels by sorted class name (or the order of `classes`)."""
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int,
+        train: bool,
+        seed: int = 0,
+        classes: Optional[Sequence[str]] = None,
+        randaug: Optional[RandAugment] = None,
+        reprob: float = 0.0,
+    ):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"expected a class folder root/<class>/..., got {root!r} which is not a directory")
+        classes = (
+            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        )
+        samples = []
+        for label, name in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+                dirnames.sort()
+                samples += [(path, label) for path in _regular_image_files(dirpath, filenames)]
+        if not samples:
+            raise FileNotFoundError(f"no image files under {root}/<class>/")
+        super().__init__(samples, classes, img_size, train, seed, randaug, reprob)
+
+
+# ---- published split files -----------------------------------------------------------------------
+
+
+class Split(NamedTuple):
+    classes: List[str]  # class names, index = label
+    train: List[Tuple[str, int]]  # (path, label)
+    val: List[Tuple[str, int]]
+
+
+def _split_error(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"argument '--split' expected a split file {{'train': [{{'image', 'label'}}, ...], 'val': [...], 'categories': {{name: id}}}}, got {path}: {what}"
+    )
+
+
+def read_split(path: str, root: Optional[str] = None) -> Split:
+    """A published split file: {"train": [{"image": relative path, "label": int}, ...], "val": [...],
+    "categories": {name: id}}. Paths are relative to `root` (the --data folder), or to the file's own
+    folder without one. Every image must exist, every label must be a category id, the ids must be
+    0..K-1 and train and val must not share an image; else a ValueError naming --split and what is
+    wrong."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise _split_error(path, f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict) or any(k not in data for k in ("train", "val", "categories")):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise _split_error(path, f"the keys 'train', 'val' and 'categories' are needed, it has {got}")
+    cats = data["categories"]
+    if not isinstance(cats, dict) or not cats or not all(isinstance(v, int) and not isinstance(v, bool) for v in cats.values()):
+        raise _split_error(path, f"'categories' must map each class name to an integer id, got {cats!r:.200}")
+    if sorted(cats.values()) != list(range(len(cats))):
+        raise _split_error(path, f"the category ids must be 0..{len(cats) - 1} once each, got {sorted(cats.values())}")
+    classes = [name for name, _ in sorted(cats.items(), key=lambda kv: kv[1])]
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    out: Dict[str, List[Tuple[str, int]]] = {}
+    for part in ("train", "val"):
+        entries = data[part]
+        if not isinstance(entries, list) or not entries:
+            raise _split_error(path, f"'{part}' must be a non-empty list of {{'image', 'label'}} entries")
+        samples, missing = [], []
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("label"), int):
+                raise _split_error(path, f"'{part}'[{i}] must be {{'image': str, 'label': int}}, got {e!r:.200}")
+            if not 0 <= e["label"] < len(classes):
+                raise _split_error(path, f"'{part}'[{i}] has label {e['label']}, not one of the {len(classes)} category ids")
+            full = os.path.join(base, e["image"])
+            if not os.path.isfile(full):
+                missing.append(e["image"])
+            samples.append((full, e["label"]))
+        if missing:
+            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+            raise _split_error(path, f"{len(missing)} '{part}' images not found under {base}: {', '.join(missing[:4])}{more}")
+        out[part] = samples
+    shared = {p for p, _ in out["train"]} & {p for p, _ in out["val"]}
+    if shared:
+        raise _split_error(path, f"{len(shared)} images are in both 'train' and 'val', e.g. {sorted(shared)[0]}")
+    return Split(classes, out["train"], out["val"])
+
+
+def write_split(path: str, split: Split, root: str) -> None:
+    """The split as a published-format JSON file, image paths relative to `root`."""
+    rel = lambda samples: [{"image": os.path.relpath(p, root).replace(os.sep, "/"), "label": int(y)} for p, y in samples]
+    data = {"train": rel(split.train), "val": rel(split.val), "categories": {c: i for i, c in enumerate(split.classes)}}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def split_from_folder(root: str, train_fraction: float, seed: int = 0) -> Split:
+    """A published-style split of root/<class>/ images: `train_fraction` of each class (at least
+    one image) drawn at random for training, every other image for validation."""
+    folder = ClassFolder(root, 16, train=False)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in range(len(folder.classes)):
+        mine = [s for s in folder.samples if s[1] == label]
+        order = rng.permutation(len(mine))
+        n = max(1, int(round(train_fraction * len(mine))))
+        train += [mine[i] for i in sorted(order[:n])]
+        val += [mine[i] for i in sorted(order[n:])]
+    return Split(folder.classes, train, val)

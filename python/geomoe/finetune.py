@@ -1,16 +1,24 @@
-"""Scene-classification fine-tuning of the pretrained encoder: mean-pooled tokens -> LayerNorm ->
-linear head, layer-wise lr decay, AdamW, warm-up + cosine, label smoothing, optional mixup/cutmix,
-auxiliary loss weight 5e-6, MoE biases frozen, top-1 on a validation folder every epoch,
-checkpoints and resume like pretraining (the run owns its --out; SIGTERM or SIGINT saves and stops;
-unreadable images are skipped and named). --weights loads strictly: every backbone tensor must come
-from the file, unless --allow-partial-weights."""
+"""Scene-classification fine-tuning of either pretrained encoder (`--model geomoe|moevit`) with the
+published recipe (docs/recipe.md): mean-pooled tokens -> LayerNorm -> linear head; AdamW (0.9,
+0.999) with the published layer-wise lr decay ids (layer_decay.py) and no weight decay on biases and
+norms; lr = blr * batch / 256 (or an absolute --lr); linear warm-up over a ratio of the steps, then
+cosine to 1e-3 of the peak, per step; drop path rising linearly over the blocks; RandAugment and
+random erasing on the training images (augment.py), a pure function of (seed, epoch, index); label
+smoothing with optional mixup/cutmix; gradient clipping; auxiliary loss weight 5e-6; MoE biases
+frozen; a step whose loss is not finite is skipped (the run stops after --max-bad-steps in a row).
+Every epoch ends with top-1, top-5 and the loss on the validation images; the result is the last
+epoch's top-1. `--recipe published` sets every published value; flags given beside it win.
+
+Checkpoints and resume as in pretraining (the run owns its --out; SIGTERM or SIGINT saves and
+stops; unreadable images are skipped and named). --weights loads strictly: every encoder tensor
+must come from the file, unless --allow-partial-weights."""
 
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -19,11 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import checkpoint
+from geomoe_kernels._checks import non_finite_passes
+
+from . import checkpoint, layer_decay
+from .augment import parse_randaug
 from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
-from .data import ClassFolder, skip_unreadable_labelled, write_scene_classes
+from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_labelled, write_scene_classes
 from .distributed import DEFAULT_TIMEOUT
+from .moevit import MoEViTClassifier
 from .original import _read, key_map, load_original_state_dict
 from .runtime import (
     RunDirectory,
@@ -44,10 +56,39 @@ from .runtime import (
 )
 
 AUX_WEIGHT = 5e-6
-_BIAS_NAMES = {"b1", "b2", "shared_b1", "shared_b2"}  # stacked expert biases: 2-d, but biases
+MODELS = ("geomoe", "moevit")
+
+# The published scene-classification recipe (both models). Flags left unset take these values.
+PUBLISHED: Dict[str, Any] = dict(
+    epochs=200,
+    batch_size=64,
+    img_size=320,
+    blr=1e-3,  # lr = blr * batch / 256: 2.5e-4 at batch 64
+    layer_decay=0.85,
+    weight_decay=0.05,
+    warmup_ratio=0.025,  # of all steps (5 of 200 epochs)
+    min_lr_ratio=1e-3,  # cosine to 1e-3 of the peak
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    drop_path=0.1,
+    clip_grad=1.0,
+    randaug="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    amp=False,  # fp32
+)
+# The default: the published method on a short schedule for the tiny config trained from scratch on
+# the generated classes: 10 epochs of batch 32 at the config's pretraining size, peak lr 2e-3 (blr
+# 1.6e-2), no mixup or cutmix; fp16 autocast on a GPU. Real data wants --recipe published.
+SHORT: Dict[str, Any] = dict(PUBLISHED, epochs=10, batch_size=32, img_size=None, blr=1.6e-2, mixup=0.0, cutmix=0.0, amp=None)
+RECIPES: Dict[str, Dict[str, Any]] = {"short": SHORT, "published": PUBLISHED}
 
 
 class GeoMoEClassifier(nn.Module):
+    """GeoMoE for scene classification: the backbone run dense, its stage-3 tokens mean-pooled,
+    fc_norm (LayerNorm eps 1e-6), a linear head (truncated-normal std 2e-5, bias 0).
+    forward(imgs) -> (logits [N, classes], summed auxiliary loss)."""
+
     def __init__(self, backbone: GeoMoEBackbone, num_classes: int):
         super().__init__()
         self.backbone = backbone
@@ -58,36 +99,11 @@ class GeoMoEClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, imgs: Tensor) -> Tuple[Tensor, Tensor]:
-        """(logits [N, classes], summed auxiliary loss)."""
         out = self.backbone.forward_features(imgs)
         return self.head(self.fc_norm(out.pooled)), out.aux.sum()
 
-
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for everything before the MoE blocks, i + 1 for MoE block i, num_layers for the head."""
-    if name.startswith("backbone.blocks3."):
-        return int(name.split(".")[2]) + 1
-    if name.startswith("backbone."):
-        return 0
-    return num_layers
-
-
-def param_groups(model: GeoMoEClassifier, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
-    """One group per (layer, decay or not): lr scale layer_decay^(num_layers - layer); no weight decay
-    on biases, norms and the position table."""
-    num_layers = len(model.backbone.blocks3) + 1
-    groups: Dict[Tuple[int, bool], Dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.rsplit(".", 1)[-1] in _BIAS_NAMES or name.endswith("pos_embed")
-        lid = layer_id(name, num_layers)
-        g = groups.setdefault(
-            (lid, no_decay),
-            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": layer_decay ** (num_layers - lid)},
-        )
-        g["params"].append(p)
-    return list(groups.values())
+    def moe_layers(self):
+        return self.backbone.moe_layers()
 
 
 def mix_batch(
@@ -119,21 +135,29 @@ def mix_batch(
 
 
 @torch.no_grad()
-def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device, batch: int, amp: bool) -> float:
-    """Top-1 over the validation images that decode (unreadable ones are skipped with a warning
-    naming them; `dataset.unreadable` counts them); NaN if none does."""
+def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, batch: int, amp: bool) -> Dict[str, float]:
+    """Top-1, top-5 (top-k with k = min(5, classes)) and the mean cross-entropy over the validation
+    images that decode (unreadable ones are skipped with a warning naming them; `dataset.unreadable`
+    counts them); NaN where none does."""
     model.eval()
-    correct = seen = 0
+    top1 = top5 = seen = 0
+    loss_sum = 0.0
+    k = min(5, len(dataset.classes))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=skip_unreadable_labelled)
     for imgs, labels, _ in loader:
         if imgs is None:
             continue
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits, _ = model(imgs.to(device))
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        logits, labels = logits.float().cpu(), labels
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        best = logits.topk(k, dim=-1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(dim=-1).sum())
         seen += labels.numel()
     model.train()
-    return correct / seen if seen else float("nan")
+    nan = float("nan")
+    return {"top1": top1 / seen if seen else nan, "top5": top5 / seen if seen else nan, "loss": loss_sum / seen if seen else nan}
 
 
 # Tensors of the pretraining model that the backbone does not have (the decoder side), and of a
@@ -160,8 +184,9 @@ def _names(keys: List[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) -> str:
-    """Load --weights into the backbone and say what loaded. Accepted: a `geomoe pretrain` or
+def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> str:
+    """Load --weights into the encoder and say what loaded: `backbone` is a GeoMoEBackbone, or a
+    MoE-ViT module (its fc_norm and head, if any, are not the file's to fill). Accepted: a `geomoe pretrain` or
     `geomoe finetune` checkpoint directory, its model.safetensors, or a file in the original layout
     (full or encoder-only; .pth/.pt/.safetensors). The decoder side of a pretraining model and a
     fine-tuned head are expected extras and ignored. Strict (the default): every backbone tensor
@@ -184,8 +209,11 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
     # a fine-tuning checkpoint holds the backbone under 'backbone.'
     if any(k.startswith("backbone.") for k in tensors):
         tensors = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
-    own = backbone.state_dict()
-    original = key_map(backbone)
+    # tables the model recomputes (the MoE-ViT's position table) are never read
+    recomputed = set(getattr(backbone, "ORIGINAL_KEYS_RECOMPUTED", ()))
+    tensors = {k: v for k, v in tensors.items() if k not in recomputed}
+    own = {k: v for k, v in backbone.state_dict().items() if not _expected_extra(k)}
+    original = {k: v for k, v in key_map(backbone).items() if not _expected_extra(k)}
     # the original layout keeps one tensor per expert (unique_experts.<e>, share_experts); this
     # project's stacks them ([E, ...]); without expert tensors the two layouts agree
     ours = not any(k in original and k not in own for k in tensors)
@@ -216,7 +244,7 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
             + ". Pass --allow-partial-weights to load only what matches"
         )
     if ours:
-        backbone.load_state_dict({k: v for k, v in wanted.items() if k in own}, strict=False)
+        backbone.load_state_dict({k: v for k, v in wanted.items() if k in own}, strict=False)  # only what is named
     else:
         load_original_state_dict(backbone, {k: v for k, v in wanted.items() if k in original})
     note = f"loaded {n_loaded} of {n_total} backbone tensors from {path} ({layout})"
@@ -231,19 +259,30 @@ def load_pretrained(backbone: GeoMoEBackbone, path: str, partial: bool = False) 
 
 @dataclass
 class FinetuneArgs:
+    """What `geomoe finetune` takes. Fields left None take the --recipe's value (`resolved()`)."""
+
     config: str = "tiny"
-    data: Optional[str] = None  # folder with train/ and val/ class folders; None: the embedded scene classes
+    model: str = "geomoe"  # or "moevit": the plain-ViT MoE baseline
+    recipe: str = "short"  # or "published"
+    data: Optional[str] = None  # folder with train/ and val/ class folders, or the root of --split's paths
+    split: Optional[str] = None  # a published split file (JSON); paths relative to --data or to the file
     weights: Optional[str] = None
     img_size: Optional[int] = None
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    layer_decay: float = 0.85
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None  # absolute peak lr; else blr * batch / 256
+    blr: Optional[float] = None
+    layer_decay: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_ratio: Optional[float] = None  # of all steps
+    warmup_epochs: Optional[float] = None  # instead of --warmup-ratio
+    smoothing: Optional[float] = None
+    mixup: Optional[float] = None
+    cutmix: Optional[float] = None
+    drop_path: Optional[float] = None
+    clip_grad: Optional[float] = None  # 0: no clipping
+    randaug: Optional[str] = None  # "none": off
+    reprob: Optional[float] = None
     out: str = "runs/finetune"
     resume: Optional[str] = None
     keep_last: int = 2
@@ -253,79 +292,164 @@ class FinetuneArgs:
     workers: Optional[int] = None
     amp: Optional[bool] = None
     progress: bool = True
-    allow_partial_weights: bool = False  # --weights may lack backbone tensors (they keep their initial values)
+    allow_partial_weights: bool = False  # --weights may lack encoder tensors (they keep their initial values)
     timeout: float = DEFAULT_TIMEOUT  # seconds a data-loader batch may take (with workers)
+    max_bad_steps: int = 5
+    min_lr_ratio: Optional[float] = None  # the recipe's (no flag)
 
     def validate(self) -> None:
-        """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
+        """Every name and number in range, with an error naming the flag (the CLI shows it as a usage error)."""
         if self.config not in CONFIGS:
             raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"argument '--model' expected one of {list(MODELS)}, got {self.model!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"argument '--recipe' expected one of {list(RECIPES)}, got {self.recipe!r}")
         if self.img_size is not None and (
             isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16 or self.img_size % 16
         ):
             raise ValueError(f"argument '--img-size' expected a positive multiple of 16, got {self.img_size!r}")
-        check_int("epochs", self.epochs, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_float("lr", self.lr, 0, low_open=True)
-        check_float("layer_decay", self.layer_decay, 0, 1, low_open=True)
-        check_float("weight_decay", self.weight_decay, 0)
-        check_float("warmup_epochs", self.warmup_epochs, 0)
-        check_float("smoothing", self.smoothing, 0, 1, high_open=True)
-        check_float("mixup", self.mixup, 0)
-        check_float("cutmix", self.cutmix, 0)
+        if self.lr is not None and self.blr is not None:
+            raise ValueError(f"arguments '--lr' and '--blr' expected one at most, got --lr {self.lr} and --blr {self.blr}")
+        if self.warmup_ratio is not None and self.warmup_epochs is not None:
+            raise ValueError(
+                f"arguments '--warmup-ratio' and '--warmup-epochs' expected one at most, got {self.warmup_ratio} and {self.warmup_epochs}"
+            )
+        check_int("epochs", self.epochs, 1, optional=True)
+        check_int("batch_size", self.batch_size, 1, optional=True)
+        check_float("lr", self.lr, 0, low_open=True, optional=True)
+        check_float("blr", self.blr, 0, low_open=True, optional=True)
+        check_float("layer_decay", self.layer_decay, 0, 1, low_open=True, optional=True)
+        check_float("weight_decay", self.weight_decay, 0, optional=True)
+        check_float("warmup_ratio", self.warmup_ratio, 0, 1, optional=True)
+        check_float("warmup_epochs", self.warmup_epochs, 0, optional=True)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1, optional=True)
+        check_float("smoothing", self.smoothing, 0, 1, high_open=True, optional=True)
+        check_float("mixup", self.mixup, 0, optional=True)
+        check_float("cutmix", self.cutmix, 0, optional=True)
+        check_float("drop_path", self.drop_path, 0, 1, high_open=True, optional=True)
+        check_float("clip_grad", self.clip_grad, 0, optional=True)
+        check_float("reprob", self.reprob, 0, 1, optional=True)
+        parse_randaug(self.randaug)
         check_int("keep_last", self.keep_last, 0)
         check_int("seed", self.seed, 0, maximum=2**32 - 1)
         check_int("workers", self.workers, 0, optional=True)
         check_float("timeout", self.timeout, 0, low_open=True)
+        check_int("max_bad_steps", self.max_bad_steps, 1)
+
+    def resolved(self) -> "FinetuneArgs":
+        """A copy with every field left None set from the recipe (an absolute --lr keeps blr unset,
+        --warmup-epochs keeps warmup_ratio unset); img_size stays None for the short recipe (the
+        config's pretraining size)."""
+        self.validate()
+        values = {}
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is not None:
+                continue
+            if (key == "blr" and self.lr is not None) or (key == "warmup_ratio" and self.warmup_epochs is not None):
+                continue
+            values[key] = value
+        return replace(self, **values)
+
+
+def peak_learning_rate(args: FinetuneArgs) -> float:
+    """--lr, or blr * batch / 256 (of resolved arguments)."""
+    if args.lr is not None:
+        return float(args.lr)
+    assert args.blr is not None and args.batch_size is not None, "resolve the arguments first"
+    return float(args.blr) * args.batch_size / 256
+
+
+def _encoder_config(args: FinetuneArgs) -> Dict[str, Any]:
+    preset = CONFIGS[args.config]["moevit" if args.model == "moevit" else "model"]
+    return {k: v for k, v in preset.items() if not k.startswith("decoder")}
+
+
+def build_classifier(args: FinetuneArgs, num_classes: int) -> Tuple[nn.Module, nn.Module]:
+    """(classifier, the module --weights loads into) for --model and --config, with the recipe's
+    drop path. Both are built at the pretraining size: other input sizes interpolate the position
+    table bicubically."""
+    cfg = _encoder_config(args)
+    drop_path = args.drop_path if args.drop_path is not None else 0.0
+    if args.model == "moevit":
+        clf = MoEViTClassifier(num_classes, drop_path_rate=drop_path, backend=args.backend, **cfg)
+        return clf, clf
+    backbone = GeoMoEBackbone(**cfg, backend=args.backend, drop_path_rate=drop_path)
+    return GeoMoEClassifier(backbone, num_classes), backbone
 
 
 def finetune(args: FinetuneArgs) -> Dict[str, Any]:
-    args.validate()
+    """Run (or resume) a fine-tuning. Returns {"top1": the last epoch's top-1 (the result), "top5",
+    "val_loss", "best_top1", "history": one record per epoch run, "model"}."""
+    args = args.resolved()
     device = resolve_device(args.device)
     with StopSignals() as stop, RunDirectory(args.out):
         return _finetune(args, device, stop)
 
 
-def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
-    amp = device.type == "cuda" if args.amp is None else args.amp
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    model_cfg = {k: v for k, v in CONFIGS[args.config]["model"].items() if not k.startswith("decoder")}
-    img_size = args.img_size if args.img_size is not None else model_cfg.get("img_size", 224)
-    refuse_fresh_run_into_used_directory(args.out, args.resume)
+def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, LabelledImages]:
+    randaug = parse_randaug(args.randaug)
+    reprob = float(args.reprob or 0.0)
+    if args.split is not None:
+        sp = read_split(args.split, args.data)
+        train = LabelledImages(sp.train, sp.classes, img_size, True, args.seed, randaug, reprob)
+        return train, LabelledImages(sp.val, sp.classes, img_size, False)
     data = args.data
     if data is None:
         data = os.path.join(args.out, "scene_classes")
         if not os.path.isdir(os.path.join(data, "val")):
             write_scene_classes(data, per_class_train=64, per_class_val=16, size=max(img_size, 64), seed=args.seed)
-    train_set = ClassFolder(os.path.join(data, "train"), img_size, train=True, seed=args.seed)
-    val_set = ClassFolder(os.path.join(data, "val"), img_size, train=False, classes=train_set.classes)
+    train_set = ClassFolder(os.path.join(data, "train"), img_size, True, args.seed, randaug=randaug, reprob=reprob)
+    return train_set, ClassFolder(os.path.join(data, "val"), img_size, False, classes=train_set.classes)
+
+
+def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    img_size = args.img_size if args.img_size is not None else _encoder_config(args).get("img_size", 224)
+    assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
+    refuse_fresh_run_into_used_directory(args.out, args.resume)
+    train_set, val_set = _datasets(args, img_size)
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"argument '--batch-size' expected at most the {len(train_set)} training images, got {args.batch_size}")
 
     torch.manual_seed(args.seed)
-    backbone = GeoMoEBackbone(**model_cfg, backend=args.backend)
-    note = load_pretrained(backbone, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
-    model = GeoMoEClassifier(backbone, len(train_set.classes)).to(device)
-    groups = param_groups(model, args.weight_decay, args.layer_decay)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
+    model, encoder = build_classifier(args, len(train_set.classes))
+    note = load_pretrained(encoder, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
+    model = model.to(device)
+    peak_lr = peak_learning_rate(args)
+    groups = layer_decay.param_groups(model, peak_lr, float(args.weight_decay), float(args.layer_decay))
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     per_epoch = len(train_set) // args.batch_size
     total = per_epoch * args.epochs
-    warmup = max(1, int(per_epoch * args.warmup_epochs))
+    if args.warmup_epochs is not None:
+        warmup = max(1, int(per_epoch * args.warmup_epochs))
+    else:
+        warmup = max(1, int(round(total * float(args.warmup_ratio))))
 
-    start, best = 0, 0.0
+    start, best, last_eval = 0, 0.0, None
     run_args = dict(
         config=args.config,
+        model=args.model,
+        recipe=args.recipe,
         data=args.data,
+        split=args.split,
         weights=args.weights,
         img_size=img_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=peak_lr,
         layer_decay=args.layer_decay,
         weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
+        warmup_steps=warmup,
         smoothing=args.smoothing,
         mixup=args.mixup,
         cutmix=args.cutmix,
+        drop_path=args.drop_path,
+        clip_grad=args.clip_grad,
+        randaug=args.randaug,
+        reprob=args.reprob,
         seed=args.seed,
     )
     state = load_resume_state(args.resume, args.out)
@@ -334,10 +458,12 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         warn_changed_run_arguments(state, run_args)
         start = restore_single(state, model, opt, scaler)
         best = float(state.get("best_top1", 0.0))
+        last_eval = state.get("last_eval")
         print(f"resumed from {state['path']} at step {start}")
     print(
-        f"geomoe finetune: config {args.config}, {img_size} px, {len(train_set.classes)} classes "
-        f"({len(train_set)} train / {len(val_set)} val images), {device}, {note}"
+        f"geomoe finetune: {args.model} config {args.config}, recipe {args.recipe}, {img_size} px, "
+        f"{len(train_set.classes)} classes ({len(train_set)} train / {len(val_set)} val images), {device}, "
+        f"batch {args.batch_size}, peak lr {peak_lr:.3g}, {args.epochs} epochs, {note}"
     )
     loader = make_loader(
         train_set,
@@ -352,63 +478,110 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     )
     mix_gen = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=total, initial=start, disable=not args.progress, dynamic_ncols=True, leave=False)
-    history, step, t0, seen, skipped_images = [], start, time.perf_counter(), 0, 0
-    loss = torch.tensor(float("nan"))
+    history: List[Dict[str, Any]] = []
+    step, t0, seen, skipped_images, bad_steps, bad_in_row = start, time.perf_counter(), 0, 0, 0, 0
+    loss_sum, good_steps = 0.0, 0
+    num_classes = len(train_set.classes)
+    clip = float(args.clip_grad or 0.0)
     model.train()
     for imgs, labels, skipped in start_batches(loader):
-        lr = lr_at(step, total, args.lr, warmup, 1e-3)
+        lr = lr_at(step, total, peak_lr, warmup, args.min_lr_ratio)
         skipped_images += skipped
+        ok = False
         if imgs is None:  # no image of the batch decoded: the step passes without an update
             warnings.warn(f"step {step + 1}: no readable image in the batch, step skipped")
         else:
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             mix_gen.manual_seed(args.seed * 1_000_003 + step)  # mixing depends on the step alone: resumable
-            imgs, target = mix_batch(imgs, labels, len(train_set.classes), args.smoothing, args.mixup, args.cutmix, mix_gen)
+            imgs, target = mix_batch(
+                imgs, labels, num_classes, float(args.smoothing), float(args.mixup), float(args.cutmix), mix_gen
+            )
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            # NaN/Inf router scores flow on to the loss check, as on a GPU, instead of raising in the CPU value check
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp), non_finite_passes():
                 logits, aux = model(imgs)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                total_loss = loss + AUX_WEIGHT * aux
+                total_loss = loss + AUX_WEIGHT * aux.sum()
             opt.zero_grad(set_to_none=True)
-            scaler.scale(total_loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            seen += imgs.shape[0]
+            if bool(torch.isfinite(total_loss.detach())):
+                scaler.scale(total_loss).backward()
+                if clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                scaler.step(opt)
+                scaler.update()
+                seen += imgs.shape[0]
+                loss_sum, good_steps, ok = loss_sum + float(loss.detach()), good_steps + 1, True
+            else:
+                warnings.warn(f"step {step + 1}: non-finite loss, step skipped ({bad_in_row + 1} in a row)")
         step += 1
         bar.update(1)
+        if ok:
+            bad_in_row = 0
+        else:
+            bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
+            if bad_in_row >= args.max_bad_steps:
+                raise RuntimeError(
+                    f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
+                    f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
+                )
         if step % per_epoch == 0:
             epoch = step // per_epoch
-            top1 = evaluate(model, val_set, device, args.batch_size, amp)
-            best = max(best, top1) if top1 == top1 else best
+            ev = evaluate(model, val_set, device, args.batch_size, amp)
+            best = max(best, ev["top1"]) if ev["top1"] == ev["top1"] else best
             now = time.perf_counter()
             record = {
                 "epoch": epoch,
                 "step": step,
-                "loss": float(loss.detach()),
+                "loss": loss_sum / good_steps if good_steps else float("nan"),
                 "lr": lr,
-                "val_top1": top1,
+                "val_top1": ev["top1"],
+                "val_top5": ev["top5"],
+                "val_loss": ev["loss"],
                 "images_per_s": seen / (now - t0),
+                "bad_steps": bad_steps,
                 "skipped_images": skipped_images,
                 "val_skipped_images": val_set.unreadable,
             }
-            t0, seen, skipped_images = now, 0, 0
+            t0, seen, skipped_images, bad_steps, loss_sum, good_steps = now, 0, 0, 0, 0.0, 0
+            last_eval = {"epoch": epoch, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}
             history.append(record)
             append_jsonl(os.path.join(args.out, "metrics.jsonl"), record)
             tqdm.write(
                 f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                f"val top-1 {100 * top1:.1f}% (best {100 * best:.1f}%) | {record['images_per_s']:.1f} img/s"
+                f"val top-1 {100 * ev['top1']:.2f}% top-5 {100 * ev['top5']:.2f}% loss {ev['loss']:.4f} "
+                f"(best top-1 {100 * best:.2f}%) | {record['images_per_s']:.1f} img/s"
+                + (f" | skipped {record['bad_steps']} steps" if record["bad_steps"] else "")
                 + (
                     f" | skipped {record['skipped_images']} + {record['val_skipped_images']} val images"
                     if record["skipped_images"] or record["val_skipped_images"]
                     else ""
                 )
             )
-            final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best)
+            final = save_single(
+                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
+            )
         elif stop.requested:
-            final = save_single(args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best)
+            final = save_single(
+                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
+            )
         if stop.requested:
             print(f"{stop.received}: stopped at step {step}; checkpoint {final}")
             break
     bar.close()
-    return {"history": history, "best_top1": best, "model": model}
+    nan = float("nan")
+    result = last_eval or {}
+    if step == total and last_eval is not None:
+        print(
+            f"result: top-1 {100 * last_eval['top1']:.2f}% at the last epoch ({last_eval['epoch']}), "
+            f"top-5 {100 * last_eval['top5']:.2f}%, val loss {last_eval['loss']:.4f}"
+        )
+    return {
+        "history": history,
+        "top1": result.get("top1", nan),
+        "top5": result.get("top5", nan),
+        "val_loss": result.get("loss", nan),
+        "best_top1": best,
+        "model": model,
+    }

@@ -91,18 +91,63 @@ class CrossAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch per sample with probability p and scale
+    the kept ones by 1 / (1 - p). The identity in eval mode and at p = 0 (pretraining)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def drop_path_rates(rate: float, depth: int) -> list:
+    """The linear stochastic-depth rule: block i of `depth` drops its branches with probability
+    rate * i / (depth - 1) (0 for the first block, `rate` for the last)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {rate}")
+    return torch.linspace(0, rate, depth).tolist()
+
+
+class CBlock(SparseCBlock):
+    """SparseCBlock with stochastic depth on both residual branches of the dense path (fine-tuning
+    and the backbone). In eval mode, at drop_path 0 and on the sparse rows it is SparseCBlock exactly."""
+
+    def __init__(self, dim: int, mlp_ratio: float, backend: str = "auto", drop_path: float = 0.0):
+        super().__init__(dim, mlp_ratio, backend=backend)
+        self.drop_path = DropPath(drop_path)
+
+    def forward_dense(self, x: Tensor, vis: Optional[Tensor] = None) -> Tensor:
+        if not self.training or self.drop_path.p == 0.0:
+            return super().forward_dense(x, vis)
+        h = self.conv1(self._channels_last_norm(self.norm1, x))
+        if vis is not None:
+            h = vis * h
+        x = x + self.drop_path(self.conv2(self.attn(h)))
+        h = self.mlp.fc1(self._channels_last_norm(self.norm2, x))
+        return x + self.drop_path(self.mlp.fc2(self.mlp.act(h)))
+
+
 class MoEBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, moe: MoEMLP):
+    def __init__(self, dim: int, num_heads: int, moe: MoEMLP, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = moe
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        x = x + self.attn(self.norm1(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         y, aux, load = self.mlp(self.norm2(x))
-        return x + y, aux, load
+        return x + self.drop_path(y), aux, load
 
 
 class DecoderBlock(nn.Module):
@@ -222,6 +267,7 @@ class GeoMoEEncoderBase(nn.Module):
         num_shared_experts: int,
         top_k: int,
         backend: str,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         if img_size % PATCH or img_size <= 0:
@@ -241,16 +287,20 @@ class GeoMoEEncoderBase(nn.Module):
         self.patch_embed2 = PatchEmbed(e1, e2, 2)
         self.patch_embed3 = PatchEmbed(e2, e3, 2)
         self.patch_embed4 = nn.Linear(e3, e3)
-        self.blocks1 = nn.ModuleList(SparseCBlock(e1, r1, backend=backend) for _ in range(d1))
-        self.blocks2 = nn.ModuleList(SparseCBlock(e2, r2, backend=backend) for _ in range(d2))
+        # stochastic depth rises linearly over all d1 + d2 + d3 blocks in order (0 in pretraining)
+        dpr = drop_path_rates(drop_path_rate, d1 + d2 + d3)
+        self.drop_path_rate = drop_path_rate
+        self.blocks1 = nn.ModuleList(CBlock(e1, r1, backend, dpr[i]) for i in range(d1))
+        self.blocks2 = nn.ModuleList(CBlock(e2, r2, backend, dpr[d1 + i]) for i in range(d2))
         self.pos_embed = nn.Parameter(sincos_2d(e3, self.grid, self.grid)[None], requires_grad=False)
         self.blocks3 = nn.ModuleList(
             MoEBlock(
                 e3,
                 num_heads,
                 MoEMLP(e3, int(e3 * moe_mlp_ratio), num_experts, num_shared_experts, top_k, backend=backend),
+                dpr[d1 + d2 + i],
             )
-            for _ in range(d3)
+            for i in range(d3)
         )
 
     def _init_weights(self) -> None:

@@ -12,7 +12,7 @@ and interpolated bicubically to the input's grid when the input is not the pretr
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,27 +22,10 @@ from geomoe_kernels.backend import check_backend_name
 
 from .backbone import interpolate_pos_embed
 from .masking import random_masking
-from .model import Attention, MaskedAutoencoder, Mlp, check_image_batch, init_linears_and_norms
+from .model import Attention, DropPath, MaskedAutoencoder, Mlp, check_image_batch, drop_path_rates, init_linears_and_norms
 from .pos_embed import sincos_2d
 
 PATCH = 16
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a residual branch per sample with probability p and scale
-    the kept ones by 1 / (1 - p)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 
 class PatchEmbed(nn.Module):
@@ -106,15 +89,13 @@ class MoEViTEncoder(nn.Module):
         check_backend_name(backend)
         if img_size % PATCH:
             raise ValueError(f"argument 'img_size' expected a multiple of {PATCH}, got {img_size}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"argument 'drop_path_rate' expected a value in [0, 1), got {drop_path_rate}")
         self.img_size, self.in_chans, self.embed_dim = img_size, in_chans, embed_dim
         self.grid = img_size // PATCH
         self.patch_embed = PatchEmbed(in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         table = torch.cat([torch.zeros(1, embed_dim), sincos_2d(embed_dim, self.grid, self.grid)])
         self.register_buffer("pos_embed", table[None], persistent=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList()
         for i in range(depth):
             if i in dense_blocks:
@@ -212,6 +193,17 @@ class MoEViTBackbone(MoEViTEncoder):
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(2)
         self.aux_loss: Optional[Tensor] = None
+
+    def param_groups(
+        self, model: Optional[nn.Module] = None, *, base_lr: float, weight_decay: float = 0.05, layer_decay: float = 0.85
+    ) -> List[Dict[str, Any]]:
+        """AdamW groups with the published layer-wise lr decay for a detector or segmenter built on
+        this backbone (`model`, default the backbone alone): the backbone's parameters take the
+        MoE-ViT's ids by their names inside it (the fpn levels, like every neck and head, the last).
+        See geomoe.layer_decay.param_groups."""
+        from .layer_decay import param_groups
+
+        return param_groups(self if model is None else model, base_lr, weight_decay, layer_decay, backbone=self)
 
     @property
     def feature_info(self) -> List[dict]:
