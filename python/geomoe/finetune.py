@@ -25,6 +25,7 @@ from .configs import CONFIGS
 from .data import ClassFolder, skip_unreadable_labelled, write_scene_classes
 from .distributed import DEFAULT_TIMEOUT
 from .original import _read, key_map, load_original_state_dict
+from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
 from .runtime import (
     RunDirectory,
     StopSignals,
@@ -119,7 +120,7 @@ def mix_batch(
 
 
 @torch.no_grad()
-def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device, batch: int, amp: bool) -> float:
+def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device, batch: int, precision: str) -> float:
     """Top-1 over the validation images that decode (unreadable ones are skipped with a warning
     naming them; `dataset.unreadable` counts them); NaN if none does."""
     model.eval()
@@ -128,7 +129,7 @@ def evaluate(model: GeoMoEClassifier, dataset: ClassFolder, device: torch.device
     for imgs, labels, _ in loader:
         if imgs is None:
             continue
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with autocast(precision, device):
             logits, _ = model(imgs.to(device))
         correct += int((logits.argmax(-1).cpu() == labels).sum())
         seen += labels.numel()
@@ -251,7 +252,8 @@ class FinetuneArgs:
     backend: str = "auto"
     seed: int = 0
     workers: Optional[int] = None
-    amp: Optional[bool] = None
+    amp: Optional[bool] = None  # legacy: --amp is --precision fp16, --no-amp fp32
+    precision: Optional[str] = None  # bf16, fp16 or fp32 (default: fp16 on CUDA, fp32 on a CPU)
     progress: bool = True
     allow_partial_weights: bool = False  # --weights may lack backbone tensors (they keep their initial values)
     timeout: float = DEFAULT_TIMEOUT  # seconds a data-loader batch may take (with workers)
@@ -277,6 +279,8 @@ class FinetuneArgs:
         check_int("seed", self.seed, 0, maximum=2**32 - 1)
         check_int("workers", self.workers, 0, optional=True)
         check_float("timeout", self.timeout, 0, low_open=True)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
 
 
 def finetune(args: FinetuneArgs) -> Dict[str, Any]:
@@ -287,7 +291,7 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
 
 
 def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    precision = resolve_precision(args.precision, args.amp, device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     model_cfg = {k: v for k, v in CONFIGS[args.config]["model"].items() if not k.startswith("decoder")}
     img_size = args.img_size if args.img_size is not None else model_cfg.get("img_size", 224)
@@ -306,7 +310,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     model = GeoMoEClassifier(backbone, len(train_set.classes)).to(device)
     groups = param_groups(model, args.weight_decay, args.layer_decay)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = grad_scaler(precision, device)
     per_epoch = len(train_set) // args.batch_size
     total = per_epoch * args.epochs
     warmup = max(1, int(per_epoch * args.warmup_epochs))
@@ -366,7 +370,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
             imgs, target = mix_batch(imgs, labels, len(train_set.classes), args.smoothing, args.mixup, args.cutmix, mix_gen)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with autocast(precision, device):
                 logits, aux = model(imgs)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                 total_loss = loss + AUX_WEIGHT * aux
@@ -379,7 +383,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         bar.update(1)
         if step % per_epoch == 0:
             epoch = step // per_epoch
-            top1 = evaluate(model, val_set, device, args.batch_size, amp)
+            top1 = evaluate(model, val_set, device, args.batch_size, precision)
             best = max(best, top1) if top1 == top1 else best
             now = time.perf_counter()
             record = {
