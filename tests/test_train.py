@@ -44,7 +44,7 @@ def test_main_job_runs_from_the_command_line(tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004"]
-    assert sorted(os.listdir(out / "ckpt_00000004")) == ["model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(out / "ckpt_00000004")) == ["dcp", "model.safetensors", "train_state.pt"]
 
 
 def test_tiny_model_overfits_one_batch():
