@@ -225,8 +225,9 @@ def read_dcp(path: str, state: Dict[str, Any]) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(path, DCP_DIR)))
     except Exception as exc:
-        raise RuntimeError(f"checkpoint {path}: its training state {os.path.join(path, DCP_DIR)} cannot be read "
-                           f"({type(exc).__name__}: {exc})") from exc
+        raise RuntimeError(
+            f"checkpoint {path}: its training state {os.path.join(path, DCP_DIR)} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def verify_dcp(path: str) -> None:

@@ -58,7 +58,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--band-stats",
         default=None,
-        help="raster per-band {\"mean\": [...], \"std\": [...]} JSON (default: <data>/band_stats.json, written by "
+        help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/band_stats.json, written by '
         "`geomoe stats DATA`)",
     )
     p.add_argument(

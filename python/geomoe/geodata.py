@@ -44,6 +44,7 @@ class BandCountError(ValueError):
 def _rasterio():
     try:
         import rasterio
+        import rasterio.errors  # noqa: F401  (NotGeoreferencedWarning)
     except ImportError as exc:
         raise ImportError(
             "reading GeoTIFF and other rasters needs rasterio: pip install 'geomoe-kernels[geo]' (or pip install rasterio)"
@@ -56,9 +57,11 @@ def read_raster(path: str) -> Tuple[np.ndarray, np.ndarray]:
     rasterio = _rasterio()
     if not os.path.isfile(path):
         raise OSError(f"not a regular file: {path}")
-    with rasterio.open(path) as src:
-        values = src.read().astype(np.float32)
-        valid = src.read_masks() > 0
+    with warnings.catch_warnings():  # a tile without a geotransform reads the same
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            values = src.read().astype(np.float32)
+            valid = src.read_masks() > 0
     valid &= np.isfinite(values)
     return values, valid
 
@@ -131,7 +134,7 @@ def load_band_stats(path: str, bands: int) -> Tuple[np.ndarray, np.ndarray]:
     """(mean, std) float32 [bands] from a JSON file {"mean": [...], "std": [...]}; clear errors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"argument '--band-stats' expected a JSON file with per-band \"mean\" and \"std\", got {path!r}, which does "
+            f'argument \'--band-stats\' expected a JSON file with per-band "mean" and "std", got {path!r}, which does '
             f"not exist: compute it once with `geomoe stats DATA_DIR` (writes DATA_DIR/{BAND_STATS_FILE})"
         )
     with open(path) as f:
@@ -139,7 +142,7 @@ def load_band_stats(path: str, bands: int) -> Tuple[np.ndarray, np.ndarray]:
     try:
         mean, std = np.asarray(d["mean"], dtype=np.float32), np.asarray(d["std"], dtype=np.float32)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"argument '--band-stats' expected {{\"mean\": [...], \"std\": [...]}} in {path}, got {exc!r}") from exc
+        raise ValueError(f'argument \'--band-stats\' expected {{"mean": [...], "std": [...]}} in {path}, got {exc!r}') from exc
     if mean.shape != (bands,) or std.shape != (bands,):
         raise BandCountError(
             f"argument '--band-stats' expected {bands} means and standard deviations (--in-chans {bands}), got "
@@ -151,7 +154,12 @@ def load_band_stats(path: str, bands: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def raster_transform(
-    values: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: int, rng: np.random.Generator,
+    values: np.ndarray,
+    valid: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
     scale=(0.2, 1.0),
 ) -> torch.Tensor:
     """[C, H, W] raw values -> normalised, no-data at 0, random resized crop (bicubic) and random
@@ -191,8 +199,11 @@ class RasterFolder(Dataset):
     def _check_bands(self, index: int) -> None:
         path = self.files[index]
         try:
-            with _rasterio().open(path) as src:
-                bands = src.count
+            rasterio = _rasterio()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with rasterio.open(path) as src:
+                    bands = src.count
         except Exception:
             return  # unreadable: skipped when its turn comes
         if bands != self.in_chans:

@@ -260,8 +260,7 @@ class _Trainer:
         if not args.data:
             if in_chans != 3:
                 raise ValueError(
-                    f"argument '--in-chans' {in_chans} expected --data DIR (multispectral rasters): the embedded "
-                    "scenes are RGB"
+                    f"argument '--in-chans' {in_chans} expected --data DIR (multispectral rasters): the embedded scenes are RGB"
                 )
             return SyntheticScenes(preset["dataset_length"], model.img_size, args.seed)
         raster = args.data_format == "raster" or (
