@@ -22,7 +22,7 @@ CLANG_FORMATTED := csrc/geomoe_core.h csrc/emulation/*.h tests/emulation/broken_
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	GEOMOE_EMULATION_ASAN=1 $(BIN)/pip install -q -e ".[test,hf]"
+	GEOMOE_EMULATION_ASAN=1 $(BIN)/pip install -q -e ".[test,hf,geo]"
 	touch $@
 
 setup: $(STAMP)

@@ -1,7 +1,8 @@
 """One pretraining step (forward, backward, AdamW) of the default model: ours (visible-only front end,
 geomoe MoE layers) against the faithful copy of the published implementation and against ours with
 the dense masked front end, same batch and precision (fp16 autocast with a grad scaler on a GPU, as
-published; float32 on the CPU)."""
+published; float32 on the CPU); and ours with activation checkpointing per transformer block
+(`geomoe_checkpointed`: on a GPU its row records, and prints, the peak memory it saves)."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from benchmarks import common as C
 from benchmarks.published_geomoe import PublishedGeoMoE
 from geomoe import GeoMoE, original_state_dict
+from geomoe.speed import apply_activation_checkpointing
 
 SMOKE = dict(
     img_size=64,
@@ -26,7 +28,7 @@ SMOKE = dict(
 BATCHES = {"smoke": [2], "cpu": [2, 8], "gpu": [64]}[C.mode()]  # the first is the summary's
 
 
-@pytest.mark.parametrize("impl", ("geomoe", "geomoe_dense", "published"))
+@pytest.mark.parametrize("impl", ("geomoe", "geomoe_dense", "geomoe_checkpointed", "published"))
 @pytest.mark.parametrize("batch", BATCHES)
 def test_pretrain_step(benchmark, impl, batch):
     cfg = SMOKE if C.mode() == "smoke" else {}
@@ -57,6 +59,20 @@ def test_pretrain_step(benchmark, impl, batch):
         scaler.step(opt)
         scaler.update()
 
+    def peak_of_one_step():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    saved = None
+    if impl == "geomoe_checkpointed":
+        plain = peak_of_one_step() if dev.type == "cuda" else None
+        apply_activation_checkpointing(model)
+        if plain is not None:
+            saved = plain - peak_of_one_step()
+            print(f"\nactivation checkpointing, batch {batch}: peak {plain / 2**20:.0f} MiB -> {(plain - saved) / 2**20:.0f} MiB")
     step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -67,4 +83,5 @@ def test_pretrain_step(benchmark, impl, batch):
         impl=impl,
         images=batch,
         peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+        memory_saved_bytes=saved,
     )

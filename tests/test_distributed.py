@@ -42,7 +42,7 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
         torch.testing.assert_close(got, dict(moe.named_parameters())[name].grad, rtol=0, atol=1e-12)
 
 
-def _torchrun(out, *extra, steps=4, nproc=2):
+def _torchrun(out, *extra, steps=4, nproc=2, batch=4):
     cmd = [
         sys.executable,
         "-m",
@@ -56,8 +56,7 @@ def _torchrun(out, *extra, steps=4, nproc=2):
         "tiny",
         "--steps",
         str(steps),
-        "--batch-size",
-        "4",
+        *(["--batch-size", str(batch)] if batch else []),
         "--log-every",
         "1",
         "--out",
@@ -104,3 +103,23 @@ def test_expert_parallel_trains_like_data_parallel(tmp_path):
     # Adam turns last-bit differences of near-zero gradients into ~lr-sized steps: compare at 1e-4
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_run_saved_on_two_processes_resumes_on_one(tmp_path):
+    """The training state is a DCP checkpoint: a run saved by 2 processes (global batch 2 x 4)
+    resumes on 1 (per-rank batch 8 from the checkpoint's global batch) with the straight run's
+    global batches, masks and losses."""
+    _torchrun(tmp_path / "a")
+    _torchrun(tmp_path / "b", "--stop-after", "2")
+    ckpt = tmp_path / "b" / "ckpt_00000002"
+    assert sorted(os.listdir(ckpt)) == ["dcp", "model.safetensors", "train_state.pt"]
+    resumed = _torchrun(tmp_path / "b", "--resume", "auto", nproc=1, batch=None)
+    assert "(saved by 2 processes, now 1)" in resumed and "batch 8 per rank" in resumed
+    rows = lambda run: [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
+    a, b = rows("a"), rows("b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["world"] for r in b] == [2, 2, 1, 1]
+    # the same global batches and masks; sums in another order, aux losses over the whole batch
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    wa, wb = _weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")

@@ -200,7 +200,7 @@ def test_recipe_published_sets_every_published_value(monkeypatch):
         clip_grad=1.0,
         randaug="rand-m9-mstd0.5-inc1",
         reprob=0.25,
-        amp=False,
+        precision="fp32",
     )
     assert {k: getattr(args, k) for k in want} == want
     assert peak_learning_rate(args) == pytest.approx(2.5e-4)

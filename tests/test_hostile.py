@@ -458,7 +458,10 @@ def test_8_every_number_is_checked_and_resume_names_changed_arguments(tmp_path, 
         )
     assert not (tmp_path / "never").exists()  # refused before anything was written
     pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=2, **FAST))
-    with pytest.warns(UserWarning, match=r"arguments changed since it was written: --seed 0 -> 1, --batch-size 8 -> 4"):
+    with pytest.warns(
+        UserWarning,
+        match=r"arguments changed since it was written: --seed 0 -> 1, global batch \(--batch-size x processes\) 8 -> 4",
+    ):
         pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=2, resume="auto", **dict(FAST, batch_size=4), seed=1))
     with pytest.raises(ValueError, match=r"written by a run with --config tiny; this run has --config base"):
         pretrain(PretrainArgs(out=str(tmp_path / "run"), config="base", steps=2, resume="auto", **FAST))

@@ -44,7 +44,7 @@ def test_main_job_runs_from_the_command_line(tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004"]
-    assert sorted(os.listdir(out / "ckpt_00000004")) == ["model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(out / "ckpt_00000004")) == ["dcp", "model.safetensors", "train_state.pt"]
 
 
 def test_tiny_model_overfits_one_batch():
@@ -124,3 +124,33 @@ def test_moevit_pretrains_with_the_same_loop_and_its_loss_falls(tmp_path):
     first = pretrain(PretrainArgs(out=str(tmp_path / "b"), **dict(args, stop_after=8)))
     resumed = pretrain(PretrainArgs(out=str(tmp_path / "b"), resume="auto", **args))
     assert first["history"][-1]["step"] == 8 and resumed["history"][-1]["loss"] == losses[-1]
+
+
+def test_checkpoint_without_dcp_state_still_resumes(tmp_path, monkeypatch):
+    """A checkpoint of the format before the DCP state (optimizer in train_state.pt) resumes exactly."""
+    from geomoe import train
+
+    straight = pretrain(PretrainArgs(out=str(tmp_path / "a"), **FAST))
+    with monkeypatch.context() as m:
+        m.setattr(train._Trainer, "_uses_dcp", lambda self: False)
+        pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
+    old = list_checkpoints(str(tmp_path / "b"))[-1]
+    assert sorted(os.listdir(old)) == ["model.safetensors", "train_state.pt"]
+    state = torch.load(os.path.join(old, "train_state.pt"), weights_only=True)
+    assert "format" not in state and "optimizer" in state  # as the earlier code wrote it
+    resumed = pretrain(PretrainArgs(out=str(tmp_path / "b"), resume="auto", **FAST))
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_truncated_dcp_state_falls_back(tmp_path):
+    out = tmp_path / "run"
+    pretrain(PretrainArgs(out=str(out), save_every=2, **FAST))
+    newest = list_checkpoints(str(out))[-1]
+    data = [f for f in os.listdir(os.path.join(newest, "dcp")) if f.endswith(".distcp")]
+    with open(os.path.join(newest, "dcp", data[0]), "r+b") as f:
+        f.truncate(10)
+    with pytest.warns(UserWarning, match="truncated"):
+        state = load_latest(str(out))
+    assert state["step"] == 2

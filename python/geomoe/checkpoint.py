@@ -1,7 +1,15 @@
 """Training checkpoints, one directory per step:
 
     ckpt_00000100/model.safetensors   the weights (and buffers: expert biases), readable anywhere
-    ckpt_00000100/train_state.pt      optimizer, grad scaler, step, data position, RNG states, config
+    ckpt_00000100/train_state.pt      grad scaler, step, data position, RNG states, config, run identity
+    ckpt_00000100/dcp/                the training state for resuming: model and optimizer, written by
+                                      every rank with torch.distributed.checkpoint (each tensor once,
+                                      sharded or not), so a run saved on W processes resumes on any W'
+
+Checkpoints written before the DCP state (format 1) hold the optimizer in train_state.pt (one
+process, DDP) or in optimizer_rank<r>.pt files (FSDP, expert parallelism); they still resume, the
+per-rank files only with the world size that wrote them. Expert-parallel runs still write that
+per-rank form (their ranks' experts are not DCP shards of one tensor).
 
 A checkpoint is written into a temporary directory, each file fsynced, then renamed into place (an
 atomic step on POSIX): a crash or kill -9 mid-save leaves at most a `.tmp` directory that is never
@@ -31,6 +39,8 @@ _NAME = re.compile(r"ckpt_(\d+)$")
 _OLD = re.compile(r"\.ckpt_(\d+)\.old$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+DCP_DIR = "dcp"
+FORMAT = 2  # train_state.pt "format": 2 = model and optimizer state in dcp/ (absent: format 1)
 
 
 def _fsync_dir(path: str) -> None:
@@ -112,6 +122,8 @@ def commit(directory: str, step: int, run_id: Optional[str] = None) -> str:
     removed; `recover` restores the old one if the process dies in between. An existing checkpoint
     that is not verifiably this run's (another run's, or unreadable) is kept under another name."""
     tmp, final, old = temp_path(directory, step), checkpoint_path(directory, step), old_path(directory, step)
+    if os.path.isdir(os.path.join(tmp, DCP_DIR)):
+        _fsync_dir(os.path.join(tmp, DCP_DIR))
     _fsync_dir(tmp)
     if os.path.exists(final):
         if run_id is not None and _run_id_of(final) != run_id:
@@ -177,13 +189,61 @@ def verify(path: str) -> Dict[str, Any]:
         with safe_open(os.path.join(path, MODEL_FILE), "pt") as f:
             f.keys()
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True, mmap=True)
-        if "optimizer" not in state:  # sharded optimizer state: one file per rank
+        if is_dcp(state):
+            verify_dcp(path)
+        elif "optimizer" not in state:  # sharded optimizer state: one file per rank
             importlib.import_module("torch.distributed.tensor")
             for rank in range(int(state.get("world", 1))):
                 torch.load(os.path.join(path, f"optimizer_rank{rank}.pt"), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
     return state
+
+
+def is_dcp(state: Dict[str, Any]) -> bool:
+    """Whether a checkpoint's training state is in its dcp/ directory (format 2)."""
+    return int(state.get("format", 1)) >= 2
+
+
+def write_dcp(tmp: str, state: Dict[str, Any]) -> None:
+    """Every rank: write `state` (model and optimizer state dicts, plain or DTensor) into tmp/dcp with
+    torch.distributed.checkpoint; a collective when a process group is up. Files are fsynced."""
+    import torch.distributed.checkpoint as dcp
+
+    _fault_pause("SLOW_DCP")
+    with warnings.catch_warnings():  # one process: DCP says it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
+
+
+def read_dcp(path: str, state: Dict[str, Any]) -> None:
+    """Load checkpoint `path`'s DCP state into `state` in place (resharded to this run's layout)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(path, DCP_DIR)))
+    except Exception as exc:
+        raise RuntimeError(
+            f"checkpoint {path}: its training state {os.path.join(path, DCP_DIR)} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def verify_dcp(path: str) -> None:
+    """The DCP metadata reads and every file it names is there, at least as long as it says."""
+    import torch.distributed.checkpoint as dcp
+
+    root = os.path.join(path, DCP_DIR)
+    meta = dcp.FileSystemReader(root).read_metadata()
+    need: Dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        rel = str(info.relative_path)
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, size in need.items():
+        got = os.path.getsize(os.path.join(root, rel))
+        if got < size:
+            raise RuntimeError(f"{os.path.join(root, rel)} is {got} bytes, its metadata says at least {size} (truncated)")
 
 
 def _run_id_of(path: str) -> Optional[str]:
@@ -212,6 +272,11 @@ def prune(directory: str, keep_last: int, run_id: Optional[str] = None) -> List[
     return removed
 
 
+def _rank_of(rank_file: str) -> int:
+    m = re.search(r"rank(\d+)", rank_file)
+    return int(m.group(1)) if m else 0
+
+
 def load(path: str, rank_file: Optional[str] = None) -> Dict[str, Any]:
     """{"model": weights, **train_state, "path": path} (+ "rank_state" from `rank_file` if named);
     a clear error if any part cannot be read."""
@@ -220,7 +285,9 @@ def load(path: str, rank_file: Optional[str] = None) -> Dict[str, Any]:
     try:
         model = load_file(os.path.join(path, MODEL_FILE))
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-        if rank_file is not None:
+        if is_dcp(state):
+            verify_dcp(path)
+        elif rank_file is not None and _rank_of(rank_file) < int(state.get("world", 1)):  # else: the trainer says why
             importlib.import_module("torch.distributed.tensor")  # FSDP2 shards are DTensors: weights_only needs the type
 
             state["rank_state"] = torch.load(os.path.join(path, rank_file), map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -11,6 +12,7 @@ from geomoe_kernels.backend import BACKENDS
 from .configs import CONFIGS
 from .distributed import DEFAULT_TIMEOUT
 from .model import FRONT_ENDS
+from .speed import PRECISIONS
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
@@ -39,9 +41,35 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--front-end", choices=FRONT_ENDS, default="sparse")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--in-chans",
+        type=int,
+        default=None,
+        help="image bands (default 3); another count reads --data as rasters (GeoTIFF, needs the 'geo' extra)",
+    )
+    p.add_argument(
+        "--data-format",
+        choices=("auto", "image", "raster"),
+        default="auto",
+        help="image: 8-bit RGB files through PIL; raster: any bands and bit depth through rasterio, per-band "
+        "normalisation, no-data at 0; auto (default): raster when --in-chans is not 3, --band-stats is given or "
+        "--data holds band_stats.json",
+    )
+    p.add_argument(
+        "--band-stats",
+        default=None,
+        help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/band_stats.json, written by '
+        "`geomoe stats DATA`)",
+    )
+    p.add_argument(
+        "--init-weights",
+        default=None,
+        help="start a new run from these weights (a checkpoint or an original-layout file); RGB weights get the "
+        "first patch embedding adapted to --in-chans (each band: the mean RGB kernel x 3/bands)",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (default: on CUDA)")
+    _speed_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--expert-parallel", action="store_true", help="shard the routed experts over the torchrun ranks")
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
@@ -55,6 +83,31 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         f"error (default {DEFAULT_TIMEOUT:g})",
     )
     return p
+
+
+def _speed_flags(p: argparse.ArgumentParser, blocks: bool = True) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="bf16: bfloat16 autocast, no grad scaler; fp16: float16 autocast with a GradScaler (the published "
+        "recipe); fp32: no autocast (default: fp16 on CUDA, fp32 on a CPU)",
+    )
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="legacy: --precision fp16 / fp32")
+    if not blocks:
+        return
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (fullgraph: the fused ops stay whole in its graph); backend "
+        "inductor on CUDA and on a CPU with a C++ compiler, else aot_eager",
+    )
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend for --compile (inductor, aot_eager, ...)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each transformer block's activations in the backward (less memory, about one more forward)",
+    )
 
 
 def _finetune_parser(sub) -> argparse.ArgumentParser:
@@ -113,7 +166,7 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (published: off)")
+    _speed_flags(p, blocks=False)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument(
@@ -129,6 +182,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geomoe", description="GeoMoE pretraining on geomoe_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {"pretrain": _pretrain_parser(sub), "finetune": _finetune_parser(sub)}
+    st = sub.add_parser("stats", help="per-band mean and std of a raster folder, written to DIR/band_stats.json")
+    st.add_argument("data_dir", metavar="DIR", help="raster folder DIR/<subfolder>/...")
+    st.add_argument("--out", default=None, help="the JSON file to write (default DIR/band_stats.json)")
     rep = sub.add_parser("report", help="PNG plots of a run: loss, throughput, expert load")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     ns = parser.parse_args(argv)
@@ -145,6 +201,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = FinetuneArgs(**fields)
         _validate(parsers["finetune"], args)
         finetune(args)
+    elif ns.command == "stats":
+        from .geodata import band_stats
+
+        try:
+            stats = band_stats(ns.data_dir, ns.out)
+        except (OSError, ValueError, ImportError) as exc:
+            parsers["pretrain"].exit(2, f"geomoe stats: error: {exc}\n")
+        print(
+            f"{stats['files']} rasters ({stats['skipped']} unreadable skipped), {stats['bands']} bands: "
+            f"mean {[round(m, 4) for m in stats['mean']]}, std {[round(v, 4) for v in stats['std']]}; wrote "
+            f"{ns.out or os.path.join(ns.data_dir, 'band_stats.json')}"
+        )
     elif ns.command == "report":
         from .report import write_report
 

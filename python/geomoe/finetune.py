@@ -37,6 +37,7 @@ from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_label
 from .distributed import DEFAULT_TIMEOUT
 from .moevit import MoEViTClassifier
 from .original import _read, key_map, load_original_state_dict
+from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
 from .runtime import (
     RunDirectory,
     StopSignals,
@@ -75,12 +76,14 @@ PUBLISHED: Dict[str, Any] = dict(
     clip_grad=1.0,
     randaug="rand-m9-mstd0.5-inc1",
     reprob=0.25,
-    amp=False,  # fp32
+    precision="fp32",
 )
 # The default: the published method on a short schedule for the tiny config trained from scratch on
 # the generated classes: 10 epochs of batch 32 at the config's pretraining size, peak lr 2e-3 (blr
 # 1.6e-2), no mixup or cutmix; fp16 autocast on a GPU. Real data wants --recipe published.
-SHORT: Dict[str, Any] = dict(PUBLISHED, epochs=10, batch_size=32, img_size=None, blr=1.6e-2, mixup=0.0, cutmix=0.0, amp=None)
+SHORT: Dict[str, Any] = dict(
+    PUBLISHED, epochs=10, batch_size=32, img_size=None, blr=1.6e-2, mixup=0.0, cutmix=0.0, precision=None
+)
 RECIPES: Dict[str, Dict[str, Any]] = {"short": SHORT, "published": PUBLISHED}
 
 
@@ -135,7 +138,7 @@ def mix_batch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, batch: int, amp: bool) -> Dict[str, float]:
+def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, batch: int, precision: str) -> Dict[str, float]:
     """Top-1, top-5 (top-k with k = min(5, classes)) and the mean cross-entropy over the validation
     images that decode (unreadable ones are skipped with a warning naming them; `dataset.unreadable`
     counts them); NaN where none does."""
@@ -147,7 +150,7 @@ def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, ba
     for imgs, labels, _ in loader:
         if imgs is None:
             continue
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with autocast(precision, device):
             logits, _ = model(imgs.to(device))
         logits, labels = logits.float().cpu(), labels
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -290,7 +293,8 @@ class FinetuneArgs:
     backend: str = "auto"
     seed: int = 0
     workers: Optional[int] = None
-    amp: Optional[bool] = None
+    amp: Optional[bool] = None  # legacy: --amp is --precision fp16, --no-amp fp32
+    precision: Optional[str] = None  # bf16, fp16 or fp32 (default: fp16 on CUDA, fp32 on a CPU)
     progress: bool = True
     allow_partial_weights: bool = False  # --weights may lack encoder tensors (they keep their initial values)
     timeout: float = DEFAULT_TIMEOUT  # seconds a data-loader batch may take (with workers)
@@ -336,6 +340,8 @@ class FinetuneArgs:
         check_int("workers", self.workers, 0, optional=True)
         check_float("timeout", self.timeout, 0, low_open=True)
         check_int("max_bad_steps", self.max_bad_steps, 1)
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
 
     def resolved(self) -> "FinetuneArgs":
         """A copy with every field left None set from the recipe (an absolute --lr keeps blr unset,
@@ -347,6 +353,8 @@ class FinetuneArgs:
             if getattr(self, key) is not None:
                 continue
             if (key == "blr" and self.lr is not None) or (key == "warmup_ratio" and self.warmup_epochs is not None):
+                continue
+            if key == "precision" and self.amp is not None:  # the legacy --amp / --no-amp decides
                 continue
             values[key] = value
         return replace(self, **values)
@@ -404,7 +412,7 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
 
 
 def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    precision = resolve_precision(args.precision, args.amp, device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     img_size = args.img_size if args.img_size is not None else _encoder_config(args).get("img_size", 224)
     assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
@@ -420,7 +428,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     peak_lr = peak_learning_rate(args)
     groups = layer_decay.param_groups(model, peak_lr, float(args.weight_decay), float(args.layer_decay))
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = grad_scaler(precision, device)
     per_epoch = len(train_set) // args.batch_size
     total = per_epoch * args.epochs
     if args.warmup_epochs is not None:
@@ -499,7 +507,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             # NaN/Inf router scores flow on to the loss check, as on a GPU, instead of raising in the CPU value check
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp), non_finite_passes():
+            with autocast(precision, device), non_finite_passes():
                 logits, aux = model(imgs)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                 total_loss = loss + AUX_WEIGHT * aux.sum()
@@ -528,7 +536,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
                 )
         if step % per_epoch == 0:
             epoch = step // per_epoch
-            ev = evaluate(model, val_set, device, args.batch_size, amp)
+            ev = evaluate(model, val_set, device, args.batch_size, precision)
             best = max(best, ev["top1"]) if ev["top1"] == ev["top1"] else best
             now = time.perf_counter()
             record = {

@@ -166,7 +166,8 @@ def warn_changed_run_arguments(state: Dict[str, Any], now: Dict[str, Any], warn:
             f"checkpoint {state['path']} was written by a run with --config {then['config']}; this run has "
             f"--config {now['config']}: resume it with --config {then['config']}"
         )
-    changed = [f"{_flag(k)} {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
+    label = lambda k: "global batch (--batch-size x processes)" if k == "global_batch" else _flag(k)
+    changed = [f"{label(k)} {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
     if changed and warn:
         warnings.warn(
             f"resuming {state['path']} with run-defining arguments changed since it was written: {', '.join(changed)}; "

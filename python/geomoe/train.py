@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -31,8 +32,18 @@ from geomoe_kernels.nn.expert_parallel import full_state_dict, local_state_dict,
 from . import checkpoint, distributed
 from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
+from .geodata import BAND_STATS_FILE, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
 from .model import GeoMoE
 from .moevit import MoEViTMAE
+from .speed import (
+    PRECISIONS,
+    apply_activation_checkpointing,
+    autocast,
+    compile_blocks,
+    default_compile_backend,
+    grad_scaler,
+    resolve_precision,
+)
 from .runtime import (
     RunDirectory,
     StopSignals,
@@ -52,6 +63,7 @@ from .runtime import (
 )
 
 MODELS = ("geomoe", "moevit")
+DATA_FORMATS = ("auto", "image", "raster")
 
 
 @dataclass
@@ -73,13 +85,22 @@ class PretrainArgs:
     seed: int = 0
     log_every: int = 10
     workers: Optional[int] = None
-    amp: Optional[bool] = None  # default: on for CUDA
+    amp: Optional[bool] = None  # legacy: --amp is --precision fp16, --no-amp fp32
+    precision: Optional[str] = None  # bf16, fp16 or fp32; default fp16 on CUDA (the published recipe), fp32 on CPU
+    compile: bool = False  # torch.compile each transformer block
+    compile_backend: Optional[str] = None  # default: inductor where it can build kernels, else aot_eager
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward
     progress: bool = True
     expert_parallel: bool = False
     fsdp: bool = False
     max_bad_steps: int = 5
     tensorboard: bool = True
     timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a collective or a loader batch may take
+    in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
+    data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
+    band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/band_stats.json)
+    init_weights: Optional[str] = None  # weights to start a new run from (RGB ones adapted to --in-chans)
+    dataset: Any = None  # in code: any torch Dataset of image tensors or dicts with "image" (instead of --data)
 
     def validate(self) -> None:
         """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
@@ -98,8 +119,57 @@ class PretrainArgs:
         check_int("workers", self.workers, 0, optional=True)
         check_int("max_bad_steps", self.max_bad_steps, 1)
         check_float("timeout", self.timeout, 0, low_open=True)
+        check_int("in_chans", self.in_chans, 1, optional=True)
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.data_format == "raster" and not self.data:
+            raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
+        if self.dataset is not None and self.data:
+            raise ValueError("arguments 'dataset' and '--data' expected one at most, got both")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_backend is not None and not self.compile:
+            raise ValueError(f"argument '--compile-backend' expected --compile too, got --compile-backend {self.compile_backend}")
         if self.expert_parallel and self.fsdp:
             raise ValueError("arguments '--expert-parallel' and '--fsdp' expected one at most, got both")
+
+
+def load_init_weights(model, path: str) -> str:
+    """--init-weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout
+    file, loaded where it matches (what it lacks keeps its initial values); RGB weights for a model
+    with another band count get the first patch embedding adapted (geodata.adapt_in_chans)."""
+    from .original import _read, key_map, load_original_state_dict
+
+    if os.path.isdir(path):
+        path = os.path.join(path, checkpoint.MODEL_FILE)
+    try:
+        tensors = _read(path)
+    except Exception as exc:
+        raise ValueError(
+            f"argument '--init-weights' expected a weights file or checkpoint directory, got {path!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    notes = adapt_state_dict_in_chans(tensors, model.in_chans)
+    own, original = model.state_dict(), key_map(model)
+    if any(k in original and k not in own for k in tensors):
+        res = load_original_state_dict(model, tensors)
+        loaded, missing = len(original) - len(res.missing), res.missing
+    else:
+        for k in sorted(set(own) & set(tensors)):
+            if tuple(own[k].shape) != tuple(tensors[k].shape):
+                raise ValueError(
+                    f"argument '--init-weights': tensor '{k}' in {path} expected shape {list(own[k].shape)}, "
+                    f"got {list(tensors[k].shape)}"
+                )
+        model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+        missing = sorted(k for k in own if k not in tensors)
+        loaded = len(own) - len(missing)
+    note = f"--init-weights: loaded {loaded} tensors from {path}"
+    if notes:
+        note += "; " + "; ".join(notes)
+    if missing:
+        note += f"; {len(missing)} left at their initial values ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+    return note
 
 
 def load_balance(loads: torch.Tensor) -> float:
@@ -119,15 +189,15 @@ class _Trainer:
         self.args, self.env = args, env
         preset = CONFIGS[args.config]
         self.steps = args.steps if args.steps is not None else preset["steps"]
-        self.batch = args.batch_size if args.batch_size is not None else preset["batch_size"]
-        global_batch = self.batch * env.world
-        self.peak_lr = args.lr if args.lr is not None else (preset.get("lr") or preset["base_lr"] * global_batch / 256)
-        self.warmup = max(1, int(self.steps * preset["warmup_fraction"]))
-        self.amp = env.device.type == "cuda" if args.amp is None else args.amp
-        self.workers = args.workers if args.workers is not None else (4 if env.device.type == "cuda" else 0)
-
         if args.expert_parallel and not env.enabled:
             raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
+        self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
+        self.batch = self._per_rank_batch(preset["batch_size"])
+        self.global_batch = global_batch = self.batch * env.world
+        self.peak_lr = args.lr if args.lr is not None else (preset.get("lr") or preset["base_lr"] * global_batch / 256)
+        self.warmup = max(1, int(self.steps * preset["warmup_fraction"]))
+        self.precision = resolve_precision(args.precision, args.amp, env.device)
+        self.workers = args.workers if args.workers is not None else (4 if env.device.type == "cuda" else 0)
         self.start = 0
         # what makes this run this run: a resume with any of these changed gets a warning
         self.run_args = dict(
@@ -135,32 +205,39 @@ class _Trainer:
             model=args.model,
             data=args.data,
             seed=args.seed,
-            batch_size=self.batch,
+            global_batch=global_batch,
             steps=self.steps,
             lr=self.peak_lr,
             front_end=args.front_end,
+            in_chans=args.in_chans or 3,
         )
-        self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
         self.run_id = run_identity(self.state)
         if self.state is not None:
             warn_changed_run_arguments(self.state, self.run_args, warn=env.main)
 
         torch.manual_seed(args.seed)  # the same initial weights on every rank
+        in_chans = args.in_chans or 3
         if args.model == "moevit":  # no convolutional front end: --front-end does not apply
-            model = MoEViTMAE(**preset["moevit"], backend=args.backend)
+            model = MoEViTMAE(**preset["moevit"], in_chans=in_chans, backend=args.backend)
         else:
-            model = GeoMoE(**preset["model"], front_end=args.front_end, backend=args.backend)
+            model = GeoMoE(**preset["model"], in_chans=in_chans, front_end=args.front_end, backend=args.backend)
+        if args.init_weights and self.state is None:
+            note = load_init_weights(model, args.init_weights)
+            if env.main:
+                print(note)
         self.local_params: List[str] = []
         if args.expert_parallel:
             self.local_params = shard_experts(model)
         self.model = model.to(env.device)
-        self.dataset = (
-            ImageFolder(args.data, model.img_size, args.seed)
-            if args.data
-            else SyntheticScenes(preset["dataset_length"], model.img_size, args.seed)
-        )
+        self.dataset = self._make_dataset(preset, model)
         if self.state is not None:
             self._load_weights(self.state["model"])
+        # per block, before the wrapping (FSDP2 shards the blocks as they are); the keys do not change
+        if args.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.compile_backend = args.compile_backend or default_compile_backend(env.device)
+        if args.compile:
+            compile_blocks(self.model, self.compile_backend)
         self.wrapped = self._wrap(self.model)
         # fused: one kernel over all parameters (on a CPU 4-5x faster than the per-op path with the
         # large stacked expert tensors); FSDP2's sharded DTensors keep the default implementation
@@ -171,10 +248,37 @@ class _Trainer:
             weight_decay=RECIPE["weight_decay"],
             fused=not args.fsdp,
         )
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp)
+        self.scaler = grad_scaler(self.precision, env.device)
         torch.manual_seed(args.seed * 1_000_003 + env.rank)  # masking noise differs per rank
         if self.state is not None:
             self._restore(self.state)
+
+    def _make_dataset(self, preset: Dict[str, Any], model) -> Any:
+        args, in_chans = self.args, model.in_chans
+        if args.dataset is not None:
+            return as_image_dataset(args.dataset, in_chans, model.img_size)
+        if not args.data:
+            if in_chans != 3:
+                raise ValueError(
+                    f"argument '--in-chans' {in_chans} expected --data DIR (multispectral rasters): the embedded scenes are RGB"
+                )
+            return SyntheticScenes(preset["dataset_length"], model.img_size, args.seed)
+        raster = args.data_format == "raster" or (
+            args.data_format == "auto"
+            and (in_chans != 3 or args.band_stats is not None or os.path.isfile(os.path.join(args.data, BAND_STATS_FILE)))
+        )
+        if raster:
+            return RasterFolder(args.data, model.img_size, args.seed, in_chans, args.band_stats)
+        if in_chans != 3:
+            raise ValueError(f"argument '--in-chans' {in_chans} expected --data-format raster or auto, got image (RGB)")
+        return ImageFolder(args.data, model.img_size, args.seed)
+
+    def _data_name(self) -> str:
+        if self.args.dataset is not None:
+            return type(self.args.dataset).__name__
+        if not self.args.data:
+            return "embedded procedural scenes"
+        return ("raster folder " if isinstance(self.dataset, RasterFolder) else "folder ") + self.args.data
 
     # ---- model placement --------------------------------------------------------------------------
 
@@ -215,7 +319,12 @@ class _Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def _rank_file(self) -> Optional[str]:
+        """Expert parallelism keeps each rank's optimizer state in a file of its own (format 1); it
+        is also how FSDP runs saved it before the DCP state (read only)."""
         return f"optimizer_rank{self.env.rank}.pt" if (self.args.expert_parallel or self.args.fsdp) else None
+
+    def _uses_dcp(self) -> bool:
+        return not self.args.expert_parallel
 
     def _read_checkpoint(self) -> Optional[Dict[str, Any]]:
         distributed.barrier(self.env)  # rank 0 has claimed --out and recovered any interrupted save
@@ -223,30 +332,70 @@ class _Trainer:
         state = load_resume_state(self.args.resume, self.args.out, self._rank_file())
         if state is None:
             return None
-        if int(state.get("world", 1)) != self.env.world and self._rank_file() is not None:
+        saved_world = int(state.get("world", 1))
+        if checkpoint.is_dcp(state):
+            if self.args.expert_parallel:
+                raise ValueError(
+                    f"checkpoint {state['path']} holds its training state in {checkpoint.DCP_DIR}/ (a run without "
+                    "--expert-parallel); resume it without --expert-parallel"
+                )
+        elif saved_world != self.env.world and "optimizer" not in state:
             raise ValueError(
-                f"checkpoint {state['path']} was written by {state.get('world')} ranks with sharded optimizer state; "
-                f"resume it with the same number of ranks, got {self.env.world}"
+                f"checkpoint {state['path']} was written by {saved_world} ranks with per-rank optimizer files "
+                f"(optimizer_rank<r>.pt: expert parallelism, or FSDP before resharding checkpoints); resume it with "
+                f"{saved_world} ranks, got {self.env.world}"
             )
         return state
 
+    def _per_rank_batch(self, preset_batch: int) -> int:
+        """--batch-size (per rank); on a resume without it, the checkpoint's global batch over this
+        run's ranks, so a run resumed on another number of processes sees the same batches."""
+        args, env = self.args, self.env
+        if args.batch_size is not None:
+            return args.batch_size
+        saved = (self.state or {}).get("run", {}).get("global_batch") if isinstance((self.state or {}).get("run"), dict) else None
+        if saved is None:
+            return preset_batch
+        if saved % env.world:
+            raise ValueError(
+                f"checkpoint {self.state['path']} was written with a global batch of {saved} images; resuming it on "
+                f"{env.world} processes needs a global batch divisible by {env.world}: pass --batch-size to change the "
+                f"global batch (the run then differs from a straight one), or use a world size that divides {saved}"
+            )
+        return saved // env.world
+
+    def _dcp_state(self) -> Dict[str, Any]:
+        """This rank's view of the model and optimizer state (plain tensors, or FSDP2's DTensor shards)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.wrapped, self.opt)
+        return {"model": model_sd, "optim": optim_sd}
+
     def _restore(self, state: Dict[str, Any]) -> None:
-        opt_state = state["rank_state"] if self._rank_file() else state["optimizer"]
-        self.opt.load_state_dict(opt_state)
+        if checkpoint.is_dcp(state):
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            dcp_state = self._dcp_state()
+            checkpoint.read_dcp(state["path"], dcp_state)
+            set_state_dict(self.wrapped, self.opt, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"])
+        else:
+            self.opt.load_state_dict(state["rank_state"] if self._rank_file() else state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
+        # masking noise is a function of (seed, step), not of these: they are restored where they fit
         if len(rngs) == self.env.world:
             set_rng_state(rngs[self.env.rank])
-        elif self.env.main:
-            warnings.warn(f"checkpoint has RNG states of {len(rngs)} ranks, this run has {self.env.world}: fresh masking noise")
         self.start = int(state["step"])
         if self.env.main:
-            print(f"resumed from {state['path']} at step {self.start}")
+            saved_world = int(state.get("world", 1))
+            moved = f" (saved by {saved_world} processes, now {self.env.world})" if saved_world != self.env.world else ""
+            print(f"resumed from {state['path']} at step {self.start}{moved}")
 
     def save(self, step: int) -> Optional[str]:
         env, out = self.env, self.args.out
         weights = self._full_state()
         rngs = distributed.all_gather_objects(env, rng_state())
+        dcp_state = self._dcp_state() if self._uses_dcp() else None
         path = None
         if env.main:
             tmp = checkpoint.begin(out, step)
@@ -257,13 +406,18 @@ class _Trainer:
                 rng=rngs,
                 config=config_of(self.args),
                 world=env.world,
+                data=dict(step=step, global_batch=self.global_batch, seed=self.args.seed),
                 run=dict(id=self.run_id, **self.run_args),
             )
-            if self._rank_file() is None:
+            if dcp_state is not None:
+                train_state["format"] = checkpoint.FORMAT
+            elif self._rank_file() is None:
                 train_state["optimizer"] = self.opt.state_dict()
             checkpoint.write_state(tmp, train_state)
         distributed.barrier(env)
-        if self._rank_file() is not None:  # each rank's own optimizer shard, into the same directory
+        if dcp_state is not None:  # every rank writes its part (a collective)
+            checkpoint.write_dcp(checkpoint.temp_path(out, step), dcp_state)
+        elif self._rank_file() is not None:  # each rank's own optimizer shard, into the same directory
             checkpoint.write_state(checkpoint.temp_path(out, step), self.opt.state_dict(), self._rank_file())
         distributed.barrier(env)
         if env.main:
@@ -300,8 +454,10 @@ class _Trainer:
                 f"{env.world} x {env.device.type} ({mode}), backend {args.backend}, "
                 f"{'front end ' + args.front_end + ', ' if args.model == 'geomoe' else ''}batch {self.batch} per rank, "
                 f"steps {self.start}..{self.steps}, peak lr {self.peak_lr:.2e}, "
-                f"data {'folder ' + args.data if args.data else 'embedded procedural scenes'} ({len(self.dataset)} images), "
-                f"{'fp16 autocast' if self.amp else 'float32'}"
+                f"data {self._data_name()} ({len(self.dataset)} images, {self.model.in_chans} bands), "
+                f"precision {self.precision}{' (GradScaler)' if self.scaler.is_enabled() else ''}"
+                f"{', compiled blocks (' + self.compile_backend + ')' if args.compile else ''}"
+                f"{', activation checkpointing' if args.activation_checkpointing else ''}"
             )
         writer = self._tensorboard() if main else None
         bar = tqdm(total=self.steps, initial=self.start, disable=not (args.progress and main), dynamic_ncols=True, leave=False)
@@ -311,7 +467,7 @@ class _Trainer:
         self.wrapped.train()
         for imgs, skipped in start_batches(loader):
             lr = lr_at(step, self.steps, self.peak_lr, self.warmup, RECIPE["min_lr_ratio"])
-            ok = self._train_step(imgs, lr, window)
+            ok = self._train_step(imgs, lr, window, step)
             window.skipped_images += skipped
             step += 1
             bar.update(1)
@@ -355,7 +511,17 @@ class _Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
         return bool(distributed.all_reduce(self.env, t, dist.ReduceOp.MAX).item())
 
-    def _train_step(self, imgs: Optional[torch.Tensor], lr: float, window: "_Window") -> bool:
+    def _noise(self, step: int, rows: int) -> torch.Tensor:
+        """This rank's masking noise at `step`: rows of one [global batch, tokens] draw seeded by
+        (seed, step), so an image's mask depends on its place in the global batch, not on the number
+        of processes (a run resumed on another world size masks as the straight run does)."""
+        seed = int(np.random.SeedSequence([self.args.seed, step, 0x6D61736B]).generate_state(1, np.uint64)[0])
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.rand(self.global_batch, self.model.grid**2, generator=g)
+        lo = self.env.rank * self.batch
+        return noise[lo : lo + rows].to(self.env.device, non_blocking=True)
+
+    def _train_step(self, imgs: Optional[torch.Tensor], lr: float, window: "_Window", step: int) -> bool:
         env = self.env
         have = torch.tensor([0.0 if imgs is None else 1.0], device=env.device)
         if not bool(distributed.all_reduce(env, have, dist.ReduceOp.MIN).item()):
@@ -365,8 +531,9 @@ class _Trainer:
             group["lr"] = lr
         # NaN/Inf router scores flow on to the loss check below, as they do on a GPU (where the ops'
         # value checks are off), instead of raising in the CPU value check: a skipped step everywhere
-        with torch.autocast(env.device.type, dtype=torch.float16, enabled=self.amp), non_finite_passes():
-            loss, aux, loads = self.wrapped(imgs, RECIPE["mask_ratio"], RECIPE["kept_mask_ratio"])
+        with autocast(self.precision, env.device), non_finite_passes():
+            noise = self._noise(step, imgs.shape[0])
+            loss, aux, loads = self.wrapped(imgs, RECIPE["mask_ratio"], RECIPE["kept_mask_ratio"], noise)
             total = loss + RECIPE["aux_weight"] * aux.sum()
         finite = torch.isfinite(total.detach()).float().reshape(1)
         if not bool(distributed.all_reduce(env, finite, dist.ReduceOp.MIN).item()):
@@ -441,6 +608,10 @@ class _Window:
             rec = None
         else:
             n = self.steps
+            # the loss and aux losses averaged over the ranks (equal shares of the global batch):
+            # the global batch's loss, whatever the number of processes
+            both = distributed.all_reduce(env, torch.cat([self.loss.reshape(1), self.aux.reshape(-1)])) / env.world
+            self.loss, self.aux = both[0], both[1:]
             aux = (self.aux / n).tolist()
             loads = (self.loads / n).tolist()
             rec = {
