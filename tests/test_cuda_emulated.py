@@ -445,12 +445,13 @@ def test_detector_wmma_misuse(cases, case, message):
 
 
 def test_detector_launch_limits_in_the_core_itself():
-    """The production launcher: N = 65536 tiles of 64 columns asks for a grid y the card rejects.
-    Nothing is read (the launch is refused first), so the pointers may be anything."""
+    """The production launcher: 65,536 row blocks x 32,768 tiles of 128 columns make a 1-D grid of
+    2^31 blocks, one more than the card takes. Nothing is read (the launch is refused first), so the
+    pointers may be anything."""
     with pytest.raises(
         RuntimeError,
-        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 0, "
-        r"false, false, 0> \(launched at grouped_gemm.cu:\d+\): grid y dimension 65536",
+        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 128, 0, "
+        r"false, 0> \(launched at grouped_gemm.cu:\d+\): grid x dimension 2147483648",
     ):
         CORE.grouped_mm(
             dtype=1,
@@ -460,14 +461,14 @@ def test_detector_launch_limits_in_the_core_itself():
             top_k=1,
             w=64,
             K=8,
-            N=65536 * 64,
-            ldw=65536 * 64,
+            N=32768 * 128,
+            ldw=32768 * 128,
             stride_we=0,
             trans_w=False,
             bias=0,
             blk_expert=64,
             blk_row0=64,
-            blocks=1,
+            blocks=65536,
             offsets=64,
             act=0,
             out=64,
