@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   T* const As = reinterpret_cast<T*>(smem);
   T* const Gs = As + kStages * W::A_STAGE;
   float* const Cs = reinterpret_cast<float*>(smem);  // after the row loop
-  __shared__ float db_half[TN];                      // the second half of the rows' column sums
+  __shared__ float db_sum[kThreads / W::CPR][TN];    // column sums of G, one row per group of copying threads
 
   const unsigned tile = blockIdx.x % static_cast<unsigned>(tiles), se = blockIdx.x / static_cast<unsigned>(tiles);
   const int e = static_cast<int>(se % static_cast<unsigned>(num_experts)),
@@ -325,24 +325,32 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   const int c = tid % W::CPR * 8;
   const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
   const bool vec_a = lda % 8 == 0 && aligned16(a), vec_g = ldg % 8 == 0 && aligned16(g);
+  const T* const a_col = a + k0 + c;  // row 0's columns; only read where in bounds
+  const T* const g_col = g + n0 + c;
   auto load_stage = [&](int64_t m0, int stage) {
-    T* as = As + stage * W::A_STAGE;
-    T* gs = Gs + stage * W::G_STAGE;
+    T* as = As + stage * W::A_STAGE + c;
+    T* gs = Gs + stage * W::G_STAGE + c;
 #pragma unroll
     for (int i = 0; i < W::PER; ++i) {
       const int m = tid / W::CPR + i * (kThreads / W::CPR);
       const int64_t row = m0 + m;
       const bool in = row < hi;
       const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
-      copy8(as + m * W::LDA + c, in ? a + src * lda + k0 + c : a, in ? ka : 0, vec_a);
-      copy8(gs + m * W::LDG + c, in ? g + row * ldg + n0 + c : g, in ? gn : 0, vec_g);
+      copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
+      copy8(gs + m * W::LDG, in ? g_col + row * ldg : g, in ? gn : 0, vec_g);
     }
   };
 
-  // the first K tile's blocks also sum G's columns (the bias gradient): column tid % TN, half the rows each
+  // the first K tile's blocks also sum G's columns (the bias gradient): each thread the 8 columns of the
+  // rows it copied, as soon as they have landed, into its own shared slots (registers stay with the
+  // fragments); the slots are summed at the end
   const bool sums_bias = partial_db != nullptr && k0 == 0;
-  const int sum_col = tid % TN, sum_m0 = tid / TN * (TM / 2);
-  float col_sum = 0.f;
+  // slot j of the thread's 8 columns at my_sum[j * CPR]: column c + j at (c + j) % 8 * CPR + (c + j) / 8,
+  // 16 banks for 16 threads (8 consecutive floats per thread would be an 8-way conflict)
+  float* const my_sum = &db_sum[tid / W::CPR][tid % W::CPR];
+  if (sums_bias)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) my_sum[j * W::CPR] = 0.f;
   Acc acc[W::FK][W::FN];
 #pragma unroll
   for (int i = 0; i < W::FK; ++i)
@@ -367,36 +375,42 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
         for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(activate(to_f32(p[j]), A_ACT));
       }
     }
+    if (sums_bias) {
+#pragma unroll
+      for (int i = 0; i < W::PER; ++i) {
+        const T* p = gs + (tid / W::CPR + i * (kThreads / W::CPR)) * W::LDG + c;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) my_sum[j * W::CPR] += to_f32(p[j]);
+      }
+    }
     __syncthreads();
     const int next = mt + kStages - 1;
     if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
     __pipeline_commit();
-    if (sums_bias) {
-#pragma unroll 4
-      for (int m = 0; m < TM / 2; ++m) col_sum += to_f32(gs[(sum_m0 + m) * W::LDG + sum_col]);
-    }
 #pragma unroll
     for (int kk = 0; kk < TM; kk += 16) {
       // A^T as matrix_a: As[m][k] is A^T column-major, element (k, m) at k + m * LDA
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[W::FK];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[W::FN];
-#pragma unroll
-      for (int i = 0; i < W::FK; ++i)
-        wmma::load_matrix_sync(fa[i], as + kk * W::LDA + wk * W::FK * 16 + i * 16, W::LDA);
 #pragma unroll
       for (int j = 0; j < W::FN; ++j)
         wmma::load_matrix_sync(fb[j], gs + kk * W::LDG + wn * W::FN * 16 + j * 16, W::LDG);
 #pragma unroll
-      for (int i = 0; i < W::FK; ++i)
+      for (int i = 0; i < W::FK; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+        wmma::load_matrix_sync(fa, as + kk * W::LDA + wk * W::FK * 16 + i * 16, W::LDA);
 #pragma unroll
-        for (int j = 0; j < W::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        for (int j = 0; j < W::FN; ++j) wmma::mma_sync(acc[i][j], fa, fb[j], acc[i][j]);
+      }
     }
   }
   __pipeline_wait_prior(0);
-  if (sums_bias && sum_m0 > 0) db_half[sum_col] = col_sum;
   __syncthreads();  // the pipeline's buffers become Cs
   const int64_t slot = static_cast<int64_t>(s) * num_experts + e;
-  if (sums_bias && sum_m0 == 0 && n0 + sum_col < N) partial_db[slot * N + n0 + sum_col] = col_sum + db_half[sum_col];
+  if (sums_bias && tid < TN && n0 + tid < N) {
+    float sum = 0.f;
+    for (int q = 0; q < kThreads / W::CPR; ++q) sum += db_sum[q][tid % 8 * W::CPR + tid / 8];
+    partial_db[slot * N + n0 + tid] = sum;
+  }
 #pragma unroll
   for (int i = 0; i < W::FK; ++i)
 #pragma unroll
