@@ -249,9 +249,7 @@ def test_weight_grad_of_a_large_weight_from_few_rows(K, N, a_act, gathered, spli
     rows = r2f.numel()
     a = torch.randn(T if gathered else rows, K).to(dtype)
     g = torch.randn(rows, N).to(dtype)
-    dw, db = kernel_recipes.weight_grad(
-        cuda.CudaGroupedGemm(), a, g, off, r2f if gathered else None, k, a_act, splits=splits
-    )
+    dw, db = kernel_recipes.weight_grad(cuda.CudaGroupedGemm(), a, g, off, r2f if gathered else None, k, a_act, splits=splits)
     A = (a[r2f // k] if gathered else a).float()
     A = {"none": A, "silu": torch.nn.functional.silu(A)}[a_act].to(dtype).double()
     for e in range(E):

@@ -24,8 +24,8 @@ inline void __pipeline_memcpy_async(void* __restrict__ dst_shared, const void* _
   using geomoe_emu::format;
   const geomoe_emu::Site site{file, line};
   if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16)
-    throw Error(format("__pipeline_memcpy_async at %s: size %zu is not 4, 8 or 16 bytes", site.str().c_str(),
-                       size_and_align));
+    throw Error(
+        format("__pipeline_memcpy_async at %s: size %zu is not 4, 8 or 16 bytes", site.str().c_str(), size_and_align));
   if (zfill > size_and_align)
     throw Error(format("__pipeline_memcpy_async at %s: zfill %zu is more than the size %zu", site.str().c_str(), zfill,
                        size_and_align));
@@ -53,7 +53,8 @@ inline void __pipeline_wait_prior(size_t prior) {
   if (prior > 8) prior = 8;
   std::size_t landed = 0, batches = 0;
   for (; t.async_batches.size() - batches > prior; ++batches) landed += t.async_batches[batches];
-  for (std::size_t i = 0; i < landed; ++i) std::memcpy(t.async_copies[i].dst, t.async_copies[i].bytes, t.async_copies[i].size);
+  for (std::size_t i = 0; i < landed; ++i)
+    std::memcpy(t.async_copies[i].dst, t.async_copies[i].bytes, t.async_copies[i].size);
   t.async_copies.erase(t.async_copies.begin(), t.async_copies.begin() + landed);
   t.async_batches.erase(t.async_batches.begin(), t.async_batches.begin() + batches);
 }

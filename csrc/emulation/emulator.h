@@ -162,10 +162,10 @@ struct Thread {
   uint3 idx;
   unsigned warp, lane;
   State state;
-  Site site;         // where it waits
-  const char* what;  // in what (a barrier or a collective)
-  unsigned mask;     // the collective's lane mask
-  std::vector<AsyncCopy> async_copies;    // issued and not yet landed, oldest first
+  Site site;                               // where it waits
+  const char* what;                        // in what (a barrier or a collective)
+  unsigned mask;                           // the collective's lane mask
+  std::vector<AsyncCopy> async_copies;     // issued and not yet landed, oldest first
   std::vector<std::size_t> async_batches;  // copies in each committed batch not yet waited for, oldest first
 };
 
@@ -345,9 +345,10 @@ template <class Slot> void collective(const char* what, unsigned mask, Slot& slo
 inline void thread_exit(Thread& t) {
   Runtime& r = runtime();
   if (!t.async_copies.empty())
-    throw Error(format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
-                       "__pipeline_wait_prior(0) before returning",
-                       t.async_copies.size(), t.async_copies.front().site.str().c_str()));
+    throw Error(
+        format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
+               "__pipeline_wait_prior(0) before returning",
+               t.async_copies.size(), t.async_copies.front().site.str().c_str()));
   ++r.exited;
   Warp& w = r.warps[t.warp];
   w.exited |= 1u << t.lane;
