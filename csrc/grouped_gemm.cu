@@ -3,10 +3,28 @@
 //                    trans_w reads W[e] as [N, K] (dgrad: dA = dPre @ W^T); with grad_act the dgrad's
 //                    epilogue reads pre and writes d pre = (dH @ W^T) * act'(pre) (expert_mlp backward).
 //   wgrad:           dW[s, e] = sum over split s of expert e's rows of A^T G, and db[s, e] = the sum of
-//                    G's rows (fp32 partials, summed by the caller); a_act forms act(A) as A loads.
-// Row blocks come from a device-side schedule (expert and first row of each 64-row block, -1 for
+//                    G's rows (fp32 partials, summed by the caller); a_act forms act(A) in shared memory.
+//
+// Design (issue 14): 256 threads (8 warps) per block, 128-row tiles (128 x 128 or 128 x 64 in the
+// forward and dgrad, 128 x 128 of dW in the wgrad), 16 x 16 x 16 WMMA fragments; a 3-stage pipeline
+// of asynchronous 16-byte global -> shared copies (__pipeline_memcpy_async, cp.async on sm_80+;
+// the emulated build completes them at the wait, csrc/emulation/cuda_pipeline_primitives.h) with
+// a scalar fallback where a row is not 16-byte aligned; a 1-D grid with the column tile fastest, so
+// the blocks that run together share their A rows in L2. Each thread's source rows (the gather's
+// row -> token division included) are found once per block, never in the K loop. The transposed
+// weight of the dgrad is copied as stored ([N, K] rows, coalesced) and read by col_major
+// fragments; the wgrad's A tile likewise stays [m][k] and is read as a col_major A^T. Every shared
+// row is padded by 16 bytes (conflict-free fragment loads), the pipeline's buffers hold the fp32
+// tile for the epilogue afterwards (dynamic shared memory), and __launch_bounds__(256, 2) keeps
+// registers at <= 128 so that two blocks fit on an SM.
+// Row blocks come from a device-side schedule (expert and first row of each 128-row block, -1 for
 // surplus blocks), so nothing is read back to the host.
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "dtype.cuh"
 
@@ -15,47 +33,16 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;  // 4 warps, each a 32 x 32 tile of 2 x 2 fragments
-constexpr int PAD = 8;
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int BM = 128, BK = 32, kStages = 3;
+constexpr int PAD = 8;   // halves after each shared row: ldm a multiple of 16 bytes, rows 16 bytes apart in the banks
+constexpr int CPAD = 4;  // floats after each row of the fp32 epilogue tile
 constexpr int kNone = static_cast<int>(Activation::kNone), kGelu = static_cast<int>(Activation::kGelu),
               kSilu = static_cast<int>(Activation::kSilu);
 
 template <typename T> __device__ inline T zero() { return from_f32<T>(0.f); }
 
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// One warp's 32 x 32 tile += a[32 x depth] @ b[depth x 32], both in shared memory, row-major.
-template <typename T, int DEPTH>
-__device__ inline void warp_mma(Acc (&acc)[2][2], const T* a, int lda, const T* b, int ldb) {
-#pragma unroll
-  for (int kk = 0; kk < DEPTH; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * lda + kk, lda);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + kk * ldb + j * 16, ldb);
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-  }
-}
-
-__device__ inline void warp_zero(Acc (&acc)[2][2]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-}
-
-// The warp's tile into shared memory (c points at its top-left corner).
-__device__ inline void warp_store(const Acc (&acc)[2][2], float* c, int ldc) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(c + i * 16 * ldc + j * 16, acc[i][j], ldc, wmma::mem_row_major);
-}
 
 __device__ inline float activate(float x, int act) {
   if (act == kGelu) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));  // GELU (erf)
@@ -70,117 +57,379 @@ __device__ inline float activate_grad(float x, int act) {
   return s * (1.f + x * (1.f - s));
 }
 
-// ACT, TRANS_W, GATHER and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
-template <typename T, int ACT, bool TRANS_W, bool GATHER, int GRAD_ACT = 0>
-__global__ void __launch_bounds__(kThreads, 1) gmm_kernel(
-    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
-    int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
-    const int64_t* __restrict__ blk_expert, const int64_t* __restrict__ blk_row0, const int64_t* __restrict__ offsets,
-    T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp) {
-  __shared__ __align__(32) T As[BM][BK + PAD];
-  __shared__ __align__(32) T Bs[BK][BN + PAD];
-  __shared__ __align__(32) float Cs[BM][BN + 4];
-  const int64_t e = blk_expert[blockIdx.x];
-  if (e < 0) return;
-  const int64_t row0 = blk_row0[blockIdx.x], end = offsets[e + 1];
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  const T* we = w + e * stride_we;
-  const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-  Acc acc[2][2];
-  warp_zero(acc);
-  for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
-      const int r = idx / BK, c = idx % BK;
-      const int64_t row = row0 + r, k = k0 + c;
-      T v = zero<T>();
-      if (row < end && k < K) {
-        const int64_t src = GATHER ? gather[row] / top_k : row;
-        v = a[src * lda + k];
-      }
-      As[r][c] = v;
-    }
-    for (int idx = threadIdx.x; idx < BK * BN; idx += kThreads) {
-      const int kr = idx / BN, c = idx % BN;
-      const int64_t k = k0 + kr, n = n0 + c;
-      T v = zero<T>();
-      if (k < K && n < N) v = TRANS_W ? we[n * ldw + k] : we[k * ldw + n];
-      Bs[kr][c] = v;
-    }
-    __syncthreads();
-    warp_mma<T, BK>(acc, &As[wm * 32][0], BK + PAD, &Bs[0][wn * 32], BN + PAD);
-    __syncthreads();
-  }
-  warp_store(acc, &Cs[wm * 32][wn * 32], BN + 4);
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {  // epilogue: bias, pre-activation, activation
-    const int r = idx / BN, c = idx % BN;
-    const int64_t row = row0 + r, n = n0 + c;
-    if (row >= end || n >= N) continue;
-    float v = Cs[r][c];
-    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
-      out[row * ldo + n] = from_f32<T>(v * activate_grad(to_f32(pre[row * ldp + n]), GRAD_ACT));
-      continue;
-    }
-    if (bias) v += to_f32(bias[e * N + n]);
-    if (pre) pre[row * ldp + n] = from_f32<T>(v);
-    out[row * ldo + n] = from_f32<T>(activate(v, ACT));
+__host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
+
+__device__ inline int clamp8(int64_t n) { return n < 0 ? 0 : n > 8 ? 8 : static_cast<int>(n); }
+
+// The token row of routed row `flat` (gather[r] / top_k): 32-bit division where it fits.
+__device__ inline int64_t token_of(int64_t flat, int top_k) {
+  if (top_k == 1) return flat;
+  return flat < 0x7fffffff ? static_cast<int64_t>(static_cast<unsigned>(flat) / static_cast<unsigned>(top_k))
+                           : flat / top_k;
+}
+
+// 8 elements (16 bytes) from global `src` into shared `dst`, of which the first `valid` are in bounds
+// and the rest are zeros. vec: both 16-byte aligned, one asynchronous copy (cp.async zero-fills past
+// the bytes it reads; with none valid it reads nothing); otherwise plain scalar loads and stores.
+template <typename T> __device__ inline void copy8(T* dst, const T* src, int valid, bool vec) {
+  if (vec) {
+    __pipeline_memcpy_async(dst, src, 16, (8 - valid) * sizeof(T));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dst[j] = j < valid ? src[j] : zero<T>();
   }
 }
 
+// 8 consecutive elements (the first `valid`) of a global row as floats; 16 bytes at once when vec and whole.
+template <typename T> __device__ inline void load8(const T* p, int valid, bool vec, float (&v)[8]) {
+  if (vec && valid == 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    T h[8];
+    std::memcpy(static_cast<void*>(h), &u, sizeof u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = to_f32(h[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? to_f32(p[j]) : 0.f;
+  }
+}
+
+template <typename T> __device__ inline void store8(T* p, int valid, bool vec, const float (&v)[8]) {
+  if (vec && valid == 8) {
+    T h[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) h[j] = from_f32<T>(v[j]);
+    uint4 u;
+    std::memcpy(&u, static_cast<const void*>(h), sizeof u);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < valid) p[j] = from_f32<T>(v[j]);
+  }
+}
+
+// ---- forward and dgrad ------------------------------------------------------------------------------
+
+// The tile shapes of the BM x BN block: WM x WN warps, each FM x FN fragments.
+template <typename T, int BN, bool TRANS_W> struct GemmTile {
+  static constexpr int WM = BN == 128 ? 2 : 4, WN = kWarps / WM;
+  static constexpr int FM = BM / WM / 16, FN = BN / WN / 16;
+  static constexpr int LDA = BK + PAD;                     // As[BM][LDA]
+  static constexpr int LDB = TRANS_W ? BK + PAD : BN + PAD;  // Bs[BN][LDB] (W^T rows as stored) or Bs[BK][LDB]
+  static constexpr int LDC = BN + CPAD;                    // Cs[BM][LDC], over the pipeline's buffers
+  static constexpr int A_STAGE = BM * LDA, B_STAGE = TRANS_W ? BN * LDB : BK * LDB;
+  static constexpr std::size_t pipe_bytes = std::size_t(kStages) * (A_STAGE + B_STAGE) * sizeof(T);
+  static constexpr std::size_t c_bytes = std::size_t(BM) * LDC * sizeof(float);
+  static constexpr std::size_t smem_bytes = pipe_bytes > c_bytes ? pipe_bytes : c_bytes;
+  // copies of 8 elements per thread per stage
+  static constexpr int A_CPR = BK / 8, A_PER = BM * A_CPR / kThreads;
+  static constexpr int B_CPR = TRANS_W ? BK / 8 : BN / 8, B_PER = (TRANS_W ? BN : BK) * B_CPR / kThreads;
+  static_assert(FM * 16 * WM == BM && FN * 16 * WN == BN, "warps cover the tile");
+  static_assert(A_PER >= 1 && B_PER >= 1 && kThreads % A_CPR == 0 && kThreads % B_CPR == 0, "copies per thread");
+};
+
+// ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
+// Block b of the 1-D grid computes row block b / n_tiles and column tile b % n_tiles.
+template <typename T, int BN, int ACT, bool TRANS_W, int GRAD_ACT = 0>
+__global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
+    int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
+    const int64_t* __restrict__ blk_expert, const int64_t* __restrict__ blk_row0, const int64_t* __restrict__ offsets,
+    T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles) {
+  using G = GemmTile<T, BN, TRANS_W>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const As = reinterpret_cast<T*>(smem);
+  T* const Bs = As + kStages * G::A_STAGE;
+  float* const Cs = reinterpret_cast<float*>(smem);  // after the K loop
+
+  const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
+  const int64_t e = blk_expert[rb];
+  if (e < 0) return;
+  const int64_t row0 = blk_row0[rb], end = offsets[e + 1];
+  const int rows = static_cast<int>(end - row0 < BM ? end - row0 : BM);
+  const int64_t n0 = static_cast<int64_t>(nt) * BN;
+  const T* we = w + e * stride_we;
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp / G::WN, wn = warp % G::WN;
+
+  // This thread's copies, the same rows (A) or columns (W) at every K step: sources found once.
+  const bool vec_a = lda % 8 == 0 && aligned16(a);
+  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w);
+  const int a_kc = tid % G::A_CPR * 8;
+  const T* a_src[G::A_PER];  // row start, null past the block's rows
+#pragma unroll
+  for (int i = 0; i < G::A_PER; ++i) {
+    const int r = tid / G::A_CPR + i * (kThreads / G::A_CPR);
+    a_src[i] = r < rows ? a + (gather ? token_of(gather[row0 + r], top_k) : row0 + r) * lda : nullptr;
+  }
+  const int b_c = tid % G::B_CPR * 8;  // TRANS_W: the k offset in a row of W^T; else the column n0 + b_c
+  const T* b_src[TRANS_W ? G::B_PER : 1];
+  int b_valid = 0;  // !TRANS_W: columns in bounds
+  if (TRANS_W) {
+#pragma unroll
+    for (int i = 0; i < G::B_PER; ++i) {
+      const int64_t n = n0 + tid / G::B_CPR + i * (kThreads / G::B_CPR);
+      b_src[i] = n < N ? we + n * ldw : nullptr;
+    }
+  } else {
+    b_src[0] = we + n0 + b_c;
+    b_valid = clamp8(N - n0 - b_c);
+  }
+
+  auto load_stage = [&](int64_t k0, int stage) {
+    T* as = As + stage * G::A_STAGE;
+    T* bs = Bs + stage * G::B_STAGE;
+    const int ka = clamp8(K - k0 - a_kc);
+#pragma unroll
+    for (int i = 0; i < G::A_PER; ++i) {
+      const int r = tid / G::A_CPR + i * (kThreads / G::A_CPR);
+      copy8(as + r * G::LDA + a_kc, a_src[i] ? a_src[i] + k0 + a_kc : a, a_src[i] ? ka : 0, vec_a);
+    }
+    if (TRANS_W) {
+      const int kb = clamp8(K - k0 - b_c);
+#pragma unroll
+      for (int i = 0; i < G::B_PER; ++i) {
+        const int r = tid / G::B_CPR + i * (kThreads / G::B_CPR);
+        copy8(bs + r * G::LDB + b_c, b_src[i] ? b_src[i] + k0 + b_c : w, b_src[i] ? kb : 0, vec_b);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < G::B_PER; ++i) {
+        const int kr = tid / G::B_CPR + i * (kThreads / G::B_CPR);
+        const bool in = k0 + kr < K && b_valid > 0;
+        copy8(bs + kr * G::LDB + b_c, in ? b_src[0] + (k0 + kr) * ldw : w, in ? b_valid : 0, vec_b);
+      }
+    }
+  };
+
+  Acc acc[G::FM][G::FN];
+#pragma unroll
+  for (int i = 0; i < G::FM; ++i)
+#pragma unroll
+    for (int j = 0; j < G::FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  // kStages - 1 tiles in flight; one commit per step (empty past the end) keeps the group count uniform
+  const int nk = static_cast<int>((K + BK - 1) / BK);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nk) load_stage(static_cast<int64_t>(s) * BK, s);
+    __pipeline_commit();
+  }
+  using BLayout = typename std::conditional<TRANS_W, wmma::col_major, wmma::row_major>::type;
+  for (int kt = 0; kt < nk; ++kt) {
+    __pipeline_wait_prior(kStages - 2);  // this thread's copies of tile kt have landed
+    __syncthreads();                     // everyone's have, and everyone is done with tile kt - 1's stage
+    const int next = kt + kStages - 1;
+    if (next < nk) load_stage(static_cast<int64_t>(next) * BK, next % kStages);
+    __pipeline_commit();
+    const T* as = As + (kt % kStages) * G::A_STAGE + wm * G::FM * 16 * G::LDA;
+    const T* bs = Bs + (kt % kStages) * G::B_STAGE + (TRANS_W ? wn * G::FN * 16 * G::LDB : wn * G::FN * 16);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[G::FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[G::FN];
+#pragma unroll
+      for (int i = 0; i < G::FM; ++i) wmma::load_matrix_sync(fa[i], as + i * 16 * G::LDA + kk, G::LDA);
+#pragma unroll
+      for (int j = 0; j < G::FN; ++j)  // TRANS_W: Bs[n][k] is W^T column-major, element (k, n) at k + n * LDB
+        wmma::load_matrix_sync(fb[j], TRANS_W ? bs + j * 16 * G::LDB + kk : bs + kk * G::LDB + j * 16, G::LDB);
+#pragma unroll
+      for (int i = 0; i < G::FM; ++i)
+#pragma unroll
+        for (int j = 0; j < G::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // the pipeline's buffers become Cs
+#pragma unroll
+  for (int i = 0; i < G::FM; ++i)
+#pragma unroll
+    for (int j = 0; j < G::FN; ++j)
+      wmma::store_matrix_sync(Cs + (wm * G::FM * 16 + i * 16) * G::LDC + wn * G::FN * 16 + j * 16, acc[i][j], G::LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+
+  // epilogue: 8 consecutive columns per thread and step (16-byte accesses where aligned)
+  const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
+  const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
+  constexpr int CPR = BN / 8;
+  for (int c = tid; c < BM * CPR; c += kThreads) {
+    const int r = c / CPR, cc = c % CPR * 8;
+    if (r >= rows) break;
+    const int64_t row = row0 + r, n = n0 + cc;
+    const int valid = clamp8(N - n);
+    if (valid == 0) continue;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = Cs[r * G::LDC + cc + j];
+    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
+      float p[8];
+      load8(pre + row * ldp + n, valid, vec_p, p);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
+      store8(out + row * ldo + n, valid, vec_o, v);
+      continue;
+    }
+    if (bias) {
+      float b[8];
+      load8(bias + e * N + n, valid, vec_bias, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] += b[j];
+    }
+    if (pre) store8(pre + row * ldp + n, valid, vec_p, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
+    store8(out + row * ldo + n, valid, vec_o, v);
+  }
+}
+
+// ---- weight gradient --------------------------------------------------------------------------------
+
+constexpr int TK = 128, TN = 128, TM = 32;  // a 128 x 128 tile of dW over 32-row steps
+struct WgradTile {
+  static constexpr int WK = 2, WN = kWarps / WK, FK = TK / WK / 16, FN = TN / WN / 16;
+  static constexpr int LDA = TK + PAD, LDG = TN + PAD, LDC = TN + CPAD;  // As[TM][LDA], Gs[TM][LDG], Cs[TK][LDC]
+  static constexpr int A_STAGE = TM * LDA, G_STAGE = TM * LDG;
+  static constexpr int CPR = TK / 8, PER = TM * CPR / kThreads;  // the A and G tiles are both 32 x 128
+  template <typename T> static constexpr std::size_t smem_bytes() {
+    const std::size_t pipe = std::size_t(kStages) * (A_STAGE + G_STAGE) * sizeof(T), c = std::size_t(TK) * LDC * 4;
+    return pipe > c ? pipe : c;
+  }
+  static_assert(TK == TN && PER >= 1 && kThreads % CPR == 0, "one copy layout serves both tiles");
+};
+
+// Block b of the 1-D grid: tile b % tiles of expert (b / tiles) % E, split b / (tiles * E); an expert's
+// tiles are consecutive (its rows stay in L2), column tiles fastest within a row of tiles.
 template <typename T, int A_ACT>
-__global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(
+__global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
-    int64_t ldg, const int64_t* __restrict__ offsets, int64_t K, int64_t N, int splits, float* __restrict__ partial,
-    float* __restrict__ partial_db) {
-  constexpr int TK = 64, TN = 64, TM = 32;
-  __shared__ __align__(32) T At[TK][TM + PAD];  // A^T tile: [k][m]
-  __shared__ __align__(32) T Gs[TM][TN + PAD];
-  __shared__ __align__(32) float Cs[TK][TN + 4];
-  const int64_t e = blockIdx.x;
-  const int64_t n_tiles = (N + TN - 1) / TN;
-  const int64_t k0 = (blockIdx.y / n_tiles) * TK, n0 = (blockIdx.y % n_tiles) * TN;
-  const int s = blockIdx.z;
+    int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
+    int tiles, float* __restrict__ partial, float* __restrict__ partial_db) {
+  using W = WgradTile;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const As = reinterpret_cast<T*>(smem);
+  T* const Gs = As + kStages * W::A_STAGE;
+  float* const Cs = reinterpret_cast<float*>(smem);  // after the row loop
+  __shared__ float db_sum[kThreads / W::CPR][TN];    // column sums of G, one row per group of copying threads
+
+  const unsigned tile = blockIdx.x % static_cast<unsigned>(tiles), se = blockIdx.x / static_cast<unsigned>(tiles);
+  const int e = static_cast<int>(se % static_cast<unsigned>(num_experts)),
+            s = static_cast<int>(se / static_cast<unsigned>(num_experts));
+  const int64_t k0 = static_cast<int64_t>(tile / n_tiles) * TK, n0 = static_cast<int64_t>(tile % n_tiles) * TN;
   const int64_t start = offsets[e], end = offsets[e + 1];
   const int64_t chunk = (end - start + splits - 1) / splits;
   const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
-  const int warp = threadIdx.x / 32, wk = warp / 2, wn = warp % 2;
-  // the first K tile's blocks also sum G's columns (the bias gradient), one column per thread
-  const bool sums_bias = partial_db != nullptr && k0 == 0 && threadIdx.x < TN;
-  float col_sum = 0.f;
-  Acc acc[2][2];
-  warp_zero(acc);
-  for (int64_t m0 = lo; m0 < hi; m0 += TM) {
-    for (int idx = threadIdx.x; idx < TK * TM; idx += kThreads) {
-      const int m = idx / TK, kc = idx % TK;  // consecutive threads along k: coalesced row reads
-      const int64_t row = m0 + m, k = k0 + kc;
-      T v = zero<T>();
-      if (row < hi && k < K) {
-        v = a[(gather ? gather[row] / top_k : row) * lda + k];
-        if (A_ACT) v = from_f32<T>(activate(to_f32(v), A_ACT));  // a holds pre: the hidden rows, formed here
-      }
-      At[kc][m] = v;
+  const int tid = threadIdx.x, warp = tid / 32, wk = warp / W::WN, wn = warp % W::WN;
+
+  // This thread copies 8 columns (k0 + c of A, n0 + c of G) of rows m_i = tid / CPR + i * (kThreads / CPR).
+  const int c = tid % W::CPR * 8;
+  const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
+  const bool vec_a = lda % 8 == 0 && aligned16(a), vec_g = ldg % 8 == 0 && aligned16(g);
+  const T* const a_col = a + k0 + c;  // row 0's columns; only read where in bounds
+  const T* const g_col = g + n0 + c;
+  auto load_stage = [&](int64_t m0, int stage) {
+    T* as = As + stage * W::A_STAGE + c;
+    T* gs = Gs + stage * W::G_STAGE + c;
+#pragma unroll
+    for (int i = 0; i < W::PER; ++i) {
+      const int m = tid / W::CPR + i * (kThreads / W::CPR);
+      const int64_t row = m0 + m;
+      const bool in = row < hi;
+      const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
+      copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
+      copy8(gs + m * W::LDG, in ? g_col + row * ldg : g, in ? gn : 0, vec_g);
     }
-    for (int idx = threadIdx.x; idx < TM * TN; idx += kThreads) {
-      const int m = idx / TN, c = idx % TN;
-      const int64_t row = m0 + m, n = n0 + c;
-      Gs[m][c] = (row < hi && n < N) ? g[row * ldg + n] : zero<T>();
-    }
-    __syncthreads();
-    if (sums_bias) {
-#pragma unroll 8
-      for (int m = 0; m < TM; ++m) col_sum += to_f32(Gs[m][threadIdx.x]);
-    }
-    warp_mma<T, TM>(acc, &At[wk * 32][0], TM + PAD, &Gs[0][wn * 32], TN + PAD);
-    __syncthreads();
+  };
+
+  // the first K tile's blocks also sum G's columns (the bias gradient): each thread the 8 columns of the
+  // rows it copied, as soon as they have landed, into its own shared slots (registers stay with the
+  // fragments); the slots are summed at the end
+  const bool sums_bias = partial_db != nullptr && k0 == 0;
+  // slot j of the thread's 8 columns at my_sum[j * CPR]: column c + j at (c + j) % 8 * CPR + (c + j) / 8,
+  // 16 banks for 16 threads (8 consecutive floats per thread would be an 8-way conflict)
+  float* const my_sum = &db_sum[tid / W::CPR][tid % W::CPR];
+  if (sums_bias)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) my_sum[j * W::CPR] = 0.f;
+  Acc acc[W::FK][W::FN];
+#pragma unroll
+  for (int i = 0; i < W::FK; ++i)
+#pragma unroll
+    for (int j = 0; j < W::FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  const int nm = static_cast<int>((hi - lo + TM - 1) / TM);  // hi < lo: an empty split
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nm) load_stage(lo + static_cast<int64_t>(st) * TM, st);
+    __pipeline_commit();
   }
-  if (sums_bias && n0 + threadIdx.x < N) partial_db[(static_cast<int64_t>(s) * gridDim.x + e) * N + n0 + threadIdx.x] = col_sum;
-  warp_store(acc, &Cs[wk * 32][wn * 32], TN + 4);
+  for (int mt = 0; mt < nm; ++mt) {
+    __pipeline_wait_prior(kStages - 2);
+    T* as = As + (mt % kStages) * W::A_STAGE;
+    const T* gs = Gs + (mt % kStages) * W::G_STAGE;
+    if (A_ACT) {  // a holds pre: the hidden rows formed in place, each thread its own copies (act(0) = 0)
+#pragma unroll
+      for (int i = 0; i < W::PER; ++i) {
+        T* p = as + (tid / W::CPR + i * (kThreads / W::CPR)) * W::LDA + c;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(activate(to_f32(p[j]), A_ACT));
+      }
+    }
+    if (sums_bias) {
+#pragma unroll
+      for (int i = 0; i < W::PER; ++i) {
+        const T* p = gs + (tid / W::CPR + i * (kThreads / W::CPR)) * W::LDG + c;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) my_sum[j * W::CPR] += to_f32(p[j]);
+      }
+    }
+    __syncthreads();
+    const int next = mt + kStages - 1;
+    if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
+    __pipeline_commit();
+#pragma unroll
+    for (int kk = 0; kk < TM; kk += 16) {
+      // A^T as matrix_a: As[m][k] is A^T column-major, element (k, m) at k + m * LDA
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[W::FN];
+#pragma unroll
+      for (int j = 0; j < W::FN; ++j)
+        wmma::load_matrix_sync(fb[j], gs + kk * W::LDG + wn * W::FN * 16 + j * 16, W::LDG);
+#pragma unroll
+      for (int i = 0; i < W::FK; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+        wmma::load_matrix_sync(fa, as + kk * W::LDA + wk * W::FK * 16 + i * 16, W::LDA);
+#pragma unroll
+        for (int j = 0; j < W::FN; ++j) wmma::mma_sync(acc[i][j], fa, fb[j], acc[i][j]);
+      }
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // the pipeline's buffers become Cs
+  const int64_t slot = static_cast<int64_t>(s) * num_experts + e;
+  if (sums_bias && tid < TN && n0 + tid < N) {
+    float sum = 0.f;
+    for (int q = 0; q < kThreads / W::CPR; ++q) sum += db_sum[q][tid % 8 * W::CPR + tid / 8];
+    partial_db[slot * N + n0 + tid] = sum;
+  }
+#pragma unroll
+  for (int i = 0; i < W::FK; ++i)
+#pragma unroll
+    for (int j = 0; j < W::FN; ++j)
+      wmma::store_matrix_sync(Cs + (wk * W::FK * 16 + i * 16) * W::LDC + wn * W::FN * 16 + j * 16, acc[i][j], W::LDC,
+                              wmma::mem_row_major);
   __syncthreads();
-  float* dst = partial + (static_cast<int64_t>(s) * gridDim.x + e) * K * N;
-  for (int idx = threadIdx.x; idx < TK * TN; idx += kThreads) {  // every element written: empty experts get zeros
-    const int kr = idx / TN, c = idx % TN;
-    const int64_t k = k0 + kr, n = n0 + c;
-    if (k < K && n < N) dst[k * N + n] = Cs[kr][c];
+  float* dst = partial + slot * K * N;
+  const bool vec_d = N % 4 == 0 && aligned16(partial);
+  for (int q = tid; q < TK * TN / 4; q += kThreads) {  // every element written: empty experts get zeros
+    const int kr = q / (TN / 4), cc = q % (TN / 4) * 4;
+    const int64_t k = k0 + kr, n = n0 + cc;
+    if (k >= K || n >= N) continue;
+    const float* src = Cs + kr * W::LDC + cc;
+    if (vec_d && n + 4 <= N) {
+      *reinterpret_cast<float4*>(dst + k * N + n) = make_float4(src[0], src[1], src[2], src[3]);
+    } else {
+      for (int j = 0; j < 4 && n + j < N; ++j) dst[k * N + n + j] = src[j];
+    }
   }
 }
 
@@ -193,6 +442,13 @@ cudaError_t by_half_dtype(DType dtype, F&& f) {
   }
 }
 
+// A 1-D grid of `blocks` (a launch the card refuses where it is more than 2^31 - 1).
+inline dim3 grid_1d(int64_t blocks) { return dim3(blocks > 0xffffffffll ? 0xffffffffu : static_cast<unsigned>(blocks)); }
+
+// 128 x 64 column tiles where the last 128-column tile would be at most half full (N = 576: 9 full
+// tiles instead of 5 with the last half empty), 128 x 128 otherwise.
+inline bool narrow_tiles(int64_t N) { return N <= 64 || (N % 128 != 0 && N % 128 <= 64); }
+
 }  // namespace
 
 int grouped_mm_block_rows() { return BM; }
@@ -202,32 +458,47 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
                        const int64_t* blk_expert, const int64_t* blk_row0, int64_t blocks, const int64_t* offsets,
                        int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
-  const dim3 grid(blocks, (N + BN - 1) / BN);
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) {
-      GEOMOE_LAUNCH(grid, kThreads, 0, stream, kernel)(static_cast<const T*>(a), lda, gather, top_k,
-                                                       static_cast<const T*>(w), K, N, ldw, stride_we,
-                                                       static_cast<const T*>(bias), blk_expert, blk_row0, offsets,
-                                                       static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp);
+    auto launch = [&](auto bn, auto kernel) {
+      constexpr int BN = decltype(bn)::value;
+      constexpr std::size_t smem = GemmTile<T, BN, false>::smem_bytes > GemmTile<T, BN, true>::smem_bytes
+                                       ? GemmTile<T, BN, false>::smem_bytes
+                                       : GemmTile<T, BN, true>::smem_bytes;
+      const int64_t n_tiles = (N + BN - 1) / BN;
+      if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
+          static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
+          static_cast<const T*>(bias), blk_expert, blk_row0, offsets, static_cast<T*>(out), ldo, static_cast<T*>(pre),
+          ldp, static_cast<int>(n_tiles));
       return cudaGetLastError();
     };
+    auto by_width = [&](auto pick) {
+      return narrow_tiles(N) ? pick(std::integral_constant<int, 64>{}) : pick(std::integral_constant<int, 128>{});
+    };
     if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
-      switch (grad_act) {
-        case kNone: return launch(gmm_kernel<T, kNone, true, false, kNone>);
-        case kGelu: return launch(gmm_kernel<T, kNone, true, false, kGelu>);
-        case kSilu: return launch(gmm_kernel<T, kNone, true, false, kSilu>);
-        default: return cudaErrorInvalidValue;
-      }
+      return by_width([&](auto bn) {
+        constexpr int BN = decltype(bn)::value;
+        switch (grad_act) {
+          case kNone: return launch(bn, gmm_kernel<T, BN, kNone, true, kNone>);
+          case kGelu: return launch(bn, gmm_kernel<T, BN, kNone, true, kGelu>);
+          case kSilu: return launch(bn, gmm_kernel<T, BN, kNone, true, kSilu>);
+          default: return cudaErrorInvalidValue;
+        }
+      });
     }
     if (grad_act != kNone) return cudaErrorInvalidValue;  // act' applies to a dgrad only
-    const bool g = gather != nullptr;
-    switch (act) {
-      case kNone: return g ? launch(gmm_kernel<T, kNone, false, true>) : launch(gmm_kernel<T, kNone, false, false>);
-      case kGelu: return g ? launch(gmm_kernel<T, kGelu, false, true>) : launch(gmm_kernel<T, kGelu, false, false>);
-      case kSilu: return g ? launch(gmm_kernel<T, kSilu, false, true>) : launch(gmm_kernel<T, kSilu, false, false>);
-      default: return cudaErrorInvalidValue;
-    }
+    return by_width([&](auto bn) {
+      constexpr int BN = decltype(bn)::value;
+      switch (act) {
+        case kNone: return launch(bn, gmm_kernel<T, BN, kNone, false>);
+        case kGelu: return launch(bn, gmm_kernel<T, BN, kGelu, false>);
+        case kSilu: return launch(bn, gmm_kernel<T, BN, kSilu, false>);
+        default: return cudaErrorInvalidValue;
+      }
+    });
   });
 }
 
@@ -235,13 +506,18 @@ cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int6
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
                              int a_act, float* partial, float* partial_db, cudaStream_t stream) {
   if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
-  const dim3 grid(num_experts, ((K + 63) / 64) * ((N + 63) / 64), splits);
+  const int64_t n_tiles = (N + TN - 1) / TN, tiles = (K + TK - 1) / TK * n_tiles;
+  if (tiles > 0x7fffffff || num_experts > 0x7fffffff) return cudaErrorInvalidValue;
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    constexpr std::size_t smem = WgradTile::smem_bytes<T>();
     auto launch = [&](auto kernel) {
-      GEOMOE_LAUNCH(grid, kThreads, 0, stream, kernel)(static_cast<const T*>(a), lda, gather, top_k,
-                                                       static_cast<const T*>(g), ldg, offsets, K, N, splits, partial,
-                                                       partial_db);
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), kThreads, smem, stream, kernel)(
+          static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
+          static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
+          partial_db);
       return cudaGetLastError();
     };
     switch (a_act) {

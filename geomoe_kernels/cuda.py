@@ -442,8 +442,9 @@ def register() -> None:
     r("permute", "cuda", permute, lambda x, weights, **_: _rows_ok(x) or _weights_ok(weights))
     r("unpermute", "cuda", unpermute, lambda rows, weights, **_: _rows_ok(rows) or _weights_ok(weights))
     r("unpermute_weight_grad", "cuda", unpermute_weight_grad, lambda rows, **_: _rows_ok(rows))
-    # correct on an H200 (every GPU test passed) but 3.4x slower than the Triton GEMMs at GeoMoE's
-    # shape (plain WMMA tiles): backend="auto" keeps Triton; ask for backend="cuda" to use it
+    # the 64x64 WMMA version was correct on an H200 but 3.4x slower than the Triton GEMMs at GeoMoE's
+    # shape; its rewrite (issue 14: 128-row tiles, cp.async pipeline) is not timed on a GPU yet:
+    # backend="auto" keeps Triton; ask for backend="cuda" to use it
     for op, impl in _gemm_ops.items():
         r(op, "cuda", impl, _gemm_ok, auto=False)
     r("masked_depthwise_conv", "cuda", masked_depthwise_conv, lambda x, **_: _rows_ok(x))

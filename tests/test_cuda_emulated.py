@@ -218,6 +218,48 @@ def test_grouped_mm(dtype, act, gathered):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+def test_grouped_mm_rows_not_16_byte_aligned(dtype):
+    """K = 37 and N = 21: no row of x, W or the gradients starts on 16 bytes, so every tile takes the
+    scalar copies instead of the asynchronous 16-byte ones (forward gathered, dgrad, wgrad)."""
+    T, k, E, K, N = 30, 2, 3, 37, 21
+    r2f, f2r, off = route(_ids(T, E, k), E, backend="torch")
+    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(E, K, N) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(E, N).to(dtype).requires_grad_(True)
+
+    def run(be, x, w, b):
+        return grouped_mm(x, w, off, b, "gelu", backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
+
+    _within_reference(run, [x, w, b], dtype)
+
+
+@pytest.mark.parametrize(
+    "K, N, a_act, gathered, splits",
+    [(264, 300, "none", True, 4), (37, 21, "silu", False, 2)],
+)
+def test_weight_grad_of_a_large_weight_from_few_rows(K, N, a_act, gathered, splits):
+    """The weight-gradient kernel alone, with the splits a GPU would use: a K x N of several 128 x 128
+    tiles from 3 rows per expert (one expert empty, one split of each empty), and odd K and N (the
+    scalar copies, act(A) formed in shared memory); every element of dW and db checked against
+    float64, the empty expert's exactly zero."""
+    from geomoe_kernels import kernel_recipes
+
+    T, k, E, dtype = 3, 2 if gathered else 1, 3, torch.float16
+    r2f, _, off = route(_ids(T, E, k, empty=(1,)), E, backend="torch")
+    rows = r2f.numel()
+    a = torch.randn(T if gathered else rows, K).to(dtype)
+    g = torch.randn(rows, N).to(dtype)
+    dw, db = kernel_recipes.weight_grad(cuda.CudaGroupedGemm(), a, g, off, r2f if gathered else None, k, a_act, splits=splits)
+    A = (a[r2f // k] if gathered else a).float()
+    A = {"none": A, "silu": torch.nn.functional.silu(A)}[a_act].to(dtype).double()
+    for e in range(E):
+        lo, hi = int(off[e]), int(off[e + 1])
+        torch.testing.assert_close(dw[e].double(), A[lo:hi].T @ g[lo:hi].double(), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(db[e].double(), g[lo:hi].double().sum(0), rtol=1e-3, atol=2e-3)
+    assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T, k, act", [(1, 1, "gelu"), (100, 1, "silu"), (511, 1, "gelu"), (200, 3, "silu")])
 def test_expert_mlp(dtype, T, k, act):
     """Both GEMMs, the backward's act'(pre) in the dgrad epilogue and act(pre) formed in the wgrad
@@ -445,12 +487,13 @@ def test_detector_wmma_misuse(cases, case, message):
 
 
 def test_detector_launch_limits_in_the_core_itself():
-    """The production launcher: N = 65536 tiles of 64 columns asks for a grid y the card rejects.
-    Nothing is read (the launch is refused first), so the pointers may be anything."""
+    """The production launcher: 65,536 row blocks x 32,768 tiles of 128 columns make a 1-D grid of
+    2^31 blocks, one more than the card takes. Nothing is read (the launch is refused first), so the
+    pointers may be anything."""
     with pytest.raises(
         RuntimeError,
-        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 0, "
-        r"false, false, 0> \(launched at grouped_gemm.cu:\d+\): grid y dimension 65536",
+        match=r"geomoe emulated CUDA core: grouped_mm: kernel geomoe::gmm_kernel<__half, 128, 0, "
+        r"false, 0> \(launched at grouped_gemm.cu:\d+\): grid x dimension 2147483648",
     ):
         CORE.grouped_mm(
             dtype=1,
@@ -460,14 +503,14 @@ def test_detector_launch_limits_in_the_core_itself():
             top_k=1,
             w=64,
             K=8,
-            N=65536 * 64,
-            ldw=65536 * 64,
+            N=32768 * 128,
+            ldw=32768 * 128,
             stride_we=0,
             trans_w=False,
             bias=0,
             blk_expert=64,
             blk_row0=64,
-            blocks=1,
+            blocks=65536,
             offsets=64,
             act=0,
             out=64,

@@ -148,14 +148,25 @@ inline std::string symbol_name(const void* fn) {
 
 enum class State : unsigned char { kRunnable, kBarrier, kCollective, kDone };
 
+// An asynchronous global -> shared copy (cuda_pipeline_primitives.h): the source bytes are read when
+// it is issued, the destination written when the thread waits for its batch.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned size;
+  unsigned char bytes[16];
+  Site site;
+};
+
 struct Thread {
   fiber::Context ctx;
   uint3 idx;
   unsigned warp, lane;
   State state;
-  Site site;         // where it waits
-  const char* what;  // in what (a barrier or a collective)
-  unsigned mask;     // the collective's lane mask
+  Site site;                               // where it waits
+  const char* what;                        // in what (a barrier or a collective)
+  unsigned mask;                           // the collective's lane mask
+  std::vector<AsyncCopy> async_copies;     // issued and not yet landed, oldest first
+  std::vector<std::size_t> async_batches;  // copies in each committed batch not yet waited for, oldest first
 };
 
 // A warp collective that some of the lanes named in its mask have reached. Lanes post their slot
@@ -333,6 +344,11 @@ template <class Slot> void collective(const char* what, unsigned mask, Slot& slo
 // A thread returns from the kernel: nobody may still be waiting for it.
 inline void thread_exit(Thread& t) {
   Runtime& r = runtime();
+  if (!t.async_copies.empty())
+    throw Error(
+        format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
+               "__pipeline_wait_prior(0) before returning",
+               t.async_copies.size(), t.async_copies.front().site.str().c_str()));
   ++r.exited;
   Warp& w = r.warps[t.warp];
   w.exited |= 1u << t.lane;
@@ -397,6 +413,8 @@ inline void run_block(unsigned block_linear) {
     t.warp = i / kWarpSize;
     t.lane = i % kWarpSize;
     t.state = State::kRunnable;
+    t.async_copies.clear();
+    t.async_batches.clear();
     t.ctx.prepare(r.stacks[i], &thread_main, &t);
   }
   for (unsigned w = 0; w < r.warps.size(); ++w) {
@@ -466,8 +484,11 @@ inline cudaError_t launch(const LaunchSpec& s) {
   }
   if (r.threads.size() < r.n_threads) r.threads.resize(r.n_threads);
   r.warps.resize((r.n_threads + kWarpSize - 1) / kWarpSize);
-  // exactly the launch's bytes, so that a sanitizer sees a read past them
-  std::unique_ptr<unsigned char, void (*)(void*)> smem(static_cast<unsigned char*>(std::malloc(s.smem)), std::free);
+  // exactly the launch's bytes, so that a sanitizer sees a read past them; 128-byte aligned as on a
+  // GPU (WMMA needs 32 bytes, malloc gives 16)
+  void* raw = nullptr;
+  if (s.smem && posix_memalign(&raw, 128, s.smem) != 0) raw = nullptr;
+  std::unique_ptr<unsigned char, void (*)(void*)> smem(static_cast<unsigned char*>(raw), std::free);
   r.dynamic_smem = smem.get();
   const unsigned long long blocks = 1ull * s.grid.x * s.grid.y * s.grid.z;
   // last block first: a kernel that expects earlier blocks to have finished fails here as it may on a GPU
