@@ -59,10 +59,31 @@ def load_emulated(variant: str = "1") -> Tuple[Optional[object], str]:
     return _emulated[variant]
 
 
+class _OnDevice:
+    """The core's launchers, each called with the tensor's device current: the core launches on the
+    current device (kernel attributes such as the dynamic shared-memory limit are per device too),
+    and a launch into another device's stream is refused."""
+
+    def __init__(self, core, index: int):
+        self._core, self._index = core, index
+
+    def __getattr__(self, name: str):
+        launcher = getattr(self._core, name)
+
+        def on_device(*args, **kwargs):
+            with torch.cuda.device(self._index):
+                return launcher(*args, **kwargs)
+
+        return on_device
+
+
 def _core_for(t: Tensor):
-    """The real core for CUDA tensors, the emulated one for CPU tensors (the backend has checked
-    that the one needed is there)."""
-    return _core if t.device.type == "cuda" else load_emulated(emulation() or "1")[0]
+    """The real core for CUDA tensors (on their device when another is current), the emulated one
+    for CPU tensors (the backend has checked that the one needed is there)."""
+    if t.device.type != "cuda":
+        return load_emulated(emulation() or "1")[0]
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _core if index == torch.cuda.current_device() else _OnDevice(_core, index)
 
 
 def _any_core():

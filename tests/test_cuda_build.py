@@ -113,3 +113,27 @@ def test_architecture_check(capability, archs, runs):
     from geomoe_kernels.cuda import runs_on
 
     assert runs_on(capability, archs) is runs
+
+
+def test_launchers_run_with_the_tensors_device_current(monkeypatch):
+    """A tensor on another GPU than the current one: each launcher call runs inside that device's
+    context (the core launches on the current device), and only around the call."""
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(("enter", index))
+        yield
+        entered.append(("exit", index))
+
+    class FakeCore:
+        def permute(self, **kwargs):
+            entered.append(("launch", kwargs["n"]))
+            return "launched"
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_device = cuda._OnDevice(FakeCore(), 1)
+    assert on_device.permute(n=7) == "launched"
+    assert entered == [("enter", 1), ("launch", 7), ("exit", 1)]
