@@ -233,6 +233,25 @@ def test_grouped_mm_rows_not_16_byte_aligned(dtype):
     _within_reference(run, [x, w, b], dtype)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_grouped_mm_pipeline_in_its_steady_state(dtype):
+    """K = 200 (7 K tiles of 32 through 3 stages) and one expert with 160 rows (5 row steps of the
+    weight gradient): every stage is refilled after it was read, so a refill issued before the
+    barrier that ends the reads is a race (GEOMOE_EMULATE_COPIES=eager makes it show)."""
+    T, k, E, K, N = 160, 2, 3, 200, 40
+    ids = torch.zeros(T, k, dtype=torch.int64)  # slot 0: expert 0, all 160 rows
+    ids[:, 1] = torch.arange(T) % 2 + 1  # slot 1: experts 1 and 2, 80 rows each
+    r2f, f2r, off = route(ids, E, backend="torch")
+    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(E, K, N) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(E, N).to(dtype).requires_grad_(True)
+
+    def run(be, x, w, b):
+        return grouped_mm(x, w, off, b, "gelu", backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
+
+    _within_reference(run, [x, w, b], dtype)
+
+
 @pytest.mark.parametrize(
     "K, N, a_act, gathered, splits",
     [(264, 300, "none", True, 4), (37, 21, "silu", False, 2)],
@@ -597,6 +616,15 @@ def test_backend_tests_through_the_emulated_core():
     the emulated "cuda" is the backend they check (tests/helpers.backends_here), as the Triton
     interpreter's process does for "triton"."""
     _pytest(dict(os.environ, GEOMOE_CUDA_EMULATE="1"), BACKEND_TESTS)
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="runs in the ASan run's own list")
+def test_grouped_gemm_with_copies_landing_as_they_are_issued():
+    """The grouped GEMM's async-copy pipeline with every copy landing at issue, the earliest a GPU
+    may land it (the default lands it at the wait, the latest): a stage refilled while other threads
+    still read it gives wrong results here."""
+    only_gemm = "not (grouped_mm or weight_grad or expert_mlp)"  # deselects all but the grouped-GEMM tests
+    _pytest(dict(os.environ, GEOMOE_EMULATE_COPIES="eager"), [__file__], only_gemm)
 
 
 @pytest.mark.skipif(VARIANT == "asan", reason="this is the ASan run")

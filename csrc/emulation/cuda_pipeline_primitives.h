@@ -13,10 +13,26 @@
 // toolkit asserts: sizes 4, 8 or 16 bytes, zfill at most the size, both addresses aligned to the
 // size (the source only when bytes are read); a thread that returns with copies it never waited for
 // fails the launch. Not checked: that the destination is shared memory and the source global.
+//
+// Landing at the wait is the latest a GPU may land a copy, which shows a stage read too early but
+// hides one overwritten too early (a copy issued into a stage that other threads still read, before
+// the barrier that ends their reads): GEOMOE_EMULATE_COPIES=eager lands each copy as it is issued,
+// the earliest, and then that race shows in the results instead. The tests run both.
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <cstring>
+
+namespace geomoe_emu {
+inline bool eager_copies() {
+  static const bool eager = [] {
+    const char* v = std::getenv("GEOMOE_EMULATE_COPIES");
+    return v != nullptr && std::strcmp(v, "eager") == 0;
+  }();
+  return eager;
+}
+}  // namespace geomoe_emu
 
 inline void __pipeline_memcpy_async(void* __restrict__ dst_shared, const void* __restrict__ src_global,
                                     size_t size_and_align, size_t zfill = 0, GEOMOE_EMU_SITE) {
@@ -37,6 +53,8 @@ inline void __pipeline_memcpy_async(void* __restrict__ dst_shared, const void* _
   geomoe_emu::AsyncCopy c{static_cast<unsigned char*>(dst_shared), static_cast<unsigned>(size_and_align), {}, site};
   if (read) std::memcpy(c.bytes, src_global, read);
   std::memset(c.bytes + read, 0, zfill);
+  if (geomoe_emu::eager_copies())
+    std::memcpy(c.dst, c.bytes, c.size);  // lands now (and again, the same bytes, at the wait)
   geomoe_emu::g_thread->async_copies.push_back(c);
 }
 
