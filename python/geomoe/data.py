@@ -23,7 +23,7 @@ import math
 import os
 import stat
 import warnings
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -320,20 +320,27 @@ class SyntheticScenes(_EpochIndexed):
         return Image.fromarray(synthetic_scene(self.source_size, rng))
 
 
+def files_in_subfolders(root: str, keep: Callable[[str, Sequence[str]], List[str]]) -> List[str]:
+    """The files `keep(dirpath, filenames)` returns for every folder under root/<subfolder>/
+    (recursively, in sorted order): the image-folder layout (files directly in root are not read)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"argument '--data' expected a directory, got {root!r}")
+    files: List[str] = []
+    for sub in sorted(os.listdir(root)):
+        top = os.path.join(root, sub)
+        if not os.path.isdir(top):
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            files += keep(dirpath, filenames)
+    return files
+
+
 class ImageFolder(_EpochIndexed):
     """Every image file under root/<subfolder>/ (recursively), the OpticalRS-4M layout."""
 
     def __init__(self, root: str, img_size: int = 224, seed: int = 0):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"argument '--data' expected a directory, got {root!r}")
-        files: List[str] = []
-        for sub in sorted(os.listdir(root)):
-            top = os.path.join(root, sub)
-            if not os.path.isdir(top):
-                continue
-            for dirpath, dirnames, filenames in os.walk(top):
-                dirnames.sort()
-                files += _regular_image_files(dirpath, filenames)
+        files = files_in_subfolders(root, _regular_image_files)
         if not files:
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<subfolder>/")
         self.files = files

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import random_resized_crop_box
+from .data import files_in_subfolders, random_resized_crop_box
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".img", ".vrt")
 BAND_STATS_FILE = "band_stats.json"
@@ -68,16 +68,9 @@ def read_raster(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def raster_files(root: str) -> List[str]:
     """Every raster file under root/<subfolder>/ (recursively, sorted), the image-folder layout."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"argument '--data' expected a directory, got {root!r}")
-    files: List[str] = []
-    for sub in sorted(os.listdir(root)):
-        top = os.path.join(root, sub)
-        if not os.path.isdir(top):
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(RASTER_EXTENSIONS)]
+    files = files_in_subfolders(
+        root, lambda dirpath, names: [os.path.join(dirpath, f) for f in sorted(names) if f.lower().endswith(RASTER_EXTENSIONS)]
+    )
     if not files:
         raise FileNotFoundError(f"no raster files ({', '.join(RASTER_EXTENSIONS)}) under {root}/<subfolder>/")
     return files
