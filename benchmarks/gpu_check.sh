@@ -3,9 +3,9 @@
 # within GEOMOE_GPU_BUDGET seconds (default 420):
 #   builds the CUDA extension for this card only, runs the benchmarks (headline figures first; what
 #   would start after the budget is skipped, and the results written anyway), a profile of where
-#   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests (all
-#   of them, not stopping at the first failure), compute-sanitizer on a short set, then the rest of
-#   the suite with the time left. GEOMOE_GPU_STEPS names a subset of those steps;
+#   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests and
+#   tests/ops on the GPU's backends (all of them, not stopping at the first failure),
+#   compute-sanitizer on a short set, then the rest of the suite with the time left. GEOMOE_GPU_STEPS names a subset of those steps;
 #   everything goes to $GEOMOE_GPU_OUT (default gpu-out/): results JSON + markdown + plots, logs,
 #   junit XML; when $OUT is set (a second folder meant to hold only a few files), a tarball of it
 #   plus the log and the results JSON and markdown are copied there at exit, also when a step fails
@@ -92,7 +92,7 @@ $PY -c "import xdist" 2> /dev/null && parallel=(-n 8)
 export GEOMOE_FAILURE_LOG="$OUT/failures.log"  # each failure's traceback as it happens
 select=()  # GEOMOE_GPU_TESTS_K: a pytest -k expression, to rerun a subset
 [ -n "${GEOMOE_GPU_TESTS_K:-}" ] && select=(-k "$GEOMOE_GPU_TESTS_K")
-step gpu_tests ${GEOMOE_GPU_TESTS_LIMIT:-160} "${quick[@]}" $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" "${select[@]}" tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
+step gpu_tests ${GEOMOE_GPU_TESTS_LIMIT:-160} "${quick[@]}" $PY -m pytest -q -rfE "${parallel[@]}" "${per_test[@]}" "${select[@]}" tests/test_gpu.py tests/ops --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 # compute-sanitizer on a short set of CUDA-core launches (each tool on one small test)
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
@@ -103,6 +103,6 @@ if command -v compute-sanitizer > /dev/null; then
 else
   log "compute-sanitizer not found: sanitizer steps skipped"
 fi
-step other_tests 300 $PY -m pytest -q -x tests --ignore=tests/test_gpu.py --junitxml="$OUT/all_tests.xml" -p no:cacheprovider
+step other_tests 300 $PY -m pytest -q -x tests --ignore=tests/test_gpu.py --ignore=tests/ops --junitxml="$OUT/all_tests.xml" -p no:cacheprovider
 log "done, status $status; results in $OUT/results"
 exit $status
