@@ -5,7 +5,8 @@
 #   would start after the budget is skipped, and the results written anyway), a profile of where
 #   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests and
 #   tests/ops on the GPU's backends (all of them, not stopping at the first failure),
-#   compute-sanitizer on a short set, then the rest of the suite with the time left. GEOMOE_GPU_STEPS names a subset of those steps;
+#   compute-sanitizer on a short set, then the rest of the suite with the time left.
+#   GEOMOE_GPU_STEPS names a subset of those steps;
 #   everything goes to $GEOMOE_GPU_OUT (default gpu-out/): results JSON + markdown + plots, logs,
 #   junit XML; when $OUT is set (a second folder meant to hold only a few files), a tarball of it
 #   plus the log and the results JSON and markdown are copied there at exit, also when a step fails
