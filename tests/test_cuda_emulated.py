@@ -536,6 +536,20 @@ def test_detector_wmma_misuse(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
 
 
+def test_grouped_mm_finds_its_blocks_among_many_experts():
+    """E = 700 (three experts per thread in the kernel's block lookup), most without rows, one with
+    300 (three row blocks), against the per-expert reference."""
+    E, K, N = 700, 16, 24
+    counts = torch.zeros(E, dtype=torch.int64)
+    counts[[3, 255, 256, 511, 699]] = torch.tensor([5, 300, 1, 129, 7])
+    off = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    x = torch.randn(int(off[-1]), K).half()
+    w = (torch.randn(E, K, N) / K**0.5).half()
+    got = grouped_mm(x, w, off, None, "none", backend="cuda")
+    want = torch.cat([x[off[e] : off[e + 1]].double() @ w[e].double() for e in range(E)])
+    assert_within_twice_reference_error(got.double(), grouped_mm(x, w, off, None, "none", backend="torch").double(), want)
+
+
 def test_detector_launch_limits_in_the_core_itself():
     """The production launcher: 65,536 row blocks x 32,768 tiles of 128 columns make a 1-D grid of
     2^31 blocks, one more than the card takes. Nothing is read (the launch is refused first), so the
