@@ -17,8 +17,9 @@
 // row is padded by 16 bytes (conflict-free fragment loads), the pipeline's buffers hold the fp32
 // tile for the epilogue afterwards (dynamic shared memory), and __launch_bounds__(256, 2) keeps
 // registers at <= 128 so that two blocks fit on an SM.
-// Row blocks come from a device-side schedule (expert and first row of each 128-row block, -1 for
-// surplus blocks), so nothing is read back to the host.
+// Each block finds its row block's expert and first row from the offsets (expert e owns
+// ceil(count_e / 128) consecutive row blocks; the grid's static bound leaves surplus blocks that
+// exit), so nothing is read back to the host and no schedule is built before the launch.
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
@@ -129,14 +130,51 @@ template <typename T, int BN, bool TRANS_W> struct GemmTile {
   static_assert(A_PER >= 1 && B_PER >= 1 && kThreads % A_CPR == 0 && kThreads % B_CPR == 0, "copies per thread");
 };
 
+// (expert, first row) of row block rb, -1 for a surplus block: each thread counts the row blocks of
+// a contiguous run of ceil(E / kThreads) experts, a block-wide scan (warp shuffles, then the warps'
+// totals) places the runs, and the thread whose run holds rb finds the expert. Every thread returns
+// the shared {expert, first row}; the kernel reads it again for its epilogue rather than keep it live
+// in registers through the K loop.
+__device__ inline const int64_t* block_of_expert(const int64_t* __restrict__ offsets, int num_experts, int64_t rb) {
+  __shared__ int64_t warp_total[kWarps], found[2];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int per = (num_experts + kThreads - 1) / kThreads;
+  const int lo = tid * per < num_experts ? tid * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
+  int64_t mine = 0;
+  for (int i = lo; i < hi; ++i) mine += (offsets[i + 1] - offsets[i] + BM - 1) / BM;
+  int64_t incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_total[warp] = incl;
+  if (tid == 0) found[0] = -1, found[1] = 0;
+  __syncthreads();
+  int64_t first = incl - mine;
+  for (int w = 0; w < warp; ++w) first += warp_total[w];
+  if (first <= rb && rb < first + mine) {
+    for (int i = lo; i < hi; ++i) {
+      const int64_t n = (offsets[i + 1] - offsets[i] + BM - 1) / BM;
+      if (rb < first + n) {
+        found[0] = i;
+        found[1] = offsets[i] + (rb - first) * BM;
+        break;
+      }
+      first += n;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
 // ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
 // Block b of the 1-D grid computes row block b / n_tiles and column tile b % n_tiles.
 template <typename T, int BN, int ACT, bool TRANS_W, int GRAD_ACT = 0>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
-    const int64_t* __restrict__ blk_expert, const int64_t* __restrict__ blk_row0, const int64_t* __restrict__ offsets,
-    T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles) {
+    const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles) {
   using G = GemmTile<T, BN, TRANS_W>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
@@ -144,10 +182,10 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   float* const Cs = reinterpret_cast<float*>(smem);  // after the K loop
 
   const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
-  const int64_t e = blk_expert[rb];
-  if (e < 0) return;
-  const int64_t row0 = blk_row0[rb], end = offsets[e + 1];
-  const int rows = static_cast<int>(end - row0 < BM ? end - row0 : BM);
+  const int64_t* const blk = block_of_expert(offsets, num_experts, rb);  // {expert, first row}
+  if (blk[0] < 0) return;
+  int64_t e = blk[0], row0 = blk[1];
+  int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
   const int64_t n0 = static_cast<int64_t>(nt) * BN;
   const T* we = w + e * stride_we;
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / G::WN, wn = warp % G::WN;
@@ -250,6 +288,8 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   __syncthreads();
 
   // epilogue: 8 consecutive columns per thread and step (16-byte accesses where aligned)
+  e = blk[0], row0 = blk[1];  // read again after the barriers: not held through the K loop
+  rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
   const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
   const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
   constexpr int CPR = BN / 8;
@@ -455,8 +495,7 @@ int grouped_mm_block_rows() { return BM; }
 
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
-                       const int64_t* blk_expert, const int64_t* blk_row0, int64_t blocks, const int64_t* offsets,
-                       int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream) {
+                       int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -471,7 +510,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
       if (err != cudaSuccess) return err;
       GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
-          static_cast<const T*>(bias), blk_expert, blk_row0, offsets, static_cast<T*>(out), ldo, static_cast<T*>(pre),
+          static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre),
           ldp, static_cast<int>(n_tiles));
       return cudaGetLastError();
     };

@@ -1,5 +1,8 @@
 // Row gather into expert-major order, the deterministic weighted combine, and routing.
 
+#include <cstdint>
+#include <cstring>
+
 #include "dtype.cuh"
 
 namespace geomoe {
@@ -7,56 +10,135 @@ namespace {
 
 
 constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / 32;  // permute, unpermute and its weight gradient: one warp per row
 
-// One block per row (or token); threads stride over the columns.
-template <typename T>
+// kVec: every row starts 16-byte aligned and d is whole 16-byte chunks (the host checks), so a lane
+// moves kWidth elements at once; otherwise lanes stride over single elements.
+template <typename T> constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
+
+template <typename T> __device__ inline void load_chunk(const T* p, float (&v)[kWidth<T>]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  T h[kWidth<T>];
+  std::memcpy(static_cast<void*>(h), &u, sizeof u);
+#pragma unroll
+  for (int j = 0; j < kWidth<T>; ++j) v[j] = to_f32(h[j]);
+}
+
+template <typename T> __device__ inline void store_chunk(T* p, const float (&v)[kWidth<T>]) {
+  T h[kWidth<T>];
+#pragma unroll
+  for (int j = 0; j < kWidth<T>; ++j) h[j] = from_f32<T>(v[j]);
+  uint4 u;
+  std::memcpy(&u, static_cast<const void*>(h), sizeof u);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Host side: the base and every row start (ld elements apart) on 16 bytes.
+template <typename T> bool rows_aligned16(const void* p, int64_t ld) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+template <typename T, bool kVec>
 __global__ void permute_kernel(const T* __restrict__ x, int64_t ldx, const int64_t* __restrict__ row_to_flat,
-                               const float* __restrict__ weights, int64_t d, int top_k, T* __restrict__ out,
-                               int64_t ldo) {
-  const int64_t r = blockIdx.x;
+                               const float* __restrict__ weights, int64_t rows, int64_t d, int top_k,
+                               T* __restrict__ out, int64_t ldo) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
   const int64_t f = row_to_flat[r];
   const T* src = x + (f / top_k) * ldx;
   T* dst = out + r * ldo;
-  const float w = weights ? weights[f] : 1.f;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[c] = weights ? from_f32<T>(to_f32(src[c]) * w) : src[c];
-}
-
-template <typename T>
-__global__ void unpermute_kernel(const T* __restrict__ rows, int64_t ldr, const int64_t* __restrict__ flat_to_row,
-                                 const float* __restrict__ weights, const T* __restrict__ shared, int64_t lds,
-                                 int64_t d, int top_k, T* __restrict__ out, int64_t ldo) {
-  const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < top_k; ++j) {  // slot order: the same sum every run
-      const int64_t row = flat_to_row[t * top_k + j];
-      const float v = to_f32(rows[row * ldr + c]);
-      acc += weights ? weights[t * top_k + j] * v : v;
+  if constexpr (kVec) {
+    constexpr int W = kWidth<T>;
+    if (!weights) {
+      for (int64_t c = lane * W; c < d; c += 32 * W)
+        *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(src + c);
+      return;
     }
-    if (shared) acc += to_f32(shared[t * lds + c]);
-    out[t * ldo + c] = from_f32<T>(acc);
+    const float w = weights[f];
+    for (int64_t c = lane * W; c < d; c += 32 * W) {
+      float v[W];
+      load_chunk(src + c, v);
+#pragma unroll
+      for (int j = 0; j < W; ++j) v[j] *= w;
+      store_chunk(dst + c, v);
+    }
+  } else {
+    const float w = weights ? weights[f] : 1.f;
+    for (int64_t c = lane; c < d; c += 32) dst[c] = weights ? from_f32<T>(to_f32(src[c]) * w) : src[c];
   }
 }
 
-template <typename T>
-__global__ void weight_grad_kernel(const T* __restrict__ grad, int64_t ldg, const T* __restrict__ rows, int64_t ldr,
-                                   const int64_t* __restrict__ flat_to_row, int64_t d, int top_k,
-                                   float* __restrict__ out) {
-  __shared__ float partial[kThreads / 32];
-  const int64_t t = blockIdx.x;
-  for (int j = 0; j < top_k; ++j) {
-    const int64_t row = flat_to_row[t * top_k + j];
-    float acc = 0.f;
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc += to_f32(grad[t * ldg + c]) * to_f32(rows[row * ldr + c]);
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float s = 0.f;
-      for (int w = 0; w < blockDim.x / 32; ++w) s += partial[w];  // fixed order
-      out[t * top_k + j] = s;
+// Each element sums its token's slots in slot order in float32: the same sum every run, no atomics.
+template <typename T, bool kVec>
+__global__ void unpermute_kernel(const T* __restrict__ rows, int64_t ldr, const int64_t* __restrict__ flat_to_row,
+                                 const float* __restrict__ weights, const T* __restrict__ shared, int64_t lds,
+                                 int64_t tokens, int64_t d, int top_k, T* __restrict__ out, int64_t ldo) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (t >= tokens) return;
+  const int lane = threadIdx.x & 31;
+  if constexpr (kVec) {
+    constexpr int W = kWidth<T>;
+    for (int64_t c = lane * W; c < d; c += 32 * W) {
+      float acc[W], v[W];
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[i] = 0.f;
+      for (int j = 0; j < top_k; ++j) {
+        const int64_t row = flat_to_row[t * top_k + j];
+        load_chunk(rows + row * ldr + c, v);
+        const float w = weights ? weights[t * top_k + j] : 1.f;
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc[i] += weights ? w * v[i] : v[i];
+      }
+      if (shared) {
+        load_chunk(shared + t * lds + c, v);
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc[i] += v[i];
+      }
+      store_chunk(out + t * ldo + c, acc);
     }
-    __syncthreads();
+  } else {
+    for (int64_t c = lane; c < d; c += 32) {
+      float acc = 0.f;
+      for (int j = 0; j < top_k; ++j) {
+        const int64_t row = flat_to_row[t * top_k + j];
+        const float v = to_f32(rows[row * ldr + c]);
+        acc += weights ? weights[t * top_k + j] * v : v;
+      }
+      if (shared) acc += to_f32(shared[t * lds + c]);
+      out[t * ldo + c] = from_f32<T>(acc);
+    }
+  }
+}
+
+// d(out)/d(weight) per slot: a dot product of the token's output gradient with the slot's row, the
+// lanes' partial sums reduced with a fixed shuffle tree (deterministic).
+template <typename T, bool kVec>
+__global__ void weight_grad_kernel(const T* __restrict__ grad, int64_t ldg, const T* __restrict__ rows, int64_t ldr,
+                                   const int64_t* __restrict__ flat_to_row, int64_t tokens, int64_t d, int top_k,
+                                   float* __restrict__ out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (t >= tokens) return;
+  const int lane = threadIdx.x & 31;
+  const T* g = grad + t * ldg;
+  for (int j = 0; j < top_k; ++j) {
+    const T* r = rows + flat_to_row[t * top_k + j] * ldr;
+    float acc = 0.f;
+    if constexpr (kVec) {
+      constexpr int W = kWidth<T>;
+      for (int64_t c = lane * W; c < d; c += 32 * W) {
+        float a[W], b[W];
+        load_chunk(g + c, a);
+        load_chunk(r + c, b);
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc += a[i] * b[i];
+      }
+    } else {
+      for (int64_t c = lane; c < d; c += 32) acc += to_f32(g[c]) * to_f32(r[c]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[t * top_k + j] = acc;
   }
 }
 
@@ -97,10 +179,17 @@ __global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int n
 cudaError_t permute(DType dtype, const void* x, int64_t ldx, const int64_t* row_to_flat, const float* weights,
                     int64_t rows, int64_t d, int top_k, void* out, int64_t ldo, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    GEOMOE_LAUNCH(rows, kThreads, 0, stream, permute_kernel<T>)(static_cast<const T*>(x), ldx, row_to_flat, weights, d,
-                                                                top_k, static_cast<T*>(out), ldo);
+    const auto* xt = static_cast<const T*>(x);
+    auto* ot = static_cast<T*>(out);
+    if (d % kWidth<T> == 0 && rows_aligned16<T>(x, ldx) && rows_aligned16<T>(out, ldo))
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, permute_kernel<T, true>)(xt, ldx, row_to_flat, weights, rows, d,
+                                                                          top_k, ot, ldo);
+    else
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, permute_kernel<T, false>)(xt, ldx, row_to_flat, weights, rows, d,
+                                                                           top_k, ot, ldo);
     return cudaGetLastError();
   });
 }
@@ -109,11 +198,19 @@ cudaError_t unpermute(DType dtype, const void* rows, int64_t ldr, const int64_t*
                       const void* shared, int64_t lds, int64_t tokens, int64_t d, int top_k, void* out, int64_t ldo,
                       cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
+  const int64_t blocks = (tokens + kRowsPerBlock - 1) / kRowsPerBlock;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    GEOMOE_LAUNCH(tokens, kThreads, 0, stream, unpermute_kernel<T>)(static_cast<const T*>(rows), ldr, flat_to_row,
-                                                                    weights, static_cast<const T*>(shared), lds, d,
-                                                                    top_k, static_cast<T*>(out), ldo);
+    const auto* rt = static_cast<const T*>(rows);
+    const auto* st = static_cast<const T*>(shared);
+    auto* ot = static_cast<T*>(out);
+    if (d % kWidth<T> == 0 && rows_aligned16<T>(rows, ldr) && rows_aligned16<T>(out, ldo) &&
+        (!shared || rows_aligned16<T>(shared, lds)))
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, unpermute_kernel<T, true>)(rt, ldr, flat_to_row, weights, st, lds,
+                                                                            tokens, d, top_k, ot, ldo);
+    else
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, unpermute_kernel<T, false>)(rt, ldr, flat_to_row, weights, st, lds,
+                                                                             tokens, d, top_k, ot, ldo);
     return cudaGetLastError();
   });
 }
@@ -122,11 +219,17 @@ cudaError_t unpermute_weight_grad(DType dtype, const void* grad_out, int64_t ldg
                                   const int64_t* flat_to_row, int64_t tokens, int64_t d, int top_k, float* grad_w,
                                   cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
+  const int64_t blocks = (tokens + kRowsPerBlock - 1) / kRowsPerBlock;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    GEOMOE_LAUNCH(tokens, kThreads, 0, stream, weight_grad_kernel<T>)(static_cast<const T*>(grad_out), ldg,
-                                                                      static_cast<const T*>(rows), ldr, flat_to_row, d,
-                                                                      top_k, grad_w);
+    const auto* gt = static_cast<const T*>(grad_out);
+    const auto* rt = static_cast<const T*>(rows);
+    if (d % kWidth<T> == 0 && rows_aligned16<T>(grad_out, ldg) && rows_aligned16<T>(rows, ldr))
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, weight_grad_kernel<T, true>)(gt, ldg, rt, ldr, flat_to_row, tokens, d,
+                                                                              top_k, grad_w);
+    else
+      GEOMOE_LAUNCH(blocks, kThreads, 0, stream, weight_grad_kernel<T, false>)(gt, ldg, rt, ldr, flat_to_row, tokens,
+                                                                               d, top_k, grad_w);
     return cudaGetLastError();
   });
 }

@@ -335,7 +335,6 @@ class CudaGroupedGemm:
 
     def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
         E, K, N = weight.shape
-        blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
         _core_for(x).grouped_mm(
             dtype=_DTYPE[x.dtype],
             a=_p(x),
@@ -349,10 +348,9 @@ class CudaGroupedGemm:
             stride_we=weight.stride(0),
             trans_w=False,
             bias=_p(bias),
-            blk_expert=_p(blk_expert),
-            blk_row0=_p(blk_row0),
-            blocks=blocks,
+            blocks=schedule.blocks,
             offsets=_p(offsets),
+            num_experts=schedule.experts,
             act=activations.code(activation),
             out=_p(out),
             ldo=out.stride(0),
@@ -365,7 +363,6 @@ class CudaGroupedGemm:
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
         K, N = weight.shape[1:]
-        blk_expert, blk_row0, blocks = schedule.expert, schedule.row0, schedule.blocks
         _core_for(grad).grouped_mm(
             dtype=_DTYPE[grad.dtype],
             a=_p(grad),
@@ -379,10 +376,9 @@ class CudaGroupedGemm:
             stride_we=weight.stride(0),
             trans_w=True,
             bias=0,
-            blk_expert=_p(blk_expert),
-            blk_row0=_p(blk_row0),
-            blocks=blocks,
+            blocks=schedule.blocks,
             offsets=_p(offsets),
+            num_experts=schedule.experts,
             act=0,
             out=_p(out),
             ldo=out.stride(0),

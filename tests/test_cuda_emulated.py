@@ -145,10 +145,11 @@ def test_route(T, k, E):
 
 
 @pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("T, k, d", [(1, 1, 8), (100, 3, 72), (511, 2, 40)])
+@pytest.mark.parametrize("T, k, d", [(1, 1, 8), (100, 3, 72), (511, 2, 40), (40, 4, 64), (33, 2, 37), (9, 3, 300)])
 def test_permute_and_weighted_unpermute(dtype, T, k, d):
     """permute, unpermute with routing weights and the shared experts' rows, and their backward
-    (unpermute_weight_grad: one block per token, warp shuffles and a fixed-order block sum)."""
+    (unpermute_weight_grad: one warp per token and a fixed shuffle tree). d a multiple of 8 takes the
+    16-byte path (d = 300 in float32 too, more than one chunk per lane), d = 37 the scalar one."""
     E = 5
     r2f, f2r, _ = route(_ids(T, E, k), E, backend="torch")
     x = torch.randn(T, d).to(dtype).requires_grad_(True)
@@ -161,6 +162,36 @@ def test_permute_and_weighted_unpermute(dtype, T, k, d):
         return unpermute(rows, r2f, f2r, k, w, shared, backend=be)
 
     _within_reference(run, [x, z, w, shared], dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shift, extra", [(1, 0), (0, 1)])
+def test_permute_kernels_fall_back_to_scalar_on_unaligned_rows(dtype, shift, extra):
+    """Rows that start off 16 bytes (a shifted base, or a leading dimension of 65) with d = 64 take the
+    scalar path and give the aligned path's results: permute and unpermute bit for bit (the same
+    float32 sum per element), the weight gradient within rounding (another order of the dot product)."""
+    T, k, d, E = 21, 3, 64, 6
+    r2f, f2r, _ = route(_ids(T, E, k), E, backend="torch")
+
+    def odd(t):  # the same values, at a base `shift` elements on and rows d + extra apart
+        buf = torch.zeros(t.shape[0] * (d + extra) + shift, dtype=dtype)
+        v = buf[shift:].view(t.shape[0], d + extra)[:, :d]
+        v.copy_(t)
+        return v
+
+    x, shared = torch.randn(T, d).to(dtype), torch.randn(T, d).to(dtype)
+    w = torch.rand(T, k)
+    rows = cuda.permute(x, r2f, k, w)
+    assert torch.equal(cuda.permute(odd(x), r2f, k, w), rows)
+    assert torch.equal(cuda.permute(odd(x), r2f, k, None), cuda.permute(x, r2f, k, None))
+    out = cuda.unpermute(rows, f2r, k, w, shared)
+    assert torch.equal(cuda.unpermute(odd(rows), f2r, k, w, odd(shared)), out)
+    assert torch.equal(cuda.unpermute(rows, f2r, k, w, odd(shared)), out)
+    g = torch.randn(T, d).to(dtype)
+    gw = cuda.unpermute_weight_grad(g, rows, f2r, k)
+    torch.testing.assert_close(cuda.unpermute_weight_grad(odd(g), odd(rows), f2r, k), gw, rtol=1e-5, atol=1e-5)
+    want = (g.double()[:, None, :] * rows.double()[f2r.view(T, k)]).sum(-1)
+    torch.testing.assert_close(gw.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -505,6 +536,20 @@ def test_detector_wmma_misuse(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
 
 
+def test_grouped_mm_finds_its_blocks_among_many_experts():
+    """E = 700 (three experts per thread in the kernel's block lookup), most without rows, one with
+    300 (three row blocks), against the per-expert reference."""
+    E, K, N = 700, 16, 24
+    counts = torch.zeros(E, dtype=torch.int64)
+    counts[[3, 255, 256, 511, 699]] = torch.tensor([5, 300, 1, 129, 7])
+    off = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    x = torch.randn(int(off[-1]), K).half()
+    w = (torch.randn(E, K, N) / K**0.5).half()
+    got = grouped_mm(x, w, off, None, "none", backend="cuda")
+    want = torch.cat([x[off[e] : off[e + 1]].double() @ w[e].double() for e in range(E)])
+    assert_within_twice_reference_error(got.double(), grouped_mm(x, w, off, None, "none", backend="torch").double(), want)
+
+
 def test_detector_launch_limits_in_the_core_itself():
     """The production launcher: 65,536 row blocks x 32,768 tiles of 128 columns make a 1-D grid of
     2^31 blocks, one more than the card takes. Nothing is read (the launch is refused first), so the
@@ -527,10 +572,9 @@ def test_detector_launch_limits_in_the_core_itself():
             stride_we=0,
             trans_w=False,
             bias=0,
-            blk_expert=64,
-            blk_row0=64,
             blocks=65536,
             offsets=64,
+            num_experts=1,
             act=0,
             out=64,
             ldo=8,
