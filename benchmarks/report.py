@@ -21,7 +21,8 @@ def _fmt(v, pct=False) -> str:
 
 def _bound_us(row: Dict[str, Any], mode: str):
     """The roofline's H100 lower bound beside a GPU row at GeoMoE's shape (benchmarks/roofline.py):
-    the MoE layer's routed path forward + backward, or the grouped up-projection."""
+    the MoE layer's routed path forward + backward, the grouped up-projection, gating, routing +
+    permutation, or the combine."""
     from benchmarks import roofline
 
     if mode != "gpu" or not row.get("tokens"):
@@ -30,6 +31,9 @@ def _bound_us(row: Dict[str, Any], mode: str):
         return roofline.layer_bound_us(row["tokens"])
     if row.get("group") == "grouped_gemm":
         return roofline.up_proj_bound_us(row["tokens"])
+    if row.get("group") in ("gating", "permute", "unpermute"):  # permute's row runs route + permute
+        kernels = ("route", "permute") if row["group"] == "permute" else (row["group"],)
+        return roofline.kernels_bound_us(row["tokens"], kernels)
     return None
 
 
@@ -40,6 +44,7 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"torch {s.get('torch')}, CUDA {s.get('cuda')}, Triton {s.get('triton')}, Python {m.get('python')}, {result.get('datetime')}",
         "",
+        *([result["note"], ""] if result.get("note") else []),
         "## Summary",
         "",
         "| figure | value |",

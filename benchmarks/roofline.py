@@ -105,6 +105,12 @@ def layer_bound_us(tokens: int) -> float:
     return sum(r.bound_us for r in kernels(f"geomoe-{tokens}") if r.kernel != "permute")
 
 
+def kernels_bound_us(tokens: int, names) -> float:
+    """The summed bound of the named kernels at GeoMoE's shape and `tokens`."""
+    SHAPES.setdefault(f"geomoe-{tokens}", dict(SHAPES["geomoe-15680"], tokens=tokens))
+    return sum(r.bound_us for r in kernels(f"geomoe-{tokens}") if r.kernel in names)
+
+
 def up_proj_bound_us(tokens: int) -> float:
     SHAPES.setdefault(f"geomoe-{tokens}", dict(SHAPES["geomoe-15680"], tokens=tokens))
     return next(r.bound_us for r in kernels(f"geomoe-{tokens}") if r.kernel == "up_proj_fwd")
