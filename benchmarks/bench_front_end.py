@@ -18,17 +18,7 @@ MASKS = (0.6, 0.75, 0.85)
 def _sizes():
     """(images, model config): the published widths except in smoke mode."""
     if C.mode() == "smoke":
-        return 2, dict(
-            img_size=64,
-            embed_dim=(16, 24, 32),
-            depth=(1, 1, 1),
-            num_heads=2,
-            num_experts=4,
-            top_k=2,
-            decoder_embed_dim=16,
-            decoder_depth=1,
-            decoder_num_heads=2,
-        )
+        return 2, dict(C.SMOKE_MODEL)
     return (64 if C.mode() == "gpu" else 4), {}
 
 

@@ -12,18 +12,6 @@ from benchmarks.published_geomoe import PublishedGeoMoE
 from geomoe import GeoMoE, original_state_dict
 from geomoe.speed import apply_activation_checkpointing
 
-SMOKE = dict(
-    img_size=64,
-    embed_dim=(16, 24, 32),
-    depth=(1, 1, 1),
-    num_heads=2,
-    num_experts=4,
-    top_k=2,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-)
-
 
 BATCHES = {"smoke": [2], "cpu": [2, 8], "gpu": [64]}[C.mode()]  # the first is the summary's
 
@@ -31,7 +19,7 @@ BATCHES = {"smoke": [2], "cpu": [2, 8], "gpu": [64]}[C.mode()]  # the first is t
 @pytest.mark.parametrize("impl", ("geomoe", "geomoe_dense", "geomoe_checkpointed", "published"))
 @pytest.mark.parametrize("batch", BATCHES)
 def test_pretrain_step(benchmark, impl, batch):
-    cfg = SMOKE if C.mode() == "smoke" else {}
+    cfg = C.SMOKE_MODEL if C.mode() == "smoke" else {}
     dev = C.device()
     torch.manual_seed(0)
     ours = GeoMoE(**cfg, front_end="dense" if impl == "geomoe_dense" else "sparse")

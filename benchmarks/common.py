@@ -49,6 +49,20 @@ def layer_shape(kind: str = "geomoe") -> Dict:
     return dict(SHAPES[kind])
 
 
+# the GeoMoE config of the model-level benchmarks in smoke mode (CI): every part, tiny
+SMOKE_MODEL = dict(
+    img_size=64,
+    embed_dim=(16, 24, 32),
+    depth=(1, 1, 1),
+    num_heads=2,
+    num_experts=4,
+    top_k=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
+
+
 def llm_tokens() -> int:
     """Tokens at the LLM shape: a 16k-token micro-batch on a GPU."""
     return {"smoke": 64, "cpu": 512, "gpu": 16384}[mode()]

@@ -105,7 +105,8 @@ def host_overhead(tokens: int, rows: int) -> None:
         out = torch.empty(M, s["hidden"], device=a.device, dtype=a.dtype)
         pre = torch.empty_like(out)
         pieces["Triton launch alone"] = lambda: tg.KERNELS.forward(a, w, offsets, sched, b, "gelu", None, 1, out, pre)
-        # the schedule tensors the CUDA core reads (the Triton kernels find their block themselves)
+        # the schedule tensors every GEMM call built until the kernels found their blocks themselves (now
+        # only the reference builds them)
         pieces["block schedule tensors"] = lambda: recipe.block_schedule(offsets, M, tg.block_m(a.dtype)).expert
     pieces["route"] = lambda: route(ids, s["experts"])
     pieces["torch add (scale)"] = lambda: a.add(1)

@@ -24,9 +24,10 @@ class BlockSchedule:
     """For kernels that give each program `block` rows of one expert: expert e owns
     ceil(count_e / block) consecutive blocks, and the grid is the static bound ceil(M / block) + E,
     surplus blocks exiting at once. No host sync. The tensors are built on first use, on the
-    device, by a dozen small torch ops: the Triton kernels find their block from the offsets
-    themselves and never ask for them (each op call would otherwise pay those launches' host time,
-    measured at 194 us on an H200 host against a 170 us GEMM)."""
+    device, by a dozen small torch ops, for the reference's tiles: the GEMM kernels (Triton and the
+    CUDA core) find their block from the offsets themselves and never ask for them (each op call
+    would otherwise pay those launches' host time, measured at 194 us on an H200 host against a
+    170 us GEMM)."""
 
     def __init__(self, offsets: Tensor, M: int, block: int):
         self.offsets, self.block = offsets, block
