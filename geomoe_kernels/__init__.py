@@ -4,6 +4,7 @@ Ops (each a torch.library op in namespace `geomoe` with its backward registered,
 topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
 SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
 
+from . import cpu_memory  # noqa: F401  (first: it sets torch's huge-page switch before anything allocates)
 from . import layout
 from .backend import BACKENDS, BackendUnavailable
 from ._checks import OpInputError

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from . import backend, cuda, ops, self_check  # noqa: F401  (importing ops declares them and registers the implementations)
+from . import backend, cpu_memory, cuda, ops, self_check  # noqa: F401  (importing ops declares them and registers the implementations)
 
 
 def report() -> str:
@@ -32,6 +32,11 @@ def report() -> str:
         )
     )
     lines.append(self_check.summary())
+    lines.append(
+        "CPU tensors: grouped_mm and expert_mlp run one GEMM per expert that has rows, the offsets read on "
+        "the host (free there; device paths never read them)"
+    )
+    lines.append(cpu_memory.describe())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         lines.append(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")

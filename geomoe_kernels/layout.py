@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -111,9 +112,27 @@ def conv_weight_as_matrix(weight: Tensor) -> Tensor:
     return w.permute(*order, 1, 0).reshape(s * s * Cin, Cout)
 
 
+def _rows_in_weight_order(grouped: Tensor, Cin: int, s: int) -> Tensor:
+    """[R', s*s*Cin] grouped Z-ordered rows -> [R', Cin*s*s] in the weight's (Cin, y, x) order: the
+    inverse of conv_weight_as_matrix's permute, applied to the activations instead of the weight."""
+    b = s.bit_length() - 1
+    v = grouped.reshape(grouped.shape[0], *([2] * (2 * b)), Cin)  # dims: R', (y, x) bit pairs high first, Cin
+    ys = [1 + 2 * i for i in range(b)]
+    xs = [2 + 2 * i for i in range(b)]
+    return v.permute(0, 1 + 2 * b, *ys, *xs).reshape(grouped.shape[0], Cin * s * s)
+
+
 def strided_conv_rows(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """A kernel = stride conv on Z-ordered rows: [R, Cin] -> [R / s^2, Cout], one GEMM, no gather."""
+    """A kernel = stride conv on Z-ordered rows: [R, Cin] -> [R / s^2, Cout], one GEMM, no gather.
+    The GEMM needs the rows and the weight in one tap order; whichever of the two is smaller is
+    permuted (a strided copy, in the forward and again in the backward): the weight at large batches,
+    the activations at small ones, where re-laying a [Cout, Cin, 4, 4] weight would cost more than the
+    GEMM (CPU, batch 2)."""
     Cout, Cin, s, _ = weight.shape
     grouped = rows.reshape(-1, s * s * Cin)
-    out = grouped @ conv_weight_as_matrix(weight).to(rows.dtype)
+    if grouped.shape[0] < Cout:
+        conv_weight_as_matrix(weight.new_empty(0, Cin, *weight.shape[2:]))  # the same shape checks, no copy
+        out = F.linear(_rows_in_weight_order(grouped, Cin, s), weight.flatten(1).to(rows.dtype))
+    else:
+        out = grouped @ conv_weight_as_matrix(weight).to(rows.dtype)
     return out if bias is None else out + bias.to(rows.dtype)

@@ -57,16 +57,22 @@ def test_gather_scatter_round_trip():
     assert torch.equal(back, x * vis)
 
 
+@pytest.mark.parametrize("cout", [3, 64])  # fewer / more output channels than grouped rows: either operand permuted
 @pytest.mark.parametrize("s", [2, 4])
-def test_strided_conv_rows_matches_conv2d(s):
+def test_strided_conv_rows_matches_conv2d(s, cout):
     grid = (3, 3)
     kept = _kept(2, *grid, 4)
-    x = torch.randn(2, 5, 3 * 4, 3 * 4, dtype=torch.float64)
-    conv = torch.nn.Conv2d(5, 7, s, stride=s).double()
+    x = torch.randn(2, 5, 3 * 4, 3 * 4, dtype=torch.float64, requires_grad=True)
+    conv = torch.nn.Conv2d(5, cout, s, stride=s).double()
     rows = layout.gather_cells(x, kept, 4)
     got = layout.strided_conv_rows(rows, conv.weight, conv.bias)
     want = layout.gather_cells(conv(x), kept, 4 // s)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, conv.weight, conv.bias), g)
+    grads_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads, grads_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
 def test_sparse_cblock_compiles_fullgraph():

@@ -129,14 +129,31 @@ def _loop_forward(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Ten
 
 
 def _loop_backward(dpre: Tensor, x: Tensor, weight: Tensor, offsets: Tensor, acc: torch.dtype):
-    dx = dpre.new_zeros(dpre.shape[0], weight.shape[1])
-    dw = torch.zeros(weight.shape, dtype=acc)  # experts without rows keep these exact zeros
-    db = torch.zeros(weight.shape[0], weight.shape[2], dtype=acc)
-    for e, lo, hi in _spans(offsets):
+    """Each GEMM writes its expert's slice in place (no product copied in, no [E, K, N] zero-fill that
+    the GEMMs then overwrite): on the CPU a fresh weight-sized buffer costs most of its time in first
+    touch, so every byte is written once. Experts without rows, and rows past the last expert's, are
+    zeroed explicitly."""
+    spans = _spans(offsets)
+    dx = dpre.new_empty(dpre.shape[0], weight.shape[1])
+    dx[int(offsets[-1]) :].zero_()  # rows past the last expert's (none in a routed layout)
+    dw = torch.empty(weight.shape, dtype=acc)
+    db = torch.empty(weight.shape[0], weight.shape[2], dtype=acc)
+    in_place = acc == dpre.dtype  # float32/64: the GEMM accumulates in acc already
+    has_rows = set()
+    for e, lo, hi in spans:
         g = dpre[lo:hi]
         torch.mm(g, weight[e].t(), out=dx[lo:hi])
-        dw[e] = (x[lo:hi].t() @ g).to(acc)
-        db[e] = g.to(acc).sum(0)
+        if in_place:
+            torch.mm(x[lo:hi].t(), g, out=dw[e])
+            torch.sum(g, 0, out=db[e])
+        else:
+            dw[e] = (x[lo:hi].t() @ g).to(acc)
+            db[e] = g.to(acc).sum(0)
+        has_rows.add(e)
+    for e in range(weight.shape[0]):
+        if e not in has_rows:  # exact zeros for an expert that saw no rows
+            dw[e].zero_()
+            db[e].zero_()
     return dx, dw, db
 
 

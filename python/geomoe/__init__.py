@@ -1,5 +1,7 @@
 """geomoe: the GeoMoE remote-sensing MAE model and its pretraining, built on geomoe_kernels."""
 
+import geomoe_kernels  # noqa: F401  (first: it sets torch's CPU huge-page switch before anything allocates)
+
 from .masking import random_masking
 from .backbone import GeoMoEBackbone
 from .model import GeoMoE

@@ -119,6 +119,26 @@ def test_empty_experts_get_exact_zero_gradients(path):
     assert w.grad[0].abs().sum() > 0 and w.grad[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_host_loop_writes_every_byte_of_its_uninitialised_outputs(monkeypatch, dtype):
+    """The CPU loop fills its gradients in place in torch.empty buffers: with every fresh buffer
+    NaN-poisoned, empty experts still come out exactly zero and the rest equals the fused path."""
+    off = offsets([4, 0, 6, 0, 3])
+    x = torch.randn(13, 8, dtype=dtype)
+    w = torch.randn(5, 8, 16, dtype=dtype)
+    g = torch.randn(13, 16, dtype=dtype)
+    clean = grouped_mm_backward(g, x, w, off, None, "none")
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: real_new_empty(t, *a, **k).fill_(float("nan")))
+    poisoned = grouped_mm_backward(g, x, w, off, None, "none")
+    for a, b in zip(poisoned, clean):
+        assert torch.equal(a, b)
+    assert torch.equal(poisoned[1][1], torch.zeros(8, 16, dtype=dtype)) and torch.equal(
+        poisoned[2][3], torch.zeros(16, dtype=dtype)
+    )
+
+
 def test_gradcheck_each_activation():
     off = offsets([2, 0, 3])
     for act in ACTIVATIONS:
