@@ -98,5 +98,16 @@ def test_refusals_name_the_block():
     block.gate = MyRouter(block.gate)
     with pytest.raises(UnsupportedBlock, match=r"router='geomoe' maps only.*got MyRouter"):
         MoEMLP.from_transformers(block, router="geomoe")
-    with pytest.raises(UnsupportedBlock, match="expected 'experts'"):
+    with pytest.raises(UnsupportedBlock, match="argument 'block' expected an 'experts' module.*got none"):
         MoEMLP.from_transformers(nn.Linear(2, 2))
+    block.experts._is_expert_parallel = True
+    with pytest.raises(UnsupportedBlock, match=r"expected unsharded experts, got _is_expert_parallel=True"):
+        MoEMLP.from_transformers(block)
+    block.experts._is_expert_parallel = False
+    block.experts.has_gate = False
+    with pytest.raises(UnsupportedBlock, match=r"expected experts with a gate.*has_gate=False"):
+        MoEMLP.from_transformers(block)
+    block.experts.has_gate = True
+    del block.gate
+    with pytest.raises(UnsupportedBlock, match=r"expected a router 'gate' or 'router'.*got none"):
+        MoEMLP.from_transformers(block)

@@ -87,13 +87,19 @@ def moe_from_transformers(cls: Any, block: nn.Module, router: str = "block", bac
         raise TypeError(f"MoEMLP.from_transformers: argument 'block' expected an nn.Module, got {type(block).__name__}")
     experts = getattr(block, "experts", None)
     if experts is None or not all(hasattr(experts, f) for f in ("has_gate", "is_transposed", "has_bias", "num_experts")):
-        raise _refuse(block, "expected 'experts' decorated with transformers' @use_experts_implementation (its layout flags)")
+        raise _refuse(
+            block,
+            f"argument 'block' expected an 'experts' module decorated with transformers' @use_experts_implementation "
+            f"(its layout flags), got {type(experts).__name__ if experts is not None else 'none'}",
+        )
     if not experts.has_gate:
-        raise _refuse(block, "experts without a gate (up_proj only) are not served")
+        raise _refuse(block, "expected experts with a gate (has_gate=True, gate_up_proj), got has_gate=False (up_proj only)")
     if getattr(experts, "has_post_expert_norm", False):
-        raise _refuse(block, "a post-expert norm is not served")
+        raise _refuse(block, "expected no post-expert norm, got has_post_expert_norm=True")
     if getattr(experts, "_is_expert_parallel", False):
-        raise _refuse(block, "expert-parallel experts (a rank's shard) are not served; build from the unsharded block")
+        raise _refuse(
+            block, "expected unsharded experts, got _is_expert_parallel=True (a rank's shard); build from the unsharded block"
+        )
     w1: Any = getattr(experts, "gate_up_proj", None)
     w2: Any = getattr(experts, "down_proj", None)
     b1, b2 = (
@@ -123,10 +129,15 @@ def moe_from_transformers(cls: Any, block: nn.Module, router: str = "block", bac
 
     gate = _first(block, ("gate", "router"))
     if gate is None or not isinstance(getattr(gate, "weight", None), nn.Parameter) or gate.weight.shape != (E, D):
-        raise _refuse(block, f"expected a router 'gate' or 'router' with weight [{E}, {D}]")
+        got = (
+            "none"
+            if gate is None
+            else f"{type(gate).__name__} with weight {list(getattr(getattr(gate, 'weight', None), 'shape', []))}"
+        )
+        raise _refuse(block, f"expected a router 'gate' or 'router' with a weight Parameter [{E}, {D}], got {got}")
     top_k = int(getattr(gate, "top_k", getattr(block, "top_k", 0)))
     if getattr(block, "jitter_noise", 0):
-        raise _refuse(block, f"router jitter noise {block.jitter_noise} is not served (expected 0)")
+        raise _refuse(block, f"expected router jitter noise 0, got {block.jitter_noise}")
     correction = getattr(gate, "e_score_correction_bias", None)
     gate_bias = getattr(gate, "bias", None)
     rtype = type(gate).__name__
