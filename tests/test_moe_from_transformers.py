@@ -111,3 +111,25 @@ def test_refusals_name_the_block():
     del block.gate
     with pytest.raises(UnsupportedBlock, match=r"expected a router 'gate' or 'router'.*got none"):
         MoEMLP.from_transformers(block)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_block_moe_mlp_on_a_kernel_backend(kernel_backend, name):
+    """Under the Triton interpreter (tests/test_triton_interpreter.py's process) in float32: the fused
+    SwiGLU on the block's re-laid-out [E, out, in] weights with a gated shared expert (Qwen2-MoE),
+    and the experts' own gate between two grouped GEMMs with biases (GPT-OSS), output and every
+    gradient as the block's."""
+    if kernel_backend.name != "triton":
+        pytest.skip("float32: the CUDA core's grouped GEMM takes fp16/bf16 (its layer test is in test_cuda_emulated.py)")
+    block = _block(name).float().to(kernel_backend.device)
+    moe = MoEMLP.from_transformers(block, backend=kernel_backend.name)
+    x = torch.randn(2, 5, moe.dim, device=kernel_backend.device)
+    params = list(block.parameters())
+    runs = []
+    for layer in (block, moe):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y = y[0] if isinstance(y, tuple) else y  # MoEMLP's (y, aux, load), GPT-OSS's (y, router scores)
+        runs.append([y.detach(), *torch.autograd.grad(y.square().sum(), [xi, *params])])
+    for a, b in zip(runs[1], runs[0]):
+        assert _max_rel(a, b) <= 1e-4
