@@ -12,10 +12,21 @@ def init(rank: int, world: int, init_file: str) -> None:
 
 
 def make_layer():
-    """The layer and data every rank (and the single-process reference) starts from."""
+    """The layer and data every rank (and the single-process reference) starts from; with
+    GEOMOE_TEST_EP_OPTIONS (JSON) MoEMLP's LLM options on 8 experts, every parameter drawn."""
+    import json
+
     from geomoe_kernels import MoEMLP
 
     torch.manual_seed(0)
+    options = json.loads(os.environ.get("GEOMOE_TEST_EP_OPTIONS", "null"))
+    if options is not None:
+        moe = MoEMLP(16, 12, 8, top_k=3, **options).double()
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+            moe.expert_bias.copy_(torch.randn(8, dtype=torch.float64) * 0.1)
+        return moe, torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
     moe = MoEMLP(16, 12, 7, 1, 3).double()
     with torch.no_grad():
         moe.expert_bias.copy_(torch.tensor([0.0, 0.3, 0, 0, 0, -0.2, 0], dtype=torch.float64))

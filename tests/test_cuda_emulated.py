@@ -634,6 +634,8 @@ def test_detector_address_sanitizer_catches_out_of_bounds(asan_cases, case, kind
 # ---- the backend-parametrised tests, and all of it under AddressSanitizer --------------------------------
 
 BACKEND_TESTS = [os.path.join(HERE, t) for t in ("ops", "test_moe_mlp.py", "test_model.py")]
+# the transformers models on the emulated core (bf16): in the plain emulated run only, not again under ASan
+HF_TESTS = [os.path.join(HERE, "test_transformers_backend.py")]
 
 
 def _pytest(env, paths, deselect=None):
@@ -659,7 +661,7 @@ def test_backend_tests_through_the_emulated_core():
     """tests/ops/ and the MoE layer's and the model's backend-parametrised tests, in a process where
     the emulated "cuda" is the backend they check (tests/helpers.backends_here), as the Triton
     interpreter's process does for "triton"."""
-    _pytest(dict(os.environ, GEOMOE_CUDA_EMULATE="1"), BACKEND_TESTS)
+    _pytest(dict(os.environ, GEOMOE_CUDA_EMULATE="1"), BACKEND_TESTS + HF_TESTS)
 
 
 @pytest.mark.skipif(VARIANT == "asan", reason="runs in the ASan run's own list")

@@ -42,6 +42,57 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
         torch.testing.assert_close(got, dict(moe.named_parameters())[name].grad, rtol=0, atol=1e-12)
 
 
+# MoEMLP's LLM options, each sharded over two ranks (8 experts: 4 + 4)
+EP_OPTIONS = {
+    # DeepSeek-V3: no biases, sigmoid + bias selection in 4 groups (2 kept), scaling 2.5, a gated shared expert
+    "deepseek": dict(
+        num_shared_experts=1,
+        score_func="sigmoid",
+        activation="swiglu",
+        bias=False,
+        gate_bias=False,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        shared_gate=True,
+    ),
+    # Qwen-style softmax then top-k without renormalisation, SwiGLU side by side, no shared expert
+    "softmax-no-renorm": dict(num_shared_experts=0, score_func="softmax", renormalize=False, activation="swiglu", bias=False),
+    # softmax top-k renormalised, GPT-OSS's interleaved SwiGLU with biases
+    "interleaved": dict(num_shared_experts=1, score_func="softmax", activation="swiglu", swiglu_layout="interleaved"),
+}
+
+
+@pytest.mark.parametrize("case", list(EP_OPTIONS))
+def test_expert_parallel_with_llm_options_equals_one_process(tmp_path, monkeypatch, case):
+    monkeypatch.setenv("GEOMOE_TEST_EP_OPTIONS", json.dumps(EP_OPTIONS[case]))
+    mp.spawn(ep_layer, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    moe, x, y, load = _single_process_reference()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["range"] == (0, 4) and ranks[1]["range"] == (4, 8)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, rtol=0, atol=1e-12)
+    assert torch.equal(ranks[0]["load"] + ranks[1]["load"], load)
+    for name, p in moe.named_parameters():
+        if name in ("w1", "b1", "w2", "b2"):  # sharded: each rank's experts, divided by the world size
+            got = torch.cat([r["grads"][name] for r in ranks]) * 2
+        else:  # replicated: the sum over ranks
+            got = ranks[0]["grads"][name] + ranks[1]["grads"][name]
+        torch.testing.assert_close(got, p.grad, rtol=0, atol=1e-11, msg=lambda m: f"{name}: {m}")
+    assert set(ranks[0]["grads"]) == {n for n, _ in moe.named_parameters()}
+
+
+def test_expert_parallel_refuses_a_block_sharing_moe(monkeypatch):
+    from geomoe_kernels import MoEMLP
+    from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
+
+    moe = MoEMLP(8, 6, 4, 0, 2)
+    moe.weights_out_in = True  # what from_transformers sets
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="argument 'moe'.*from_transformers"):
+        ExpertParallelMoEMLP.from_dense(moe)
+
+
 def _torchrun(out, *extra, steps=4, nproc=2, batch=4):
     cmd = [
         sys.executable,

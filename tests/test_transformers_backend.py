@@ -1,7 +1,8 @@
 """The transformers experts backend "geomoe" (geomoe_kernels/integrations/transformers.py) against
 transformers' own experts: tiny random models of six MoE architectures (built with
 AutoConfig.for_model) give the same logits, every parameter gradient and the same greedy tokens as
-"eager", in float64 (to 1e-10) and float32; and every combination of the decorator's layout flags,
+"eager", in float64 (to 1e-10) and float32, in bf16 within twice eager's own error; under the
+Triton interpreter (float32) and the emulated CUDA core (bf16) in those tests' processes; and every combination of the decorator's layout flags,
 on a synthetic experts module, against transformers' "batched_mm" (a per-row bmm, independent of
 ours), with the router's gradient too. Skipped where transformers is not installed."""
 
@@ -346,7 +347,7 @@ def test_bad_layouts_say_which_flags():
         _experts_class(False, True, False, True, False, "silu")(_config("geomoe"))(x, ids, w[:, :1])
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_model_matches_eager(name):
     """torch.compile(fullgraph=True) over the whole model with the geomoe experts (after prepare():
     the one-time re-layout happens outside the trace): our ops stay whole in the graph, and the
@@ -374,3 +375,76 @@ def test_compiled_model_matches_eager(name):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
             assert _max_rel(q.grad, p.grad) <= 1e-4, n
+
+
+# ---- bf16 by the 2x-torch-error rule; the kernel backends (Triton interpreter, emulated CUDA core) ----
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return [out.logits.detach().double().cpu()] + [
+        (p.grad.double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)) for p in model.parameters()
+    ]
+
+
+def _within_twice_eager_error(exact, eager, ours, names):
+    """Each of ours (logits, then every parameter gradient) within twice the error of eager in the
+    same dtype against the float64 model, plus 1e-3 of the exact value's scale (tests/helpers.py)."""
+    for n, e, t, o in zip(["logits", *names], exact, eager, ours):
+        err, ref_err, scale = (o - e).abs().max().item(), (t - e).abs().max().item(), e.abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * max(scale, 1.0), (n, err, ref_err, scale)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_model_within_twice_eager_error(name):
+    exact = _build(name, torch.float64)
+    exact.set_experts_implementation("eager")
+    eager = _build(name, torch.bfloat16)
+    eager.set_experts_implementation("eager")
+    ours = copy.deepcopy(eager)
+    ours.set_experts_implementation("geomoe")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    names = [n for n, _ in exact.named_parameters()]
+    _within_twice_eager_error(*(_logits_and_grads(m, ids) for m in (exact, eager, ours)), names)
+
+
+# the fused SwiGLU op (Mixtral), and the experts' own gate between two grouped GEMMs with biases (GPT-OSS)
+KERNEL_MODELS = ["mixtral", "gpt_oss"]
+
+
+@pytest.mark.parametrize("name", KERNEL_MODELS)
+def test_kernel_backend_model_matches_eager(kernel_backend, name):
+    """The "geomoe" experts on a kernel backend: under the Triton interpreter
+    (tests/test_triton_interpreter.py's process) in float32, logits and every gradient as eager's and
+    the same greedy tokens; through the emulated CUDA core (tests/test_cuda_emulated.py's) in bf16 by
+    the 2x-torch-error rule, since its grouped GEMM takes no float32 (nor fuses SwiGLU: Mixtral's
+    experts run as two grouped_mm there); on a GPU both."""
+    dev = kernel_backend.device
+    fn_name = f"geomoe_{kernel_backend.name}"
+    gt.register(fn_name, backend=kernel_backend.name)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2)).to(dev)
+    if kernel_backend.name == "triton":
+        ref = _build(name, torch.float32).to(dev)
+        ref.set_experts_implementation("eager")
+        ours = copy.deepcopy(ref)
+        ours.set_experts_implementation(fn_name)
+        want, got = _logits_and_grads(ref, ids), _logits_and_grads(ours, ids)
+        assert _max_rel(got[0], want[0]) <= 1e-5
+        for (n, _), a, b in zip(ref.named_parameters(), got[1:], want[1:]):
+            assert _max_rel(a, b) <= 1e-4, n
+        if name == KERNEL_MODELS[0]:
+            with torch.no_grad():
+                tokens = [m.generate(ids[:, :3], max_new_tokens=2, do_sample=False, pad_token_id=0) for m in (ref, ours)]
+            assert torch.equal(tokens[0], tokens[1])
+    if kernel_backend.name == "cuda":
+        exact = _build(name, torch.float64)
+        exact.set_experts_implementation("eager")
+        eager = _build(name, torch.bfloat16).to(dev)
+        eager.set_experts_implementation("eager")
+        ours = copy.deepcopy(eager)
+        ours.set_experts_implementation(fn_name)
+        names = [n for n, _ in exact.named_parameters()]
+        runs = [_logits_and_grads(exact, ids.cpu()), _logits_and_grads(eager, ids), _logits_and_grads(ours, ids)]
+        _within_twice_eager_error(*runs, names)

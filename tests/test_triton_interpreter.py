@@ -1,4 +1,5 @@
-"""Runs the backend-parametrised tests (tests/ops/, the MoE layer's and the model's) again in a
+"""Runs the backend-parametrised tests (tests/ops/, the MoE layer's, the model's and the transformers
+models') again in a
 pytest process of their own with TRITON_INTERPRET=1, where "triton" is the backend they check on
 the CPU: Triton reads the variable once per process, and the rest of this suite keeps the
 reference path. tests/conftest.py keeps only those tests there."""
@@ -11,7 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = ["ops", "test_moe_mlp.py", "test_model.py"]
+TESTS = ["ops", "test_moe_mlp.py", "test_model.py", "test_transformers_backend.py", "test_moe_from_transformers.py"]
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("this process is the interpreter's", allow_module_level=True)

@@ -15,6 +15,7 @@ in float32). The gate is fused into the first grouped GEMM when it is a standard
 - has_gate=False with act_fn SiLU or erf-GELU: one `expert_mlp` op with that activation;
 - anything else (GeGLU, GPT-OSS's clamped SwiGLU on interleaved columns, relu2, ...): two
   `grouped_mm` ops with the module's own `_apply_gate` / `act_fn` between them (autograd through it).
+  So does SwiGLU on backend="cuda" (registered by name), whose grouped GEMM fuses no SwiGLU.
 
 Layouts. The decorator's flags: is_transposed (weights [E, in, out] rather than [E, out, in]),
 is_concatenated (gate and up side by side, or interleaved: only the module's `_apply_gate` reads
@@ -253,6 +254,8 @@ def experts_forward(
     row_to_flat, flat_to_row, offsets = route(ids.contiguous(), E, backend)
 
     activation = fused_activation(module)
+    if activation == "swiglu" and backend == "cuda":  # the CUDA core fuses no SwiGLU: the module's gate between two GEMMs
+        activation = None
     if activation is not None:
         rows = expert_mlp(x, w1, b1, w2, b2, offsets, activation, backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
     else:

@@ -9,7 +9,13 @@ expert parallelism, not of the single-device path.
 
 Rank r owns experts [r*E//W, (r+1)*E//W), so 23 experts on 2 ranks is 11 + 12. The per-expert
 gradients a rank computes sum over the tokens of every rank; a hook divides them by W so they match
-the data-parallel average of the replicated parameters (and a single process on the whole batch)."""
+the data-parallel average of the replicated parameters (and a single process on the whole batch).
+
+Every MoEMLP option runs here as on one device: experts without biases, softmax or sigmoid top-k with
+or without renormalisation, group-limited top-k and the routed scaling factor (the gating is local
+to each rank's tokens), the shared experts with their sigmoid gate (replicated), SwiGLU side by side
+or interleaved. A MoEMLP built by from_transformers is refused: it shares the block's whole expert
+tensors, which a shard cannot."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import expert_mlp, permute, route, unpermute
+from ..ops import permute, route, unpermute
 from .moe import MoEMLP
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -52,6 +58,12 @@ class ExpertParallelMoEMLP(MoEMLP):
 
     @classmethod
     def from_dense(cls, moe: MoEMLP, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelMoEMLP":
+        if moe.weights_out_in or moe.block_router or moe.shared_expert is not None or moe.expert_gate_fn is not None:
+            raise ValueError(
+                "ExpertParallelMoEMLP.from_dense: argument 'moe' expected a MoEMLP of its own, got one built by "
+                "MoEMLP.from_transformers (it shares the transformers block's whole expert tensors; shard the block's "
+                "model with transformers' own expert parallelism, or build a MoEMLP with the same options and load its weights)"
+            )
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         ep = cls.__new__(cls)
@@ -63,6 +75,8 @@ class ExpertParallelMoEMLP(MoEMLP):
         ep.expert_start, ep.expert_end = expert_range(moe.num_experts, rank, world)
         for name in EXPERT_PARAMS:
             full = getattr(moe, name)
+            if full is None:  # bias=False
+                continue
             local = torch.nn.Parameter(full.detach()[ep.expert_start : ep.expert_end].clone())
             local.register_hook(lambda g, w=world: g / w)
             ep._parameters[name] = local
@@ -94,16 +108,7 @@ class ExpertParallelMoEMLP(MoEMLP):
         expert_rows = arrived.index_select(0, to_expert_major)
         local_counts = mine.sum(0)
         local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
-        out = expert_mlp(
-            expert_rows,
-            self.w1.to(dtype),
-            self.b1.to(dtype),
-            self.w2.to(dtype),
-            self.b2.to(dtype),
-            local_offsets,
-            self.activation,
-            be,
-        )
+        out = self._experts(expert_rows, dtype, local_offsets, None, None)
         back_order = torch.empty_like(to_expert_major)
         back_order[to_expert_major] = torch.arange(to_expert_major.numel(), device=out.device)
         returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)
@@ -133,7 +138,7 @@ def shard_experts(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = N
             if isinstance(child, MoEMLP) and not isinstance(child, ExpertParallelMoEMLP):
                 setattr(module, child_name, ExpertParallelMoEMLP.from_dense(child, group))
                 prefix = f"{name}.{child_name}" if name else child_name
-                local += [f"{prefix}.{p}" for p in EXPERT_PARAMS]
+                local += [f"{prefix}.{p}" for p in EXPERT_PARAMS if getattr(child, p) is not None]
     return local
 
 
@@ -148,6 +153,8 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     for name, m in _sharded(model):
         for p in EXPERT_PARAMS:
             key = f"{name}.{p}" if name else p
+            if key not in sd:  # bias=False
+                continue
             parts: List[Optional[Tensor]] = [None] * m.world
             dist.all_gather_object(parts, sd[key].detach().cpu(), group=m.group)
             sd[key] = torch.cat([p for p in parts if p is not None])  # every rank sends its part
@@ -160,5 +167,6 @@ def local_state_dict(model: torch.nn.Module, full: dict) -> dict:
     for name, m in _sharded(model):
         for p in EXPERT_PARAMS:
             key = f"{name}.{p}" if name else p
-            sd[key] = sd[key][m.expert_start : m.expert_end]
+            if key in sd:  # absent with bias=False
+                sd[key] = sd[key][m.expert_start : m.expert_end]
     return sd

@@ -18,12 +18,15 @@ Options for the MoE layers of LLMs (keyword-only; the defaults are GeoMoE's):
 - shared_gate=True: the shared experts' output times sigmoid(x @ w) (Qwen2-MoE's shared_expert_gate).
 - swiglu_layout="interleaved": SwiGLU's first projection holds columns [g0, u0, g1, u1, ...] instead
   of [gate | up]; then the two expert GEMMs run as two grouped_mm with the gate between them.
-Softmax-then-top-k with or without renormalisation is score_func="softmax" with renormalize."""
+Softmax-then-top-k with or without renormalisation is score_func="softmax" with renormalize.
+
+MoEMLP.from_transformers(block) builds one from a transformers sparse-MoE block that shares the
+block's parameters (see geomoe_kernels/nn/hf_blocks.py for what it maps and what it refuses)."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +49,15 @@ class MoEMLP(nn.Module):
     # None with bias=False
     b1: Tensor
     b2: Tensor
+    # Set by from_transformers only (the defaults are GeoMoE's own layer):
+    # w1/w2 stored [E, out, in] (the block's own tensors) rather than [E, in, out]
+    weights_out_in: bool = False
+    # self.gate is the block's router, called for (logits, weights, ids)
+    block_router: bool = False
+    # the experts' own gate between the two grouped GEMMs (e.g. GPT-OSS's clamped SwiGLU)
+    expert_gate_fn: Optional[Callable[[Tensor], Tensor]] = None
+    # the block's shared-expert MLP (a module of its own, its own hidden size), or None
+    shared_expert: Optional[nn.Module]
 
     def __init__(
         self,
@@ -120,6 +132,7 @@ class MoEMLP(nn.Module):
         up = 2 * self.hidden_dim if activation == "swiglu" else self.hidden_dim
         self.gate = nn.Linear(dim, num_experts, bias=gate_bias)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self.shared_expert = None
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Stacked [E, in, out] for the grouped GEMM (x @ w), not nn.Linear's [out, in].
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, up))
@@ -152,7 +165,23 @@ class MoEMLP(nn.Module):
             + ("" if self.n_group == 1 else f", n_group={self.n_group}, topk_group={self.topk_group}")
             + ("" if self.shared_gate is None else ", shared_gate=True")
             + ("" if self.swiglu_layout == "concat" else f", swiglu_layout={self.swiglu_layout!r}")
+            + (", router=block's" if self.block_router else "")
+            + ("" if self.expert_gate_fn is None else ", expert gate=the experts' own")
         )
+
+    @classmethod
+    def from_transformers(cls, block: nn.Module, router: str = "block", backend: str = "auto") -> "MoEMLP":
+        """A MoEMLP sharing the parameters of a transformers sparse-MoE block (Mixtral, Qwen2-MoE,
+        Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...). router="block" calls the block's own router
+        (its exact arithmetic and dtypes), router="geomoe" runs MoEMLP's gating on the router's
+        weights with the options mapped from it. See geomoe_kernels/nn/hf_blocks.py."""
+        from .hf_blocks import moe_from_transformers
+
+        return moe_from_transformers(cls, block, router, backend)
+
+    def _kn(self, w: Tensor) -> Tensor:
+        """An expert weight as [E, in, out] (a view when it is stored [E, out, in])."""
+        return w.transpose(1, 2) if self.weights_out_in else w
 
     def _act(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu" and self.swiglu_layout == "interleaved":
@@ -171,6 +200,11 @@ class MoEMLP(nn.Module):
     def _shared(self, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
         """Sum of the shared experts (weight 1 each), as batched matmuls over the S experts so that
         every weight gradient comes out contiguous (what DDP's buckets expect)."""
+        if self.shared_expert is not None:
+            y = self.shared_expert(x)
+            if self.shared_gate is not None:
+                y = y * torch.sigmoid(nn.functional.linear(x, self.shared_gate.weight.to(dtype)))
+            return y
         S = self.num_shared_experts
         if S == 0:
             return None
@@ -192,6 +226,8 @@ class MoEMLP(nn.Module):
         """(weights, ids, load, prob_mean) for the tokens; the router in float32 whatever the compute
         dtype (float64 when checking)."""
         gate_dtype = torch.promote_types(x_dtype, torch.float32)
+        if self.block_router:
+            return self._block_gate(tokens.to(x_dtype), gate_dtype)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
             logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
@@ -205,6 +241,18 @@ class MoEMLP(nn.Module):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return weights, ids, load, prob_mean
+
+    def _block_gate(self, tokens: Tensor, gate_dtype: torch.dtype):
+        """The block's own router: its weights (routed scaling included) and ids as it computes them;
+        the load, and the mean normalised score (for the aux loss) from its logits."""
+        logits, weights, ids = self.gate(tokens)
+        ids = ids.to(torch.int64)
+        scores = logits.to(gate_dtype)
+        scores = torch.sigmoid(scores) if self.score_func == "sigmoid" else torch.softmax(scores, -1)
+        T = scores.shape[0]
+        prob_mean = (scores / scores.sum(-1, keepdim=True)).mean(0) if T else scores.new_zeros(self.num_experts)
+        load = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        return weights.to(gate_dtype), ids, load, prob_mean
 
     def _group_limited_gate(self, logits: Tensor, bias: Optional[Tensor]):
         """DeepSeek-V3's routing as torch ops: experts of the topk_group best groups (a group's score:
@@ -234,31 +282,28 @@ class MoEMLP(nn.Module):
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
-        b1 = self.b1.to(dtype) if self.b1 is not None else None
-        b2 = self.b2.to(dtype) if self.b2 is not None else None
-        if self.activation == "swiglu" and self.swiglu_layout == "interleaved":  # the gate between two grouped GEMMs
-            pre = grouped_mm(
-                tokens, self.w1.to(dtype), offsets, b1, "none", be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k
-            )
-            rows_out = grouped_mm(self._act(pre), self.w2.to(dtype), offsets, b2, "none", be)
-        else:
-            # both GEMMs in one op: the first reads its rows straight from the tokens through the
-            # permutation, and only the pre-activation is kept for backward
-            rows_out = expert_mlp(
-                tokens,
-                self.w1.to(dtype),
-                b1,
-                self.w2.to(dtype),
-                b2,
-                offsets,
-                self.activation,
-                be,
-                gather=row_to_flat,
-                flat_to_row=flat_to_row,
-                top_k=k,
-            )
+        rows_out = self._experts(tokens, dtype, offsets, row_to_flat, flat_to_row)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+    def _experts(
+        self, tokens: Tensor, dtype: torch.dtype, offsets: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor]
+    ) -> Tensor:
+        """The routed experts on their rows (expert-major), read from `tokens` through `gather` when
+        given (rows already grouped by expert otherwise)."""
+        k, be = self.top_k, self.backend
+        w1, w2 = self._kn(self.w1).to(dtype), self._kn(self.w2).to(dtype)
+        b1 = self.b1.to(dtype) if self.b1 is not None else None
+        b2 = self.b2.to(dtype) if self.b2 is not None else None
+        k = k if gather is not None else 1
+        if self.expert_gate_fn is not None or (self.activation == "swiglu" and self.swiglu_layout == "interleaved"):
+            # the gate between two grouped GEMMs
+            pre = grouped_mm(tokens, w1, offsets, b1, "none", be, gather=gather, flat_to_row=flat_to_row, top_k=k)
+            hidden = self.expert_gate_fn(pre) if self.expert_gate_fn is not None else self._act(pre)
+            return grouped_mm(hidden.to(dtype), w2, offsets, b2, "none", be)
+        # both GEMMs in one op: the first reads its rows straight from the tokens through the
+        # permutation, and only the pre-activation is kept for backward
+        return expert_mlp(tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=gather, flat_to_row=flat_to_row, top_k=k)
 
     @torch.no_grad()
     def update_bias(self, load: Tensor, rate: float = 1e-3) -> None:

@@ -1,0 +1,135 @@
+"""MoEMLP.from_transformers (geomoe_kernels/nn/hf_blocks.py): a MoEMLP built from the sparse-MoE block
+of a tiny random transformers model (AutoConfig.for_model) of each architecture shares the block's
+parameters (the same objects, storage kept) and gives the block's output (run on transformers'
+"eager" experts) and every gradient in float64 to 1e-10; with MoEMLP's own gating (router="geomoe")
+the same experts and weights up to the block router's float32 softmax. Skipped without transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers", minversion="5.0")
+pytest.importorskip("geomoe_kernels.integrations.transformers")
+
+from geomoe_kernels import MoEMLP  # noqa: E402
+from geomoe_kernels.nn.hf_blocks import UnsupportedBlock  # noqa: E402
+from tests.test_transformers_backend import MODELS, _build  # noqa: E402
+
+FUSED = {"gpt_oss": False}  # GPT-OSS's clamped SwiGLU runs as the experts' own gate between two GEMMs
+
+
+def _block(name: str) -> nn.Module:
+    model = _build(name, torch.float64)
+    model.set_experts_implementation("eager")
+    return model.model.layers[-1].mlp  # DeepSeek-V3's first layer is dense
+
+
+def _max_rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_block_equals_its_moe_mlp(name):
+    block = _block(name)
+    storage = {n: p.untyped_storage().data_ptr() for n, p in block.named_parameters()}
+    moe = MoEMLP.from_transformers(block, backend="torch")
+    assert {id(p) for p in moe.parameters()} == {id(p) for p in block.parameters()}  # shared, not copied
+    assert moe.expert_gate_fn is None if FUSED.get(name, True) else moe.expert_gate_fn is not None
+    assert (moe._kn(moe.w1).is_contiguous(), moe._kn(moe.w2).is_contiguous()) == (True, True)  # read in place
+    x = torch.randn(2, 7, moe.dim, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    params = list(block.parameters())
+    want = block(xa)
+    want = want[0] if isinstance(want, tuple) else want  # GPT-OSS returns (hidden, router scores)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * g).sum(), [xa, *params])
+    got, aux, load = moe(xb)
+    got_grads = torch.autograd.grad((got * g).sum(), [xb, *params])
+    assert got.shape == want.shape and load.sum() == 14 * moe.top_k and aux.isfinite()
+    assert _max_rel(got, want) <= 1e-10
+    for (n, _), a, b in zip([("x", None), *block.named_parameters()], got_grads, want_grads):
+        assert _max_rel(a, b) <= 1e-10, n
+    # the re-layout kept each parameter's storage where it was only if it was [E, in, out] already
+    for n, p in block.named_parameters():
+        if not n.startswith("experts.") or block.experts.is_transposed:
+            assert p.untyped_storage().data_ptr() == storage[n], n
+
+    own = MoEMLP.from_transformers(block, router="geomoe", backend="torch")
+    got_own, _, load_own = own(x)
+    assert torch.equal(load_own, load)
+    assert _max_rel(got_own, want) <= 1e-6  # the block's router takes its softmax / sigmoid in float32
+
+
+def test_deepseek_bias_update_moves_the_routers_buffer():
+    block = _block("deepseek_v3")
+    moe = MoEMLP.from_transformers(block, router="geomoe")
+    assert (moe.score_func, moe.n_group, moe.topk_group, moe.routed_scaling_factor) == ("sigmoid", 2, 1, 2.5)
+    before = block.gate.e_score_correction_bias.clone()
+    moe.update_bias(torch.arange(8), rate=0.5)
+    step = 0.5 * torch.sign(3.5 - torch.arange(8.0)).to(before.dtype)
+    assert moe.expert_bias is block.gate.e_score_correction_bias and torch.equal(
+        block.gate.e_score_correction_bias, before + step
+    )
+
+
+def test_refusals_name_the_block():
+    block = _block("mixtral")
+    with pytest.raises(ValueError, match="argument 'router'"):
+        MoEMLP.from_transformers(block, router="fast")
+    block.jitter_noise = 0.1
+    with pytest.raises(UnsupportedBlock, match=r"jitter noise.*MixtralSparseMoeBlock with MixtralExperts\(is_transposed=False"):
+        MoEMLP.from_transformers(block)
+    block.jitter_noise = 0.0
+    block.experts.has_post_expert_norm = True
+    with pytest.raises(UnsupportedBlock, match=r"post-expert norm.*has_post_expert_norm=True"):
+        MoEMLP.from_transformers(block)
+    block.experts.has_post_expert_norm = False
+
+    class MyRouter(nn.Module):
+        def __init__(self, gate):
+            super().__init__()
+            self.weight, self.top_k = gate.weight, gate.top_k
+
+        def forward(self, x):  # pragma: no cover - not called
+            raise AssertionError
+
+    block.gate = MyRouter(block.gate)
+    with pytest.raises(UnsupportedBlock, match=r"router='geomoe' maps only.*got MyRouter"):
+        MoEMLP.from_transformers(block, router="geomoe")
+    with pytest.raises(UnsupportedBlock, match="argument 'block' expected an 'experts' module.*got none"):
+        MoEMLP.from_transformers(nn.Linear(2, 2))
+    block.experts._is_expert_parallel = True
+    with pytest.raises(UnsupportedBlock, match=r"expected unsharded experts, got _is_expert_parallel=True"):
+        MoEMLP.from_transformers(block)
+    block.experts._is_expert_parallel = False
+    block.experts.has_gate = False
+    with pytest.raises(UnsupportedBlock, match=r"expected experts with a gate.*has_gate=False"):
+        MoEMLP.from_transformers(block)
+    block.experts.has_gate = True
+    del block.gate
+    with pytest.raises(UnsupportedBlock, match=r"expected a router 'gate' or 'router'.*got none"):
+        MoEMLP.from_transformers(block)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_block_moe_mlp_on_a_kernel_backend(kernel_backend, name):
+    """Under the Triton interpreter (tests/test_triton_interpreter.py's process) in float32: the fused
+    SwiGLU on the block's re-laid-out [E, out, in] weights with a gated shared expert (Qwen2-MoE),
+    and the experts' own gate between two grouped GEMMs with biases (GPT-OSS), output and every
+    gradient as the block's."""
+    if kernel_backend.name != "triton":
+        pytest.skip("float32: the CUDA core's grouped GEMM takes fp16/bf16 (its layer test is in test_cuda_emulated.py)")
+    block = _block(name).float().to(kernel_backend.device)
+    moe = MoEMLP.from_transformers(block, backend=kernel_backend.name)
+    x = torch.randn(2, 5, moe.dim, device=kernel_backend.device)
+    params = list(block.parameters())
+    runs = []
+    for layer in (block, moe):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y = y[0] if isinstance(y, tuple) else y  # MoEMLP's (y, aux, load), GPT-OSS's (y, router scores)
+        runs.append([y.detach(), *torch.autograd.grad(y.square().sum(), [xi, *params])])
+    for a, b in zip(runs[1], runs[0]):
+        assert _max_rel(a, b) <= 1e-4
