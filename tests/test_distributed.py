@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.dist_worker import ep_layer, make_layer
+from tests.dist_worker import ep_layer, ep_mesh_grads, make_layer, make_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,28 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
     for name in ("gate.weight", "shared_w1", "shared_b2"):  # replicated: the sum over ranks
         got = ranks[0]["grads"][name] + ranks[1]["grads"][name]
         torch.testing.assert_close(got, dict(moe.named_parameters())[name].grad, rtol=0, atol=1e-12)
+
+
+def test_expert_parallel_with_fsdp_on_a_mesh_equals_one_process(tmp_path, monkeypatch):
+    """4 gloo processes on a (dp 2, ep 2) mesh, float64: the experts over ep, FSDP2 over dp (and, without
+    FSDP2, the gradient all-reduces on the mesh's groups) give one process's loss, gradient norm and
+    clipped gradients on the whole batch."""
+    net, x, t = make_net()
+    loss = ((net(x) - t) ** 2).mean()
+    loss.backward()
+    names = [n for n, p in net.named_parameters()]
+    max_norm = 0.5 * float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+    monkeypatch.setenv("GEOMOE_TEST_MAX_NORM", repr(max_norm))
+    mp.spawn(ep_mesh_grads, args=(4, str(tmp_path / "init"), str(tmp_path), 2), nprocs=4)
+    got = torch.load(tmp_path / "mesh.pt")
+    for mode in ("fsdp", "sync"):
+        r = got[mode]
+        assert r["grads"].keys() == set(names), mode
+        torch.testing.assert_close(r["loss"], loss.detach(), rtol=0, atol=1e-14)
+        torch.testing.assert_close(r["norm"].double(), norm.double(), rtol=1e-6, atol=0)
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(r["grads"][n], p.grad, rtol=0, atol=1e-13, msg=lambda m: f"{mode} {n}: {m}")
 
 
 def _torchrun(out, *extra, steps=4, nproc=2, batch=4):
@@ -123,3 +145,4 @@ def test_run_saved_on_two_processes_resumes_on_one(tmp_path):
     wa, wb = _weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
+

@@ -71,8 +71,18 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
     _speed_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--expert-parallel", action="store_true", help="shard the routed experts over the torchrun ranks")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="expert-parallel size: the routed experts sharded over groups of N ranks, data parallel over the "
+        "world / N groups (one (dp, ep) device mesh; N divides the number of processes and of experts)",
+    )
+    p.add_argument("--expert-parallel", action="store_true", help="legacy: --ep <number of processes>")
+    p.add_argument(
+        "--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard; with --ep on the mesh)"
+    )
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
     p.add_argument(
