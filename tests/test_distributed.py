@@ -127,22 +127,48 @@ def test_expert_parallel_trains_like_data_parallel(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
-def test_run_saved_on_two_processes_resumes_on_one(tmp_path):
-    """The training state is a DCP checkpoint: a run saved by 2 processes (global batch 2 x 4)
-    resumes on 1 (per-rank batch 8 from the checkpoint's global batch) with the straight run's
-    global batches, masks and losses."""
-    _torchrun(tmp_path / "a")
-    _torchrun(tmp_path / "b", "--stop-after", "2")
-    ckpt = tmp_path / "b" / "ckpt_00000002"
-    assert sorted(os.listdir(ckpt)) == ["dcp", "model.safetensors", "train_state.pt"]
-    resumed = _torchrun(tmp_path / "b", "--resume", "auto", nproc=1, batch=None)
-    assert "(saved by 2 processes, now 1)" in resumed and "batch 8 per rank" in resumed
-    rows = lambda run: [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
-    a, b = rows("a"), rows("b")
-    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["world"] for r in b] == [2, 2, 1, 1]
-    # the same global batches and masks; sums in another order, aux losses over the whole batch
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
-    wa, wb = _weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
+def test_expert_parallel_run_saved_on_two_processes_resumes_on_one_and_on_four(tmp_path):
+    """The training state is a DCP checkpoint: a run with --ep 2 and FSDP2 saved on 2 processes (global
+    batch 2 x 4; each rank's experts written as shards of the global [E, ...] tensors) resumes on 1
+    process (per-rank batch 8 from the checkpoint's global batch, no sharding) and on 4 (mesh dp 2 x
+    ep 2, batch 2 per rank) with the uninterrupted run's global batches, masks and losses; the
+    uninterrupted run is one process on the same global batch, so the 2-process steps before the save
+    match it too. (DDP and FSDP checkpoints save their DCP state as get_state_dict gives it; the
+    same-world resumes above read those.)"""
+    import shutil
 
+    _torchrun(tmp_path / "a", nproc=1, batch=8)
+    _torchrun(tmp_path / "b", "--stop-after", "2", "--ep", "2", "--fsdp")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    one = _torchrun(tmp_path / "b", "--resume", "auto", nproc=1, batch=None)
+    four = _torchrun(tmp_path / "c", "--resume", "auto", "--ep", "2", "--fsdp", nproc=4, batch=None)
+    assert "(saved by 2 processes, now 1)" in one and "batch 8 per rank" in one
+    assert "(saved by 2 processes, now 4)" in four and "mesh dp 2 x ep 2" in four and "batch 2 per rank" in four
+    rows = lambda run: [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
+    a = [r["loss"] for r in rows("a")]
+    for run, worlds in (("b", [2, 2, 1, 1]), ("c", [2, 2, 4, 4])):
+        assert [r["world"] for r in rows(run)] == worlds
+        assert [r["loss"] for r in rows(run)] == pytest.approx(a, rel=1e-4), run
+    # Adam turns last-bit differences of near-zero gradients into up to lr-sized steps (lr 2e-3, 2 steps)
+    wa = _weights(tmp_path / "a", 4)
+    for run in ("b", "c"):
+        w = _weights(tmp_path / run, 4)
+        assert w.keys() == wa.keys() and w["blocks3.0.mlp.w1"].shape[0] == 8
+        for k in wa:
+            torch.testing.assert_close(w[k], wa[k], rtol=0, atol=4e-3, msg=lambda m: f"{run} {k}: {m}")
+
+
+def test_ep_argument_errors(tmp_path):
+    from geomoe.parallel import check_ep
+    from geomoe.train import PretrainArgs, pretrain
+
+    with pytest.raises(ValueError, match=r"'--ep' expected a divisor of the number of processes \(4\), got 3"):
+        check_ep(3, 4, 8)
+    with pytest.raises(ValueError, match=r"'--ep' expected a divisor of the model's number of routed experts \(7\), got 2"):
+        check_ep(2, 2, 7)
+    with pytest.raises(ValueError, match=r"'--ep' expected an integer >= 1, got 0"):
+        PretrainArgs(ep=0).validate()
+    with pytest.raises(ValueError, match="'--expert-parallel' and '--ep' expected one at most"):
+        PretrainArgs(ep=2, expert_parallel=True).validate()
+    with pytest.raises(ValueError, match="'--ep' expected 1 in a one-process run"):
+        pretrain(PretrainArgs(ep=2, steps=1, out=str(tmp_path / "run"), device="cpu"))

@@ -8,8 +8,8 @@
 
 Checkpoints written before the DCP state (format 1) hold the optimizer in train_state.pt (one
 process, DDP) or in optimizer_rank<r>.pt files (FSDP, expert parallelism); they still resume, the
-per-rank files only with the world size that wrote them. Expert-parallel runs still write that
-per-rank form (their ranks' experts are not DCP shards of one tensor).
+per-rank files only with the world size that wrote them. Expert-parallel runs write their experts
+into dcp/ as DTensor shards of the global tensors (parallel.py), so they reshard like the rest.
 
 A checkpoint is written into a temporary directory, each file fsynced, then renamed into place (an
 atomic step on POSIX): a crash or kill -9 mid-save leaves at most a `.tmp` directory that is never
