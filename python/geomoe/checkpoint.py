@@ -216,6 +216,31 @@ def write_dcp(tmp: str, state: Dict[str, Any]) -> None:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
 
 
+def write_dcp_async(tmp: str, state: Dict[str, Any], process_group=None):
+    """Every rank: `write_dcp` with torch.distributed.checkpoint.async_save: the state is copied to
+    CPU memory before this returns, the files are written by a background thread; returns what to
+    wait on (`.result()`). `process_group`: one kept for checkpoints (gloo), so the background
+    collectives never interleave with training's."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        response = dcp.async_save(
+            state,
+            storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True),
+            process_group=process_group,
+        )
+    return getattr(response, "upload_completion", response)  # newer torch: an AsyncSaveResponse
+
+
+def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> None:
+    """The main rank's files of a checkpoint (model.safetensors, train_state.pt): for a background
+    writer (GEOMOE_FAULT_SLOW_ASYNC=SECONDS: a window to kill the process in, for the tests)."""
+    _fault_pause("SLOW_ASYNC")
+    write_model(tmp, model_state)
+    write_state(tmp, train_state)
+
+
 def read_dcp(path: str, state: Dict[str, Any]) -> None:
     """Load checkpoint `path`'s DCP state into `state` in place (resharded to this run's layout)."""
     import torch.distributed.checkpoint as dcp

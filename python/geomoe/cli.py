@@ -83,6 +83,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard; with --ep on the mesh)"
     )
+    p.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background: a step waits only for a CPU copy; a checkpoint becomes "
+        "ckpt_<step> once every rank has written it (at the next save or the end of the run)",
+    )
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
     p.add_argument(

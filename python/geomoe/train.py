@@ -20,7 +20,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ class PretrainArgs:
     ep: Optional[int] = None  # expert-parallel size (None: 1, or the world with the legacy expert_parallel)
     expert_parallel: bool = False  # legacy: ep = the number of processes
     fsdp: bool = False
+    async_save: bool = False  # write checkpoints in the background (DCP async_save + a writer thread)
     max_bad_steps: int = 5
     tensorboard: bool = True
     timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a collective or a loader batch may take
@@ -260,6 +261,11 @@ class _Trainer:
             fused=not args.fsdp,
         )
         self.scaler = grad_scaler(self.precision, env.device)
+        # --async-save: the save in flight (step, its writes), the writer thread, and a process group
+        # of its own for DCP's background collectives (they would otherwise interleave with training's)
+        self._pending: Optional[Tuple[int, List[Any]]] = None
+        self._executor = None
+        self._save_group = dist.new_group(backend="gloo") if args.async_save and env.enabled else None
         torch.manual_seed(args.seed * 1_000_003 + env.rank)  # masking noise differs per rank
         if self.state is not None:
             self._restore(self.state)
@@ -416,15 +422,19 @@ class _Trainer:
         out["param_groups"] = [dict(g, params=[new[int(i)] for i in g["params"]]) for g in osd["param_groups"]]
         return out
 
-    def save(self, step: int) -> Optional[str]:
+    def save(self, step: int, final: bool = False) -> Optional[str]:
+        """Checkpoint `step`; returns its path once it is in place. With --async-save (and not
+        `final`), the step waits only for the CPU copies: the files are written in the background and
+        the checkpoint moved into place at the next save or the end of the run (returns None)."""
+        self._finish_pending()
         env, out = self.env, self.args.out
         weights = self._full_state()
         rngs = distributed.all_gather_objects(env, rng_state())
         dcp_state = self._dcp_state()
-        path = None
+        background = self.args.async_save
+        path, tmp, train_state = None, checkpoint.temp_path(out, step), None
         if env.main:
-            tmp = checkpoint.begin(out, step)
-            checkpoint.write_model(tmp, weights)
+            checkpoint.begin(out, step)
             train_state = dict(
                 scaler=self.scaler.state_dict(),
                 step=step,
@@ -435,9 +445,42 @@ class _Trainer:
                 run=dict(id=self.run_id, **self.run_args),
             )
             train_state["format"] = checkpoint.FORMAT
-            checkpoint.write_state(tmp, train_state)
+            if not background:
+                checkpoint.write_model(tmp, weights)
+                checkpoint.write_state(tmp, train_state)
         distributed.barrier(env)
-        checkpoint.write_dcp(checkpoint.temp_path(out, step), dcp_state)  # every rank writes its part (a collective)
+        if background:
+            # a CPU copy of everything now (training goes on changing the originals), the writing later
+            waits: List[Any] = [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
+            if env.main:
+                staged = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+                waits.append(self._writer().submit(checkpoint.write_files, tmp, staged, train_state))
+            self._pending = (step, waits)
+            return self._finish_pending() if final else None
+        checkpoint.write_dcp(tmp, dcp_state)  # every rank writes its part (a collective)
+        distributed.barrier(env)
+        if env.main:
+            path = checkpoint.commit(out, step, self.run_id)
+            checkpoint.prune(out, self.args.keep_last, self.run_id)
+        distributed.barrier(env)
+        return path
+
+    def _writer(self):
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomoe-save")
+        return self._executor
+
+    def _finish_pending(self) -> Optional[str]:
+        """An asynchronous save: wait for every rank's writes, then move the checkpoint into place
+        (until then it is a `.tmp` directory that is never read: a crash leaves the previous one)."""
+        if self._pending is None:
+            return None
+        (step, waits), self._pending = self._pending, None
+        for w in waits:
+            w.result()  # a failed write raises here
+        env, out, path = self.env, self.args.out, None
         distributed.barrier(env)
         if env.main:
             path = checkpoint.commit(out, step, self.run_id)
@@ -512,13 +555,13 @@ class _Trainer:
                     self._log(record, writer)
             stopping = self._agree(stop.requested)
             if stopping or (args.save_every and step % args.save_every == 0 and step != end):
-                final = self.save(step)
+                final = self.save(step, final=stopping)
             if stopping:
                 if main:
                     print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
                 break
         else:
-            final = self.save(step)
+            final = self.save(step, final=True)
         bar.close()
         if writer is not None:
             writer.close()
