@@ -148,6 +148,20 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
         "default: generated scene classes",
     )
     p.add_argument("--split", default=None, metavar="FILE.json", help="a published split file: train and val image lists")
+    p.add_argument("--in-chans", type=int, default=None, help="image bands (default 3); another count reads --data as rasters")
+    p.add_argument(
+        "--data-format",
+        choices=("auto", "image", "raster"),
+        default="auto",
+        help="raster: --data/train/<class>/ and val/<class>/ GeoTIFFs (rasterio, the [geo] extra); auto: rasters when "
+        "--in-chans is not 3 or band statistics are given or found",
+    )
+    p.add_argument(
+        "--band-stats",
+        default=None,
+        help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/train/band_stats.json, written by '
+        "`geomoe stats DATA/train`, else <data>/band_stats.json)",
+    )
     p.add_argument(
         "--weights",
         default=None,
