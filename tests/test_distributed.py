@@ -30,7 +30,7 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
     mp.spawn(ep_layer, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     moe, x, y, load = _single_process_reference()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["range"] == (0, 3) and ranks[1]["range"] == (3, 7)  # 7 experts: 3 + 4
+    assert ranks[0]["range"] == (0, 4) and ranks[1]["range"] == (4, 7)  # 7 experts: 4 + 3 (torch.chunk's blocks)
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=0, atol=1e-13)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, rtol=0, atol=1e-13)
     assert torch.equal(ranks[0]["load"] + ranks[1]["load"], load)
@@ -149,13 +149,15 @@ def test_expert_parallel_run_saved_on_two_processes_resumes_on_one_and_on_four(t
     for run, worlds in (("b", [2, 2, 1, 1]), ("c", [2, 2, 4, 4])):
         assert [r["world"] for r in rows(run)] == worlds
         assert [r["loss"] for r in rows(run)] == pytest.approx(a, rel=1e-4), run
-    # Adam turns last-bit differences of near-zero gradients into up to lr-sized steps (lr 2e-3, 2 steps)
+    # Adam turns a last-bit sign flip of a near-zero gradient into a step of up to 2 x lr (2e-3) per
+    # step, so single elements may differ by ~1e-2 after 4 steps; on average they agree closely
     wa = _weights(tmp_path / "a", 4)
     for run in ("b", "c"):
         w = _weights(tmp_path / run, 4)
         assert w.keys() == wa.keys() and w["blocks3.0.mlp.w1"].shape[0] == 8
         for k in wa:
-            torch.testing.assert_close(w[k], wa[k], rtol=0, atol=4e-3, msg=lambda m: f"{run} {k}: {m}")
+            torch.testing.assert_close(w[k], wa[k], rtol=0, atol=1.2e-2, msg=lambda m: f"{run} {k}: {m}")
+            assert float((w[k] - wa[k]).abs().mean()) < 1e-4, f"{run} {k}"
 
 
 def test_ep_argument_errors(tmp_path):
@@ -164,8 +166,11 @@ def test_ep_argument_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"'--ep' expected a divisor of the number of processes \(4\), got 3"):
         check_ep(3, 4, 8)
-    with pytest.raises(ValueError, match=r"'--ep' expected a divisor of the model's number of routed experts \(7\), got 2"):
-        check_ep(2, 2, 7)
+    check_ep(8, 8, 23)  # 7 x 3 + 2 experts
+    with pytest.raises(
+        ValueError, match=r"'--ep' expected a size that leaves every expert-parallel rank at least one of the model's 23"
+    ):
+        check_ep(16, 16, 23)  # blocks of 2: the 16th rank would have none
     with pytest.raises(ValueError, match=r"'--ep' expected an integer >= 1, got 0"):
         PretrainArgs(ep=0).validate()
     with pytest.raises(ValueError, match="'--expert-parallel' and '--ep' expected one at most"):

@@ -8,8 +8,10 @@ the results back, and combine as usual. Both exchanges are differentiable. The s
 known on the host (all_to_all_single takes lists), so each forward has one host sync: the price of
 expert parallelism, not of the single-device path.
 
-Rank r of the group owns experts [r*E//W, (r+1)*E//W), so 23 experts on 2 ranks is 11 + 12 (with
-W dividing E, the same blocks as torch.chunk and DTensor's Shard(0)). The rank's experts live in a
+Rank r of the group owns experts [r*B, min((r+1)*B, E)) with B = ceil(E/W), so 23 experts on 2
+ranks is 12 + 11 and on 8 ranks 7 x 3 + 2: torch.chunk's blocks, the ones DTensor's Shard(0) gives,
+so a rank's experts are its shard of the global tensor (what checkpoints save). Every rank must get
+at least one expert (23 on 16 ranks would leave the last none: an error). The rank's experts live in a
 child module, `experts` (w1, b1, w2, b2 as the MoEMLP has them, cut to the rank's rows), so that a
 data-parallel wrapper can treat them apart from the replicated rest: FSDP2 shards them over the
 data-parallel ranks that hold the same experts, the rest over all. Their names are then
@@ -35,7 +37,19 @@ EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 
 
 def expert_range(num_experts: int, rank: int, world: int) -> Tuple[int, int]:
-    return rank * num_experts // world, (rank + 1) * num_experts // world
+    """Rank `rank`'s experts [start, end): blocks of ceil(E / W), the last one shorter (torch.chunk's
+    and DTensor Shard(0)'s split, so a rank's experts are its shard of the global [E, ...] tensor)."""
+    block = -(-num_experts // world)
+    return min(rank * block, num_experts), min((rank + 1) * block, num_experts)
+
+
+def check_split(num_experts: int, world: int) -> None:
+    """Every rank of the group must get at least one expert."""
+    if world < 1 or expert_range(num_experts, world - 1, world)[0] >= num_experts:
+        raise ValueError(
+            f"expert parallelism over {world} ranks expected every rank to get at least one of the {num_experts} "
+            f"routed experts (blocks of ceil({num_experts}/{world})), got a group size that leaves the last rank none"
+        )
 
 
 # all_gather_single replaces all_gather_into_tensor in newer torch; older ones have only the latter
@@ -114,6 +128,7 @@ class ExpertParallelMoEMLP(MoEMLP):
     def from_dense(cls, moe: MoEMLP, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelMoEMLP":
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
+        check_split(moe.num_experts, world)
         ep = cls.__new__(cls)
         ep.__dict__.update(moe.__dict__)  # same modules, parameters and settings
         ep._parameters = {k: v for k, v in moe._parameters.items() if k not in EXPERT_PARAMS}

@@ -21,8 +21,8 @@ Gradient clipping over parameters that live on different meshes: `clip_grad_norm
 Checkpoints (`dcp_state`, `restore_from_dcp`): each rank's expert shard goes to
 torch.distributed.checkpoint as a DTensor over `ep` with the global shape [E, ...] under the
 unsharded model's name, so a DCP checkpoint of an expert-parallel run reads into any layout (one
-process, DDP, FSDP, another --ep) and the other way round. This needs `ep` to divide the number of
-experts (the DTensor's even blocks); `check_ep` says so before anything is built."""
+process, DDP, FSDP, another --ep) and the other way round. The ranks' blocks of experts are
+torch.chunk's (ceil(E / ep) each, the last shorter), as DTensor's Shard(0) lays them out."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ MESH_DIMS = ("dp", "ep")
 
 
 def check_ep(ep: int, world: int, num_experts: int, flag: str = "--ep") -> None:
-    """--ep N: a positive integer dividing the world size and the number of routed experts."""
+    """--ep N: a positive integer dividing the world size that gives every rank of an expert-parallel
+    group at least one expert (blocks of ceil(E / N))."""
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         raise ValueError(f"argument '{flag}' expected an integer >= 1, got {ep!r}")
     if world % ep:
@@ -47,10 +48,11 @@ def check_ep(ep: int, world: int, num_experts: int, flag: str = "--ep") -> None:
             f"argument '{flag}' expected a divisor of the number of processes ({world}), got {ep}: "
             f"the mesh is (data parallel {world} / {ep}) x (expert parallel {ep})"
         )
-    if num_experts % ep:
+    block = -(-num_experts // ep)
+    if block * (ep - 1) >= num_experts:
         raise ValueError(
-            f"argument '{flag}' expected a divisor of the model's number of routed experts ({num_experts}), got {ep} "
-            "(each expert-parallel rank holds an equal block of experts)"
+            f"argument '{flag}' expected a size that leaves every expert-parallel rank at least one of the model's "
+            f"{num_experts} routed experts (blocks of ceil({num_experts}/N)), got {ep}: the last rank would have none"
         )
 
 

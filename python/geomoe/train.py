@@ -420,6 +420,15 @@ class _Trainer:
         new = [now[n] for n in self.dense_order]
         out = dict(osd, state={new[int(i)]: v for i, v in osd["state"].items()})
         out["param_groups"] = [dict(g, params=[new[int(i)] for i in g["params"]]) for g in osd["param_groups"]]
+        params = list(self.model.parameters())
+        for i, st in out["state"].items():
+            moment = st.get("exp_avg") if isinstance(st, dict) else None
+            if moment is not None and tuple(moment.shape) != tuple(params[i].shape):
+                raise ValueError(
+                    f"checkpoint {self.state['path'] if self.state else '?'}: its per-rank optimizer state splits the experts "
+                    f"as older versions did (r*E//W; this one splits in blocks of ceil(E/W)): expected shape "
+                    f"{list(params[i].shape)}, got {list(moment.shape)}; start a new run from its weights with --init-weights"
+                )
         return out
 
     def save(self, step: int, final: bool = False) -> Optional[str]:
