@@ -412,6 +412,12 @@ class _Trainer:
             moved = f" (saved by {saved_world} processes, now {self.env.world})" if saved_world != self.env.world else ""
             print(f"resumed from {state['path']} at step {self.start}{moved}")
 
+    def _uses_dcp(self) -> bool:
+        """True: the training state goes into dcp/ (format 2). False (one process or DDP only) writes
+        format 1, the optimizer in train_state.pt: the tests use it to check that such checkpoints
+        still resume."""
+        return True
+
     def _reorder_format1(self, osd: Dict[str, Any]) -> Dict[str, Any]:
         """A format-1 expert-parallel optimizer file numbers the parameters in the unsharded model's
         order; the experts now come after the rest of their layer: renumber."""
@@ -439,7 +445,7 @@ class _Trainer:
         env, out = self.env, self.args.out
         weights = self._full_state()
         rngs = distributed.all_gather_objects(env, rng_state())
-        dcp_state = self._dcp_state()
+        dcp_state = self._dcp_state() if self._uses_dcp() else None
         background = self.args.async_save
         path, tmp, train_state = None, checkpoint.temp_path(out, step), None
         if env.main:
@@ -453,20 +459,24 @@ class _Trainer:
                 data=dict(step=step, global_batch=self.global_batch, seed=self.args.seed),
                 run=dict(id=self.run_id, **self.run_args),
             )
-            train_state["format"] = checkpoint.FORMAT
+            if dcp_state is not None:
+                train_state["format"] = checkpoint.FORMAT
+            else:
+                train_state["optimizer"] = self.opt.state_dict()
             if not background:
                 checkpoint.write_model(tmp, weights)
                 checkpoint.write_state(tmp, train_state)
         distributed.barrier(env)
         if background:
             # a CPU copy of everything now (training goes on changing the originals), the writing later
-            waits: List[Any] = [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
+            waits: List[Any] = [] if dcp_state is None else [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
             if env.main:
                 staged = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
                 waits.append(self._writer().submit(checkpoint.write_files, tmp, staged, train_state))
             self._pending = (step, waits)
             return self._finish_pending() if final else None
-        checkpoint.write_dcp(tmp, dcp_state)  # every rank writes its part (a collective)
+        if dcp_state is not None:
+            checkpoint.write_dcp(tmp, dcp_state)  # every rank writes its part (a collective)
         distributed.barrier(env)
         if env.main:
             path = checkpoint.commit(out, step, self.run_id)
