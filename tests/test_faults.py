@@ -195,18 +195,26 @@ def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
 
 
 def test_kill_during_async_save_keeps_the_previous_checkpoint(tmp_path):
-    """The steps go on while an asynchronous save is written (step 5 is logged before step 4's files
-    are); a kill -9 then leaves step 4 a .tmp directory that never counts, and step 2 resumes."""
+    """The steps go on while an asynchronous save is written (step 5 runs while step 4's writer is
+    held); a kill -9 then leaves step 4 a .tmp directory that never counts, and step 2 resumes."""
     out = tmp_path / "run"
     proc = _cli(
-        out, "--steps", "6", "--save-every", "2", "--log-every", "1", "--async-save", env_extra={"GEOMOE_FAULT_SLOW_ASYNC": "3"}
+        out,
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--async-save",
+        env_extra={"GEOMOE_FAULT_ASYNC_HOLD_FROM": "4"},
     )
     _wait_for(out / ".ckpt_00000004.tmp", proc)  # step 2 is committed by then, step 4's writes in flight
     t0 = time.time()
     while '"step": 5' not in (open(out / "metrics.jsonl").read() if os.path.exists(out / "metrics.jsonl") else ""):
         assert proc.poll() is None and time.time() - t0 < 60, "step 5 never ran"
         time.sleep(0.05)
-    assert not os.path.exists(out / ".ckpt_00000004.tmp" / "model.safetensors")  # still being written
+    assert not os.path.exists(out / ".ckpt_00000004.tmp" / "model.safetensors")  # its writer is held
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000002"]

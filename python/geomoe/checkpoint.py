@@ -235,8 +235,11 @@ def write_dcp_async(tmp: str, state: Dict[str, Any], process_group=None):
 
 def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> None:
     """The main rank's files of a checkpoint (model.safetensors, train_state.pt): for a background
-    writer (GEOMOE_FAULT_SLOW_ASYNC=SECONDS: a window to kill the process in, for the tests)."""
-    _fault_pause("SLOW_ASYNC")
+    writer. Fault-injection tests: GEOMOE_FAULT_ASYNC_HOLD_FROM=STEP holds the writer of every step
+    from STEP on (for two minutes) so the process can be killed while a save is in flight."""
+    hold = int(os.environ.get("GEOMOE_FAULT_ASYNC_HOLD_FROM", "0"))
+    if hold and int(train_state.get("step", 0)) >= hold:
+        time.sleep(120)
     write_model(tmp, model_state)
     write_state(tmp, train_state)
 
