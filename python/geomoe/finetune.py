@@ -11,7 +11,12 @@ epoch's top-1. `--recipe published` sets every published value; flags given besi
 
 Checkpoints and resume as in pretraining (the run owns its --out; SIGTERM or SIGINT saves and
 stops; unreadable images are skipped and named). --weights loads strictly: every encoder tensor
-must come from the file, unless --allow-partial-weights."""
+must come from the file, unless --allow-partial-weights.
+
+Multispectral data: with --in-chans other than 3 (or --data-format raster, or band statistics
+given or found) --data/train/<class>/ and val/<class>/ hold rasters read through rasterio
+(geodata.RasterClassFolder: per-band normalisation, no-data at 0); RGB --weights get the first
+patch embedding adapted to the band count (geodata.adapt_in_chans)."""
 
 from __future__ import annotations
 
