@@ -55,12 +55,91 @@ def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "load": load,
             "lo": lo,
             "hi": hi,
-            "grads": {n: p.grad for n, p in ep.named_parameters() if p.grad is not None},
+            "grads": {n.replace("experts.", ""): p.grad for n, p in ep.named_parameters() if p.grad is not None},
             "range": (ep.expert_start, ep.expert_end),
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim: int):
+        from geomoe_kernels import MoEMLP
+
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.mlp = MoEMLP(dim, 12, 4, 1, 2)
+
+    def forward(self, h):
+        y, aux, load = self.mlp(self.norm(h))
+        return h + y
+
+
+class TinyMoENet(torch.nn.Module):
+    """Two MoE blocks between linear layers: small enough for 4 gloo processes in float64."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, dim)
+        self.blocks = torch.nn.ModuleList([_Block(dim) for _ in range(2)])
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h)
+
+
+def make_net():
+    """The net, inputs [48, 8] and targets [48, 4] (float64) every rank and the reference start from."""
+    torch.manual_seed(1)
+    net = TinyMoENet().double()
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.mlp.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3], dtype=torch.float64))
+            blk.mlp.b1.normal_()
+    return net, torch.randn(48, 8, dtype=torch.float64), torch.randn(48, 4, dtype=torch.float64)
+
+
+CLIP = 0.5  # times the gradient's norm: the clipping scales every gradient
+
+
+def ep_mesh_grads(rank: int, world: int, init_file: str, out_dir: str, ep: int) -> None:
+    """Each rank: TinyMoENet on the (dp, ep) mesh, experts over ep, with FSDP2 and without; its share
+    of the batch; the loss averaged over the ranks, the whole model's gradients after clipping."""
+    from torch.distributed.tensor import DTensor
+
+    from geomoe import parallel
+    from geomoe_kernels.nn.expert_parallel import full_state_dict
+
+    init(rank, world, init_file)
+    mesh = parallel.build_mesh("cpu", world, ep)
+    out = {}
+    for fsdp in (True, False):
+        net, x, t = make_net()
+        parallel.shard_model_experts(net, mesh)
+        sync = None
+        if fsdp:
+            parallel.apply_fsdp(net, list(net.blocks), mesh)
+        else:
+            sync = parallel.GradientSync(net, mesh)
+        lo, hi = rank * 48 // world, (rank + 1) * 48 // world
+        loss = ((net(x[lo:hi]) - t[lo:hi]) ** 2).mean()
+        loss.backward()
+        if sync is not None:
+            sync()
+        norm = parallel.clip_grad_norm(net, mesh, fsdp, float(os.environ["GEOMOE_TEST_MAX_NORM"]))
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in net.named_parameters()}
+        grads = full_state_dict(net, grads)
+        avg = loss.detach().clone()
+        dist.all_reduce(avg)
+        out["fsdp" if fsdp else "sync"] = {"loss": avg / world, "norm": norm, "grads": grads}
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "mesh.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 

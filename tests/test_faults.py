@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -152,3 +153,72 @@ def test_report_plots_a_run(tmp_path):
     made = write_report(str(tmp_path / "run"))
     assert sorted(os.path.basename(p) for p in made) == ["expert_load.png", "loss.png", "throughput.png"]
     assert all(os.path.getsize(p) > 1000 for p in made)
+
+
+def _dcp_contents(ckpt, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dest = tmp_path / f"{os.path.basename(os.path.dirname(ckpt))}_{os.path.basename(ckpt)}.pt"
+    with warnings.catch_warnings():  # one process: DCP says it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_to_torch_save(os.path.join(ckpt, "dcp"), dest)
+    return torch.load(dest, weights_only=False)
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
+    """--async-save: every checkpoint (weights, DCP model and optimizer state, train state) equals the
+    synchronous run's, although training changed the parameters while the files were written."""
+    from safetensors.torch import load_file
+
+    common = dict(steps=3, save_every=1, keep_last=0, log_every=1, **FAST)
+    sync = pretrain(PretrainArgs(out=str(tmp_path / "sync"), **common))
+    background = pretrain(PretrainArgs(out=str(tmp_path / "async"), async_save=True, **common))
+    assert [r["loss"] for r in background["history"]] == [r["loss"] for r in sync["history"]]
+    for step in (1, 2, 3):
+        a, b = (str(tmp_path / run / f"ckpt_{step:08d}") for run in ("sync", "async"))
+        _assert_same(load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors")))
+        _assert_same(_dcp_contents(a, tmp_path), _dcp_contents(b, tmp_path), f"step {step} dcp")
+        sa, sb = load(a), load(b)
+        assert sa["step"] == sb["step"] == step and sa["data"] == sb["data"]
+    assert not [p for p in os.listdir(tmp_path / "async") if p.endswith(".tmp")]
+
+
+def test_kill_during_async_save_keeps_the_previous_checkpoint(tmp_path):
+    """The steps go on while an asynchronous save is written (step 5 runs while step 4's writer is
+    held); a kill -9 then leaves step 4 a .tmp directory that never counts, and step 2 resumes."""
+    out = tmp_path / "run"
+    proc = _cli(
+        out,
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--async-save",
+        env_extra={"GEOMOE_FAULT_ASYNC_HOLD_FROM": "4"},
+    )
+    _wait_for(out / ".ckpt_00000004.tmp", proc)  # step 2 is committed by then, step 4's writes in flight
+    t0 = time.time()
+    while '"step": 5' not in (open(out / "metrics.jsonl").read() if os.path.exists(out / "metrics.jsonl") else ""):
+        assert proc.poll() is None and time.time() - t0 < 60, "step 5 never ran"
+        time.sleep(0.05)
+    assert not os.path.exists(out / ".ckpt_00000004.tmp" / "model.safetensors")  # its writer is held
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000002"]
+    assert load(str(out / "ckpt_00000002"))["step"] == 2
+    resumed = pretrain(PretrainArgs(out=str(out), steps=6, resume="auto", log_every=1, async_save=True, **FAST))
+    assert resumed["step"] == 6 and resumed["checkpoint"].endswith("ckpt_00000006")
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000002", "ckpt_00000006"]

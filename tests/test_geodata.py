@@ -137,3 +137,41 @@ def test_any_dataset_of_tensors_or_dicts(tmp_path):
     with pytest.raises(BandCountError, match=r"expected an image tensor of shape \[4, 96, 96\], got \[3, 96, 96\]"):
         pretrain(PretrainArgs(out=str(tmp_path / "r2"), dataset=wrong, in_chans=4, **FAST))
     assert not os.path.exists(tmp_path / "r2" / "ckpt_00000003")
+
+
+def test_finetune_on_a_raster_class_folder(tmp_path):
+    """geomoe finetune takes train/<class>/ and val/<class>/ GeoTIFFs (16-bit, 4 bands) like
+    pretraining does: band statistics from `geomoe stats DATA/train`, RGB weights adapted to 4 bands,
+    an unreadable file skipped and counted, another band count an error naming the file."""
+    from safetensors.torch import save_file
+
+    from geomoe.backbone import GeoMoEBackbone
+    from geomoe.finetune import FinetuneArgs, _encoder_config, finetune, load_pretrained
+    from geomoe.geodata import RasterClassFolder, load_band_stats
+
+    data = tmp_path / "data"
+    _folder(data / "train", n=8)
+    _folder(data / "val", n=4)
+    (data / "train" / "a" / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+    band_stats(str(data / "train"))  # what `geomoe stats DATA/train` writes: DATA/train/band_stats.json
+    rgb = GeoMoE(**CONFIGS["tiny"]["model"])
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "rgb.safetensors"))
+
+    args = dict(config="tiny", data=str(data), in_chans=4, epochs=1, batch_size=4, progress=False, device="cpu")
+    with pytest.warns(UserWarning, match="skipping unreadable raster .*broken.tif"):
+        res = finetune(FinetuneArgs(out=str(tmp_path / "ft"), weights=str(tmp_path / "rgb.safetensors"), **args))
+    model = res["model"]
+    assert model.backbone.patch_embed1.proj.weight.shape[1] == 4 and model.head.out_features == 2
+    assert all(np.isfinite(r["val_loss"]) for r in res["history"]) and 0 <= res["top1"] <= 100
+    assert sum(r["skipped_images"] for r in res["history"]) == 1  # seeded: the broken file is among the epoch's 8 of 9, read once
+
+    # the adaptation rule on the RGB weights: every band the mean RGB kernel x 3/4
+    backbone = GeoMoEBackbone(**_encoder_config(FinetuneArgs(config="tiny")), in_chans=4)
+    note = load_pretrained(backbone, str(tmp_path / "rgb.safetensors"))
+    assert "patch_embed1.proj.weight: 3 -> 4 bands" in note
+    torch.testing.assert_close(backbone.patch_embed1.proj.weight, adapt_in_chans(rgb.patch_embed1.proj.weight.detach(), 4))
+
+    stats = load_band_stats(str(data / "train" / "band_stats.json"), 4)
+    three = RasterClassFolder(str(data / "val"), 96, False, 3, (stats[0][:3], stats[1][:3]))
+    with pytest.raises(BandCountError, match=r"raster .*\.tif has 4 bands, expected 3 \(--in-chans\)"):
+        three[0]

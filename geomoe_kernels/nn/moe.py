@@ -287,14 +287,22 @@ class MoEMLP(nn.Module):
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
     def _experts(
-        self, tokens: Tensor, dtype: torch.dtype, offsets: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor]
+        self,
+        tokens: Tensor,
+        dtype: torch.dtype,
+        offsets: Tensor,
+        gather: Optional[Tensor],
+        flat_to_row: Optional[Tensor],
+        weights: Optional[Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]] = None,
     ) -> Tensor:
         """The routed experts on their rows (expert-major), read from `tokens` through `gather` when
-        given (rows already grouped by expert otherwise)."""
+        given (rows already grouped by expert otherwise). `weights` (w1, b1, w2, b2) replace the
+        layer's own: expert parallelism passes its rank's shard."""
         k, be = self.top_k, self.backend
-        w1, w2 = self._kn(self.w1).to(dtype), self._kn(self.w2).to(dtype)
-        b1 = self.b1.to(dtype) if self.b1 is not None else None
-        b2 = self.b2.to(dtype) if self.b2 is not None else None
+        w1, b1, w2, b2 = weights if weights is not None else (self.w1, self.b1, self.w2, self.b2)
+        w1, w2 = self._kn(w1).to(dtype), self._kn(w2).to(dtype)
+        b1 = b1.to(dtype) if b1 is not None else None
+        b2 = b2.to(dtype) if b2 is not None else None
         k = k if gather is not None else 1
         if self.expert_gate_fn is not None or (self.activation == "swiglu" and self.swiglu_layout == "interleaved"):
             # the gate between two grouped GEMMs

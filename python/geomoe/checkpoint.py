@@ -8,8 +8,8 @@
 
 Checkpoints written before the DCP state (format 1) hold the optimizer in train_state.pt (one
 process, DDP) or in optimizer_rank<r>.pt files (FSDP, expert parallelism); they still resume, the
-per-rank files only with the world size that wrote them. Expert-parallel runs still write that
-per-rank form (their ranks' experts are not DCP shards of one tensor).
+per-rank files only with the world size that wrote them. Expert-parallel runs write their experts
+into dcp/ as DTensor shards of the global tensors (parallel.py), so they reshard like the rest.
 
 A checkpoint is written into a temporary directory, each file fsynced, then renamed into place (an
 atomic step on POSIX): a crash or kill -9 mid-save leaves at most a `.tmp` directory that is never
@@ -214,6 +214,34 @@ def write_dcp(tmp: str, state: Dict[str, Any]) -> None:
     with warnings.catch_warnings():  # one process: DCP says it assumes so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
+
+
+def write_dcp_async(tmp: str, state: Dict[str, Any], process_group=None):
+    """Every rank: `write_dcp` with torch.distributed.checkpoint.async_save: the state is copied to
+    CPU memory before this returns, the files are written by a background thread; returns what to
+    wait on (`.result()`). `process_group`: one kept for checkpoints (gloo), so the background
+    collectives never interleave with training's."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        response = dcp.async_save(
+            state,
+            storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True),
+            process_group=process_group,
+        )
+    return getattr(response, "upload_completion", response)  # newer torch: an AsyncSaveResponse
+
+
+def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> None:
+    """The main rank's files of a checkpoint (model.safetensors, train_state.pt): for a background
+    writer. Fault-injection tests: GEOMOE_FAULT_ASYNC_HOLD_FROM=STEP holds the writer of every step
+    from STEP on (for two minutes) so the process can be killed while a save is in flight."""
+    hold = int(os.environ.get("GEOMOE_FAULT_ASYNC_HOLD_FROM", "0"))
+    if hold and int(train_state.get("step", 0)) >= hold:
+        time.sleep(120)
+    write_model(tmp, model_state)
+    write_state(tmp, train_state)
 
 
 def read_dcp(path: str, state: Dict[str, Any]) -> None:

@@ -71,8 +71,24 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
     _speed_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--expert-parallel", action="store_true", help="shard the routed experts over the torchrun ranks")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="expert-parallel size: the routed experts sharded over groups of N ranks, data parallel over the "
+        "world / N groups (one (dp, ep) device mesh; N divides the number of processes and of experts)",
+    )
+    p.add_argument("--expert-parallel", action="store_true", help="legacy: --ep <number of processes>")
+    p.add_argument(
+        "--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 (fully_shard; with --ep on the mesh)"
+    )
+    p.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background: a step waits only for a CPU copy; a checkpoint becomes "
+        "ckpt_<step> once every rank has written it (at the next save or the end of the run)",
+    )
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many skipped (non-finite) steps in a row")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events even if installed")
     p.add_argument(
@@ -132,6 +148,20 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
         "default: generated scene classes",
     )
     p.add_argument("--split", default=None, metavar="FILE.json", help="a published split file: train and val image lists")
+    p.add_argument("--in-chans", type=int, default=None, help="image bands (default 3); another count reads --data as rasters")
+    p.add_argument(
+        "--data-format",
+        choices=("auto", "image", "raster"),
+        default="auto",
+        help="raster: --data/train/<class>/ and val/<class>/ GeoTIFFs (rasterio, the [geo] extra); auto: rasters when "
+        "--in-chans is not 3 or band statistics are given or found",
+    )
+    p.add_argument(
+        "--band-stats",
+        default=None,
+        help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/train/band_stats.json, written by '
+        "`geomoe stats DATA/train`, else <data>/band_stats.json)",
+    )
     p.add_argument(
         "--weights",
         default=None,

@@ -11,7 +11,12 @@ epoch's top-1. `--recipe published` sets every published value; flags given besi
 
 Checkpoints and resume as in pretraining (the run owns its --out; SIGTERM or SIGINT saves and
 stops; unreadable images are skipped and named). --weights loads strictly: every encoder tensor
-must come from the file, unless --allow-partial-weights."""
+must come from the file, unless --allow-partial-weights.
+
+Multispectral data: with --in-chans other than 3 (or --data-format raster, or band statistics
+given or found) --data/train/<class>/ and val/<class>/ hold rasters read through rasterio
+(geodata.RasterClassFolder: per-band normalisation, no-data at 0); RGB --weights get the first
+patch embedding adapted to the band count (geodata.adapt_in_chans)."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
 from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_labelled, write_scene_classes
 from .distributed import DEFAULT_TIMEOUT
+from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
 from .moevit import MoEViTClassifier
 from .original import _read, key_map, load_original_state_dict
 from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
@@ -212,6 +218,8 @@ def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> st
     # a fine-tuning checkpoint holds the backbone under 'backbone.'
     if any(k.startswith("backbone.") for k in tensors):
         tensors = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in tensors.items()}
+    # RGB weights into a model with another band count: the first patch embedding adapted (geodata)
+    adapted = adapt_state_dict_in_chans(tensors, getattr(backbone, "in_chans", 3))
     # tables the model recomputes (the MoE-ViT's position table) are never read
     recomputed = set(getattr(backbone, "ORIGINAL_KEYS_RECOMPUTED", ()))
     tensors = {k: v for k, v in tensors.items() if k not in recomputed}
@@ -251,6 +259,8 @@ def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> st
     else:
         load_original_state_dict(backbone, {k: v for k, v in wanted.items() if k in original})
     note = f"loaded {n_loaded} of {n_total} backbone tensors from {path} ({layout})"
+    if adapted:
+        note += "; " + "; ".join(a for a in adapted if not a.startswith("decoder_pred"))
     if extras:
         note += f"; ignored {len(extras)} tensors of the decoder or a head"
     if missing:
@@ -258,6 +268,9 @@ def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> st
     if unexpected:
         note += f"; not used: {_names(unexpected)}"
     return note
+
+
+DATA_FORMATS = ("auto", "image", "raster")
 
 
 @dataclass
@@ -300,6 +313,9 @@ class FinetuneArgs:
     timeout: float = DEFAULT_TIMEOUT  # seconds a data-loader batch may take (with workers)
     max_bad_steps: int = 5
     min_lr_ratio: Optional[float] = None  # the recipe's (no flag)
+    in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
+    data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
+    band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/train/band_stats.json)
 
     def validate(self) -> None:
         """Every name and number in range, with an error naming the flag (the CLI shows it as a usage error)."""
@@ -342,6 +358,19 @@ class FinetuneArgs:
         check_int("max_bad_steps", self.max_bad_steps, 1)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        check_int("in_chans", self.in_chans, 1, optional=True)
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.data_format == "raster" and not self.data:
+            raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
+        if self.data_format == "raster" and self.split is not None:
+            raise ValueError(
+                f"argument '--split' expected image files (--data-format image or auto), got --split {self.split} with raster"
+            )
+        if (self.in_chans or 3) != 3 and not self.data:
+            raise ValueError(
+                f"argument '--in-chans' {self.in_chans} expected --data DIR (multispectral rasters): the embedded scenes are RGB"
+            )
 
     def resolved(self) -> "FinetuneArgs":
         """A copy with every field left None set from the recipe (an absolute --lr keeps blr unset,
@@ -375,9 +404,9 @@ def _encoder_config(args: FinetuneArgs) -> Dict[str, Any]:
 
 def build_classifier(args: FinetuneArgs, num_classes: int) -> Tuple[nn.Module, nn.Module]:
     """(classifier, the module --weights loads into) for --model and --config, with the recipe's
-    drop path. Both are built at the pretraining size: other input sizes interpolate the position
-    table bicubically."""
-    cfg = _encoder_config(args)
+    drop path and --in-chans bands. Both are built at the pretraining size: other input sizes
+    interpolate the position table bicubically."""
+    cfg = dict(_encoder_config(args), in_chans=args.in_chans or 3)
     drop_path = args.drop_path if args.drop_path is not None else 0.0
     if args.model == "moevit":
         clf = MoEViTClassifier(num_classes, drop_path_rate=drop_path, backend=args.backend, **cfg)
@@ -395,7 +424,44 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
         return _finetune(args, device, stop)
 
 
+def _raster_data(args: FinetuneArgs) -> bool:
+    """Whether --data holds rasters: --data-format raster, or auto with --in-chans other than 3, a
+    --band-stats file, or band statistics in the folder."""
+    if args.data_format != "auto" or not args.data:
+        return args.data_format == "raster"
+    return (
+        (args.in_chans or 3) != 3
+        or args.band_stats is not None
+        or any(os.path.isfile(os.path.join(args.data, *p, BAND_STATS_FILE)) for p in (("train",), ()))
+    )
+
+
+def _raster_datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, LabelledImages]:
+    """--data/train/<class>/ and --data/val/<class>/ rasters; the band statistics from --band-stats,
+    else --data/train/band_stats.json (`geomoe stats DATA/train`: the training pixels), else
+    --data/band_stats.json."""
+    assert args.data is not None
+    in_chans = args.in_chans or 3
+    stats_file = args.band_stats
+    if stats_file is None:
+        found = [
+            f
+            for f in (os.path.join(args.data, "train", BAND_STATS_FILE), os.path.join(args.data, BAND_STATS_FILE))
+            if os.path.isfile(f)
+        ]
+        stats_file = found[0] if found else os.path.join(args.data, "train", BAND_STATS_FILE)
+    stats = load_band_stats(stats_file, in_chans)
+    reprob = float(args.reprob or 0.0)
+    train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob)
+    val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes)
+    return train, val
+
+
 def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, LabelledImages]:
+    if _raster_data(args):
+        return _raster_datasets(args, img_size)
+    if (args.in_chans or 3) != 3:
+        raise ValueError(f"argument '--in-chans' {args.in_chans} expected --data-format raster or auto, got image (RGB)")
     randaug = parse_randaug(args.randaug)
     reprob = float(args.reprob or 0.0)
     if args.split is not None:
@@ -459,6 +525,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         randaug=args.randaug,
         reprob=args.reprob,
         seed=args.seed,
+        in_chans=args.in_chans or 3,
     )
     state = load_resume_state(args.resume, args.out)
     run = dict(id=run_identity(state), **run_args)

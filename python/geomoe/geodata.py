@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import files_in_subfolders, random_resized_crop_box
+from .data import LabelledImages, files_in_subfolders, random_resized_crop_box
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".img", ".vrt")
 BAND_STATS_FILE = "band_stats.json"
@@ -219,6 +219,85 @@ class RasterFolder(Dataset):
             raise BandCountError(f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans)")
         rng = np.random.default_rng([self.seed, epoch, index, 1])
         return raster_transform(values, valid, self.mean, self.std, self.img_size, rng)
+
+
+def raster_eval_transform(values: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: int) -> torch.Tensor:
+    """The validation transform for rasters, as `data.eval_transform` for images: the short side
+    resized to `size` (bicubic), a centre crop of size x size; normalised per band, no-data at 0."""
+    x = (values - mean[:, None, None]) / std[:, None, None]
+    x = torch.from_numpy(np.where(valid, x, 0.0).astype(np.float32))[None]
+    ok = torch.from_numpy(valid.astype(np.float32))[None]
+    H, W = x.shape[-2:]
+    nh, nw = (int(size * H / W), size) if W <= H else (size, int(size * W / H))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)[0]
+    ok = F.interpolate(ok, size=(nh, nw), mode="bilinear", align_corners=False)[0] > 1 - 1e-6
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    crop = torch.where(ok, x, torch.zeros(()))[:, top : top + size, left : left + size]
+    return crop.contiguous()
+
+
+class RasterClassFolder(LabelledImages):
+    """Fine-tuning on rasters: root/<class>/... raster files (labels by sorted class name, or the
+    order of `classes`), normalised per band with the band statistics, no-data at 0. Training
+    items: the fine-tuning crop (RandomResizedCrop scale 0.08-1, bicubic) and flip on all bands, then
+    random erasing with probability `reprob` (RandAugment is for 8-bit RGB images and does not
+    apply), every draw from (seed, epoch, index); evaluation items: `raster_eval_transform`. An
+    unreadable file is None (warned once, counted); another band count than `in_chans` raises
+    BandCountError."""
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int,
+        train: bool,
+        in_chans: int,
+        stats: Tuple[np.ndarray, np.ndarray],
+        seed: int = 0,
+        classes: Optional[Sequence[str]] = None,
+        reprob: float = 0.0,
+    ):
+        _rasterio()
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"argument '--data' expected a class folder root/<class>/..., got {root!r} which is not a directory"
+            )
+        classes = (
+            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        )
+        samples = []
+        for label, name in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+                dirnames.sort()
+                samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(RASTER_EXTENSIONS)]
+        if not samples:
+            raise FileNotFoundError(
+                f"argument '--data' expected raster files ({', '.join(RASTER_EXTENSIONS)}) under {root}/<class>/, got none"
+            )
+        super().__init__(samples, classes, img_size, train, seed, None, reprob)
+        self.in_chans, (self.mean, self.std) = in_chans, stats
+
+    def __getitem__(self, code: int):
+        from .augment import random_erasing
+
+        epoch, index = divmod(int(code), len(self.samples))
+        path, label = self.samples[index]
+        try:
+            values, valid = read_raster(path)
+        except Exception as exc:
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable raster {path}: {type(exc).__name__}: {exc}")
+            return None
+        if values.shape[0] != self.in_chans:
+            raise BandCountError(
+                f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans): give --in-chans "
+                f"{values.shape[0]}, or keep only {self.in_chans}-band files under the data folder"
+            )
+        if not self.train:
+            return raster_eval_transform(values, valid, self.mean, self.std, self.img_size), label
+        rng = np.random.default_rng([self.seed, epoch, index, 2])
+        img = raster_transform(values, valid, self.mean, self.std, self.img_size, rng, scale=(0.08, 1.0))
+        return random_erasing(img, rng, self.reprob), label
 
 
 class ImageDataset(Dataset):

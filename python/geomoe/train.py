@@ -5,7 +5,8 @@ float32 on CPUs.
 
 One process, or many under torchrun (`torchrun --nproc_per_node N -m geomoe pretrain ...`): data
 parallel with DistributedDataParallel (or FSDP2 with --fsdp), optionally expert parallel
-(--expert-parallel: the routed experts sharded over the ranks). Checkpoints are atomic and exact to
+(--ep N: the routed experts sharded over groups of N ranks of a (dp, ep) DeviceMesh, with FSDP2 or
+gradient all-reduces over the mesh's groups; parallel.py). Checkpoints are atomic and exact to
 resume; a non-finite loss skips the step on every device (and stops the run after --max-bad-steps
 in a row); unreadable images are skipped and counted; SIGTERM or SIGINT, to the process or its whole
 group, writes a checkpoint and ends the run (a second one ends it at once). A run owns its --out:
@@ -19,7 +20,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from geomoe_kernels._checks import non_finite_passes
-from geomoe_kernels.nn.expert_parallel import full_state_dict, local_state_dict, shard_experts
+from geomoe_kernels.nn.expert_parallel import expert_names, full_state_dict, local_state_dict
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, parallel
 from .configs import CONFIGS, RECIPE
 from .data import ImageFolder, SyntheticScenes, skip_unreadable
 from .geodata import BAND_STATS_FILE, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
@@ -91,8 +92,10 @@ class PretrainArgs:
     compile_backend: Optional[str] = None  # default: inductor where it can build kernels, else aot_eager
     activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward
     progress: bool = True
-    expert_parallel: bool = False
+    ep: Optional[int] = None  # expert-parallel size (None: 1, or the world with the legacy expert_parallel)
+    expert_parallel: bool = False  # legacy: ep = the number of processes
     fsdp: bool = False
+    async_save: bool = False  # write checkpoints in the background (DCP async_save + a writer thread)
     max_bad_steps: int = 5
     tensorboard: bool = True
     timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a collective or a loader batch may take
@@ -130,8 +133,9 @@ class PretrainArgs:
             raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.compile_backend is not None and not self.compile:
             raise ValueError(f"argument '--compile-backend' expected --compile too, got --compile-backend {self.compile_backend}")
-        if self.expert_parallel and self.fsdp:
-            raise ValueError("arguments '--expert-parallel' and '--fsdp' expected one at most, got both")
+        check_int("ep", self.ep, 1, optional=True)
+        if self.expert_parallel and self.ep is not None:
+            raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
 
 
 def load_init_weights(model, path: str) -> str:
@@ -191,6 +195,9 @@ class _Trainer:
         self.steps = args.steps if args.steps is not None else preset["steps"]
         if args.expert_parallel and not env.enabled:
             raise ValueError("argument '--expert-parallel' expected a multi-process run (torchrun), got one process")
+        self.ep = args.ep if args.ep is not None else (env.world if args.expert_parallel else 1)
+        if self.ep > 1 and not env.enabled:
+            raise ValueError(f"argument '--ep' expected 1 in a one-process run (use torchrun for more), got {self.ep}")
         self.state = self._read_checkpoint()  # before the model: a resume that cannot work ends here
         self.batch = self._per_rank_batch(preset["batch_size"])
         self.global_batch = global_batch = self.batch * env.world
@@ -225,9 +232,14 @@ class _Trainer:
             note = load_init_weights(model, args.init_weights)
             if env.main:
                 print(note)
-        self.local_params: List[str] = []
-        if args.expert_parallel:
-            self.local_params = shard_experts(model)
+        # the parameters' order before sharding: format-1 expert-parallel optimizer files follow it
+        self.dense_order = [name for name, _ in model.named_parameters()]
+        self.mesh = None
+        if self.ep > 1:
+            parallel.check_ep(self.ep, env.world, model.moe_layers()[0].num_experts, "--ep" if args.ep else "--expert-parallel")
+            self.mesh = parallel.build_mesh(env.device.type, env.world, self.ep)
+            parallel.shard_model_experts(model, self.mesh)
+        self.grad_sync: Optional[parallel.GradientSync] = None
         self.model = model.to(env.device)
         self.dataset = self._make_dataset(preset, model)
         if self.state is not None:
@@ -249,6 +261,11 @@ class _Trainer:
             fused=not args.fsdp,
         )
         self.scaler = grad_scaler(self.precision, env.device)
+        # --async-save: the save in flight (step, its writes), the writer thread, and a process group
+        # of its own for DCP's background collectives (they would otherwise interleave with training's)
+        self._pending: Optional[Tuple[int, List[Any]]] = None
+        self._executor = None
+        self._save_group = dist.new_group(backend="gloo") if args.async_save and env.enabled else None
         torch.manual_seed(args.seed * 1_000_003 + env.rank)  # masking noise differs per rank
         if self.state is not None:
             self._restore(self.state)
@@ -294,13 +311,17 @@ class _Trainer:
                 if isinstance(model, MoEViTMAE)
                 else (list(model.blocks1) + list(model.blocks2) + list(model.blocks3))
             )
-            for blk in encoder + list(model.decoder_blocks):
+            blocks = encoder + list(model.decoder_blocks)
+            if self.mesh is not None:  # experts over dp, the rest over the (dp, ep) mesh
+                return parallel.apply_fsdp(model, blocks, self.mesh)
+            for blk in blocks:
                 fully_shard(blk)
             return fully_shard(model)
+        if self.mesh is not None:  # the experts are not replicas: gradients averaged on the mesh's groups
+            self.grad_sync = parallel.GradientSync(model, self.mesh)
+            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if self.local_params:  # the rank's own experts are not replicas: leave them out of all-reduce
-            DDP._set_params_and_buffers_to_ignore_for_model(model, self.local_params)
         return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     def _full_state(self) -> Optional[Dict[str, torch.Tensor]]:
@@ -308,23 +329,23 @@ class _Trainer:
         if self.args.fsdp and self.env.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+            if self.mesh is not None:  # every rank its group's experts whole, then gathered over ep
+                sd = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True))
+                return full_state_dict(self.model, {k: v.cpu() for k, v in sd.items()})
             return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.local_params:
+        if self.mesh is not None:
             return full_state_dict(self.model)
         return self.model.state_dict()
 
     def _load_weights(self, full: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(local_state_dict(self.model, full) if self.local_params else full)
+        self.model.load_state_dict(local_state_dict(self.model, full) if self.mesh is not None else full)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def _rank_file(self) -> Optional[str]:
         """Expert parallelism keeps each rank's optimizer state in a file of its own (format 1); it
         is also how FSDP runs saved it before the DCP state (read only)."""
-        return f"optimizer_rank{self.env.rank}.pt" if (self.args.expert_parallel or self.args.fsdp) else None
-
-    def _uses_dcp(self) -> bool:
-        return not self.args.expert_parallel
+        return f"optimizer_rank{self.env.rank}.pt" if (self.ep > 1 or self.args.fsdp) else None
 
     def _read_checkpoint(self) -> Optional[Dict[str, Any]]:
         distributed.barrier(self.env)  # rank 0 has claimed --out and recovered any interrupted save
@@ -333,13 +354,7 @@ class _Trainer:
         if state is None:
             return None
         saved_world = int(state.get("world", 1))
-        if checkpoint.is_dcp(state):
-            if self.args.expert_parallel:
-                raise ValueError(
-                    f"checkpoint {state['path']} holds its training state in {checkpoint.DCP_DIR}/ (a run without "
-                    "--expert-parallel); resume it without --expert-parallel"
-                )
-        elif saved_world != self.env.world and "optimizer" not in state:
+        if not checkpoint.is_dcp(state) and saved_world != self.env.world and "optimizer" not in state:
             raise ValueError(
                 f"checkpoint {state['path']} was written by {saved_world} ranks with per-rank optimizer files "
                 f"(optimizer_rank<r>.pt: expert parallelism, or FSDP before resharding checkpoints); resume it with "
@@ -368,16 +383,22 @@ class _Trainer:
         """This rank's view of the model and optimizer state (plain tensors, or FSDP2's DTensor shards)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        if self.mesh is not None:  # the experts under the unsharded names, as DTensors over ep
+            return parallel.dcp_state(self.wrapped, self.opt, self.mesh)
         model_sd, optim_sd = get_state_dict(self.wrapped, self.opt)
         return {"model": model_sd, "optim": optim_sd}
 
     def _restore(self, state: Dict[str, Any]) -> None:
-        if checkpoint.is_dcp(state):
+        if checkpoint.is_dcp(state) and self.mesh is not None:
+            parallel.restore_from_dcp(self.wrapped, self.opt, self.mesh, lambda s: checkpoint.read_dcp(state["path"], s))
+        elif checkpoint.is_dcp(state):
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             dcp_state = self._dcp_state()
             checkpoint.read_dcp(state["path"], dcp_state)
             set_state_dict(self.wrapped, self.opt, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"])
+        elif self.mesh is not None and self._rank_file() and not self.args.fsdp:  # format 1, expert parallel
+            self.opt.load_state_dict(self._reorder_format1(state["rank_state"]))
         else:
             self.opt.load_state_dict(state["rank_state"] if self._rank_file() else state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -391,15 +412,44 @@ class _Trainer:
             moved = f" (saved by {saved_world} processes, now {self.env.world})" if saved_world != self.env.world else ""
             print(f"resumed from {state['path']} at step {self.start}{moved}")
 
-    def save(self, step: int) -> Optional[str]:
+    def _uses_dcp(self) -> bool:
+        """True: the training state goes into dcp/ (format 2). False (one process or DDP only) writes
+        format 1, the optimizer in train_state.pt: the tests use it to check that such checkpoints
+        still resume."""
+        return True
+
+    def _reorder_format1(self, osd: Dict[str, Any]) -> Dict[str, Any]:
+        """A format-1 expert-parallel optimizer file numbers the parameters in the unsharded model's
+        order; the experts now come after the rest of their layer: renumber."""
+        names = expert_names(self.model)
+        now = {names[n][0] if n in names else n: i for i, (n, _) in enumerate(self.model.named_parameters())}
+        new = [now[n] for n in self.dense_order]
+        out = dict(osd, state={new[int(i)]: v for i, v in osd["state"].items()})
+        out["param_groups"] = [dict(g, params=[new[int(i)] for i in g["params"]]) for g in osd["param_groups"]]
+        params = list(self.model.parameters())
+        for i, st in out["state"].items():
+            moment = st.get("exp_avg") if isinstance(st, dict) else None
+            if moment is not None and tuple(moment.shape) != tuple(params[i].shape):
+                raise ValueError(
+                    f"checkpoint {self.state['path'] if self.state else '?'}: its per-rank optimizer state splits the experts "
+                    f"as older versions did (r*E//W; this one splits in blocks of ceil(E/W)): expected shape "
+                    f"{list(params[i].shape)}, got {list(moment.shape)}; start a new run from its weights with --init-weights"
+                )
+        return out
+
+    def save(self, step: int, final: bool = False) -> Optional[str]:
+        """Checkpoint `step`; returns its path once it is in place. With --async-save (and not
+        `final`), the step waits only for the CPU copies: the files are written in the background and
+        the checkpoint moved into place at the next save or the end of the run (returns None)."""
+        self._finish_pending()
         env, out = self.env, self.args.out
         weights = self._full_state()
         rngs = distributed.all_gather_objects(env, rng_state())
         dcp_state = self._dcp_state() if self._uses_dcp() else None
-        path = None
+        background = self.args.async_save
+        path, tmp, train_state = None, checkpoint.temp_path(out, step), None
         if env.main:
-            tmp = checkpoint.begin(out, step)
-            checkpoint.write_model(tmp, weights)
+            checkpoint.begin(out, step)
             train_state = dict(
                 scaler=self.scaler.state_dict(),
                 step=step,
@@ -411,14 +461,45 @@ class _Trainer:
             )
             if dcp_state is not None:
                 train_state["format"] = checkpoint.FORMAT
-            elif self._rank_file() is None:
+            else:
                 train_state["optimizer"] = self.opt.state_dict()
-            checkpoint.write_state(tmp, train_state)
+            if not background:
+                checkpoint.write_model(tmp, weights)
+                checkpoint.write_state(tmp, train_state)
         distributed.barrier(env)
-        if dcp_state is not None:  # every rank writes its part (a collective)
-            checkpoint.write_dcp(checkpoint.temp_path(out, step), dcp_state)
-        elif self._rank_file() is not None:  # each rank's own optimizer shard, into the same directory
-            checkpoint.write_state(checkpoint.temp_path(out, step), self.opt.state_dict(), self._rank_file())
+        if background:
+            # a CPU copy of everything now (training goes on changing the originals), the writing later
+            waits: List[Any] = [] if dcp_state is None else [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
+            if env.main:
+                staged = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+                waits.append(self._writer().submit(checkpoint.write_files, tmp, staged, train_state))
+            self._pending = (step, waits)
+            return self._finish_pending() if final else None
+        if dcp_state is not None:
+            checkpoint.write_dcp(tmp, dcp_state)  # every rank writes its part (a collective)
+        distributed.barrier(env)
+        if env.main:
+            path = checkpoint.commit(out, step, self.run_id)
+            checkpoint.prune(out, self.args.keep_last, self.run_id)
+        distributed.barrier(env)
+        return path
+
+    def _writer(self):
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geomoe-save")
+        return self._executor
+
+    def _finish_pending(self) -> Optional[str]:
+        """An asynchronous save: wait for every rank's writes, then move the checkpoint into place
+        (until then it is a `.tmp` directory that is never read: a crash leaves the previous one)."""
+        if self._pending is None:
+            return None
+        (step, waits), self._pending = self._pending, None
+        for w in waits:
+            w.result()  # a failed write raises here
+        env, out, path = self.env, self.args.out, None
         distributed.barrier(env)
         if env.main:
             path = checkpoint.commit(out, step, self.run_id)
@@ -447,8 +528,11 @@ class _Trainer:
         main = env.main
         if main:
             n_params = sum(p.numel() for p in self.model.parameters())
-            mode = "FSDP2" if args.fsdp else ("DDP" if env.enabled else "one process")
-            mode += " + expert parallel" if args.expert_parallel else ""
+            mode = "FSDP2" if args.fsdp else ("DDP" if env.enabled and self.mesh is None else "one process")
+            if self.mesh is not None:
+                mode = (
+                    "FSDP2" if args.fsdp else "data parallel"
+                ) + f" x expert parallel, mesh dp {env.world // self.ep} x ep {self.ep}"
             print(
                 f"geomoe pretrain: {args.model} config {args.config} ({n_params / 1e6:.2f} M parameters on rank 0), "
                 f"{env.world} x {env.device.type} ({mode}), backend {args.backend}, "
@@ -490,13 +574,13 @@ class _Trainer:
                     self._log(record, writer)
             stopping = self._agree(stop.requested)
             if stopping or (args.save_every and step % args.save_every == 0 and step != end):
-                final = self.save(step)
+                final = self.save(step, final=stopping)
             if stopping:
                 if main:
                     print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
                 break
         else:
-            final = self.save(step)
+            final = self.save(step, final=True)
         bar.close()
         if writer is not None:
             writer.close()
@@ -541,8 +625,13 @@ class _Trainer:
             return False
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.grad_sync is not None:
+            self.grad_sync()
         self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), RECIPE["clip_grad"])
+        if self.mesh is not None:  # parameters on several meshes (or not replicated): one norm over all
+            grad_norm = parallel.clip_grad_norm(self.model, self.mesh, self.args.fsdp, RECIPE["clip_grad"])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), RECIPE["clip_grad"])
         self.scaler.step(self.opt)
         self.scaler.update()
         loads = distributed.all_reduce(env, loads.clone())  # the published rule: sum over data-parallel ranks
