@@ -65,6 +65,20 @@ class BlockSchedule:
         return self._expert_and_row0[1]
 
 
+H100_L2_BYTES = 50 * 1024 * 1024
+
+
+def interleaves_experts(gathered: bool, weight_bytes: int, l2_bytes: int) -> bool:
+    """Whether a row-block GEMM runs its experts' blocks interleaved (token order across experts)
+    rather than one expert after another. Interleaving pays when A is gathered from the tokens: each
+    token is read by top_k experts, and in expert order the tokens leave L2 between them once they
+    outgrow it (65,536 tokens x d 768 bf16 is 100 MB; the gathered rows are 302 MB). It costs W:
+    every expert's weights are in use at once, so it is chosen only when all of them take at most
+    half the L2 (GeoMoE's 20 MB of up-projection weights; not an LLM's 805 MB, where expert order
+    reads each expert's W once)."""
+    return gathered and 2 * weight_bytes <= l2_bytes
+
+
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:
     return BlockSchedule(offsets, M, block)
 
