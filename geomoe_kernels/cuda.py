@@ -22,7 +22,7 @@ from . import backend as _backend
 from . import kernel_recipes as recipe
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ROUTE_BLOCK = 32  # ids per scatter thread: the in-block rank is a short walk
+ROUTE_BLOCK = 32  # ids per histogram block and per scatter warp (one id a lane; the core checks it)
 
 
 def load() -> Tuple[Optional[object], str]:
