@@ -384,7 +384,8 @@ class DepthwiseConvKernels(Protocol):
         """out = the conv of x's rows through the neighbour table; flip reads the kernel reversed."""
 
     def wgrad(self, x: Tensor, grad_out: Tensor, neighbors: Tensor, dw_partial: Tensor, db_partial: Tensor) -> None:
-        """dw_partial [blocks, C, kk] and db_partial [blocks, C]: each row block's sums."""
+        """dw_partial [blocks, C, kk] and db_partial [blocks, C]: each run of wgrad_rows_per_block()
+        rows' sums, every element written (the partials come uninitialised)."""
 
 
 def masked_depthwise_conv(
@@ -404,8 +405,11 @@ def masked_depthwise_conv_backward(
     R, C = x.shape
     dx = masked_depthwise_conv(kernels, grad_out, neighbors, weight, None, flip=True)
     blocks = max(1, -(-R // kernels.wgrad_rows_per_block()))
-    dw = torch.zeros(blocks, C, neighbors.shape[1], dtype=torch.float32, device=x.device)
-    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
+    # both backends write every partial they are given: zeros (a fill the sum re-reads) only where
+    # no kernel runs
+    alloc = torch.empty if R else torch.zeros
+    dw = alloc(blocks, C, neighbors.shape[1], dtype=torch.float32, device=x.device)
+    db = alloc(blocks, C, dtype=torch.float32, device=x.device)
     if R:
         kernels.wgrad(x, grad_out, neighbors, dw, db)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
