@@ -10,8 +10,8 @@ all bf16 with float32 routing, it gives:
   axis with the column tile fastest: the programs that run together share one row block of A, so
   A comes from DRAM once. Their row blocks run one expert after another (W read once per expert),
   except where A is gathered from the tokens (the up-projection reading them through the routing)
-  and all experts' weights fit in half the L2 (kernel_recipes.interleaves_experts, as the Triton
-  launch decides it): then the blocks run interleaved across experts in token order, the tokens in
+  and all experts' weights fit in half the L2 (kernel_recipes.interleaves_experts, as both the
+  Triton and the CUDA launch decide it): then the blocks run interleaved across experts in token order, the tokens in
   flight (a few row blocks of every expert) stay in L2 and each token comes from DRAM once, W once
   in all. In expert order a gathered A costs the tokens once while they fit in L2, else every
   gathered row. The weight-gradient grid puts the (K, N) tile fastest, one expert and row split

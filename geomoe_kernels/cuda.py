@@ -357,6 +357,7 @@ class CudaGroupedGemm:
             pre=_p(pre),
             ldp=pre.stride(0) if pre is not None else 0,
             grad_act=0,
+            rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
         )
 
@@ -385,6 +386,7 @@ class CudaGroupedGemm:
             pre=_p(pre),
             ldp=pre.stride(0) if pre is not None else 0,
             grad_act=activations.code(grad_act),
+            rounds=0,
             stream=_stream(grad),
         )
 

@@ -79,6 +79,24 @@ def interleaves_experts(gathered: bool, weight_bytes: int, l2_bytes: int) -> boo
     return gathered and 2 * weight_bytes <= l2_bytes
 
 
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache (cached: the launch path asks on every call); an H100's where there is
+    none (the interpreter, the emulated CUDA core), so the CPU runs take the GPU's launch order."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    return H100_L2_BYTES
+
+
+def interleave_rounds(gathered: bool, weight: Tensor, schedule: BlockSchedule) -> int:
+    """The rounds of the interleaved row-block order for a launch over `schedule` (ceil(M / block):
+    no expert has more blocks), or 0 for expert order (interleaves_experts)."""
+    weight_bytes = weight.numel() * weight.element_size()
+    if not interleaves_experts(gathered, weight_bytes, l2_bytes(weight.device)):
+        return 0
+    return max(1, schedule.blocks - schedule.experts)
+
+
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:
     return BlockSchedule(offsets, M, block)
 

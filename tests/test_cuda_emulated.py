@@ -252,6 +252,28 @@ def test_grouped_mm(dtype, act, gathered):
         assert torch.count_nonzero(dw[e]) == 0 and torch.count_nonzero(db[e]) == 0
 
 
+def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeypatch):
+    """The gathered forward runs its row blocks interleaved across experts (token order; the
+    weights fit in L2): every block of the schedule exactly once, surplus slots exiting, the same
+    bits as one expert after another. 1,200 rows of 5 experts, one empty, make 10 row blocks over
+    several rounds."""
+    from geomoe_kernels import kernel_recipes
+
+    T, k, E, K, N = 400, 3, 5, 64, 40
+    r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    x = torch.randn(T, K).half()
+    w = (torch.randn(E, K, N) / K**0.5).half()
+    b = torch.randn(E, N).half()
+    schedule = kernel_recipes.block_schedule(off, T * k, cuda._any_core().grouped_mm_block_rows())
+    assert kernel_recipes.interleave_rounds(True, w, schedule) == 10
+    interleaved = grouped_mm(x, w, off, b, "gelu", backend="cuda", gather=r2f, flat_to_row=f2r, top_k=k)
+    monkeypatch.setattr(kernel_recipes, "interleave_rounds", lambda gathered, weight, schedule: 0)
+    expert_order = grouped_mm(x, w, off, b, "gelu", backend="cuda", gather=r2f, flat_to_row=f2r, top_k=k)
+    assert torch.equal(interleaved, expert_order)
+    want = grouped_mm(x.double(), w.double(), off, b.double(), "gelu", backend="torch", gather=r2f, flat_to_row=f2r, top_k=k)
+    assert_close(interleaved, want, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_grouped_mm_rows_not_16_byte_aligned(dtype):
     """K = 37 and N = 21: no row of x, W or the gradients starts on 16 bytes, so every tile takes the

@@ -6,7 +6,6 @@ bias gradient from the same loads; the splits are summed in a fixed order (deter
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
 the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
 
-import functools
 from typing import Optional
 
 import torch
@@ -51,15 +50,6 @@ def lookup_lanes(num_experts: int) -> int:
     """Lanes of the in-kernel block lookup (_block_of_expert): a power of two, at least 16 (no
     one-lane scan at a single expert)."""
     return max(16, pow2(num_experts))
-
-
-@functools.lru_cache(maxsize=None)
-def l2_bytes(device: torch.device) -> int:
-    """The device's L2 cache (cached: the launch path asks on every call); an H100's 50 MB where
-    there is none (the interpreter), so the CPU runs take the GPU's launch order."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).L2_cache_size
-    return recipe.H100_L2_BYTES
 
 
 def fp32_ieee(dtype: torch.dtype) -> bool:
@@ -384,8 +374,7 @@ class TritonGroupedGemm:
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
         N = activations.out_features(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
-        rounds = max(1, schedule.blocks - E)  # ceil(M / BM): no expert has more blocks
-        interleave = recipe.interleaves_experts(gather is not None, weight.numel() * weight.element_size(), l2_bytes(a.device))
+        rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
         _gmm_kernel[grid](
             a,
             weight,
@@ -398,7 +387,7 @@ class TritonGroupedGemm:
             N,
             K,
             top_k,
-            rounds,
+            max(rounds, 1),
             rounds.bit_length(),
             a.stride(0),
             a.stride(1),
@@ -416,7 +405,7 @@ class TritonGroupedGemm:
             TRANS_W=transpose_weight,
             IEEE=fp32_ieee(a.dtype),
             E_POW2=lookup_lanes(E),
-            INTERLEAVE=interleave,
+            INTERLEAVE=rounds > 0,
             BM=schedule.block,
         )
 
