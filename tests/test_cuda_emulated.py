@@ -134,9 +134,7 @@ def test_gating_matches_the_naive_loops_and_breaks_ties_to_the_lower_expert():
     assert ids.tolist() == [[0, 1, 2]] * 5 and counts.tolist() == [5, 5, 5, 0, 0, 0]
 
 
-@pytest.mark.parametrize(
-    "T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096), (1000, 3, 2), (257, 1, 1)]
-)
+@pytest.mark.parametrize("T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096), (1000, 3, 2), (257, 1, 1)])
 def test_route(T, k, E):
     """Histogram per block of 32 ids (E up to the 4096 that fit in shared memory) and the stable
     scatter, ranked by a warp's match: several thread blocks of 8 warps (3,000 ids), a tail warp with

@@ -67,8 +67,20 @@ _WGRAD_CONFIGS = configs([({"BC": 64}, 4, 1), ({"BC": 128}, 4, 1), ({"BC": 32}, 
 @triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "KK"])
 @triton.jit
 def _dwconv_wgrad_kernel(
-    X, G, Nbr, DW, DB, R, C, KK: tl.constexpr, stride_x, stride_g, ROWS: tl.constexpr, IN_FLIGHT: tl.constexpr,
-    KK_POW2: tl.constexpr, BC: tl.constexpr
+    X,
+    G,
+    Nbr,
+    DW,
+    DB,
+    R,
+    C,
+    KK: tl.constexpr,
+    stride_x,
+    stride_g,
+    ROWS: tl.constexpr,
+    IN_FLIGHT: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BC: tl.constexpr,
 ):
     """DW [programs, C, KK] and DB [programs, C]: program p's sums over its ROWS rows, for BC
     channels. The [KK, BC] tap sums and the BC bias sums stay in registers over all of its rows and
