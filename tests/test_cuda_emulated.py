@@ -616,6 +616,7 @@ def test_detector_launch_limits_in_the_core_itself():
             pre=0,
             ldp=0,
             grad_act=0,
+            rounds=0,
             stream=0,
         )
 
