@@ -119,6 +119,7 @@ template <typename T, int BN, bool TRANS_W> struct GemmTile {
   static constexpr int LDA = BK + PAD;                     // As[BM][LDA]
   static constexpr int LDB = TRANS_W ? BK + PAD : BN + PAD;  // Bs[BN][LDB] (W^T rows as stored) or Bs[BK][LDB]
   static constexpr int LDC = BN + CPAD;                    // Cs[BM][LDC], over the pipeline's buffers
+  static_assert(LDC % 4 == 0, "Cs rows start on 16 bytes (the epilogue's float4 reads)");
   static constexpr int A_STAGE = BM * LDA, B_STAGE = TRANS_W ? BN * LDB : BK * LDB;
   static constexpr std::size_t pipe_bytes = std::size_t(kStages) * (A_STAGE + B_STAGE) * sizeof(T);
   static constexpr std::size_t c_bytes = std::size_t(BM) * LDC * sizeof(float);
@@ -377,9 +378,15 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const int64_t row = row0 + r, n = n0 + cc;
     const int valid = clamp8(N - n);
     if (valid == 0) continue;
+    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
+    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
+    // second half first, so each read's 8 lanes cover all 32 banks once.
     float v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = Cs[r * G::LDC + cc + j];
+    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
+    const float4* const src = reinterpret_cast<const float4*>(Cs + r * G::LDC + cc);
+    const float4 first = src[swap], second = src[swap ^ 1];
+    const float4 lo = swap ? second : first, hi = swap ? first : second;
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
     if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
       float p[8];
       load8(pre + row * ldp + n, valid, vec_p, p);
