@@ -105,7 +105,12 @@ class BuildCudaCore(build_ext):
             raise RuntimeError("nvcc not found (set CUDA_HOME)")
         cuda = os.path.dirname(os.path.dirname(nvcc))
         archs = [a for a in os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a").split(";") if a]
+        # machine code for each arch, and the PTX of the newest one so that a GPU newer than all of
+        # them compiles that at load time instead of failing with "no kernel image". Arch-specific
+        # targets (90a) lose their suffix: their PTX would load on that arch alone.
+        ptx = max((re.sub(r"[af]$", "", a) for a in archs), key=int, default=None)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode += [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"] if ptx else []
         os.makedirs(self.build_temp, exist_ok=True)
         objects, report = [], []
         for src in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu"))):
@@ -122,7 +127,7 @@ class BuildCudaCore(build_ext):
         regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
         summary = (
             f"archs {';'.join(archs)}; {len(regs)} kernel builds; max registers {max(regs, default=0)}; "
-            f"max stack {max(stacks, default=0)} bytes; spill stores {sum(spills)} bytes"
+            f"max stack {max(stacks, default=0)} bytes; spill stores {sum(spills)} bytes; ptx compute_{ptx}"
         )
         with open(os.path.join(HERE, "geomoe_kernels", "_cuda_build.txt"), "w") as f:
             f.write(f"# nvcc {nvcc}\n# {summary}\n{text}")
@@ -131,7 +136,9 @@ class BuildCudaCore(build_ext):
         ext.include_dirs += [os.path.join(cuda, "include")]
         ext.library_dirs += [os.path.join(cuda, "lib64"), os.path.join(cuda, "lib")]
         ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
-        ext.define_macros += [("GEOMOE_CUDA_ARCHS", f'"{";".join(archs)}"')]
+        # what the core says it runs on (cuda.runs_on): the PTX lets it load on newer devices too
+        built = archs + ([f"compute_{ptx}"] if ptx else [])
+        ext.define_macros += [("GEOMOE_CUDA_ARCHS", f'"{";".join(built)}"')]
 
 
 def _emulated_extension(name, pybind11_include, flags=()):

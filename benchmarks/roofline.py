@@ -7,9 +7,13 @@ all bf16 with float32 routing, it gives:
 - flops: the multiply-adds of the GEMMs (x2), zero for the data-movement kernels;
 - min_bytes: each input read once and each output written once from DRAM;
 - design_bytes: what this implementation's tiles and launch order move. The GEMMs run one grid
-  axis with the column tile fastest: the programs that run together share one row block of A (and
-  one expert's W), so A comes from DRAM once, W once per expert. A gathered A (the up-projection
-  reading tokens through the routing) costs the tokens once while they fit in L2, else every
+  axis with the column tile fastest: the programs that run together share one row block of A, so
+  A comes from DRAM once. Their row blocks run one expert after another (W read once per expert),
+  except where A is gathered from the tokens (the up-projection reading them through the routing)
+  and all experts' weights fit in half the L2 (kernel_recipes.interleaves_experts, as both the
+  Triton and the CUDA launch decide it): then the blocks run interleaved across experts in token order, the tokens in
+  flight (a few row blocks of every expert) stay in L2 and each token comes from DRAM once, W once
+  in all. In expert order a gathered A costs the tokens once while they fit in L2, else every
   gathered row. The weight-gradient grid puts the (K, N) tile fastest, one expert and row split
   after another: that expert's rows of A and G come from DRAM once while they fit in L2, else once
   per N tile and once per K tile. Tiles are the first autotune config (what
@@ -26,9 +30,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import List
 
+from geomoe_kernels.kernel_recipes import H100_L2_BYTES, interleaves_experts
+
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3
-L2_BYTES = 50e6
+L2_BYTES = H100_L2_BYTES
+IN_FLIGHT_PROGRAMS = 132 * 2  # H100 SXM: 132 SMs, two GEMM programs each
 GEMM_TILE = dict(BM=128, BN=64, BK=64)  # the first config of triton/grouped_gemm.py's forward/dgrad kernel
 WGRAD_TILE = dict(BK=64, BN=64)  # and of its weight-gradient kernel
 BF16, F32, I64 = 2, 4, 8
@@ -51,11 +58,18 @@ class Row:
     bound_us: float
 
 
-def _gemm(kernel, shape, M, K, N, E, a_min, a_bytes, out_bytes, extra_read=0.0):
+def _gemm(kernel, shape, M, K, N, E, a_min, a_bytes, out_bytes, extra_read=0.0, gathered=False):
     """A [M, K] (a_min from DRAM at least, a_bytes as streamed: more when gathered) @ W [E, K, N] ->
-    out; extra_read: an operand read per output element (the pre-activation in a fused epilogue)."""
+    out; extra_read: an operand read per output element (the pre-activation in a fused epilogue);
+    gathered: A's rows are read through the routing (a_min the tokens, a_bytes the routed rows)."""
     w = E * K * N * BF16
     a_design = a_min if a_min <= L2_BYTES else a_bytes
+    if interleaves_experts(gathered, w, L2_BYTES):
+        # each round runs one row block of every expert, which spans BM * E / M of the tokens
+        rounds_in_flight = IN_FLIGHT_PROGRAMS / math.ceil(N / GEMM_TILE["BN"]) / E + 1
+        window = rounds_in_flight * GEMM_TILE["BM"] * E / M * a_min
+        if window + w <= L2_BYTES:
+            a_design = a_min
     design = a_design + w + out_bytes + extra_read
     return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_min + w + out_bytes + extra_read, design_bytes=design)
 
@@ -80,7 +94,7 @@ def kernels(name: str) -> List[Row]:
         dict(kernel="route", flops=0.0, min_bytes=M * I64 * 3),
         dict(kernel="permute", flops=0.0, min_bytes=x + rows_d),  # standalone; the GEMM below gathers in its load
         # forward: up-projection gathering x through the routing (keeps pre; writes the activation)
-        _gemm("up_proj_fwd", name, M, d, n1, E, x, rows_d, rows_h + rows_n1),
+        _gemm("up_proj_fwd", name, M, d, n1, E, x, rows_d, rows_h + rows_n1, gathered=True),
         _gemm("down_proj_fwd", name, M, h, d, E, rows_h, rows_h, rows_d),
         dict(kernel="unpermute", flops=0.0, min_bytes=rows_d + 2 * x + T * k * F32),
         # backward

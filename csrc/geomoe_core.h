@@ -71,11 +71,13 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 // act: an Activation code, none, GELU or SiLU (no SwiGLU yet); pre (nullable) keeps the pre-activation; gather
 // (nullable) reads A row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
 // grad_act (trans_w only): pre is read instead, and out = (A @ W^T) * act'(pre).
+// rounds > 0 (a gathered forward only): the row blocks run interleaved across experts in that many
+// rounds (ceil(M / rows)), token order, instead of one expert after another (rounds == 0).
 int grouped_mm_block_rows();
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo,
-                       void* pre, int64_t ldp, int grad_act, cudaStream_t stream);
+                       void* pre, int64_t ldp, int grad_act, int64_t rounds, cudaStream_t stream);
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
 // (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A.

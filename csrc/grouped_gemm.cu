@@ -119,6 +119,7 @@ template <typename T, int BN, bool TRANS_W> struct GemmTile {
   static constexpr int LDA = BK + PAD;                     // As[BM][LDA]
   static constexpr int LDB = TRANS_W ? BK + PAD : BN + PAD;  // Bs[BN][LDB] (W^T rows as stored) or Bs[BK][LDB]
   static constexpr int LDC = BN + CPAD;                    // Cs[BM][LDC], over the pipeline's buffers
+  static_assert(LDC % 4 == 0, "Cs rows start on 16 bytes (the epilogue's float4 reads)");
   static constexpr int A_STAGE = BM * LDA, B_STAGE = TRANS_W ? BN * LDB : BK * LDB;
   static constexpr std::size_t pipe_bytes = std::size_t(kStages) * (A_STAGE + B_STAGE) * sizeof(T);
   static constexpr std::size_t c_bytes = std::size_t(BM) * LDC * sizeof(float);
@@ -168,13 +169,90 @@ __device__ inline const int64_t* block_of_expert(const int64_t* __restrict__ off
   return found;
 }
 
+// The sum of v over the block, returned to every thread; part: kWarps shared slots, free again on
+// return.
+__device__ inline int64_t block_total(int64_t v, int64_t* part) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  int64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += part[w];
+  __syncthreads();
+  return total;
+}
+
+// (expert, first row) of the slot-th row block in the interleaved order (rounds > 0), -1 for a
+// surplus slot: round r holds expert e's blocks ceil(r n_e / rounds) .. ceil((r + 1) n_e / rounds) - 1
+// (n_e its block count), rounds in order, experts in order within a round, the order of the Triton
+// kernel's _interleaved_block. Every expert's rows are in token order, so the blocks that run
+// together gather nearby tokens whatever their expert, and a token read by top_k experts comes from
+// DRAM about once. Each thread holds a contiguous run of experts (as in block_of_expert); the round
+// is found by a binary search on the blocks before round r (a block-wide sum per halving, the same
+// on every thread, so every thread takes the same branches), the expert by a scan of the round's
+// blocks.
+__device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ offsets, int num_experts,
+                                                   int64_t slot, int64_t rounds) {
+  __shared__ int64_t part[kWarps], found[2];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int per = (num_experts + kThreads - 1) / kThreads;
+  const int lo = tid * per < num_experts ? tid * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
+  auto blocks_of = [&](int i) { return (offsets[i + 1] - offsets[i] + BM - 1) / BM; };
+  auto first_in_round = [&](int i, int64_t r) { return (r * blocks_of(i) + rounds - 1) / rounds; };
+  auto before_round = [&](int64_t r) {
+    int64_t mine = 0;
+    for (int i = lo; i < hi; ++i) mine += first_in_round(i, r);
+    return block_total(mine, part);
+  };
+  if (tid == 0) found[0] = -1, found[1] = 0;
+  if (slot >= before_round(rounds)) {  // past the last block (the barriers inside order found's write)
+    return found;
+  }
+  int64_t r_lo = 0, r_hi = rounds - 1;  // the last round starting at or before slot
+  while (r_lo < r_hi) {
+    const int64_t mid = (r_lo + r_hi + 1) / 2;
+    if (before_round(mid) <= slot)
+      r_lo = mid;
+    else
+      r_hi = mid - 1;
+  }
+  const int64_t u = slot - before_round(r_lo);  // the slot's place within its round
+  int64_t mine = 0;
+  for (int i = lo; i < hi; ++i) mine += first_in_round(i, r_lo + 1) - first_in_round(i, r_lo);
+  int64_t incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) part[warp] = incl;
+  __syncthreads();
+  int64_t first = incl - mine;
+  for (int w = 0; w < warp; ++w) first += part[w];
+  if (first <= u && u < first + mine) {
+    for (int i = lo; i < hi; ++i) {
+      const int64_t j0 = first_in_round(i, r_lo), n = first_in_round(i, r_lo + 1) - j0;
+      if (u < first + n) {
+        found[0] = i;
+        found[1] = offsets[i] + (j0 + u - first) * BM;
+        break;
+      }
+      first += n;
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
 // ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
 // Block b of the 1-D grid computes row block b / n_tiles and column tile b % n_tiles.
 template <typename T, int BN, int ACT, bool TRANS_W, int GRAD_ACT = 0>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
-    const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles) {
+    const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles,
+    int64_t rounds) {
   using G = GemmTile<T, BN, TRANS_W>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
@@ -182,7 +260,8 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   float* const Cs = reinterpret_cast<float*>(smem);  // after the K loop
 
   const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
-  const int64_t* const blk = block_of_expert(offsets, num_experts, rb);  // {expert, first row}
+  const int64_t* const blk = rounds > 0 ? interleaved_block(offsets, num_experts, rb, rounds)
+                                        : block_of_expert(offsets, num_experts, rb);  // {expert, first row}
   if (blk[0] < 0) return;
   int64_t e = blk[0], row0 = blk[1];
   int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
@@ -299,9 +378,15 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const int64_t row = row0 + r, n = n0 + cc;
     const int valid = clamp8(N - n);
     if (valid == 0) continue;
+    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
+    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
+    // second half first, so each read's 8 lanes cover all 32 banks once.
     float v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = Cs[r * G::LDC + cc + j];
+    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
+    const float4* const src = reinterpret_cast<const float4*>(Cs + r * G::LDC + cc);
+    const float4 first = src[swap], second = src[swap ^ 1];
+    const float4 lo = swap ? second : first, hi = swap ? first : second;
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
     if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
       float p[8];
       load8(pre + row * ldp + n, valid, vec_p, p);
@@ -495,8 +580,10 @@ int grouped_mm_block_rows() { return BM; }
 
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
-                       int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act, cudaStream_t stream) {
+                       int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
+                       int64_t rounds, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
+  if (rounds < 0 || (rounds > 0 && (gather == nullptr || trans_w))) return cudaErrorInvalidValue;  // gathered forward only
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto bn, auto kernel) {
@@ -511,7 +598,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
       GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
           static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre),
-          ldp, static_cast<int>(n_tiles));
+          ldp, static_cast<int>(n_tiles), rounds);
       return cudaGetLastError();
     };
     auto by_width = [&](auto pick) {

@@ -153,26 +153,28 @@ __global__ void histogram_kernel(const int64_t* __restrict__ ids, int64_t n, int
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) per_block[blockIdx.x * num_experts + e] = counts[e];
 }
 
-// One thread per block of ids walks them in order: stable without a sort, and the block sizes keep
-// the walk short next to the rows it places.
-__global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int num_experts, int block,
+// One warp per block of 32 ids (the caller's block, ROUTE_BLOCK in cuda.py), lane l holding id
+// start + l: the lanes with the same expert find each other with one __match_any_sync, and a lane's
+// rank within its expert is the number of those peers on lower lanes (earlier ids), so the order
+// within an expert stays the ids' order (stable, as the reference's). All 32 lanes take part in
+// the match (full mask); lanes past the last id offer -1, which no expert id equals, and write
+// nothing. kThreads / 32 blocks of ids per thread block: 196,608 ids make 768 thread blocks.
+constexpr int kRouteBlock = 32;
+
+__global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int num_experts,
                                const int64_t* __restrict__ base, int64_t* __restrict__ row_to_flat,
                                int64_t* __restrict__ flat_to_row, int64_t blocks) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= blocks) return;
-  const int64_t* my_base = base + b * num_experts;
-  const int64_t start = b * block;
-  const int64_t end = start + block < n ? start + block : n;
-  for (int64_t i = start; i < end; ++i) {
-    const int64_t e = ids[i];
-    int64_t rank = 0;
-    for (int64_t j = start; j < i; ++j) rank += ids[j] == e;
-    const int64_t row = my_base[e] + rank;
-    row_to_flat[row] = i;
-    flat_to_row[i] = row;
-  }
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (b >= blocks) return;  // whole warps: b is the same on all lanes
+  const unsigned lane = threadIdx.x & 31u;
+  const int64_t i = b * kRouteBlock + lane;
+  const int64_t e = i < n ? ids[i] : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  if (i >= n) return;
+  const int64_t row = base[b * num_experts + e] + __popc(peers & ((1u << lane) - 1u));
+  row_to_flat[row] = i;
+  flat_to_row[i] = row;
 }
-
 
 }  // namespace
 
@@ -245,10 +247,12 @@ cudaError_t route_histogram(const int64_t* ids, int64_t n, int num_experts, int 
 
 cudaError_t route_scatter(const int64_t* ids, int64_t n, int num_experts, int block, const int64_t* base,
                           int64_t* row_to_flat, int64_t* flat_to_row, cudaStream_t stream) {
+  if (block != kRouteBlock) return cudaErrorInvalidValue;  // one warp's lanes per block of ids
   const int64_t blocks = (n + block - 1) / block;
   if (blocks == 0) return cudaSuccess;
-  GEOMOE_LAUNCH((blocks + kThreads - 1) / kThreads, kThreads, 0, stream, scatter_kernel)(
-      ids, n, num_experts, block, base, row_to_flat, flat_to_row, blocks);
+  constexpr int kIdBlocksPerThreadBlock = kThreads / 32;
+  GEOMOE_LAUNCH((blocks + kIdBlocksPerThreadBlock - 1) / kIdBlocksPerThreadBlock, kThreads, 0, stream, scatter_kernel)(
+      ids, n, num_experts, base, row_to_flat, flat_to_row, blocks);
   return cudaGetLastError();
 }
 

@@ -22,7 +22,7 @@ from . import backend as _backend
 from . import kernel_recipes as recipe
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-ROUTE_BLOCK = 32  # ids per scatter thread: the in-block rank is a short walk
+ROUTE_BLOCK = 32  # ids per histogram block and per scatter warp (one id a lane; the core checks it)
 
 
 def load() -> Tuple[Optional[object], str]:
@@ -357,6 +357,7 @@ class CudaGroupedGemm:
             pre=_p(pre),
             ldp=pre.stride(0) if pre is not None else 0,
             grad_act=0,
+            rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
         )
 
@@ -385,6 +386,7 @@ class CudaGroupedGemm:
             pre=_p(pre),
             ldp=pre.stride(0) if pre is not None else 0,
             grad_act=activations.code(grad_act),
+            rounds=0,
             stream=_stream(grad),
         )
 

@@ -65,6 +65,38 @@ class BlockSchedule:
         return self._expert_and_row0[1]
 
 
+H100_L2_BYTES = 50 * 1024 * 1024
+
+
+def interleaves_experts(gathered: bool, weight_bytes: int, l2_bytes: int) -> bool:
+    """Whether a row-block GEMM runs its experts' blocks interleaved (token order across experts)
+    rather than one expert after another. Interleaving pays when A is gathered from the tokens: each
+    token is read by top_k experts, and in expert order the tokens leave L2 between them once they
+    outgrow it (65,536 tokens x d 768 bf16 is 100 MB; the gathered rows are 302 MB). It costs W:
+    every expert's weights are in use at once, so it is chosen only when all of them take at most
+    half the L2 (GeoMoE's 20 MB of up-projection weights; not an LLM's 805 MB, where expert order
+    reads each expert's W once)."""
+    return gathered and 2 * weight_bytes <= l2_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache (cached: the launch path asks on every call); an H100's where there is
+    none (the interpreter, the emulated CUDA core), so the CPU runs take the GPU's launch order."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    return H100_L2_BYTES
+
+
+def interleave_rounds(gathered: bool, weight: Tensor, schedule: BlockSchedule) -> int:
+    """The rounds of the interleaved row-block order for a launch over `schedule` (ceil(M / block):
+    no expert has more blocks), or 0 for expert order (interleaves_experts)."""
+    weight_bytes = weight.numel() * weight.element_size()
+    if not interleaves_experts(gathered, weight_bytes, l2_bytes(weight.device)):
+        return 0
+    return max(1, schedule.blocks - schedule.experts)
+
+
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:
     return BlockSchedule(offsets, M, block)
 
@@ -370,7 +402,8 @@ class DepthwiseConvKernels(Protocol):
         """out = the conv of x's rows through the neighbour table; flip reads the kernel reversed."""
 
     def wgrad(self, x: Tensor, grad_out: Tensor, neighbors: Tensor, dw_partial: Tensor, db_partial: Tensor) -> None:
-        """dw_partial [blocks, C, kk] and db_partial [blocks, C]: each row block's sums."""
+        """dw_partial [blocks, C, kk] and db_partial [blocks, C]: each run of wgrad_rows_per_block()
+        rows' sums, every element written (the partials come uninitialised)."""
 
 
 def masked_depthwise_conv(
@@ -390,8 +423,11 @@ def masked_depthwise_conv_backward(
     R, C = x.shape
     dx = masked_depthwise_conv(kernels, grad_out, neighbors, weight, None, flip=True)
     blocks = max(1, -(-R // kernels.wgrad_rows_per_block()))
-    dw = torch.zeros(blocks, C, neighbors.shape[1], dtype=torch.float32, device=x.device)
-    db = torch.zeros(blocks, C, dtype=torch.float32, device=x.device)
+    # both backends write every partial they are given: zeros (a fill the sum re-reads) only where
+    # no kernel runs
+    alloc = torch.empty if R else torch.zeros
+    dw = alloc(blocks, C, neighbors.shape[1], dtype=torch.float32, device=x.device)
+    db = alloc(blocks, C, dtype=torch.float32, device=x.device)
     if R:
         kernels.wgrad(x, grad_out, neighbors, dw, db)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)

@@ -3,6 +3,8 @@ linked and imported, for the architectures asked for, with no register spills.""
 
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -16,13 +18,43 @@ REQUIRED = os.environ.get("GEOMOE_REQUIRE_CUDA") == "1"
 @pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
 def test_cuda_core_built_without_spills():
     assert cuda._core is not None, cuda._status
-    assert cuda._core.architectures() == os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a")
+    archs = os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a")
+    assert cuda._core.architectures() == f"{archs};compute_{_newest_ptx_arch(archs)}"
     report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
     entries = re.findall(r"Compiling entry function '(\w+)'", report)
     assert len(entries) >= 10
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", report)]
     stacks = [int(x) for x in re.findall(r"(\d+) bytes stack frame", report)]
-    assert len(spills) == len(entries) and not any(spills) and not any(stacks)
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", report)]
+    assert len(spills) == len(entries) == len(regs) and not any(spills) and not any(stacks)
+    # the summary line agrees with the report it sums (the PTX target adds no ptxas entries)
+    summary = report.splitlines()[1]
+    assert f"{len(entries)} kernel builds; max registers {max(regs)};" in summary and "spill stores 0 bytes" in summary
+
+
+def _newest_ptx_arch(archs: str) -> str:
+    return str(max(int(re.sub(r"[af]$", "", a)) for a in archs.split(";") if a))
+
+
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_cuda_core_embeds_the_ptx_of_its_newest_architecture():
+    """A GPU newer than every built architecture JIT-compiles the embedded PTX instead of failing
+    with "no kernel image": the PTX is the newest arch's without its arch-specific suffix (90a's
+    would load on sm_90a alone)."""
+    assert _newest_ptx_arch("80;90a") == "90" and _newest_ptx_arch("80;86;100a") == "100"
+    arch = _newest_ptx_arch(os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a"))
+    report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
+    assert report.splitlines()[1].endswith(f"; ptx compute_{arch}")
+    newer = (int(arch[:-1]) + 1, 0)  # a device past every cubin: runs through the PTX
+    assert cuda.runs_on(newer, cuda._core.architectures())
+    triton = pytest.importorskip("triton")  # its wheel carries cuobjdump where the toolkit has none
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump to list the embedded PTX")
+    listed = subprocess.run([tool, "--list-ptx", cuda._core.__file__], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert re.search(rf"\.sm_{arch}\.ptx", listed.stdout), listed.stdout[-2000:]
 
 
 class _LaunchProbe:

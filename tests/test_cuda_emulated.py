@@ -134,9 +134,11 @@ def test_gating_matches_the_naive_loops_and_breaks_ties_to_the_lower_expert():
     assert ids.tolist() == [[0, 1, 2]] * 5 and counts.tolist() == [5, 5, 5, 0, 0, 0]
 
 
-@pytest.mark.parametrize("T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096)])
+@pytest.mark.parametrize("T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096), (1000, 3, 2), (257, 1, 1)])
 def test_route(T, k, E):
-    """Histogram per block of 32 ids (E up to the 4096 that fit in shared memory) and the stable scatter."""
+    """Histogram per block of 32 ids (E up to the 4096 that fit in shared memory) and the stable
+    scatter, ranked by a warp's match: several thread blocks of 8 warps (3,000 ids), a tail warp with
+    lanes past the last id (24 of 3,000 and 1 of 257 ids), and one expert taking all 32 lanes."""
     ids = _ids(T, E, k, empty=(1,) if E > k + 1 else ())
     got = route(ids, E, backend="cuda")
     want = naive_route(ids, E) if E <= 23 else route(ids, E, backend="torch")
@@ -246,6 +248,28 @@ def test_grouped_mm(dtype, act, gathered):
     _, _, dw, db = _within_reference(run, [x, w, b], dtype)
     for e in (1, 4):
         assert torch.count_nonzero(dw[e]) == 0 and torch.count_nonzero(db[e]) == 0
+
+
+def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeypatch):
+    """The gathered forward runs its row blocks interleaved across experts (token order; the
+    weights fit in L2): every block of the schedule exactly once, surplus slots exiting, the same
+    bits as one expert after another. 1,200 rows of 5 experts, one empty, make 10 row blocks over
+    several rounds."""
+    from geomoe_kernels import kernel_recipes
+
+    T, k, E, K, N = 400, 3, 5, 64, 40
+    r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    x = torch.randn(T, K).half()
+    w = (torch.randn(E, K, N) / K**0.5).half()
+    b = torch.randn(E, N).half()
+    schedule = kernel_recipes.block_schedule(off, T * k, cuda._any_core().grouped_mm_block_rows())
+    assert kernel_recipes.interleave_rounds(True, w, schedule) == 10
+    interleaved = grouped_mm(x, w, off, b, "gelu", backend="cuda", gather=r2f, flat_to_row=f2r, top_k=k)
+    monkeypatch.setattr(kernel_recipes, "interleave_rounds", lambda gathered, weight, schedule: 0)
+    expert_order = grouped_mm(x, w, off, b, "gelu", backend="cuda", gather=r2f, flat_to_row=f2r, top_k=k)
+    assert torch.equal(interleaved, expert_order)
+    want = grouped_mm(x.double(), w.double(), off, b.double(), "gelu", backend="torch", gather=r2f, flat_to_row=f2r, top_k=k)
+    assert_close(interleaved, want, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -445,6 +469,16 @@ def test_detector_controls_correct_kernels_run(cases):
     torch.testing.assert_close(cd.reshape(16, 16).t(), a.float() @ b.float() + c)
 
 
+def test_detector_controls_warp_match_ranks_equal_values_in_lane_order(cases):
+    """__match_any_sync as the routing scatter ranks with it: the lanes holding the same value, the
+    tail lanes (-1) included in the full mask; a lane's rank counts its peers on lower lanes."""
+    vals = torch.tensor([3, 1, 3, 3, 0, 1, 7, 3, 0, 0, 2, 3, 1, 1, 5, 3, 3, 0, 9, 3], dtype=torch.float32)
+    out = torch.zeros(64)
+    assert cases("match_rank", vals, out=out) == "no error"
+    want = [sum(int(v == vals[i]) for v in vals[:i]) for i in range(20)] + [-1] * 12
+    assert out[:32].tolist() == want
+
+
 def test_detector_controls_a_missing_barrier_shows_in_one_of_the_thread_orders(cases):
     """Not a detector: without the barrier, thread 0 of the block that runs its threads in index
     order sums the other warps' partials before they are written (it reads the other block's)."""
@@ -500,6 +534,7 @@ def test_detector_barrier_not_reached_by_every_thread(cases, case, message):
             r"0xffffffff names lanes 16-31, which warp 1 of this 48-thread block does not have",
         ),
         ("shuffle_after_exit", r"broken::shuffle_after_exit .*lane 16 exits while lanes 0-15 wait for it in __shfl_xor_sync"),
+        ("match_after_exit", r"broken::match_after_exit .*lane 20 exits while lanes 0-19 wait for it in __match_any_sync"),
         (
             "shuffle_from_outside_mask",
             r"broken::shuffle_from_outside_mask .*__shfl_sync at broken_kernels.cu:\d+: lane 0 reads "
@@ -581,6 +616,7 @@ def test_detector_launch_limits_in_the_core_itself():
             pre=0,
             ldp=0,
             grad_act=0,
+            rounds=0,
             stream=0,
         )
 

@@ -96,8 +96,45 @@ def _block_of_expert(offsets, E, blk, BM: tl.constexpr, E_POW2: tl.constexpr):
     return e, row0
 
 
+@triton.jit
+def _interleaved_block(offsets, E, slot, rounds, search_steps, BM: tl.constexpr, E_POW2: tl.constexpr):
+    """(expert, first row) of the `slot`-th row block when the experts' blocks are interleaved by
+    how far into its expert each block lies: round r (0 <= r < rounds) holds expert e's blocks j
+    with ceil(r * n_e / rounds) <= j < ceil((r + 1) * n_e / rounds) (n_e its block count), the
+    rounds in order and the experts in order within a round. Every expert's rows are in token order
+    (the routing is stable), so the blocks that run together read nearby tokens whatever their
+    expert: a token gathered by top_k experts comes from DRAM about once instead of once per
+    expert. Any `rounds` >= 1 gives each block exactly one slot; the caller passes ceil(M / BM),
+    never below an expert's block count, so a round holds at most one block of each expert. The
+    round of `slot` is found by a binary search (search_steps = rounds.bit_length() halvings) on
+    the blocks before round r, sum_e ceil(r * n_e / rounds); expert == E for a surplus slot."""
+    re = tl.arange(0, E_POW2)
+    valid = re < E
+    lo_off = tl.load(offsets + re, mask=valid, other=0)
+    n = (tl.load(offsets + re + 1, mask=valid, other=0) - lo_off + BM - 1) // BM  # int64: r * n_e can pass 2^31
+    total = tl.sum(n, 0)
+    slot = slot.to(tl.int64)
+    lo = slot * 0  # the last round that starts at or before slot: rounds [lo, hi] remain
+    hi = lo + rounds - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        before = tl.sum((mid * n + rounds - 1) // rounds, 0)
+        lo = tl.where(before <= slot, mid, lo)
+        hi = tl.where(before <= slot, hi, mid - 1)
+    first_j = (lo * n + rounds - 1) // rounds  # each expert's first block in round lo
+    in_round = tl.where(valid, ((lo + 1) * n + rounds - 1) // rounds - first_j, 0)
+    ends = tl.cumsum(in_round, 0)
+    u = slot - tl.sum(first_j, 0)  # the slot's place within its round
+    e = tl.sum(((ends <= u) & valid).to(tl.int32), 0)
+    e = tl.where(slot < total, e, E)
+    pick = re == e
+    j = tl.sum(tl.where(pick, first_j + u - (ends - in_round), 0), 0)
+    row0 = tl.sum(tl.where(pick, lo_off, 0), 0) + j * BM
+    return e, row0
+
+
 # TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"])
 @triton.jit
 def _gmm_kernel(
     A,
@@ -111,6 +148,8 @@ def _gmm_kernel(
     N,
     K,
     top_k,
+    rounds,
+    search_steps,
     stride_am,
     stride_ak,
     stride_we,
@@ -127,6 +166,7 @@ def _gmm_kernel(
     TRANS_W: tl.constexpr,
     IEEE: tl.constexpr,
     E_POW2: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -135,10 +175,16 @@ def _gmm_kernel(
     product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre.
     One grid axis, the column tile fastest: the programs that start together share one row block of
     A (and one expert's W), so A streams from memory once instead of once per column tile, and the
-    grid has no 65,535 limit on any axis."""
+    grid has no 65,535 limit on any axis. INTERLEAVE (a gathered A whose experts' weights all fit in
+    L2 together, kernel_recipes.interleaves_experts): the row blocks run in _interleaved_block's
+    order, so the tokens the programs gather at one time are few and shared across experts;
+    otherwise each expert's blocks run consecutively (its W read once)."""
     n_tiles = tl.cdiv(N, BN)
     blk = tl.program_id(0) // n_tiles
-    e, row0 = _block_of_expert(offsets, E, blk, BM, E_POW2)
+    if INTERLEAVE:
+        e, row0 = _interleaved_block(offsets, E, blk, rounds, search_steps, BM, E_POW2)
+    else:
+        e, row0 = _block_of_expert(offsets, E, blk, BM, E_POW2)
     if e < E:
         end = tl.load(offsets + e + 1)
         rm = row0 + tl.arange(0, BM).to(tl.int64)
@@ -328,6 +374,7 @@ class TritonGroupedGemm:
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
         N = activations.out_features(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
+        rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
         _gmm_kernel[grid](
             a,
             weight,
@@ -340,6 +387,8 @@ class TritonGroupedGemm:
             N,
             K,
             top_k,
+            max(rounds, 1),
+            rounds.bit_length(),
             a.stride(0),
             a.stride(1),
             s_we,
@@ -356,6 +405,7 @@ class TritonGroupedGemm:
             TRANS_W=transpose_weight,
             IEEE=fp32_ieee(a.dtype),
             E_POW2=lookup_lanes(E),
+            INTERLEAVE=rounds > 0,
             BM=schedule.block,
         )
 

@@ -90,6 +90,23 @@ __global__ void shuffle_after_exit(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
 }
 
+// Correct: the routing scatter's ranking (csrc/permute.cu) on the 20 values in[0..19]: each lane's
+// rank among the lanes below it holding the same value; lanes 20-31 have no value, take part in the
+// match with -1 (full mask) and write -1.
+__global__ void match_rank(const float* in, float* out) {
+  const unsigned lane = threadIdx.x;
+  const int64_t v = lane < 20 ? static_cast<int64_t>(in[lane]) : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, v);
+  out[lane] = lane < 20 ? static_cast<float>(__popc(peers & ((1u << lane) - 1u))) : -1.f;
+}
+
+__global__ void match_after_exit(const float* in, float* out) {  // the tail lanes leave before the match
+  const unsigned lane = threadIdx.x;
+  if (lane >= 20) return;
+  const unsigned peers = __match_any_sync(0xffffffffu, static_cast<int64_t>(in[lane]));
+  out[lane] = static_cast<float>(__popc(peers & ((1u << lane) - 1u)));
+}
+
 __global__ void shuffle_from_outside_mask(float* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, float(threadIdx.x), 20);
 }
@@ -165,6 +182,10 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
     GEOMOE_LAUNCH(1, 48, 0, s, full_mask_shuffle)(out);
   else if (is("shuffle_after_exit"))
     GEOMOE_LAUNCH(1, 32, 0, s, shuffle_after_exit)(out);
+  else if (is("match_rank"))
+    GEOMOE_LAUNCH(1, 32, 0, s, match_rank)(fa, out);
+  else if (is("match_after_exit"))
+    GEOMOE_LAUNCH(1, 32, 0, s, match_after_exit)(fa, out);
   else if (is("shuffle_from_outside_mask"))
     GEOMOE_LAUNCH(1, 32, 0, s, shuffle_from_outside_mask)(out);
   else if (is("shuffle_against_barrier"))

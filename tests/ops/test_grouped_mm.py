@@ -223,6 +223,49 @@ def test_triton_kernels_find_their_block_like_the_schedule(kernel_backend, count
     assert torch.equal(got_row0[live], s.row0[live])
 
 
+@pytest.mark.parametrize(
+    "counts", [[5, 0, 17, 1, 9], [0, 0, 0, 33], [7], [3], [3, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 16], [8] * 5 + [1, 40, 0]]
+)
+def test_triton_interleaved_order_visits_every_block_once_round_by_round(kernel_backend, counts):
+    """The gathered forward's interleaved launch order (INTERLEAVE): slot s gets the s-th block of
+    the rounds listed in Python below (round r holds expert e's blocks ceil(r n_e / R) ..
+    ceil((r + 1) n_e / R) - 1, experts in order), so every block of the schedule runs exactly once,
+    the blocks at the same fraction of their experts run together, and the surplus slots exit."""
+    if kernel_backend.name != "triton":
+        pytest.skip("the in-kernel lookup is the Triton kernels'")
+    from geomoe_kernels.triton.grouped_gemm import lookup_lanes
+    from tests.ops.triton_probes import interleaved_lookup
+
+    off = offsets(counts, kernel_backend.device)
+    E, block = len(counts), 4
+    s = kernel_recipes.block_schedule(off, sum(counts), block)
+    rounds = max(1, s.blocks - E)  # as the launch passes it
+    n = [-(-c // block) for c in counts]
+    ceil = lambda a, b: -(-a // b)
+    want = [
+        (e, int(off[e]) + j * block)
+        for r in range(rounds)
+        for e in range(E)
+        for j in range(ceil(r * n[e], rounds), ceil((r + 1) * n[e], rounds))
+    ]
+    assert sorted(want) == sorted(zip(s.expert[s.expert >= 0].tolist(), s.row0[s.expert >= 0].tolist()))
+    got_e = torch.empty(s.blocks, dtype=torch.int32, device=off.device)
+    got_row0 = torch.empty(s.blocks, dtype=torch.int64, device=off.device)
+    interleaved_lookup[(s.blocks,)](off, E, rounds, rounds.bit_length(), got_e, got_row0, BM=block, E_POW2=lookup_lanes(E))
+    live = len(want)
+    assert list(zip(got_e[:live].tolist(), got_row0[:live].tolist())) == want
+    assert bool((got_e[live:] == E).all())
+
+
+def test_interleaving_is_chosen_for_gathered_rows_whose_weights_fit_half_the_l2():
+    from geomoe_kernels.kernel_recipes import interleaves_experts
+
+    mb = 1 << 20
+    assert interleaves_experts(True, 20 * mb, 50 * mb)  # GeoMoE's up-projection on an H100
+    assert not interleaves_experts(True, 805 * mb, 50 * mb)  # an LLM's 128 experts: expert order
+    assert not interleaves_experts(False, 1 * mb, 50 * mb)  # contiguous rows gain nothing
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_triton_gradients_are_the_same_bits_whichever_config_runs(kernel_backend, dtype, monkeypatch):
     """Autotuning may pick another tile on another run or machine: the forward and every gradient

@@ -106,3 +106,35 @@ def test_bad_neighbor_tables():
         masked_depthwise_conv_op(x, nbr[:, :4].contiguous(), w[:, :4].contiguous(), None)
     with pytest.raises(ValueError, match="kernel_size"):
         layout.neighbor_table(kept, (2, 2), 2, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_weight_gradient_is_the_same_bits_whichever_config_runs(backend, dtype, monkeypatch):
+    """The weight gradient's programs each sum a fixed run of rows in registers, one row after
+    another: channel tiles and warp counts (what autotuning picks) change no bit of dweight or
+    dbias. 47 rows make three programs, the last one short and ending inside a step of rows in
+    flight; 37 channels leave every tile width a tail; the results match the reference."""
+    if backend.name != "triton":
+        pytest.skip("the Triton kernels' configs")
+    import triton
+
+    from geomoe_kernels.triton import sparse_conv as ts
+
+    interpreting = backend.device.type == "cpu"
+    kept = torch.stack([torch.randperm(64)[:47] for _ in range(1)])
+    nbr = layout.neighbor_table(kept, (8, 8), 1, 5).to(backend.device)
+    rows = nbr.shape[0]
+    assert -(-rows // ts.WGRAD_ROWS) >= 2 and rows % 4
+    x = torch.randn(rows, 37).to(backend.device, dtype)
+    g = torch.randn(rows, 37).to(backend.device, dtype)
+    w = (torch.randn(37, 25) / 5).to(backend.device, dtype)
+    results = []
+    for bc, warps in [(16, 1), (8, 2), (32, 4)] if interpreting else [(64, 4), (128, 4), (32, 2)]:
+        monkeypatch.setattr(ts._dwconv_wgrad_kernel, "configs", [triton.Config({"BC": bc}, num_warps=warps)])
+        monkeypatch.setattr(ts._dwconv_wgrad_kernel, "cache", {})
+        results.append(masked_depthwise_conv_backward(g, x, nbr, w, backend="triton")[1:])
+    for dw, db in results[1:]:
+        assert torch.equal(dw, results[0][0]) and torch.equal(db, results[0][1])
+    _, dw_ref, db_ref = masked_depthwise_conv_backward(g.double(), x.double(), nbr, w.double(), backend="torch")
+    torch.testing.assert_close(results[0][0].double(), dw_ref, **TOL[dtype])
+    torch.testing.assert_close(results[0][1].double(), db_ref, **TOL[dtype])
