@@ -22,12 +22,14 @@ if sys.platform.startswith("linux"):
 
 def huge_pages_requested() -> bool:
     """Whether torch's CPU allocator asks for huge pages in this process. torch page-aligns such
-    allocations and 64-byte-aligns all others, so one probe tells; False when torch allocated before
-    the variable was set (its value is read once)."""
+    allocations and 64-byte-aligns all others; one 64-byte-aligned block lands on a page boundary by
+    chance 1 time in 64, so four are probed, alive together (distinct blocks, sizes that are no page
+    multiple). False when torch allocated before the variable was set (its value is read once)."""
     import torch
 
-    probe = torch.empty(_THRESHOLD, dtype=torch.uint8)
-    return probe.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    probes = [torch.empty(_THRESHOLD + 64 * (i + 1), dtype=torch.uint8) for i in range(4)]
+    return all(p.data_ptr() % page == 0 for p in probes)
 
 
 def kernel_mode() -> str:
