@@ -67,6 +67,28 @@ class HFExpertsLayer(TorchRoutedLayer):
         return self.fn(view, x, ids, w.to(x.dtype))
 
 
+def import_hiding(module: str, hidden: str):
+    """Import `module` with package `hidden` (and its submodules) unimportable for the duration.
+    ScatterMoE's package, on import, replaces the forward of some transformers experts classes
+    (GPT-OSS's, for its own use) process-wide, when it can import them; the suite measures its MLP
+    only, and transformers must stay as it is for the rows (and tests) that run it after."""
+    import importlib
+
+    if module in sys.modules:
+        return sys.modules[module]
+    names = [n for n in sys.modules if n == hidden or n.startswith(hidden + ".")] or [hidden]
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update({n: None for n in names})  # type: ignore[misc]  # None: "import of n halted"
+    try:
+        return importlib.import_module(module)
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
 class ScatterMoELayer(TorchRoutedLayer):
     """ScatterMoE's MLP (scatter2scatter Triton kernels), with its own copy of the expert weights
     (its layout is [E, out, in]); the combine weights in the activation dtype, as it takes them."""
@@ -76,7 +98,7 @@ class ScatterMoELayer(TorchRoutedLayer):
         if PEERS_DIR not in sys.path and os.path.isdir(os.path.join(PEERS_DIR, "scattermoe")):
             sys.path.insert(0, PEERS_DIR)
         try:
-            from scattermoe.mlp import MLP, GLUMLP
+            MLP, GLUMLP = (getattr(import_hiding("scattermoe.mlp", "transformers"), n) for n in ("MLP", "GLUMLP"))
         except ImportError as e:
             raise PeerUnavailable(f"scattermoe not found (run benchmarks/prepare_peers.sh): {e}")
         if moe.activation == "swiglu":  # its gated MLP: silu(gates) * h

@@ -135,3 +135,30 @@ def test_peer_layers_compute_the_same_layer(peer, kind):
     got, want = layer(x), moe(x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.to(b.dtype), b)
+
+
+def test_a_peer_import_cannot_patch_transformers(tmp_path, monkeypatch):
+    """A peer package that, on import, replaces a transformers class's forward (as ScatterMoE's does
+    for GPT-OSS) is imported with transformers hidden: the class stays as it was."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral import modeling_mixtral
+
+    from benchmarks import peers as P
+
+    pkg = tmp_path / "patching_peer"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "try:\n"
+        "    from transformers.models.mixtral.modeling_mixtral import MixtralExperts\n"
+        "    MixtralExperts.forward = None\n"
+        "except Exception:\n"
+        "    pass\n"
+        "VALUE = 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = modeling_mixtral.MixtralExperts.forward
+    peer = P.import_hiding("patching_peer", "transformers")
+    assert peer.VALUE == 7
+    assert modeling_mixtral.MixtralExperts.forward is before
+    assert sys.modules["transformers.models.mixtral.modeling_mixtral"] is modeling_mixtral
+    monkeypatch.delitem(sys.modules, "patching_peer")
