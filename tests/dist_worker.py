@@ -168,3 +168,6 @@ def stalled_peer(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
         f.write(f"{time.time() - t0:.2f}\n{message}")
     open(done, "w").close()
+    # leave without tearing down: a process group whose collective timed out may abort (SIGABRT) in
+    # its destructor, which was seen once under load and is not what this test checks
+    os._exit(0)
