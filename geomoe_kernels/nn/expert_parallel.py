@@ -116,8 +116,10 @@ class LocalExperts(nn.Module):
     def forward(self, rows: Tensor, offsets: Tensor, layer: MoEMLP, grad_scale: float) -> Tensor:
         """`layer`'s expert path (its activation, SwiGLU layout, gate) on expert-major `rows` with this
         rank's weights; the weights' gradients times `grad_scale`."""
-        scaled = tuple(None if p is None else _ScaleGrad.apply(p, grad_scale) for p in (self.w1, self.b1, self.w2, self.b2))
-        return layer._experts(rows, rows.dtype, offsets, None, None, weights=scaled)
+        scale = lambda p: _ScaleGrad.apply(p, grad_scale)
+        maybe = lambda p: None if p is None else scale(p)
+        weights = (scale(self.w1), maybe(self.b1), scale(self.w2), maybe(self.b2))
+        return layer._experts(rows, rows.dtype, offsets, None, None, weights=weights)
 
 
 class ExpertParallelMoEMLP(MoEMLP):

@@ -497,19 +497,29 @@ class ClassFolder(LabelledImages):
         randaug: Optional[RandAugment] = None,
         reprob: float = 0.0,
     ):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"expected a class folder root/<class>/..., got {root!r} which is not a directory")
-        classes = (
-            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        )
-        samples = []
-        for label, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()
-                samples += [(path, label) for path in _regular_image_files(dirpath, filenames)]
+        classes, samples = class_folder_samples(root, classes, _regular_image_files)
         if not samples:
             raise FileNotFoundError(f"no image files under {root}/<class>/")
         super().__init__(samples, classes, img_size, train, seed, randaug, reprob)
+
+
+def class_folder_samples(
+    root: str, classes: Optional[Sequence[str]], files_in: Callable[[str, Sequence[str]], List[str]]
+) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """(class names, [(path, label)]) of a root/<class>/... folder: labels by sorted class name (or
+    the order of `classes`), each class's folders walked in sorted order, `files_in(folder, names)`
+    picking the files to keep."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"argument '--data' expected a class folder root/<class>/..., got {root!r} which is not a directory"
+        )
+    names = list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    samples: List[Tuple[str, int]] = []
+    for label, name in enumerate(names):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+            dirnames.sort()
+            samples += [(path, label) for path in files_in(dirpath, filenames)]
+    return names, samples
 
 
 # ---- published split files -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import LabelledImages, files_in_subfolders, random_resized_crop_box
+from .data import LabelledImages, class_folder_samples, files_in_subfolders, random_resized_crop_box
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".img", ".vrt")
 BAND_STATS_FILE = "band_stats.json"
@@ -64,6 +64,17 @@ def read_raster(path: str) -> Tuple[np.ndarray, np.ndarray]:
             valid = src.read_masks() > 0
     valid &= np.isfinite(values)
     return values, valid
+
+
+def _read_or_skip(path: str, index: int, warned: set) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """read_raster, or None for a file that cannot be read (warned once per index in `warned`)."""
+    try:
+        return read_raster(path)
+    except Exception as exc:
+        if index not in warned:
+            warned.add(index)
+            warnings.warn(f"skipping unreadable raster {path}: {type(exc).__name__}: {exc}")
+        return None
 
 
 def raster_files(root: str) -> List[str]:
@@ -208,13 +219,10 @@ class RasterFolder(Dataset):
     def __getitem__(self, code: int) -> Optional[torch.Tensor]:
         epoch, index = divmod(int(code), len(self.files))
         path = self.files[index]
-        try:
-            values, valid = read_raster(path)
-        except Exception as exc:
-            if index not in self._warned:
-                self._warned.add(index)
-                warnings.warn(f"skipping unreadable raster {path}: {type(exc).__name__}: {exc}")
+        read = _read_or_skip(path, index, self._warned)
+        if read is None:
             return None
+        values, valid = read
         if values.shape[0] != self.in_chans:
             raise BandCountError(f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans)")
         rng = np.random.default_rng([self.seed, epoch, index, 1])
@@ -257,18 +265,8 @@ class RasterClassFolder(LabelledImages):
         reprob: float = 0.0,
     ):
         _rasterio()
-        if not os.path.isdir(root):
-            raise FileNotFoundError(
-                f"argument '--data' expected a class folder root/<class>/..., got {root!r} which is not a directory"
-            )
-        classes = (
-            list(classes) if classes is not None else sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        )
-        samples = []
-        for label, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()
-                samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(RASTER_EXTENSIONS)]
+        rasters = lambda folder, names: [os.path.join(folder, f) for f in sorted(names) if f.lower().endswith(RASTER_EXTENSIONS)]
+        classes, samples = class_folder_samples(root, classes, rasters)
         if not samples:
             raise FileNotFoundError(
                 f"argument '--data' expected raster files ({', '.join(RASTER_EXTENSIONS)}) under {root}/<class>/, got none"
@@ -281,13 +279,10 @@ class RasterClassFolder(LabelledImages):
 
         epoch, index = divmod(int(code), len(self.samples))
         path, label = self.samples[index]
-        try:
-            values, valid = read_raster(path)
-        except Exception as exc:
-            if index not in self._warned:
-                self._warned.add(index)
-                warnings.warn(f"skipping unreadable raster {path}: {type(exc).__name__}: {exc}")
+        read = _read_or_skip(path, index, self._warned)
+        if read is None:
             return None
+        values, valid = read
         if values.shape[0] != self.in_chans:
             raise BandCountError(
                 f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans): give --in-chans "

@@ -447,7 +447,7 @@ class _Trainer:
         rngs = distributed.all_gather_objects(env, rng_state())
         dcp_state = self._dcp_state() if self._uses_dcp() else None
         background = self.args.async_save
-        path, tmp, train_state = None, checkpoint.temp_path(out, step), None
+        tmp, train_state = checkpoint.temp_path(out, step), None
         if env.main:
             checkpoint.begin(out, step)
             train_state = dict(
@@ -477,10 +477,15 @@ class _Trainer:
             return self._finish_pending() if final else None
         if dcp_state is not None:
             checkpoint.write_dcp(tmp, dcp_state)  # every rank writes its part (a collective)
+        return self._commit(step)
+
+    def _commit(self, step: int) -> Optional[str]:
+        """After every rank's writes: move the checkpoint into place and prune (rank 0), in step."""
+        env, path = self.env, None
         distributed.barrier(env)
         if env.main:
-            path = checkpoint.commit(out, step, self.run_id)
-            checkpoint.prune(out, self.args.keep_last, self.run_id)
+            path = checkpoint.commit(self.args.out, step, self.run_id)
+            checkpoint.prune(self.args.out, self.args.keep_last, self.run_id)
         distributed.barrier(env)
         return path
 
@@ -499,13 +504,7 @@ class _Trainer:
         (step, waits), self._pending = self._pending, None
         for w in waits:
             w.result()  # a failed write raises here
-        env, out, path = self.env, self.args.out, None
-        distributed.barrier(env)
-        if env.main:
-            path = checkpoint.commit(out, step, self.run_id)
-            checkpoint.prune(out, self.args.keep_last, self.run_id)
-        distributed.barrier(env)
-        return path
+        return self._commit(step)
 
     # ---- the loop ---------------------------------------------------------------------------------
 
