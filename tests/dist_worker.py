@@ -125,6 +125,7 @@ def ep_mesh_grads(rank: int, world: int, init_file: str, out_dir: str, ep: int) 
         if fsdp:
             parallel.apply_fsdp(net, list(net.blocks), mesh)
         else:
+            parallel.BUCKET_ELEMENTS = 200  # several all-reduce buckets, a parameter larger than one alone
             sync = parallel.GradientSync(net, mesh)
         lo, hi = rank * 48 // world, (rank + 1) * 48 // world
         loss = ((net(x[lo:hi]) - t[lo:hi]) ** 2).mean()
