@@ -131,6 +131,24 @@ template <typename T, int BN, bool TRANS_W> struct GemmTile {
   static_assert(A_PER >= 1 && B_PER >= 1 && kThreads % A_CPR == 0 && kThreads % B_CPR == 0, "copies per thread");
 };
 
+// The sum of v over the threads before this one (in thread order), for every thread: a warp scan
+// with shuffles, then the warps' totals through part (kWarps shared slots). One barrier inside: part
+// stays in use until the caller's next barrier.
+__device__ inline int64_t block_exclusive_scan(int64_t v, int64_t* part) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t up = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += up;
+  }
+  if (lane == 31) part[warp] = incl;
+  __syncthreads();
+  int64_t before = incl - v;
+  for (int w = 0; w < warp; ++w) before += part[w];
+  return before;
+}
+
 // (expert, first row) of row block rb, -1 for a surplus block: each thread counts the row blocks of
 // a contiguous run of ceil(E / kThreads) experts, a block-wide scan (warp shuffles, then the warps'
 // totals) places the runs, and the thread whose run holds rb finds the expert. Every thread returns
@@ -138,22 +156,13 @@ template <typename T, int BN, bool TRANS_W> struct GemmTile {
 // in registers through the K loop.
 __device__ inline const int64_t* block_of_expert(const int64_t* __restrict__ offsets, int num_experts, int64_t rb) {
   __shared__ int64_t warp_total[kWarps], found[2];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x;
   const int per = (num_experts + kThreads - 1) / kThreads;
   const int lo = tid * per < num_experts ? tid * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
   int64_t mine = 0;
   for (int i = lo; i < hi; ++i) mine += (offsets[i + 1] - offsets[i] + BM - 1) / BM;
-  int64_t incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == 31) warp_total[warp] = incl;
-  if (tid == 0) found[0] = -1, found[1] = 0;
-  __syncthreads();
-  int64_t first = incl - mine;
-  for (int w = 0; w < warp; ++w) first += warp_total[w];
+  if (tid == 0) found[0] = -1, found[1] = 0;  // ordered before the writes below by the scan's barrier
+  int64_t first = block_exclusive_scan(mine, warp_total);
   if (first <= rb && rb < first + mine) {
     for (int i = lo; i < hi; ++i) {
       const int64_t n = (offsets[i + 1] - offsets[i] + BM - 1) / BM;
@@ -195,7 +204,7 @@ __device__ inline int64_t block_total(int64_t v, int64_t* part) {
 __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ offsets, int num_experts,
                                                    int64_t slot, int64_t rounds) {
   __shared__ int64_t part[kWarps], found[2];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x;
   const int per = (num_experts + kThreads - 1) / kThreads;
   const int lo = tid * per < num_experts ? tid * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
   auto blocks_of = [&](int i) { return (offsets[i + 1] - offsets[i] + BM - 1) / BM; };
@@ -220,16 +229,7 @@ __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ o
   const int64_t u = slot - before_round(r_lo);  // the slot's place within its round
   int64_t mine = 0;
   for (int i = lo; i < hi; ++i) mine += first_in_round(i, r_lo + 1) - first_in_round(i, r_lo);
-  int64_t incl = mine;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == 31) part[warp] = incl;
-  __syncthreads();
-  int64_t first = incl - mine;
-  for (int w = 0; w < warp; ++w) first += part[w];
+  int64_t first = block_exclusive_scan(mine, part);
   if (first <= u && u < first + mine) {
     for (int i = lo; i < hi; ++i) {
       const int64_t j0 = first_in_round(i, r_lo), n = first_in_round(i, r_lo + 1) - j0;
