@@ -276,16 +276,8 @@ def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeyp
 def test_grouped_mm_rows_not_16_byte_aligned(dtype):
     """K = 37 and N = 21: no row of x, W or the gradients starts on 16 bytes, so every tile takes the
     scalar copies instead of the asynchronous 16-byte ones (forward gathered, dgrad, wgrad)."""
-    T, k, E, K, N = 30, 2, 3, 37, 21
-    r2f, f2r, off = route(_ids(T, E, k), E, backend="torch")
-    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
-    w = (torch.randn(E, K, N) / K**0.5).to(dtype).requires_grad_(True)
-    b = torch.randn(E, N).to(dtype).requires_grad_(True)
-
-    def run(be, x, w, b):
-        return grouped_mm(x, w, off, b, "gelu", backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
-
-    _within_reference(run, [x, w, b], dtype)
+    T, k, E = 30, 2, 3
+    _gathered_gelu_within_reference(_ids(T, E, k), E, K=37, N=21, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -293,9 +285,16 @@ def test_grouped_mm_pipeline_in_its_steady_state(dtype):
     """K = 200 (7 K tiles of 32 through 3 stages) and one expert with 160 rows (5 row steps of the
     weight gradient): every stage is refilled after it was read, so a refill issued before the
     barrier that ends the reads is a race (GEOMOE_EMULATE_COPIES=eager makes it show)."""
-    T, k, E, K, N = 160, 2, 3, 200, 40
+    T, k = 160, 2
     ids = torch.zeros(T, k, dtype=torch.int64)  # slot 0: expert 0, all 160 rows
     ids[:, 1] = torch.arange(T) % 2 + 1  # slot 1: experts 1 and 2, 80 rows each
+    _gathered_gelu_within_reference(ids, 3, K=200, N=40, dtype=dtype)
+
+
+def _gathered_gelu_within_reference(ids, E, K, N, dtype):
+    """The gathered GELU grouped GEMM on routing `ids` [T, k], forward and every gradient, within
+    the reference's error."""
+    T, k = ids.shape
     r2f, f2r, off = route(ids, E, backend="torch")
     x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
     w = (torch.randn(E, K, N) / K**0.5).to(dtype).requires_grad_(True)

@@ -200,6 +200,27 @@ def verify(path: str) -> Dict[str, Any]:
     return state
 
 
+def read_weights(path: str, flag: str):
+    """(file, tensors) of a weights argument (`flag` names it in errors): a checkpoint directory (its
+    model.safetensors) or a weights file, geomoe's layout or the original's (.pth/.pt/.safetensors)."""
+    from .original import _read
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, MODEL_FILE)):
+            raise ValueError(
+                f"argument '{flag}' expected a checkpoint directory holding {MODEL_FILE} or a weights file, "
+                f"got the directory {path!r} without it"
+            )
+        path = os.path.join(path, MODEL_FILE)
+    try:
+        return path, _read(path)
+    except Exception as exc:
+        raise ValueError(
+            f"argument '{flag}' expected a weights file (a dict of tensors) or a checkpoint directory, got {path!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def is_dcp(state: Dict[str, Any]) -> bool:
     """Whether a checkpoint's training state is in its dcp/ directory (format 2)."""
     return int(state.get("format", 1)) >= 2

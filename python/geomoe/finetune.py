@@ -42,7 +42,7 @@ from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_label
 from .distributed import DEFAULT_TIMEOUT
 from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
 from .moevit import MoEViTClassifier
-from .original import _read, key_map, load_original_state_dict
+from .original import key_map, load_original_state_dict
 from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
 from .runtime import (
     RunDirectory,
@@ -202,19 +202,7 @@ def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> st
     must be in the file with its shape and nothing else unexpected, or a ValueError says what is
     missing; partial=True (--allow-partial-weights) loads what matches and names the rest, which
     keeps its initial values."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
-            raise ValueError(
-                f"argument '--weights' expected a checkpoint directory holding {checkpoint.MODEL_FILE} "
-                f"or a weights file, got the directory {path!r} without it"
-            )
-        path = os.path.join(path, checkpoint.MODEL_FILE)
-    try:
-        tensors = _read(path)
-    except Exception as exc:
-        raise ValueError(
-            f"argument '--weights' expected a weights file (a dict of tensors), got {path!r} ({type(exc).__name__}: {exc})"
-        ) from exc
+    path, tensors = checkpoint.read_weights(path, "--weights")
     # a fine-tuning checkpoint holds the backbone under 'backbone.'
     if any(k.startswith("backbone.") for k in tensors):
         tensors = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in tensors.items()}

@@ -142,17 +142,9 @@ def load_init_weights(model, path: str) -> str:
     """--init-weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout
     file, loaded where it matches (what it lacks keeps its initial values); RGB weights for a model
     with another band count get the first patch embedding adapted (geodata.adapt_in_chans)."""
-    from .original import _read, key_map, load_original_state_dict
+    from .original import key_map, load_original_state_dict
 
-    if os.path.isdir(path):
-        path = os.path.join(path, checkpoint.MODEL_FILE)
-    try:
-        tensors = _read(path)
-    except Exception as exc:
-        raise ValueError(
-            f"argument '--init-weights' expected a weights file or checkpoint directory, got {path!r} "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+    path, tensors = checkpoint.read_weights(path, "--init-weights")
     notes = adapt_state_dict_in_chans(tensors, model.in_chans)
     own, original = model.state_dict(), key_map(model)
     if any(k in original and k not in own for k in tensors):
