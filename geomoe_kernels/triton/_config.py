@@ -1,9 +1,20 @@
 """Launch configurations: autotuned on a GPU, exactly one pinned config under TRITON_INTERPRET=1
 (the interpreter cannot autotune, and is slow, so it gets tiny tiles). GEOMOE_TRITON_AUTOTUNE=0
-keeps only the first GPU config of each kernel: no autotuning, one compile per kernel (quick
-correctness runs on a GPU; not for speed)."""
+keeps only the first config that a kernel's register budget admits: no autotuning, one compile
+per kernel (quick correctness runs on a GPU; not for speed).
+
+Register budgets. A config whose tiles need more registers than a thread has spills them to local
+memory, and the autotuner may still pick it (it only skips configs that fail to compile or exceed
+shared memory). Each GEMM kernel therefore declares the float32 accumulator elements one thread
+holds in a config, as a function of the launch's constexprs, and the configs over the budget are
+pruned before autotuning. The budgets come from ptxas's report for sm_90 (tools/triton_offline.py,
+tests/test_triton_offline.py): 64 elements per thread compiled without spills with every epilogue
+in bf16, and 128 (SwiGLU's two accumulators at 64 each, or one 128 x 128 tile on 4 warps) spilled;
+full-precision float32 dots (no tensor cores) hold their operands in registers too and spilled
+above 32."""
 
 import os
+from typing import Any, Callable, Dict, List, Optional
 
 import triton
 
@@ -11,14 +22,48 @@ from ..backend import triton_interpreting
 
 INTERPRET = triton_interpreting()
 
+# float32 accumulator elements per thread that compile without spills (see the module docstring)
+BUDGET = 64
+BUDGET_IEEE = 32
+
+Footprint = Callable[[Dict[str, Any], int], float]  # (launch constexprs + config meta, num_warps) -> elements per thread
+
 
 def configs(gpu_configs, pinned):
     """gpu_configs: list of (meta dict, num_warps, num_stages); pinned: the meta dict for the interpreter."""
     if INTERPRET:
         return [triton.Config(pinned, num_warps=1, num_stages=1)]
-    if os.environ.get("GEOMOE_TRITON_AUTOTUNE", "1") == "0":
-        gpu_configs = gpu_configs[:1]
     return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
+
+
+def pruning(footprint: Optional[Footprint] = None, ieee_arg: Optional[str] = None) -> Dict[str, Callable]:
+    """triton.autotune's prune_configs_by: keeps the configs whose footprint is within the budget
+    (BUDGET_IEEE where the launch's `ieee_arg` constexpr is true), never none (the smallest footprint
+    stays if all are over), then only the first under GEOMOE_TRITON_AUTOTUNE=0."""
+
+    def prune(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs: Any) -> List[triton.Config]:
+        return admitted(configs, {**named_args, **kwargs}, footprint, ieee_arg)
+
+    return {"early_config_prune": prune}
+
+
+def admitted(
+    configs: List[triton.Config], args: Dict[str, Any], footprint: Optional[Footprint], ieee_arg: Optional[str]
+) -> List[triton.Config]:
+    """The configs a launch with `args` (its arguments by name) may run, in list order."""
+    keep = list(configs)
+    if footprint is not None:
+        budget = BUDGET_IEEE if ieee_arg and args.get(ieee_arg) else BUDGET
+        size = {id(c): footprint({**args, **c.kwargs}, c.num_warps) for c in configs}
+        keep = [c for c in configs if size[id(c)] <= budget] or [min(configs, key=lambda c: size[id(c)])]
+    if os.environ.get("GEOMOE_TRITON_AUTOTUNE", "1") == "0":
+        keep = keep[:1]
+    return keep
+
+
+def accumulator_elements(rows: int, cols: int, num_warps: int, tiles: int = 1) -> float:
+    """float32 elements per thread of `tiles` accumulators of rows x cols spread over the warps."""
+    return rows * cols * tiles / (32 * num_warps)
 
 
 def pow2(n: int) -> int:

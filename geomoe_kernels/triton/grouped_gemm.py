@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
-from ._config import INTERPRET, configs, pow2
+from ._config import INTERPRET, accumulator_elements, configs, pow2, pruning
 
 # the activation codes, as constants the kernels can compare against
 _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
@@ -34,16 +34,26 @@ def block_m(dtype: torch.dtype) -> int:
 # Every config has the same BK: each output element's sum over K is then added up in the same
 # chunks whatever the tile and warp count, so the autotuned choice (which can differ between
 # processes and machines) never changes a bit of the result. BN, warps and stages vary.
+# Which configs a launch may use is pruned by register budget (_config.pruning): SwiGLU keeps two
+# accumulators (gate and up in the forward; in the dgrad, the product and the pre-activation
+# halves), so at 128 rows only the 8-warp BN 64 and the BN 32 tiles fit; every config fits the
+# other activations.
 _GEMM_CONFIGS = configs(
     [
         ({"BN": 64, "BK": 64}, 4, 4),
+        ({"BN": 64, "BK": 64}, 8, 4),  # SwiGLU's first config (what GEOMOE_TRITON_AUTOTUNE=0 runs)
         ({"BN": 128, "BK": 64}, 8, 3),
         ({"BN": 64, "BK": 64}, 4, 5),
         ({"BN": 128, "BK": 64}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
-        ({"BN": 32, "BK": 64}, 4, 4),  # SwiGLU keeps two accumulators: the narrow tile avoids spills
+        ({"BN": 32, "BK": 64}, 4, 4),
     ],
     {"BN": 16, "BK": 16},
 )
+
+
+def _gemm_footprint(args, num_warps):
+    swiglu = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"])
+    return accumulator_elements(args["BM"], args["BN"], num_warps, 2 if swiglu else 1)
 
 
 def lookup_lanes(num_experts: int) -> int:
@@ -134,7 +144,11 @@ def _interleaved_block(offsets, E, slot, rounds, search_steps, BM: tl.constexpr,
 
 
 # TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"])
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"],
+    prune_configs_by=pruning(_gemm_footprint, "IEEE"),
+)
 @triton.jit
 def _gmm_kernel(
     A,
@@ -258,12 +272,16 @@ _WGRAD_CONFIGS = configs(
         ({"BK": 128, "BN": 64, "BM": 32}, 4, 4),
         ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
         ({"BK": 32, "BN": 64, "BM": 32}, 4, 3),
-    ],  # fp32 with the activation in the load spilled in all three on sm_80
+    ],  # full-precision fp32 keeps only the 64 x 64 and 32 x 64 tiles (the register budget)
     {"BK": 16, "BN": 16, "BM": 16},
 )
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "IEEE_SUMS"])
+@triton.autotune(
+    configs=_WGRAD_CONFIGS,
+    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "IEEE_SUMS"],
+    prune_configs_by=pruning(lambda args, warps: accumulator_elements(args["BK"], args["BN"], warps), "IEEE"),
+)
 @triton.jit
 def _wgrad_kernel(
     A,

@@ -1,0 +1,78 @@
+"""The register budgets that prune the Triton autotune lists (geomoe_kernels/triton/_config.py): which
+configs a launch may run, and what GEOMOE_TRITON_AUTOTUNE=0 keeps. tests/test_triton_offline.py
+compiles what they admit and checks that none of it spills."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from geomoe_kernels.activations import Activation  # noqa: E402
+from geomoe_kernels.triton import _config  # noqa: E402
+from geomoe_kernels.triton import grouped_gemm as tg  # noqa: E402
+
+
+def _tiles(configs):
+    return [(c.kwargs["BN"], c.num_warps) for c in configs]
+
+
+GEMM_LIST = [
+    triton.Config({"BN": 64, "BK": 64}, num_warps=4),
+    triton.Config({"BN": 64, "BK": 64}, num_warps=8),
+    triton.Config({"BN": 128, "BK": 64}, num_warps=8),
+    triton.Config({"BN": 128, "BK": 64}, num_warps=4),
+    triton.Config({"BN": 32, "BK": 64}, num_warps=4),
+]
+
+
+def _launch(act=Activation.GELU, grad_act=Activation.NONE, bm=128, ieee=False):
+    return {"ACT": int(act), "GRAD_ACT": int(grad_act), "BM": bm, "IEEE": ieee}
+
+
+def test_swiglu_keeps_only_the_tiles_whose_two_accumulators_fit(monkeypatch):
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    fwd = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
+    dgrad = _config.admitted(GEMM_LIST, _launch(act=Activation.NONE, grad_act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
+    # 128 x 64 x 2 on 8 warps and 128 x 32 x 2 on 4 warps: 64 elements per thread each
+    assert _tiles(fwd) == _tiles(dgrad) == [(64, 8), (32, 4)]
+
+
+def test_single_accumulator_epilogues_keep_every_tile_within_the_budget(monkeypatch):
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    gelu = _config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "IEEE")
+    assert _tiles(gelu) == [(64, 4), (64, 8), (128, 8), (32, 4)]  # 128 x 128 on 4 warps: 128 per thread
+    # full-precision float32 (64-row blocks): the budget halves, 64 x 128 on 4 warps is 64 per thread
+    ieee = _config.admitted(GEMM_LIST, _launch(bm=64, ieee=True), tg._gemm_footprint, "IEEE")
+    assert _tiles(ieee) == [(64, 4), (64, 8), (128, 8), (32, 4)]
+    ieee_swiglu = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU, bm=64, ieee=True), tg._gemm_footprint, "IEEE")
+    assert _tiles(ieee_swiglu) == [(64, 8), (32, 4)]
+
+
+def test_the_smallest_config_stays_when_every_one_is_over(monkeypatch):
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    big = [triton.Config({"BN": 256, "BK": 64}, num_warps=4), triton.Config({"BN": 128, "BK": 64}, num_warps=4)]
+    kept = _config.admitted(big, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
+    assert _tiles(kept) == [(128, 4)]
+
+
+def test_autotune_off_runs_the_first_admitted_config(monkeypatch):
+    monkeypatch.setenv("GEOMOE_TRITON_AUTOTUNE", "0")
+    assert _tiles(_config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")) == [(64, 8)]
+    assert _tiles(_config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "IEEE")) == [(64, 4)]
+    assert len(_config.admitted(GEMM_LIST, {}, None, None)) == 1  # kernels without a budget: the first
+
+
+def test_every_autotuned_kernel_prunes_through_the_budgets():
+    """Each autotuned kernel carries the pruning hook, so GEOMOE_TRITON_AUTOTUNE=0 and the budgets
+    reach all of them (a kernel without it would autotune over its whole list)."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+
+    found = []
+    for short in ("gating", "permute", "grouped_gemm", "norm_linear", "sparse_conv"):
+        mod = importlib.import_module(f"geomoe_kernels.triton.{short}")
+        found += [(short, name, k) for name, k in vars(mod).items() if isinstance(k, Autotuner)]
+    assert len(found) >= 5
+    assert all(k.early_config_prune is not None for _, _, k in found), [
+        (s, n) for s, n, k in found if k.early_config_prune is None
+    ]
