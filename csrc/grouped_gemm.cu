@@ -178,18 +178,23 @@ __device__ inline const int64_t* block_of_expert(const int64_t* __restrict__ off
   return found;
 }
 
-// The sum of v over the block, returned to every thread; part: kWarps shared slots, free again on
-// return.
-__device__ inline int64_t block_total(int64_t v, int64_t* part) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// The sum of v over the warp, returned to every lane.
+__device__ inline int64_t warp_total(int64_t v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  int64_t total = 0;
-  for (int w = 0; w < kWarps; ++w) total += part[w];
-  __syncthreads();
-  return total;
+  return v;
+}
+
+// The sum of v over the lanes before this one.
+__device__ inline int64_t warp_exclusive_scan(int64_t v) {
+  const int lane = threadIdx.x % 32;
+  int64_t incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t up = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += up;
+  }
+  return incl - v;
 }
 
 // (expert, first row) of the slot-th row block in the interleaved order (rounds > 0), -1 for a
@@ -197,49 +202,53 @@ __device__ inline int64_t block_total(int64_t v, int64_t* part) {
 // (n_e its block count), rounds in order, experts in order within a round, the order of the Triton
 // kernel's _interleaved_block. Every expert's rows are in token order, so the blocks that run
 // together gather nearby tokens whatever their expert, and a token read by top_k experts comes from
-// DRAM about once. Each thread holds a contiguous run of experts (as in block_of_expert); the round
-// is found by a binary search on the blocks before round r (a block-wide sum per halving, the same
-// on every thread, so every thread takes the same branches), the expert by a scan of the round's
-// blocks.
+// DRAM about once. The round is found by a binary search on the blocks before round r, the expert by
+// a scan of the round's blocks. The first warp alone searches, each lane holding a contiguous run of
+// ceil(E / 32) experts, so the ~log2(rounds) halvings are warp shuffles, not block barriers (one
+// barrier in all, at the end, while the other warps wait there); every lane takes the same branches.
 __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ offsets, int num_experts,
                                                    int64_t slot, int64_t rounds) {
-  __shared__ int64_t part[kWarps], found[2];
-  const int tid = threadIdx.x;
-  const int per = (num_experts + kThreads - 1) / kThreads;
-  const int lo = tid * per < num_experts ? tid * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
-  auto blocks_of = [&](int i) { return (offsets[i + 1] - offsets[i] + BM - 1) / BM; };
-  auto first_in_round = [&](int i, int64_t r) { return (r * blocks_of(i) + rounds - 1) / rounds; };
-  auto before_round = [&](int64_t r) {
-    int64_t mine = 0;
-    for (int i = lo; i < hi; ++i) mine += first_in_round(i, r);
-    return block_total(mine, part);
-  };
-  if (tid == 0) found[0] = -1, found[1] = 0;
-  if (slot >= before_round(rounds)) {  // past the last block (the barriers inside order found's write)
-    return found;
-  }
-  int64_t r_lo = 0, r_hi = rounds - 1;  // the last round starting at or before slot
-  while (r_lo < r_hi) {
-    const int64_t mid = (r_lo + r_hi + 1) / 2;
-    if (before_round(mid) <= slot)
-      r_lo = mid;
-    else
-      r_hi = mid - 1;
-  }
-  const int64_t u = slot - before_round(r_lo);  // the slot's place within its round
-  int64_t mine = 0;
-  for (int i = lo; i < hi; ++i) mine += first_in_round(i, r_lo + 1) - first_in_round(i, r_lo);
-  int64_t first = block_exclusive_scan(mine, part);
-  if (first <= u && u < first + mine) {
-    for (int i = lo; i < hi; ++i) {
-      const int64_t j0 = first_in_round(i, r_lo), n = first_in_round(i, r_lo + 1) - j0;
-      if (u < first + n) {
-        found[0] = i;
-        found[1] = offsets[i] + (j0 + u - first) * BM;
-        break;
+  __shared__ int64_t found[2];
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int per = (num_experts + 31) / 32;
+    const int lo = lane * per < num_experts ? lane * per : num_experts, hi = lo + per < num_experts ? lo + per : num_experts;
+    auto blocks_of = [&](int i) { return (offsets[i + 1] - offsets[i] + BM - 1) / BM; };
+    auto first_in_round = [&](int i, int64_t r) { return (r * blocks_of(i) + rounds - 1) / rounds; };
+    auto before_round = [&](int64_t r) {
+      int64_t mine = 0;
+      for (int i = lo; i < hi; ++i) mine += first_in_round(i, r);
+      return warp_total(mine);
+    };
+    int64_t expert = -1, row0 = 0;
+    if (slot < before_round(rounds)) {  // else past the last block
+      int64_t r_lo = 0, r_hi = rounds - 1;  // the last round starting at or before slot
+      while (r_lo < r_hi) {
+        const int64_t mid = (r_lo + r_hi + 1) / 2;
+        if (before_round(mid) <= slot)
+          r_lo = mid;
+        else
+          r_hi = mid - 1;
       }
-      first += n;
+      const int64_t u = slot - before_round(r_lo);  // the slot's place within its round
+      int64_t mine = 0;
+      for (int i = lo; i < hi; ++i) mine += first_in_round(i, r_lo + 1) - first_in_round(i, r_lo);
+      int64_t first = warp_exclusive_scan(mine);
+      if (first <= u && u < first + mine) {
+        for (int i = lo; i < hi; ++i) {
+          const int64_t j0 = first_in_round(i, r_lo), n = first_in_round(i, r_lo + 1) - j0;
+          if (u < first + n) {
+            expert = i;
+            row0 = offsets[i] + (j0 + u - first) * BM;
+            break;
+          }
+          first += n;
+        }
+      }
     }
+    // one writer: the lane that found the block, or lane 0 for a surplus slot
+    const unsigned hit = __ballot_sync(0xffffffffu, expert >= 0);
+    if (lane == (hit ? __ffs(static_cast<int>(hit)) - 1 : 0)) found[0] = expert, found[1] = row0;
   }
   __syncthreads();
   return found;

@@ -250,15 +250,17 @@ def test_grouped_mm(dtype, act, gathered):
         assert torch.count_nonzero(dw[e]) == 0 and torch.count_nonzero(db[e]) == 0
 
 
-def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeypatch):
+@pytest.mark.parametrize("E,empty", [(5, (2,)), (70, (0, 33, 69))])
+def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeypatch, E, empty):
     """The gathered forward runs its row blocks interleaved across experts (token order; the
     weights fit in L2): every block of the schedule exactly once, surplus slots exiting, the same
-    bits as one expert after another. 1,200 rows of 5 experts, one empty, make 10 row blocks over
-    several rounds."""
+    bits as one expert after another. 1,200 rows make 10 rounds: over 5 experts, one empty, several
+    blocks per expert; over 70, three empty, the first warp's search holds 3 experts a lane and
+    leaves its last lanes without any."""
     from geomoe_kernels import kernel_recipes
 
-    T, k, E, K, N = 400, 3, 5, 64, 40
-    r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    T, k, K, N = 400, 3, 64, 40
+    r2f, f2r, off = route(_ids(T, E, k, empty=empty), E, backend="torch")
     x = torch.randn(T, K).half()
     w = (torch.randn(E, K, N) / K**0.5).half()
     b = torch.randn(E, N).half()
