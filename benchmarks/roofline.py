@@ -20,6 +20,8 @@ all bf16 with float32 routing, it gives:
   GEOMOE_TRITON_AUTOTUNE=0 runs); a tuned run may pick another, so design_bytes is a model, not a
   measurement;
 - bound_us: the H100 lower bound, max(flops / 989 TFLOP/s, min_bytes / 3.35 TB/s).
+Then the LLM shape's expert MLP at decode sizes (1, 8 and 64 tokens), ours beside transformers'
+batched_mm experts (decode_kernels): there the weights are all the bytes there are.
 The shared expert (a dense GEMM) and the router's GEMM (d x E) are left out: cuBLAS runs both."""
 
 from __future__ import annotations
@@ -113,6 +115,36 @@ def kernels(name: str) -> List[Row]:
     return rows
 
 
+DECODE_TOKENS = (1, 8, 64)
+
+
+def experts_touched(tokens: int, E: int, k: int) -> float:
+    """Expected experts with rows when each of `tokens` picks k of E uniformly at random."""
+    return E * (1.0 - (1.0 - k / E) ** tokens)
+
+
+def decode_kernels(tokens: int) -> List[Row]:
+    """The LLM shape's expert MLP forward (both GEMMs; the activations are a rounding error beside
+    the weights here) at a decode size, ours and transformers' batched_mm. Ours reads each expert
+    that has rows once (one row block each: a decode step never fills 128 rows of an expert), the
+    minimum. batched_mm indexes the stacked weights by each routed row's expert (W[expert_ids]),
+    which copies one expert's weights per routed row (read and written) before the batched matmul
+    reads the copy again: 3 x tokens x top_k expert weights, against the experts touched once."""
+    s = SHAPES["llm-16384"]
+    d, h, E, k = s["d"], s["h"], s["E"], s["k"]
+    n1, M = 2 * h if s["gated"] else h, tokens * k
+    per_expert = (d * n1 + h * d) * BF16
+    acts = (tokens * d + M * n1 + 2 * M * h + M * d) * BF16  # x; pre; the activation written and read; out
+    least = experts_touched(tokens, E, k) * per_expert + acts
+    flops = 2.0 * M * (d * n1 + h * d)
+    bound = max(flops / PEAK_FLOPS, least / PEAK_BYTES) * 1e6
+    shape = f"llm-decode-{tokens}"
+    return [
+        Row("expert_mlp_decode", shape, tokens, flops, least, least, bound),
+        Row("hf_batched_mm_decode", shape, tokens, flops, least, 3.0 * M * per_expert + acts + 2 * M * d * BF16, bound),
+    ]
+
+
 def layer_bound_us(tokens: int) -> float:
     """The MoE layer's forward + backward bound at GeoMoE's shape (sum over its kernels)."""
     SHAPES.setdefault(f"geomoe-{tokens}", dict(SHAPES["geomoe-15680"], tokens=tokens))
@@ -145,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     args = ap.parse_args(argv)
     rows = [r for name in ("geomoe-15680", "geomoe-65536", "llm-16384") for r in kernels(name)]
+    rows += [r for tokens in DECODE_TOKENS for r in decode_kernels(tokens)]
     if args.json:
         keys = ("kernel", "shape", "tokens", "flops", "min_bytes", "design_bytes", "bound_us")
         print(json.dumps([{k: asdict(r)[k] for k in keys} for r in rows], indent=1))

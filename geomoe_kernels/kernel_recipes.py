@@ -22,8 +22,10 @@ from .reference import activations as _act_math
 
 class BlockSchedule:
     """For kernels that give each program `block` rows of one expert: expert e owns
-    ceil(count_e / block) consecutive blocks, and the grid is the static bound ceil(M / block) + E,
-    surplus blocks exiting at once. No host sync. The tensors are built on first use, on the
+    ceil(count_e / block) consecutive blocks, and the grid is the static bound
+    ceil(M / block) + min(E, M) (at most min(E, M) experts have rows, each with at most one partial
+    block), surplus blocks exiting at once. No host sync. Bounding by min(E, M) rather than E keeps
+    decode-sized launches small: 8 routed rows over 128 experts make 9 row blocks, not 129. The tensors are built on first use, on the
     device, by a dozen small torch ops, for the reference's tiles: the GEMM kernels (Triton and the
     CUDA core) find their block from the offsets themselves and never ask for them (each op call
     would otherwise pay those launches' host time, measured at 194 us on an H200 host against a
@@ -32,7 +34,8 @@ class BlockSchedule:
     def __init__(self, offsets: Tensor, M: int, block: int):
         self.offsets, self.block = offsets, block
         self.experts = offsets.numel() - 1
-        self.blocks = -(-M // block) + self.experts  # the static bound
+        self.row_blocks = -(-M // block)  # no expert has more
+        self.blocks = self.row_blocks + min(self.experts, max(M, 1))  # the static bound
 
     @functools.cached_property
     def per_expert(self) -> Tensor:
@@ -94,7 +97,7 @@ def interleave_rounds(gathered: bool, weight: Tensor, schedule: BlockSchedule) -
     weight_bytes = weight.numel() * weight.element_size()
     if not interleaves_experts(gathered, weight_bytes, l2_bytes(weight.device)):
         return 0
-    return max(1, schedule.blocks - schedule.experts)
+    return max(1, schedule.row_blocks)
 
 
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:

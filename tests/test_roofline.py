@@ -45,5 +45,25 @@ def test_json_rows_have_the_documented_keys():
         [sys.executable, "-m", "benchmarks.roofline", "--json"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     rows = json.loads(out)
-    assert {r["shape"] for r in rows} == {"geomoe-15680", "geomoe-65536", "llm-16384"}
+    decode = {f"llm-decode-{t}" for t in roofline.DECODE_TOKENS}
+    assert {r["shape"] for r in rows} == {"geomoe-15680", "geomoe-65536", "llm-16384"} | decode
     assert all(set(r) == {"kernel", "shape", "tokens", "flops", "min_bytes", "design_bytes", "bound_us"} for r in rows)
+
+
+def test_decode_reads_each_touched_expert_once_and_batched_mm_a_copy_per_routed_row():
+    """At 1 token x top-8 both read 8 experts' weights, batched_mm three times over (its index copy
+    written and read); at 64 tokens the 512 routed rows touch ~126 of 128 experts: 12x the bytes."""
+    s = roofline.SHAPES["llm-16384"]
+    per_expert = (s["d"] * 2 * s["h"] + s["h"] * s["d"]) * 2
+    for tokens in roofline.DECODE_TOKENS:
+        ours, hf = roofline.decode_kernels(tokens)
+        assert ours.design_bytes == ours.min_bytes == hf.min_bytes and ours.flops == hf.flops > 0
+        touched = roofline.experts_touched(tokens, s["E"], s["k"])
+        assert touched <= min(s["E"], tokens * s["k"]) + 1e-9
+        repeated_x = 2 * tokens * s["k"] * s["d"] * 2  # its repeat_interleave of the tokens, written and read
+        extra = hf.design_bytes - ours.design_bytes - repeated_x
+        assert abs(extra - (3 * tokens * s["k"] - touched) * per_expert) < 1e-6 * per_expert
+    one = roofline.decode_kernels(1)
+    assert abs(roofline.experts_touched(1, 128, 8) - 8) < 1e-9 and 2.9 < one[1].design_bytes / one[0].design_bytes < 3.0
+    many = roofline.decode_kernels(64)
+    assert 11 < many[1].design_bytes / many[0].design_bytes < 13

@@ -72,6 +72,30 @@ def test_backend_matches_per_expert_loop(backend, dtype, act):
         assert torch.count_nonzero(gt[1][e]) == 0 and torch.count_nonzero(gt[2][e]) == 0
 
 
+def test_decode_sized_launch_matches_per_expert_loop(backend, dtype):
+    """Fewer rows than experts (a decode step): the grid is ceil(M / B) + M blocks, every row its
+    own expert's partial block; the idle experts' gradients are exact zeros."""
+    E = 40
+    counts = [0] * E
+    for e in (3, 17, 18, 39):
+        counts[e] = 1
+    counts[17] = 2
+    off = offsets(counts, backend.device)
+    x = (torch.randn(sum(counts), 24) / 2).to(backend.device, dtype).requires_grad_(True)
+    w = (torch.randn(E, 24, 16) / 5).to(backend.device, dtype).requires_grad_(True)
+    b = torch.randn(E, 16).to(backend.device, dtype).requires_grad_(True)
+    got = skip_unavailable(grouped_mm, x, w, off, b, "gelu", backend=backend.name)
+    want = naive_grouped_mm(x.double(), w.double(), off, b.double(), "gelu")
+    assert_close(got, want, dtype)
+    g = torch.randn_like(want)
+    gt = torch.autograd.grad(got, (x, w, b), g.to(dtype))
+    gw = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
+    for a, r in zip(gt, gw):
+        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
+    idle = [e for e in range(E) if counts[e] == 0]
+    assert torch.count_nonzero(gt[1][idle]) == 0 and torch.count_nonzero(gt[2][idle]) == 0
+
+
 def _kernels(backend):
     if backend.name == "triton":
         from geomoe_kernels.triton.grouped_gemm import KERNELS
@@ -185,20 +209,38 @@ def test_reference_float32_both_paths_match_float64_loop(monkeypatch, stock, act
         assert torch.equal(grads[1][e], torch.zeros(16, 24)) and torch.equal(grads[2][e], torch.zeros(24))
 
 
+def _decode_counts(experts, rows, gen):
+    """`rows` routed rows over `experts`, at most one per expert where they fit (decode: few tokens,
+    many experts, every row its own partial block)."""
+    counts = [0] * experts
+    for e in torch.randperm(experts, generator=gen)[:rows].tolist():
+        counts[e] += 1
+    for e in torch.randint(experts, (max(0, rows - experts),), generator=gen).tolist():
+        counts[e] += 1
+    return counts
+
+
 def test_block_schedule_covers_every_row_once():
     """The kernels' row blocks (and the reference's tiles): each expert's rows in blocks of its own,
-    surplus blocks marked -1, nothing read back to the host."""
-    counts = [5, 0, 17, 1, 9]
-    off = offsets(counts)
-    s = kernel_recipes.block_schedule(off, sum(counts), 4)
-    assert s.blocks == -(-sum(counts) // 4) + len(counts)
-    covered = []
-    for e, r0 in zip(s.expert.tolist(), s.row0.tolist()):
-        if e >= 0:
-            covered += [r for r in range(r0, min(r0 + 4, int(off[e + 1])))]
-            assert int(off[e]) <= r0 < int(off[e + 1])
-    assert covered == list(range(sum(counts)))
-    assert s.per_expert.tolist() == [2, 0, 5, 1, 3]
+    surplus blocks marked -1, nothing read back to the host; the static grid ceil(M / B) + min(E, M)
+    is enough for any counts, the decode-sized ones (fewer rows than experts) included."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [([5, 0, 17, 1, 9], 4), ([0, 0, 0, 33], 4), ([1, 1, 1, 1, 1, 1], 4), ([0, 0, 0], 4)]
+    cases += [(_decode_counts(128, rows, gen), 128) for rows in (1, 8, 64, 127, 128, 512)]
+    cases += [(_decode_counts(23, rows, gen), 4) for rows in (3, 22, 24, 95)]
+    for counts, block in cases:
+        off, M, E = offsets(counts), sum(counts), len(counts)
+        s = kernel_recipes.block_schedule(off, M, block)
+        assert s.blocks == -(-M // block) + min(E, max(M, 1)), counts
+        assert s.per_expert.tolist() == [-(-c // block) for c in counts]
+        covered = []
+        for e, r0 in zip(s.expert.tolist(), s.row0.tolist()):
+            if e >= 0:
+                covered += [r for r in range(r0, min(r0 + block, int(off[e + 1])))]
+                assert int(off[e]) <= r0 < int(off[e + 1])
+        assert covered == list(range(M)), counts
+    # one row on each of 8 of 128 experts: 9 row blocks, not 129
+    assert kernel_recipes.block_schedule(offsets(_decode_counts(128, 8, gen)), 8, 128).blocks == 9
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 17, 1, 9], [0, 0, 0, 33], [7], [3, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 16]])
@@ -239,7 +281,7 @@ def test_triton_interleaved_order_visits_every_block_once_round_by_round(kernel_
     off = offsets(counts, kernel_backend.device)
     E, block = len(counts), 4
     s = kernel_recipes.block_schedule(off, sum(counts), block)
-    rounds = max(1, s.blocks - E)  # as the launch passes it
+    rounds = max(1, s.row_blocks)  # as the launch passes it
     n = [-(-c // block) for c in counts]
     ceil = lambda a, b: -(-a // b)
     want = [
