@@ -76,3 +76,20 @@ def test_every_autotuned_kernel_prunes_through_the_budgets():
     assert all(k.early_config_prune is not None for _, _, k in found), [
         (s, n) for s, n, k in found if k.early_config_prune is None
     ]
+
+
+def test_weight_gradient_budget_counts_swiglus_second_a_half_only_in_full_precision(monkeypatch):
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    wgrad = [
+        triton.Config({"BK": 64, "BN": 64, "BM": 32}, num_warps=4),
+        triton.Config({"BK": 128, "BN": 64, "BM": 32}, num_warps=4),
+        triton.Config({"BK": 64, "BN": 128, "BM": 32}, num_warps=4),
+        triton.Config({"BK": 32, "BN": 64, "BM": 32}, num_warps=4),
+    ]
+    tile = lambda cs: [(c.kwargs["BK"], c.kwargs["BN"]) for c in cs]  # noqa: E731
+    bf16 = {"A_ACT": int(Activation.SWIGLU), "IEEE": False}
+    assert tile(_config.admitted(wgrad, bf16, tg._wgrad_footprint, "IEEE")) == [(64, 64), (128, 64), (64, 128), (32, 64)]
+    fp32 = {"A_ACT": int(Activation.GELU), "IEEE": True}
+    assert tile(_config.admitted(wgrad, fp32, tg._wgrad_footprint, "IEEE")) == [(64, 64), (32, 64)]
+    fp32_swiglu = {"A_ACT": int(Activation.SWIGLU), "IEEE": True}  # 32 + 16 elements at 64 x 64: over
+    assert tile(_config.admitted(wgrad, fp32_swiglu, tg._wgrad_footprint, "IEEE")) == [(32, 64)]
