@@ -5,8 +5,8 @@ protocols here; `grouped_gemm_ops`, `route`, `topk_gating`, `masked_depthwise_co
 backward bind a backend's kernels into its op implementations.
 
 Grouped GEMM: the row blocks are scheduled on the device: expert e gets ceil(count_e / block)
-blocks, and the grid is the static bound ceil(M / block) + E, surplus blocks exiting at once. No
-host sync. The reference's tiled grouped GEMM lays its tiles out by the same schedule."""
+blocks, and the grid is the static bound ceil(M / block) + min(E, M), surplus blocks exiting at
+once. No host sync. The reference's tiled grouped GEMM lays its tiles out by the same schedule."""
 
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def interleave_rounds(gathered: bool, weight: Tensor, schedule: BlockSchedule) -
     """The rounds of the interleaved row-block order for a launch over `schedule` (ceil(M / block):
     no expert has more blocks), or 0 for expert order (interleaves_experts)."""
     weight_bytes = weight.numel() * weight.element_size()
-    if not interleaves_experts(gathered, weight_bytes, l2_bytes(weight.device)):
-        return 0
-    return max(1, schedule.row_blocks)
+    if schedule.row_blocks == 0 or not interleaves_experts(gathered, weight_bytes, l2_bytes(weight.device)):
+        return 0  # no rows: nothing to order (and an empty gather has no address for the CUDA core)
+    return schedule.row_blocks
 
 
 def block_schedule(offsets: Tensor, M: int, block: int) -> BlockSchedule:

@@ -274,6 +274,20 @@ def test_gathered_forward_interleaved_across_experts_equals_expert_order(monkeyp
     assert_close(interleaved, want, torch.float16)
 
 
+def test_gathered_forward_of_no_tokens():
+    """No routed rows (an empty batch, or an expert-parallel rank that received none): the gathered
+    forward returns [0, N] and the backward zeros, with no launch that needs the empty gather."""
+    E, k, K, N = 4, 2, 16, 8
+    r2f, f2r, off = route(torch.empty(0, k, dtype=torch.int64), E, backend="torch")
+    x = torch.randn(0, K).half().requires_grad_(True)
+    w = torch.randn(E, K, N).half().requires_grad_(True)
+    b = torch.randn(E, N).half().requires_grad_(True)
+    y = grouped_mm(x, w, off, b, "gelu", backend="cuda", gather=r2f, flat_to_row=f2r, top_k=k)
+    assert y.shape == (0, N)
+    dx, dw, db = torch.autograd.grad(y.float().sum(), (x, w, b))
+    assert dx.shape == (0, K) and torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_grouped_mm_rows_not_16_byte_aligned(dtype):
     """K = 37 and N = 21: no row of x, W or the gradients starts on 16 bytes, so every tile takes the

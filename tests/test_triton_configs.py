@@ -3,6 +3,7 @@ configs a launch may run, and what GEOMOE_TRITON_AUTOTUNE=0 keeps. tests/test_tr
 compiles what they admit and checks that none of it spills."""
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -24,41 +25,45 @@ GEMM_LIST = [
 ]
 
 
-def _launch(act=Activation.GELU, grad_act=Activation.NONE, bm=128, ieee=False):
-    return {"ACT": int(act), "GRAD_ACT": int(grad_act), "BM": bm, "IEEE": ieee}
+def _launch(act=Activation.GELU, grad_act=Activation.NONE, bm=128, dtype=torch.bfloat16):
+    return {"ACT": int(act), "GRAD_ACT": int(grad_act), "BM": bm, "A": torch.empty(0, dtype=dtype)}
 
 
 def test_swiglu_keeps_only_the_tiles_whose_two_accumulators_fit(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
-    fwd = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
-    dgrad = _config.admitted(GEMM_LIST, _launch(act=Activation.NONE, grad_act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
+    fwd = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "A")
+    dgrad = _config.admitted(GEMM_LIST, _launch(act=Activation.NONE, grad_act=Activation.SWIGLU), tg._gemm_footprint, "A")
     # 128 x 64 x 2 on 8 warps and 128 x 32 x 2 on 4 warps: 64 elements per thread each
     assert _tiles(fwd) == _tiles(dgrad) == [(64, 8), (32, 4)]
 
 
 def test_single_accumulator_epilogues_keep_every_tile_within_the_budget(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
-    gelu = _config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "IEEE")
+    gelu = _config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "A")
     assert _tiles(gelu) == [(64, 4), (64, 8), (128, 8), (32, 4)]  # 128 x 128 on 4 warps: 128 per thread
-    # full-precision float32 (64-row blocks): the budget halves, 64 x 128 on 4 warps is 64 per thread
-    ieee = _config.admitted(GEMM_LIST, _launch(bm=64, ieee=True), tg._gemm_footprint, "IEEE")
-    assert _tiles(ieee) == [(64, 4), (64, 8), (128, 8), (32, 4)]
-    ieee_swiglu = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU, bm=64, ieee=True), tg._gemm_footprint, "IEEE")
-    assert _tiles(ieee_swiglu) == [(64, 8), (32, 4)]
+    # float32 operands (64-row blocks): the budget halves, 64 x 128 on 4 warps is 64 per thread
+    fp32 = _config.admitted(GEMM_LIST, _launch(bm=64, dtype=torch.float32), tg._gemm_footprint, "A")
+    assert _tiles(fp32) == [(64, 4), (64, 8), (128, 8), (32, 4)]
+    fp32_swiglu = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU, bm=64, dtype=torch.float32), tg._gemm_footprint, "A")
+    assert _tiles(fp32_swiglu) == [(64, 8), (32, 4)]
 
 
 def test_the_smallest_config_stays_when_every_one_is_over(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
     big = [triton.Config({"BN": 256, "BK": 64}, num_warps=4), triton.Config({"BN": 128, "BK": 64}, num_warps=4)]
-    kept = _config.admitted(big, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")
+    kept = _config.admitted(big, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "A")
     assert _tiles(kept) == [(128, 4)]
 
 
 def test_autotune_off_runs_the_first_admitted_config(monkeypatch):
     monkeypatch.setenv("GEOMOE_TRITON_AUTOTUNE", "0")
-    assert _tiles(_config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "IEEE")) == [(64, 8)]
-    assert _tiles(_config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "IEEE")) == [(64, 4)]
+    assert _tiles(_config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU), tg._gemm_footprint, "A")) == [(64, 8)]
+    assert _tiles(_config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "A")) == [(64, 4)]
     assert len(_config.admitted(GEMM_LIST, {}, None, None)) == 1  # kernels without a budget: the first
+    assert _config._untimed(lambda: 1 / 0, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]  # launches nothing
+    assert _config.autotune_options()["do_bench"] is _config._untimed
+    monkeypatch.setenv("GEOMOE_TRITON_AUTOTUNE", "1")
+    assert _config.autotune_options()["do_bench"] is None  # Triton's own timing
 
 
 def test_every_autotuned_kernel_prunes_through_the_budgets():
@@ -78,7 +83,7 @@ def test_every_autotuned_kernel_prunes_through_the_budgets():
     ]
 
 
-def test_weight_gradient_budget_counts_swiglus_second_a_half_only_in_full_precision(monkeypatch):
+def test_weight_gradient_budget_halves_for_fp32_and_counts_swiglus_second_a_half_in_full_precision(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
     wgrad = [
         triton.Config({"BK": 64, "BN": 64, "BM": 32}, num_warps=4),
@@ -87,9 +92,11 @@ def test_weight_gradient_budget_counts_swiglus_second_a_half_only_in_full_precis
         triton.Config({"BK": 32, "BN": 64, "BM": 32}, num_warps=4),
     ]
     tile = lambda cs: [(c.kwargs["BK"], c.kwargs["BN"]) for c in cs]  # noqa: E731
-    bf16 = {"A_ACT": int(Activation.SWIGLU), "IEEE": False}
-    assert tile(_config.admitted(wgrad, bf16, tg._wgrad_footprint, "IEEE")) == [(64, 64), (128, 64), (64, 128), (32, 64)]
-    fp32 = {"A_ACT": int(Activation.GELU), "IEEE": True}
-    assert tile(_config.admitted(wgrad, fp32, tg._wgrad_footprint, "IEEE")) == [(64, 64), (32, 64)]
-    fp32_swiglu = {"A_ACT": int(Activation.SWIGLU), "IEEE": True}  # 32 + 16 elements at 64 x 64: over
-    assert tile(_config.admitted(wgrad, fp32_swiglu, tg._wgrad_footprint, "IEEE")) == [(32, 64)]
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0, dtype=torch.float32)
+    swiglu = {"A": bf16, "A_ACT": int(Activation.SWIGLU), "IEEE": False}
+    assert tile(_config.admitted(wgrad, swiglu, tg._wgrad_footprint, "A")) == [(64, 64), (128, 64), (64, 128), (32, 64)]
+    for ieee in (True, False):  # full precision or TF32: float32 operands, the budget halves
+        gelu = {"A": fp32, "A_ACT": int(Activation.GELU), "IEEE": ieee}
+        assert tile(_config.admitted(wgrad, gelu, tg._wgrad_footprint, "A")) == [(64, 64), (32, 64)]
+    fp32_swiglu = {"A": fp32, "A_ACT": int(Activation.SWIGLU), "IEEE": True}  # 32 + 16 elements at 64 x 64: over
+    assert tile(_config.admitted(wgrad, fp32_swiglu, tg._wgrad_footprint, "A")) == [(32, 64)]

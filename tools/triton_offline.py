@@ -100,10 +100,24 @@ def recording() -> Iterator[List[Launch]]:
             setattr(mod, attr, value)
 
 
+def _passes(dtypes) -> List[Tuple[torch.dtype, str]]:
+    """(dtype, float32 matmul precision): float32 twice, at "highest" (IEEE dots) and "high" (TF32)."""
+    return [(d, "highest") for d in dtypes] + [(d, "high") for d in dtypes if d == torch.float32]
+
+
 def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
     """Run every launcher once on CPU tensors of GeoMoE's shapes (23 experts, top-3, d 768, expert
-    hidden 576; stage-1 rows of width 256) in each of `dtypes`, and the gating at 64, 128 and 256
-    experts and the expert MLP at an LLM's shape in bf16, recording the kernel calls."""
+    hidden 576; stage-1 rows of width 256) in each of `dtypes` (float32 in full precision and in
+    TF32), and the gating at 64, 128 and 256 experts and the expert MLP at an LLM's shape in bf16,
+    recording the kernel calls."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        return _record_launches(dtypes)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _record_launches(dtypes) -> List[Launch]:
     from geomoe_kernels.reference.permute import route as ref_route
     from geomoe_kernels.triton import gating, grouped_gemm, norm_linear, permute, sparse_conv
 
@@ -129,7 +143,8 @@ def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
         ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
         permute.route(ids, E)
         r2f, f2r, off = ref_route(ids, E)
-        for dtype in dtypes:
+        for dtype, precision in _passes(dtypes):
+            torch.set_float32_matmul_precision(precision)  # float32 GEMMs: full precision, then TF32
             x = torch.randn(T, D, dtype=dtype)
             rows = permute.permute(x, r2f, k, None)
             permute.permute(x, r2f, k, torch.rand(T, k))

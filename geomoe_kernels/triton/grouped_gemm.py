@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
-from ._config import INTERPRET, accumulator_elements, configs, pow2, pruning
+from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
 
 # the activation codes, as constants the kernels can compare against
 _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
@@ -34,7 +34,7 @@ def block_m(dtype: torch.dtype) -> int:
 # Every config has the same BK: each output element's sum over K is then added up in the same
 # chunks whatever the tile and warp count, so the autotuned choice (which can differ between
 # processes and machines) never changes a bit of the result. BN, warps and stages vary.
-# Which configs a launch may use is pruned by register budget (_config.pruning): SwiGLU keeps two
+# Which configs a launch may use is pruned by register budget (_config.autotune_options): SwiGLU keeps two
 # accumulators (gate and up in the forward; in the dgrad, the product and the pre-activation
 # halves), so at 128 rows only the 8-warp BN 64 and the BN 32 tiles fit; every config fits the
 # other activations.
@@ -147,7 +147,7 @@ def _interleaved_block(offsets, E, slot, rounds, search_steps, BM: tl.constexpr,
 @triton.autotune(
     configs=_GEMM_CONFIGS,
     key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"],
-    prune_configs_by=pruning(_gemm_footprint, "IEEE"),
+    **autotune_options(_gemm_footprint, "A"),
 )
 @triton.jit
 def _gmm_kernel(
@@ -272,7 +272,7 @@ _WGRAD_CONFIGS = configs(
         ({"BK": 128, "BN": 64, "BM": 32}, 4, 4),
         ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
         ({"BK": 32, "BN": 64, "BM": 32}, 4, 3),
-    ],  # full-precision fp32 keeps only the 64 x 64 and 32 x 64 tiles (the register budget)
+    ],  # float32 operands keep only the 64 x 64 and 32 x 64 tiles (the register budget)
     {"BK": 16, "BN": 16, "BM": 16},
 )
 
@@ -290,7 +290,7 @@ def _wgrad_footprint(args, num_warps):
 @triton.autotune(
     configs=_WGRAD_CONFIGS,
     key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "IEEE_SUMS"],
-    prune_configs_by=pruning(_wgrad_footprint, "IEEE"),
+    **autotune_options(_wgrad_footprint, "A"),
 )
 @triton.jit
 def _wgrad_kernel(

@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import activations
-from ._config import INTERPRET, accumulator_elements, configs, pow2, pruning
+from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
 from .grouped_gemm import _apply_act, fp32_ieee
 
 STAT_ROWS = 4 if INTERPRET else 16
@@ -47,7 +47,7 @@ _CONFIGS = configs(
         ({"BM": 128, "BN": 64, "BK": 64}, 4, 4),
         ({"BM": 64, "BN": 128, "BK": 64}, 4, 4),
         ({"BM": 64, "BN": 64, "BK": 64}, 4, 5),
-        ({"BM": 64, "BN": 128, "BK": 64}, 8, 4),  # with the one above, what full-precision fp32 keeps
+        ({"BM": 64, "BN": 128, "BK": 64}, 8, 4),  # with the one above, what float32 operands keep
     ],  # one BK for all: the sum over K in the same chunks whichever config autotuning picks
     {"BM": 16, "BN": 16, "BK": 16},
 )
@@ -56,7 +56,7 @@ _CONFIGS = configs(
 @triton.autotune(
     configs=_CONFIGS,
     key=["N", "K", "ACT", "IEEE"],
-    prune_configs_by=pruning(lambda args, warps: accumulator_elements(args["BM"], args["BN"], warps), "IEEE"),
+    **autotune_options(lambda args, warps: accumulator_elements(args["BM"], args["BN"], warps), "W"),
 )
 @triton.jit
 def _norm_linear_kernel(

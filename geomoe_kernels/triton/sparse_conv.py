@@ -13,14 +13,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernel_recipes as recipe
-from ._config import INTERPRET, configs, pow2, pruning
+from ._config import INTERPRET, autotune_options, configs, pow2
 
 ROWS = 16 if INTERPRET else 64
 
 _CONV_CONFIGS = configs([({"BC": 64}, 4, 2), ({"BC": 128}, 4, 2), ({"BC": 32}, 2, 2)], {"BC": 16})
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=["C", "KK"], prune_configs_by=pruning())
+@triton.autotune(configs=_CONV_CONFIGS, key=["C", "KK"], **autotune_options())
 @triton.jit
 def _dwconv_kernel(
     X,
@@ -64,7 +64,7 @@ WGRAD_ROWS = 16 if INTERPRET else 128
 _WGRAD_CONFIGS = configs([({"BC": 64}, 4, 1), ({"BC": 128}, 4, 1), ({"BC": 32}, 2, 1)], {"BC": 16})
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "KK"], prune_configs_by=pruning())
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "KK"], **autotune_options())
 @triton.jit
 def _dwconv_wgrad_kernel(
     X,
