@@ -165,6 +165,64 @@ def test_two_process_pretraining_resumes_exactly(tmp_path, mode):
     assert len(rows[-1]["load_per_layer"][0]) == 8 and len(rows[-1]["expert_bias_per_layer"]) == 2
 
 
+def _to_format1(ckpt, world):
+    """Rewrite a checkpoint of a `--expert-parallel` run on `world` processes as earlier versions
+    wrote it (format 1): each rank's AdamW state in optimizer_rank<r>.pt, numbered in the unsharded
+    model's parameter order, one group listing them in that order, each expert tensor that rank's
+    block of ceil(E / world) experts; train_state.pt without "format"; no dcp/. (The layout of the
+    files an older version wrote, checked against one when this was written.)"""
+    import shutil
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from geomoe.configs import CONFIGS
+    from geomoe.model import GeoMoE
+    from geomoe_kernels.nn import MoEMLP
+
+    dcp_to_torch_save(os.path.join(ckpt, "dcp"), os.path.join(ckpt, "full.pt"))
+    optim = torch.load(os.path.join(ckpt, "full.pt"), weights_only=False)["optim"]
+    dense = GeoMoE(**CONFIGS["tiny"]["model"])
+    order = [n for n, _ in dense.named_parameters()]
+    experts = {}
+    for name, m in dense.named_modules():
+        if isinstance(m, MoEMLP):
+            block = -(-m.num_experts // world)
+            experts.update({f"{name}.{p}": block for p in ("w1", "b1", "w2", "b2") if getattr(m, p, None) is not None})
+    assert len(optim["param_groups"]) == 1 and experts
+    group = {k: v for k, v in optim["param_groups"][0].items() if k != "params"}
+    for r in range(world):
+        state = {}
+        for i, n in enumerate(order):
+            if n in optim["state"]:
+                cut = lambda v: v[r * experts[n] : (r + 1) * experts[n]] if n in experts and v.dim() else v  # noqa: E731
+                state[i] = {k: cut(v).clone() for k, v in optim["state"][n].items()}
+        torch.save(
+            {"state": state, "param_groups": [dict(group, params=list(range(len(order))))]},
+            os.path.join(ckpt, f"optimizer_rank{r}.pt"),
+        )
+    train_state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+    del train_state["format"]
+    torch.save(train_state, os.path.join(ckpt, "train_state.pt"))
+    shutil.rmtree(os.path.join(ckpt, "dcp"))
+    os.remove(os.path.join(ckpt, "full.pt"))
+
+
+def test_format1_expert_parallel_checkpoint_resumes_exactly(tmp_path):
+    """A checkpoint from before the DCP state, of an expert-parallel run (per-rank optimizer files
+    numbered in the unsharded model's order, while the optimizer now holds each layer's experts after
+    the rest of it), resumes to the uninterrupted run's weights, bit for bit. It used to be loaded
+    with every moment on the wrong parameter, and the fused AdamW step segfaulted."""
+    _torchrun(tmp_path / "a", "--expert-parallel")
+    _torchrun(tmp_path / "b", "--stop-after", "2", "--expert-parallel")
+    _to_format1(str(tmp_path / "b" / "ckpt_00000002"), world=2)
+    resumed = _torchrun(tmp_path / "b", "--resume", "auto", "--expert-parallel")
+    assert "resumed from" in resumed
+    a, b = _weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_expert_parallel_trains_like_data_parallel(tmp_path):
     """Same data, seeds and masks: sharding the experts changes where they run, not the result."""
     _torchrun(tmp_path / "ddp", steps=3)

@@ -144,6 +144,26 @@ def test_checkpoint_without_dcp_state_still_resumes(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_optimizer_state_of_the_wrong_shape_is_refused_by_name(tmp_path, monkeypatch):
+    """load_state_dict does not check moment shapes, and a fused AdamW step on a mismatched one reads
+    out of bounds: a resume refuses it first, naming the parameter and both shapes."""
+    from geomoe import train
+
+    with monkeypatch.context() as m:
+        m.setattr(train._Trainer, "_uses_dcp", lambda self: False)
+        pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
+    old = list_checkpoints(str(tmp_path / "b"))[-1]
+    path = os.path.join(old, "train_state.pt")
+    state = torch.load(path, weights_only=True)
+    moments = next(v for v in state["optimizer"]["state"].values() if v["exp_avg"].dim() == 2)
+    moments["exp_avg"] = moments["exp_avg"][:, :1].clone()
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError, match=r"optimizer state 'exp_avg' of parameter \S+ has shape \[\d+, 1\], the parameter \[\d+, \d+\]"
+    ):
+        pretrain(PretrainArgs(out=str(tmp_path / "b"), resume="auto", **FAST))
+
+
 def test_truncated_dcp_state_falls_back(tmp_path):
     out = tmp_path / "run"
     pretrain(PretrainArgs(out=str(out), save_every=2, **FAST))

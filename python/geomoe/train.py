@@ -393,6 +393,7 @@ class _Trainer:
             self.opt.load_state_dict(self._reorder_format1(state["rank_state"]))
         else:
             self.opt.load_state_dict(state["rank_state"] if self._rank_file() else state["optimizer"])
+        self._check_optimizer_state()
         self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         # masking noise is a function of (seed, step), not of these: they are restored where they fit
@@ -412,22 +413,39 @@ class _Trainer:
 
     def _reorder_format1(self, osd: Dict[str, Any]) -> Dict[str, Any]:
         """A format-1 expert-parallel optimizer file numbers the parameters in the unsharded model's
-        order; the experts now come after the rest of their layer: renumber."""
+        order (dense_order); the optimizer now holds each layer's experts after the rest of it.
+        load_state_dict pairs the file's group lists with the optimizer's groups by position, so
+        each group lists, in the optimizer's own order, the file's number for that parameter."""
         names = expert_names(self.model)
-        now = {names[n][0] if n in names else n: i for i, (n, _) in enumerate(self.model.named_parameters())}
-        new = [now[n] for n in self.dense_order]
-        out = dict(osd, state={new[int(i)]: v for i, v in osd["state"].items()})
-        out["param_groups"] = [dict(g, params=[new[int(i)] for i in g["params"]]) for g in osd["param_groups"]]
-        params = list(self.model.parameters())
-        for i, st in out["state"].items():
-            moment = st.get("exp_avg") if isinstance(st, dict) else None
-            if moment is not None and tuple(moment.shape) != tuple(params[i].shape):
-                raise ValueError(
-                    f"checkpoint {self.state['path'] if self.state else '?'}: its per-rank optimizer state splits the experts "
-                    f"as older versions did (r*E//W; this one splits in blocks of ceil(E/W)): expected shape "
-                    f"{list(params[i].shape)}, got {list(moment.shape)}; start a new run from its weights with --init-weights"
-                )
-        return out
+        in_file = {n: i for i, n in enumerate(self.dense_order)}
+        canonical = {id(p): names[n][0] if n in names else n for n, p in self.model.named_parameters()}
+        groups = self.opt.param_groups
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in osd["param_groups"]]:
+            raise ValueError(
+                f"checkpoint {self.state['path'] if self.state else '?'}: its per-rank optimizer state has groups of "
+                f"{[len(g['params']) for g in osd['param_groups']]} parameters, this model's optimizer "
+                f"{[len(g['params']) for g in groups]}; start a new run from its weights with --init-weights"
+            )
+        out_groups = [
+            dict(saved, params=[in_file[canonical[id(p)]] for p in g["params"]]) for g, saved in zip(groups, osd["param_groups"])
+        ]
+        return dict(osd, param_groups=out_groups)
+
+    def _check_optimizer_state(self) -> None:
+        """Every loaded moment has its parameter's shape: load_state_dict does not check, and a fused
+        AdamW step on a mismatched moment reads out of bounds (a segfault, not an error)."""
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                for key, value in self.opt.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                        name = next((n for n, q in self.model.named_parameters() if q is p), "?")
+                        raise ValueError(
+                            f"checkpoint {self.state['path'] if self.state else '?'}: optimizer state {key!r} of "
+                            f"parameter {name} has shape {list(value.shape)}, the parameter {list(p.shape)} (a "
+                            f"checkpoint of another model or layout; older per-rank expert-parallel files split the "
+                            f"experts r*E//W, this version in blocks of ceil(E/W)); start a new run from its weights "
+                            f"with --init-weights"
+                        )
 
     def save(self, step: int, final: bool = False) -> Optional[str]:
         """Checkpoint `step`; returns its path once it is in place. With --async-save (and not
