@@ -53,13 +53,14 @@ def test_reference_matches_per_expert_loop(act, case, with_bias, path):
         torch.testing.assert_close(a, torch.zeros_like(a) if bb is None else bb, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("act", ACTIVATIONS)
-def test_backend_matches_per_expert_loop(backend, dtype, act):
-    counts = [5, 0, 19, 1, 0, 9]
+def _backend_against_loop(backend, dtype, counts, K, N, act):
+    """grouped_mm on `backend` in `dtype` against the float64 loop, forward and every gradient;
+    the experts without rows get exact zeros."""
+    E = len(counts)
     off = offsets(counts, backend.device)
-    x = (torch.randn(sum(counts), 24) / 2).to(backend.device, dtype).requires_grad_(True)
-    w = (torch.randn(6, 24, 40) / 5).to(backend.device, dtype).requires_grad_(True)
-    b = torch.randn(6, 40).to(backend.device, dtype).requires_grad_(True)
+    x = (torch.randn(sum(counts), K) / 2).to(backend.device, dtype).requires_grad_(True)
+    w = (torch.randn(E, K, N) / 5).to(backend.device, dtype).requires_grad_(True)
+    b = torch.randn(E, N).to(backend.device, dtype).requires_grad_(True)
     got = skip_unavailable(grouped_mm, x, w, off, b, act, backend=backend.name)
     want = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
     assert_close(got, want, dtype)
@@ -68,32 +69,22 @@ def test_backend_matches_per_expert_loop(backend, dtype, act):
     gw = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
     for a, r in zip(gt, gw):
         torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
-    for e in (1, 4):  # experts without rows: exact zeros
-        assert torch.count_nonzero(gt[1][e]) == 0 and torch.count_nonzero(gt[2][e]) == 0
+    idle = [e for e in range(E) if counts[e] == 0]
+    assert torch.count_nonzero(gt[1][idle]) == 0 and torch.count_nonzero(gt[2][idle]) == 0
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_backend_matches_per_expert_loop(backend, dtype, act):
+    _backend_against_loop(backend, dtype, [5, 0, 19, 1, 0, 9], 24, 40, act)
 
 
 def test_decode_sized_launch_matches_per_expert_loop(backend, dtype):
     """Fewer rows than experts (a decode step): the grid is ceil(M / B) + M blocks, every row its
-    own expert's partial block; the idle experts' gradients are exact zeros."""
-    E = 40
-    counts = [0] * E
-    for e in (3, 17, 18, 39):
-        counts[e] = 1
-    counts[17] = 2
-    off = offsets(counts, backend.device)
-    x = (torch.randn(sum(counts), 24) / 2).to(backend.device, dtype).requires_grad_(True)
-    w = (torch.randn(E, 24, 16) / 5).to(backend.device, dtype).requires_grad_(True)
-    b = torch.randn(E, 16).to(backend.device, dtype).requires_grad_(True)
-    got = skip_unavailable(grouped_mm, x, w, off, b, "gelu", backend=backend.name)
-    want = naive_grouped_mm(x.double(), w.double(), off, b.double(), "gelu")
-    assert_close(got, want, dtype)
-    g = torch.randn_like(want)
-    gt = torch.autograd.grad(got, (x, w, b), g.to(dtype))
-    gw = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
-    for a, r in zip(gt, gw):
-        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
-    idle = [e for e in range(E) if counts[e] == 0]
-    assert torch.count_nonzero(gt[1][idle]) == 0 and torch.count_nonzero(gt[2][idle]) == 0
+    own expert's partial block."""
+    counts = [0] * 40
+    for e, c in ((3, 1), (17, 2), (18, 1), (39, 1)):
+        counts[e] = c
+    _backend_against_loop(backend, dtype, counts, 24, 16, "gelu")
 
 
 def _kernels(backend):
