@@ -25,11 +25,11 @@ class BlockSchedule:
     ceil(count_e / block) consecutive blocks, and the grid is the static bound
     ceil(M / block) + min(E, M) (at most min(E, M) experts have rows, each with at most one partial
     block), surplus blocks exiting at once. No host sync. Bounding by min(E, M) rather than E keeps
-    decode-sized launches small: 8 routed rows over 128 experts make 9 row blocks, not 129. The tensors are built on first use, on the
-    device, by a dozen small torch ops, for the reference's tiles: the GEMM kernels (Triton and the
-    CUDA core) find their block from the offsets themselves and never ask for them (each op call
-    would otherwise pay those launches' host time, measured at 194 us on an H200 host against a
-    170 us GEMM)."""
+    decode-sized launches small: 8 routed rows over 128 experts make 9 row blocks, not 129. The
+    tensors are built on first use, on the device, by a dozen small torch ops, for the reference's
+    tiles: the GEMM kernels (Triton and the CUDA core) find their block from the offsets themselves
+    and never ask for them (each op call would otherwise pay those launches' host time, measured at
+    194 us on an H200 host against a 170 us GEMM)."""
 
     def __init__(self, offsets: Tensor, M: int, block: int):
         self.offsets, self.block = offsets, block

@@ -1,9 +1,10 @@
-"""Every Triton kernel, as the launchers call it at GeoMoE's shapes in bf16 and float32, compiled for sm_90 here
-(no GPU needed) in every autotune config that the register budgets leave to that launch: each build
-succeeds without spilling registers, and each launch has a config within an H100's shared memory
-(the autotuner skips the ones over it). The interpreter tests check the values;
-this checks what only the real compiler sees (it caught a routing kernel needing 256 KB of shared
-memory and a depthwise conv spilling 0.5-7 KB per thread)."""
+"""Every Triton kernel, as the launchers call it at GeoMoE's shapes in bf16 and float32 (full
+precision and TF32), compiled for sm_90 here (no GPU needed) in every autotune config that the
+register budgets leave to that launch: each build succeeds without spilling registers, and each
+launch has a config within an H100's shared memory (the autotuner skips the ones over it). The
+interpreter tests check the values; this checks what only the real compiler sees (it caught a
+routing kernel needing 256 KB of shared memory, a depthwise conv spilling 0.5-7 KB per thread, and
+autotune lists that offered tiles spilling up to 568 bytes)."""
 
 import os
 

@@ -11,7 +11,8 @@ pruned before autotuning. The budgets come from ptxas's report for sm_90 (tools/
 tests/test_triton_offline.py): with bf16/fp16 operands, 64 elements per thread compiled without
 spills with every epilogue, and 128 (SwiGLU's two accumulators at 64 each, or one 128 x 128 tile
 on 4 warps) spilled; with float32 operands (full precision or TF32) the operand tiles take twice
-the registers, and 64 spilled in the weight gradient and norm_linear: their budget is 32."""
+the registers, and 64 spilled in the weight gradient and norm_linear: the budget is 32 for every
+GEMM kernel with float32 operands (the grouped GEMM's 64-row fp32 tiles fit it too)."""
 
 import os
 from typing import Any, Callable, Dict, List, Optional
