@@ -111,6 +111,26 @@ def test_finetune_reaches_90_percent_and_resumes(tmp_path):
     assert [h["epoch"] for h in more["history"]] == [7]
 
 
+def test_finetune_resumed_from_an_epoch_checkpoint_equals_the_straight_run(tmp_path):
+    """A fine-tuning run that died after epoch 1 (its epoch-2 checkpoint removed) resumes to the
+    straight run's weights and metrics, bit for bit: the augmentation, mixup and data order are
+    restored with the optimizer."""
+    import shutil
+
+    from geomoe.checkpoint import list_checkpoints
+
+    args = dict(img_size=64, epochs=2, batch_size=32, progress=False, device="cpu")
+    straight = finetune(FinetuneArgs(out=str(tmp_path / "a"), **args))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(list_checkpoints(str(tmp_path / "b"))[-1])
+    resumed = finetune(FinetuneArgs(out=str(tmp_path / "b"), resume="auto", **args))
+    assert [h["epoch"] for h in resumed["history"]] == [2]
+    for key in ("loss", "val_top1", "val_loss"):
+        assert resumed["history"][-1][key] == straight["history"][-1][key], key
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetune_from_a_pretraining_checkpoint(tmp_path):
     run = pretrain(PretrainArgs(out=str(tmp_path / "pre"), steps=2, batch_size=8, progress=False, device="cpu"))
     res = finetune(
