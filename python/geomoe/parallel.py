@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geomoe_kernels.nn.expert_parallel import expert_names, shard_experts
+from geomoe_kernels.nn.expert_parallel import canonical_name, expert_names, shard_experts
 
 MESH_DIMS = ("dp", "ep")
 
@@ -83,7 +83,7 @@ def apply_fsdp(model: nn.Module, blocks: List[nn.Module], mesh) -> nn.Module:
 
 
 def _expert_param_ids(model: nn.Module) -> set:
-    return {id(m.experts._parameters[key.rsplit(".", 1)[1]]) for key, (_, m) in expert_names(model).items()}
+    return {id(getattr(m.experts, key.rsplit(".", 1)[1])) for key, (_, m) in expert_names(model).items()}
 
 
 # elements per all-reduce: a flat copy of every gradient at once would double the gradients' memory
@@ -114,30 +114,32 @@ class GradientSync:
     def __init__(self, model: nn.Module, mesh):
         experts = _expert_param_ids(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.groups: List[Tuple[Optional[dist.ProcessGroup], int, List[nn.Parameter]]] = []
+        groups: List[Tuple[Optional[dist.ProcessGroup], int, List[nn.Parameter]]] = []
         dp = mesh["dp"].size()
         if dp > 1:
-            self.groups.append((mesh.get_group("dp"), dp, [p for p in params if id(p) in experts]))
-        self.groups.append((None, dist.get_world_size(), [p for p in params if id(p) not in experts]))
+            groups.append((mesh.get_group("dp"), dp, [p for p in params if id(p) in experts]))
+        groups.append((None, dist.get_world_size(), [p for p in params if id(p) not in experts]))
+        # the buckets, once: (group, its size, parameters of one dtype, consecutive, within the limit)
+        self.buckets: List[Tuple[Optional[dist.ProcessGroup], int, List[nn.Parameter]]] = []
+        for group, size, members in groups:
+            by_dtype: Dict[torch.dtype, List[nn.Parameter]] = {}
+            for p in members:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            self.buckets += [(group, size, b) for same in by_dtype.values() for b in _buckets(same, BUCKET_ELEMENTS)]
 
     def __call__(self) -> None:
-        for group, size, params in self.groups:
-            by_dtype: Dict[torch.dtype, List[nn.Parameter]] = {}
-            for p in params:
-                by_dtype.setdefault(p.dtype, []).append(p)
-            for same in by_dtype.values():
-                for p in same:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                for bucket in _buckets(same, BUCKET_ELEMENTS):
-                    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-                    dist.all_reduce(flat, group=group)
-                    flat /= size
-                    pos = 0
-                    for p in bucket:
-                        n = p.grad.numel()
-                        p.grad.copy_(flat[pos : pos + n].view_as(p.grad))
-                        pos += n
+        for group, size, bucket in self.buckets:
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            dist.all_reduce(flat, group=group)
+            flat /= size
+            pos = 0
+            for p in bucket:
+                n = p.grad.numel()
+                p.grad.copy_(flat[pos : pos + n].view_as(p.grad))
+                pos += n
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -222,7 +224,7 @@ def dcp_state(model: nn.Module, optimizer, mesh) -> Dict[str, Any]:
         for name, value in list(optim_sd.get("state", {}).get(key, {}).items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 optim_sd["state"][key][name] = _to_global(value, layer, mesh)
-    rename = lambda k: names[k][0] if k in names else k
+    rename = lambda k: canonical_name(k, names)
     return {"model": _rename(model_sd, rename), "optim": _rename_optim(optim_sd, rename)}
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from geomoe_kernels._checks import non_finite_passes
-from geomoe_kernels.nn.expert_parallel import expert_names, full_state_dict, local_state_dict
+from geomoe_kernels.nn.expert_parallel import canonical_name, expert_names, full_state_dict, local_state_dict
 
 from . import checkpoint, distributed, parallel
 from .configs import CONFIGS, RECIPE
@@ -418,7 +418,7 @@ class _Trainer:
         each group lists, in the optimizer's own order, the file's number for that parameter."""
         names = expert_names(self.model)
         in_file = {n: i for i, n in enumerate(self.dense_order)}
-        canonical = {id(p): names[n][0] if n in names else n for n, p in self.model.named_parameters()}
+        canonical = {id(p): canonical_name(n, names) for n, p in self.model.named_parameters()}
         groups = self.opt.param_groups
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in osd["param_groups"]]:
             raise ValueError(
