@@ -9,14 +9,20 @@ from torch import nn
 
 
 def naive_gating(logits, bias, k, score_func="sigmoid", renormalize=True):
+    """The selection contract of topk_gating, token by token: the k experts of largest score + bias
+    (computed in the logits' dtype), NaN after every number (-inf too), equal values (NaN with NaN,
+    -0.0 with 0.0) to the lower id; weights are the chosen scores (NaN where a chosen score is)."""
     T, E = logits.shape
     scores = torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, -1)
     weights = torch.zeros(T, k, dtype=logits.dtype)
     ids = torch.zeros(T, k, dtype=torch.int64)
     for t in range(T):
-        sel = [(float(scores[t, e] + (0 if bias is None else bias[e])), -e) for e in range(E)]
-        top = sorted(sel, reverse=True)[:k]  # larger first, lower id first among ties
-        for j, (_, neg_e) in enumerate(top):
+        sel = []
+        for e in range(E):
+            v = float(scores[t, e] if bias is None else scores[t, e] + bias[e])
+            sel.append((v == v, v if v == v else 0.0, -e))  # a number before NaN, then by value, then lower id
+        top = sorted(sel, reverse=True)[:k]
+        for j, (_, _, neg_e) in enumerate(top):
             ids[t, j] = -neg_e
             weights[t, j] = scores[t, -neg_e]
         if renormalize:

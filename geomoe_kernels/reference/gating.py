@@ -11,14 +11,23 @@ def scores_of(logits: Tensor, score_func: str) -> Tensor:
     return torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
+def selection_order(select: Tensor) -> Tensor:
+    """Each row's experts, best first: larger selection score first, NaN after every number (-inf
+    included), equal values (NaN with NaN, -0.0 with 0.0) in expert order. Two stable sorts: by
+    value (NaN read as -inf), then NaN last, which keeps the first sort's order within each part."""
+    nan = torch.isnan(select)
+    by_value = torch.sort(select.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    nan_last = torch.sort(nan.gather(1, by_value).to(torch.uint8), dim=-1, stable=True).indices
+    return by_value.gather(1, nan_last)
+
+
 def topk_gating(
     logits: Tensor, bias: Optional[Tensor], top_k: int, score_func: str, renormalize: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     T, E = logits.shape
     scores = scores_of(logits, score_func)
     select = scores if bias is None else scores + bias.to(scores.dtype)
-    # A stable descending sort puts the lower expert id first among equal scores, on every backend.
-    ids = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
+    ids = selection_order(select)[:, :top_k].contiguous()
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

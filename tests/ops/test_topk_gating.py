@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from geomoe_kernels import BackendUnavailable, OpInputError, topk_gating
+from geomoe_kernels._checks import non_finite_passes
 from geomoe_kernels.ops.gating import topk_gating_backward
 from tests.oracles import naive_gating
 
@@ -96,6 +97,137 @@ def test_nan_scores():
     logits[2, 1] = float("nan")
     with pytest.raises(OpInputError, match=r"'logits' expected finite values, got 1 NaN/Inf"):
         topk_gating(logits, None, 2)
+
+
+# ---- the selection contract under NaN, infinities and extreme biases ----------------------------------
+
+NAN, INF = float("nan"), float("inf")
+F32_MIN, F32_MAX = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
+
+
+def _contract_case(name, E):
+    """(logits [T, E], bias or None, score_func, top_k, ids the contract gives or None) for an input
+    that is non-finite or extreme; random finite rows around the special ones. The expert indices
+    reach past lane 0 of the CUDA kernel's warp (E - 1, E // 2) where E is larger than 32."""
+    k = min(3, E)
+    logits, bias = torch.randn(5, E), None
+    last, mid = E - 1, E // 2
+    if name == "all_nan":  # every score NaN: the k lowest ids, all weights NaN
+        logits[1:4] = NAN
+        want = {t: list(range(k)) for t in (1, 2, 3)}
+        return logits, 0.1 * torch.randn(E), "sigmoid", k, want
+    if name == "fewer_than_k_numbers":  # two numbers, then the lowest NaN experts
+        logits[2] = NAN
+        logits[2, last], logits[2, 1] = 1.0, 2.0
+        return logits, None, "sigmoid", k, {2: [1, last, 0][:k]}
+    if name == "softmax_inf":  # +inf (and all -inf) make the softmax row NaN; partly -inf is fine
+        logits[0, mid] = INF
+        logits[1] = -INF
+        logits[3, : E - 1] = -INF
+        return logits, None, "softmax", k, {0: list(range(k)), 1: list(range(k))}
+    if name == "sigmoid_inf":  # scores 1 and 0 exactly: the ties go to the lower id
+        logits[0] = -INF
+        logits[0, last], logits[0, mid] = INF, INF
+        return logits, None, "sigmoid", k, {0: [mid, last, 0][:k]}
+    if name == "bias_f32_min_some":  # score + finfo.min == finfo.min: a tie among those experts
+        bias = torch.full((E,), F32_MIN)
+        bias[last], bias[mid] = 0.0, 0.0
+        return logits, bias, "sigmoid", min(4, E), None
+    if name == "bias_f32_min_all":
+        return logits, torch.full((E,), F32_MIN), "sigmoid", k, {t: list(range(k)) for t in range(5)}
+    if name == "bias_neg_inf_all_but_one":
+        bias = torch.full((E,), -INF)
+        bias[mid] = 0.0
+        return logits, bias, "sigmoid", k, {t: [mid, 0, 1][:k] for t in range(5)}
+    if name == "mixed":  # NaN, +-inf logits and NaN, +-inf, finfo.min/max biases together, k = E if it can
+        logits[0, ::2] = NAN
+        logits[1, 1::3] = INF
+        logits[2, ::4] = -INF
+        logits[3] = NAN
+        bias = torch.zeros(E)
+        for e, v in zip(range(0, E, max(1, E // 6)), (-INF, INF, F32_MIN, F32_MAX, NAN, -INF)):
+            bias[e] = v
+        return logits, bias, "sigmoid", min(E, 8), None
+    raise AssertionError(name)
+
+
+CONTRACT_CASES = [
+    "all_nan",
+    "fewer_than_k_numbers",
+    "softmax_inf",
+    "sigmoid_inf",
+    "bias_f32_min_some",
+    "bias_f32_min_all",
+    "bias_neg_inf_all_but_one",
+    "mixed",
+]
+
+
+def assert_gating_contract(got, logits, bias, k, score_func, renormalize, want_ids=None):
+    """k distinct ids in [0, E) per token, counts their histogram, ids equal to the per-token oracle,
+    and weights NaN exactly where it says (a chosen NaN score; all of the token's when renormalised)."""
+    w, ids, counts, _ = (t.cpu() for t in got)
+    T, E = logits.shape
+    assert ids.shape == (T, k) and ids.dtype == torch.int64
+    assert bool(((ids >= 0) & (ids < E)).all()), ids
+    assert all(len(set(row)) == k for row in ids.tolist()), ids
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1), minlength=E))
+    want_w, want, want_counts, _ = naive_gating(logits.cpu(), None if bias is None else bias.cpu(), k, score_func, renormalize)
+    assert torch.equal(ids, want), (ids, want)
+    assert torch.equal(counts, want_counts)
+    for t, row in (want_ids or {}).items():
+        assert ids[t].tolist() == row, (t, ids[t])
+    assert torch.equal(torch.isnan(w), torch.isnan(want_w)), (w, want_w)
+    torch.testing.assert_close(w, want_w.to(w.dtype), equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CONTRACT_CASES)
+@pytest.mark.parametrize("E", [6, 40, 300])
+def test_selection_contract_with_value_checks_off(backend, monkeypatch, case, E):
+    """With value checks off (a GPU's default) every input reaches the kernel: the ids stay distinct
+    and in range on every backend, in the same order as the oracle's. E = 6, 40 and 300 take the CUDA
+    kernel's 1, 2 and 16 experts per lane."""
+    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "0")
+    logits, bias, score_func, k, want_ids = _contract_case(case, E)
+    for renormalize in (True, False):
+        dev = backend.device
+        got = topk_gating(
+            logits.to(dev), None if bias is None else bias.to(dev), k, score_func, renormalize, backend=backend.name
+        )
+        assert_gating_contract(got, logits, bias, k, score_func, renormalize, want_ids)
+
+
+def test_selection_contract_nan_weights():
+    """The weights of a token with a chosen NaN score: that slot NaN, or every slot when renormalised
+    (the step's non-finite check then skips the step); the other tokens' stay finite."""
+    logits, bias, score_func, k, _ = _contract_case("fewer_than_k_numbers", 6)
+    with non_finite_passes():
+        w_renorm = topk_gating(logits, bias, k, score_func, True)[0]
+        w_plain = topk_gating(logits, bias, k, score_func, False)[0]
+    assert torch.isnan(w_renorm[2]).all() and torch.isfinite(w_renorm[[0, 1, 3, 4]]).all()
+    assert torch.isnan(w_plain).nonzero().tolist() == [[2, 2]]
+
+
+def test_selection_contract_with_value_checks_on(backend, monkeypatch):
+    """Where value checks run: finfo.min biases are finite and pass, NaN logits pass inside
+    non_finite_passes(), and a -inf bias is refused, naming the argument."""
+    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "1")
+    dev = backend.device
+    for case in ("bias_f32_min_some", "bias_f32_min_all", "all_nan"):
+        logits, bias, score_func, k, want_ids = _contract_case(case, 6)
+        with non_finite_passes():
+            got = topk_gating(logits.to(dev), None if bias is None else bias.to(dev), k, score_func, backend=backend.name)
+        assert_gating_contract(got, logits, bias, k, score_func, True, want_ids)
+    logits, bias, _, k, _ = _contract_case("bias_neg_inf_all_but_one", 6)
+    with pytest.raises(OpInputError, match=r"topk_gating: argument 'bias' expected finite values, got 5 NaN/Inf"):
+        topk_gating(logits.to(dev), bias.to(dev), k, backend=backend.name)
+
+
+def test_no_tokens(backend):
+    dev = backend.device
+    w, ids, counts, p = topk_gating(torch.empty(0, 5, device=dev), None, 2, backend=backend.name)
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+    assert counts.tolist() == [0] * 5 and p.tolist() == [0.0] * 5
 
 
 def test_wrong_dtype_device_and_choice():
