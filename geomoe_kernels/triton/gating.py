@@ -1,5 +1,6 @@
 """Triton fused top-k gating: float32 logits -> score (sigmoid or softmax) -> + bias -> top-k by k
-rounds of argmax (ties to the lower expert, like the reference's stable sort) -> renormalised
+rounds of max over integer order keys (NaN after every number, ties to the lower expert, like the
+reference's sorts and the CUDA kernel) -> renormalised
 weights, per-expert counts (integer atomics: exact) and per-block sums of the normalised scores
 (summed afterwards in a fixed order: deterministic). Its backward recomputes the scores."""
 
@@ -44,6 +45,25 @@ def _scores(L, B, t, T, E, stride_l, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constex
     return s, tl.where(valid, sel, float("-inf")), valid
 
 
+# Order keys below every float's (-0x7F800000 for -inf up to 0x7F800000 for +inf): NaN, an expert
+# already chosen, a padding column past E. A chosen expert is marked by its key, never by a score
+# such as -inf, which a real bias can have too.
+_NAN_KEY: tl.constexpr = -0x7F800001
+_CHOSEN_KEY: tl.constexpr = -0x7F800002
+_PAD_KEY: tl.constexpr = -0x7F800003
+
+
+@triton.jit
+def _order_key(sel, valid):
+    """int32 keys in the selection order: the float order with -0.0 equal to 0.0 and NaN below -inf
+    (integer compares only: the same on every device, unlike argmax over NaN)."""
+    bits = sel.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    key = tl.where(bits < 0, -mag, mag)
+    key = tl.where(mag > 0x7F800000, _NAN_KEY, key)
+    return tl.where(valid, key, _PAD_KEY)
+
+
 @triton.jit
 def _gating_kernel(
     L,
@@ -67,16 +87,20 @@ def _gating_kernel(
     mt = t < T
     cols = tl.arange(0, EP)
     s, sel, valid = _scores(L, B, t, T, E, stride_l, SOFTMAX, HAS_BIAS, EP)
+    key = _order_key(sel, valid)
     slots = tl.arange(0, KP)
     w = tl.zeros((BT, KP), dtype=tl.float32)
     ids = tl.zeros((BT, KP), dtype=tl.int64)
     for j in tl.static_range(TOP_K):
-        best = tl.argmax(sel, axis=1, tie_break_left=True)
+        # the largest key, then the lowest column holding it: an expert (key >= _CHOSEN_KEY) outranks
+        # every padding column, so best < E in every row of a valid token (k <= E)
+        top = tl.max(key, axis=1)
+        best = tl.min(tl.where(key == top[:, None], cols[None, :], EP), axis=1)
         hit = cols[None, :] == best[:, None]
         wj = tl.sum(tl.where(hit, s, 0.0), axis=1)
         w = tl.where(slots[None, :] == j, wj[:, None], w)
         ids = tl.where(slots[None, :] == j, best[:, None].to(tl.int64), ids)
-        sel = tl.where(hit, float("-inf"), sel)
+        key = tl.where(hit, _CHOSEN_KEY, key)
         # integer counts: exact in any order, so no ordering is asked of the atomic
         tl.atomic_add(Counts + best, tl.full((BT,), 1, tl.int64), mask=mt, sem="relaxed")
     if RENORM:
