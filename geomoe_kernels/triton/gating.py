@@ -106,8 +106,9 @@ def _gating_kernel(
     if RENORM:
         w = w / tl.where(mt, tl.sum(w, axis=1), 1.0)[:, None]
     out_mask = mt[:, None] & (slots < TOP_K)[None, :]
-    tl.store(W + t[:, None] * TOP_K + slots[None, :], w, mask=out_mask)
-    tl.store(Ids + t[:, None] * TOP_K + slots[None, :], ids, mask=out_mask)
+    out = t[:, None].to(tl.int64) * TOP_K + slots[None, :]  # int64: T * k may pass 2^31
+    tl.store(W + out, w, mask=out_mask)
+    tl.store(Ids + out, ids, mask=out_mask)
     q = s / tl.where(mt, tl.sum(s, axis=1), 1.0)[:, None]
     tl.store(Partial + tl.program_id(0) * E + cols, tl.sum(tl.where(valid, q, 0.0), axis=0), mask=cols < E)
 
@@ -140,8 +141,9 @@ def _gating_backward_kernel(
     if HAS_GW:
         slots = tl.arange(0, KP)
         m = mt[:, None] & (slots < TOP_K)[None, :]
-        ids = tl.load(Ids + t[:, None] * TOP_K + slots[None, :], mask=m, other=-1)
-        gw = tl.load(GW + t[:, None] * TOP_K + slots[None, :], mask=m, other=0.0).to(tl.float32)
+        at = t[:, None].to(tl.int64) * TOP_K + slots[None, :]
+        ids = tl.load(Ids + at, mask=m, other=-1)
+        gw = tl.load(GW + at, mask=m, other=0.0).to(tl.float32)
         if RENORM:  # w = s_sel / S: d/ds_m = (gw_m - sum_j gw_j w_j) / S
             sel = tl.zeros((BT, KP), dtype=tl.float32)
             for j in tl.static_range(TOP_K):
