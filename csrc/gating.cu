@@ -1,6 +1,5 @@
 // Fused top-k gating: one warp per token, the token's scores spread over the lanes (E <= 1024).
 #include <cfloat>
-#include <climits>
 #include <type_traits>
 
 #include "geomoe_core.h"
@@ -22,12 +21,31 @@ __device__ inline float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-// (value, index) of the largest value, the lower index among equals
-__device__ inline void warp_argmax(float& v, int& i) {
+
+// The selection order, the same on every backend: larger score + bias first, NaN after every number
+// (-inf included), equal values (-0.0 and 0.0 too) to the lower expert. order_key maps a float to an
+// int in that order (-0x7f800000 for -inf up to 0x7f800000 for +inf); the keys below all of those
+// mark NaN, an expert already chosen and a padding slot past E, so that no real value (a -inf or
+// -FLT_MAX bias) can be taken for a chosen expert, and a padding slot is never chosen while any
+// expert is left.
+constexpr int kNanKey = -0x7f800001;
+constexpr int kChosenKey = kNanKey - 1;
+constexpr int kPadKey = kNanKey - 2;
+
+__device__ inline int order_key(float v) {
+  const int bits = __float_as_int(v);
+  const int mag = bits & 0x7fffffff;
+  if (mag > 0x7f800000) return kNanKey;
+  return bits < 0 ? -mag : mag;
+}
+
+// (key, index) of the largest key, the lower index among equals: a total order, so every lane ends
+// with the same pair
+__device__ inline void warp_argmax(int& k, int& i) {
   for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int ok = __shfl_xor_sync(0xffffffffu, k, o);
     const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    if (ok > k || (ok == k && oi < i)) { k = ok; i = oi; }
   }
 }
 
@@ -73,12 +91,12 @@ __global__ void gating_kernel(const float* __restrict__ logits, int64_t T, int E
   float* q = q_smem + warp * E;
   if (t < T) {
     scores<PER_LANE>(logits, t, E, softmax, lane, s);
-    float sel[PER_LANE];
+    int key[PER_LANE];
     float total = 0.f;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       const int e = lane + 32 * j;
-      sel[j] = e < E ? s[j] + (bias ? bias[e] : 0.f) : -FLT_MAX;
+      key[j] = e < E ? order_key(bias ? s[j] + bias[e] : s[j]) : kPadKey;
       total += s[j];
     }
     total = warp_sum(total);
@@ -91,18 +109,17 @@ __global__ void gating_kernel(const float* __restrict__ logits, int64_t T, int E
 #pragma unroll
     for (int r = 0; r < kMaxTopK; ++r) {
       if (r >= top_k) break;
-      float best = -FLT_MAX;
-      int best_e = INT_MAX;
+      // best_e starts at a slot of this lane and is only ever replaced by another slot; an expert
+      // (key >= kChosenKey) outranks every padding slot, so with E >= 1 it is always in [0, E)
+      int best = key[0], best_e = lane;
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j) {
-        const int e = lane + 32 * j;
-        if (e < E && (sel[j] > best || (sel[j] == best && e < best_e))) { best = sel[j]; best_e = e; }
-      }
+      for (int j = 1; j < PER_LANE; ++j)
+        if (key[j] > best) { best = key[j]; best_e = lane + 32 * j; }
       warp_argmax(best, best_e);
       float sv = 0.f;
 #pragma unroll
       for (int j = 0; j < PER_LANE; ++j)
-        if (lane + 32 * j == best_e) { sv = s[j]; sel[j] = -FLT_MAX; }
+        if (lane + 32 * j == best_e) { sv = s[j]; key[j] = kChosenKey; }
       sv = warp_sum(sv);  // exactly one lane holds it
       chosen[r] = sv;
       chosen_sum += sv;
@@ -215,7 +232,10 @@ int gating_tokens_per_block() { return kWarps; }
 cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k,
                         bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
                         cudaStream_t stream) {
-  if (num_experts > 32 * kMaxPerLane || top_k > kMaxTopK) return cudaErrorInvalidValue;
+  // k distinct experts need k <= E
+  if (tokens < 0 || num_experts < 1 || num_experts > 32 * kMaxPerLane || top_k < 1 || top_k > kMaxTopK ||
+      top_k > num_experts)
+    return cudaErrorInvalidValue;
   const int64_t blocks = (tokens + kWarps - 1) / kWarps;
   if (blocks == 0) return cudaSuccess;
   return by_per_lane(num_experts, [&](auto p) {
@@ -229,7 +249,9 @@ cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, co
 cudaError_t topk_gating_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
                                  const float* grad_weights, const float* grad_prob_mean, bool softmax,
                                  bool renormalize, float* grad_logits, cudaStream_t stream) {
-  if (num_experts > 32 * kMaxPerLane || top_k > kMaxTopK) return cudaErrorInvalidValue;
+  if (tokens < 0 || num_experts < 1 || num_experts > 32 * kMaxPerLane || top_k < 1 || top_k > kMaxTopK ||
+      top_k > num_experts)
+    return cudaErrorInvalidValue;
   const int64_t blocks = (tokens + kWarps - 1) / kWarps;
   if (blocks == 0) return cudaSuccess;
   return by_per_lane(num_experts, [&](auto p) {

@@ -42,9 +42,10 @@ cudaError_t unpermute_weight_grad(DType dtype, const void* grad_out, int64_t ldg
                                   const int64_t* flat_to_row, int64_t tokens, int64_t d, int top_k, float* grad_w,
                                   cudaStream_t stream);
 
-// Fused top-k gating on float32 logits [T, E] (E <= 1024): scores, top-k of score + bias (ties to
-// the lower expert), weights (renormalised or not), counts (atomics on integers: exact) and
-// per-block sums of s / sum(s) in `partial` [blocks, E] (the caller sums them in order).
+// Fused top-k gating on float32 logits [T, E] (E <= 1024, 1 <= top_k <= min(8, E)): scores, top-k of
+// score + bias (NaN after every number, ties to the lower expert: k distinct ids in [0, E)), weights
+// (renormalised or not), counts (atomics on integers: exact) and per-block sums of s / sum(s) in
+// `partial` [blocks, E] (the caller sums them in order).
 int gating_tokens_per_block();
 cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k,
                         bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,

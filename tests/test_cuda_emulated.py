@@ -134,6 +134,33 @@ def test_gating_matches_the_naive_loops_and_breaks_ties_to_the_lower_expert():
     assert ids.tolist() == [[0, 1, 2]] * 5 and counts.tolist() == [5, 5, 5, 0, 0, 0]
 
 
+@pytest.mark.parametrize("E, k", [(2, 3), (5, 0), (0, 1), (1025, 1), (16, 9)])
+def test_gating_launcher_refuses_what_the_kernel_cannot_fill(E, k):
+    """The core's launcher called directly, without the op's checks: k distinct experts need
+    1 <= k <= E (and E <= 1024, k <= 8, the kernel's maxima). Anything else is refused before a
+    launch, never run into a duplicate id or a count written past the end."""
+    T = 3
+    logits, w = torch.randn(T, max(E, 1)), torch.zeros(T, max(k, 1))
+    ids, counts = torch.zeros(T, max(k, 1), dtype=torch.int64), torch.zeros(max(E, 1), dtype=torch.int64)
+    partial = torch.zeros(1, max(E, 1))
+    with pytest.raises(RuntimeError, match=r"emulated CUDA core: topk_gating: invalid argument"):
+        CORE.topk_gating(
+            logits=logits.data_ptr(),
+            tokens=T,
+            num_experts=E,
+            bias=0,
+            top_k=k,
+            softmax=False,
+            renormalize=True,
+            weights=w.data_ptr(),
+            ids=ids.data_ptr(),
+            counts=counts.data_ptr(),
+            partial=partial.data_ptr(),
+            stream=0,
+        )
+    assert counts.sum() == 0 and ids.sum() == 0
+
+
 @pytest.mark.parametrize("T, k, E", [(1, 1, 4), (100, 3, 7), (75, 8, 23), (600, 1, 5), (64, 8, 4096), (1000, 3, 2), (257, 1, 1)])
 def test_route(T, k, E):
     """Histogram per block of 32 ids (E up to the 4096 that fit in shared memory) and the stable
