@@ -3,7 +3,17 @@
 Scores are sigmoid (selection on score + bias buffer, weights from the score alone, renormalised) or
 softmax (Switch/Mixtral; renormalisation optional). Everything is float32 (float64 passes through for
 checks). Outputs: weights [T, k], expert ids [T, k] int64, per-expert counts [E] int64, and prob_mean
-[E] = mean over tokens of s_i / sum_j s_j, the differentiable half of the auxiliary loss."""
+[E] = mean over tokens of s_i / sum_j s_j, the differentiable half of the auxiliary loss.
+
+Selection, the same ids on every backend for any values (value checks off, or NaN logits inside
+non_finite_passes()): a token's experts are ordered by the selection score (score + bias, in the
+logits' dtype), larger first, NaN after every number (-inf included), equal values (NaN with NaN,
+-0.0 with 0.0) to the lower expert id; the first k are taken. A chosen expert is excluded by a mark
+of its own, never by overwriting its score (a finfo.min or -inf bias is a real value), so the k ids
+are distinct and in [0, E) and counts sums to T * k. Weights come from the unbiased scores as
+always: a chosen NaN score gives a NaN weight (every weight of the token when renormalised), which
+the training step's non-finite check then skips. An all-NaN token (a NaN logit, or a +inf or all
+-inf row under softmax) gets experts 0..k-1."""
 
 from typing import Optional, Tuple
 
@@ -28,7 +38,9 @@ def _value_checks(logits, bias, **_):
 def topk_gating(
     logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, score_func: str = "sigmoid", renormalize: bool = True
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(weights [T, k], expert ids [T, k], counts [E], prob_mean [E]); differentiable in logits."""
+    """(weights [T, k], expert ids [T, k], counts [E], prob_mean [E]); differentiable in logits. The
+    ids follow the selection order in this module's docstring (NaN after every number, ties to the
+    lower id): k distinct ids in [0, E) per token for any values."""
     op = "topk_gating"
     check_tensor(op, "logits", logits, dtypes=_GATE_DTYPES, dim=2)
     E = logits.shape[1]
