@@ -48,9 +48,9 @@ def _scores(L, B, t, T, E, stride_l, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constex
 # Order keys below every float's (-0x7F800000 for -inf up to 0x7F800000 for +inf): NaN, an expert
 # already chosen, a padding column past E. A chosen expert is marked by its key, never by a score
 # such as -inf, which a real bias can have too.
-_NAN_KEY: tl.constexpr = -0x7F800001
-_CHOSEN_KEY: tl.constexpr = -0x7F800002
-_PAD_KEY: tl.constexpr = -0x7F800003
+_NAN_KEY = tl.constexpr(-0x7F800001)
+_CHOSEN_KEY = tl.constexpr(-0x7F800002)
+_PAD_KEY = tl.constexpr(-0x7F800003)
 
 
 @triton.jit

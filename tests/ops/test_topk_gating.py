@@ -1,6 +1,8 @@
 """topk_gating: the reference against a per-token loop in float64; every backend against the
 reference in float32 (ids and counts exactly); opcheck; argument errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -221,6 +223,31 @@ def test_selection_contract_with_value_checks_on(backend, monkeypatch):
     logits, bias, _, k, _ = _contract_case("bias_neg_inf_all_but_one", 6)
     with pytest.raises(OpInputError, match=r"topk_gating: argument 'bias' expected finite values, got 5 NaN/Inf"):
         topk_gating(logits.to(dev), bias.to(dev), k, backend=backend.name)
+
+
+def test_triton_gating_kernels_compile_for_a_gpu():
+    """Both Triton gating kernels lowered to an sm_90 cubin here, without a GPU (the ptxas that
+    Triton ships): the interpreter runs them on the CPU, but takes code the GPU compiler refuses
+    (a global annotated `: tl.constexpr` instead of made with tl.constexpr(...))."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's process: the kernels are not JIT functions here")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from geomoe_kernels.triton import gating
+
+    types = dict(Ids="*i64", Counts="*i64", T="i32", E="i32", stride_l="i32", inv_T="fp32")  # the rest *fp32
+    sizes = dict(TOP_K=3, KP=4, SOFTMAX=False, RENORM=True, EP=32, BT=gating.tokens_per_program(23))
+    for fn, flags in (
+        (gating._gating_kernel, dict(HAS_BIAS=True)),
+        (gating._gating_backward_kernel, dict(HAS_GW=True, HAS_GP=True)),
+    ):
+        const = dict(sizes, **flags)
+        signature = {n: "constexpr" if n in const else types.get(n, "*fp32") for n in fn.arg_names}
+        where = {(fn.arg_names.index(n),): v for n, v in const.items()}
+        cubin = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where), target=GPUTarget("cuda", 90, 32))
+        assert cubin.asm["cubin"]
 
 
 def test_no_tokens(backend):
