@@ -110,7 +110,8 @@ def _gating_kernel(
     tl.store(W + out, w, mask=out_mask)
     tl.store(Ids + out, ids, mask=out_mask)
     q = s / tl.where(mt, tl.sum(s, axis=1), 1.0)[:, None]
-    tl.store(Partial + tl.program_id(0) * E + cols, tl.sum(tl.where(valid, q, 0.0), axis=0), mask=cols < E)
+    row = tl.program_id(0).to(tl.int64) * E  # programs * E reaches T * E / 4 (E = 1024: 2^31 at 8.6e9 scores)
+    tl.store(Partial + row + cols, tl.sum(tl.where(valid, q, 0.0), axis=0), mask=cols < E)
 
 
 @triton.jit
