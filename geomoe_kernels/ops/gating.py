@@ -11,8 +11,8 @@ logits' dtype), larger first, NaN after every number (-inf included), equal valu
 -0.0 with 0.0) to the lower expert id; the first k are taken. A chosen expert is excluded by a mark
 of its own, never by overwriting its score (a finfo.min or -inf bias is a real value), so the k ids
 are distinct and in [0, E) and counts sums to T * k. Weights come from the unbiased scores as
-always: a chosen NaN score gives a NaN weight (every weight of the token when renormalised), which
-the training step's non-finite check then skips. An all-NaN token (a NaN logit, or a +inf or all
+always: a chosen NaN score gives a NaN weight (every weight of the token when renormalised, as
+does renormalising k zero scores), which the training step's non-finite check then skips. An all-NaN token (a NaN logit, or a +inf or all
 -inf row under softmax) gets experts 0..k-1."""
 
 from typing import Optional, Tuple
