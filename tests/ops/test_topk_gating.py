@@ -189,8 +189,8 @@ def assert_gating_contract(got, logits, bias, k, score_func, renormalize, want_i
 @pytest.mark.parametrize("E", [6, 40, 300])
 def test_selection_contract_with_value_checks_off(backend, monkeypatch, case, E):
     """With value checks off (a GPU's default) every input reaches the kernel: the ids stay distinct
-    and in range on every backend, in the same order as the oracle's. E = 6, 40 and 300 take the CUDA
-    kernel's 1, 2 and 16 experts per lane."""
+    and in range on every backend, in the same order as the oracle's and the reference's (on the CPU
+    here). E = 6, 40 and 300 take the CUDA kernel's 1, 2 and 16 experts per lane."""
     monkeypatch.setenv("GEOMOE_CHECK_VALUES", "0")
     logits, bias, score_func, k, want_ids = _contract_case(case, E)
     for renormalize in (True, False):
@@ -199,6 +199,8 @@ def test_selection_contract_with_value_checks_off(backend, monkeypatch, case, E)
             logits.to(dev), None if bias is None else bias.to(dev), k, score_func, renormalize, backend=backend.name
         )
         assert_gating_contract(got, logits, bias, k, score_func, renormalize, want_ids)
+        ref = topk_gating(logits, bias, k, score_func, renormalize, backend="torch")
+        assert torch.equal(got[1].cpu(), ref[1]) and torch.equal(got[2].cpu(), ref[2])
 
 
 def test_selection_contract_nan_weights():
