@@ -172,6 +172,48 @@ def test_half_precision_close_to_float64():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)  # docs/testing.md: one half-precision rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_stock_path_zero_fills_the_groups_grouped_mm_leaves_undefined(monkeypatch, dtype):
+    """torch._grouped_mm leaves the weight gradient of an empty group undefined (on a GPU it is
+    whatever the allocator held; the CPU's happens to be zeros). A stand-in that poisons those groups
+    with NaN drives the stock path's fill on the CPU, in every dtype it takes (bf16 is the sm_90
+    GPU's): empty experts get exact zeros, the rest the float64 loop's gradients."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    real = torch._grouped_mm
+    poisoned = []
+
+    def leaves_empty_groups_poisoned(a, b, offs=None, **kw):
+        out = real(a, b, offs=offs, **kw)
+        if a.dim() == 2 and b.dim() == 2:  # the weight gradient: one [K, N] block per group
+            ends = offs.tolist()
+            for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
+                if hi == lo:
+                    out[e] = float("nan")
+                    poisoned.append(e)
+        return out
+
+    monkeypatch.setattr(ref, "host_loop", lambda x: False)
+    monkeypatch.setattr(torch, "_grouped_mm", leaves_empty_groups_poisoned)
+    counts = [0, 9, 0, 23, 0]
+    off = offsets(counts)
+    x = (torch.randn(sum(counts), 16) / 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(5, 16, 24) / 4).to(dtype).requires_grad_(True)
+    b = torch.randn(5, 24).to(dtype).requires_grad_(True)
+    assert ref.use_stock(x, w)
+    g = torch.randn(sum(counts), 24).to(dtype)
+    dw, db = torch.autograd.grad(grouped_mm(x, w, off, b, "none"), (w, b), g)
+    assert sorted(set(poisoned)) == [0, 2, 4]  # the stand-in did run, and did poison
+    for e in (0, 2, 4):
+        assert torch.equal(dw[e], torch.zeros(16, 24, dtype=dtype)), (
+            f"expert {e} (no rows): weight gradient not zero: {dw[e].flatten()[:3].tolist()}"
+        )
+        assert torch.equal(db[e], torch.zeros(24, dtype=dtype)), e
+    x64, g64 = x.detach().double(), g.double()
+    for e, lo, hi in ((1, 0, 9), (3, 9, 32)):
+        assert_close(dw[e], x64[lo:hi].t() @ g64[lo:hi], dtype, grad=True)
+
+
 @pytest.mark.parametrize("stock", [True, False])
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_reference_float32_both_paths_match_float64_loop(monkeypatch, stock, act):

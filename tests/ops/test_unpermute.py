@@ -54,6 +54,39 @@ def test_backend_round_trip_matches_reference(backend, dtype):
     assert torch.equal(again, outs[0][0])  # bitwise repeatable
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_backend_combine_sums_in_float32_then_rounds_once(backend, dtype, weighted):
+    """One large and three small contributions per token (slot 0 the large one): summed in float32
+    and rounded once, the small ones add up to more than half a unit in the last place of the large
+    one and move the result; added slot by slot in fp16 / bf16 each is rounded away. Every sum here
+    is exact in float32, so the result must be the float64 sum rounded once, bit for bit."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("the half-precision accumulation check")
+    T, k, E, d = 11, 4, 6, 20
+    dev = backend.device
+    r2f, f2r, _ = (t.to(dev) for t in route(expert_ids(T, k, E), E))
+    large = 1024.0 if dtype == torch.float16 else 256.0  # 2^p: one unit in the last place is 1 (fp16) or 2 (bf16)
+    ulp = large * torch.finfo(dtype).eps
+    sign = torch.where(torch.rand(T, 1, d) < 0.5, -1.0, 1.0)
+    vals = torch.empty(T, k, d)
+    vals[:, 0], vals[:, 1:] = large, 0.375 * ulp  # 3 x 0.375 ulp = 1.125 ulp: rounds up to large + 1 ulp
+    vals = (vals * sign).to(dev)
+    w = None
+    if weighted:  # powers of two: every product exact
+        w = torch.full((T, k), 0.5, device=dev)
+        vals = vals * 2
+    rows = vals.reshape(T * k, d)[r2f].to(dtype)  # row r holds flat slot r2f[r]
+    assert torch.equal(rows.double()[f2r].view(T, k, d), vals.double())  # every input exact in dtype
+    shared = (torch.full((T, d), 0.25 * ulp, device=dev) * sign[:, 0]).to(dtype) if weighted else None
+    got = unpermute(rows, r2f, f2r, k, w, shared, backend=backend.name)
+    exact = (vals.double() * (1.0 if w is None else w.double()[..., None])).sum(1)
+    if shared is not None:
+        exact = exact + shared.double()
+    want = exact.to(dtype)
+    assert not torch.equal(want, vals[:, 0].to(dtype))  # the small ones do move the rounded sum
+    assert torch.equal(got, want), (got[0, :4].tolist(), want[0, :4].tolist())
+
+
 def test_gradcheck():
     T, k, E, d = 6, 2, 4, 3
     r2f, f2r, _ = route(expert_ids(T, k, E), E)
