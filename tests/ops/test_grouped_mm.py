@@ -470,5 +470,14 @@ def test_bad_arguments():
 
 
 def test_the_public_function_makes_its_inputs_contiguous():
-    out = grouped_mm(torch.randn(3, 4).t(), torch.randn(1, 3, 2), torch.tensor([0, 4]))
-    assert out.shape == (4, 2)
+    """Transposed x, weight and bias views: the same values as the float64 loop on their contiguous
+    copies (a kernel reading the views' storage as if contiguous would get other ones)."""
+    x = torch.randn(3, 4, dtype=torch.float64).t()
+    w = torch.randn(2, 2, 3, dtype=torch.float64).transpose(1, 2)
+    b = torch.randn(2, 2, dtype=torch.float64).t()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    off = torch.tensor([0, 1, 4])
+    out = grouped_mm(x, w, off, b, "gelu")
+    torch.testing.assert_close(
+        out, naive_grouped_mm(x.contiguous(), w.contiguous(), off, b.contiguous(), "gelu"), rtol=0, atol=1e-12
+    )
