@@ -33,7 +33,8 @@ pretrain: $(STAMP)
 # the tests, then the benchmark items run once each on tiny shapes (smoke): two summaries, so the
 # test count is of tests; both run, and either failing fails the target
 test: $(STAMP)
-	status=0; $(BIN)/python -m pytest -q tests || status=$$?; \
+	status=0; echo "== tests"; $(BIN)/python -m pytest -q tests || status=$$?; \
+	echo "== benchmark items, each run once on tiny shapes (not tests)"; \
 	$(BIN)/python -m pytest -q benchmarks --benchmark-disable || status=$$?; \
 	exit $$status
 
