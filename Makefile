@@ -30,8 +30,13 @@ setup: $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/geomoe pretrain --config tiny --out runs/tiny
 
+# the tests, then the benchmark items run once each on tiny shapes (smoke): two summaries, so the
+# test count is of tests; both run, and either failing fails the target
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
+	status=0; echo "== tests"; $(BIN)/python -m pytest -q tests || status=$$?; \
+	echo "== benchmark items, each run once on tiny shapes (not tests)"; \
+	$(BIN)/python -m pytest -q benchmarks --benchmark-disable || status=$$?; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,9 +15,10 @@ PEERS = ("grouped_mm", "loop") + tuple(P.PEERS)  # baselines for moe_layer_speed
 
 
 def _unsupported(benchmark, reason: str, **info) -> None:
-    """A peer that cannot run a case is recorded with the reason (run.py keeps it, untimed)."""
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    benchmark.extra_info.update(unsupported=reason, **info)
+    """A peer that cannot run a case is skipped with the reason, never timed; run.py keeps it as a
+    row with the reason and no time (benchmarks.common.record_unsupported)."""
+    C.record_unsupported(benchmark.name, reason, info)
+    pytest.skip(reason)
 
 
 def _routing_cases():

@@ -97,6 +97,21 @@ def run_pedantic(benchmark, fn: Callable[[], object]) -> None:
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0 if mode() == "smoke" else 1, iterations=1)
 
 
+UNSUPPORTED_ENV = "GEOMOE_BENCH_UNSUPPORTED"  # a file: benchmarks.run's record of the rows that cannot run
+
+
+def record_unsupported(name: str, reason: str, info: Dict) -> None:
+    """A benchmark that cannot run here (a peer not installed, a case it cannot take): appended as a
+    JSON line to the file named by GEOMOE_BENCH_UNSUPPORTED (set by benchmarks.run), so the results
+    list it with its reason; the benchmark itself is skipped, never timed."""
+    path = os.environ.get(UNSUPPORTED_ENV)
+    if path:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps({"name": name, "unsupported": reason, **info}) + "\n")
+
+
 def _time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     sync()

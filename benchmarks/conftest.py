@@ -54,6 +54,18 @@ def pytest_runtest_setup(item):
         pytest.skip("the benchmark run's time budget is spent")
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """Say what a smoke run's numbers are, under pytest-benchmark's table and the summary line."""
+    from benchmarks.common import mode
+
+    if mode() == "smoke":
+        timed = "not timed (--benchmark-disable)" if config.getoption("benchmark_disable", default=False) else "timed one round"
+        terminalreporter.write_line(
+            f"benchmark items, smoke mode: each ran once on tiny shapes to check that it works, {timed}; "
+            "these are benchmark items, not tests, and any times above are not measurements"
+        )
+
+
 def _commit() -> str:
     if os.environ.get("GEOMOE_COMMIT"):  # a copy of the tree without .git (a remote machine) says which commit it is
         return os.environ["GEOMOE_COMMIT"]

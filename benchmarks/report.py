@@ -1,7 +1,10 @@
-"""Results JSON -> a markdown table and PNG plots: python -m benchmarks.report RESULTS.json [...]"""
+"""Results JSON -> a markdown table and PNG plots: python -m benchmarks.report RESULTS.json [...]
+
+Prints each file's table, and writes it beside the file (RESULTS.md) with the plots (RESULTS-*.png)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -37,6 +40,26 @@ def _bound_us(row: Dict[str, Any], mode: str):
     return None
 
 
+SMOKE_NOTE = (
+    "**Smoke run**: every benchmark ran one round on tiny shapes to check that it works; its times, "
+    "ratios and fractions are not measurements (each value is marked `(smoke)`)."
+)
+
+
+def is_smoke(result: Dict[str, Any]) -> bool:
+    return result.get("machine", {}).get("mode") == "smoke" or result.get("summary", {}).get("mode") == "smoke"
+
+
+def summary_table(result: Dict[str, Any]) -> List[str]:
+    """The summary's rows (markdown); in a smoke run every value says so."""
+    mark = " (smoke)" if is_smoke(result) else ""
+    out = ["| figure | value |", "| --- | --- |"]
+    for k, v in result["summary"].items():
+        if k not in ("card", "torch", "cuda", "triton", "commit", "mode"):
+            out.append(f"| {k} | {_fmt(v)}{mark if v is not None else ''} |")
+    return out
+
+
 def markdown(result: Dict[str, Any]) -> str:
     s, m = result["summary"], result["machine"]
     out = [
@@ -44,15 +67,12 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"torch {s.get('torch')}, CUDA {s.get('cuda')}, Triton {s.get('triton')}, Python {m.get('python')}, {result.get('datetime')}",
         "",
+        *([SMOKE_NOTE, ""] if is_smoke(result) else []),
         *([result["note"], ""] if result.get("note") else []),
         "## Summary",
         "",
-        "| figure | value |",
-        "| --- | --- |",
+        *summary_table(result),
     ]
-    for k, v in s.items():
-        if k not in ("card", "torch", "cuda", "triton", "commit"):
-            out.append(f"| {k} | {_fmt(v)} |")
     groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for r in result["rows"]:
         groups[r.get("group", "other")].append(dict(r, h100_bound_us=_bound_us(r, m.get("mode"))))
@@ -118,12 +138,27 @@ def plots(result: Dict[str, Any], stem: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    for path in argv or sys.argv[1:]:
-        result = json.load(open(path))
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("results", nargs="+", metavar="RESULTS.json", help="results files written by benchmarks.run")
+    ap.add_argument("--no-plots", action="store_true", help="write the table only")
+    args = ap.parse_args(argv)
+    for path in args.results:
+        try:
+            with open(path) as f:
+                result = json.load(f)
+            if not isinstance(result, dict) or "summary" not in result or "rows" not in result:
+                raise ValueError("not a results file of benchmarks.run (no 'summary' and 'rows')")
+        except (OSError, ValueError) as e:
+            print(f"benchmarks.report: {path}: {e}", file=sys.stderr)
+            return 2
         stem = os.path.splitext(path)[0]
+        table = markdown(result)
+        print(table)
         with open(stem + ".md", "w") as f:
-            f.write(markdown(result))
-        made = plots(result, stem)
+            f.write(table)
+        made = [] if args.no_plots else plots(result, stem)
         print(f"wrote {stem}.md" + "".join(f", {p}" for p in made))
     return 0
 

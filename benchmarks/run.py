@@ -2,7 +2,10 @@
 
 Writes <date>-<card>-<commit>.json (a `summary` of the headline figures, the machine, and every
 row with its time, TFLOP/s or GB/s and fraction of the ceilings measured in the same run), the
-markdown table beside it, and the plots (benchmarks/report.py)."""
+markdown table beside it, and the plots (benchmarks/report.py), into a folder of its own under
+runs/benchmarks/ by default; `--out benchmarks/results` is how a run's results are committed. A
+smoke run (GEOMOE_BENCH=smoke: one round on tiny shapes) says so in its file names
+(<date>-<card>-smoke-<commit>) and in every summary value, and no run overwrites another's files."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _row(b: Dict[str, Any]) -> Dict[str, Any]:
     info = dict(b.get("extra_info", {}))
-    stats = {} if info.get("unsupported") else (b.get("stats") or {})  # recorded with its reason, untimed
+    stats = b.get("stats") or {}  # a benchmark that cannot run is skipped, never timed: see record_unsupported
     median = stats.get("median")
     row = {
         "name": b["name"],
@@ -137,9 +140,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def default_out() -> str:
+    """runs/benchmarks/<UTC time>: a run folder, outside the tracked benchmarks/results/."""
+    return os.path.join(ROOT, "runs", "benchmarks", dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+
+
+def free_stem(out: str, name: str) -> str:
+    """out/name, or out/name-2, -3, ... where files of that name exist: never overwrite a run."""
+    stem, n = os.path.join(out, name), 1
+    while any(os.path.exists(stem + ext) for ext in (".json", ".md")):
+        n += 1
+        stem = os.path.join(out, f"{name}-{n}")
+    return stem
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default=None, help="folder for the results (default: runs/benchmarks/<UTC time>)")
     ap.add_argument("-k", default=None, help="pytest -k expression to run a subset")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -154,6 +173,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.json")
+        unsupported = os.path.join(tmp, "unsupported.jsonl")
         cmd = [
             sys.executable,
             "-m",
@@ -166,7 +186,7 @@ def main(argv=None) -> int:
         ]
         if args.k:
             cmd += ["-k", args.k]
-        env = dict(os.environ)
+        env = dict(os.environ, **{common.UNSUPPORTED_ENV: unsupported})
         if args.budget is not None:
             env["GEOMOE_BENCH_DEADLINE"] = str(time.time() + args.budget)
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -174,11 +194,15 @@ def main(argv=None) -> int:
             print("benchmarks produced no results", file=sys.stderr)
             return proc.returncode or 1
         data = json.load(open(raw))
+        skipped = [json.loads(line) for line in open(unsupported)] if os.path.exists(unsupported) else []
     machine = data["machine_info"].get("geomoe", {})
     rows = [_row(b) for b in data["benchmarks"]]
+    rows += [{**r, "median_s": None} for r in skipped]  # could not run: the reason, no time
+    smoke = machine.get("mode") == "smoke"
     card = "cpu" if machine.get("mode") != "gpu" else _slug(machine.get("card", "gpu").replace("NVIDIA", ""))
     result = {
         "summary": {
+            "mode": machine.get("mode"),
             **summarize(rows, common.reference_tokens()),
             "card": machine.get("card"),
             "torch": machine.get("torch"),
@@ -190,14 +214,17 @@ def main(argv=None) -> int:
         "datetime": data.get("datetime"),
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{dt.date.today().isoformat()}-{card}-{machine.get('commit', 'unknown')}")
+    out = args.out or default_out()
+    os.makedirs(out, exist_ok=True)
+    name = f"{dt.date.today().isoformat()}-{card}{'-smoke' if smoke else ''}-{machine.get('commit', 'unknown')}"
+    stem = free_stem(out, name)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(report.markdown(result))
     if not args.no_plots:
         report.plots(result, stem)
+    print("\n".join(["", *([report.SMOKE_NOTE] if smoke else []), *report.summary_table(result), ""]))
     print(f"wrote {stem}.json and {stem}.md")
     return proc.returncode
 

@@ -43,9 +43,16 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    assert "-cpu-smoke-" in path  # never the name of a cpu-mode run of the same commit
     result = json.load(open(tmp_path / path))
     assert SUMMARY_KEYS <= set(result["summary"])
     s = result["summary"]
+    assert s["mode"] == "smoke"
+    # the console's summary: every value marked as a smoke run's, under a note saying what that means
+    table = proc.stdout[proc.stdout.index("| figure | value |") :].splitlines()
+    values = [line for line in table[2:] if line.startswith("| ")]
+    assert "Smoke run" in proc.stdout and len(values) >= len(SUMMARY_KEYS) - 4
+    assert all(line.endswith("(smoke) |") or line.endswith("| - |") for line in values), values
     for key in (
         "moe_layer_speedup_vs_loop",
         "front_end_speedup_vs_dense",
@@ -75,8 +82,9 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
 
     layer_rows = [r for r in result["rows"] if r["group"] == "moe_layer"]
     assert {r["impl"] for r in layer_rows} == {"geomoe", "reference", "grouped_mm", "loop", *PEERS}  # CUDA-only ones skip
-    for r in layer_rows:  # a peer that cannot run is recorded with its reason, never dropped
-        assert r.get("median_s") or r.get("unsupported"), r
+    for r in layer_rows:  # a peer that cannot run is recorded with its reason, never dropped, never timed
+        assert bool(r.get("median_s")) != bool(r.get("unsupported")), r
+    assert any(r.get("unsupported") for r in layer_rows)  # on a CPU: ScatterMoE, MegaBlocks, SonicMoE at least
     assert os.path.exists(tmp_path / path.replace(".json", ".md"))
     assert os.path.exists(tmp_path / path.replace(".json", "-moe-layer.png"))
 
@@ -162,3 +170,113 @@ def test_a_peer_import_cannot_patch_transformers(tmp_path, monkeypatch):
     assert modeling_mixtral.MixtralExperts.forward is before
     assert sys.modules["transformers.models.mixtral.modeling_mixtral"] is modeling_mixtral
     monkeypatch.delitem(sys.modules, "patching_peer")
+
+
+def test_a_peer_that_cannot_run_is_skipped_with_its_reason_not_timed(tmp_path):
+    """Timing a no-op for a peer that did not run put it at the top of pytest-benchmark's table
+    (nanoseconds) and counted it as a passing item: it is skipped with the reason, and the record
+    that benchmarks.run reads gets the row with that reason."""
+    record = tmp_path / "unsupported.jsonl"
+    env = dict(os.environ, GEOMOE_BENCH="smoke", GEOMOE_BENCH_UNSUPPORTED=str(record))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "benchmarks/bench_moe.py",
+            "-k",
+            "fwdbwd and (megablocks or sonicmoe)",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0 and "skipped" in last and "passed" not in last, proc.stdout[-2000:]
+    assert "MegaBlocks is not in this suite yet" in proc.stdout and "SonicMoE is not in this suite yet" in proc.stdout
+    assert "Min" not in proc.stdout  # no timing table: nothing was timed
+    rows = [json.loads(line) for line in open(record)]
+    assert {r["impl"] for r in rows} == {"megablocks", "sonicmoe"} and all(r["unsupported"] for r in rows)
+
+
+def test_results_go_to_a_run_folder_and_never_overwrite_a_run(tmp_path, capsys):
+    from benchmarks import run
+
+    out = run.default_out()
+    assert os.path.dirname(out) == os.path.join(ROOT, "runs", "benchmarks")  # not the tracked benchmarks/results
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    assert "(default: runs/benchmarks/<UTC time>)" in " ".join(capsys.readouterr().out.split())
+    name = "2026-01-01-cpu-abc1234"
+    assert run.free_stem(str(tmp_path), name) == str(tmp_path / name)
+    (tmp_path / f"{name}.json").write_text("{}")
+    assert run.free_stem(str(tmp_path), name) == str(tmp_path / f"{name}-2")
+    (tmp_path / f"{name}-2.md").write_text("")
+    assert run.free_stem(str(tmp_path), name) == str(tmp_path / f"{name}-3")
+
+
+def _results(mode):
+    rows = [
+        {"name": "a", "group": "moe_layer", "impl": "geomoe", "tokens": 256, "median_s": 0.002, "tflops": 1.5},
+        {
+            "name": "b",
+            "group": "moe_layer",
+            "impl": "scattermoe",
+            "tokens": 256,
+            "median_s": None,
+            "unsupported": "not installed",
+        },
+    ]
+    summary = {
+        "mode": mode,
+        "moe_layer_speedup_vs_loop": 3.25,
+        "grouped_gemm_fraction_of_mm": None,
+        "card": "cpu",
+        "commit": "abc1234",
+    }
+    return {"summary": summary, "machine": {"mode": mode}, "datetime": "2026-01-01", "rows": rows}
+
+
+@pytest.mark.parametrize("mode", ["cpu", "smoke"])
+def test_report_prints_the_table_of_a_results_file(tmp_path, mode):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_results(mode)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(path), "--no-plots"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    mark = " (smoke)" if mode == "smoke" else ""
+    assert f"| moe_layer_speedup_vs_loop | 3.25{mark} |" in proc.stdout
+    assert "| grouped_gemm_fraction_of_mm | - |" in proc.stdout  # no value: nothing to mark
+    assert "| scattermoe | 256 | - |" in proc.stdout and "not installed" in proc.stdout
+    assert ("Smoke run" in proc.stdout) == (mode == "smoke")
+    assert (tmp_path / "r.md").read_text() in proc.stdout
+
+
+def test_report_help_and_a_wrong_file_say_so():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "usage: python -m benchmarks.report" in proc.stdout and "RESULTS.json" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "nope.json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().startswith("benchmarks.report: nope.json:")
+        and "Traceback" not in proc.stderr
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "--out" in proc.stdout

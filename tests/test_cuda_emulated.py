@@ -417,6 +417,38 @@ def test_moe_layer_on_cuda_matches_torch(dtype, shared, k):
         torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("tokens", [1, 150])
+def test_moe_layer_against_float64_oracle(dtype, tokens):
+    """tests/test_gpu.py's check of the layer on the CPU: backend="cuda" (the emulated kernels)
+    under autocast against the published loop in float64 (tests/oracles.py), output and input
+    gradient at most 2x as far from float64 as backend="torch" in the same dtype. The oracle gets
+    the input rounded to the dtype, so both route every token alike."""
+    from geomoe import load_original_state_dict
+    from tests.oracles import OriginalMoE
+
+    torch.manual_seed(2)
+    orig = OriginalMoE(48, 40, 9, 1, 3).double()
+    ours = MoEMLP(48, 40, 9, 1, 3)
+    load_original_state_dict(ours, orig.state_dict(), strict=True)
+    x = torch.randn(tokens, 48, dtype=torch.float64).to(dtype).double()
+    xa = x.clone().requires_grad_(True)
+    ya, _, load_a = orig(xa)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    got = {}
+    for be in ("cuda", "torch"):
+        ours.backend = be
+        xb = x.to(dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            yb, _, load_b = ours(xb)
+        yb.backward(g.to(yb.dtype))
+        assert torch.equal(load_b, load_a), be
+        got[be] = [yb.double(), xb.grad.double()]
+    for ours_t, torch_t, exact in zip(got["cuda"], got["torch"], [ya.detach(), xa.grad]):
+        assert_within_twice_reference_error(ours_t, torch_t, exact)
+
+
 def test_model_on_cuda_matches_torch():
     from geomoe import GeoMoE
 

@@ -142,6 +142,31 @@ def test_empty_experts_zero_grads_under_poisoned_allocator():
         assert torch.count_nonzero(torch.cat([g[:2].flatten(), g[3:].flatten()])) == 0, name
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="torch._grouped_mm runs bf16 on sm_90+"
+)
+def test_reference_stock_path_zero_fills_empty_experts_in_bfloat16():
+    """The reference's torch._grouped_mm path (bf16 on sm_90+, the only device case it takes): the
+    weight gradients of experts without rows come back undefined and are zero-filled; under a
+    NaN-poisoned allocator they are exactly zero, the rest as the float64 loop's."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+    from tests.helpers import offsets
+
+    counts = [0, 40, 0, 24, 0]
+    off = offsets(counts, CUDA)
+    x = (torch.randn(64, 64, device=CUDA) / 2).bfloat16().requires_grad_(True)
+    w = (torch.randn(5, 64, 32, device=CUDA) / 8).bfloat16().requires_grad_(True)
+    assert ref.use_stock(x, w)
+    _poison_allocator()
+    g = torch.randn(64, 32, device=CUDA).bfloat16()
+    dw = torch.autograd.grad(grouped_mm(x, w, off, None, "none", backend="torch"), w, g)[0]
+    for e in (0, 2, 4):
+        assert torch.equal(dw[e], torch.zeros_like(dw[e])), e
+    x64, g64 = x.detach().double(), g.double()
+    for e, lo, hi in ((1, 0, 40), (3, 40, 64)):
+        torch.testing.assert_close(dw[e].double(), x64[lo:hi].t() @ g64[lo:hi], **GRAD_TOL[torch.bfloat16])
+
+
 def test_cuda_graph_capture_of_the_layer():
     _, m = _pair()
     x = torch.randn(4096, 64, device=CUDA, requires_grad=True)

@@ -76,6 +76,42 @@ def test_resume_is_exact(tmp_path):
     assert first["history"][-1]["step"] == 2
 
 
+def test_resume_restores_every_global_generator_it_saved(tmp_path, monkeypatch):
+    """The run's own randomness (masking) is seeded by (seed, step); anything else that draws from
+    the global generators (dropout, drop path, a library) continues on resume as in the straight run
+    only if resume restores them. Each step here draws from them first, as such a consumer would;
+    the generators' states at every step of the resumed run equal the straight run's, on the CPU
+    and, where there is one, on every CUDA device."""
+    from geomoe import train as T
+
+    seen = {}
+    real_step = T._Trainer._train_step
+
+    def drawing_step(self, imgs, lr, window, step):
+        torch.rand(1)  # a consumer of the global CPU generator
+        if torch.cuda.is_available():
+            torch.rand(1, device="cuda")
+        seen.setdefault(self.args.out, {})[step] = rng_states()
+        return real_step(self, imgs, lr, window, step)
+
+    def rng_states():
+        states = [torch.get_rng_state()]
+        if torch.cuda.is_available():
+            states += torch.cuda.get_rng_state_all()
+        return states
+
+    monkeypatch.setattr(T._Trainer, "_train_step", drawing_step)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    pretrain(PretrainArgs(out=a, **FAST))
+    pretrain(PretrainArgs(out=b, stop_after=2, **FAST))
+    torch.manual_seed(12345)  # what the process did in between does not matter
+    pretrain(PretrainArgs(out=b, resume="auto", **FAST))
+    assert sorted(seen[a]) == [0, 1, 2, 3] and sorted(seen[b]) == [0, 1, 2, 3]
+    for step in (2, 3):  # the resumed steps
+        for i, (x, y) in enumerate(zip(seen[a][step], seen[b][step])):
+            assert torch.equal(x, y), f"step {step}: generator {'cpu' if i == 0 else f'cuda:{i - 1}'} differs"
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     out = tmp_path / "run"
     pretrain(PretrainArgs(out=str(out), save_every=2, **FAST))

@@ -5,9 +5,19 @@ gradient; experts without rows get exact zeros; opcheck; argument errors."""
 import pytest
 import torch
 
-from geomoe_kernels import OpInputError, kernel_recipes, grouped_mm, route
+from geomoe_kernels import OpInputError, activations, kernel_recipes, grouped_mm, route
 from geomoe_kernels.ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
-from tests.helpers import ACTIVATIONS, TOL, assert_close, expert_ids, offsets, skip_unavailable
+from tests.helpers import (
+    ACTIVATIONS,
+    TOL,
+    assert_backend_close,
+    assert_close,
+    assert_runs_close,
+    assert_within_twice_reference_error,
+    expert_ids,
+    offsets,
+    skip_unavailable,
+)
 from tests.oracles import naive_grouped_mm
 
 
@@ -54,23 +64,28 @@ def test_reference_matches_per_expert_loop(act, case, with_bias, path):
 
 
 def _backend_against_loop(backend, dtype, counts, K, N, act):
-    """grouped_mm on `backend` in `dtype` against the float64 loop, forward and every gradient;
-    the experts without rows get exact zeros."""
+    """grouped_mm on `backend` in `dtype` against the float64 loop, forward and every gradient (a
+    kernel in fp16 / bf16 within twice the reference's own error in that dtype); the experts without
+    rows get exact zeros."""
     E = len(counts)
     off = offsets(counts, backend.device)
     x = (torch.randn(sum(counts), K) / 2).to(backend.device, dtype).requires_grad_(True)
     w = (torch.randn(E, K, N) / 5).to(backend.device, dtype).requires_grad_(True)
     b = torch.randn(E, N).to(backend.device, dtype).requires_grad_(True)
-    got = skip_unavailable(grouped_mm, x, w, off, b, act, backend=backend.name)
-    want = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
-    assert_close(got, want, dtype)
-    g = torch.randn_like(want)
-    gt = torch.autograd.grad(got, (x, w, b), g.to(dtype))
-    gw = torch.autograd.grad(want, (x, w, b), g, allow_unused=True)
-    for a, r in zip(gt, gw):
-        torch.testing.assert_close(a.double(), r.double(), **TOL[dtype])
+    g = torch.randn(sum(counts), activations.out_features(act, N), dtype=torch.float64)
+    outs = []
+    for name, leaves in ((backend.name, (x, w, b)), ("torch", (x, w, b)), (None, (x, w, b))):
+        if name is None:  # the independent float64 loop
+            leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+            y = naive_grouped_mm(*leaves[:2], off.cpu(), leaves[2], act)
+        else:
+            y = skip_unavailable(grouped_mm, leaves[0], leaves[1], off, leaves[2], act, backend=name)
+        grads = torch.autograd.grad(y, leaves, g.to(y.device, y.dtype))
+        outs.append([t.detach().double().cpu() for t in (y, *grads)])
+    assert_runs_close(outs, dtype, backend.name)
     idle = [e for e in range(E) if counts[e] == 0]
-    assert torch.count_nonzero(gt[1][idle]) == 0 and torch.count_nonzero(gt[2][idle]) == 0
+    dw, db = outs[0][2], outs[0][3]
+    assert torch.count_nonzero(dw[idle]) == 0 and torch.count_nonzero(db[idle]) == 0
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -109,17 +124,27 @@ def test_kernels_gather_rows_inside_the_load_and_split_the_weight_gradient(kerne
     kernels = _kernels(kernel_backend)
     out, _ = kernel_recipes.forward(kernels, x, w, off, None, "none", gather=r2f, top_k=k)
     rows = x[r2f // k]
-    assert_close(out, naive_grouped_mm(rows.double(), w.double(), off, None, "none"), dtype)
+    per_expert = lambda fn: torch.stack([fn(int(off[e]), int(off[e + 1])) for e in range(E)])
+    # the float64 computation, and torch's own in the kernels' dtype (a fp16 kernel's yardstick)
+    assert_backend_close(
+        out,
+        naive_grouped_mm(rows, w, off, None, "none"),
+        naive_grouped_mm(rows.double(), w.double(), off, None, "none"),
+        dtype,
+        "kernels",
+    )
     g = torch.randn(T * k, 24, device=dev).to(dtype)
     r64, g64 = rows.double(), g.double()
-    want = torch.stack([r64[int(off[e]) : int(off[e + 1])].t() @ g64[int(off[e]) : int(off[e + 1])] for e in range(E)])
-    want_db = torch.stack([g64[int(off[e]) : int(off[e + 1])].sum(0) for e in range(E)])
+    want = per_expert(lambda lo, hi: r64[lo:hi].t() @ g64[lo:hi])
+    want_db = per_expert(lambda lo, hi: g64[lo:hi].sum(0))
+    same_dtype = per_expert(lambda lo, hi: rows[lo:hi].t() @ g[lo:hi])
+    same_dtype_db = per_expert(lambda lo, hi: g[lo:hi].sum(0))
     for dw, db in (
         kernel_recipes.weight_grad(kernels, x, g, off, gather=r2f, top_k=k),
         kernel_recipes.weight_grad(kernels, rows, g, off, splits=3),
     ):
-        assert_close(dw, want, dtype)
-        assert_close(db, want_db, dtype)
+        assert_backend_close(dw, same_dtype, want, dtype, "kernels")
+        assert_backend_close(db, same_dtype_db, want_db, dtype, "kernels")
 
 
 def test_empty_experts_get_exact_zero_gradients(path):
@@ -163,6 +188,23 @@ def test_gradcheck_each_activation():
         assert torch.autograd.gradcheck(lambda x, w, b: grouped_mm(x, w, off, b, act), (x, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_rule_catches_a_one_percent_error(dtype):
+    """The rule kernels are judged by in fp16 / bf16 (twice the reference's own error against
+    float64) passes a result as accurate as the reference and fails one 1 % off everywhere, which the
+    fixed one-rounding tolerance lets through: a wrong kernel it would not catch."""
+    counts = [30, 0, 50, 20]
+    off = offsets(counts)
+    x, w = torch.randn(100, 32) / 2, torch.randn(4, 32, 48) / 5
+    exact = naive_grouped_mm(x.to(dtype).double(), w.to(dtype).double(), off, None, "gelu")
+    same_dtype = grouped_mm(x.to(dtype), w.to(dtype), off, None, "gelu", backend="torch")
+    assert_within_twice_reference_error(exact.to(dtype), same_dtype, exact)  # one rounding: passes
+    wrong = (exact * 1.01).to(dtype)
+    torch.testing.assert_close(wrong.double(), exact, **TOL[dtype])  # the fixed bound passes it
+    with pytest.raises(AssertionError, match="error"):
+        assert_within_twice_reference_error(wrong, same_dtype, exact)
+
+
 def test_half_precision_close_to_float64():
     off = offsets([30, 0, 50, 20])
     x = torch.randn(100, 16)
@@ -170,6 +212,48 @@ def test_half_precision_close_to_float64():
     got = grouped_mm(x.half(), w.half(), off, None, "gelu").double()
     want = naive_grouped_mm(x.double(), w.double(), off, None, "gelu")
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1.4e-2)  # docs/testing.md: one half-precision rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_stock_path_zero_fills_the_groups_grouped_mm_leaves_undefined(monkeypatch, dtype):
+    """torch._grouped_mm leaves the weight gradient of an empty group undefined (on a GPU it is
+    whatever the allocator held; the CPU's happens to be zeros). A stand-in that poisons those groups
+    with NaN drives the stock path's fill on the CPU, in every dtype it takes (bf16 is the sm_90
+    GPU's): empty experts get exact zeros, the rest the float64 loop's gradients."""
+    from geomoe_kernels.reference import grouped_gemm as ref
+
+    real = torch._grouped_mm
+    poisoned = []
+
+    def leaves_empty_groups_poisoned(a, b, offs=None, **kw):
+        out = real(a, b, offs=offs, **kw)
+        if a.dim() == 2 and b.dim() == 2:  # the weight gradient: one [K, N] block per group
+            ends = offs.tolist()
+            for e, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
+                if hi == lo:
+                    out[e] = float("nan")
+                    poisoned.append(e)
+        return out
+
+    monkeypatch.setattr(ref, "host_loop", lambda x: False)
+    monkeypatch.setattr(torch, "_grouped_mm", leaves_empty_groups_poisoned)
+    counts = [0, 9, 0, 23, 0]
+    off = offsets(counts)
+    x = (torch.randn(sum(counts), 16) / 2).to(dtype).requires_grad_(True)
+    w = (torch.randn(5, 16, 24) / 4).to(dtype).requires_grad_(True)
+    b = torch.randn(5, 24).to(dtype).requires_grad_(True)
+    assert ref.use_stock(x, w)
+    g = torch.randn(sum(counts), 24).to(dtype)
+    dw, db = torch.autograd.grad(grouped_mm(x, w, off, b, "none"), (w, b), g)
+    assert sorted(set(poisoned)) == [0, 2, 4]  # the stand-in did run, and did poison
+    for e in (0, 2, 4):
+        assert torch.equal(dw[e], torch.zeros(16, 24, dtype=dtype)), (
+            f"expert {e} (no rows): weight gradient not zero: {dw[e].flatten()[:3].tolist()}"
+        )
+        assert torch.equal(db[e], torch.zeros(24, dtype=dtype)), e
+    x64, g64 = x.detach().double(), g.double()
+    for e, lo, hi in ((1, 0, 9), (3, 9, 32)):
+        assert_close(dw[e], x64[lo:hi].t() @ g64[lo:hi], dtype, grad=True)
 
 
 @pytest.mark.parametrize("stock", [True, False])
@@ -386,5 +470,14 @@ def test_bad_arguments():
 
 
 def test_the_public_function_makes_its_inputs_contiguous():
-    out = grouped_mm(torch.randn(3, 4).t(), torch.randn(1, 3, 2), torch.tensor([0, 4]))
-    assert out.shape == (4, 2)
+    """Transposed x, weight and bias views: the same values as the float64 loop on their contiguous
+    copies (a kernel reading the views' storage as if contiguous would get other ones)."""
+    x = torch.randn(3, 4, dtype=torch.float64).t()
+    w = torch.randn(2, 2, 3, dtype=torch.float64).transpose(1, 2)
+    b = torch.randn(2, 2, dtype=torch.float64).t()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    off = torch.tensor([0, 1, 4])
+    out = grouped_mm(x, w, off, b, "gelu")
+    torch.testing.assert_close(
+        out, naive_grouped_mm(x.contiguous(), w.contiguous(), off, b.contiguous(), "gelu"), rtol=0, atol=1e-12
+    )
