@@ -38,7 +38,15 @@ from . import checkpoint, layer_decay
 from .augment import parse_randaug
 from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
-from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_labelled, write_scene_classes
+from .data import (
+    ClassFolder,
+    LabelledImages,
+    check_classification_data,
+    folder_classes,
+    read_split,
+    skip_unreadable_labelled,
+    write_scene_classes,
+)
 from .distributed import DEFAULT_TIMEOUT
 from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
 from .moevit import MoEViTClassifier
@@ -441,8 +449,17 @@ def _raster_datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages,
     stats = load_band_stats(stats_file, in_chans)
     reprob = float(args.reprob or 0.0)
     train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob)
+    _check_class_folders(train, args.data)
     val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes)
     return train, val
+
+
+def _check_class_folders(train: LabelledImages, data: str) -> None:
+    """`check_classification_data` for DATA/train/<class>/ and DATA/val/<class>/, before the
+    validation folder is read with training's classes."""
+    val_root = os.path.join(data, "val")
+    val_classes = folder_classes(val_root) if os.path.isdir(val_root) else None
+    check_classification_data("--data", train.classes, train.samples, [], os.path.join(data, "train"), val_root, val_classes)
 
 
 def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, LabelledImages]:
@@ -454,6 +471,7 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
     reprob = float(args.reprob or 0.0)
     if args.split is not None:
         sp = read_split(args.split, args.data)
+        check_classification_data("--split", sp.classes, sp.train, sp.val, f"{args.split} 'train'", f"{args.split} 'val'")
         train = LabelledImages(sp.train, sp.classes, img_size, True, args.seed, randaug, reprob)
         return train, LabelledImages(sp.val, sp.classes, img_size, False)
     data = args.data
@@ -462,6 +480,7 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
         if not os.path.isdir(os.path.join(data, "val")):
             write_scene_classes(data, per_class_train=64, per_class_val=16, size=max(img_size, 64), seed=args.seed)
     train_set = ClassFolder(os.path.join(data, "train"), img_size, True, args.seed, randaug=randaug, reprob=reprob)
+    _check_class_folders(train_set, data)
     return train_set, ClassFolder(os.path.join(data, "val"), img_size, False, classes=train_set.classes)
 
 
