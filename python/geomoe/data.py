@@ -353,6 +353,38 @@ class ImageFolder(_EpochIndexed):
         return self.files[index]
 
 
+PROBE_FILES = 16  # files a pretraining run tries to read before it starts (`check_readable`)
+
+
+def check_readable(files: Sequence[str], read: Callable[[str], Any], root: str, limit: int = PROBE_FILES) -> None:
+    """Before a pretraining run: read files in order until one decodes, at most `limit` of them (a
+    bounded check: one read when the first file is good). When every file was tried and none
+    decodes, a ValueError naming --data and the first file's error: the run would skip every step.
+    When only the first `limit` of more files failed, a warning; the run then stops if none of the
+    images it draws can be read (`_Trainer.run`). Errors other than an unreadable file (a band
+    count, a raster over the size limit) pass through."""
+    from .geodata import BandCountError, RasterSizeError
+
+    first = None
+    for path in files[:limit]:
+        try:
+            read(path)
+            return
+        except (BandCountError, RasterSizeError):
+            raise
+        except Exception as exc:
+            first = first or f"{path}: {type(exc).__name__}: {exc}"
+    if len(files) <= limit:
+        raise ValueError(
+            f"argument '--data' expected image files that can be read under {root}/<subfolder>/, got {len(files)} and "
+            f"none can be read, e.g. {first}"
+        )
+    warnings.warn(
+        f"none of the first {limit} of the {len(files)} files under {root}/<subfolder>/ can be read (e.g. {first}); "
+        f"the run stops if no image it draws can be read"
+    )
+
+
 def skip_unreadable(batch: List[Optional[torch.Tensor]]):
     """Collate: stack the images that decoded; (images or None, how many were skipped)."""
     good = [b for b in batch if b is not None]

@@ -48,7 +48,14 @@ from .data import (
     write_scene_classes,
 )
 from .distributed import DEFAULT_TIMEOUT
-from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
+from .geodata import (
+    ALPHA_MODES,
+    BAND_STATS_FILE,
+    MAX_RASTER_PIXELS,
+    RasterClassFolder,
+    adapt_state_dict_in_chans,
+    load_band_stats,
+)
 from .moevit import MoEViTClassifier
 from .original import key_map, load_original_state_dict
 from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
@@ -312,6 +319,8 @@ class FinetuneArgs:
     in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
     data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
     band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/train/band_stats.json)
+    alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
+    max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
 
     def validate(self) -> None:
         """Every name and number in range, with an error naming the flag (the CLI shows it as a usage error)."""
@@ -359,6 +368,11 @@ class FinetuneArgs:
             raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
         if self.data_format == "raster" and not self.data:
             raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(
+                f"argument '--alpha-as-data/--alpha-as-mask' expected one of {list(ALPHA_MODES)}, got {self.alpha!r}"
+            )
+        check_int("max_raster_pixels", self.max_raster_pixels, 1)
         if self.data_format == "raster" and self.split is not None:
             raise ValueError(
                 f"argument '--split' expected image files (--data-format image or auto), got --split {self.split} with raster"
@@ -448,9 +462,10 @@ def _raster_datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages,
         stats_file = found[0] if found else os.path.join(args.data, "train", BAND_STATS_FILE)
     stats = load_band_stats(stats_file, in_chans)
     reprob = float(args.reprob or 0.0)
-    train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob)
+    kw = dict(alpha=args.alpha, max_pixels=args.max_raster_pixels)
+    train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob, **kw)
     _check_class_folders(train, args.data)
-    val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes)
+    val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes, **kw)
     return train, val
 
 
