@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from geomoe.data import PROBE_FILES, read_split
@@ -176,6 +177,28 @@ def test_5_pretraining_with_no_readable_file_stops_with_an_error_and_saves_nothi
     assert not os.path.exists(tmp_path / "r2" / "ckpt_00000002")
 
 
+def test_5_finetuning_with_no_readable_training_image_stops_and_saves_nothing(tmp_path):
+    for name, per_class in (("few", 3), ("many", PROBE_FILES // 2 + 1)):
+        data = tmp_path / name
+        _classes(str(data / "val"), ["a", "b"], per_class=1)
+        for c in ("a", "b"):
+            os.makedirs(data / "train" / c)
+            for i in range(per_class):
+                (data / "train" / c / f"{i}.png").write_bytes(b"\x89PNG not an image")
+    with pytest.raises(
+        ValueError,
+        match=r"argument '--data' expected image files that can be read under \S+few/train/<class>/, got 6 and none can be read, e\.g\. \S+a/0\.png: ",
+    ):
+        finetune(FinetuneArgs(data=str(tmp_path / "few"), out=str(tmp_path / "ft1"), **FT))
+    with pytest.warns(UserWarning, match=f"none of the first {PROBE_FILES} of the {PROBE_FILES + 2} files under"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"stopping at step 2: no training image this run drew could be read, so no step trained; nothing was saved",
+        ):
+            finetune(FinetuneArgs(data=str(tmp_path / "many"), out=str(tmp_path / "ft2"), **dict(FT, batch_size=8)))
+    assert not any(n.startswith("ckpt_") for n in os.listdir(tmp_path / "ft2"))
+
+
 # ---- 6. a band declared alpha ---------------------------------------------------------------------
 
 
@@ -329,15 +352,11 @@ def test_12_training_crops_read_only_their_window_and_equal_the_full_read(tmp_pa
         x = ds[epoch]  # code epoch * len + 0
         full, valid = geodata.read_raster(str(tmp_path / "d" / "s" / "0.tif"))
         want = geodata.raster_transform(full, valid, mean, std, 24, np.random.default_rng([0, epoch, 0, 1]))
-        assert torch_equal(x, want)
+        assert torch.equal(x, want)
         w = windows[0]
         box = geodata.random_resized_crop_box(64, 48, np.random.default_rng([0, epoch, 0, 1]))
         assert (w.col_off, w.row_off, w.width, w.height) == (box[0], box[1], box[2] - box[0], box[3] - box[1])
         assert w.width * w.height < 64 * 48 or (w.width, w.height) == (64, 48)
-
-
-def torch_equal(a, b):
-    return a.shape == b.shape and bool((a == b).all())
 
 
 # ---- 15. band statistics -------------------------------------------------------------------------

@@ -353,16 +353,19 @@ class ImageFolder(_EpochIndexed):
         return self.files[index]
 
 
-PROBE_FILES = 16  # files a pretraining run tries to read before it starts (`check_readable`)
+PROBE_FILES = 16  # files a run tries to read before it starts (`check_readable`)
 
 
-def check_readable(files: Sequence[str], read: Callable[[str], Any], root: str, limit: int = PROBE_FILES) -> None:
-    """Before a pretraining run: read files in order until one decodes, at most `limit` of them (a
-    bounded check: one read when the first file is good). When every file was tried and none
-    decodes, a ValueError naming --data and the first file's error: the run would skip every step.
-    When only the first `limit` of more files failed, a warning; the run then stops if none of the
-    images it draws can be read (`_Trainer.run`). Errors other than an unreadable file (a band
-    count, a raster over the size limit) pass through."""
+def check_readable(
+    files: Sequence[str], read: Callable[[str], Any], where: str, flag: str = "--data", limit: int = PROBE_FILES
+) -> None:
+    """Before a run: read files in order until one decodes, at most `limit` of them (a bounded
+    check: one read when the first file is good). When every file was tried and none decodes, a
+    ValueError naming `flag`, `where` the files are and the first file's error: the run would skip
+    every step. When only the first `limit` of more files failed, a warning; the run then stops if
+    none of the images it draws can be read (pretraining: at its end, fine-tuning: at the first
+    epoch's end, before a checkpoint). Errors other than an unreadable file (a band count, a
+    raster over the size limit) pass through."""
     from .geodata import BandCountError, RasterSizeError
 
     first = None
@@ -376,12 +379,12 @@ def check_readable(files: Sequence[str], read: Callable[[str], Any], root: str, 
             first = first or f"{path}: {type(exc).__name__}: {exc}"
     if len(files) <= limit:
         raise ValueError(
-            f"argument '--data' expected image files that can be read under {root}/<subfolder>/, got {len(files)} and "
-            f"none can be read, e.g. {first}"
+            f"argument '{flag}' expected image files that can be read {where}, got {len(files)} and none can be read, "
+            f"e.g. {first}"
         )
     warnings.warn(
-        f"none of the first {limit} of the {len(files)} files under {root}/<subfolder>/ can be read (e.g. {first}); "
-        f"the run stops if no image it draws can be read"
+        f"none of the first {limit} of the {len(files)} files {where} can be read (e.g. {first}); the run stops if no "
+        f"image it draws can be read"
     )
 
 
@@ -493,6 +496,10 @@ class LabelledImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def read(self, path: str) -> Any:
+        """The decoded file at `path`, or an exception (`check_readable`)."""
+        return open_image(path)
 
     @property
     def unreadable(self) -> int:

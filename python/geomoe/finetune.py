@@ -42,6 +42,7 @@ from .data import (
     ClassFolder,
     LabelledImages,
     check_classification_data,
+    check_readable,
     folder_classes,
     read_split,
     skip_unreadable_labelled,
@@ -506,6 +507,9 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
     refuse_fresh_run_into_used_directory(args.out, args.resume)
     train_set, val_set = _datasets(args, img_size)
+    train_root = os.path.join(args.data or os.path.join(args.out, "scene_classes"), "train")
+    where = f"in the 'train' list of {args.split}" if args.split else f"under {train_root}/<class>/"
+    check_readable([p for p, _ in train_set.samples], train_set.read, where, "--split" if args.split else "--data")
     if len(train_set) < args.batch_size:
         raise ValueError(f"argument '--batch-size' expected at most the {len(train_set)} training images, got {args.batch_size}")
 
@@ -577,13 +581,14 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     bar = tqdm(total=total, initial=start, disable=not args.progress, dynamic_ncols=True, leave=False)
     history: List[Dict[str, Any]] = []
     step, t0, seen, skipped_images, bad_steps, bad_in_row = start, time.perf_counter(), 0, 0, 0, 0
-    loss_sum, good_steps = 0.0, 0
+    loss_sum, good_steps, read_any = 0.0, 0, False  # read_any: an image of this run decoded
     num_classes = len(train_set.classes)
     clip = float(args.clip_grad or 0.0)
     model.train()
     for imgs, labels, skipped in start_batches(loader):
         lr = lr_at(step, total, peak_lr, warmup, args.min_lr_ratio)
         skipped_images += skipped
+        read_any = read_any or imgs is not None
         ok = False
         if imgs is None:  # no image of the batch decoded: the step passes without an update
             warnings.warn(f"step {step + 1}: no readable image in the batch, step skipped")
@@ -623,6 +628,10 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
                     f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
                     f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                 )
+        if step % per_epoch == 0 and not read_any:
+            raise RuntimeError(
+                f"stopping at step {step}: no training image this run drew could be read, so no step trained; nothing was saved"
+            )
         if step % per_epoch == 0:
             epoch = step // per_epoch
             ev = evaluate(model, val_set, device, args.batch_size, precision)

@@ -451,6 +451,10 @@ class RasterClassFolder(LabelledImages):
         self.in_chans, (self.mean, self.std) = in_chans, stats
         self.alpha, self.max_pixels = alpha, max_pixels
 
+    def read(self, path: str) -> Tuple[np.ndarray, np.ndarray]:
+        """`read_raster` with this dataset's alpha rule, size limit and band count."""
+        return read_raster(path, self.alpha, self.max_pixels, bands=self.in_chans)
+
     def __getitem__(self, code: int):
         from .augment import random_erasing
 

@@ -287,12 +287,12 @@ class _Trainer:
             rasters = RasterFolder(
                 args.data, model.img_size, args.seed, in_chans, args.band_stats, args.alpha, args.max_raster_pixels
             )
-            check_readable(rasters.files, rasters.read, args.data)
+            check_readable(rasters.files, rasters.read, f"under {args.data}/<subfolder>/")
             return rasters
         if in_chans != 3:
             raise ValueError(f"argument '--in-chans' {in_chans} expected --data-format raster or auto, got image (RGB)")
         images = ImageFolder(args.data, model.img_size, args.seed)
-        check_readable(images.files, open_image, args.data)
+        check_readable(images.files, open_image, f"under {args.data}/<subfolder>/")
         return images
 
     def _data_name(self) -> str:
