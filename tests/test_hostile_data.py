@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from geomoe.cli import main
 from geomoe.data import PROBE_FILES, read_split
 from geomoe.finetune import FinetuneArgs, finetune
 from geomoe.train import PretrainArgs, pretrain
@@ -279,7 +280,7 @@ def _sparse_tif(path, bands, size, dtype="uint16"):
     return path
 
 
-def test_12_a_raster_over_the_size_limit_is_refused_from_its_header(tmp_path):
+def test_12_a_raster_over_the_size_limit_is_refused_from_its_header(tmp_path, capsys):
     from geomoe.geodata import RasterFolder, RasterSizeError, band_stats, read_raster
 
     small = _sparse_tif(str(tmp_path / "small" / "s" / "0.tif"), 4, 1024)
@@ -303,6 +304,13 @@ def test_12_a_raster_over_the_size_limit_is_refused_from_its_header(tmp_path):
         [sys.executable, "-m", "geomoe", "stats", str(tmp_path / "big")], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "geomoe stats: error: argument '--max-raster-pixels' expected" in proc.stderr
+    for command in ("pretrain", "finetune"):  # the flag itself is checked like every number
+        with pytest.raises(SystemExit) as info:
+            main([command, "--max-raster-pixels", "0", "--alpha-as-data", "--out", str(tmp_path / "never")])
+        assert (
+            info.value.code == 2 and "argument '--max-raster-pixels' expected an integer >= 1, got 0" in capsys.readouterr().err
+        )
+    assert not (tmp_path / "never").exists()
 
 
 def test_12_training_crops_read_only_their_window_and_equal_the_full_read(tmp_path, monkeypatch):
