@@ -9,12 +9,17 @@ integers, floats).
   the band's nodata value, an internal mask or alpha band, NaN in float rasters). After
   normalisation it is set to 0 (the band's mean), also after the crop is resized: an output pixel
   that draws on a no-data pixel is 0.
+- Alpha: the file's declared colour interpretation decides. A band declared alpha (GDAL writes
+  every 4-band uint8 GeoTIFF so, rasterio's defaults included) is the other bands' no-data mask and
+  not a band (`--alpha-as-mask`, the default), or with `--alpha-as-data` a band like the others that
+  masks nothing (4 real bands written with the defaults).
 - Every file must have the model's band count (`--in-chans`): another count is an error naming the
   file, never a skip. A file that cannot be read is skipped with a warning and counted, as for
-  images (`skip_unreadable`).
+  images (`skip_unreadable`). A file whose header declares more than `--max-raster-pixels` values
+  (bands x height x width) is an error before a pixel is read (RasterSizeError).
 - The pretraining augmentation is the published one on all bands at once: RandomResizedCrop
   (scale 0.2-1, ratio 3/4-4/3, bicubic) and a horizontal flip, a pure function of (seed, epoch,
-  index) as for RGB images.
+  index) as for RGB images; only the crop's window is read from the file.
 
 `as_image_dataset` accepts any torch Dataset whose items are an image tensor [C, H, W] or a dict with
 "image" (a torchgeo dataset, say), so it plugs into the pretraining loop."""
@@ -246,8 +251,8 @@ def band_stats(root: str, out: Optional[str] = None, alpha: str = "mask", max_pi
 def std_floor(mean: np.ndarray) -> np.ndarray:
     """The smallest standard deviation accepted per band: a millionth of |mean|, and 1e-9. Below it,
     normalising makes values a million times their spread or more (a std of 1e-30 turns every step
-    non-finite), and a band that varies less than that about its mean is constant to float32
-    precision."""
+    non-finite), and a band that varies less than that about its mean is constant to within about
+    ten float32 roundings of the mean."""
     return 1e-6 * np.maximum(np.abs(np.asarray(mean, dtype=np.float64)), 1e-3)
 
 
