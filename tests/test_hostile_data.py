@@ -174,7 +174,8 @@ def test_5_pretraining_with_no_readable_file_stops_with_an_error_and_saves_nothi
     )
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert f"none of the first {PROBE_FILES} of the {PROBE_FILES + 4} files" in proc.stderr
-    assert "stopping at step 2: no image this run drew from folder" in proc.stderr and "nothing was saved" in proc.stderr
+    assert "argument '--data' expected images that can be read, got none among the 4 this run drew from folder" in proc.stderr
+    assert "no step trained; stopped at step 2, nothing was saved" in proc.stderr
     assert not os.path.exists(tmp_path / "r2" / "ckpt_00000002")
 
 
@@ -194,7 +195,7 @@ def test_5_finetuning_with_no_readable_training_image_stops_and_saves_nothing(tm
     with pytest.warns(UserWarning, match=f"none of the first {PROBE_FILES} of the {PROBE_FILES + 2} files under"):
         with pytest.raises(
             RuntimeError,
-            match=r"stopping at step 2: no training image this run drew could be read, so no step trained; nothing was saved",
+            match=r"argument '--data' expected training images that can be read, got none among the 16 this run drew: no step trained; stopped at step 2, nothing was saved",
         ):
             finetune(FinetuneArgs(data=str(tmp_path / "many"), out=str(tmp_path / "ft2"), **dict(FT, batch_size=8)))
     assert not any(n.startswith("ckpt_") for n in os.listdir(tmp_path / "ft2"))

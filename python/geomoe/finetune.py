@@ -630,7 +630,8 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
                 )
         if step % per_epoch == 0 and not read_any:
             raise RuntimeError(
-                f"stopping at step {step}: no training image this run drew could be read, so no step trained; nothing was saved"
+                f"argument '{'--split' if args.split else '--data'}' expected training images that can be read, got none "
+                f"among the {skipped_images} this run drew: no step trained; stopped at step {step}, nothing was saved"
             )
         if step % per_epoch == 0:
             epoch = step // per_epoch

@@ -608,8 +608,9 @@ class _Trainer:
             if trained == 0 and step > self.start and not self._agree(read_any):
                 # a run shorter than --max-bad-steps would otherwise save the untrained model and exit 0
                 raise RuntimeError(
-                    f"stopping at step {step}: no image this run drew from {self._data_name()} could be read "
-                    f"({unreadable} unreadable images skipped), so no step trained; nothing was saved"
+                    f"argument '{'--data' if args.data else 'dataset'}' expected images that can be read, got none "
+                    f"among the {unreadable} this run drew from {self._data_name()}: no step trained; stopped at "
+                    f"step {step}, nothing was saved"
                 )
             final = self.save(step, final=True)
         bar.close()
