@@ -11,6 +11,7 @@ from geomoe_kernels.backend import BACKENDS
 
 from .configs import CONFIGS
 from .distributed import DEFAULT_TIMEOUT
+from .geodata import MAX_RASTER_PIXELS
 from .model import FRONT_ENDS
 from .speed import PRECISIONS
 
@@ -61,6 +62,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/band_stats.json, written by '
         "`geomoe stats DATA`)",
     )
+    _raster_flags(p)
     p.add_argument(
         "--init-weights",
         default=None,
@@ -99,6 +101,35 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         f"error (default {DEFAULT_TIMEOUT:g})",
     )
     return p
+
+
+def _raster_flags(p: argparse.ArgumentParser) -> None:
+    alpha = p.add_mutually_exclusive_group()
+    alpha.add_argument(
+        "--alpha-as-mask",
+        dest="alpha",
+        action="store_const",
+        const="mask",
+        default="mask",
+        help="a raster band declared alpha (colour interpretation; GDAL and rasterio write a 4-band uint8 GeoTIFF "
+        "with band 4 as alpha) is the no-data mask of the other bands, not a band (default)",
+    )
+    alpha.add_argument(
+        "--alpha-as-data",
+        dest="alpha",
+        action="store_const",
+        const="data",
+        help="a raster band declared alpha is a band like the others (e.g. near-infrared written with the defaults) "
+        "and masks nothing",
+    )
+    p.add_argument(
+        "--max-raster-pixels",
+        type=int,
+        default=MAX_RASTER_PIXELS,
+        metavar="N",
+        help=f"refuse a raster whose header declares more than N values, bands x height x width (default {MAX_RASTER_PIXELS:,}: "
+        "4 bands of 5792 x 5792), before reading it",
+    )
 
 
 def _speed_flags(p: argparse.ArgumentParser, blocks: bool = True) -> None:
@@ -162,6 +193,7 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
         help='raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/train/band_stats.json, written by '
         "`geomoe stats DATA/train`, else <data>/band_stats.json)",
     )
+    _raster_flags(p)
     p.add_argument(
         "--weights",
         default=None,
@@ -215,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     st = sub.add_parser("stats", help="per-band mean and std of a raster folder, written to DIR/band_stats.json")
     st.add_argument("data_dir", metavar="DIR", help="raster folder DIR/<subfolder>/...")
     st.add_argument("--out", default=None, help="the JSON file to write (default DIR/band_stats.json)")
+    _raster_flags(st)
     rep = sub.add_parser("report", help="PNG plots of a run: loss, throughput, expert load")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     ns = parser.parse_args(argv)
@@ -235,11 +268,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .geodata import band_stats
 
         try:
-            stats = band_stats(ns.data_dir, ns.out)
+            stats = band_stats(ns.data_dir, ns.out, ns.alpha, ns.max_raster_pixels)
         except (OSError, ValueError, ImportError) as exc:
             parsers["pretrain"].exit(2, f"geomoe stats: error: {exc}\n")
+        alpha = ""
+        if stats["alpha_bands"]:
+            which = ", ".join(str(b) for b in stats["alpha_bands"])
+            alpha = f" (band {which} declared alpha in {stats['alpha_files']} files: " + (
+                "read as the no-data mask, not as a band; --alpha-as-data reads it as one)"
+                if stats["alpha"] == "mask"
+                else "read as a band, --alpha-as-data)"
+            )
         print(
-            f"{stats['files']} rasters ({stats['skipped']} unreadable skipped), {stats['bands']} bands: "
+            f"{stats['files']} rasters ({stats['skipped']} unreadable skipped), {stats['bands']} bands{alpha}: "
             f"mean {[round(m, 4) for m in stats['mean']]}, std {[round(v, 4) for v in stats['std']]}; wrote "
             f"{ns.out or os.path.join(ns.data_dir, 'band_stats.json')}"
         )

@@ -23,7 +23,7 @@ import math
 import os
 import stat
 import warnings
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -353,6 +353,41 @@ class ImageFolder(_EpochIndexed):
         return self.files[index]
 
 
+PROBE_FILES = 16  # files a run tries to read before it starts (`check_readable`)
+
+
+def check_readable(
+    files: Sequence[str], read: Callable[[str], Any], where: str, flag: str = "--data", limit: int = PROBE_FILES
+) -> None:
+    """Before a run: read files in order until one decodes, at most `limit` of them (a bounded
+    check: one read when the first file is good). When every file was tried and none decodes, a
+    ValueError naming `flag`, `where` the files are and the first file's error: the run would skip
+    every step. When only the first `limit` of more files failed, a warning; the run then stops if
+    none of the images it draws can be read (pretraining: at its end, fine-tuning: at the first
+    epoch's end, before a checkpoint). Errors other than an unreadable file (a band count, a
+    raster over the size limit) pass through."""
+    from .geodata import BandCountError, RasterSizeError
+
+    first = None
+    for path in files[:limit]:
+        try:
+            read(path)
+            return
+        except (BandCountError, RasterSizeError):
+            raise
+        except Exception as exc:
+            first = first or f"{path}: {type(exc).__name__}: {exc}"
+    if len(files) <= limit:
+        raise ValueError(
+            f"argument '{flag}' expected image files that can be read {where}, got {len(files)} and none can be read, "
+            f"e.g. {first}"
+        )
+    warnings.warn(
+        f"none of the first {limit} of the {len(files)} files {where} can be read (e.g. {first}); the run stops if no "
+        f"image it draws can be read"
+    )
+
+
 def skip_unreadable(batch: List[Optional[torch.Tensor]]):
     """Collate: stack the images that decoded; (images or None, how many were skipped)."""
     good = [b for b in batch if b is not None]
@@ -462,6 +497,10 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, path: str) -> Any:
+        """The decoded file at `path`, or an exception (`check_readable`)."""
+        return open_image(path)
+
     @property
     def unreadable(self) -> int:
         """How many files this process found it cannot decode (in the loading process: with loader
@@ -522,6 +561,59 @@ def class_folder_samples(
     return names, samples
 
 
+def folder_classes(root: str) -> List[str]:
+    """The class names of a root/<class>/ folder: its subfolders, sorted."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _listed(names: Sequence[str], n: int = 6) -> str:
+    return ", ".join(repr(x) for x in list(names)[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_classification_data(
+    flag: str,
+    classes: Sequence[str],
+    train: Sequence[Tuple[str, int]],
+    val: Sequence[Tuple[str, int]],
+    train_where: str,
+    val_where: str,
+    val_classes: Optional[Sequence[str]] = None,
+) -> None:
+    """Refuse, before training, data on which a fine-tuning learns nothing or scores itself wrongly
+    (a ValueError naming `flag`, what was expected and what came): fewer than two classes (the loss
+    is 0 and top-1 100 % whatever the model), a class without a training image (an output nothing
+    teaches, or validation images no prediction can match), and validation class folders
+    (`val_classes`: the validation folder's own class names) other than training's: a validation
+    folder whose name training lacks (`val/A` beside `train/a`, an extra `val/zextra`) would be
+    dropped and top-1 taken over the rest."""
+    if val_classes is not None and list(val_classes) != list(classes):
+        only_val = [c for c in val_classes if c not in classes]
+        only_train = [c for c in classes if c not in val_classes]
+        raise ValueError(
+            f"argument '{flag}' expected the validation class folders {val_where}/<class>/ to be the training ones "
+            f"({_listed(classes)}), got {_listed(val_classes)}"
+            + (f"; only in {val_where}: {_listed(only_val)}" if only_val else "")
+            + (f"; missing from {val_where}: {_listed(only_train)}" if only_train else "")
+            + " (class names are compared exactly, case included)"
+        )
+    if len(classes) < 2:
+        raise ValueError(
+            f"argument '{flag}' expected at least 2 classes in {train_where}, got {len(classes)}"
+            + (f" ({_listed(classes)})" if classes else "")
+            + ": with one class the loss is 0 and top-1 100 % whatever the model learns"
+        )
+    per_class = np.bincount(np.asarray([y for _, y in train], dtype=np.int64), minlength=len(classes))
+    empty = [c for c, n in zip(classes, per_class.tolist()) if n == 0]
+    if empty:
+        in_val = sorted({classes[y] for _, y in val} & set(empty))
+        raise ValueError(
+            f"argument '{flag}' expected at least one training image of every class in {train_where}, got none of "
+            f"{_listed(empty)}"
+            + (f" (validation images of {_listed(in_val)} could never be predicted right)" if in_val else "")
+            + ": remove the class or add training images"
+        )
+
+
 # ---- published split files -----------------------------------------------------------------------
 
 
@@ -541,8 +633,10 @@ def read_split(path: str, root: Optional[str] = None) -> Split:
     """A published split file: {"train": [{"image": relative path, "label": int}, ...], "val": [...],
     "categories": {name: id}}. Paths are relative to `root` (the --data folder), or to the file's own
     folder without one. Every image must exist, every label must be a category id, the ids must be
-    0..K-1 and train and val must not share an image; else a ValueError naming --split and what is
-    wrong."""
+    0..K-1, train and val must not share an image and no image may carry two labels (images are
+    compared as the files their paths resolve to, so `x/./0.png`, `x//0.png`, an absolute path or a
+    link to one file are one image); else a ValueError naming --split and what is wrong. An image
+    listed twice in one part with the same label is kept once, with a warning."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -559,6 +653,7 @@ def read_split(path: str, root: Optional[str] = None) -> Split:
     classes = [name for name, _ in sorted(cats.items(), key=lambda kv: kv[1])]
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
     out: Dict[str, List[Tuple[str, int]]] = {}
+    first_seen: Dict[Tuple[int, int], Any] = {}  # each training file -> its index (see _once_each)
     for part in ("train", "val"):
         entries = data[part]
         if not isinstance(entries, list) or not entries:
@@ -576,11 +671,66 @@ def read_split(path: str, root: Optional[str] = None) -> Split:
         if missing:
             more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
             raise _split_error(path, f"{len(missing)} '{part}' images not found under {base}: {', '.join(missing[:4])}{more}")
-        out[part] = samples
-    shared = {p for p, _ in out["train"]} & {p for p, _ in out["val"]}
+        out[part] = _once_each(path, part, entries, samples, classes, first_seen)
+    shared = [where[1] for where in first_seen.values() if isinstance(where, tuple)]
     if shared:
-        raise _split_error(path, f"{len(shared)} images are in both 'train' and 'val', e.g. {sorted(shared)[0]}")
+        ti, vi = shared[0]
+        raise _split_error(
+            path,
+            f"{len(shared)} images are in both 'train' and 'val' (compared as files, not as written), e.g. "
+            f"'train'[{ti}] {data['train'][ti]['image']!r} and 'val'[{vi}] {data['val'][vi]['image']!r}",
+        )
     return Split(classes, out["train"], out["val"])
+
+
+def _file_key(path: str) -> Tuple[int, int]:
+    """What makes two paths the same image: the file they resolve to (device and inode), so
+    `x/./0.png`, `x//0.png`, an absolute path, a symlink and a hard link to one file are one image."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _once_each(
+    path: str,
+    part: str,
+    entries: list,
+    samples: List[Tuple[str, int]],
+    classes: List[str],
+    first_seen: Dict[Tuple[int, int], Any],
+) -> List[Tuple[str, int]]:
+    """`samples` of one part of a split file with each file once: an image listed again with the
+    same label is a duplicate (a warning naming how many and one of them; kept once), with another
+    label a conflict (a ValueError naming both entries). `first_seen` maps each file to its first
+    train index, then ("both", (train index, val index)) when val lists a training image too."""
+    kept: List[Tuple[str, int]] = []
+    here: Dict[Tuple[int, int], int] = {}
+    dups: List[Tuple[int, int]] = []
+    for i, (full, label) in enumerate(samples):
+        key = _file_key(full)
+        if key in here:
+            j = here[key]
+            if samples[j][1] != label:
+                raise _split_error(
+                    path,
+                    f"'{part}'[{j}] {entries[j]['image']!r} (label {samples[j][1]}, {classes[samples[j][1]]!r}) and "
+                    f"'{part}'[{i}] {entries[i]['image']!r} (label {label}, {classes[label]!r}) are the same file with "
+                    f"two labels",
+                )
+            dups.append((j, i))
+            continue
+        here[key] = i
+        kept.append((full, label))
+        if part == "train":
+            first_seen[key] = i
+        elif key in first_seen:
+            first_seen[key] = ("both", (first_seen[key], i))
+    if dups:
+        j, i = dups[0]
+        warnings.warn(
+            f"--split {path}: {len(dups)} '{part}' entries list an image already listed with the same label, kept once; "
+            f"e.g. '{part}'[{i}] {entries[i]['image']!r} is '{part}'[{j}] {entries[j]['image']!r}"
+        )
+    return kept
 
 
 def write_split(path: str, split: Split, root: str) -> None:

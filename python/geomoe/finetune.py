@@ -38,9 +38,25 @@ from . import checkpoint, layer_decay
 from .augment import parse_randaug
 from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
-from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_labelled, write_scene_classes
+from .data import (
+    ClassFolder,
+    LabelledImages,
+    check_classification_data,
+    check_readable,
+    folder_classes,
+    read_split,
+    skip_unreadable_labelled,
+    write_scene_classes,
+)
 from .distributed import DEFAULT_TIMEOUT
-from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
+from .geodata import (
+    ALPHA_MODES,
+    BAND_STATS_FILE,
+    MAX_RASTER_PIXELS,
+    RasterClassFolder,
+    adapt_state_dict_in_chans,
+    load_band_stats,
+)
 from .moevit import MoEViTClassifier
 from .original import key_map, load_original_state_dict
 from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
@@ -304,6 +320,8 @@ class FinetuneArgs:
     in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
     data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
     band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/train/band_stats.json)
+    alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
+    max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
 
     def validate(self) -> None:
         """Every name and number in range, with an error naming the flag (the CLI shows it as a usage error)."""
@@ -351,6 +369,11 @@ class FinetuneArgs:
             raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
         if self.data_format == "raster" and not self.data:
             raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(
+                f"argument '--alpha-as-data/--alpha-as-mask' expected one of {list(ALPHA_MODES)}, got {self.alpha!r}"
+            )
+        check_int("max_raster_pixels", self.max_raster_pixels, 1)
         if self.data_format == "raster" and self.split is not None:
             raise ValueError(
                 f"argument '--split' expected image files (--data-format image or auto), got --split {self.split} with raster"
@@ -440,9 +463,19 @@ def _raster_datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages,
         stats_file = found[0] if found else os.path.join(args.data, "train", BAND_STATS_FILE)
     stats = load_band_stats(stats_file, in_chans)
     reprob = float(args.reprob or 0.0)
-    train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob)
-    val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes)
+    kw = dict(alpha=args.alpha, max_pixels=args.max_raster_pixels)
+    train = RasterClassFolder(os.path.join(args.data, "train"), img_size, True, in_chans, stats, args.seed, reprob=reprob, **kw)
+    _check_class_folders(train, args.data)
+    val = RasterClassFolder(os.path.join(args.data, "val"), img_size, False, in_chans, stats, classes=train.classes, **kw)
     return train, val
+
+
+def _check_class_folders(train: LabelledImages, data: str) -> None:
+    """`check_classification_data` for DATA/train/<class>/ and DATA/val/<class>/, before the
+    validation folder is read with training's classes."""
+    val_root = os.path.join(data, "val")
+    val_classes = folder_classes(val_root) if os.path.isdir(val_root) else None
+    check_classification_data("--data", train.classes, train.samples, [], os.path.join(data, "train"), val_root, val_classes)
 
 
 def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, LabelledImages]:
@@ -454,6 +487,7 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
     reprob = float(args.reprob or 0.0)
     if args.split is not None:
         sp = read_split(args.split, args.data)
+        check_classification_data("--split", sp.classes, sp.train, sp.val, f"{args.split} 'train'", f"{args.split} 'val'")
         train = LabelledImages(sp.train, sp.classes, img_size, True, args.seed, randaug, reprob)
         return train, LabelledImages(sp.val, sp.classes, img_size, False)
     data = args.data
@@ -462,6 +496,7 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
         if not os.path.isdir(os.path.join(data, "val")):
             write_scene_classes(data, per_class_train=64, per_class_val=16, size=max(img_size, 64), seed=args.seed)
     train_set = ClassFolder(os.path.join(data, "train"), img_size, True, args.seed, randaug=randaug, reprob=reprob)
+    _check_class_folders(train_set, data)
     return train_set, ClassFolder(os.path.join(data, "val"), img_size, False, classes=train_set.classes)
 
 
@@ -472,6 +507,9 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
     refuse_fresh_run_into_used_directory(args.out, args.resume)
     train_set, val_set = _datasets(args, img_size)
+    train_root = os.path.join(args.data or os.path.join(args.out, "scene_classes"), "train")
+    where = f"in the 'train' list of {args.split}" if args.split else f"under {train_root}/<class>/"
+    check_readable([p for p, _ in train_set.samples], train_set.read, where, "--split" if args.split else "--data")
     if len(train_set) < args.batch_size:
         raise ValueError(f"argument '--batch-size' expected at most the {len(train_set)} training images, got {args.batch_size}")
 
@@ -543,13 +581,14 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     bar = tqdm(total=total, initial=start, disable=not args.progress, dynamic_ncols=True, leave=False)
     history: List[Dict[str, Any]] = []
     step, t0, seen, skipped_images, bad_steps, bad_in_row = start, time.perf_counter(), 0, 0, 0, 0
-    loss_sum, good_steps = 0.0, 0
+    loss_sum, good_steps, read_any = 0.0, 0, False  # read_any: an image of this run decoded
     num_classes = len(train_set.classes)
     clip = float(args.clip_grad or 0.0)
     model.train()
     for imgs, labels, skipped in start_batches(loader):
         lr = lr_at(step, total, peak_lr, warmup, args.min_lr_ratio)
         skipped_images += skipped
+        read_any = read_any or imgs is not None
         ok = False
         if imgs is None:  # no image of the batch decoded: the step passes without an update
             warnings.warn(f"step {step + 1}: no readable image in the batch, step skipped")
@@ -589,6 +628,11 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
                     f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
                     f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                 )
+        if step % per_epoch == 0 and not read_any:
+            raise RuntimeError(
+                f"argument '{'--split' if args.split else '--data'}' expected training images that can be read, got none "
+                f"among the {skipped_images} this run drew: no step trained; stopped at step {step}, nothing was saved"
+            )
         if step % per_epoch == 0:
             epoch = step // per_epoch
             ev = evaluate(model, val_set, device, args.batch_size, precision)

@@ -9,22 +9,28 @@ integers, floats).
   the band's nodata value, an internal mask or alpha band, NaN in float rasters). After
   normalisation it is set to 0 (the band's mean), also after the crop is resized: an output pixel
   that draws on a no-data pixel is 0.
+- Alpha: the file's declared colour interpretation decides. A band declared alpha (GDAL writes
+  every 4-band uint8 GeoTIFF so, rasterio's defaults included) is the other bands' no-data mask and
+  not a band (`--alpha-as-mask`, the default), or with `--alpha-as-data` a band like the others that
+  masks nothing (4 real bands written with the defaults).
 - Every file must have the model's band count (`--in-chans`): another count is an error naming the
   file, never a skip. A file that cannot be read is skipped with a warning and counted, as for
-  images (`skip_unreadable`).
+  images (`skip_unreadable`). A file whose header declares more than `--max-raster-pixels` values
+  (bands x height x width) is an error before a pixel is read (RasterSizeError).
 - The pretraining augmentation is the published one on all bands at once: RandomResizedCrop
   (scale 0.2-1, ratio 3/4-4/3, bicubic) and a horizontal flip, a pure function of (seed, epoch,
-  index) as for RGB images.
+  index) as for RGB images; only the crop's window is read from the file.
 
 `as_image_dataset` accepts any torch Dataset whose items are an image tensor [C, H, W] or a dict with
 "image" (a torchgeo dataset, say), so it plugs into the pretraining loop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,24 +58,116 @@ def _rasterio():
     return rasterio
 
 
-def read_raster(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(values float32 [bands, H, W], valid bool [bands, H, W]) of the raster at `path`."""
+class RasterSizeError(ValueError):
+    """A raster that declares more values than --max-raster-pixels: an error before any pixel is
+    read, never a skipped file."""
+
+
+ALPHA_MODES = ("mask", "data")
+# --max-raster-pixels: the values (bands x height x width) one raster may declare. 2**27 is 4 bands
+# of 5792 x 5792, 0.5 GiB once read as float32; larger scenes want cutting into tiles.
+MAX_RASTER_PIXELS = 2**27
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """The raster at `path` opened (a regular file only); a tile without a geotransform reads the same."""
     rasterio = _rasterio()
     if not os.path.isfile(path):
         raise OSError(f"not a regular file: {path}")
-    with warnings.catch_warnings():  # a tile without a geotransform reads the same
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as src:
-            values = src.read().astype(np.float32)
-            valid = src.read_masks() > 0
+            yield src
+
+
+def alpha_bands(src) -> List[int]:
+    """The bands (1-based) that an open raster declares alpha in its colour interpretation (GDAL
+    writes a 4-band uint8 GeoTIFF, rasterio's defaults included, with band 4 as alpha)."""
+    from rasterio.enums import ColorInterp
+
+    return [i + 1 for i, ci in enumerate(src.colorinterp) if ci == ColorInterp.alpha]
+
+
+def _data_bands(src, alpha: str) -> List[int]:
+    """The bands (1-based) read as data: with alpha 'mask' the declared alpha bands are left out
+    (they mask the others), with 'data' every band is data."""
+    skip = set(alpha_bands(src)) if alpha == "mask" else set()
+    return [b for b in range(1, src.count + 1) if b not in skip]
+
+
+def _alpha_note(alpha_idx: Sequence[int], alpha: str) -> str:
+    if not alpha_idx:
+        return ""
+    which = ", ".join(str(b) for b in alpha_idx)
+    if alpha == "mask":
+        return f" (band {which} declared alpha: read as the no-data mask, not as a band; --alpha-as-data reads it as one)"
+    return f" (band {which} declared alpha, read as a band: --alpha-as-data)"
+
+
+def check_raster_size(src, path: str, max_pixels: int) -> None:
+    """RasterSizeError when the open raster's header declares more than `max_pixels` values
+    (bands x height x width): checked before anything is read (a sparse 200 KB GeoTIFF can declare
+    gigabytes)."""
+    n = src.count * src.height * src.width
+    if n > max_pixels:
+        itemsize = max(np.dtype(d).itemsize for d in src.dtypes)
+        raise RasterSizeError(
+            f"argument '--max-raster-pixels' expected rasters of at most {max_pixels:,} values (bands x height x "
+            f"width), got {path} declaring {src.count} x {src.height} x {src.width} = {n:,} ({n * itemsize / 2**30:.1f} "
+            f"GiB as {src.dtypes[0]}): cut it into tiles, or raise the limit"
+        )
+
+
+def read_raster(
+    path: str,
+    alpha: str = "mask",
+    max_pixels: int = MAX_RASTER_PIXELS,
+    crop: Optional[Callable[[int, int], Tuple[int, int, int, int]]] = None,
+    bands: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(values float32 [bands, H, W], valid bool [bands, H, W]) of the raster at `path`.
+
+    From the header, before any pixel is read: the declared size against `max_pixels`
+    (RasterSizeError), the data bands per the declared colour interpretation and `alpha`, their
+    count against `bands` when given (BandCountError). alpha 'mask': a band declared alpha is not
+    data, it marks the other bands' no-data (rasterio's read_masks); 'data': every band is data and
+    an alpha band masks nothing (no-data from nodata values and internal masks only). With `crop`
+    (width, height) -> (left, top, right, bottom) only that window is read."""
+    from rasterio.enums import MaskFlags
+    from rasterio.windows import Window
+
+    with _opened(path) as src:
+        check_raster_size(src, path, max_pixels)
+        indexes = _data_bands(src, alpha)
+        if bands is not None and len(indexes) != bands:
+            raise BandCountError(
+                f"raster {path} has {len(indexes)} bands{_alpha_note(alpha_bands(src), alpha)}, expected {bands} "
+                f"(--in-chans): give --in-chans {len(indexes)}, or keep only {bands}-band files under the data folder"
+            )
+        window = None
+        if crop is not None:
+            left, top, right, bottom = crop(src.width, src.height)
+            window = Window(left, top, right - left, bottom - top)
+        values = src.read(indexes, window=window).astype(np.float32)
+        if alpha == "mask":
+            valid = src.read_masks(indexes, window=window) > 0
+        else:
+            valid = np.ones(values.shape, dtype=bool)
+            for k, b in enumerate(indexes):
+                if MaskFlags.alpha not in src.mask_flag_enums[b - 1]:  # a mask from an alpha band does not apply
+                    valid[k] = src.read_masks(b, window=window) > 0
     valid &= np.isfinite(values)
     return values, valid
 
 
-def _read_or_skip(path: str, index: int, warned: set) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """read_raster, or None for a file that cannot be read (warned once per index in `warned`)."""
+def _read_or_skip(path: str, index: int, warned: set, **kw) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """read_raster, or None for a file that cannot be read (warned once per index in `warned`); a
+    band count or size over the limit raises."""
     try:
-        return read_raster(path)
+        return read_raster(path, **kw)
+    except (BandCountError, RasterSizeError):
+        raise
     except Exception as exc:
         if index not in warned:
             warned.add(index)
@@ -87,25 +185,37 @@ def raster_files(root: str) -> List[str]:
     return files
 
 
-def band_stats(root: str, out: Optional[str] = None) -> Dict[str, Any]:
+def band_stats(root: str, out: Optional[str] = None, alpha: str = "mask", max_pixels: int = MAX_RASTER_PIXELS) -> Dict[str, Any]:
     """Per-band mean and standard deviation over every valid pixel of the rasters under root
     (float64 sums, one pass); written to `out` (default root/band_stats.json) atomically. Files that
-    cannot be read are skipped and counted; a band count other than the first file's is an error."""
+    cannot be read are skipped and counted; a band count other than the first file's is an error.
+    Bands declared alpha are the no-data mask, not bands, unless alpha='data' (`read_raster`); the
+    result says which bands were declared alpha ("alpha_bands", 1-based) in how many files."""
     files = raster_files(root)
     n = s = ss = None
     bands, skipped = None, 0
+    alpha_idx: set = set()
+    alpha_files = 0
     for path in files:
         try:
-            values, valid = read_raster(path)
+            with _opened(path) as src:
+                declared = alpha_bands(src)
+            values, valid = read_raster(path, alpha, max_pixels)
+        except RasterSizeError:
+            raise
         except Exception as exc:
             warnings.warn(f"skipping unreadable raster {path}: {type(exc).__name__}: {exc}")
             skipped += 1
             continue
+        alpha_idx.update(declared)
+        alpha_files += bool(declared)
         if bands is None:
             bands = values.shape[0]
             n, s, ss = np.zeros(bands), np.zeros(bands), np.zeros(bands)
         elif values.shape[0] != bands:
-            raise BandCountError(f"{path} has {values.shape[0]} bands, expected {bands} like the files before it")
+            raise BandCountError(
+                f"{path} has {values.shape[0]} bands{_alpha_note(declared, alpha)}, expected {bands} like the files before it"
+            )
         v = np.where(valid, values, 0).astype(np.float64)
         n += valid.reshape(bands, -1).sum(1)
         s += v.reshape(bands, -1).sum(1)
@@ -118,11 +228,15 @@ def band_stats(root: str, out: Optional[str] = None) -> Dict[str, Any]:
     std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
     stats = {
         "mean": mean.tolist(),
-        "std": np.where(std > 0, std, 1.0).tolist(),
+        # a constant band (or one constant to float32 precision) is left unscaled: see load_band_stats
+        "std": np.where(std >= std_floor(mean), std, 1.0).tolist(),
         "bands": int(bands),
         "files": len(files) - skipped,
         "skipped": skipped,
         "pixels": n.astype(np.int64).tolist(),
+        "alpha": alpha,
+        "alpha_bands": sorted(alpha_idx),
+        "alpha_files": alpha_files,
     }
     out = out or os.path.join(root, BAND_STATS_FILE)
     tmp = out + ".tmp"
@@ -134,27 +248,57 @@ def band_stats(root: str, out: Optional[str] = None) -> Dict[str, Any]:
     return stats
 
 
+def std_floor(mean: np.ndarray) -> np.ndarray:
+    """The smallest standard deviation accepted per band: a millionth of |mean|, and 1e-9. Below it,
+    normalising makes values a million times their spread or more (a std of 1e-30 turns every step
+    non-finite), and a band that varies less than that about its mean is constant to within about
+    ten float32 roundings of the mean."""
+    return 1e-6 * np.maximum(np.abs(np.asarray(mean, dtype=np.float64)), 1e-3)
+
+
 def load_band_stats(path: str, bands: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(mean, std) float32 [bands] from a JSON file {"mean": [...], "std": [...]}; clear errors."""
+    """(mean, std) float32 [bands] from a JSON file {"mean": [...], "std": [...]}; errors naming
+    --band-stats and the file: not JSON, not that shape, another band count, a mean that is not
+    finite, a standard deviation that is not finite or below `std_floor`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f'argument \'--band-stats\' expected a JSON file with per-band "mean" and "std", got {path!r}, which does '
             f"not exist: compute it once with `geomoe stats DATA_DIR` (writes DATA_DIR/{BAND_STATS_FILE})"
         )
-    with open(path) as f:
-        d = json.load(f)
     try:
-        mean, std = np.asarray(d["mean"], dtype=np.float32), np.asarray(d["std"], dtype=np.float32)
-    except (KeyError, TypeError, ValueError) as exc:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f'argument \'--band-stats\' expected a JSON file {{"mean": [...], "std": [...]}}, got {path}: '
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        mean, std = np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f'argument \'--band-stats\' expected {{"mean": [...], "std": [...]}} in {path}, got {exc!r}') from exc
     if mean.shape != (bands,) or std.shape != (bands,):
         raise BandCountError(
             f"argument '--band-stats' expected {bands} means and standard deviations (--in-chans {bands}), got "
             f"{mean.size} and {std.size} in {path}"
+            + (
+                f" (written by `geomoe stats` reading the declared alpha band {d['alpha_bands']} as the no-data mask: "
+                f"`geomoe stats --alpha-as-data` and --alpha-as-data here read it as a band)"
+                if isinstance(d, dict) and d.get("alpha") == "mask" and d.get("alpha_bands")
+                else ""
+            )
         )
-    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-        raise ValueError(f"argument '--band-stats' expected finite means and positive standard deviations, got {path}")
-    return mean, std
+    finite32 = lambda x: np.isfinite(x) & (np.abs(x) <= np.finfo(np.float32).max)
+    if not finite32(mean).all():
+        raise ValueError(f"argument '--band-stats' expected finite float32 means, got {mean.tolist()} in {path}")
+    low = ~finite32(std) | (std < std_floor(mean))
+    if low.any():
+        b = int(np.flatnonzero(low)[0])
+        raise ValueError(
+            f"argument '--band-stats' expected finite standard deviations of at least a millionth of |mean| and 1e-9, "
+            f"got std {float(std[b])!r} for band {b + 1} (mean {float(mean[b])!r}) in {path}"
+        )
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def raster_transform(
@@ -167,13 +311,22 @@ def raster_transform(
     scale=(0.2, 1.0),
 ) -> torch.Tensor:
     """[C, H, W] raw values -> normalised, no-data at 0, random resized crop (bicubic) and random
-    flip -> float tensor [C, size, size]."""
-    x = (values - mean[:, None, None]) / std[:, None, None]
-    x = np.where(valid, x, 0.0).astype(np.float32)
-    C, H, W = x.shape
+    flip -> float tensor [C, size, size]. The same as reading only the crop's window
+    (`read_raster(crop=...)` with the box drawn from `rng`) and `resized_window`, which is how the
+    datasets do it."""
+    C, H, W = values.shape
     left, top, right, bottom = random_resized_crop_box(W, H, rng, scale)
-    crop = torch.from_numpy(np.ascontiguousarray(x[:, top:bottom, left:right]))[None]
-    ok = torch.from_numpy(np.ascontiguousarray(valid[:, top:bottom, left:right])).float()[None]
+    return resized_window(values[:, top:bottom, left:right], valid[:, top:bottom, left:right], mean, std, size, rng)
+
+
+def resized_window(
+    values: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """A crop window's raw values [C, h, w] -> normalised, no-data at 0, resized to size x size
+    (bicubic), flipped at random -> float tensor [C, size, size]."""
+    x = (values - mean[:, None, None]) / std[:, None, None]
+    crop = torch.from_numpy(np.ascontiguousarray(np.where(valid, x, 0.0).astype(np.float32)))[None]
+    ok = torch.from_numpy(np.ascontiguousarray(valid)).float()[None]
     out = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False)[0]
     # an output pixel that draws on any no-data pixel is no-data (bilinear footprint: the bicubic one's core)
     ok = F.interpolate(ok, size=(size, size), mode="bilinear", align_corners=False)[0] > 1 - 1e-6
@@ -183,50 +336,76 @@ def raster_transform(
     return out.contiguous()
 
 
+def _cropper(rng: np.random.Generator, scale) -> Callable[[int, int], Tuple[int, int, int, int]]:
+    return lambda width, height: random_resized_crop_box(width, height, rng, scale)
+
+
 class RasterFolder(Dataset):
     """Every raster under root/<subfolder>/, as [in_chans, img_size, img_size] normalised tensors.
-    Items are addressed like `ImageFolder`'s (code = epoch * len + index); an unreadable file is
-    None (warned once, counted by `skip_unreadable`); a band-count mismatch raises BandCountError."""
+    Items are addressed like `ImageFolder`'s (code = epoch * len + index); only the crop's window is
+    read. An unreadable file is None (warned once, counted by `skip_unreadable`); a band-count
+    mismatch raises BandCountError, a raster declaring more than `max_pixels` values
+    RasterSizeError. Bands declared alpha are masks, not data, unless alpha='data' (`read_raster`)."""
 
-    def __init__(self, root: str, img_size: int, seed: int, in_chans: int, stats_file: Optional[str] = None):
+    def __init__(
+        self,
+        root: str,
+        img_size: int,
+        seed: int,
+        in_chans: int,
+        stats_file: Optional[str] = None,
+        alpha: str = "mask",
+        max_pixels: int = MAX_RASTER_PIXELS,
+    ):
         _rasterio()
         self.files = raster_files(root)
         self.img_size, self.seed, self.in_chans = img_size, seed, in_chans
+        self.alpha, self.max_pixels = alpha, max_pixels
         self.stats_file = stats_file or os.path.join(root, BAND_STATS_FILE)
         self.mean, self.std = load_band_stats(self.stats_file, in_chans)
         self._warned: set = set()
-        self._check_bands(0)  # the first file now: a wrong --in-chans fails before training starts
+        self._check_header(0)  # the first file now: a wrong --in-chans fails before training starts
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _check_bands(self, index: int) -> None:
+    def read(self, path: str, crop=None) -> Tuple[np.ndarray, np.ndarray]:
+        """`read_raster` with this dataset's alpha rule, size limit and band count."""
+        return read_raster(path, self.alpha, self.max_pixels, crop, self.in_chans)
+
+    def _check_header(self, index: int) -> None:
+        """The band count and size of file `index` from its header (nothing read); unreadable: skipped later."""
         path = self.files[index]
         try:
-            rasterio = _rasterio()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with rasterio.open(path) as src:
-                    bands = src.count
+            with _opened(path) as src:
+                alpha_idx, bands = alpha_bands(src), len(_data_bands(src, self.alpha))
+                check_raster_size(src, path, self.max_pixels)
+        except RasterSizeError:
+            raise
         except Exception:
-            return  # unreadable: skipped when its turn comes
+            return
         if bands != self.in_chans:
             raise BandCountError(
-                f"raster {path} has {bands} bands, expected {self.in_chans} (--in-chans): give --in-chans {bands}, "
-                f"or keep only {self.in_chans}-band files under the data folder"
+                f"raster {path} has {bands} bands{_alpha_note(alpha_idx, self.alpha)}, expected {self.in_chans} "
+                f"(--in-chans): give --in-chans {bands}, or keep only {self.in_chans}-band files under the data folder"
             )
 
     def __getitem__(self, code: int) -> Optional[torch.Tensor]:
         epoch, index = divmod(int(code), len(self.files))
         path = self.files[index]
-        read = _read_or_skip(path, index, self._warned)
+        rng = np.random.default_rng([self.seed, epoch, index, 1])
+        read = _read_or_skip(
+            path,
+            index,
+            self._warned,
+            alpha=self.alpha,
+            max_pixels=self.max_pixels,
+            crop=_cropper(rng, (0.2, 1.0)),
+            bands=self.in_chans,
+        )
         if read is None:
             return None
-        values, valid = read
-        if values.shape[0] != self.in_chans:
-            raise BandCountError(f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans)")
-        rng = np.random.default_rng([self.seed, epoch, index, 1])
-        return raster_transform(values, valid, self.mean, self.std, self.img_size, rng)
+        return resized_window(*read, self.mean, self.std, self.img_size, rng)
 
 
 def raster_eval_transform(values: np.ndarray, valid: np.ndarray, mean: np.ndarray, std: np.ndarray, size: int) -> torch.Tensor:
@@ -263,6 +442,8 @@ class RasterClassFolder(LabelledImages):
         seed: int = 0,
         classes: Optional[Sequence[str]] = None,
         reprob: float = 0.0,
+        alpha: str = "mask",
+        max_pixels: int = MAX_RASTER_PIXELS,
     ):
         _rasterio()
         rasters = lambda folder, names: [os.path.join(folder, f) for f in sorted(names) if f.lower().endswith(RASTER_EXTENSIONS)]
@@ -273,25 +454,27 @@ class RasterClassFolder(LabelledImages):
             )
         super().__init__(samples, classes, img_size, train, seed, None, reprob)
         self.in_chans, (self.mean, self.std) = in_chans, stats
+        self.alpha, self.max_pixels = alpha, max_pixels
+
+    def read(self, path: str) -> Tuple[np.ndarray, np.ndarray]:
+        """`read_raster` with this dataset's alpha rule, size limit and band count."""
+        return read_raster(path, self.alpha, self.max_pixels, bands=self.in_chans)
 
     def __getitem__(self, code: int):
         from .augment import random_erasing
 
         epoch, index = divmod(int(code), len(self.samples))
         path, label = self.samples[index]
-        read = _read_or_skip(path, index, self._warned)
+        rng = np.random.default_rng([self.seed, epoch, index, 2])
+        # training reads only the crop's window; validation resizes the whole raster, so reads it all
+        crop = _cropper(rng, (0.08, 1.0)) if self.train else None
+        kw = dict(alpha=self.alpha, max_pixels=self.max_pixels, crop=crop, bands=self.in_chans)
+        read = _read_or_skip(path, index, self._warned, **kw)
         if read is None:
             return None
-        values, valid = read
-        if values.shape[0] != self.in_chans:
-            raise BandCountError(
-                f"raster {path} has {values.shape[0]} bands, expected {self.in_chans} (--in-chans): give --in-chans "
-                f"{values.shape[0]}, or keep only {self.in_chans}-band files under the data folder"
-            )
         if not self.train:
-            return raster_eval_transform(values, valid, self.mean, self.std, self.img_size), label
-        rng = np.random.default_rng([self.seed, epoch, index, 2])
-        img = raster_transform(values, valid, self.mean, self.std, self.img_size, rng, scale=(0.08, 1.0))
+            return raster_eval_transform(*read, self.mean, self.std, self.img_size), label
+        img = resized_window(*read, self.mean, self.std, self.img_size, rng)
         return random_erasing(img, rng, self.reprob), label
 
 

@@ -32,8 +32,8 @@ from geomoe_kernels.nn.expert_parallel import canonical_name, expert_names, full
 
 from . import checkpoint, distributed, parallel
 from .configs import CONFIGS, RECIPE
-from .data import ImageFolder, SyntheticScenes, skip_unreadable
-from .geodata import BAND_STATS_FILE, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
+from .data import ImageFolder, SyntheticScenes, check_readable, open_image, skip_unreadable
+from .geodata import ALPHA_MODES, BAND_STATS_FILE, MAX_RASTER_PIXELS, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
 from .model import GeoMoE
 from .moevit import MoEViTMAE
 from .speed import (
@@ -102,6 +102,8 @@ class PretrainArgs:
     in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
     data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
     band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/band_stats.json)
+    alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
+    max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
     init_weights: Optional[str] = None  # weights to start a new run from (RGB ones adapted to --in-chans)
     dataset: Any = None  # in code: any torch Dataset of image tensors or dicts with "image" (instead of --data)
 
@@ -127,6 +129,11 @@ class PretrainArgs:
             raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
         if self.data_format == "raster" and not self.data:
             raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(
+                f"argument '--alpha-as-data/--alpha-as-mask' expected one of {list(ALPHA_MODES)}, got {self.alpha!r}"
+            )
+        check_int("max_raster_pixels", self.max_raster_pixels, 1)
         if self.dataset is not None and self.data:
             raise ValueError("arguments 'dataset' and '--data' expected one at most, got both")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -277,10 +284,16 @@ class _Trainer:
             and (in_chans != 3 or args.band_stats is not None or os.path.isfile(os.path.join(args.data, BAND_STATS_FILE)))
         )
         if raster:
-            return RasterFolder(args.data, model.img_size, args.seed, in_chans, args.band_stats)
+            rasters = RasterFolder(
+                args.data, model.img_size, args.seed, in_chans, args.band_stats, args.alpha, args.max_raster_pixels
+            )
+            check_readable(rasters.files, rasters.read, f"under {args.data}/<subfolder>/")
+            return rasters
         if in_chans != 3:
             raise ValueError(f"argument '--in-chans' {in_chans} expected --data-format raster or auto, got image (RGB)")
-        return ImageFolder(args.data, model.img_size, args.seed)
+        images = ImageFolder(args.data, model.img_size, args.seed)
+        check_readable(images.files, open_image, f"under {args.data}/<subfolder>/")
+        return images
 
     def _data_name(self) -> str:
         if self.args.dataset is not None:
@@ -557,14 +570,17 @@ class _Trainer:
         history: List[Dict[str, Any]] = []
         window = _Window(env.device)
         step, bad_in_row, final = self.start, 0, None
+        trained, read_any, unreadable = 0, False, 0  # of this run: steps that trained; an image decoded here; skips
         self.wrapped.train()
         for imgs, skipped in start_batches(loader):
             lr = lr_at(step, self.steps, self.peak_lr, self.warmup, RECIPE["min_lr_ratio"])
             ok = self._train_step(imgs, lr, window, step)
             window.skipped_images += skipped
+            read_any, unreadable = read_any or imgs is not None, unreadable + skipped
             step += 1
             bar.update(1)
             if ok:
+                trained += 1
                 bad_in_row = 0
             else:
                 bad_in_row += 1
@@ -589,6 +605,13 @@ class _Trainer:
                     print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
                 break
         else:
+            if trained == 0 and step > self.start and not self._agree(read_any):
+                # a run shorter than --max-bad-steps would otherwise save the untrained model and exit 0
+                raise RuntimeError(
+                    f"argument '{'--data' if args.data else 'dataset'}' expected images that can be read, got none "
+                    f"among the {unreadable} this run drew from {self._data_name()}: no step trained; stopped at "
+                    f"step {step}, nothing was saved"
+                )
             final = self.save(step, final=True)
         bar.close()
         if writer is not None:
