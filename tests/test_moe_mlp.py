@@ -114,6 +114,45 @@ def test_update_bias_rule():
     torch.testing.assert_close(m.expert_bias, torch.tensor([0.501, -0.501, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize(
+    "load, message",
+    [
+        ([1.0, float("nan"), 3.0, 3.0], r"argument 'load' expected finite values, got load\[1\] = nan$"),
+        (
+            [float("inf"), 5.0, 3.0, float("-inf")],
+            r"argument 'load' expected finite values, got load\[0\] = inf, load\[3\] = -inf$",
+        ),
+        ([1, 5, 3], r"argument 'load' expected shape \[4\] \(one value per expert\), got shape \[3\]"),
+        ([4], r"argument 'load' expected shape \[4\] \(one value per expert\), got shape \[1\]"),  # broadcast before
+        ([[1, 5, 3, 3]], r"argument 'load' expected shape \[4\] \(one value per expert\), got shape \[1, 4\]"),
+    ],
+)
+def test_update_bias_bad_load_is_an_error_and_moves_no_bias(load, message):
+    """A NaN load made sign(mean - load) zero for every expert (the biases silently unchanged); a load
+    of the wrong length broadcast or failed inside the update."""
+    m = MoEMLP(8, num_experts=4, top_k=1)
+    m.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    with pytest.raises(ValueError, match=r"^MoEMLP.update_bias: " + message):
+        m.update_bias(torch.tensor(load))
+    assert m.expert_bias.tolist() == pytest.approx([0.1, -0.2, 0.3, 0.0])
+    with pytest.raises(ValueError, match=r"argument 'rate' expected a finite number >= 0, got nan"):
+        m.update_bias(torch.tensor([1, 5, 3, 3]), rate=float("nan"))
+
+
+def test_update_bias_reads_no_values_of_integer_counts(monkeypatch):
+    """The counts forward returns cannot be NaN: they are not read (no host sync on a GPU); a float
+    load is."""
+    m = MoEMLP(8, num_experts=4, top_k=1)
+    load = m(torch.randn(6, 8))[2]
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.dtype) or isfinite(t))
+    m.update_bias(load)
+    assert calls == []
+    m.update_bias(torch.tensor([1.0, 5.0, 3.0, 3.0]))
+    assert calls == [torch.float32]
+
+
 def test_torch_compile_fullgraph_forward_backward():
     m = MoEMLP(16, 12, 5, 1, 2)
     x = torch.randn(33, 16, requires_grad=True)
