@@ -117,3 +117,39 @@ def check_index_range(op: str, name: str, t: torch.Tensor, low: int, high: int) 
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= high:
             raise OpInputError(f"{op}: argument '{name}' expected values in [{low}, {high - 1}], got values in [{lo}, {hi}]")
+
+
+def check_inverse_permutations(op: str, name: str, index: torch.Tensor, inverse_name: str, inverse: torch.Tensor) -> None:
+    """`index` [N] a permutation of 0..N-1 and `inverse` its inverse (inverse[index[i]] == i): the
+    routing maps an op reads in its forward and hands its backward. A map with a repeated value
+    passes a range check, and then the forward and the backward (which reads the other map)
+    disagree. Reads every entry: only where value checks run."""
+    n = index.numel()
+    if n == 0 or not value_checks_enabled(index):
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise OpInputError(f"{op}: argument '{name}' is not a permutation of 0..{n - 1}: value {bad} is out of range")
+    counts = torch.bincount(index, minlength=n)
+    if int(counts.max()) > 1:
+        value = int(torch.argmax((counts > 1).to(torch.uint8)))  # the smallest repeated value
+        missing = int(torch.argmax((counts == 0).to(torch.uint8)))
+        times = int(counts[value])
+        raise OpInputError(
+            f"{op}: argument '{name}' is not a permutation of 0..{n - 1}: value {value} appears "
+            f"{'twice' if times == 2 else f'{times} times'} (and {missing} not at all)"
+        )
+    lo, hi = int(inverse.min()), int(inverse.max())
+    if lo < 0 or hi >= n:
+        raise OpInputError(
+            f"{op}: argument '{inverse_name}' expected the inverse of '{name}', values in [0, {n - 1}], got values in [{lo}, {hi}]"
+        )
+    wrong = inverse.index_select(0, index) != torch.arange(n, device=index.device)
+    if bool(wrong.any()):
+        i = int(torch.argmax(wrong.to(torch.uint8)))
+        j = int(index[i])
+        raise OpInputError(
+            f"{op}: argument '{inverse_name}' is not the inverse of '{name}': {name}[{i}] = {j} but "
+            f"{inverse_name}[{j}] = {int(inverse[j])}, expected {i}"
+        )

@@ -102,6 +102,20 @@ def test_bias_update_moves_towards_balance():
     assert model.blocks3[1].mlp.expert_bias.tolist() == [0.0] * 5
 
 
+def test_bias_update_bad_loads_are_errors_before_any_bias_moves():
+    model = GeoMoE(**TINY)
+    with pytest.raises(
+        ValueError,
+        match=r"GeoMoE.update_expert_biases: argument 'loads' expected shape \[2, experts\] \(one row per MoE layer\), got shape \[1, 5\]",
+    ):
+        model.update_expert_biases(torch.tensor([[10, 0, 0, 0, 0]]))  # zip used to drop the second layer
+    with pytest.raises(ValueError, match=r"argument 'loads\[0\]' expected shape \[5\] \(one value per expert\), got shape \[4\]"):
+        model.update_expert_biases(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"argument 'loads\[1\]' expected finite values, got loads\[1\]\[2\] = nan"):
+        model.update_expert_biases(torch.tensor([[10.0, 0, 0, 0, 0], [2, 2, float("nan"), 2, 2]]))
+    assert model.blocks3[0].mlp.expert_bias.tolist() == [0.0] * 5  # layer 0 checked fine, not moved either
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="img_size"):
         GeoMoE(img_size=100)

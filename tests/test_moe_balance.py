@@ -83,3 +83,19 @@ def test_bad_arguments():
         MoEBalancer(Blocks(), rate=-1.0)
     with pytest.raises(TypeError, match="argument 'moe'"):
         MoETensorMLP(nn.Linear(2, 2))
+
+
+def test_a_non_finite_load_is_an_error_before_any_bias_moves():
+    """A layer's load that is not finite (a float load: MoEMLP's own are integer counts, which are not
+    read) stops the step with the layer named, before any layer's bias moves."""
+    model = Blocks()
+    balancer = MoEBalancer(model)
+    model(torch.randn(6, 8))
+    balancer._load["b.moe"] = torch.tensor([1.0, float("nan"), 2.0, 3.0, 4.0])
+    before = {n: m.expert_bias.clone() for n, m in balancer.layers.items()}
+    with pytest.raises(
+        ValueError, match=r"MoEBalancer.step: argument 'loads\(\)\['b.moe'\]' expected finite values, got .*\[1\] = nan"
+    ):
+        balancer.step()
+    for n, m in balancer.layers.items():
+        assert torch.equal(m.expert_bias, before[n])

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .moe import MoEMLP
+from .moe import MoEMLP, check_load
 
 
 class MoETensorMLP(nn.Module):
@@ -93,11 +93,17 @@ class MoEBalancer:
         if not self._load:
             return
         names = list(self._load)
+        # counts (integers, exact in float64): check_load reads no values of those (no host sync)
+        counts = not any(self._load[n].is_floating_point() for n in names)
         flat = torch.cat([self._load[n].to(torch.float64) for n in names])  # one collective for every layer
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat, group=self.process_group)
-        for n, load in zip(names, flat.split([self._load[n].numel() for n in names])):
-            self.layers[n].update_bias(load, self.rate)
+        loads = dict(zip(names, flat.split([self._load[n].numel() for n in names])))
+        for n, load in loads.items():  # every layer's load checked before any bias moves
+            load = load.to(torch.int64) if counts else load
+            check_load("MoEBalancer.step", load, self.layers[n].num_experts, self.rate, f"loads()[{n!r}]")
+        for n, load in loads.items():
+            self.layers[n]._apply_bias_update(load, self.rate)
             self.last_loads[n] = load
         self._load = {}
         self._aux = []

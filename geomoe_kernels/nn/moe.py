@@ -26,6 +26,7 @@ block's parameters (see geomoe_kernels/nn/hf_blocks.py for what it maps and what
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -315,6 +316,42 @@ class MoEMLP(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load: Tensor, rate: float = 1e-3) -> None:
-        """b_i += rate where load_i is below the mean load, -= rate where above (load summed over ranks)."""
+        """b_i += rate where load_i is below the mean load, -= rate where above (load summed over ranks).
+        `load` [num_experts]: the counts forward returns, or any finite per-expert load."""
+        check_load("MoEMLP.update_bias", load, self.num_experts, rate)
+        self._apply_bias_update(load, rate)
+
+    @torch.no_grad()
+    def _apply_bias_update(self, load: Tensor, rate: float) -> None:
+        """update_bias without the checks, for callers that checked every layer's load first."""
         load = load.to(self.expert_bias.device, torch.float32)
         self.expert_bias += rate * torch.sign(load.mean() - load)
+
+
+def check_load(owner: str, load: Tensor, num_experts: int, rate: float, name: str = "load") -> None:
+    """update_bias's arguments: `load` one finite value per expert, `rate` finite and >= 0. A wrong
+    length used to broadcast or fail inside the update, and a NaN made sign(mean - load) zero for every
+    expert: the biases silently stayed as they were.
+
+    The finiteness check reads the values, a host sync on a GPU. Integer loads (the counts forward
+    returns, which is what MoEBalancer and GeoMoE's training loop pass) cannot hold NaN or Inf, so
+    they are not read: the per-step path gains no sync. A floating-point load comes from the
+    caller's own arithmetic (a mean over steps, a float reduction) and is always read, value checks
+    on or off: once per layer per optimizer step, never per token, and the one way a NaN there can
+    be an error rather than a silently skipped update on a GPU. `name`: what the caller calls it."""
+    if not isinstance(load, Tensor):
+        raise ValueError(f"{owner}: argument '{name}' expected a tensor [{num_experts}], got {type(load).__name__}")
+    if tuple(load.shape) != (num_experts,):
+        raise ValueError(
+            f"{owner}: argument '{name}' expected shape [{num_experts}] (one value per expert), got shape {list(load.shape)}"
+        )
+    if isinstance(rate, numbers.Real) and not (math.isfinite(rate) and rate >= 0):
+        raise ValueError(f"{owner}: argument 'rate' expected a finite number >= 0, got {rate!r}")
+    if load.is_floating_point():
+        bad = ~torch.isfinite(load)
+        if bool(bad.any()):
+            where = bad.nonzero().flatten().tolist()
+            values = load[bad].tolist()
+            shown = ", ".join(f"{name}[{i}] = {v}" for i, v in zip(where[:8], values[:8]))
+            more = f" and {len(where) - 8} more" if len(where) > 8 else ""
+            raise ValueError(f"{owner}: argument '{name}' expected finite values, got {shown}{more}")

@@ -29,7 +29,7 @@ ACTIVATIONS = ("gelu", "silu", "swiglu")
 @declare(
     reference=_ref.expert_mlp,
     for_backward_only=("flat_to_row",),
-    value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "expert_mlp"),
+    value_checks=lambda x, offsets, gather, flat_to_row, **_: _check_values(x, offsets, gather, flat_to_row, "expert_mlp"),
 )
 def expert_mlp_op(
     x: Tensor,

@@ -22,6 +22,7 @@ from .._checks import (
     OpInputError,
     check_choice,
     check_index_range,
+    check_inverse_permutations,
     check_same_dtype,
     check_tensor,
     value_checks_enabled,
@@ -75,8 +76,9 @@ def _check(
         raise OpInputError(f"{op}: activation 'swiglu' expected an even N ([gate | up] columns), got N = {N}")
 
 
-def _check_values(x: Tensor, offsets: Tensor, gather: Optional[Tensor], op: str) -> None:
-    """offsets non-decreasing from 0 to the row count; gather a map into the T * top_k slots."""
+def _check_values(x: Tensor, offsets: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor], op: str) -> None:
+    """offsets non-decreasing from 0 to the row count; gather a permutation of the T * top_k slots
+    and flat_to_row (what the backward combines the row gradients through) its inverse."""
     M = _rows(x, gather)
     if value_checks_enabled(offsets):
         steps = offsets[1:] - offsets[:-1]
@@ -87,6 +89,8 @@ def _check_values(x: Tensor, offsets: Tensor, gather: Optional[Tensor], op: str)
             )
     if gather is not None:
         check_index_range(op, "gather", gather, 0, gather.numel())
+        if flat_to_row is not None:
+            check_inverse_permutations(op, "gather", gather, "flat_to_row", flat_to_row)
 
 
 def combine_row_grads(
@@ -100,7 +104,7 @@ def combine_row_grads(
 @declare(
     reference=_ref.grouped_mm,
     for_backward_only=("flat_to_row",),
-    value_checks=lambda x, offsets, gather, **_: _check_values(x, offsets, gather, "grouped_mm"),
+    value_checks=lambda x, offsets, gather, flat_to_row, **_: _check_values(x, offsets, gather, flat_to_row, "grouped_mm"),
 )
 def grouped_mm_op(
     x: Tensor,

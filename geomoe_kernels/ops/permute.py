@@ -17,6 +17,7 @@ from .._checks import (
     INDEX_DTYPES,
     OpInputError,
     check_index_range,
+    check_inverse_permutations,
     check_same_dtype,
     check_tensor,
 )
@@ -34,6 +35,13 @@ def _check_map(op: str, name: str, index: Tensor, device: torch.device, top_k: i
 
 def _check_inverse(op: str, name: str, index: Tensor, other: Tensor) -> None:
     check_tensor(op, name, index, dtypes=INDEX_DTYPES, shape=(other.numel(),), device=other.device)
+
+
+def _check_maps_values(op: str, name: str, index: Tensor, high: int, inverse_name: str, inverse: Tensor) -> None:
+    """`index` (the map the forward reads) in range, a permutation, and `inverse` (the map its
+    backward reads) its inverse: the forward and the backward then agree."""
+    check_index_range(op, name, index, 0, high)
+    check_inverse_permutations(op, name, index, inverse_name, inverse)
 
 
 def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, device) -> None:
@@ -67,7 +75,9 @@ def _(expert_ids, num_experts):
     reference=_ref.permute,
     for_backward_only=("flat_to_row",),
     fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
-    value_checks=lambda row_to_flat, **_: check_index_range("permute", "row_to_flat", row_to_flat, 0, row_to_flat.numel()),
+    value_checks=lambda row_to_flat, flat_to_row, **_: _check_maps_values(
+        "permute", "row_to_flat", row_to_flat, row_to_flat.numel(), "flat_to_row", flat_to_row
+    ),
 )
 def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor]) -> Tensor:
     check_tensor("permute", "x", x, dtypes=FLOAT_DTYPES, dim=2)
@@ -87,7 +97,9 @@ def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, 
     reference=_ref.unpermute,
     for_backward_only=("row_to_flat",),
     fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
-    value_checks=lambda rows, flat_to_row, **_: check_index_range("unpermute", "flat_to_row", flat_to_row, 0, rows.shape[0]),
+    value_checks=lambda rows, row_to_flat, flat_to_row, **_: _check_maps_values(
+        "unpermute", "flat_to_row", flat_to_row, rows.shape[0], "row_to_flat", row_to_flat
+    ),
 )
 def unpermute_op(
     rows: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, weights: Optional[Tensor], shared: Optional[Tensor]

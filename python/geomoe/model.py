@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from geomoe_kernels import MoEMLP, SparseCBlock, layout
 from geomoe_kernels.backend import check_backend_name
+from geomoe_kernels.nn.moe import check_load
 
 from .masking import random_masking, visibility_map
 from .pos_embed import sincos_2d
@@ -211,8 +212,17 @@ class MaskedAutoencoder:
     def update_expert_biases(self, loads: Tensor, rate: float = 1e-3) -> None:
         """The published rule per layer (docs/model.md): b += rate where the load is below the mean, -= rate
         above; `loads` [layers, experts] already summed over the data-parallel ranks."""
-        for moe, load in zip(self.moe_layers(), loads):
-            moe.update_bias(load, rate)
+        layers = self.moe_layers()
+        if not isinstance(loads, Tensor) or loads.dim() != 2 or loads.shape[0] != len(layers):
+            got = f"shape {list(loads.shape)}" if isinstance(loads, Tensor) else type(loads).__name__
+            raise ValueError(
+                f"{type(self).__name__}.update_expert_biases: argument 'loads' expected shape [{len(layers)}, experts] "
+                f"(one row per MoE layer), got {got}"
+            )
+        for i, (moe, load) in enumerate(zip(layers, loads)):  # every layer's load checked before any bias moves
+            check_load(f"{type(self).__name__}.update_expert_biases", load, moe.num_experts, rate, f"loads[{i}]")
+        for moe, load in zip(layers, loads):
+            moe._apply_bias_update(load, rate)
 
 
 def check_image_batch(owner: str, imgs: Tensor, like: Tensor, allow_empty: bool) -> None:

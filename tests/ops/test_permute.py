@@ -65,3 +65,55 @@ def test_non_contiguous_and_overlapping_memory():
     expanded = torch.randn(1, 6).expand(4, 6)
     with pytest.raises(OpInputError, match=r"overlapping memory \(a stride of 0"):
         permute_op(expanded, torch.arange(8), torch.arange(8), 2, None)
+
+
+def _map_users(x, r2f, f2r, k):
+    """Every op that reads one routing map in its forward and hands the other to its backward."""
+    from geomoe_kernels import expert_mlp, grouped_mm, unpermute
+
+    E, d, h = 2, x.shape[1], 3
+    off = torch.tensor([0, x.shape[0] * k // 2, x.shape[0] * k])
+    w1, w2 = torch.randn(E, d, h), torch.randn(E, h, d)
+    rows = torch.randn(x.shape[0] * k, d)
+    return {
+        "permute": (lambda r2f, f2r: permute(x, r2f, f2r, k), "row_to_flat", "flat_to_row"),
+        "unpermute": (lambda r2f, f2r: unpermute(rows, r2f, f2r, k), "flat_to_row", "row_to_flat"),
+        "grouped_mm": (lambda r2f, f2r: grouped_mm(x, w1, off, gather=r2f, flat_to_row=f2r, top_k=k), "gather", "flat_to_row"),
+        "expert_mlp": (
+            lambda r2f, f2r: expert_mlp(x, w1, None, w2, None, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k),
+            "gather",
+            "flat_to_row",
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", ["permute", "unpermute", "grouped_mm", "expert_mlp"])
+def test_maps_that_are_not_inverse_permutations_are_errors_where_values_are_checked(op, monkeypatch):
+    """A map with a repeated entry passes the range check, and then the op's backward (which reads
+    the other map) disagrees with its forward: with value checks on, the maps must be a permutation
+    of 0..N-1 and its inverse. With them off (a GPU's default) nothing reads the maps (no sync)."""
+    T, k = 3, 2
+    x = torch.randn(T, 4)
+    r2f, f2r, _ = route(torch.tensor([[1, 0], [0, 1], [1, 0]]), 2)
+    run, name, inverse_name = _map_users(x, r2f, f2r, k)[op]
+    fwd, inv = (r2f, f2r) if name != "flat_to_row" else (f2r, r2f)
+    as_args = (lambda a, b: (a, b)) if name != "flat_to_row" else (lambda a, b: (b, a))
+    repeated = fwd.clone()
+    repeated[1] = fwd[0]  # fwd[1] no longer appears
+    with pytest.raises(
+        OpInputError,
+        match=rf"{op}: argument '{name}' is not a permutation of 0\.\.5: value {int(fwd[0])} appears twice "
+        rf"\(and {int(fwd[1])} not at all\)",
+    ):
+        run(*as_args(repeated, inv))
+    shifted = inv.roll(1)  # a permutation, not the inverse
+    i = int(torch.nonzero(shifted[fwd] != torch.arange(T * k))[0])
+    with pytest.raises(
+        OpInputError,
+        match=rf"{op}: argument '{inverse_name}' is not the inverse of '{name}': {name}\[{i}\] = {int(fwd[i])} but "
+        rf"{inverse_name}\[{int(fwd[i])}\] = {int(shifted[fwd[i]])}, expected {i}",
+    ):
+        run(*as_args(fwd, shifted))
+    run(*as_args(fwd, inv))  # the maps route made
+    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "0")
+    run(*as_args(repeated, inv))  # unchecked: the caller's promise
