@@ -29,7 +29,7 @@ from geomoe.runtime import load_resume_state
 from geomoe.train import PretrainArgs, pretrain
 from geomoe_kernels import MoEMLP, OpInputError, expert_mlp, grouped_mm
 
-from tests.dist_worker import stalled_peer
+from tests.dist_worker import killed_peer, stalled_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(batch_size=8, progress=False, device="cpu", tensorboard=False)
@@ -348,6 +348,22 @@ def test_5_a_stopped_rank_ends_the_others_within_the_timeout(tmp_path):
     assert message.startswith(
         "rank 0: all_reduce failed or did not finish within --timeout 2 s: another rank has stopped, hung or died"
     ), message
+
+
+def test_a_killed_rank_ends_the_others_with_the_runs_message(tmp_path):
+    """A rank killed mid-step (DDP's own collectives, not a guarded one, see it go): the survivor's
+    error says another rank stopped or died (the README's words), not gloo's "Connection reset by
+    peer ... GLHF!"."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(killed_peer, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx.processes[0].join(300)
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    for p in ctx.processes:
+        p.join(10)
+    assert message.startswith("RunFailure: rank 0: a collective between ranks failed or did not finish"), message
+    assert "another rank has stopped, hung or died" in message and float(seconds) < 120, message
 
 
 # ---- 6. 16-bit and float images ------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .augment import parse_randaug
 from .backbone import GeoMoEBackbone
 from .configs import CONFIGS
 from .data import ClassFolder, LabelledImages, read_split, skip_unreadable_labelled, write_scene_classes
-from .distributed import DEFAULT_TIMEOUT
+from .distributed import DEFAULT_TIMEOUT, RunFailure
 from .geodata import BAND_STATS_FILE, RasterClassFolder, adapt_state_dict_in_chans, load_band_stats
 from .moevit import MoEViTClassifier
 from .original import key_map, load_original_state_dict
@@ -585,7 +585,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         else:
             bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
             if bad_in_row >= args.max_bad_steps:
-                raise RuntimeError(
+                raise RunFailure(
                     f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
                     f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                 )

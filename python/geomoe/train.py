@@ -572,7 +572,7 @@ class _Trainer:
                 if main:
                     warnings.warn(f"step {step}: non-finite loss or empty batch, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= args.max_bad_steps:
-                    raise RuntimeError(
+                    raise distributed.RunFailure(
                         f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable "
                         f"images (--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                     )
@@ -738,11 +738,17 @@ def pretrain(args: PretrainArgs) -> Dict[str, Any]:
     with StopSignals() as stop:  # from the start: a signal during set-up stops the run after its first step
         env = distributed.setup(args.device, args.timeout)
         try:
-            if env.main:
-                with RunDirectory(args.out):
+            try:
+                if env.main:
+                    with RunDirectory(args.out):
+                        result = _Trainer(args, env).run(stop)
+                else:
                     result = _Trainer(args, env).run(stop)
-            else:
-                result = _Trainer(args, env).run(stop)
+            except RuntimeError as exc:  # a peer gone inside DDP/FSDP/DCP: say so, not the backend's words
+                failure = distributed.peer_failure(env, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             distributed.barrier(env)  # on success only: no rank tears gloo down while another still talks to it
             return result
         finally:
