@@ -88,6 +88,8 @@ def test_help_texts_agree_with_the_code():
 def _bad_inputs(tmp_path):
     cls = _class_folder(tmp_path / "cls")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "metrics.jsonl").write_text("")
     run = tmp_path / "a_run"
     (run / "ckpt_00000300").mkdir(parents=True)  # looks like a run directory
     return [
@@ -104,7 +106,10 @@ def _bad_inputs(tmp_path):
         ("pretrain", ["--data", str(cls / "train"), "--batch-size", "5000", "--steps", "1"], "--batch-size"),
         ("pretrain", ["--save-minutes", "-1"], "--save-minutes"),
         ("pretrain", ["--steps", "x"], "--steps"),  # argparse's own
+        ("pretrain", ["--resume", str(tmp_path / "none")], "--resume"),
+        ("finetune", ["--resume", str(tmp_path / "none")], "--resume"),
         ("report", [str(tmp_path / "none")], "RUN_DIR"),
+        ("report", [str(tmp_path / "empty_run")], "RUN_DIR"),  # no records yet
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -338,8 +339,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def user_error(exc: BaseException) -> bool:
-    """An error about what the user gave: its message names the flag, argument or checkpoint
-    ("argument '--x' expected ...", "--resume auto: ...", "checkpoint ... was written by ..."). A
+    """An error about what the user gave: its message names the flag, argument, variable or
+    checkpoint ("argument '--x' expected ...", "--resume auto: ...", "checkpoint ... was written by
+    ..."); an op's argument error ("grouped_mm: argument 'weight' ...") is not one. A
     run that ends on a fault (a rank died, too many bad steps) says so in one line too. Anything
     else is a bug: its traceback stands."""
     from .distributed import RunFailure
@@ -347,8 +349,8 @@ def user_error(exc: BaseException) -> bool:
     text = str(exc)
     return (
         isinstance(exc, RunFailure)
-        or text.startswith(("argument", "--", "checkpoint ", "environment variable "))
-        or "argument '" in text
+        or text.startswith(("--", "checkpoint ", "environment variable "))
+        or re.search(r"\barguments? '(--[a-z]|RUN_DIR'|DIR')", text) is not None  # an op's 'x' is not the user's
     )
 
 

@@ -34,7 +34,7 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
             f"{' ...' if len(broken) > 10 else ''}: not a whole metrics record (a run stopped while writing it?)"
         )
     if not rows:
-        raise ValueError(f"{path} holds no metrics records yet")
+        raise ValueError(f"argument 'RUN_DIR' expected metrics records in {path}, got none yet")
     return rows
 
 

@@ -401,4 +401,6 @@ def load_resume_state(resume: Optional[str], directory: str, rank_file: Optional
                 "refusing to start over on top of them: move them aside or name one with --resume PATH"
             )
         return state
+    if not os.path.isdir(resume):
+        raise ValueError(f"argument '--resume' expected 'auto' or a checkpoint directory (ckpt_<step>/), got {resume!r}")
     return checkpoint.load(resume, rank_file)

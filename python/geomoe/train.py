@@ -280,11 +280,11 @@ class _Trainer:
             args.data_format == "auto"
             and (in_chans != 3 or args.band_stats is not None or os.path.isfile(os.path.join(args.data, BAND_STATS_FILE)))
         )
-        if raster:
-            return RasterFolder(args.data, model.img_size, args.seed, in_chans, args.band_stats)
-        if in_chans != 3:
+        if in_chans != 3 and not raster:
             raise ValueError(f"argument '--in-chans' {in_chans} expected --data-format raster or auto, got image (RGB)")
         try:
+            if raster:
+                return RasterFolder(args.data, model.img_size, args.seed, in_chans, args.band_stats)
             return ImageFolder(args.data, model.img_size, args.seed)
         except FileNotFoundError as exc:  # e.g. no image files under it
             if "argument '" in str(exc):
