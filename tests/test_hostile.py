@@ -366,6 +366,17 @@ def test_a_killed_rank_ends_the_others_with_the_runs_message(tmp_path):
     assert "another rank has stopped, hung or died" in message and float(seconds) < 120, message
 
 
+def test_only_a_lost_peer_is_called_one():
+    from geomoe.distributed import DistEnv, peer_failure
+
+    two, one = DistEnv(1, 2, 1, torch.device("cpu"), 5.0), DistEnv(0, 1, 0, torch.device("cpu"))
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1454: Connection reset by peer. GLHF!")
+    assert str(peer_failure(two, gloo)).startswith("rank 1: a collective between ranks failed or did not finish within")
+    assert peer_failure(one, gloo) is None  # one process: nothing to blame on a peer
+    assert peer_failure(two, RuntimeError("DataLoader timed out after 5 seconds")) is None  # says so itself
+    assert peer_failure(two, RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
 # ---- 6. 16-bit and float images ------------------------------------------------------------------
 
 

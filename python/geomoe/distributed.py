@@ -91,7 +91,7 @@ def _guard(call: Callable[[], Any], what: str, rank: int, timeout: float) -> Any
 
 # what the backends say when a peer is gone or silent (gloo's "Connection reset by peer ... GLHF!",
 # NCCL's watchdog); a collective inside DDP, FSDP or a checkpoint's writes is not behind _guard
-_PEER_LOST = ("gloo", "nccl", "connection reset", "connection closed", "socket", "broken pipe", "timed out", "timeout")
+_PEER_LOST = ("gloo", "nccl", "connection reset", "connection closed", "socket", "broken pipe")
 
 
 def peer_failure(env: "DistEnv", exc: BaseException) -> Optional[RunFailure]:
@@ -101,6 +101,8 @@ def peer_failure(env: "DistEnv", exc: BaseException) -> Optional[RunFailure]:
     if not env.enabled or isinstance(exc, RunFailure) or not isinstance(exc, RuntimeError):
         return None
     text = f"{type(exc).__name__} {exc}".lower()
+    if "dataloader" in text:  # a data-loader worker's timeout or death: its own message says so
+        return None
     if isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in _PEER_LOST):
         return _failure("a collective between ranks", env.rank, env.timeout, exc)
     return None
