@@ -294,3 +294,31 @@ def test_a_bad_inductor_cache_dir_is_named_and_inductor_is_left_alone_unless_com
     # and a run without --compile never asks
     monkeypatch.setattr(train_module, "default_compile_backend", lambda device: pytest.fail("loaded inductor"))
     assert pretrain(PretrainArgs(out=str(tmp_path / "run"), steps=1, **FAST))["step"] == 1
+
+
+# ---- the Makefile (dry runs: nothing is built) -----------------------------------------------------
+
+
+def _make_n(target, venv):
+    proc = subprocess.run(["make", "-n", "-C", ROOT, target, f"VENV={venv}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0, reason="no make")
+def test_make_pretrain_builds_only_what_training_needs_and_says_each_step(tmp_path):
+    venv = tmp_path / "venv"
+    pre = _make_n("pretrain", venv)
+    assert "emulated" not in pre and "asan" not in pre.lower(), pre  # make test's builds
+    steps = [line for line in pre.splitlines() if line.startswith("echo") and "==>" in line]
+    assert any("building the CUDA core for sm_80, sm_90a" in line for line in steps), pre
+    assert "--resume auto" in pre  # a second run goes on from, or reports on, runs/tiny
+    test = _make_n("test", venv)
+    assert "GEOMOE_EXTENSIONS=emulated,asan" in test and "building the emulated CUDA core" in test, test
+    # after make pretrain's stamps, make test builds only the emulated cores
+    venv.mkdir()
+    for stamp in (".geomoe-torch", ".geomoe-installed"):
+        (venv / stamp).touch()
+    later = _make_n("test", venv)
+    assert "GEOMOE_EXTENSIONS=emulated,asan" in later and "GEOMOE_EXTENSIONS=core" not in later, later
+    assert str(venv) not in _make_n("clean", venv) and f"rm -rf {venv}" in _make_n("distclean", venv)
