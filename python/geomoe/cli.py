@@ -51,10 +51,11 @@ def _recipe_defaults(p: argparse.ArgumentParser) -> None:
     (finetune.RECIPES), so the two cannot disagree."""
     from .finetune import RECIPES
 
+    size = "the config's size"  # the short recipe's img_size (None)
     for action in p._actions:
         if action.dest in RECIPES["short"] and action.dest not in ("precision",):
             values = ", ".join(
-                f"{name} {'the config' + chr(39) + 's size' if r[action.dest] is None else r[action.dest]}"
+                f"{name} {size if r[action.dest] is None else r[action.dest]}"
                 for name, r in sorted(RECIPES.items(), reverse=True)
             )
             action.help = f"{action.help + ' ' if action.help else ''}(default: the --recipe's: {values})"
@@ -256,7 +257,7 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
         help="load what --weights has of the encoder and name what it lacks (kept at initial values)",
     )
     p.add_argument("--img-size", type=int, default=None, help="input size, a multiple of 16 (position table interpolated)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -266,8 +267,8 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--blr", type=float, default=None, help="base learning rate: peak lr = blr * batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (instead of --blr) (default: from --blr)")
-    p.add_argument("--layer-decay", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up over this fraction of all steps")
     p.add_argument(
         "--warmup-epochs",
