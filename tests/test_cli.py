@@ -109,13 +109,18 @@ def _bad_inputs(tmp_path):
         ("pretrain", ["--resume", str(tmp_path / "none")], "--resume"),
         ("finetune", ["--resume", str(tmp_path / "none")], "--resume"),
         ("report", [str(tmp_path / "none")], "RUN_DIR"),
+        ("stats", [str(tmp_path / "none")], "argument 'DIR'"),
         ("report", [str(tmp_path / "empty_run")], "RUN_DIR"),  # no records yet
     ]
 
 
 def test_every_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
     for command, extra, named in _bad_inputs(tmp_path):
-        out = [] if command == "report" else ["--out", str(tmp_path / f"out_{len(extra)}_{extra[-1][-6:]}"), "--no-progress"]
+        out = (
+            []
+            if command in ("report", "stats")
+            else ["--out", str(tmp_path / f"out_{len(extra)}_{extra[-1][-6:]}"), "--no-progress"]
+        )
         with pytest.raises(SystemExit) as exit_info:
             main([command, *extra, *out])
         err = capsys.readouterr().err

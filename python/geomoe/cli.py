@@ -372,6 +372,8 @@ def _run(ns: argparse.Namespace, parsers) -> int:
     elif ns.command == "stats":
         from .geodata import band_stats
 
+        if not os.path.isdir(ns.data_dir):
+            parsers["stats"].exit(2, f"geomoe stats: error: argument 'DIR' expected a directory, got {ns.data_dir!r}\n")
         try:
             stats = band_stats(ns.data_dir, ns.out)
         except (OSError, ValueError, ImportError) as exc:
