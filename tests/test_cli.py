@@ -327,3 +327,15 @@ def test_make_pretrain_builds_only_what_training_needs_and_says_each_step(tmp_pa
     later = _make_n("test", venv)
     assert "GEOMOE_EXTENSIONS=emulated,asan" in later and "GEOMOE_EXTENSIONS=core" not in later, later
     assert str(venv) not in _make_n("clean", venv) and f"rm -rf {venv}" in _make_n("distclean", venv)
+
+
+def test_the_readme_shows_the_banner_make_pretrain_prints(tmp_path, capsys):
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    shown = next(line for line in readme.splitlines() if line.startswith("geomoe pretrain: "))
+    pretrain(PretrainArgs(config="tiny", out=str(tmp_path / "tiny"), steps=1, progress=False, device="cpu", tensorboard=False))
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("geomoe pretrain: "))
+    # what differs between the two runs: the step range and the directory
+    same = lambda s: re.sub(r"into \S+$", "into OUT", re.sub(r"steps \d+\.\.\d+", "steps A..B", s))  # noqa: E731
+    assert same(printed) == same(shown), (printed, shown)
