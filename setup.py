@@ -12,7 +12,11 @@ error.
 The emulated core needs a C++17 compiler and the CUDA toolkit's headers (for the host versions of
 __half and __nv_bfloat16; no GPU, driver or nvcc run). GEOMOE_EMULATION_ASAN=1 (set by the Makefile)
 also builds it with AddressSanitizer into geomoe_kernels/_cuda_emulated_asan, which the tests run
-with libasan preloaded. GEOMOE_REQUIRE_CUDA=1 requires these builds too."""
+with libasan preloaded. GEOMOE_REQUIRE_CUDA=1 requires these builds too.
+
+GEOMOE_EXTENSIONS (none, or comma-separated core, emulated, asan) builds only those: the Makefile builds the
+CUDA core alone for `make pretrain` and the emulated builds only for `make test`, which needs them
+(unset: the CUDA core and the emulated core, and the ASan build under GEOMOE_EMULATION_ASAN=1)."""
 
 import glob
 import importlib.util
@@ -28,6 +32,12 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRE = os.environ.get("GEOMOE_REQUIRE_CUDA") == "1"
 ASAN = os.environ.get("GEOMOE_EMULATION_ASAN") == "1"
+_KINDS = ("core", "emulated", "asan")
+_DEFAULT_KINDS = "core,emulated" + (",asan" if ASAN else "")
+_ASKED = os.environ.get("GEOMOE_EXTENSIONS", "").strip() or _DEFAULT_KINDS
+WANTED = [] if _ASKED == "none" else [k.strip() for k in _ASKED.split(",") if k.strip()]
+if any(k not in _KINDS for k in WANTED):
+    raise SystemExit(f"GEOMOE_EXTENSIONS expected none or a comma-separated subset of {', '.join(_KINDS)}, got {_ASKED!r}")
 EMULATED = "geomoe_kernels._cuda_emulated"
 
 
@@ -159,17 +169,20 @@ def _extensions():
     except ImportError:
         _say("pybind11 is not installed; skipping the CUDA core")
         return []
-    exts = [
-        Extension(
-            "geomoe_kernels._cuda_core",
-            sources=["csrc/bindings.cpp"],
-            include_dirs=[pybind11.get_include(), "csrc"],
-            extra_compile_args=["-O2", "-std=c++17"],
-            language="c++",
-        ),
-        _emulated_extension(EMULATED, pybind11.get_include(), ["-g0"]),
-    ]
-    if ASAN:
+    exts = []
+    if "core" in WANTED:
+        exts.append(
+            Extension(
+                "geomoe_kernels._cuda_core",
+                sources=["csrc/bindings.cpp"],
+                include_dirs=[pybind11.get_include(), "csrc"],
+                extra_compile_args=["-O2", "-std=c++17"],
+                language="c++",
+            )
+        )
+    if "emulated" in WANTED:
+        exts.append(_emulated_extension(EMULATED, pybind11.get_include(), ["-g0"]))
+    if "asan" in WANTED:
         exts.append(_emulated_extension(EMULATED + "_asan", pybind11.get_include(), emulation.ASAN_FLAGS))
     return exts
 

@@ -119,14 +119,35 @@ def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[s
         if backend in KERNEL_BACKENDS:
             self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return _REGISTRY[op][backend][0]
-    # on CPU tensors "cuda" is the emulated core, when GEOMOE_CUDA_EMULATE turns it on
-    order = ("cuda", "triton", "torch") if device.type == "cuda" or triton_interpreting() else ("cuda", "torch")
-    for name in order:
+    for name in auto_order(device):
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
             if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
                 continue  # failed its check on this device: the next backend runs
             return _REGISTRY[op][name][0]
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
+
+
+def auto_order(device: torch.device) -> Tuple[str, ...]:
+    """The backends "auto" tries on `device`, first to last (the first that can run the case wins).
+    On CPU tensors "cuda" is the emulated core, when GEOMOE_CUDA_EMULATE turns it on; Triton only
+    under TRITON_INTERPRET=1."""
+    return ("cuda", "triton", "torch") if device.type == "cuda" or triton_interpreting() else ("cuda", "torch")
+
+
+def auto_choice(op: str, device: torch.device) -> Tuple[str, Dict[str, str]]:
+    """(the backend "auto" takes for `op` on `device` for the cases every backend supports, {each
+    backend it passed over before that one: why}); for `info`. (A kernel that failed its self-check
+    on a device is passed over there too, per dtype: self_check.summary names those.)"""
+    passed: Dict[str, str] = {}
+    for name in auto_order(device):
+        if (op, name) in _EXPLICIT_ONLY:
+            passed[name] = "runs only when asked for by name (not yet verified on a GPU)"
+            continue
+        reason = _why_not(op, name, device, None)
+        if reason is None:
+            return name, passed
+        passed[name] = reason
+    return "none", passed
 
 
 def available(op: str, device: torch.device) -> Dict[str, Optional[str]]:

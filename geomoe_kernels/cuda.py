@@ -40,10 +40,29 @@ EMULATED_MODULES = {"1": "_cuda_emulated", "asan": "_cuda_emulated_asan"}
 _emulated: Dict[str, Tuple[Optional[object], str]] = {}
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
 def emulation() -> Optional[str]:
-    """The emulated build GEOMOE_CUDA_EMULATE asks for ('1' or 'asan'), or None when it is off."""
-    value = os.environ.get("GEOMOE_CUDA_EMULATE", "0")
-    return value if value in EMULATED_MODULES else None
+    """The emulated build GEOMOE_CUDA_EMULATE asks for ('1' or 'asan'), or None when it is off. The
+    usual words work (1/true/yes/on, 0/false/no/off, any case); anything else is an error naming the
+    variable, never a silent off."""
+    return _emulation_of(os.environ.get("GEOMOE_CUDA_EMULATE", "0"))
+
+
+@functools.lru_cache(maxsize=8)
+def _emulation_of(raw: str) -> Optional[str]:
+    value = raw.strip().lower()
+    if value in _ON:
+        return "1"
+    if value == "asan":
+        return "asan"
+    if value in _OFF:
+        return None
+    raise ValueError(
+        f"environment variable GEOMOE_CUDA_EMULATE expected 1 (or true, yes, on), asan, or 0 (or false, no, off), got {raw!r}"
+    )
 
 
 def load_emulated(variant: str = "1") -> Tuple[Optional[object], str]:

@@ -21,7 +21,7 @@ def report() -> str:
         )
     except ImportError:
         lines.append("triton not installed")
-    lines.append(f"CUDA core: {cuda.load()[1]}")
+    lines.append(f"CUDA core: {_core_line()}")
     variant = cuda.emulation()
     lines.append(
         f"emulated CUDA core: {cuda.load_emulated(variant or '1')[1]}; "
@@ -45,13 +45,51 @@ def report() -> str:
         lines.append("device: no CUDA device; CPU only")
         devices = [torch.device("cpu")]
     for dev in devices:
-        lines.append(f"backends on {dev}:")
-        for op in backend.ops():
-            avail = backend.available(op, dev)
-            usable = [f"{b} (emulated)" if b == "cuda" and dev.type == "cpu" else b for b, why in avail.items() if why is None]
-            why_not = "; ".join(f"{b}: {why}" for b, why in avail.items() if why is not None)
-            lines.append(f"  {op:<22} usable: {', '.join(usable) or '-':<14} {why_not}")
+        lines += _backends_on(dev)
     return "\n".join(lines)
+
+
+def _core_line() -> str:
+    """What the CUDA core was built for and whether it runs here."""
+    core, status = cuda.load()
+    if core is None:
+        return status
+    where = getattr(core, "__file__", "?")
+    archs = [a for a in str(getattr(core, "architectures")()).split(";") if a]
+    built = ", ".join(f"PTX {a}" if a.startswith("compute_") else f"sm_{a}" for a in archs)
+    if not torch.cuda.is_available():
+        return f"built for {built}, no GPU here ({where})"
+    why = cuda.device_reason(torch.device("cuda"))
+    return f"built for {built}, " + ("runs on this GPU" if why is None else f"cannot run here: {why}") + f" ({where})"
+
+
+def _backends_on(dev: torch.device) -> list:
+    """One line per op: the backend `auto` takes on `dev` and why; then, once, why each other backend
+    cannot run which ops."""
+    order = backend.auto_order(dev)
+    lines = [f"backends on {dev}: what `auto` takes for each op (it tries {', '.join(order)}, first that can run wins)"]
+    not_here: dict = {}  # (backend, reason) -> ops
+    for op in backend.ops():
+        chosen, passed = backend.auto_choice(op, dev)
+        label = {"torch": "torch (the PyTorch reference)", "cuda": "cuda" + (" (the emulated core)" if dev.type == "cpu" else "")}
+        if chosen == "none":
+            why = "no backend can run it here (why: below)"
+        elif passed:
+            why = f"{label.get(chosen, chosen)}, as {' and '.join(passed)} cannot run it here (why: below)"
+        else:
+            why = f"{label.get(chosen, chosen)}, the first in that order"
+        lines.append(f"  {op:<22} auto -> {why}")
+        reasons = {b: r for b, r in backend.available(op, dev).items() if r is not None}
+        reasons.update(passed)  # and the kernels auto takes only when named
+        for b, reason in sorted(reasons.items()):
+            not_here.setdefault((b, reason), []).append(op)
+    n = len(backend.ops())
+    if not_here:
+        lines.append(f"why the other backends do not run on {dev} (each reason once):")
+        for (b, reason), ops_ in not_here.items():
+            which = f"all {n} ops" if len(ops_) == n else ", ".join(ops_)
+            lines.append(f"  {b}: {reason} ({which})")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -172,3 +172,37 @@ def stalled_peer(rank: int, world: int, port: int, out_dir: str) -> None:
     # leave without tearing down: a process group whose collective timed out may abort (SIGABRT) in
     # its destructor, which was seen once under load and is not what this test checks
     os._exit(0)
+
+
+def killed_peer(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A two-process pretraining (DDP) in which rank 1 dies (SIGKILL) in its second step, after the
+    step's guarded check and before DDP's own collectives: rank 0 must end with the run's message
+    that another rank stopped or died, not the backend's words. Rank 0 writes what it raised."""
+    import signal
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from geomoe import train
+
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    real, train.non_finite_passes = train.non_finite_passes, dying
+    args = train.PretrainArgs(
+        out=os.path.join(out_dir, "run"), steps=4, batch_size=4, device="cpu", progress=False, tensorboard=False, timeout=20
+    )
+    t0 = time.time()
+    try:
+        train.pretrain(args)
+        message = "no error"
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.2f}\n{message}")
+    os._exit(0)

@@ -789,6 +789,6 @@ def test_emulated_kernels_under_address_sanitizer():
     their own), in a process where the cuda backend is the AddressSanitizer build: an out-of-bounds
     read or write in any CUDA kernel ends that process with ASan's report."""
     if importlib.util.find_spec("geomoe_kernels._cuda_emulated_asan") is None:
-        _missing("the ASan build of the emulated core was not built (GEOMOE_EMULATION_ASAN=1 at install)")
+        _missing("the ASan build of the emulated core was not built (make test builds it: GEOMOE_EXTENSIONS=emulated,asan)")
     deselect = "detector or under_address_sanitizer or backend_tests_through"
     _pytest(_asan_env(GEOMOE_CUDA_EMULATE="asan"), [*BACKEND_TESTS, __file__], deselect)

@@ -376,7 +376,7 @@ def test_moevit_finetunes_from_a_split_file_above_90_percent(tmp_path):
     )
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
     assert res["top1"] == res["history"][-1]["val_top1"] > 0.9, res["history"]
-    assert math.isfinite(res["val_loss"]) and res["top5"] == 1.0
+    assert math.isfinite(res["val_loss"]) and res["top5"] is None  # 4 classes: no top-5
     assert isinstance(res["model"], ft.MoEViTClassifier)
     for moe in res["model"].moe_layers():  # biases frozen
         assert torch.equal(moe.expert_bias, torch.zeros_like(moe.expert_bias))

@@ -29,7 +29,7 @@ from geomoe.runtime import load_resume_state
 from geomoe.train import PretrainArgs, pretrain
 from geomoe_kernels import MoEMLP, OpInputError, expert_mlp, grouped_mm
 
-from tests.dist_worker import stalled_peer
+from tests.dist_worker import killed_peer, stalled_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(batch_size=8, progress=False, device="cpu", tensorboard=False)
@@ -348,6 +348,33 @@ def test_5_a_stopped_rank_ends_the_others_within_the_timeout(tmp_path):
     assert message.startswith(
         "rank 0: all_reduce failed or did not finish within --timeout 2 s: another rank has stopped, hung or died"
     ), message
+
+
+def test_a_killed_rank_ends_the_others_with_the_runs_message(tmp_path):
+    """A rank killed mid-step (DDP's own collectives, not a guarded one, see it go): the survivor's
+    error says another rank stopped or died (the README's words), not gloo's "Connection reset by
+    peer ... GLHF!"."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(killed_peer, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx.processes[0].join(300)
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    for p in ctx.processes:
+        p.join(10)
+    assert message.startswith("RunFailure: rank 0: a collective between ranks failed or did not finish"), message
+    assert "another rank has stopped, hung or died" in message and float(seconds) < 120, message
+
+
+def test_only_a_lost_peer_is_called_one():
+    from geomoe.distributed import DistEnv, peer_failure
+
+    two, one = DistEnv(1, 2, 1, torch.device("cpu"), 5.0), DistEnv(0, 1, 0, torch.device("cpu"))
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1454: Connection reset by peer. GLHF!")
+    assert str(peer_failure(two, gloo)).startswith("rank 1: a collective between ranks failed or did not finish within")
+    assert peer_failure(one, gloo) is None  # one process: nothing to blame on a peer
+    assert peer_failure(two, RuntimeError("DataLoader timed out after 5 seconds")) is None  # says so itself
+    assert peer_failure(two, RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 # ---- 6. 16-bit and float images ------------------------------------------------------------------

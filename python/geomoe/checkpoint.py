@@ -96,7 +96,9 @@ def write_state(tmp: str, obj: Any, name: str = STATE_FILE) -> None:
 
 def _fault_pause(name: str) -> None:
     """Fault-injection tests: GEOMOE_FAULT_<name>=SECONDS opens a window to kill the process in."""
-    slow = float(os.environ.get(f"GEOMOE_FAULT_{name}", "0"))
+    from .runtime import env_number
+
+    slow = env_number(f"GEOMOE_FAULT_{name}", "0", float, 0)
     if slow:
         time.sleep(slow)
 
@@ -207,9 +209,11 @@ def read_weights(path: str, flag: str):
 
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, MODEL_FILE)):
+            found = list_checkpoints(path)
+            hint = f": a run directory? name one of its checkpoints, e.g. {found[-1]}" if found else ""
             raise ValueError(
                 f"argument '{flag}' expected a checkpoint directory holding {MODEL_FILE} or a weights file, "
-                f"got the directory {path!r} without it"
+                f"got the directory {path!r} without it{hint}"
             )
         path = os.path.join(path, MODEL_FILE)
     try:
@@ -258,7 +262,9 @@ def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dic
     """The main rank's files of a checkpoint (model.safetensors, train_state.pt): for a background
     writer. Fault-injection tests: GEOMOE_FAULT_ASYNC_HOLD_FROM=STEP holds the writer of every step
     from STEP on (for two minutes) so the process can be killed while a save is in flight."""
-    hold = int(os.environ.get("GEOMOE_FAULT_ASYNC_HOLD_FROM", "0"))
+    from .runtime import env_number
+
+    hold = env_number("GEOMOE_FAULT_ASYNC_HOLD_FROM", "0", int, 0)
     if hold and int(train_state.get("step", 0)) >= hold:
         time.sleep(120)
     write_model(tmp, model_state)

@@ -7,9 +7,8 @@ for the backend's default (30 minutes on gloo) deaf to signals."""
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,8 +37,10 @@ def setup(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> DistEnv:
     """Joins the torchrun job if there is one (WORLD_SIZE > 1), and picks this process's device."""
     from .runtime import resolve_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from .runtime import env_number
+
+    world = env_number("WORLD_SIZE", "1", int, 1)
+    local_rank = env_number("LOCAL_RANK", "0", int, 0)
     if device == "auto" or (device == "cuda" and world > 1):
         resolve_device(device)  # a clear error for cuda without a GPU
         use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -54,7 +55,7 @@ def setup(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> DistEnv:
                 "nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
             ),
             "joining the process group",
-            int(os.environ.get("RANK", "0")),
+            env_number("RANK", "0", int, 0),
             timeout,
         )
     rank = dist.get_rank() if world > 1 else 0
@@ -66,14 +67,45 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+class RunFailure(RuntimeError):
+    """A run ended by a fault outside this process's control (another rank stopped or died, too many
+    bad steps in a row): the message says what happened; the command line prints it in one line."""
+
+
+def _failure(what: str, rank: int, timeout: float, exc: BaseException) -> RunFailure:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return RunFailure(
+        f"rank {rank}: {what} failed or did not finish within --timeout {timeout:g} s: another rank has stopped, "
+        f"hung or died (its log says why) [{type(exc).__name__}: {first}]"
+    )
+
+
 def _guard(call: Callable[[], Any], what: str, rank: int, timeout: float) -> Any:
     try:
         return call()
+    except RunFailure:
+        raise
     except RuntimeError as exc:  # gloo: a timeout, or a peer's connection closed
-        raise RuntimeError(
-            f"rank {rank}: {what} failed or did not finish within --timeout {timeout:g} s: another rank has stopped, "
-            f"hung or died (its log says why) [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
-        ) from exc
+        raise _failure(what, rank, timeout, exc) from exc
+
+
+# what the backends say when a peer is gone or silent (gloo's "Connection reset by peer ... GLHF!",
+# NCCL's watchdog); a collective inside DDP, FSDP or a checkpoint's writes is not behind _guard
+_PEER_LOST = ("gloo", "nccl", "connection reset", "connection closed", "socket", "broken pipe")
+
+
+def peer_failure(env: "DistEnv", exc: BaseException) -> Optional[RunFailure]:
+    """For an error raised in a multi-process run by a collective that `_guard` does not wrap (DDP's
+    gradient all-reduce, FSDP's gathers, a checkpoint's writes): the run's message that another rank
+    stopped or died, with the backend's first line in brackets; None for any other error."""
+    if not env.enabled or isinstance(exc, RunFailure) or not isinstance(exc, RuntimeError):
+        return None
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "dataloader" in text:  # a data-loader worker's timeout or death: its own message says so
+        return None
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in _PEER_LOST):
+        return _failure("a collective between ranks", env.rank, env.timeout, exc)
+    return None
 
 
 def all_reduce(env: DistEnv, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -6,8 +6,9 @@ cosine to 1e-3 of the peak, per step; drop path rising linearly over the blocks;
 random erasing on the training images (augment.py), a pure function of (seed, epoch, index); label
 smoothing with optional mixup/cutmix; gradient clipping; auxiliary loss weight 5e-6; MoE biases
 frozen; a step whose loss is not finite is skipped (the run stops after --max-bad-steps in a row).
-Every epoch ends with top-1, top-5 and the loss on the validation images; the result is the last
-epoch's top-1. `--recipe published` sets every published value; flags given beside it win.
+Every epoch ends with top-1, top-5 (for more than 5 classes) and the loss on the validation images;
+the result is the last epoch's top-1. The last partial training batch of an epoch is dropped (the
+published recipe's drop_last; the banner says how many images); validation sees every image. `--recipe published` sets every published value; flags given beside it win.
 
 Checkpoints and resume as in pretraining (the run owns its --out; SIGTERM or SIGINT saves and
 stops; unreadable images are skipped and named). --weights loads strictly: every encoder tensor
@@ -48,7 +49,7 @@ from .data import (
     skip_unreadable_labelled,
     write_scene_classes,
 )
-from .distributed import DEFAULT_TIMEOUT
+from .distributed import DEFAULT_TIMEOUT, RunFailure
 from .geodata import (
     ALPHA_MODES,
     BAND_STATS_FILE,
@@ -65,6 +66,7 @@ from .runtime import (
     StopSignals,
     append_jsonl,
     check_float,
+    check_torch_cache_dir,
     check_int,
     load_resume_state,
     lr_at,
@@ -161,9 +163,9 @@ def mix_batch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, batch: int, precision: str) -> Dict[str, float]:
-    """Top-1, top-5 (top-k with k = min(5, classes)) and the mean cross-entropy over the validation
-    images that decode (unreadable ones are skipped with a warning naming them; `dataset.unreadable`
-    counts them); NaN where none does."""
+    """Top-1, top-5 and the mean cross-entropy over the validation images that decode (unreadable
+    ones are skipped with a warning naming them; `dataset.unreadable` counts them); NaN where none
+    does. Top-5 only for more than 5 classes (None otherwise: with 5 or fewer it is always 100%)."""
     model.eval()
     top1 = top5 = seen = 0
     loss_sum = 0.0
@@ -182,7 +184,8 @@ def evaluate(model: nn.Module, dataset: LabelledImages, device: torch.device, ba
         seen += labels.numel()
     model.train()
     nan = float("nan")
-    return {"top1": top1 / seen if seen else nan, "top5": top5 / seen if seen else nan, "loss": loss_sum / seen if seen else nan}
+    top5_value = None if len(dataset.classes) <= 5 else (top5 / seen if seen else nan)
+    return {"top1": top1 / seen if seen else nan, "top5": top5_value, "loss": loss_sum / seen if seen else nan}
 
 
 # Tensors of the pretraining model that the backbone does not have (the decoder side), and of a
@@ -430,6 +433,7 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
     """Run (or resume) a fine-tuning. Returns {"top1": the last epoch's top-1 (the result), "top5",
     "val_loss", "best_top1", "history": one record per epoch run, "model"}."""
     args = args.resolved()
+    check_torch_cache_dir()
     device = resolve_device(args.device)
     with StopSignals() as stop, RunDirectory(args.out):
         return _finetune(args, device, stop)
@@ -500,6 +504,22 @@ def _datasets(args: FinetuneArgs, img_size: int) -> Tuple[LabelledImages, Labell
     return train_set, ClassFolder(os.path.join(data, "val"), img_size, False, classes=train_set.classes)
 
 
+def _dropped(images: int, batch: int) -> str:
+    """The banner's word on the last partial batch: dropped each epoch, as the published recipe's
+    training loader does (drop_last); validation sees every image."""
+    left = images % batch
+    if not left:
+        return "every training image each epoch"
+    return (
+        f"the last partial batch dropped: {left} of the {images} training images, a different {left} each epoch, "
+        "as the published recipe does; validation sees every image"
+    )
+
+
+def _top5(value: Optional[float]) -> str:
+    return "" if value is None else f" top-5 {100 * value:.2f}%"
+
+
 def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
     precision = resolve_precision(args.precision, args.amp, device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
@@ -564,7 +584,8 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     print(
         f"geomoe finetune: {args.model} config {args.config}, recipe {args.recipe}, {img_size} px, "
         f"{len(train_set.classes)} classes ({len(train_set)} train / {len(val_set)} val images), {device}, "
-        f"batch {args.batch_size}, peak lr {peak_lr:.3g}, {args.epochs} epochs, {note}"
+        f"batch {args.batch_size}, peak lr {peak_lr:.3g}, {args.epochs} epoch{'' if args.epochs == 1 else 's'} of "
+        f"{per_epoch} steps ({_dropped(len(train_set), args.batch_size)}), {note}"
     )
     loader = make_loader(
         train_set,
@@ -624,7 +645,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         else:
             bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
             if bad_in_row >= args.max_bad_steps:
-                raise RuntimeError(
+                raise RunFailure(
                     f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
                     f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                 )
@@ -657,7 +678,7 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
             append_jsonl(os.path.join(args.out, "metrics.jsonl"), record)
             tqdm.write(
                 f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                f"val top-1 {100 * ev['top1']:.2f}% top-5 {100 * ev['top5']:.2f}% loss {ev['loss']:.4f} "
+                f"val top-1 {100 * ev['top1']:.2f}%{_top5(ev['top5'])} loss {ev['loss']:.4f} "
                 f"(best top-1 {100 * best:.2f}%) | {record['images_per_s']:.1f} img/s"
                 + (f" | skipped {record['bad_steps']} steps" if record["bad_steps"] else "")
                 + (
@@ -681,8 +702,8 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     result = last_eval or {}
     if step == total and last_eval is not None:
         print(
-            f"result: top-1 {100 * last_eval['top1']:.2f}% at the last epoch ({last_eval['epoch']}), "
-            f"top-5 {100 * last_eval['top5']:.2f}%, val loss {last_eval['loss']:.4f}"
+            f"result: top-1 {100 * last_eval['top1']:.2f}% at the last epoch ({last_eval['epoch']}),"
+            f"{_top5(last_eval.get('top5'))} val loss {last_eval['loss']:.4f}"
         )
     return {
         "history": history,

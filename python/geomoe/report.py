@@ -34,7 +34,7 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
             f"{' ...' if len(broken) > 10 else ''}: not a whole metrics record (a run stopped while writing it?)"
         )
     if not rows:
-        raise ValueError(f"{path} holds no metrics records yet")
+        raise ValueError(f"argument 'RUN_DIR' expected metrics records in {path}, got none yet")
     return rows
 
 
@@ -49,21 +49,27 @@ def write_report(run_dir: str) -> List[str]:
     steps = [r["step"] for r in rows]
     made = []
 
+    def series(key: str):
+        """(steps, values) of the records that have `key` (a line may lack a field: older or other runs)."""
+        have = [r for r in rows if isinstance(r.get(key), (int, float))]
+        return [r["step"] for r in have], [r[key] for r in have]
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in rows], label="loss (norm-pix MSE)")
+    ax.plot(*series("loss"), label="loss (norm-pix MSE)")
     ax.set(xlabel="step", ylabel="loss", title="pretraining loss")
-    twin = ax.twinx()
-    twin.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.6, label="lr")
-    twin.set_ylabel("learning rate")
+    if series("lr")[0]:
+        twin = ax.twinx()
+        twin.plot(*series("lr"), color="tab:gray", alpha=0.6, label="lr")
+        twin.set_ylabel("learning rate")
     ax.grid(True, alpha=0.3)
     made.append(_save(fig, run_dir, "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["images_per_s"] for r in rows], label="images/s")
+    ax.plot(*series("images_per_s"), label="images/s")
     ax.set(xlabel="step", ylabel="images / s", title="throughput (all ranks)")
-    if "tokens_per_s" in rows[0]:
+    if series("tokens_per_s")[0]:
         twin = ax.twinx()
-        twin.plot(steps, [r["tokens_per_s"] for r in rows], color="tab:orange", alpha=0.6)
+        twin.plot(*series("tokens_per_s"), color="tab:orange", alpha=0.6)
         twin.set_ylabel("encoder tokens / s")
     ax.grid(True, alpha=0.3)
     made.append(_save(fig, run_dir, "throughput.png"))

@@ -83,6 +83,36 @@ def check_float(
         raise ValueError(f"argument '{_flag(name)}' expected a finite number in {lo}, {hi}, got {value!r}")
 
 
+def env_number(name: str, default: str, kind=int, minimum: float = 0):
+    """The environment variable `name` read as a number (`kind`) >= minimum (`default` where unset
+    or empty); anything else is an error naming the variable."""
+    raw = os.environ.get(name, "").strip() or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (kind is float and not math.isfinite(value)):
+        what = "an integer" if kind is int else "a finite number"
+        raise ValueError(f"environment variable {name} expected {what} >= {minimum:g}, got {raw!r}")
+    return value
+
+
+def check_torch_cache_dir() -> None:
+    """TORCHINDUCTOR_CACHE_DIR, where set, must be a directory torch can make: its optimizers import
+    dynamo, which makes it (a file in the way ended a run deep in torch, or, after an earlier failed
+    import was caught, with "Artifact of type=precompile already registered")."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"environment variable TORCHINDUCTOR_CACHE_DIR expected a directory torch can create, got {path!r} "
+            f"({type(exc).__name__}: {exc.strerror or exc})"
+        ) from exc
+
+
 # ---- the run's directory and identity ------------------------------------------------------------
 
 
@@ -102,20 +132,29 @@ class RunDirectory:
         from . import checkpoint
 
         os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
+        self._path = os.path.join(self.directory, ".lock")
+        while True:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RuntimeError(
+                    f"argument '{self.flag}' expected a directory no other run is using, got {self.directory!r}: "
+                    f"process {holder} holds it (two runs cannot share a run directory)"
+                ) from None
+            except (ImportError, OSError):  # no flock here (Windows, some network filesystems): go on unlocked
+                break
+            # the holder before us removes the file as it lets go: a lock on a removed file is no lock
+            try:
+                if os.stat(self._path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RuntimeError(
-                f"argument '{self.flag}' expected a directory no other run is using, got {self.directory!r}: "
-                f"process {holder} holds it (two runs cannot share a run directory)"
-            ) from None
-        except (ImportError, OSError):  # no flock here (Windows, some network filesystems): go on unlocked
-            pass
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -126,6 +165,10 @@ class RunDirectory:
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             _LOCK_FDS.discard(self._fd)
+            try:  # removed while held, so no file is left behind (a killed run leaves it: harmless)
+                os.unlink(self._path)
+            except OSError:
+                pass
             os.close(self._fd)  # drops the lock
             self._fd = None
 
@@ -358,4 +401,6 @@ def load_resume_state(resume: Optional[str], directory: str, rank_file: Optional
                 "refusing to start over on top of them: move them aside or name one with --resume PATH"
             )
         return state
+    if not os.path.isdir(resume):
+        raise ValueError(f"argument '--resume' expected 'auto' or a checkpoint directory (ckpt_<step>/), got {resume!r}")
     return checkpoint.load(resume, rank_file)

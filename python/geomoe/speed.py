@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import nullcontext
 from typing import Callable, List, Optional
@@ -64,15 +65,20 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
 
 
 def default_compile_backend(device: torch.device) -> str:
-    """inductor where it can build kernels (CUDA; a CPU with a C++ compiler), else aot_eager."""
-    if device.type == "cuda":
-        return "inductor"
+    """inductor where it can build kernels (CUDA; a CPU with a C++ compiler), else aot_eager. It loads
+    inductor: call it only for --compile (a run without it never touches inductor or its cache)."""
     try:
         from torch._inductor import config
-
-        cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
-    except Exception:  # pragma: no cover - inductor missing from this build
+    except ImportError:  # pragma: no cover - inductor missing from this build
         return "aot_eager"
+    except Exception as exc:  # e.g. a TORCHINDUCTOR_CACHE_DIR that is not a directory: its own error, named
+        raise RuntimeError(
+            f"--compile: torch's inductor cannot load ({type(exc).__name__}: {exc}); check TORCHINDUCTOR_CACHE_DIR "
+            f"(now {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'unset')!r}) and the torch install"
+        ) from exc
+    if device.type == "cuda":
+        return "inductor"
+    cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
     return "inductor" if cxx and shutil.which(str(cxx)) or shutil.which("g++") or shutil.which("clang++") else "aot_eager"
 
 

@@ -50,6 +50,7 @@ from .runtime import (
     StopSignals,
     append_jsonl,
     check_float,
+    check_torch_cache_dir,
     check_int,
     config_of,
     load_resume_state,
@@ -76,7 +77,8 @@ class PretrainArgs:
     batch_size: Optional[int] = None  # per rank
     lr: Optional[float] = None
     out: str = "runs/pretrain"
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # also every N steps (0: by save_minutes only)
+    save_minutes: float = 30.0  # a checkpoint at the first step this long after the last (0: off)
     keep_last: int = 3
     resume: Optional[str] = None  # "auto", a checkpoint directory, or None
     stop_after: Optional[int] = None  # end this run after N steps with a checkpoint (time-sliced jobs)
@@ -117,6 +119,7 @@ class PretrainArgs:
         check_int("batch_size", self.batch_size, 1, optional=True)
         check_float("lr", self.lr, 0, low_open=True, optional=True)
         check_int("save_every", self.save_every, 0)
+        check_float("save_minutes", self.save_minutes, 0)
         check_int("keep_last", self.keep_last, 0)
         check_int("stop_after", self.stop_after, 1, optional=True)
         check_int("seed", self.seed, 0, maximum=2**32 - 1)
@@ -246,8 +249,9 @@ class _Trainer:
         # per block, before the wrapping (FSDP2 shards the blocks as they are); the keys do not change
         if args.activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.compile_backend = args.compile_backend or default_compile_backend(env.device)
-        if args.compile:
+        self.compile_backend = None
+        if args.compile:  # only then: choosing a backend loads inductor
+            self.compile_backend = args.compile_backend or default_compile_backend(env.device)
             compile_blocks(self.model, self.compile_backend)
         self.wrapped = self._wrap(self.model)
         # fused: one kernel over all parameters (on a CPU 4-5x faster than the per-op path with the
@@ -283,17 +287,22 @@ class _Trainer:
             args.data_format == "auto"
             and (in_chans != 3 or args.band_stats is not None or os.path.isfile(os.path.join(args.data, BAND_STATS_FILE)))
         )
-        if raster:
-            rasters = RasterFolder(
-                args.data, model.img_size, args.seed, in_chans, args.band_stats, args.alpha, args.max_raster_pixels
-            )
-            check_readable(rasters.files, rasters.read, f"under {args.data}/<subfolder>/")
-            return rasters
-        if in_chans != 3:
+        if in_chans != 3 and not raster:
             raise ValueError(f"argument '--in-chans' {in_chans} expected --data-format raster or auto, got image (RGB)")
-        images = ImageFolder(args.data, model.img_size, args.seed)
-        check_readable(images.files, open_image, f"under {args.data}/<subfolder>/")
-        return images
+        try:
+            if raster:
+                rasters = RasterFolder(
+                    args.data, model.img_size, args.seed, in_chans, args.band_stats, args.alpha, args.max_raster_pixels
+                )
+                check_readable(rasters.files, rasters.read, f"under {args.data}/<subfolder>/")
+                return rasters
+            images = ImageFolder(args.data, model.img_size, args.seed)
+            check_readable(images.files, open_image, f"under {args.data}/<subfolder>/")
+            return images
+        except FileNotFoundError as exc:  # e.g. no image files under it
+            if "argument '" in str(exc):
+                raise
+            raise ValueError(f"argument '--data' expected a folder of images, got {args.data!r}: {exc}") from exc
 
     def _data_name(self) -> str:
         if self.args.dataset is not None:
@@ -531,8 +540,24 @@ class _Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
 
+    def _saves(self) -> str:
+        """When this run writes checkpoints, for the banner."""
+        args, when = self.args, []
+        if args.save_minutes:
+            when.append(f"every {args.save_minutes:g} min")
+        if args.save_every:
+            when.append(f"every {args.save_every} steps")
+        return f"checkpoints {' and '.join(when + ['at the end'])} into {args.out}"
+
     def run(self, stop: StopSignals) -> Dict[str, Any]:
         args, env = self.args, self.env
+        if self.state is not None and self.start >= self.steps:  # e.g. a second `make pretrain`
+            if env.main:
+                print(
+                    f"geomoe pretrain: the run in {args.out} is complete: {self.state['path']} is at step {self.start} "
+                    f"of {self.steps}; nothing to do (pass --steps N above {self.start} to train on, or a new --out)"
+                )
+            return {"history": [], "checkpoint": self.state["path"], "model": self.model, "step": self.start}
         end = self.steps if args.stop_after is None else min(self.steps, self.start + args.stop_after)
         loader = make_loader(
             self.dataset,
@@ -563,7 +588,7 @@ class _Trainer:
                 f"data {self._data_name()} ({len(self.dataset)} images, {self.model.in_chans} bands), "
                 f"precision {self.precision}{' (GradScaler)' if self.scaler.is_enabled() else ''}"
                 f"{', compiled blocks (' + self.compile_backend + ')' if args.compile else ''}"
-                f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+                f"{', activation checkpointing' if args.activation_checkpointing else ''}; {self._saves()}"
             )
         writer = self._tensorboard() if main else None
         bar = tqdm(total=self.steps, initial=self.start, disable=not (args.progress and main), dynamic_ncols=True, leave=False)
@@ -571,6 +596,7 @@ class _Trainer:
         window = _Window(env.device)
         step, bad_in_row, final = self.start, 0, None
         trained, read_any, unreadable = 0, False, 0  # of this run: steps that trained; an image decoded here; skips
+        last_save = time.monotonic()
         self.wrapped.train()
         for imgs, skipped in start_batches(loader):
             lr = lr_at(step, self.steps, self.peak_lr, self.warmup, RECIPE["min_lr_ratio"])
@@ -588,7 +614,7 @@ class _Trainer:
                 if main:
                     warnings.warn(f"step {step}: non-finite loss or empty batch, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= args.max_bad_steps:
-                    raise RuntimeError(
+                    raise distributed.RunFailure(
                         f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable "
                         f"images (--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
                     )
@@ -597,9 +623,13 @@ class _Trainer:
                 if main and record is not None:
                     history.append(record)
                     self._log(record, writer)
-            stopping = self._agree(stop.requested)
-            if stopping or (args.save_every and step % args.save_every == 0 and step != end):
+            # a crash loses at most --save-minutes of work: rank 0's clock decides for all (one all-reduce)
+            due = bool(args.save_minutes) and env.main and time.monotonic() - last_save >= 60 * args.save_minutes
+            stopping, due = self._agree(stop.requested, due)
+            due = due or bool(args.save_every and step % args.save_every == 0)
+            if stopping or (due and step != end):
                 final = self.save(step, final=stopping)
+                last_save = time.monotonic()
             if stopping:
                 if main:
                     print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
@@ -620,12 +650,12 @@ class _Trainer:
             print(f"saved {final}")
         return {"history": history, "checkpoint": final, "model": self.model, "step": step}
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (so all ranks save and stop together)."""
+    def _agree(self, *flags: bool) -> List[bool]:
+        """Each flag true on every rank if it is true on any (so all ranks save and stop together)."""
         if not self.env.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.env.device)
-        return bool(distributed.all_reduce(self.env, t, dist.ReduceOp.MAX).item())
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.env.device)
+        return [bool(v) for v in distributed.all_reduce(self.env, t, dist.ReduceOp.MAX).tolist()]
 
     def _noise(self, step: int, rows: int) -> torch.Tensor:
         """This rank's masking noise at `step`: rows of one [global batch, tokens] draw seeded by
@@ -758,14 +788,21 @@ class _Window:
 
 def pretrain(args: PretrainArgs) -> Dict[str, Any]:
     args.validate()
+    check_torch_cache_dir()
     with StopSignals() as stop:  # from the start: a signal during set-up stops the run after its first step
         env = distributed.setup(args.device, args.timeout)
         try:
-            if env.main:
-                with RunDirectory(args.out):
+            try:
+                if env.main:
+                    with RunDirectory(args.out):
+                        result = _Trainer(args, env).run(stop)
+                else:
                     result = _Trainer(args, env).run(stop)
-            else:
-                result = _Trainer(args, env).run(stop)
+            except RuntimeError as exc:  # a peer gone inside DDP/FSDP/DCP: say so, not the backend's words
+                failure = distributed.peer_failure(env, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             distributed.barrier(env)  # on success only: no rank tears gloo down while another still talks to it
             return result
         finally:
