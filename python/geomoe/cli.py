@@ -186,6 +186,7 @@ def _raster_flags(p: argparse.ArgumentParser) -> None:
         dest="alpha",
         action="store_const",
         const="data",
+        default="mask",  # both switches of the pair carry the default, so every action states it
         help="a raster band declared alpha is a band like the others (e.g. near-infrared written with the defaults) "
         "and masks nothing",
     )

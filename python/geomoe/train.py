@@ -635,7 +635,7 @@ class _Trainer:
                     print(f"{stop.received or 'SIGTERM'}: stopped at step {step}; checkpoint {final}")
                 break
         else:
-            if trained == 0 and step > self.start and not self._agree(read_any):
+            if trained == 0 and step > self.start and not self._agree(read_any)[0]:
                 # a run shorter than --max-bad-steps would otherwise save the untrained model and exit 0
                 raise RuntimeError(
                     f"argument '{'--data' if args.data else 'dataset'}' expected images that can be read, got none "
