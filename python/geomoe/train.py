@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -482,7 +483,8 @@ class _Trainer:
             waits: List[Any] = [] if dcp_state is None else [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
             if env.main:
                 staged = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
-                waits.append(self._writer().submit(checkpoint.write_files, tmp, staged, train_state))
+                dcp_done = waits[0] if waits else None
+                waits.append(self._writer().submit(checkpoint.write_files_and_seal, tmp, staged, train_state, dcp_done))
             self._pending = (step, waits)
             return self._finish_pending() if final else None
         if dcp_state is not None:
@@ -514,11 +516,53 @@ class _Trainer:
         (step, waits), self._pending = self._pending, None
         for w in waits:
             w.result()  # a failed write raises here
+        checkpoint._fault_pause("ASYNC_COMMIT")  # fault-injection tests: the instant before the commit
         return self._commit(step)
+
+    def _settle_pending(self) -> None:
+        """The run ends by an exception with an asynchronous save in flight: wait (at most --timeout,
+        with no collective: another rank may be gone) for this rank's writes; the main rank then
+        commits the checkpoint if it was sealed (every rank's part written), else removes it (the
+        previous checkpoint stands). Either way, one line says which."""
+        if self._pending is None:
+            return
+        (step, waits), self._pending = self._pending, None
+        env, out, error = self.env, self.args.out, None
+        try:
+            for w in waits:
+                w.result(timeout=self.args.timeout)
+        except BaseException as exc:  # a failed write, or a timeout
+            error = exc
+        if not env.main:
+            return
+        tmp = checkpoint.temp_path(out, step)
+        if error is None and checkpoint.is_sealed(tmp):
+            path = checkpoint.commit(out, step, self.run_id)
+            checkpoint.prune(out, self.args.keep_last, self.run_id)
+            print(f"the run stopped by an error: the save of step {step} in flight was finished and committed, {path}")
+        else:
+            why = f"{type(error).__name__}: {error}" if error is not None else "not every part was written"
+            warnings.warn(
+                f"the run stopped by an error: the save of step {step} in flight did not finish ({why}); it was removed, "
+                f"the last committed checkpoint in {out} stands"
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- the loop ---------------------------------------------------------------------------------
 
     def run(self, stop: StopSignals) -> Dict[str, Any]:
+        """The loop; a normal end or a signal commits every save (the last one included); an
+        exception finishes and commits a save in flight (or removes it) before it propagates."""
+        try:
+            return self._loop(stop)
+        except BaseException:
+            try:
+                self._settle_pending()
+            except Exception as exc:  # the run's own error is the one to see
+                warnings.warn(f"the save in flight could not be settled ({type(exc).__name__}: {exc})")
+            raise
+
+    def _loop(self, stop: StopSignals) -> Dict[str, Any]:
         args, env = self.args, self.env
         end = self.steps if args.stop_after is None else min(self.steps, self.start + args.stop_after)
         loader = make_loader(
