@@ -169,3 +169,110 @@ def test_a_checkpoint_without_checksums_still_resumes_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"ckpt_00000002: no checksum recorded"):
         res = pretrain(PretrainArgs(out=str(out), steps=3, resume="auto", **FAST))
     assert res["step"] == 3
+
+
+# ---- 8. fine-tuning resumed mid-epoch logs the whole epoch's mean ------------------------------------
+
+
+def test_finetune_resumed_mid_epoch_logs_the_straight_runs_epoch_mean(tmp_path, monkeypatch):
+    import geomoe.finetune as ft
+
+    from tests.test_hostile import _class_folder
+
+    data = _class_folder(tmp_path / "d", bad=False)  # 16 training images: 4 steps of 4 per epoch
+    args = dict(data=str(data), img_size=32, epochs=2, batch_size=4, progress=False, device="cpu")
+    straight = ft.finetune(ft.FinetuneArgs(out=str(tmp_path / "a"), **args))
+    original, calls = ft.mix_batch, {"n": 0}
+
+    def mix_batch(*a, **k):  # SIGTERM during the third step of epoch 1: saved at step 3
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "mix_batch", mix_batch)
+        first = ft.finetune(ft.FinetuneArgs(out=str(tmp_path / "b"), **args))
+    assert first["history"] == [] and _names(tmp_path / "b") == ["ckpt_00000003"]
+    resumed = ft.finetune(ft.FinetuneArgs(out=str(tmp_path / "b"), resume="auto", **args))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for got, want in zip(resumed["history"], straight["history"]):
+        for key in ("loss", "val_top1", "val_loss", "bad_steps", "skipped_images"):
+            assert got[key] == want[key], (got["epoch"], key)
+    _same_weights(straight["model"], resumed["model"])
+
+
+# ---- 7. --init-weights of another model is refused unless partial loads are allowed ----------------
+
+
+def test_init_weights_of_another_model_is_refused_unless_partial_is_allowed(tmp_path, capsys):
+    from geomoe import GeoMoE, original_state_dict
+    from geomoe.configs import CONFIGS
+
+    vit = pretrain(PretrainArgs(out=str(tmp_path / "vit"), model="moevit", steps=1, **FAST))["checkpoint"]
+    with pytest.raises(
+        ValueError,
+        match=r"argument '--init-weights' expected weights for every encoder tensor of this GeoMoE .* got \S+ with \d+ of "
+        r"its \d+ tensors; missing: .*--allow-partial-init",
+    ):
+        pretrain(PretrainArgs(out=str(tmp_path / "a"), init_weights=vit, steps=1, **FAST))
+    assert not list_checkpoints(str(tmp_path / "a"))  # refused before any step
+    res = pretrain(PretrainArgs(out=str(tmp_path / "a"), init_weights=vit, allow_partial_init=True, steps=1, **FAST))
+    assert "left at their initial values" in capsys.readouterr().out and res["step"] == 1
+    # the released weights are encoder-only: the decoder side may be missing, and is named
+    src = GeoMoE(**CONFIGS["tiny"]["model"])
+    enc = {k: v for k, v in original_state_dict(src).items() if not k.startswith(("decoder", "stage", "norm.", "mask_token"))}
+    torch.save({"model": enc}, tmp_path / "released.pth")
+    res = pretrain(PretrainArgs(out=str(tmp_path / "b"), init_weights=str(tmp_path / "released.pth"), steps=1, lr=1e-12, **FAST))
+    out = capsys.readouterr().out
+    assert "left at their initial values (decoder" in out
+    torch.testing.assert_close(res["model"].blocks3[1].mlp.w1, src.blocks3[1].mlp.w1, rtol=0, atol=1e-6)
+
+
+# ---- 14. a resume with another model or class count says what the checkpoint holds -----------------
+
+
+def test_resuming_with_another_model_or_class_count_says_what_the_checkpoint_holds(tmp_path):
+    import shutil
+
+    from geomoe.configs import CONFIGS
+    from geomoe.finetune import FinetuneArgs, finetune
+    from geomoe.moevit import MoEViTMAE
+
+    from tests.test_hostile import _class_folder
+
+    ckpt = pretrain(PretrainArgs(out=str(tmp_path / "pre"), steps=1, **FAST))["checkpoint"]
+    with pytest.raises(
+        ValueError, match=r"written by a run with --model geomoe; this run has --model moevit: resume it with --model geomoe"
+    ):
+        pretrain(PretrainArgs(out=str(tmp_path / "pre"), model="moevit", steps=2, resume="auto", **FAST))
+    # a checkpoint without the run record (earlier versions): its tensors against the run's model
+    from geomoe.runtime import check_checkpoint_fits
+
+    state = load(ckpt)
+    del state["run"]
+    with pytest.raises(
+        ValueError,
+        match=r"holds the weights of --model geomoe, --config tiny; this run asked for --model moevit, --config tiny, 3 "
+        r"bands: \d+ of this run's \d+ tensors are not in it \(.* more\); \d+ of its \d+ tensors are not in this run's "
+        r"model \(.* more\)(; \d+ have another shape \(.*\))?\. Resume it with the arguments it was written with",
+    ):
+        check_checkpoint_fits(
+            state, MoEViTMAE(**CONFIGS["tiny"]["moevit"]).state_dict(), "--model moevit, --config tiny, 3 bands"
+        )
+    # fine-tuning resumed on data with another class count
+    two = _class_folder(tmp_path / "two", bad=False)
+    three = tmp_path / "three"
+    shutil.copytree(two, three)
+    for split in ("train", "val"):
+        shutil.copytree(three / split / "dark", three / split / "mid")
+    args = dict(out=str(tmp_path / "ft"), img_size=32, epochs=1, batch_size=4, progress=False, device="cpu")
+    finetune(FinetuneArgs(data=str(two), **args))
+    with pytest.raises(
+        ValueError,
+        match=r"holds the weights of --model geomoe, --config tiny, 3 bands, 2 classes; this run asked for --model geomoe, "
+        r"--config tiny, 3 bands, 3 classes: 2 have another shape \(head.weight: checkpoint \[2, 128\], this run \[3, 128\], "
+        r"head.bias: checkpoint \[2\], this run \[3\]\)",
+    ):
+        with pytest.warns(UserWarning, match="--data"):
+            finetune(FinetuneArgs(data=str(three), resume="auto", **args))

@@ -67,6 +67,11 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         help="start a new run from these weights (a checkpoint or an original-layout file); RGB weights get the "
         "first patch embedding adapted to --in-chans (each band: the mean RGB kernel x 3/bands)",
     )
+    p.add_argument(
+        "--allow-partial-init",
+        action="store_true",
+        help="load what --init-weights has of the encoder and name what it lacks (kept at initial values)",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
     _speed_flags(p)

@@ -50,6 +50,7 @@ from .runtime import (
     RunDirectory,
     StopSignals,
     append_jsonl,
+    check_checkpoint_fits,
     check_float,
     check_int,
     config_of,
@@ -104,6 +105,7 @@ class PretrainArgs:
     data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
     band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/band_stats.json)
     init_weights: Optional[str] = None  # weights to start a new run from (RGB ones adapted to --in-chans)
+    allow_partial_init: bool = False  # --init-weights may lack encoder tensors (they keep their initial values)
     dataset: Any = None  # in code: any torch Dataset of image tensors or dicts with "image" (instead of --data)
 
     def validate(self) -> None:
@@ -139,18 +141,37 @@ class PretrainArgs:
             raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
 
 
-def load_init_weights(model, path: str) -> str:
+def load_init_weights(model, path: str, partial: bool = False) -> str:
     """--init-weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout
-    file, loaded where it matches (what it lacks keeps its initial values); RGB weights for a model
-    with another band count get the first patch embedding adapted (geodata.adapt_in_chans)."""
+    file. Every encoder tensor must be in it with its shape (the decoder side may be missing: the
+    released weights are encoder-only; it keeps its initial values) and nothing else unexpected,
+    else a ValueError says what is missing and suggests --allow-partial-init; `partial` loads what
+    matches. RGB weights for a model with another band count get the first patch embedding adapted
+    (geodata.adapt_in_chans)."""
+    from .finetune import _expected_extra, _names
     from .original import key_map, load_original_state_dict
 
     path, tensors = checkpoint.read_weights(path, "--init-weights")
     notes = adapt_state_dict_in_chans(tensors, model.in_chans)
+    tensors = {k: v for k, v in tensors.items() if k not in getattr(model, "ORIGINAL_KEYS_RECOMPUTED", ())}
     own, original = model.state_dict(), key_map(model)
-    if any(k in original and k not in own for k in tensors):
-        res = load_original_state_dict(model, tensors)
-        loaded, missing = len(original) - len(res.missing), res.missing
+    use_original = any(k in original and k not in own for k in tensors)
+    names = original if use_original else own
+    missing = sorted(k for k in names if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in names and not _expected_extra(k))
+    lacking = [k for k in missing if not _expected_extra(k)]  # encoder tensors
+    if (lacking or unexpected) and not partial:
+        raise ValueError(
+            f"argument '--init-weights' expected weights for every encoder tensor of this {type(model).__name__} "
+            f"({'original' if use_original else 'geomoe'} layout), got {path} with {len(names) - len(missing)} of its "
+            f"{len(names)} tensors"
+            + (f"; missing: {_names(lacking)}" if lacking else "")
+            + (f"; unexpected: {_names(unexpected)}" if unexpected else "")
+            + " (a checkpoint of another --model, --config or layout?). Pass --allow-partial-init to load only what "
+            "matches"
+        )
+    if use_original:
+        load_original_state_dict(model, tensors)
     else:
         for k in sorted(set(own) & set(tensors)):
             if tuple(own[k].shape) != tuple(tensors[k].shape):
@@ -159,13 +180,13 @@ def load_init_weights(model, path: str) -> str:
                     f"got {list(tensors[k].shape)}"
                 )
         model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-        missing = sorted(k for k in own if k not in tensors)
-        loaded = len(own) - len(missing)
-    note = f"--init-weights: loaded {loaded} tensors from {path}"
+    note = f"--init-weights: loaded {len(names) - len(missing)} tensors from {path}"
     if notes:
         note += "; " + "; ".join(notes)
     if missing:
         note += f"; {len(missing)} left at their initial values ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+    if unexpected:
+        note += f"; not used: {_names(unexpected)}"
     return note
 
 
@@ -221,8 +242,12 @@ class _Trainer:
             model = MoEViTMAE(**preset["moevit"], in_chans=in_chans, backend=args.backend)
         else:
             model = GeoMoE(**preset["model"], in_chans=in_chans, front_end=args.front_end, backend=args.backend)
+        if self.state is not None:  # before the load: what the checkpoint holds against what the run asked for
+            check_checkpoint_fits(
+                self.state, model.state_dict(), f"--model {args.model}, --config {args.config}, {in_chans} bands"
+            )
         if args.init_weights and self.state is None:
-            note = load_init_weights(model, args.init_weights)
+            note = load_init_weights(model, args.init_weights, args.allow_partial_init)
             if env.main:
                 print(note)
         # the parameters' order before sharding: format-1 expert-parallel optimizer files follow it
