@@ -205,6 +205,7 @@ def _to_format1(ckpt, world):
     torch.save(train_state, os.path.join(ckpt, "train_state.pt"))
     shutil.rmtree(os.path.join(ckpt, "dcp"))
     os.remove(os.path.join(ckpt, "full.pt"))
+    os.remove(os.path.join(ckpt, "checksums.json"))  # kept since format 2
 
 
 def test_format1_expert_parallel_checkpoint_resumes_exactly(tmp_path):
