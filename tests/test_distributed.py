@@ -205,6 +205,21 @@ def _to_format1(ckpt, world):
     torch.save(train_state, os.path.join(ckpt, "train_state.pt"))
     shutil.rmtree(os.path.join(ckpt, "dcp"))
     os.remove(os.path.join(ckpt, "full.pt"))
+    os.remove(os.path.join(ckpt, "checksums.json"))  # kept since format 2
+
+
+def test_two_process_async_save_seals_every_ranks_part(tmp_path):
+    """--async-save on 2 processes: the main rank's writer seals each checkpoint once both ranks'
+    DCP shards and the metadata are written, so its checksums cover every rank's part."""
+
+    from geomoe import checkpoint
+
+    _torchrun(tmp_path / "a", "--async-save", "--save-every", "1", "--keep-last", "0", steps=2)
+    for step in (1, 2):
+        ckpt = str(tmp_path / "a" / f"ckpt_{step:08d}")
+        files = json.load(open(os.path.join(ckpt, checkpoint.CHECKSUM_FILE)))["files"]
+        assert {"model.safetensors", "train_state.pt", "dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(files)
+        assert checkpoint.verify_checksums(ckpt) == f"{len(files)} files' checksums verified"
 
 
 def test_format1_expert_parallel_checkpoint_resumes_exactly(tmp_path):

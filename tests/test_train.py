@@ -44,7 +44,7 @@ def test_main_job_runs_from_the_command_line(tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt_00000004"]
-    assert sorted(os.listdir(out / "ckpt_00000004")) == ["dcp", "model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(out / "ckpt_00000004")) == ["checksums.json", "dcp", "model.safetensors", "train_state.pt"]
 
 
 def test_tiny_model_overfits_one_batch():
@@ -171,7 +171,7 @@ def test_checkpoint_without_dcp_state_still_resumes(tmp_path, monkeypatch):
         m.setattr(train._Trainer, "_uses_dcp", lambda self: False)
         pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
     old = list_checkpoints(str(tmp_path / "b"))[-1]
-    assert sorted(os.listdir(old)) == ["model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(old)) == ["checksums.json", "model.safetensors", "train_state.pt"]
     state = torch.load(os.path.join(old, "train_state.pt"), weights_only=True)
     assert "format" not in state and "optimizer" in state  # as the earlier code wrote it
     resumed = pretrain(PretrainArgs(out=str(tmp_path / "b"), resume="auto", **FAST))
@@ -194,6 +194,7 @@ def test_optimizer_state_of_the_wrong_shape_is_refused_by_name(tmp_path, monkeyp
     moments = next(v for v in state["optimizer"]["state"].values() if v["exp_avg"].dim() == 2)
     moments["exp_avg"] = moments["exp_avg"][:, :1].clone()
     torch.save(state, path)
+    os.remove(os.path.join(old, "checksums.json"))  # else the changed file fails its checksum first
     with pytest.raises(
         ValueError, match=r"optimizer state 'exp_avg' of parameter \S+ has shape \[\d+, 1\], the parameter \[\d+, \d+\]"
     ):

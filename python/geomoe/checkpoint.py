@@ -18,6 +18,15 @@ first (`.ckpt_<step>.old`), and `recover` puts it back if the process died befor
 place. `--resume auto` takes the newest one that reads; a truncated or corrupt one gets a warning
 naming it and why, and the one before is used.
 
+Every checkpoint is sealed before it is committed: the size and CRC-32 of each of its files, over
+the bytes as written, go into `checksums.json`, written last (with --async-save by the main rank's
+writer once every rank's part is on disk). A resume checks them first: a file whose contents
+changed since the save (same size or not) makes the checkpoint unusable, named with the file;
+checkpoints written before checksums were kept resume with a warning ("no checksum recorded").
+A `.tmp` directory that is sealed and verifies is a save that finished writing but was not yet
+moved into place (kill -9 between the two): `recover` commits it; an unsealed one never finished
+and is removed by `prune`.
+
 Each checkpoint records the identity of the run that wrote it (`train_state.pt`: "run"). `prune`
 removes only that run's own older checkpoints, and only once `keep_last` newer ones of it have been
 verified to read: never another run's, never one it cannot read, never the newest that reads."""
@@ -26,20 +35,25 @@ from __future__ import annotations
 
 import glob
 import importlib
+import json
 import os
 import re
 import shutil
 import time
 import warnings
+import zlib
 from typing import Any, Dict, List, Optional
 
 import torch
 
 _NAME = re.compile(r"ckpt_(\d+)$")
 _OLD = re.compile(r"\.ckpt_(\d+)\.old$")
+_TMP = re.compile(r"\.ckpt_(\d+)\.tmp$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 DCP_DIR = "dcp"
+CHECKSUM_FILE = "checksums.json"  # {"algorithm": "crc32", "files": {relative path: {"size", "crc32"}}}
+NO_CHECKSUM = "no checksum recorded"
 FORMAT = 2  # train_state.pt "format": 2 = model and optimizer state in dcp/ (absent: format 1)
 
 
@@ -103,6 +117,72 @@ def _fault_pause(name: str) -> None:
         time.sleep(slow)
 
 
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(path: str) -> List[str]:
+    """The files of checkpoint directory `path`, relative ('/'-separated), the checksum file excepted."""
+    found = []
+    for d, _, names in os.walk(path):
+        for name in names:
+            rel = os.path.relpath(os.path.join(d, name), path).replace(os.sep, "/")
+            if not rel.startswith(CHECKSUM_FILE):
+                found.append(rel)
+    return sorted(found)
+
+
+def is_sealed(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CHECKSUM_FILE))
+
+
+def seal(tmp: str) -> None:
+    """After every file of checkpoint `tmp` is written (by every rank): record each file's size and
+    CRC-32 over the bytes as written in checksums.json, fsynced; the last file a save writes."""
+    files = {}
+    for rel in _files(tmp):
+        full = os.path.join(tmp, rel)
+        files[rel] = {"size": os.path.getsize(full), "crc32": f"{_crc32(full):08x}"}
+    part = os.path.join(tmp, CHECKSUM_FILE + ".part")
+    with open(part, "w") as f:
+        json.dump({"algorithm": "crc32", "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, os.path.join(tmp, CHECKSUM_FILE))
+
+
+def verify_checksums(path: str) -> str:
+    """Each file recorded in checkpoint `path`'s checksums.json against its size and CRC-32 now;
+    raises naming the first file that differs or is missing. Returns what was checked, or
+    NO_CHECKSUM for a checkpoint written before checksums were kept."""
+    if not is_sealed(path):
+        return NO_CHECKSUM
+    try:
+        with open(os.path.join(path, CHECKSUM_FILE)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"{CHECKSUM_FILE} cannot be read ({type(exc).__name__}: {exc})") from exc
+    for rel, rec in sorted(files.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise RuntimeError(f"{full} is missing (recorded in {CHECKSUM_FILE} at the save)")
+        size = os.path.getsize(full)
+        if size != int(rec["size"]):
+            cut = " (truncated)" if size < int(rec["size"]) else ""
+            raise RuntimeError(f"{full} is {size} bytes, {rec['size']} when it was written{cut}")
+        crc = f"{_crc32(full):08x}"
+        if crc != rec["crc32"]:
+            raise RuntimeError(
+                f"{full} has CRC-32 {crc}, {rec['crc32']} when it was written: its contents changed after the save "
+                f"(checksum mismatch)"
+            )
+    return f"{len(files)} files' checksums verified"
+
+
 def _set_aside(path: str, why: str) -> str:
     """Rename a checkpoint this run cannot vouch for out of the `ckpt_<step>` pattern (it is then
     never read, replaced or pruned) and say so; the name it now has."""
@@ -124,6 +204,8 @@ def commit(directory: str, step: int, run_id: Optional[str] = None) -> str:
     removed; `recover` restores the old one if the process dies in between. An existing checkpoint
     that is not verifiably this run's (another run's, or unreadable) is kept under another name."""
     tmp, final, old = temp_path(directory, step), checkpoint_path(directory, step), old_path(directory, step)
+    if not is_sealed(tmp):  # an --async-save writer seals its checkpoint itself, in the background
+        seal(tmp)
     if os.path.isdir(os.path.join(tmp, DCP_DIR)):
         _fsync_dir(os.path.join(tmp, DCP_DIR))
     _fsync_dir(tmp)
@@ -143,7 +225,10 @@ def commit(directory: str, step: int, run_id: Optional[str] = None) -> str:
 
 def recover(directory: str) -> None:
     """Finish what a process killed while re-saving a step left behind: a `.ckpt_<step>.old` whose
-    step has no checkpoint goes back into place; one whose step has its new checkpoint is removed."""
+    step has no checkpoint goes back into place; one whose step has its new checkpoint is removed.
+    A sealed `.ckpt_<step>.tmp` whose step has no checkpoint (a save that had finished writing when
+    the process died, before it was moved into place) is committed if it verifies, else left
+    (`prune` removes it)."""
     for old in glob.glob(os.path.join(directory, ".ckpt_*.old")):
         m = _OLD.search(old)
         if not m or not os.path.isdir(old):
@@ -155,6 +240,25 @@ def recover(directory: str) -> None:
             os.replace(old, final)
             _fsync_dir(directory)
             warnings.warn(f"restored {final}: a re-save of step {int(m.group(1))} was interrupted before it finished")
+    for tmp in sorted(glob.glob(os.path.join(directory, ".ckpt_*.tmp"))):
+        m = _TMP.search(tmp)
+        if not m or not os.path.isdir(tmp) or not is_sealed(tmp):
+            continue
+        final = checkpoint_path(directory, int(m.group(1)))
+        if os.path.exists(final):
+            continue
+        try:
+            verify_checksums(tmp)
+            verify(tmp)
+        except RuntimeError as exc:
+            warnings.warn(f"{tmp}: a save that finished writing but does not verify, not used ({exc})")
+            continue
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        warnings.warn(
+            f"committed {final}: its save had finished writing (checksums verified) when the process ended, before "
+            "it was moved into place"
+        )
 
 
 def save(directory: str, step: int, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any]) -> str:
@@ -271,6 +375,17 @@ def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dic
     write_state(tmp, train_state)
 
 
+def write_files_and_seal(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dict[str, Any], dcp_done=None) -> None:
+    """`write_files`, then wait for this rank's DCP writes (`dcp_done.result()`: on the main rank it
+    returns once every rank's part and the metadata are written) and `seal` the checkpoint: from
+    then on it is complete on disk, and `recover` commits it should the process die before it is
+    moved into place."""
+    write_files(tmp, model_state, train_state)
+    if dcp_done is not None:
+        dcp_done.result()
+    seal(tmp)
+
+
 def read_dcp(path: str, state: Dict[str, Any]) -> None:
     """Load checkpoint `path`'s DCP state into `state` in place (resharded to this run's layout)."""
     import torch.distributed.checkpoint as dcp
@@ -338,6 +453,12 @@ def load(path: str, rank_file: Optional[str] = None) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
+        checked = verify_checksums(path)
+    except RuntimeError as exc:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({exc})") from exc
+    if checked == NO_CHECKSUM:
+        warnings.warn(f"checkpoint {path}: {NO_CHECKSUM} (written before checksums were kept); its contents are not verified")
+    try:
         model = load_file(os.path.join(path, MODEL_FILE))
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
         if is_dcp(state):
@@ -348,14 +469,15 @@ def load(path: str, rank_file: Optional[str] = None) -> Dict[str, Any]:
             state["rank_state"] = torch.load(os.path.join(path, rank_file), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt or missing: name it and why
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    return {"model": model, **state, "path": path}
+    return {"model": model, **state, "path": path, "checksums": checked}
 
 
 def load_latest(directory: str, rank_file: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint that reads, warning about each newer one that does not; None if none."""
+    """The newest checkpoint that reads and verifies, warning about each newer one that does not
+    (one line each: which and why); None if none."""
     for path in reversed(list_checkpoints(directory)):
         try:
             return load(path, rank_file)
         except RuntimeError as exc:
-            warnings.warn(f"{exc}; trying the previous checkpoint")
+            warnings.warn(f"skipped {exc}; trying the previous checkpoint")
     return None

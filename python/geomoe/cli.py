@@ -134,6 +134,11 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
         "first patch embedding adapted to --in-chans (each band: the mean RGB kernel x 3/bands) (default: random "
         "initial weights)",
     )
+    p.add_argument(
+        "--allow-partial-init",
+        action="store_true",
+        help="load what --init-weights has of the encoder and name what it lacks (kept at initial values)",
+    )
     p.add_argument("--log-every", type=int, default=10, help="a metrics line every N steps")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on GPU, 0 on CPU)")
     _speed_flags(p)

@@ -65,6 +65,7 @@ from .runtime import (
     RunDirectory,
     StopSignals,
     append_jsonl,
+    check_checkpoint_fits,
     check_float,
     check_torch_cache_dir,
     check_int,
@@ -534,7 +535,8 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
         raise ValueError(f"argument '--batch-size' expected at most the {len(train_set)} training images, got {args.batch_size}")
 
     torch.manual_seed(args.seed)
-    model, encoder = build_classifier(args, len(train_set.classes))
+    num_classes = len(train_set.classes)
+    model, encoder = build_classifier(args, num_classes)
     note = load_pretrained(encoder, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
     model = model.to(device)
     peak_lr = peak_learning_rate(args)
@@ -577,6 +579,13 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     run = dict(id=run_identity(state), **run_args)
     if state is not None:
         warn_changed_run_arguments(state, run_args)
+        head = state["model"].get("head.weight")
+        check_checkpoint_fits(
+            state,
+            model.state_dict(),
+            f"--model {args.model}, --config {args.config}, {args.in_chans or 3} bands, {num_classes} classes",
+            f", {head.shape[0]} classes" if head is not None and head.dim() == 2 else "",
+        )
         start = restore_single(state, model, opt, scaler)
         best = float(state.get("best_top1", 0.0))
         last_eval = state.get("last_eval")
@@ -603,6 +612,16 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
     history: List[Dict[str, Any]] = []
     step, t0, seen, skipped_images, bad_steps, bad_in_row = start, time.perf_counter(), 0, 0, 0, 0
     loss_sum, good_steps, read_any = 0.0, 0, False  # read_any: an image of this run decoded
+    if state is not None and start % per_epoch:  # resumed mid-epoch: the epoch's sums so far
+        sums = state.get("epoch_sums")
+        if isinstance(sums, dict):
+            loss_sum, good_steps = float(sums["loss_sum"]), int(sums["good_steps"])
+            bad_steps, skipped_images = int(sums["bad_steps"]), int(sums["skipped_images"])
+        else:
+            warnings.warn(
+                f"checkpoint {state['path']} (step {start}, mid-epoch) holds no sums of its epoch (an earlier version): "
+                f"epoch {start // per_epoch + 1}'s logged train loss covers only the steps after the resume"
+            )
     num_classes = len(train_set.classes)
     clip = float(args.clip_grad or 0.0)
     model.train()
@@ -690,9 +709,20 @@ def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Di
             final = save_single(
                 args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
             )
-        elif stop.requested:
+        elif stop.requested:  # mid-epoch: the epoch's sums so far go with it, so its logged mean covers it all
+            sums = dict(loss_sum=loss_sum, good_steps=good_steps, bad_steps=bad_steps, skipped_images=skipped_images)
             final = save_single(
-                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
+                args.out,
+                step,
+                args.keep_last,
+                model,
+                opt,
+                scaler,
+                args,
+                run,
+                best_top1=best,
+                last_eval=last_eval,
+                epoch_sums=sums,
             )
         if stop.requested:
             print(f"{stop.received}: stopped at step {step}; checkpoint {final}")

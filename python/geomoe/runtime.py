@@ -204,11 +204,13 @@ def warn_changed_run_arguments(state: Dict[str, Any], now: Dict[str, Any], warn:
     then = state.get("run")
     if not isinstance(then, dict):
         return
-    if "config" in then and "config" in now and then["config"] != now["config"]:
-        raise ValueError(
-            f"checkpoint {state['path']} was written by a run with --config {then['config']}; this run has "
-            f"--config {now['config']}: resume it with --config {then['config']}"
-        )
+    for key in ("model", "config"):
+        if key in then and key in now and then[key] != now[key]:
+            raise ValueError(
+                f"checkpoint {state['path']} was written by a run with --{key} {then[key]}; this run has "
+                f"--{key} {now[key]}: resume it with --{key} {then[key]}, or start a new run from its weights "
+                f"(--init-weights, fine-tuning --weights)"
+            )
     label = lambda k: "global batch (--batch-size x processes)" if k == "global_batch" else _flag(k)
     changed = [f"{label(k)} {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
     if changed and warn:
@@ -216,6 +218,48 @@ def warn_changed_run_arguments(state: Dict[str, Any], now: Dict[str, Any], warn:
             f"resuming {state['path']} with run-defining arguments changed since it was written: {', '.join(changed)}; "
             "the result will differ from a straight run"
         )
+
+
+def describe_run(state: Dict[str, Any]) -> str:
+    """What run wrote a checkpoint, in flags (its "run" or "config" record), for errors."""
+    rec = state.get("run") if isinstance(state.get("run"), dict) else state.get("config")
+    if not isinstance(rec, dict):
+        return "a run of an unrecorded model"
+    parts = [f"--{k} {rec[k]}" for k in ("model", "config") if rec.get(k) is not None]
+    if rec.get("in_chans") is not None:
+        parts.append(f"{rec['in_chans']} bands")
+    return ", ".join(parts) or "a run of an unrecorded model"
+
+
+def check_checkpoint_fits(state: Dict[str, Any], model_state: Dict[str, torch.Tensor], asked: str, held: str = "") -> None:
+    """Resuming: the checkpoint's weights (`state["model"]`) must be the run's model's tensors, with
+    their shapes; else a ValueError says what the checkpoint holds (`held`: more about it, e.g. a
+    class count) and what this run asked for (`asked`), with counts and the first names that differ,
+    instead of load_state_dict's list of every key."""
+    saved = state["model"]
+    missing = [k for k in model_state if k not in saved]
+    unexpected = [k for k in saved if k not in model_state]
+    shapes = [
+        f"{k}: checkpoint {list(saved[k].shape)}, this run {list(v.shape)}"
+        for k, v in model_state.items()
+        if k in saved and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    first = lambda names: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of this run's {len(model_state)} tensors are not in it ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its {len(saved)} tensors are not in this run's model ({first(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} have another shape ({first(shapes)})")
+    raise ValueError(
+        f"checkpoint {state['path']} holds the weights of {describe_run(state)}{held}; this run asked for {asked}: "
+        + "; ".join(parts)
+        + ". Resume it with the arguments it was written with, or start a new run from its weights (--init-weights, "
+        "fine-tuning --weights)"
+    )
 
 
 # ---- stopping on a signal ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from .runtime import (
     RunDirectory,
     StopSignals,
     append_jsonl,
+    check_checkpoint_fits,
     check_float,
     check_torch_cache_dir,
     check_int,
@@ -107,6 +109,7 @@ class PretrainArgs:
     alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
     max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
     init_weights: Optional[str] = None  # weights to start a new run from (RGB ones adapted to --in-chans)
+    allow_partial_init: bool = False  # --init-weights may lack encoder tensors (they keep their initial values)
     dataset: Any = None  # in code: any torch Dataset of image tensors or dicts with "image" (instead of --data)
 
     def validate(self) -> None:
@@ -148,18 +151,37 @@ class PretrainArgs:
             raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
 
 
-def load_init_weights(model, path: str) -> str:
+def load_init_weights(model, path: str, partial: bool = False) -> str:
     """--init-weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout
-    file, loaded where it matches (what it lacks keeps its initial values); RGB weights for a model
-    with another band count get the first patch embedding adapted (geodata.adapt_in_chans)."""
+    file. Every encoder tensor must be in it with its shape (the decoder side may be missing: the
+    released weights are encoder-only; it keeps its initial values) and nothing else unexpected,
+    else a ValueError says what is missing and suggests --allow-partial-init; `partial` loads what
+    matches. RGB weights for a model with another band count get the first patch embedding adapted
+    (geodata.adapt_in_chans)."""
+    from .finetune import _expected_extra, _names
     from .original import key_map, load_original_state_dict
 
     path, tensors = checkpoint.read_weights(path, "--init-weights")
     notes = adapt_state_dict_in_chans(tensors, model.in_chans)
+    tensors = {k: v for k, v in tensors.items() if k not in getattr(model, "ORIGINAL_KEYS_RECOMPUTED", ())}
     own, original = model.state_dict(), key_map(model)
-    if any(k in original and k not in own for k in tensors):
-        res = load_original_state_dict(model, tensors)
-        loaded, missing = len(original) - len(res.missing), res.missing
+    use_original = any(k in original and k not in own for k in tensors)
+    names = original if use_original else own
+    missing = sorted(k for k in names if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in names and not _expected_extra(k))
+    lacking = [k for k in missing if not _expected_extra(k)]  # encoder tensors
+    if (lacking or unexpected) and not partial:
+        raise ValueError(
+            f"argument '--init-weights' expected weights for every encoder tensor of this {type(model).__name__} "
+            f"({'original' if use_original else 'geomoe'} layout), got {path} with {len(names) - len(missing)} of its "
+            f"{len(names)} tensors"
+            + (f"; missing: {_names(lacking)}" if lacking else "")
+            + (f"; unexpected: {_names(unexpected)}" if unexpected else "")
+            + " (a checkpoint of another --model, --config or layout?). Pass --allow-partial-init to load only what "
+            "matches"
+        )
+    if use_original:
+        load_original_state_dict(model, tensors)
     else:
         for k in sorted(set(own) & set(tensors)):
             if tuple(own[k].shape) != tuple(tensors[k].shape):
@@ -168,13 +190,13 @@ def load_init_weights(model, path: str) -> str:
                     f"got {list(tensors[k].shape)}"
                 )
         model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-        missing = sorted(k for k in own if k not in tensors)
-        loaded = len(own) - len(missing)
-    note = f"--init-weights: loaded {loaded} tensors from {path}"
+    note = f"--init-weights: loaded {len(names) - len(missing)} tensors from {path}"
     if notes:
         note += "; " + "; ".join(notes)
     if missing:
         note += f"; {len(missing)} left at their initial values ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+    if unexpected:
+        note += f"; not used: {_names(unexpected)}"
     return note
 
 
@@ -230,8 +252,12 @@ class _Trainer:
             model = MoEViTMAE(**preset["moevit"], in_chans=in_chans, backend=args.backend)
         else:
             model = GeoMoE(**preset["model"], in_chans=in_chans, front_end=args.front_end, backend=args.backend)
+        if self.state is not None:  # before the load: what the checkpoint holds against what the run asked for
+            check_checkpoint_fits(
+                self.state, model.state_dict(), f"--model {args.model}, --config {args.config}, {in_chans} bands"
+            )
         if args.init_weights and self.state is None:
-            note = load_init_weights(model, args.init_weights)
+            note = load_init_weights(model, args.init_weights, args.allow_partial_init)
             if env.main:
                 print(note)
         # the parameters' order before sharding: format-1 expert-parallel optimizer files follow it
@@ -504,7 +530,8 @@ class _Trainer:
             waits: List[Any] = [] if dcp_state is None else [checkpoint.write_dcp_async(tmp, dcp_state, self._save_group)]
             if env.main:
                 staged = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
-                waits.append(self._writer().submit(checkpoint.write_files, tmp, staged, train_state))
+                dcp_done = waits[0] if waits else None
+                waits.append(self._writer().submit(checkpoint.write_files_and_seal, tmp, staged, train_state, dcp_done))
             self._pending = (step, waits)
             return self._finish_pending() if final else None
         if dcp_state is not None:
@@ -536,7 +563,37 @@ class _Trainer:
         (step, waits), self._pending = self._pending, None
         for w in waits:
             w.result()  # a failed write raises here
+        checkpoint._fault_pause("ASYNC_COMMIT")  # fault-injection tests: the instant before the commit
         return self._commit(step)
+
+    def _settle_pending(self) -> None:
+        """The run ends by an exception with an asynchronous save in flight: wait (at most --timeout,
+        with no collective: another rank may be gone) for this rank's writes; the main rank then
+        commits the checkpoint if it was sealed (every rank's part written), else removes it (the
+        previous checkpoint stands). Either way, one line says which."""
+        if self._pending is None:
+            return
+        (step, waits), self._pending = self._pending, None
+        env, out, error = self.env, self.args.out, None
+        try:
+            for w in waits:
+                w.result(timeout=self.args.timeout)
+        except BaseException as exc:  # a failed write, or a timeout
+            error = exc
+        if not env.main:
+            return
+        tmp = checkpoint.temp_path(out, step)
+        if error is None and checkpoint.is_sealed(tmp):
+            path = checkpoint.commit(out, step, self.run_id)
+            checkpoint.prune(out, self.args.keep_last, self.run_id)
+            print(f"the run stopped by an error: the save of step {step} in flight was finished and committed, {path}")
+        else:
+            why = f"{type(error).__name__}: {error}" if error is not None else "not every part was written"
+            warnings.warn(
+                f"the run stopped by an error: the save of step {step} in flight did not finish ({why}); it was removed, "
+                f"the last committed checkpoint in {out} stands"
+            )
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -550,6 +607,18 @@ class _Trainer:
         return f"checkpoints {' and '.join(when + ['at the end'])} into {args.out}"
 
     def run(self, stop: StopSignals) -> Dict[str, Any]:
+        """The loop; a normal end or a signal commits every save (the last one included); an
+        exception finishes and commits a save in flight (or removes it) before it propagates."""
+        try:
+            return self._loop(stop)
+        except BaseException:
+            try:
+                self._settle_pending()
+            except Exception as exc:  # the run's own error is the one to see
+                warnings.warn(f"the save in flight could not be settled ({type(exc).__name__}: {exc})")
+            raise
+
+    def _loop(self, stop: StopSignals) -> Dict[str, Any]:
         args, env = self.args, self.env
         if self.state is not None and self.start >= self.steps:  # e.g. a second `make pretrain`
             if env.main:
