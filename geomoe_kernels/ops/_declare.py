@@ -58,12 +58,17 @@ class Op:
             impl_args = {n: named[n] for n in self._impl_names}
             impl = _backend.select(self.name, backend, device, impl_args)
             # inputs arrive in the dtypes the op was called with; the implementation decides its own
-            # precision. Entering the autocast context costs host time on every call (the eager layer
-            # is host-bound on a GPU), so only where autocast is on.
+            # precision. Autocast is switched off around it by the flag alone where it is on: the
+            # torch.autocast context manager costs more host time per call (the eager layer is
+            # host-bound on a GPU), and inside an autocast region it would do nothing more (its
+            # cache is cleared when the outermost region exits).
             if not torch.is_autocast_enabled(device.type):
                 return impl(*impl_args.values())
-            with torch.autocast(device_type=device.type, enabled=False):
+            torch.set_autocast_enabled(device.type, False)
+            try:
                 return impl(*impl_args.values())
+            finally:
+                torch.set_autocast_enabled(device.type, True)
 
         run.__signature__, run.__name__, run.__doc__ = self.signature, self.name, signature.__doc__  # type: ignore[attr-defined]
         self.op = torch.library.custom_op(f"geomoe::{self.name}", run, mutates_args=(), tags=OP_TAGS)
