@@ -57,3 +57,12 @@ def test_triton_launches_are_stubbed_and_counted():
         kernel[(1,)](x)  # stubbed, outside the count
     assert c.summary()["our_kernels"] == {"_toy_kernel": 2} and c.summary()["launches"] == 2
     assert InterpretedFunction.run is not None and "launch" not in InterpretedFunction.run.__name__  # restored
+
+
+def test_a_cast_below_autograd_is_a_copy():
+    """Inside a custom op (below autograd) `to`, `contiguous` reach the count undecomposed: a result
+    in new memory is a copy kernel and an allocation, one that returns its input neither."""
+    x = torch.ones(4, 2)
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        r = H.count(lambda: (x.to(torch.bfloat16), x.to(torch.float32), x.contiguous(), x.t().contiguous()))
+    assert r["torch_launches_by_category"] == {"copy": 2} and r["allocations"] == 2
