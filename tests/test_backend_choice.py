@@ -135,3 +135,39 @@ def test_an_op_runs_its_implementation_with_autocast_off_by_the_flag_alone(monke
         assert torch.is_autocast_enabled("cpu")  # back on, after an error too
         monkeypatch.undo()
     assert seen == [False, False] and not torch.is_autocast_enabled("cpu")
+
+
+def test_an_output_without_gradient_reaches_backward_as_none_not_zeros(monkeypatch):
+    """No zero fill per unused output (gating's ids and counts, the saved pre-activation)."""
+    from geomoe_kernels import grouped_mm, topk_gating
+    from geomoe_kernels.ops.grouped_gemm import grouped_mm_op
+
+    seen = []
+    entry = backend._REGISTRY["topk_gating_backward"]["torch"]
+    monkeypatch.setitem(backend._REGISTRY["topk_gating_backward"], "torch", (lambda *a: seen.append(a[:2]) or entry[0](*a), None))
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w, ids, counts, prob_mean = topk_gating(logits, None, 2, "softmax")
+    (g,) = torch.autograd.grad(w.sum(), logits, retain_graph=True)
+    [(grad_weights, grad_prob_mean)] = seen
+    assert grad_weights is not None and grad_prob_mean is None
+    # the same gradient as with an explicit zero for prob_mean
+    (want,) = torch.autograd.grad(w.sum() + 0 * prob_mean.sum(), logits)
+    torch.testing.assert_close(g, want)
+    # only the pre-activation used: no gradient flows back, and no error
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    out, pre = grouped_mm_op(x, wt, torch.tensor([0, 1, 4]), None, "gelu")
+    pre.sum().backward()
+    assert x.grad is None and wt.grad is None
+    y = grouped_mm(x, wt, torch.tensor([0, 1, 4]), None, "gelu")
+    y.sum().backward()
+    assert x.grad is not None and wt.grad is not None
+    # and an op whose only output then gets no gradient (x from permute, only pre used): no error
+    from geomoe_kernels import permute
+
+    x.grad = None
+    r2f, f2r, offsets = route(torch.tensor([[0], [1], [1], [1]]), 2)
+    rows = permute(x, r2f, f2r, 1)
+    _, pre = grouped_mm_op(rows, wt, offsets, None, "gelu")
+    pre.sum().backward()
+    assert x.grad is None

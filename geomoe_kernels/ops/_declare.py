@@ -102,17 +102,25 @@ class Op:
     def register_autograd(self, setup_context: Callable, backward: Callable) -> None:
         """setup_context(ctx, args: dict by name, output) saves what backward needs;
         backward(ctx, *grad_outputs) -> {argument name: its gradient} for the differentiable
-        arguments (the rest get None). ctx.needs_grad says by name which inputs need one."""
+        arguments (the rest get None). ctx.needs_grad says by name which inputs need one. An output
+        that got no gradient comes to backward as None, not as a tensor of zeros (autograd's default
+        would launch a fill and allocate for each: the maps and counts of gating, the saved
+        pre-activations), so a backward whose first output can be unused checks for None."""
         names = self.arg_names
 
         def backward_by_name(ctx, *grads):
+            if all(g is None for g in grads):  # no gradient reached any output
+                return (None,) * (len(names) + 1)
             ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
             got = backward(ctx, *grads)
             if set(got) - set(names):
                 raise RuntimeError(f"{self.name}'s backward returned gradients for {sorted(got)}, not all its arguments")
             return tuple(got.get(n) for n in names) + (None,)  # None: backend
 
-        setup = lambda ctx, inputs, output: setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
+        def setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
+
         torch.library.register_autograd(self.op, backward_by_name, setup_context=setup)
 
 
