@@ -66,3 +66,30 @@ def test_a_cast_below_autograd_is_a_copy():
     with torch._C._AutoDispatchBelowADInplaceOrView():
         r = H.count(lambda: (x.to(torch.bfloat16), x.to(torch.float32), x.contiguous(), x.t().contiguous()))
     assert r["torch_launches_by_category"] == {"copy": 2} and r["allocations"] == 2
+
+
+def test_the_layer_step_end_to_end(tmp_path):
+    """The tool's own run on GeoMoE's layer (the Triton path, launches stubbed): no host sync, and
+    no more kernels than when issue 28's per-call trims landed (74: 14 ours + 60 torch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.host_overhead",
+        "--only",
+        "MoE layer, GeoMoE geomoe",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, check=True)
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["host_syncs"] == 0 and row["custom_op_calls"] == 9
+    assert row["launches_ours"] == 14 and row["launches"] <= 74, row
