@@ -1,7 +1,9 @@
 """Argument checks shared by every op: each error names the op, the argument, what was expected and
 what came. Metadata checks (device, dtype, shape, layout) cost nothing and always run. Value checks
 (NaN, id ranges, offsets) need to read the data, which is a host sync on a GPU, so by default they run
-only for CPU tensors; GEOMOE_CHECK_VALUES=1 turns them on everywhere, =0 off everywhere."""
+only for CPU tensors; GEOMOE_CHECK_VALUES=1 turns them on everywhere, =0 off everywhere. The variable
+is read at import (not on every op call); set_value_checks() or the value_checks() context manager
+change the setting at run time, and geomoe_kernels.backend.forget() reads the variable again."""
 
 from __future__ import annotations
 
@@ -76,13 +78,43 @@ def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None
         raise OpInputError(f"{op}: argument '{name}' expected one of {list(choices)}, got {value!r}")
 
 
+def _from_environment() -> Optional[bool]:
+    return {"1": True, "0": False}.get(os.environ.get("GEOMOE_CHECK_VALUES", ""))
+
+
+# True: value checks everywhere, False: nowhere, None: for CPU tensors only (the default)
+_value_checks: Optional[bool] = _from_environment()
+
+
+def read_environment() -> None:
+    """Take the setting from GEOMOE_CHECK_VALUES again (geomoe_kernels.backend.forget calls this)."""
+    global _value_checks
+    _value_checks = _from_environment()
+
+
+def set_value_checks(on: Optional[bool]) -> Optional[bool]:
+    """Value checks on every device (True), on none (False), or for CPU tensors only (None, the
+    default); returns the setting it replaces. Process-wide, like the variable."""
+    global _value_checks
+    if on not in (True, False, None):
+        raise ValueError(f"set_value_checks: argument 'on' expected True, False or None, got {on!r}")
+    before, _value_checks = _value_checks, on
+    return before
+
+
+@contextlib.contextmanager
+def value_checks(on: Optional[bool]) -> Iterator[None]:
+    """set_value_checks(on) inside the block, the previous setting after it."""
+    before = set_value_checks(on)
+    try:
+        yield
+    finally:
+        set_value_checks(before)
+
+
 def value_checks_enabled(t: torch.Tensor) -> bool:
-    flag = os.environ.get("GEOMOE_CHECK_VALUES", "")
-    if flag == "1":
-        return True
-    if flag == "0":
-        return False
-    return t.device.type == "cpu"
+    on = _value_checks
+    return t.device.type == "cpu" if on is None else on
 
 
 _passing = threading.local()

@@ -5,16 +5,22 @@ backend name. "auto" picks, for CUDA tensors, the CUDA core where it is loaded a
 case, else Triton, else the reference; for CPU tensors, the emulated CUDA core under
 GEOMOE_CUDA_EMULATE=1, then Triton under TRITON_INTERPRET=1, else the reference. An explicit backend
 that cannot run the case is an error that says why, never a silent fallback. Support checks take the
-op's arguments by name."""
+op's arguments by name, and may read their dtypes, shapes and non-tensor values only.
+
+The choice (support checks and self-check verdict included) is made once per (op, backend, device,
+argument dtypes and shapes, non-tensor arguments) and cached: the eager hot path pays one dict
+lookup per op call. The environment (TRITON_INTERPRET, GEOMOE_CUDA_EMULATE, GEOMOE_SELF_CHECK,
+GEOMOE_CHECK_VALUES) is therefore read when a choice is first made; after changing one of them at
+run time, call forget()."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Set, Tuple
 
 import torch
 
-from . import self_check
+from . import _checks, self_check
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
@@ -39,9 +45,23 @@ _UNAVAILABLE_REASON = {
 _DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
 
 
+# (op, backend, device, argument signature) -> (the registry entry chosen, its backend name)
+_CHOICES: Dict[Hashable, Tuple[Tuple[Callable, Optional[Callable[..., Optional[str]]]], str]] = {}
+_MAX_CHOICES = 4096  # distinct shapes (say, every decode length) are bounded: past this the cache starts over
+
+
+def forget() -> None:
+    """Drop the cached backend choices and re-read the settings taken from the environment
+    (TRITON_INTERPRET, GEOMOE_CUDA_EMULATE, GEOMOE_SELF_CHECK, GEOMOE_CHECK_VALUES): call it after
+    changing one of them at run time. Registering an implementation drops the choices too."""
+    _CHOICES.clear()
+    _checks.read_environment()
+
+
 def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
     _DEVICE_CHECKS[backend] = check
+    _CHOICES.clear()
 
 
 class BackendUnavailable(RuntimeError):
@@ -73,6 +93,7 @@ def register(
     _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
     if not auto:
         _EXPLICIT_ONLY.add((op, backend))
+    _CHOICES.clear()
 
 
 def set_unavailable_reason(backend: str, reason: str) -> None:
@@ -81,6 +102,7 @@ def set_unavailable_reason(backend: str, reason: str) -> None:
     if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
     _UNAVAILABLE_REASON[backend] = reason
+    _CHOICES.clear()
 
 
 def check_backend_name(backend: str) -> None:
@@ -108,22 +130,49 @@ def _why_not(op: str, backend: str, device: torch.device, args: Optional[Mapping
     return supports(**args) if (supports is not None and args is not None) else None
 
 
+def _signature(args: Mapping[str, Any]) -> Tuple:
+    """What a support check may read of the arguments: tensors' dtypes and shapes, other values."""
+    return tuple((v.dtype, v.shape) if isinstance(v, torch.Tensor) else v for v in args.values())
+
+
 def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[str, Any]] = None) -> Callable:
-    """The implementation of `op` for `backend` on `device`; `args` (by name) go to the support checks."""
-    check_backend_name(backend)
+    """The implementation of `op` for `backend` on `device`; `args` (by name) go to the support checks.
+    Cached per (op, backend, device, argument signature): see the module docstring."""
     args = {} if args is None else args
+    try:
+        key: Optional[Hashable] = (op, backend, device, _signature(args))
+        hit = _CHOICES.get(key)
+    except TypeError:  # an unhashable argument: choose every time
+        key, hit = None, None
+    if hit is not None:
+        entry, name = hit
+        if _REGISTRY[op].get(name) is entry:  # still registered (tests swap implementations in place)
+            return entry[0]
+    name = _choose(op, backend, device, args)
+    entry = _REGISTRY[op][name]
+    # a verdict pending (a self-check running, a CUDA graph capture or a compile trace) is not final
+    if key is not None and not self_check.pending():
+        if len(_CHOICES) >= _MAX_CHOICES:
+            _CHOICES.clear()
+        _CHOICES[key] = (entry, name)
+    return entry[0]
+
+
+def _choose(op: str, backend: str, device: torch.device, args: Mapping[str, Any]) -> str:
+    """The backend name that runs `op` here (uncached: every support check and self-check verdict)."""
+    check_backend_name(backend)
     if backend != "auto":
         reason = _why_not(op, backend, device, args)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
         if backend in KERNEL_BACKENDS:
             self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
-        return _REGISTRY[op][backend][0]
+        return backend
     for name in auto_order(device):
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
             if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
                 continue  # failed its check on this device: the next backend runs
-            return _REGISTRY[op][name][0]
+            return name
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
 
 

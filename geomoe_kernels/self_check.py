@@ -125,6 +125,12 @@ def _dtype_of(op: str, args) -> Optional[torch.dtype]:
     return None
 
 
+def pending() -> bool:
+    """True while a verdict may be "unchecked" only for now: a check is running, or a CUDA graph
+    capture or a compile trace is under way (the backend does not cache a choice made then)."""
+    return _running or _capturing()
+
+
 def _capturing() -> bool:
     """Inside a CUDA graph capture or a torch.compile trace a check cannot run (it syncs)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -174,9 +180,13 @@ def failed_reason(op: str, backend: str, device: torch.device, args) -> Optional
 
 
 def forget() -> None:
-    """Drop this process's memory of verdicts and warnings (the file stays): tests, re-checks."""
+    """Drop this process's memory of verdicts and warnings (the file stays), and the backend choices
+    made from them: tests, re-checks."""
+    from . import backend
+
     _memo.clear()
     _warned.clear()
+    backend.forget()
 
 
 def summary() -> str:

@@ -13,6 +13,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """Each test chooses backends under its own environment (tests set TRITON_INTERPRET,
+    GEOMOE_SELF_CHECK ... with monkeypatch, and the choices are cached per process): set up before,
+    torn down after monkeypatch has put the environment back."""
+    from geomoe_kernels import backend
+
+    backend.forget()
+    yield
+    backend.forget()
+
+
 def pytest_generate_tests(metafunc):
     """`backend`: every backend that runs here; `kernel_backend`: those other than the reference.
     With `dtype` beside either: each backend in each of its dtypes. A test that parametrises them

@@ -89,6 +89,8 @@ def test_cuda_backend_runs_cpu_tensors_through_the_emulated_core(monkeypatch):
 
     assert "cuda (emulated)" in report()
     monkeypatch.delenv("GEOMOE_CUDA_EMULATE")
+    assert backend.select("permute", "auto", x.device, args) is cuda.permute  # the choice is cached ...
+    backend.forget()  # ... until the environment is read again
     assert backend.select("permute", "auto", x.device, args) is not cuda.permute
     with pytest.raises(BackendUnavailable, match="GEOMOE_CUDA_EMULATE=1"):
         permute(x, r2f, r2f, 1, backend="cuda")

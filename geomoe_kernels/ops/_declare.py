@@ -58,12 +58,17 @@ class Op:
             impl_args = {n: named[n] for n in self._impl_names}
             impl = _backend.select(self.name, backend, device, impl_args)
             # inputs arrive in the dtypes the op was called with; the implementation decides its own
-            # precision. Entering the autocast context costs host time on every call (the eager layer
-            # is host-bound on a GPU), so only where autocast is on.
+            # precision. Autocast is switched off around it by the flag alone where it is on: the
+            # torch.autocast context manager costs more host time per call (the eager layer is
+            # host-bound on a GPU), and inside an autocast region it would do nothing more (its
+            # cache is cleared when the outermost region exits).
             if not torch.is_autocast_enabled(device.type):
                 return impl(*impl_args.values())
-            with torch.autocast(device_type=device.type, enabled=False):
+            torch.set_autocast_enabled(device.type, False)
+            try:
                 return impl(*impl_args.values())
+            finally:
+                torch.set_autocast_enabled(device.type, True)
 
         run.__signature__, run.__name__, run.__doc__ = self.signature, self.name, signature.__doc__  # type: ignore[attr-defined]
         self.op = torch.library.custom_op(f"geomoe::{self.name}", run, mutates_args=(), tags=OP_TAGS)
@@ -97,17 +102,25 @@ class Op:
     def register_autograd(self, setup_context: Callable, backward: Callable) -> None:
         """setup_context(ctx, args: dict by name, output) saves what backward needs;
         backward(ctx, *grad_outputs) -> {argument name: its gradient} for the differentiable
-        arguments (the rest get None). ctx.needs_grad says by name which inputs need one."""
+        arguments (the rest get None). ctx.needs_grad says by name which inputs need one. An output
+        that got no gradient comes to backward as None, not as a tensor of zeros (autograd's default
+        would launch a fill and allocate for each: the maps and counts of gating, the saved
+        pre-activations), so a backward whose first output can be unused checks for None."""
         names = self.arg_names
 
         def backward_by_name(ctx, *grads):
+            if all(g is None for g in grads):  # no gradient reached any output
+                return (None,) * (len(names) + 1)
             ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
             got = backward(ctx, *grads)
             if set(got) - set(names):
                 raise RuntimeError(f"{self.name}'s backward returned gradients for {sorted(got)}, not all its arguments")
             return tuple(got.get(n) for n in names) + (None,)  # None: backend
 
-        setup = lambda ctx, inputs, output: setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
+        def setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, dict(zip(names + ["backend"], inputs)), output)
+
         torch.library.register_autograd(self.op, backward_by_name, setup_context=setup)
 
 

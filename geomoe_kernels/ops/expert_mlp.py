@@ -99,6 +99,8 @@ def _setup_context(ctx, args, output):
 
 
 def _backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:  # only `pre` was used: nothing flows back through it
+        return {}
     x, w1, w2, offsets, pre, gather, flat_to_row = ctx.saved_tensors
     activation, backend, has_b1, has_b2, top_k = ctx.config
     d_rows, dw1, db1, dw2, db2 = expert_mlp_backward(

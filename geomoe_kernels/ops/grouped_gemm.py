@@ -160,6 +160,8 @@ def _setup_context(ctx, args, output):
 
 
 def _backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:  # only `pre` was used: nothing flows back through it
+        return {}
     x, weight, offsets, pre, gather, flat_to_row = ctx.saved_tensors
     activation, backend, has_bias, top_k = ctx.config
     d_rows, dw, db = grouped_mm_backward(grad_out.contiguous(), x, weight, offsets, pre, activation, gather, top_k, backend)

@@ -85,6 +85,8 @@ def _setup_context(ctx, args, output):
 
 
 def _backward(ctx, grad_out, *_grad_saved):
+    if grad_out is None:  # only the saved statistics were used: nothing flows back through them
+        return {}
     x, norm_weight, norm_bias, weight, pre, mean, rstd = ctx.saved_tensors
     activation, eps, backend, has_bias = ctx.config
     dx, dnw, dnb, dw, db = norm_linear_backward(
