@@ -14,10 +14,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
-from . import self_check
-
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
+
+# The first-use check of a kernel backend: (op, backend, device, args) -> why that kernel failed its
+# check on this device, or None. Handed in by the package's __init__ (geomoe_kernels.self_check), so
+# the registry never imports the verifier; None (the default) runs every kernel unchecked.
+_FIRST_USE_CHECK: Optional[Callable[[str, str, torch.device, Mapping[str, Any]], Optional[str]]] = None
 
 # op name -> None for an op users call, or the name of the op whose backward it computes
 _OPS: Dict[str, Optional[str]] = {}
@@ -42,6 +45,12 @@ _DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
 def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
     _DEVICE_CHECKS[backend] = check
+
+
+def set_first_use_check(check: Optional[Callable[[str, str, torch.device, Mapping[str, Any]], Optional[str]]]) -> None:
+    """The check `select` asks before it runs a kernel backend (see _FIRST_USE_CHECK)."""
+    global _FIRST_USE_CHECK
+    _FIRST_USE_CHECK = check
 
 
 class BackendUnavailable(RuntimeError):
@@ -116,12 +125,12 @@ def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[s
         reason = _why_not(op, backend, device, args)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
-        if backend in KERNEL_BACKENDS:
-            self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
+        if backend in KERNEL_BACKENDS and _FIRST_USE_CHECK is not None:
+            _FIRST_USE_CHECK(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return _REGISTRY[op][backend][0]
     for name in auto_order(device):
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
-            if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
+            if name in KERNEL_BACKENDS and _FIRST_USE_CHECK is not None and _FIRST_USE_CHECK(op, name, device, args) is not None:
                 continue  # failed its check on this device: the next backend runs
             return _REGISTRY[op][name][0]
     raise BackendUnavailable(f"{op}: no backend can run on {device}")
