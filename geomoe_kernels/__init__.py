@@ -5,13 +5,18 @@ topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise
 SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
 
 from . import cpu_memory  # noqa: F401  (first: it sets torch's huge-page switch before anything allocates)
+from . import backend as _backend
 from . import layout
+from . import self_check as _self_check
+from ._version import __version__  # noqa: F401  (public)
 from .backend import BACKENDS, BackendUnavailable
 from ._checks import OpInputError
 from .nn import MoEMLP, SparseCBlock
 from .ops import expert_mlp, grouped_mm, masked_depthwise_conv, norm_linear, permute, route, topk_gating, unpermute
 
-__version__ = "0.1.0"
+# The dispatch registry asks the self-check before a kernel backend's first use on a device; handed
+# in here so that the registry (and every op's run path) never imports the verifier.
+_backend.set_first_use_check(_self_check.failed_reason, _self_check.pending)
 
 __all__ = [
     "BACKENDS",

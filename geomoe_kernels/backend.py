@@ -20,10 +20,16 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Set, 
 
 import torch
 
-from . import _checks, self_check
+from . import _checks
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_BACKENDS = ("triton", "cuda")  # checked against the reference on first use (self_check)
+
+# The first-use check of a kernel backend: (op, backend, device, args) -> why that kernel failed its
+# check on this device, or None. Handed in by the package's __init__ (geomoe_kernels.self_check), so
+# the registry never imports the verifier; None (the default) runs every kernel unchecked.
+_FIRST_USE_CHECK: Optional[Callable[[str, str, torch.device, Mapping[str, Any]], Optional[str]]] = None
+_FIRST_USE_PENDING: Optional[Callable[[], bool]] = None
 
 # op name -> None for an op users call, or the name of the op whose backward it computes
 _OPS: Dict[str, Optional[str]] = {}
@@ -61,6 +67,18 @@ def forget() -> None:
 def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
     _DEVICE_CHECKS[backend] = check
+    _CHOICES.clear()
+
+
+def set_first_use_check(
+    check: Optional[Callable[[str, str, torch.device, Mapping[str, Any]], Optional[str]]],
+    pending: Optional[Callable[[], bool]] = None,
+) -> None:
+    """The check `select` asks before it runs a kernel backend (see _FIRST_USE_CHECK), and `pending`:
+    true while a verdict may be provisional (a check running, a CUDA graph capture, a compile trace),
+    when `select` does not cache its choice."""
+    global _FIRST_USE_CHECK, _FIRST_USE_PENDING
+    _FIRST_USE_CHECK, _FIRST_USE_PENDING = check, pending
     _CHOICES.clear()
 
 
@@ -151,7 +169,7 @@ def select(op: str, backend: str, device: torch.device, args: Optional[Mapping[s
     name = _choose(op, backend, device, args)
     entry = _REGISTRY[op][name]
     # a verdict pending (a self-check running, a CUDA graph capture or a compile trace) is not final
-    if key is not None and not self_check.pending():
+    if key is not None and not (_FIRST_USE_PENDING is not None and _FIRST_USE_PENDING()):
         if len(_CHOICES) >= _MAX_CHOICES:
             _CHOICES.clear()
         _CHOICES[key] = (entry, name)
@@ -165,12 +183,12 @@ def _choose(op: str, backend: str, device: torch.device, args: Mapping[str, Any]
         reason = _why_not(op, backend, device, args)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
-        if backend in KERNEL_BACKENDS:
-            self_check.failed_reason(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
+        if backend in KERNEL_BACKENDS and _FIRST_USE_CHECK is not None:
+            _FIRST_USE_CHECK(op, backend, device, args)  # asked for by name: runs, with a warning if it failed
         return backend
     for name in auto_order(device):
         if (op, name) not in _EXPLICIT_ONLY and _why_not(op, name, device, args) is None:
-            if name in KERNEL_BACKENDS and self_check.failed_reason(op, name, device, args) is not None:
+            if name in KERNEL_BACKENDS and _FIRST_USE_CHECK is not None and _FIRST_USE_CHECK(op, name, device, args) is not None:
                 continue  # failed its check on this device: the next backend runs
             return name
     raise BackendUnavailable(f"{op}: no backend can run on {device}")

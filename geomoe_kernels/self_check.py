@@ -28,6 +28,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import _version
+
 CACHE_NAME = "self_check.json"
 _memo: Dict[str, Dict[str, str]] = {}  # this process's verdicts (the file is read once per key)
 _warned: set = set()
@@ -65,13 +67,12 @@ def _device_id(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _device_id_cached(kind: str, index: Optional[int], interpreting: str) -> str:
-    from . import __version__
-
+    version = _version.__version__
     if kind == "cuda":
         p = torch.cuda.get_device_properties(index)
         driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else torch.version.cuda
-        return f"{p.name}|sm_{p.major}{p.minor}|driver {driver}|geomoe {__version__}"
-    return f"cpu|interpreter {interpreting}|geomoe {__version__}"
+        return f"{p.name}|sm_{p.major}{p.minor}|driver {driver}|geomoe {version}"
+    return f"cpu|interpreter {interpreting}|geomoe {version}"
 
 
 def key(device: torch.device, op: str, backend: str, dtype: torch.dtype) -> str:
@@ -151,7 +152,7 @@ def verdict(op: str, backend: str, device: torch.device, args) -> Tuple[str, str
         if cached is None:
             if _capturing():
                 return "unchecked", ""
-            from . import verify
+            from . import verify  # at the first check only: importing the package leaves the verifier out
 
             _running, start = True, time.perf_counter()
             try:  # whatever the caller's context: the check needs autograd and its own precision

@@ -352,7 +352,7 @@ def test_5_a_stopped_rank_ends_the_others_within_the_timeout(tmp_path):
 
 def test_a_killed_rank_ends_the_others_with_the_runs_message(tmp_path):
     """A rank killed mid-step (DDP's own collectives, not a guarded one, see it go): the survivor's
-    error says another rank stopped or died (the README's words), not gloo's "Connection reset by
+    error says another rank stopped or died (the words of docs/pretraining.md), not gloo's "Connection reset by
     peer ... GLHF!"."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -72,7 +72,7 @@ def test_a_library_upgrade_checks_again(wrong_triton_permute, monkeypatch):
         warnings.simplefilter("ignore")
         _call()
     monkeypatch.setitem(B._REGISTRY["permute"], "triton", B._REGISTRY["permute"]["torch"])  # the fixed kernel
-    monkeypatch.setattr(geomoe_kernels, "__version__", geomoe_kernels.__version__ + "+fixed")
+    monkeypatch.setattr(geomoe_kernels._version, "__version__", geomoe_kernels.__version__ + "+fixed")
     self_check._device_id_cached.cache_clear()
     self_check.forget()
     with warnings.catch_warnings():

@@ -12,7 +12,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layer_decay import param_groups
 from .model import PATCH, GeoMoEEncoderBase, check_image_batch
+from .pos_embed import interpolate_pos_embed  # noqa: F401  (also public here)
 
 
 class BackboneOutput(NamedTuple):
@@ -20,17 +22,6 @@ class BackboneOutput(NamedTuple):
     pooled: Tensor  # [N, C3] mean of the stage-3 tokens
     aux: Tensor  # [layers] auxiliary load-balancing losses
     load: Tensor  # [layers, experts] assignments per expert
-
-
-def interpolate_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """[1, g*g, C] table for a square g x g grid -> [1, h*w, C], bicubic (exact copy when equal)."""
-    n, C = pos.shape[1], pos.shape[2]
-    g = int(round(n**0.5))
-    if (g, g) == tuple(grid):
-        return pos
-    table = pos.reshape(1, g, g, C).permute(0, 3, 1, 2).float()
-    table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
-    return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(pos.dtype)
 
 
 class GeoMoEBackbone(GeoMoEEncoderBase):
@@ -81,8 +72,6 @@ class GeoMoEBackbone(GeoMoEEncoderBase):
         this backbone (`model`, default the backbone alone): the backbone's parameters take GeoMoE's
         ids by their names inside it, everything else in `model` (neck, heads) the last id.
         See geomoe.layer_decay.param_groups."""
-        from .layer_decay import param_groups
-
         return param_groups(self if model is None else model, base_lr, weight_decay, layer_decay, backbone=self)
 
     @property

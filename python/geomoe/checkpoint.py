@@ -110,7 +110,7 @@ def write_state(tmp: str, obj: Any, name: str = STATE_FILE) -> None:
 
 def _fault_pause(name: str) -> None:
     """Fault-injection tests: GEOMOE_FAULT_<name>=SECONDS opens a window to kill the process in."""
-    from .runtime import env_number
+    from .envvars import env_number
 
     slow = env_number(f"GEOMOE_FAULT_{name}", "0", float, 0)
     if slow:
@@ -366,7 +366,7 @@ def write_files(tmp: str, model_state: Dict[str, torch.Tensor], train_state: Dic
     """The main rank's files of a checkpoint (model.safetensors, train_state.pt): for a background
     writer. Fault-injection tests: GEOMOE_FAULT_ASYNC_HOLD_FROM=STEP holds the writer of every step
     from STEP on (for two minutes) so the process can be killed while a save is in flight."""
-    from .runtime import env_number
+    from .envvars import env_number
 
     hold = env_number("GEOMOE_FAULT_ASYNC_HOLD_FROM", "0", int, 0)
     if hold and int(train_state.get("step", 0)) >= hold:

@@ -353,6 +353,15 @@ class ImageFolder(_EpochIndexed):
         return self.files[index]
 
 
+class BandCountError(ValueError):
+    """A raster whose band count differs from the model's: an error, never a skipped file."""
+
+
+class RasterSizeError(ValueError):
+    """A raster that declares more values than --max-raster-pixels: an error before any pixel is
+    read, never a skipped file."""
+
+
 PROBE_FILES = 16  # files a run tries to read before it starts (`check_readable`)
 
 
@@ -366,8 +375,6 @@ def check_readable(
     none of the images it draws can be read (pretraining: at its end, fine-tuning: at the first
     epoch's end, before a checkpoint). Errors other than an unreadable file (a band count, a
     raster over the size limit) pass through."""
-    from .geodata import BandCountError, RasterSizeError
-
     first = None
     for path in files[:limit]:
         try:

@@ -37,14 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .data import LabelledImages, class_folder_samples, files_in_subfolders, random_resized_crop_box
+# BandCountError and RasterSizeError are defined in data, beside check_readable, which lets them through
+from .data import (
+    BandCountError,
+    LabelledImages,
+    RasterSizeError,
+    class_folder_samples,
+    files_in_subfolders,
+    random_resized_crop_box,
+)
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".jp2", ".img", ".vrt")
 BAND_STATS_FILE = "band_stats.json"
-
-
-class BandCountError(ValueError):
-    """A raster whose band count differs from the model's: an error, never a skipped file."""
 
 
 def _rasterio():
@@ -56,11 +60,6 @@ def _rasterio():
             "reading GeoTIFF and other rasters needs rasterio: pip install 'geomoe-kernels[geo]' (or pip install rasterio)"
         ) from exc
     return rasterio
-
-
-class RasterSizeError(ValueError):
-    """A raster that declares more values than --max-raster-pixels: an error before any pixel is
-    read, never a skipped file."""
 
 
 ALPHA_MODES = ("mask", "data")

@@ -24,7 +24,7 @@ from torch import nn
 
 from geomoe_kernels import MoEMLP
 
-from .moevit import MoEViTEncoder
+from .moevit_encoder import MoEViTEncoder
 
 _GEOMOE_RULES = (
     (r"(?:^|\.)(?:patch_embed1|pos_embed)(?:\.|$)", lambda m: 0),

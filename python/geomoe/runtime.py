@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import ResumableBatchSampler
+from .envvars import env_number  # noqa: F401  (also public here)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _LOCK_FDS: set = set()  # run-directory locks this process holds (forked loader workers close them)
@@ -81,20 +82,6 @@ def check_float(
         lo = f"{'(' if low_open else '['}{low:g}"
         hi = "inf)" if high == math.inf else f"{high:g}{')' if high_open else ']'}"
         raise ValueError(f"argument '{_flag(name)}' expected a finite number in {lo}, {hi}, got {value!r}")
-
-
-def env_number(name: str, default: str, kind=int, minimum: float = 0):
-    """The environment variable `name` read as a number (`kind`) >= minimum (`default` where unset
-    or empty); anything else is an error naming the variable."""
-    raw = os.environ.get(name, "").strip() or default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum or (kind is float and not math.isfinite(value)):
-        what = "an integer" if kind is int else "a finite number"
-        raise ValueError(f"environment variable {name} expected {what} >= {minimum:g}, got {raw!r}")
-    return value
 
 
 def check_torch_cache_dir() -> None:
