@@ -23,6 +23,7 @@ from .masking import random_masking
 from .model import MaskedAutoencoder, check_image_batch
 from .moevit_encoder import PATCH, Block, EncoderOutput, MoEViTEncoder, PatchEmbed  # noqa: F401  (the encoder, split out)
 
+
 class MoEViTClassifier(MoEViTEncoder):
     """Scene classification: mean of the patch tokens (cls dropped), fc_norm, linear head.
     forward(imgs) -> (logits [N, classes], aux [MoE layers])."""
