@@ -87,7 +87,7 @@ def test_cuda_backend_runs_cpu_tensors_through_the_emulated_core(monkeypatch):
     assert backend.select("grouped_mm", "auto", x.device, None) is not cuda.grouped_mm
     from geomoe_kernels.info import report
 
-    assert "cuda (emulated)" in report()
+    assert "auto -> cuda (the emulated core)" in report()
     monkeypatch.delenv("GEOMOE_CUDA_EMULATE")
     assert backend.select("permute", "auto", x.device, args) is cuda.permute  # the choice is cached ...
     backend.forget()  # ... until the environment is read again

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from geomoe_kernels import OpInputError, permute, route
+from geomoe_kernels._checks import set_value_checks
 from geomoe_kernels.ops.permute import permute_op
 from tests.helpers import assert_backend_close, assert_close, expert_ids
 
@@ -88,7 +89,7 @@ def _map_users(x, r2f, f2r, k):
 
 
 @pytest.mark.parametrize("op", ["permute", "unpermute", "grouped_mm", "expert_mlp"])
-def test_maps_that_are_not_inverse_permutations_are_errors_where_values_are_checked(op, monkeypatch):
+def test_maps_that_are_not_inverse_permutations_are_errors_where_values_are_checked(op):
     """A map with a repeated entry passes the range check, and then the op's backward (which reads
     the other map) disagrees with its forward: with value checks on, the maps must be a permutation
     of 0..N-1 and its inverse. With them off (a GPU's default) nothing reads the maps (no sync)."""
@@ -115,5 +116,5 @@ def test_maps_that_are_not_inverse_permutations_are_errors_where_values_are_chec
     ):
         run(*as_args(fwd, shifted))
     run(*as_args(fwd, inv))  # the maps route made
-    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "0")
+    set_value_checks(False)  # undone by conftest's backend.forget()
     run(*as_args(repeated, inv))  # unchecked: the caller's promise

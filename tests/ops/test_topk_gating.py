@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from geomoe_kernels import BackendUnavailable, OpInputError, topk_gating
-from geomoe_kernels._checks import non_finite_passes
+from geomoe_kernels._checks import non_finite_passes, set_value_checks
 from geomoe_kernels.ops.gating import topk_gating_backward
 from tests.helpers import TOL
 from tests.oracles import naive_gating
@@ -191,11 +191,11 @@ def assert_gating_contract(got, logits, bias, k, score_func, renormalize, want_i
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("case", CONTRACT_CASES)
 @pytest.mark.parametrize("E", [6, 40, 300])
-def test_selection_contract_with_value_checks_off(backend, monkeypatch, case, E):
+def test_selection_contract_with_value_checks_off(backend, case, E):
     """With value checks off (a GPU's default) every input reaches the kernel: the ids stay distinct
     and in range on every backend, in the same order as the oracle's and the reference's (on the CPU
     here). E = 6, 40 and 300 take the CUDA kernel's 1, 2 and 16 experts per lane."""
-    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "0")
+    set_value_checks(False)  # undone by conftest's backend.forget()
     logits, bias, score_func, k, want_ids = _contract_case(case, E)
     for renormalize in (True, False):
         dev = backend.device
@@ -218,10 +218,10 @@ def test_selection_contract_nan_weights():
     assert torch.isnan(w_plain).nonzero().tolist() == [[2, 2]]
 
 
-def test_selection_contract_with_value_checks_on(backend, monkeypatch):
+def test_selection_contract_with_value_checks_on(backend):
     """Where value checks run: finfo.min biases are finite and pass, NaN logits pass inside
     non_finite_passes(), and a -inf bias is refused, naming the argument."""
-    monkeypatch.setenv("GEOMOE_CHECK_VALUES", "1")
+    set_value_checks(True)  # undone by conftest's backend.forget()
     dev = backend.device
     for case in ("bias_f32_min_some", "bias_f32_min_all", "all_nan"):
         logits, bias, score_func, k, want_ids = _contract_case(case, 6)
