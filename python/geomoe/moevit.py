@@ -29,7 +29,9 @@ class MoEViTClassifier(MoEViTEncoder):
     """Scene classification: mean of the patch tokens (cls dropped), fc_norm, linear head.
     forward(imgs) -> (logits [N, classes], aux [MoE layers])."""
 
-    def __init__(self, num_classes: int, img_size: int = MOEVIT_BASE["img_size"], drop_path_rate: float = 0.1, backend: str = "auto", **kw):
+    def __init__(
+        self, num_classes: int, img_size: int = MOEVIT_BASE["img_size"], drop_path_rate: float = 0.1, backend: str = "auto", **kw
+    ):
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, backend=backend, **kw)
         if num_classes < 1:
             raise ValueError(f"argument 'num_classes' expected at least 1, got {num_classes}")
