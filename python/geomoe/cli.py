@@ -1,4 +1,7 @@
-"""geomoe command line: `geomoe pretrain ...` and `geomoe finetune ...` (also `python -m geomoe ...`)."""
+"""geomoe command line: `geomoe pretrain ...` and `geomoe finetune ...` (also `python -m geomoe ...`).
+
+The pretrain and finetune options are generated from their dataclasses (train.PretrainArgs,
+finetune.FinetuneArgs; config_cli.add_fields): a flag is added, or changed, at its field."""
 
 from __future__ import annotations
 
