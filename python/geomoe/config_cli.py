@@ -82,8 +82,8 @@ def cli_fields(cls: type) -> Iterable[dataclasses.Field]:
 def _value_type(cls: type, f: dataclasses.Field) -> Any:
     """The annotation without Optional: int, float, str or bool."""
     hint = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    args = typing.get_args(hint)  # Optional[X] and X | None alike: (X, NoneType)
+    return args[0] if len(args) == 2 and args[1] is type(None) else hint
 
 
 def _format_default(value: Any) -> str:
