@@ -68,6 +68,90 @@ def test_help_shows_every_default_and_it_is_the_codes(command, args_class):
                 assert f"{name} {value}" in text or (value is None and f"{name} the config's size" in text), (flag, text)
 
 
+@pytest.mark.parametrize("command, args_class", [("pretrain", PretrainArgs), ("finetune", FinetuneArgs)])
+def test_the_command_line_is_generated_from_the_dataclass(command, args_class):
+    """Every field is written once, with its help; the subcommand's options are exactly the fields
+    with a flag: same default, help (with its default), choices, and type as the annotation says."""
+    from geomoe.config_cli import cli_fields, flag_of, help_of
+
+    _, parsers = build_parser()
+    actions = [a for a in parsers[command]._actions if a.dest != "help"]
+    fields = {f.name: f for f in dataclasses.fields(args_class)}
+    for f in fields.values():
+        assert len(f.metadata.get("help") or "") > 5, f"{args_class.__name__}.{f.name} has no help"
+    for action in actions:
+        f = fields[action.dest]
+        assert f.metadata["cli"], action.option_strings
+        assert action.default == f.default, (action.option_strings, action.default, f.default)
+        switches = f.metadata["switches"]
+        if switches:
+            const, text = switches[action.option_strings[0]]
+            assert (action.const, action.help) == (const, text)
+            continue
+        assert action.option_strings[0] == flag_of(f)
+        assert action.help == help_of(f, switch=action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))
+        assert action.choices == f.metadata["choices"] and action.metavar == f.metadata["metavar"]
+        if isinstance(f.default, bool):  # a switch that turns the default around
+            assert action.nargs == 0 and action.const is (not f.default), action.option_strings
+        elif action.nargs is None:
+            value = {"int": "7", "float": "0.5"}.get(getattr(action.type, "__name__", ""), "x")
+            value = action.choices[-1] if action.choices else value
+            assert parsers[command].parse_args([flag_of(f), value]).__dict__[f.name] == (action.type or str)(value)
+    # every field with a flag has its option, the switch pair one per switch
+    wanted = sum(len(f.metadata["switches"] or [None]) for f in cli_fields(args_class))
+    assert len(actions) == wanted and {a.dest for a in actions} == {f.name for f in cli_fields(args_class)}
+
+
+@pytest.mark.parametrize(
+    "command, flag, value",
+    [
+        ("pretrain", "--keep-last", "-1"),
+        ("pretrain", "--ep", "0"),
+        ("pretrain", "--max-raster-pixels", "0"),
+        ("pretrain", "--seed", str(2**32)),
+        ("finetune", "--img-size", "40"),
+        ("finetune", "--layer-decay", "0"),
+        ("finetune", "--randaug", "rand-x"),
+        ("finetune", "--timeout", "0"),
+    ],
+)
+def test_a_value_the_fields_check_refuses_is_a_one_line_usage_error_naming_the_flag(command, flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, flag, value, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"geomoe {command}: error: argument '{flag}' expected"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args_class", [PretrainArgs, FinetuneArgs])
+def test_the_dataclass_checks_choices_in_code_too(args_class):
+    for name, flag in (("backend", "--backend"), ("config", "--config"), ("precision", "--precision"), ("alpha", "--alpha-as")):
+        with pytest.raises(ValueError, match=f"argument '{flag}.*' expected one of .*, got 'nope'"):
+            args_class(**{name: "nope"}).validate()
+
+
+def test_the_model_presets_are_written_once():
+    """The constructors' defaults are the base preset of configs.py, and the --ep help reads its expert count."""
+    import inspect
+
+    from geomoe.backbone import GeoMoEBackbone
+    from geomoe.configs import BASE_EXPERTS, CONFIGS, DECODER_BASE, GEOMOE_BASE, MOEVIT_BASE
+    from geomoe.model import GeoMoE
+    from geomoe.moevit import MoEViTMAE
+    from geomoe.moevit_encoder import MoEViTEncoder
+
+    def defaults(cls):
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+
+    for cls, preset in ((GeoMoE, {**GEOMOE_BASE, **DECODER_BASE}), (GeoMoEBackbone, GEOMOE_BASE), (MoEViTEncoder, MOEVIT_BASE)):
+        assert {k: defaults(cls)[k] for k in preset} == preset, cls
+    assert {k: defaults(MoEViTMAE)[k] for k in DECODER_BASE} == DECODER_BASE
+    assert CONFIGS["base"]["model"] == {**GEOMOE_BASE, **DECODER_BASE} and GEOMOE_BASE["num_experts"] == BASE_EXPERTS
+    _, parsers = build_parser()
+    assert f"{BASE_EXPERTS} experts on 8 ranks is fine" in " ".join(parsers["pretrain"].format_help().split())
+
+
 def test_help_texts_agree_with_the_code():
     parser, parsers = build_parser()
     assert "fine-tuning" in parser.description  # not "GeoMoE pretraining" alone

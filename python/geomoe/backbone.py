@@ -12,6 +12,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .configs import GEOMOE_BASE
 from .layer_decay import param_groups
 from .model import PATCH, GeoMoEEncoderBase, check_image_batch
 from .pos_embed import interpolate_pos_embed  # noqa: F401  (also public here)
@@ -33,16 +34,16 @@ class GeoMoEBackbone(GeoMoEEncoderBase):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int = GEOMOE_BASE["img_size"],
         in_chans: int = 3,
-        embed_dim: Sequence[int] = (256, 384, 768),
-        depth: Sequence[int] = (2, 2, 11),
-        num_heads: int = 12,
-        mlp_ratio: Union[float, Sequence[float]] = 4.0,
-        moe_mlp_ratio: float = 0.75,
-        num_experts: int = 23,
-        num_shared_experts: int = 1,
-        top_k: int = 3,
+        embed_dim: Sequence[int] = GEOMOE_BASE["embed_dim"],
+        depth: Sequence[int] = GEOMOE_BASE["depth"],
+        num_heads: int = GEOMOE_BASE["num_heads"],
+        mlp_ratio: Union[float, Sequence[float]] = GEOMOE_BASE["mlp_ratio"],
+        moe_mlp_ratio: float = GEOMOE_BASE["moe_mlp_ratio"],
+        num_experts: int = GEOMOE_BASE["num_experts"],
+        num_shared_experts: int = GEOMOE_BASE["num_shared_experts"],
+        top_k: int = GEOMOE_BASE["top_k"],
         backend: str = "auto",
         features_only: bool = False,
         drop_path_rate: float = 0.0,

@@ -38,7 +38,28 @@ from geomoe_kernels._checks import non_finite_passes
 from . import checkpoint, layer_decay
 from .augment import parse_randaug
 from .backbone import GeoMoEBackbone
-from .configs import CONFIGS
+from .config_cli import (
+    DATA_FORMATS,
+    alpha_opt,
+    amp_opt,
+    backend_opt,
+    check_fields,
+    device_opt,
+    floats,
+    in_chans_opt,
+    ints,
+    keep_last_opt,
+    max_bad_steps_opt,
+    max_raster_pixels_opt,
+    opt,
+    precision_opt,
+    progress_opt,
+    resume_opt,
+    seed_opt,
+    timeout_opt,
+    workers_opt,
+)
+from .configs import CONFIGS, MODELS
 from .data import (
     ClassFolder,
     LabelledImages,
@@ -49,26 +70,22 @@ from .data import (
     skip_unreadable_labelled,
     write_scene_classes,
 )
-from .distributed import DEFAULT_TIMEOUT, RunFailure
+from .distributed import RunFailure
 from .geodata import (
-    ALPHA_MODES,
     BAND_STATS_FILE,
-    MAX_RASTER_PIXELS,
     RasterClassFolder,
     adapt_state_dict_in_chans,
     load_band_stats,
 )
 from .moevit import MoEViTClassifier
 from .original import key_map, load_original_state_dict
-from .speed import PRECISIONS, autocast, grad_scaler, resolve_precision
+from .speed import autocast, grad_scaler, resolve_precision
 from .runtime import (
     RunDirectory,
     StopSignals,
     append_jsonl,
     check_checkpoint_fits,
-    check_float,
     check_torch_cache_dir,
-    check_int,
     load_resume_state,
     lr_at,
     make_loader,
@@ -82,7 +99,6 @@ from .runtime import (
 )
 
 AUX_WEIGHT = 5e-6
-MODELS = ("geomoe", "moevit")
 
 # The published scene-classification recipe (both models). Flags left unset take these values.
 PUBLISHED: Dict[str, Any] = dict(
@@ -278,106 +294,138 @@ def load_pretrained(backbone: nn.Module, path: str, partial: bool = False) -> st
     return note
 
 
-DATA_FORMATS = ("auto", "image", "raster")
+def _recipe_help(key: str) -> str:
+    """A flag left unset takes the --recipe's value: both recipes' values, for its help."""
+    size = "the config's size"  # the short recipe's img_size (None)
+    shown = ", ".join(f"{name} {size if r[key] is None else r[key]}" for name, r in sorted(RECIPES.items(), reverse=True))
+    return f"(default: the --recipe's: {shown})"
+
+
+def _img_size(name: str, value: Any, optional: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+        raise ValueError(f"argument '--img-size' expected a positive multiple of 16, got {value!r}")
+
+
+def _randaug(name: str, value: Any, optional: bool) -> None:
+    parse_randaug(value)
 
 
 @dataclass
 class FinetuneArgs:
-    """What `geomoe finetune` takes. Fields left None take the --recipe's value (`resolved()`)."""
+    """What `geomoe finetune` takes: each field is its flag (config_cli.add_fields). Fields left None
+    take the --recipe's value (`resolved()`)."""
 
-    config: str = "tiny"
-    model: str = "geomoe"  # or "moevit": the plain-ViT MoE baseline
-    recipe: str = "short"  # or "published"
-    data: Optional[str] = None  # folder with train/ and val/ class folders, or the root of --split's paths
-    split: Optional[str] = None  # a published split file (JSON); paths relative to --data or to the file
-    weights: Optional[str] = None
-    img_size: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None  # absolute peak lr; else blr * batch / 256
-    blr: Optional[float] = None
-    layer_decay: Optional[float] = None
-    weight_decay: Optional[float] = None
-    warmup_ratio: Optional[float] = None  # of all steps
-    warmup_epochs: Optional[float] = None  # instead of --warmup-ratio
-    smoothing: Optional[float] = None
-    mixup: Optional[float] = None
-    cutmix: Optional[float] = None
-    drop_path: Optional[float] = None
-    clip_grad: Optional[float] = None  # 0: no clipping
-    randaug: Optional[str] = None  # "none": off
-    reprob: Optional[float] = None
-    out: str = "runs/finetune"
-    resume: Optional[str] = None
-    keep_last: int = 2
-    device: str = "auto"
-    backend: str = "auto"
-    seed: int = 0
-    workers: Optional[int] = None
-    amp: Optional[bool] = None  # legacy: --amp is --precision fp16, --no-amp fp32
-    precision: Optional[str] = None  # bf16, fp16 or fp32 (default: fp16 on CUDA, fp32 on a CPU)
-    progress: bool = True
-    allow_partial_weights: bool = False  # --weights may lack encoder tensors (they keep their initial values)
-    timeout: float = DEFAULT_TIMEOUT  # seconds a data-loader batch may take (with workers)
-    max_bad_steps: int = 5
-    min_lr_ratio: Optional[float] = None  # the recipe's (no flag)
-    in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
-    data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
-    band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/train/band_stats.json)
-    alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
-    max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
+    config: str = opt("tiny", "encoder preset", choices=tuple(sorted(CONFIGS)))
+    model: str = opt("geomoe", "GeoMoE, or the plain-ViT MoE baseline", choices=MODELS)
+    recipe: str = opt(
+        "short",
+        "defaults for every flag below left unset: 'published' is the published recipe (200 epochs, batch 64, "
+        "320 px, blr 1e-3, mixup 0.8, cutmix 1.0, ...); 'short' (default) the same method for 10 epochs of batch 32 "
+        "at the config's size, blr 1.6e-2, no mixup or cutmix (for the tiny config from scratch)",
+        choices=tuple(RECIPES),
+    )
+    data: Optional[str] = opt(
+        None,
+        "folder with train/<class>/ and val/<class>/, or with --split the folder its paths are relative to; "
+        "default: generated scene classes",
+    )
+    split: Optional[str] = opt(
+        None,
+        "a published split file: train and val image lists (default: --data's train/ and val/ folders)",
+        metavar="FILE.json",
+    )
+    in_chans: Optional[int] = in_chans_opt("")
+    data_format: str = opt(
+        "auto",
+        "raster: --data/train/<class>/ and val/<class>/ GeoTIFFs (rasterio, the [geo] extra); auto: rasters when "
+        "--in-chans is not 3 or band statistics are given or found",
+        choices=DATA_FORMATS,
+    )
+    band_stats: Optional[str] = opt(
+        None,
+        'raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/train/band_stats.json, written by '
+        "`geomoe stats DATA/train`, else <data>/band_stats.json)",
+    )
+    alpha: str = alpha_opt()
+    max_raster_pixels: int = max_raster_pixels_opt()
+    weights: Optional[str] = opt(
+        None,
+        "pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
+        "file; every encoder tensor must be in it (default: none, from scratch)",
+    )
+    allow_partial_weights: bool = opt(
+        False, "load what --weights has of the encoder and name what it lacks (kept at initial values)"
+    )
+    img_size: Optional[int] = opt(
+        None, f"input size, a multiple of 16 (position table interpolated) {_recipe_help('img_size')}", check=_img_size
+    )
+    epochs: Optional[int] = opt(None, f"training epochs {_recipe_help('epochs')}", check=ints(1))
+    batch_size: Optional[int] = opt(
+        None,
+        "training batch; the last partial batch of an epoch is dropped, as the published recipe does "
+        f"(validation sees every image) {_recipe_help('batch_size')}",
+        check=ints(1),
+    )
+    blr: Optional[float] = opt(
+        None, f"base learning rate: peak lr = blr * batch / 256 {_recipe_help('blr')}", check=floats(0, low_open=True)
+    )
+    lr: Optional[float] = opt(
+        None, "absolute peak learning rate (instead of --blr) (default: from --blr)", check=floats(0, low_open=True)
+    )
+    layer_decay: Optional[float] = opt(
+        None, f"layer-wise lr decay {_recipe_help('layer_decay')}", check=floats(0, 1, low_open=True)
+    )
+    weight_decay: Optional[float] = opt(None, f"AdamW weight decay {_recipe_help('weight_decay')}", check=floats(0))
+    warmup_ratio: Optional[float] = opt(
+        None, f"linear warm-up over this fraction of all steps {_recipe_help('warmup_ratio')}", check=floats(0, 1)
+    )
+    warmup_epochs: Optional[float] = opt(
+        None, "warm-up length in epochs (instead of --warmup-ratio) (default: from --warmup-ratio)", check=floats(0)
+    )
+    smoothing: Optional[float] = opt(None, f"label smoothing {_recipe_help('smoothing')}", check=floats(0, 1, high_open=True))
+    mixup: Optional[float] = opt(None, f"mixup alpha (0: off) {_recipe_help('mixup')}", check=floats(0))
+    cutmix: Optional[float] = opt(None, f"cutmix alpha (0: off) {_recipe_help('cutmix')}", check=floats(0))
+    drop_path: Optional[float] = opt(
+        None,
+        f"stochastic depth of the last block (linear from 0) {_recipe_help('drop_path')}",
+        check=floats(0, 1, high_open=True),
+    )
+    clip_grad: Optional[float] = opt(None, f"gradient norm clipping (0: off) {_recipe_help('clip_grad')}", check=floats(0))
+    randaug: Optional[str] = opt(
+        None,
+        f"RandAugment, e.g. rand-m9-mstd0.5-inc1, or none {_recipe_help('randaug')}",
+        check=_randaug,
+    )
+    reprob: Optional[float] = opt(
+        None, f"random erasing probability (per-pixel noise) {_recipe_help('reprob')}", check=floats(0, 1)
+    )
+    out: str = opt("runs/finetune", "run directory: checkpoints and metrics.jsonl")
+    resume: Optional[str] = resume_opt()
+    keep_last: int = keep_last_opt(2)
+    device: str = device_opt()
+    backend: str = backend_opt()
+    seed: int = seed_opt("head, augmentation, data order")
+    workers: Optional[int] = workers_opt()
+    precision: Optional[str] = precision_opt()
+    amp: Optional[bool] = amp_opt()
+    progress: bool = progress_opt()
+    max_bad_steps: int = max_bad_steps_opt()
+    timeout: float = timeout_opt("a data-loader batch")
+    min_lr_ratio: Optional[float] = opt(
+        None, f"cosine to this fraction of the peak lr {_recipe_help('min_lr_ratio')}", check=floats(0, 1), cli=False
+    )
 
     def validate(self) -> None:
         """Every name and number in range, with an error naming the flag (the CLI shows it as a usage error)."""
-        if self.config not in CONFIGS:
-            raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
-        if self.model not in MODELS:
-            raise ValueError(f"argument '--model' expected one of {list(MODELS)}, got {self.model!r}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"argument '--recipe' expected one of {list(RECIPES)}, got {self.recipe!r}")
-        if self.img_size is not None and (
-            isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or self.img_size < 16 or self.img_size % 16
-        ):
-            raise ValueError(f"argument '--img-size' expected a positive multiple of 16, got {self.img_size!r}")
         if self.lr is not None and self.blr is not None:
             raise ValueError(f"arguments '--lr' and '--blr' expected one at most, got --lr {self.lr} and --blr {self.blr}")
         if self.warmup_ratio is not None and self.warmup_epochs is not None:
             raise ValueError(
                 f"arguments '--warmup-ratio' and '--warmup-epochs' expected one at most, got {self.warmup_ratio} and {self.warmup_epochs}"
             )
-        check_int("epochs", self.epochs, 1, optional=True)
-        check_int("batch_size", self.batch_size, 1, optional=True)
-        check_float("lr", self.lr, 0, low_open=True, optional=True)
-        check_float("blr", self.blr, 0, low_open=True, optional=True)
-        check_float("layer_decay", self.layer_decay, 0, 1, low_open=True, optional=True)
-        check_float("weight_decay", self.weight_decay, 0, optional=True)
-        check_float("warmup_ratio", self.warmup_ratio, 0, 1, optional=True)
-        check_float("warmup_epochs", self.warmup_epochs, 0, optional=True)
-        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1, optional=True)
-        check_float("smoothing", self.smoothing, 0, 1, high_open=True, optional=True)
-        check_float("mixup", self.mixup, 0, optional=True)
-        check_float("cutmix", self.cutmix, 0, optional=True)
-        check_float("drop_path", self.drop_path, 0, 1, high_open=True, optional=True)
-        check_float("clip_grad", self.clip_grad, 0, optional=True)
-        check_float("reprob", self.reprob, 0, 1, optional=True)
-        parse_randaug(self.randaug)
-        check_int("keep_last", self.keep_last, 0)
-        check_int("seed", self.seed, 0, maximum=2**32 - 1)
-        check_int("workers", self.workers, 0, optional=True)
-        check_float("timeout", self.timeout, 0, low_open=True)
-        check_int("max_bad_steps", self.max_bad_steps, 1)
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
-        check_int("in_chans", self.in_chans, 1, optional=True)
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+        check_fields(self)
         if self.data_format == "raster" and not self.data:
             raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
-        if self.alpha not in ALPHA_MODES:
-            raise ValueError(
-                f"argument '--alpha-as-data/--alpha-as-mask' expected one of {list(ALPHA_MODES)}, got {self.alpha!r}"
-            )
-        check_int("max_raster_pixels", self.max_raster_pixels, 1)
         if self.data_format == "raster" and self.split is not None:
             raise ValueError(
                 f"argument '--split' expected image files (--data-format image or auto), got --split {self.split} with raster"

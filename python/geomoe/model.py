@@ -17,6 +17,7 @@ from geomoe_kernels import MoEMLP, SparseCBlock, layout
 from geomoe_kernels.backend import check_backend_name
 from geomoe_kernels.nn.moe import check_load
 
+from .configs import DECODER_BASE, GEOMOE_BASE
 from .masking import random_masking, visibility_map
 from .pos_embed import sincos_2d
 
@@ -349,19 +350,19 @@ class GeoMoEEncoderBase(nn.Module):
 class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int = GEOMOE_BASE["img_size"],
         in_chans: int = 3,
-        embed_dim: Sequence[int] = (256, 384, 768),
-        depth: Sequence[int] = (2, 2, 11),
-        num_heads: int = 12,
-        mlp_ratio: Union[float, Sequence[float]] = 4.0,
-        moe_mlp_ratio: float = 0.75,
-        num_experts: int = 23,
-        num_shared_experts: int = 1,
-        top_k: int = 3,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
+        embed_dim: Sequence[int] = GEOMOE_BASE["embed_dim"],
+        depth: Sequence[int] = GEOMOE_BASE["depth"],
+        num_heads: int = GEOMOE_BASE["num_heads"],
+        mlp_ratio: Union[float, Sequence[float]] = GEOMOE_BASE["mlp_ratio"],
+        moe_mlp_ratio: float = GEOMOE_BASE["moe_mlp_ratio"],
+        num_experts: int = GEOMOE_BASE["num_experts"],
+        num_shared_experts: int = GEOMOE_BASE["num_shared_experts"],
+        top_k: int = GEOMOE_BASE["top_k"],
+        decoder_embed_dim: int = DECODER_BASE["decoder_embed_dim"],
+        decoder_depth: int = DECODER_BASE["decoder_depth"],
+        decoder_num_heads: int = DECODER_BASE["decoder_num_heads"],
         norm_pix_loss: bool = True,
         front_end: str = "sparse",
         backend: str = "auto",

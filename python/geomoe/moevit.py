@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 
+from .configs import DECODER_BASE, MOEVIT_BASE
 from .layer_decay import param_groups
 from .masking import random_masking
 from .model import MaskedAutoencoder, check_image_batch
@@ -28,7 +29,9 @@ class MoEViTClassifier(MoEViTEncoder):
     """Scene classification: mean of the patch tokens (cls dropped), fc_norm, linear head.
     forward(imgs) -> (logits [N, classes], aux [MoE layers])."""
 
-    def __init__(self, num_classes: int, img_size: int = 224, drop_path_rate: float = 0.1, backend: str = "auto", **kw):
+    def __init__(
+        self, num_classes: int, img_size: int = MOEVIT_BASE["img_size"], drop_path_rate: float = 0.1, backend: str = "auto", **kw
+    ):
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, backend=backend, **kw)
         if num_classes < 1:
             raise ValueError(f"argument 'num_classes' expected at least 1, got {num_classes}")
@@ -59,7 +62,7 @@ class MoEViTBackbone(MoEViTEncoder):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int = MOEVIT_BASE["img_size"],
         out_indices: Sequence[int] = (3, 5, 7, 11),
         drop_path_rate: float = 0.1,
         aux_weight: float = 5e-6,
@@ -112,11 +115,11 @@ class MoEViTMAE(MaskedAutoencoder, MoEViTEncoder):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int = MOEVIT_BASE["img_size"],
         in_chans: int = 3,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
+        decoder_embed_dim: int = DECODER_BASE["decoder_embed_dim"],
+        decoder_depth: int = DECODER_BASE["decoder_depth"],
+        decoder_num_heads: int = DECODER_BASE["decoder_num_heads"],
         norm_pix_loss: bool = True,
         backend: str = "auto",
         **kw,

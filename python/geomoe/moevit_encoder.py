@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from geomoe_kernels import MoEMLP
 from geomoe_kernels.backend import check_backend_name
 
+from .configs import MOEVIT_BASE
 from .model import Attention, DropPath, Mlp, check_image_batch, drop_path_rates, init_linears_and_norms
 from .pos_embed import interpolate_pos_embed, sincos_2d
 
@@ -62,16 +63,16 @@ class MoEViTEncoder(nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int = MOEVIT_BASE["img_size"],
         in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        moe_mlp_ratio: float = 0.75,
-        num_experts: int = 23,
-        num_shared_experts: int = 1,
-        top_k: int = 3,
+        embed_dim: int = MOEVIT_BASE["embed_dim"],
+        depth: int = MOEVIT_BASE["depth"],
+        num_heads: int = MOEVIT_BASE["num_heads"],
+        mlp_ratio: float = MOEVIT_BASE["mlp_ratio"],
+        moe_mlp_ratio: float = MOEVIT_BASE["moe_mlp_ratio"],
+        num_experts: int = MOEVIT_BASE["num_experts"],
+        num_shared_experts: int = MOEVIT_BASE["num_shared_experts"],
+        top_k: int = MOEVIT_BASE["top_k"],
         dense_blocks: Sequence[int] = (0,),
         drop_path_rate: float = 0.1,
         backend: str = "auto",

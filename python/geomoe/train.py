@@ -32,13 +32,33 @@ from geomoe_kernels._checks import non_finite_passes
 from geomoe_kernels.nn.expert_parallel import canonical_name, expert_names, full_state_dict, local_state_dict
 
 from . import checkpoint, distributed, parallel
-from .configs import CONFIGS, RECIPE
+from .config_cli import (
+    DATA_FORMATS,
+    alpha_opt,
+    amp_opt,
+    backend_opt,
+    check_fields,
+    device_opt,
+    floats,
+    in_chans_opt,
+    ints,
+    keep_last_opt,
+    max_bad_steps_opt,
+    max_raster_pixels_opt,
+    opt,
+    precision_opt,
+    progress_opt,
+    resume_opt,
+    seed_opt,
+    timeout_opt,
+    workers_opt,
+)
+from .configs import BASE_EXPERTS, CONFIGS, MODELS, RECIPE
 from .data import ImageFolder, SyntheticScenes, check_readable, open_image, skip_unreadable
-from .geodata import ALPHA_MODES, BAND_STATS_FILE, MAX_RASTER_PIXELS, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
-from .model import GeoMoE
+from .geodata import BAND_STATS_FILE, RasterFolder, adapt_state_dict_in_chans, as_image_dataset
+from .model import FRONT_ENDS, GeoMoE
 from .moevit import MoEViTMAE
 from .speed import (
-    PRECISIONS,
     apply_activation_checkpointing,
     autocast,
     compile_blocks,
@@ -51,9 +71,7 @@ from .runtime import (
     StopSignals,
     append_jsonl,
     check_checkpoint_fits,
-    check_float,
     check_torch_cache_dir,
-    check_int,
     config_of,
     load_resume_state,
     lr_at,
@@ -66,87 +84,121 @@ from .runtime import (
     warn_changed_run_arguments,
 )
 
-MODELS = ("geomoe", "moevit")
-DATA_FORMATS = ("auto", "image", "raster")
+
+def _preset_help(key: str) -> str:
+    """--steps, --batch-size, --lr: each preset's value (configs.CONFIGS), for their help."""
+
+    def shown(c: Dict[str, Any]) -> Any:
+        if key != "lr":
+            return c[key]
+        return f"{c['lr']:g}" if c.get("lr") else f"{c['base_lr']:.3g} x global batch / 256"
+
+    return "(default: the preset's: " + ", ".join(f"{name} {shown(c)}" for name, c in sorted(CONFIGS.items())) + ")"
 
 
 @dataclass
 class PretrainArgs:
-    config: str = "tiny"
-    model: str = "geomoe"  # or "moevit": the plain-ViT MoE baseline
-    data: Optional[str] = None
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None  # per rank
-    lr: Optional[float] = None
-    out: str = "runs/pretrain"
-    save_every: int = 0  # also every N steps (0: by save_minutes only)
-    save_minutes: float = 30.0  # a checkpoint at the first step this long after the last (0: off)
-    keep_last: int = 3
-    resume: Optional[str] = None  # "auto", a checkpoint directory, or None
-    stop_after: Optional[int] = None  # end this run after N steps with a checkpoint (time-sliced jobs)
-    device: str = "auto"
-    backend: str = "auto"
-    front_end: str = "sparse"
-    seed: int = 0
-    log_every: int = 10
-    workers: Optional[int] = None
-    amp: Optional[bool] = None  # legacy: --amp is --precision fp16, --no-amp fp32
-    precision: Optional[str] = None  # bf16, fp16 or fp32; default fp16 on CUDA (the published recipe), fp32 on CPU
-    compile: bool = False  # torch.compile each transformer block
-    compile_backend: Optional[str] = None  # default: inductor where it can build kernels, else aot_eager
-    activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward
-    progress: bool = True
-    ep: Optional[int] = None  # expert-parallel size (None: 1, or the world with the legacy expert_parallel)
-    expert_parallel: bool = False  # legacy: ep = the number of processes
-    fsdp: bool = False
-    async_save: bool = False  # write checkpoints in the background (DCP async_save + a writer thread)
-    max_bad_steps: int = 5
-    tensorboard: bool = True
-    timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a collective or a loader batch may take
-    in_chans: Optional[int] = None  # image bands (default 3; another count reads --data as rasters)
-    data_format: str = "auto"  # image (8-bit RGB through PIL), raster (rasterio), auto
-    band_stats: Optional[str] = None  # raster per-band mean/std JSON (default <data>/band_stats.json)
-    alpha: str = "mask"  # a raster band declared alpha: the no-data mask ("mask") or a band ("data")
-    max_raster_pixels: int = MAX_RASTER_PIXELS  # values (bands x height x width) a raster may declare
-    init_weights: Optional[str] = None  # weights to start a new run from (RGB ones adapted to --in-chans)
-    allow_partial_init: bool = False  # --init-weights may lack encoder tensors (they keep their initial values)
-    dataset: Any = None  # in code: any torch Dataset of image tensors or dicts with "image" (instead of --data)
+    """What `geomoe pretrain` takes: each field is its flag (config_cli.add_fields)."""
+
+    config: str = opt("tiny", "model and recipe preset", choices=tuple(sorted(CONFIGS)))
+    model: str = opt(
+        "geomoe",
+        "GeoMoE, or the plain-ViT MoE baseline (MoE-ViT; its pretraining recipe is assumed to be GeoMoE's)",
+        choices=MODELS,
+    )
+    data: Optional[str] = opt(None, "image folder root/<subfolder>/...; default: the embedded procedural scenes")
+    steps: Optional[int] = opt(None, f"optimizer steps {_preset_help('steps')}", check=ints(1))
+    batch_size: Optional[int] = opt(None, f"images per process {_preset_help('batch_size')}", check=ints(1))
+    lr: Optional[float] = opt(None, f"peak learning rate {_preset_help('lr')}", check=floats(0, low_open=True))
+    out: str = opt("runs/pretrain", "run directory: checkpoints and metrics.jsonl; a new run needs one without checkpoints")
+    save_every: int = opt(0, "also checkpoint every N steps (0: by --save-minutes only)", check=ints(0))
+    save_minutes: float = opt(
+        30.0,
+        "checkpoint at the first step after this many minutes since the last checkpoint (0: off); the end of "
+        "the run always saves",
+        check=floats(0),
+    )
+    keep_last: int = keep_last_opt(3)
+    resume: Optional[str] = resume_opt()
+    stop_after: Optional[int] = opt(
+        None,
+        "end this run after N steps with a checkpoint, to resume later (default: run to --steps)",
+        check=ints(1),
+    )
+    device: str = device_opt()
+    backend: str = backend_opt()
+    front_end: str = opt("sparse", "GeoMoE's convolutional front end", choices=FRONT_ENDS)
+    seed: int = seed_opt("weights, masks, data order")
+    in_chans: Optional[int] = in_chans_opt(" (GeoTIFF, needs the 'geo' extra)")
+    data_format: str = opt(
+        "auto",
+        "image: 8-bit RGB files through PIL; raster: any bands and bit depth through rasterio, per-band "
+        "normalisation, no-data at 0; auto (default): raster when --in-chans is not 3, --band-stats is given or "
+        "--data holds band_stats.json",
+        choices=DATA_FORMATS,
+    )
+    band_stats: Optional[str] = opt(
+        None,
+        'raster per-band {"mean": [...], "std": [...]} JSON (default: <data>/band_stats.json, written by `geomoe stats DATA`)',
+    )
+    alpha: str = alpha_opt()
+    max_raster_pixels: int = max_raster_pixels_opt()
+    init_weights: Optional[str] = opt(
+        None,
+        "start a new run from these weights (a checkpoint or an original-layout file); RGB weights get the "
+        "first patch embedding adapted to --in-chans (each band: the mean RGB kernel x 3/bands) (default: random "
+        "initial weights)",
+    )
+    allow_partial_init: bool = opt(
+        False, "load what --init-weights has of the encoder and name what it lacks (kept at initial values)"
+    )
+    log_every: int = opt(10, "a metrics line every N steps", check=ints(1))
+    workers: Optional[int] = workers_opt()
+    precision: Optional[str] = precision_opt()
+    amp: Optional[bool] = amp_opt()
+    compile: bool = opt(
+        False,
+        "torch.compile each transformer block (fullgraph: the fused ops stay whole in its graph); backend "
+        "inductor on CUDA and on a CPU with a C++ compiler, else aot_eager",
+    )
+    compile_backend: Optional[str] = opt(
+        None,
+        "torch.compile backend for --compile (inductor, aot_eager, ...) (default: inductor where it can build "
+        "kernels, else aot_eager)",
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each transformer block's activations in the backward (less memory, about one more forward)"
+    )
+    progress: bool = progress_opt()
+    ep: Optional[int] = opt(
+        None,
+        "expert-parallel size: the routed experts sharded over groups of N ranks in blocks of ceil(experts / N), "
+        "data parallel over the world / N groups (one (dp, ep) device mesh; N divides the number of processes and "
+        f"leaves every rank of a group at least one expert: {BASE_EXPERTS} experts on 8 ranks is fine) (default 1)",
+        metavar="N",
+        check=ints(1),
+    )
+    expert_parallel: bool = opt(False, "legacy: --ep <number of processes>")
+    fsdp: bool = opt(False, "shard parameters and optimizer state with FSDP2 (fully_shard; with --ep on the mesh)")
+    async_save: bool = opt(
+        False,
+        "write checkpoints in the background: a step waits only for a CPU copy; a checkpoint becomes "
+        "ckpt_<step> once every rank has written it (at the next save or the end of the run)",
+    )
+    max_bad_steps: int = max_bad_steps_opt()
+    tensorboard: bool = opt(True, "no TensorBoard events even if installed")
+    timeout: float = timeout_opt("a collective between ranks or a data-loader batch")
+    dataset: Any = opt(None, "in code: any torch Dataset of image tensors or dicts with 'image' (instead of --data)", cli=False)
 
     def validate(self) -> None:
         """Every number in range, with an error naming the flag (the CLI shows it as a usage error)."""
-        if self.config not in CONFIGS:
-            raise ValueError(f"argument '--config' expected one of {list(CONFIGS)}, got {self.config!r}")
-        if self.model not in MODELS:
-            raise ValueError(f"argument '--model' expected one of {list(MODELS)}, got {self.model!r}")
-        check_int("steps", self.steps, 1, optional=True)
-        check_int("batch_size", self.batch_size, 1, optional=True)
-        check_float("lr", self.lr, 0, low_open=True, optional=True)
-        check_int("save_every", self.save_every, 0)
-        check_float("save_minutes", self.save_minutes, 0)
-        check_int("keep_last", self.keep_last, 0)
-        check_int("stop_after", self.stop_after, 1, optional=True)
-        check_int("seed", self.seed, 0, maximum=2**32 - 1)
-        check_int("log_every", self.log_every, 1)
-        check_int("workers", self.workers, 0, optional=True)
-        check_int("max_bad_steps", self.max_bad_steps, 1)
-        check_float("timeout", self.timeout, 0, low_open=True)
-        check_int("in_chans", self.in_chans, 1, optional=True)
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"argument '--data-format' expected one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+        check_fields(self)
         if self.data_format == "raster" and not self.data:
             raise ValueError("argument '--data-format raster' expected --data DIR too, got no --data")
-        if self.alpha not in ALPHA_MODES:
-            raise ValueError(
-                f"argument '--alpha-as-data/--alpha-as-mask' expected one of {list(ALPHA_MODES)}, got {self.alpha!r}"
-            )
-        check_int("max_raster_pixels", self.max_raster_pixels, 1)
         if self.dataset is not None and self.data:
             raise ValueError("arguments 'dataset' and '--data' expected one at most, got both")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"argument '--precision' expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.compile_backend is not None and not self.compile:
             raise ValueError(f"argument '--compile-backend' expected --compile too, got --compile-backend {self.compile_backend}")
-        check_int("ep", self.ep, 1, optional=True)
         if self.expert_parallel and self.ep is not None:
             raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
 
