@@ -144,9 +144,10 @@ def table(verdicts: Sequence[Verdict]) -> str:
     return "\n".join([HEADER, *map(line, verdicts), totals(verdicts)])
 
 
-def main() -> int:
-    """Print the table line by line as the checks run; non-zero if any check failed."""
+def main(ops: Optional[Sequence[str]] = None) -> int:
+    """Print the table (of `ops`, default every op) line by line as the checks run; non-zero if any
+    check failed."""
     print(HEADER, flush=True)
-    verdicts = verify(on_verdict=lambda v: print(line(v), flush=True))
+    verdicts = verify(ops=ops, on_verdict=lambda v: print(line(v), flush=True))
     print(totals(verdicts), flush=True)
     return int(any(v.status == "failed" for v in verdicts))

@@ -9,7 +9,7 @@ registered them are replaced by recorders, so each kernel is compiled exactly as
 autotune config that the kernel's pruning ships to that launch, for the target (default sm_90);
 ptxas's resource report comes from the cubin.
 
-    python -m tools.triton_offline [--arch 90] [--first-config-only]   (from the repository root)
+    python -m tools.triton_offline [--arch 90] [--first-config-only] [--op OP]   (from the repository root)
 
 Triton here may not be the GPU machine's version: a clean compile here is evidence, not proof."""
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -55,14 +55,15 @@ def kernel_modules() -> List[str]:
     return kernels.modules()
 
 
-def examples() -> List[Callable[[torch.dtype], None]]:
-    """Each registered Triton kernel's example launch, once each (a family's kernels may share one)."""
+def examples(ops: Optional[Sequence[str]] = None) -> List[Callable[[torch.dtype], None]]:
+    """Each registered Triton kernel's example launch (of `ops` only, if given), once each (a
+    family's kernels may share one)."""
     import geomoe_kernels  # noqa: F401  (registers the kernels)
     from geomoe_kernels import backend
 
     found: List[Callable[[torch.dtype], None]] = []
-    for _op, _impl, example in backend.kernels("triton"):
-        if example is not None and example not in found:
+    for op, _impl, example in backend.kernels("triton"):
+        if example is not None and example not in found and (ops is None or op in ops):
             found.append(example)
     return found
 
@@ -124,23 +125,23 @@ def _passes(dtypes) -> List[Tuple[torch.dtype, str]]:
     return [(d, "highest") for d in dtypes] + [(d, "high") for d in dtypes if d == torch.float32]
 
 
-def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
+def geomoe_launches(dtypes=(torch.bfloat16, torch.float32), ops: Optional[Sequence[str]] = None) -> List[Launch]:
     """Run every registered Triton kernel's example launch on CPU tensors (GeoMoE's shapes: 23
     experts, top-3, d 768, expert hidden 576; stage-1 rows of width 256; the gating at 64, 128 and
     256 experts and the expert MLP at an LLM's shape in bf16) in each of `dtypes` (float32 in full
-    precision and in TF32), recording the kernel calls."""
+    precision and in TF32), recording the kernel calls. ops: only those ops' kernels' examples."""
     saved = torch.get_float32_matmul_precision()
     try:
-        return _record_launches(dtypes)
+        return _record_launches(dtypes, ops)
     finally:
         torch.set_float32_matmul_precision(saved)
 
 
-def _record_launches(dtypes) -> List[Launch]:
+def _record_launches(dtypes, ops: Optional[Sequence[str]] = None) -> List[Launch]:
     with recording() as calls:
         for dtype, precision in _passes(dtypes):
             torch.set_float32_matmul_precision(precision)  # float32 GEMMs: full precision, then TF32
-            for example in examples():
+            for example in examples(ops):
                 example(dtype)
     return calls
 
@@ -220,13 +221,14 @@ def compile_all(
     progress: Optional[Callable[[str], None]] = None,
     only: Optional[str] = None,
     dtypes=(torch.bfloat16, torch.float32),
+    ops: Optional[Sequence[str]] = None,
 ) -> List[Compiled]:
-    """only: compile just the kernels whose name contains it."""
+    """only: compile just the kernels whose name contains it; ops: run only these ops' examples."""
     target = GPUTarget("cuda", arch, 32)
     tool = _cuobjdump()
     limit = SHARED_LIMIT.get(arch, 99 * 1024)
     seen, results = set(), []
-    for n, launch in enumerate(geomoe_launches(dtypes)):
+    for n, launch in enumerate(geomoe_launches(dtypes, ops)):
         if only and only not in launch.name:
             continue
         variants = _variants(launch, first_config_only)
@@ -309,10 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--first-config-only", action="store_true")
     ap.add_argument("--only", default=None, help="compile only the kernels whose name contains this")
+    ap.add_argument("--op", action="append", default=None, help="run only this op's example launches (repeatable)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     progress = None if args.quiet else (lambda s: print("compiling", s, file=sys.stderr, flush=True))
-    rows = compile_all(args.arch, args.first_config_only, progress, args.only)
+    rows = compile_all(args.arch, args.first_config_only, progress, args.only, ops=args.op)
     print(report(rows, args.arch))
     return 1 if problems(rows, args.arch) else 0
 
