@@ -103,6 +103,12 @@ def declare(op: str, backward_of: Optional[str] = None, impl_args: Optional[Sequ
         _IMPL_ARGS[op] = tuple(impl_args)
 
 
+def impl_args(op: str) -> Tuple[str, ...]:
+    """The arguments `op`'s implementations take, in order: what select(...) returns may be called
+    with them positionally in this order, or by these names (register checks every implementation)."""
+    return _IMPL_ARGS[op]
+
+
 def forward_of(op: str) -> str:
     """The op users call that `op` belongs to: itself, or the op whose backward it computes (as its
     declaration names it)."""
