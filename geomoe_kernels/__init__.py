@@ -1,8 +1,8 @@
 """geomoe_kernels: fused kernels and drop-in layers for sparse mixture-of-experts vision models.
 
-Ops (each a torch.library op in namespace `geomoe` with its backward registered, declared once in ops/):
-topk_gating, route, permute, unpermute, grouped_mm, expert_mlp, masked_depthwise_conv, norm_linear. Layers: MoEMLP,
-SparseCBlock. The visible layout for block-masked maps: geomoe_kernels.layout."""
+Ops: each a torch.library op in namespace `geomoe` with its backward registered, declared once in
+ops/<op>.py (`python -m geomoe_kernels.info` lists them). Layers: MoEMLP, SparseCBlock. The visible
+layout for block-masked maps: geomoe_kernels.layout."""
 
 from . import cpu_memory  # noqa: F401  (first: it sets torch's huge-page switch before anything allocates)
 from . import backend as _backend

@@ -15,8 +15,9 @@ run time, call forget()."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -37,6 +38,10 @@ _OPS: Dict[str, Optional[str]] = {}
 _REGISTRY: Dict[str, Dict[str, Tuple[Callable, Optional[Callable[..., Optional[str]]]]]] = {}
 # (op, backend) pairs that run only when asked for by name: kernels not yet verified on a GPU
 _EXPLICIT_ONLY: Set[Tuple[str, str]] = set()
+# op name -> the arguments its implementations take, in order (see register)
+_IMPL_ARGS: Dict[str, Tuple[str, ...]] = {}
+# (op, backend) -> the kernel's example launch, for tools/triton_offline.py (never read by dispatch)
+_EXAMPLES: Dict[Tuple[str, str], Optional[Callable[[Any], None]]] = {}
 
 # Why a backend has no implementation of an op; a backend that cannot load at all says so through
 # set_unavailable_reason.
@@ -86,11 +91,28 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op on these inputs."""
 
 
-def declare(op: str, backward_of: Optional[str] = None) -> None:
-    """Make `op` known (ops/_declare.py does this for every op); backward_of: the op it differentiates."""
+def declare(op: str, backward_of: Optional[str] = None, impl_args: Optional[Sequence[str]] = None) -> None:
+    """Make `op` known (ops/_declare.py does this for every op); backward_of: the op it differentiates;
+    impl_args: the arguments its implementations take, in this order (checked by register)."""
     if op in _OPS:
         raise ValueError(f"op {op!r} is declared twice")
+    if backward_of is not None and _OPS.get(backward_of, "") is not None:
+        raise ValueError(f"{op} is declared as the backward of {backward_of!r}, which is not a declared forward op")
     _OPS[op] = backward_of
+    if impl_args is not None:
+        _IMPL_ARGS[op] = tuple(impl_args)
+
+
+def impl_args(op: str) -> Tuple[str, ...]:
+    """The arguments `op`'s implementations take, in order: what select(...) returns may be called
+    with them positionally in this order, or by these names (register checks every implementation)."""
+    return _IMPL_ARGS[op]
+
+
+def forward_of(op: str) -> str:
+    """The op users call that `op` belongs to: itself, or the op whose backward it computes (as its
+    declaration names it)."""
+    return _OPS.get(op) or op
 
 
 def ops() -> List[str]:
@@ -108,10 +130,59 @@ def register(
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
     if op not in _OPS:
         raise ValueError(f"{backend} registers an implementation of {op!r}, which no op declares")
+    check_signature(op, backend, impl)
     _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
     if not auto:
         _EXPLICIT_ONLY.add((op, backend))
     _CHOICES.clear()
+
+
+def check_signature(op: str, backend: str, impl: Callable) -> None:
+    """Implementations are called with the op's arguments in its declared order (positionally, which
+    keeps the hot path lean), so each must name them in that order: checked here, once, when it is
+    registered. Parameters after those must have defaults; an implementation that takes `*args` (a
+    forwarding wrapper) is not checked. Calling an implementation by keyword therefore works too."""
+    want = _IMPL_ARGS.get(op)
+    try:
+        params = list(inspect.signature(impl).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    if want is None or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    got = [p.name for p in params[: len(want)]]
+    extra = [p.name for p in params[len(want) :] if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD]
+    if got != list(want) or extra:
+        raise TypeError(
+            f"{backend} implementation {getattr(impl, '__qualname__', impl)!r} of {op!r} takes "
+            f"({', '.join(p.name for p in params)}); expected the op's arguments in order: ({', '.join(want)})"
+            + (f", then only parameters with defaults (no default: {extra})" if extra else "")
+        )
+
+
+def kernel(
+    op: str,
+    backend: str,
+    supports: Optional[Callable[..., Optional[str]]] = None,
+    auto: bool = True,
+    example: Optional[Callable[[Any], None]] = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: the function is `backend`'s implementation of `op` (see register), registered when
+    its module is imported; the kernel modules of geomoe_kernels.triton are all imported by the
+    package. example(dtype) runs the implementation once or more on CPU tensors of representative
+    shapes in that float dtype: tools/triton_offline.py records the launches it makes and compiles
+    them (an example may skip dtypes its kernel does not take)."""
+
+    def add(fn: Callable) -> Callable:
+        register(op, backend, fn, supports, auto)
+        _EXAMPLES[(op, backend)] = example
+        return fn
+
+    return add
+
+
+def kernels(backend: str) -> List[Tuple[str, Callable, Optional[Callable[[Any], None]]]]:
+    """(op, implementation, example launch) for each kernel `backend` registered, in registration order."""
+    return [(op, impls[backend][0], _EXAMPLES.get((op, backend))) for op, impls in _REGISTRY.items() if backend in impls]
 
 
 def set_unavailable_reason(backend: str, reason: str) -> None:

@@ -1,6 +1,6 @@
-"""python -m geomoe_kernels.info [--verify]: which backends run here, and why the others do not;
-with --verify, also check every usable kernel backend against the reference (geomoe_kernels.verify)
-and exit non-zero if any fails."""
+"""python -m geomoe_kernels.info [--verify [--op OP ...]]: which backends run here, and why the others
+do not; with --verify, also check every usable kernel backend against the reference
+(geomoe_kernels.verify), of every op or of those named by --op, and exit non-zero if any fails."""
 
 from __future__ import annotations
 
@@ -97,14 +97,18 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--verify", action="store_true", help="check each usable backend and dtype against the reference")
+    ap.add_argument("--op", action="append", default=None, help="with --verify: check only this op (repeatable)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.op or ()) - set(backend.ops()))
+    if unknown:
+        ap.error(f"--op expected one of {backend.ops()}, got {unknown}")
     print(report(), flush=True)
     if not args.verify:
         return 0
     from . import verify
 
     print("\nverification (a small ragged case per op, forward and backward, against float64):", flush=True)
-    return verify.main()
+    return verify.main(args.op)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _version
+from . import _version, backend
+from .ops import _declare
 
 CACHE_NAME = "self_check.json"
 _memo: Dict[str, Dict[str, str]] = {}  # this process's verdicts (the file is read once per key)
@@ -54,10 +55,9 @@ def cache_path() -> str:
 
 
 def family(op: str) -> str:
-    """The public op a registry entry belongs to (a backward is checked with its forward)."""
-    if op == "unpermute_weight_grad":
-        return "unpermute"
-    return op[: -len("_backward")] if op.endswith("_backward") else op
+    """The public op a registry entry belongs to (a backward is checked with its forward, as the
+    backward's declaration names it)."""
+    return backend.forward_of(op)
 
 
 def _device_id(device: torch.device) -> str:
@@ -117,9 +117,11 @@ def _store(k: str, verdict: Dict[str, str]) -> None:
 
 
 def _dtype_of(op: str, args) -> Optional[torch.dtype]:
-    """The dtype row of verify's table that this call belongs to (gating and routing: float32)."""
-    if family(op) in ("topk_gating", "route"):
-        return torch.float32
+    """The dtype row of verify's table that this call belongs to: the one row of an op whose case
+    has one (gating and routing: float32), else the first floating-point argument's dtype."""
+    rows = _declare.DECLARED[family(op)].verification if family(op) in _declare.DECLARED else None
+    if rows is not None and rows.dtypes is not None and len(rows.dtypes) == 1:
+        return rows.dtypes[0]
     for a in args.values() if isinstance(args, dict) else args or ():
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
@@ -183,8 +185,6 @@ def failed_reason(op: str, backend: str, device: torch.device, args) -> Optional
 def forget() -> None:
     """Drop this process's memory of verdicts and warnings (the file stays), and the backend choices
     made from them: tests, re-checks."""
-    from . import backend
-
     _memo.clear()
     _warned.clear()
     backend.forget()

@@ -65,3 +65,26 @@ TOY_OP = textwrap.dedent(
 def test_a_declared_op_dispatches_checks_and_differentiates():
     proc = subprocess.run([sys.executable, "-c", TOY_OP], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_implementations_are_checked_against_the_op_signature_when_registered():
+    """Implementations are called with the op's arguments in order: one that names them otherwise is
+    refused when it registers (not found by a wrong answer later), and every registered one binds
+    them by name too (a caller may pass them by keyword)."""
+    import inspect
+
+    import pytest
+
+    from geomoe_kernels import backend
+
+    def swapped(row_to_flat, x, top_k, weights):
+        return x
+
+    with pytest.raises(TypeError, match=r"expected the op's arguments in order: \(x, row_to_flat, top_k, weights\)"):
+        backend.register("permute", "triton", swapped)
+    with pytest.raises(TypeError, match="only parameters with defaults"):
+        backend.register("permute", "triton", lambda x, row_to_flat, top_k, weights, extra: x)
+    assert backend._REGISTRY["permute"].get("triton", (None,))[0] is not swapped
+    for op, impls in backend._REGISTRY.items():
+        for name, (impl, _) in impls.items():
+            inspect.signature(impl).bind(**{n: None for n in backend.impl_args(op)})  # raises if a name is wrong

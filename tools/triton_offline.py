@@ -3,12 +3,13 @@ compiler reports: registers, spilled bytes, stack and shared memory per kernel a
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but never compiles them, so it
 cannot see what only the real compiler rejects (layouts, dot operand types, shared memory beyond the
-card's). Here every launcher runs with CPU tensors of GeoMoE's shapes and dtypes while its kernels
-are replaced by recorders, so each kernel is compiled exactly as the launchers call it, in every
+card's). Here every registered Triton kernel's example launch (backend.kernel(..., example=)) runs
+with CPU tensors of GeoMoE's shapes and dtypes while the Triton kernels of the modules that
+registered them are replaced by recorders, so each kernel is compiled exactly as the launchers call it, in every
 autotune config that the kernel's pruning ships to that launch, for the target (default sm_90);
 ptxas's resource report comes from the cubin.
 
-    python -m tools.triton_offline [--arch 90] [--first-config-only]   (from the repository root)
+    python -m tools.triton_offline [--arch 90] [--first-config-only] [--op OP]   (from the repository root)
 
 Triton here may not be the GPU machine's version: a clean compile here is evidence, not proof."""
 
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -45,7 +46,26 @@ _PTR = {
     torch.bool: "i1",
 }
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
-MODULES = ("gating", "permute", "grouped_gemm", "norm_linear", "sparse_conv")
+
+
+def kernel_modules() -> List[str]:
+    """The modules of geomoe_kernels.triton (each registers its kernels when imported)."""
+    from geomoe_kernels import triton as kernels
+
+    return kernels.modules()
+
+
+def examples(ops: Optional[Sequence[str]] = None) -> List[Callable[[torch.dtype], None]]:
+    """Each registered Triton kernel's example launch (of `ops` only, if given), once each (a
+    family's kernels may share one)."""
+    import geomoe_kernels  # noqa: F401  (registers the kernels)
+    from geomoe_kernels import backend
+
+    found: List[Callable[[torch.dtype], None]] = []
+    for op, _impl, example in backend.kernels("triton"):
+        if example is not None and example not in found and (ops is None or op in ops):
+            found.append(example)
+    return found
 
 
 @dataclass
@@ -87,8 +107,8 @@ def recording() -> Iterator[List[Launch]]:
     """Every Triton kernel of our modules replaced by a recorder for the duration."""
     calls: List[Launch] = []
     saved = []
-    for short in MODULES:
-        mod = importlib.import_module(f"geomoe_kernels.triton.{short}")
+    for name in kernel_modules():
+        mod = importlib.import_module(name)
         for attr, value in list(vars(mod).items()):
             if isinstance(value, (JITFunction, Autotuner)) and attr.endswith("_kernel"):
                 saved.append((mod, attr, value))
@@ -105,76 +125,24 @@ def _passes(dtypes) -> List[Tuple[torch.dtype, str]]:
     return [(d, "highest") for d in dtypes] + [(d, "high") for d in dtypes if d == torch.float32]
 
 
-def geomoe_launches(dtypes=(torch.bfloat16, torch.float32)) -> List[Launch]:
-    """Run every launcher once on CPU tensors of GeoMoE's shapes (23 experts, top-3, d 768, expert
-    hidden 576; stage-1 rows of width 256) in each of `dtypes` (float32 in full precision and in
-    TF32), and the gating at 64, 128 and 256 experts and the expert MLP at an LLM's shape in bf16,
-    recording the kernel calls."""
+def geomoe_launches(dtypes=(torch.bfloat16, torch.float32), ops: Optional[Sequence[str]] = None) -> List[Launch]:
+    """Run every registered Triton kernel's example launch on CPU tensors (GeoMoE's shapes: 23
+    experts, top-3, d 768, expert hidden 576; stage-1 rows of width 256; the gating at 64, 128 and
+    256 experts and the expert MLP at an LLM's shape in bf16) in each of `dtypes` (float32 in full
+    precision and in TF32), recording the kernel calls. ops: only those ops' kernels' examples."""
     saved = torch.get_float32_matmul_precision()
     try:
-        return _record_launches(dtypes)
+        return _record_launches(dtypes, ops)
     finally:
         torch.set_float32_matmul_precision(saved)
 
 
-def _record_launches(dtypes) -> List[Launch]:
-    from geomoe_kernels.reference.permute import route as ref_route
-    from geomoe_kernels.triton import gating, grouped_gemm, norm_linear, permute, sparse_conv
-
-    T, k, E, D, H = 64, 3, 23, 768, 576
+def _record_launches(dtypes, ops: Optional[Sequence[str]] = None) -> List[Launch]:
     with recording() as calls:
-        for score in ("sigmoid", "softmax"):
-            logits = torch.randn(T, E)
-            w, ids, counts, _ = gating.topk_gating(logits, torch.zeros(E), k, score, True)
-            gating.topk_gating_backward(torch.randn(T, k), torch.randn(E), logits, ids, score, True)
-        for many, top in ((64, 8), (128, 8), (256, 8)):  # the LLM routers: the gating tile is sized from E
-            logits = torch.randn(T, many)
-            w, ids, counts, _ = gating.topk_gating(logits, None, top, "softmax", True)
-            gating.topk_gating_backward(torch.randn(T, top), torch.randn(many), logits, ids, "softmax", True)
-        # the LLM shape's expert MLP (d 2048, SwiGLU 768, 128 experts, top-8), bf16
-        El, kl, Dl, Hl = 128, 8, 2048, 768
-        ids_l = torch.stack([torch.randperm(El)[:kl] for _ in range(T)])
-        r2f_l, _, off_l = ref_route(ids_l, El)
-        xl = torch.randn(T, Dl, dtype=torch.bfloat16)
-        w1l, b1l = torch.randn(El, Dl, 2 * Hl, dtype=torch.bfloat16), torch.randn(El, 2 * Hl, dtype=torch.bfloat16)
-        w2l, b2l = torch.randn(El, Hl, Dl, dtype=torch.bfloat16), torch.randn(El, Dl, dtype=torch.bfloat16)
-        out_l, pre_l = grouped_gemm.expert_mlp(xl, w1l, b1l, w2l, b2l, off_l, "swiglu", r2f_l, kl)
-        grouped_gemm.expert_mlp_backward(out_l, xl, w1l, w2l, off_l, pre_l, "swiglu", r2f_l, kl)
-        ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-        permute.route(ids, E)
-        r2f, f2r, off = ref_route(ids, E)
         for dtype, precision in _passes(dtypes):
             torch.set_float32_matmul_precision(precision)  # float32 GEMMs: full precision, then TF32
-            x = torch.randn(T, D, dtype=dtype)
-            rows = permute.permute(x, r2f, k, None)
-            permute.permute(x, r2f, k, torch.rand(T, k))
-            permute.unpermute(rows, f2r, k, torch.rand(T, k), x)
-            permute.unpermute_weight_grad(x, rows, f2r, k)
-            for act in ("gelu", "swiglu"):
-                N1 = 2 * H if act == "swiglu" else H
-                w1, b1 = torch.randn(E, D, N1, dtype=dtype), torch.randn(E, N1, dtype=dtype)
-                w2, b2 = torch.randn(E, H, D, dtype=dtype), torch.randn(E, D, dtype=dtype)
-                out, pre = grouped_gemm.expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k)
-                grouped_gemm.expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k)
-            grouped_gemm.grouped_mm_backward(
-                rows[:, :H].contiguous(), rows, torch.randn(E, D, H, dtype=dtype), off, torch.randn(T * k, H, dtype=dtype), "silu"
-            )
-            R = 4 * 49 * 16
-            xr = torch.randn(R, 256)
-            norm_linear.norm_linear(
-                xr,
-                torch.ones(256),
-                torch.zeros(256),
-                torch.randn(1024, 256, dtype=dtype),
-                torch.zeros(1024, dtype=dtype),
-                "gelu",
-                1e-6,
-            )
-            norm_linear.norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(256, 256, dtype=dtype), None, "none", 1e-6)
-            nbr = torch.randint(-1, R, (R, 25))
-            h = torch.randn(R, 256, dtype=dtype)
-            sparse_conv.masked_depthwise_conv(h, nbr, torch.randn(256, 25, dtype=dtype), torch.randn(256, dtype=dtype))
-            sparse_conv.masked_depthwise_conv_backward(h, h, nbr, torch.randn(256, 25, dtype=dtype))
+            for example in examples(ops):
+                example(dtype)
     return calls
 
 
@@ -253,13 +221,14 @@ def compile_all(
     progress: Optional[Callable[[str], None]] = None,
     only: Optional[str] = None,
     dtypes=(torch.bfloat16, torch.float32),
+    ops: Optional[Sequence[str]] = None,
 ) -> List[Compiled]:
-    """only: compile just the kernels whose name contains it."""
+    """only: compile just the kernels whose name contains it; ops: run only these ops' examples."""
     target = GPUTarget("cuda", arch, 32)
     tool = _cuobjdump()
     limit = SHARED_LIMIT.get(arch, 99 * 1024)
     seen, results = set(), []
-    for n, launch in enumerate(geomoe_launches(dtypes)):
+    for n, launch in enumerate(geomoe_launches(dtypes, ops)):
         if only and only not in launch.name:
             continue
         variants = _variants(launch, first_config_only)
@@ -342,10 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--first-config-only", action="store_true")
     ap.add_argument("--only", default=None, help="compile only the kernels whose name contains this")
+    ap.add_argument("--op", action="append", default=None, help="run only this op's example launches (repeatable)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     progress = None if args.quiet else (lambda s: print("compiling", s, file=sys.stderr, flush=True))
-    rows = compile_all(args.arch, args.first_config_only, progress, args.only)
+    rows = compile_all(args.arch, args.first_config_only, progress, args.only, ops=args.op)
     print(report(rows, args.arch))
     return 1 if problems(rows, args.arch) else 0
 

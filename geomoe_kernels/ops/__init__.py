@@ -30,7 +30,7 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-from .. import triton as _triton_kernels  # noqa: E402  (registers the Triton backend, lazily)
+from .. import triton as _triton_kernels  # noqa: E402  (imports the Triton kernel modules: each registers itself)
 
 _triton_kernels.register()
 

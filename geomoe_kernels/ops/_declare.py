@@ -13,13 +13,21 @@ read values (the real op only: see _checks); a longer one can be given by decora
 @route.fake or @route.value_checks instead. Every function the declaration calls takes the op's
 arguments by name, so it may list only those it reads and end with **_. The implementations (the
 reference here; Triton and CUDA register theirs in their own modules) take the arguments in the
-signature's order, less those named in for_backward_only (maps the op carries for its backward)."""
+signature's order, less those named in for_backward_only (maps the op carries for its backward):
+each implementation's parameters must be named so, which the registry checks when it is registered
+(backend.check_signature), so they can be called by keyword too.
+
+Everything else about an op lives beside its declaration: `verification=` names the function that
+builds and runs its check against the float64 reference (geomoe_kernels.verify runs it, the
+self-check too; see Verification), and a backward op names the op it differentiates
+(`backward_of=`). Kernels register themselves in their own modules (backend.kernel)."""
 
 from __future__ import annotations
 
 import inspect
 import typing
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,11 +39,42 @@ from .. import backend as _backend
 OP_TAGS = (getattr(torch.Tag, "needs_contiguous_strides", torch.Tag.needs_fixed_stride_order),)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """An op's verification case (a forward op's: its backward is checked through its gradients).
+
+    check(case, backend, device, dtype) -> (float outputs and input gradients, integer outputs): runs
+    the op's public function on `backend` with inputs built from `case` (geomoe_kernels.ops._case's
+    fixed float64 CPU tensors, or its own from case["generator"]) moved to `device` and `dtype`; it is
+    called once more with ("torch", cpu, float64) for the exact values. dtypes: the rows of the table
+    (gating takes float32 logits whatever the model's dtype: one row). tolerance: the float32 bound,
+    relative to max(1, max |exact|); half precision is judged against the reference's own error (see
+    geomoe_kernels.verify). Built only when a check runs: nothing here is on the dispatch path."""
+
+    check: Callable
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: float32, float16 and bfloat16
+    tolerance: float = 1e-4
+
+
+# op name -> its declaration, in declaration order (verify, self_check and the tools read it)
+DECLARED: Dict[str, "Op"] = {}
+
+
 class Op:
     """A declared op. Call it like the torch.library op it wraps (`.op`)."""
 
-    def __init__(self, signature: Callable, reference: Callable, backward_of: Optional[str], for_backward_only: Sequence[str]):
+    def __init__(
+        self,
+        signature: Callable,
+        reference: Callable,
+        backward_of: Optional[str],
+        for_backward_only: Sequence[str],
+        verification: Optional[Verification] = None,
+    ):
         self.name, self.__doc__ = signature.__name__.removesuffix("_op"), signature.__doc__
+        self.backward_of, self.verification = backward_of, verification
+        if verification is not None and backward_of is not None:
+            raise ValueError(f"{self.name}: a backward op is verified through its forward's gradients, not a case of its own")
         self._check: Callable = signature
         self._value_checks: Optional[Callable] = None
         hints = typing.get_type_hints(signature)
@@ -72,8 +111,9 @@ class Op:
 
         run.__signature__, run.__name__, run.__doc__ = self.signature, self.name, signature.__doc__  # type: ignore[attr-defined]
         self.op = torch.library.custom_op(f"geomoe::{self.name}", run, mutates_args=(), tags=OP_TAGS)
-        _backend.declare(self.name, backward_of)
+        _backend.declare(self.name, backward_of, self._impl_names)
         _backend.register(self.name, "torch", reference)
+        DECLARED[self.name] = self
 
     def _checked(self, args, kwargs):
         """(the arguments by name, backend) after the metadata checks."""
@@ -130,15 +170,17 @@ def declare(
     for_backward_only: Sequence[str] = (),
     fake: Optional[Callable] = None,
     value_checks: Optional[Callable] = None,
+    verification: Optional[Verification] = None,
 ) -> Callable[[Callable], Op]:
     """Decorates the op's signature (whose body is the metadata checks); see the module docstring.
     The op is named after the function, less a trailing "_op" (which leaves the plain name to a
     public wrapper where the op has one: one that returns fewer outputs, say). reference: the
     pure-PyTorch implementation (backend "torch"). backward_of: the op whose backward this one
-    computes (it is then not listed among the ops users call)."""
+    computes (it is then not listed among the ops users call). verification: the op's check against
+    the reference (every op users call has one; see Verification)."""
 
     def make(signature: Callable) -> Op:
-        op = Op(signature, reference, backward_of, for_backward_only)
+        op = Op(signature, reference, backward_of, for_backward_only, verification)
         if fake is not None:
             op.fake(fake)
         if value_checks is not None:

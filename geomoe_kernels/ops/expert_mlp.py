@@ -19,15 +19,25 @@ from torch import Tensor
 from .. import activations
 from .._checks import OpInputError, check_choice, check_same_dtype, check_tensor
 from ..reference import expert_mlp as _ref
-from ._declare import contiguous, declare
+from . import _case
+from ._declare import Verification, contiguous, declare
 from .grouped_gemm import _check as _check_gemm
 from .grouped_gemm import _check_values, _rows, combine_row_grads
+from .permute import route
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 
 
+def _verify(c, be, dev, dt):
+    r2f, f2r, off = route(c["ids"].to(dev), _case.E, backend="torch")
+    x, w1, b1, w2, b2 = _case.leaves(c, ["x", "w1", "b1", "w2", "b2"], dev, dt)
+    y = expert_mlp(x, w1, b1, w2, b2, off, "gelu", backend=be, gather=r2f, flat_to_row=f2r, top_k=_case.K)
+    return [y, *_case.grads([y], [c["g_rows"]], [x, w1, b1, w2, b2])], []
+
+
 @declare(
     reference=_ref.expert_mlp,
+    verification=Verification(_verify),
     for_backward_only=("flat_to_row",),
     value_checks=lambda x, offsets, gather, flat_to_row, **_: _check_values(x, offsets, gather, flat_to_row, "expert_mlp"),
 )

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .._checks import OpInputError, check_choice, check_finite, check_tensor
 from ..reference import gating as _ref
-from ._declare import contiguous, declare
+from . import _case
+from ._declare import Verification, contiguous, declare
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 _GATE_DTYPES = (torch.float32, torch.float64)
@@ -34,7 +35,14 @@ def _value_checks(logits, bias, **_):
         check_finite("topk_gating", "bias", bias, data=False)
 
 
-@declare(reference=_ref.topk_gating, value_checks=_value_checks)
+def _verify(c, be, dev, dt):
+    """float32 logits whatever the model's dtype: one row in verify's table."""
+    logits = c["logits"].to(dev, torch.float32 if dt in _case.HALF else dt).requires_grad_(True)
+    w, ids, counts, p = topk_gating(logits, c["bias"].to(dev, logits.dtype), _case.K, backend=be)
+    return [w, p, *_case.grads([w, p], [c["weights"], c["bias"]], [logits])], [ids, counts]
+
+
+@declare(reference=_ref.topk_gating, value_checks=_value_checks, verification=Verification(_verify, dtypes=(torch.float32,)))
 def topk_gating(
     logits: Tensor, bias: Optional[Tensor] = None, top_k: int = 3, score_func: str = "sigmoid", renormalize: bool = True
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -28,8 +28,9 @@ from .._checks import (
     value_checks_enabled,
 )
 from ..reference import grouped_gemm as _ref
-from ._declare import contiguous, declare
-from .permute import unpermute_op
+from . import _case
+from ._declare import Verification, contiguous, declare
+from .permute import route, unpermute_op
 
 
 def _rows(x: Tensor, gather: Optional[Tensor]) -> int:
@@ -101,8 +102,16 @@ def combine_row_grads(
     return d_rows if gather is None else unpermute_op(d_rows, gather, flat_to_row, top_k, None, None, backend)
 
 
+def _verify(c, be, dev, dt):
+    r2f, f2r, off = route(c["ids"].to(dev), _case.E, backend="torch")
+    x, w, b = _case.leaves(c, ["x", "w1", "b1"], dev, dt)
+    y = grouped_mm(x, w, off, b, "gelu", backend=be, gather=r2f, flat_to_row=f2r, top_k=_case.K)
+    return [y, *_case.grads([y], [c["g_hidden"]], [x, w, b])], []
+
+
 @declare(
     reference=_ref.grouped_mm,
+    verification=Verification(_verify),
     for_backward_only=("flat_to_row",),
     value_checks=lambda x, offsets, gather, flat_to_row, **_: _check_values(x, offsets, gather, flat_to_row, "grouped_mm"),
 )

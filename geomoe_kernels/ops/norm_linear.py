@@ -17,12 +17,19 @@ from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, OpInputError, check_choice, check_tensor
 from ..reference import norm_linear as _ref
-from ._declare import contiguous, declare
+from . import _case
+from ._declare import Verification, contiguous, declare
 
 ACTIVATIONS = ("none", "gelu", "silu")
 
 
-@declare(reference=_ref.norm_linear)
+def _verify(c, be, dev, dt):
+    x, nw, nb, w, b = _case.leaves(c, ["x", "ln_w", "ln_b", "lin_w", "lin_b"], dev, dt)
+    y = norm_linear(x, nw, nb, w, b, "gelu", backend=be)
+    return [y, *_case.grads([y], [c["g_lin"]], [x, nw, nb, w, b])], []
+
+
+@declare(reference=_ref.norm_linear, verification=Verification(_verify))
 def norm_linear_op(
     x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, eps: float = 1e-6
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

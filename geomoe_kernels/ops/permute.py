@@ -22,7 +22,8 @@ from .._checks import (
     check_tensor,
 )
 from ..reference import permute as _ref
-from ._declare import contiguous, declare
+from . import _case
+from ._declare import Verification, contiguous, declare
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64)
 
@@ -51,8 +52,29 @@ def _check_weights(op: str, weights: Optional[Tensor], T: int, top_k: int, devic
 # ---- route ---------------------------------------------------------------------------------------
 
 
+def _verify_route(c, be, dev, dt):
+    """integer outputs only: one row in verify's table."""
+    return [], list(route(c["ids"].to(dev), _case.E, backend=be))
+
+
+def _verify_permute(c, be, dev, dt):
+    r2f, f2r, _ = route(c["ids"].to(dev), _case.E, backend="torch")
+    (x,) = _case.leaves(c, ["x"], dev, dt)
+    y = permute(x, r2f, f2r, _case.K, backend=be)
+    return [y, *_case.grads([y], [c["g_rows"]], [x])], []
+
+
+def _verify_unpermute(c, be, dev, dt):
+    r2f, f2r, _ = route(c["ids"].to(dev), _case.E, backend="torch")
+    rows, shared = _case.leaves(c, ["rows", "shared"], dev, dt)
+    w = c["weights"].to(dev, torch.float32 if dt in _case.HALF else dt).requires_grad_(True)
+    y = unpermute(rows, r2f, f2r, _case.K, w, shared, backend=be)
+    return [y, *_case.grads([y], [c["g_out"]], [rows, w, shared])], []
+
+
 @declare(
     reference=_ref.route,
+    verification=Verification(_verify_route, dtypes=(torch.float32,)),
     value_checks=lambda expert_ids, num_experts: check_index_range("route", "expert_ids", expert_ids, 0, num_experts),
 )
 def route(expert_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +95,7 @@ def _(expert_ids, num_experts):
 
 @declare(
     reference=_ref.permute,
+    verification=Verification(_verify_permute),
     for_backward_only=("flat_to_row",),
     fake=lambda x, row_to_flat, **_: x.new_empty(row_to_flat.numel(), x.shape[1]),
     value_checks=lambda row_to_flat, flat_to_row, **_: _check_maps_values(
@@ -95,6 +118,7 @@ def permute_op(x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, top_k: int, 
 
 @declare(
     reference=_ref.unpermute,
+    verification=Verification(_verify_unpermute),
     for_backward_only=("row_to_flat",),
     fake=lambda rows, flat_to_row, top_k, **_: rows.new_empty(flat_to_row.numel() // top_k, rows.shape[1]),
     value_checks=lambda rows, row_to_flat, flat_to_row, **_: _check_maps_values(

@@ -9,10 +9,19 @@ from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, OpInputError, check_same_dtype, check_tensor, value_checks_enabled
 from ..reference import sparse_conv as _ref
-from ._declare import contiguous, declare
+from .. import layout
+from . import _case
+from ._declare import Verification, contiguous, declare
 
 
-@declare(reference=_ref.masked_depthwise_conv, fake=lambda x, **_: torch.empty_like(x))
+def _verify(c, be, dev, dt):
+    nbr = layout.neighbor_table(c["kept"].to(dev), (4, 4), 2, 5)
+    x, w, b = _case.leaves(c, ["conv_x", "conv_w", "conv_b"], dev, dt)
+    y = masked_depthwise_conv(x, nbr, w, b, backend=be)
+    return [y, *_case.grads([y], [c["g_conv"]], [x, w, b])], []
+
+
+@declare(reference=_ref.masked_depthwise_conv, fake=lambda x, **_: torch.empty_like(x), verification=Verification(_verify))
 def masked_depthwise_conv_op(x: Tensor, neighbors: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     op = "masked_depthwise_conv"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)

@@ -1,62 +1,47 @@
-"""Triton kernels beside their launchers, one file per op family. Registered with the backend
-registry lazily: nothing imports triton until a Triton kernel is first called, so that
-TRITON_INTERPRET (read when a kernel is defined) can be set by then, and so that machines without
-triton import geomoe_kernels at all."""
+"""Triton kernels beside their launchers, one file per op family. Each module registers its launchers
+as the "triton" backend of their ops itself (backend.kernel, with the support check and an example
+launch for tools/triton_offline.py); register() imports every module of this package (names not
+starting with "_"), as geomoe_kernels.ops does its op modules, so a new kernel file needs no line
+here. Triton reads TRITON_INTERPRET when a kernel is defined, that is when geomoe_kernels is
+imported: set it before (the test suite runs its interpreter tests in a process of their own).
+Machines without triton import geomoe_kernels all the same (the backend then says why it is out)."""
 
 import importlib
 import importlib.util
-from typing import Callable, Dict, Optional, Tuple, Union
+import pkgutil
+from typing import Any, Callable, Optional
 
 from .. import backend as _backend
-from ..reference.norm_linear import norm_linear_backward as _reference_norm_linear_backward
 
 WHO = "the Triton kernels"
 
 
-def _lazy(module: str, name: str) -> Callable:
-    def call(*args):
-        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
-
-    call.__name__ = f"triton_{name}"
-    return call
-
-
-def _rows(t) -> Optional[str]:
+def rows_reason(t) -> Optional[str]:
+    """Why the Triton kernels cannot take these rows (a support check's building block), or None."""
     return _backend.rows_reason(WHO, t)
 
 
-def _gating(logits, top_k: int) -> Optional[str]:
+def gating_reason(logits, top_k: int) -> Optional[str]:
     return _backend.gating_reason(WHO, logits, top_k, max_experts=1024, max_k=64)
 
 
-# op -> (module, launcher) or a function, and the support check (the op's arguments by name)
-KERNELS: Dict[str, Tuple[Union[Tuple[str, str], Callable], Optional[Callable[..., Optional[str]]]]] = {
-    "topk_gating": (("gating", "topk_gating"), lambda logits, top_k, **_: _gating(logits, top_k)),
-    "topk_gating_backward": (("gating", "topk_gating_backward"), lambda logits, ids, **_: _gating(logits, ids.shape[1])),
-    "route": (
-        ("permute", "route"),
-        lambda num_experts, **_: (
-            None if num_experts <= 256 else f"the Triton routing histogram takes at most 256 experts, got {num_experts}"
-        ),
-    ),
-    "permute": (("permute", "permute"), lambda x, weights, **_: _rows(x) or _backend.weights_reason(WHO, weights)),
-    "unpermute": (("permute", "unpermute"), lambda rows, weights, **_: _rows(rows) or _backend.weights_reason(WHO, weights)),
-    "unpermute_weight_grad": (("permute", "unpermute_weight_grad"), lambda rows, **_: _rows(rows)),
-    "grouped_mm": (("grouped_gemm", "grouped_mm"), lambda x, **_: _rows(x)),
-    "grouped_mm_backward": (("grouped_gemm", "grouped_mm_backward"), lambda x, **_: _rows(x)),
-    "expert_mlp": (("grouped_gemm", "expert_mlp"), lambda x, **_: _rows(x)),
-    "expert_mlp_backward": (("grouped_gemm", "expert_mlp_backward"), lambda x, **_: _rows(x)),
-    "masked_depthwise_conv": (("sparse_conv", "masked_depthwise_conv"), lambda x, **_: _rows(x)),
-    "masked_depthwise_conv_backward": (("sparse_conv", "masked_depthwise_conv_backward"), lambda x, **_: _rows(x)),
-    "norm_linear": (("norm_linear", "norm_linear"), lambda x, weight, **_: _rows(x) or _rows(weight)),
-    # the same cuBLAS GEMMs and fused LayerNorm backward as the reference (see ops/norm_linear.py)
-    "norm_linear_backward": (_reference_norm_linear_backward, None),
-}
+def kernel(
+    op: str, supports: Optional[Callable[..., Optional[str]]] = None, example: Optional[Callable[[Any], None]] = None
+) -> Callable[[Callable], Callable]:
+    """backend.kernel(op, "triton", ...): registers the decorated launcher as `op`'s Triton kernel."""
+    return _backend.kernel(op, "triton", supports=supports, example=example)
+
+
+def modules() -> list:
+    """The kernel modules of this package (geomoe_kernels.triton.<name>), in name order."""
+    return [
+        f"{__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name) if not m.name.startswith("_")
+    ]
 
 
 def register() -> None:
     if importlib.util.find_spec("triton") is None:
         _backend.set_unavailable_reason("triton", "triton is not installed")
         return
-    for op, (impl, supports) in KERNELS.items():
-        _backend.register(op, "triton", _lazy(*impl) if isinstance(impl, tuple) else impl, supports)
+    for name in modules():
+        importlib.import_module(name)

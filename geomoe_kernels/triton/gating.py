@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernel_recipes as recipe
+from . import gating_reason, kernel
 from ._config import INTERPRET, pow2
 
 
@@ -245,3 +246,19 @@ def topk_gating_backward(
             BT=tokens_per_program(E),
         )
     return grad
+
+
+def _example(dtype: torch.dtype) -> None:
+    """Both score functions at GeoMoE's 23 experts, and the LLM routers (64, 128, 256 experts, top-8):
+    the gating tile is sized from E. Float32 logits whatever the model's dtype."""
+    T = 64
+    for E, k, scores in ((23, 3, ("sigmoid", "softmax")), (64, 8, ("softmax",)), (128, 8, ("softmax",)), (256, 8, ("softmax",))):
+        for score in scores:
+            logits = torch.randn(T, E)
+            bias = torch.zeros(E) if E == 23 else None
+            _, ids, _, _ = topk_gating(logits, bias, k, score, True)
+            topk_gating_backward(torch.randn(T, k), torch.randn(E), logits, ids, score, True)
+
+
+kernel("topk_gating", lambda logits, top_k, **_: gating_reason(logits, top_k), _example)(topk_gating)
+kernel("topk_gating_backward", lambda logits, ids, **_: gating_reason(logits, ids.shape[1]), _example)(topk_gating_backward)

@@ -16,6 +16,8 @@ from torch import Tensor
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
+from ..reference.permute import route as _reference_route
+from . import kernel, rows_reason
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
 
 # the activation codes, as constants the kernels can compare against
@@ -475,3 +477,31 @@ KERNELS = TritonGroupedGemm()
 _ops = recipe.grouped_gemm_ops(KERNELS)
 grouped_mm, grouped_mm_backward = _ops["grouped_mm"], _ops["grouped_mm_backward"]
 expert_mlp, expert_mlp_backward = _ops["expert_mlp"], _ops["expert_mlp_backward"]
+
+
+def _example(dtype: torch.dtype) -> None:
+    """GeoMoE's expert MLP (23 experts, top-3, d 768, hidden 576) with GELU and SwiGLU, forward and
+    backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape (d 2048, SwiGLU 768, 128
+    experts, top-8)."""
+    T, k, E, D, H = 64, 3, 23, 768, 576
+    shapes = [(E, k, D, H, ("gelu", "swiglu"))] + ([(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else [])
+    for E_, k_, D_, H_, acts in shapes:
+        ids = torch.stack([torch.randperm(E_)[:k_] for _ in range(T)])
+        r2f, _, off = _reference_route(ids, E_)
+        x = torch.randn(T, D_, dtype=dtype)
+        for act in acts:
+            N1 = 2 * H_ if act == "swiglu" else H_
+            w1, b1 = torch.randn(E_, D_, N1, dtype=dtype), torch.randn(E_, N1, dtype=dtype)
+            w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
+            out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k_)
+            expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k_)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    _, _, off = _reference_route(ids, E)
+    rows = torch.randn(T * k, D, dtype=dtype)
+    grouped_mm_backward(
+        rows[:, :H].contiguous(), rows, torch.randn(E, D, H, dtype=dtype), off, torch.randn(T * k, H, dtype=dtype), "silu"
+    )
+
+
+for _op, _fn in _ops.items():
+    kernel(_op, lambda x, **_: rows_reason(x), _example)(_fn)

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from .. import activations
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
+from ..reference.norm_linear import norm_linear_backward as _reference_norm_linear_backward
+from . import kernel, rows_reason
 from .grouped_gemm import _apply_act, fp32_ieee
 
 STAT_ROWS = 4 if INTERPRET else 16
@@ -153,3 +155,19 @@ def norm_linear(
         IEEE=fp32_ieee(weight.dtype),
     )
     return out, pre, mean, rstd
+
+
+def _example(dtype: torch.dtype) -> None:
+    """GeoMoE's stage-1 rows (4 images of 49 x 16 tokens, width 256): float32 rows, weights in dtype,
+    with and without bias and activation."""
+    R = 4 * 49 * 16
+    xr = torch.randn(R, 256)
+    norm_linear(
+        xr, torch.ones(256), torch.zeros(256), torch.randn(1024, 256, dtype=dtype), torch.zeros(1024, dtype=dtype), "gelu", 1e-6
+    )
+    norm_linear(xr, torch.ones(256), torch.zeros(256), torch.randn(256, 256, dtype=dtype), None, "none", 1e-6)
+
+
+kernel("norm_linear", lambda x, weight, **_: rows_reason(x) or rows_reason(weight), _example)(norm_linear)
+# the same cuBLAS GEMMs and fused LayerNorm backward as the reference (see ops/norm_linear.py): no Triton kernel
+kernel("norm_linear_backward")(_reference_norm_linear_backward)

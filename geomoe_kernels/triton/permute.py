@@ -13,6 +13,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import kernel_recipes as recipe
+from .. import backend as _backend
+from ..reference.permute import route as _reference_route
+from . import WHO, kernel, rows_reason
 from ._config import INTERPRET, pow2
 
 ROWS, COLS = (8, 16) if INTERPRET else (32, 128)
@@ -179,3 +182,28 @@ def unpermute_weight_grad(grad_out: Tensor, rows: Tensor, flat_to_row: Tensor, t
             grad_out, rows, flat_to_row, out, T, d, grad_out.stride(0), rows.stride(0), TOP_K=top_k, BT=ROWS, BD=COLS
         )
     return out
+
+
+def _example(dtype: torch.dtype) -> None:
+    """GeoMoE's routing (64 tokens, top-3 of 23 experts) and its permutation of d-768 rows."""
+    T, k, E, D = 64, 3, 23, 768
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    route(ids, E)
+    r2f, f2r, _ = _reference_route(ids, E)
+    x = torch.randn(T, D, dtype=dtype)
+    rows = permute(x, r2f, k, None)
+    permute(x, r2f, k, torch.rand(T, k))
+    unpermute(rows, f2r, k, torch.rand(T, k), x)
+    unpermute_weight_grad(x, rows, f2r, k)
+
+
+kernel(
+    "route",
+    lambda num_experts, **_: (
+        None if num_experts <= 256 else f"the Triton routing histogram takes at most 256 experts, got {num_experts}"
+    ),
+    _example,
+)(route)
+kernel("permute", lambda x, weights, **_: rows_reason(x) or _backend.weights_reason(WHO, weights), _example)(permute)
+kernel("unpermute", lambda rows, weights, **_: rows_reason(rows) or _backend.weights_reason(WHO, weights), _example)(unpermute)
+kernel("unpermute_weight_grad", lambda rows, **_: rows_reason(rows), _example)(unpermute_weight_grad)

@@ -8,11 +8,13 @@ kernels)."""
 import functools
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import kernel_recipes as recipe
+from . import kernel, rows_reason
 from ._config import INTERPRET, autotune_options, configs, pow2
 
 ROWS = 16 if INTERPRET else 64
@@ -157,3 +159,16 @@ class TritonDepthwiseConv:
 _KERNELS = TritonDepthwiseConv()
 masked_depthwise_conv = functools.partial(recipe.masked_depthwise_conv, _KERNELS)
 masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_backward, _KERNELS)
+
+
+def _example(dtype) -> None:
+    """GeoMoE's stage-1 rows (4 images of 49 x 16 tokens, 256 channels), a 5 x 5 neighbourhood."""
+    R = 4 * 49 * 16
+    nbr = torch.randint(-1, R, (R, 25))
+    h = torch.randn(R, 256, dtype=dtype)
+    masked_depthwise_conv(h, nbr, torch.randn(256, 25, dtype=dtype), torch.randn(256, dtype=dtype))
+    masked_depthwise_conv_backward(h, h, nbr, torch.randn(256, 25, dtype=dtype))
+
+
+kernel("masked_depthwise_conv", lambda x, **_: rows_reason(x), _example)(masked_depthwise_conv)
+kernel("masked_depthwise_conv_backward", lambda x, **_: rows_reason(x), _example)(masked_depthwise_conv_backward)
