@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .. import backend as _backend
 from ..ops import SCORE_FUNCS, expert_mlp, grouped_mm, route, topk_gating, unpermute
 from ..reference import activations
+from . import _layer_plan
 
 EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
 SWIGLU_LAYOUTS = ("concat", "interleaved")
@@ -59,6 +60,9 @@ class MoEMLP(nn.Module):
     expert_gate_fn: Optional[Callable[[Tensor], Tensor]] = None
     # the block's shared-expert MLP (a module of its own, its own hidden size), or None
     shared_expert: Optional[nn.Module]
+    # forward as one autograd.Function over a cached launch plan where the options allow (False: the
+    # path through the torch.library ops, one per step; torch.compile always traces that one)
+    use_plan: bool = True
 
     def __init__(
         self,
@@ -229,10 +233,7 @@ class MoEMLP(nn.Module):
         gate_dtype = torch.promote_types(x_dtype, torch.float32)
         if self.block_router:
             return self._block_gate(tokens.to(x_dtype), gate_dtype)
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
-            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
-        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        logits, bias = self._logits(tokens, gate_dtype)
         if self.n_group > 1:
             weights, ids, load, prob_mean = self._group_limited_gate(logits, bias)
         else:
@@ -242,6 +243,14 @@ class MoEMLP(nn.Module):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return weights, ids, load, prob_mean
+
+    def _logits(self, tokens: Tensor, gate_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(the router's logits, the selection bias or None) in gate_dtype."""
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
+            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
+        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        return logits, bias
 
     def _block_gate(self, tokens: Tensor, gate_dtype: torch.dtype):
         """The block's own router: its weights (routed scaling included) and ids as it computes them;
@@ -278,7 +287,42 @@ class MoEMLP(nn.Module):
         fraction = load.to(prob_mean.dtype) * (self.num_experts / (self.top_k * max(T, 1)))
         return (prob_mean * fraction).sum()
 
+    def _plan_covers(self) -> bool:
+        """The layer's options that the planned path (nn/_layer_plan.py) runs: routing by the gating
+        op, both GEMMs in expert_mlp. The rest (the block's own router, group-limited top-k, an
+        experts' gate of their own, interleaved SwiGLU) take the path through the ops."""
+        return not (
+            self.block_router
+            or self.n_group > 1
+            or self.expert_gate_fn is not None
+            or (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
+        )
+
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if self.use_plan and self._plan_covers() and not torch.compiler.is_compiling():
+            return self._forward_planned(x)
+        return self._forward_ops(x)
+
+    def _forward_planned(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward as one autograd.Function over a cached launch plan: the same implementations, the
+        same bits as _forward_ops, without a custom-op dispatch per op (issue 28's host time)."""
+        tokens, dtype = self._tokens(x)
+        T = tokens.shape[0]
+        logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
+        w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
+        b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
+        b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+        shared = self._shared(tokens, dtype)
+        shared = shared.contiguous() if shared is not None else None
+        options = (
+            self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
+            self.backend,
+        )  # fmt: skip
+        y, load, prob_mean = _layer_plan.run(options, logits.contiguous(), bias, tokens.contiguous(), w1, b1, w2, b2, shared)
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+    def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward through the torch.library ops, one per step (what torch.compile traces)."""
         tokens, dtype = self._tokens(x)
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
