@@ -58,10 +58,14 @@ def _value_checks(op: Op, named: Dict[str, Any]) -> None:
 class LayerPlan:
     """The chosen implementations of one key's pieces (plain callables), filled in on first use."""
 
-    def __init__(self, E: int, k: int, score_func: str, renormalize: bool, activation: str, scale: float, backend: str):
+    def __init__(self, E: int, k: int, score_func: str, renormalize: bool, activation: str, scale: float, backend: str, S: int):
         self.E, self.k, self.score_func, self.renormalize = E, k, score_func, renormalize
-        self.activation, self.scale, self.backend = activation, scale, backend
+        self.activation, self.scale, self.backend, self.S = activation, scale, backend, S
         self.impls: Dict[Hashable, Callable] = {}
+        # with S shared experts among the grouped ones: each token's rows k + S, ids E..E+S-1 and
+        # weight 1 appended to its routing (made on the first call: T is in the key)
+        self.shared_ids: Optional[Tensor] = None
+        self.shared_weights: Optional[Tensor] = None
 
     def impl(self, piece: Hashable, op: Op, named: Dict[str, Any]) -> Callable:
         """The implementation of `piece` (resolved now if this is its first call)."""
@@ -76,7 +80,7 @@ def _sig(t: Optional[Tensor]) -> Optional[Tuple]:
 
 
 def run(
-    options: Tuple[int, int, str, bool, str, float, str],
+    options: Tuple[int, int, str, bool, str, float, str, int],
     logits: Tensor,
     bias: Optional[Tensor],
     tokens: Tensor,
@@ -87,9 +91,11 @@ def run(
     shared: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared`, for
-    options (E, k, score_func, renormalize, activation, routed scaling, backend); every tensor
-    contiguous, the weights [E, in, out] in the compute dtype. Differentiable in logits, tokens,
-    the expert weights and biases, shared (and prob_mean carries the aux loss's gradient)."""
+    options (E, k, score_func, renormalize, activation, routed scaling, backend, S); every tensor
+    contiguous, the weights [E, in, out] in the compute dtype. S > 0: the weights hold the S shared
+    experts after the E routed ones ([E + S, in, out]), every token routed to each at weight 1, and
+    `shared` is None. Differentiable in logits, tokens, the expert weights and biases, shared (and
+    prob_mean carries the aux loss's gradient)."""
     global plans_built
     key = (options, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
     plan = _backend.PLANS.get(key)
@@ -132,6 +138,15 @@ class MoELayerFunction(torch.autograd.Function):
             weights, ids, load, prob_mean = gating(logits, bias, k, p.score_func, p.renormalize)
             if p.scale != 1.0:
                 weights = weights * p.scale
+            gate_ids = ids  # gating's backward reads these
+            if p.S:
+                if p.shared_ids is None:
+                    T = ids.shape[0]
+                    p.shared_ids = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S)
+                    p.shared_weights = weights.new_ones(1, 1).expand(T, p.S)
+                ids = torch.cat([ids, p.shared_ids], 1)
+                weights = torch.cat([weights, p.shared_weights], 1)
+                E, k = E + p.S, k + p.S
 
             routing = impls.get("route")
             if routing is None or checking:
@@ -170,14 +185,14 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
         keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
-            logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
+            logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
         )
         return y, load, prob_mean
 
     @staticmethod
     def backward(ctx, dy, _dload, dprob_mean):  # type: ignore[override]
         p: LayerPlan = ctx.plan
-        k, act = p.k, p.activation
+        k, act = p.k + p.S, p.activation
         logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out = ctx.saved_tensors
         _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         has_b1, has_b2, has_shared = ctx.has
@@ -222,6 +237,8 @@ class MoELayerFunction(torch.autograd.Function):
                         "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
                     )
                     grad_weights = weight_grad(g, rows_out, flat_to_row, k).to(weights.dtype)
+                    if p.S:  # the shared experts' weights are constants
+                        grad_weights = grad_weights[:, : p.k]
                     if p.scale != 1.0:
                         grad_weights = grad_weights * p.scale
             if need_logits and (grad_weights is not None or dprob_mean is not None):

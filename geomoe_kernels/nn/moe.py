@@ -287,6 +287,35 @@ class MoEMLP(nn.Module):
         fraction = load.to(prob_mean.dtype) * (self.num_experts / (self.top_k * max(T, 1)))
         return (prob_mean * fraction).sum()
 
+    def _shared_in_experts(self) -> bool:
+        """The shared experts run as S more experts in the routed experts' grouped launches (every
+        token routed to each with weight 1), not as batched matmuls of their own: the layer's own
+        shared experts (not a block's module, no gate) beside experts whose two GEMMs are expert_mlp."""
+        return (
+            self.num_shared_experts > 0
+            and self.shared_expert is None
+            and self.shared_gate is None
+            and not self.weights_out_in
+            and self.expert_gate_fn is None
+            and not (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
+        )
+
+    def _stacked(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(w1, b1, w2, b2) of the routed experts followed by the shared ones ([E + S, ...], in
+        `dtype`): one concatenation and one cast each, the cast's backward one for both."""
+        stack = [torch.cat([r, s]).to(dtype) if r is not None else None for r, s in self._pairs()]
+        return stack[0], stack[1], stack[2], stack[3]  # type: ignore[return-value]
+
+    def _pairs(self):
+        return (self.w1, self.shared_w1), (self.b1, self.shared_b1), (self.w2, self.shared_w2), (self.b2, self.shared_b2)
+
+    def _route_shared(self, ids: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+        """ids and weights [T, k + S]: each token's k routed experts, then the S shared experts
+        E..E+S-1 at weight 1."""
+        T, E, S = ids.shape[0], self.num_experts, self.num_shared_experts
+        shared_ids = torch.arange(E, E + S, device=ids.device).expand(T, S)
+        return torch.cat([ids, shared_ids], 1), torch.cat([weights, weights.new_ones(1, 1).expand(T, S)], 1)
+
     def _plan_covers(self) -> bool:
         """The layer's options that the planned path (nn/_layer_plan.py) runs: routing by the gating
         op, both GEMMs in expert_mlp. The rest (the block's own router, group-limited top-k, an
@@ -309,14 +338,19 @@ class MoEMLP(nn.Module):
         tokens, dtype = self._tokens(x)
         T = tokens.shape[0]
         logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
-        w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
-        b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
-        b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
-        shared = self._shared(tokens, dtype)
-        shared = shared.contiguous() if shared is not None else None
+        S = self.num_shared_experts if self._shared_in_experts() else 0
+        if S:
+            w1, b1, w2, b2 = self._stacked(dtype)
+            shared = None
+        else:
+            w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
+            b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
+            b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+            shared = self._shared(tokens, dtype)
+            shared = shared.contiguous() if shared is not None else None
         options = (
             self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
-            self.backend,
+            self.backend, S,
         )  # fmt: skip
         y, load, prob_mean = _layer_plan.run(options, logits.contiguous(), bias, tokens.contiguous(), w1, b1, w2, b2, shared)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
@@ -326,6 +360,16 @@ class MoEMLP(nn.Module):
         tokens, dtype = self._tokens(x)
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
+        if self._shared_in_experts():  # the shared experts as S more experts, weight 1
+            ids, weights = self._route_shared(ids, weights)
+            k_all = ids.shape[1]
+            row_to_flat, flat_to_row, offsets = route(ids, E + self.num_shared_experts, be)
+            w1, b1, w2, b2 = self._stacked(dtype)
+            rows_out = expert_mlp(
+                tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all
+            )
+            y = unpermute(rows_out, row_to_flat, flat_to_row, k_all, weights, None, be)
+            return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         rows_out = self._experts(tokens, dtype, offsets, row_to_flat, flat_to_row)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
