@@ -19,10 +19,15 @@ checks (the ones that read data: NaN logits, id ranges, the routing maps) run wh
 the ops (CPU tensors by default, see _checks), decided once per call, the ops' own check functions;
 the backward reads only maps its forward made and checked. No host sync, no environment read.
 
-What the Function saves for backward: the logits and the expert ids (gating's backward), the tokens,
-w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's), the routing
-weights, and the expert outputs [T*k, d] when the routing weights need a gradient (their gradient
-<dY_t, Y_row>). The same as the op path, which saves these per op."""
+The layer's own shared experts (MoEMLP._shared_in_experts) come as S more experts in the same
+grouped launches: each token's ids and weights get E..E+S-1 and 1 appended (the plan keeps those
+[T, S] constants), the weights arrive stacked [E + S, ...], and the routing weights' gradient is
+that of the first k columns. The rows are then T*(k+S); below, k stands for k + S.
+
+What the Function saves for backward: the logits and the expert ids [T, k] (gating's backward), the
+tokens [T, d], w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's),
+the routing weights [T, k], and the expert outputs [T*k, d] when the routing weights need a gradient
+(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op."""
 
 from __future__ import annotations
 
@@ -71,7 +76,9 @@ class LayerPlan:
         """The implementation of `piece` (resolved now if this is its first call)."""
         f = self.impls.get(piece)
         if f is None:
-            f = self.impls[piece] = _resolve(op, self.backend, named)
+            f = _resolve(op, self.backend, named)
+            if _backend.choices_final():  # a provisional choice (a check running, a capture) is not kept
+                self.impls[piece] = f
         return f
 
 
