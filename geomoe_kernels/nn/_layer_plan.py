@@ -69,8 +69,7 @@ class LayerPlan:
         self.impls: Dict[Hashable, Callable] = {}
         # with S shared experts among the grouped ones: each token's rows k + S, ids E..E+S-1 and
         # weight 1 appended to its routing (made on the first call: T is in the key)
-        self.shared_ids: Optional[Tensor] = None
-        self.shared_weights: Optional[Tensor] = None
+        self.shared_routing: Optional[Tuple[Tensor, Tensor]] = None
 
     def impl(self, piece: Hashable, op: Op, named: Dict[str, Any]) -> Callable:
         """The implementation of `piece` (resolved now if this is its first call)."""
@@ -147,12 +146,12 @@ class MoELayerFunction(torch.autograd.Function):
                 weights = weights * p.scale
             gate_ids = ids  # gating's backward reads these
             if p.S:
-                if p.shared_ids is None:
+                if p.shared_routing is None:
                     T = ids.shape[0]
-                    p.shared_ids = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S)
-                    p.shared_weights = weights.new_ones(1, 1).expand(T, p.S)
-                ids = torch.cat([ids, p.shared_ids], 1)
-                weights = torch.cat([weights, p.shared_weights], 1)
+                    ones = weights.new_ones(1, 1).expand(T, p.S)
+                    p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
+                ids = torch.cat([ids, p.shared_routing[0]], 1)
+                weights = torch.cat([weights, p.shared_routing[1]], 1)
                 E, k = E + p.S, k + p.S
 
             routing = impls.get("route")
