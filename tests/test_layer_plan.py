@@ -168,3 +168,38 @@ def test_the_compiled_layer_goes_through_the_ops(monkeypatch):
     monkeypatch.undo()
     assert seen and all(seen)
     _same_bits(list(got), list(m(x)))
+
+
+@pytest.mark.parametrize("use_plan", [True, False])
+def test_shared_experts_run_inside_the_grouped_launches(use_plan):
+    """Issue 28 step 2: the layer's shared experts are S more experts of expert_mlp (every token at
+    weight 1), not batched matmuls of their own, on both paths; their values and gradients are the
+    float64 sum of plain MLPs."""
+    from benchmarks import host_overhead as H
+
+    m = _layer(SCALED).double()  # two shared experts
+    m.use_plan = use_plan
+    x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        y, aux, _ = m(x)
+        (y.square().sum() + aux).backward()
+        return y
+
+    r = H.count(step)
+    assert not {"bmm", "baddbmm"} & set(r["torch_ops"]), r["torch_ops"]  # the shared path's matmuls
+    # the shared part against plain torch: y minus the routed experts (the layer without shared ones)
+    routed = MoEMLP(16, 12, **dict(SCALED, num_shared_experts=0)).double()
+    routed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared")})
+    m.zero_grad(set_to_none=True)
+    y = step()
+    want = routed(x.detach())[0]
+    for s in range(2):
+        h = torch.nn.functional.silu(x.detach() @ m.shared_w1[s] + m.shared_b1[s])
+        want = want + h @ m.shared_w2[s] + m.shared_b2[s]
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    w1 = m.shared_w1.detach().requires_grad_(True)
+    h = torch.nn.functional.silu(x.detach() @ w1 + m.shared_b1.detach()[:, None, :])
+    # d/dw1 of sum(y^2) through the shared experts only: 2 y as the upstream gradient
+    (g,) = torch.autograd.grad(((h @ m.shared_w2.detach()) * (2 * y.detach())).sum(), w1)
+    torch.testing.assert_close(m.shared_w1.grad, g, rtol=0, atol=1e-10)
