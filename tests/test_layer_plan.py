@@ -18,7 +18,10 @@ from tests.helpers import HALF, skip_unavailable
 GEOMOE = dict(num_experts=6, num_shared_experts=1, top_k=3)
 LLM = dict(num_experts=10, num_shared_experts=0, top_k=8, score_func="softmax", activation="swiglu", bias=False, gate_bias=False)
 SCALED = dict(num_experts=6, num_shared_experts=2, top_k=2, activation="silu", routed_scaling_factor=2.5)
-OPTIONS = {"geomoe": GEOMOE, "llm": LLM, "scaled": SCALED}
+# the shared experts as batched matmuls (their gate reads the tokens too: the token gradient then has
+# four parts, whose order of addition the planned path keeps)
+GATED = dict(num_experts=6, num_shared_experts=2, top_k=2, shared_gate=True)
+OPTIONS = {"geomoe": GEOMOE, "llm": LLM, "scaled": SCALED, "shared_gate": GATED}
 
 
 def _layer(options, dim=16, hidden=12, device="cpu"):

@@ -338,6 +338,10 @@ class MoEMLP(nn.Module):
         tokens, dtype = self._tokens(x)
         T = tokens.shape[0]
         logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
+        # the routed experts read the tokens through an alias made here, before the shared experts'
+        # nodes: its backward then runs where expert_mlp's runs on the ops' path, after the shared
+        # experts', so the token gradient adds its parts in the same order (the same bits)
+        routed_tokens = tokens.view_as(tokens)
         S = self.num_shared_experts if self._shared_in_experts() else 0
         if S:
             w1, b1, w2, b2 = self._stacked(dtype)
@@ -352,7 +356,9 @@ class MoEMLP(nn.Module):
             self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
             self.backend, S,
         )  # fmt: skip
-        y, load, prob_mean = _layer_plan.run(options, logits.contiguous(), bias, tokens.contiguous(), w1, b1, w2, b2, shared)
+        y, load, prob_mean = _layer_plan.run(
+            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared
+        )
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
     def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
