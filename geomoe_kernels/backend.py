@@ -59,20 +59,34 @@ _DEVICE_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {}
 # (op, backend, device, argument signature) -> (the registry entry chosen, its backend name)
 _CHOICES: Dict[Hashable, Tuple[Tuple[Callable, Optional[Callable[..., Optional[str]]]], str]] = {}
 _MAX_CHOICES = 4096  # distinct shapes (say, every decode length) are bounded: past this the cache starts over
+# Plans made from these choices (the MoE layer's launch plans, geomoe_kernels/nn/_layer_plan.py): key ->
+# plan, dropped whenever the choices are (forget, register, a device or first-use check set)
+PLANS: Dict[Hashable, Any] = {}
+
+
+def _drop_choices() -> None:
+    _CHOICES.clear()
+    PLANS.clear()
+
+
+def choices_final() -> bool:
+    """False while a choice made now is provisional (a self-check running, a CUDA graph capture, a
+    compile trace): `select` does not cache it then, and a plan built from it is not kept either."""
+    return not (_FIRST_USE_PENDING is not None and _FIRST_USE_PENDING())
 
 
 def forget() -> None:
     """Drop the cached backend choices and re-read the settings taken from the environment
     (TRITON_INTERPRET, GEOMOE_CUDA_EMULATE, GEOMOE_SELF_CHECK, GEOMOE_CHECK_VALUES): call it after
     changing one of them at run time. Registering an implementation drops the choices too."""
-    _CHOICES.clear()
+    _drop_choices()
     _checks.read_environment()
 
 
 def set_device_check(backend: str, check: Callable[[torch.device], Optional[str]]) -> None:
     """How a backend says it cannot run on a device (checked before any of its kernels is chosen)."""
     _DEVICE_CHECKS[backend] = check
-    _CHOICES.clear()
+    _drop_choices()
 
 
 def set_first_use_check(
@@ -84,7 +98,7 @@ def set_first_use_check(
     when `select` does not cache its choice."""
     global _FIRST_USE_CHECK, _FIRST_USE_PENDING
     _FIRST_USE_CHECK, _FIRST_USE_PENDING = check, pending
-    _CHOICES.clear()
+    _drop_choices()
 
 
 class BackendUnavailable(RuntimeError):
@@ -134,7 +148,7 @@ def register(
     _REGISTRY.setdefault(op, {})[backend] = (impl, supports)
     if not auto:
         _EXPLICIT_ONLY.add((op, backend))
-    _CHOICES.clear()
+    _drop_choices()
 
 
 def check_signature(op: str, backend: str, impl: Callable) -> None:
@@ -191,7 +205,7 @@ def set_unavailable_reason(backend: str, reason: str) -> None:
     if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS[1:])}")
     _UNAVAILABLE_REASON[backend] = reason
-    _CHOICES.clear()
+    _drop_choices()
 
 
 def check_backend_name(backend: str) -> None:

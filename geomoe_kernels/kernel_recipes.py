@@ -344,11 +344,14 @@ def route(kernels: RoutingKernels, expert_ids: Tensor, num_experts: int) -> Tupl
     flat = expert_ids.reshape(-1)
     n, E = flat.numel(), num_experts
     block = kernels.block(E)
-    per_block = torch.zeros(max(1, -(-n // block)), E, dtype=torch.int64, device=flat.device)
+    # the histogram writes every block's whole row: zeros only where no kernel runs (no ids)
+    per_block = (torch.empty if n else torch.zeros)(max(1, -(-n // block)), E, dtype=torch.int64, device=flat.device)
     if n:
         kernels.histogram(flat, E, block, per_block)
     counts = per_block.sum(0)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    offsets = counts.new_empty(E + 1)
+    offsets[:1].zero_()
+    torch.cumsum(counts, 0, out=offsets[1:])  # [0, running sum]: no concatenation
     # block b's rows of expert e start after every earlier block's rows of e. The running sum is taken
     # along the fast axis of an [E, blocks] copy: torch's scan along dim 0 of [blocks, E] runs one
     # thread per column (measured 242 us at 47k ids on an H200; the inner-axis scan takes a few us)
@@ -389,7 +392,10 @@ def topk_gating(
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    partial = torch.zeros(max(1, -(-T // kernels.tokens_per_block(E))), E, dtype=torch.float32, device=logits.device)
+    # the kernel writes every block's whole row of partial sums: zeros only where none runs (no tokens)
+    partial = (torch.empty if T else torch.zeros)(
+        max(1, -(-T // kernels.tokens_per_block(E))), E, dtype=torch.float32, device=logits.device
+    )
     if T:
         kernels.gating(logits, bias, top_k, score_func == "softmax", renormalize, w, ids, counts, partial)
     return w, ids, counts, partial.sum(0) / max(T, 1)  # the blocks summed in order: deterministic

@@ -12,7 +12,14 @@ import pytest
 
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = ["ops", "test_moe_mlp.py", "test_model.py", "test_transformers_backend.py", "test_moe_from_transformers.py"]
+TESTS = [
+    "ops",
+    "test_moe_mlp.py",
+    "test_layer_plan.py",
+    "test_model.py",
+    "test_transformers_backend.py",
+    "test_moe_from_transformers.py",
+]
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("this process is the interpreter's", allow_module_level=True)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .. import backend as _backend
 from ..ops import SCORE_FUNCS, expert_mlp, grouped_mm, route, topk_gating, unpermute
 from ..reference import activations
+from . import _layer_plan
 
 EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
 SWIGLU_LAYOUTS = ("concat", "interleaved")
@@ -59,6 +60,9 @@ class MoEMLP(nn.Module):
     expert_gate_fn: Optional[Callable[[Tensor], Tensor]] = None
     # the block's shared-expert MLP (a module of its own, its own hidden size), or None
     shared_expert: Optional[nn.Module]
+    # forward as one autograd.Function over a cached launch plan where the options allow (False: the
+    # path through the torch.library ops, one per step; torch.compile always traces that one)
+    use_plan: bool = True
 
     def __init__(
         self,
@@ -229,10 +233,7 @@ class MoEMLP(nn.Module):
         gate_dtype = torch.promote_types(x_dtype, torch.float32)
         if self.block_router:
             return self._block_gate(tokens.to(x_dtype), gate_dtype)
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
-            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
-        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        logits, bias = self._logits(tokens, gate_dtype)
         if self.n_group > 1:
             weights, ids, load, prob_mean = self._group_limited_gate(logits, bias)
         else:
@@ -242,6 +243,14 @@ class MoEMLP(nn.Module):
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return weights, ids, load, prob_mean
+
+    def _logits(self, tokens: Tensor, gate_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(the router's logits, the selection bias or None) in gate_dtype."""
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
+            logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
+        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+        return logits, bias
 
     def _block_gate(self, tokens: Tensor, gate_dtype: torch.dtype):
         """The block's own router: its weights (routed scaling included) and ids as it computes them;
@@ -278,10 +287,95 @@ class MoEMLP(nn.Module):
         fraction = load.to(prob_mean.dtype) * (self.num_experts / (self.top_k * max(T, 1)))
         return (prob_mean * fraction).sum()
 
+    def _shared_in_experts(self) -> bool:
+        """The shared experts run as S more experts in the routed experts' grouped launches (every
+        token routed to each with weight 1), not as batched matmuls of their own: the layer's own
+        shared experts (not a block's module, no gate) beside experts whose two GEMMs are expert_mlp."""
+        return (
+            self.num_shared_experts > 0
+            and self.shared_expert is None
+            and self.shared_gate is None
+            and not self.weights_out_in
+            and self.expert_gate_fn is None
+            and not (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
+        )
+
+    def _stacked(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(w1, b1, w2, b2) of the routed experts followed by the shared ones ([E + S, ...], in
+        `dtype`): one concatenation and one cast each, the cast's backward one for both."""
+        stack = [torch.cat([r, s]).to(dtype) if r is not None else None for r, s in self._pairs()]
+        return stack[0], stack[1], stack[2], stack[3]  # type: ignore[return-value]
+
+    def _pairs(self):
+        return (self.w1, self.shared_w1), (self.b1, self.shared_b1), (self.w2, self.shared_w2), (self.b2, self.shared_b2)
+
+    def _route_shared(self, ids: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+        """ids and weights [T, k + S]: each token's k routed experts, then the S shared experts
+        E..E+S-1 at weight 1."""
+        T, E, S = ids.shape[0], self.num_experts, self.num_shared_experts
+        shared_ids = torch.arange(E, E + S, device=ids.device).expand(T, S)
+        return torch.cat([ids, shared_ids], 1), torch.cat([weights, weights.new_ones(1, 1).expand(T, S)], 1)
+
+    def _plan_covers(self) -> bool:
+        """The layer's options that the planned path (nn/_layer_plan.py) runs: routing by the gating
+        op, both GEMMs in expert_mlp. The rest (the block's own router, group-limited top-k, an
+        experts' gate of their own, interleaved SwiGLU) take the path through the ops."""
+        return not (
+            self.block_router
+            or self.n_group > 1
+            or self.expert_gate_fn is not None
+            or (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
+        )
+
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if self.use_plan and self._plan_covers() and not torch.compiler.is_compiling():
+            return self._forward_planned(x)
+        return self._forward_ops(x)
+
+    def _forward_planned(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward as one autograd.Function over a cached launch plan: the same implementations, the
+        same bits as _forward_ops, without a custom-op dispatch per op (issue 28's host time)."""
+        tokens, dtype = self._tokens(x)
+        T = tokens.shape[0]
+        logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
+        # the routed experts read the tokens through an alias made here, before the shared experts'
+        # nodes: its backward then runs where expert_mlp's runs on the ops' path, after the shared
+        # experts', so the token gradient adds its parts in the same order (the same bits)
+        routed_tokens = tokens.view_as(tokens)
+        S = self.num_shared_experts if self._shared_in_experts() else 0
+        if S:
+            w1, b1, w2, b2 = self._stacked(dtype)
+            shared = None
+        else:
+            w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
+            b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
+            b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+            shared = self._shared(tokens, dtype)
+            shared = shared.contiguous() if shared is not None else None
+        options = (
+            self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
+            self.backend, S,
+        )  # fmt: skip
+        y, load, prob_mean = _layer_plan.run(
+            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared
+        )
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+    def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward through the torch.library ops, one per step (what torch.compile traces)."""
         tokens, dtype = self._tokens(x)
         T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
+        if self._shared_in_experts():  # the shared experts as S more experts, weight 1
+            ids, weights = self._route_shared(ids, weights)
+            k_all = ids.shape[1]
+            row_to_flat, flat_to_row, offsets = route(ids, E + self.num_shared_experts, be)
+            w1, b1, w2, b2 = self._stacked(dtype)
+            rows_out = expert_mlp(
+                tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all
+            )
+            y = unpermute(rows_out, row_to_flat, flat_to_row, k_all, weights, None, be)
+            return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         rows_out = self._experts(tokens, dtype, offsets, row_to_flat, flat_to_row)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)

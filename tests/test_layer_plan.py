@@ -1,0 +1,208 @@
+"""MoEMLP's planned path (one autograd.Function over a cached launch plan, nn/_layer_plan.py) against
+its path through the torch.library ops: the same bits for the output, aux, load and every gradient,
+on every backend this process runs (the reference here; the Triton interpreter and the emulated CUDA
+core in their own processes: tests/test_triton_interpreter.py, tests/test_cuda_emulated.py), in fp32
+and in half precision under autocast; against the float64 loop; a plan made once per key; the
+compile path still through the ops."""
+
+import pytest
+import torch
+
+from geomoe_kernels import MoEMLP, _checks
+from geomoe_kernels import backend as _backend
+from geomoe_kernels.nn import _layer_plan
+from tests.helpers import HALF, skip_unavailable
+
+# GeoMoE's layer (sigmoid top-3 with the selection bias, GELU, one shared expert) and an LLM's
+# (softmax top-k, SwiGLU, no shared expert, no biases), at tiny widths; and the routed scaling
+GEOMOE = dict(num_experts=6, num_shared_experts=1, top_k=3)
+LLM = dict(num_experts=10, num_shared_experts=0, top_k=8, score_func="softmax", activation="swiglu", bias=False, gate_bias=False)
+SCALED = dict(num_experts=6, num_shared_experts=2, top_k=2, activation="silu", routed_scaling_factor=2.5)
+# the shared experts as batched matmuls (their gate reads the tokens too: the token gradient then has
+# four parts, whose order of addition the planned path keeps)
+GATED = dict(num_experts=6, num_shared_experts=2, top_k=2, shared_gate=True)
+OPTIONS = {"geomoe": GEOMOE, "llm": LLM, "scaled": SCALED, "shared_gate": GATED}
+
+
+def _layer(options, dim=16, hidden=12, device="cpu"):
+    m = MoEMLP(dim, hidden, **options)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        m.expert_bias.normal_(0, 0.1)
+    return m.to(device)
+
+
+def _step(m, x, use_plan, dtype, grad_y):
+    """y, aux, load and the gradients of sum(y * grad_y) + aux w.r.t. x and every parameter."""
+    m.use_plan = use_plan
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype in HALF):
+        y, aux, load = skip_unavailable(m, xi)
+    grads = torch.autograd.grad((y.float() * grad_y).sum() + aux, [xi, *m.parameters()], allow_unused=True)
+    return [y, aux, load, *grads]
+
+
+def _same_bits(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert (u is None) == (v is None), i
+        if u is not None:
+            assert u.dtype == v.dtype and u.shape == v.shape, i
+            assert torch.equal(u, v), (i, (u.double() - v.double()).abs().max())
+
+
+@pytest.mark.parametrize("options", list(OPTIONS), ids=list(OPTIONS))
+def test_planned_path_gives_the_ops_path_bits(backend, dtype, options):
+    """fp32 parameters and tokens, or half precision under autocast over fp32 parameters (trained so);
+    the backend by name, and for the CUDA core "auto" too (each piece where it runs: the fp32 or SwiGLU
+    expert GEMMs on another backend beside the core's gating, routing and combine)."""
+    torch.manual_seed(0)
+    m = _layer(OPTIONS[options], device=backend.device)
+    x = torch.randn(3, 7, 16, device=backend.device)
+    grad_y = torch.randn(3, 7, 16, device=backend.device)
+    for name in (backend.name, "auto") if backend.name == "cuda" else (backend.name,):
+        m.backend = name
+        try:
+            ops = _step(m, x, False, dtype, grad_y)
+        except pytest.skip.Exception:
+            continue  # the named backend cannot run the case (the CUDA grouped GEMM takes no fp32)
+        built = _layer_plan.plans_built
+        planned = _step(m, x, True, dtype, grad_y)
+        assert _layer_plan.plans_built == built + 1  # the plan path ran
+        _same_bits(ops, planned)
+        _same_bits(ops, _step(m, x, True, dtype, grad_y))  # and from the cached plan
+
+
+@pytest.mark.parametrize("options", ["geomoe", "llm"])
+def test_planned_path_in_float64_matches_the_published_loop(options):
+    """Output, aux, load and every gradient within 1e-12 of the published loop (float64 throughout)."""
+    from geomoe import load_original_state_dict
+    from tests.oracles import OriginalMoE
+    from tests.test_moe_mlp import _compare
+
+    o = {"score_func": "sigmoid", "activation": "gelu", **OPTIONS[options]}
+    o.pop("bias", None), o.pop("gate_bias", None)  # the published layer has biases
+    E, S, k = o["num_experts"], o["num_shared_experts"], o["top_k"]
+    orig = OriginalMoE(12, 10, E, S, k, o["score_func"], True, o["activation"]).double()
+    ours = MoEMLP(12, 10, E, S, k, o["score_func"], True, o["activation"]).double()
+    load_original_state_dict(ours, orig.state_dict(), strict=True)
+    orig.bias.copy_(0.1 * torch.randn(E))
+    ours.expert_bias.copy_(orig.bias)
+    built = _layer_plan.plans_built
+    load = _compare(orig, ours, torch.randn(2, 9, 12, dtype=torch.float64))
+    assert _layer_plan.plans_built == built + 1 and int(load.sum()) == 18 * k
+
+
+def test_experts_without_tokens_get_exact_zero_gradients():
+    m = _layer(GEOMOE).double()
+    with torch.no_grad():
+        m.expert_bias.copy_(torch.tensor([9.0, 9.0, 9.0, -9.0, -9.0, -9.0], dtype=torch.float64))  # experts 3-5 get none
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    y, aux, load = m(x)
+    (y.square().sum() + aux).backward()
+    assert load.tolist() == [5, 5, 5, 0, 0, 0]
+    for g in (m.w1.grad, m.b1.grad, m.w2.grad, m.b2.grad):
+        assert torch.equal(g[3:], torch.zeros_like(g[3:])) and g[:3].abs().sum() > 0
+
+
+def test_a_plan_is_made_once_per_key_and_a_new_shape_makes_another():
+    m = _layer(GEOMOE)
+    built = _layer_plan.plans_built
+    for _ in range(3):
+        m(torch.randn(5, 16))[0].sum().backward()
+    assert _layer_plan.plans_built == built + 1
+    m(torch.randn(6, 16))
+    assert _layer_plan.plans_built == built + 2
+    m(torch.randn(5, 16))  # the first shape again: its plan
+    assert _layer_plan.plans_built == built + 2
+    _backend.forget()  # a changed environment: the choices and the plans made from them go
+    m(torch.randn(5, 16))
+    assert _layer_plan.plans_built == built + 3
+
+
+def test_planned_step_calls_no_custom_op_and_the_ops_path_nine():
+    from benchmarks import host_overhead as H
+
+    m = _layer(GEOMOE)
+    x = torch.randn(5, 16, requires_grad=True)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux, _ = m(x)
+        (y.sum() + aux).backward()
+
+    with _checks.value_checks(False):  # as on a GPU: no value checks
+        m.use_plan = False
+        ops = H.count(step)
+        m.use_plan = True
+        step()  # the plan made
+        planned = H.count(step)
+    assert ops["custom_op_calls"] == 9 and planned["custom_op_calls"] == 0
+    # the same kernels less two, the shared expert's ids (arange) and weights (a fill of ones) that the
+    # plan keeps: only the dispatch is gone. (Allocations and syncs are not compared: above autograd
+    # the reference's argsort is seen as the sort it is, one allocation more, and its offsets.tolist()
+    # as tolist and the item calls inside it.)
+    assert planned["launches"] == ops["launches"] - 2
+
+
+def test_value_checks_still_run_on_the_planned_path():
+    m = _layer(GEOMOE)
+    with torch.no_grad():
+        m.gate.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="topk_gating: argument 'logits' expected finite values"):
+        m(torch.randn(4, 16))
+
+
+def test_the_compiled_layer_goes_through_the_ops(monkeypatch):
+    """torch.compile traces the per-op path (the ops are what it sees), with the plan path's bits."""
+    m = _layer(GEOMOE)
+    x = torch.randn(6, 16)
+    seen = []
+    real = MoEMLP._forward_ops
+
+    def forward_ops(self, x):
+        seen.append(torch.compiler.is_compiling())
+        return real(self, x)
+
+    monkeypatch.setattr(MoEMLP, "_forward_ops", forward_ops)
+    got = torch.compile(m, backend="eager", fullgraph=True)(x)
+    monkeypatch.undo()
+    assert seen and all(seen)
+    _same_bits(list(got), list(m(x)))
+
+
+@pytest.mark.parametrize("use_plan", [True, False])
+def test_shared_experts_run_inside_the_grouped_launches(use_plan):
+    """Issue 28 step 2: the layer's shared experts are S more experts of expert_mlp (every token at
+    weight 1), not batched matmuls of their own, on both paths; their values and gradients are the
+    float64 sum of plain MLPs."""
+    from benchmarks import host_overhead as H
+
+    m = _layer(SCALED).double()  # two shared experts
+    m.use_plan = use_plan
+    x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+
+    def step():
+        y, aux, _ = m(x)
+        (y.square().sum() + aux).backward()
+        return y
+
+    r = H.count(step)
+    assert not {"bmm", "baddbmm"} & set(r["torch_ops"]), r["torch_ops"]  # the shared path's matmuls
+    # the shared part against plain torch: y minus the routed experts (the layer without shared ones)
+    routed = MoEMLP(16, 12, **dict(SCALED, num_shared_experts=0)).double()
+    routed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared")})
+    m.zero_grad(set_to_none=True)
+    y = step()
+    want = routed(x.detach())[0]
+    for s in range(2):
+        h = torch.nn.functional.silu(x.detach() @ m.shared_w1[s] + m.shared_b1[s])
+        want = want + h @ m.shared_w2[s] + m.shared_b2[s]
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    w1 = m.shared_w1.detach().requires_grad_(True)
+    h = torch.nn.functional.silu(x.detach() @ w1 + m.shared_b1.detach()[:, None, :])
+    # d/dw1 of sum(y^2) through the shared experts only: 2 y as the upstream gradient
+    (g,) = torch.autograd.grad(((h @ m.shared_w2.detach()) * (2 * y.detach())).sum(), w1)
+    torch.testing.assert_close(m.shared_w1.grad, g, rtol=0, atol=1e-10)
