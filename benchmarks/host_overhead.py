@@ -452,6 +452,7 @@ def front_end_step(impl: str) -> Callable[[], object]:
 
 
 def train_step(impl: str) -> Callable[[], object]:
+    from benchmarks.bench_train_step import published_step
     from benchmarks.published_geomoe import PublishedGeoMoE
     from geomoe import GeoMoE, original_state_dict
 
@@ -466,18 +467,7 @@ def train_step(impl: str) -> Callable[[], object]:
     scaler = torch.amp.GradScaler("cpu")
     imgs = torch.randn(IMAGES, 3, model.grid * 16, model.grid * 16)
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss, aux, load = model(imgs)
-            total = loss + 1e-4 * aux.sum()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-
-    return step
+    return published_step(model, opt, scaler, imgs, amp=True)
 
 
 def cases() -> List[Tuple[str, str, str, Callable[[], Callable[[], object]]]]:
