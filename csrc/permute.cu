@@ -150,7 +150,7 @@ __global__ void histogram_kernel(const int64_t* __restrict__ ids, int64_t n, int
   const int64_t start = static_cast<int64_t>(blockIdx.x) * block;
   for (int64_t i = start + threadIdx.x; i < n && i < start + block; i += blockDim.x) atomicAdd(&counts[ids[i]], 1u);
   __syncthreads();
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) per_block[blockIdx.x * num_experts + e] = counts[e];
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) per_block[static_cast<int64_t>(blockIdx.x) * num_experts + e] = counts[e];
 }
 
 // One warp per block of 32 ids (the caller's block, ROUTE_BLOCK in cuda.py), lane l holding id

@@ -474,7 +474,9 @@ def register() -> None:
         "cuda",
         route,
         lambda num_experts, **_: (
-            None if num_experts <= 4096 else f"the CUDA histogram keeps E in shared memory: at most 4096, got {num_experts}"
+            None
+            if num_experts <= recipe.CUDA_ROUTE_MAX_EXPERTS
+            else f"the CUDA histogram keeps E in shared memory: at most {recipe.CUDA_ROUTE_MAX_EXPERTS}, got {num_experts}"
         ),
     )
     r("permute", "cuda", permute, lambda x, weights, **_: _rows_ok(x) or _weights_ok(weights))

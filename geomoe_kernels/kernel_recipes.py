@@ -19,6 +19,12 @@ from torch import Tensor
 from .activations import out_features
 from .reference import activations as _act_math
 
+# The most experts each routing histogram takes: Triton's keeps a program's counts in registers, the
+# CUDA core's in shared memory. MoEMLP reads them to decide whether its shared experts can ride the
+# routed ones' launches (E + S experts must route on the same backends as E).
+TRITON_ROUTE_MAX_EXPERTS = 256
+CUDA_ROUTE_MAX_EXPERTS = 4096
+
 
 class BlockSchedule:
     """For kernels that give each program `block` rows of one expert: expert e owns

@@ -206,3 +206,30 @@ def test_shared_experts_run_inside_the_grouped_launches(use_plan):
     # d/dw1 of sum(y^2) through the shared experts only: 2 y as the upstream gradient
     (g,) = torch.autograd.grad(((h @ m.shared_w2.detach()) * (2 * y.detach())).sum(), w1)
     torch.testing.assert_close(m.shared_w1.grad, g, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", ["geomoe", "llm"])
+def test_create_graph_gives_first_order_gradients_and_refuses_a_second(options):
+    """backward(create_graph=True): the planned path's first-order gradients are the op path's bits
+    (its backward once ran the reference's out= matmuls under grad mode and failed), and a derivative
+    of them is an error naming the layer, never a silent partial second derivative (which leaving
+    the layer's part out gave)."""
+    torch.manual_seed(0)
+    m, x = _layer(OPTIONS[options]), torch.randn(10, 16)
+    firsts = []
+    for use_plan in (False, True):
+        m.use_plan = use_plan
+        xi = x.clone().requires_grad_(True)
+        y, aux, _ = m(xi)
+        firsts.append(torch.autograd.grad((y * y).sum() + aux, [xi, m.gate.weight, m.w1], create_graph=True))
+    _same_bits(firsts[0], firsts[1])
+    with pytest.raises(RuntimeError, match="MoEMLP has no second derivative"):
+        torch.autograd.grad(firsts[1][0].sum(), [m.gate.weight])
+
+
+def test_shared_experts_join_the_grouped_launches_only_where_routing_takes_them():
+    """256 routed + 1 shared experts would push Triton's routing (256 at most) past its limit: such a
+    layer keeps the batched shared path (it ran before the shared experts joined the launches)."""
+    assert MoEMLP(16, 12, num_experts=23, num_shared_experts=1)._shared_in_experts()
+    assert not MoEMLP(16, 12, num_experts=256, num_shared_experts=1)._shared_in_experts()
+    assert MoEMLP(16, 12, num_experts=300, num_shared_experts=2)._shared_in_experts()  # CUDA's 4096 either way

@@ -205,8 +205,10 @@ class MoELayerFunction(torch.autograd.Function):
         d_logits = d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
         dev = tokens.device.type
         autocast = torch.is_autocast_enabled(dev)
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): the kernels record no graph
         if autocast:
             torch.set_autocast_enabled(dev, False)
+        torch.set_grad_enabled(False)
         try:
             impls = p.impls  # each piece resolved on its first call (the dict built only then)
             if dy is not None:
@@ -264,6 +266,29 @@ class MoELayerFunction(torch.autograd.Function):
                 )
                 d_logits = gating_backward(gw, gp, logits, ids, p.score_func, p.renormalize)
         finally:
+            torch.set_grad_enabled(create_graph)
             if autocast:
                 torch.set_autocast_enabled(dev, True)
+        grads = (d_logits, d_tokens, dw1, db1, dw2, db2, d_shared)
+        if create_graph:  # first-order gradients as asked; a derivative of them is refused by name
+            anchors = [t for t in (logits, tokens, w1, w2) if t.requires_grad]
+            grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
+        d_logits, d_tokens, dw1, db1, dw2, db2, d_shared = grads
         return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The layer's gradients under backward(create_graph=True), tied to the inputs they depend on: a
+    second derivative through them raises instead of silently leaving out the layer's part (its
+    kernels record no graph; the op path refuses the same, at topk_gating_backward)."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, *anchors: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise RuntimeError(
+            "MoEMLP has no second derivative: its backward runs kernels that record no graph (first-order "
+            "gradients under create_graph=True are fine)"
+        )

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
+from .. import kernel_recipes as recipe
 from ..ops import SCORE_FUNCS, expert_mlp, grouped_mm, route, topk_gating, unpermute
 from ..reference import activations
 from . import _layer_plan
@@ -290,9 +291,14 @@ class MoEMLP(nn.Module):
     def _shared_in_experts(self) -> bool:
         """The shared experts run as S more experts in the routed experts' grouped launches (every
         token routed to each with weight 1), not as batched matmuls of their own: the layer's own
-        shared experts (not a block's module, no gate) beside experts whose two GEMMs are expert_mlp."""
+        shared experts (not a block's module, no gate) beside experts whose two GEMMs are expert_mlp,
+        where E + S experts route on the same backends as E (256 routed + 1 shared would push Triton's
+        routing past its limit: those layers keep the batched shared path)."""
+        E, S = self.num_experts, self.num_shared_experts
+        limits = (recipe.TRITON_ROUTE_MAX_EXPERTS, recipe.CUDA_ROUTE_MAX_EXPERTS)
         return (
-            self.num_shared_experts > 0
+            S > 0
+            and all((E <= limit) == (E + S <= limit) for limit in limits)
             and self.shared_expert is None
             and self.shared_gate is None
             and not self.weights_out_in

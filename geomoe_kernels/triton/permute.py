@@ -32,7 +32,8 @@ def _histogram_kernel(ids, counts, n, E, EP: tl.constexpr, BLOCK: tl.constexpr):
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids + f, mask=f < n, other=-1)
     onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int32)
-    tl.store(counts + tl.program_id(0) * E + tl.arange(0, EP), tl.sum(onehot, axis=0).to(tl.int64), mask=tl.arange(0, EP) < E)
+    row = tl.program_id(0).to(tl.int64) * E  # int64: blocks x E passes 2^31 near 2.7e8 ids at 256 experts
+    tl.store(counts + row + tl.arange(0, EP), tl.sum(onehot, axis=0).to(tl.int64), mask=tl.arange(0, EP) < E)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr,
     e = tl.load(ids + f, mask=valid, other=-1)
     onehot = (e[:, None] == tl.arange(0, EP)[None, :]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier entries of the same expert in this block
-    start = tl.load(base + tl.program_id(0) * E + e, mask=valid, other=0)
+    start = tl.load(base + tl.program_id(0).to(tl.int64) * E + e, mask=valid, other=0)
     row = start + rank
     tl.store(row_to_flat + row, f.to(tl.int64), mask=valid)
     tl.store(flat_to_row + f, row, mask=valid)
@@ -200,7 +201,9 @@ def _example(dtype: torch.dtype) -> None:
 kernel(
     "route",
     lambda num_experts, **_: (
-        None if num_experts <= 256 else f"the Triton routing histogram takes at most 256 experts, got {num_experts}"
+        None
+        if num_experts <= recipe.TRITON_ROUTE_MAX_EXPERTS
+        else f"the Triton routing histogram takes at most {recipe.TRITON_ROUTE_MAX_EXPERTS} experts, got {num_experts}"
     ),
     _example,
 )(route)
