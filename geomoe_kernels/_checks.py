@@ -78,8 +78,26 @@ def check_choice(op: str, name: str, value: str, choices: Sequence[str]) -> None
         raise OpInputError(f"{op}: argument '{name}' expected one of {list(choices)}, got {value!r}")
 
 
+_ON_WORDS, _OFF_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_switch(name: str) -> Optional[bool]:
+    """An on/off environment variable: True for 1/true/yes/on, False for 0/false/no/off (any case),
+    None when unset or empty (the default applies); any other value is an error naming the variable,
+    never a silent default."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _ON_WORDS:
+        return True
+    if value in _OFF_WORDS:
+        return False
+    if value == "":
+        return None
+    raise ValueError(f"environment variable {name} expected 1 (or true, yes, on) or 0 (or false, no, off), got {raw!r}")
+
+
 def _from_environment() -> Optional[bool]:
-    return {"1": True, "0": False}.get(os.environ.get("GEOMOE_CHECK_VALUES", ""))
+    return env_switch("GEOMOE_CHECK_VALUES")
 
 
 # True: value checks everywhere, False: nowhere, None: for CPU tensors only (the default)

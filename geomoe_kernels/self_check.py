@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _version, backend
+from . import _checks, _version, backend
 from .ops import _declare
 
 CACHE_NAME = "self_check.json"
@@ -41,9 +41,9 @@ last_check_seconds: Optional[float] = None
 def enabled(device: torch.device) -> bool:
     if device.type == "cuda" and not torch.cuda.is_available():  # nothing could run the check (a CPU torch)
         return False
-    flag = os.environ.get("GEOMOE_SELF_CHECK")
+    flag = _checks.env_switch("GEOMOE_SELF_CHECK")  # the usual words, or an error naming it
     if flag is not None:
-        return flag != "0"
+        return flag
     return device.type == "cuda"
 
 
@@ -193,8 +193,10 @@ def forget() -> None:
 def summary() -> str:
     data = _read()
     failed = [k for k, v in data.items() if v.get("status") == "failed"]
-    flag = os.environ.get("GEOMOE_SELF_CHECK")
-    state = {None: "on for CUDA devices", "0": "off (GEOMOE_SELF_CHECK=0)"}.get(flag, "on for every device (GEOMOE_SELF_CHECK=1)")
+    flag = _checks.env_switch("GEOMOE_SELF_CHECK")
+    state = {None: "on for CUDA devices", False: "off (GEOMOE_SELF_CHECK=0)"}.get(
+        flag, "on for every device (GEOMOE_SELF_CHECK=1)"
+    )
     secs = [float(v.get("seconds", 0)) for v in data.values()]
     cost = f"; a check takes {min(secs):.2f}-{max(secs):.2f} s, once per kernel and dtype" if secs else ""
     return f"self-check {state}: {len(data)} verdicts cached in {cache_path()}, {len(failed)} failed{cost}" + "".join(

@@ -171,3 +171,22 @@ def test_an_output_without_gradient_reaches_backward_as_none_not_zeros(monkeypat
     _, pre = grouped_mm_op(rows, wt, offsets, None, "gelu")
     pre.sum().backward()
     assert x.grad is None
+
+
+@pytest.mark.parametrize("name", ["GEOMOE_CHECK_VALUES", "GEOMOE_SELF_CHECK"])
+def test_switch_variables_take_the_usual_words_or_refuse(monkeypatch, name):
+    """'yes' meant the default (GEOMOE_CHECK_VALUES) or 'on everywhere' for any word but '0'
+    (GEOMOE_SELF_CHECK, so 'off' turned it on): the usual words now, anything else an error naming it."""
+    from geomoe_kernels._checks import env_switch
+
+    for raw, want in (("Yes", True), ("on", True), ("1", True), ("off", False), ("FALSE", False), ("0", False), ("", None)):
+        monkeypatch.setenv(name, raw)
+        assert env_switch(name) is want, raw
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ValueError, match=f"environment variable {name} expected 1 .* got 'maybe'"):
+        env_switch(name)
+    if name == "GEOMOE_SELF_CHECK":  # 'off' turned the check on for every device before
+        from geomoe_kernels import self_check
+
+        monkeypatch.setenv(name, "off")
+        assert not self_check.enabled(torch.device("cpu"))
