@@ -86,8 +86,10 @@ def test_expert_parallel_refuses_a_block_sharing_moe(monkeypatch):
     from geomoe_kernels import MoEMLP
     from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
 
-    moe = MoEMLP(8, 6, 4, 0, 2)
-    moe.weights_out_in = True  # what from_transformers sets
+    class BlockSharing(MoEMLP):  # as the transformers adapter (integrations/transformers_moe.py) declares itself
+        shares_expert_tensors = True
+
+    moe = BlockSharing(8, 6, 4, 0, 2)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match="argument 'moe'.*from_transformers"):
         ExpertParallelMoEMLP.from_dense(moe)

@@ -21,7 +21,18 @@ SCALED = dict(num_experts=6, num_shared_experts=2, top_k=2, activation="silu", r
 # the shared experts as batched matmuls (their gate reads the tokens too: the token gradient then has
 # four parts, whose order of addition the planned path keeps)
 GATED = dict(num_experts=6, num_shared_experts=2, top_k=2, shared_gate=True)
-OPTIONS = {"geomoe": GEOMOE, "llm": LLM, "scaled": SCALED, "shared_gate": GATED}
+# the options whose routing or experts the gating op and expert_mlp do not compute (issue 28 item 4):
+# DeepSeek-V3's group-limited sigmoid top-k with routed scaling and a shared expert among the grouped
+# ones (the routing as torch ops, the rest planned), and GPT-OSS's interleaved SwiGLU columns (the
+# gate between two grouped GEMMs) with softmax top-k and a shared expert of batched matmuls
+GROUPS = dict(
+    num_experts=8, num_shared_experts=1, top_k=3, activation="swiglu", bias=False, gate_bias=False, n_group=4, topk_group=2,
+    routed_scaling_factor=2.5,
+)  # fmt: skip
+INTERLEAVED = dict(
+    num_experts=6, num_shared_experts=1, top_k=2, score_func="softmax", activation="swiglu", swiglu_layout="interleaved"
+)
+OPTIONS = {"geomoe": GEOMOE, "llm": LLM, "scaled": SCALED, "shared_gate": GATED, "groups": GROUPS, "interleaved": INTERLEAVED}
 
 
 def _layer(options, dim=16, hidden=12, device="cpu"):

@@ -40,6 +40,7 @@ from .. import _checks
 from .. import backend as _backend
 from ..ops._declare import Op
 from ..ops.expert_mlp import expert_mlp_backward, expert_mlp_op
+from ..ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
 from ..ops.gating import topk_gating, topk_gating_backward
 from ..ops.permute import permute_op, route, unpermute_op, unpermute_weight_grad
 
@@ -292,3 +293,242 @@ class _NoSecondDerivative(torch.autograd.Function):
             "MoEMLP has no second derivative: its backward runs kernels that record no graph (first-order "
             "gradients under create_graph=True are fine)"
         )
+
+
+# ---- the routing given (issue 28 item 4) ----------------------------------------------------------
+# The layers whose routing the gating op does not compute (group-limited top-k, a transformers
+# block's own router, the transformers experts backend, which gets the model's routing result) and
+# the experts with a gate of their own between the two GEMMs (interleaved SwiGLU, GPT-OSS's clamped
+# SwiGLU, GeGLU, ...) run the rest of the layer on the same kind of plan: route -> the experts ->
+# the weighted combine in one Function, each piece the implementation its op would run.
+
+
+class RoutedPlan(LayerPlan):
+    """A LayerPlan for `run_routed`: E experts (shared ones included), k rows per token, the fused
+    activation (with no expert gate), the backend."""
+
+    def __init__(self, E: int, k: int, activation: str, backend: str):
+        super().__init__(E, k, "softmax", False, activation, 1.0, backend, 0)
+
+
+def run_routed(
+    options: Tuple[int, int, str, str],
+    weights: Tensor,
+    ids: Tensor,
+    tokens: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    shared: Optional[Tensor],
+    gate: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """y [T, d] = shared + sum_j weights[t, j] * expert_{ids[t, j]}(tokens[t]), for options (E, k,
+    activation, backend): with `gate` None the experts are expert_mlp's (activation fused into the
+    first GEMM), else two grouped GEMMs with gate(pre) between them (what the op path runs: its
+    gradient by autograd through `gate`, recomputed in backward). Every tensor contiguous, ids int64
+    [T, k], weights [T, k] float32 (float64 for float64 tokens), the expert weights [E, in, out] in
+    the tokens' dtype. Differentiable in weights, tokens, the expert weights and biases, shared."""
+    global plans_built
+    key = ("routed", options, gate is None, *(_sig(t) for t in (weights, ids, tokens, w1, b1, w2, b2, shared)))
+    plan = _backend.PLANS.get(key)
+    fresh = plan is None
+    if plan is None:
+        plan = RoutedPlan(*options)
+    y = RoutedLayerFunction.apply(plan, gate, weights, ids, tokens, w1, b1, w2, b2, shared)
+    if fresh and _backend.choices_final():
+        if len(_backend.PLANS) >= _MAX_PLANS:
+            _backend.PLANS.clear()
+        _backend.PLANS[key] = plan
+        plans_built += 1
+    return y
+
+
+def _piece(p: LayerPlan, piece: Hashable, op: Op, checking: bool, **named: Any) -> Callable:
+    """The implementation of `piece`; with value checks on, the op's value checks first."""
+    f = p.impls.get(piece)
+    if f is None or checking:
+        if checking:
+            _value_checks(op, named)
+        f = p.impl(piece, op, named)
+    return f
+
+
+def gate_forward(
+    gate: Callable[[Tensor], Tensor], pre: Tensor, width: int, dtype: torch.dtype, autocast: bool, keep_graph: bool
+) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """(hidden = gate(pre) in `dtype`, contiguous; with keep_graph, (pre's leaf, gate(leaf)): the
+    gate's own autograd graph, which the backward differentiates, as the op path's autograd does)."""
+    graph = None
+    if keep_graph:
+        with torch.enable_grad():
+            leaf = pre.detach().requires_grad_(True)
+            out = _run_gate(gate, leaf, dtype, autocast)
+        graph, hidden = (leaf, out), out.detach()
+    else:
+        hidden = _run_gate(gate, pre, dtype, autocast)
+    if hidden.dim() != 2 or hidden.shape != (pre.shape[0], width):
+        raise ValueError(
+            f"the experts' gate gave rows of shape {list(hidden.shape)}, expected [{pre.shape[0]}, {width}] "
+            f"(the down-projection's input size)"
+        )
+    return hidden.contiguous(), graph
+
+
+def _run_gate(gate: Callable[[Tensor], Tensor], pre: Tensor, dtype: torch.dtype, autocast: bool) -> Tensor:
+    """gate(pre) in `dtype`, under autocast as the caller had it (as the op path runs it)."""
+    if not autocast:
+        return gate(pre).to(dtype)
+    dev = pre.device.type
+    torch.set_autocast_enabled(dev, True)
+    try:
+        return gate(pre).to(dtype)
+    finally:
+        torch.set_autocast_enabled(dev, False)
+
+
+class RoutedLayerFunction(torch.autograd.Function):
+    """route -> expert_mlp (or grouped GEMM, gate, grouped GEMM) -> unpermute, their backwards in
+    reverse, on a plan; the routing (weights, ids) given."""
+
+    @staticmethod
+    def forward(ctx, plan: LayerPlan, gate, weights, ids, tokens, w1, b1, w2, b2, shared):  # type: ignore[override]
+        p = plan
+        E, k = p.E, p.k
+        checking = _checks.value_checks_enabled(tokens)
+        dev = tokens.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        if autocast:
+            torch.set_autocast_enabled(dev, False)
+        try:
+            routing = _piece(p, "route", route, checking, expert_ids=ids, num_experts=E)
+            row_to_flat, flat_to_row, offsets = routing(ids, E)
+            hidden = None
+            if gate is None:
+                experts = _piece(
+                    p, "experts", expert_mlp_op, checking, x=tokens, w1=w1, b1=b1, w2=w2, b2=b2, offsets=offsets,
+                    activation=p.activation, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k,
+                )  # fmt: skip
+                rows_out, pre = experts(tokens, w1, b1, w2, b2, offsets, p.activation, row_to_flat, k)
+            else:
+                up = _piece(
+                    p, "up", grouped_mm_op, checking, x=tokens, weight=w1, offsets=offsets, bias=b1, activation="none",
+                    gather=row_to_flat, flat_to_row=flat_to_row, top_k=k,
+                )  # fmt: skip
+                pre, _ = up(tokens, w1, offsets, b1, "none", row_to_flat, k)
+                hidden, gate_graph = gate_forward(gate, pre, w2.shape[1], tokens.dtype, autocast, any(ctx.needs_input_grad[4:9]))
+                down = _piece(
+                    p, "down", grouped_mm_op, checking, x=hidden, weight=w2, offsets=offsets, bias=b2, activation="none",
+                    gather=None, flat_to_row=None, top_k=1,
+                )  # fmt: skip
+                rows_out, _ = down(hidden, w2, offsets, b2, "none", None, 1)
+            combine = _piece(
+                p, "combine", unpermute_op, checking, rows=rows_out, row_to_flat=row_to_flat, flat_to_row=flat_to_row,
+                top_k=k, weights=weights, shared=shared,
+            )  # fmt: skip
+            y = combine(rows_out, flat_to_row, k, weights, shared)
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
+        ctx.set_materialize_grads(False)
+        ctx.plan, ctx.gate, ctx.autocast = p, gate, autocast
+        ctx.gate_graph = gate_graph if gate is not None else None
+        ctx.has = (b1 is not None, b2 is not None, shared is not None)
+        keep_rows = ctx.needs_input_grad[2]  # the routing weights' gradient reads the expert outputs
+        ctx.save_for_backward(
+            tokens, w1, w2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        p: LayerPlan = ctx.plan
+        k, act, gate = p.k, p.activation, ctx.gate
+        tokens, w1, w2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out = ctx.saved_tensors
+        _, _, need_weights, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        has_b1, has_b2, has_shared = ctx.has
+        d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
+        dev = tokens.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        create_graph = torch.is_grad_enabled()
+        if autocast:
+            torch.set_autocast_enabled(dev, False)
+        torch.set_grad_enabled(False)
+        impls = p.impls
+        try:
+            if dy is not None:
+                g = dy.contiguous()
+                if has_shared:
+                    d_shared = g
+                if need_tokens or need_w1 or need_b1 or need_w2 or need_b2:
+                    permute = impls.get("permute") or p.impl(
+                        "permute",
+                        permute_op,
+                        dict(x=g, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights),
+                    )
+                    d_rows = permute(g, row_to_flat, k, weights).contiguous()
+                    if gate is None:
+                        mlp_backward = impls.get("experts_backward") or p.impl(
+                            "experts_backward",
+                            expert_mlp_backward,
+                            dict(
+                                grad_out=d_rows, x=tokens, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=act,
+                                gather=row_to_flat, top_k=k,
+                            ),
+                        )  # fmt: skip
+                        d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
+                    else:
+                        d_x, dw1, db1, dw2, db2 = _gated_backward(
+                            p, ctx.gate_graph, d_rows, tokens, w1, w2, offsets, hidden, row_to_flat, k
+                        )
+                    if need_tokens:
+                        combine_rows = impls.get("combine_rows") or p.impl(
+                            "combine_rows",
+                            unpermute_op,
+                            dict(rows=d_x, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=None, shared=None),
+                        )
+                        d_tokens = combine_rows(d_x, flat_to_row, k, None, None)
+                    db1 = db1 if has_b1 else None
+                    db2 = db2 if has_b2 else None
+                if need_weights:
+                    weight_grad = impls.get("weight_grad") or p.impl(
+                        "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
+                    )
+                    grad_weights = weight_grad(g, rows_out, flat_to_row, k).to(weights.dtype)
+        finally:
+            torch.set_grad_enabled(create_graph)
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
+        grads = (grad_weights, d_tokens, dw1, db1, dw2, db2, d_shared)
+        if create_graph:
+            anchors = [t for t in (weights, tokens, w1, w2) if t.requires_grad]
+            grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
+        grad_weights, d_tokens, dw1, db1, dw2, db2, d_shared = grads
+        return None, None, grad_weights, None, d_tokens, dw1, db1, dw2, db2, d_shared
+
+
+def _gated_backward(
+    p: LayerPlan, gate_graph: Tuple[Tensor, Tensor], d_rows: Tensor, tokens: Tensor, w1: Tensor, w2: Tensor, offsets: Tensor,
+    hidden: Tensor, row_to_flat: Optional[Tensor], k: int,
+):  # fmt: skip
+    """The two grouped GEMMs' backward with the gate's between them (autograd through the gate's
+    graph kept by gate_forward): (the up-projection's row gradients, dw1, db1, dw2, db2); the
+    up-projection read its rows through `row_to_flat` from tokens of k rows each, or (None, k 1) the
+    rows themselves."""
+    down_backward = p.impls.get("down_backward") or p.impl(
+        "down_backward",
+        grouped_mm_backward,
+        dict(grad_out=d_rows, x=hidden, weight=w2, offsets=offsets, pre=None, activation="none", gather=None, top_k=1),
+    )
+    d_hidden, dw2, db2 = down_backward(d_rows, hidden, w2, offsets, None, "none", None, 1)
+    leaf, out = gate_graph
+    with torch.enable_grad():  # retain_graph: a backward run again (retain_graph=True outside) finds it
+        (d_pre,) = torch.autograd.grad(out, leaf, d_hidden, retain_graph=True)
+    d_pre = d_pre.contiguous()
+    up_backward = p.impls.get("up_backward") or p.impl(
+        "up_backward",
+        grouped_mm_backward,
+        dict(grad_out=d_pre, x=tokens, weight=w1, offsets=offsets, pre=None, activation="none", gather=row_to_flat, top_k=k),
+    )
+    d_x, dw1, db1 = up_backward(d_pre, tokens, w1, offsets, None, "none", row_to_flat, k)
+    return d_x, dw1, db1, dw2, db2

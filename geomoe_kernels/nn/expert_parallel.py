@@ -133,7 +133,7 @@ class ExpertParallelMoEMLP(MoEMLP):
 
     @classmethod
     def from_dense(cls, moe: MoEMLP, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelMoEMLP":
-        if moe.weights_out_in or moe.block_router or moe.shared_expert is not None or moe.expert_gate_fn is not None:
+        if moe.shares_expert_tensors:
             raise ValueError(
                 "ExpertParallelMoEMLP.from_dense: argument 'moe' expected a MoEMLP of its own, got one built by "
                 "MoEMLP.from_transformers (it shares the transformers block's whole expert tensors; shard the block's "

@@ -20,8 +20,13 @@ Options for the MoE layers of LLMs (keyword-only; the defaults are GeoMoE's):
   of [gate | up]; then the two expert GEMMs run as two grouped_mm with the gate between them.
 Softmax-then-top-k with or without renormalisation is score_func="softmax" with renormalize.
 
-MoEMLP.from_transformers(block) builds one from a transformers sparse-MoE block that shares the
-block's parameters (see geomoe_kernels/nn/hf_blocks.py for what it maps and what it refuses)."""
+Every option runs as one autograd.Function over a cached launch plan (nn/_layer_plan.py): with the
+gating op inside it, or (group-limited top-k, interleaved SwiGLU) the routing computed first and
+the rest of the layer planned.
+
+MoEMLP.from_transformers(block) builds the transformers adapter, a MoEMLP subclass of its own that
+shares the block's parameters (geomoe_kernels/integrations/transformers_moe.py: what it maps and
+what it refuses)."""
 
 from __future__ import annotations
 
@@ -52,15 +57,9 @@ class MoEMLP(nn.Module):
     # None with bias=False
     b1: Tensor
     b2: Tensor
-    # Set by from_transformers only (the defaults are GeoMoE's own layer):
-    # w1/w2 stored [E, out, in] (the block's own tensors) rather than [E, in, out]
-    weights_out_in: bool = False
-    # self.gate is the block's router, called for (logits, weights, ids)
-    block_router: bool = False
-    # the experts' own gate between the two grouped GEMMs (e.g. GPT-OSS's clamped SwiGLU)
-    expert_gate_fn: Optional[Callable[[Tensor], Tensor]] = None
-    # the block's shared-expert MLP (a module of its own, its own hidden size), or None
-    shared_expert: Optional[nn.Module]
+    # True for a layer whose expert tensors belong to another module (the transformers adapter,
+    # integrations/transformers_moe.py): a shard of them cannot be cut (expert parallelism refuses it)
+    shares_expert_tensors: bool = False
     # forward as one autograd.Function over a cached launch plan where the options allow (False: the
     # path through the torch.library ops, one per step; torch.compile always traces that one)
     use_plan: bool = True
@@ -138,7 +137,6 @@ class MoEMLP(nn.Module):
         up = 2 * self.hidden_dim if activation == "swiglu" else self.hidden_dim
         self.gate = nn.Linear(dim, num_experts, bias=gate_bias)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
-        self.shared_expert = None
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         # Stacked [E, in, out] for the grouped GEMM (x @ w), not nn.Linear's [out, in].
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, up))
@@ -171,23 +169,41 @@ class MoEMLP(nn.Module):
             + ("" if self.n_group == 1 else f", n_group={self.n_group}, topk_group={self.topk_group}")
             + ("" if self.shared_gate is None else ", shared_gate=True")
             + ("" if self.swiglu_layout == "concat" else f", swiglu_layout={self.swiglu_layout!r}")
-            + (", router=block's" if self.block_router else "")
-            + ("" if self.expert_gate_fn is None else ", expert gate=the experts' own")
         )
 
     @classmethod
     def from_transformers(cls, block: nn.Module, router: str = "block", backend: str = "auto") -> "MoEMLP":
         """A MoEMLP sharing the parameters of a transformers sparse-MoE block (Mixtral, Qwen2-MoE,
-        Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...). router="block" calls the block's own router
+        Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...): a TransformersMoEMLP (a MoEMLP subclass in
+        geomoe_kernels/integrations/transformers_moe.py). router="block" calls the block's own router
         (its exact arithmetic and dtypes), router="geomoe" runs MoEMLP's gating on the router's
-        weights with the options mapped from it. See geomoe_kernels/nn/hf_blocks.py."""
-        from .hf_blocks import moe_from_transformers
+        weights with the options mapped from it."""
+        from ..integrations.transformers_moe import TransformersMoEMLP
 
-        return moe_from_transformers(cls, block, router, backend)
+        return TransformersMoEMLP(block, router, backend)
+
+    # ---- what a subclass (an adapter of another library's block) may change ----
 
     def _kn(self, w: Tensor) -> Tensor:
-        """An expert weight as [E, in, out] (a view when it is stored [E, out, in])."""
-        return w.transpose(1, 2) if self.weights_out_in else w
+        """An expert weight as [E, in, out] (the layer's own are stored so)."""
+        return w
+
+    def _expert_gate(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """The gate between the two expert GEMMs (hidden = gate(pre)), or None where expert_mlp fuses
+        the activation: interleaved SwiGLU's columns [g0, u0, g1, u1, ...]."""
+        return self._act if self.activation == "swiglu" and self.swiglu_layout == "interleaved" else None
+
+    def _gating_in_plan(self) -> bool:
+        """Whether the gating op computes the routing (inside the layer's plan); else `_gate` does it
+        first as torch ops (group-limited top-k) and the rest of the layer is planned."""
+        return self.n_group == 1
+
+    def _expert_weights(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(w1, b1, w2, b2) of the routed experts, [E, in, out], in `dtype`, contiguous."""
+        w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
+        b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
+        b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+        return w1, b1, w2, b2
 
     def _act(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu" and self.swiglu_layout == "interleaved":
@@ -206,11 +222,6 @@ class MoEMLP(nn.Module):
     def _shared(self, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
         """Sum of the shared experts (weight 1 each), as batched matmuls over the S experts so that
         every weight gradient comes out contiguous (what DDP's buckets expect)."""
-        if self.shared_expert is not None:
-            y = self.shared_expert(x)
-            if self.shared_gate is not None:
-                y = y * torch.sigmoid(nn.functional.linear(x, self.shared_gate.weight.to(dtype)))
-            return y
         S = self.num_shared_experts
         if S == 0:
             return None
@@ -232,8 +243,6 @@ class MoEMLP(nn.Module):
         """(weights, ids, load, prob_mean) for the tokens; the router in float32 whatever the compute
         dtype (float64 when checking)."""
         gate_dtype = torch.promote_types(x_dtype, torch.float32)
-        if self.block_router:
-            return self._block_gate(tokens.to(x_dtype), gate_dtype)
         logits, bias = self._logits(tokens, gate_dtype)
         if self.n_group > 1:
             weights, ids, load, prob_mean = self._group_limited_gate(logits, bias)
@@ -252,18 +261,6 @@ class MoEMLP(nn.Module):
             logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
         bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
         return logits, bias
-
-    def _block_gate(self, tokens: Tensor, gate_dtype: torch.dtype):
-        """The block's own router: its weights (routed scaling included) and ids as it computes them;
-        the load, and the mean normalised score (for the aux loss) from its logits."""
-        logits, weights, ids = self.gate(tokens)
-        ids = ids.to(torch.int64)
-        scores = logits.to(gate_dtype)
-        scores = torch.sigmoid(scores) if self.score_func == "sigmoid" else torch.softmax(scores, -1)
-        T = scores.shape[0]
-        prob_mean = (scores / scores.sum(-1, keepdim=True)).mean(0) if T else scores.new_zeros(self.num_experts)
-        load = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        return weights.to(gate_dtype), ids, load, prob_mean
 
     def _group_limited_gate(self, logits: Tensor, bias: Optional[Tensor]):
         """DeepSeek-V3's routing as torch ops: experts of the topk_group best groups (a group's score:
@@ -299,11 +296,8 @@ class MoEMLP(nn.Module):
         return (
             S > 0
             and all((E <= limit) == (E + S <= limit) for limit in limits)
-            and self.shared_expert is None
             and self.shared_gate is None
-            and not self.weights_out_in
-            and self.expert_gate_fn is None
-            and not (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
+            and self._expert_gate() is None
         )
 
     def _stacked(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
@@ -322,19 +316,8 @@ class MoEMLP(nn.Module):
         shared_ids = torch.arange(E, E + S, device=ids.device).expand(T, S)
         return torch.cat([ids, shared_ids], 1), torch.cat([weights, weights.new_ones(1, 1).expand(T, S)], 1)
 
-    def _plan_covers(self) -> bool:
-        """The layer's options that the planned path (nn/_layer_plan.py) runs: routing by the gating
-        op, both GEMMs in expert_mlp. The rest (the block's own router, group-limited top-k, an
-        experts' gate of their own, interleaved SwiGLU) take the path through the ops."""
-        return not (
-            self.block_router
-            or self.n_group > 1
-            or self.expert_gate_fn is not None
-            or (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
-        )
-
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        if self.use_plan and self._plan_covers() and not torch.compiler.is_compiling():
+        if self.use_plan and not torch.compiler.is_compiling():
             return self._forward_planned(x)
         return self._forward_ops(x)
 
@@ -342,6 +325,9 @@ class MoEMLP(nn.Module):
         """forward as one autograd.Function over a cached launch plan: the same implementations, the
         same bits as _forward_ops, without a custom-op dispatch per op (issue 28's host time)."""
         tokens, dtype = self._tokens(x)
+        gate = self._expert_gate()
+        if gate is not None or not self._gating_in_plan():
+            return self._forward_routed(x, tokens, dtype, gate)
         T = tokens.shape[0]
         logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
         # the routed experts read the tokens through an alias made here, before the shared experts'
@@ -353,9 +339,7 @@ class MoEMLP(nn.Module):
             w1, b1, w2, b2 = self._stacked(dtype)
             shared = None
         else:
-            w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
-            b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
-            b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+            w1, b1, w2, b2 = self._expert_weights(dtype)
             shared = self._shared(tokens, dtype)
             shared = shared.contiguous() if shared is not None else None
         options = (
@@ -365,6 +349,30 @@ class MoEMLP(nn.Module):
         y, load, prob_mean = _layer_plan.run(
             options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared
         )
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+    def _forward_routed(
+        self, x: Tensor, tokens: Tensor, dtype: torch.dtype, gate: Optional[Callable[[Tensor], Tensor]]
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The routing from `_gate` (torch ops, or the gating op), the rest of the layer on a plan
+        (_layer_plan.run_routed): group-limited top-k, an expert gate between the GEMMs."""
+        T = tokens.shape[0]
+        weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
+        routed_tokens = tokens.view_as(tokens)  # made where the ops' path makes its first expert node
+        E, k = self.num_experts, self.top_k
+        if self._shared_in_experts():  # the shared experts as S more experts, weight 1
+            ids, weights = self._route_shared(ids, weights)
+            E, k = E + self.num_shared_experts, ids.shape[1]
+            w1, b1, w2, b2 = self._stacked(dtype)
+            shared = None
+        else:
+            w1, b1, w2, b2 = self._expert_weights(dtype)
+            shared = self._shared(tokens, dtype)
+            shared = shared.contiguous() if shared is not None else None
+        y = _layer_plan.run_routed(
+            (E, k, self.activation, self.backend), weights.contiguous(), ids.contiguous(), routed_tokens.contiguous(),
+            w1, b1, w2, b2, shared, gate,
+        )  # fmt: skip
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
     def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -405,10 +413,10 @@ class MoEMLP(nn.Module):
         b1 = b1.to(dtype) if b1 is not None else None
         b2 = b2.to(dtype) if b2 is not None else None
         k = k if gather is not None else 1
-        if self.expert_gate_fn is not None or (self.activation == "swiglu" and self.swiglu_layout == "interleaved"):
-            # the gate between two grouped GEMMs
+        gate = self._expert_gate()
+        if gate is not None:  # the gate between two grouped GEMMs
             pre = grouped_mm(tokens, w1, offsets, b1, "none", be, gather=gather, flat_to_row=flat_to_row, top_k=k)
-            hidden = self.expert_gate_fn(pre) if self.expert_gate_fn is not None else self._act(pre)
+            hidden = gate(pre)
             return grouped_mm(hidden.to(dtype), w2, offsets, b2, "none", be)
         # both GEMMs in one op: the first reads its rows straight from the tokens through the
         # permutation, and only the pre-activation is kept for backward
