@@ -129,6 +129,12 @@ def test_model_matches_eager(name, dtype, monkeypatch):
         gt, "expert_mlp", lambda x, w1, b1, w2, *a, **k: weights_read.append((w1, w2)) or real_mlp(x, w1, b1, w2, *a, **k)
     )
     monkeypatch.setattr(gt, "grouped_mm", lambda x, w, *a, **k: weights_read.append((w,)) or real_mm(x, w, *a, **k))
+    real_plan = gt._layer_plan.run_routed  # the eager path: the layer's plan, reading the same weights
+    monkeypatch.setattr(
+        gt._layer_plan,
+        "run_routed",
+        lambda o, wt, i, x, w1, b1, w2, *a: weights_read.append((w1, w2)) or real_plan(o, wt, i, x, w1, b1, w2, *a),
+    )
     real_forward = gt.experts_forward
     monkeypatch.setattr(gt, "experts_forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
 
@@ -274,6 +280,57 @@ def test_layouts_match_batched_mm(layout):
     got = _run(module, "geomoe", x, ids, w)
     for a, b in zip(got, ref):
         assert _max_rel(a, b) <= 1e-10
+
+
+def _both_paths(module, x, ids, w, backend):
+    """experts_forward through the ops and on its launch plan: output and every gradient of each."""
+    g = torch.linspace(-1, 1, x.shape[1], dtype=x.dtype, device=x.device)
+    runs = []
+    gt._backend.PLANS.clear()  # a plan made here: the planned run is seen to run (plans_built)
+    for use_plan in (False, True):
+        leaves = [x, w, *module.parameters()]
+        for t in leaves:
+            t.grad = None
+        built = gt._layer_plan.plans_built
+        out = gt.experts_forward(module, x, ids, w, backend=backend, use_plan=use_plan)
+        (out * g).sum().backward()
+        assert (gt._layer_plan.plans_built > built) == use_plan
+        runs.append([out.detach()] + [t.grad.clone() for t in leaves])
+    return runs
+
+
+# the fused SwiGLU ([E, out, in] and [E, in, out] with biases), GeGLU and the interleaved columns
+# (the module's gate between two grouped GEMMs), relu^2 without a gate (its act_fn between them)
+PLAN_LAYOUTS = [LAYOUTS[0], LAYOUTS[2], LAYOUTS[4], LAYOUTS[5], LAYOUTS[7], LAYOUTS[8]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", PLAN_LAYOUTS, ids=lambda c: "-".join(f"{v}" for v in c[:6]))
+def test_planned_path_gives_the_ops_path_bits(layout, dtype):
+    """Issue 28 item 4: the backend's eager path (route, the experts, the combine as one
+    autograd.Function over a cached launch plan) gives the op path's output and gradients bit for
+    bit (the float64 comparison with batched_mm above runs the planned path)."""
+    *flags, act, _ = layout
+    torch.manual_seed(7)
+    module = _experts_class(*flags, act)(_config("geomoe")).to(dtype)
+    x, ids, w = _routing(dtype)
+    ops, planned = _both_paths(module, x, ids, w, "torch")
+    for i, (a, b) in enumerate(zip(ops, planned)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (i, (a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[2], LAYOUTS[5]], ids=["swiglu", "interleaved"])
+def test_planned_path_gives_the_ops_path_bits_on_a_kernel_backend(kernel_backend, layout):
+    """The same on the Triton interpreter (float32) and the emulated CUDA core (bf16: its grouped
+    GEMM takes no float32), in those tests' processes."""
+    *flags, act, _ = layout
+    torch.manual_seed(7)
+    dtype = torch.float32 if kernel_backend.name == "triton" else torch.bfloat16
+    module = _experts_class(*flags, act)(_config("geomoe")).to(dtype).to(kernel_backend.device)
+    x, ids, w = (t.detach().to(kernel_backend.device).requires_grad_(t.requires_grad) for t in _routing(dtype))
+    ops, planned = _both_paths(module, x, ids, w, kernel_backend.name)
+    for i, (a, b) in enumerate(zip(ops, planned)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (i, (a.double() - b.double()).abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -9,7 +9,9 @@ experts on the geomoe ops:
 What runs, per call: `route` (the sort-free permutation of the model's own routing result), the
 up-projection reading the tokens through the permutation (no permuted copy), the gate, the
 down-projection, the optional post-expert norm, and `unpermute` (the weighted, deterministic combine
-in float32). The gate is fused into the first grouped GEMM when it is a standard one:
+in float32). Eagerly (no post-expert norm) all of it is one autograd.Function over a cached launch
+plan (geomoe_kernels/nn/_layer_plan.py's run_routed: the implementations the ops would run, the same
+bits, without a custom-op dispatch each); under torch.compile, and with a post-expert norm, the ops. The gate is fused into the first grouped GEMM when it is a standard one:
 - has_gate with the decorator's default `_apply_gate` (act_fn(gate) * up on [gate | up]) and act_fn
   SiLU: one `expert_mlp` op with SwiGLU (backward keeps only the pre-activation);
 - has_gate=False with act_fn SiLU or erf-GELU: one `expert_mlp` op with that activation;
@@ -52,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
+from ..nn import _layer_plan
 from ..ops import expert_mlp, grouped_mm, route, unpermute
 
 try:
@@ -212,6 +215,29 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+class _ModuleGate:
+    """The experts module's own gate (has_gate: `_apply_gate`) or activation (`act_fn`) between the
+    two grouped GEMMs, its output's shape checked against down_proj's input."""
+
+    def __init__(self, module: nn.Module, width: int):
+        self.module, self.width = module, width
+
+    def __call__(self, pre: Tensor) -> Tensor:
+        m: Any = self.module
+        hidden = m._apply_gate(pre) if m.has_gate else m.act_fn(pre)
+        if hidden.dim() != 2 or hidden.shape[1] != self.width:
+            raise _refuse(
+                m,
+                f"the gate/activation gave rows of shape {list(hidden.shape)}, expected [{pre.shape[0]}, {self.width}] "
+                f"(down_proj's input size)",
+            )
+        return hidden
+
+
 def experts_forward(
     module: Any,
     hidden_states: Tensor,
@@ -219,9 +245,11 @@ def experts_forward(
     top_k_weights: Tensor,
     backend: str = "auto",
     relayout: bool = True,
+    use_plan: bool = True,
 ) -> Tensor:
     """The experts of a transformers MoE block on the geomoe ops: [T, hidden] from the tokens and
-    the model's routing result (expert ids [T, k] and their weights [T, k])."""
+    the model's routing result (expert ids [T, k] and their weights [T, k]). use_plan: eagerly, one
+    autograd.Function over a launch plan (the same bits); False: through the ops, one per step."""
     _check_module(module, hidden_states, top_k_index, top_k_weights)
     dtype = _compute_dtype(hidden_states)
     x = hidden_states.to(dtype)
@@ -251,22 +279,24 @@ def experts_forward(
         off_rank = ids >= E
         ids = ids.clamp_max(E - 1)
         weights = weights.masked_fill(off_rank, 0.0)
-    row_to_flat, flat_to_row, offsets = route(ids.contiguous(), E, backend)
-
     activation = fused_activation(module)
     if activation == "swiglu" and backend == "cuda":  # the CUDA core fuses no SwiGLU: the module's gate between two GEMMs
         activation = None
+    if use_plan and not getattr(module, "has_post_expert_norm", False) and not torch.compiler.is_compiling():
+        # one autograd.Function over a cached launch plan (route, the experts, the combine): the
+        # implementations the ops below would run, the same bits, without an op dispatch each
+        out = _layer_plan.run_routed(
+            (E, k, activation or "none", backend), weights.contiguous(), ids.contiguous(), x.contiguous(),
+            w1.contiguous(), _contiguous(b1), w2.contiguous(), _contiguous(b2), None,
+            None if activation is not None else _ModuleGate(module, w2.shape[1]),
+        )  # fmt: skip
+        return out.to(hidden_states.dtype)
+    row_to_flat, flat_to_row, offsets = route(ids.contiguous(), E, backend)
     if activation is not None:
         rows = expert_mlp(x, w1, b1, w2, b2, offsets, activation, backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
     else:
         pre = grouped_mm(x, w1, offsets, b1, "none", backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
-        hidden = module._apply_gate(pre) if module.has_gate else module.act_fn(pre)
-        if hidden.dim() != 2 or hidden.shape[1] != w2.shape[1]:
-            raise _refuse(
-                module,
-                f"the gate/activation gave rows of shape {list(hidden.shape)}, expected [{pre.shape[0]}, {w2.shape[1]}] "
-                f"(down_proj's input size)",
-            )
+        hidden = _ModuleGate(module, w2.shape[1])(pre)
         rows = grouped_mm(hidden.to(dtype), w2, offsets, b2, "none", backend)
     if getattr(module, "has_post_expert_norm", False):
         rows = module.post_expert_norm(rows).to(dtype)
