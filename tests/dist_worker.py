@@ -37,6 +37,7 @@ def make_layer():
 
 def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Each rank: the same MoEMLP, sharded; its half of the tokens; saves output and gradients."""
+    from geomoe_kernels.nn import _layer_plan
     from geomoe_kernels.nn.expert_parallel import ExpertParallelMoEMLP
 
     init(rank, world, init_file)
@@ -45,11 +46,24 @@ def ep_layer(rank: int, world: int, init_file: str, out_dir: str) -> None:
     lo, hi = rank * 40 // world, (rank + 1) * 40 // world
     if os.environ.get("GEOMOE_TEST_EMPTY_RANK"):  # rank 0 takes every token, rank 1 none
         lo, hi = (0, 40) if rank == 0 else (40, 40)
+    # the op path and the planned path (the default), with the aux loss in the loss: the same bits
+    paths = {}
+    for use_plan in (False, True):
+        ep.use_plan = use_plan
+        ep.zero_grad(set_to_none=True)
+        built = _layer_plan.plans_built
+        xs = x[lo:hi].clone().requires_grad_(True)
+        y, aux, load = ep(xs)
+        ((y * g[lo:hi]).sum() + aux).backward()
+        paths[use_plan] = [y.detach(), aux.detach(), load, xs.grad] + [p.grad for p in ep.parameters()]
+        paths[use_plan].append(torch.tensor(_layer_plan.plans_built - built))
+    ep.zero_grad(set_to_none=True)
     xs = x[lo:hi].clone().requires_grad_(True)
     y, aux, load = ep(xs)
     (y * g[lo:hi]).sum().backward()
     torch.save(
         {
+            "paths": paths,
             "y": y.detach(),
             "x_grad": xs.grad,
             "load": load,

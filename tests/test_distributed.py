@@ -23,6 +23,20 @@ def _single_process_reference():
     return moe, x, y, load
 
 
+def _paths_give_the_same_bits(ranks):
+    """Each rank's op path and planned path (issue 28 item 4: the dispatch, the rank's experts and the
+    combine on a launch plan, the exchanges between them): the same output, aux, load, input
+    gradient and every parameter gradient, bit for bit; the planned run made (or used) its plans."""
+    for r in ranks:
+        ops, planned = r["paths"][False], r["paths"][True]
+        assert int(ops[-1]) == 0 and int(planned[-1]) >= 1  # the op path makes no plan; the planned one did
+        assert len(ops) == len(planned)
+        for i, (a, b) in enumerate(zip(ops[:-1], planned[:-1])):
+            assert (a is None) == (b is None), i
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), (i, (a.double() - b.double()).abs().max())
+
+
 @pytest.mark.parametrize("empty_rank", [False, True])
 def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
     if empty_rank:
@@ -30,6 +44,7 @@ def test_expert_parallel_equals_one_process(tmp_path, monkeypatch, empty_rank):
     mp.spawn(ep_layer, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     moe, x, y, load = _single_process_reference()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _paths_give_the_same_bits(ranks)
     assert ranks[0]["range"] == (0, 4) and ranks[1]["range"] == (4, 7)  # 7 experts: 4 + 3 (torch.chunk's blocks)
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=0, atol=1e-13)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, rtol=0, atol=1e-13)
@@ -69,6 +84,7 @@ def test_expert_parallel_with_llm_options_equals_one_process(tmp_path, monkeypat
     mp.spawn(ep_layer, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     moe, x, y, load = _single_process_reference()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _paths_give_the_same_bits(ranks)
     assert ranks[0]["range"] == (0, 4) and ranks[1]["range"] == (4, 8)
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, rtol=0, atol=1e-12)

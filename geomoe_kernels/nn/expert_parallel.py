@@ -36,7 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import _checks
+from .. import backend as _backend
 from ..ops import permute, route, unpermute
+from ..ops.expert_mlp import expert_mlp_backward, expert_mlp_op
+from ..ops.gating import topk_gating, topk_gating_backward
+from ..ops.permute import permute_op, unpermute_op, unpermute_weight_grad
+from . import _layer_plan as _lp
 from .moe import MoEMLP
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
@@ -113,13 +119,25 @@ class LocalExperts(nn.Module):
         for name, p in params.items():
             self.register_parameter(name, p)
 
-    def forward(self, rows: Tensor, offsets: Tensor, layer: MoEMLP, grad_scale: float) -> Tensor:
+    def forward(self, rows: Tensor, offsets: Tensor, layer: MoEMLP, grad_scale: float, planned: bool = False) -> Tensor:
         """`layer`'s expert path (its activation, SwiGLU layout, gate) on expert-major `rows` with this
-        rank's weights; the weights' gradients times `grad_scale`."""
+        rank's weights; the weights' gradients times `grad_scale`. planned: on a launch plan (one
+        autograd.Function, the implementations the ops would run) rather than through the ops."""
         scale = lambda p: _ScaleGrad.apply(p, grad_scale)
         maybe = lambda p: None if p is None else scale(p)
         weights = (scale(self.w1), maybe(self.b1), scale(self.w2), maybe(self.b2))
-        return layer._experts(rows, rows.dtype, offsets, None, None, weights=weights)
+        if not planned:
+            return layer._experts(rows, rows.dtype, offsets, None, None, weights=weights)
+        dtype = rows.dtype
+        w1, w2 = weights[0].to(dtype).contiguous(), weights[2].to(dtype).contiguous()
+        b1, b2 = (None if b is None else b.to(dtype).contiguous() for b in (weights[1], weights[3]))
+        gate = layer._expert_gate()
+        options = ("ep-experts", w1.shape[0], layer.activation, layer.backend, gate is None)
+        key = (options, *(_lp._sig(t) for t in (rows, offsets, w1, b1, w2, b2)))
+        plan, fresh = _plan(key, lambda: _lp.RoutedPlan(w1.shape[0], 1, layer.activation, layer.backend))
+        out = _Experts.apply(plan, gate, rows.contiguous(), offsets, w1, b1, w2, b2)
+        _keep(key, plan, fresh)
+        return out
 
 
 class ExpertParallelMoEMLP(MoEMLP):
@@ -167,13 +185,50 @@ class ExpertParallelMoEMLP(MoEMLP):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", experts {self.expert_start}..{self.expert_end - 1} of {self.num_experts} here"
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """forward through the torch.library ops (what torch.compile traces, and use_plan = False)."""
         tokens, dtype = self._tokens(x)
-        T, E, k, be, W = tokens.shape[0], self.num_experts, self.top_k, self.backend, self.world
+        T, E, k, be = tokens.shape[0], self.num_experts, self.top_k, self.backend
         weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
         rows = permute(tokens, row_to_flat, flat_to_row, k, be)
+        returned = self._exchange(rows, offsets, planned=False)
+        y = unpermute(returned, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
 
+    def _forward_planned(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The same steps on a launch plan, the exchanges between its pieces: the dispatch (gating
+        where the gating op computes the routing, route, the rows' permutation) as one
+        autograd.Function, the rank's experts as one (in `experts`' forward, so a wrapper's hooks run
+        around it), the weighted combine as one; each piece the implementation its op would run, so
+        the bits are the op path's."""
+        tokens, dtype = self._tokens(x)
+        T, E, k = tokens.shape[0], self.num_experts, self.top_k
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        options = ("ep", E, k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor, self.backend)
+        if self._gating_in_plan():
+            logits, bias = self._logits(tokens, gate_dtype)
+            a, b = logits.contiguous(), bias
+        else:
+            weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
+            a, b = None, ids.contiguous()
+        key = (options, _lp._sig(a), _lp._sig(b), _lp._sig(tokens))
+        plan, fresh = _plan(key, lambda: _lp.LayerPlan(*options[1:], 0))
+        rows, gate_weights, gate_load, gate_prob_mean, row_to_flat, flat_to_row, offsets = _Dispatch.apply(
+            plan, a, b, tokens.contiguous()
+        )
+        if a is not None:
+            weights, load, prob_mean = gate_weights, gate_load, gate_prob_mean
+        returned = self._exchange(rows, offsets, planned=True)
+        shared = self._shared(tokens, dtype)
+        y = _Combine.apply(plan, returned, row_to_flat, flat_to_row, weights.contiguous(), _contiguous(shared))
+        _keep(key, plan, fresh)
+        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+    def _exchange(self, rows: Tensor, offsets: Tensor, planned: bool) -> Tensor:
+        """Each expert's rows (expert-major, by `offsets`) sent to the rank that owns it, run there
+        and sent back, in the order they came."""
+        E, W = self.num_experts, self.world
         # who gets what: every rank's per-expert counts, then the split sizes on the host
         counts = (offsets[1:] - offsets[:-1]).contiguous()
         all_counts = torch.empty(W * E, dtype=counts.dtype, device=counts.device)
@@ -190,13 +245,192 @@ class ExpertParallelMoEMLP(MoEMLP):
         expert_rows = arrived.index_select(0, to_expert_major)
         local_counts = mine.sum(0)
         local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
-        out = self.experts(expert_rows, local_offsets, self, 1.0 / W)
+        out = self.experts(expert_rows, local_offsets, self, 1.0 / W, planned)
         back_order = torch.empty_like(to_expert_major)
         back_order[to_expert_major] = torch.arange(to_expert_major.numel(), device=out.device)
-        returned = _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)
+        return _all_to_all(out.index_select(0, back_order), send_l, recv_l, self.group)
 
-        y = unpermute(returned, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
-        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+
+# ---- the planned pieces (nn/_layer_plan.py's LayerPlan, split where the exchanges are) -----------
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _plan(key, make):
+    """(the plan kept for `key`, or a new one; whether it is new)."""
+    plan = _backend.PLANS.get(key)
+    return (make(), True) if plan is None else (plan, False)
+
+
+def _keep(key, plan, fresh: bool) -> None:
+    """Keep a new plan once its pieces are resolved (as _layer_plan.run does)."""
+    if fresh and _backend.choices_final():
+        if len(_backend.PLANS) >= _lp._MAX_PLANS:
+            _backend.PLANS.clear()
+        _backend.PLANS[key] = plan
+        _lp.plans_built += 1
+
+
+class _NoAutocast:
+    """Autocast off around the implementations, as the ops do it."""
+
+    def __init__(self, t: Tensor):
+        self.dev = t.device.type
+
+    def __enter__(self):
+        self.on = torch.is_autocast_enabled(self.dev)
+        if self.on:
+            torch.set_autocast_enabled(self.dev, False)
+        return self.on
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_autocast_enabled(self.dev, True)
+
+
+class _Dispatch(torch.autograd.Function):
+    """gating (with logits given; with ids given, none) -> route -> the tokens' rows in expert-major
+    order: (rows, weights, load, prob_mean, row_to_flat, flat_to_row, offsets); weights, load and
+    prob_mean None with ids given."""
+
+    @staticmethod
+    def forward(ctx, plan, logits, bias_or_ids, tokens):  # type: ignore[override]
+        p = plan
+        checking = _checks.value_checks_enabled(tokens)
+        weights = load = prob_mean = None
+        with _NoAutocast(tokens):
+            if logits is not None:
+                bias = bias_or_ids
+                named = dict(logits=logits, bias=bias, top_k=p.k, score_func=p.score_func, renormalize=p.renormalize)
+                gating = _lp._piece(p, "gating", topk_gating, checking, **named)
+                weights, ids, load, prob_mean = gating(logits, bias, p.k, p.score_func, p.renormalize)
+                if p.scale != 1.0:
+                    weights = weights * p.scale
+            else:
+                ids = bias_or_ids
+            routing = _lp._piece(p, "route", route, checking, expert_ids=ids, num_experts=p.E)
+            row_to_flat, flat_to_row, offsets = routing(ids, p.E)
+            named = dict(x=tokens, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=p.k, weights=None)
+            rows = _lp._piece(p, "permute", permute_op, checking, **named)(tokens, row_to_flat, p.k, None)
+        ctx.set_materialize_grads(False)
+        ctx.plan = p
+        ctx.save_for_backward(logits, ids if logits is not None else None, row_to_flat, flat_to_row)
+        ctx.mark_non_differentiable(*(t for t in (load, row_to_flat, flat_to_row, offsets) if t is not None))
+        return rows, weights, load, prob_mean, row_to_flat, flat_to_row, offsets
+
+    @staticmethod
+    def backward(ctx, d_rows, d_weights, _dload, d_prob_mean, *_):  # type: ignore[override]
+        p = ctx.plan
+        logits, ids, row_to_flat, flat_to_row = ctx.saved_tensors
+        _, need_logits, _, need_tokens = ctx.needs_input_grad
+        d_logits = d_tokens = None
+        with _NoAutocast(row_to_flat), torch.no_grad():
+            if need_tokens and d_rows is not None:  # permute's backward: each token's rows summed (unweighted)
+                g = d_rows.contiguous()
+                named = dict(rows=g, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=p.k, weights=None, shared=None)
+                d_tokens = _lp._piece(p, "combine_rows", unpermute_op, False, **named)(g, flat_to_row, p.k, None, None)
+            if need_logits and (d_weights is not None or d_prob_mean is not None):
+                gw = None if d_weights is None else (d_weights * p.scale if p.scale != 1.0 else d_weights).contiguous()
+                gp = _contiguous(d_prob_mean)
+                named = dict(
+                    grad_weights=gw, grad_prob_mean=gp, logits=logits, ids=ids, score_func=p.score_func, renormalize=p.renormalize
+                )
+                piece = ("gating_backward", gw is None, gp is None)
+                d_logits = _lp._piece(p, piece, topk_gating_backward, False, **named)(
+                    gw, gp, logits, ids, p.score_func, p.renormalize
+                )
+        return None, d_logits, None, d_tokens
+
+
+class _Combine(torch.autograd.Function):
+    """The weighted combine of the rows that came back (unpermute), `shared` added."""
+
+    @staticmethod
+    def forward(ctx, plan, rows, row_to_flat, flat_to_row, weights, shared):  # type: ignore[override]
+        p = plan
+        checking = _checks.value_checks_enabled(rows)
+        with _NoAutocast(rows):
+            named = dict(rows=rows, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=p.k, weights=weights, shared=shared)
+            y = _lp._piece(p, "combine", unpermute_op, checking, **named)(rows, flat_to_row, p.k, weights, shared)
+        ctx.set_materialize_grads(False)
+        ctx.plan, ctx.has_shared = p, shared is not None
+        ctx.save_for_backward(rows if ctx.needs_input_grad[4] else None, row_to_flat, flat_to_row, weights)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        p = ctx.plan
+        rows, row_to_flat, flat_to_row, weights = ctx.saved_tensors
+        _, need_rows, _, _, need_weights, _ = ctx.needs_input_grad
+        d_rows = grad_weights = None
+        if dy is None:
+            return None, None, None, None, None, None
+        with _NoAutocast(dy), torch.no_grad():
+            g = dy.contiguous()
+            if need_rows:
+                named = dict(x=g, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=p.k, weights=weights)
+                d_rows = _lp._piece(p, "combine_backward", permute_op, False, **named)(g, row_to_flat, p.k, weights)
+            if need_weights:
+                named = dict(grad_out=g, rows=rows, flat_to_row=flat_to_row, top_k=p.k)
+                weight_grad = _lp._piece(p, "weight_grad", unpermute_weight_grad, False, **named)
+                grad_weights = weight_grad(g, rows, flat_to_row, p.k).to(weights.dtype)
+        return None, d_rows, None, None, grad_weights, g if ctx.has_shared else None
+
+
+class _Experts(torch.autograd.Function):
+    """The rank's experts on rows already grouped by expert: expert_mlp, or two grouped GEMMs with
+    the gate between them (RoutedLayerFunction's experts with no permutation)."""
+
+    @staticmethod
+    def forward(ctx, plan, gate, rows, offsets, w1, b1, w2, b2):  # type: ignore[override]
+        p = plan
+        checking = _checks.value_checks_enabled(rows)
+        hidden = None
+        with _NoAutocast(rows) as autocast:
+            if gate is None:
+                named = dict(
+                    x=rows, w1=w1, b1=b1, w2=w2, b2=b2, offsets=offsets, activation=p.activation, gather=None, flat_to_row=None,
+                    top_k=1,
+                )  # fmt: skip
+                out, pre = _lp._piece(p, "experts", expert_mlp_op, checking, **named)(
+                    rows, w1, b1, w2, b2, offsets, p.activation, None, 1
+                )
+            else:
+                named = dict(
+                    x=rows, weight=w1, offsets=offsets, bias=b1, activation="none", gather=None, flat_to_row=None, top_k=1
+                )
+                pre, _ = _lp._piece(p, "up", _lp.grouped_mm_op, checking, **named)(rows, w1, offsets, b1, "none", None, 1)
+                keep = any(ctx.needs_input_grad[2:])
+                hidden, ctx.gate_graph = _lp.gate_forward(gate, pre, w2.shape[1], rows.dtype, autocast, keep)
+                named = dict(
+                    x=hidden, weight=w2, offsets=offsets, bias=b2, activation="none", gather=None, flat_to_row=None, top_k=1
+                )
+                out, _ = _lp._piece(p, "down", _lp.grouped_mm_op, checking, **named)(hidden, w2, offsets, b2, "none", None, 1)
+        ctx.set_materialize_grads(False)
+        ctx.plan, ctx.gate, ctx.autocast, ctx.has = p, gate, autocast, (b1 is not None, b2 is not None)
+        ctx.save_for_backward(rows, offsets, w1, w2, pre, hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):  # type: ignore[override]
+        if d_out is None:
+            return (None,) * 8
+        p, gate = ctx.plan, ctx.gate
+        rows, offsets, w1, w2, pre, hidden = ctx.saved_tensors
+        g = d_out.contiguous()
+        with _NoAutocast(rows), torch.no_grad():
+            if gate is None:
+                named = dict(
+                    grad_out=g, x=rows, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=p.activation, gather=None, top_k=1
+                )
+                backward = _lp._piece(p, "experts_backward", expert_mlp_backward, False, **named)
+                d_rows, dw1, db1, dw2, db2 = backward(g, rows, w1, w2, offsets, pre, p.activation, None, 1)
+            else:
+                d_rows, dw1, db1, dw2, db2 = _lp._gated_backward(p, ctx.gate_graph, g, rows, w1, w2, offsets, hidden, None, 1)
+        has_b1, has_b2 = ctx.has
+        return None, None, d_rows, None, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None
 
 
 def _block_transpose(counts: List[List[int]], device) -> Tensor:
