@@ -24,7 +24,9 @@ Per step (forward + backward; the train step adds the optimizer), it reports:
   (`JITFunction.run`, tens of microseconds a launch there), which the interpreter does not have.
 
 Rows: GeoMoE's MoE layer and the LLM's (d 2048, SwiGLU 768, 128 experts, top-8 softmax, no shared
-expert), ours and each peer that runs on a CPU (a peer that cannot says why); the front end
+expert), ours and each peer that runs on a CPU (a peer that cannot says why); for the LLM layer also
+ours with group-limited top-k (`groups_geomoe`) and with interleaved SwiGLU (`interleaved_geomoe`),
+and our transformers experts backend (`hf_geomoe`, beside transformers' own `hf_*`); the front end
 (stages 1-2), sparse against the dense one; one whole GeoMoE pretraining step (forward, backward,
 clip, fused AdamW, fp16 autocast with a grad scaler, as bench_train_step runs it), ours against the
 published implementation. --json writes the results file
@@ -361,6 +363,7 @@ IMAGES = 2
 
 MOE_IMPLS = (
     "geomoe",
+    "hf_geomoe",
     "reference",
     "grouped_mm",
     "loop",
@@ -400,11 +403,20 @@ def moe_step(kind: str, impl: str, widths: Optional[Dict[str, int]] = None, toke
     )
     x = torch.randn(tokens, s["dim"], dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
+    if impl in LLM_OPTIONS:
+        if kind != "llm":
+            raise Unsupported("an LLM layer's option (its row is the LLM layer's)")
+        moe = MoEMLP(
+            s["dim"], s["hidden"], s["experts"], s["shared"], s["top_k"], score_func=s["score_func"], activation=s["activation"],
+            **LLM_OPTIONS[impl],
+        )  # fmt: skip
     if impl == "reference":
         moe.backend = "torch"
         layer: torch.nn.Module = moe
-    elif impl == "geomoe":
+    elif impl in ("geomoe", *LLM_OPTIONS):
         layer = moe
+    elif impl == "hf_geomoe":
+        layer = _hf_geomoe_layer(moe)
     elif impl == "grouped_mm":
         layer = C.GroupedMMLayer(moe)
     elif impl == "loop":
@@ -429,6 +441,51 @@ def moe_step(kind: str, impl: str, widths: Optional[Dict[str, int]] = None, toke
         torch.autograd.backward([y, aux], [g3, torch.ones_like(aux)])
 
     return step
+
+
+# the LLM layer with DeepSeek-V3's group-limited top-k (8 groups, 4 kept; the routing as torch ops),
+# and with GPT-OSS's interleaved SwiGLU columns (the gate between two grouped GEMMs)
+LLM_OPTIONS = {"groups_geomoe": dict(n_group=8, topk_group=4), "interleaved_geomoe": dict(swiglu_layout="interleaved")}
+
+
+def _hf_geomoe_layer(moe) -> torch.nn.Module:
+    """Our transformers experts backend ("geomoe", geomoe_kernels.integrations.transformers) on an
+    experts module declared as transformers' decorator declares one (weights [E, in, out], biased,
+    [gate | up] with SiLU: the fused SwiGLU), sharing the MoEMLP's weights; routed by the MoEMLP's
+    router in torch as the hf_* peers are."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import TorchRoutedLayer
+
+    try:
+        import geomoe_kernels.integrations.transformers  # noqa: F401  (registers "geomoe")
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError as e:
+        raise Unsupported(f"transformers is not installed ({e})")
+    gated = moe.activation == "swiglu"
+
+    @use_experts_implementation(is_transposed=True, is_concatenated=True, has_bias=True, has_gate=gated)
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = moe.num_experts
+            setattr(self, "gate_up_proj" if gated else "up_proj", moe.w1)
+            setattr(self, "gate_up_proj_bias" if gated else "up_proj_bias", moe.b1)
+            self.down_proj, self.down_proj_bias = moe.w2, moe.b2
+            self.act_fn = torch.nn.SiLU() if moe.activation in ("swiglu", "silu") else torch.nn.GELU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # pragma: no cover - replaced by the decorator
+            raise AssertionError
+
+    class Layer(TorchRoutedLayer):
+        def __init__(self, moe):
+            super().__init__(moe)
+            self.experts_module = Experts(SimpleNamespace(_experts_implementation="geomoe"))
+
+        def experts(self, x, ids, w):
+            return self.experts_module(x, ids, w)
+
+    return Layer(moe)
 
 
 def front_end_step(impl: str) -> Callable[[], object]:
@@ -474,7 +531,7 @@ def cases() -> List[Tuple[str, str, str, Callable[[], Callable[[], object]]]]:
     """(row, impl, what one step is, maker of the step)."""
     out = []
     for kind, label in (("geomoe", "MoE layer, GeoMoE"), ("llm", "MoE layer, LLM")):
-        for impl in MOE_IMPLS:
+        for impl in MOE_IMPLS[:1] + (tuple(LLM_OPTIONS) if kind == "llm" else ()) + MOE_IMPLS[1:]:
             out.append((label, impl, f"fwd+bwd, {TOKENS} tokens", lambda kind=kind, impl=impl: moe_step(kind, impl)))
     for impl in ("geomoe", "dense"):
         out.append(("front end", impl, f"stages 1-2 fwd+bwd, {IMAGES} images, mask 0.75", lambda impl=impl: front_end_step(impl)))

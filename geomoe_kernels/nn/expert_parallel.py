@@ -26,7 +26,12 @@ Every MoEMLP option runs here as on one device: experts without biases, softmax 
 or without renormalisation, group-limited top-k and the routed scaling factor (the gating is local
 to each rank's tokens), the shared experts with their sigmoid gate (replicated), SwiGLU side by side
 or interleaved (the layer's own expert path runs on the rank's shard). A MoEMLP built by
-from_transformers is refused: it shares the block's whole expert tensors, which a shard cannot."""
+from_transformers is refused: it shares the block's whole expert tensors, which a shard cannot.
+
+Eagerly the layer runs on a launch plan split where the exchanges are (issue 28 item 4): the
+dispatch (gating, route, permute), the rank's experts and the combine, one autograd.Function each,
+each piece the implementation its op would run (the same bits as the op path, which use_plan =
+False and torch.compile take)."""
 
 from __future__ import annotations
 
