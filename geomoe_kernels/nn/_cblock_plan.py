@@ -25,7 +25,7 @@ weights in the compute dtype. The neighbour table is the stage's, shared by its 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +93,38 @@ def run(block, x: Tensor, neighbors: Tensor) -> Tensor:
     return out
 
 
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
-def _back(g: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-    """A gradient computed for a cast copy, in the parameter's dtype and shape (autograd's cast and view backward)."""
-    if g is None or like is None:
+def _one_buffer(ts: Sequence[Tensor], dtype: torch.dtype) -> Optional[List[Tensor]]:
+    """ts converted to dtype by one cat into a flat buffer of that dtype (one kernel where a cast a
+    tensor is one each; the same rounding), as views of their shapes; None where they cannot share
+    one (devices or dtypes apart)."""
+    if len({(t.device, t.dtype) for t in ts}) != 1:
         return None
-    return g.to(like.dtype).view(like.shape)
+    flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=ts[0].device)
+    torch.cat([t.reshape(-1) for t in ts], out=flat)
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts)]
+
+
+def _cast_all(params: Sequence[Optional[Tensor]], dtype: torch.dtype) -> List[Optional[Tensor]]:
+    """The block's weights and biases in the compute dtype (autocast's casts, in one kernel)."""
+    present = [t for t in params if t is not None]
+    if all(t.dtype == dtype for t in present):
+        return list(params)
+    cast = _one_buffer(present, dtype) or [t.to(dtype) for t in present]
+    it = iter(cast)
+    return [None if t is None else next(it) for t in params]
+
+
+def _uncast_all(grads: Sequence[Optional[Tensor]], params: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Gradients computed for the cast copies, in the parameters' dtypes and shapes (autograd's cast
+    and view backward, the casts in one kernel): views of one buffer, which autograd hands to .grad."""
+    pairs = [(g, p) for g, p in zip(grads, params) if g is not None and p is not None]
+    if all(g.dtype == p.dtype for g, p in pairs):
+        return [None if g is None or p is None else g.view(p.shape) for g, p in zip(grads, params)]
+    gs = [g.view(p.shape) for g, p in pairs]
+    back = _one_buffer(gs, pairs[0][1].dtype) if len({p.dtype for _, p in pairs}) == 1 else None
+    back = back or [g.to(p.dtype) for g, (_, p) in zip(gs, pairs)]
+    it = iter(back)
+    return [None if g is None or p is None else next(it) for g, p in zip(grads, params)]
 
 
 def _linear_backward(g: Tensor, inp: Tensor, w: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -122,11 +145,10 @@ class CBlockFunction(torch.autograd.Function):
         if autocast:
             torch.set_autocast_enabled(dev, False)
         try:
-            c1w_, c1b_ = c1w.flatten(1).to(dt), _cast(c1b, dt)
-            aw_, ab_ = aw.to(dt).reshape(aw.shape[0], -1), _cast(ab, dt)
-            c2w_, c2b_ = c2w.flatten(1).to(dt), _cast(c2b, dt)
-            f1w_, f1b_ = f1w.flatten(1).to(dt), _cast(f1b, dt)
-            f2w_, f2b_ = f2w.flatten(1).to(dt), _cast(f2b, dt)
+            c1w_, c1b_, aw_, ab_, c2w_, c2b_, f1w_, f1b_, f2w_, f2b_ = _cast_all(
+                (c1w, c1b, aw, ab, c2w, c2b, f1w, f1b, f2w, f2b), dt
+            )
+            c1w_, aw_, c2w_, f1w_, f2w_ = (w.flatten(1) for w in (c1w_, aw_, c2w_, f1w_, f2w_))
             impls = p.impls
             nl1 = impls.get("norm1") or p.impl(
                 "norm1", norm_linear_op, p.norm_backend,
@@ -203,8 +225,7 @@ class CBlockFunction(torch.autograd.Function):
         finally:
             if autocast:
                 torch.set_autocast_enabled(dev, True)
-        return (
-            None, dx, None, dn1w, dn1b, _back(dc1w, c1w), _back(dc1b, c1b), _back(daw, aw), _back(dab, ab),
-            _back(dc2w, c2w), _back(dc2b, c2b), dn2w, dn2b, _back(df1w, f1w), _back(df1b, f1b), _back(df2w, f2w),
-            _back(df2b, f2b),
-        )  # fmt: skip
+        dc1w, dc1b, daw, dab, dc2w, dc2b, df1w, df1b, df2w, df2b = _uncast_all(
+            (dc1w, dc1b, daw, dab, dc2w, dc2b, df1w, df1b, df2w, df2b), (c1w, c1b, aw, ab, c2w, c2b, f1w, f1b, f2w, f2b)
+        )
+        return None, dx, None, dn1w, dn1b, dc1w, dc1b, daw, dab, dc2w, dc2b, dn2w, dn2b, df1w, df1b, df2w, df2b
