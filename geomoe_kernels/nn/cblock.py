@@ -11,7 +11,10 @@ Parameters are stored as the original Conv2d / LayerNorm modules, so checkpoints
 
 On rows, LN1 + conv1 and LN2 + fc1 + GELU are each one norm_linear op (the LayerNorm in the GEMM's
 prologue, bias and GELU in its epilogue). The mask needs no fusing there: masked cells have no rows.
-The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch")."""
+The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch").
+Eagerly a block on rows runs as one autograd.Function over a plan cached per shape
+(nn/_cblock_plan.py: the same implementations, the same bits, no custom-op dispatch);
+torch.compile, and `use_plan = False`, take the ops."""
 
 from __future__ import annotations
 
