@@ -133,3 +133,28 @@ def test_planned_block_refuses_a_second_derivative():
     (gx,) = torch.autograd.grad(block(x, nbr).square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
         gx.sum().backward()
+
+
+def test_sparse_front_end_gives_the_same_bits_with_planned_blocks():
+    """GeoMoE's stages 1-2 on visible rows (both stages' neighbour tables from one slot table), bf16
+    autocast over fp32 parameters: the planned blocks against the blocks through the ops, the
+    outputs and every parameter's gradient."""
+    from geomoe import GeoMoE, random_masking
+
+    torch.manual_seed(0)
+    model = GeoMoE(img_size=64, embed_dim=(16, 32, 48), depth=(1, 1, 1), decoder_embed_dim=32, decoder_depth=1)
+    imgs = torch.randn(2, 3, 64, 64)
+    keep = random_masking(2, model.grid**2, 0.75, 0.25).keep
+    blocks = [*model.blocks1, *model.blocks2]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(use_plan):
+        for b in blocks:
+            b.use_plan = use_plan
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x, s1, s2 = model._front_end_sparse(imgs, keep)
+        loss = x.float().square().mean() + s1.float().square().mean() + s2.float().square().mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [x, s1, s2, *(g for g in grads if g is not None)]
+
+    _same_bits(run(False), run(True))
