@@ -94,13 +94,13 @@ def run(block, x: Tensor, neighbors: Tensor) -> Tensor:
 
 
 def _one_buffer(ts: Sequence[Tensor], dtype: torch.dtype) -> Optional[List[Tensor]]:
-    """ts converted to dtype by one cat into a flat buffer of that dtype (one kernel where a cast a
-    tensor is one each; the same rounding), as views of their shapes; None where they cannot share
-    one (devices or dtypes apart)."""
+    """ts converted to dtype through one flat buffer, as views of their shapes: one cat and one cast
+    (two kernels where a cast a tensor is one each; the same rounding). Not a cat into a buffer of
+    the other dtype: CUDA's cat copies input by input unless every input has the output's dtype.
+    None where they cannot share one buffer (devices or dtypes apart)."""
     if len({(t.device, t.dtype) for t in ts}) != 1:
         return None
-    flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=ts[0].device)
-    torch.cat([t.reshape(-1) for t in ts], out=flat)
+    flat = torch.cat([t.reshape(-1) for t in ts]).to(dtype)
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
 
@@ -120,7 +120,7 @@ def _uncast_all(grads: Sequence[Optional[Tensor]], params: Sequence[Optional[Ten
     pairs = [(g, p) for g, p in zip(grads, params) if g is not None and p is not None]
     if all(g.dtype == p.dtype for g, p in pairs):
         return [None if g is None or p is None else g.view(p.shape) for g, p in zip(grads, params)]
-    gs = [g.view(p.shape) for g, p in pairs]
+    gs = [g.reshape(p.shape) for g, p in pairs]
     back = _one_buffer(gs, pairs[0][1].dtype) if len({p.dtype for _, p in pairs}) == 1 else None
     back = back or [g.to(p.dtype) for g, (_, p) in zip(gs, pairs)]
     it = iter(back)
