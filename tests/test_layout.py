@@ -128,3 +128,22 @@ def test_sparse_cblock_compiles_fullgraph():
     g2 = torch.autograd.grad(y2.square().sum(), x)[0]
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(g, g2)
+
+
+def test_neighbor_tables_and_gather_compile_fullgraph_and_keep_no_traced_constant():
+    """Under torch.compile the shape constants are made in the trace, never kept: the eager calls
+    after it make and keep real tensors, and every result is the eager one."""
+    grid = (4, 4)
+    kept = _kept(2, *grid, 5)
+    layout._CONSTANTS.clear()
+    tables = torch.compile(lambda k: layout.neighbor_tables(k, grid, [(4, 5), (2, 3)]), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16)
+    gather = torch.compile(lambda x, k: layout.gather_cells(x, k, 4), fullgraph=True, backend="aot_eager")
+    got, rows = tables(kept), gather(x, kept)
+    assert not layout._CONSTANTS
+    want = layout.neighbor_tables(kept, grid, [(4, 5), (2, 3)])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(rows, layout.gather_cells(x, kept, 4))
+    assert layout._CONSTANTS and all(
+        type(t) is torch.Tensor for v in layout._CONSTANTS.values() for t in (v if isinstance(v, tuple) else (v,))
+    )
