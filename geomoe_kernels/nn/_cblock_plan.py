@@ -104,6 +104,11 @@ def _one_buffer(ts: Sequence[Tensor], dtype: torch.dtype) -> Optional[List[Tenso
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts)]
 
 
+def _flat(w: Optional[Tensor]) -> Tensor:
+    assert w is not None
+    return w.flatten(1)
+
+
 def _cast_all(params: Sequence[Optional[Tensor]], dtype: torch.dtype) -> List[Optional[Tensor]]:
     """The block's weights and biases in the compute dtype (autocast's casts, in one kernel)."""
     present = [t for t in params if t is not None]
@@ -148,7 +153,7 @@ class CBlockFunction(torch.autograd.Function):
             c1w_, c1b_, aw_, ab_, c2w_, c2b_, f1w_, f1b_, f2w_, f2b_ = _cast_all(
                 (c1w, c1b, aw, ab, c2w, c2b, f1w, f1b, f2w, f2b), dt
             )
-            c1w_, aw_, c2w_, f1w_, f2w_ = (w.flatten(1) for w in (c1w_, aw_, c2w_, f1w_, f2w_))
+            c1w_, aw_, c2w_, f1w_, f2w_ = (_flat(w) for w in (c1w_, aw_, c2w_, f1w_, f2w_))  # the weights are never None
             impls = p.impls
             nl1 = impls.get("norm1") or p.impl(
                 "norm1", norm_linear_op, p.norm_backend,
