@@ -745,7 +745,9 @@ def test_detector_address_sanitizer_catches_out_of_bounds(asan_cases, case, kind
 
 # ---- the backend-parametrised tests, and all of it under AddressSanitizer --------------------------------
 
-BACKEND_TESTS = [os.path.join(HERE, t) for t in ("ops", "test_moe_mlp.py", "test_layer_plan.py", "test_model.py")]
+BACKEND_TESTS = [
+    os.path.join(HERE, t) for t in ("ops", "test_moe_mlp.py", "test_layer_plan.py", "test_cblock_plan.py", "test_model.py")
+]
 # the transformers models on the emulated core (bf16): in the plain emulated run only, not again under ASan
 HF_TESTS = [os.path.join(HERE, "test_transformers_backend.py")]
 

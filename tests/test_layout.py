@@ -38,6 +38,46 @@ def test_neighbor_table_matches_dense_map(s, k):
     assert torch.equal(layout.neighbor_table(kept, grid, s, k), _brute_neighbors(kept, grid, s, k))
 
 
+def test_neighbor_tables_of_several_stages_match_the_dense_map():
+    """One slot table for every stage (the masked front end's stages 1 and 2, and a 1-cell stage with
+    a wider reach in tokens); no kept token at all."""
+    grid = (4, 5)
+    kept = _kept(3, *grid, 6)
+    stages = [(4, 5), (2, 5), (1, 5), (2, 3)]
+    tables = layout.neighbor_tables(kept, grid, stages)
+    for (s, k), t in zip(stages, tables):
+        assert torch.equal(t, _brute_neighbors(kept, grid, s, k)), (s, k)
+        assert torch.equal(t, layout.neighbor_table(kept, grid, s, k)), (s, k)
+    assert layout.neighbor_tables(kept[:, :0], grid, stages)[0].shape == (0, 25)
+
+
+def test_a_step_builds_the_neighbor_tables_in_a_few_small_ops_without_a_sync():
+    """The shape's constants (Z-order, each tap's neighbour offset and cell) are made once; a step's
+    tables are the slot table (5 ops) and 4 ops per stage (there were 83 per stage)."""
+    from benchmarks import host_overhead as H
+
+    grid = (6, 6)
+    kept = _kept(2, *grid, 9)
+    layout.neighbor_tables(kept, grid, [(4, 5), (2, 5)])  # the constants made
+    counts = H.count(lambda: layout.neighbor_tables(_kept(2, *grid, 9), grid, [(4, 5), (2, 5)]))
+    assert counts["host_syncs"] == 0
+    assert counts["launches"] - counts["torch_ops"].get("randperm", 0) - counts["torch_ops"].get("stack", 0) <= 13, counts
+
+
+def test_cached_index_constants_made_under_inference_mode_serve_a_training_step():
+    grid, s = (3, 4), 4
+    kept = _kept(2, *grid, 5)
+    layout._CONSTANTS.clear()
+    with torch.inference_mode():
+        layout.gather_cells(torch.randn(2, 3, 12, 16), kept, s)
+        layout.neighbor_table(kept, grid, s, 5)
+    x = torch.randn(2, 3, 12, 16, requires_grad=True)
+    rows = layout.gather_cells(x, kept, s)
+    (g,) = torch.autograd.grad(rows.sum(), x)
+    vis = layout.scatter_cells(torch.ones(rows.shape[0], 1), kept, s, grid)
+    assert torch.equal(g, vis.expand_as(x))
+
+
 def test_zorder_groups_are_stage2_cells():
     cells = layout.zorder_cells(4)
     # each consecutive group of 4 cells is one 2x2 block, row-major inside
@@ -88,3 +128,22 @@ def test_sparse_cblock_compiles_fullgraph():
     g2 = torch.autograd.grad(y2.square().sum(), x)[0]
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(g, g2)
+
+
+def test_neighbor_tables_and_gather_compile_fullgraph_and_keep_no_traced_constant():
+    """Under torch.compile the shape constants are made in the trace, never kept: the eager calls
+    after it make and keep real tensors, and every result is the eager one."""
+    grid = (4, 4)
+    kept = _kept(2, *grid, 5)
+    layout._CONSTANTS.clear()
+    tables = torch.compile(lambda k: layout.neighbor_tables(k, grid, [(4, 5), (2, 3)]), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16)
+    gather = torch.compile(lambda x, k: layout.gather_cells(x, k, 4), fullgraph=True, backend="aot_eager")
+    got, rows = tables(kept), gather(x, kept)
+    assert not layout._CONSTANTS
+    want = layout.neighbor_tables(kept, grid, [(4, 5), (2, 3)])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(rows, layout.gather_cells(x, kept, 4))
+    assert layout._CONSTANTS and all(
+        type(t) is torch.Tensor for v in layout._CONSTANTS.values() for t in (v if isinstance(v, tuple) else (v,))
+    )

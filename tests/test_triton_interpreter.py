@@ -16,6 +16,7 @@ TESTS = [
     "ops",
     "test_moe_mlp.py",
     "test_layer_plan.py",
+    "test_cblock_plan.py",
     "test_model.py",
     "test_transformers_backend.py",
     "test_moe_from_transformers.py",

@@ -11,7 +11,10 @@ Parameters are stored as the original Conv2d / LayerNorm modules, so checkpoints
 
 On rows, LN1 + conv1 and LN2 + fc1 + GELU are each one norm_linear op (the LayerNorm in the GEMM's
 prologue, bias and GELU in its epilogue). The mask needs no fusing there: masked cells have no rows.
-The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch")."""
+The CUDA core has no LayerNorm GEMM, so backend="cuda" runs those two through cuBLAS ("torch").
+Eagerly a block on rows runs as one autograd.Function over a plan cached per shape
+(nn/_cblock_plan.py: the same implementations, the same bits, no custom-op dispatch);
+torch.compile, and `use_plan = False`, take the ops."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import backend as _backend
 from ..ops import masked_depthwise_conv, norm_linear
+from . import _cblock_plan
 
 
 class _ConvMlp(nn.Module):
@@ -37,6 +41,9 @@ def _pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:
 
 
 class SparseCBlock(nn.Module):
+    # forward_rows as one autograd.Function over a cached plan (nn/_cblock_plan.py); False: through the ops
+    use_plan: bool = True
+
     def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 5, backend: str = "auto"):
         super().__init__()
         _backend.check_backend_name(backend)
@@ -70,6 +77,17 @@ class SparseCBlock(nn.Module):
 
     def forward_rows(self, x: Tensor, neighbors: Tensor) -> Tensor:
         """x [R, C] visible rows; neighbors [R, k*k] from layout.neighbor_table."""
+        if self.use_plan and not torch.compiler.is_compiling() and self._plan_covers(x):
+            return _cblock_plan.run(self, x, neighbors)
+        return self._forward_rows_ops(x, neighbors)
+
+    def _plan_covers(self, x: Tensor) -> bool:
+        """Without autocast the planned path computes in x's dtype, which the parameters must share
+        (the ops' path raises its own error otherwise)."""
+        return torch.is_autocast_enabled(x.device.type) or self.conv2.weight.dtype == x.dtype
+
+    def _forward_rows_ops(self, x: Tensor, neighbors: Tensor) -> Tensor:
+        """forward_rows through the torch.library ops (what torch.compile traces)."""
         h = self._norm_pointwise(self.norm1, self.conv1, x, "none")
         # under autocast h is half precision while the parameters stay float32
         bias = None if self.attn.bias is None else self.attn.bias.to(h.dtype)

@@ -50,14 +50,16 @@ def norm_linear_backward(
     acc = stats_dtype(x)
     K = x.shape[1]
     dpre = grad_out if activation == "none" else activations.backward(activation, grad_out, pre)
-    # the normalised rows, recomputed (one fused pass) rather than kept from the forward
-    a = _layer_norm(x, norm_weight, norm_bias, eps)[0].to(weight.dtype)
+    # the normalised rows, recomputed (one fused pass) rather than kept from the forward; x in the
+    # statistics' dtype made once for both LayerNorm calls (one cast kernel, not two)
+    xa = x.to(acc)
+    a = torch.native_layer_norm(xa, [K], norm_weight.to(acc), norm_bias.to(acc), eps)[0].to(weight.dtype)
     dweight = dpre.t().mm(a)
     dbias = dpre.sum(0, dtype=stats_dtype(dpre)).to(weight.dtype)
     da = dpre.mm(weight).to(acc)
     dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
         da,
-        x.to(acc),
+        xa,
         [K],
         mean.view(-1, 1),
         rstd.view(-1, 1),

@@ -414,14 +414,15 @@ class GeoMoE(MaskedAutoencoder, GeoMoEEncoderBase):
         G, N, Lk = self.grid, imgs.shape[0], keep.shape[1]
         pixels = layout.gather_cells(F.pixel_unshuffle(imgs, 4), keep, 4)  # [N*Lk*16, in_chans*16]
         x = self.patch_embed1.forward_pixels(pixels)
-        if len(self.blocks1):
-            nbr1 = layout.neighbor_table(keep, (G, G), 4, self.blocks1[0].attn.kernel_size[0])
+        # both stages' neighbour tables from one token-level slot table, once a step: every block of a
+        # stage and its backward read its stage's
+        stages = [(s, blocks[0].attn.kernel_size[0]) for s, blocks in ((4, self.blocks1), (2, self.blocks2)) if len(blocks)]
+        tables = dict(zip([s for s, _ in stages], layout.neighbor_tables(keep, (G, G), stages)))
+        nbr1, nbr2 = tables.get(4), tables.get(2)
         for blk in self.blocks1:
             x = blk(x, nbr1)  # through __call__: module hooks (FSDP) must see it
         s1 = layout.strided_conv_rows(x, self.stage1_output_decode.weight, self.stage1_output_decode.bias)
         x = self.patch_embed2.forward_rows(x)
-        if len(self.blocks2):
-            nbr2 = layout.neighbor_table(keep, (G, G), 2, self.blocks2[0].attn.kernel_size[0])
         for blk in self.blocks2:
             x = blk(x, nbr2)
         s2 = layout.strided_conv_rows(x, self.stage2_output_decode.weight, self.stage2_output_decode.bias)
