@@ -342,7 +342,6 @@ class MoEMLP(nn.Module):
         """forward as one autograd.Function over a cached launch plan: the same implementations, the
         same bits as _forward_ops, without a custom-op dispatch per op (issue 28's host time)."""
         tokens, dtype = self._tokens(x)
-        T = tokens.shape[0]
         logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
         # the routed experts read the tokens through an alias made here, before the shared experts'
         # nodes: its backward then runs where expert_mlp's runs on the ops' path, after the shared
@@ -362,10 +361,10 @@ class MoEMLP(nn.Module):
             self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
             self.backend, S,
         )  # fmt: skip
-        y, load, prob_mean = _layer_plan.run(
-            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared
-        )
-        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+        y, load, aux = _layer_plan.run(
+            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared, aux=True
+        )  # the aux loss as _aux forms it, in the Function (in the gating kernel where it is fused)
+        return y.reshape(x.shape[:-1] + (self.dim,)), aux, load
 
     def _forward_ops(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """forward through the torch.library ops, one per step (what torch.compile traces)."""
