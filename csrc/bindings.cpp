@@ -106,6 +106,19 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
                                       aux_coef, softmax, renorm, ptr<float>(grad), stream(s)), "gate_route_backward");
   }, "logits"_a, "tokens"_a, "num_experts"_a, "ids"_a, "top_k"_a, "ld"_a, "grad_weights"_a, "load"_a, "grad_aux"_a,
         "aux_coef"_a, "softmax"_a, "renormalize"_a, "grad_logits"_a, "stream"_a);
+  m.def("pack", [](int src_dtype, int out_dtype, py::list srcs, py::list sizes, std::uintptr_t out, std::uintptr_t s) {
+    const void* p[8] = {};
+    int64_t n[8] = {};
+    const size_t count = py::len(srcs);
+    if (count < 1 || count > 8 || py::len(sizes) != count)
+      throw std::invalid_argument("pack: srcs and sizes expected the same length, 1 to 8");
+    for (size_t i = 0; i < count; ++i) {
+      p[i] = ptr<const void>(srcs[i].cast<std::uintptr_t>());
+      n[i] = sizes[i].cast<int64_t>();
+    }
+    check(geomoe::pack(static_cast<DType>(src_dtype), static_cast<DType>(out_dtype), static_cast<int>(count), p, n,
+                       ptr<void>(out), stream(s)), "pack");
+  }, "src_dtype"_a, "out_dtype"_a, "srcs"_a, "sizes"_a, "out"_a, "stream"_a);
   m.def("dwconv_grad_rows_per_block", &geomoe::dwconv_grad_rows_per_block);
   m.def("masked_depthwise_conv", [](int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t nbr, int kk, std::uintptr_t w,
                                     std::uintptr_t bias, int64_t rows, int64_t channels, bool flip, std::uintptr_t out,

@@ -58,6 +58,10 @@ cudaError_t gate_route(const float* logits, int64_t tokens, int num_experts, con
 cudaError_t gate_scatter(const int64_t* ids, int64_t n, int num_experts, int entries_per_block, int64_t blocks,
                          const int64_t* prefix, const int64_t* offsets, int64_t* row_to_flat, int64_t* flat_to_row,
                          cudaStream_t stream);
+// The layer plan's weight pack: count (1..8) contiguous tensors of src_dtype, sizes[i] elements each,
+// cast to out_dtype one after another into out (sum(sizes) elements).
+cudaError_t pack(DType src_dtype, DType out_dtype, int count, const void* const* srcs, const int64_t* sizes, void* out,
+                 cudaStream_t stream);
 // topk_gating_backward on the first top_k of ld columns of ids and grad_weights, prob_mean's gradient
 // the aux loss's (grad_aux * load_e * aux_coef) where grad_aux is not null.
 cudaError_t gate_route_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,

@@ -228,6 +228,26 @@ class CudaGateRoute:
             stream=_stream(logits),
         )
 
+    pack_dtypes = tuple(_DTYPE)
+
+    def pack(self, sources, dtype):
+        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        if not 1 <= len(sources) <= 8 or any(t.dtype != sources[0].dtype for t in sources) or dtype not in _DTYPE:
+            raise ValueError(
+                f"pack: expected 1 to 8 tensors of one of {list(_DTYPE)}, got {[t.dtype for t in sources]} -> {dtype}"
+            )
+        srcs = [t.contiguous() for t in sources]
+        out = torch.empty(sum(t.numel() for t in srcs), dtype=dtype, device=srcs[0].device)
+        _core_for(out).pack(
+            src_dtype=_DTYPE[srcs[0].dtype],
+            out_dtype=_DTYPE[dtype],
+            srcs=[_p(t) for t in srcs],
+            sizes=[t.numel() for t in srcs],
+            out=_p(out),
+            stream=_stream(out),
+        )
+        return out
+
     def scatter(self, ids, num_experts, tokens_per_block, out) -> None:
         _core_for(ids).gate_scatter(
             ids=_p(ids),

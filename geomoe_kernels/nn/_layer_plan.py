@@ -122,12 +122,13 @@ def run(
     logits: Tensor,
     bias: Optional[Tensor],
     tokens: Tensor,
-    w1: Tensor,
-    b1: Optional[Tensor],
-    w2: Tensor,
-    b2: Optional[Tensor],
+    w1: Any,  # a tensor, or with pack_dtype a (routed, shared) pair of them
+    b1: Any,
+    w2: Any,
+    b2: Any,
     shared: Optional[Tensor],
     aux: bool = False,
+    pack_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared` (with aux:
     (y, load, the aux loss sum_e prob_mean_e * load_e * E / (k * T)), as MoEMLP's), for
@@ -135,13 +136,24 @@ def run(
     contiguous, the weights [E, in, out] in the compute dtype. S > 0: the weights hold the S shared
     experts after the E routed ones ([E + S, in, out]), every token routed to each at weight 1, and
     `shared` is None. Differentiable in logits, tokens, the expert weights and biases, shared (and
-    prob_mean carries the aux loss's gradient)."""
+    prob_mean carries the aux loss's gradient).
+
+    With pack_dtype, w1, b1, w2 and b2 are each a pair (routed, shared or None) of parameters, or
+    None: they are stacked [E + S, ...] and cast to pack_dtype here, in one launch where the plan's
+    backend has the pack kernel (PackWeights), else a concatenation and a cast each (the same bits)."""
     global plans_built
-    key = (options, aux, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
+    if pack_dtype is not None:
+        pairs = (w1, b1, w2, b2)
+        psig = tuple(None if q is None else (_sig(q[0]), _sig(q[1])) for q in pairs)  # type: ignore[index]
+        key: Tuple = (options, aux, pack_dtype, _sig(logits), _sig(bias), _sig(tokens), psig, _sig(shared))
+    else:
+        key = (options, aux, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
     plan = _backend.PLANS.get(key)
     fresh = plan is None
     if plan is None:
         plan = LayerPlan(*options, aux)
+    if pack_dtype is not None:
+        w1, b1, w2, b2 = _packed(plan, pack_dtype, pairs)  # type: ignore[arg-type]
     out = MoELayerFunction.apply(plan, logits, bias, tokens, w1, b1, w2, b2, shared)
     if fresh and _backend.choices_final():  # its forward pieces are resolved now
         if len(_backend.PLANS) >= _MAX_PLANS:
@@ -149,6 +161,85 @@ def run(
         _backend.PLANS[key] = plan
         plans_built += 1
     return out
+
+
+def _packed(plan: LayerPlan, dtype: torch.dtype, pairs) -> Tuple[Optional[Tensor], ...]:
+    """(w1, b1, w2, b2) [E + S, ...] in dtype from their (routed, shared or None) parameter pairs."""
+    params = [t for q in pairs for t in (q if q is not None else (None, None))]
+    pack = getattr(plan.fused, "pack", None) if plan.fused else None
+    present = [t for t in params if t is not None]
+    dtypes = getattr(plan.fused, "pack_dtypes", None)
+    if dtypes is not None and (dtype not in dtypes or present[0].dtype not in dtypes):
+        pack = None  # a dtype the backend's pack kernel does not take
+    if pack is not None and all(t.dtype == present[0].dtype and t.is_contiguous() for t in present):
+        return PackWeights.apply(pack, dtype, *params)
+    return tuple(None if q is None else (q[0] if q[1] is None else torch.cat([q[0], q[1]])).to(dtype).contiguous() for q in pairs)
+
+
+class PackWeights(torch.autograd.Function):
+    """The layer's expert weights for its grouped GEMMs in one launch: each (routed, shared) pair of
+    parameters (w1, b1, w2, b2; shared or both None where absent) stacked [E + S, ...] in the compute
+    dtype, one flat buffer holding all four; the backward likewise one launch, the packed gradients
+    back to the parameters' dtype (each gradient a view of one flat buffer, as the slices of a
+    concatenation's gradient are). Replaces a concatenation and a cast per tensor, and the casts of
+    their gradients."""
+
+    @staticmethod
+    def forward(ctx, pack, dtype, *params):  # type: ignore[override]
+        groups = [(params[i], params[i + 1]) for i in range(0, len(params), 2)]
+        flat = pack([t for g in groups for t in g if t is not None], dtype)
+        outs, at, meta = [], 0, []
+        for r, sh in groups:
+            if r is None:
+                outs.append(None)
+                meta.append(None)
+                continue
+            shape = (r.shape[0] + (sh.shape[0] if sh is not None else 0),) + tuple(r.shape[1:])
+            n = r.numel() + (sh.numel() if sh is not None else 0)
+            outs.append(flat[at : at + n].view(shape))
+            meta.append((r.shape[0], sh is not None))
+            at += n
+        ctx.pack, ctx.meta, ctx.param_dtype = pack, meta, next(t.dtype for t in params if t is not None)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        # already in the parameters' dtype: views; under backward(create_graph=True) the same as
+        # torch ops (a kernel's output would drop the graph, and with it the layer's refusal of a
+        # second derivative)
+        if torch.is_grad_enabled() or all(g is None or g.dtype == ctx.param_dtype for g in grads):
+            views: list = []
+            for g, m in zip(grads, ctx.meta):
+                if g is None or m is None:
+                    views += [None, None]
+                else:
+                    g = g.to(ctx.param_dtype)
+                    views += [g[: m[0]], g[m[0] :]] if m[1] else [g, None]
+            return (None, None, *views)
+        sources, where = [], []
+        for g, m in zip(grads, ctx.meta):
+            if g is None or m is None:
+                where.append(None)
+                continue
+            rows, has_shared = m
+            g = g.contiguous()
+            parts = [g[:rows], g[rows:]] if has_shared else [g]
+            where.append([(p.shape, p.numel()) for p in parts])
+            sources += parts
+        out: list = []
+        flat = ctx.pack(sources, ctx.param_dtype) if sources else None
+        at = 0
+        for w in where:
+            if w is None:
+                out += [None, None]
+                continue
+            for shape, n in w:
+                out.append(flat[at : at + n].view(shape))
+                at += n
+            if len(w) == 1:
+                out.append(None)
+        return (None, None, *out)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -373,6 +373,12 @@ class TritonGateRoute:
             BB=max(1, min(128, 4096 // EAP)),
         )
 
+    def pack(self, sources, dtype):
+        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        from ._pack import pack
+
+        return pack(sources, dtype)
+
     def scatter(self, ids, num_experts, tokens_per_block, out) -> None:
         from .permute import gate_scatter
 

@@ -126,3 +126,64 @@ def test_gate_route_backward_equals_autograd_of_the_reference(kernel_backend, T,
         loss = loss + (w * gw[:, :k].double()).sum()
     (want,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("biases", [True, False])
+def test_weight_pack_gives_the_concatenation_and_cast_bits(kernel_backend, shared, biases):
+    """nn/_layer_plan.PackWeights on the backend's one-launch pack: the routed and shared w1, b1, w2,
+    b2 (float32) stacked [E + S, ...] in half precision, the same bits as a concatenation and a cast
+    each; the backward the same bits as autograd's (each packed gradient cast back, split between
+    the routed and shared parameters); absent biases stay None."""
+    from geomoe_kernels.nn._layer_plan import PackWeights
+
+    dev, E, S, d, h = kernel_backend.device, 5, 2, 6, 4
+    half = torch.bfloat16 if torch.bfloat16 in kernel_backend.dtypes else torch.float16
+
+    def params():
+        torch.manual_seed(1)
+        shapes = [(E, d, h), (S, d, h), (E, h), (S, h), (E, h, d), (S, h, d), (E, d), (S, d)]
+        ps = [torch.randn(s, device=dev).requires_grad_(True) for s in shapes]
+        for i in range(len(ps)):
+            if (not shared and i % 2) or (not biases and i in (2, 3, 6, 7)):
+                ps[i] = None
+        return ps
+
+    ours, theirs = params(), params()
+    packed = PackWeights.apply(_kernels(kernel_backend).pack, half, *ours)
+    pairs = [(theirs[i], theirs[i + 1]) for i in range(0, 8, 2)]
+    want = [None if r is None else (r if s is None else torch.cat([r, s])).to(half) for r, s in pairs]
+    grads = [None if w is None else torch.randn(w.shape, device=dev).to(half) for w in want]
+    for got, w in zip(packed, want):
+        assert (got is None) == (w is None) and (w is None or torch.equal(got, w))
+    torch.autograd.backward([p for p in packed if p is not None], [g for g in grads if g is not None])
+    torch.autograd.backward([w for w in want if w is not None], [g for g in grads if g is not None])
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.grad.dtype == torch.float32 and torch.equal(a.grad, b.grad)
+
+
+def test_scatter_and_pack_kernels_compile_for_a_gpu():
+    """The fused pair's scatter and the weight pack lowered to an sm_90 cubin without a GPU (the
+    gating kernel's own: tests/ops/test_topk_gating.py): the interpreter takes code ptxas refuses."""
+    import os
+
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's process: the kernels are not JIT functions here")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from geomoe_kernels.triton import _pack, permute
+
+    pack_types = {f"S{i}": "*fp32" for i in range(8)}
+    pack_types.update({f"{c}{i}": "i64" for c in "onf" for i in range(8)}, Out="*bf16")
+    for fn, types, const in (
+        (permute._gate_scatter_kernel, dict(n="i64", EA="i32"), dict(NB=256, EAP=32, CH=256)),
+        (_pack._pack_kernel, pack_types, dict(NSEG=8, BLOCK=1024)),
+    ):
+        signature = {n: "constexpr" if n in const else types.get(n, "*i64") for n in fn.arg_names}
+        where = {(fn.arg_names.index(n),): v for n, v in const.items()}
+        cubin = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where), target=GPUTarget("cuda", 90, 32))
+        assert cubin.asm["cubin"]
