@@ -229,6 +229,7 @@ class CudaGateRoute:
         )
 
     pack_dtypes = tuple(_DTYPE)
+    max_shared = 32  # the core's gate_route takes at most 32 shared experts (its shared memory)
 
     def pack(self, sources, dtype):
         """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""

@@ -110,7 +110,10 @@ def _gate_route_kernels(plan: LayerPlan, logits: Tensor, bias: Optional[Tensor])
     if not (isinstance(routing, functools.partial) and routing.func is _recipe.route):
         return False
     fused_with = getattr(gating.args[0], "fused_with", None)
-    return (fused_with(routing.args[0]) if fused_with is not None else None) or False
+    fused = fused_with(routing.args[0]) if fused_with is not None else None
+    if fused is None or plan.S > getattr(fused, "max_shared", plan.S):
+        return False
+    return fused
 
 
 def _sig(t: Optional[Tensor]) -> Optional[Tuple]:
