@@ -118,6 +118,24 @@ def test_experts_without_tokens_get_exact_zero_gradients():
         assert torch.equal(g[3:], torch.zeros_like(g[3:])) and g[:3].abs().sum() > 0
 
 
+def test_experts_without_tokens_get_exact_zero_gradients_on_each_backend(backend, dtype):
+    """The same on the fused gating + routing and the weight pack (the Triton interpreter, the
+    emulated core): experts 3-5 get no rows, their offsets span nothing, their gradients are exact
+    zeros; the shared expert's are not."""
+    m = _layer(GEOMOE, device=backend.device)
+    m.backend = backend.name
+    with torch.no_grad():
+        m.expert_bias.copy_(torch.tensor([9.0, 9.0, 9.0, -9.0, -9.0, -9.0]))
+    x = torch.randn(11, 16, device=backend.device)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype in HALF):
+        y, aux, load = skip_unavailable(m, x)
+    (y.float().square().sum() + aux).backward()
+    assert load.tolist() == [11, 11, 11, 0, 0, 0]
+    for g in (m.w1.grad, m.b1.grad, m.w2.grad, m.b2.grad):
+        assert g.dtype == torch.float32 and torch.equal(g[3:], torch.zeros_like(g[3:])) and g[:3].abs().sum() > 0
+    assert m.shared_w1.grad.abs().sum() > 0 and m.gate.weight.grad.abs().sum() > 0
+
+
 def test_a_plan_is_made_once_per_key_and_a_new_shape_makes_another():
     m = _layer(GEOMOE)
     built = _layer_plan.plans_built
