@@ -80,6 +80,45 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
                               ptr<int64_t>(ids), ptr<int64_t>(counts), ptr<float>(partial), stream(s)), "topk_gating");
   }, "logits"_a, "tokens"_a, "num_experts"_a, "bias"_a, "top_k"_a, "softmax"_a, "renormalize"_a, "weights"_a, "ids"_a,
         "counts"_a, "partial"_a, "stream"_a);
+  m.def("gate_route", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t bias, int k, int S, bool softmax,
+                         bool renorm, bool has_aux, float aux_coef, std::uintptr_t w, std::uintptr_t ids,
+                         std::uintptr_t hist, std::uintptr_t partial, std::uintptr_t load, std::uintptr_t prob_mean,
+                         std::uintptr_t offsets, std::uintptr_t aux, std::uintptr_t ticket, std::uintptr_t s) {
+    check(geomoe::gate_route(ptr<const float>(logits), T, E, ptr<const float>(bias), k, S, softmax, renorm, has_aux,
+                             aux_coef, ptr<float>(w), ptr<int64_t>(ids), ptr<int64_t>(hist), ptr<float>(partial),
+                             ptr<int64_t>(load), ptr<float>(prob_mean), ptr<int64_t>(offsets), ptr<float>(aux),
+                             ptr<unsigned int>(ticket), stream(s)), "gate_route");
+  }, "logits"_a, "tokens"_a, "num_experts"_a, "bias"_a, "top_k"_a, "shared"_a, "softmax"_a, "renormalize"_a,
+        "has_aux"_a, "aux_coef"_a, "weights"_a, "ids"_a, "hist"_a, "partial"_a, "load"_a, "prob_mean"_a, "offsets"_a,
+        "aux"_a, "ticket"_a, "stream"_a);
+  m.def("gate_scatter", [](std::uintptr_t ids, int64_t n, int E, int nb, int64_t blocks, std::uintptr_t prefix,
+                           std::uintptr_t offsets, std::uintptr_t r2f, std::uintptr_t f2r, std::uintptr_t s) {
+    check(geomoe::gate_scatter(ptr<const int64_t>(ids), n, E, nb, blocks, ptr<const int64_t>(prefix),
+                               ptr<const int64_t>(offsets), ptr<int64_t>(r2f), ptr<int64_t>(f2r), stream(s)),
+          "gate_scatter");
+  }, "ids"_a, "n"_a, "num_experts"_a, "entries_per_block"_a, "blocks"_a, "prefix"_a, "offsets"_a, "row_to_flat"_a,
+        "flat_to_row"_a, "stream"_a);
+  m.def("gate_route_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, int64_t ld,
+                                  std::uintptr_t gw, std::uintptr_t load, std::uintptr_t grad_aux, float aux_coef,
+                                  bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {
+    check(geomoe::gate_route_backward(ptr<const float>(logits), T, E, ptr<const int64_t>(ids), k, ld,
+                                      ptr<const float>(gw), ptr<const int64_t>(load), ptr<const float>(grad_aux),
+                                      aux_coef, softmax, renorm, ptr<float>(grad), stream(s)), "gate_route_backward");
+  }, "logits"_a, "tokens"_a, "num_experts"_a, "ids"_a, "top_k"_a, "ld"_a, "grad_weights"_a, "load"_a, "grad_aux"_a,
+        "aux_coef"_a, "softmax"_a, "renormalize"_a, "grad_logits"_a, "stream"_a);
+  m.def("pack", [](int src_dtype, int out_dtype, py::list srcs, py::list sizes, std::uintptr_t out, std::uintptr_t s) {
+    const void* p[8] = {};
+    int64_t n[8] = {};
+    const size_t count = py::len(srcs);
+    if (count < 1 || count > 8 || py::len(sizes) != count)
+      throw std::invalid_argument("pack: srcs and sizes expected the same length, 1 to 8");
+    for (size_t i = 0; i < count; ++i) {
+      p[i] = ptr<const void>(srcs[i].cast<std::uintptr_t>());
+      n[i] = sizes[i].cast<int64_t>();
+    }
+    check(geomoe::pack(static_cast<DType>(src_dtype), static_cast<DType>(out_dtype), static_cast<int>(count), p, n,
+                       ptr<void>(out), stream(s)), "pack");
+  }, "src_dtype"_a, "out_dtype"_a, "srcs"_a, "sizes"_a, "out"_a, "stream"_a);
   m.def("dwconv_grad_rows_per_block", &geomoe::dwconv_grad_rows_per_block);
   m.def("masked_depthwise_conv", [](int dtype, std::uintptr_t x, int64_t ldx, std::uintptr_t nbr, int kk, std::uintptr_t w,
                                     std::uintptr_t bias, int64_t rows, int64_t channels, bool flip, std::uintptr_t out,

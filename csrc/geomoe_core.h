@@ -47,6 +47,27 @@ cudaError_t unpermute_weight_grad(DType dtype, const void* grad_out, int64_t ldg
 // (renormalised or not), counts (atomics on integers: exact) and per-block sums of s / sum(s) in
 // `partial` [blocks, E] (the caller sums them in order).
 int gating_tokens_per_block();
+// The MoE layer plan's gating + routing pair (see gating.cu's gate_route_kernel and permute.cu's
+// gate_scatter_kernel): weights, ids [T, top_k + shared]; hist [blocks, E + shared] (int64, then
+// each block's exclusive running count), partial [blocks, E]; load, prob_mean [E], offsets
+// [E + shared + 1], aux []; ticket: an unsigned counter that is 0 before and after a launch.
+cudaError_t gate_route(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k, int shared,
+                       bool softmax, bool renormalize, bool has_aux, float aux_coef, float* weights, int64_t* ids,
+                       int64_t* hist, float* partial, int64_t* load, float* prob_mean, int64_t* offsets, float* aux,
+                       unsigned int* ticket, cudaStream_t stream);
+cudaError_t gate_scatter(const int64_t* ids, int64_t n, int num_experts, int entries_per_block, int64_t blocks,
+                         const int64_t* prefix, const int64_t* offsets, int64_t* row_to_flat, int64_t* flat_to_row,
+                         cudaStream_t stream);
+// The layer plan's weight pack: count (1..8) contiguous tensors of src_dtype, sizes[i] elements each,
+// cast to out_dtype one after another into out (sum(sizes) elements).
+cudaError_t pack(DType src_dtype, DType out_dtype, int count, const void* const* srcs, const int64_t* sizes, void* out,
+                 cudaStream_t stream);
+// topk_gating_backward on the first top_k of ld columns of ids and grad_weights, prob_mean's gradient
+// the aux loss's (grad_aux * load_e * aux_coef) where grad_aux is not null.
+cudaError_t gate_route_backward(const float* logits, int64_t tokens, int num_experts, const int64_t* ids, int top_k,
+                                int64_t ld, const float* grad_weights, const int64_t* load, const float* grad_aux,
+                                float aux_coef, bool softmax, bool renormalize, float* grad_logits,
+                                cudaStream_t stream);
 cudaError_t topk_gating(const float* logits, int64_t tokens, int num_experts, const float* bias, int top_k,
                         bool softmax, bool renormalize, float* weights, int64_t* ids, int64_t* counts, float* partial,
                         cudaStream_t stream);

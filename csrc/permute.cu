@@ -176,7 +176,100 @@ __global__ void scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int n
   flat_to_row[i] = row;
 }
 
+// The routing scatter over the gating blocks' histograms (gate_route_kernel): thread block b is one
+// warp over gating block b's nb entries in chunks of 32, entry f of expert e at row offsets[e] +
+// prefix[b, e] + (earlier entries of e in the block): each chunk's lanes with the same expert find
+// each other with __match_any_sync (rank: peers on lower lanes), and the lowest of them adds the
+// group's size to the expert's running start (shared memory, [EA] int64) for the next chunk.
+__global__ void gate_scatter_kernel(const int64_t* __restrict__ ids, int64_t n, int num_experts, int nb,
+                                    const int64_t* __restrict__ prefix, const int64_t* __restrict__ offsets,
+                                    int64_t* __restrict__ row_to_flat, int64_t* __restrict__ flat_to_row) {
+  extern __shared__ long long start[];
+  const int64_t b = blockIdx.x;
+  const unsigned lane = threadIdx.x;
+  for (int e = lane; e < num_experts; e += 32) start[e] = prefix[b * num_experts + e] + offsets[e];
+  __syncthreads();
+  const unsigned below = (1u << lane) - 1u;
+  for (int c = 0; c < nb; c += 32) {
+    const int64_t i = b * nb + c + lane;
+    const bool ok = c + static_cast<int>(lane) < nb && i < n;
+    const int64_t e = ok ? ids[i] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (ok) {
+      const int64_t row = start[e] + __popc(peers & below);
+      row_to_flat[row] = i;
+      flat_to_row[i] = row;
+    }
+    __syncthreads();
+    if (ok && (peers & below) == 0u) start[e] += __popc(peers);
+    __syncthreads();
+  }
+}
+
+// The layer plan's weight pack: up to kPackMax contiguous tensors of one dtype, each cast to the
+// output's, one after another in one flat buffer; thread block b copies kPackBlock elements of the
+// segment whose blocks hold b.
+constexpr int kPackMax = 8;
+constexpr int kPackBlock = 1024;
+struct PackSegments {
+  const void* src[kPackMax];
+  int64_t offset[kPackMax];
+  int64_t n[kPackMax];
+  int64_t first_block[kPackMax];
+  int count;
+};
+
+template <typename S, typename D>
+__global__ void pack_kernel(PackSegments segs, D* __restrict__ out) {
+  const int64_t b = blockIdx.x;
+  int s = 0;
+  while (s + 1 < segs.count && b >= segs.first_block[s + 1]) ++s;
+  const S* src = static_cast<const S*>(segs.src[s]);
+  const int64_t base = (b - segs.first_block[s]) * kPackBlock, n = segs.n[s];
+  D* dst = out + segs.offset[s];
+  for (int j = threadIdx.x; j < kPackBlock; j += blockDim.x) {
+    const int64_t i = base + j;
+    if (i < n) dst[i] = from_f32<D>(to_f32(src[i]));
+  }
+}
+
 }  // namespace
+
+cudaError_t pack(DType src_dtype, DType out_dtype, int count, const void* const* srcs, const int64_t* sizes, void* out,
+                 cudaStream_t stream) {
+  if (count < 1 || count > kPackMax) return cudaErrorInvalidValue;
+  PackSegments segs{};
+  int64_t at = 0, blocks = 0;
+  for (int s = 0; s < count; ++s) {
+    if (sizes[s] < 0) return cudaErrorInvalidValue;
+    segs.src[s] = srcs[s];
+    segs.offset[s] = at;
+    segs.n[s] = sizes[s];
+    segs.first_block[s] = blocks;
+    at += sizes[s];
+    blocks += (sizes[s] + kPackBlock - 1) / kPackBlock;
+  }
+  segs.count = count;
+  if (blocks == 0) return cudaSuccess;
+  return by_dtype(src_dtype, [&](auto stag) {
+    return by_dtype(out_dtype, [&](auto dtag) {
+      using S = decltype(stag);
+      using D = decltype(dtag);
+      GEOMOE_LAUNCH(blocks, 256, 0, stream, pack_kernel<S, D>)(segs, static_cast<D*>(out));
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t gate_scatter(const int64_t* ids, int64_t n, int num_experts, int entries_per_block, int64_t blocks,
+                         const int64_t* prefix, const int64_t* offsets, int64_t* row_to_flat, int64_t* flat_to_row,
+                         cudaStream_t stream) {
+  if (num_experts < 1 || entries_per_block < 1 || blocks < 0 || blocks * entries_per_block < n) return cudaErrorInvalidValue;
+  if (blocks == 0) return cudaSuccess;
+  GEOMOE_LAUNCH(blocks, 32, num_experts * sizeof(long long), stream, gate_scatter_kernel)(
+      ids, n, num_experts, entries_per_block, prefix, offsets, row_to_flat, flat_to_row);
+  return cudaGetLastError();
+}
 
 cudaError_t permute(DType dtype, const void* x, int64_t ldx, const int64_t* row_to_flat, const float* weights,
                     int64_t rows, int64_t d, int top_k, void* out, int64_t ldo, cudaStream_t stream) {

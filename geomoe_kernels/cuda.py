@@ -192,6 +192,103 @@ class CudaGating:
             stream=_stream(logits),
         )
 
+    def fused_with(self, routing: object) -> Optional["CudaGateRoute"]:
+        """The gating + routing pair for the layer plan when routing is the CUDA core's too."""
+        return CudaGateRoute() if isinstance(routing, CudaRouting) else None
+
+
+class CudaGateRoute:
+    """kernel_recipes.gate_route's kernels: the core's gate_route and gate_scatter."""
+
+    def tokens_per_block(self, num_experts: int, slots: int) -> int:
+        return _any_core().gating_tokens_per_block()
+
+    def gate(self, logits, bias, top_k, shared, softmax, renormalize, aux_coef, ticket, out) -> None:
+        T, E = logits.shape
+        _core_for(logits).gate_route(
+            logits=_p(logits),
+            tokens=T,
+            num_experts=E,
+            bias=_p(bias),
+            top_k=top_k,
+            shared=shared,
+            softmax=softmax,
+            renormalize=renormalize,
+            has_aux=aux_coef is not None,
+            aux_coef=aux_coef if aux_coef is not None else 0.0,
+            weights=_p(out["weights"]),
+            ids=_p(out["ids"]),
+            hist=_p(out["hist"]),
+            partial=_p(out["partial"]),
+            load=_p(out["load"]),
+            prob_mean=_p(out["prob_mean"]),
+            offsets=_p(out["offsets"]),
+            aux=_p(out.get("aux")),
+            ticket=_p(ticket),
+            stream=_stream(logits),
+        )
+
+    pack_dtypes = tuple(_DTYPE)
+    max_shared = 32  # the core's gate_route takes at most 32 shared experts (its shared memory)
+
+    def pack(self, sources, dtype):
+        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        if not 1 <= len(sources) <= 8 or any(t.dtype != sources[0].dtype for t in sources) or dtype not in _DTYPE:
+            raise ValueError(
+                f"pack: expected 1 to 8 tensors of one of {list(_DTYPE)}, got {[t.dtype for t in sources]} -> {dtype}"
+            )
+        srcs = [t.contiguous() for t in sources]
+        out = torch.empty(sum(t.numel() for t in srcs), dtype=dtype, device=srcs[0].device)
+        _core_for(out).pack(
+            src_dtype=_DTYPE[srcs[0].dtype],
+            out_dtype=_DTYPE[dtype],
+            srcs=[_p(t) for t in srcs],
+            sizes=[t.numel() for t in srcs],
+            out=_p(out),
+            stream=_stream(out),
+        )
+        return out
+
+    def scatter(self, ids, num_experts, tokens_per_block, out) -> None:
+        _core_for(ids).gate_scatter(
+            ids=_p(ids),
+            n=ids.numel(),
+            num_experts=num_experts,
+            entries_per_block=tokens_per_block * ids.shape[1],
+            blocks=out["hist"].shape[0],
+            prefix=_p(out["hist"]),
+            offsets=_p(out["offsets"]),
+            row_to_flat=_p(out["row_to_flat"]),
+            flat_to_row=_p(out["flat_to_row"]),
+            stream=_stream(ids),
+        )
+
+    def gating_backward(self, grad_weights, logits, ids, top_k, load, grad_aux, aux_coef, score_func, renormalize):
+        grad = torch.empty_like(logits)
+        gw = None if grad_weights is None else grad_weights.float()
+        if gw is not None and (gw.shape != ids.shape or gw.stride() != ids.stride()):
+            raise ValueError(
+                f"gate_route's backward: grad_weights expected ids' shape and strides {ids.stride()}, got {gw.stride()}"
+            )
+        ga = None if grad_aux is None else grad_aux.float()
+        _core_for(logits).gate_route_backward(
+            logits=_p(logits),
+            tokens=logits.shape[0],
+            num_experts=logits.shape[1],
+            ids=_p(ids),
+            top_k=top_k,
+            ld=ids.stride(0),
+            grad_weights=_p(gw),
+            load=_p(load),
+            grad_aux=_p(ga),
+            aux_coef=aux_coef,
+            softmax=score_func == "softmax",
+            renormalize=renormalize,
+            grad_logits=_p(grad),
+            stream=_stream(logits),
+        )
+        return grad
+
 
 topk_gating = functools.partial(recipe.topk_gating, CudaGating())
 

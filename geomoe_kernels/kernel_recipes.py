@@ -407,6 +407,97 @@ def topk_gating(
     return w, ids, counts, partial.sum(0) / max(T, 1)  # the blocks summed in order: deterministic
 
 
+class GateRouteKernels(Protocol):
+    """Gating and routing as two launches, for the MoE layer's plan (nn/_layer_plan.py): the gating
+    kernel also writes the expert histogram of each block of its tokens and, in its last block,
+    reduces in a fixed order (load, prob_mean, the aux loss, the offsets and each block's starts);
+    the scatter places each gating block's entries from those."""
+
+    def tokens_per_block(self, num_experts: int, slots: int) -> int: ...
+
+    def gate(
+        self,
+        logits: Tensor,
+        bias: Optional[Tensor],
+        top_k: int,
+        shared: int,
+        softmax: bool,
+        renormalize: bool,
+        aux_coef: Optional[float],
+        ticket: Tensor,
+        out: Dict[str, Tensor],
+    ) -> None:
+        """Writes out's weights, ids [T, k + S], hist [blocks, E + S] (then each block's exclusive
+        running count per expert), partial [blocks, E], load, prob_mean [E], offsets [E + S + 1]
+        and, with aux_coef, aux []. ticket: an int32 counter that is 0 before and after."""
+
+    def scatter(self, ids: Tensor, num_experts: int, tokens_per_block: int, out: Dict[str, Tensor]) -> None:
+        """Writes out's row_to_flat and flat_to_row from its hist and offsets."""
+
+    def gating_backward(
+        self,
+        grad_weights: Optional[Tensor],
+        logits: Tensor,
+        ids: Tensor,
+        top_k: int,
+        load: Tensor,
+        grad_aux: Tensor,
+        aux_coef: float,
+        score_func: str,
+        renormalize: bool,
+    ) -> Tensor:
+        """d logits from the first top_k columns of grad_weights and ids (rows of any width) and
+        the aux loss's gradient (d prob_mean_e = grad_aux * load_e * aux_coef)."""
+
+
+def gate_route(
+    kernels: GateRouteKernels,
+    logits: Tensor,
+    bias: Optional[Tensor],
+    top_k: int,
+    shared: int,
+    score_func: str,
+    renormalize: bool,
+    aux_coef: Optional[float],
+    ticket: Tensor,
+) -> Dict[str, Tensor]:
+    """topk_gating's and route's outputs in two launches: weights and ids [T, k + S] (each token's k
+    routed experts, then E..E+S-1 at weight 1), load and prob_mean [E], aux [] (with aux_coef:
+    sum_e prob_mean_e * load_e * aux_coef), row_to_flat, flat_to_row [T * (k + S)], offsets."""
+    T, E = logits.shape
+    K, EA = top_k + shared, E + shared
+    dev = logits.device
+    out = dict(
+        weights=torch.empty(T, K, dtype=torch.float32, device=dev),
+        ids=torch.empty(T, K, dtype=torch.int64, device=dev),
+        row_to_flat=torch.empty(T * K, dtype=torch.int64, device=dev),
+        flat_to_row=torch.empty(T * K, dtype=torch.int64, device=dev),
+    )
+    if T == 0:  # no kernel runs: the reductions of nothing
+        out.update(
+            load=torch.zeros(E, dtype=torch.int64, device=dev),
+            prob_mean=torch.zeros(E, dtype=torch.float32, device=dev),
+            offsets=torch.zeros(EA + 1, dtype=torch.int64, device=dev),
+        )
+        if aux_coef is not None:
+            out["aux"] = torch.zeros((), dtype=torch.float32, device=dev)
+        return out
+    block = kernels.tokens_per_block(E, K)
+    blocks = -(-T // block)
+    out.update(
+        hist=torch.empty(blocks, EA, dtype=torch.int64, device=dev),
+        partial=torch.empty(blocks, E, dtype=torch.float32, device=dev),
+        load=torch.empty(E, dtype=torch.int64, device=dev),
+        prob_mean=torch.empty(E, dtype=torch.float32, device=dev),
+        offsets=torch.empty(EA + 1, dtype=torch.int64, device=dev),
+    )
+    if aux_coef is not None:
+        out["aux"] = torch.empty((), dtype=torch.float32, device=dev)
+    kernels.gate(logits, bias, top_k, shared, score_func == "softmax", renormalize, aux_coef, ticket, out)
+    kernels.scatter(out["ids"], EA, block, out)
+    return out
+
+
 # ---- masked depthwise conv ----------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ the routing weights [T, k], and the expert outputs [T*k, d] when the routing wei
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .. import _checks
 from .. import backend as _backend
+from .. import kernel_recipes as _recipe
 from ..ops._declare import Op
 from ..ops.expert_mlp import expert_mlp_backward, expert_mlp_op
 from ..ops.grouped_gemm import grouped_mm_backward, grouped_mm_op
@@ -64,10 +66,21 @@ def _value_checks(op: Op, named: Dict[str, Any]) -> None:
 class LayerPlan:
     """The chosen implementations of one key's pieces (plain callables), filled in on first use."""
 
-    def __init__(self, E: int, k: int, score_func: str, renormalize: bool, activation: str, scale: float, backend: str, S: int):
+    def __init__(
+        self, E: int, k: int, score_func: str, renormalize: bool, activation: str, scale: float, backend: str, S: int, aux: bool
+    ):
         self.E, self.k, self.score_func, self.renormalize = E, k, score_func, renormalize
         self.activation, self.scale, self.backend, self.S = activation, scale, backend, S
+        self.aux = aux  # the Function's third output: the aux loss (True) or prob_mean
         self.impls: Dict[Hashable, Callable] = {}
+        # gating and routing in two launches (kernel_recipes.gate_route) where the backend chosen
+        # for both has them: its kernels, False where not, None until the first call decides
+        self.fused: Any = None
+        # the gating kernel's ticket: an int32 counter, 0 between launches (its last block puts it
+        # back), made once per plan. One plan's launches run in stream order: a plan is not run
+        # on two streams at once.
+        self.ticket: Optional[Tensor] = None
+        self.scale_row: Optional[Tensor] = None  # the routing weights' scale with shared experts: [k + S]
         # with S shared experts among the grouped ones: each token's rows k + S, ids E..E+S-1 and
         # weight 1 appended to its routing (made on the first call: T is in the key)
         self.shared_routing: Optional[Tuple[Tensor, Tensor]] = None
@@ -82,6 +95,28 @@ class LayerPlan:
         return f
 
 
+def _gate_route_kernels(plan: LayerPlan, logits: Tensor, bias: Optional[Tensor]) -> Any:
+    """The fused gating + routing kernels of the backend chosen for both ops (each resolved as the
+    op would resolve it), or False."""
+    T, K, EA = logits.shape[0], plan.k + plan.S, plan.E + plan.S
+    gating = plan.impl(
+        "gating",
+        topk_gating,
+        dict(logits=logits, bias=bias, top_k=plan.k, score_func=plan.score_func, renormalize=plan.renormalize),
+    )
+    ids = torch.empty(T, K, dtype=torch.int64, device=logits.device)  # what route will be given: its shape and dtype
+    routing = plan.impl("route", route, dict(expert_ids=ids, num_experts=EA))
+    if not (isinstance(gating, functools.partial) and gating.func is _recipe.topk_gating):
+        return False
+    if not (isinstance(routing, functools.partial) and routing.func is _recipe.route):
+        return False
+    fused_with = getattr(gating.args[0], "fused_with", None)
+    fused = fused_with(routing.args[0]) if fused_with is not None else None
+    if fused is None or plan.S > getattr(fused, "max_shared", plan.S):
+        return False
+    return fused
+
+
 def _sig(t: Optional[Tensor]) -> Optional[Tuple]:
     return None if t is None else (t.shape, t.dtype, t.device)
 
@@ -91,24 +126,38 @@ def run(
     logits: Tensor,
     bias: Optional[Tensor],
     tokens: Tensor,
-    w1: Tensor,
-    b1: Optional[Tensor],
-    w2: Tensor,
-    b2: Optional[Tensor],
+    w1: Any,  # a tensor, or with pack_dtype a (routed, shared) pair of them
+    b1: Any,
+    w2: Any,
+    b2: Any,
     shared: Optional[Tensor],
+    aux: bool = False,
+    pack_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared`, for
+    """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared` (with aux:
+    (y, load, the aux loss sum_e prob_mean_e * load_e * E / (k * T)), as MoEMLP's), for
     options (E, k, score_func, renormalize, activation, routed scaling, backend, S); every tensor
     contiguous, the weights [E, in, out] in the compute dtype. S > 0: the weights hold the S shared
     experts after the E routed ones ([E + S, in, out]), every token routed to each at weight 1, and
     `shared` is None. Differentiable in logits, tokens, the expert weights and biases, shared (and
-    prob_mean carries the aux loss's gradient)."""
+    prob_mean carries the aux loss's gradient).
+
+    With pack_dtype, w1, b1, w2 and b2 are each a pair (routed, shared or None) of parameters, or
+    None: they are stacked [E + S, ...] and cast to pack_dtype here, in one launch where the plan's
+    backend has the pack kernel (PackWeights), else a concatenation and a cast each (the same bits)."""
     global plans_built
-    key = (options, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
+    if pack_dtype is not None:
+        pairs = (w1, b1, w2, b2)
+        psig = tuple(None if q is None else (_sig(q[0]), _sig(q[1])) for q in pairs)  # type: ignore[index]
+        key: Tuple = (options, aux, pack_dtype, _sig(logits), _sig(bias), _sig(tokens), psig, _sig(shared))
+    else:
+        key = (options, aux, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
     plan = _backend.PLANS.get(key)
     fresh = plan is None
     if plan is None:
-        plan = LayerPlan(*options)
+        plan = LayerPlan(*options, aux)
+    if pack_dtype is not None:
+        w1, b1, w2, b2 = _packed(plan, pack_dtype, pairs)  # type: ignore[arg-type]
     out = MoELayerFunction.apply(plan, logits, bias, tokens, w1, b1, w2, b2, shared)
     if fresh and _backend.choices_final():  # its forward pieces are resolved now
         if len(_backend.PLANS) >= _MAX_PLANS:
@@ -116,6 +165,85 @@ def run(
         _backend.PLANS[key] = plan
         plans_built += 1
     return out
+
+
+def _packed(plan: LayerPlan, dtype: torch.dtype, pairs) -> Tuple[Optional[Tensor], ...]:
+    """(w1, b1, w2, b2) [E + S, ...] in dtype from their (routed, shared or None) parameter pairs."""
+    params = [t for q in pairs for t in (q if q is not None else (None, None))]
+    pack = getattr(plan.fused, "pack", None) if plan.fused else None
+    present = [t for t in params if t is not None]
+    dtypes = getattr(plan.fused, "pack_dtypes", None)
+    if dtypes is not None and (dtype not in dtypes or present[0].dtype not in dtypes):
+        pack = None  # a dtype the backend's pack kernel does not take
+    if pack is not None and all(t.dtype == present[0].dtype and t.is_contiguous() for t in present):
+        return PackWeights.apply(pack, dtype, *params)
+    return tuple(None if q is None else (q[0] if q[1] is None else torch.cat([q[0], q[1]])).to(dtype).contiguous() for q in pairs)
+
+
+class PackWeights(torch.autograd.Function):
+    """The layer's expert weights for its grouped GEMMs in one launch: each (routed, shared) pair of
+    parameters (w1, b1, w2, b2; shared or both None where absent) stacked [E + S, ...] in the compute
+    dtype, one flat buffer holding all four; the backward likewise one launch, the packed gradients
+    back to the parameters' dtype (each gradient a view of one flat buffer, as the slices of a
+    concatenation's gradient are). Replaces a concatenation and a cast per tensor, and the casts of
+    their gradients."""
+
+    @staticmethod
+    def forward(ctx, pack, dtype, *params):  # type: ignore[override]
+        groups = [(params[i], params[i + 1]) for i in range(0, len(params), 2)]
+        flat = pack([t for g in groups for t in g if t is not None], dtype)
+        outs, at, meta = [], 0, []
+        for r, sh in groups:
+            if r is None:
+                outs.append(None)
+                meta.append(None)
+                continue
+            shape = (r.shape[0] + (sh.shape[0] if sh is not None else 0),) + tuple(r.shape[1:])
+            n = r.numel() + (sh.numel() if sh is not None else 0)
+            outs.append(flat[at : at + n].view(shape))
+            meta.append((r.shape[0], sh is not None))
+            at += n
+        ctx.pack, ctx.meta, ctx.param_dtype = pack, meta, next(t.dtype for t in params if t is not None)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        # already in the parameters' dtype: views; under backward(create_graph=True) the same as
+        # torch ops (a kernel's output would drop the graph, and with it the layer's refusal of a
+        # second derivative)
+        if torch.is_grad_enabled() or all(g is None or g.dtype == ctx.param_dtype for g in grads):
+            views: list = []
+            for g, m in zip(grads, ctx.meta):
+                if g is None or m is None:
+                    views += [None, None]
+                else:
+                    g = g.to(ctx.param_dtype)
+                    views += [g[: m[0]], g[m[0] :]] if m[1] else [g, None]
+            return (None, None, *views)
+        sources, where = [], []
+        for g, m in zip(grads, ctx.meta):
+            if g is None or m is None:
+                where.append(None)
+                continue
+            rows, has_shared = m
+            g = g.contiguous()
+            parts = [g[:rows], g[rows:]] if has_shared else [g]
+            where.append([(p.shape, p.numel()) for p in parts])
+            sources += parts
+        out: list = []
+        flat = ctx.pack(sources, ctx.param_dtype) if sources else None
+        at = 0
+        for w in where:
+            if w is None:
+                out += [None, None]
+                continue
+            for shape, n in w:
+                out.append(flat[at : at + n].view(shape))
+                at += n
+            if len(w) == 1:
+                out.append(None)
+        return (None, None, *out)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -134,34 +262,66 @@ class MoELayerFunction(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(dev)  # off around the implementations, as the ops do it
         if autocast:
             torch.set_autocast_enabled(dev, False)
+        T = logits.shape[0]
+        aux_coef = E / (k * max(T, 1))  # MoEMLP's aux loss: sum_e prob_mean_e * load_e * aux_coef
+        fraction = third = None
         try:
             impls = p.impls
-            gating = impls.get("gating")
-            if gating is None or checking:
-                named = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
+            if p.fused is None:
+                fused = _gate_route_kernels(p, logits, bias)
+                if _backend.choices_final():
+                    p.fused = fused
+            else:
+                fused = p.fused
+            if fused:  # gating and routing in two launches, the reductions and the aux loss in them
                 if checking:
+                    named = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
                     _value_checks(topk_gating, named)
-                gating = p.impl("gating", topk_gating, named)
-            weights, ids, load, prob_mean = gating(logits, bias, k, p.score_func, p.renormalize)
-            if p.scale != 1.0:
-                weights = weights * p.scale
-            gate_ids = ids  # gating's backward reads these
-            if p.S:
-                if p.shared_routing is None:
-                    T = ids.shape[0]
-                    ones = weights.new_ones(1, 1).expand(T, p.S)
-                    p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
-                ids = torch.cat([ids, p.shared_routing[0]], 1)
-                weights = torch.cat([weights, p.shared_routing[1]], 1)
+                if p.ticket is None:
+                    p.ticket = torch.zeros(1, dtype=torch.int32, device=logits.device)
+                r = _recipe.gate_route(
+                    fused, logits, bias, k, p.S, p.score_func, p.renormalize, aux_coef if p.aux else None, p.ticket
+                )
+                weights, ids, load, prob_mean = r["weights"], r["ids"], r["load"], r["prob_mean"]
+                row_to_flat, flat_to_row, offsets = r["row_to_flat"], r["flat_to_row"], r["offsets"]
+                third = r["aux"] if p.aux else prob_mean
+                if p.scale != 1.0:
+                    weights = weights * _scale_row(p, weights)
+                gate_ids = ids  # gating's backward reads their first k columns
                 E, k = E + p.S, k + p.S
-
-            routing = impls.get("route")
-            if routing is None or checking:
-                named = dict(expert_ids=ids, num_experts=E)
                 if checking:
-                    _value_checks(route, named)
-                routing = p.impl("route", route, named)
-            row_to_flat, flat_to_row, offsets = routing(ids, E)
+                    _value_checks(route, dict(expert_ids=ids, num_experts=E))
+            else:
+                gating = impls.get("gating")
+                if gating is None or checking:
+                    named = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
+                    if checking:
+                        _value_checks(topk_gating, named)
+                    gating = p.impl("gating", topk_gating, named)
+                weights, ids, load, prob_mean = gating(logits, bias, k, p.score_func, p.renormalize)
+                if p.aux:  # MoEMLP._aux's arithmetic
+                    fraction = load.to(prob_mean.dtype) * aux_coef
+                    third = (prob_mean * fraction).sum()
+                else:
+                    third = prob_mean
+                if p.scale != 1.0:
+                    weights = weights * p.scale
+                gate_ids = ids  # gating's backward reads these
+                if p.S:
+                    if p.shared_routing is None:
+                        ones = weights.new_ones(1, 1).expand(T, p.S)
+                        p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
+                    ids = torch.cat([ids, p.shared_routing[0]], 1)
+                    weights = torch.cat([weights, p.shared_routing[1]], 1)
+                    E, k = E + p.S, k + p.S
+
+                routing = impls.get("route")
+                if routing is None or checking:
+                    named = dict(expert_ids=ids, num_experts=E)
+                    if checking:
+                        _value_checks(route, named)
+                    routing = p.impl("route", route, named)
+                row_to_flat, flat_to_row, offsets = routing(ids, E)
 
             experts = impls.get("experts")
             if experts is None or checking:
@@ -190,17 +350,22 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(load)
         ctx.plan = p
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
+        ctx.fused, ctx.aux_coef = fused, aux_coef
         keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
-            logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
-        )
-        return y, load, prob_mean
+            logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None,
+            load if fused else fraction,
+        )  # fmt: skip
+        return y, load, third
 
     @staticmethod
-    def backward(ctx, dy, _dload, dprob_mean):  # type: ignore[override]
+    def backward(ctx, dy, _dload, d_third):  # type: ignore[override]
         p: LayerPlan = ctx.plan
         k, act = p.k + p.S, p.activation
-        logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out = ctx.saved_tensors
+        logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out, load_or_fraction = (
+            ctx.saved_tensors
+        )
+        fused = ctx.fused
         _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         has_b1, has_b2, has_shared = ctx.has
         d_logits = d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
@@ -246,26 +411,27 @@ class MoELayerFunction(torch.autograd.Function):
                         "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
                     )
                     grad_weights = weight_grad(g, rows_out, flat_to_row, k).to(weights.dtype)
-                    if p.S:  # the shared experts' weights are constants
-                        grad_weights = grad_weights[:, : p.k]
-                    if p.scale != 1.0:
-                        grad_weights = grad_weights * p.scale
+                    if fused:  # gating's backward reads the first p.k columns (the shared experts' are constants)
+                        if p.scale != 1.0:
+                            grad_weights = grad_weights * _scale_row(p, grad_weights)
+                    else:
+                        if p.S:  # the shared experts' weights are constants
+                            grad_weights = grad_weights[:, : p.k]
+                        if p.scale != 1.0:
+                            grad_weights = grad_weights * p.scale
+            dprob_mean = d_third
+            if p.aux and not fused and d_third is not None:  # the aux loss's backward: d prob_mean = d aux * fraction
+                dprob_mean = load_or_fraction * d_third
             if need_logits and (grad_weights is not None or dprob_mean is not None):
-                gw, gp = _contiguous(grad_weights), _contiguous(dprob_mean)
-                piece = ("gating_backward", gw is None, gp is None)  # chosen per pattern, as the op would
-                gating_backward = impls.get(piece) or p.impl(
-                    piece,
-                    topk_gating_backward,
-                    dict(
-                        grad_weights=gw,
-                        grad_prob_mean=gp,
-                        logits=logits,
-                        ids=ids,
-                        score_func=p.score_func,
-                        renormalize=p.renormalize,
-                    ),
-                )
-                d_logits = gating_backward(gw, gp, logits, ids, p.score_func, p.renormalize)
+                if fused and p.aux:  # the first p.k columns of the weights' gradient and ids; the aux loss's
+                    d_logits = fused.gating_backward(
+                        grad_weights, logits, ids, p.k, load_or_fraction, d_third, ctx.aux_coef, p.score_func, p.renormalize
+                    )
+                elif fused:  # prob_mean's gradient as given: the op's kernel on the k routed columns
+                    gw = None if grad_weights is None else grad_weights[:, : p.k]
+                    d_logits = _gating_backward(p, gw, dprob_mean, logits, ids[:, : p.k])
+                else:
+                    d_logits = _gating_backward(p, grad_weights, dprob_mean, logits, ids)
         finally:
             torch.set_grad_enabled(create_graph)
             if autocast:
@@ -276,6 +442,28 @@ class MoELayerFunction(torch.autograd.Function):
             grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
         d_logits, d_tokens, dw1, db1, dw2, db2, d_shared = grads
         return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
+
+
+def _gating_backward(p: LayerPlan, grad_weights, grad_prob_mean, logits: Tensor, ids: Tensor) -> Tensor:
+    """topk_gating_backward's implementation for this pattern of gradients, chosen as the op would."""
+    gw, gp, ids = _contiguous(grad_weights), _contiguous(grad_prob_mean), ids.contiguous()
+    piece = ("gating_backward", gw is None, gp is None)  # chosen per pattern, as the op would
+    gating_backward = p.impls.get(piece) or p.impl(
+        piece,
+        topk_gating_backward,
+        dict(grad_weights=gw, grad_prob_mean=gp, logits=logits, ids=ids, score_func=p.score_func, renormalize=p.renormalize),
+    )
+    return gating_backward(gw, gp, logits, ids, p.score_func, p.renormalize)
+
+
+def _scale_row(p: LayerPlan, like: Tensor):
+    """The routed scaling factor for weights [T, k + S]: the scale itself without shared experts,
+    else [k + S] of it then 1 (made once per plan)."""
+    if not p.S:
+        return p.scale
+    if p.scale_row is None or p.scale_row.dtype != like.dtype:
+        p.scale_row = torch.tensor([p.scale] * p.k + [1.0] * p.S, dtype=like.dtype, device=like.device)
+    return p.scale_row
 
 
 class _NoSecondDerivative(torch.autograd.Function):

@@ -328,28 +328,30 @@ class MoEMLP(nn.Module):
         gate = self._expert_gate()
         if gate is not None or not self._gating_in_plan():
             return self._forward_routed(x, tokens, dtype, gate)
-        T = tokens.shape[0]
         logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
         # the routed experts read the tokens through an alias made here, before the shared experts'
         # nodes: its backward then runs where expert_mlp's runs on the ops' path, after the shared
         # experts', so the token gradient adds its parts in the same order (the same bits)
         routed_tokens = tokens.view_as(tokens)
         S = self.num_shared_experts if self._shared_in_experts() else 0
+        # the expert weights as (routed, shared) parameter pairs: the plan stacks and casts them (one
+        # launch where its backend has the pack kernel)
         if S:
-            w1, b1, w2, b2 = self._stacked(dtype)
+            pairs = self._pairs()
             shared = None
         else:
-            w1, b1, w2, b2 = self._expert_weights(dtype)
+            pairs = ((self._kn(self.w1), None), (self.b1, None), (self._kn(self.w2), None), (self.b2, None))
             shared = self._shared(tokens, dtype)
             shared = shared.contiguous() if shared is not None else None
+        w1, b1, w2, b2 = (None if q[0] is None else q for q in pairs)
         options = (
             self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
             self.backend, S,
         )  # fmt: skip
-        y, load, prob_mean = _layer_plan.run(
-            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared
-        )
-        return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
+        y, load, aux = _layer_plan.run(
+            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared, aux=True, pack_dtype=dtype
+        )  # the aux loss as _aux forms it, in the Function (in the gating kernel where it is fused)
+        return y.reshape(x.shape[:-1] + (self.dim,)), aux, load
 
     def _forward_routed(
         self, x: Tensor, tokens: Tensor, dtype: torch.dtype, gate: Optional[Callable[[Tensor], Tensor]]

@@ -116,25 +116,137 @@ def _gating_kernel(
 
 
 @triton.jit
+def _gate_route_kernel(
+    L,
+    B,
+    W,
+    Ids,
+    Hist,
+    Partial,
+    Load,
+    ProbMean,
+    Offsets,
+    Aux,
+    Ticket,
+    T,
+    E,
+    stride_l,
+    T_f,
+    aux_coef,
+    TOP_K: tl.constexpr,
+    KP: tl.constexpr,
+    S: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORM: tl.constexpr,
+    HAS_AUX: tl.constexpr,
+    EP: tl.constexpr,
+    EAP: tl.constexpr,
+    BT: tl.constexpr,
+    BB: tl.constexpr,
+):
+    """_gating_kernel for the layer plan, with routing's first half and the reductions fused in.
+    Each program: its tokens' weights and ids [T, k + S] (the S shared experts E..E+S-1 at weight
+    1 appended), its row of the expert histogram Hist [blocks, E + S] (int64) and of the normalised
+    scores' sums Partial [blocks, E]. The program that finishes last (a ticket on Ticket, a counter
+    that is 0 between launches: that program puts it back) then reduces in a fixed order (blocks in
+    chunks of BB, each chunk a fixed tree): Load [E] (routed counts), Offsets [E + S + 1], Hist
+    overwritten by each block's exclusive running count per expert (the scatter's starts less the
+    offsets), ProbMean [E] (sum / T) and, with HAS_AUX, Aux = sum_e ProbMean_e * Load_e * aux_coef."""
+    pid = tl.program_id(0)
+    nb = tl.num_programs(0)
+    t = pid * BT + tl.arange(0, BT)
+    mt = t < T
+    cols = tl.arange(0, EP)
+    s, sel, valid = _scores(L, B, t, T, E, stride_l, SOFTMAX, HAS_BIAS, EP)
+    key = _order_key(sel, valid)
+    slots = tl.arange(0, KP)
+    w = tl.zeros((BT, KP), dtype=tl.float32)
+    ids = tl.zeros((BT, KP), dtype=tl.int64)
+    hist = tl.zeros((EP,), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        top = tl.max(key, axis=1)
+        best = tl.min(tl.where(key == top[:, None], cols[None, :], EP), axis=1)
+        hit = cols[None, :] == best[:, None]
+        wj = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        w = tl.where(slots[None, :] == j, wj[:, None], w)
+        ids = tl.where(slots[None, :] == j, best[:, None].to(tl.int64), ids)
+        key = tl.where(hit, _CHOSEN_KEY, key)
+        hist += tl.sum((hit & mt[:, None]).to(tl.int64), axis=0)
+    if RENORM:
+        w = w / tl.where(mt, tl.sum(w, axis=1), 1.0)[:, None]
+    K = TOP_K + S
+    EA = E + S
+    tk = t.to(tl.int64) * K
+    out_mask = mt[:, None] & (slots < TOP_K)[None, :]
+    out = tk[:, None] + slots[None, :]  # int64: T * k may pass 2^31
+    tl.store(W + out, w, mask=out_mask)
+    tl.store(Ids + out, ids, mask=out_mask)
+    hrow = pid.to(tl.int64) * EA
+    tl.store(Hist + hrow + cols, hist, mask=cols < E)
+    n_valid = tl.sum(mt.to(tl.int64), axis=0)
+    for j in tl.static_range(S):
+        tl.store(W + tk + TOP_K + j, tl.full((BT,), 1.0, tl.float32), mask=mt)
+        tl.store(Ids + tk + TOP_K + j, tl.full((BT,), j, tl.int64) + E, mask=mt)
+        tl.store(Hist + hrow + E + j, n_valid)
+    q = s / tl.where(mt, tl.sum(s, axis=1), 1.0)[:, None]
+    tl.store(Partial + pid.to(tl.int64) * E + cols, tl.sum(tl.where(valid, q, 0.0), axis=0), mask=cols < E)
+    # every program's rows are stored (the barrier: all of its threads' stores) before its ticket,
+    # taken with release and acquire semantics; the last program reads the others' rows through L2
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Ticket, 1, sem="acq_rel")
+    if ticket == nb - 1:
+        ac = tl.arange(0, EAP)
+        carry = tl.zeros((EAP,), dtype=tl.int64)
+        psum = tl.zeros((EAP,), dtype=tl.float32)
+        for b0 in range(0, nb, BB):
+            b = b0 + tl.arange(0, BB)
+            m2 = (b < nb)[:, None] & (ac < EA)[None, :]
+            at = b[:, None].to(tl.int64) * EA + ac[None, :]
+            h = tl.load(Hist + at, mask=m2, other=0, cache_modifier=".cg")
+            tl.store(Hist + at, tl.cumsum(h, axis=0) - h + carry[None, :], mask=m2)
+            carry += tl.sum(h, axis=0)
+            mp = (b < nb)[:, None] & (ac < E)[None, :]
+            p = tl.load(Partial + b[:, None].to(tl.int64) * E + ac[None, :], mask=mp, other=0.0, cache_modifier=".cg")
+            psum += tl.sum(p, axis=0)
+        tl.store(Offsets + ac + 1, tl.cumsum(carry, axis=0), mask=ac < EA)
+        tl.store(Offsets, tl.zeros((), dtype=tl.int64))
+        tl.store(Load + ac, carry, mask=ac < E)
+        pm = psum / T_f
+        tl.store(ProbMean + ac, pm, mask=ac < E)
+        if HAS_AUX:
+            fraction = carry.to(tl.float32) * aux_coef
+            tl.store(Aux, tl.sum(tl.where(ac < E, pm * fraction, 0.0), axis=0))
+        tl.store(Ticket, tl.zeros((), dtype=tl.int32))
+
+
+@triton.jit
 def _gating_backward_kernel(
     L,
     GW,
     GP,
     Ids,
     GL,
+    Load,
+    DAux,
     T,
     E,
     stride_l,
+    stride_k,
     inv_T,
+    aux_coef,
     TOP_K: tl.constexpr,
     KP: tl.constexpr,
     SOFTMAX: tl.constexpr,
     RENORM: tl.constexpr,
     HAS_GW: tl.constexpr,
     HAS_GP: tl.constexpr,
+    GP_FROM_AUX: tl.constexpr,
     EP: tl.constexpr,
     BT: tl.constexpr,
 ):
+    """d logits from the routing weights' gradient GW (the first TOP_K of stride_k columns, as Ids)
+    and prob_mean's GP; with GP_FROM_AUX, GP is the aux loss's (d aux * Load_e * aux_coef)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     mt = t < T
     cols = tl.arange(0, EP)
@@ -143,7 +255,7 @@ def _gating_backward_kernel(
     if HAS_GW:
         slots = tl.arange(0, KP)
         m = mt[:, None] & (slots < TOP_K)[None, :]
-        at = t[:, None].to(tl.int64) * TOP_K + slots[None, :]
+        at = t[:, None].to(tl.int64) * stride_k + slots[None, :]
         ids = tl.load(Ids + at, mask=m, other=-1)
         gw = tl.load(GW + at, mask=m, other=0.0).to(tl.float32)
         if RENORM:  # w = s_sel / S: d/ds_m = (gw_m - sum_j gw_j w_j) / S
@@ -163,7 +275,12 @@ def _gating_backward_kernel(
     if HAS_GP:  # prob_mean = mean_t s / sum(s)
         z = tl.where(mt, tl.sum(s, axis=1), 1.0)
         q = s / z[:, None]
-        gq = tl.load(GP + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :] * inv_T
+        if GP_FROM_AUX:  # d prob_mean of aux = sum(prob_mean * load * aux_coef): d aux times each fraction
+            fraction = tl.load(Load + cols, mask=cols < E, other=0).to(tl.float32) * aux_coef
+            gp = fraction * tl.load(DAux).to(tl.float32)
+        else:
+            gp = tl.load(GP + cols, mask=cols < E, other=0.0).to(tl.float32)
+        gq = gp[None, :] * inv_T
         g_s += tl.where(valid, (gq - tl.sum(gq * q, axis=1)[:, None]) / z[:, None], 0.0)
     if SOFTMAX:
         g_l = s * (g_s - tl.sum(g_s * s, axis=1)[:, None])
@@ -210,6 +327,97 @@ class TritonGating:
             BT=tokens_per_program(E),
         )
 
+    def fused_with(self, routing: object) -> Optional["TritonGateRoute"]:
+        """The gating + routing pair for the layer plan when routing is Triton's too."""
+        from .permute import TritonRouting
+
+        return TritonGateRoute() if isinstance(routing, TritonRouting) else None
+
+
+class TritonGateRoute:
+    """kernel_recipes.gate_route's kernels: _gate_route_kernel, then permute's _gate_scatter_kernel."""
+
+    def tokens_per_block(self, num_experts: int, slots: int) -> int:
+        return tokens_per_program(num_experts)
+
+    def gate(self, logits, bias, top_k, shared, softmax, renormalize, aux_coef, ticket, out) -> None:
+        T, E = logits.shape
+        EAP = pow2(E + shared)
+        _gate_route_kernel[(out["hist"].shape[0],)](
+            logits,
+            bias if bias is not None else logits,
+            out["weights"],
+            out["ids"],
+            out["hist"],
+            out["partial"],
+            out["load"],
+            out["prob_mean"],
+            out["offsets"],
+            out.get("aux", logits),
+            ticket,
+            T,
+            E,
+            logits.stride(0),
+            float(T),
+            aux_coef if aux_coef is not None else 0.0,
+            TOP_K=top_k,
+            KP=pow2(top_k),
+            S=shared,
+            SOFTMAX=softmax,
+            HAS_BIAS=bias is not None,
+            RENORM=renormalize,
+            HAS_AUX=aux_coef is not None,
+            EP=pow2(E),
+            EAP=EAP,
+            BT=tokens_per_program(E),
+            BB=max(1, min(128, 4096 // EAP)),
+        )
+
+    def pack(self, sources, dtype):
+        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        from ._pack import pack
+
+        return pack(sources, dtype)
+
+    def scatter(self, ids, num_experts, tokens_per_block, out) -> None:
+        from .permute import gate_scatter
+
+        gate_scatter(ids, num_experts, tokens_per_block, out["hist"], out["offsets"], out["row_to_flat"], out["flat_to_row"])
+
+    def gating_backward(self, grad_weights, logits, ids, top_k, load, grad_aux, aux_coef, score_func, renormalize):
+        T, E = logits.shape
+        grad = torch.empty_like(logits)
+        if grad_weights is not None and (grad_weights.shape != ids.shape or grad_weights.stride() != ids.stride()):
+            raise ValueError(
+                f"gate_route's backward: grad_weights expected ids' shape and strides {ids.stride()}, got {grad_weights.stride()}"
+            )
+        if T:
+            _gating_backward_kernel[(triton.cdiv(T, tokens_per_program(E)),)](
+                logits,
+                grad_weights if grad_weights is not None else logits,
+                logits,
+                ids,
+                grad,
+                load,
+                grad_aux if grad_aux is not None else logits,
+                T,
+                E,
+                logits.stride(0),
+                ids.stride(0),
+                1.0 / max(T, 1),
+                aux_coef,
+                TOP_K=top_k,
+                KP=pow2(top_k),
+                SOFTMAX=score_func == "softmax",
+                RENORM=renormalize,
+                HAS_GW=grad_weights is not None,
+                HAS_GP=grad_aux is not None,
+                GP_FROM_AUX=grad_aux is not None,
+                EP=pow2(E),
+                BT=tokens_per_program(E),
+            )
+        return grad
+
 
 topk_gating = functools.partial(recipe.topk_gating, TritonGating())
 
@@ -232,16 +440,21 @@ def topk_gating_backward(
             grad_prob_mean if grad_prob_mean is not None else logits,
             ids,
             grad,
+            logits,
+            logits,
             T,
             E,
             logits.stride(0),
+            top_k,
             1.0 / max(T, 1),
+            0.0,
             TOP_K=top_k,
             KP=pow2(top_k),
             SOFTMAX=score_func == "softmax",
             RENORM=renormalize,
             HAS_GW=grad_weights is not None,
             HAS_GP=grad_prob_mean is not None,
+            GP_FROM_AUX=False,
             EP=pow2(E),
             BT=tokens_per_program(E),
         )

@@ -49,6 +49,49 @@ def _scatter_kernel(ids, base, row_to_flat, flat_to_row, n, E, EP: tl.constexpr,
     tl.store(flat_to_row + f, row, mask=valid)
 
 
+@triton.jit
+def _gate_scatter_kernel(
+    ids, prefix, offsets, row_to_flat, flat_to_row, n, EA, NB: tl.constexpr, EAP: tl.constexpr, CH: tl.constexpr
+):
+    """The routing scatter over the gating blocks' histograms (_gate_route_kernel): program b places
+    the NB entries of its block, in chunks of CH, entry f of expert e at row offsets[e] + prefix[b, e]
+    + (earlier entries of e in the block): stable, as the reference."""
+    pid = tl.program_id(0)
+    ac = tl.arange(0, EAP)
+    row0 = pid.to(tl.int64) * EA
+    carry = tl.load(prefix + row0 + ac, mask=ac < EA, other=0) + tl.load(offsets + ac, mask=ac < EA, other=0)
+    for c0 in tl.static_range(0, NB, CH):
+        i = c0 + tl.arange(0, CH)
+        f = pid.to(tl.int64) * NB + i
+        valid = (i < NB) & (f < n)
+        e = tl.load(ids + f, mask=valid, other=-1)
+        onehot = (e[:, None] == ac[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+        row = tl.sum(onehot.to(tl.int64) * carry[None, :], axis=1) + rank
+        tl.store(row_to_flat + row, f, mask=valid)
+        tl.store(flat_to_row + f, row, mask=valid)
+        carry += tl.sum(onehot, axis=0).to(tl.int64)
+
+
+def gate_scatter(
+    ids: Tensor,
+    num_experts: int,
+    tokens_per_block: int,
+    prefix: Tensor,
+    offsets: Tensor,
+    row_to_flat: Tensor,
+    flat_to_row: Tensor,
+) -> None:
+    """row_to_flat and flat_to_row of ids [T, K] from _gate_route_kernel's prefix and offsets."""
+    T, K = ids.shape
+    NB = tokens_per_block * K
+    EAP = pow2(num_experts)
+    _gate_scatter_kernel[(prefix.shape[0],)](
+        ids, prefix, offsets, row_to_flat, flat_to_row, T * K, num_experts, NB=NB, EAP=EAP,
+        CH=min(pow2(NB), max(1, route_block(EAP))),
+    )  # fmt: skip
+
+
 class TritonRouting:
     """The routing recipe's kernels (geomoe_kernels.kernel_recipes.route)."""
 

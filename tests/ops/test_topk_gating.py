@@ -234,7 +234,7 @@ def test_selection_contract_with_value_checks_on(backend):
 
 
 def test_triton_gating_kernels_compile_for_a_gpu():
-    """Both Triton gating kernels lowered to an sm_90 cubin here, without a GPU (the ptxas that
+    """The Triton gating kernels (and the layer plan's fused one) lowered to an sm_90 cubin here, without a GPU (the ptxas that
     Triton ships): the interpreter runs them on the CPU, but takes code the GPU compiler refuses
     (a global annotated `: tl.constexpr` instead of made with tl.constexpr(...))."""
     triton = pytest.importorskip("triton")
@@ -245,11 +245,16 @@ def test_triton_gating_kernels_compile_for_a_gpu():
 
     from geomoe_kernels.triton import gating
 
-    types = dict(Ids="*i64", Counts="*i64", T="i32", E="i32", stride_l="i32", inv_T="fp32")  # the rest *fp32
+    types = dict(
+        Ids="*i64", Counts="*i64", T="i32", E="i32", stride_l="i32", inv_T="fp32",
+        Hist="*i64", Load="*i64", Offsets="*i64", Ticket="*i32", T_f="fp32", aux_coef="fp32", stride_k="i32",
+    )  # the rest *fp32  # fmt: skip
     sizes = dict(TOP_K=3, KP=4, SOFTMAX=False, RENORM=True, EP=32, BT=gating.tokens_per_program(23))
     for fn, flags in (
         (gating._gating_kernel, dict(HAS_BIAS=True)),
-        (gating._gating_backward_kernel, dict(HAS_GW=True, HAS_GP=True)),
+        (gating._gating_backward_kernel, dict(HAS_GW=True, HAS_GP=True, GP_FROM_AUX=False)),
+        (gating._gating_backward_kernel, dict(HAS_GW=True, HAS_GP=True, GP_FROM_AUX=True)),
+        (gating._gate_route_kernel, dict(HAS_BIAS=True, S=1, HAS_AUX=True, EAP=32, BB=128)),
     ):
         const = dict(sizes, **flags)
         signature = {n: "constexpr" if n in const else types.get(n, "*fp32") for n in fn.arg_names}
