@@ -496,7 +496,7 @@ class RoutedPlan(LayerPlan):
     activation (with no expert gate), the backend."""
 
     def __init__(self, E: int, k: int, activation: str, backend: str):
-        super().__init__(E, k, "softmax", False, activation, 1.0, backend, 0)
+        super().__init__(E, k, "softmax", False, activation, 1.0, backend, 0, aux=False)
 
 
 def run_routed(
