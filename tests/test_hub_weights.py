@@ -1,0 +1,207 @@
+"""Weights by name from the Hugging Face Hub (`hf:OWNER/REPO/PATH[@REVISION]`, python/geomoe/hub.py).
+
+There is no network here: each test lays out a Hub cache by hand, as huggingface_hub writes it
+(models--OWNER--REPO/{refs/<branch>, blobs/<etag>, snapshots/<commit>/PATH -> ../../blobs/<etag>}),
+points HF_HUB_CACHE at it and sets HF_HUB_OFFLINE=1."""
+
+import hashlib
+import io
+import os
+
+import pytest
+import torch
+
+from geomoe import checkpoint, load_original_state_dict, original_state_dict
+from geomoe.cli import main
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def _etag(data: bytes, lfs: bool) -> str:
+    if lfs:  # an LFS file's etag is the sha256 of its contents
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()  # a git blob id
+
+
+def _add(cache, repo, commit, files, refs=("main",), lfs=True, link=True):
+    """Put `files` {PATH: bytes} into `cache` as commit `commit` of model repository `repo`."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (base / "refs" / ref).write_text(commit)
+    for path, data in files.items():
+        snap = base / "snapshots" / commit / path
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        if not link:  # a file system without symlinks: the snapshot holds a copy
+            snap.write_bytes(data)
+            continue
+        blob = base / "blobs" / _etag(data, lfs)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        snap.symlink_to(os.path.relpath(blob, snap.parent))
+    return base
+
+
+def _safetensors(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def _pth(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # its hub/ is the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"blocks.0.weight": torch.randn(3, 4, generator=g, dtype=torch.float64), "pos": torch.arange(5)}
+
+
+def _same(got, want):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("lfs", [True, False], ids=["lfs-sha256", "git-sha1"])
+def test_a_cached_hub_file_loads_and_equals_the_original(hub_cache, lfs):
+    st, pth = _tensors(0), _tensors(1)
+    _add(
+        hub_cache,
+        "owner/geomoe-release",
+        COMMIT_A,
+        {"w/enc.safetensors": _safetensors(st), "enc.pth": _pth({"model": pth})},
+        lfs=lfs,
+    )
+    path, got = checkpoint.read_weights("hf:owner/geomoe-release/w/enc.safetensors", "--weights")
+    assert path.startswith(str(hub_cache)) and path.endswith(os.path.join(COMMIT_A, "w", "enc.safetensors"))
+    _same(got, st)
+    _, got = checkpoint.read_weights("hf:owner/geomoe-release/enc.pth", "--init-weights")
+    _same(got, pth)
+
+
+def test_a_revision_picks_that_commit_branch_or_tag(hub_cache):
+    old, new = _tensors(2), _tensors(3)
+    _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(old)}, refs=("v1",))
+    _add(hub_cache, "owner/repo", COMMIT_B, {"enc.safetensors": _safetensors(new)}, refs=("main", "dev"))
+    _same(checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")[1], new)  # main
+    _same(checkpoint.read_weights(f"hf:owner/repo/enc.safetensors@{COMMIT_A}", "--weights")[1], old)
+    _same(checkpoint.read_weights("hf:owner/repo/enc.safetensors@v1", "--weights")[1], old)
+    _same(checkpoint.read_weights("hf:owner/repo/enc.safetensors@dev", "--weights")[1], new)
+    with pytest.raises(ValueError, match=r"argument '--weights' expected hf:owner/repo/enc.safetensors@v2 in the Hugging"):
+        checkpoint.read_weights("hf:owner/repo/enc.safetensors@v2", "--weights")
+
+
+def test_a_file_not_in_the_cache_offline_is_a_clear_error_naming_the_flag(hub_cache):
+    _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(_tensors(0))})
+    for name in ("hf:owner/repo/other.safetensors", "hf:owner/elsewhere/enc.safetensors"):
+        with pytest.raises(ValueError) as info:
+            checkpoint.read_weights(name, "--init-weights")
+        text = str(info.value)
+        assert text.startswith(f"argument '--init-weights' expected {name} in the Hugging Face cache {hub_cache} "), text
+        assert "HF_HUB_OFFLINE is set" in text and "got no cached copy" in text and "hf download owner/" in text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+@pytest.mark.parametrize("lfs", [True, False], ids=["lfs-sha256", "git-sha1"])
+def test_a_corrupt_or_truncated_cache_file_is_a_clear_error(hub_cache, damage, lfs):
+    data = _safetensors(_tensors(0))
+    base = _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": data}, lfs=lfs)
+    blob = base / "blobs" / _etag(data, lfs)
+    bad = data[: len(data) // 2] if damage == "truncated" else data[:-3] + bytes([data[-3] ^ 1]) + data[-2:]
+    blob.write_bytes(bad)
+    algorithm = "sha256" if lfs else "git-sha1"
+    with pytest.raises(
+        ValueError,
+        match=rf"^argument '--weights' expected hf:owner/repo/enc.safetensors with {algorithm} {blob.name} \(the Hub's "
+        rf"record\), got [0-9a-f]+ from the cached file .*{blob.name} \({len(bad)} bytes\): it is corrupt or truncated",
+    ):
+        checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")
+
+
+def test_a_cache_without_links_loads_with_a_warning_that_it_is_not_verified(hub_cache):
+    st = _tensors(4)
+    _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(st)}, link=False)
+    with pytest.warns(UserWarning, match=r"--weights hf:owner/repo/enc.safetensors: .* not verified"):
+        _, got = checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")
+    _same(got, st)
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("hf:owner/repo", "OWNER, REPO and the file's PATH"),
+        ("hf:owner/enc.pth", "OWNER, REPO and the file's PATH"),
+        ("hf://owner/repo/enc.pth", "no '//' after 'hf:'"),
+        ("hf:owner/repo/enc.pth@", "an empty revision"),
+        ("hf:own er/repo/enc.pth", "OWNER 'own er' is not a Hub name"),
+        ("hf:owner/-repo/enc.pth", "REPO '-repo' is not a Hub name"),
+        ("hf:owner/repo/../enc.pth", "PATH has an empty, '.' or '..' part"),
+        ("hf:owner/repo/w//enc.pth", "PATH has an empty"),
+    ],
+)
+def test_a_malformed_name_is_a_clear_error(hub_cache, name, why):
+    with pytest.raises(ValueError) as info:
+        checkpoint.read_weights(name, "--weights")
+    text = str(info.value)
+    assert text.startswith(f"argument '--weights' expected hf:OWNER/REPO/PATH or hf:OWNER/REPO/PATH@REVISION, got {name!r}: "), (
+        text
+    )
+    assert why in text, text
+
+
+def test_the_python_loaders_take_hub_names(hub_cache):
+    from geomoe import GeoMoE
+    from geomoe.configs import CONFIGS
+    from geomoe.train import load_init_weights
+
+    cfg = CONFIGS["tiny"]["model"]
+    src = GeoMoE(**cfg)
+    enc = {k: v for k, v in original_state_dict(src).items() if not k.startswith(("decoder", "stage", "norm.", "mask_token"))}
+    _add(hub_cache, "owner/repo", COMMIT_A, {"released/encoder.pth": _pth({"model": enc})})
+    name = "hf:owner/repo/released/encoder.pth"
+    dst = GeoMoE(**cfg)
+    note = load_init_weights(dst, name)
+    assert f"--init-weights: loaded {len(enc)} tensors from {hub_cache}" in note, note
+    for k, v in src.state_dict().items():
+        if not k.startswith(("decoder", "stage", "norm.", "mask_token")):
+            assert torch.equal(dst.state_dict()[k], v), k
+    other = GeoMoE(**cfg)
+    res = load_original_state_dict(other, name)
+    assert not res.unexpected and all(k.startswith(("decoder", "stage", "norm.", "mask_token")) for k in res.missing)
+    assert torch.equal(other.blocks3[1].mlp.w1, src.blocks3[1].mlp.w1)
+    with pytest.raises(ValueError, match=r"^argument 'source' expected hf:owner/repo/nothing.pth in the Hugging Face cache"):
+        load_original_state_dict(other, "hf:owner/repo/nothing.pth")
+
+
+def test_the_cli_says_in_one_line_what_is_wrong_with_a_hub_name(hub_cache, tmp_path, capsys):
+    data = _safetensors(_tensors(0))
+    base = _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": data})
+    (base / "blobs" / _etag(data, True)).write_bytes(data[:100])  # truncated
+    cases = [
+        ("hf:owner/repo", "expected hf:OWNER/REPO/PATH"),
+        ("hf:owner/repo/missing.pth", "HF_HUB_OFFLINE is set"),
+        ("hf:owner/repo/enc.safetensors", "corrupt or truncated"),
+    ]
+    for i, (name, what) in enumerate(cases):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pretrain", "--init-weights", name, "--steps", "1", "--out", str(tmp_path / f"run{i}"), "--no-progress"])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert exit_info.value.code == 2, err
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("geomoe pretrain: error: argument '--init-weights' expected ") and what in lines[0], err
