@@ -205,3 +205,99 @@ def test_the_cli_says_in_one_line_what_is_wrong_with_a_hub_name(hub_cache, tmp_p
         assert exit_info.value.code == 2, err
         assert len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith("geomoe pretrain: error: argument '--init-weights' expected ") and what in lines[0], err
+
+
+# ---- online (no network here: huggingface_hub's answers are stood in for) ---------------------------
+
+
+def _hub_error(cls, text="404 Client Error"):
+    exc = cls.__new__(cls)  # the real classes want an HTTP response to build their message from
+    Exception.__init__(exc, text)
+    return exc
+
+
+def test_what_the_hub_answers_online_is_a_clear_error_naming_the_flag(hub_cache, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    cases = [
+        (
+            errors.RepositoryNotFoundError,
+            "hf:owner/nope/enc.pth",
+            r"expected a Hub model repository, got 'owner/nope': not found, or private or gated",
+        ),
+        (
+            errors.GatedRepoError,
+            "hf:owner/gated/enc.pth",
+            r"expected a Hub model repository, got 'owner/gated': not found, or private or gated \(log in",
+        ),
+        (
+            errors.RevisionNotFoundError,
+            "hf:owner/repo/enc.pth@v9",
+            r"expected a revision of owner/repo, got 'v9': not found on the Hub",
+        ),
+        (
+            errors.RemoteEntryNotFoundError,
+            "hf:owner/repo/x.pth@v1",
+            r"expected a file of owner/repo at revision 'v1', got 'x.pth': not in the repository$",
+        ),
+        (
+            errors.RemoteEntryNotFoundError,
+            "hf:owner/repo/ckpt_00000100",
+            r"expected a file of owner/repo, got 'ckpt_00000100': not in the repository \(a checkpoint directory\? name its file: ckpt_00000100/model.safetensors\)",
+        ),
+        (
+            errors.LocalEntryNotFoundError,
+            "hf:owner/repo/enc.pth",
+            r"expected hf:owner/repo/enc.pth in the Hugging Face cache .* \(the Hub could not be reached\), got no cached copy",
+        ),
+        (
+            errors.HfHubHTTPError,
+            "hf:owner/repo/enc.pth",
+            r"expected hf:owner/repo/enc.pth fetched from the Hub, got HfHubHTTPError: 500 Server Error",
+        ),
+    ]
+    for cls, name, message in cases:
+        asked = {}
+
+        def download(repo_id, filename, revision=None, cache_dir=None, local_files_only=False, _cls=cls):
+            asked.update(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir, offline=local_files_only)
+            raise _hub_error(_cls, "500 Server Error" if _cls is errors.HfHubHTTPError else "404 Client Error")
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        with pytest.raises(ValueError, match=r"^argument '--weights' " + message):
+            checkpoint.read_weights(name, "--weights")
+        repo, rest = name[3:].split("/", 2)[:2], name[3:].split("/", 2)[2]
+        assert asked == dict(
+            repo_id="/".join(repo),
+            filename=rest.split("@")[0],
+            revision=rest.split("@")[1] if "@" in rest else None,
+            cache_dir=str(hub_cache),
+            offline=False,
+        )
+
+
+def test_online_a_cache_without_links_is_checked_against_the_hubs_record(hub_cache, monkeypatch):
+    import types
+
+    import huggingface_hub
+
+    data = _safetensors(_tensors(5))
+    base = _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": data}, link=False)
+    local = str(base / "snapshots" / COMMIT_A / "enc.safetensors")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: local)
+    record = {"sha256": hashlib.sha256(data).hexdigest()}
+    asked = []
+
+    def paths_info(self, repo_id, paths, revision=None):
+        asked.append((repo_id, paths, revision))
+        return [types.SimpleNamespace(lfs=types.SimpleNamespace(sha256=record["sha256"]), blob_id="0" * 40)]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", paths_info)
+    _same(checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")[1], _tensors(5))
+    assert asked == [("owner/repo", ["enc.safetensors"], COMMIT_A)]  # the commit the cache holds
+    record["sha256"] = hashlib.sha256(data + b"x").hexdigest()
+    with pytest.raises(ValueError, match=rf"expected hf:owner/repo/enc.safetensors with sha256 {record['sha256']} .* corrupt"):
+        checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")

@@ -162,6 +162,12 @@ def resolve(source: str, flag: str) -> str:
     where = cache_dir()
     is_offline = offline()
     at = f" at revision {name.revision!r}" if name.revision else ""
+    # a geomoe checkpoint directory pushed to the Hub: its weights are one file in it
+    hint = (
+        ""
+        if "." in name.filename.rsplit("/", 1)[-1]
+        else f" (a checkpoint directory? name its file: {name.filename}/model.safetensors)"
+    )
     try:
         local = hf_hub_download(name.repo_id, name.filename, revision=name.revision, cache_dir=where, local_files_only=is_offline)
     except hf_errors.LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is one
@@ -170,7 +176,7 @@ def resolve(source: str, flag: str) -> str:
         raise ValueError(
             f"argument '{flag}' expected {name} in the Hugging Face cache {cache} ({how}), got no cached copy of "
             f"{name.filename} in {name.repo_id}{at}; fetch it once online (e.g. `hf download {name.repo_id} "
-            f"{name.filename}" + (f" --revision {name.revision}" if name.revision else "") + "`)"
+            f"{name.filename}" + (f" --revision {name.revision}" if name.revision else "") + f"`){hint}"
         ) from exc
     except hf_errors.RevisionNotFoundError as exc:
         raise ValueError(
@@ -183,9 +189,9 @@ def resolve(source: str, flag: str) -> str:
         ) from exc
     except hf_errors.EntryNotFoundError as exc:
         raise ValueError(
-            f"argument '{flag}' expected a file of {name.repo_id}{at}, got {name.filename!r}: not in the repository"
+            f"argument '{flag}' expected a file of {name.repo_id}{at}, got {name.filename!r}: not in the repository{hint}"
         ) from exc
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise ValueError(f"argument '{flag}' could not fetch {name} ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"argument '{flag}' expected {name} fetched from the Hub, got {type(exc).__name__}: {exc}") from exc
     verify(local, name, flag)
     return local
