@@ -5,8 +5,10 @@ There is no network here: each test lays out a Hub cache by hand, as huggingface
 points HF_HUB_CACHE at it and sets HF_HUB_OFFLINE=1."""
 
 import hashlib
+import importlib.util
 import io
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import torch
 from geomoe import checkpoint, load_original_state_dict, original_state_dict
 from geomoe.cli import main
 
+# installed with the hf extra (transformers), as CI does; the syntax errors need no package
+needs_hub = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is None, reason="huggingface_hub not installed")
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
@@ -77,6 +81,7 @@ def _same(got, want):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
+@needs_hub
 @pytest.mark.parametrize("lfs", [True, False], ids=["lfs-sha256", "git-sha1"])
 def test_a_cached_hub_file_loads_and_equals_the_original(hub_cache, lfs):
     st, pth = _tensors(0), _tensors(1)
@@ -94,6 +99,7 @@ def test_a_cached_hub_file_loads_and_equals_the_original(hub_cache, lfs):
     _same(got, pth)
 
 
+@needs_hub
 def test_a_revision_picks_that_commit_branch_or_tag(hub_cache):
     old, new = _tensors(2), _tensors(3)
     _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(old)}, refs=("v1",))
@@ -106,6 +112,7 @@ def test_a_revision_picks_that_commit_branch_or_tag(hub_cache):
         checkpoint.read_weights("hf:owner/repo/enc.safetensors@v2", "--weights")
 
 
+@needs_hub
 def test_a_file_not_in_the_cache_offline_is_a_clear_error_naming_the_flag(hub_cache):
     _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(_tensors(0))})
     for name in ("hf:owner/repo/other.safetensors", "hf:owner/elsewhere/enc.safetensors"):
@@ -116,6 +123,7 @@ def test_a_file_not_in_the_cache_offline_is_a_clear_error_naming_the_flag(hub_ca
         assert "HF_HUB_OFFLINE is set" in text and "got no cached copy" in text and "hf download owner/" in text
 
 
+@needs_hub
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 @pytest.mark.parametrize("lfs", [True, False], ids=["lfs-sha256", "git-sha1"])
 def test_a_corrupt_or_truncated_cache_file_is_a_clear_error(hub_cache, damage, lfs):
@@ -133,6 +141,7 @@ def test_a_corrupt_or_truncated_cache_file_is_a_clear_error(hub_cache, damage, l
         checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")
 
 
+@needs_hub
 def test_a_cache_without_links_loads_with_a_warning_that_it_is_not_verified(hub_cache):
     st = _tensors(4)
     _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": _safetensors(st)}, link=False)
@@ -164,6 +173,7 @@ def test_a_malformed_name_is_a_clear_error(hub_cache, name, why):
     assert why in text, text
 
 
+@needs_hub
 def test_the_python_loaders_take_hub_names(hub_cache):
     from geomoe import GeoMoE
     from geomoe.configs import CONFIGS
@@ -188,6 +198,7 @@ def test_the_python_loaders_take_hub_names(hub_cache):
         load_original_state_dict(other, "hf:owner/repo/nothing.pth")
 
 
+@needs_hub
 def test_the_cli_says_in_one_line_what_is_wrong_with_a_hub_name(hub_cache, tmp_path, capsys):
     data = _safetensors(_tensors(0))
     base = _add(hub_cache, "owner/repo", COMMIT_A, {"enc.safetensors": data})
@@ -216,6 +227,7 @@ def _hub_error(cls, text="404 Client Error"):
     return exc
 
 
+@needs_hub
 def test_what_the_hub_answers_online_is_a_clear_error_naming_the_flag(hub_cache, monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
@@ -278,6 +290,7 @@ def test_what_the_hub_answers_online_is_a_clear_error_naming_the_flag(hub_cache,
         )
 
 
+@needs_hub
 def test_online_a_cache_without_links_is_checked_against_the_hubs_record(hub_cache, monkeypatch):
     import types
 
@@ -301,3 +314,13 @@ def test_online_a_cache_without_links_is_checked_against_the_hubs_record(hub_cac
     record["sha256"] = hashlib.sha256(data + b"x").hexdigest()
     with pytest.raises(ValueError, match=rf"expected hf:owner/repo/enc.safetensors with sha256 {record['sha256']} .* corrupt"):
         checkpoint.read_weights("hf:owner/repo/enc.safetensors", "--weights")
+
+
+def test_without_huggingface_hub_a_hub_name_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub now raises ImportError
+    with pytest.raises(
+        ValueError,
+        match=r"^argument '--init-weights' expected huggingface_hub installed to fetch hf:owner/repo/enc.pth@v1, got "
+        r"(ModuleNotFound|Import)Error: .*\(pip install huggingface_hub\)",
+    ):
+        checkpoint.read_weights("hf:owner/repo/enc.pth@v1", "--init-weights")
