@@ -117,7 +117,8 @@ def _recorded_hash(local: str, name: HubName) -> Optional[str]:
     if offline():
         return None
     parts = os.path.normpath(local).split(os.sep)
-    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else name.revision
+    at = max((i for i, p in enumerate(parts[:-1]) if p == "snapshots"), default=None)  # .../snapshots/<commit>/PATH
+    commit = parts[at + 1] if at is not None else name.revision
     try:
         from huggingface_hub import HfApi
 
