@@ -308,9 +308,14 @@ def verify(path: str) -> Dict[str, Any]:
 
 def read_weights(path: str, flag: str):
     """(file, tensors) of a weights argument (`flag` names it in errors): a checkpoint directory (its
-    model.safetensors) or a weights file, geomoe's layout or the original's (.pth/.pt/.safetensors)."""
+    model.safetensors) or a weights file, geomoe's layout or the original's (.pth/.pt/.safetensors),
+    local or on the Hugging Face Hub as `hf:OWNER/REPO/PATH[@REVISION]` (hub.py: fetched into its
+    cache, checked against the Hub's sha256; the file returned is the cached one)."""
+    from . import hub
     from .original import _read
 
+    if hub.is_hub_name(path):
+        path = hub.resolve(path, flag)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, MODEL_FILE)):
             found = list_checkpoints(path)

@@ -70,7 +70,11 @@ def _read(source: Union[str, os.PathLike, Dict[str, Tensor]]) -> Dict[str, Tenso
     if isinstance(source, dict):
         data = source
     else:
+        from . import hub
+
         path = os.fspath(source)
+        if hub.is_hub_name(path):  # hf:OWNER/REPO/PATH[@REVISION]: fetched into the Hub cache, verified
+            path = hub.resolve(path, "source")
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -92,7 +96,8 @@ def load_original_state_dict(
     model: nn.Module, source: Union[str, os.PathLike, Dict[str, Tensor]], strict: bool = False
 ) -> LoadResult:
     """Load a checkpoint in the original layout: full, or encoder-only (the released weights have no
-    decoder, stage*_output_decode or norm). Returns the missing and unexpected keys; strict=True makes
+    decoder, stage*_output_decode or norm). `source`: a dict of tensors, a file, or a Hub name
+    `hf:OWNER/REPO/PATH[@REVISION]` (hub.py). Returns the missing and unexpected keys; strict=True makes
     either an error. A shape that does not match is always an error naming the key."""
     data = _read(source)
     # tables the model recomputes from its configuration (the MoE-ViT's position table) are not read
