@@ -12,6 +12,7 @@ from ._version import __version__  # noqa: F401  (public)
 from .backend import BACKENDS, BackendUnavailable
 from ._checks import OpInputError
 from .nn import MoEMLP, SparseCBlock
+from .integrations import transformers_moe as _transformers_moe  # noqa: F401  (registers MoEMLP.from_transformers' adapter)
 from .ops import expert_mlp, grouped_mm, masked_depthwise_conv, norm_linear, permute, route, topk_gating, unpermute
 
 # The dispatch registry asks the self-check before a kernel backend's first use on a device; handed

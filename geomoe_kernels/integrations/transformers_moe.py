@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..nn import moe as _moe
 from ..nn.moe import MoEMLP
 
 ROUTERS = ("block", "geomoe")
@@ -291,3 +292,6 @@ class TransformersMoEMLP(MoEMLP):
 def moe_from_transformers(cls: Any, block: nn.Module, router: str = "block", backend: str = "auto") -> TransformersMoEMLP:
     """TransformersMoEMLP(block, router, backend) (the entry point's old signature; `cls` unused)."""
     return TransformersMoEMLP(block, router, backend)
+
+
+_moe.set_transformers_adapter(TransformersMoEMLP)

@@ -218,7 +218,7 @@ class ExpertParallelMoEMLP(MoEMLP):
             weights, ids, load, prob_mean = self._gate(tokens, x.dtype)
             a, b = None, ids.contiguous()
         key = (options, _lp._sig(a), _lp._sig(b), _lp._sig(tokens))
-        plan, fresh = _plan(key, lambda: _lp.LayerPlan(*options[1:], 0))
+        plan, fresh = _plan(key, lambda: _lp.LayerPlan(*options[1:], 0, aux=False))
         rows, gate_weights, gate_load, gate_prob_mean, row_to_flat, flat_to_row, offsets = _Dispatch.apply(
             plan, a, b, tokens.contiguous()
         )

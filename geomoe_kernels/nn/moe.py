@@ -47,6 +47,16 @@ EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
 SWIGLU_LAYOUTS = ("concat", "interleaved")
 
 
+# The transformers adapter (integrations/transformers_moe.py) subclasses MoEMLP, so this module
+# cannot import it: it hands its class in when it is imported, which the package's __init__ does.
+_transformers_adapter: Optional[Callable[..., "MoEMLP"]] = None
+
+
+def set_transformers_adapter(adapter: Callable[..., "MoEMLP"]) -> None:
+    global _transformers_adapter
+    _transformers_adapter = adapter
+
+
 class MoEMLP(nn.Module):
     expert_bias: Tensor  # a buffer
     # None without shared experts, and then never read
@@ -178,9 +188,9 @@ class MoEMLP(nn.Module):
         geomoe_kernels/integrations/transformers_moe.py). router="block" calls the block's own router
         (its exact arithmetic and dtypes), router="geomoe" runs MoEMLP's gating on the router's
         weights with the options mapped from it."""
-        from ..integrations.transformers_moe import TransformersMoEMLP
-
-        return TransformersMoEMLP(block, router, backend)
+        if _transformers_adapter is None:  # only where geomoe_kernels.nn was imported without the package
+            raise RuntimeError("MoEMLP.from_transformers: import geomoe_kernels (it registers the transformers adapter)")
+        return _transformers_adapter(block, router, backend)
 
     # ---- what a subclass (an adapter of another library's block) may change ----
 
