@@ -9,15 +9,12 @@ import os
 import shutil
 import warnings
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import checkpoint, distributed
 from .rundir import refuse_fresh_run_into_used_directory
-
-if TYPE_CHECKING:  # annotations only
-    from .task import Task
 
 
 def rng_state() -> Dict[str, Any]:
@@ -132,7 +129,7 @@ class Checkpointer:
     save: placement (weights, DCP state), optimizer, scaler, args (config), run_id, run_args and
     checkpoint_state(step)."""
 
-    def __init__(self, env: distributed.DistEnv, task: "Task", dcp: bool = False, async_save: bool = False):
+    def __init__(self, env: distributed.DistEnv, task: Any, dcp: bool = False, async_save: bool = False):
         self.env, self.task, self.dcp, self.async_save = env, task, dcp, async_save
         self.out, self.keep_last = task.args.out, task.args.keep_last
         self.state: Optional[Dict[str, Any]] = None  # what the run resumed from

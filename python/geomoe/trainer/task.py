@@ -5,17 +5,15 @@ components'. docs/trainer.md says how a new run kind plugs in."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # annotations only
-    from .checkpointing import Checkpointer
-    from .loop import Trainer
-    from .metrics import Window
-    from .placement import Placement
-    from .schedule import Schedule
+from .checkpointing import Checkpointer
+from .metrics import Window
+from .placement import Placement
+from .schedule import Schedule
 
 
 class Task:
@@ -36,22 +34,22 @@ class Task:
 
     # set by setup() --------------------------------------------------------------------------------
     args: Any  # the run kind's dataclass: out, keep_last, progress, max_bad_steps, timeout are read
-    trainer: "Trainer"
+    trainer: Any  # the loop.Trainer running this task (its env, counters, agree()), set before setup
     model: nn.Module  # unwrapped: its state_dict is the checkpoint's weights
     wrapped: nn.Module  # what the step calls (DDP/FSDP wrapper, or the model itself)
-    placement: "Placement"  # where the parameters live (one process, DDP, FSDP2, expert parallel)
+    placement: Placement  # where the parameters live (one process, DDP, FSDP2, expert parallel)
     optimizer: torch.optim.Optimizer
     scaler: Any  # torch.amp.GradScaler (disabled where not fp16)
-    schedule: "Schedule"  # lr of a step
-    checkpointer: "Checkpointer"
-    window: "Window"  # sums over a log interval; the Trainer adds bad steps and skipped images
+    schedule: Schedule  # lr of a step
+    checkpointer: Checkpointer
+    window: Window  # sums over a log interval; the Trainer adds bad steps and skipped images
     steps: int  # the run's total optimizer steps
     start: int = 0  # the first step of this process (a resume's checkpoint step)
     stop_after: Optional[int] = None  # end this process after N steps (with a checkpoint)
     run_id: str  # the run's identity (checkpoints of other runs are never pruned)
     run_args: Dict[str, Any]  # run-defining arguments: a resume with one changed is warned about
 
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: Any) -> None:
         """Build the model, data, placement, optimizer + schedule and checkpointer; on a resume,
         restore (`self.checkpointer.restore(state)` sets `self.start`)."""
         raise NotImplementedError
