@@ -250,6 +250,62 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _gate_and_route(p: LayerPlan, logits: Tensor, bias: Optional[Tensor], checking: bool, aux_coef: float):
+    """MoELayerFunction's gating and routing: (the fused kernels or False, (weights [T, k + S], the
+    ids gating's backward reads, load, the third output, the aux loss's fraction (unfused), row_to_flat,
+    flat_to_row, offsets)); the shared experts' columns appended to the routing."""
+    E, k, T = p.E, p.k, logits.shape[0]
+    if p.fused is None:
+        fused = _gate_route_kernels(p, logits, bias)
+        if _backend.choices_final():
+            p.fused = fused
+    else:
+        fused = p.fused
+    gating_args = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
+    if fused:  # gating and routing in two launches, the reductions and the aux loss in them
+        if checking:
+            _value_checks(topk_gating, gating_args)
+        if p.ticket is None:
+            p.ticket = torch.zeros(1, dtype=torch.int32, device=logits.device)
+        r = _recipe.gate_route(fused, logits, bias, k, p.S, p.score_func, p.renormalize, aux_coef if p.aux else None, p.ticket)
+        weights, ids = r["weights"], r["ids"]
+        if p.scale != 1.0:
+            weights = weights * _scale_row(p, weights)
+        if checking:
+            _value_checks(route, dict(expert_ids=ids, num_experts=E + p.S))
+        third = r["aux"] if p.aux else r["prob_mean"]
+        return fused, (weights, ids, r["load"], third, None, r["row_to_flat"], r["flat_to_row"], r["offsets"])
+    gating = p.impls.get("gating")
+    if gating is None or checking:
+        if checking:
+            _value_checks(topk_gating, gating_args)
+        gating = p.impl("gating", topk_gating, gating_args)
+    weights, ids, load, prob_mean = gating(logits, bias, k, p.score_func, p.renormalize)
+    fraction = None
+    if p.aux:  # MoEMLP._aux's arithmetic
+        fraction = load.to(prob_mean.dtype) * aux_coef
+        third = (prob_mean * fraction).sum()
+    else:
+        third = prob_mean
+    if p.scale != 1.0:
+        weights = weights * p.scale
+    gate_ids = ids  # gating's backward reads these
+    if p.S:
+        if p.shared_routing is None:
+            ones = weights.new_ones(1, 1).expand(T, p.S)
+            p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
+        ids = torch.cat([ids, p.shared_routing[0]], 1)
+        weights = torch.cat([weights, p.shared_routing[1]], 1)
+    routing = p.impls.get("route")
+    if routing is None or checking:
+        named = dict(expert_ids=ids, num_experts=E + p.S)
+        if checking:
+            _value_checks(route, named)
+        routing = p.impl("route", route, named)
+    row_to_flat, flat_to_row, offsets = routing(ids, E + p.S)
+    return False, (weights, gate_ids, load, third, fraction, row_to_flat, flat_to_row, offsets)
+
+
 class MoELayerFunction(torch.autograd.Function):
     """gating -> route -> expert_mlp -> unpermute forward, their backwards in reverse, on a plan."""
 
@@ -264,64 +320,11 @@ class MoELayerFunction(torch.autograd.Function):
             torch.set_autocast_enabled(dev, False)
         T = logits.shape[0]
         aux_coef = E / (k * max(T, 1))  # MoEMLP's aux loss: sum_e prob_mean_e * load_e * aux_coef
-        fraction = third = None
         try:
             impls = p.impls
-            if p.fused is None:
-                fused = _gate_route_kernels(p, logits, bias)
-                if _backend.choices_final():
-                    p.fused = fused
-            else:
-                fused = p.fused
-            if fused:  # gating and routing in two launches, the reductions and the aux loss in them
-                if checking:
-                    named = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
-                    _value_checks(topk_gating, named)
-                if p.ticket is None:
-                    p.ticket = torch.zeros(1, dtype=torch.int32, device=logits.device)
-                r = _recipe.gate_route(
-                    fused, logits, bias, k, p.S, p.score_func, p.renormalize, aux_coef if p.aux else None, p.ticket
-                )
-                weights, ids, load, prob_mean = r["weights"], r["ids"], r["load"], r["prob_mean"]
-                row_to_flat, flat_to_row, offsets = r["row_to_flat"], r["flat_to_row"], r["offsets"]
-                third = r["aux"] if p.aux else prob_mean
-                if p.scale != 1.0:
-                    weights = weights * _scale_row(p, weights)
-                gate_ids = ids  # gating's backward reads their first k columns
-                E, k = E + p.S, k + p.S
-                if checking:
-                    _value_checks(route, dict(expert_ids=ids, num_experts=E))
-            else:
-                gating = impls.get("gating")
-                if gating is None or checking:
-                    named = dict(logits=logits, bias=bias, top_k=k, score_func=p.score_func, renormalize=p.renormalize)
-                    if checking:
-                        _value_checks(topk_gating, named)
-                    gating = p.impl("gating", topk_gating, named)
-                weights, ids, load, prob_mean = gating(logits, bias, k, p.score_func, p.renormalize)
-                if p.aux:  # MoEMLP._aux's arithmetic
-                    fraction = load.to(prob_mean.dtype) * aux_coef
-                    third = (prob_mean * fraction).sum()
-                else:
-                    third = prob_mean
-                if p.scale != 1.0:
-                    weights = weights * p.scale
-                gate_ids = ids  # gating's backward reads these
-                if p.S:
-                    if p.shared_routing is None:
-                        ones = weights.new_ones(1, 1).expand(T, p.S)
-                        p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
-                    ids = torch.cat([ids, p.shared_routing[0]], 1)
-                    weights = torch.cat([weights, p.shared_routing[1]], 1)
-                    E, k = E + p.S, k + p.S
-
-                routing = impls.get("route")
-                if routing is None or checking:
-                    named = dict(expert_ids=ids, num_experts=E)
-                    if checking:
-                        _value_checks(route, named)
-                    routing = p.impl("route", route, named)
-                row_to_flat, flat_to_row, offsets = routing(ids, E)
+            fused, routed = _gate_and_route(p, logits, bias, checking, aux_coef)
+            weights, gate_ids, load, third, fraction, row_to_flat, flat_to_row, offsets = routed
+            E, k = E + p.S, k + p.S
 
             experts = impls.get("experts")
             if experts is None or checking:

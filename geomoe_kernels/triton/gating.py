@@ -116,6 +116,51 @@ def _gating_kernel(
 
 
 @triton.jit
+def _reduce_blocks(
+    Hist,
+    Partial,
+    Load,
+    ProbMean,
+    Offsets,
+    Aux,
+    Ticket,
+    nb,
+    E,
+    EA,
+    T_f,
+    aux_coef,
+    HAS_AUX: tl.constexpr,
+    EAP: tl.constexpr,
+    BB: tl.constexpr,
+):
+    """_gate_route_kernel's last program: the blocks' rows reduced in a fixed order (chunks of BB,
+    each a fixed tree), each block's running counts written over its histogram row, and the ticket
+    put back to 0."""
+    ac = tl.arange(0, EAP)
+    carry = tl.zeros((EAP,), dtype=tl.int64)
+    psum = tl.zeros((EAP,), dtype=tl.float32)
+    for b0 in range(0, nb, BB):
+        b = b0 + tl.arange(0, BB)
+        m2 = (b < nb)[:, None] & (ac < EA)[None, :]
+        at = b[:, None].to(tl.int64) * EA + ac[None, :]
+        h = tl.load(Hist + at, mask=m2, other=0, cache_modifier=".cg")
+        tl.store(Hist + at, tl.cumsum(h, axis=0) - h + carry[None, :], mask=m2)
+        carry += tl.sum(h, axis=0)
+        mp = (b < nb)[:, None] & (ac < E)[None, :]
+        p = tl.load(Partial + b[:, None].to(tl.int64) * E + ac[None, :], mask=mp, other=0.0, cache_modifier=".cg")
+        psum += tl.sum(p, axis=0)
+    tl.store(Offsets + ac + 1, tl.cumsum(carry, axis=0), mask=ac < EA)
+    tl.store(Offsets, tl.zeros((), dtype=tl.int64))
+    tl.store(Load + ac, carry, mask=ac < E)
+    pm = psum / T_f
+    tl.store(ProbMean + ac, pm, mask=ac < E)
+    if HAS_AUX:
+        fraction = carry.to(tl.float32) * aux_coef
+        tl.store(Aux, tl.sum(tl.where(ac < E, pm * fraction, 0.0), axis=0))
+    tl.store(Ticket, tl.zeros((), dtype=tl.int32))
+
+
+@triton.jit
 def _gate_route_kernel(
     L,
     B,
@@ -196,28 +241,7 @@ def _gate_route_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(Ticket, 1, sem="acq_rel")
     if ticket == nb - 1:
-        ac = tl.arange(0, EAP)
-        carry = tl.zeros((EAP,), dtype=tl.int64)
-        psum = tl.zeros((EAP,), dtype=tl.float32)
-        for b0 in range(0, nb, BB):
-            b = b0 + tl.arange(0, BB)
-            m2 = (b < nb)[:, None] & (ac < EA)[None, :]
-            at = b[:, None].to(tl.int64) * EA + ac[None, :]
-            h = tl.load(Hist + at, mask=m2, other=0, cache_modifier=".cg")
-            tl.store(Hist + at, tl.cumsum(h, axis=0) - h + carry[None, :], mask=m2)
-            carry += tl.sum(h, axis=0)
-            mp = (b < nb)[:, None] & (ac < E)[None, :]
-            p = tl.load(Partial + b[:, None].to(tl.int64) * E + ac[None, :], mask=mp, other=0.0, cache_modifier=".cg")
-            psum += tl.sum(p, axis=0)
-        tl.store(Offsets + ac + 1, tl.cumsum(carry, axis=0), mask=ac < EA)
-        tl.store(Offsets, tl.zeros((), dtype=tl.int64))
-        tl.store(Load + ac, carry, mask=ac < E)
-        pm = psum / T_f
-        tl.store(ProbMean + ac, pm, mask=ac < E)
-        if HAS_AUX:
-            fraction = carry.to(tl.float32) * aux_coef
-            tl.store(Aux, tl.sum(tl.where(ac < E, pm * fraction, 0.0), axis=0))
-        tl.store(Ticket, tl.zeros((), dtype=tl.int32))
+        _reduce_blocks(Hist, Partial, Load, ProbMean, Offsets, Aux, Ticket, nb, E, EA, T_f, aux_coef, HAS_AUX, EAP, BB)
 
 
 @triton.jit
