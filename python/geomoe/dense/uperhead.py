@@ -103,5 +103,6 @@ def seg_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     every pixel, the ignored ones counting as 0 (the published mean)."""
     if labels.shape[-2:] != logits.shape[-2:]:
         logits = _up(logits, labels.shape[-2:])
-    loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 / fp16 logits: the loss in fp32
+    loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
     return loss.mean()
