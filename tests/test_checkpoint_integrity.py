@@ -40,14 +40,14 @@ def _fail_at(monkeypatch, at_step, action):
     """Run `action()` as the training step `at_step` (0-based) begins."""
     from geomoe import train
 
-    original = train._Trainer._train_step
+    original = train.PretrainTask.train_step
 
-    def step(self, imgs, lr, window, step):
+    def step(self, batch, lr, step):
         if step == at_step:
             action()
-        return original(self, imgs, lr, window, step)
+        return original(self, batch, lr, step)
 
-    monkeypatch.setattr(train._Trainer, "_train_step", step)
+    monkeypatch.setattr(train.PretrainTask, "train_step", step)
 
 
 # ---- 1. an --async-save in flight on every way out -------------------------------------------------

@@ -12,7 +12,7 @@ from PIL import Image
 from geomoe import GeoMoE
 from geomoe.checkpoint import list_checkpoints, load_latest
 from geomoe.configs import CONFIGS
-from geomoe.runtime import lr_at
+from geomoe.trainer import Checkpointer, lr_at
 from geomoe.train import PretrainArgs, pretrain
 
 FAST = dict(steps=4, batch_size=8, log_every=2, progress=False, device="cpu")
@@ -85,14 +85,14 @@ def test_resume_restores_every_global_generator_it_saved(tmp_path, monkeypatch):
     from geomoe import train as T
 
     seen = {}
-    real_step = T._Trainer._train_step
+    real_step = T.PretrainTask.train_step
 
-    def drawing_step(self, imgs, lr, window, step):
+    def drawing_step(self, batch, lr, step):
         torch.rand(1)  # a consumer of the global CPU generator
         if torch.cuda.is_available():
             torch.rand(1, device="cuda")
         seen.setdefault(self.args.out, {})[step] = rng_states()
-        return real_step(self, imgs, lr, window, step)
+        return real_step(self, batch, lr, step)
 
     def rng_states():
         states = [torch.get_rng_state()]
@@ -100,7 +100,7 @@ def test_resume_restores_every_global_generator_it_saved(tmp_path, monkeypatch):
             states += torch.cuda.get_rng_state_all()
         return states
 
-    monkeypatch.setattr(T._Trainer, "_train_step", drawing_step)
+    monkeypatch.setattr(T.PretrainTask, "train_step", drawing_step)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     pretrain(PretrainArgs(out=a, **FAST))
     pretrain(PretrainArgs(out=b, stop_after=2, **FAST))
@@ -164,11 +164,9 @@ def test_moevit_pretrains_with_the_same_loop_and_its_loss_falls(tmp_path):
 
 def test_checkpoint_without_dcp_state_still_resumes(tmp_path, monkeypatch):
     """A checkpoint of the format before the DCP state (optimizer in train_state.pt) resumes exactly."""
-    from geomoe import train
-
     straight = pretrain(PretrainArgs(out=str(tmp_path / "a"), **FAST))
     with monkeypatch.context() as m:
-        m.setattr(train._Trainer, "_uses_dcp", lambda self: False)
+        m.setattr(Checkpointer, "_uses_dcp", lambda self: False)
         pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
     old = list_checkpoints(str(tmp_path / "b"))[-1]
     assert sorted(os.listdir(old)) == ["checksums.json", "model.safetensors", "train_state.pt"]
@@ -183,10 +181,8 @@ def test_checkpoint_without_dcp_state_still_resumes(tmp_path, monkeypatch):
 def test_optimizer_state_of_the_wrong_shape_is_refused_by_name(tmp_path, monkeypatch):
     """load_state_dict does not check moment shapes, and a fused AdamW step on a mismatched one reads
     out of bounds: a resume refuses it first, naming the parameter and both shapes."""
-    from geomoe import train
-
     with monkeypatch.context() as m:
-        m.setattr(train._Trainer, "_uses_dcp", lambda self: False)
+        m.setattr(Checkpointer, "_uses_dcp", lambda self: False)
         pretrain(PretrainArgs(out=str(tmp_path / "b"), stop_after=2, **FAST))
     old = list_checkpoints(str(tmp_path / "b"))[-1]
     path = os.path.join(old, "train_state.pt")

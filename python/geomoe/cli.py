@@ -142,7 +142,7 @@ def _run(ns: argparse.Namespace, parsers) -> int:
 
 def _validate(parser: argparse.ArgumentParser, args) -> None:
     """A number out of range (or a device this machine lacks) is a usage error naming the flag."""
-    from .runtime import resolve_device
+    from .checks import resolve_device
 
     try:
         args.validate()

@@ -28,7 +28,7 @@ from geomoe_kernels.backend import BACKENDS
 
 from .distributed import DEFAULT_TIMEOUT
 from .geodata import MAX_RASTER_PIXELS
-from .runtime import check_float, check_int
+from .checks import check_float, check_int
 from .speed import PRECISIONS
 
 DATA_FORMATS = ("auto", "image", "raster")

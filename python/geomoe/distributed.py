@@ -35,9 +35,9 @@ class DistEnv:
 
 def setup(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> DistEnv:
     """Joins the torchrun job if there is one (WORLD_SIZE > 1), and picks this process's device."""
-    from .runtime import resolve_device
+    from .checks import resolve_device
 
-    from .runtime import env_number
+    from .envvars import env_number
 
     world = env_number("WORLD_SIZE", "1", int, 1)
     local_rank = env_number("LOCAL_RANK", "0", int, 0)

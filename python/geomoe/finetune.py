@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from geomoe_kernels._checks import non_finite_passes
 
@@ -70,7 +69,6 @@ from .data import (
     skip_unreadable_labelled,
     write_scene_classes,
 )
-from .distributed import RunFailure
 from .geodata import (
     BAND_STATS_FILE,
     RasterClassFolder,
@@ -80,23 +78,10 @@ from .geodata import (
 from .moevit import MoEViTClassifier
 from .original import key_map, load_original_state_dict
 from .speed import autocast, grad_scaler, resolve_precision
-from .runtime import (
-    RunDirectory,
-    StopSignals,
-    append_jsonl,
-    check_checkpoint_fits,
-    check_torch_cache_dir,
-    load_resume_state,
-    lr_at,
-    make_loader,
-    refuse_fresh_run_into_used_directory,
-    resolve_device,
-    restore_single,
-    run_identity,
-    save_single,
-    start_batches,
-    warn_changed_run_arguments,
-)
+from .trainer import Checkpointer, Placement, Schedule, Task, Trainer, Window, launch, set_lr
+from .trainer.checkpointing import check_checkpoint_fits
+from .trainer.data import make_loader
+from .trainer.rundir import run_identity, warn_changed_run_arguments
 
 AUX_WEIGHT = 5e-6
 
@@ -482,10 +467,7 @@ def finetune(args: FinetuneArgs) -> Dict[str, Any]:
     """Run (or resume) a fine-tuning. Returns {"top1": the last epoch's top-1 (the result), "top5",
     "val_loss", "best_top1", "history": one record per epoch run, "model"}."""
     args = args.resolved()
-    check_torch_cache_dir()
-    device = resolve_device(args.device)
-    with StopSignals() as stop, RunDirectory(args.out):
-        return _finetune(args, device, stop)
+    return launch(FinetuneTask(args), args.device, args.timeout)
 
 
 def _raster_data(args: FinetuneArgs) -> bool:
@@ -569,225 +551,245 @@ def _top5(value: Optional[float]) -> str:
     return "" if value is None else f" top-5 {100 * value:.2f}%"
 
 
-def _finetune(args: FinetuneArgs, device: torch.device, stop: StopSignals) -> Dict[str, Any]:
-    precision = resolve_precision(args.precision, args.amp, device)
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    img_size = args.img_size if args.img_size is not None else _encoder_config(args).get("img_size", 224)
-    assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
-    refuse_fresh_run_into_used_directory(args.out, args.resume)
-    train_set, val_set = _datasets(args, img_size)
-    train_root = os.path.join(args.data or os.path.join(args.out, "scene_classes"), "train")
-    where = f"in the 'train' list of {args.split}" if args.split else f"under {train_root}/<class>/"
-    check_readable([p for p, _ in train_set.samples], train_set.read, where, "--split" if args.split else "--data")
-    if len(train_set) < args.batch_size:
-        raise ValueError(f"argument '--batch-size' expected at most the {len(train_set)} training images, got {args.batch_size}")
+class _EpochWindow(Window):
+    """An epoch's sums: the mean training loss over the steps that trained, images per second."""
 
-    torch.manual_seed(args.seed)
-    num_classes = len(train_set.classes)
-    model, encoder = build_classifier(args, num_classes)
-    note = load_pretrained(encoder, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
-    model = model.to(device)
-    peak_lr = peak_learning_rate(args)
-    groups = layer_decay.param_groups(model, peak_lr, float(args.weight_decay), float(args.layer_decay))
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=True)
-    scaler = grad_scaler(precision, device)
-    per_epoch = len(train_set) // args.batch_size
-    total = per_epoch * args.epochs
-    if args.warmup_epochs is not None:
-        warmup = max(1, int(per_epoch * args.warmup_epochs))
-    else:
-        warmup = max(1, int(round(total * float(args.warmup_ratio))))
+    def reset(self) -> None:
+        super().reset()
+        self.loss_sum, self.good_steps, self.seen = 0.0, 0, 0
 
-    start, best, last_eval = 0, 0.0, None
-    run_args = dict(
-        config=args.config,
-        model=args.model,
-        recipe=args.recipe,
-        data=args.data,
-        split=args.split,
-        weights=args.weights,
-        img_size=img_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=peak_lr,
-        layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay,
-        warmup_steps=warmup,
-        smoothing=args.smoothing,
-        mixup=args.mixup,
-        cutmix=args.cutmix,
-        drop_path=args.drop_path,
-        clip_grad=args.clip_grad,
-        randaug=args.randaug,
-        reprob=args.reprob,
-        seed=args.seed,
-        in_chans=args.in_chans or 3,
-    )
-    state = load_resume_state(args.resume, args.out)
-    run = dict(id=run_identity(state), **run_args)
-    if state is not None:
-        warn_changed_run_arguments(state, run_args)
+    def sums(self) -> Dict[str, Any]:
+        """What a mid-epoch checkpoint carries, so the resumed epoch's logged mean covers it all."""
+        return dict(
+            loss_sum=self.loss_sum, good_steps=self.good_steps, bad_steps=self.bad_steps, skipped_images=self.skipped_images
+        )
+
+    def restore(self, sums: Dict[str, Any]) -> None:
+        self.loss_sum, self.good_steps = float(sums["loss_sum"]), int(sums["good_steps"])
+        self.bad_steps, self.skipped_images = int(sums["bad_steps"]), int(sums["skipped_images"])
+
+
+class FinetuneTask(Task):
+    """Scene-classification fine-tuning as a run kind of the one trainer (geomoe.trainer): one
+    process; an epoch ends with the validation and a checkpoint."""
+
+    kind = "finetune"
+
+    def __init__(self, args: FinetuneArgs):
+        self.args = args  # resolved
+
+    def setup(self, trainer: Trainer) -> None:
+        args, env = self.args, trainer.env
+        self.env, device = env, env.device
+        self.precision = resolve_precision(args.precision, args.amp, device)
+        self.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        self.img_size = args.img_size if args.img_size is not None else _encoder_config(args).get("img_size", 224)
+        assert args.epochs is not None and args.batch_size is not None and args.min_lr_ratio is not None
+        self.placement = Placement(env)
+        self.checkpointer = Checkpointer(env, self)
+        self.checkpointer.refuse_fresh_run()
+        self._data()
+        torch.manual_seed(args.seed)
+        model, encoder = build_classifier(args, len(self.train_set.classes))
+        self.note = (
+            load_pretrained(encoder, args.weights, args.allow_partial_weights) if args.weights else "from scratch (no --weights)"
+        )
+        self.model = model.to(device)
+        self.placement.shard(self.model)
+        self.wrapped = self.placement.wrap(self.model, [])
+        self.peak_lr = peak_learning_rate(args)
+        groups = layer_decay.param_groups(self.model, self.peak_lr, float(args.weight_decay), float(args.layer_decay))
+        self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=(0.9, 0.999), fused=True)
+        self.scaler = grad_scaler(self.precision, device)
+        self.per_epoch = len(self.train_set) // args.batch_size
+        self.steps = self.per_epoch * args.epochs
+        if args.warmup_epochs is not None:
+            warmup = max(1, int(self.per_epoch * args.warmup_epochs))
+        else:
+            warmup = max(1, int(round(self.steps * float(args.warmup_ratio))))
+        self.schedule = Schedule(self.steps, self.peak_lr, warmup, args.min_lr_ratio)
+        self.window = _EpochWindow()
+        self.best, self.last_eval = 0.0, None
+        self.run_args = self._run_args(warmup)
+        self.mix_gen = torch.Generator().manual_seed(args.seed)
+        self._resume(self.checkpointer.load())
+
+    def _data(self) -> None:
+        """The training and validation sets, checked: readable, at least a batch of training images."""
+        args = self.args
+        self.train_set, self.val_set = _datasets(args, self.img_size)
+        train_root = os.path.join(args.data or os.path.join(args.out, "scene_classes"), "train")
+        where = f"in the 'train' list of {args.split}" if args.split else f"under {train_root}/<class>/"
+        check_readable([p for p, _ in self.train_set.samples], self.train_set.read, where, "--split" if args.split else "--data")
+        if len(self.train_set) < args.batch_size:
+            raise ValueError(
+                f"argument '--batch-size' expected at most the {len(self.train_set)} training images, got {args.batch_size}"
+            )
+
+    def _run_args(self, warmup: int) -> Dict[str, Any]:
+        """What makes this run this run: a resume with any of these changed gets a warning."""
+        args = self.args
+        keys = ("config", "model", "recipe", "data", "split", "weights")
+        later = ("layer_decay", "weight_decay")
+        regularisation = ("smoothing", "mixup", "cutmix", "drop_path", "clip_grad", "randaug", "reprob", "seed")
+        return dict(
+            **{k: getattr(args, k) for k in keys},
+            img_size=self.img_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=self.peak_lr,
+            **{k: getattr(args, k) for k in later},
+            warmup_steps=warmup,
+            **{k: getattr(args, k) for k in regularisation},
+            in_chans=args.in_chans or 3,
+        )
+
+    def _resume(self, state: Optional[Dict[str, Any]]) -> None:
+        args = self.args
+        self.run_id = run_identity(state)
+        if state is None:
+            return
+        warn_changed_run_arguments(state, self.run_args)
         head = state["model"].get("head.weight")
         check_checkpoint_fits(
             state,
-            model.state_dict(),
-            f"--model {args.model}, --config {args.config}, {args.in_chans or 3} bands, {num_classes} classes",
+            self.model.state_dict(),
+            f"--model {args.model}, --config {args.config}, {args.in_chans or 3} bands, {len(self.train_set.classes)} classes",
             f", {head.shape[0]} classes" if head is not None and head.dim() == 2 else "",
         )
-        start = restore_single(state, model, opt, scaler)
-        best = float(state.get("best_top1", 0.0))
-        last_eval = state.get("last_eval")
-        print(f"resumed from {state['path']} at step {start}")
-    print(
-        f"geomoe finetune: {args.model} config {args.config}, recipe {args.recipe}, {img_size} px, "
-        f"{len(train_set.classes)} classes ({len(train_set)} train / {len(val_set)} val images), {device}, "
-        f"batch {args.batch_size}, peak lr {peak_lr:.3g}, {args.epochs} epoch{'' if args.epochs == 1 else 's'} of "
-        f"{per_epoch} steps ({_dropped(len(train_set), args.batch_size)}), {note}"
-    )
-    loader = make_loader(
-        train_set,
-        args.batch_size,
-        args.seed,
-        start,
-        total,
-        workers,
-        device,
-        collate_fn=skip_unreadable_labelled,
-        timeout=args.timeout,
-    )
-    mix_gen = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(total=total, initial=start, disable=not args.progress, dynamic_ncols=True, leave=False)
-    history: List[Dict[str, Any]] = []
-    step, t0, seen, skipped_images, bad_steps, bad_in_row = start, time.perf_counter(), 0, 0, 0, 0
-    loss_sum, good_steps, read_any = 0.0, 0, False  # read_any: an image of this run decoded
-    if state is not None and start % per_epoch:  # resumed mid-epoch: the epoch's sums so far
-        sums = state.get("epoch_sums")
-        if isinstance(sums, dict):
-            loss_sum, good_steps = float(sums["loss_sum"]), int(sums["good_steps"])
-            bad_steps, skipped_images = int(sums["bad_steps"]), int(sums["skipped_images"])
-        else:
-            warnings.warn(
-                f"checkpoint {state['path']} (step {start}, mid-epoch) holds no sums of its epoch (an earlier version): "
-                f"epoch {start // per_epoch + 1}'s logged train loss covers only the steps after the resume"
-            )
-    num_classes = len(train_set.classes)
-    clip = float(args.clip_grad or 0.0)
-    model.train()
-    for imgs, labels, skipped in start_batches(loader):
-        lr = lr_at(step, total, peak_lr, warmup, args.min_lr_ratio)
-        skipped_images += skipped
-        read_any = read_any or imgs is not None
-        ok = False
-        if imgs is None:  # no image of the batch decoded: the step passes without an update
-            warnings.warn(f"step {step + 1}: no readable image in the batch, step skipped")
-        else:
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            mix_gen.manual_seed(args.seed * 1_000_003 + step)  # mixing depends on the step alone: resumable
-            imgs, target = mix_batch(
-                imgs, labels, num_classes, float(args.smoothing), float(args.mixup), float(args.cutmix), mix_gen
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            # NaN/Inf router scores flow on to the loss check, as on a GPU, instead of raising in the CPU value check
-            with autocast(precision, device), non_finite_passes():
-                logits, aux = model(imgs)
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                total_loss = loss + AUX_WEIGHT * aux.sum()
-            opt.zero_grad(set_to_none=True)
-            if bool(torch.isfinite(total_loss.detach())):
-                scaler.scale(total_loss).backward()
-                if clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                scaler.step(opt)
-                scaler.update()
-                seen += imgs.shape[0]
-                loss_sum, good_steps, ok = loss_sum + float(loss.detach()), good_steps + 1, True
+        self.placement.load_weights(state["model"])
+        self.best = float(state.get("best_top1", 0.0))
+        self.last_eval = state.get("last_eval")
+        self.checkpointer.restore(state)
+        if self.start % self.per_epoch:  # resumed mid-epoch: the epoch's sums so far
+            sums = state.get("epoch_sums")
+            if isinstance(sums, dict):
+                self.window.restore(sums)
             else:
-                warnings.warn(f"step {step + 1}: non-finite loss, step skipped ({bad_in_row + 1} in a row)")
-        step += 1
-        bar.update(1)
-        if ok:
-            bad_in_row = 0
-        else:
-            bad_in_row, bad_steps = bad_in_row + 1, bad_steps + 1
-            if bad_in_row >= args.max_bad_steps:
-                raise RunFailure(
-                    f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss or no readable images "
-                    f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
+                warnings.warn(
+                    f"checkpoint {state['path']} (step {self.start}, mid-epoch) holds no sums of its epoch (an earlier "
+                    f"version): epoch {self.start // self.per_epoch + 1}'s logged train loss covers only the steps after "
+                    "the resume"
                 )
-        if step % per_epoch == 0 and not read_any:
+
+    def banner(self) -> str:
+        args, n = self.args, len(self.train_set)
+        return (
+            f"geomoe finetune: {args.model} config {args.config}, recipe {args.recipe}, {self.img_size} px, "
+            f"{len(self.train_set.classes)} classes ({n} train / {len(self.val_set)} val images), {self.env.device}, "
+            f"batch {args.batch_size}, peak lr {self.peak_lr:.3g}, {args.epochs} epoch{'' if args.epochs == 1 else 's'} of "
+            f"{self.per_epoch} steps ({_dropped(n, args.batch_size)}), {self.note}"
+        )
+
+    def loader(self, start: int, end: int):
+        args = self.args
+        return make_loader(
+            self.train_set,
+            args.batch_size,
+            args.seed,
+            start,
+            end,
+            self.workers,
+            self.env.device,
+            collate_fn=skip_unreadable_labelled,
+            timeout=args.timeout,
+        )
+
+    def train_step(self, batch: Tuple[Any, ...], lr: float, step: int) -> Optional[str]:
+        args, device, (imgs, labels, _) = self.args, self.env.device, batch
+        if imgs is None:  # no image of the batch decoded: the step passes without an update
+            return "no readable image in the batch"
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        self.mix_gen.manual_seed(args.seed * 1_000_003 + step)  # mixing depends on the step alone: resumable
+        num_classes = len(self.train_set.classes)
+        imgs, target = mix_batch(
+            imgs, labels, num_classes, float(args.smoothing), float(args.mixup), float(args.cutmix), self.mix_gen
+        )
+        set_lr(self.optimizer, lr)
+        # NaN/Inf router scores flow on to the loss check, as on a GPU, instead of raising in the CPU value check
+        with autocast(self.precision, device), non_finite_passes():
+            logits, aux = self.model(imgs)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            total_loss = loss + AUX_WEIGHT * aux.sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(total_loss.detach())):
+            return "non-finite loss"
+        self.scaler.scale(total_loss).backward()
+        clip = float(args.clip_grad or 0.0)
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        w = self.window
+        w.seen, w.loss_sum, w.good_steps = w.seen + imgs.shape[0], w.loss_sum + float(loss.detach()), w.good_steps + 1
+        return None
+
+    def log_due(self, step: int, end: int) -> bool:
+        return step % self.per_epoch == 0
+
+    def save_due(self, step: int) -> bool:
+        return step % self.per_epoch == 0  # each epoch ends with a checkpoint
+
+    def record(self, step: int, lr: float) -> Optional[Dict[str, Any]]:
+        """The epoch's record: the validation, the mean training loss."""
+        args, w = self.args, self.window
+        if not self.trainer.counters.read_any:
             raise RuntimeError(
                 f"argument '{'--split' if args.split else '--data'}' expected training images that can be read, got none "
-                f"among the {skipped_images} this run drew: no step trained; stopped at step {step}, nothing was saved"
+                f"among the {w.skipped_images} this run drew: no step trained; stopped at step {step}, nothing was saved"
             )
-        if step % per_epoch == 0:
-            epoch = step // per_epoch
-            ev = evaluate(model, val_set, device, args.batch_size, precision)
-            best = max(best, ev["top1"]) if ev["top1"] == ev["top1"] else best
-            now = time.perf_counter()
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "loss": loss_sum / good_steps if good_steps else float("nan"),
-                "lr": lr,
-                "val_top1": ev["top1"],
-                "val_top5": ev["top5"],
-                "val_loss": ev["loss"],
-                "images_per_s": seen / (now - t0),
-                "bad_steps": bad_steps,
-                "skipped_images": skipped_images,
-                "val_skipped_images": val_set.unreadable,
-            }
-            t0, seen, skipped_images, bad_steps, loss_sum, good_steps = now, 0, 0, 0, 0.0, 0
-            last_eval = {"epoch": epoch, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}
-            history.append(record)
-            append_jsonl(os.path.join(args.out, "metrics.jsonl"), record)
-            tqdm.write(
-                f"epoch {epoch:>3}/{args.epochs} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                f"val top-1 {100 * ev['top1']:.2f}%{_top5(ev['top5'])} loss {ev['loss']:.4f} "
-                f"(best top-1 {100 * best:.2f}%) | {record['images_per_s']:.1f} img/s"
-                + (f" | skipped {record['bad_steps']} steps" if record["bad_steps"] else "")
-                + (
-                    f" | skipped {record['skipped_images']} + {record['val_skipped_images']} val images"
-                    if record["skipped_images"] or record["val_skipped_images"]
-                    else ""
-                )
-            )
-            final = save_single(
-                args.out, step, args.keep_last, model, opt, scaler, args, run, best_top1=best, last_eval=last_eval
-            )
-        elif stop.requested:  # mid-epoch: the epoch's sums so far go with it, so its logged mean covers it all
-            sums = dict(loss_sum=loss_sum, good_steps=good_steps, bad_steps=bad_steps, skipped_images=skipped_images)
-            final = save_single(
-                args.out,
-                step,
-                args.keep_last,
-                model,
-                opt,
-                scaler,
-                args,
-                run,
-                best_top1=best,
-                last_eval=last_eval,
-                epoch_sums=sums,
-            )
-        if stop.requested:
-            print(f"{stop.received}: stopped at step {step}; checkpoint {final}")
-            break
-    bar.close()
-    nan = float("nan")
-    result = last_eval or {}
-    if step == total and last_eval is not None:
-        print(
-            f"result: top-1 {100 * last_eval['top1']:.2f}% at the last epoch ({last_eval['epoch']}),"
-            f"{_top5(last_eval.get('top5'))} val loss {last_eval['loss']:.4f}"
+        epoch = step // self.per_epoch
+        ev = evaluate(self.model, self.val_set, self.env.device, args.batch_size, self.precision)
+        self.best = max(self.best, ev["top1"]) if ev["top1"] == ev["top1"] else self.best
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "loss": w.loss_sum / w.good_steps if w.good_steps else float("nan"),
+            "lr": lr,
+            "val_top1": ev["top1"],
+            "val_top5": ev["top5"],
+            "val_loss": ev["loss"],
+            "images_per_s": w.seen / (time.perf_counter() - w.t0),
+            "bad_steps": w.bad_steps,
+            "skipped_images": w.skipped_images,
+            "val_skipped_images": self.val_set.unreadable,
+        }
+        w.reset()
+        self.last_eval = {"epoch": epoch, "top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"]}
+        return record
+
+    def log_line(self, record: Dict[str, Any]) -> str:
+        skipped = ""
+        if record["skipped_images"] or record["val_skipped_images"]:
+            skipped = f" | skipped {record['skipped_images']} + {record['val_skipped_images']} val images"
+        return (
+            f"epoch {record['epoch']:>3}/{self.args.epochs} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"val top-1 {100 * record['val_top1']:.2f}%{_top5(record['val_top5'])} loss {record['val_loss']:.4f} "
+            f"(best top-1 {100 * self.best:.2f}%) | {record['images_per_s']:.1f} img/s"
+            + (f" | skipped {record['bad_steps']} steps" if record["bad_steps"] else "")
+            + skipped
         )
-    return {
-        "history": history,
-        "top1": result.get("top1", nan),
-        "top5": result.get("top5", nan),
-        "val_loss": result.get("loss", nan),
-        "best_top1": best,
-        "model": model,
-    }
+
+    def checkpoint_state(self, step: int) -> Dict[str, Any]:
+        state: Dict[str, Any] = dict(best_top1=self.best, last_eval=self.last_eval)
+        if step % self.per_epoch:  # mid-epoch (a stop): the epoch's sums so far go with it
+            state["epoch_sums"] = self.window.sums()
+        return state
+
+    def result(self, history: List[Dict[str, Any]], checkpoint: Optional[str], step: int) -> Dict[str, Any]:
+        nan, last = float("nan"), self.last_eval
+        if step == self.steps and last is not None:
+            print(
+                f"result: top-1 {100 * last['top1']:.2f}% at the last epoch ({last['epoch']}),"
+                f"{_top5(last.get('top5'))} val loss {last['loss']:.4f}"
+            )
+        result = last or {}
+        return {
+            "history": history,
+            "top1": result.get("top1", nan),
+            "top5": result.get("top5", nan),
+            "val_loss": result.get("loss", nan),
+            "best_top1": self.best,
+            "model": self.model,
+        }
