@@ -367,6 +367,8 @@ def test_bad_masks_are_errors_naming_the_file(tmp_path):
 def test_bad_data_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
     bad = np.zeros((32, 32))
     bad[3, 3] = 9
+    _png(str(tmp_path / "train" / "images" / "b.png"), np.zeros((32, 32, 3)))
+    _png(str(tmp_path / "train" / "masks" / "b.png"), np.zeros((32, 32)))
     _folder(tmp_path, bad)
     args = ["segment", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--iters", "1", "--batch-size", "2"]
     with pytest.raises(SystemExit) as e:
@@ -435,13 +437,15 @@ def test_slide_windows_cover_and_average_as_published():
 
 # ---- the run ------------------------------------------------------------------------------------------
 
-TINY_RUN = dict(scene_size=32, crop=32, head_channels=32, batch_size=4, val_scenes=8, progress=False, device="cpu", warmup=5)
+TINY_RUN = dict(scene_size=32, crop=32, head_channels=16, batch_size=2, val_scenes=1, progress=False, device="cpu", warmup=2)
 
 
 def test_segment_learns_on_the_embedded_scenes(tmp_path):
-    res = segment(SegmentArgs(out=str(tmp_path / "run"), iters=80, eval_every=80, lr=3e-3, **TINY_RUN))
+    kw = dict(TINY_RUN, scene_size=64, crop=64, head_channels=64, batch_size=8, val_scenes=8, warmup=5)
+    res = segment(SegmentArgs(out=str(tmp_path / "run"), iters=60, eval_every=60, lr=2e-3, **kw))
     m = res["metrics"]
-    # stated: mIoU >= 35 after 80 iterations (chance, the majority class alone: ~ 11)
+    # stated: mIoU >= 35 after 60 iterations of the short recipe's batch and head (measured 47.8;
+    # the majority class alone scores ~13)
     assert m["mIoU"] >= 35.0, m
     lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
     assert any('"eval"' in line for line in lines) and any('"loss"' in line for line in lines)
@@ -452,7 +456,7 @@ def test_resume_is_bit_for_bit(tmp_path):
 
     from geomoe import checkpoint
 
-    kw = dict(TINY_RUN, iters=4, eval_every=100, save_every=2, keep_last=0, lr=1e-3, scenes=16, val_scenes=1)
+    kw = dict(TINY_RUN, iters=4, eval_every=100, save_every=2, keep_last=0, lr=1e-3, scenes=16)
     straight = segment(SegmentArgs(out=str(tmp_path / "a"), **kw))["model"].state_dict()
     # the run as a crash after step 2 leaves it: its checkpoint of step 2 alone
     os.makedirs(tmp_path / "b")

@@ -222,16 +222,16 @@ def scene_with_mask(size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np
         mask[blob] = 4
     if rng.random() < 0.7:  # river
         centre = 0.5 + rng.uniform(0.05, 0.2) * np.sin(yy * rng.uniform(3, 8) + rng.uniform(0, 6.3)) + rng.uniform(-0.3, 0.3)
-        river = np.abs(xx - centre) < rng.uniform(0.04, 0.09)
+        river = np.abs(xx - centre) < rng.uniform(0.07, 0.12)
         img[river] = np.array([40, 70, 130], np.float32)
         mask[river] = 1
     for _ in range(int(rng.integers(1, 3))):  # roads
         theta, off = rng.uniform(0, np.pi), rng.uniform(-0.3, 0.3)
-        road = np.abs((xx - 0.5) * np.cos(theta) + (yy - 0.5) * np.sin(theta) - off) < rng.uniform(0.02, 0.035)
+        road = np.abs((xx - 0.5) * np.cos(theta) + (yy - 0.5) * np.sin(theta) - off) < rng.uniform(0.035, 0.05)
         img[road] = np.array([165, 165, 160], np.float32)
         mask[road] = 2
-    for _ in range(int(rng.integers(2, 8))):  # buildings
-        h, w = rng.integers(max(2, size // 16), max(3, size // 6), 2).tolist()
+    for _ in range(int(rng.integers(2, 6))):  # buildings
+        h, w = rng.integers(max(2, size // 8), max(3, size // 4), 2).tolist()
         y0, x0 = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
         img[y0 : y0 + h, x0 : x0 + w] = np.array([[200, 90, 70], [225, 225, 220]], np.float32)[rng.integers(0, 2)]
         mask[y0 : y0 + h, x0 : x0 + w] = 3
