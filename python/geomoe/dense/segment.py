@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from .. import checkpoint, distributed
+from .. import distributed
 from ..config_cli import (
     backend_opt,
     check_fields,
@@ -52,22 +51,12 @@ from ..config_cli import (
     workers_opt,
 )
 from ..configs import CONFIGS, MODELS
-from ..data import ResumableBatchSampler
-from ..runtime import (
-    RunDirectory,
-    StopSignals,
-    append_jsonl,
-    check_checkpoint_fits,
-    check_torch_cache_dir,
-    config_of,
-    load_resume_state,
-    refuse_fresh_run_into_used_directory,
-    rng_state,
-    run_identity,
-    set_rng_state,
-    start_batches,
-    warn_changed_run_arguments,
-)
+from ..trainer import Checkpointer, Placement, Task, Window, launch, set_lr
+from ..trainer.checkpointing import check_checkpoint_fits
+from ..trainer.data import make_loader
+from ..trainer.rundir import run_identity, warn_changed_run_arguments
+from geomoe_kernels._checks import non_finite_passes
+
 from ..speed import autocast, grad_scaler, resolve_precision
 from .backbones import build_backbone, dense_param_groups, load_backbone_weights
 from .metrics import ConfusionMatrix, metrics_line
@@ -307,6 +296,22 @@ def write_submission(
 # ---- the run -------------------------------------------------------------------------------------
 
 
+class SegSchedule:
+    """seg_lr with a run's numbers: schedule(step) is the lr of 0-based `step`."""
+
+    def __init__(self, total: int, warmup: int, peak: float):
+        self.total, self.warmup, self.peak = total, warmup, peak
+
+    def __call__(self, step: int) -> float:
+        return seg_lr(step, self.total, self.warmup, self.peak)
+
+
+class _Window(Window):
+    def reset(self) -> None:
+        super().reset()
+        self.loss_sum, self.aux_sum, self.good_steps, self.seen = 0.0, 0.0, 0, 0
+
+
 def _unwrap_worker_error(exc: BaseException) -> BaseException:
     """A SegDataError raised in a loader worker comes back with the worker's traceback in its
     message: the original one line again."""
@@ -314,210 +319,229 @@ def _unwrap_worker_error(exc: BaseException) -> BaseException:
     return SegDataError(m[-1]) if m else exc
 
 
+class _Batches:
+    """The loader's batches as (images, labels, 0 skipped); a bad file's error in one line. The
+    loader's iterator is made at iter() (its workers then inherit start_batches' signal mask)."""
+
+    def __init__(self, loader):
+        self.loader, self.num_workers = loader, loader.num_workers
+
+    def __iter__(self):
+        return self._unwrapped(iter(self.loader))
+
+    @staticmethod
+    def _unwrapped(it):
+        while True:
+            try:
+                imgs, labels = next(it)
+            except StopIteration:
+                return
+            except SegDataError:
+                raise
+            except Exception as exc:
+                err = _unwrap_worker_error(exc)
+                if err is exc:
+                    raise
+                raise err from None
+            yield imgs, labels, 0
+
+
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
-def segment(args: SegmentArgs) -> Dict[str, Any]:
-    """Run (or resume) a segmentation. Returns {"metrics": the last evaluation, "history", "model"}."""
-    args.validate()
-    check_torch_cache_dir()
-    env = distributed.setup(args.device, args.timeout)
-    try:
-        with StopSignals() as stop, RunDirectory(args.out) if env.main else _Null():
-            return _segment(args, env, stop)
-    finally:
-        distributed.teardown(env)
+class SegmentTask(Task):
+    """Semantic segmentation as a run kind of the one trainer (geomoe.trainer): torchrun joins
+    (DDP, SyncBatchNorm on GPUs); a record every --log-every steps, an evaluation every
+    --eval-every and at the end, a checkpoint every --save-every and at the end."""
 
+    kind = "segment"
+    multi_process = True
 
-class _Null:
-    def __enter__(self):
-        return self
+    def __init__(self, args: SegmentArgs, src, kind: str):
+        self.args, self.src, self.data_kind = args, src, kind  # args resolved
 
-    def __exit__(self, *exc):
-        return None
+    def setup(self, trainer) -> None:
+        args, env = self.args, trainer.env
+        self.env, device = env, env.device
+        assert args.iters and args.batch_size and args.crop and args.eval_every
+        self.precision = resolve_precision(args.precision, None, device)
+        self.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        if args.batch_size * env.world < 2:
+            raise ValueError(
+                f"argument '--batch-size' expected at least 2 images per iteration over all processes (BatchNorm of the "
+                f"pyramid pooling's 1x1 cell needs two), got {args.batch_size} x {env.world} process(es): run with "
+                "--batch-size 2 or under torchrun (the published runs: 1 per GPU on 8 GPUs)"
+            )
+        self.placement = Placement(env)
+        self.checkpointer = Checkpointer(env, self)
+        self.checkpointer.refuse_fresh_run()
+        self._data()
+        torch.manual_seed(args.seed)
+        self._model()
+        self.steps = int(args.iters)
+        self.schedule = SegSchedule(self.steps, int(args.warmup or 0), float(args.lr))
+        self.window = _Window()
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self.run_args = dict(
+            config=args.config, model=args.model, recipe=args.recipe, data=args.data, dataset=self.data_kind,
+            weights=args.weights, iters=args.iters, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
+            weight_decay=args.weight_decay, warmup=args.warmup, crop=args.crop, drop_path=args.drop_path,
+            head_channels=args.head_channels, seed=args.seed,
+        )  # fmt: skip
+        self._resume(self.checkpointer.load())
 
+    def _data(self) -> None:
+        args, src = self.args, self.src
+        if src is None:
+            self.classes: Tuple[str, ...] = SCENE_CLASSES
+            self.head_classes = args.num_classes or len(self.classes)
+            self.train_set = SceneTrain(args.scenes, args.scene_size, args.crop, args.seed)
+            self.val_set = SceneEval(args.val_scenes, args.scene_size, args.seed)
+            self.reduce = False
+        else:
+            self.classes, self.head_classes, self.reduce = src.classes, src.head_classes, src.reduce_zero_label
+            self.train_set = SegTrain(src.train, len(self.classes), self.reduce, args.crop, args.seed)
+            self.val_set = SegEval(src.val, len(self.classes), self.reduce)
+        if self.head_classes < len(self.classes):
+            raise ValueError(
+                f"argument '--num-classes' expected at least the dataset's {len(self.classes)} classes, got {self.head_classes}"
+            )
+        if len(self.train_set) < args.batch_size * self.env.world:
+            raise ValueError(
+                f"argument '--batch-size' expected at most the {len(self.train_set)} training images over "
+                f"{self.env.world} process(es), got {args.batch_size}"
+            )
 
-def _segment(args: SegmentArgs, env: distributed.DistEnv, stop: StopSignals) -> Dict[str, Any]:
-    device = env.device
-    if args.data:
-        src = discover(args.data, args.dataset, args.num_classes)
-        kind = src.kind
-    else:
-        src, kind = None, "scenes"
-    args = args.resolved(kind)
-    assert args.iters and args.batch_size and args.crop and args.eval_every and args.save_every
-    precision = resolve_precision(args.precision, None, device)
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    if args.batch_size * env.world < 2:
-        raise ValueError(
-            f"argument '--batch-size' expected at least 2 images per iteration over all processes (BatchNorm of the "
-            f"pyramid pooling's 1x1 cell needs two), got {args.batch_size} x {env.world} process(es): run with "
-            "--batch-size 2 or under torchrun (the published runs: 1 per GPU on 8 GPUs)"
-        )
-    if env.main:
-        refuse_fresh_run_into_used_directory(args.out, args.resume)
-    if src is None:
-        classes: Tuple[str, ...] = SCENE_CLASSES
-        head_classes = args.num_classes or len(classes)
-        train_set = SceneTrain(args.scenes, args.scene_size, args.crop, args.seed)
-        val_set = SceneEval(args.val_scenes, args.scene_size, args.seed)
-        reduce = False
-    else:
-        classes, head_classes, reduce = src.classes, src.head_classes, src.reduce_zero_label
-        train_set = SegTrain(src.train, len(classes), reduce, args.crop, args.seed)
-        val_set = SegEval(src.val, len(classes), reduce)
-    if head_classes < len(classes):
-        raise ValueError(f"argument '--num-classes' expected at least the dataset's {len(classes)} classes, got {head_classes}")
-
-    torch.manual_seed(args.seed)
-    backbone = build_backbone(args.model, args.config, float(args.drop_path or 0.0), args.backend)
-    note = "from scratch (no --weights)"
-    if args.weights:
-        report = load_backbone_weights(backbone, args.weights, strict=not args.allow_partial_weights)
-        note = report.describe()
-    model: nn.Module = Segmentor(backbone, head_classes, int(args.head_channels or 512)).to(device)
-    groups = dense_param_groups(model, backbone, float(args.lr), float(args.weight_decay), float(args.layer_decay))
-    opt = torch.optim.AdamW(groups, lr=float(args.lr), betas=(0.9, 0.999))
-    scaler = grad_scaler(precision, device)
-
-    run_args = dict(
-        config=args.config, model=args.model, recipe=args.recipe, data=args.data, dataset=kind, weights=args.weights,
-        iters=args.iters, batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay, warmup=args.warmup, crop=args.crop, drop_path=args.drop_path,
-        head_channels=args.head_channels, seed=args.seed, world=env.world,
-    )  # fmt: skip
-    state = load_resume_state(args.resume, args.out, None)
-    run = dict(id=run_identity(state), **run_args)
-    start = 0
-    history: List[Dict[str, Any]] = []
-    last_eval: Optional[Dict[str, Any]] = None
-    if state is not None:
-        warn_changed_run_arguments(state, run_args, warn=env.main)
-        check_checkpoint_fits(state, model.state_dict(), f"--model {args.model}, --config {args.config}, {head_classes} classes")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]
-        set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-        start = int(state["step"])
-        last_eval = state.get("last_eval")
-        if env.main:
-            print(f"resumed from {state['path']} at step {start}")
-    if env.enabled:
-        if device.type == "cuda":
+    def _model(self) -> None:
+        args, device = self.args, self.env.device
+        backbone = build_backbone(args.model, args.config, float(args.drop_path or 0.0), args.backend)
+        self.note = "from scratch (no --weights)"
+        if args.weights:
+            self.note = load_backbone_weights(backbone, args.weights, strict=not args.allow_partial_weights).describe()
+        model: nn.Module = Segmentor(backbone, self.head_classes, int(args.head_channels or 512))
+        if self.env.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif env.main:
+        elif self.env.enabled and self.env.main:
             warnings.warn("DDP on CPUs: BatchNorm statistics are per process (SyncBatchNorm needs GPUs)")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if env.main:
-        print(
-            f"geomoe segment: {args.model} config {args.config}, recipe {args.recipe}, data {args.data or 'embedded scenes'} "
-            f"({kind}, {len(classes)} classes, head {head_classes}; {len(train_set)} train / {len(val_set)} val images), "
-            f"{device} x {env.world}, batch {args.batch_size} per process, crop {args.crop}, lr {args.lr:g}, "
-            f"{args.iters} iterations, {precision}; {note}"
+        self.model = model.to(device)
+        self.placement.shard(self.model)
+        self.wrapped = self.placement.wrap(self.model, [])
+        groups = dense_param_groups(self.model, backbone, float(args.lr), float(args.weight_decay), float(args.layer_decay))
+        self.optimizer = torch.optim.AdamW(groups, lr=float(args.lr), betas=(0.9, 0.999))
+        self.scaler = grad_scaler(self.precision, device)
+
+    def _resume(self, state: Optional[Dict[str, Any]]) -> None:
+        args = self.args
+        self.run_id = run_identity(state)
+        if state is None:
+            return
+        warn_changed_run_arguments(state, self.run_args, warn=self.env.main)
+        check_checkpoint_fits(
+            state, self.model.state_dict(), f"--model {args.model}, --config {args.config}, {self.head_classes} classes"
         )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_sampler=ResumableBatchSampler(len(train_set), args.batch_size, args.seed, start, args.iters, env.rank, env.world),
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        timeout=args.timeout if workers else 0,
-    )
-    metrics_file = os.path.join(args.out, "metrics.jsonl")
-    bar = tqdm(total=args.iters, initial=start, disable=not (args.progress and env.main), dynamic_ncols=True, leave=False)
-    step, t0, seen, loss_sum, aux_sum, n_sum, bad_in_row = start, time.perf_counter(), 0, 0.0, 0.0, 0, 0
-    model.train()
-    final = None
+        self.placement.load_weights(state["model"])
+        self.last_eval = state.get("last_eval")
+        self.checkpointer.restore(state)
 
-    def save() -> str:
-        rngs = distributed.all_gather_objects(env, rng_state()) if env.enabled else [rng_state()]
-        path = ""
-        if env.main:
-            train_state = dict(
-                optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, rng=rngs, config=config_of(args),
-                world=env.world, run=run, last_eval=last_eval,
-            )  # fmt: skip
-            path = checkpoint.save(args.out, step, _eval_model(model).state_dict(), train_state)
-            checkpoint.prune(args.out, args.keep_last, run["id"])
-        if env.enabled:
-            distributed.barrier(env)
-        return path
+    def banner(self) -> str:
+        args = self.args
+        return (
+            f"geomoe segment: {args.model} config {args.config}, recipe {args.recipe}, data {args.data or 'embedded scenes'} "
+            f"({self.data_kind}, {len(self.classes)} classes, head {self.head_classes}; {len(self.train_set)} train / "
+            f"{len(self.val_set)} val images), {self.env.device} x {self.env.world}, batch {args.batch_size} per process, "
+            f"crop {args.crop}, lr {args.lr:g}, {args.iters} iterations, {self.precision}; {self.note}"
+        )
 
-    batches = start_batches(loader)
-    while step < args.iters:
-        try:
-            imgs, labels = next(batches)
-        except StopIteration:
-            break
-        except SegDataError:
-            raise
-        except Exception as exc:
-            err = _unwrap_worker_error(exc)
-            if err is exc:
-                raise
-            raise err from None
+    def loader(self, start: int, end: int):
+        args, env = self.args, self.env
+        loader = make_loader(
+            self.train_set, args.batch_size, args.seed, start, end, self.workers, env.device, env.rank, env.world,
+            collate_fn=_collate, timeout=args.timeout,
+        )  # fmt: skip
+        return _Batches(loader)
+
+    def train_step(self, batch: Tuple[Any, ...], lr: float, step: int) -> Optional[str]:
+        device, (imgs, labels, _) = self.env.device, batch
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        lr = seg_lr(step, args.iters, int(args.warmup or 0), float(args.lr))
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        with autocast(precision, device):
-            logits, aux = model(imgs)
+        set_lr(self.optimizer, lr)
+        with autocast(self.precision, device), non_finite_passes():
+            logits, aux = self.wrapped(imgs)
             loss = seg_loss(logits, labels)
             total = loss + aux.float()
-        finite = torch.isfinite(total.detach()).float()
-        if env.enabled:
-            distributed.all_reduce(env, finite, op=torch.distributed.ReduceOp.MIN)
-        opt.zero_grad(set_to_none=True)
-        if bool(finite):
-            scaler.scale(total).backward()
-            scaler.step(opt)
-            scaler.update()
-            bad_in_row = 0
-            loss_sum, aux_sum, n_sum = loss_sum + float(loss.detach()), aux_sum + float(aux.detach()), n_sum + 1
-            seen += imgs.shape[0] * env.world
-        else:
-            bad_in_row += 1
-            warnings.warn(f"step {step + 1}: non-finite loss, step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= args.max_bad_steps:
-                raise distributed.RunFailure(
-                    f"stopping at step {step + 1}: {bad_in_row} steps in a row had a non-finite loss "
-                    f"(--max-bad-steps {args.max_bad_steps}); the last checkpoint in {args.out} is intact"
-                )
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 and env.main and n_sum:
-            now = time.perf_counter()
-            rec = dict(step=step, loss=loss_sum / n_sum, aux=aux_sum / n_sum, lr=lr, images_per_s=seen / (now - t0))
-            append_jsonl(metrics_file, rec)
-            history.append(rec)
-            t0, seen, loss_sum, aux_sum, n_sum = now, 0, 0.0, 0.0, 0
-        if step % args.eval_every == 0 or step == args.iters:
+        self.optimizer.zero_grad(set_to_none=True)
+        (bad,) = self.trainer.agree(not bool(torch.isfinite(total.detach())))
+        if bad:
+            return "non-finite loss"
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        w = self.window
+        w.loss_sum, w.aux_sum, w.good_steps = w.loss_sum + float(loss.detach()), w.aux_sum + float(aux.detach()), w.good_steps + 1
+        w.seen += imgs.shape[0] * self.env.world
+        return None
+
+    def _eval_due(self, step: int) -> bool:
+        return step % int(self.args.eval_every) == 0 or step == self.steps
+
+    def log_due(self, step: int, end: int) -> bool:
+        return step % self.args.log_every == 0 or self._eval_due(step)
+
+    def record(self, step: int, lr: float) -> Optional[Dict[str, Any]]:
+        w = self.window
+        rec: Dict[str, Any] = dict(
+            step=step,
+            loss=w.loss_sum / w.good_steps if w.good_steps else float("nan"),
+            aux=w.aux_sum / w.good_steps if w.good_steps else float("nan"),
+            lr=lr,
+            images_per_s=w.seen / max(time.perf_counter() - w.t0, 1e-9),
+            bad_steps=w.bad_steps,
+        )
+        w.reset()
+        if self._eval_due(step):
+            args = self.args
             m = evaluate(
-                model, val_set, len(classes), head_classes, args.crop, int(args.slide_stride or args.crop), device,
-                precision, env, classes, args.max_val,
+                self.model, self.val_set, len(self.classes), self.head_classes, int(args.crop), int(args.slide_stride or args.crop),
+                self.env.device, self.precision, self.env, self.classes, args.max_val,
             )  # fmt: skip
-            last_eval = dict(step=step, **m)
-            if env.main:
-                append_jsonl(metrics_file, dict(step=step, eval=m))
-                tqdm.write(f"Iter(val) [{step}/{args.iters}] {metrics_line(m)}")
-        if step % args.save_every == 0 or step == args.iters or stop.requested:
-            final = save()
-        if stop.requested:
-            if env.main:
-                print(f"{stop.received}: stopped at step {step}; checkpoint {final}")
-            break
-    bar.close()
-    if args.submission and src is not None and step == args.iters:
-        if not src.test:
-            raise ValueError(f"argument '--submission' expected Test images under {args.data} (LoveDA), found none")
-        if env.main:
+            self.last_eval = dict(step=step, **m)
+            rec["eval"] = m
+            w.start_clock()  # the evaluation's time is not the training's
+        return rec
+
+    def log_line(self, record: Dict[str, Any]) -> str:
+        line = (
+            f"iter {record['step']:>6}/{self.steps} | loss {record['loss']:.4f} | aux {record['aux']:.2e} | lr {record['lr']:.2e}"
+        )
+        line += f" | {record['images_per_s']:.1f} img/s" + (
+            f" | skipped {record['bad_steps']} steps" if record["bad_steps"] else ""
+        )
+        if "eval" in record:
+            line += f"\nIter(val) [{record['step']}/{self.steps}] {metrics_line(record['eval'])}"
+        return line
+
+    def checkpoint_state(self, step: int) -> Dict[str, Any]:
+        return dict(last_eval=self.last_eval)
+
+    def result(self, history: List[Dict[str, Any]], checkpoint: Optional[str], step: int) -> Dict[str, Any]:
+        args, src = self.args, self.src
+        if args.submission and src is not None and step == self.steps and self.env.main:
+            if not src.test:
+                raise ValueError(f"argument '--submission' expected Test images under {args.data} (LoveDA), found none")
             n = write_submission(
-                model, SegEval(src.test, len(classes), reduce), args.submission, head_classes, args.crop,
-                int(args.slide_stride or args.crop), device, precision,
+                self.model, SegEval(src.test, len(self.classes), self.reduce), args.submission, self.head_classes,
+                int(args.crop), int(args.slide_stride or args.crop), self.env.device, self.precision,
             )  # fmt: skip
             print(f"wrote {n} LoveDA submission PNGs to {args.submission}")
-    if env.main and last_eval is not None and step == args.iters:
-        print(f"result: {metrics_line(last_eval)} at iteration {step}")
-    return {"metrics": last_eval, "history": history, "model": _eval_model(model), "step": step}
+        if self.env.main and self.last_eval is not None and step == self.steps:
+            print(f"result: {metrics_line(self.last_eval)} at iteration {step}")
+        return {"metrics": self.last_eval, "history": history, "checkpoint": checkpoint, "model": self.model, "step": step}
+
+
+def segment(args: SegmentArgs) -> Dict[str, Any]:
+    """Run (or resume) a segmentation. Returns {"metrics": the last evaluation, "history", "model", "step"}."""
+    args.validate()
+    src = discover(args.data, args.dataset, args.num_classes) if args.data else None
+    kind = src.kind if src is not None else "scenes"
+    args = args.resolved(kind)
+    return launch(SegmentTask(args, src, kind), args.device, args.timeout)
