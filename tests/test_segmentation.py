@@ -469,8 +469,35 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 
 def test_batch_of_one_on_one_process_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"argument '--batch-size' expected at least 2 images per iteration"):
+    with pytest.raises(ValueError, match=r"argument '--batch-size' expected at least 2 images per BatchNorm"):
         segment(SegmentArgs(out=str(tmp_path / "r"), **dict(TINY_RUN, batch_size=1, iters=1)))
+
+
+def test_two_processes_sum_the_confusion_matrix(tmp_path):
+    """torchrun, 2 processes (gloo): the evaluation, each process on every other image, equals one
+    process's evaluation of the saved weights on all of them."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from geomoe.dense.segdata import SCENE_CLASSES, SceneEval
+    from geomoe.dense.uperhead import Segmentor
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "geomoe", "segment"]
+    cmd += ["--out", str(out), "--iters", "2", "--batch-size", "2", "--scene-size", "32", "--crop", "32"]
+    cmd += ["--head-channels", "16", "--val-scenes", "3", "--scenes", "8", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cpu x 2" in proc.stdout
+    got = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]["eval"]
+    model = Segmentor(build_backbone("geomoe", "tiny", 0.0), 5, 16)
+    model.load_state_dict(load_file(str(out / "ckpt_00000002" / "model.safetensors")))
+    want = segmod.evaluate(model, SceneEval(3, 32, 0), 5, 5, 32, 32, torch.device("cpu"), "fp32", class_names=SCENE_CLASSES)
+    assert got == json.loads(json.dumps(want))
 
 
 # ---- the README's published table -----------------------------------------------------------------

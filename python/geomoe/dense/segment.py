@@ -367,11 +367,12 @@ class SegmentTask(Task):
         assert args.iters and args.batch_size and args.crop and args.eval_every
         self.precision = resolve_precision(args.precision, None, device)
         self.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-        if args.batch_size * env.world < 2:
+        synced = env.world if env.enabled and device.type == "cuda" else 1  # SyncBatchNorm: statistics over processes
+        if args.batch_size * synced < 2:
             raise ValueError(
-                f"argument '--batch-size' expected at least 2 images per iteration over all processes (BatchNorm of the "
-                f"pyramid pooling's 1x1 cell needs two), got {args.batch_size} x {env.world} process(es): run with "
-                "--batch-size 2 or under torchrun (the published runs: 1 per GPU on 8 GPUs)"
+                f"argument '--batch-size' expected at least 2 images per BatchNorm (the pyramid pooling's 1x1 cell needs "
+                f"two), got {args.batch_size} per process x {synced} synchronised process(es): run with --batch-size 2, "
+                "or 1 per GPU under torchrun on 2 or more GPUs (the published runs: 8)"
             )
         self.placement = Placement(env)
         self.checkpointer = Checkpointer(env, self)
@@ -500,6 +501,9 @@ class SegmentTask(Task):
         w.reset()
         if self._eval_due(step):
             args = self.args
+            if self.env.enabled:  # every process evaluates rank 0's model (its BatchNorm statistics): the one saved
+                for buf in self.model.buffers():
+                    torch.distributed.broadcast(buf, 0)
             m = evaluate(
                 self.model, self.val_set, len(self.classes), self.head_classes, int(args.crop), int(args.slide_stride or args.crop),
                 self.env.device, self.precision, self.env, self.classes, args.max_val,
