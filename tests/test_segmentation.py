@@ -168,6 +168,17 @@ def test_weights_load_by_name_and_every_missing_key_is_named(tmp_path):
     assert all(k in str(err.value) for k in gone) and "unexpected: extra.weight" in str(err.value)
     rep = load_backbone_weights(DenseGeoMoE(**GEO), str(path), strict=False)
     assert rep.missing == gone and rep.unexpected == ["extra.weight"]
+    # our own segment checkpoint (backbone under 'backbone.', a decode head beside it) loads its backbone
+    from safetensors.torch import save_file
+
+    from geomoe.dense.uperhead import Segmentor
+
+    seg = Segmentor(DenseGeoMoE(**GEO), 5, 8)
+    save_file({k: v.contiguous() for k, v in seg.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    bb = DenseGeoMoE(**GEO)
+    rep = load_backbone_weights(bb, str(tmp_path))  # the checkpoint directory
+    assert rep.layout == "geomoe layout" and rep.missing == [] and rep.unexpected == []
+    assert torch.equal(bb.blocks3[0].mlp.w1, seg.backbone.blocks3[0].mlp.w1)
     # the MoE-ViT's pyramid convs are new to the dense task: expected, not missing
     vit_src = DenseMoEViT(**VIT, out_indices=(0, 1, 2, 2))
     torch.save({k: v for k, v in vit_src.state_dict().items() if not k.startswith("fpn")}, path)
@@ -326,6 +337,24 @@ def test_loveda_layout_reduces_zero_label_and_finds_urban_and_rural(tmp_path):
     _, label, _ = SegEval(src.val, 7, True)[0]
     raw = np.arange(32 * 32).reshape(32, 32) % 8
     assert torch.equal(label, torch.from_numpy(np.where(raw == 0, 255, raw - 1)))
+
+
+def test_loveda_run_writes_submission_pngs(tmp_path):
+    root = tmp_path / "LoveDA"
+    rng = np.random.default_rng(0)
+    for split, n in (("Train", 2), ("Val", 1), ("Test", 2)):
+        for i in range(n):
+            img, mask = scene_with_mask(32, rng)
+            _png(str(root / split / "Rural" / "images_png" / f"{split}{i}.png"), img)
+            if split != "Test":
+                _png(str(root / split / "Rural" / "masks_png" / f"{split}{i}.png"), mask + 1)
+    sub = tmp_path / "submission"
+    res = segment(SegmentArgs(data=str(root), out=str(tmp_path / "run"), iters=2, submission=str(sub), **TINY_RUN))
+    assert res["metrics"]["step"] == 2
+    names = sorted(os.listdir(sub))
+    assert names == ["Test0.png", "Test1.png"]
+    pred = np.asarray(Image.open(sub / names[0]))
+    assert pred.shape == (32, 32) and pred.min() >= 1 and pred.max() <= 7  # the dataset's own labels 1..7
 
 
 def test_spacenet_unsplit_layout_takes_the_first_5000_for_training(tmp_path, monkeypatch):
