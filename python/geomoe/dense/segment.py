@@ -111,6 +111,17 @@ BY_DATASET = {  # (crop, slide stride, drop path) of the published configs
 }
 
 
+def _recipe_help(key: str, by_dataset: str = "") -> str:
+    """A flag left unset takes the --recipe's value: both recipes' values, for its help."""
+    shown = []
+    for name, r in (("short", SHORT), ("published", PUBLISHED)):
+        v = r[key]
+        shown.append(
+            f"{name} {by_dataset if v is None and name == 'published' else ('64 for the tiny config, 512 otherwise' if v is None else v)}"
+        )
+    return f"(default: the --recipe's: {', '.join(shown)})"
+
+
 def _crop_check(name: str, value: Any, optional: bool) -> None:
     if value is None and optional:
         return
@@ -142,19 +153,29 @@ class SegmentArgs:
         None, "pretrained backbone: released weights (original layout) or a geomoe checkpoint (default: from scratch)"
     )
     allow_partial_weights: bool = opt(False, "load what --weights has of the backbone, name what it lacks")
-    iters: Optional[int] = opt(None, "training iterations (PUBLISHED 20000, short 240)", check=ints(1))
-    batch_size: Optional[int] = opt(None, "images per process per iteration (published 1, short 8)", check=ints(1))
-    lr: Optional[float] = opt(None, "peak learning rate (published 6e-5, short 2e-3)", check=floats(0, low_open=True))
-    layer_decay: Optional[float] = opt(None, "layer-wise lr decay (0.85)", check=floats(0, 1, low_open=True))
-    weight_decay: Optional[float] = opt(None, "AdamW weight decay (0.05)", check=floats(0))
-    warmup: Optional[int] = opt(None, "linear warm-up iterations from 1e-6 of the lr (published 400)", check=ints(0))
-    crop: Optional[int] = opt(None, "training crop and slide window (published: 512 LoveDA, 384 SpaceNet)", check=_crop_check)
-    slide_stride: Optional[int] = opt(None, "slide inference stride (published: 384 LoveDA, 256 SpaceNet)", check=ints(1))
-    drop_path: Optional[float] = opt(
-        None, "stochastic depth of the last block (published: 0.2 LoveDA, 0.1 SpaceNet)", check=floats(0, 1, high_open=True)
+    iters: Optional[int] = opt(None, f"training iterations {_recipe_help('iters')}", check=ints(1))
+    batch_size: Optional[int] = opt(None, f"images per process per iteration {_recipe_help('batch_size')}", check=ints(1))
+    lr: Optional[float] = opt(None, f"peak learning rate {_recipe_help('lr')}", check=floats(0, low_open=True))
+    layer_decay: Optional[float] = opt(
+        None, f"layer-wise lr decay {_recipe_help('layer_decay')}", check=floats(0, 1, low_open=True)
     )
-    head_channels: Optional[int] = opt(None, "UPerHead channels (published 512)", check=ints(1))
-    eval_every: Optional[int] = opt(None, "evaluate every N iterations and at the end (published 2000)", check=ints(1))
+    weight_decay: Optional[float] = opt(None, f"AdamW weight decay {_recipe_help('weight_decay')}", check=floats(0))
+    warmup: Optional[int] = opt(None, f"linear warm-up iterations from 1e-6 of the lr {_recipe_help('warmup')}", check=ints(0))
+    crop: Optional[int] = opt(
+        None, f"training crop and slide window {_recipe_help('crop', '512 LoveDA, 384 SpaceNet')}", check=_crop_check
+    )
+    slide_stride: Optional[int] = opt(
+        None, f"slide inference stride {_recipe_help('slide_stride', '384 LoveDA, 256 SpaceNet')}", check=ints(1)
+    )
+    drop_path: Optional[float] = opt(
+        None,
+        f"stochastic depth of the last block {_recipe_help('drop_path', '0.2 LoveDA, 0.1 SpaceNet')}",
+        check=floats(0, 1, high_open=True),
+    )
+    head_channels: Optional[int] = opt(None, f"UPerHead channels {_recipe_help('head_channels')}", check=ints(1))
+    eval_every: Optional[int] = opt(
+        None, f"evaluate every N iterations and at the end {_recipe_help('eval_every')}", check=ints(1)
+    )
     save_every: Optional[int] = opt(None, "checkpoint every N iterations (default: --eval-every)", check=ints(1))
     log_every: int = opt(10, "a training record in metrics.jsonl every N iterations", check=ints(1))
     scenes: int = opt(256, "embedded scenes for training (without --data)", check=ints(2))
@@ -162,7 +183,8 @@ class SegmentArgs:
     scene_size: int = opt(64, "embedded scene side in pixels", check=ints(32))
     max_val: Optional[int] = opt(None, "evaluate on the first N validation images only (default: all)", check=ints(1))
     submission: Optional[str] = opt(
-        None, "after training, write LoveDA Test predictions as PNGs (labels 1-7, the dataset's own) into this folder"
+        None,
+        "after training, write LoveDA Test predictions as PNGs (labels 1-7, the dataset's own) into this folder (default: none)",
     )
     out: str = opt("runs/segment", "run directory: checkpoints and metrics.jsonl")
     resume: Optional[str] = resume_opt()
