@@ -17,6 +17,7 @@ from PIL import Image
 
 from geomoe import checkpoint
 from geomoe import train as train_module
+from geomoe.trainer import loop as trainer_loop
 from geomoe.cli import build_parser, main
 from geomoe.dense.segment import SegmentArgs
 from geomoe.finetune import RECIPES, FinetuneArgs, finetune
@@ -296,7 +297,7 @@ def test_checkpoints_come_every_save_minutes_by_default(tmp_path, monkeypatch, c
         perf_counter = staticmethod(__import__("time").perf_counter)
         monotonic = staticmethod(lambda: float(next(clock)))
 
-    monkeypatch.setattr(train_module, "time", Clock)
+    monkeypatch.setattr(trainer_loop, "time", Clock)  # the loop's clock decides when a save is due
     out = tmp_path / "run"
     pretrain(PretrainArgs(out=str(out), steps=7, keep_last=0, **FAST))
     assert "checkpoints every 30 min and at the end" in capsys.readouterr().out
