@@ -505,6 +505,13 @@ def test_resume_is_bit_for_bit(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
+def test_slide_stride_over_the_crop_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--crop", "64", "--slide-stride", "80"])
+    assert e.value.code == 2
+    assert "argument '--slide-stride' expected at most --crop 64, got 80" in capsys.readouterr().err
+
+
 def test_batch_of_one_on_one_process_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"argument '--batch-size' expected at least 2 images per BatchNorm"):
         segment(SegmentArgs(out=str(tmp_path / "r"), **dict(TINY_RUN, batch_size=1, iters=1)))

@@ -82,7 +82,7 @@ PUBLISHED: Dict[str, Any] = dict(
     weight_decay=0.05,
     warmup=400,
     crop=None,  # by dataset: 512 LoveDA, 384 SpaceNet / folder
-    slide_stride=None,  # by dataset: 384 LoveDA, 256 SpaceNet / folder
+    slide_stride=None,  # by dataset at its crop: 384 LoveDA, 256 SpaceNet / folder; else 3/4 of the crop
     drop_path=None,  # by dataset: 0.2 LoveDA, 0.1 otherwise
     head_channels=512,
     eval_every=2000,
@@ -96,7 +96,7 @@ SHORT: Dict[str, Any] = dict(
     weight_decay=0.05,
     warmup=20,
     crop=64,
-    slide_stride=48,
+    slide_stride=None,  # 3/4 of the crop
     drop_path=0.0,
     head_channels=None,  # 64 for the tiny config, 512 otherwise
     eval_every=120,
@@ -165,8 +165,11 @@ class SegmentArgs:
         None, f"training crop and slide window {_recipe_help('crop', '512 LoveDA, 384 SpaceNet')}", check=_crop_check
     )
     slide_stride: Optional[int] = opt(
-        None, f"slide inference stride {_recipe_help('slide_stride', '384 LoveDA, 256 SpaceNet')}", check=ints(1)
+        None,
+        "slide inference stride (default: 3/4 of --crop; the published recipe at its crop: 384 LoveDA, 256 SpaceNet)",
+        check=ints(1),
     )
+
     drop_path: Optional[float] = opt(
         None,
         f"stochastic depth of the last block {_recipe_help('drop_path', '0.2 LoveDA, 0.1 SpaceNet')}",
@@ -209,16 +212,20 @@ class SegmentArgs:
         values = {k: v for k, v in RECIPES[self.recipe].items() if getattr(self, k) is None}
         crop, stride, dp = BY_DATASET[kind]
         if self.recipe == "published":
-            for k, v in (("crop", crop), ("slide_stride", stride), ("drop_path", dp)):
+            for k, v in (("crop", crop), ("drop_path", dp)):
                 if getattr(self, k) is None:
                     values[k] = v
+            if self.slide_stride is None and values.get("crop", self.crop) == crop:
+                values["slide_stride"] = stride
         if values.get("head_channels", 1) is None:
             values["head_channels"] = 64 if self.config == "tiny" else 512
         out = replace(self, **values)
         if out.slide_stride is None:
-            out = replace(out, slide_stride=out.crop)
+            out = replace(out, slide_stride=max(1, out.crop * 3 // 4))
         if out.save_every is None:
             out = replace(out, save_every=out.eval_every)
+        if out.slide_stride > out.crop:  # windows would leave pixels unseen
+            raise ValueError(f"argument '--slide-stride' expected at most --crop {out.crop}, got {out.slide_stride}")
         return out
 
 
