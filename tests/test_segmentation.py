@@ -393,7 +393,8 @@ def test_bad_masks_are_errors_naming_the_file(tmp_path):
         discover(str(tmp_path / "b"))
 
 
-def test_bad_data_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_bad_data_through_the_cli_is_one_line_exit_2(tmp_path, capsys, workers):
     bad = np.zeros((32, 32))
     bad[3, 3] = 9
     _png(str(tmp_path / "train" / "images" / "b.png"), np.zeros((32, 32, 3)))
@@ -401,7 +402,7 @@ def test_bad_data_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
     _folder(tmp_path, bad)
     args = ["segment", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--iters", "1", "--batch-size", "2"]
     with pytest.raises(SystemExit) as e:
-        main(args + ["--crop", "32", "--head-channels", "8", "--no-progress"])
+        main(args + ["--crop", "32", "--head-channels", "8", "--no-progress", "--workers", workers])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds labels [9] outside 0..2 and 255" in err[0] and "masks/a.png" in err[0]

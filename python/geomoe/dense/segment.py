@@ -344,8 +344,9 @@ class _Window(Window):
 def _unwrap_worker_error(exc: BaseException) -> BaseException:
     """A SegDataError raised in a loader worker comes back with the worker's traceback in its
     message: the original one line again."""
-    m = re.findall(r"SegDataError: (.*)", str(exc))
-    return SegDataError(m[-1]) if m else exc
+    text = str(exc)
+    m = re.findall(r"SegDataError: (.*)", text)
+    return SegDataError(m[-1]) if m and "Traceback" in text else exc
 
 
 class _Batches:
@@ -365,9 +366,11 @@ class _Batches:
                 imgs, labels = next(it)
             except StopIteration:
                 return
-            except SegDataError:
-                raise
             except Exception as exc:
+                # the workers stop now: a persistent worker left waiting would hold the exit (atexit joins it)
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
                 err = _unwrap_worker_error(exc)
                 if err is exc:
                     raise
