@@ -19,6 +19,7 @@ from geomoe import checkpoint
 from geomoe import train as train_module
 from geomoe.trainer import loop as trainer_loop
 from geomoe.cli import build_parser, main
+from geomoe.dense.segment import SegmentArgs
 from geomoe.finetune import RECIPES, FinetuneArgs, finetune
 from geomoe.report import write_report
 from geomoe.train import PretrainArgs, pretrain
@@ -43,7 +44,9 @@ def _help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     return parser._get_formatter()._expand_help(action) if action.help else ""
 
 
-@pytest.mark.parametrize("command, args_class", [("pretrain", PretrainArgs), ("finetune", FinetuneArgs)])
+@pytest.mark.parametrize(
+    "command, args_class", [("pretrain", PretrainArgs), ("finetune", FinetuneArgs), ("segment", SegmentArgs)]
+)
 def test_help_shows_every_default_and_it_is_the_codes(command, args_class):
     _, parsers = build_parser()
     parser = parsers[command]
@@ -69,7 +72,9 @@ def test_help_shows_every_default_and_it_is_the_codes(command, args_class):
                 assert f"{name} {value}" in text or (value is None and f"{name} the config's size" in text), (flag, text)
 
 
-@pytest.mark.parametrize("command, args_class", [("pretrain", PretrainArgs), ("finetune", FinetuneArgs)])
+@pytest.mark.parametrize(
+    "command, args_class", [("pretrain", PretrainArgs), ("finetune", FinetuneArgs), ("segment", SegmentArgs)]
+)
 def test_the_command_line_is_generated_from_the_dataclass(command, args_class):
     """Every field is written once, with its help; the subcommand's options are exactly the fields
     with a flag: same default, help (with its default), choices, and type as the annotation says."""

@@ -1,4 +1,4 @@
-"""geomoe command line: `geomoe pretrain ...` and `geomoe finetune ...` (also `python -m geomoe ...`).
+"""geomoe command line: `geomoe pretrain ...`, `geomoe finetune ...` and `geomoe segment ...` (also `python -m geomoe ...`).
 
 The pretrain and finetune options are generated from their dataclasses (train.PretrainArgs,
 finetune.FinetuneArgs; config_cli.add_fields): a flag is added, or changed, at its field."""
@@ -30,6 +30,17 @@ def _finetune_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _segment_parser(sub) -> argparse.ArgumentParser:
+    from .dense.segment import SegmentArgs
+
+    p = sub.add_parser(
+        "segment",
+        help="semantic segmentation (UPerHead) on either pretrained encoder (the published recipe: docs/segmentation.md)",
+    )
+    add_fields(p, SegmentArgs)
+    return p
+
+
 def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
     """The `geomoe` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(
@@ -38,7 +49,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
         "statistics and run reports",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    parsers = {"pretrain": _pretrain_parser(sub), "finetune": _finetune_parser(sub)}
+    parsers = {"pretrain": _pretrain_parser(sub), "finetune": _finetune_parser(sub), "segment": _segment_parser(sub)}
     st = sub.add_parser("stats", help="per-band mean and std of a raster folder, written to DIR/band_stats.json")
     st.add_argument("data_dir", metavar="DIR", help="raster folder DIR/<subfolder>/...")
     st.add_argument("--out", default=None, help="the JSON file to write (default DIR/band_stats.json)")
@@ -93,6 +104,12 @@ def _run(ns: argparse.Namespace, parsers) -> int:
         args = FinetuneArgs(**fields)
         _validate(parsers["finetune"], args)
         finetune(args)
+    elif ns.command == "segment":
+        from .dense.segment import SegmentArgs, segment
+
+        sargs = SegmentArgs(**fields)
+        _validate(parsers["segment"], sargs)
+        segment(sargs)
     elif ns.command == "stats":
         from .geodata import band_stats
 
