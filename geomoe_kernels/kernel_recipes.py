@@ -181,7 +181,6 @@ class GroupedGemmKernels(Protocol):
         [splits, E, N] of G_e's row sums, every element written; A = act(a) formed as it loads."""
 
 
-
 class WritesGradientsInPlace(Protocol):
     """A backend whose weight-gradient kernel also writes its sums straight into a destination of
     any float dtype and strides, or adds them to what is there (kernel_recipes.weight_grad's `out`)."""

@@ -52,7 +52,9 @@ def test_sass_units_and_occupancy_are_read_as_the_hardware_runs_them():
     assert sass_units("        /*0010*/                   FFMA R1, R2, R3, R4 ;\n") == ("-", False)
     # 255 registers x 4 warps: 8,192 registers a warp-group's CTA, 8 by registers; 98,304 B of shared memory: 2
     assert ctas_per_sm(90, 255, 4, 98304) == 2 and ctas_per_sm(90, 96, 4, 0) == 5 and ctas_per_sm(90, 32, 1, 0) == 32
-    row = dict(name="_gmm_kernel", launch=0, num_warps=4, num_stages=3, autotuned=True, registers=128, local_bytes=0, shared_bytes=1)
+    row = dict(
+        name="_gmm_kernel", launch=0, num_warps=4, num_stages=3, autotuned=True, registers=128, local_bytes=0, shared_bytes=1
+    )
     slow = Compiled(variant="IEEE=False, BM=128; A:*bf16", mma="HMMA", **row)
     fast = Compiled(variant="IEEE=False, BM=128; A:*bf16", mma="HGMMA", **row)
     ieee = Compiled(variant="IEEE=True, BM=64; A:*fp32", mma="-", **row)
