@@ -291,17 +291,18 @@ def weight_grad(
 
 
 def _weight_grad_as(
-    kernels: GroupedGemmKernels, weight: Tensor, has_bias: bool, *args: Any, **kwargs: Any
+    kernels: GroupedGemmKernels, like: Tensor, has_bias: bool, *args: Any, **kwargs: Any
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """weight_grad in the weight's dtype: written so by a backend with wgrad_into (no float32
-    result and cast), else computed in float32 and cast."""
+    """weight_grad in the dtype and (dense) layout of `like` (the weight, or the parameter it came from):
+    written so by a backend with wgrad_into (no float32 result, cast or copy), else computed in
+    float32 and converted (nothing to convert for a float32 parameter)."""
     if hasattr(kernels, "wgrad_into"):
-        E, _, N = weight.shape
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        db = weight.new_empty(E, N) if has_bias else None
+        device = args[0].device  # `like` may be a meta tensor: its shape, strides and dtype only
+        dw = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=device)
+        db = torch.empty(like.shape[0], like.shape[2], dtype=like.dtype, device=device) if has_bias else None
         return weight_grad(kernels, *args, out=(dw, db), **kwargs)
     dw, db = weight_grad(kernels, *args, **kwargs)
-    return dw.to(weight.dtype), (db.to(weight.dtype) if has_bias else None)
+    return dw.to(like.dtype), (db.to(like.dtype) if has_bias else None)
 
 
 def grouped_mm(
@@ -364,14 +365,19 @@ def expert_mlp_backward(
     activation: str,
     gather: Optional[Tensor] = None,
     top_k: int = 1,
+    grads_like: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
-    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
+    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1.
+    The weight gradients come in w1's and w2's dtype, or in that and the layout of grads_like (the
+    float32 parameters w1 and w2 were cast from: their gradients written straight in the
+    parameters' dtype, never rounded to the compute dtype, cast or copied)."""
+    like1, like2 = grads_like if grads_like is not None else (w1, w2)
     schedule = schedule_for(kernels, offsets, grad_out.shape[0], grad_out.dtype)
     d_pre = dgrad(kernels, grad_out, w2, offsets, schedule, activation, pre)
-    dw2, db2 = _weight_grad_as(kernels, w2, True, pre, grad_out, offsets, a_activation=activation)
+    dw2, db2 = _weight_grad_as(kernels, like2, True, pre, grad_out, offsets, a_activation=activation)
     d_rows = dgrad(kernels, d_pre, w1, offsets, schedule)
-    dw1, db1 = _weight_grad_as(kernels, w1, True, x, d_pre, offsets, gather, top_k)
+    dw1, db1 = _weight_grad_as(kernels, like1, True, x, d_pre, offsets, gather, top_k)
     return d_rows, dw1, db1, dw2, db2  # type: ignore[return-value]
 
 

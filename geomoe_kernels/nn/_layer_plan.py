@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import _checks
 from .. import backend as _backend
+from .. import kernel_recipes as _recipe
 from ..ops._declare import Op
 from ..ops.expert_mlp import expert_mlp_backward, expert_mlp_op
 from ..ops.gating import topk_gating, topk_gating_backward
@@ -98,7 +99,9 @@ def run(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared`, for
     options (E, k, score_func, renormalize, activation, routed scaling, backend, S); every tensor
-    contiguous, the weights [E, in, out] in the compute dtype. S > 0: the weights hold the S shared
+    but the weights contiguous; the weights [E, in, out] in the compute dtype (the tokens') or in the
+    parameters' dtype and layout (cast here: their gradients then come back in that dtype and
+    layout, written so by the kernel backends, with no cast or copy). S > 0: the weights hold the S shared
     experts after the E routed ones ([E + S, in, out]), every token routed to each at weight 1, and
     `shared` is None. Differentiable in logits, tokens, the expert weights and biases, shared (and
     prob_mean carries the aux loss's gradient)."""
@@ -119,6 +122,13 @@ def run(
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
+
+
+def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in `dtype`, contiguous: one cast-copy where either differs, none where neither does."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype, memory_format=torch.contiguous_format)
 
 
 class MoELayerFunction(torch.autograd.Function):
@@ -162,6 +172,10 @@ class MoELayerFunction(torch.autograd.Function):
                 routing = p.impl("route", route, named)
             row_to_flat, flat_to_row, offsets = routing(ids, E)
 
+            # the weights in the compute dtype (the tokens'): cast here, so that their gradients come
+            # back in the parameters' dtype, written so by the kernels (docs/host_path.md, step 4)
+            params = (w1, w2)
+            w1, b1, w2, b2 = (_compute(t, tokens.dtype) for t in (w1, b1, w2, b2))
             experts = impls.get("experts")
             if experts is None or checking:
                 named = dict(
@@ -189,6 +203,8 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(load)
         ctx.plan = p
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
+        # the parameters' dtype and layout, for their gradients (meta: no memory, nothing kept alive)
+        ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
         keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
             logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
@@ -230,7 +246,14 @@ class MoELayerFunction(torch.autograd.Function):
                             gather=row_to_flat, top_k=k,
                         ),
                     )  # fmt: skip
-                    d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
+                    if getattr(mlp_backward, "func", None) is _recipe.expert_mlp_backward:  # the kernels write them so
+                        d_x, dw1, db1, dw2, db2 = mlp_backward(
+                            d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k, grads_like=ctx.grads_like
+                        )
+                    else:  # the reference: in the compute dtype, converted to the parameters'
+                        d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
+                        like1, like2 = ctx.grads_like
+                        dw1, db1, dw2, db2 = dw1.to(like1.dtype), db1.to(like1.dtype), dw2.to(like2.dtype), db2.to(like2.dtype)
                     if need_tokens:  # the row gradients summed into their tokens (the combine, unweighted)
                         combine_rows = impls.get("combine_rows") or p.impl(
                             "combine_rows",

@@ -306,10 +306,14 @@ class MoEMLP(nn.Module):
             and not (self.activation == "swiglu" and self.swiglu_layout == "interleaved")
         )
 
-    def _stacked(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    def _stacked(self, dtype: Optional[torch.dtype]) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         """(w1, b1, w2, b2) of the routed experts followed by the shared ones ([E + S, ...], in
-        `dtype`): one concatenation and one cast each, the cast's backward one for both."""
-        stack = [torch.cat([r, s]).to(dtype) if r is not None else None for r, s in self._pairs()]
+        `dtype`, None: the parameters'): one concatenation and one cast each, the cast's backward one
+        for both."""
+        stack = [
+            (torch.cat([r, s]) if dtype is None else torch.cat([r, s]).to(dtype)) if r is not None else None
+            for r, s in self._pairs()
+        ]
         return stack[0], stack[1], stack[2], stack[3]  # type: ignore[return-value]
 
     def _pairs(self):
@@ -349,13 +353,13 @@ class MoEMLP(nn.Module):
         # experts', so the token gradient adds its parts in the same order (the same bits)
         routed_tokens = tokens.view_as(tokens)
         S = self.num_shared_experts if self._shared_in_experts() else 0
+        # the weights in the parameters' dtype: the layer function casts them, and the kernels write
+        # their gradients in that dtype, no cast back (docs/host_path.md, step 4)
         if S:
-            w1, b1, w2, b2 = self._stacked(dtype)
+            w1, b1, w2, b2 = self._stacked(None)
             shared = None
         else:
-            w1, w2 = self._kn(self.w1).to(dtype).contiguous(), self._kn(self.w2).to(dtype).contiguous()
-            b1 = self.b1.to(dtype).contiguous() if self.b1 is not None else None
-            b2 = self.b2.to(dtype).contiguous() if self.b2 is not None else None
+            w1, w2, b1, b2 = self._kn(self.w1), self._kn(self.w2), self.b1, self.b2
             shared = self._shared(tokens, dtype)
             shared = shared.contiguous() if shared is not None else None
         options = (
