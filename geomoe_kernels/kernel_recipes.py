@@ -277,11 +277,18 @@ def weight_grad(
                 a, grad, offsets, gather, top_k, a_activation, dw_out[None], None if db_out is None else db_out[None], accumulate
             )
             return dw_out, db_out
-        dw, db = weight_grad(kernels, a, grad, offsets, gather, top_k, a_activation, splits)
+        dw, db = _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
         for dest, value in ((dw_out, dw), (db_out, db)):
             if dest is not None:
                 dest.add_(value) if accumulate else dest.copy_(value)
         return dw_out, db_out
+    return _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
+
+
+def _summed_partials(
+    kernels: GroupedGemmKernels, a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor], top_k: int,
+    a_activation: str, splits: int, E: int, K: int, N: int,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
     partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
     kernels.wgrad(a, grad, offsets, gather, top_k, a_activation, partial, partial_db)
@@ -300,9 +307,9 @@ def _weight_grad_as(
         device = args[0].device  # `like` may be a meta tensor: its shape, strides and dtype only
         dw = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=device)
         db = torch.empty(like.shape[0], like.shape[2], dtype=like.dtype, device=device) if has_bias else None
-        return weight_grad(kernels, *args, out=(dw, db), **kwargs)
+        return weight_grad(kernels, *args, out=(dw, db), **kwargs)  # type: ignore[misc]
     dw, db = weight_grad(kernels, *args, **kwargs)
-    return dw.to(like.dtype), (db.to(like.dtype) if has_bias else None)
+    return dw.to(like.dtype), (db.to(like.dtype) if has_bias and db is not None else None)
 
 
 def grouped_mm(
