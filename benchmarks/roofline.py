@@ -16,7 +16,10 @@ all bf16 with float32 routing, it gives:
   in all. In expert order a gathered A costs the tokens once while they fit in L2, else every
   gathered row. The weight-gradient grid puts the (K, N) tile fastest, one expert and row split
   after another: that expert's rows of A and G come from DRAM once while they fit in L2, else once
-  per N tile and once per K tile. Tiles are the first autotune config (what
+  per N tile and once per K tile; its gathered A (the up-projection's tokens) costs the tokens once
+  while they fit in L2, else every gathered row (the experts run one after another, and a token's
+  top-k experts rarely run together). The bias gradient comes from the same loads of G, and dW
+  (float32) is written once, straight into the gradient. Tiles are the first autotune config (what
   GEOMOE_TRITON_AUTOTUNE=0 runs); a tuned run may pick another, so design_bytes is a model, not a
   measurement;
 - bound_us: the H100 lower bound, max(flops / 989 TFLOP/s, min_bytes / 3.35 TB/s).
@@ -39,7 +42,7 @@ PEAK_BYTES = 3.35e12  # H100 SXM HBM3
 L2_BYTES = H100_L2_BYTES
 IN_FLIGHT_PROGRAMS = 132 * 2  # H100 SXM: 132 SMs, two GEMM programs each
 GEMM_TILE = dict(BM=128, BN=64, BK=64)  # the first config of triton/grouped_gemm.py's forward/dgrad kernel
-WGRAD_TILE = dict(BK=64, BN=64)  # and of its weight-gradient kernel
+WGRAD_TILE = dict(BK=128, BN=128)  # and of its weight-gradient kernel
 BF16, F32, I64 = 2, 4, 8
 
 SHAPES = {
@@ -76,14 +79,18 @@ def _gemm(kernel, shape, M, K, N, E, a_min, a_bytes, out_bytes, extra_read=0.0, 
     return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_min + w + out_bytes + extra_read, design_bytes=design)
 
 
-def _wgrad(kernel, shape, M, K, N, E, a_bytes, g_bytes):
-    """dW [E, K, N] (float32) = A^T G per expert, and the bias gradient from G."""
+def _wgrad(kernel, shape, M, K, N, E, a_bytes, g_bytes, a_min=None):
+    """dW [E, K, N] (float32, written once) = A^T G per expert, and the bias gradient from the same
+    loads of G; a_min: A's least bytes where its rows are gathered from the tokens (a_bytes the
+    routed rows)."""
     out = E * K * N * F32 + E * N * F32
+    a_min = a_bytes if a_min is None else a_min
+    a_design = a_min if a_min <= L2_BYTES else a_bytes
     fits = (a_bytes + g_bytes) / E <= L2_BYTES  # one expert's rows (less with the row splits)
     design = (
-        a_bytes + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])
+        a_design + g_bytes if fits else a_bytes * math.ceil(N / WGRAD_TILE["BN"]) + g_bytes * math.ceil(K / WGRAD_TILE["BK"])
     ) + out
-    return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_bytes + g_bytes + out, design_bytes=design)
+    return dict(kernel=kernel, flops=2.0 * M * K * N, min_bytes=a_min + g_bytes + out, design_bytes=design)
 
 
 def kernels(name: str) -> List[Row]:
@@ -104,7 +111,7 @@ def kernels(name: str) -> List[Row]:
         _gemm("down_proj_dgrad", name, M, d, h, E, rows_d, rows_d, rows_n1, extra_read=rows_n1),  # act' from pre
         _wgrad("down_proj_wgrad", name, M, h, d, E, rows_n1, rows_d),  # act(pre) formed in the load
         _gemm("up_proj_dgrad", name, M, n1, d, E, rows_n1, rows_n1, rows_d),
-        _wgrad("up_proj_wgrad", name, M, d, n1, E, rows_d, rows_n1),  # A gathered from x again
+        _wgrad("up_proj_wgrad", name, M, d, n1, E, rows_d, rows_n1, a_min=x),  # A gathered from x again
         dict(kernel="permute_bwd", flops=0.0, min_bytes=rows_d + x),
     ]
     rows = []

@@ -11,7 +11,7 @@ once. No host sync. The reference's tiled grouped GEMM lays its tiles out by the
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -116,14 +116,16 @@ def _sm_count(device_index: int) -> int:
 
 
 def weight_grad_splits(device: torch.device, experts: int, k: int, n: int) -> int:
-    """How many ways to split each expert's rows in the weight gradient: enough programs of 64 x 64
-    tiles for about 4 waves of the device's SMs when the groups are small, at most 8 (each split
-    adds an [E, K, N] float32 partial). One on a CPU (the interpreter, an emulation): nothing to fill."""
+    """How many ways to split each expert's rows in the weight gradient: enough programs of 128 x 128
+    tiles (the Triton kernel's first config) for about 2 waves of the device's SMs when the groups
+    are small, at most 8 (each split adds an [E, K, N] float32 partial, where one split writes
+    straight into the destination). One on a CPU (the interpreter, an emulation): nothing to fill;
+    one at GeoMoE's shapes (24 experts x 6 x 5 tiles) and an LLM's on an H100 or H200."""
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    tiles = experts * -(-k // 64) * -(-n // 64)
-    return max(1, min(8, (4 * _sm_count(index)) // max(1, tiles)))
+    tiles = experts * -(-k // 128) * -(-n // 128)
+    return max(1, min(8, (2 * _sm_count(index)) // max(1, tiles)))
 
 
 # ---- grouped GEMM: grouped_mm and expert_mlp, forward and backward ------------------------------
@@ -177,6 +179,26 @@ class GroupedGemmKernels(Protocol):
     ) -> None:
         """partial [splits, E, K, N] of A_e^T G_e over each split of expert e's rows and partial_db
         [splits, E, N] of G_e's row sums, every element written; A = act(a) formed as it loads."""
+
+
+class WritesGradientsInPlace(Protocol):
+    """A backend whose weight-gradient kernel also writes its sums straight into a destination of
+    any float dtype and strides, or adds them to what is there (kernel_recipes.weight_grad's `out`)."""
+
+    def wgrad_into(
+        self,
+        a: Tensor,
+        grad: Tensor,
+        offsets: Tensor,
+        gather: Optional[Tensor],
+        top_k: int,
+        a_activation: str,
+        dw: Tensor,
+        db: Optional[Tensor],
+        accumulate: bool,
+    ) -> None:
+        """dw [splits, E, K, N] and db [splits, E, N] (None: no bias gradient): the float32 sums
+        converted once as they are stored, or added to what is there with accumulate."""
 
 
 def _rows(x: Tensor, gather: Optional[Tensor]) -> int:
@@ -237,17 +259,57 @@ def weight_grad(
     top_k: int = 1,
     a_activation: str = "none",
     splits: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
+    out: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+    accumulate: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """(dW [E, K, N], db [E, N]) in float32; A = act(a) with a_activation; the splits summed in a
-    fixed order (deterministic, no atomics), experts without rows exact zeros."""
+    fixed order (deterministic, no atomics), experts without rows exact zeros. out = (dW, db): the
+    destinations instead (db None: no bias gradient; any float dtype, e.g. the parameters' .grad),
+    the result added to what they hold with accumulate, and returned. A backend with wgrad_into and
+    one split writes them directly (the float32 sums converted once, as they are stored); otherwise
+    the float32 partials are summed, then copied or added."""
     E, K, N = offsets.numel() - 1, out_features(a_activation, a.shape[1]), grad.shape[1]
     splits = splits if splits is not None else weight_grad_splits(a.device, E, K, N)
+    if out is not None:
+        dw_out, db_out = out
+        if splits == 1 and hasattr(kernels, "wgrad_into"):
+            kernels.wgrad_into(  # type: ignore[attr-defined]
+                a, grad, offsets, gather, top_k, a_activation, dw_out[None], None if db_out is None else db_out[None], accumulate
+            )
+            return dw_out, db_out
+        dw, db = _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
+        for dest, value in ((dw_out, dw), (db_out, db)):
+            if dest is not None:
+                dest.add_(value) if accumulate else dest.copy_(value)
+        return dw_out, db_out
+    return _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
+
+
+def _summed_partials(
+    kernels: GroupedGemmKernels, a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor], top_k: int,
+    a_activation: str, splits: int, E: int, K: int, N: int,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
     partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
     kernels.wgrad(a, grad, offsets, gather, top_k, a_activation, partial, partial_db)
     if splits == 1:
         return partial[0], partial_db[0]
     return partial.sum(0), partial_db.sum(0)
+
+
+def _weight_grad_as(
+    kernels: GroupedGemmKernels, like: Tensor, has_bias: bool, *args: Any, **kwargs: Any
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """weight_grad in the dtype and (dense) layout of `like` (the weight, or the parameter it came from):
+    written so by a backend with wgrad_into (no float32 result, cast or copy), else computed in
+    float32 and converted (nothing to convert for a float32 parameter)."""
+    if hasattr(kernels, "wgrad_into"):
+        device = args[0].device  # `like` may be a meta tensor: its shape, strides and dtype only
+        dw = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=device)
+        db = torch.empty(like.shape[0], like.shape[2], dtype=like.dtype, device=device) if has_bias else None
+        return weight_grad(kernels, *args, out=(dw, db), **kwargs)  # type: ignore[misc]
+    dw, db = weight_grad(kernels, *args, **kwargs)
+    return dw.to(like.dtype), (db.to(like.dtype) if has_bias and db is not None else None)
 
 
 def grouped_mm(
@@ -276,8 +338,8 @@ def grouped_mm_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dpre = (grad_out if activation == "none" else _act_math.backward(activation, grad_out, pre)).contiguous()
     d_rows = dgrad(kernels, dpre, weight, offsets)
-    dw, db = weight_grad(kernels, x, dpre, offsets, gather, top_k)
-    return d_rows, dw.to(weight.dtype), db.to(weight.dtype)
+    dw, db = _weight_grad_as(kernels, weight, True, x, dpre, offsets, gather, top_k)
+    return d_rows, dw, db  # type: ignore[return-value]
 
 
 def expert_mlp(
@@ -310,15 +372,20 @@ def expert_mlp_backward(
     activation: str,
     gather: Optional[Tensor] = None,
     top_k: int = 1,
+    grads_like: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
-    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1."""
+    dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1.
+    The weight gradients come in w1's and w2's dtype, or in that and the layout of grads_like (the
+    float32 parameters w1 and w2 were cast from: their gradients written straight in the
+    parameters' dtype, never rounded to the compute dtype, cast or copied)."""
+    like1, like2 = grads_like if grads_like is not None else (w1, w2)
     schedule = schedule_for(kernels, offsets, grad_out.shape[0], grad_out.dtype)
     d_pre = dgrad(kernels, grad_out, w2, offsets, schedule, activation, pre)
-    dw2, db2 = weight_grad(kernels, pre, grad_out, offsets, a_activation=activation)
+    dw2, db2 = _weight_grad_as(kernels, like2, True, pre, grad_out, offsets, a_activation=activation)
     d_rows = dgrad(kernels, d_pre, w1, offsets, schedule)
-    dw1, db1 = weight_grad(kernels, x, d_pre, offsets, gather, top_k)
-    return d_rows, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
+    dw1, db1 = _weight_grad_as(kernels, like1, True, x, d_pre, offsets, gather, top_k)
+    return d_rows, dw1, db1, dw2, db2  # type: ignore[return-value]
 
 
 def grouped_gemm_ops(kernels: GroupedGemmKernels) -> Dict[str, Callable]:

@@ -21,8 +21,33 @@ def test_gemm_flops_match_the_layer_count_and_bounds_are_positive():
     # outgrow L2, its 20 MB of weights do not)
     for shape in ("geomoe-15680", "geomoe-65536"):
         for r in (r for r in roofline.kernels(shape) if r.flops):
-            assert r.design_bytes <= 1.3 * r.min_bytes, r
+            if (shape, r.kernel) != ("geomoe-65536", "up_proj_wgrad"):
+                assert r.design_bytes <= 1.3 * r.min_bytes, r
     assert all(r.design_bytes == r.min_bytes for r in gemms)
+
+
+def test_weight_gradient_rows_write_float32_once_and_read_the_gathered_tokens():
+    """The weight gradients: dW and db in float32 written once (no partials, no cast), the bias from
+    G's loads; the up-projection's A is the tokens gathered through the routing, whose minimum is
+    the tokens once. Within 1.3x of the minimum at 15,680 tokens (all in L2) and at the LLM shape;
+    at 65,536 tokens the gathered tokens (100 MB) outgrow L2 and the experts, run one after another,
+    read every routed row: 1.55x, the one GEMM over 1.3x at GeoMoE's shapes (open: a token-ordered
+    weight gradient)."""
+    for shape in ("geomoe-15680", "geomoe-65536", "llm-16384"):
+        s = roofline.SHAPES[shape]
+        T, d, h, E, k = s["tokens"], s["d"], s["h"], s["E"], s["k"]
+        n1 = 2 * h if s["gated"] else h
+        rows = {r.kernel: r for r in roofline.kernels(shape)}
+        up, down = rows["up_proj_wgrad"], rows["down_proj_wgrad"]
+        assert up.flops == down.flops * n1 / h == 2.0 * T * k * d * n1
+        assert up.min_bytes == T * d * 2 + T * k * n1 * 2 + E * (d * n1 + n1) * 4  # tokens once, G, dW + db
+        assert down.min_bytes == T * k * (n1 + d) * 2 + E * (h * d + d) * 4
+        assert down.design_bytes <= 1.3 * down.min_bytes
+        if shape != "geomoe-65536":
+            assert up.design_bytes <= 1.3 * up.min_bytes, up
+    up = next(r for r in roofline.kernels("geomoe-65536") if r.kernel == "up_proj_wgrad")
+    assert up.design_bytes - up.min_bytes == 65536 * 3 * 768 * 2 - 65536 * 768 * 2
+    assert round(up.design_bytes / up.min_bytes, 2) == 1.55
 
 
 def test_the_gathered_up_projection_costs_every_routed_row_in_expert_order(monkeypatch):

@@ -48,6 +48,28 @@ def test_single_accumulator_epilogues_keep_every_tile_within_the_budget(monkeypa
     assert _tiles(fp32_swiglu) == [(64, 8), (32, 4)]
 
 
+def test_128_by_256_tiles_only_for_bias_only_epilogues_in_16_bit(monkeypatch):
+    """The shipped list's 128 x 256 tile (N = d: the down-projection forward, the up-projection
+    dgrad) is admitted where the epilogue adds only the bias and the operands are 16-bit, not with an
+    activation, act' or float32 operands (where it spilled, or would)."""
+    if _config.INTERPRET:
+        pytest.skip("the interpreter's pinned configs")
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    wide = lambda cs: [c for c in cs if c.kwargs["BN"] == 256]  # noqa: E731
+    assert len(wide(tg._GEMM_CONFIGS)) == 1 and wide(tg._GEMM_CONFIGS)[0].num_warps == 8
+    plain = _launch(act=Activation.NONE)
+    assert wide(_config.admitted(tg._GEMM_CONFIGS, plain, tg._gemm_footprint, "A"))
+    assert wide(_config.admitted(tg._GEMM_CONFIGS, dict(plain, A=torch.empty(0, dtype=torch.float16)), tg._gemm_footprint, "A"))
+    for launch in (
+        _launch(),
+        _launch(act=Activation.SILU),
+        _launch(act=Activation.NONE, grad_act=Activation.GELU),
+        _launch(act=Activation.NONE, bm=64, dtype=torch.float32),
+    ):
+        assert not wide(_config.admitted(tg._GEMM_CONFIGS, launch, tg._gemm_footprint, "A")), launch
+    assert tg._GEMM_CONFIGS[0].kwargs["BN"] == 64  # what GEOMOE_TRITON_AUTOTUNE=0 runs stays
+
+
 def test_the_smallest_config_stays_when_every_one_is_over(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
     big = [triton.Config({"BN": 256, "BK": 64}, num_warps=4), triton.Config({"BN": 128, "BK": 64}, num_warps=4)]

@@ -36,3 +36,39 @@ def test_every_shipped_config_compiles_for_sm90_without_spills():
     } <= names
     found = problems(rows, 90)
     assert not found, report(rows, 90)
+
+
+def test_sass_units_and_occupancy_are_read_as_the_hardware_runs_them():
+    """The mma column is the strongest tensor-core instruction in the SASS, tma any bulk tensor copy;
+    a GEMM build on sm_90 without HGMMA is a problem (not for full-precision float32, which has no
+    tensor-core form), one with HGMMA is not."""
+    from tools.triton_offline import Compiled, ctas_per_sm, problems, sass_units
+
+    hopper = "        /*0450*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;\n"
+    ampere = "        /*0450*/              @!P0 HMMA.16816.F32.BF16 R24, R4, R8, R24 ;\n"
+    tma = "        /*0300*/                   UTMALDG.2D [UR8], [UR4] ;\n"
+    assert sass_units(hopper + ampere + tma) == ("HGMMA", True)
+    assert sass_units(ampere) == ("HMMA", False)
+    assert sass_units("        /*0010*/                   FFMA R1, R2, R3, R4 ;\n") == ("-", False)
+    # 255 registers x 4 warps: 8,192 registers a warp-group's CTA, 8 by registers; 98,304 B of shared memory: 2
+    assert ctas_per_sm(90, 255, 4, 98304) == 2 and ctas_per_sm(90, 96, 4, 0) == 5 and ctas_per_sm(90, 32, 1, 0) == 32
+    row = dict(
+        name="_gmm_kernel", launch=0, num_warps=4, num_stages=3, autotuned=True, registers=128, local_bytes=0, shared_bytes=1
+    )
+    slow = Compiled(variant="IEEE=False, BM=128; A:*bf16", mma="HMMA", **row)
+    fast = Compiled(variant="IEEE=False, BM=128; A:*bf16", mma="HGMMA", **row)
+    ieee = Compiled(variant="IEEE=True, BM=64; A:*fp32", mma="-", **row)
+    assert len(problems([slow], 90)) == 1 and "not HGMMA" in problems([slow], 90)[0]
+    assert problems([fast], 90) == [] and problems([ieee], 90) == [] and problems([slow], 80) == []
+
+
+def test_shipped_sm90_gemm_configs_issue_hgmma():
+    """Every shipped config of the grouped GEMMs (forward, dgrad, weight gradient) in bf16 and TF32
+    compiles to wgmma (HGMMA) without spills: what the hardware runs, read from the SASS."""
+    from tools.triton_offline import GEMM_KERNELS, compile_all, needs_hgmma, report
+
+    rows = compile_all(arch=90, dtypes=(torch.bfloat16,), ops=["expert_mlp", "grouped_mm"], only="_")
+    gemm = [r for r in rows if r.name in GEMM_KERNELS]
+    assert {r.name for r in gemm} == set(GEMM_KERNELS)
+    bad = [r for r in gemm if r.error or r.local_bytes or (needs_hgmma(r, 90) and r.mma != "HGMMA")]
+    assert not bad, report(rows, 90)

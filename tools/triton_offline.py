@@ -1,5 +1,9 @@
 """Compile the Triton kernels for a GPU architecture on a machine without one, and report what the
-compiler reports: registers, spilled bytes, stack and shared memory per kernel and launch config.
+compiler reports: registers, spilled bytes, stack and shared memory per kernel and launch config,
+and what the hardware will run, read from the cubin's SASS (cuobjdump -sass): the tensor-core
+instruction (`mma HGMMA`: Hopper's warpgroup wgmma; `HMMA`: the mma.sync of sm_80 and later; `-`:
+none, the FMA units), whether it uses the Tensor Memory Accelerator (`tma yes`: UTMALDG / UTMASTG
+bulk tensor copies) and how many CTAs fit on one SM by registers, shared memory and threads.
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but never compiles them, so it
 cannot see what only the real compiler rejects (layouts, dot operand types, shared memory beyond the
@@ -89,6 +93,9 @@ class Compiled:
     shared_bytes: Optional[int] = None
     fits: bool = True  # shared memory within the card's
     error: Optional[str] = None
+    mma: str = "-"  # HGMMA, HMMA or - (read from the SASS)
+    tma: bool = False  # bulk tensor copies (UTMALDG / UTMASTG) in the SASS
+    ctas_per_sm: Optional[int] = None
 
 
 class _Recorder:
@@ -210,6 +217,48 @@ def _resource_usage(cubin: bytes, tool: str) -> Dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
+def _sass(cubin: bytes, tool: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, timeout=120).stdout
+
+
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def sass_units(sass: str) -> Tuple[str, bool]:
+    """(mma, tma) from a kernel's SASS: mma "HGMMA" where any warpgroup MMA (wgmma) is issued, else
+    "HMMA" where any mma.sync is, else "-"; tma True where a bulk tensor copy (UTMALDG, UTMASTG,
+    UTMAPF: TMA through a tensor map) is."""
+    ops = set(_OPCODE.findall(sass))
+    mma = "HGMMA" if "HGMMA" in ops else ("HMMA" if "HMMA" in ops else "-")
+    return mma, bool(ops & {"UTMALDG", "UTMASTG", "UTMAPF"})
+
+
+# per SM: registers, the most resident warps, CTAs and shared memory (of which each CTA's block
+# reserves 1 KB on sm_80 and later), from the CUDA occupancy tables
+_SM = {
+    80: dict(regs=65536, warps=64, ctas=32, smem=164 * 1024),
+    86: dict(regs=65536, warps=48, ctas=16, smem=100 * 1024),
+    89: dict(regs=65536, warps=48, ctas=24, smem=100 * 1024),
+    90: dict(regs=65536, warps=64, ctas=32, smem=228 * 1024),
+    100: dict(regs=65536, warps=64, ctas=32, smem=228 * 1024),
+    120: dict(regs=65536, warps=48, ctas=32, smem=100 * 1024),
+}
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """CTAs of one kernel resident on one SM at once: the least of the register file (each warp
+    takes registers in units of 256, the per-thread count rounded up to 8), the warp slots, the
+    CTA slots and the shared memory (the CTA's own plus 1 KB reserved per CTA)."""
+    sm = _SM.get(arch, _SM[80])
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = (sm["regs"] // per_warp) // num_warps
+    by_smem = sm["smem"] // (shared_bytes + 1024)
+    return max(0, min(by_regs, sm["warps"] // num_warps, sm["ctas"], by_smem))
+
+
 def _cuobjdump() -> str:
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else (shutil.which("cuobjdump") or "cuobjdump")
@@ -255,18 +304,35 @@ def compile_all(
                 row.local_bytes = usage.get("STACK", 0) + usage.get("LOCAL", 0)
                 row.shared_bytes = kernel.metadata.shared
                 row.fits = row.shared_bytes <= limit
+                row.mma, row.tma = sass_units(_sass(kernel.asm["cubin"], tool))
+                row.ctas_per_sm = ctas_per_sm(arch, row.registers or 0, row.num_warps, row.shared_bytes)
             except Exception as exc:  # reported, not raised: the report lists every failure at once
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             results.append(row)
     return results
 
 
+# The grouped GEMMs (forward and dgrad, weight gradient): on sm_90 each shipped config must issue
+# wgmma (HGMMA). Full-precision float32 (IEEE=True) has no tensor-core form and runs on the FMA units.
+GEMM_KERNELS = ("_gmm_kernel", "_wgrad_kernel")
+
+
+def needs_hgmma(row: Compiled, arch: int) -> bool:
+    return arch == 90 and row.name in GEMM_KERNELS and "IEEE=True" not in row.variant.replace(" ", "").split(";")[0].split(",")
+
+
 def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
     """What would go wrong on the card, for the configs shipped to each launch (after pruning): a
     build that fails; a build that spills registers or has a stack (the autotuner would be free to
-    pick it if it were the fastest); a launch with no config within the shared memory (the
-    autotuner skips the ones over it, so some but not all over is fine)."""
+    pick it if it were the fastest); on sm_90 a grouped-GEMM build without HGMMA (its tensor-core
+    dots lowered to mma.sync or FMA: a fraction of Hopper's throughput); a launch with no config
+    within the shared memory (the autotuner skips the ones over it, so some but not all over is fine)."""
     out = [f"{r.name} failed to compile: {r.error} [{r.variant}]" for r in rows if r.error]
+    out += [
+        f"{r.name} w{r.num_warps}/s{r.num_stages}: mma {r.mma}, not HGMMA, on sm_{arch} [{r.variant}]"
+        for r in rows
+        if r.error is None and needs_hgmma(r, arch) and r.mma != "HGMMA"
+    ]
     out += [
         f"{r.name} w{r.num_warps}/s{r.num_stages}: {r.local_bytes} bytes of local memory per thread [{r.variant}]"
         for r in rows
@@ -285,7 +351,8 @@ def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
 def report(rows: List[Compiled], arch: int) -> str:
     lines = [
         f"Triton {triton.__version__}, compiled offline for sm_{arch}: kernel, warps/stages, registers, local memory "
-        "per thread (stack + spills), shared memory; then the variant (constexprs; pointer types)"
+        "per thread (stack + spills), shared memory, CTAs per SM, the tensor-core instruction in the SASS (HGMMA, "
+        "HMMA or -) and whether it copies through TMA; then the variant (constexprs; pointer types)"
     ]
     for r in rows:
         head = f"{r.name:<26} w{r.num_warps}/s{r.num_stages}"
@@ -294,7 +361,8 @@ def report(rows: List[Compiled], arch: int) -> str:
         else:
             note = "" if r.fits else f"  shared memory over sm_{arch}'s {SHARED_LIMIT.get(arch)} B: the autotuner skips it"
             lines.append(
-                f"{head}  reg {r.registers:>3}  local {r.local_bytes:>5}  smem {r.shared_bytes:>6}{note}\n    {r.variant}"
+                f"{head}  reg {r.registers:>3}  local {r.local_bytes:>5}  smem {r.shared_bytes:>6}  ctas/sm {r.ctas_per_sm:>2}"
+                f"  mma {r.mma:<5}  tma {'yes' if r.tma else 'no'}{note}\n    {r.variant}"
             )
     found = problems(rows, arch)
     spilling = sum(bool(r.local_bytes) for r in rows if r.error is None)

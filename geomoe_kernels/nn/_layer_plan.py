@@ -137,7 +137,9 @@ def run(
     """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared` (with aux:
     (y, load, the aux loss sum_e prob_mean_e * load_e * E / (k * T)), as MoEMLP's), for
     options (E, k, score_func, renormalize, activation, routed scaling, backend, S); every tensor
-    contiguous, the weights [E, in, out] in the compute dtype. S > 0: the weights hold the S shared
+    but the weights contiguous; the weights [E, in, out] in the compute dtype (the tokens') or in the
+    parameters' dtype and layout (cast here: their gradients then come back in that dtype and
+    layout, written so by the kernel backends, with no cast or copy). S > 0: the weights hold the S shared
     experts after the E routed ones ([E + S, in, out]), every token routed to each at weight 1, and
     `shared` is None. Differentiable in logits, tokens, the expert weights and biases, shared (and
     prob_mean carries the aux loss's gradient).
@@ -306,6 +308,13 @@ def _gate_and_route(p: LayerPlan, logits: Tensor, bias: Optional[Tensor], checki
     return False, (weights, gate_ids, load, third, fraction, row_to_flat, flat_to_row, offsets)
 
 
+def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in `dtype`, contiguous: one cast-copy where either differs, none where neither does."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
 class MoELayerFunction(torch.autograd.Function):
     """gating -> route -> expert_mlp -> unpermute forward, their backwards in reverse, on a plan."""
 
@@ -326,6 +335,10 @@ class MoELayerFunction(torch.autograd.Function):
             weights, gate_ids, load, third, fraction, row_to_flat, flat_to_row, offsets = routed
             E, k = E + p.S, k + p.S
 
+            # the weights in the compute dtype (the tokens'): cast here, so that their gradients come
+            # back in the parameters' dtype, written so by the kernels (docs/host_path.md, step 4)
+            params = (w1, w2)
+            w1, b1, w2, b2 = (_compute(t, tokens.dtype) for t in (w1, b1, w2, b2))
             experts = impls.get("experts")
             if experts is None or checking:
                 named = dict(
@@ -354,6 +367,8 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.plan = p
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
         ctx.fused, ctx.aux_coef = fused, aux_coef
+        # the parameters' dtype and layout, for their gradients (meta: no memory, nothing kept alive)
+        ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
         keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
             logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None,
@@ -399,7 +414,14 @@ class MoELayerFunction(torch.autograd.Function):
                             gather=row_to_flat, top_k=k,
                         ),
                     )  # fmt: skip
-                    d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
+                    if getattr(mlp_backward, "func", None) is _recipe.expert_mlp_backward:  # the kernels write them so
+                        d_x, dw1, db1, dw2, db2 = mlp_backward(
+                            d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k, grads_like=ctx.grads_like
+                        )
+                    else:  # the reference: in the compute dtype, converted to the parameters'
+                        d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
+                        like1, like2 = ctx.grads_like
+                        dw1, db1, dw2, db2 = dw1.to(like1.dtype), db1.to(like1.dtype), dw2.to(like2.dtype), db2.to(like2.dtype)
                     if need_tokens:  # the row gradients summed into their tokens (the combine, unweighted)
                         combine_rows = impls.get("combine_rows") or p.impl(
                             "combine_rows",

@@ -310,10 +310,14 @@ class MoEMLP(nn.Module):
             and self._expert_gate() is None
         )
 
-    def _stacked(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    def _stacked(self, dtype: Optional[torch.dtype]) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         """(w1, b1, w2, b2) of the routed experts followed by the shared ones ([E + S, ...], in
-        `dtype`): one concatenation and one cast each, the cast's backward one for both."""
-        stack = [torch.cat([r, s]).to(dtype) if r is not None else None for r, s in self._pairs()]
+        `dtype`, None: the parameters'): one concatenation and one cast each, the cast's backward one
+        for both."""
+        stack = [
+            (torch.cat([r, s]) if dtype is None else torch.cat([r, s]).to(dtype)) if r is not None else None
+            for r, s in self._pairs()
+        ]
         return stack[0], stack[1], stack[2], stack[3]  # type: ignore[return-value]
 
     def _pairs(self):

@@ -48,14 +48,23 @@ _GEMM_CONFIGS = configs(
         ({"BN": 64, "BK": 64}, 4, 5),
         ({"BN": 128, "BK": 64}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
         ({"BN": 32, "BK": 64}, 4, 4),
+        ({"BN": 256, "BK": 64}, 8, 3),  # N = d (768, 2048): the down-projection forward, the up-projection dgrad
     ],
     {"BN": 16, "BK": 16},
 )
 
 
 def _gemm_footprint(args, num_warps):
+    """The accumulators' float32 elements a thread; a bias-only epilogue (no activation, no act') with
+    16-bit operands counts half: it keeps nothing beside the accumulator, and 128 x 256 on 8 warps
+    (128 elements) compiled without spills there (254 registers), where the GELU, SiLU and SwiGLU
+    epilogues spilled 0.5-1.6 KB a thread (offline compile, Triton 3.9)."""
     swiglu = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"])
-    return accumulator_elements(args["BM"], args["BN"], num_warps, 2 if swiglu else 1)
+    elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if swiglu else 1)
+    plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value
+    if plain and getattr(args.get("A"), "dtype", None) in (torch.float16, torch.bfloat16):
+        return elements / 2
+    return elements
 
 
 def lookup_lanes(num_experts: int) -> int:
@@ -266,15 +275,22 @@ def _gmm_kernel(
             tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
-# Every config has the same BM (rows per step of the sum over each expert's rows, for dW and the
-# bias gradient alike): the result is the same bits whichever config autotuning picks.
+# The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
+# tile of one expert's dW, reducing that expert's rows BM at a time through a multi-stage pipeline
+# (the loads of the next steps in flight while wgmma runs on this one). Every config has the same
+# BM (rows per step of the sum over each expert's rows, for dW and the bias gradient alike): the
+# result is the same bits whichever config autotuning picks. BK, BN >= 64: the dW tile is wgmma's
+# M and N (a 32-row tile lowers to mma.sync: tools/triton_offline's mma column). The first config
+# (128 x 128 on 8 warps: 64 accumulator elements a thread) is what GEOMOE_TRITON_AUTOTUNE=0 runs.
 _WGRAD_CONFIGS = configs(
     [
-        ({"BK": 64, "BN": 64, "BM": 32}, 4, 3),
-        ({"BK": 128, "BN": 64, "BM": 32}, 4, 4),
-        ({"BK": 64, "BN": 128, "BM": 32}, 4, 4),
-        ({"BK": 32, "BN": 64, "BM": 32}, 4, 3),
-    ],  # float32 operands keep only the 64 x 64 and 32 x 64 tiles (the register budget)
+        ({"BK": 128, "BN": 128, "BM": 64}, 8, 3),
+        ({"BK": 128, "BN": 128, "BM": 64}, 8, 4),
+        ({"BK": 64, "BN": 128, "BM": 64}, 8, 3),  # float32 operands' first (32 elements a thread)
+        ({"BK": 128, "BN": 64, "BM": 64}, 8, 4),  # 4 warps: SwiGLU formed in the load spilled
+        ({"BK": 64, "BN": 128, "BM": 64}, 4, 4),
+        ({"BK": 64, "BN": 64, "BM": 64}, 4, 3),
+    ],
     {"BK": 16, "BN": 16, "BM": 16},
 )
 
@@ -289,10 +305,24 @@ def _wgrad_footprint(args, num_warps):
     return elements
 
 
+@triton.jit
+def _fold_rows(x, ROWS: tl.constexpr, BN: tl.constexpr):
+    """[ROWS, BN] -> [BN]: the column sums by a fixed halving tree (row i + row i + ROWS/2, then again),
+    each level a sum over an axis of two, which is one addition: the same bits whatever layout the
+    compiler gives x (a plain tl.sum's order follows the register layout, which BN and the warp
+    count change)."""
+    for i in tl.static_range(12):  # up to 4,096 rows
+        if (ROWS >> i) > 1:
+            x = tl.sum(tl.reshape(x, (2, ROWS >> (i + 1), BN)), axis=0)
+    return tl.reshape(x, (BN,))
+
+
 @triton.autotune(
     configs=_WGRAD_CONFIGS,
-    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "IEEE_SUMS"],
+    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB"],
     **autotune_options(_wgrad_footprint, "A"),
+    reset_to_zero=None,
+    restore_value=["DW", "DB"],
 )
 @triton.jit
 def _wgrad_kernel(
@@ -312,22 +342,27 @@ def _wgrad_kernel(
     stride_ds,
     stride_de,
     stride_dk,
+    stride_dn,
+    stride_bs,
+    stride_be,
     SPLITS: tl.constexpr,
     GATHER: tl.constexpr,
     A_ACT: tl.constexpr,
     IEEE: tl.constexpr,
-    IEEE_SUMS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    HAS_DB: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """dW partials [SPLITS, E, K, N]; the programs of the first K tile also sum G's columns: the
-    bias gradient partials DB [SPLITS, E, N] (G is read once for both). A_ACT: A holds the
-    pre-activation and the hidden rows act(A) are formed as they load (SwiGLU: A = [gate | up],
-    2K columns), so the hidden rows need not be kept from the forward."""
+    """dW [SPLITS, E, K, N] (strides ds, de, dk, dn; any float dtype: the float32 sums are converted
+    once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
+    K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
+    for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
+    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward."""
     # the tile on axis 0 (fastest): the programs that start together read the same expert's rows
     # (A and G stream once per split from memory, not once per tile), and the K x N tiles of the
-    # largest experts (d 6144, N 32,768: 49,152 tiles) fit on an axis without the 65,535 limit
+    # largest experts (d 6144, N 32,768: 12,288 tiles) fit on an axis without the 65,535 limit
     e = tl.program_id(1)
     n_tiles = tl.cdiv(N, BN)
     rk = (tl.program_id(0) // n_tiles) * BK + tl.arange(0, BK)
@@ -339,12 +374,8 @@ def _wgrad_kernel(
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, end)
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    # the bias gradient as ones[16, BM] @ G: the dot adds the rows in the MMA's fixed order along its
-    # reduction axis, which no tile width or warp count changes (a tl.sum's tree follows the
-    # register layout, which BN and num_warps do change); its 16 rows are equal, row 0 is kept
-    col_sums = tl.zeros((16, BN), dtype=tl.float32)
-    ones = tl.full((16, BM), 1.0, G.dtype.element_ty)
-    first_k_tile = tl.program_id(0) < n_tiles
+    col_sum = tl.zeros((BN,), dtype=tl.float32)
+    sums = HAS_DB and tl.program_id(0) < n_tiles  # the first K tile's programs
     for m0 in range(lo, hi, BM):
         rm = m0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < hi
@@ -366,13 +397,18 @@ def _wgrad_kernel(
             acc += tl.dot(a, g, input_precision="ieee")
         else:
             acc += tl.dot(a, g)
-        if first_k_tile:
-            col_sums = tl.dot(ones, g, col_sums, input_precision="ieee" if IEEE_SUMS else "tf32")
-    out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None] * stride_dk + rn[None, :]
-    tl.store(out, acc, mask=(rk < K)[:, None] & (rn < N)[None, :])
-    if first_k_tile:
-        col_sum = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, col_sums, 0.0), axis=0)  # + zeros: exact
-        tl.store(DB + (split * tl.num_programs(1) + e).to(tl.int64) * N + rn, col_sum, mask=rn < N)
+        if sums:  # the bias gradient as a row sum of the G tile already loaded: no second pass
+            col_sum += _fold_rows(g.to(tl.float32), BM, BN)
+    mask = (rk < K)[:, None] & (rn < N)[None, :]
+    out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(DW.dtype.element_ty), mask=mask)
+    if sums:
+        db = DB + split * stride_bs + e.to(tl.int64) * stride_be + rn
+        if ACCUMULATE:
+            col_sum += tl.load(db, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(db, col_sum.to(DB.dtype.element_ty), mask=rn < N)
 
 
 class TritonGroupedGemm:
@@ -446,13 +482,19 @@ class TritonGroupedGemm:
         self._launch(grad, weight, offsets, schedule, out, pre, None, "none", None, 1, True, grad_act)
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
-        splits, E, K, N = partial.shape
+        self.wgrad_into(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, False)
+
+    def wgrad_into(self, a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate) -> None:
+        """dw [splits, E, K, N] and db [splits, E, N] (or None: no bias gradient) of any float dtype
+        and strides: the float32 sums converted once as they are stored, added to what is there
+        with accumulate (the parameter's .grad: no partial, no cast, no add kernel)."""
+        splits, E, K, N = dw.shape
         grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
         _wgrad_kernel[grid](
             a,
             grad,
-            partial,
-            partial_db,
+            dw,
+            db if db is not None else dw,
             gather if gather is not None else offsets,
             offsets,
             K,
@@ -462,14 +504,18 @@ class TritonGroupedGemm:
             a.stride(1),
             grad.stride(0),
             grad.stride(1),
-            partial.stride(0),
-            partial.stride(1),
-            partial.stride(2),
+            dw.stride(0),
+            dw.stride(1),
+            dw.stride(2),
+            dw.stride(3),
+            db.stride(0) if db is not None else 0,
+            db.stride(1) if db is not None else 0,
             SPLITS=splits,
             GATHER=gather is not None,
             A_ACT=activations.code(a_activation),
             IEEE=fp32_ieee(a.dtype),
-            IEEE_SUMS=grad.dtype == torch.float32,  # float32 bias sums never through TF32
+            ACCUMULATE=accumulate,
+            HAS_DB=db is not None,
         )
 
 

@@ -481,3 +481,74 @@ def test_the_public_function_makes_its_inputs_contiguous():
     torch.testing.assert_close(
         out, naive_grouped_mm(x.contiguous(), w.contiguous(), off, b.contiguous(), "gelu"), rtol=0, atol=1e-12
     )
+
+
+def test_weight_grad_writes_into_any_float_destination_and_adds_to_what_is_there(kernel_backend):
+    """kernel_recipes.weight_grad(out=...): the gradient written into destinations of the parameter's
+    dtype and layout (a transposed float32 one, a half one: the float32 sums converted once, the
+    same bits as casting the float32 result; float16 here), added to what they hold with accumulate (an experts'
+    .grad over micro-batches), db None for no bias; one split (written by the kernel where the
+    backend has wgrad_into) and three (the partials summed, then copied or added); experts without
+    rows exact zeros, or unchanged when accumulating."""
+    dev = kernel_backend.device
+    dtype = torch.float32 if kernel_backend.name == "triton" else torch.float16
+    counts, K, N = [5, 0, 9, 3], 20, 24
+    off, M, E = offsets(counts, dev), sum(counts), len(counts)
+    a = (torch.randn(M, K) / 2).to(dev, dtype)
+    g = torch.randn(M, N).to(dev, dtype)
+    kernels = _kernels(kernel_backend)
+    want = torch.stack([a[lo:hi].double().t() @ g[lo:hi].double() for lo, hi in zip(off[:-1].tolist(), off[1:].tolist())])
+    want_db = torch.stack([g[lo:hi].double().sum(0) for lo, hi in zip(off[:-1].tolist(), off[1:].tolist())])
+    dw32, db32 = kernel_recipes.weight_grad(kernels, a, g, off, splits=1)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=4e-3)
+    torch.testing.assert_close(dw32.double(), want, **tol)
+    torch.testing.assert_close(db32.double(), want_db, **tol)
+    for splits in (1, 3):
+        dw_t = torch.full((E, N, K), float("nan"), device=dev).transpose(1, 2)  # [E, K, N], K fastest
+        db = torch.full((E, N), float("nan"), device=dev)
+        got = kernel_recipes.weight_grad(kernels, a, g, off, splits=splits, out=(dw_t, db))
+        assert got[0] is dw_t and got[1] is db
+        torch.testing.assert_close(dw_t.double(), want, **tol)
+        torch.testing.assert_close(db.double(), want_db, **tol)
+        assert torch.count_nonzero(dw_t[1]) == 0 and torch.count_nonzero(db[1]) == 0
+        if splits == 1:
+            assert torch.equal(dw_t, dw32) and torch.equal(db, db32)
+            # (float16: the interpreter rounds float32 to bfloat16 toward zero, a GPU to nearest)
+            dw16 = torch.full((E, K, N), float("nan"), dtype=torch.float16, device=dev)
+            kernel_recipes.weight_grad(kernels, a, g, off, splits=1, out=(dw16, None))
+            assert torch.equal(dw16, dw32.to(torch.float16))
+        held, held_db = torch.randn(E, K, N, device=dev), torch.randn(E, N, device=dev)
+        dw_acc, db_acc = held.clone(), held_db.clone()
+        kernel_recipes.weight_grad(kernels, a, g, off, splits=splits, out=(dw_acc, db_acc), accumulate=True)
+        if splits == 1:
+            assert torch.equal(dw_acc, held + dw32) and torch.equal(db_acc, held_db + db32)
+        torch.testing.assert_close(dw_acc.double(), held.double() + want, **tol)
+        torch.testing.assert_close(db_acc.double(), held_db.double() + want_db, **tol)
+        assert torch.equal(dw_acc[1], held[1]) and torch.equal(db_acc[1], held_db[1])
+
+
+def test_triton_gemms_address_past_2_31_elements(kernel_backend):
+    """Element offsets past 2^31 (int32 would wrap): A's rows 2^30 elements apart (row 2 at 2^31),
+    read gathered by the forward and by the weight gradient, which writes expert 1's dW past 2^31
+    too. One 4 GiB fp16 storage, untouched but for the few rows used (views, no copy)."""
+    if kernel_backend.name != "triton":
+        pytest.skip("the Triton kernels' addressing")
+    dev, dt, K, N = kernel_backend.device, torch.float16, 16, 24
+    big = torch.empty(2**31 + 4096, dtype=dt, device=dev)
+    step = 2**30
+    a = big.as_strided((3, K), (step, 1))
+    a.copy_((torch.randn(3, K) / 2).to(dt))
+    dw = big.as_strided((2, K, N), (2**31 + 512 - 2048, N, 1), 2048)  # expert 1 from 2^31 + 512
+    gather = torch.tensor([4, 1, 2, 3, 0, 5], device=dev)  # rows -> flat slots of 3 tokens x top-2
+    off = offsets([4, 2], dev)
+    w = (torch.randn(2, K, N) / 4).to(dev, dt)
+    kernels = _kernels(kernel_backend)
+    out, _ = kernel_recipes.forward(kernels, a, w, off, None, "none", gather=gather, top_k=2)
+    rows = a.cpu().double()[gather.cpu() // 2]
+    want = torch.cat([rows[:4] @ w[0].cpu().double(), rows[4:] @ w[1].cpu().double()])
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-3, atol=4e-3)
+    g = torch.randn(6, N).to(dev, dt)
+    kernel_recipes.weight_grad(kernels, a, g, off, gather=gather, top_k=2, splits=1, out=(dw, None))
+    gd = g.cpu().double()
+    for e, (lo, hi) in enumerate(((0, 4), (4, 6))):
+        torch.testing.assert_close(dw[e].cpu().double(), rows[lo:hi].t() @ gd[lo:hi], rtol=2e-3, atol=4e-3)
