@@ -39,7 +39,7 @@ constexpr int BM = 128, BK = 32, kStages = 3;
 constexpr int PAD = 8;   // halves after each shared row: ldm a multiple of 16 bytes, rows 16 bytes apart in the banks
 constexpr int CPAD = 4;  // floats after each row of the fp32 epilogue tile
 constexpr int kNone = static_cast<int>(Activation::kNone), kGelu = static_cast<int>(Activation::kGelu),
-              kSilu = static_cast<int>(Activation::kSilu);
+              kSilu = static_cast<int>(Activation::kSilu), kSwiglu = static_cast<int>(Activation::kSwiglu);
 
 template <typename T> __device__ inline T zero() { return from_f32<T>(0.f); }
 
@@ -50,6 +50,14 @@ __device__ inline float activate(float x, int act) {
   if (act == kSilu) return x / (1.f + __expf(-x));                             // SiLU
   return x;
 }
+
+__device__ inline float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// SwiGLU's halves in a row of 2H pre-activation columns: hidden column o reads gate column
+// gate_col(o) and up column gate_col(o) + up_step. Concat ([gate | up]): o and H + o; interleaved
+// ([g0, u0, g1, u1, ...]): 2o and 2o + 1.
+__host__ __device__ inline int64_t gate_col(int64_t o, bool interleaved) { return interleaved ? 2 * o : o; }
+__host__ __device__ inline int64_t up_step(int64_t H, bool interleaved) { return interleaved ? 1 : H; }
 
 __device__ inline float activate_grad(float x, int act) {
   if (act == kGelu)
@@ -108,6 +116,89 @@ template <typename T> __device__ inline void store8(T* p, int valid, bool vec, c
     for (int j = 0; j < 8; ++j)
       if (j < valid) p[j] = from_f32<T>(v[j]);
   }
+}
+
+// The gate and up values of hidden columns o .. o + 7 (the first `valid`) of a pre-activation row p
+// (2H columns, `interleaved` or concat): 16-byte reads where vec (p 16-byte aligned, and H % 8 == 0
+// for the concat's up half), scalar ones otherwise.
+template <typename T>
+__device__ inline void load_gate_up(const T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec,
+                                    float (&g)[8], float (&u)[8]) {
+  if (interleaved) {
+    float v0[8], v1[8];
+    load8(p + 2 * o, clamp8(2 * valid), vec, v0);
+    load8(p + 2 * o + 8, clamp8(2 * valid - 8), vec, v1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) g[j] = v0[2 * j], u[j] = v0[2 * j + 1], g[j + 4] = v1[2 * j], u[j + 4] = v1[2 * j + 1];
+  } else {
+    load8(p + o, valid, vec, g);
+    load8(p + H + o, valid, vec, u);
+  }
+}
+
+template <typename T>
+__device__ inline void store_gate_up(T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec,
+                                     const float (&g)[8], const float (&u)[8]) {
+  if (interleaved) {  // (gate, up) pairs, 8 values (4 columns) at a time, packed as T
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      T v[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[2 * j] = from_f32<T>(g[4 * h + j]), v[2 * j + 1] = from_f32<T>(u[4 * h + j]);
+      const int n = clamp8(2 * valid - 8 * h);
+      T* q = p + 2 * o + 8 * h;
+      if (vec && n == 8) {
+        uint4 x;
+        std::memcpy(&x, static_cast<const void*>(v), 16);
+        *reinterpret_cast<uint4*>(q) = x;
+      } else {
+        for (int j = 0; j < n; ++j) q[j] = v[j];
+      }
+    }
+  } else {
+    store8(p + o, valid, vec, g);
+    store8(p + H + o, valid, vec, u);
+  }
+}
+
+// The hidden values silu(gate) * up of columns o .. o + 7 (the first `valid`; zeros after) of a
+// pre-activation row p into dst, as T. The halves stay packed (16-byte loads where vec) until each
+// product is formed: the weight gradient calls this in its K loop, beside the accumulators.
+template <typename T>
+__device__ inline void swiglu8(T* dst, const T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec) {
+  T g[8], u[8];
+  if (vec && valid == 8) {
+    if (interleaved) {
+      T v[16];
+      const uint4 x0 = *reinterpret_cast<const uint4*>(p + 2 * o), x1 = *reinterpret_cast<const uint4*>(p + 2 * o + 8);
+      std::memcpy(static_cast<void*>(v), &x0, 16);
+      std::memcpy(static_cast<void*>(v + 8), &x1, 16);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = v[2 * j], u[j] = v[2 * j + 1];
+    } else {
+      const uint4 xg = *reinterpret_cast<const uint4*>(p + o), xu = *reinterpret_cast<const uint4*>(p + H + o);
+      std::memcpy(static_cast<void*>(g), &xg, 16);
+      std::memcpy(static_cast<void*>(u), &xu, 16);
+    }
+  } else {  // one column at a time (rows not 16-byte aligned, or the last columns)
+    const T* q = p + gate_col(o, interleaved);
+    const int64_t step = interleaved ? 2 : 1, up = up_step(H, interleaved);
+#pragma unroll 1
+    for (int j = 0; j < 8; ++j) {
+      const float x = j < valid ? to_f32(q[j * step]) : 0.f, y = j < valid ? to_f32(q[j * step + up]) : 0.f;
+      dst[j] = from_f32<T>(x * sigmoid(x) * y);
+    }
+    return;
+  }
+  T h[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float x = to_f32(g[j]);
+    h[j] = from_f32<T>(x * sigmoid(x) * to_f32(u[j]));  // 0 for the zeros past `valid`
+  }
+  uint4 y;  // dst: a shared row, 16-byte aligned
+  std::memcpy(&y, static_cast<const void*>(h), 16);
+  *reinterpret_cast<uint4*>(dst) = y;
 }
 
 // ---- forward and dgrad ------------------------------------------------------------------------------
@@ -254,15 +345,116 @@ __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ o
   return found;
 }
 
+// The epilogue of the forward and dgrad kernels (mma.sync and wgmma alike) from the fp32 tile Cs
+// [BM][LDC] of column tile nt: 8 consecutive columns per thread and step (16-byte accesses where
+// aligned), bias, activation, pre, or act'(pre) for the dgrad.
+template <typename T, int BN, int ACT, int GRAD_ACT, int LDC>
+__device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const int64_t* __restrict__ offsets,
+                                     unsigned nt, int64_t N, const T* __restrict__ bias, T* __restrict__ out,
+                                     int64_t ldo, T* __restrict__ pre, int64_t ldp, bool interleaved) {
+  constexpr bool SWI = ACT == kSwiglu;
+  const int tid = threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(nt) * BN;
+  const int64_t e = blk[0], row0 = blk[1];  // read again after the barriers: not held through the K loop
+  const int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
+  const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
+  const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
+  if (SWI || GRAD_ACT == kSwiglu) {  // 8 hidden columns per thread and step: their gates and ups
+    constexpr int HALF = SWI ? BN / 2 : BN, HCPR = HALF / 8;
+    const int64_t H = SWI ? N / 2 : N, o0 = static_cast<int64_t>(nt) * HALF;
+    const bool whole = interleaved || H % 8 == 0;  // the up half on 16 bytes too
+    for (int c = tid; c < BM * HCPR; c += kThreads) {
+      const int r = c / HCPR, oc = c % HCPR * 8;
+      if (r >= rows) break;
+      const int64_t row = row0 + r, o = o0 + oc;
+      const int valid = clamp8(H - o);
+      if (valid == 0) continue;
+      float g[8], u[8];
+      const float* src = Cs + r * LDC;
+      if (GRAD_ACT == kSwiglu) {  // acc = d hidden; pre = (gate, up); out = (d gate, d up)
+        float p[8], q[8];
+        load_gate_up(pre + row * ldp, o, H, interleaved, valid, vec_p && whole, p, q);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float s = sigmoid(p[j]), dh = src[oc + j];
+          g[j] = dh * q[j] * s * (1.f + p[j] * (1.f - s));
+          u[j] = dh * p[j] * s;
+        }
+        store_gate_up(out + row * ldo, o, H, interleaved, valid, vec_o && whole, g, u);
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {  // the tile's columns: [gates | ups] or (gate, up) pairs
+        g[j] = src[interleaved ? 2 * (oc + j) : oc + j];
+        u[j] = src[interleaved ? 2 * (oc + j) + 1 : HALF + oc + j];
+      }
+      if (bias) {  // scalar reads (the bias rows stay in L1): no third array of 8 beside gate and up
+        const T* bg = bias + e * N + gate_col(o, interleaved);
+        const int64_t step = interleaved ? 2 : 1, up = up_step(H, interleaved);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (j < valid) g[j] += to_f32(bg[j * step]), u[j] += to_f32(bg[j * step + up]);
+      }
+      if (pre) store_gate_up(pre + row * ldp, o, H, interleaved, valid, vec_p && whole, g, u);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = g[j] * sigmoid(g[j]) * u[j];
+      store8(out + row * ldo + o, valid, vec_o, g);
+    }
+    return;
+  }
+  constexpr int CPR = BN / 8;
+  for (int c = tid; c < BM * CPR; c += kThreads) {
+    const int r = c / CPR, cc = c % CPR * 8;
+    if (r >= rows) break;
+    const int64_t row = row0 + r, n = n0 + cc;
+    const int valid = clamp8(N - n);
+    if (valid == 0) continue;
+    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
+    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
+    // second half first, so each read's 8 lanes cover all 32 banks once.
+    float v[8];
+    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
+    const float4* const src = reinterpret_cast<const float4*>(Cs + r * LDC + cc);
+    const float4 first = src[swap], second = src[swap ^ 1];
+    const float4 lo = swap ? second : first, hi = swap ? first : second;
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
+      float p[8];
+      load8(pre + row * ldp + n, valid, vec_p, p);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
+      store8(out + row * ldo + n, valid, vec_o, v);
+      continue;
+    }
+    if (bias) {
+      float b[8];
+      load8(bias + e * N + n, valid, vec_bias, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] += b[j];
+    }
+    if (pre) store8(pre + row * ldp + n, valid, vec_p, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
+    store8(out + row * ldo + n, valid, vec_o, v);
+  }
+}
+
 // ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
 // Block b of the 1-D grid computes row block b / n_tiles and column tile b % n_tiles.
+// SwiGLU (ACT, forward: W has N = 2H columns, out H): column tile t copies the BN weight columns of
+// hidden columns t BN / 2 .. (t + 1) BN / 2 - 1, gates then ups (concat: [gate | up] halves of the
+// tile) or pairs (interleaved: W's columns t BN .. (t + 1) BN - 1 as stored), so that one accumulator
+// holds both halves and the epilogue pairs them; pre keeps all 2H columns in W's layout.
+// GRAD_ACT SwiGLU (dgrad: N = H columns of d hidden): pre and out have 2H columns (d gate, d up).
 template <typename T, int BN, int ACT, bool TRANS_W, int GRAD_ACT = 0>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
     const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles,
-    int64_t rounds) {
+    int64_t rounds, bool interleaved) {
   using G = GemmTile<T, BN, TRANS_W>;
+  constexpr bool SWI = ACT == kSwiglu;
+  static_assert(!(SWI && TRANS_W), "SwiGLU is a forward activation");
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
   T* const Bs = As + kStages * G::A_STAGE;
@@ -280,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
 
   // This thread's copies, the same rows (A) or columns (W) at every K step: sources found once.
   const bool vec_a = lda % 8 == 0 && aligned16(a);
-  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w);
+  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
   const int a_kc = tid % G::A_CPR * 8;
   const T* a_src[G::A_PER];  // row start, null past the block's rows
 #pragma unroll
@@ -297,6 +489,11 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
       const int64_t n = n0 + tid / G::B_CPR + i * (kThreads / G::B_CPR);
       b_src[i] = n < N ? we + n * ldw : nullptr;
     }
+  } else if (SWI) {
+    const int64_t H = N / 2, o = static_cast<int64_t>(nt) * (BN / 2) + b_c % (BN / 2);  // this copy's hidden columns
+    const int64_t col = interleaved ? n0 + b_c : b_c < BN / 2 ? o : H + o;
+    b_src[0] = we + col;
+    b_valid = interleaved ? clamp8(N - col) : clamp8(H - o);
   } else {
     b_src[0] = we + n0 + b_c;
     b_valid = clamp8(N - n0 - b_c);
@@ -375,46 +572,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
                               wmma::mem_row_major);
   __syncthreads();
 
-  // epilogue: 8 consecutive columns per thread and step (16-byte accesses where aligned)
-  e = blk[0], row0 = blk[1];  // read again after the barriers: not held through the K loop
-  rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
-  const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
-  const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
-  constexpr int CPR = BN / 8;
-  for (int c = tid; c < BM * CPR; c += kThreads) {
-    const int r = c / CPR, cc = c % CPR * 8;
-    if (r >= rows) break;
-    const int64_t row = row0 + r, n = n0 + cc;
-    const int valid = clamp8(N - n);
-    if (valid == 0) continue;
-    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
-    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
-    // second half first, so each read's 8 lanes cover all 32 banks once.
-    float v[8];
-    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
-    const float4* const src = reinterpret_cast<const float4*>(Cs + r * G::LDC + cc);
-    const float4 first = src[swap], second = src[swap ^ 1];
-    const float4 lo = swap ? second : first, hi = swap ? first : second;
-    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
-      float p[8];
-      load8(pre + row * ldp + n, valid, vec_p, p);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
-      store8(out + row * ldo + n, valid, vec_o, v);
-      continue;
-    }
-    if (bias) {
-      float b[8];
-      load8(bias + e * N + n, valid, vec_bias, b);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] += b[j];
-    }
-    if (pre) store8(pre + row * ldp + n, valid, vec_p, v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
-    store8(out + row * ldo + n, valid, vec_o, v);
-  }
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, G::LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
 }
 
 // ---- weight gradient --------------------------------------------------------------------------------
@@ -434,11 +592,14 @@ struct WgradTile {
 
 // Block b of the 1-D grid: tile b % tiles of expert (b / tiles) % E, split b / (tiles * E); an expert's
 // tiles are consecutive (its rows stay in L2), column tiles fastest within a row of tiles.
+// A_ACT SwiGLU: a holds pre (2K columns, `interleaved` or [gate | up]); the hidden columns are formed
+// in registers from both halves by plain loads (there is no async copy that multiplies) and stored
+// to the stage as the copies would have; G's tile stays asynchronous.
 template <typename T, int A_ACT>
 __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
     int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
-    int tiles, float* __restrict__ partial, float* __restrict__ partial_db) {
+    int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
   using W = WgradTile;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
@@ -458,7 +619,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   // This thread copies 8 columns (k0 + c of A, n0 + c of G) of rows m_i = tid / CPR + i * (kThreads / CPR).
   const int c = tid % W::CPR * 8;
   const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
-  const bool vec_a = lda % 8 == 0 && aligned16(a), vec_g = ldg % 8 == 0 && aligned16(g);
+  const bool vec_a = lda % 8 == 0 && aligned16(a) && (A_ACT != kSwiglu || interleaved || K % 8 == 0),
+             vec_g = ldg % 8 == 0 && aligned16(g);
   const T* const a_col = a + k0 + c;  // row 0's columns; only read where in bounds
   const T* const g_col = g + n0 + c;
   auto load_stage = [&](int64_t m0, int stage) {
@@ -470,7 +632,11 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
       const int64_t row = m0 + m;
       const bool in = row < hi;
       const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
-      copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
+      if (A_ACT == kSwiglu) {
+        swiglu8(as + m * W::LDA, in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
+      } else {
+        copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
+      }
       copy8(gs + m * W::LDG, in ? g_col + row * ldg : g, in ? gn : 0, vec_g);
     }
   };
@@ -501,7 +667,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     __pipeline_wait_prior(kStages - 2);
     T* as = As + (mt % kStages) * W::A_STAGE;
     const T* gs = Gs + (mt % kStages) * W::G_STAGE;
-    if (A_ACT) {  // a holds pre: the hidden rows formed in place, each thread its own copies (act(0) = 0)
+    if (A_ACT && A_ACT != kSwiglu) {  // a holds pre: the hidden rows formed in place, each thread its own copies (act(0) = 0)
 #pragma unroll
       for (int i = 0; i < W::PER; ++i) {
         T* p = as + (tid / W::CPR + i * (kThreads / W::CPR)) * W::LDA + c;
@@ -590,8 +756,9 @@ int grouped_mm_block_rows() { return BM; }
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
-                       int64_t rounds, cudaStream_t stream) {
+                       int64_t rounds, bool interleaved, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
+  if ((act == kSwiglu && (N % 2 || trans_w)) || (grad_act == kSwiglu && !trans_w)) return cudaErrorInvalidValue;
   if (rounds < 0 || (rounds > 0 && (gather == nullptr || trans_w))) return cudaErrorInvalidValue;  // gathered forward only
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -600,14 +767,14 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
       constexpr std::size_t smem = GemmTile<T, BN, false>::smem_bytes > GemmTile<T, BN, true>::smem_bytes
                                        ? GemmTile<T, BN, false>::smem_bytes
                                        : GemmTile<T, BN, true>::smem_bytes;
-      const int64_t n_tiles = (N + BN - 1) / BN;
+      const int64_t n_tiles = act == kSwiglu ? (N / 2 + BN / 2 - 1) / (BN / 2) : (N + BN - 1) / BN;  // SwiGLU: BN / 2 out
       if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
       GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
           static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre),
-          ldp, static_cast<int>(n_tiles), rounds);
+          ldp, static_cast<int>(n_tiles), rounds, interleaved);
       return cudaGetLastError();
     };
     auto by_width = [&](auto pick) {
@@ -620,6 +787,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
           case kNone: return launch(bn, gmm_kernel<T, BN, kNone, true, kNone>);
           case kGelu: return launch(bn, gmm_kernel<T, BN, kNone, true, kGelu>);
           case kSilu: return launch(bn, gmm_kernel<T, BN, kNone, true, kSilu>);
+          case kSwiglu: return launch(bn, gmm_kernel<T, BN, kNone, true, kSwiglu>);
           default: return cudaErrorInvalidValue;
         }
       });
@@ -631,6 +799,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
         case kNone: return launch(bn, gmm_kernel<T, BN, kNone, false>);
         case kGelu: return launch(bn, gmm_kernel<T, BN, kGelu, false>);
         case kSilu: return launch(bn, gmm_kernel<T, BN, kSilu, false>);
+        case kSwiglu: return launch(bn, gmm_kernel<T, BN, kSwiglu, false>);
         default: return cudaErrorInvalidValue;
       }
     });
@@ -639,7 +808,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
 
 cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             int a_act, float* partial, float* partial_db, cudaStream_t stream) {
+                             int a_act, float* partial, float* partial_db, bool interleaved, cudaStream_t stream) {
   if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
   const int64_t n_tiles = (N + TN - 1) / TN, tiles = (K + TK - 1) / TK * n_tiles;
   if (tiles > 0x7fffffff || num_experts > 0x7fffffff) return cudaErrorInvalidValue;
@@ -652,13 +821,14 @@ cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int6
       GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
           static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
-          partial_db);
+          partial_db, interleaved);
       return cudaGetLastError();
     };
     switch (a_act) {
       case kNone: return launch(wgrad_kernel<T, kNone>);
       case kGelu: return launch(wgrad_kernel<T, kGelu>);
       case kSilu: return launch(wgrad_kernel<T, kSilu>);
+      case kSwiglu: return launch(wgrad_kernel<T, kSwiglu>);
       default: return cudaErrorInvalidValue;
     }
   });

@@ -254,8 +254,6 @@ def experts_forward(
     row_to_flat, flat_to_row, offsets = route(ids.contiguous(), E, backend)
 
     activation = fused_activation(module)
-    if activation == "swiglu" and backend == "cuda":  # the CUDA core fuses no SwiGLU: the module's gate between two GEMMs
-        activation = None
     if activation is not None:
         rows = expert_mlp(x, w1, b1, w2, b2, offsets, activation, backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
     else:
