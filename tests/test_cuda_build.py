@@ -32,6 +32,30 @@ def test_cuda_core_built_without_spills():
     assert f"{len(entries)} kernel builds; max registers {max(regs)};" in summary and "spill stores 0 bytes" in summary
 
 
+def _sm90_table(report: str):
+    """The report's sm_90 table: [(arch, registers, spill stores, static smem, mma, tma, kernel)]."""
+    rows = [
+        line[2:].split(" | ") for line in report.splitlines() if line.startswith("# sm_90a | ") or line.startswith("# sm_90 | ")
+    ]
+    return [(a, int(r), int(s), int(m), mma, tma, k) for a, r, s, m, mma, tma, k in rows]
+
+
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_sm90_report_says_what_the_hardware_runs():
+    """setup.py reads the SASS (cuobjdump -sass) of every sm_90 kernel into the report: mma HGMMA
+    (wgmma), HMMA (mma.sync) or -, and tma yes where it issues TMA loads, beside ptxas's registers,
+    spills and static shared memory; one row per sm_90 entry ptxas compiled."""
+    archs = os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a")
+    if not any(a.startswith("90") for a in archs.split(";")):
+        pytest.skip("no sm_90 target in this build")
+    report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
+    table = _sm90_table(report)
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_90a?)'", report)
+    assert sorted((k, a) for a, *_, k in table) == sorted(entries)
+    assert all(mma in ("HGMMA", "HMMA", "-") and tma in ("yes", "no") for _, _, _, _, mma, tma, _ in table)
+    assert not any(mma != "-" for *_, mma, _, k in table if "gating" in k or "permute" in k)  # no MMA there
+
+
 def _newest_ptx_arch(archs: str) -> str:
     return str(max(int(re.sub(r"[af]$", "", a)) for a in archs.split(";") if a))
 
