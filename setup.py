@@ -195,6 +195,8 @@ class BuildCudaCore(build_ext):
         ptx = max((re.sub(r"[af]$", "", a) for a in archs), key=int, default=None)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode += [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"] if ptx else []
+        # the launchers choose the sm_90a kernels (wgmma, TMA) on a 9.0 device only where they were built
+        defines = ["-DGEOMOE_SM90A_BUILT=1"] if "90a" in archs else []
         os.makedirs(self.build_temp, exist_ok=True)
         objects, report, features = [], [], {}
         tool = _cuobjdump(nvcc) if any(a.startswith("90") for a in archs) else None
@@ -211,6 +213,7 @@ class BuildCudaCore(build_ext):
                 "-Xptxas",
                 "-v",
                 "-lineinfo",
+                *defines,
                 *gencode,
                 "-c",
                 src,

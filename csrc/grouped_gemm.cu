@@ -17,17 +17,28 @@
 // row is padded by 16 bytes (conflict-free fragment loads), the pipeline's buffers hold the fp32
 // tile for the epilogue afterwards (dynamic shared memory), and __launch_bounds__(256, 2) keeps
 // registers at <= 128 so that two blocks fit on an SM.
+// On a 9.0 device (sm_90a build) the launchers run the wgmma + TMA kernels of namespace wg instead
+// (see "sm_90: wgmma + TMA" below); every other device runs the mma.sync kernels described here.
 // Each block finds its row block's expert and first row from the offsets (expert e owns
 // ceil(count_e / 128) consecutive row blocks; the grid's static bound leaves surplus blocks that
 // exit), so nothing is read back to the host and no schedule is built before the launch.
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
 #include "dtype.cuh"
+#include "sm90_ptx.cuh"  // the emulated build finds csrc/emulation/sm90_ptx.cuh first
+
+// The sm_90a cubin: the mma.sync kernels compile to a trap there (never launched: the wgmma ones are).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GEOMOE_SM90A_CUBIN 1
+#else
+#define GEOMOE_SM90A_CUBIN 0
+#endif
 
 namespace geomoe {
 namespace {
@@ -452,6 +463,9 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
     const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles,
     int64_t rounds, bool interleaved) {
+#if GEOMOE_SM90A_CUBIN
+  __trap();  // the sm_90a build runs wg::gmm_kernel (use_wgmma)
+#else
   using G = GemmTile<T, BN, TRANS_W>;
   constexpr bool SWI = ACT == kSwiglu;
   static_assert(!(SWI && TRANS_W), "SwiGLU is a forward activation");
@@ -573,6 +587,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   __syncthreads();
 
   gemm_epilogue<T, BN, ACT, GRAD_ACT, G::LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+#endif
 }
 
 // ---- weight gradient --------------------------------------------------------------------------------
@@ -600,6 +615,9 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
     int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
     int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
+#if GEOMOE_SM90A_CUBIN
+  __trap();  // the sm_90a build runs wg::wgrad_kernel (use_wgmma)
+#else
   using W = WgradTile;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
@@ -626,17 +644,23 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   auto load_stage = [&](int64_t m0, int stage) {
     T* as = As + stage * W::A_STAGE + c;
     T* gs = Gs + stage * W::G_STAGE + c;
+    if (A_ACT == kSwiglu) {  // one row at a time: the values live beside the accumulators
+#pragma unroll 1
+      for (int i = 0; i < W::PER; ++i) {
+        const int m = tid / W::CPR + i * (kThreads / W::CPR);
+        const int64_t row = m0 + m;
+        const bool in = row < hi;
+        const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+        swiglu8(as + m * W::LDA, in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < W::PER; ++i) {
       const int m = tid / W::CPR + i * (kThreads / W::CPR);
       const int64_t row = m0 + m;
       const bool in = row < hi;
       const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
-      if (A_ACT == kSwiglu) {
-        swiglu8(as + m * W::LDA, in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
-      } else {
-        copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
-      }
+      if (A_ACT != kSwiglu) copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
       copy8(gs + m * W::LDG, in ? g_col + row * ldg : g, in ? gn : 0, vec_g);
     }
   };
@@ -731,7 +755,323 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
       for (int j = 0; j < 4 && n + j < N; ++j) dst[k * N + n + j] = src[j];
     }
   }
+#endif
 }
+
+// ---- sm_90: wgmma + TMA ------------------------------------------------------------------------------
+//
+// The forward, dgrad and weight gradient for sm_90a (H100 / H200), chosen at run time where the device
+// is 9.0 and the build has sm_90a code (mma.sync stays the path of every other device). Hand-written
+// PTX (sm90_ptx.cuh): wgmma.mma_async m64n64k16 with both operands in shared memory, fp32
+// accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
+// tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
+// operand row), a 3-stage pipeline (96 KB: two blocks per SM).
+// Operands: the rows of A (gathered through the routing or not, and the weight gradient's A and G) by
+// 16-byte cp.async (or plain loads where a row is not 16-byte aligned) into the swizzled layout, each
+// thread's chunks found as in the mma.sync kernels; the weight W of the forward and dgrad by TMA
+// (one 64 x 64 box per half of the tile, 3-D tensor map over [E, rows, cols], out-of-range elements
+// zeros) completing on the stage's mbarrier, or by cp.async where W's rows are not 16-byte aligned
+// (TMA needs 16-byte strides). The forward's W [K, N] and the weight gradient's A^T and G are
+// MN-major operands (transposed descriptors), the dgrad's W^T and every A K-major.
+// Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
+// generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
+// wgmma of the step before has completed: its stage may be refilled), issue the copies of step
+// kt + 2, then 8 wgmma (4 k16 x 2 halves), commit, wait for them. The epilogue is the mma.sync
+// kernels': the accumulators go to shared memory (the pipeline's buffers) and gemm_epilogue reads them.
+namespace wg {
+
+constexpr int kThreads = 256, BM = 128, BN = 128, BK = 64, kStages = 3;
+constexpr int TILE = 64 * 64;            // elements of one swizzled 64 x 64 operand tile (8 KB)
+constexpr int STAGE = 4 * TILE;          // A: two tiles, B: two tiles
+constexpr int LDC = BN + CPAD;           // the fp32 epilogue tile, over the pipeline's buffers
+constexpr std::size_t pipe_bytes = std::size_t(kStages) * STAGE * 2, c_bytes = std::size_t(BM) * LDC * 4;
+constexpr std::size_t smem_bytes = (pipe_bytes > c_bytes ? pipe_bytes : c_bytes) + 1024;  // + 1,024-byte alignment
+static_assert(kThreads == ::geomoe::kThreads && BM == ::geomoe::BM, "the row-block search and epilogue are shared");
+
+// The element offset of (row, col) in a swizzled 64 x 64 tile: 16-byte chunk col / 8 of the 128-byte
+// row sits at chunk (col / 8) ^ (row % 8) (TMA's SWIZZLE_128B and wgmma's 128-byte layout).
+__device__ inline int swz(int row, int col) { return row * 64 + (((col >> 3) ^ (row & 7)) << 3) + (col & 7); }
+
+// The 1,024-byte aligned start of the tiles in dynamic shared memory (aligned in the shared window).
+template <typename T> __device__ inline T* aligned_tiles(unsigned char* smem) {
+  const uint32_t a = sm90::smem_addr(smem);
+  return reinterpret_cast<T*>(smem + ((1024 - (a & 1023)) & 1023));
+}
+
+// Thread t's accumulator element r of half j (64 columns) in its warpgroup's 64 rows: (row, column)
+// in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
+__device__ inline int acc_row(int r) {
+  const int t = threadIdx.x;
+  return 64 * (t / 128) + 16 * (t % 128 / 32) + t % 32 / 4 + 8 * ((r / 2) % 2);
+}
+__device__ inline int acc_col(int j, int r) { return 64 * j + 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+
+template <typename T, int ACT, bool TRANS_W, int GRAD_ACT>
+__global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
+    const __grid_constant__ CUtensorMap w_map, bool w_tma, int64_t K, int64_t N, int64_t ldw, int64_t stride_we,
+    const T* __restrict__ bias, const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo,
+    T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved) {
+#if !GEOMOE_SM90A
+  __trap();  // no sm_90a code here (sm_80, the compute_90 PTX): the launcher never chooses this kernel
+#else
+  constexpr bool SWI = ACT == kSwiglu;
+  static_assert(!(SWI && TRANS_W), "SwiGLU is a forward activation");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const tiles = aligned_tiles<T>(smem);
+  float* const Cs = reinterpret_cast<float*>(tiles);  // after the K loop
+  __shared__ __align__(8) uint64_t full[kStages];      // W's TMA boxes of each stage
+  __shared__ const T* a_rows[BM];                      // each tile row's source row (null past the block's rows)
+
+  const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
+  const int64_t* const blk = rounds > 0 ? interleaved_block(offsets, num_experts, rb, rounds)
+                                        : block_of_expert(offsets, num_experts, rb);  // {expert, first row}
+  if (blk[0] < 0) return;
+  const int64_t e = blk[0], row0 = blk[1];
+  const int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
+  const int tid = threadIdx.x;
+  const T* we = w + e * stride_we;
+
+  // W's two 64-column (forward) or 64-row (dgrad) halves of the tile: their first column / row and
+  // bound (recomputed where used: the registers stay with the accumulators). SwiGLU: [gate | up]
+  // halves, or W's columns as stored (interleaved pairs).
+  auto b_start = [&](int j) -> int64_t {
+    return SWI && !interleaved ? static_cast<int64_t>(nt) * (BN / 2) + j * (N / 2) : static_cast<int64_t>(nt) * BN + 64 * j;
+  };
+  auto b_end = [&](int j) -> int64_t { return SWI && !interleaved ? (j + 1) * (N / 2) : N; };
+
+  // A: 1,024 chunks of 8 a stage, 4 a thread: row tid / 8 + 32 i, chunk tid % 8 (the same each step);
+  // the rows' sources found once, kept in shared memory
+  const bool vec_a = lda % 8 == 0 && aligned16(a);
+  const int a_kc = tid % 8 * 8;
+  if (tid < BM) a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
+  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
+
+  auto load_stage = [&](int64_t k0, int stage) {
+    T* const as = tiles + stage * STAGE;
+    T* const bs = as + 2 * TILE;
+    const int ka = clamp8(K - k0 - a_kc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = tid / 8 + 32 * i;
+      const T* src = a_rows[r];
+      copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+    }
+    if (w_tma) {  // one thread: two 8 KB boxes on the stage's barrier
+      if (tid == 0) {
+        sm90::mbar_arrive_expect_tx(&full[stage], 2 * TILE * sizeof(T));
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (TRANS_W)  // rows b_start(j).. of W (the output columns), K columns k0..
+            sm90::tma_load_3d(bs + j * TILE, &w_map, &full[stage], static_cast<int>(k0), static_cast<int>(b_start(j)),
+                              static_cast<int>(e));
+          else  // K rows k0.., columns b_start(j)..
+            sm90::tma_load_3d(bs + j * TILE, &w_map, &full[stage], static_cast<int>(b_start(j)), static_cast<int>(k0),
+                              static_cast<int>(e));
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // 1,024 chunks: half j, row r, chunk c
+      const int q = tid + kThreads * i, j = q / 512, r = q % 512 / 8, c = q % 8 * 8;
+      if (TRANS_W) {  // K-major: W row b_start(j) + r (an output column), K columns k0 + c..
+        const int64_t n = b_start(j) + r;
+        const bool in = n < b_end(j);
+        copy8(bs + j * TILE + swz(r, c), in ? we + n * ldw + k0 + c : w, in ? clamp8(K - k0 - c) : 0, vec_b);
+      } else {  // MN-major: W row k0 + r, columns b_start(j) + c..
+        const bool in = k0 + r < K;
+        const int64_t n = b_start(j) + c;
+        copy8(bs + j * TILE + swz(r, c), in ? we + (k0 + r) * ldw + n : w, in ? clamp8(b_end(j) - n) : 0, vec_b);
+      }
+    }
+  };
+
+  if (tid == 0)
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) sm90::mbar_init(&full[s], 1);
+  __syncthreads();  // the barriers and a_rows are set up before anyone uses them
+
+  float acc[2][32];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+
+  const int nk = static_cast<int>((K + BK - 1) / BK);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nk) load_stage(static_cast<int64_t>(s) * BK, s);
+    __pipeline_commit();
+  }
+  const int wgi = tid / 128;  // this thread's warpgroup: rows 64 wgi .. 64 wgi + 63
+  for (int kt = 0; kt < nk; ++kt) {
+    const int stage = kt % kStages;
+    __pipeline_wait_prior(kStages - 2);                            // this thread's copies of step kt
+    if (w_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // W's boxes of step kt
+    sm90::fence_proxy_async();                                     // the copies, visible to wgmma
+    __syncthreads();  // everyone's copies; everyone's wgmma of step kt - 1 done: its stage is free
+    const int next = kt + kStages - 1;
+    if (next < nk) load_stage(static_cast<int64_t>(next) * BK, next % kStages);
+    __pipeline_commit();
+    const uint32_t as = sm90::smem_addr(tiles + stage * STAGE + wgi * TILE), bs = sm90::smem_addr(tiles + stage * STAGE + 2 * TILE);
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < BK / 16; ++s) {
+      const uint64_t da = sm90::make_desc(as + 32 * s);  // K-major: 16 columns = 32 bytes along the row
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // W^T K-major (dgrad), W MN-major: 16 rows = 2,048 bytes
+        const uint64_t db = sm90::make_desc(bs + j * TILE * sizeof(T) + (TRANS_W ? 32 * s : 2048 * s));
+        sm90::wgmma_m64n64k16<T, 0, TRANS_W ? 0 : 1>(acc[j], da, db, 1);
+      }
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // the pipeline's buffers become Cs
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) Cs[acc_row(r) * LDC + acc_col(j, r)] = acc[j][r];
+  __syncthreads();
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+#endif
+}
+
+// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, two 64-column halves),
+// 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
+// values). The bias gradient, as in the mma.sync kernel, from the G chunks each thread copied.
+template <typename T, int A_ACT>
+__global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
+    int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
+    int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
+#if !GEOMOE_SM90A
+  __trap();  // no sm_90a code here: the launcher never chooses this kernel
+#else
+  constexpr int TM = 64, CPR = 16;  // rows a step; 8-column chunks per 128-column row
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const tl = aligned_tiles<T>(smem);
+  __shared__ float db_sum[kThreads / CPR][BN];  // column sums of G, one row per group of copying threads
+
+  const unsigned tile = blockIdx.x % static_cast<unsigned>(tiles), se = blockIdx.x / static_cast<unsigned>(tiles);
+  const int e = static_cast<int>(se % static_cast<unsigned>(num_experts)),
+            s = static_cast<int>(se / static_cast<unsigned>(num_experts));
+  const int64_t k0 = static_cast<int64_t>(tile / n_tiles) * BM, n0 = static_cast<int64_t>(tile % n_tiles) * BN;
+  const int64_t start = offsets[e], end = offsets[e + 1];
+  const int64_t chunk = (end - start + splits - 1) / splits;
+  const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
+  const int tid = threadIdx.x;
+
+  // this thread copies columns c .. c + 7 (of A's k0.. and G's n0..) of rows tid / 16 + 16 i
+  const int c = tid % CPR * 8;
+  const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
+  const bool vec_a = lda % 8 == 0 && aligned16(a) && (A_ACT != kSwiglu || interleaved || K % 8 == 0),
+             vec_g = ldg % 8 == 0 && aligned16(g);
+  auto at = [&](int half_tile, int m) { return half_tile * TILE + swz(m, c % 64); };  // half c / 64
+  auto load_stage = [&](int64_t m0, int stage) {
+    T* const as = tl + stage * STAGE;
+    T* const gs = as + 2 * TILE;
+    if (A_ACT == kSwiglu) {  // one row at a time: the values live beside the accumulators
+#pragma unroll 1
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        const int m = tid / CPR + i * (kThreads / CPR);
+        const int64_t row = m0 + m;
+        const bool in = row < hi;
+        const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+        swiglu8(as + at(c / 64, m), in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < TM * CPR / kThreads; ++i) {
+      const int m = tid / CPR + i * (kThreads / CPR);
+      const int64_t row = m0 + m;
+      const bool in = row < hi;
+      const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+      if (A_ACT != kSwiglu) copy8(as + at(c / 64, m), in ? a + src * lda + k0 + c : a, in ? ka : 0, vec_a);
+      copy8(gs + at(c / 64, m), in ? g + row * ldg + n0 + c : g, in ? gn : 0, vec_g);
+    }
+  };
+
+  const bool sums_bias = partial_db != nullptr && k0 == 0;
+  float* const my_sum = &db_sum[tid / CPR][tid % CPR];  // column c + j at (c + j) % 8 * CPR + (c + j) / 8
+  if (sums_bias)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) my_sum[j * CPR] = 0.f;
+  float acc[2][32];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+
+  const int nm = static_cast<int>((hi - lo + TM - 1) / TM);  // hi < lo: an empty split
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nm) load_stage(lo + static_cast<int64_t>(st) * TM, st);
+    __pipeline_commit();
+  }
+  const int wgi = tid / 128;  // this warpgroup's 64 K rows of dW
+  for (int mt = 0; mt < nm; ++mt) {
+    __pipeline_wait_prior(kStages - 2);
+    T* const as = tl + (mt % kStages) * STAGE;
+    const T* const gs = as + 2 * TILE;
+    if (A_ACT && A_ACT != kSwiglu) {  // a holds pre: the hidden values formed in place, each thread its own copies
+#pragma unroll
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        T* p = as + at(c / 64, tid / CPR + i * (kThreads / CPR));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(activate(to_f32(p[j]), A_ACT));
+      }
+    }
+    if (sums_bias) {
+#pragma unroll
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        const T* p = gs + at(c / 64, tid / CPR + i * (kThreads / CPR));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) my_sum[j * CPR] += to_f32(p[j]);
+      }
+    }
+    sm90::fence_proxy_async();
+    __syncthreads();
+    const int next = mt + kStages - 1;
+    if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
+    __pipeline_commit();
+    const uint32_t sa = sm90::smem_addr(as + wgi * TILE), sg = sm90::smem_addr(gs);
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes
+      const uint64_t da = sm90::make_desc(sa + 2048 * k);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) sm90::wgmma_m64n64k16<T, 1, 1>(acc[j], da, sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every thread's bias sums are in
+  const int64_t slot = static_cast<int64_t>(s) * num_experts + e;
+  if (sums_bias && tid < BN && n0 + tid < N) {
+    float sum = 0.f;
+    for (int q = 0; q < kThreads / CPR; ++q) sum += db_sum[q][tid % 8 * CPR + tid / 8];
+    partial_db[slot * N + n0 + tid] = sum;
+  }
+  float* dst = partial + slot * K * N;  // every element written: empty experts get zeros
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) {
+      const int64_t k = k0 + acc_row(r), n = n0 + acc_col(j, r);
+      if (k < K && n < N) dst[k * N + n] = acc[j][r];
+    }
+#endif
+}
+
+}  // namespace wg
 
 template <typename F>
 cudaError_t by_half_dtype(DType dtype, F&& f) {
@@ -749,9 +1089,75 @@ inline dim3 grid_1d(int64_t blocks) { return dim3(blocks > 0xffffffffll ? 0xffff
 // tiles instead of 5 with the last half empty), 128 x 128 otherwise.
 inline bool narrow_tiles(int64_t N) { return N <= 64 || (N % 128 != 0 && N % 128 <= 64); }
 
+#if defined(GEOMOE_EMULATION) || defined(GEOMOE_SM90A_BUILT)
+constexpr bool kHasSm90a = true;  // the build has sm_90a code (the emulation carries out its kernels)
+#else
+constexpr bool kHasSm90a = false;
+#endif
+
+// Whether the launches go to the sm_90a (wgmma) kernels: the current device is 9.0 and the build has
+// sm_90a code (a newer device runs the mma.sync kernels through the compute_90 PTX). Queried once per
+// device; no host sync.
+inline bool use_wgmma() {
+  if (!kHasSm90a) return false;
+  static std::atomic<int> known[64];  // 0: not asked yet, 1: no, 2: yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  int v = known[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 2 : 1;
+    known[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled through the runtime (the core links no libcuda), or null.
+inline EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiled>(nullptr);
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// W stored [E][rows][cols] (cols contiguous, rows ldw apart, experts stride_we apart) as a 3-D tensor
+// map of 64 x 64 boxes with the 128-byte swizzle; false where TMA cannot address it (a base or stride
+// not on 16 bytes, overlapping rows or experts, a dimension past 2^32), and the kernel copies W by
+// cp.async instead.
+template <typename T>
+bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_t ldw, int64_t stride_we, int64_t experts) {
+  if (!aligned16(w) || ldw % 8 || stride_we % 8 || ldw < cols || (experts > 1 && stride_we < rows * ldw) ||
+      rows >= (int64_t(1) << 32) || cols >= (int64_t(1) << 32) || experts >= (int64_t(1) << 32) ||
+      stride_we * int64_t(sizeof(T)) >= (int64_t(1) << 40))
+    return false;
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(experts)};
+  const cuuint64_t strides[2] = {cuuint64_t(ldw) * sizeof(T), cuuint64_t(experts > 1 ? stride_we : rows * ldw) * sizeof(T)};
+  const cuuint32_t box[3] = {64, 64, 1}, element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, type, 3, const_cast<T*>(w), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
+         CUDA_SUCCESS;
+}
+
 }  // namespace
 
 int grouped_mm_block_rows() { return BM; }
+
+const char* grouped_mm_kernels() { return use_wgmma() ? "wgmma" : "mma.sync"; }
 
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
@@ -762,6 +1168,39 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
   if (rounds < 0 || (rounds > 0 && (gather == nullptr || trans_w))) return cudaErrorInvalidValue;  // gathered forward only
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (use_wgmma()) {  // sm_90a: wgmma, W by TMA where it can address it
+      auto launch90 = [&](auto kernel) {
+        CUtensorMap map;
+        const int64_t w_rows = trans_w ? N : K, w_cols = trans_w ? K : N;
+        const bool tma = weight_map(&map, static_cast<const T*>(w), w_rows, w_cols, ldw, stride_we, num_experts);
+        if (!tma) std::memset(static_cast<void*>(&map), 0, sizeof map);
+        const int64_t n_tiles = act == kSwiglu ? (N / 2 + wg::BN / 2 - 1) / (wg::BN / 2) : (N + wg::BN - 1) / wg::BN;
+        if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
+        if (err != cudaSuccess) return err;
+        GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, tma, K, N, ldw, stride_we,
+            static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp,
+            static_cast<int>(n_tiles), rounds, interleaved);
+        return cudaGetLastError();
+      };
+      if (trans_w) {
+        switch (grad_act) {
+          case kNone: return launch90(wg::gmm_kernel<T, kNone, true, kNone>);
+          case kGelu: return launch90(wg::gmm_kernel<T, kNone, true, kGelu>);
+          case kSilu: return launch90(wg::gmm_kernel<T, kNone, true, kSilu>);
+          case kSwiglu: return launch90(wg::gmm_kernel<T, kNone, true, kSwiglu>);
+          default: return cudaErrorInvalidValue;
+        }
+      }
+      switch (act) {
+        case kNone: return launch90(wg::gmm_kernel<T, kNone, false, kNone>);
+        case kGelu: return launch90(wg::gmm_kernel<T, kGelu, false, kNone>);
+        case kSilu: return launch90(wg::gmm_kernel<T, kSilu, false, kNone>);
+        case kSwiglu: return launch90(wg::gmm_kernel<T, kSwiglu, false, kNone>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
     auto launch = [&](auto bn, auto kernel) {
       constexpr int BN = decltype(bn)::value;
       constexpr std::size_t smem = GemmTile<T, BN, false>::smem_bytes > GemmTile<T, BN, true>::smem_bytes
@@ -777,8 +1216,9 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
           ldp, static_cast<int>(n_tiles), rounds, interleaved);
       return cudaGetLastError();
     };
-    auto by_width = [&](auto pick) {
-      return narrow_tiles(N) ? pick(std::integral_constant<int, 64>{}) : pick(std::integral_constant<int, 128>{});
+    auto by_width = [&](auto pick) {  // SwiGLU: 128 x 64 (with 128 x 128 ptxas spilled on sm_80)
+      return narrow_tiles(N) || act == kSwiglu ? pick(std::integral_constant<int, 64>{})
+                                               : pick(std::integral_constant<int, 128>{});
     };
     if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
       return by_width([&](auto bn) {
@@ -799,7 +1239,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
         case kNone: return launch(bn, gmm_kernel<T, BN, kNone, false>);
         case kGelu: return launch(bn, gmm_kernel<T, BN, kGelu, false>);
         case kSilu: return launch(bn, gmm_kernel<T, BN, kSilu, false>);
-        case kSwiglu: return launch(bn, gmm_kernel<T, BN, kSwiglu, false>);
+        case kSwiglu: return BN == 64 ? launch(bn, gmm_kernel<T, 64, kSwiglu, false>) : cudaErrorInvalidValue;
         default: return cudaErrorInvalidValue;
       }
     });
@@ -815,6 +1255,24 @@ cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int6
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr std::size_t smem = WgradTile::smem_bytes<T>();
+    if (use_wgmma()) {
+      auto launch90 = [&](auto kernel) {
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
+        if (err != cudaSuccess) return err;
+        GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
+            static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
+            partial_db, interleaved);
+        return cudaGetLastError();
+      };
+      switch (a_act) {
+        case kNone: return launch90(wg::wgrad_kernel<T, kNone>);
+        case kGelu: return launch90(wg::wgrad_kernel<T, kGelu>);
+        case kSilu: return launch90(wg::wgrad_kernel<T, kSilu>);
+        case kSwiglu: return launch90(wg::wgrad_kernel<T, kSwiglu>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
     auto launch = [&](auto kernel) {
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;

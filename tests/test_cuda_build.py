@@ -56,6 +56,27 @@ def test_sm90_report_says_what_the_hardware_runs():
     assert not any(mma != "-" for *_, mma, _, k in table if "gating" in k or "permute" in k)  # no MMA there
 
 
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_shipped_sm90_gemm_kernels_run_hgmma_without_spills():
+    """Every grouped-GEMM kernel the sm_90a build ships (forward, dgrad, weight gradient; what the
+    launchers run on a 9.0 device: the wg:: kernels) issues HGMMA (wgmma) and spills nothing, and
+    the forward and dgrad load W by TMA; the mma.sync kernels compile to a trap there (no MMA,
+    never launched on sm_90a), so that no HMMA GEMM ships for sm_90."""
+    if "90a" not in os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a").split(";"):
+        pytest.skip("no sm_90a target in this build")
+    report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
+    gemm = [row for row in _sm90_table(report) if "grouped_gemm" in row[-1]]
+    wgmma = [row for row in gemm if re.search(r"2wg(10gmm_kernel|12wgrad_kernel)I", row[-1])]  # geomoe::(anon)::wg::
+    assert len(wgmma) == 24, [row[-1] for row in wgmma]  # 2 dtypes x (4 forward + 4 dgrad + 4 wgrad)
+    for arch, regs, spills, smem, mma, tma, kernel in gemm:
+        assert spills == 0, kernel
+        if kernel in {row[-1] for row in wgmma}:
+            assert mma == "HGMMA", kernel
+            assert tma == ("yes" if "gmm_kernel" in kernel else "no"), kernel
+        else:
+            assert mma == "-", f"{kernel}: an mma.sync GEMM ships for sm_90a ({mma})"
+
+
 def _newest_ptx_arch(archs: str) -> str:
     return str(max(int(re.sub(r"[af]$", "", a)) for a in archs.split(";") if a))
 

@@ -468,6 +468,72 @@ def test_swiglu_layer_runs_on_the_cuda_core(dtype):
         torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])
 
 
+# ---- the sm_90a kernels (wgmma, TMA, mbarriers) on an emulated H100 ---------------------------------
+
+
+def test_wgmma_kernels_chosen_where_the_device_is_9_0():
+    """The launchers take the sm_90a kernels where the (emulated) device is 9.0: GEOMOE_EMULATE_SM=90,
+    which the test below sets for the grouped-GEMM tests' second run; mma.sync elsewhere."""
+    want = "wgmma" if os.environ.get("GEOMOE_EMULATE_SM") == "90" else "mma.sync"
+    assert CORE.grouped_mm_kernels() == want
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="4 GB of address space, mostly untouched, is more than ASan's shadow should map")
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_gathered_rows_past_2_31_elements(act):
+    """int64 addressing: token rows whose first element lies past 2^31 elements (a [2,100, 2^20 + 64]
+    bf16 view of 4.4 GB, only the rows read ever touched), read through the gather by the forward and
+    the weight gradient, against float64; one expert without rows."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    T, LD, K, N, E, k = 2100, 2**20 + 64, 24, 40, 3, 2
+    storage = torch.empty(T * LD, dtype=torch.bfloat16)
+    x = storage.view(T, LD)[:, :K]
+    tokens = torch.tensor([T - 1, 5, T - 7, 2047, T - 3])  # 5 and 2047 stay below 2^31 elements
+    for t in tokens.tolist():
+        x[t] = torch.randn(K).to(torch.bfloat16)
+    assert int(tokens.max()) * LD > 2**31
+    flat = torch.stack([tokens * k, tokens * k + 1], 1).reshape(-1)  # both slots of every token
+    experts = torch.tensor([0, 2, 2, 0, 0, 2, 2, 2, 0, 0])  # expert 1: no rows
+    order = torch.sort(experts, stable=True).indices
+    gather = flat[order].contiguous()
+    off = torch.tensor([0, int((experts == 0).sum()), int((experts == 0).sum()), experts.numel()])
+    w = (torch.randn(E, K, N) / K**0.5).to(torch.bfloat16)
+    b = torch.randn(E, N).to(torch.bfloat16)
+    out, pre = recipe.forward(cuda.CudaGroupedGemm(), x, w, off, b, act, gather, k)
+    A = x[gather // k].double()
+    exact = torch.cat([A[off[e] : off[e + 1]] @ w[e].double() + b[e].double() for e in range(E)])
+    torch.testing.assert_close(pre.double(), exact, **GRAD_TOL[torch.bfloat16])
+    g = torch.randn(gather.numel(), N).to(torch.bfloat16)
+    dw, db = recipe.weight_grad(cuda.CudaGroupedGemm(), x, g, off, gather, k, splits=1)
+    for e in range(E):
+        lo, hi = int(off[e]), int(off[e + 1])
+        torch.testing.assert_close(dw[e].double(), A[lo:hi].T @ g[lo:hi].double(), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(db[e].double(), g[lo:hi].double().sum(0), rtol=1e-3, atol=2e-3)
+    assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
+
+
+GEMM_TESTS = "grouped_mm or weight_grad or expert_mlp or swiglu or wgmma_kernels or past_2_31"
+
+
+@pytest.mark.skipif(os.environ.get("GEOMOE_EMULATE_SM") == "90", reason="this is that run")
+def test_gemm_tests_again_on_an_emulated_h100():
+    """Every grouped-GEMM test of this file (forward, dgrad, wgrad, SwiGLU in both layouts, experts
+    without rows, rows not 16-byte aligned, the pipeline's steady state, int64 addressing) again in a
+    process whose emulated device is 9.0, so that the sm_90a kernels run: wgmma.mma_async on swizzled
+    shared-memory descriptors, W by TMA completing on mbarriers (by cp.async where its rows are not
+    16-byte aligned), carried out by csrc/emulation/sm90_ptx.cuh; then the GEMM and SwiGLU tests once
+    more with every copy (cp.async and TMA) landing at issue, where a stage refilled before the
+    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test).
+    Under ASan, the forward / dgrad / wgrad / SwiGLU subset."""
+    env = dict(os.environ, GEOMOE_EMULATE_SM="90")
+    if VARIANT == "asan":  # the AddressSanitizer run: forward, dgrad, wgrad and SwiGLU's paths
+        _pytest(env, [__file__], "not (test_grouped_mm or swiglu_expert_mlp or weight_grad_of)")
+        return
+    _pytest(env, [__file__], f"not ({GEMM_TESTS})")
+    _pytest(dict(env, GEOMOE_EMULATE_COPIES="eager"), [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
+
+
 # ---- the layer and the model -----------------------------------------------------------------------
 
 
