@@ -64,6 +64,80 @@ def _nvcc():
     return None
 
 
+def _cuobjdump(nvcc):
+    """cuobjdump beside nvcc, else on PATH, else the one Triton's wheel carries (CUDA 13's minimal
+    toolkits ship none); None when there is none."""
+    beside = os.path.join(os.path.dirname(nvcc), "cuobjdump")
+    if os.path.exists(beside):
+        return beside
+    if shutil.which("cuobjdump"):
+        return shutil.which("cuobjdump")
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        tool = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(tool):
+            return tool
+    return None
+
+
+def _sass_features(tool, obj):
+    """{(arch, kernel): (mma, tma)} from the object's SASS: mma HGMMA (wgmma), HMMA (mma.sync) or -,
+    tma yes where a tensor-memory-access instruction (UTMALDG / UTMASTG) is issued."""
+    proc = subprocess.run([tool, "-sass", obj], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass failed on {os.path.basename(obj)}: {proc.stderr[-2000:]}")
+    found, arch, name = {}, None, None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch, name = m.group(1), None
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            found[(arch, name)] = set()
+            continue
+        if name is not None:
+            ops = found[(arch, name)]
+            for op in ("HGMMA", "HMMA", "UTMALDG", "UTMASTG"):
+                if op in line and re.search(rf"\b{op}\b", line):
+                    ops.add(op)
+    return {
+        key: ("HGMMA" if "HGMMA" in ops else "HMMA" if "HMMA" in ops else "-", "yes" if ops & {"UTMALDG", "UTMASTG"} else "no")
+        for key, ops in found.items()
+    }
+
+
+def _ptxas_entries(text):
+    """[(arch, kernel, registers, spill stores, static shared bytes)] from ptxas -v's report."""
+    entries = []
+    for m in re.finditer(r"Compiling entry function '(\w+)' for '(sm_\w+)'\n(.*?)(?=\nptxas info\s+: Compile time)", text, re.S):
+        body = m.group(3)
+        regs = re.search(r"Used (\d+) registers", body)
+        spills = re.search(r"(\d+) bytes spill stores", body)
+        smem = re.search(r"(\d+) bytes smem", body)
+        entries.append(
+            (
+                m.group(2),
+                m.group(1),
+                int(regs.group(1)) if regs else 0,
+                int(spills.group(1)) if spills else 0,
+                int(smem.group(1)) if smem else 0,
+            )
+        )
+    return entries
+
+
+def _sm90_table(entries, features):
+    """The sm_90 kernels' table written into the report: what the hardware will run."""
+    rows = ["# sm_90 kernels | registers | spill stores | static smem | mma | tma | kernel"]
+    for arch, name, regs, spills, smem in entries:
+        if arch.startswith("sm_90"):
+            mma, tma = features.get((arch, name), ("?", "?"))
+            rows.append(f"# {arch} | {regs} | {spills} | {smem} | {mma} | {tma} | {name}")
+    return "\n".join(rows) + "\n"
+
+
 def _say(msg: str) -> None:
     print(f"geomoe_kernels: {msg}", file=sys.stderr)
 
@@ -121,16 +195,38 @@ class BuildCudaCore(build_ext):
         ptx = max((re.sub(r"[af]$", "", a) for a in archs), key=int, default=None)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode += [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"] if ptx else []
+        # the launchers choose the sm_90a kernels (wgmma, TMA) on a 9.0 device only where they were built
+        defines = ["-DGEOMOE_SM90A_BUILT=1"] if "90a" in archs else []
         os.makedirs(self.build_temp, exist_ok=True)
-        objects, report = [], []
+        objects, report, features = [], [], {}
+        tool = _cuobjdump(nvcc) if any(a.startswith("90") for a in archs) else None
+        if tool is None and any(a.startswith("90") for a in archs):
+            raise RuntimeError("cuobjdump not found (the sm_90 report reads the SASS): set CUDA_HOME to a full toolkit")
         for src in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu"))):
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xptxas", "-v", "-lineinfo", *gencode, "-c", src, "-o", obj]
+            cmd = [
+                nvcc,
+                "-O3",
+                "-std=c++17",
+                "-Xcompiler",
+                "-fPIC",
+                "-Xptxas",
+                "-v",
+                "-lineinfo",
+                *defines,
+                *gencode,
+                "-c",
+                src,
+                "-o",
+                obj,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {os.path.basename(src)}:\n{proc.stderr[-4000:]}")
             report.append(proc.stderr)
             objects.append(obj)
+            if tool is not None:
+                features.update(_sass_features(tool, obj))
         text = "".join(report)
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
         stacks = [int(x) for x in re.findall(r"(\d+) bytes stack frame", text)]
@@ -140,7 +236,7 @@ class BuildCudaCore(build_ext):
             f"max stack {max(stacks, default=0)} bytes; spill stores {sum(spills)} bytes; ptx compute_{ptx}"
         )
         with open(os.path.join(HERE, "geomoe_kernels", "_cuda_build.txt"), "w") as f:
-            f.write(f"# nvcc {nvcc}\n# {summary}\n{text}")
+            f.write(f"# nvcc {nvcc}\n# {summary}\n{text}" + (_sm90_table(_ptxas_entries(text), features) if tool else ""))
         _say(f"built the CUDA core with {nvcc}: {summary}")
         ext.extra_objects = objects
         ext.include_dirs += [os.path.join(cuda, "include")]

@@ -137,26 +137,27 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
   }, "dtype"_a, "x"_a, "ldx"_a, "grad_out"_a, "ldg"_a, "neighbors"_a, "kk"_a, "rows"_a, "channels"_a, "dw_partial"_a,
         "db_partial"_a, "stream"_a);
   m.def("grouped_mm_block_rows", &geomoe::grouped_mm_block_rows);
+  m.def("grouped_mm_kernels", &geomoe::grouped_mm_kernels);
   m.def("grouped_mm", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t w,
                          int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, std::uintptr_t bias,
                          int64_t blocks, std::uintptr_t offsets, int num_experts, int act,
                          std::uintptr_t out, int64_t ldo, std::uintptr_t pre, int64_t ldp, int grad_act, int64_t rounds,
-                         std::uintptr_t s) {
+                         std::uintptr_t s, bool interleaved) {
     check(geomoe::grouped_mm(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
                              ptr<const void>(w), K, N, ldw, stride_we, trans_w, ptr<const void>(bias),
                              blocks, ptr<const int64_t>(offsets), num_experts,
-                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, grad_act, rounds, stream(s)), "grouped_mm");
+                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, grad_act, rounds, interleaved, stream(s)), "grouped_mm");
   }, "dtype"_a, "a"_a, "lda"_a, "gather"_a, "top_k"_a, "w"_a, "K"_a, "N"_a, "ldw"_a, "stride_we"_a, "trans_w"_a,
         "bias"_a, "blocks"_a, "offsets"_a, "num_experts"_a, "act"_a, "out"_a, "ldo"_a, "pre"_a, "ldp"_a,
-        "grad_act"_a, "rounds"_a, "stream"_a);
+        "grad_act"_a, "rounds"_a, "stream"_a, "swiglu_interleaved"_a = false);
   m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t g,
                                int64_t ldg, std::uintptr_t offsets, int64_t E, int64_t K, int64_t N, int splits, int a_act,
-                               std::uintptr_t partial, std::uintptr_t partial_db, std::uintptr_t s) {
+                               std::uintptr_t partial, std::uintptr_t partial_db, std::uintptr_t s, bool interleaved) {
     check(geomoe::grouped_mm_wgrad(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
                                    ptr<const void>(g), ldg, ptr<const int64_t>(offsets), E, K, N, splits, a_act,
-                                   ptr<float>(partial), ptr<float>(partial_db), stream(s)), "grouped_mm_wgrad");
+                                   ptr<float>(partial), ptr<float>(partial_db), interleaved, stream(s)), "grouped_mm_wgrad");
   }, "dtype"_a, "a"_a, "lda"_a, "gather"_a, "top_k"_a, "g"_a, "ldg"_a, "offsets"_a, "num_experts"_a, "K"_a, "N"_a,
-        "splits"_a, "a_act"_a, "partial"_a, "partial_db"_a, "stream"_a);
+        "splits"_a, "a_act"_a, "partial"_a, "partial_db"_a, "stream"_a, "swiglu_interleaved"_a = false);
   m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
                                    std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {
     check(geomoe::topk_gating_backward(ptr<const float>(logits), T, E, ptr<const int64_t>(ids), k, ptr<const float>(gw),

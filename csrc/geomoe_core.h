@@ -90,21 +90,27 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 // Tensor-core grouped GEMM (fp16 / bf16, fp32 accumulation) over expert-major rows, in row blocks of
 // grouped_mm_block_rows() rows: expert e owns ceil(count_e / rows) consecutive blocks, each block
 // finds its own from offsets[0..num_experts], and blocks is a bound (the surplus blocks exit).
-// act: an Activation code, none, GELU or SiLU (no SwiGLU yet); pre (nullable) keeps the pre-activation; gather
+// act: an Activation code; SwiGLU (forward, N = 2H even) writes H columns and keeps all 2H in pre, its
+// halves [gate | up] or, with interleaved, [g0, u0, g1, u1, ...]; pre (nullable) keeps the pre-activation; gather
 // (nullable) reads A row r as a[gather[r] / top_k]; trans_w reads W[e] as [N, K] with leading dimension ldw.
-// grad_act (trans_w only): pre is read instead, and out = (A @ W^T) * act'(pre).
+// grad_act (trans_w only): pre is read instead, and out = (A @ W^T) * act'(pre) (SwiGLU: pre and out
+// have 2N columns in the layout `interleaved` says: d gate and d up).
 // rounds > 0 (a gathered forward only): the row blocks run interleaved across experts in that many
 // rounds (ceil(M / rows)), token order, instead of one expert after another (rounds == 0).
 int grouped_mm_block_rows();
+// The kernels grouped_mm and grouped_mm_wgrad launch on the current device: "wgmma" (sm_90a: wgmma,
+// TMA, mbarriers; a 9.0 device and a build with sm_90a code) or "mma.sync" (every other device).
+const char* grouped_mm_kernels();
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo,
-                       void* pre, int64_t ldp, int grad_act, int64_t rounds, cudaStream_t stream);
+                       void* pre, int64_t ldp, int grad_act, int64_t rounds, bool interleaved, cudaStream_t stream);
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
-// (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A.
+// (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A (SwiGLU: a has
+// 2K columns in the layout `interleaved` says).
 cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             int a_act, float* partial, float* partial_db, cudaStream_t stream);
+                             int a_act, float* partial, float* partial_db, bool interleaved, cudaStream_t stream);
 
 }  // namespace geomoe

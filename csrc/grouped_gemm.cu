@@ -17,17 +17,28 @@
 // row is padded by 16 bytes (conflict-free fragment loads), the pipeline's buffers hold the fp32
 // tile for the epilogue afterwards (dynamic shared memory), and __launch_bounds__(256, 2) keeps
 // registers at <= 128 so that two blocks fit on an SM.
+// On a 9.0 device (sm_90a build) the launchers run the wgmma + TMA kernels of namespace wg instead
+// (see "sm_90: wgmma + TMA" below); every other device runs the mma.sync kernels described here.
 // Each block finds its row block's expert and first row from the offsets (expert e owns
 // ceil(count_e / 128) consecutive row blocks; the grid's static bound leaves surplus blocks that
 // exit), so nothing is read back to the host and no schedule is built before the launch.
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
 #include "dtype.cuh"
+#include "sm90_ptx.cuh"  // the emulated build finds csrc/emulation/sm90_ptx.cuh first
+
+// The sm_90a cubin: the mma.sync kernels compile to a trap there (never launched: the wgmma ones are).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GEOMOE_SM90A_CUBIN 1
+#else
+#define GEOMOE_SM90A_CUBIN 0
+#endif
 
 namespace geomoe {
 namespace {
@@ -39,7 +50,7 @@ constexpr int BM = 128, BK = 32, kStages = 3;
 constexpr int PAD = 8;   // halves after each shared row: ldm a multiple of 16 bytes, rows 16 bytes apart in the banks
 constexpr int CPAD = 4;  // floats after each row of the fp32 epilogue tile
 constexpr int kNone = static_cast<int>(Activation::kNone), kGelu = static_cast<int>(Activation::kGelu),
-              kSilu = static_cast<int>(Activation::kSilu);
+              kSilu = static_cast<int>(Activation::kSilu), kSwiglu = static_cast<int>(Activation::kSwiglu);
 
 template <typename T> __device__ inline T zero() { return from_f32<T>(0.f); }
 
@@ -50,6 +61,14 @@ __device__ inline float activate(float x, int act) {
   if (act == kSilu) return x / (1.f + __expf(-x));                             // SiLU
   return x;
 }
+
+__device__ inline float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// SwiGLU's halves in a row of 2H pre-activation columns: hidden column o reads gate column
+// gate_col(o) and up column gate_col(o) + up_step. Concat ([gate | up]): o and H + o; interleaved
+// ([g0, u0, g1, u1, ...]): 2o and 2o + 1.
+__host__ __device__ inline int64_t gate_col(int64_t o, bool interleaved) { return interleaved ? 2 * o : o; }
+__host__ __device__ inline int64_t up_step(int64_t H, bool interleaved) { return interleaved ? 1 : H; }
 
 __device__ inline float activate_grad(float x, int act) {
   if (act == kGelu)
@@ -108,6 +127,89 @@ template <typename T> __device__ inline void store8(T* p, int valid, bool vec, c
     for (int j = 0; j < 8; ++j)
       if (j < valid) p[j] = from_f32<T>(v[j]);
   }
+}
+
+// The gate and up values of hidden columns o .. o + 7 (the first `valid`) of a pre-activation row p
+// (2H columns, `interleaved` or concat): 16-byte reads where vec (p 16-byte aligned, and H % 8 == 0
+// for the concat's up half), scalar ones otherwise.
+template <typename T>
+__device__ inline void load_gate_up(const T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec,
+                                    float (&g)[8], float (&u)[8]) {
+  if (interleaved) {
+    float v0[8], v1[8];
+    load8(p + 2 * o, clamp8(2 * valid), vec, v0);
+    load8(p + 2 * o + 8, clamp8(2 * valid - 8), vec, v1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) g[j] = v0[2 * j], u[j] = v0[2 * j + 1], g[j + 4] = v1[2 * j], u[j + 4] = v1[2 * j + 1];
+  } else {
+    load8(p + o, valid, vec, g);
+    load8(p + H + o, valid, vec, u);
+  }
+}
+
+template <typename T>
+__device__ inline void store_gate_up(T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec,
+                                     const float (&g)[8], const float (&u)[8]) {
+  if (interleaved) {  // (gate, up) pairs, 8 values (4 columns) at a time, packed as T
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      T v[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[2 * j] = from_f32<T>(g[4 * h + j]), v[2 * j + 1] = from_f32<T>(u[4 * h + j]);
+      const int n = clamp8(2 * valid - 8 * h);
+      T* q = p + 2 * o + 8 * h;
+      if (vec && n == 8) {
+        uint4 x;
+        std::memcpy(&x, static_cast<const void*>(v), 16);
+        *reinterpret_cast<uint4*>(q) = x;
+      } else {
+        for (int j = 0; j < n; ++j) q[j] = v[j];
+      }
+    }
+  } else {
+    store8(p + o, valid, vec, g);
+    store8(p + H + o, valid, vec, u);
+  }
+}
+
+// The hidden values silu(gate) * up of columns o .. o + 7 (the first `valid`; zeros after) of a
+// pre-activation row p into dst, as T. The halves stay packed (16-byte loads where vec) until each
+// product is formed: the weight gradient calls this in its K loop, beside the accumulators.
+template <typename T>
+__device__ inline void swiglu8(T* dst, const T* p, int64_t o, int64_t H, bool interleaved, int valid, bool vec) {
+  T g[8], u[8];
+  if (vec && valid == 8) {
+    if (interleaved) {
+      T v[16];
+      const uint4 x0 = *reinterpret_cast<const uint4*>(p + 2 * o), x1 = *reinterpret_cast<const uint4*>(p + 2 * o + 8);
+      std::memcpy(static_cast<void*>(v), &x0, 16);
+      std::memcpy(static_cast<void*>(v + 8), &x1, 16);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = v[2 * j], u[j] = v[2 * j + 1];
+    } else {
+      const uint4 xg = *reinterpret_cast<const uint4*>(p + o), xu = *reinterpret_cast<const uint4*>(p + H + o);
+      std::memcpy(static_cast<void*>(g), &xg, 16);
+      std::memcpy(static_cast<void*>(u), &xu, 16);
+    }
+  } else {  // one column at a time (rows not 16-byte aligned, or the last columns)
+    const T* q = p + gate_col(o, interleaved);
+    const int64_t step = interleaved ? 2 : 1, up = up_step(H, interleaved);
+#pragma unroll 1
+    for (int j = 0; j < 8; ++j) {
+      const float x = j < valid ? to_f32(q[j * step]) : 0.f, y = j < valid ? to_f32(q[j * step + up]) : 0.f;
+      dst[j] = from_f32<T>(x * sigmoid(x) * y);
+    }
+    return;
+  }
+  T h[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float x = to_f32(g[j]);
+    h[j] = from_f32<T>(x * sigmoid(x) * to_f32(u[j]));  // 0 for the zeros past `valid`
+  }
+  uint4 y;  // dst: a shared row, 16-byte aligned
+  std::memcpy(&y, static_cast<const void*>(h), 16);
+  *reinterpret_cast<uint4*>(dst) = y;
 }
 
 // ---- forward and dgrad ------------------------------------------------------------------------------
@@ -254,15 +356,119 @@ __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ o
   return found;
 }
 
+// The epilogue of the forward and dgrad kernels (mma.sync and wgmma alike) from the fp32 tile Cs
+// [BM][LDC] of column tile nt: 8 consecutive columns per thread and step (16-byte accesses where
+// aligned), bias, activation, pre, or act'(pre) for the dgrad.
+template <typename T, int BN, int ACT, int GRAD_ACT, int LDC>
+__device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const int64_t* __restrict__ offsets,
+                                     unsigned nt, int64_t N, const T* __restrict__ bias, T* __restrict__ out,
+                                     int64_t ldo, T* __restrict__ pre, int64_t ldp, bool interleaved) {
+  constexpr bool SWI = ACT == kSwiglu;
+  const int tid = threadIdx.x;
+  const int64_t n0 = static_cast<int64_t>(nt) * BN;
+  const int64_t e = blk[0], row0 = blk[1];  // read again after the barriers: not held through the K loop
+  const int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
+  const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
+  const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
+  if (SWI || GRAD_ACT == kSwiglu) {  // 8 hidden columns per thread and step: their gates and ups
+    constexpr int HALF = SWI ? BN / 2 : BN, HCPR = HALF / 8;
+    const int64_t H = SWI ? N / 2 : N, o0 = static_cast<int64_t>(nt) * HALF;
+    const bool whole = interleaved || H % 8 == 0;  // the up half on 16 bytes too
+    for (int c = tid; c < BM * HCPR; c += kThreads) {
+      const int r = c / HCPR, oc = c % HCPR * 8;
+      if (r >= rows) break;
+      const int64_t row = row0 + r, o = o0 + oc;
+      const int valid = clamp8(H - o);
+      if (valid == 0) continue;
+      float g[8], u[8];
+      const float* src = Cs + r * LDC;
+      if (GRAD_ACT == kSwiglu) {  // acc = d hidden; pre = (gate, up); out = (d gate, d up)
+        float p[8], q[8];
+        load_gate_up(pre + row * ldp, o, H, interleaved, valid, vec_p && whole, p, q);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float s = sigmoid(p[j]), dh = src[oc + j];
+          g[j] = dh * q[j] * s * (1.f + p[j] * (1.f - s));
+          u[j] = dh * p[j] * s;
+        }
+        store_gate_up(out + row * ldo, o, H, interleaved, valid, vec_o && whole, g, u);
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {  // the tile's columns: [gates | ups] or (gate, up) pairs
+        g[j] = src[interleaved ? 2 * (oc + j) : oc + j];
+        u[j] = src[interleaved ? 2 * (oc + j) + 1 : HALF + oc + j];
+      }
+      if (bias) {  // scalar reads (the bias rows stay in L1): no third array of 8 beside gate and up
+        const T* bg = bias + e * N + gate_col(o, interleaved);
+        const int64_t step = interleaved ? 2 : 1, up = up_step(H, interleaved);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (j < valid) g[j] += to_f32(bg[j * step]), u[j] += to_f32(bg[j * step + up]);
+      }
+      if (pre) store_gate_up(pre + row * ldp, o, H, interleaved, valid, vec_p && whole, g, u);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = g[j] * sigmoid(g[j]) * u[j];
+      store8(out + row * ldo + o, valid, vec_o, g);
+    }
+    return;
+  }
+  constexpr int CPR = BN / 8;
+  for (int c = tid; c < BM * CPR; c += kThreads) {
+    const int r = c / CPR, cc = c % CPR * 8;
+    if (r >= rows) break;
+    const int64_t row = row0 + r, n = n0 + cc;
+    const int valid = clamp8(N - n);
+    if (valid == 0) continue;
+    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
+    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
+    // second half first, so each read's 8 lanes cover all 32 banks once.
+    float v[8];
+    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
+    const float4* const src = reinterpret_cast<const float4*>(Cs + r * LDC + cc);
+    const float4 first = src[swap], second = src[swap ^ 1];
+    const float4 lo = swap ? second : first, hi = swap ? first : second;
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
+      float p[8];
+      load8(pre + row * ldp + n, valid, vec_p, p);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
+      store8(out + row * ldo + n, valid, vec_o, v);
+      continue;
+    }
+    if (bias) {
+      float b[8];
+      load8(bias + e * N + n, valid, vec_bias, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] += b[j];
+    }
+    if (pre) store8(pre + row * ldp + n, valid, vec_p, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
+    store8(out + row * ldo + n, valid, vec_o, v);
+  }
+}
+
 // ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
 // Block b of the 1-D grid computes row block b / n_tiles and column tile b % n_tiles.
+// SwiGLU (ACT, forward: W has N = 2H columns, out H): column tile t copies the BN weight columns of
+// hidden columns t BN / 2 .. (t + 1) BN / 2 - 1, gates then ups (concat: [gate | up] halves of the
+// tile) or pairs (interleaved: W's columns t BN .. (t + 1) BN - 1 as stored), so that one accumulator
+// holds both halves and the epilogue pairs them; pre keeps all 2H columns in W's layout.
+// GRAD_ACT SwiGLU (dgrad: N = H columns of d hidden): pre and out have 2H columns (d gate, d up).
 template <typename T, int BN, int ACT, bool TRANS_W, int GRAD_ACT = 0>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
     const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles,
-    int64_t rounds) {
+    int64_t rounds, bool interleaved) {
+#if GEOMOE_SM90A_CUBIN
+  __trap();  // the sm_90a build runs wg::gmm_kernel (use_wgmma)
+#else
   using G = GemmTile<T, BN, TRANS_W>;
+  constexpr bool SWI = ACT == kSwiglu;
+  static_assert(!(SWI && TRANS_W), "SwiGLU is a forward activation");
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
   T* const Bs = As + kStages * G::A_STAGE;
@@ -280,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
 
   // This thread's copies, the same rows (A) or columns (W) at every K step: sources found once.
   const bool vec_a = lda % 8 == 0 && aligned16(a);
-  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w);
+  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
   const int a_kc = tid % G::A_CPR * 8;
   const T* a_src[G::A_PER];  // row start, null past the block's rows
 #pragma unroll
@@ -297,6 +503,11 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
       const int64_t n = n0 + tid / G::B_CPR + i * (kThreads / G::B_CPR);
       b_src[i] = n < N ? we + n * ldw : nullptr;
     }
+  } else if (SWI) {
+    const int64_t H = N / 2, o = static_cast<int64_t>(nt) * (BN / 2) + b_c % (BN / 2);  // this copy's hidden columns
+    const int64_t col = interleaved ? n0 + b_c : b_c < BN / 2 ? o : H + o;
+    b_src[0] = we + col;
+    b_valid = interleaved ? clamp8(N - col) : clamp8(H - o);
   } else {
     b_src[0] = we + n0 + b_c;
     b_valid = clamp8(N - n0 - b_c);
@@ -375,46 +586,8 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
                               wmma::mem_row_major);
   __syncthreads();
 
-  // epilogue: 8 consecutive columns per thread and step (16-byte accesses where aligned)
-  e = blk[0], row0 = blk[1];  // read again after the barriers: not held through the K loop
-  rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
-  const bool vec_o = ldo % 8 == 0 && aligned16(out), vec_p = pre && ldp % 8 == 0 && aligned16(pre);
-  const bool vec_bias = bias && N % 8 == 0 && aligned16(bias);
-  constexpr int CPR = BN / 8;
-  for (int c = tid; c < BM * CPR; c += kThreads) {
-    const int r = c / CPR, cc = c % CPR * 8;
-    if (r >= rows) break;
-    const int64_t row = row0 + r, n = n0 + cc;
-    const int valid = clamp8(N - n);
-    if (valid == 0) continue;
-    // Two 16-byte shared reads. A 16-byte read is served 8 lanes at a time, and 8 lanes 32 bytes
-    // apart cover only half the banks (lanes t and t + 4 meet): lanes 4-7 of every 8 read their
-    // second half first, so each read's 8 lanes cover all 32 banks once.
-    float v[8];
-    const int swap = (c >> 2) & 1;  // c and the lane agree mod 8 (kThreads is a multiple of 32)
-    const float4* const src = reinterpret_cast<const float4*>(Cs + r * G::LDC + cc);
-    const float4 first = src[swap], second = src[swap ^ 1];
-    const float4 lo = swap ? second : first, hi = swap ? first : second;
-    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-    if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
-      float p[8];
-      load8(pre + row * ldp + n, valid, vec_p, p);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
-      store8(out + row * ldo + n, valid, vec_o, v);
-      continue;
-    }
-    if (bias) {
-      float b[8];
-      load8(bias + e * N + n, valid, vec_bias, b);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] += b[j];
-    }
-    if (pre) store8(pre + row * ldp + n, valid, vec_p, v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
-    store8(out + row * ldo + n, valid, vec_o, v);
-  }
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, G::LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+#endif
 }
 
 // ---- weight gradient --------------------------------------------------------------------------------
@@ -434,11 +607,17 @@ struct WgradTile {
 
 // Block b of the 1-D grid: tile b % tiles of expert (b / tiles) % E, split b / (tiles * E); an expert's
 // tiles are consecutive (its rows stay in L2), column tiles fastest within a row of tiles.
+// A_ACT SwiGLU: a holds pre (2K columns, `interleaved` or [gate | up]); the hidden columns are formed
+// in registers from both halves by plain loads (there is no async copy that multiplies) and stored
+// to the stage as the copies would have; G's tile stays asynchronous.
 template <typename T, int A_ACT>
 __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
     int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
-    int tiles, float* __restrict__ partial, float* __restrict__ partial_db) {
+    int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
+#if GEOMOE_SM90A_CUBIN
+  __trap();  // the sm_90a build runs wg::wgrad_kernel (use_wgmma)
+#else
   using W = WgradTile;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem);
@@ -458,19 +637,30 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   // This thread copies 8 columns (k0 + c of A, n0 + c of G) of rows m_i = tid / CPR + i * (kThreads / CPR).
   const int c = tid % W::CPR * 8;
   const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
-  const bool vec_a = lda % 8 == 0 && aligned16(a), vec_g = ldg % 8 == 0 && aligned16(g);
+  const bool vec_a = lda % 8 == 0 && aligned16(a) && (A_ACT != kSwiglu || interleaved || K % 8 == 0),
+             vec_g = ldg % 8 == 0 && aligned16(g);
   const T* const a_col = a + k0 + c;  // row 0's columns; only read where in bounds
   const T* const g_col = g + n0 + c;
   auto load_stage = [&](int64_t m0, int stage) {
     T* as = As + stage * W::A_STAGE + c;
     T* gs = Gs + stage * W::G_STAGE + c;
+    if (A_ACT == kSwiglu) {  // one row at a time: the values live beside the accumulators
+#pragma unroll 1
+      for (int i = 0; i < W::PER; ++i) {
+        const int m = tid / W::CPR + i * (kThreads / W::CPR);
+        const int64_t row = m0 + m;
+        const bool in = row < hi;
+        const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+        swiglu8(as + m * W::LDA, in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < W::PER; ++i) {
       const int m = tid / W::CPR + i * (kThreads / W::CPR);
       const int64_t row = m0 + m;
       const bool in = row < hi;
       const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
-      copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
+      if (A_ACT != kSwiglu) copy8(as + m * W::LDA, in ? a_col + src * lda : a, in ? ka : 0, vec_a);
       copy8(gs + m * W::LDG, in ? g_col + row * ldg : g, in ? gn : 0, vec_g);
     }
   };
@@ -501,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     __pipeline_wait_prior(kStages - 2);
     T* as = As + (mt % kStages) * W::A_STAGE;
     const T* gs = Gs + (mt % kStages) * W::G_STAGE;
-    if (A_ACT) {  // a holds pre: the hidden rows formed in place, each thread its own copies (act(0) = 0)
+    if (A_ACT && A_ACT != kSwiglu) {  // a holds pre: the hidden rows formed in place, each thread its own copies (act(0) = 0)
 #pragma unroll
       for (int i = 0; i < W::PER; ++i) {
         T* p = as + (tid / W::CPR + i * (kThreads / W::CPR)) * W::LDA + c;
@@ -565,7 +755,323 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
       for (int j = 0; j < 4 && n + j < N; ++j) dst[k * N + n + j] = src[j];
     }
   }
+#endif
 }
+
+// ---- sm_90: wgmma + TMA ------------------------------------------------------------------------------
+//
+// The forward, dgrad and weight gradient for sm_90a (H100 / H200), chosen at run time where the device
+// is 9.0 and the build has sm_90a code (mma.sync stays the path of every other device). Hand-written
+// PTX (sm90_ptx.cuh): wgmma.mma_async m64n64k16 with both operands in shared memory, fp32
+// accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
+// tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
+// operand row), a 3-stage pipeline (96 KB: two blocks per SM).
+// Operands: the rows of A (gathered through the routing or not, and the weight gradient's A and G) by
+// 16-byte cp.async (or plain loads where a row is not 16-byte aligned) into the swizzled layout, each
+// thread's chunks found as in the mma.sync kernels; the weight W of the forward and dgrad by TMA
+// (one 64 x 64 box per half of the tile, 3-D tensor map over [E, rows, cols], out-of-range elements
+// zeros) completing on the stage's mbarrier, or by cp.async where W's rows are not 16-byte aligned
+// (TMA needs 16-byte strides). The forward's W [K, N] and the weight gradient's A^T and G are
+// MN-major operands (transposed descriptors), the dgrad's W^T and every A K-major.
+// Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
+// generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
+// wgmma of the step before has completed: its stage may be refilled), issue the copies of step
+// kt + 2, then 8 wgmma (4 k16 x 2 halves), commit, wait for them. The epilogue is the mma.sync
+// kernels': the accumulators go to shared memory (the pipeline's buffers) and gemm_epilogue reads them.
+namespace wg {
+
+constexpr int kThreads = 256, BM = 128, BN = 128, BK = 64, kStages = 3;
+constexpr int TILE = 64 * 64;            // elements of one swizzled 64 x 64 operand tile (8 KB)
+constexpr int STAGE = 4 * TILE;          // A: two tiles, B: two tiles
+constexpr int LDC = BN + CPAD;           // the fp32 epilogue tile, over the pipeline's buffers
+constexpr std::size_t pipe_bytes = std::size_t(kStages) * STAGE * 2, c_bytes = std::size_t(BM) * LDC * 4;
+constexpr std::size_t smem_bytes = (pipe_bytes > c_bytes ? pipe_bytes : c_bytes) + 1024;  // + 1,024-byte alignment
+static_assert(kThreads == ::geomoe::kThreads && BM == ::geomoe::BM, "the row-block search and epilogue are shared");
+
+// The element offset of (row, col) in a swizzled 64 x 64 tile: 16-byte chunk col / 8 of the 128-byte
+// row sits at chunk (col / 8) ^ (row % 8) (TMA's SWIZZLE_128B and wgmma's 128-byte layout).
+__device__ inline int swz(int row, int col) { return row * 64 + (((col >> 3) ^ (row & 7)) << 3) + (col & 7); }
+
+// The 1,024-byte aligned start of the tiles in dynamic shared memory (aligned in the shared window).
+template <typename T> __device__ inline T* aligned_tiles(unsigned char* smem) {
+  const uint32_t a = sm90::smem_addr(smem);
+  return reinterpret_cast<T*>(smem + ((1024 - (a & 1023)) & 1023));
+}
+
+// Thread t's accumulator element r of half j (64 columns) in its warpgroup's 64 rows: (row, column)
+// in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
+__device__ inline int acc_row(int r) {
+  const int t = threadIdx.x;
+  return 64 * (t / 128) + 16 * (t % 128 / 32) + t % 32 / 4 + 8 * ((r / 2) % 2);
+}
+__device__ inline int acc_col(int j, int r) { return 64 * j + 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+
+template <typename T, int ACT, bool TRANS_W, int GRAD_ACT>
+__global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
+    const __grid_constant__ CUtensorMap w_map, bool w_tma, int64_t K, int64_t N, int64_t ldw, int64_t stride_we,
+    const T* __restrict__ bias, const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo,
+    T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved) {
+#if !GEOMOE_SM90A
+  __trap();  // no sm_90a code here (sm_80, the compute_90 PTX): the launcher never chooses this kernel
+#else
+  constexpr bool SWI = ACT == kSwiglu;
+  static_assert(!(SWI && TRANS_W), "SwiGLU is a forward activation");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const tiles = aligned_tiles<T>(smem);
+  float* const Cs = reinterpret_cast<float*>(tiles);  // after the K loop
+  __shared__ __align__(8) uint64_t full[kStages];      // W's TMA boxes of each stage
+  __shared__ const T* a_rows[BM];                      // each tile row's source row (null past the block's rows)
+
+  const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
+  const int64_t* const blk = rounds > 0 ? interleaved_block(offsets, num_experts, rb, rounds)
+                                        : block_of_expert(offsets, num_experts, rb);  // {expert, first row}
+  if (blk[0] < 0) return;
+  const int64_t e = blk[0], row0 = blk[1];
+  const int rows = static_cast<int>(offsets[e + 1] - row0 < BM ? offsets[e + 1] - row0 : BM);
+  const int tid = threadIdx.x;
+  const T* we = w + e * stride_we;
+
+  // W's two 64-column (forward) or 64-row (dgrad) halves of the tile: their first column / row and
+  // bound (recomputed where used: the registers stay with the accumulators). SwiGLU: [gate | up]
+  // halves, or W's columns as stored (interleaved pairs).
+  auto b_start = [&](int j) -> int64_t {
+    return SWI && !interleaved ? static_cast<int64_t>(nt) * (BN / 2) + j * (N / 2) : static_cast<int64_t>(nt) * BN + 64 * j;
+  };
+  auto b_end = [&](int j) -> int64_t { return SWI && !interleaved ? (j + 1) * (N / 2) : N; };
+
+  // A: 1,024 chunks of 8 a stage, 4 a thread: row tid / 8 + 32 i, chunk tid % 8 (the same each step);
+  // the rows' sources found once, kept in shared memory
+  const bool vec_a = lda % 8 == 0 && aligned16(a);
+  const int a_kc = tid % 8 * 8;
+  if (tid < BM) a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
+  const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
+
+  auto load_stage = [&](int64_t k0, int stage) {
+    T* const as = tiles + stage * STAGE;
+    T* const bs = as + 2 * TILE;
+    const int ka = clamp8(K - k0 - a_kc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = tid / 8 + 32 * i;
+      const T* src = a_rows[r];
+      copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+    }
+    if (w_tma) {  // one thread: two 8 KB boxes on the stage's barrier
+      if (tid == 0) {
+        sm90::mbar_arrive_expect_tx(&full[stage], 2 * TILE * sizeof(T));
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (TRANS_W)  // rows b_start(j).. of W (the output columns), K columns k0..
+            sm90::tma_load_3d(bs + j * TILE, &w_map, &full[stage], static_cast<int>(k0), static_cast<int>(b_start(j)),
+                              static_cast<int>(e));
+          else  // K rows k0.., columns b_start(j)..
+            sm90::tma_load_3d(bs + j * TILE, &w_map, &full[stage], static_cast<int>(b_start(j)), static_cast<int>(k0),
+                              static_cast<int>(e));
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // 1,024 chunks: half j, row r, chunk c
+      const int q = tid + kThreads * i, j = q / 512, r = q % 512 / 8, c = q % 8 * 8;
+      if (TRANS_W) {  // K-major: W row b_start(j) + r (an output column), K columns k0 + c..
+        const int64_t n = b_start(j) + r;
+        const bool in = n < b_end(j);
+        copy8(bs + j * TILE + swz(r, c), in ? we + n * ldw + k0 + c : w, in ? clamp8(K - k0 - c) : 0, vec_b);
+      } else {  // MN-major: W row k0 + r, columns b_start(j) + c..
+        const bool in = k0 + r < K;
+        const int64_t n = b_start(j) + c;
+        copy8(bs + j * TILE + swz(r, c), in ? we + (k0 + r) * ldw + n : w, in ? clamp8(b_end(j) - n) : 0, vec_b);
+      }
+    }
+  };
+
+  if (tid == 0)
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) sm90::mbar_init(&full[s], 1);
+  __syncthreads();  // the barriers and a_rows are set up before anyone uses them
+
+  float acc[2][32];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+
+  const int nk = static_cast<int>((K + BK - 1) / BK);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nk) load_stage(static_cast<int64_t>(s) * BK, s);
+    __pipeline_commit();
+  }
+  const int wgi = tid / 128;  // this thread's warpgroup: rows 64 wgi .. 64 wgi + 63
+  for (int kt = 0; kt < nk; ++kt) {
+    const int stage = kt % kStages;
+    __pipeline_wait_prior(kStages - 2);                            // this thread's copies of step kt
+    if (w_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // W's boxes of step kt
+    sm90::fence_proxy_async();                                     // the copies, visible to wgmma
+    __syncthreads();  // everyone's copies; everyone's wgmma of step kt - 1 done: its stage is free
+    const int next = kt + kStages - 1;
+    if (next < nk) load_stage(static_cast<int64_t>(next) * BK, next % kStages);
+    __pipeline_commit();
+    const uint32_t as = sm90::smem_addr(tiles + stage * STAGE + wgi * TILE), bs = sm90::smem_addr(tiles + stage * STAGE + 2 * TILE);
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < BK / 16; ++s) {
+      const uint64_t da = sm90::make_desc(as + 32 * s);  // K-major: 16 columns = 32 bytes along the row
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // W^T K-major (dgrad), W MN-major: 16 rows = 2,048 bytes
+        const uint64_t db = sm90::make_desc(bs + j * TILE * sizeof(T) + (TRANS_W ? 32 * s : 2048 * s));
+        sm90::wgmma_m64n64k16<T, 0, TRANS_W ? 0 : 1>(acc[j], da, db, 1);
+      }
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // the pipeline's buffers become Cs
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) Cs[acc_row(r) * LDC + acc_col(j, r)] = acc[j][r];
+  __syncthreads();
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+#endif
+}
+
+// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, two 64-column halves),
+// 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
+// values). The bias gradient, as in the mma.sync kernel, from the G chunks each thread copied.
+template <typename T, int A_ACT>
+__global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
+    const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
+    int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
+    int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
+#if !GEOMOE_SM90A
+  __trap();  // no sm_90a code here: the launcher never chooses this kernel
+#else
+  constexpr int TM = 64, CPR = 16;  // rows a step; 8-column chunks per 128-column row
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const tl = aligned_tiles<T>(smem);
+  __shared__ float db_sum[kThreads / CPR][BN];  // column sums of G, one row per group of copying threads
+
+  const unsigned tile = blockIdx.x % static_cast<unsigned>(tiles), se = blockIdx.x / static_cast<unsigned>(tiles);
+  const int e = static_cast<int>(se % static_cast<unsigned>(num_experts)),
+            s = static_cast<int>(se / static_cast<unsigned>(num_experts));
+  const int64_t k0 = static_cast<int64_t>(tile / n_tiles) * BM, n0 = static_cast<int64_t>(tile % n_tiles) * BN;
+  const int64_t start = offsets[e], end = offsets[e + 1];
+  const int64_t chunk = (end - start + splits - 1) / splits;
+  const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
+  const int tid = threadIdx.x;
+
+  // this thread copies columns c .. c + 7 (of A's k0.. and G's n0..) of rows tid / 16 + 16 i
+  const int c = tid % CPR * 8;
+  const int ka = clamp8(K - k0 - c), gn = clamp8(N - n0 - c);
+  const bool vec_a = lda % 8 == 0 && aligned16(a) && (A_ACT != kSwiglu || interleaved || K % 8 == 0),
+             vec_g = ldg % 8 == 0 && aligned16(g);
+  auto at = [&](int half_tile, int m) { return half_tile * TILE + swz(m, c % 64); };  // half c / 64
+  auto load_stage = [&](int64_t m0, int stage) {
+    T* const as = tl + stage * STAGE;
+    T* const gs = as + 2 * TILE;
+    if (A_ACT == kSwiglu) {  // one row at a time: the values live beside the accumulators
+#pragma unroll 1
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        const int m = tid / CPR + i * (kThreads / CPR);
+        const int64_t row = m0 + m;
+        const bool in = row < hi;
+        const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+        swiglu8(as + at(c / 64, m), in ? a + src * lda : a, k0 + c, K, interleaved, in ? ka : 0, vec_a);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < TM * CPR / kThreads; ++i) {
+      const int m = tid / CPR + i * (kThreads / CPR);
+      const int64_t row = m0 + m;
+      const bool in = row < hi;
+      const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
+      if (A_ACT != kSwiglu) copy8(as + at(c / 64, m), in ? a + src * lda + k0 + c : a, in ? ka : 0, vec_a);
+      copy8(gs + at(c / 64, m), in ? g + row * ldg + n0 + c : g, in ? gn : 0, vec_g);
+    }
+  };
+
+  const bool sums_bias = partial_db != nullptr && k0 == 0;
+  float* const my_sum = &db_sum[tid / CPR][tid % CPR];  // column c + j at (c + j) % 8 * CPR + (c + j) / 8
+  if (sums_bias)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) my_sum[j * CPR] = 0.f;
+  float acc[2][32];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+
+  const int nm = static_cast<int>((hi - lo + TM - 1) / TM);  // hi < lo: an empty split
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nm) load_stage(lo + static_cast<int64_t>(st) * TM, st);
+    __pipeline_commit();
+  }
+  const int wgi = tid / 128;  // this warpgroup's 64 K rows of dW
+  for (int mt = 0; mt < nm; ++mt) {
+    __pipeline_wait_prior(kStages - 2);
+    T* const as = tl + (mt % kStages) * STAGE;
+    const T* const gs = as + 2 * TILE;
+    if (A_ACT && A_ACT != kSwiglu) {  // a holds pre: the hidden values formed in place, each thread its own copies
+#pragma unroll
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        T* p = as + at(c / 64, tid / CPR + i * (kThreads / CPR));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) p[j] = from_f32<T>(activate(to_f32(p[j]), A_ACT));
+      }
+    }
+    if (sums_bias) {
+#pragma unroll
+      for (int i = 0; i < TM * CPR / kThreads; ++i) {
+        const T* p = gs + at(c / 64, tid / CPR + i * (kThreads / CPR));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) my_sum[j * CPR] += to_f32(p[j]);
+      }
+    }
+    sm90::fence_proxy_async();
+    __syncthreads();
+    const int next = mt + kStages - 1;
+    if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
+    __pipeline_commit();
+    const uint32_t sa = sm90::smem_addr(as + wgi * TILE), sg = sm90::smem_addr(gs);
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes
+      const uint64_t da = sm90::make_desc(sa + 2048 * k);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) sm90::wgmma_m64n64k16<T, 1, 1>(acc[j], da, sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every thread's bias sums are in
+  const int64_t slot = static_cast<int64_t>(s) * num_experts + e;
+  if (sums_bias && tid < BN && n0 + tid < N) {
+    float sum = 0.f;
+    for (int q = 0; q < kThreads / CPR; ++q) sum += db_sum[q][tid % 8 * CPR + tid / 8];
+    partial_db[slot * N + n0 + tid] = sum;
+  }
+  float* dst = partial + slot * K * N;  // every element written: empty experts get zeros
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int r = 0; r < 32; ++r) {
+      const int64_t k = k0 + acc_row(r), n = n0 + acc_col(j, r);
+      if (k < K && n < N) dst[k * N + n] = acc[j][r];
+    }
+#endif
+}
+
+}  // namespace wg
 
 template <typename F>
 cudaError_t by_half_dtype(DType dtype, F&& f) {
@@ -583,35 +1089,136 @@ inline dim3 grid_1d(int64_t blocks) { return dim3(blocks > 0xffffffffll ? 0xffff
 // tiles instead of 5 with the last half empty), 128 x 128 otherwise.
 inline bool narrow_tiles(int64_t N) { return N <= 64 || (N % 128 != 0 && N % 128 <= 64); }
 
+#if defined(GEOMOE_EMULATION) || defined(GEOMOE_SM90A_BUILT)
+constexpr bool kHasSm90a = true;  // the build has sm_90a code (the emulation carries out its kernels)
+#else
+constexpr bool kHasSm90a = false;
+#endif
+
+// Whether the launches go to the sm_90a (wgmma) kernels: the current device is 9.0 and the build has
+// sm_90a code (a newer device runs the mma.sync kernels through the compute_90 PTX). Queried once per
+// device; no host sync.
+inline bool use_wgmma() {
+  if (!kHasSm90a) return false;
+  static std::atomic<int> known[64];  // 0: not asked yet, 1: no, 2: yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  int v = known[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 2 : 1;
+    known[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled through the runtime (the core links no libcuda), or null.
+inline EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiled>(nullptr);
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// W stored [E][rows][cols] (cols contiguous, rows ldw apart, experts stride_we apart) as a 3-D tensor
+// map of 64 x 64 boxes with the 128-byte swizzle; false where TMA cannot address it (a base or stride
+// not on 16 bytes, overlapping rows or experts, a dimension past 2^32), and the kernel copies W by
+// cp.async instead.
+template <typename T>
+bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_t ldw, int64_t stride_we, int64_t experts) {
+  if (!aligned16(w) || ldw % 8 || stride_we % 8 || ldw < cols || (experts > 1 && stride_we < rows * ldw) ||
+      rows >= (int64_t(1) << 32) || cols >= (int64_t(1) << 32) || experts >= (int64_t(1) << 32) ||
+      stride_we * int64_t(sizeof(T)) >= (int64_t(1) << 40))
+    return false;
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(experts)};
+  const cuuint64_t strides[2] = {cuuint64_t(ldw) * sizeof(T), cuuint64_t(experts > 1 ? stride_we : rows * ldw) * sizeof(T)};
+  const cuuint32_t box[3] = {64, 64, 1}, element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, type, 3, const_cast<T*>(w), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) ==
+         CUDA_SUCCESS;
+}
+
 }  // namespace
 
 int grouped_mm_block_rows() { return BM; }
 
+const char* grouped_mm_kernels() { return use_wgmma() ? "wgmma" : "mma.sync"; }
+
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
-                       int64_t rounds, cudaStream_t stream) {
+                       int64_t rounds, bool interleaved, cudaStream_t stream) {
   if (blocks == 0 || N == 0) return cudaSuccess;
+  if ((act == kSwiglu && (N % 2 || trans_w)) || (grad_act == kSwiglu && !trans_w)) return cudaErrorInvalidValue;
   if (rounds < 0 || (rounds > 0 && (gather == nullptr || trans_w))) return cudaErrorInvalidValue;  // gathered forward only
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (use_wgmma()) {  // sm_90a: wgmma, W by TMA where it can address it
+      auto launch90 = [&](auto kernel) {
+        CUtensorMap map;
+        const int64_t w_rows = trans_w ? N : K, w_cols = trans_w ? K : N;
+        const bool tma = weight_map(&map, static_cast<const T*>(w), w_rows, w_cols, ldw, stride_we, num_experts);
+        if (!tma) std::memset(static_cast<void*>(&map), 0, sizeof map);
+        const int64_t n_tiles = act == kSwiglu ? (N / 2 + wg::BN / 2 - 1) / (wg::BN / 2) : (N + wg::BN - 1) / wg::BN;
+        if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
+        if (err != cudaSuccess) return err;
+        GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, tma, K, N, ldw, stride_we,
+            static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp,
+            static_cast<int>(n_tiles), rounds, interleaved);
+        return cudaGetLastError();
+      };
+      if (trans_w) {
+        switch (grad_act) {
+          case kNone: return launch90(wg::gmm_kernel<T, kNone, true, kNone>);
+          case kGelu: return launch90(wg::gmm_kernel<T, kNone, true, kGelu>);
+          case kSilu: return launch90(wg::gmm_kernel<T, kNone, true, kSilu>);
+          case kSwiglu: return launch90(wg::gmm_kernel<T, kNone, true, kSwiglu>);
+          default: return cudaErrorInvalidValue;
+        }
+      }
+      switch (act) {
+        case kNone: return launch90(wg::gmm_kernel<T, kNone, false, kNone>);
+        case kGelu: return launch90(wg::gmm_kernel<T, kGelu, false, kNone>);
+        case kSilu: return launch90(wg::gmm_kernel<T, kSilu, false, kNone>);
+        case kSwiglu: return launch90(wg::gmm_kernel<T, kSwiglu, false, kNone>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
     auto launch = [&](auto bn, auto kernel) {
       constexpr int BN = decltype(bn)::value;
       constexpr std::size_t smem = GemmTile<T, BN, false>::smem_bytes > GemmTile<T, BN, true>::smem_bytes
                                        ? GemmTile<T, BN, false>::smem_bytes
                                        : GemmTile<T, BN, true>::smem_bytes;
-      const int64_t n_tiles = (N + BN - 1) / BN;
+      const int64_t n_tiles = act == kSwiglu ? (N / 2 + BN / 2 - 1) / (BN / 2) : (N + BN - 1) / BN;  // SwiGLU: BN / 2 out
       if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
       GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
           static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre),
-          ldp, static_cast<int>(n_tiles), rounds);
+          ldp, static_cast<int>(n_tiles), rounds, interleaved);
       return cudaGetLastError();
     };
-    auto by_width = [&](auto pick) {
-      return narrow_tiles(N) ? pick(std::integral_constant<int, 64>{}) : pick(std::integral_constant<int, 128>{});
+    auto by_width = [&](auto pick) {  // SwiGLU: 128 x 64 (with 128 x 128 ptxas spilled on sm_80)
+      return narrow_tiles(N) || act == kSwiglu ? pick(std::integral_constant<int, 64>{})
+                                               : pick(std::integral_constant<int, 128>{});
     };
     if (trans_w) {  // dgrad: no activation, rows not gathered; maybe act'(pre) in the epilogue
       return by_width([&](auto bn) {
@@ -620,6 +1227,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
           case kNone: return launch(bn, gmm_kernel<T, BN, kNone, true, kNone>);
           case kGelu: return launch(bn, gmm_kernel<T, BN, kNone, true, kGelu>);
           case kSilu: return launch(bn, gmm_kernel<T, BN, kNone, true, kSilu>);
+          case kSwiglu: return launch(bn, gmm_kernel<T, BN, kNone, true, kSwiglu>);
           default: return cudaErrorInvalidValue;
         }
       });
@@ -631,6 +1239,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
         case kNone: return launch(bn, gmm_kernel<T, BN, kNone, false>);
         case kGelu: return launch(bn, gmm_kernel<T, BN, kGelu, false>);
         case kSilu: return launch(bn, gmm_kernel<T, BN, kSilu, false>);
+        case kSwiglu: return BN == 64 ? launch(bn, gmm_kernel<T, 64, kSwiglu, false>) : cudaErrorInvalidValue;
         default: return cudaErrorInvalidValue;
       }
     });
@@ -639,26 +1248,45 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
 
 cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
                              int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             int a_act, float* partial, float* partial_db, cudaStream_t stream) {
+                             int a_act, float* partial, float* partial_db, bool interleaved, cudaStream_t stream) {
   if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
   const int64_t n_tiles = (N + TN - 1) / TN, tiles = (K + TK - 1) / TK * n_tiles;
   if (tiles > 0x7fffffff || num_experts > 0x7fffffff) return cudaErrorInvalidValue;
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr std::size_t smem = WgradTile::smem_bytes<T>();
+    if (use_wgmma()) {
+      auto launch90 = [&](auto kernel) {
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
+        if (err != cudaSuccess) return err;
+        GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
+            static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
+            partial_db, interleaved);
+        return cudaGetLastError();
+      };
+      switch (a_act) {
+        case kNone: return launch90(wg::wgrad_kernel<T, kNone>);
+        case kGelu: return launch90(wg::wgrad_kernel<T, kGelu>);
+        case kSilu: return launch90(wg::wgrad_kernel<T, kSilu>);
+        case kSwiglu: return launch90(wg::wgrad_kernel<T, kSwiglu>);
+        default: return cudaErrorInvalidValue;
+      }
+    }
     auto launch = [&](auto kernel) {
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
       GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
           static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
-          partial_db);
+          partial_db, interleaved);
       return cudaGetLastError();
     };
     switch (a_act) {
       case kNone: return launch(wgrad_kernel<T, kNone>);
       case kGelu: return launch(wgrad_kernel<T, kGelu>);
       case kSilu: return launch(wgrad_kernel<T, kSilu>);
+      case kSwiglu: return launch(wgrad_kernel<T, kSwiglu>);
       default: return cudaErrorInvalidValue;
     }
   });

@@ -444,7 +444,12 @@ masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_
 
 
 class CudaGroupedGemm:
-    """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
+    """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes).
+    swiglu_interleaved: SwiGLU's pre-activation columns (W1's, b1's, pre's and d pre's) are pairs
+    [g0, u0, g1, u1, ...] instead of the ops' [gate | up] halves (the kernels fuse both layouts)."""
+
+    def __init__(self, swiglu_interleaved: bool = False):
+        self.swiglu_interleaved = swiglu_interleaved
 
     def block_rows(self, dtype: torch.dtype) -> int:
         return _any_core().grouped_mm_block_rows()
@@ -475,6 +480,7 @@ class CudaGroupedGemm:
             grad_act=0,
             rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
+            swiglu_interleaved=self.swiglu_interleaved,
         )
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
@@ -504,6 +510,7 @@ class CudaGroupedGemm:
             grad_act=activations.code(grad_act),
             rounds=0,
             stream=_stream(grad),
+            swiglu_interleaved=self.swiglu_interleaved,
         )
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
@@ -526,20 +533,21 @@ class CudaGroupedGemm:
             partial=_p(partial),
             partial_db=_p(partial_db),
             stream=_stream(a),
+            swiglu_interleaved=self.swiglu_interleaved,
         )
 
 
 _gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
 grouped_mm, grouped_mm_backward = _gemm_ops["grouped_mm"], _gemm_ops["grouped_mm_backward"]
 expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp_backward"]
-# the activations the CUDA grouped GEMM fuses (no SwiGLU yet)
-_FUSED = ("none", "gelu", "silu")
+# the activations the CUDA grouped GEMM fuses (SwiGLU on the ops' [gate | up] columns)
+_FUSED = ("none", "gelu", "silu", "swiglu")
 
 
 def _gemm_ok(x, activation, **_) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
-    return None if activation in _FUSED else f"the CUDA grouped GEMM fuses none, gelu or silu, got {activation!r}"
+    return None if activation in _FUSED else f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
 
 
 WHO = "the CUDA core"

@@ -32,6 +32,51 @@ def test_cuda_core_built_without_spills():
     assert f"{len(entries)} kernel builds; max registers {max(regs)};" in summary and "spill stores 0 bytes" in summary
 
 
+def _sm90_table(report: str):
+    """The report's sm_90 table: [(arch, registers, spill stores, static smem, mma, tma, kernel)]."""
+    rows = [
+        line[2:].split(" | ") for line in report.splitlines() if line.startswith("# sm_90a | ") or line.startswith("# sm_90 | ")
+    ]
+    return [(a, int(r), int(s), int(m), mma, tma, k) for a, r, s, m, mma, tma, k in rows]
+
+
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_sm90_report_says_what_the_hardware_runs():
+    """setup.py reads the SASS (cuobjdump -sass) of every sm_90 kernel into the report: mma HGMMA
+    (wgmma), HMMA (mma.sync) or -, and tma yes where it issues TMA loads, beside ptxas's registers,
+    spills and static shared memory; one row per sm_90 entry ptxas compiled."""
+    archs = os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a")
+    if not any(a.startswith("90") for a in archs.split(";")):
+        pytest.skip("no sm_90 target in this build")
+    report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
+    table = _sm90_table(report)
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_90a?)'", report)
+    assert sorted((k, a) for a, *_, k in table) == sorted(entries)
+    assert all(mma in ("HGMMA", "HMMA", "-") and tma in ("yes", "no") for _, _, _, _, mma, tma, _ in table)
+    assert not any(mma != "-" for *_, mma, _, k in table if "gating" in k or "permute" in k)  # no MMA there
+
+
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_shipped_sm90_gemm_kernels_run_hgmma_without_spills():
+    """Every grouped-GEMM kernel the sm_90a build ships (forward, dgrad, weight gradient; what the
+    launchers run on a 9.0 device: the wg:: kernels) issues HGMMA (wgmma) and spills nothing, and
+    the forward and dgrad load W by TMA; the mma.sync kernels compile to a trap there (no MMA,
+    never launched on sm_90a), so that no HMMA GEMM ships for sm_90."""
+    if "90a" not in os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a").split(";"):
+        pytest.skip("no sm_90a target in this build")
+    report = open(os.path.join(os.path.dirname(geomoe_kernels.__file__), "_cuda_build.txt")).read()
+    gemm = [row for row in _sm90_table(report) if "grouped_gemm" in row[-1]]
+    wgmma = [row for row in gemm if re.search(r"2wg(10gmm_kernel|12wgrad_kernel)I", row[-1])]  # geomoe::(anon)::wg::
+    assert len(wgmma) == 24, [row[-1] for row in wgmma]  # 2 dtypes x (4 forward + 4 dgrad + 4 wgrad)
+    for arch, regs, spills, smem, mma, tma, kernel in gemm:
+        assert spills == 0, kernel
+        if kernel in {row[-1] for row in wgmma}:
+            assert mma == "HGMMA", kernel
+            assert tma == ("yes" if "gmm_kernel" in kernel else "no"), kernel
+        else:
+            assert mma == "-", f"{kernel}: an mma.sync GEMM ships for sm_90a ({mma})"
+
+
 def _newest_ptx_arch(archs: str) -> str:
     return str(max(int(re.sub(r"[af]$", "", a)) for a in archs.split(";") if a))
 

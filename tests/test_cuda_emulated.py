@@ -396,6 +396,144 @@ def test_expert_mlp(dtype, T, k, act):
         assert torch.count_nonzero(g[2]) == 0
 
 
+def _swiglu_expert_mlp(x, w1, b1, w2, b2, off, interleaved):
+    """The expert MLP with SwiGLU, one expert at a time in x's dtype: pre = x W1 + b1 with columns
+    [gate | up] or pairs [g0, u0, ...] (interleaved), hidden = silu(gate) * up, out = hidden W2 + b2."""
+    outs = []
+    for e in range(w1.shape[0]):
+        lo, hi = int(off[e]), int(off[e + 1])
+        pre = x[lo:hi] @ w1[e] + b1[e]
+        gate, up = (pre[:, 0::2], pre[:, 1::2]) if interleaved else pre.chunk(2, dim=1)
+        outs.append((torch.nn.functional.silu(gate) * up) @ w2[e] + b2[e])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("H", [72, 20])
+def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
+    """SwiGLU fused in the CUDA grouped GEMM, [gate | up] and interleaved columns: the forward's
+    epilogue (one accumulator holds both halves of a tile), the dgrad's d gate / d up from pre and the
+    weight gradient's hidden rows formed from pre's halves, against the float64 loop; gathered rows
+    (top-2), an expert without rows (exact-zero gradients), H = 20 (the up half off 16 bytes, the scalar
+    paths) and H = 72 (several 8-column groups, a partial tile)."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    T, k, E, K = 37, 2, 4, 24
+    kernels = cuda.CudaGroupedGemm(swiglu_interleaved=interleaved)
+    r2f, _, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    x = (torch.randn(T, K) / 2).to(dtype)
+    leaves = [torch.randn(E, K, 2 * H) / K**0.5, torch.randn(E, 2 * H) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
+    leaves = [t.to(dtype) for t in leaves]
+    rows = x[r2f // k]
+    g = torch.randn(rows.shape[0], K).to(dtype)
+
+    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, k)
+    grads = recipe.expert_mlp_backward(kernels, g, x, leaves[0], leaves[2], off, pre, "swiglu", r2f, k)
+    d_rows, dw1, db1, dw2, db2 = grads
+    refs = []
+    for cast in (dtype, torch.float64):
+        ls = [t.to(cast).requires_grad_(True) for t in (rows, *leaves)]
+        y = _swiglu_expert_mlp(*ls[:1], *ls[1:], off, interleaved)
+        refs.append([y, *torch.autograd.grad(y, ls, g.to(cast))])
+    for ours, same, exact in zip([out, d_rows, dw1, db1, dw2, db2], *refs):
+        assert_within_twice_reference_error(ours, same, exact)
+    for t in (dw1, db1, dw2, db2):
+        assert torch.count_nonzero(t[2]) == 0
+    # pre keeps W1's layout: its columns are the float64 pre-activation's
+    exact_pre = torch.cat(
+        [rows[int(off[e]) : int(off[e + 1])].double() @ leaves[0][e].double() + leaves[1][e].double() for e in range(E)]
+    )
+    torch.testing.assert_close(pre.double(), exact_pre, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_swiglu_layer_runs_on_the_cuda_core(dtype):
+    """MoEMLP(activation="swiglu", backend="cuda") (an LLM-style layer: softmax top-2, no shared
+    expert, no biases) runs on the CUDA core, fused, and matches backend="torch"."""
+    torch.manual_seed(3)
+    kw = dict(score_func="softmax", activation="swiglu", bias=False)
+    ours = MoEMLP(32, 24, 6, 0, 2, backend="cuda", **kw)
+    ref = MoEMLP(32, 24, 6, 0, 2, backend="torch", **kw)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(90, 32)
+    outs = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            y, aux, load = m(xi)
+        grads = torch.autograd.grad((y.float().square().mean() + aux), [xi, m.w1, m.w2])
+        outs.append((y.float(), *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), **GRAD_TOL[dtype])
+
+
+# ---- the sm_90a kernels (wgmma, TMA, mbarriers) on an emulated H100 ---------------------------------
+
+
+def test_wgmma_kernels_chosen_where_the_device_is_9_0():
+    """The launchers take the sm_90a kernels where the (emulated) device is 9.0: GEOMOE_EMULATE_SM=90,
+    which the test below sets for the grouped-GEMM tests' second run; mma.sync elsewhere."""
+    want = "wgmma" if os.environ.get("GEOMOE_EMULATE_SM") == "90" else "mma.sync"
+    assert CORE.grouped_mm_kernels() == want
+
+
+@pytest.mark.skipif(VARIANT == "asan", reason="4 GB of address space, mostly untouched, is more than ASan's shadow should map")
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_gathered_rows_past_2_31_elements(act):
+    """int64 addressing: token rows whose first element lies past 2^31 elements (a [2,100, 2^20 + 64]
+    bf16 view of 4.4 GB, only the rows read ever touched), read through the gather by the forward and
+    the weight gradient, against float64; one expert without rows."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    T, LD, K, N, E, k = 2100, 2**20 + 64, 24, 40, 3, 2
+    storage = torch.empty(T * LD, dtype=torch.bfloat16)
+    x = storage.view(T, LD)[:, :K]
+    tokens = torch.tensor([T - 1, 5, T - 7, 2047, T - 3])  # 5 and 2047 stay below 2^31 elements
+    for t in tokens.tolist():
+        x[t] = torch.randn(K).to(torch.bfloat16)
+    assert int(tokens.max()) * LD > 2**31
+    flat = torch.stack([tokens * k, tokens * k + 1], 1).reshape(-1)  # both slots of every token
+    experts = torch.tensor([0, 2, 2, 0, 0, 2, 2, 2, 0, 0])  # expert 1: no rows
+    order = torch.sort(experts, stable=True).indices
+    gather = flat[order].contiguous()
+    off = torch.tensor([0, int((experts == 0).sum()), int((experts == 0).sum()), experts.numel()])
+    w = (torch.randn(E, K, N) / K**0.5).to(torch.bfloat16)
+    b = torch.randn(E, N).to(torch.bfloat16)
+    out, pre = recipe.forward(cuda.CudaGroupedGemm(), x, w, off, b, act, gather, k)
+    A = x[gather // k].double()
+    exact = torch.cat([A[off[e] : off[e + 1]] @ w[e].double() + b[e].double() for e in range(E)])
+    torch.testing.assert_close(pre.double(), exact, **GRAD_TOL[torch.bfloat16])
+    g = torch.randn(gather.numel(), N).to(torch.bfloat16)
+    dw, db = recipe.weight_grad(cuda.CudaGroupedGemm(), x, g, off, gather, k, splits=1)
+    for e in range(E):
+        lo, hi = int(off[e]), int(off[e + 1])
+        torch.testing.assert_close(dw[e].double(), A[lo:hi].T @ g[lo:hi].double(), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(db[e].double(), g[lo:hi].double().sum(0), rtol=1e-3, atol=2e-3)
+    assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
+
+
+GEMM_TESTS = "grouped_mm or weight_grad or expert_mlp or swiglu or wgmma_kernels or past_2_31"
+
+
+@pytest.mark.skipif(os.environ.get("GEOMOE_EMULATE_SM") == "90", reason="this is that run")
+def test_gemm_tests_again_on_an_emulated_h100():
+    """Every grouped-GEMM test of this file (forward, dgrad, wgrad, SwiGLU in both layouts, experts
+    without rows, rows not 16-byte aligned, the pipeline's steady state, int64 addressing) again in a
+    process whose emulated device is 9.0, so that the sm_90a kernels run: wgmma.mma_async on swizzled
+    shared-memory descriptors, W by TMA completing on mbarriers (by cp.async where its rows are not
+    16-byte aligned), carried out by csrc/emulation/sm90_ptx.cuh; then the GEMM and SwiGLU tests once
+    more with every copy (cp.async and TMA) landing at issue, where a stage refilled before the
+    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test).
+    Under ASan, the forward / dgrad / wgrad / SwiGLU subset."""
+    env = dict(os.environ, GEOMOE_EMULATE_SM="90")
+    if VARIANT == "asan":  # the AddressSanitizer run: forward, dgrad, wgrad and SwiGLU's paths
+        _pytest(env, [__file__], "not (test_grouped_mm or swiglu_expert_mlp or weight_grad_of)")
+        return
+    _pytest(env, [__file__], f"not ({GEMM_TESTS})")
+    _pytest(dict(env, GEOMOE_EMULATE_COPIES="eager"), [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
+
+
 # ---- the layer and the model -----------------------------------------------------------------------
 
 

@@ -67,6 +67,10 @@
 #define cudaFuncSetAttribute ::geomoe_emu::func_set_attribute
 #define cudaStreamSynchronize ::geomoe_emu::synchronize
 #define cudaDeviceSynchronize ::geomoe_emu::synchronize
+#define cudaGetDevice ::geomoe_emu::get_device
+#define cudaDeviceGetAttribute ::geomoe_emu::device_get_attribute
+#undef __grid_constant__
+#define __grid_constant__
 
 // ---- barriers and warp collectives ----------------------------------------------------------------
 

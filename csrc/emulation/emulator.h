@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -146,7 +147,7 @@ inline std::string symbol_name(const void* fn) {
 
 // ---- the state of a launch ----------------------------------------------------------------------
 
-enum class State : unsigned char { kRunnable, kBarrier, kCollective, kDone };
+enum class State : unsigned char { kRunnable, kBarrier, kCollective, kMbarrier, kDone };
 
 // An asynchronous global -> shared copy (cuda_pipeline_primitives.h): the source bytes are read when
 // it is issued, the destination written when the thread waits for its batch.
@@ -167,6 +168,21 @@ struct Thread {
   unsigned mask;                           // the collective's lane mask
   std::vector<AsyncCopy> async_copies;     // issued and not yet landed, oldest first
   std::vector<std::size_t> async_batches;  // copies in each committed batch not yet waited for, oldest first
+  // sm_90 (sm90_ptx.cuh): wgmma.mma_async issued and not yet carried out, oldest first, and the
+  // operations in each committed group not yet waited for
+  std::vector<std::function<void()>> wgmma_ops;
+  std::vector<std::size_t> wgmma_groups;
+  Site wgmma_site;  // where the oldest pending one was issued
+};
+
+// An mbarrier (sm90_ptx.cuh) in shared memory: arrivals expected per phase, those still missing, the
+// transaction bytes still to complete, the current phase's parity, and the TMA copies issued on it
+// that have not landed (they land when a thread waits on the barrier, the latest they may).
+struct Mbarrier {
+  unsigned count = 0, pending = 0, phase = 0;
+  long long tx = 0;
+  std::vector<std::function<void()>> copies;
+  Site site{"", 0};  // the oldest unlanded copy's issue
 };
 
 // A warp collective that some of the lanes named in its mask have reached. Lanes post their slot
@@ -210,6 +226,8 @@ struct Runtime {
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  std::size_t dynamic_smem_bytes = 0;
+  std::map<const void*, Mbarrier> mbarriers;  // the running block's, by address
 
   const std::string& name() {
     if (kernel_name.empty()) {
@@ -344,6 +362,10 @@ template <class Slot> void collective(const char* what, unsigned mask, Slot& slo
 // A thread returns from the kernel: nobody may still be waiting for it.
 inline void thread_exit(Thread& t) {
   Runtime& r = runtime();
+  if (!t.wgmma_ops.empty())
+    throw Error(format("the thread returns with %zu wgmma.mma_async not waited for (the first issued at %s); "
+                       "wgmma.wait_group before reading the accumulators or returning",
+                       t.wgmma_ops.size(), t.wgmma_site.str().c_str()));
   if (!t.async_copies.empty())
     throw Error(
         format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
@@ -392,6 +414,7 @@ inline std::string deadlock() {
     if (t.state == State::kBarrier) waits["at __syncthreads at " + t.site.str()].push_back(i);
     if (t.state == State::kCollective)
       waits[format("in %s (mask 0x%08x) at %s", t.what, t.mask, t.site.str().c_str())].push_back(i);
+    if (t.state == State::kMbarrier) waits["on an mbarrier at " + t.site.str()].push_back(i);
   }
   std::string out = "deadlock: no thread can go on:";
   for (auto& [where, ids] : waits)
@@ -415,6 +438,8 @@ inline void run_block(unsigned block_linear) {
     t.state = State::kRunnable;
     t.async_copies.clear();
     t.async_batches.clear();
+    t.wgmma_ops.clear();
+    t.wgmma_groups.clear();
     t.ctx.prepare(r.stacks[i], &thread_main, &t);
   }
   for (unsigned w = 0; w < r.warps.size(); ++w) {
@@ -425,6 +450,7 @@ inline void run_block(unsigned block_linear) {
   }
   r.at_barrier = r.exited = 0;
   r.woken = false;
+  r.mbarriers.clear();
   const bool reverse = block_linear & 1u;
   // threads before position p in the order are waiting (or done) unless something woke them since
   for (unsigned p = 0, done = 0; done < r.n_threads;) {
@@ -490,6 +516,7 @@ inline cudaError_t launch(const LaunchSpec& s) {
   if (s.smem && posix_memalign(&raw, 128, s.smem) != 0) raw = nullptr;
   std::unique_ptr<unsigned char, void (*)(void*)> smem(static_cast<unsigned char*>(raw), std::free);
   r.dynamic_smem = smem.get();
+  r.dynamic_smem_bytes = s.smem;
   const unsigned long long blocks = 1ull * s.grid.x * s.grid.y * s.grid.z;
   // last block first: a kernel that expects earlier blocks to have finished fails here as it may on a GPU
   for (unsigned long long n = blocks; n-- > 0 && !r.failed;) {
@@ -576,5 +603,30 @@ template <class K> cudaError_t func_set_attribute(K* kernel, cudaFuncAttribute a
 }
 
 inline cudaError_t synchronize(...) { return cudaSuccess; }  // every launch has finished when it returns
+
+// The compute capability the emulated device reports: 8.0, or 9.0 with GEOMOE_EMULATE_SM=90 (read
+// once per process), which makes the launchers choose their sm_90 kernels (wgmma, TMA, mbarriers:
+// sm90_ptx.cuh), as on an H100.
+inline int emulated_sm() {
+  static const int sm = [] {
+    const char* v = std::getenv("GEOMOE_EMULATE_SM");
+    return v != nullptr && std::strcmp(v, "90") == 0 ? 90 : 80;
+  }();
+  return sm;
+}
+
+inline cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = emulated_sm() / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = emulated_sm() % 10; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace geomoe_emu

@@ -280,8 +280,6 @@ def experts_forward(
         ids = ids.clamp_max(E - 1)
         weights = weights.masked_fill(off_rank, 0.0)
     activation = fused_activation(module)
-    if activation == "swiglu" and backend == "cuda":  # the CUDA core fuses no SwiGLU: the module's gate between two GEMMs
-        activation = None
     if use_plan and not getattr(module, "has_post_expert_norm", False) and not torch.compiler.is_compiling():
         # one autograd.Function over a cached launch plan (route, the experts, the combine): the
         # implementations the ops below would run, the same bits, without an op dispatch each
