@@ -41,11 +41,14 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tens
     if idxs is not None:
         c = idxs[order]
         over &= c[:, None] == c[None, :]
-    over = over.triu(1).cpu()  # a box suppresses only those after it in the visiting order
-    removed = torch.zeros(n, dtype=torch.bool)
-    keep = torch.zeros(n, dtype=torch.bool)
-    for i in range(n):  # greedy: the one sequential step
-        if not removed[i]:
-            keep[i] = True
-            removed |= over[i]
-    return order[keep.to(order.device)]
+    over = over.triu(1)  # a box suppresses only those after it in the visiting order
+    # the greedy scan on the host, each row of `over` packed into a Python integer (bit j: box j)
+    pad = (-n) % 8
+    bits = torch.nn.functional.pad(over, (0, pad)).reshape(n, -1, 8).to(torch.int32)
+    packed = (bits << torch.arange(8, device=bits.device, dtype=torch.int32)).sum(-1).to(torch.uint8).cpu()
+    removed, keep = 0, []
+    for i, row in enumerate(packed.tolist()):
+        if not (removed >> i) & 1:
+            keep.append(i)
+            removed |= int.from_bytes(bytes(row), "little")
+    return order[torch.tensor(keep, dtype=torch.int64, device=order.device)]
