@@ -126,10 +126,13 @@ def _roi_align_bwd_kernel(
     for k in range(K):
         b, x1, y1, bw, bh, gw, gh = _roi_geometry(Rois, k, scale, sampling, PH, PW, ALIGNED)
         # the rows and columns the RoI's samples can reach (clamping keeps them in the map)
-        rlo = tl.maximum(tl.floor(y1), 0.0) - 1.0
-        rhi = tl.minimum(tl.floor(y1 + bh * PH) + 1.0, H - 1.0)
-        qlo = tl.maximum(tl.floor(x1), 0.0) - 1.0
-        qhi = tl.minimum(tl.floor(x1 + bw * PW) + 1.0, W - 1.0)
+        # (an aligned RoI may be inverted, x2 < x1: with a fixed sampling_ratio its samples run back)
+        y2 = y1 + bh * PH
+        x2 = x1 + bw * PW
+        rlo = tl.maximum(tl.floor(tl.minimum(y1, y2)), 0.0) - 1.0
+        rhi = tl.minimum(tl.floor(tl.maximum(y1, y2)) + 1.0, H - 1.0)
+        qlo = tl.maximum(tl.floor(tl.minimum(x1, x2)), 0.0) - 1.0
+        qhi = tl.minimum(tl.floor(tl.maximum(x1, x2)) + 1.0, W - 1.0)
         reach = (b == img) & (rhi >= r0) & (rlo < r0 + T) & (qhi >= q0) & (qlo < q0 + T)
         if reach:
             count = tl.maximum(gh * gw, 1).to(tl.float32)

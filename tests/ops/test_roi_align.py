@@ -74,6 +74,7 @@ ROIS = torch.tensor(
         [1, 20.0, 2.0, 30.0, 9.0],  # mostly outside on the right
         [0, 3.5, 7.25, 9.75, 8.5],  # fractional, thin
         [1, 6.0, 6.0, 7.0, 7.0],  # smaller than a bin
+        [1, 14.0, 16.0, 4.0, 6.0],  # inverted (x2 < x1): aligned with a fixed grid, samples run back
         [0, -40.0, -40.0, -30.0, -30.0],  # entirely outside: zeros
     ],
     dtype=torch.float64,
@@ -88,7 +89,7 @@ def test_reference_matches_loop_forward_and_backward(sampling, aligned, size):
     got = roi_align(x, ROIS, size, 0.5, sampling, aligned)
     ph, pw = (size, size) if isinstance(size, int) else size
     want = _loop(x, ROIS, ph, pw, 0.5, sampling, aligned)
-    assert got.shape == (8, 3, ph, pw)
+    assert got.shape == (9, 3, ph, pw)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert got[-1].abs().max() == 0
     up = torch.randn_like(got)
@@ -116,7 +117,7 @@ def test_gradcheck():
         assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.5, sampling, aligned), (x,))
 
 
-@pytest.mark.parametrize("sampling, aligned", [(0, True), (2, False)])
+@pytest.mark.parametrize("sampling, aligned", [(0, True), (2, True), (2, False)])
 def test_backend_matches_reference(backend, dtype, aligned, sampling):
     x = torch.randn(2, 5, 9, 11).to(backend.device, dtype).requires_grad_(True)
     rois = ROIS.float().to(backend.device)
