@@ -66,7 +66,7 @@ def _axis_weights(pos, extent):
 
 @triton.jit
 def _roi_align_fwd_kernel(
-    X, Rois, Out, C, H, W, scale, sampling,
+    X, Rois, Out, B, C, H, W, scale, sampling,
     PH: tl.constexpr, PW: tl.constexpr, P_POW2: tl.constexpr, ALIGNED: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     k = tl.program_id(0)
@@ -76,6 +76,9 @@ def _roi_align_fwd_kernel(
     ph = (p // PW).to(tl.float32)
     pw = (p % PW).to(tl.float32)
     b, x1, y1, bw, bh, gw, gh = _roi_geometry(Rois, k, scale, sampling, PH, PW, ALIGNED)
+    # a batch index out of range reads image 0 and gives zeros (where value checks run, they name it)
+    inside = ((b >= 0) & (b < B)).to(tl.float32)
+    b = tl.where((b >= 0) & (b < B), b, 0)
     plane = X + (b.to(tl.int64) * C + c.to(tl.int64)) * H * W  # [BC] channel planes of image b
     m2 = mp[:, None] & mc[None, :]
     acc = tl.zeros((P_POW2, BC), dtype=tl.float32)
@@ -93,9 +96,9 @@ def _roi_align_fwd_kernel(
             acc += (wyh * wxl)[:, None] * v
             v = tl.load(plane[None, :] + (yh * W + xh)[:, None], mask=m2, other=0.0).to(tl.float32)
             acc += (wyh * wxh)[:, None] * v
-    count = tl.maximum(gh * gw, 1).to(tl.float32)
+    scale_out = inside / tl.maximum(gh * gw, 1).to(tl.float32)  # 0 for an image out of range
     dst = Out + (k.to(tl.int64) * C + c[None, :]) * (PH * PW) + p[:, None]
-    tl.store(dst, (acc / count).to(Out.dtype.element_ty), mask=m2)
+    tl.store(dst, (acc * scale_out).to(Out.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -174,7 +177,7 @@ def roi_align(
     if K and C:
         grid = (K, triton.cdiv(C, _BC))
         _roi_align_fwd_kernel[grid](
-            input, rois, out, C, H, W, float(spatial_scale), int(sampling_ratio),
+            input, rois, out, B, C, H, W, float(spatial_scale), int(sampling_ratio),
             PH=pooled_height, PW=pooled_width, P_POW2=triton.next_power_of_2(pooled_height * pooled_width),
             ALIGNED=bool(aligned), BC=_BC,
         )  # fmt: skip

@@ -134,6 +134,18 @@ def test_backward_has_the_same_bits_every_run(backend):
     assert all(torch.equal(r, runs[0]) for r in runs[1:])
 
 
+def test_a_batch_index_out_of_range_reads_nothing_where_values_are_not_checked(kernel_backend):
+    """On a GPU value checks are off by default: the kernel must not read outside the input."""
+    from geomoe_kernels import _checks
+
+    x = torch.randn(1, 3, 5, 5, device=kernel_backend.device)
+    rois = torch.tensor([[0, 0, 0, 4, 4.0], [5, 0, 0, 4, 4.0], [-1, 0, 0, 4, 4.0]], device=kernel_backend.device)
+    with _checks.value_checks(False):
+        y = roi_align(x, rois, 2, 1.0, 2, True, backend=kernel_backend.name)
+    assert y[1:].abs().max() == 0
+    torch.testing.assert_close(y[:1], roi_align(x, rois[:1], 2, 1.0, 2, True, backend="torch"))
+
+
 def test_opcheck():
     x = torch.randn(2, 3, 5, 6, requires_grad=True)
     rois = ROIS[:4].float()
