@@ -8,12 +8,14 @@ else ceil(roi_h / PH) (gw likewise: 0 and -1 are both adaptive). Not aligned, a 
 bilinear_interpolate). An empty grid (a zero-height aligned RoI) gives 0.
 
 The samples of each RoI are laid on a grid of the largest gh x gw among the RoIs (smaller grids
-masked): one host sync for that size. Memory is bounded by doing the RoIs in chunks. Backward adds
-the samples' weighted gradients with index_add_ (sequential on the CPU)."""
+masked): one host sync for that size. Each bin is a weighted sum of rows of the channels-last input
+(embedding_bag: the gathered samples are never materialised); the backward multiplies the sparse
+transpose of those weights with the bins' gradients. Memory is bounded by doing RoIs in chunks."""
 
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered samples per chunk (x channels)
@@ -81,6 +83,19 @@ def _samples(input: Tensor, rois: Tensor, PH: int, PW: int, scale: float, sampli
         yield sl, idx.reshape(k, PH, PW, -1), w.reshape(k, PH, PW, -1)
 
 
+def _channels_last(input: Tensor, acc: torch.dtype) -> Tensor:
+    """[B * H * W, C]: one row of channels per pixel, the table the samples index."""
+    B, C, H, W = input.shape
+    return input.to(acc).permute(0, 2, 3, 1).reshape(B * H * W, C)
+
+
+def _pool(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """[k, PH, PW, S] samples -> [k * PH * PW, C]: each bin the weighted sum of its samples' rows,
+    without materialising the gathered rows (embedding_bag's weighted sum)."""
+    S = idx.shape[-1]
+    return F.embedding_bag(idx.reshape(-1, S), table, per_sample_weights=w.reshape(-1, S).to(table.dtype), mode="sum")
+
+
 def roi_align(
     input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, spatial_scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
@@ -88,11 +103,10 @@ def roi_align(
     K = rois.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
     out = input.new_zeros(K, C, pooled_height, pooled_width, dtype=acc)
-    planes = input.to(acc).permute(1, 0, 2, 3).reshape(C, B * H * W)  # [C, B*H*W]
+    table = _channels_last(input, acc)
     for sl, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
-        k, S = idx.shape[0], idx.shape[-1]
-        vals = planes[:, idx.reshape(-1)].reshape(C, k, pooled_height, pooled_width, S)
-        out[sl] = (vals * w.to(acc)[None]).sum(-1).transpose(0, 1)
+        k = idx.shape[0]
+        out[sl] = _pool(table, idx, w).reshape(k, pooled_height, pooled_width, C).permute(0, 3, 1, 2)
     return out.to(input.dtype)
 
 
@@ -106,14 +120,17 @@ def roi_align_backward(
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """d input (rois get no gradient, as in torchvision)."""
+    """d input (rois get no gradient, as in torchvision): the transpose of the forward's weighted
+    sums, a sparse [B*H*W, bins] matrix of the sample weights times the bins' gradients."""
     B, C, H, W = input.shape
     acc = torch.promote_types(input.dtype, torch.float32)
-    grad = torch.zeros(C, B * H * W, dtype=acc, device=input.device)
-    g = grad_out.to(acc)
+    grad = torch.zeros(B * H * W, C, dtype=acc, device=input.device)
+    g = grad_out.to(acc).permute(0, 2, 3, 1)  # [K, PH, PW, C]
     for sl, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
+        bins = idx.shape[0] * pooled_height * pooled_width
         S = idx.shape[-1]
-        contrib = g[sl].transpose(0, 1)[..., None] * w.to(acc)[None]  # [C, k, PH, PW, S]
-        grad.index_add_(1, idx.reshape(-1), contrib.reshape(C, -1))
-    return grad.reshape(C, B, H, W).permute(1, 0, 2, 3).contiguous().to(input.dtype)
-
+        cols = torch.arange(bins, device=idx.device).repeat_interleave(S)
+        at = torch.stack([idx.reshape(-1), cols])  # in range by construction
+        weights_t = torch.sparse_coo_tensor(at, w.reshape(-1).to(acc), (B * H * W, bins), check_invariants=False)
+        grad += torch.sparse.mm(weights_t, g[sl].reshape(bins, C))
+    return grad.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous().to(input.dtype)
