@@ -14,7 +14,6 @@ from geomoe.detection import (
     DeltaXYWHCoder,
     DetectorConfig,
     FasterRCNN,
-    MaxIoUAssigner,
     RandomSampler,
     roi_levels,
     roi_loss,
@@ -33,7 +32,12 @@ def _iou(a, b):
 
 def _encode(p, g, stds=(1, 1, 1, 1)):
     pw, ph, gw, gh = p[2] - p[0], p[3] - p[1], g[2] - g[0], g[3] - g[1]
-    d = [((g[0] + g[2]) / 2 - (p[0] + p[2]) / 2) / pw, ((g[1] + g[3]) / 2 - (p[1] + p[3]) / 2) / ph, math.log(gw / pw), math.log(gh / ph)]
+    d = [
+        ((g[0] + g[2]) / 2 - (p[0] + p[2]) / 2) / pw,
+        ((g[1] + g[3]) / 2 - (p[1] + p[3]) / 2) / ph,
+        math.log(gw / pw),
+        math.log(gh / ph),
+    ]
     return [v / s for v, s in zip(d, stds)]
 
 
@@ -127,7 +131,10 @@ def test_assigner_matches_a_loop(published):
     xy = (torch.rand(60, 2, generator=g) * 40).round().double()
     priors = torch.cat([xy, xy + 4 + (torch.rand(60, 2, generator=g) * 12).round().double()], 1)
     got, _ = assigner(priors, gts)
-    assert torch.equal(got, _assign_loop(priors, gts, assigner.pos_iou_thr, assigner.neg_iou_thr, assigner.min_pos_iou, assigner.match_low_quality))
+    assert torch.equal(
+        got,
+        _assign_loop(priors, gts, assigner.pos_iou_thr, assigner.neg_iou_thr, assigner.min_pos_iou, assigner.match_low_quality),
+    )
     empty, _ = assigner(priors, gts[:0])
     assert (empty == 0).all()
 
@@ -162,7 +169,10 @@ def test_roi_levels_and_pooling_on_every_level():
 def test_rpn_loss_matches_an_independent_computation():
     g = torch.Generator().manual_seed(2)
     anchors = AnchorGenerator(strides=(16,), scales=(2.0,))([(3, 3)], dtype=torch.float64)[0]  # 27 anchors of 32 px
-    gts = [torch.tensor([[2.0, 3.0, 30.0, 28.0], [10.0, 12.0, 44.0, 30.0]], dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)]
+    gts = [
+        torch.tensor([[2.0, 3.0, 30.0, 28.0], [10.0, 12.0, 44.0, 30.0]], dtype=torch.float64),
+        torch.zeros(0, 4, dtype=torch.float64),
+    ]
     logits = torch.randn(2, 27, generator=g, dtype=torch.float64)
     deltas = torch.randn(2, 27, 4, generator=g, dtype=torch.float64) * 0.1
     cfg = DetectorConfig()
@@ -194,9 +204,15 @@ def test_roi_loss_matches_an_independent_computation():
     targets = torch.randn(R, 4, generator=g, dtype=torch.float64)
     got = roi_loss(scores, deltas, labels, targets, C)
     ce = sum(math.log(sum(math.exp(v) for v in scores[r].tolist())) - float(scores[r, labels[r]]) for r in range(R)) / R
-    l1 = sum(
-        abs(float(deltas[r, 4 * int(labels[r]) + i]) - float(targets[r, i])) for r in range(R) if labels[r] < C for i in range(4)
-    ) / R  # divided by all sampled RoIs, not the positives (the published avg_factor)
+    l1 = (
+        sum(
+            abs(float(deltas[r, 4 * int(labels[r]) + i]) - float(targets[r, i]))
+            for r in range(R)
+            if labels[r] < C
+            for i in range(4)
+        )
+        / R
+    )  # divided by all sampled RoIs, not the positives (the published avg_factor)
     torch.testing.assert_close(got["loss_cls"], torch.tensor(ce, dtype=torch.float64), rtol=1e-12, atol=0)
     torch.testing.assert_close(got["loss_bbox"], torch.tensor(l1, dtype=torch.float64), rtol=1e-12, atol=0)
 

@@ -107,7 +107,9 @@ class RPNHead(nn.Module):
 class Shared2FCBBoxHead(nn.Module):
     def __init__(self, in_channels: int, roi_size: int, fc_channels: int, num_classes: int):
         super().__init__()
-        self.shared_fcs = nn.ModuleList([nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)])
+        self.shared_fcs = nn.ModuleList(
+            [nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)]
+        )
         self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
         self.fc_reg = nn.Linear(fc_channels, num_classes * 4)
         for fc in self.shared_fcs:
@@ -222,14 +224,26 @@ class FasterRCNN(nn.Module):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if idx.numel():
                 pooled = roi_align(
-                    feats[lvl], rois[idx].to(feats[lvl].dtype), c.roi_size, 1.0 / c.strides[lvl], c.roi_sampling_ratio, c.roi_aligned
+                    feats[lvl],
+                    rois[idx].to(feats[lvl].dtype),
+                    c.roi_size,
+                    1.0 / c.strides[lvl],
+                    c.roi_sampling_ratio,
+                    c.roi_aligned,
                 )
                 out = out.index_copy(0, idx, pooled)
         return out
 
-    def forward(self, images: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None, targets: Optional[Sequence[Dict[str, Tensor]]] = None):
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+    ):
         if images.dim() != 4 or images.shape[2] % 32 or images.shape[3] % 32:
-            raise ValueError(f"FasterRCNN: argument 'images' expected [B, 3, H, W] with H and W multiples of 32, got {list(images.shape)}")
+            raise ValueError(
+                f"FasterRCNN: argument 'images' expected [B, 3, H, W] with H and W multiples of 32, got {list(images.shape)}"
+            )
         B = images.shape[0]
         sizes = list(image_sizes) if image_sizes is not None else [tuple(images.shape[2:])] * B
         feats, aux = self.features(images)
@@ -279,7 +293,13 @@ class FasterRCNN(nn.Module):
         for b, p in enumerate(props):
             n = p.shape[0]
             if n == 0 or scores is None:
-                out.append({"boxes": p.new_zeros(0, 4), "scores": p.new_zeros(0), "labels": torch.zeros(0, dtype=torch.int64, device=p.device)})
+                out.append(
+                    {
+                        "boxes": p.new_zeros(0, 4),
+                        "scores": p.new_zeros(0),
+                        "labels": torch.zeros(0, dtype=torch.int64, device=p.device),
+                    }
+                )
                 continue
             prob = scores[start : start + n].softmax(-1)[:, : c.num_classes]
             boxes = self.roi_coder.decode(p, deltas[start : start + n], max_shape=sizes[b]).reshape(n, c.num_classes, 4)
