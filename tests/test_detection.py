@@ -260,6 +260,15 @@ def test_detector_trains_and_detects_end_to_end():
         assert (d["boxes"][:, 0] >= 0).all() and (d["boxes"][:, 2] <= w).all() and (d["boxes"][:, 3] <= h).all()
     with pytest.raises(ValueError, match="'images' expected .* multiples of 32"):
         model(torch.randn(1, 3, 60, 64))
+    model.train()
+    with pytest.raises(ValueError, match=r"""'targets\[1\]\["labels"\]' expected classes in 0..2, got 3..3"""):
+        model(images, None, [targets[0], {"boxes": torch.ones(1, 4).cumsum(1), "labels": torch.tensor([3])}])
+    with pytest.raises(ValueError, match=r"""'targets\[0\]\["boxes"\]' expected a tensor \[G, 4\]"""):
+        model(images, None, [{"boxes": torch.zeros(2, 5), "labels": torch.zeros(2, dtype=torch.int64)}, targets[1]])
+    with pytest.raises(ValueError, match=r"""'targets\[0\]\["boxes"\]' expected x2 > x1"""):
+        model(images, None, [{"boxes": torch.tensor([[5.0, 5, 5, 9]]), "labels": torch.zeros(1, dtype=torch.int64)}, targets[1]])
+    with pytest.raises(ValueError, match=r"""'targets' expected one dict per image \(2\), got none"""):
+        model(images)
 
 
 def _ap_by_hand(dets, gts, thr):

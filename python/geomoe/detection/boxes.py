@@ -119,9 +119,12 @@ class MaxIoUAssigner:
         pos = max_ov >= self.pos_iou_thr
         assigned[pos] = argmax[pos] + 1
         if self.match_low_quality:
-            for i in range(gt.shape[0]):
-                if gt_max[i] >= self.min_pos_iou:
-                    assigned[overlaps[i] == gt_max[i]] = i + 1
+            # each ground truth's best priors (ties included) when it reaches min_pos_iou; a prior
+            # that is several ground truths' best goes to the last of them (OpenMMLab's loop order)
+            best = (overlaps == gt_max[:, None]) & (gt_max[:, None] >= self.min_pos_iou)
+            G = gt.shape[0]
+            last = G - 1 - best.flip(0).to(torch.uint8).argmax(dim=0)
+            assigned = torch.where(best.any(dim=0), last + 1, assigned)
         return assigned, max_ov.to(priors.dtype)
 
 

@@ -166,6 +166,29 @@ def roi_loss(cls_scores: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor
     return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
 
 
+def _check_targets(targets, B: int, num_classes: int) -> None:
+    if targets is None or len(targets) != B:
+        got = "none" if targets is None else len(targets)
+        raise ValueError(f"FasterRCNN: argument 'targets' expected one dict per image ({B}), got {got}")
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            got = list(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(
+                f"FasterRCNN: argument 'targets[{i}][\"boxes\"]' expected a tensor [G, 4] (x1, y1, x2, y2), got {got}"
+            )
+        if not isinstance(labels, Tensor) or labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
+            got = f"{list(labels.shape)} {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"FasterRCNN: argument 'targets[{i}][\"labels\"]' expected int64 [{boxes.shape[0]}], got {got}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"FasterRCNN: argument 'targets[{i}][\"labels\"]' expected classes in 0..{num_classes - 1}, "
+                f"got {int(labels.min())}..{int(labels.max())}"
+            )
+        if boxes.numel() and bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
+            raise ValueError(f"FasterRCNN: argument 'targets[{i}][\"boxes\"]' expected x2 > x1 and y2 > y1 for every box")
+
+
 class FasterRCNN(nn.Module):
     """forward(images [B, 3, H, W] normalised, H and W multiples of 32; image_sizes [(h, w)] the
     valid part of each; targets: per image {"boxes": [G, 4] xyxy, "labels": [G] in 0..C-1}) ->
@@ -225,7 +248,7 @@ class FasterRCNN(nn.Module):
             if idx.numel():
                 pooled = roi_align(
                     feats[lvl],
-                    rois[idx].to(feats[lvl].dtype),
+                    rois[idx].to(torch.promote_types(feats[lvl].dtype, torch.float32)),  # float32 corners under half maps
                     c.roi_size,
                     1.0 / c.strides[lvl],
                     c.roi_sampling_ratio,
@@ -250,8 +273,7 @@ class FasterRCNN(nn.Module):
         cls, reg = self.rpn_head(feats)
         anchors = self.anchors([tuple(f.shape[2:]) for f in feats], images.device, feats[0].dtype)
         if self.training:
-            if targets is None or len(targets) != B:
-                raise ValueError(f"FasterRCNN: training needs 'targets' for each of the {B} images")
+            _check_targets(targets, B, self.config.num_classes)
             gts = [t["boxes"] for t in targets]
             losses = rpn_loss(
                 torch.cat(anchors), torch.cat(cls, 1), torch.cat(reg, 1), gts,
