@@ -217,6 +217,34 @@ def test_roi_loss_matches_an_independent_computation():
     torch.testing.assert_close(got["loss_bbox"], torch.tensor(l1, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
+def test_roi_targets_match_an_independent_computation():
+    """Ground truths join the proposals (each its own match, a duplicate too), the 0.5 / 0.5
+    assignment, positives first, class-specific targets with stds 0.1, 0.1, 0.2, 0.2."""
+    model = FasterRCNN(_Tiny(4), DetectorConfig(num_classes=3, fpn_channels=4, fc_channels=8)).double()
+    gt = torch.tensor([[10.0, 10.0, 40.0, 30.0], [10.0, 10.0, 40.0, 30.0], [50.0, 5.0, 70.0, 45.0]], dtype=torch.float64)
+    gl = torch.tensor([2, 0, 1])
+    props = torch.tensor(
+        [[12.0, 11.0, 41.0, 32.0], [48.0, 8.0, 69.0, 44.0], [0.0, 0.0, 8.0, 8.0], [30.0, 20.0, 60.0, 40.0]], dtype=torch.float64
+    )
+    rois, labels, targets = model.roi_targets([props], [{"boxes": gt, "labels": gl}])
+    boxes = torch.cat([gt, props])
+    assigned = _assign_loop(boxes, gt, 0.5, 0.5, 0.5, False).tolist()
+    assigned[:3] = [1, 2, 3]
+    pos = [i for i, a in enumerate(assigned) if a > 0]
+    neg = [i for i, a in enumerate(assigned) if a == 0]
+    assert pos == [0, 1, 2, 3, 4] and neg == [5, 6]  # the duplicate gt keeps its own label
+    order = pos + neg  # fewer than the sampler draws: all of them, in index order
+    assert rois[:, 0].tolist() == [0] * 7
+    torch.testing.assert_close(rois[:, 1:], boxes[order], rtol=0, atol=0)
+    for r, i in enumerate(order):
+        a = assigned[i]
+        assert int(labels[r]) == (int(gl[a - 1]) if a > 0 else 3)
+        if a > 0:
+            want = _encode(boxes[i].tolist(), gt[a - 1].tolist(), (0.1, 0.1, 0.2, 0.2))
+            torch.testing.assert_close(targets[r], torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert labels.tolist() == [2, 0, 1, 2, 1, 3, 3]
+
+
 class _Tiny(nn.Module):
     """A stand-in backbone: 4 strided convs (strides 4, 8, 16, 32) and an aux loss of 1e-3 x the mean."""
 

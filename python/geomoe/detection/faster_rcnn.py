@@ -289,13 +289,16 @@ class FasterRCNN(nn.Module):
         props = self.proposals(cls, reg, anchors, sizes, train=False)
         return self._detect(feats, props, sizes)
 
-    def _roi_losses(self, feats, props, targets) -> Dict[str, Tensor]:
+    def roi_targets(self, props: Sequence[Tensor], targets: Sequence[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor, Tensor]:
+        """The RoI head's training samples: (rois [R, 5], labels [R] (num_classes: background),
+        encoded targets [R, 4]), each image's positives then negatives."""
         c = self.config
         rois, labels, tgts = [], [], []
         for b, (p, t) in enumerate(zip(props, targets)):
             gt, gl = t["boxes"].to(p.dtype), t["labels"]
             p = torch.cat([gt, p])  # the ground truths join the proposals
             assigned, _ = c.roi_assigner(p, gt)
+            assigned[: gt.shape[0]] = torch.arange(1, gt.shape[0] + 1, device=p.device)  # each added gt is its own
             pos, neg = c.roi_sampler(assigned, self.generator)
             idx = torch.cat([pos, neg])
             lab = torch.full((idx.numel(),), c.num_classes, dtype=torch.int64, device=p.device)
@@ -306,9 +309,12 @@ class FasterRCNN(nn.Module):
             rois.append(torch.cat([p.new_full((idx.numel(), 1), b), p[idx]], 1))
             labels.append(lab)
             tgts.append(tg)
-        r = torch.cat(rois)
-        scores, deltas = self.roi_head(self.roi_features(feats, r))
-        return roi_loss(scores, deltas, torch.cat(labels), torch.cat(tgts), c.num_classes)
+        return torch.cat(rois), torch.cat(labels), torch.cat(tgts)
+
+    def _roi_losses(self, feats, props, targets) -> Dict[str, Tensor]:
+        rois, labels, tgts = self.roi_targets(props, targets)
+        scores, deltas = self.roi_head(self.roi_features(feats, rois))
+        return roi_loss(scores, deltas, labels, tgts, self.config.num_classes)
 
     def _detect(self, feats, props, sizes) -> List[Dict[str, Tensor]]:
         c = self.config
