@@ -1,0 +1,89 @@
+"""IoU of rotated boxes (cx, cy, w, h, angle in radians), the convention of mmcv / mmrotate: a
+box's width runs along (cos a, sin a) and its height along (-sin a, cos a) in image coordinates.
+
+The intersection of two convex polygons by Green's theorem, without building (or sorting) the
+intersection polygon: its boundary is the part of A's boundary inside B plus the part of B's
+boundary inside A, and its area is the sum over those pieces of cross(start, end) / 2. Each edge
+of a convex polygon enters and leaves the other convex polygon at most once, so the part inside is
+one parametric interval [t0, t1] (Cyrus-Beck clipping against the other's four half-planes):
+branch-free arithmetic that vectorises over pairs here and runs per pair in the Triton kernel.
+
+An edge lying on the other box's boundary (identical boxes, boxes sharing a side) would be counted
+twice, once from each box: A's edges count where they run along B's boundary in B's direction
+(the shared side of two overlapping boxes), B's edges never count on A's boundary, and an edge of A
+that runs along B's boundary in the opposite direction (two boxes touching from outside) does not
+count either.
+
+Boxes with w <= 0 or h <= 0 are empty: their IoU with anything is 0. A box with a non-finite
+coordinate gives NaN in its row or column (never a silently wrong number). The arithmetic runs in
+float64 here (float32 in the Triton kernel, float64 for float64 boxes), relative to the first box's
+centre, so that boxes far from the origin keep their precision."""
+
+import torch
+from torch import Tensor
+
+PAIRS_PER_CHUNK = 1 << 16  # pairs evaluated at once: bounds the [pairs, 4, 4] temporaries
+
+
+def corners(boxes: Tensor) -> Tensor:
+    """[..., 5] -> [..., 4, 2]: the corners, counter-clockwise in (x, y) with y up (so a box's
+    interior lies to the left of each edge); in image coordinates (y down) that order is clockwise."""
+    cx, cy, w, h, a = boxes.unbind(-1)
+    c, s = torch.cos(a), torch.sin(a)
+    half_w = torch.stack([w * c, w * s], -1) / 2  # along the width
+    half_h = torch.stack([-h * s, h * c], -1) / 2  # along the height
+    centre = torch.stack([cx, cy], -1)
+    return torch.stack([centre - half_w - half_h, centre + half_w - half_h, centre + half_w + half_h, centre - half_w + half_h], -2)
+
+
+def _cross(u: Tensor, v: Tensor) -> Tensor:
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
+def _inside_part(edges_of: Tensor, clip_by: Tensor, closed: bool) -> Tensor:
+    """sum over the edges of polygons `edges_of` [P, 4, 2] of cross(start, end) / 2 of the part of
+    each edge inside the polygon `clip_by` [P, 4, 2] (closed: A against B; open: B against A)."""
+    start = edges_of.unsqueeze(2)  # [P, 4 edges, 1, 2]
+    d = (edges_of.roll(-1, 1) - edges_of).unsqueeze(2)
+    origin = clip_by.unsqueeze(1)  # [P, 1, 4 planes, 2]
+    e = (clip_by.roll(-1, 1) - clip_by).unsqueeze(1)
+    a = _cross(e, start - origin)  # the signed distance (times |e|) of the edge's start
+    b = _cross(e, d)  # its rate along the edge
+    t = -a / torch.where(b == 0, torch.ones_like(b), b)
+    t0 = torch.where(b > 0, t, torch.zeros_like(t)).amax(2).clamp(min=0.0)
+    t1 = torch.where(b < 0, t, torch.ones_like(t)).amin(2).clamp(max=1.0)
+    if closed:  # on B's boundary line: inside only when running the same way as B's edge
+        same_way = (e * d).sum(-1) > 0
+        parallel_in = (a > 0) | ((a == 0) & same_way)
+    else:
+        parallel_in = a > 0
+    parallel_ok = torch.where(b == 0, parallel_in, torch.ones_like(parallel_in)).all(2)
+    length = torch.where(parallel_ok, (t1 - t0).clamp(min=0.0), torch.zeros_like(t0))
+    return (length * _cross(start.squeeze(2), d.squeeze(2))).sum(1) / 2
+
+
+def pair_iou(b1: Tensor, b2: Tensor) -> Tensor:
+    """IoU of b1[i] and b2[i] for equal-length [P, 5] float64 boxes."""
+    shift = torch.cat([b1[:, :2], torch.zeros_like(b1[:, 2:])], 1)
+    p1, p2 = corners(b1 - shift), corners(b2 - shift)
+    inter = _inside_part(p1, p2, closed=True) + _inside_part(p2, p1, closed=False)
+    area1, area2 = b1[:, 2] * b1[:, 3], b2[:, 2] * b2[:, 3]
+    inter = torch.minimum(inter.clamp(min=0.0), torch.minimum(area1, area2))
+    valid = (b1[:, 2] > 0) & (b1[:, 3] > 0) & (b2[:, 2] > 0) & (b2[:, 3] > 0)
+    iou = torch.where(valid, inter / torch.where(valid, area1 + area2 - inter, torch.ones_like(inter)), torch.zeros_like(inter))
+    finite = torch.isfinite(b1).all(1) & torch.isfinite(b2).all(1)
+    return torch.where(finite, iou, torch.full_like(iou, float("nan")))
+
+
+def box_iou_rotated(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """[N, 5], [M, 5] -> [N, M] in boxes1's dtype."""
+    N, M = boxes1.shape[0], boxes2.shape[0]
+    out = torch.empty(N, M, dtype=torch.float64, device=boxes1.device)
+    if N == 0 or M == 0:
+        return out.to(boxes1.dtype)
+    b1, b2 = boxes1.double(), boxes2.double()
+    rows = max(1, PAIRS_PER_CHUNK // M)
+    for i in range(0, N, rows):
+        n = min(rows, N - i)
+        out[i : i + n] = pair_iou(b1[i : i + n].repeat_interleave(M, 0), b2.repeat(n, 1)).view(n, M)
+    return out.to(boxes1.dtype)
