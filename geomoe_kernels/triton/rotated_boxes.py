@@ -28,7 +28,7 @@ from ._config import INTERPRET
 from . import kernel
 
 WHO = "the Triton rotated-box kernels"
-IOU_TILE = 16 if INTERPRET else 64
+IOU_TILE = 64  # pairs per program side (the interpreter's cost is per operation: large tiles there too)
 WORD = 32  # suppression bits per word
 ROI_BINS = 16 if INTERPRET else 64
 ROI_CHANNELS = 4 if INTERPRET else 32

@@ -65,6 +65,8 @@ def test_non_finite_boxes_give_nan_rows():
 
 
 def test_backend_matches_reference(backend, dtype):
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
     g = torch.Generator().manual_seed(2)
     b1 = torch.cat([random_boxes(41, g, extent=20.0), _special_boxes()[:14]]).to(backend.device)
     b2 = torch.cat([b1[:7], random_boxes(19, g, extent=20.0).to(backend.device)])

@@ -36,8 +36,10 @@ def test_ties_keep_the_lower_index():
 
 
 def test_backend_matches_reference(backend, dtype):
-    for seed in range(3):
-        boxes, scores, classes = (t.to(backend.device) for t in _case(n=70, seed=seed))
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    for seed in range(2):
+        boxes, scores, classes = (t.to(backend.device) for t in _case(n=50, seed=seed))
         for thr in (0.1, 0.7):
             want = nms_rotated(boxes, scores, thr, backend="torch")
             got = skip_unavailable(nms_rotated, boxes.float(), scores.float(), thr, backend=backend.name)
