@@ -17,7 +17,7 @@ from .box_iou_rotated import random_boxes
 
 
 def _verify(c, be, dev, dt):
-    g = c["generator"]
+    g = torch.Generator().manual_seed(33)  # the same inputs on every call (the case's generator moves on)
     boxes = torch.cat([random_boxes(40, g, extent=20.0), random_boxes(4, g, extent=20.0).repeat(2, 1)])
     scores = torch.rand(48, generator=g, dtype=torch.float64)
     scores[44:] = scores[40:44]  # tied scores on identical boxes: the lower index is kept
@@ -58,4 +58,6 @@ def nms_rotated(
 ) -> Tensor:
     """Indices (int64) of the rotated boxes [N, 5] kept by greedy NMS, by decreasing score; with
     idxs [N] (class ids) only boxes of the same class suppress each other."""
-    return nms_rotated_op(boxes.contiguous(), scores.contiguous(), float(iou_threshold), None if idxs is None else idxs.contiguous(), backend)
+    return nms_rotated_op(
+        boxes.contiguous(), scores.contiguous(), float(iou_threshold), None if idxs is None else idxs.contiguous(), backend
+    )

@@ -25,10 +25,16 @@ OP = "roi_align_rotated"
 
 
 def _verify(c, be, dev, dt):
-    g = c["generator"]
+    g = torch.Generator().manual_seed(33)  # the same inputs on every call (the case's generator moves on)
     x = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
     rois = torch.tensor(
-        [[0, 5, 4, 6, 3, 0.3], [1, 2, 2, 4, 8, -1.2], [0, 10, 8, 3, 3, 1.5708], [1, -1, -1, 2, 2, 0.1], [1, 5.5, 4.5, 20, 15, 2.0]],
+        [
+            [0, 5, 4, 6, 3, 0.3],
+            [1, 2, 2, 4, 8, -1.2],
+            [0, 10, 8, 3, 3, 1.5708],
+            [1, -1, -1, 2, 2, 0.1],
+            [1, 5.5, 4.5, 20, 15, 2.0],
+        ],
         dtype=torch.float64,
     )
     g_out = torch.randn(5, 5, 3, 2, generator=g, dtype=torch.float64)
@@ -45,7 +51,9 @@ def _check_batch_index(rois: Tensor, batch: int) -> None:
     bad = (b != b.floor()) | (b < 0) | (b >= batch)
     if bool(bad.any()):
         i = int(torch.argmax(bad.to(torch.uint8)))
-        raise OpInputError(f"{OP}: argument 'rois' expected batch indices (column 0) in 0..{batch - 1}, got {float(b[i])} in row {i}")
+        raise OpInputError(
+            f"{OP}: argument 'rois' expected batch indices (column 0) in 0..{batch - 1}, got {float(b[i])} in row {i}"
+        )
 
 
 def _check(input: Tensor, rois: Tensor, output_size: List[int], sampling_ratio: int) -> None:
@@ -76,7 +84,13 @@ def roi_align_rotated_op(
     fake=lambda grad_out, input_shape, **_: grad_out.new_empty(input_shape),
 )
 def roi_align_rotated_backward(
-    grad_out: Tensor, rois: Tensor, input_shape: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool, clockwise: bool
+    grad_out: Tensor,
+    rois: Tensor,
+    input_shape: List[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    clockwise: bool,
 ) -> Tensor:
     """The gradient of the input [B, C, H, W]."""
     check_tensor(f"{OP}_backward", "grad_out", grad_out, dtypes=FLOAT_DTYPES, dim=4)
@@ -113,5 +127,12 @@ def roi_align_rotated(
     output_size (an int or (PH, PW)) bins: [K, C, PH, PW]. Defaults as mmcv's RoIAlignRotated."""
     size = [int(output_size)] * 2 if isinstance(output_size, int) else [int(s) for s in output_size]
     return roi_align_rotated_op(
-        input.contiguous(), rois.contiguous(), size, float(spatial_scale), int(sampling_ratio), bool(aligned), bool(clockwise), backend
+        input.contiguous(),
+        rois.contiguous(),
+        size,
+        float(spatial_scale),
+        int(sampling_ratio),
+        bool(aligned),
+        bool(clockwise),
+        backend,
     )

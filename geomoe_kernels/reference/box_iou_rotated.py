@@ -33,7 +33,9 @@ def corners(boxes: Tensor) -> Tensor:
     half_w = torch.stack([w * c, w * s], -1) / 2  # along the width
     half_h = torch.stack([-h * s, h * c], -1) / 2  # along the height
     centre = torch.stack([cx, cy], -1)
-    return torch.stack([centre - half_w - half_h, centre + half_w - half_h, centre + half_w + half_h, centre - half_w + half_h], -2)
+    return torch.stack(
+        [centre - half_w - half_h, centre + half_w - half_h, centre + half_w + half_h, centre - half_w + half_h], -2
+    )
 
 
 def _cross(u: Tensor, v: Tensor) -> Tensor:

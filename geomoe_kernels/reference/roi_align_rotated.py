@@ -16,7 +16,7 @@ As a sparse matrix: output [K * PH * PW, C] = S @ input rows [B * H * W, C], wit
 sample; the backward is S^T @ grad. The reference builds S in float64 (grouping the rois by their
 sample grid) and multiplies; the Triton kernels compute the same samples per bin."""
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -77,7 +77,11 @@ def sampling_matrix(
         x = yy * s + xx * c + cx[sel].view(-1, 1, 1, 1, 1)
         n = len(sel)
         y, x = y.expand(n, PH, PW, g[0], g[1]), x.expand(n, PH, PW, g[0], g[1])
-        out_row = (sel.view(-1, 1, 1, 1, 1) * PH * PW + (torch.arange(PH) * PW).view(1, -1, 1, 1, 1) + torch.arange(PW).view(1, 1, -1, 1, 1))
+        out_row = (
+            sel.view(-1, 1, 1, 1, 1) * PH * PW
+            + (torch.arange(PH) * PW).view(1, -1, 1, 1, 1)
+            + torch.arange(PW).view(1, 1, -1, 1, 1)
+        )
         out_row = out_row.expand(n, PH, PW, g[0], g[1])
         r_, c_, v_ = _bilinear(y, x, H, W)
         base = (batch[sel] * H * W).view(-1, 1, 1, 1, 1, 1)
@@ -140,7 +144,7 @@ def roi_align_rotated(
 def roi_align_rotated_backward(
     grad_out: Tensor,
     rois: Tensor,
-    input_shape: Tuple[int, int, int, int],
+    input_shape: Sequence[int],
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
@@ -152,4 +156,3 @@ def roi_align_rotated_backward(
     g = grad_out.double().permute(0, 2, 3, 1).reshape(K * PH * PW, C)
     grad = torch.sparse.mm(S.t(), g).view(B, H, W, C).permute(0, 3, 1, 2)
     return grad.to(grad_out.dtype).contiguous()
-

@@ -28,7 +28,11 @@ from ._config import INTERPRET
 from . import kernel
 
 WHO = "the Triton rotated-box kernels"
-IOU_TILE = 64  # pairs per program side (the interpreter's cost is per operation: large tiles there too)
+# pairs per program: rows x 32 columns (one word of NMS bits). A pair keeps ~100 float32 values live:
+# 8 x 32 on 4 warps is 2 pairs a thread, no spills at sm_90 (64 x 64 spilled 11 KB a thread in the
+# offline compile), 16 x 32 still 240 B; the interpreter's cost is per operation, so it takes large tiles
+IOU_ROWS = 64 if INTERPRET else 8
+IOU_COLS = 64 if INTERPRET else 32
 WORD = 32  # suppression bits per word
 ROI_BINS = 16 if INTERPRET else 64
 ROI_CHANNELS = 4 if INTERPRET else 32
@@ -122,7 +126,9 @@ def _iou_kernel(B1, B2, Out, N, M, COMPUTE: tl.constexpr, BN: tl.constexpr, BM: 
 
 
 @triton.jit
-def _overlap_bits_kernel(Boxes, Classes, Bits, N, WORDS, threshold, HAS_CLASSES: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr):
+def _overlap_bits_kernel(
+    Boxes, Classes, Bits, N, WORDS, threshold, HAS_CLASSES: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr
+):
     """Bits[i, w] bit b: box i overlaps box 32 w + b above the threshold (same class), j > i."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN).to(tl.int64)
     word = tl.program_id(1)
@@ -161,8 +167,8 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     N, M = boxes1.shape[0], boxes2.shape[0]
     out = torch.empty(N, M, dtype=boxes1.dtype, device=boxes1.device)
     if N and M:
-        grid = (triton.cdiv(N, IOU_TILE), triton.cdiv(M, IOU_TILE))
-        _iou_kernel[grid](boxes1, boxes2, out, N, M, COMPUTE=_compute_dtype(boxes1), BN=IOU_TILE, BM=IOU_TILE)
+        grid = (triton.cdiv(N, IOU_ROWS), triton.cdiv(M, IOU_COLS))
+        _iou_kernel[grid](boxes1, boxes2, out, N, M, COMPUTE=_compute_dtype(boxes1), BN=IOU_ROWS, BM=IOU_COLS)
     return out
 
 
@@ -175,9 +181,9 @@ def nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optio
     by_score = boxes.index_select(0, order).contiguous()
     classes = idxs.index_select(0, order).contiguous() if idxs is not None else order
     bits = torch.empty(N, words, dtype=torch.int32, device=boxes.device)
-    grid = (triton.cdiv(N, IOU_TILE), words)
+    grid = (triton.cdiv(N, IOU_ROWS), words)
     _overlap_bits_kernel[grid](
-        by_score, classes, bits, N, words, iou_threshold, HAS_CLASSES=idxs is not None, COMPUTE=_compute_dtype(boxes), BN=IOU_TILE
+        by_score, classes, bits, N, words, iou_threshold, HAS_CLASSES=idxs is not None, COMPUTE=_compute_dtype(boxes), BN=IOU_ROWS
     )
     removed = torch.zeros(words, dtype=torch.int32, device=boxes.device)
     keep = torch.zeros(N, dtype=torch.int8, device=boxes.device)
@@ -246,7 +252,9 @@ def _roi_align_rotated_kernel(
     bins = tl.program_id(1) * BP + tl.arange(0, BP)
     c = tl.program_id(2) * BC + tl.arange(0, BC).to(tl.int64)
     mb, mc = bins < PH * PW, c < C
-    valid, b, cx, cy, w, h, cos, sin, gh, gw = _roi_geometry(Rois, k, spatial_scale, sampling_ratio, PH, PW, B, ALIGNED, CLOCKWISE)
+    valid, b, cx, cy, w, h, cos, sin, gh, gw = _roi_geometry(
+        Rois, k, spatial_scale, sampling_ratio, PH, PW, B, ALIGNED, CLOCKWISE
+    )
     ph, pw = (bins // PW).to(tl.float32), (bins % PW).to(tl.float32)
     bin_h, bin_w = h / PH, w / PW
     plane = X + b * C * H * W + c[:, None] * H * W
@@ -278,7 +286,9 @@ def _roi_align_rotated_backward_kernel(
     bins = tl.program_id(1) * BP + tl.arange(0, BP)
     c = tl.program_id(2) * BC + tl.arange(0, BC).to(tl.int64)
     mb, mc = bins < PH * PW, c < C
-    valid, b, cx, cy, w, h, cos, sin, gh, gw = _roi_geometry(Rois, k, spatial_scale, sampling_ratio, PH, PW, B, ALIGNED, CLOCKWISE)
+    valid, b, cx, cy, w, h, cos, sin, gh, gw = _roi_geometry(
+        Rois, k, spatial_scale, sampling_ratio, PH, PW, B, ALIGNED, CLOCKWISE
+    )
     mask = mc[:, None] & mb[None, :]  # an invalid roi has no samples (gh = gw = 0): nothing is added
     count = tl.maximum(gh * gw, 1).to(tl.float32)
     g = tl.load(G + k * C * PH * PW + c[:, None] * PH * PW + bins[None, :], mask=mask, other=0.0).to(tl.float32) / count
@@ -317,7 +327,13 @@ def roi_align_rotated(
 
 
 def roi_align_rotated_backward(
-    grad_out: Tensor, rois: Tensor, input_shape: List[int], spatial_scale: float, sampling_ratio: int, aligned: bool, clockwise: bool
+    grad_out: Tensor,
+    rois: Tensor,
+    input_shape: List[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    clockwise: bool,
 ) -> Tensor:
     if torch.are_deterministic_algorithms_enabled():  # a fixed order of sums: the sparse product
         return _deterministic_backward(grad_out, rois, input_shape, spatial_scale, sampling_ratio, aligned, clockwise)
