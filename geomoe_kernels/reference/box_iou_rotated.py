@@ -77,15 +77,50 @@ def pair_iou(b1: Tensor, b2: Tensor) -> Tensor:
     return torch.where(finite, iou, torch.full_like(iou, float("nan")))
 
 
+def enclosing(boxes: Tensor) -> Tensor:
+    """[..., 5] -> [..., 4]: the axis-aligned box (x1, y1, x2, y2) around each rotated box."""
+    cx, cy, w, h, a = boxes.unbind(-1)
+    c, s = torch.cos(a).abs(), torch.sin(a).abs()
+    hw, hh = (w.abs() * c + h.abs() * s) / 2, (w.abs() * s + h.abs() * c) / 2
+    return torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], -1)
+
+
+def candidate_pairs(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """[P, 2] (i, j) whose enclosing boxes meet: only those can overlap (pairs with a non-finite
+    box are left out too)."""
+    e1, e2 = enclosing(boxes1), enclosing(boxes2)
+    rows = max(1, PAIRS_PER_CHUNK * 16 // max(1, boxes2.shape[0]))
+    found = []
+    for i in range(0, boxes1.shape[0], rows):
+        a = e1[i : i + rows, None, :]
+        meet = (a[..., 0] <= e2[:, 2]) & (e2[:, 0] <= a[..., 2]) & (a[..., 1] <= e2[:, 3]) & (e2[:, 1] <= a[..., 3])
+        ij = torch.nonzero(meet)
+        ij[:, 0] += i
+        found.append(ij)
+    return torch.cat(found) if found else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def pair_iou_chunked(b1: Tensor, b2: Tensor) -> Tensor:
+    """pair_iou over equal-length [P, 5] float64 boxes, PAIRS_PER_CHUNK at a time."""
+    return (
+        torch.cat(
+            [pair_iou(b1[i : i + PAIRS_PER_CHUNK], b2[i : i + PAIRS_PER_CHUNK]) for i in range(0, b1.shape[0], PAIRS_PER_CHUNK)]
+        )
+        if b1.shape[0]
+        else b1.new_zeros(0)
+    )
+
+
 def box_iou_rotated(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """[N, 5], [M, 5] -> [N, M] in boxes1's dtype."""
+    """[N, 5], [M, 5] -> [N, M] in boxes1's dtype. The exact clipping runs only on the pairs whose
+    enclosing boxes meet (the rest are 0): detection's matrices are mostly such zeros."""
     N, M = boxes1.shape[0], boxes2.shape[0]
-    out = torch.empty(N, M, dtype=torch.float64, device=boxes1.device)
-    if N == 0 or M == 0:
-        return out.to(boxes1.dtype)
     b1, b2 = boxes1.double(), boxes2.double()
-    rows = max(1, PAIRS_PER_CHUNK // M)
-    for i in range(0, N, rows):
-        n = min(rows, N - i)
-        out[i : i + n] = pair_iou(b1[i : i + n].repeat_interleave(M, 0), b2.repeat(n, 1)).view(n, M)
+    out = torch.zeros(N, M, dtype=torch.float64, device=boxes1.device)
+    if N and M:
+        ij = candidate_pairs(b1, b2)
+        out[ij[:, 0], ij[:, 1]] = pair_iou_chunked(b1[ij[:, 0]], b2[ij[:, 1]])
+        bad1, bad2 = ~torch.isfinite(b1).all(1), ~torch.isfinite(b2).all(1)
+        out[bad1] = float("nan")
+        out[:, bad2] = float("nan")
     return out.to(boxes1.dtype)

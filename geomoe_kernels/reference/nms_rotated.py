@@ -2,22 +2,30 @@
 index, a stable sort), keep a box unless a kept box of the same class overlaps it with IoU >
 iou_threshold. Returns the kept boxes' indices (int64), by decreasing score.
 
-The IoU of every pair comes from box_iou_rotated's reference (float64); the greedy pass is then a
-walk over the boolean overlap matrix, one row per kept box."""
+The IoU comes from box_iou_rotated's reference (float64), for the pairs of one class whose
+enclosing boxes meet; the greedy pass is then a walk over the boolean overlap matrix, one row per
+kept box."""
 
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .box_iou_rotated import box_iou_rotated
+from .box_iou_rotated import candidate_pairs, pair_iou_chunked
 
 
 def overlaps(boxes: Tensor, idxs: Optional[Tensor], iou_threshold: float) -> Tensor:
-    """[N, N] bool: box i would suppress box j (IoU above the threshold, same class where idxs is given)."""
-    over = box_iou_rotated(boxes.double(), boxes.double()) > iou_threshold
+    """[N, N] bool: box i would suppress box j (j > i, IoU above the threshold, same class where
+    idxs is given). Only pairs whose enclosing boxes meet are clipped exactly."""
+    b = boxes.double()
+    N = b.shape[0]
+    ij = candidate_pairs(b, b)
+    ij = ij[ij[:, 0] < ij[:, 1]]
     if idxs is not None:
-        over &= idxs[:, None] == idxs[None, :]
+        ij = ij[idxs[ij[:, 0]] == idxs[ij[:, 1]]]
+    over = torch.zeros(N, N, dtype=torch.bool, device=boxes.device)
+    hit = pair_iou_chunked(b[ij[:, 0]], b[ij[:, 1]]) > iou_threshold
+    over[ij[hit, 0], ij[hit, 1]] = True
     return over
 
 

@@ -84,30 +84,33 @@ class FPN(nn.Module):
 
 
 class RPNHead(nn.Module):
-    def __init__(self, channels: int, num_anchors: int):
+    def __init__(self, channels: int, num_anchors: int, box_dims: int = 4):
         super().__init__()
+        self.box_dims = box_dims  # deltas an anchor: 4, or the oriented RPN's 6
         self.rpn_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(channels, num_anchors, 1)
-        self.rpn_reg = nn.Conv2d(channels, num_anchors * 4, 1)
+        self.rpn_reg = nn.Conv2d(channels, num_anchors * box_dims, 1)
         for m in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """Per level [B, H*W*A] objectness logits and [B, H*W*A, 4] deltas (the anchors' order)."""
+        """Per level [B, H*W*A] objectness logits and [B, H*W*A, box_dims] deltas (the anchors' order)."""
         cls, reg = [], []
         for f in feats:
             x = F.relu(self.rpn_conv(f))
             B = x.shape[0]
             cls.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(B, -1))
-            reg.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(B, -1, 4))
+            reg.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(B, -1, self.box_dims))
         return cls, reg
 
 
 class Shared2FCBBoxHead(nn.Module):
     def __init__(self, in_channels: int, roi_size: int, fc_channels: int, num_classes: int):
         super().__init__()
-        self.shared_fcs = nn.ModuleList([nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)])
+        self.shared_fcs = nn.ModuleList(
+            [nn.Linear(in_channels * roi_size * roi_size, fc_channels), nn.Linear(fc_channels, fc_channels)]
+        )
         self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
         self.fc_reg = nn.Linear(fc_channels, num_classes * 4)
         for fc in self.shared_fcs:
@@ -222,14 +225,26 @@ class FasterRCNN(nn.Module):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if idx.numel():
                 pooled = roi_align(
-                    feats[lvl], rois[idx].to(feats[lvl].dtype), c.roi_size, 1.0 / c.strides[lvl], c.roi_sampling_ratio, c.roi_aligned
+                    feats[lvl],
+                    rois[idx].to(feats[lvl].dtype),
+                    c.roi_size,
+                    1.0 / c.strides[lvl],
+                    c.roi_sampling_ratio,
+                    c.roi_aligned,
                 )
                 out = out.index_copy(0, idx, pooled)
         return out
 
-    def forward(self, images: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None, targets: Optional[Sequence[Dict[str, Tensor]]] = None):
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        targets: Optional[Sequence[Dict[str, Tensor]]] = None,
+    ):
         if images.dim() != 4 or images.shape[2] % 32 or images.shape[3] % 32:
-            raise ValueError(f"FasterRCNN: argument 'images' expected [B, 3, H, W] with H and W multiples of 32, got {list(images.shape)}")
+            raise ValueError(
+                f"FasterRCNN: argument 'images' expected [B, 3, H, W] with H and W multiples of 32, got {list(images.shape)}"
+            )
         B = images.shape[0]
         sizes = list(image_sizes) if image_sizes is not None else [tuple(images.shape[2:])] * B
         feats, aux = self.features(images)
@@ -279,7 +294,13 @@ class FasterRCNN(nn.Module):
         for b, p in enumerate(props):
             n = p.shape[0]
             if n == 0 or scores is None:
-                out.append({"boxes": p.new_zeros(0, 4), "scores": p.new_zeros(0), "labels": torch.zeros(0, dtype=torch.int64, device=p.device)})
+                out.append(
+                    {
+                        "boxes": p.new_zeros(0, 4),
+                        "scores": p.new_zeros(0),
+                        "labels": torch.zeros(0, dtype=torch.int64, device=p.device),
+                    }
+                )
                 continue
             prob = scores[start : start + n].softmax(-1)[:, : c.num_classes]
             boxes = self.roi_coder.decode(p, deltas[start : start + n], max_shape=sizes[b]).reshape(n, c.num_classes, 4)
