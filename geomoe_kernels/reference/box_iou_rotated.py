@@ -12,7 +12,9 @@ An edge lying on the other box's boundary (identical boxes, boxes sharing a side
 twice, once from each box: A's edges count where they run along B's boundary in B's direction
 (the shared side of two overlapping boxes), B's edges never count on A's boundary, and an edge of A
 that runs along B's boundary in the opposite direction (two boxes touching from outside) does not
-count either.
+count either. "Parallel" and "on the line" are decided within TOLERANCE (relative to the edges'
+lengths) by the same numbers in both passes: an exact test would let rounding (about 1e-16 of a
+rotated box's coordinates) decide, and count a shared side twice or not at all.
 
 Boxes with w <= 0 or h <= 0 are empty: their IoU with anything is 0. A box with a non-finite
 coordinate gives NaN in its row or column (never a silently wrong number). The arithmetic runs in
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 PAIRS_PER_CHUNK = 1 << 16  # pairs evaluated at once: bounds the [pairs, 4, 4] temporaries
+TOLERANCE = 1e-6  # relative: edges this near parallel, or this near a line, count as parallel / on it
 
 
 def corners(boxes: Tensor) -> Tensor:
@@ -51,15 +54,19 @@ def _inside_part(edges_of: Tensor, clip_by: Tensor, closed: bool) -> Tensor:
     e = (clip_by.roll(-1, 1) - clip_by).unsqueeze(1)
     a = _cross(e, start - origin)  # the signed distance (times |e|) of the edge's start
     b = _cross(e, d)  # its rate along the edge
-    t = -a / torch.where(b == 0, torch.ones_like(b), b)
-    t0 = torch.where(b > 0, t, torch.zeros_like(t)).amax(2).clamp(min=0.0)
-    t1 = torch.where(b < 0, t, torch.ones_like(t)).amin(2).clamp(max=1.0)
-    if closed:  # on B's boundary line: inside only when running the same way as B's edge
-        same_way = (e * d).sum(-1) > 0
-        parallel_in = (a > 0) | ((a == 0) & same_way)
-    else:
-        parallel_in = a > 0
-    parallel_ok = torch.where(b == 0, parallel_in, torch.ones_like(parallel_in)).all(2)
+    # parallel and on-the-line within a relative tolerance, as the Triton kernel decides them: rounding
+    # leaves b and a near 1e-16 rather than 0 for the sides of rotated boxes that touch or coincide
+    scale = e.norm(dim=-1) * d.norm(dim=-1)
+    parallel = b.abs() <= TOLERANCE * scale
+    t = -a / torch.where(parallel, torch.ones_like(b), b)
+    t0 = torch.where(~parallel & (b > 0), t, torch.zeros_like(t)).amax(2).clamp(min=0.0)
+    t1 = torch.where(~parallel & (b < 0), t, torch.ones_like(t)).amin(2).clamp(max=1.0)
+    if closed:  # on the other box's line: inside only when running its way (a shared side)
+        on_line = a.abs() <= TOLERANCE * scale
+        parallel_in = ((a > 0) & ~on_line) | (on_line & ((e * d).sum(-1) > 0))
+    else:  # decided from the closed pass's number for this pair of edges, so the two passes agree
+        parallel_in = (a > 0) & ~(_cross(d, origin - start).abs() <= TOLERANCE * scale)
+    parallel_ok = torch.where(parallel, parallel_in, torch.ones_like(parallel_in)).all(2)
     length = torch.where(parallel_ok, (t1 - t0).clamp(min=0.0), torch.zeros_like(t0))
     return (length * _cross(start.squeeze(2), d.squeeze(2))).sum(1) / 2
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference.roi_align_rotated import roi_align_rotated_backward as _deterministic_backward
 from ._config import INTERPRET
-from . import kernel
+from . import kernel, rows_reason
 
 WHO = "the Triton rotated-box kernels"
 # pairs per program: rows x 32 columns (one word of NMS bits). A pair keeps ~100 float32 values live:
@@ -48,10 +48,11 @@ def _clip(t0, t1, ok, px, py, dx, dy, ox, oy, ex, ey, CLOSED: tl.constexpr):
     t = -a / tl.where(parallel, 1.0, b)
     t0 = tl.where(~parallel & (b > 0), tl.maximum(t0, t), t0)
     t1 = tl.where(~parallel & (b < 0), tl.minimum(t1, t), t1)
-    on_line = tl.abs(a) <= 1e-6 * scale
-    if CLOSED:
-        inside = (a > 0) | (on_line & (ex * dx + ey * dy > 0))
-    else:
+    if CLOSED:  # on the other box's line: inside only when running its way (a shared side)
+        on_line = tl.abs(a) <= 1e-6 * scale
+        inside = ((a > 0) & ~on_line) | (on_line & (ex * dx + ey * dy > 0))
+    else:  # decided from the closed pass's number for this pair of edges, so the two passes agree
+        on_line = tl.abs(dx * (oy - py) - dy * (ox - px)) <= 1e-6 * scale
         inside = (a > 0) & ~on_line
     ok = ok & (~parallel | inside)
     return t0, t1, ok
@@ -87,7 +88,7 @@ def _pair_iou(B1, B2, rows, cols, N, M, COMPUTE: tl.constexpr):
     h2 = tl.load(B2 + cols * 5 + 3, mask=mc, other=0.0).to(COMPUTE)[None, :]
     a2 = tl.load(B2 + cols * 5 + 4, mask=mc, other=0.0).to(COMPUTE)[None, :]
     # half-axes (width along (cos, sin), height along (-sin, cos)); box 1's centre is the origin
-    zero = (cx1 + cx2) * 0.0  # [rows, cols]
+    zero = cx1 * 0.0 + cx2 * 0.0  # [rows, cols] (a sum first could overflow to inf, and inf * 0 is NaN)
     c1, s1 = tl.cos(a1), tl.sin(a1)
     ux1, uy1, vx1, vy1 = zero + w1 * c1 * 0.5, zero + w1 * s1 * 0.5, zero - h1 * s1 * 0.5, zero + h1 * c1 * 0.5
     c2, s2 = tl.cos(a2), tl.sin(a2)
@@ -127,14 +128,14 @@ def _iou_kernel(B1, B2, Out, N, M, COMPUTE: tl.constexpr, BN: tl.constexpr, BM: 
 
 @triton.jit
 def _overlap_bits_kernel(
-    Boxes, Classes, Bits, N, WORDS, threshold, HAS_CLASSES: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr
+    Boxes, Classes, Bits, N, WORDS, Threshold, HAS_CLASSES: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr
 ):
     """Bits[i, w] bit b: box i overlaps box 32 w + b above the threshold (same class), j > i."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN).to(tl.int64)
     word = tl.program_id(1)
     cols = word * 32 + tl.arange(0, 32).to(tl.int64)
     iou = _pair_iou(Boxes, Boxes, rows, cols, N, N, COMPUTE)
-    over = (iou > threshold) & (cols[None, :] > rows[:, None]) & (cols < N)[None, :]
+    over = (iou > tl.load(Threshold)) & (cols[None, :] > rows[:, None]) & (cols < N)[None, :]
     if HAS_CLASSES:
         ci = tl.load(Classes + rows, mask=rows < N, other=-1)
         cj = tl.load(Classes + cols, mask=cols < N, other=-2)
@@ -146,6 +147,7 @@ def _overlap_bits_kernel(
 @triton.jit
 def _greedy_kernel(Bits, Removed, Keep, N, WORDS, BW: tl.constexpr):
     """One program: box i (in score order) is kept unless a kept box's row set its bit."""
+    row_i = Bits  # box i's row, advanced a row at a time: pointer arithmetic, no i * WORDS in int32
     for i in range(0, N):
         word = tl.load(Removed + i // 32)
         if ((word >> (i % 32)) & 1) == 0:
@@ -153,10 +155,11 @@ def _greedy_kernel(Bits, Removed, Keep, N, WORDS, BW: tl.constexpr):
             for w0 in range(i // 32, WORDS, BW):
                 w = w0 + tl.arange(0, BW)
                 m = w < WORDS
-                row = tl.load(Bits + i * WORDS + w, mask=m, other=0)
+                row = tl.load(row_i + w, mask=m, other=0)
                 old = tl.load(Removed + w, mask=m, other=0)
                 tl.store(Removed + w, old | row, mask=m)
             tl.debug_barrier()  # the next box reads the words this one wrote
+        row_i += WORDS
 
 
 def _compute_dtype(t: Tensor):
@@ -181,9 +184,13 @@ def nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optio
     by_score = boxes.index_select(0, order).contiguous()
     classes = idxs.index_select(0, order).contiguous() if idxs is not None else order
     bits = torch.empty(N, words, dtype=torch.int32, device=boxes.device)
+    # in the compute dtype from memory: a float argument would reach the kernel as float32
+    threshold = torch.full(
+        (1,), iou_threshold, dtype=torch.float64 if boxes.dtype == torch.float64 else torch.float32, device=boxes.device
+    )
     grid = (triton.cdiv(N, IOU_ROWS), words)
     _overlap_bits_kernel[grid](
-        by_score, classes, bits, N, words, iou_threshold, HAS_CLASSES=idxs is not None, COMPUTE=_compute_dtype(boxes), BN=IOU_ROWS
+        by_score, classes, bits, N, words, threshold, HAS_CLASSES=idxs is not None, COMPUTE=_compute_dtype(boxes), BN=IOU_ROWS
     )
     removed = torch.zeros(words, dtype=torch.int32, device=boxes.device)
     keep = torch.zeros(N, dtype=torch.int8, device=boxes.device)
@@ -348,8 +355,16 @@ def roi_align_rotated_backward(
     return grad.to(grad_out.dtype)
 
 
-def _boxes_reason(boxes: Tensor, **_) -> Optional[str]:
-    return None if boxes.dtype in (torch.float32, torch.float64) else f"{WHO} take float32 or float64 boxes, got {boxes.dtype}"
+MAX_COLUMN_WORDS = 65535  # the grid's second axis: IoU column tiles of 32, NMS words of 32
+
+
+def _boxes_reason(boxes: Tensor, boxes2: Optional[Tensor] = None, **_) -> Optional[str]:
+    if boxes.dtype not in (torch.float32, torch.float64):
+        return f"{WHO} take float32 or float64 boxes, got {boxes.dtype}"
+    n = (boxes2 if boxes2 is not None else boxes).shape[0]
+    if n > 32 * MAX_COLUMN_WORDS:
+        return f"{WHO} take at most {32 * MAX_COLUMN_WORDS} boxes in a column (the grid's second axis), got {n}"
+    return None
 
 
 def _example(dtype) -> None:
@@ -367,7 +382,7 @@ def _example(dtype) -> None:
     roi_align_rotated_backward(out, rois, list(x.shape), 0.25, 2, True, True)
 
 
-kernel("box_iou_rotated", lambda boxes1, **_: _boxes_reason(boxes1), _example)(box_iou_rotated)
+kernel("box_iou_rotated", lambda boxes1, boxes2, **_: _boxes_reason(boxes1, boxes2), _example)(box_iou_rotated)
 kernel("nms_rotated", _boxes_reason, _example)(nms_rotated)
-kernel("roi_align_rotated", None, _example)(roi_align_rotated)
-kernel("roi_align_rotated_backward", None, _example)(roi_align_rotated_backward)
+kernel("roi_align_rotated", lambda input, **_: rows_reason(input), _example)(roi_align_rotated)
+kernel("roi_align_rotated_backward", lambda grad_out, **_: rows_reason(grad_out), _example)(roi_align_rotated_backward)

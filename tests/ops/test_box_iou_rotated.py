@@ -95,3 +95,42 @@ def test_opcheck():
 
     b = random_boxes(5, torch.Generator().manual_seed(4)).float()
     torch.library.opcheck(box_iou_rotated_op.op, (b, b[:3].contiguous(), "torch"))
+
+
+def _slid_pairs(n=40, seed=5):
+    """Rotated boxes and copies slid along their own width by w (touching from outside: IoU 0) and by
+    w / 2 (sharing two sides' lines, half over: IoU 1/3): rounding puts the shared lines within
+    ~1e-16 of each other, on either side."""
+    g = torch.Generator().manual_seed(seed)
+    a = random_boxes(n, g, extent=40.0)
+    step = torch.stack([a[:, 2] * torch.cos(a[:, 4]), a[:, 2] * torch.sin(a[:, 4])], 1)
+    touching, half = a.clone(), a.clone()
+    touching[:, :2] += step
+    half[:, :2] += step / 2
+    return a, touching, half
+
+
+def test_touching_and_half_slid_boxes_on_the_reference_float64():
+    a, touching, half = _slid_pairs()
+    got_t = torch.stack([box_iou_rotated(a[i : i + 1], touching[i : i + 1], backend="torch")[0, 0] for i in range(len(a))])
+    got_h = torch.stack([box_iou_rotated(a[i : i + 1], half[i : i + 1], backend="torch")[0, 0] for i in range(len(a))])
+    torch.testing.assert_close(got_t, torch.zeros_like(got_t), rtol=0, atol=1e-9)
+    torch.testing.assert_close(got_h, torch.full_like(got_h, 1 / 3), rtol=0, atol=1e-9)
+
+
+def test_touching_and_half_slid_boxes_on_every_backend(backend, dtype):
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    a, touching, half = (t.to(backend.device) for t in _slid_pairs(n=24))
+    for dt in (torch.float32, torch.float64):
+        for other, want in ((touching, 0.0), (half, 1 / 3)):
+            iou = skip_unavailable(box_iou_rotated, a.to(dt), other.to(dt), backend=backend.name).diag().double()
+            torch.testing.assert_close(iou, torch.full_like(iou, want), rtol=0, atol=1e-5 if dt == torch.float32 else 1e-9)
+
+
+def test_identical_boxes_far_out_and_huge_keep_iou_one(backend, dtype):
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    b = torch.tensor([[2e38, 0.0, 2, 2, 0.3], [0.0, 0.0, 1e15, 3e15, 0.3]], device=backend.device)
+    iou = skip_unavailable(box_iou_rotated, b, b, backend=backend.name).diag()
+    torch.testing.assert_close(iou.double().cpu(), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)

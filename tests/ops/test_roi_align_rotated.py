@@ -117,3 +117,15 @@ def test_opcheck():
 
     x, rois = _inputs(torch.float32)
     torch.library.opcheck(roi_align_rotated_op.op, (x.requires_grad_(True), rois, [2, 3], 0.5, 2, True, True, "torch"))
+
+
+def test_float64_maps_are_refused_by_the_float32_kernels(backend):
+    """The Triton kernels sample and sum in float32: a float64 map goes to the reference under auto,
+    and naming the kernel backend says why it cannot."""
+    from geomoe_kernels import BackendUnavailable
+
+    if backend.name == "torch":
+        pytest.skip("the reference takes float64")
+    x, rois = _inputs(torch.float64)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        roi_align_rotated(x.to(backend.device), rois.to(backend.device), 2, backend=backend.name)

@@ -172,7 +172,7 @@ class OrientedRCNN(nn.Module):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if idx.numel():
                 pooled = roi_align_rotated(
-                    feats[lvl], rois[idx].to(feats[lvl].dtype), c.roi_size, 1.0 / c.strides[lvl], c.roi_sampling_ratio, True, True
+                    feats[lvl], rois[idx], c.roi_size, 1.0 / c.strides[lvl], c.roi_sampling_ratio, True, True
                 )
                 out = out.index_copy(0, idx, pooled)
         return out
