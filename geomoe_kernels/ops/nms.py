@@ -57,11 +57,11 @@ def _(boxes, scores, **_):
         bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
         if bool(bad.any()):
             i = int(torch.argmax(bad.to(torch.uint8)))
-            raise OpInputError(f"nms: argument 'boxes' expected x1 <= x2 and y1 <= y2 (xyxy), got box {i} = {boxes[i].tolist()}")
+            raise OpInputError(
+                f"nms: argument 'boxes' expected x1 <= x2 and y1 <= y2 (xyxy), got box {i} = {boxes[i].tolist()}"
+            )
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Indices (int64) of the boxes kept, by decreasing score (see the module docstring)."""
-    return nms_op(
-        boxes.contiguous(), scores.contiguous(), float(iou_threshold), None if idxs is None else idxs.contiguous(), backend
-    )
+    return nms_op(boxes.contiguous(), scores.contiguous(), float(iou_threshold), None if idxs is None else idxs.contiguous(), backend)

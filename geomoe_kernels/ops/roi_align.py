@@ -88,9 +88,7 @@ def roi_align_backward(
 
 def _setup_context(ctx, args, output):
     ctx.save_for_backward(args["input"], args["rois"])
-    ctx.config = tuple(
-        args[n] for n in ("pooled_height", "pooled_width", "spatial_scale", "sampling_ratio", "aligned", "backend")
-    )
+    ctx.config = tuple(args[n] for n in ("pooled_height", "pooled_width", "spatial_scale", "sampling_ratio", "aligned", "backend"))
 
 
 def _backward(ctx, grad):
@@ -118,6 +116,4 @@ def roi_align(
         ph, pw = output_size
     else:
         raise OpInputError(f"roi_align: argument 'output_size' expected an int or (height, width), got {output_size!r}")
-    return roi_align_op(
-        input.contiguous(), rois.contiguous(), ph, pw, float(spatial_scale), sampling_ratio, bool(aligned), backend
-    )
+    return roi_align_op(input.contiguous(), rois.contiguous(), ph, pw, float(spatial_scale), sampling_ratio, bool(aligned), backend)

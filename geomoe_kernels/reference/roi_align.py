@@ -78,11 +78,7 @@ def _samples(input: Tensor, rois: Tensor, PH: int, PW: int, scale: float, sampli
         ys, wy = torch.stack([yl, yh], -1), torch.stack([wyl, wyh], -1)
         xs, wx = torch.stack([xl, xh], -1), torch.stack([wxl, wxh], -1)
         k = ys.shape[0]
-        idx = (
-            batch[sl, None, None, None, None, None, None] * (H * W)
-            + ys[:, :, None, :, None, :, None] * W
-            + xs[:, None, :, None, :, None, :]
-        )
+        idx = batch[sl, None, None, None, None, None, None] * (H * W) + ys[:, :, None, :, None, :, None] * W + xs[:, None, :, None, :, None, :]
         w = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / count[sl, None, None, None, None, None, None]
         yield sl, idx.reshape(k, PH, PW, -1), w.reshape(k, PH, PW, -1)
 

@@ -22,7 +22,9 @@ def _greedy(boxes, scores, thr, classes=None):
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     kept = []
     for i in order:
-        if all(_iou(boxes[i], boxes[j]) <= thr or (classes is not None and int(classes[i]) != int(classes[j])) for j in kept):
+        if all(
+            _iou(boxes[i], boxes[j]) <= thr or (classes is not None and int(classes[i]) != int(classes[j])) for j in kept
+        ):
             kept.append(i)
     return torch.tensor(kept, dtype=torch.int64)
 

@@ -32,24 +32,11 @@ def coco_ap(
     for i, (d, g) in enumerate(zip(detections, ground_truths)):
         images.append({"id": i + 1, "width": 0, "height": 0})
         for box, lab in zip(_xywh(g["boxes"]), g["labels"].tolist()):
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": i + 1,
-                    "category_id": int(lab) + 1,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(lab) + 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
         for box, s, lab in zip(_xywh(d["boxes"]), d["scores"].tolist(), d["labels"].tolist()):
             dets.append({"image_id": i + 1, "category_id": int(lab) + 1, "bbox": box, "score": float(s)})
     gt = COCO()
-    gt.dataset = {
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)],
-    }
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         dt = gt.loadRes(dets) if dets else COCO()

@@ -118,9 +118,7 @@ def prepare(
     return img, boxes, (h, w)
 
 
-def collate(
-    items: Sequence[Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]],
-) -> Tuple[Tensor, List[Tuple[int, int]], List[Dict[str, Tensor]]]:
+def collate(items: Sequence[Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]]) -> Tuple[Tensor, List[Tuple[int, int]], List[Dict[str, Tensor]]]:
     """[(image, boxes, labels, (h, w))] -> (images [B, 3, H, W] zero-padded to multiples of 32, sizes, targets)."""
     H = max(-(-it[0].shape[1] // 32) * 32 for it in items)
     W = max(-(-it[0].shape[2] // 32) * 32 for it in items)
