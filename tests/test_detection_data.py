@@ -22,10 +22,7 @@ from geomoe.detection.data import (
 
 
 def _coco(tmp_path, annotations, images=None, categories=None):
-    images = images or [
-        {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
-        {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
-    ]
+    images = images or [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}, {"id": 2, "file_name": "b.png", "width": 40, "height": 30}]
     categories = categories or [{"id": 7, "name": "tank"}, {"id": 3, "name": "ship"}]
     path = tmp_path / "ann.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -103,9 +100,7 @@ def test_prepare_resizes_flips_and_collate_pads():
 
     _, flipped, _ = prepare(img, boxes, train=True, rng=Always())
     assert flipped.tolist() == [[600 - 220, 40, 600 - 20, 440]]
-    x, sizes, targets = collate(
-        [(torch.ones(3, 50, 70), boxes, torch.tensor([1]), (50, 70)), (torch.ones(3, 64, 33), boxes, torch.tensor([0]), (64, 33))]
-    )
+    x, sizes, targets = collate([(torch.ones(3, 50, 70), boxes, torch.tensor([1]), (50, 70)), (torch.ones(3, 64, 33), boxes, torch.tensor([0]), (64, 33))])
     assert x.shape == (2, 3, 64, 96) and sizes == [(50, 70), (64, 33)]
     assert x[0, :, 50:].abs().sum() == 0 and x[0, :, :50, :70].min() == 1 and x[1, :, :, 33:].abs().sum() == 0
     assert targets[1]["labels"].tolist() == [0]
