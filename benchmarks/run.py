@@ -102,6 +102,7 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
     first_batch = min((r["images"] for r in rows if r.get("group") == "train_step"), default=None)  # the summary's batch
     ts_o = _find(rows, group="train_step", impl="geomoe", images=first_batch)
     ts_p = _find(rows, group="train_step", impl="published", images=first_batch)
+    ra = _find(rows, group="rotated_roi_align", impl="geomoe", direction="forward")
     return {
         "reference_tokens": ref_tokens,
         "largest_tokens": largest,
@@ -133,6 +134,14 @@ def summarize(rows: List[Dict[str, Any]], ref_tokens: int) -> Dict[str, Any]:
             _find(rows, group="train_step", impl="geomoe_dense", images=first_batch), ts_o
         ),
         "train_step_images_per_s": ts_o.get("images_per_s") if ts_o else None,
+        "rotated_iou_speedup_vs_torch": _ratio(
+            _find(rows, group="rotated_iou", impl="torch"), _find(rows, group="rotated_iou", impl="geomoe")
+        ),
+        "rotated_nms_speedup_vs_torch": _ratio(
+            _find(rows, group="rotated_nms", impl="torch", threshold=0.8),
+            _find(rows, group="rotated_nms", impl="geomoe", threshold=0.8),
+        ),
+        "rotated_roi_align_fraction_of_copy": ra.get("fraction_of_copy") if ra else None,
     }
 
 

@@ -14,6 +14,9 @@ from ._checks import OpInputError
 from .nn import MoEMLP, SparseCBlock
 from .integrations import transformers_moe as _transformers_moe  # noqa: F401  (registers MoEMLP.from_transformers' adapter)
 from .ops import expert_mlp, grouped_mm, masked_depthwise_conv, norm_linear, permute, route, topk_gating, unpermute
+from .ops.box_iou_rotated import box_iou_rotated
+from .ops.nms_rotated import nms_rotated
+from .ops.roi_align_rotated import roi_align_rotated
 
 # The dispatch registry asks the self-check before a kernel backend's first use on a device; handed
 # in here so that the registry (and every op's run path) never imports the verifier.
@@ -23,14 +26,17 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "OpInputError",
+    "box_iou_rotated",
     "expert_mlp",
     "MoEMLP",
     "SparseCBlock",
     "grouped_mm",
     "layout",
     "masked_depthwise_conv",
+    "nms_rotated",
     "norm_linear",
     "permute",
+    "roi_align_rotated",
     "route",
     "topk_gating",
     "unpermute",

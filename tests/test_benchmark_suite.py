@@ -28,6 +28,9 @@ SUMMARY_KEYS = {
     "commit",
     "moe_layer_speedup_vs_best_peer",
     "cuda_grouped_gemm_fraction_of_mm",
+    "rotated_iou_speedup_vs_torch",
+    "rotated_nms_speedup_vs_torch",
+    "rotated_roi_align_fraction_of_copy",
 }
 
 
@@ -63,6 +66,9 @@ def test_run_writes_results_summary_table_and_plot(tmp_path):
         "norm_linear_fc1_fraction_of_mm",
         "norm_linear_fc1_speedup_vs_torch",
         "masked_dwconv_fraction_of_copy",
+        "rotated_iou_speedup_vs_torch",
+        "rotated_nms_speedup_vs_torch",
+        "rotated_roi_align_fraction_of_copy",
     ):
         assert isinstance(s[key], float) and s[key] > 0, key
     groups = {r["group"] for r in result["rows"]}

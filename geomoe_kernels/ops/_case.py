@@ -2,8 +2,8 @@
 op's own lives beside its declaration, ops/_declare.Verification): one small ragged, fixed float64
 case on the CPU, the same on every machine. 300 tokens, 7 experts of which one receives no token,
 top-3, feature sizes that are not multiples of any tile (40, 36), a masked-image layout with masked
-neighbours. A new op takes what fits from here (x, rows, the weights ...) or draws its own from
-`generator` (seeded, after these)."""
+neighbours. A new op takes what fits from here (x, rows, the weights ...) or draws its own from a generator
+it seeds itself: a check runs several times on one case, and `generator` moves on between them."""
 
 from __future__ import annotations
 

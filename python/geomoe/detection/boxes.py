@@ -106,13 +106,18 @@ class MaxIoUAssigner:
 
     def __call__(self, priors: Tensor, gt: Tensor) -> Tuple[Tensor, Tensor]:
         """(assigned [N]: 0 negative, -1 ignored, i + 1 ground truth i; max IoU [N])."""
-        N = priors.shape[0]
-        assigned = torch.full((N,), -1, dtype=torch.int64, device=priors.device)
-        if gt.shape[0] == 0:
-            return assigned.zero_(), priors.new_zeros(N)
+        if gt.shape[0] and priors.shape[0]:
+            return self.assign(pairwise_iou(gt, priors))
+        return self.assign(priors.new_zeros(gt.shape[0], priors.shape[0]))
+
+    def assign(self, overlaps: Tensor) -> Tuple[Tensor, Tensor]:
+        """The same from the IoU [G, N] of the ground truths with the priors (any box kind)."""
+        G, N = overlaps.shape
+        assigned = torch.full((N,), -1, dtype=torch.int64, device=overlaps.device)
+        if G == 0:
+            return assigned.zero_(), overlaps.new_zeros(N)
         if N == 0:
-            return assigned, priors.new_zeros(0)
-        overlaps = pairwise_iou(gt, priors)  # [G, N]
+            return assigned, overlaps.new_zeros(0)
         max_ov, argmax = overlaps.max(dim=0)
         gt_max, _ = overlaps.max(dim=1)
         assigned[(max_ov >= 0) & (max_ov < self.neg_iou_thr)] = 0
@@ -122,10 +127,9 @@ class MaxIoUAssigner:
             # each ground truth's best priors (ties included) when it reaches min_pos_iou; a prior
             # that is several ground truths' best goes to the last of them (OpenMMLab's loop order)
             best = (overlaps == gt_max[:, None]) & (gt_max[:, None] >= self.min_pos_iou)
-            G = gt.shape[0]
             last = G - 1 - best.flip(0).to(torch.uint8).argmax(dim=0)
             assigned = torch.where(best.any(dim=0), last + 1, assigned)
-        return assigned, max_ov.to(priors.dtype)
+        return assigned, max_ov
 
 
 @dataclass(frozen=True)

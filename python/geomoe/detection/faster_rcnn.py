@@ -85,23 +85,24 @@ class FPN(nn.Module):
 
 
 class RPNHead(nn.Module):
-    def __init__(self, channels: int, num_anchors: int):
+    def __init__(self, channels: int, num_anchors: int, box_dims: int = 4):
         super().__init__()
+        self.box_dims = box_dims  # deltas an anchor: 4, or the oriented RPN's 6
         self.rpn_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(channels, num_anchors, 1)
-        self.rpn_reg = nn.Conv2d(channels, num_anchors * 4, 1)
+        self.rpn_reg = nn.Conv2d(channels, num_anchors * box_dims, 1)
         for m in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """Per level [B, H*W*A] objectness logits and [B, H*W*A, 4] deltas (the anchors' order)."""
+        """Per level [B, H*W*A] objectness logits and [B, H*W*A, box_dims] deltas (the anchors' order)."""
         cls, reg = [], []
         for f in feats:
             x = F.relu(self.rpn_conv(f))
             B = x.shape[0]
             cls.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(B, -1))
-            reg.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(B, -1, 4))
+            reg.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(B, -1, self.box_dims))
         return cls, reg
 
 
