@@ -9,8 +9,7 @@ compiler chose; a nearly parallel edge misjudged so moves the area by at most it
 1e-6 of it.
 
 NMS: the same arithmetic writes a bit matrix (box i overlaps box j above the threshold, same
-class), 32 columns to a word; one program then walks the boxes in score order, keeping a box
-whose bit is clear and OR-ing its row into the suppressed words.
+class), 32 columns to a word, in the layout of nms's; nms's one-program scan then walks it.
 
 RoIAlign: forward one program per (roi, bins, channels), its samples summed in a fixed order;
 backward atomic adds into a float32 gradient (see ops/roi_align_rotated.py for determinism)."""
@@ -26,6 +25,7 @@ from torch import Tensor
 from ..reference.roi_align_rotated import roi_align_rotated_backward as _deterministic_backward
 from ._config import INTERPRET
 from . import kernel, rows_reason
+from .nms import MAX_BOXES, _suppress_kernel
 
 WHO = "the Triton rotated-box kernels"
 # pairs per program: rows x 32 columns (one word of NMS bits). A pair keeps ~100 float32 values live:
@@ -144,24 +144,6 @@ def _overlap_bits_kernel(
     tl.store(Bits + rows * WORDS + word, bits, mask=rows < N)
 
 
-@triton.jit
-def _greedy_kernel(Bits, Removed, Keep, N, WORDS, BW: tl.constexpr):
-    """One program: box i (in score order) is kept unless a kept box's row set its bit."""
-    row_i = Bits  # box i's row, advanced a row at a time: pointer arithmetic, no i * WORDS in int32
-    for i in range(0, N):
-        word = tl.load(Removed + i // 32)
-        if ((word >> (i % 32)) & 1) == 0:
-            tl.store(Keep + i, 1)
-            for w0 in range(i // 32, WORDS, BW):
-                w = w0 + tl.arange(0, BW)
-                m = w < WORDS
-                row = tl.load(row_i + w, mask=m, other=0)
-                old = tl.load(Removed + w, mask=m, other=0)
-                tl.store(Removed + w, old | row, mask=m)
-            tl.debug_barrier()  # the next box reads the words this one wrote
-        row_i += WORDS
-
-
 def _compute_dtype(t: Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -192,9 +174,8 @@ def nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Optio
     _overlap_bits_kernel[grid](
         by_score, classes, bits, N, words, threshold, HAS_CLASSES=idxs is not None, COMPUTE=_compute_dtype(boxes), BN=IOU_ROWS
     )
-    removed = torch.zeros(words, dtype=torch.int32, device=boxes.device)
-    keep = torch.zeros(N, dtype=torch.int8, device=boxes.device)
-    _greedy_kernel[(1,)](bits, removed, keep, N, words, BW=min(256, triton.next_power_of_2(words)))
+    keep = torch.empty(N, dtype=torch.int8, device=boxes.device)
+    _suppress_kernel[(1,)](bits, keep, N, words, W_POW2=triton.next_power_of_2(words))  # nms's scan
     return order[keep.nonzero().view(-1)]  # the op's one wait for the device: the output's length
 
 
@@ -361,6 +342,8 @@ MAX_COLUMN_WORDS = 65535  # the grid's second axis: IoU column tiles of 32, NMS 
 def _boxes_reason(boxes: Tensor, boxes2: Optional[Tensor] = None, **_) -> Optional[str]:
     if boxes.dtype not in (torch.float32, torch.float64):
         return f"{WHO} take float32 or float64 boxes, got {boxes.dtype}"
+    if boxes2 is None and boxes.shape[0] > MAX_BOXES:  # NMS: the scan keeps a bit per box in registers
+        return f"{WHO} take at most {MAX_BOXES} boxes to suppress, got {boxes.shape[0]}"
     n = (boxes2 if boxes2 is not None else boxes).shape[0]
     if n > 32 * MAX_COLUMN_WORDS:
         return f"{WHO} take at most {32 * MAX_COLUMN_WORDS} boxes in a column (the grid's second axis), got {n}"
