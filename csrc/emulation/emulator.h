@@ -363,9 +363,10 @@ template <class Slot> void collective(const char* what, unsigned mask, Slot& slo
 inline void thread_exit(Thread& t) {
   Runtime& r = runtime();
   if (!t.wgmma_ops.empty())
-    throw Error(format("the thread returns with %zu wgmma.mma_async not waited for (the first issued at %s); "
-                       "wgmma.wait_group before reading the accumulators or returning",
-                       t.wgmma_ops.size(), t.wgmma_site.str().c_str()));
+    throw Error(
+        format("the thread returns with %zu wgmma.mma_async not waited for (the first issued at %s); "
+               "wgmma.wait_group before reading the accumulators or returning",
+               t.wgmma_ops.size(), t.wgmma_site.str().c_str()));
   if (!t.async_copies.empty())
     throw Error(
         format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
