@@ -560,7 +560,13 @@ def gate_route(
     )
     if aux_coef is not None:
         out["aux"] = torch.empty((), dtype=torch.float32, device=dev)
-    kernels.gate(logits, bias, top_k, shared, score_func == "softmax", renormalize, aux_coef, ticket, out)
+    try:
+        kernels.gate(logits, bias, top_k, shared, score_func == "softmax", renormalize, aux_coef, ticket, out)
+    except BaseException:
+        # a launch cut short can leave the ticket counted part-way; every later launch would then
+        # elect its last block early: put it back (where the device can still run anything)
+        ticket.zero_()
+        raise
     kernels.scatter(out["ids"], EA, block, out)
     return out
 

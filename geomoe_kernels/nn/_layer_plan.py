@@ -32,7 +32,7 @@ the routing weights [T, k], and the expert outputs [T*k, d] when the routing wei
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,10 +76,6 @@ class LayerPlan:
         # gating and routing in two launches (kernel_recipes.gate_route) where the backend chosen
         # for both has them: its kernels, False where not, None until the first call decides
         self.fused: Any = None
-        # the gating kernel's ticket: an int32 counter, 0 between launches (its last block puts it
-        # back), made once per plan. One plan's launches run in stream order: a plan is not run
-        # on two streams at once.
-        self.ticket: Optional[Tensor] = None
         self.scale_row: Optional[Tensor] = None  # the routing weights' scale with shared experts: [k + S]
         # with S shared experts among the grouped ones: each token's rows k + S, ids E..E+S-1 and
         # weight 1 appended to its routing (made on the first call: T is in the key)
@@ -252,6 +248,27 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+# The fused gating kernel's tickets: an int32 counter per (device, stream), 0 between launches (the
+# launch's last block puts it back). Per stream, not per plan: every layer of one configuration
+# shares a plan, and launches on two streams must not count each other's blocks. Never freed: a
+# CUDA graph captured with one keeps its address (as it keeps _KEPT's constants').
+_TICKETS: Dict[Tuple[torch.device, int], Tensor] = {}
+_KEPT: List[Tensor] = []  # the plans' constant tensors, alive after their plan is dropped
+
+
+def _ticket(device: torch.device) -> Tensor:
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    t = _TICKETS.get((device, stream))
+    if t is None:
+        t = _TICKETS[(device, stream)] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+def _kept(t: Tensor) -> Tensor:
+    _KEPT.append(t)
+    return t
+
+
 def _gate_and_route(p: LayerPlan, logits: Tensor, bias: Optional[Tensor], checking: bool, aux_coef: float):
     """MoELayerFunction's gating and routing: (the fused kernels or False, (weights [T, k + S], the
     ids gating's backward reads, load, the third output, the aux loss's fraction (unfused), row_to_flat,
@@ -267,9 +284,9 @@ def _gate_and_route(p: LayerPlan, logits: Tensor, bias: Optional[Tensor], checki
     if fused:  # gating and routing in two launches, the reductions and the aux loss in them
         if checking:
             _value_checks(topk_gating, gating_args)
-        if p.ticket is None:
-            p.ticket = torch.zeros(1, dtype=torch.int32, device=logits.device)
-        r = _recipe.gate_route(fused, logits, bias, k, p.S, p.score_func, p.renormalize, aux_coef if p.aux else None, p.ticket)
+        r = _recipe.gate_route(
+            fused, logits, bias, k, p.S, p.score_func, p.renormalize, aux_coef if p.aux else None, _ticket(logits.device)
+        )
         weights, ids = r["weights"], r["ids"]
         if p.scale != 1.0:
             weights = weights * _scale_row(p, weights)
@@ -295,7 +312,7 @@ def _gate_and_route(p: LayerPlan, logits: Tensor, bias: Optional[Tensor], checki
     if p.S:
         if p.shared_routing is None:
             ones = weights.new_ones(1, 1).expand(T, p.S)
-            p.shared_routing = torch.arange(E, E + p.S, device=ids.device).expand(T, p.S), ones
+            p.shared_routing = _kept(torch.arange(E, E + p.S, device=ids.device)).expand(T, p.S), _kept(ones)
         ids = torch.cat([ids, p.shared_routing[0]], 1)
         weights = torch.cat([weights, p.shared_routing[1]], 1)
     routing = p.impls.get("route")
@@ -487,7 +504,7 @@ def _scale_row(p: LayerPlan, like: Tensor):
     if not p.S:
         return p.scale
     if p.scale_row is None or p.scale_row.dtype != like.dtype:
-        p.scale_row = torch.tensor([p.scale] * p.k + [1.0] * p.S, dtype=like.dtype, device=like.device)
+        p.scale_row = _kept(torch.tensor([p.scale] * p.k + [1.0] * p.S, dtype=like.dtype, device=like.device))
     return p.scale_row
 
 

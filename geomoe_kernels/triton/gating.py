@@ -361,6 +361,9 @@ class TritonGating:
 class TritonGateRoute:
     """kernel_recipes.gate_route's kernels: _gate_route_kernel, then permute's _gate_scatter_kernel."""
 
+    # the weight pack's sources: float64 would be cast once where torch casts through float32
+    pack_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+
     def tokens_per_block(self, num_experts: int, slots: int) -> int:
         return tokens_per_program(num_experts)
 

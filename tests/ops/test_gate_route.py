@@ -187,3 +187,29 @@ def test_scatter_and_pack_kernels_compile_for_a_gpu():
         where = {(fn.arg_names.index(n),): v for n, v in const.items()}
         cubin = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=where), target=GPUTarget("cuda", 90, 32))
         assert cubin.asm["cubin"]
+
+
+def test_the_ticket_is_per_stream_outlives_the_plans_and_is_put_back_after_a_failed_launch():
+    """The fused gating kernel's ticket: one per (device, stream), not per plan (layers of one
+    configuration share a plan; a graph keeps the address after the plans are dropped), and zero
+    again when a launch fails part-way (a leftover count would elect every later launch's last block
+    early, and the scatter would then write through wrong offsets)."""
+    from geomoe_kernels import backend
+    from geomoe_kernels.nn import _layer_plan
+
+    dev = torch.device("cpu")
+    t = _layer_plan._ticket(dev)
+    backend.forget()
+    assert _layer_plan._ticket(dev) is t
+
+    class Failing:
+        def tokens_per_block(self, num_experts, slots):
+            return 4
+
+        def gate(self, logits, bias, top_k, shared, softmax, renormalize, aux_coef, ticket, out):
+            ticket += 3  # blocks counted, then the launch fails
+            raise RuntimeError("launch failed")
+
+    with pytest.raises(RuntimeError, match="launch failed"):
+        recipe.gate_route(Failing(), torch.randn(8, 4), None, 2, 0, "sigmoid", True, None, t)
+    assert int(t) == 0
