@@ -5,11 +5,10 @@ out), and the detector end to end on a tiny stand-in backbone."""
 import math
 
 import torch
-from torch import nn
-
 from geomoe.detection.boxes import AnchorGenerator
 from geomoe.detection.oriented_rcnn import OrientedConfig, OrientedRCNN, rotated_roi_levels, smooth_l1
 from geomoe.detection.rbox import MidpointOffsetCoder, rbox_to_hbox
+from tests.test_detection import _Tiny  # the same stand-in backbone
 
 
 def _hiou(a, b):
@@ -17,22 +16,6 @@ def _hiou(a, b):
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-class _Tiny(nn.Module):
-    """4 strided convs (strides 4, 8, 16, 32) and an aux loss of 1e-3 x the mean."""
-
-    def __init__(self, ch=8):
-        super().__init__()
-        self.out_channels = (ch,) * 4
-        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else ch, ch, 3, stride=4 if i == 0 else 2, padding=1) for i in range(4))
-
-    def forward(self, x):
-        feats = []
-        for conv in self.convs:
-            x = conv(x)
-            feats.append(x)
-        return feats, 1e-3 * x.mean()
 
 
 def test_smooth_l1_and_levels_by_hand():

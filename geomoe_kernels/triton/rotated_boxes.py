@@ -232,6 +232,15 @@ def _bilinear(y, x, H, W):
 
 
 @triton.jit
+def _sample(iy, ix, gh, gw, ph, pw, bin_h, bin_w, h, w, cos, sin, cx, cy, H, W):
+    """Sample (iy, ix) of each bin (ph, pw): placed in the roi's frame, turned, and its four
+    neighbours with their weights (_bilinear)."""
+    yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / gh
+    xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / gw
+    return _bilinear(yy * cos - xx * sin + cy, yy * sin + xx * cos + cx, H, W)
+
+
+@triton.jit
 def _roi_align_rotated_kernel(
     X, Rois, Out, B, C, H, W, PH, PW, spatial_scale, sampling_ratio,
     ALIGNED: tl.constexpr, CLOCKWISE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
@@ -249,12 +258,8 @@ def _roi_align_rotated_kernel(
     mask = mc[:, None] & mb[None, :]
     acc = tl.zeros((BC, BP), dtype=tl.float32)
     for iy in range(gh):
-        yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / gh
         for ix in range(gw):
-            xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / gw
-            y = yy * cos - xx * sin + cy
-            x = yy * sin + xx * cos + cx
-            i1, i2, i3, i4, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+            i1, i2, i3, i4, w1, w2, w3, w4 = _sample(iy, ix, gh, gw, ph, pw, bin_h, bin_w, h, w, cos, sin, cx, cy, H, W)
             acc += w1[None, :] * tl.load(plane + i1[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += w2[None, :] * tl.load(plane + i2[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += w3[None, :] * tl.load(plane + i3[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -284,12 +289,8 @@ def _roi_align_rotated_backward_kernel(
     bin_h, bin_w = h / PH, w / PW
     plane = DX + b * C * H * W + c[:, None] * H * W
     for iy in range(gh):
-        yy = -h / 2 + ph * bin_h + (iy + 0.5) * bin_h / gh
         for ix in range(gw):
-            xx = -w / 2 + pw * bin_w + (ix + 0.5) * bin_w / gw
-            y = yy * cos - xx * sin + cy
-            x = yy * sin + xx * cos + cx
-            i1, i2, i3, i4, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+            i1, i2, i3, i4, w1, w2, w3, w4 = _sample(iy, ix, gh, gw, ph, pw, bin_h, bin_w, h, w, cos, sin, cx, cy, H, W)
             tl.atomic_add(plane + i1[None, :], w1[None, :] * g, mask=mask)
             tl.atomic_add(plane + i2[None, :], w2[None, :] * g, mask=mask)
             tl.atomic_add(plane + i3[None, :], w3[None, :] * g, mask=mask)
