@@ -335,8 +335,8 @@ class FinetuneArgs:
     max_raster_pixels: int = max_raster_pixels_opt()
     weights: Optional[str] = opt(
         None,
-        "pretrained weights: a geomoe checkpoint (directory or its model.safetensors) or an original-layout "
-        "file; every encoder tensor must be in it (default: none, from scratch)",
+        "pretrained weights: a geomoe checkpoint (directory or its model.safetensors), an original-layout "
+        "file or hf:OWNER/REPO/PATH[@REV]; every encoder tensor must be in it (default: none, from scratch)",
     )
     allow_partial_weights: bool = opt(
         False, "load what --weights has of the encoder and name what it lacks (kept at initial values)"

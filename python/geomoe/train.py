@@ -127,7 +127,7 @@ class PretrainArgs:
     max_raster_pixels: int = max_raster_pixels_opt()
     init_weights: Optional[str] = opt(
         None,
-        "start a new run from these weights (a checkpoint or an original-layout file); RGB weights get the "
+        "start a new run from these weights (a checkpoint, an original-layout file or hf:OWNER/REPO/PATH[@REV]); RGB weights get the "
         "first patch embedding adapted to --in-chans (each band: the mean RGB kernel x 3/bands) (default: random "
         "initial weights)",
     )

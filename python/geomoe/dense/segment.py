@@ -150,7 +150,9 @@ class SegmentArgs:
         None, "head outputs (default: 7 for LoveDA and SpaceNet as published, the folder's classes.txt)", check=ints(1, 254)
     )
     weights: Optional[str] = opt(
-        None, "pretrained backbone: released weights (original layout) or a geomoe checkpoint (default: from scratch)"
+        None,
+        "pretrained backbone: released weights (original layout, or hf:OWNER/REPO/PATH[@REV]) or a geomoe checkpoint "
+        "(default: from scratch)",
     )
     allow_partial_weights: bool = opt(False, "load what --weights has of the backbone, name what it lacks")
     iters: Optional[int] = opt(None, f"training iterations {_recipe_help('iters')}", check=ints(1))
