@@ -232,7 +232,7 @@ class CudaGateRoute:
     max_shared = 32  # the core's gate_route takes at most 32 shared experts (its shared memory)
 
     def pack(self, sources, dtype):
-        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        """The layer plan's weight pack (nn/_layer_plan._pack_views): one launch."""
         if not 1 <= len(sources) <= 8 or any(t.dtype != sources[0].dtype for t in sources) or dtype not in _DTYPE:
             raise ValueError(
                 f"pack: expected 1 to 8 tensors of one of {list(_DTYPE)}, got {[t.dtype for t in sources]} -> {dtype}"

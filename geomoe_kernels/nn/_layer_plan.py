@@ -142,7 +142,8 @@ def run(
 
     With pack_dtype, w1, b1, w2 and b2 are each a pair (routed, shared or None) of parameters, or
     None: they are stacked [E + S, ...] and cast to pack_dtype here, in one launch where the plan's
-    backend has the pack kernel (PackWeights), else a concatenation and a cast each (the same bits)."""
+    backend has the pack kernel (_pack_views), else a concatenation and a cast each (the same bits), and
+    the gradients go to the parameters themselves, in their dtype."""
     global plans_built
     if pack_dtype is not None:
         pairs = (w1, b1, w2, b2)
@@ -154,9 +155,12 @@ def run(
     fresh = plan is None
     if plan is None:
         plan = LayerPlan(*options, aux)
-    if pack_dtype is not None:
-        w1, b1, w2, b2 = _packed(plan, pack_dtype, pairs)  # type: ignore[arg-type]
-    out = MoELayerFunction.apply(plan, logits, bias, tokens, w1, b1, w2, b2, shared)
+    params: Tuple = ()
+    if pack_dtype is not None:  # the Function differentiates the parameters; the packed copies are its own
+        params = tuple(t for q in pairs for t in (q if q is not None else (None, None)))  # type: ignore[union-attr]
+        with torch.no_grad():
+            w1, b1, w2, b2 = _packed(plan, pack_dtype, pairs)  # type: ignore[arg-type]
+    out = MoELayerFunction.apply(plan, logits, bias, tokens, w1, b1, w2, b2, shared, *params)
     if fresh and _backend.choices_final():  # its forward pieces are resolved now
         if len(_backend.PLANS) >= _MAX_PLANS:
             _backend.PLANS.clear()
@@ -174,74 +178,28 @@ def _packed(plan: LayerPlan, dtype: torch.dtype, pairs) -> Tuple[Optional[Tensor
     if dtypes is not None and (dtype not in dtypes or present[0].dtype not in dtypes):
         pack = None  # a dtype the backend's pack kernel does not take
     if pack is not None and all(t.dtype == present[0].dtype and t.is_contiguous() for t in present):
-        return PackWeights.apply(pack, dtype, *params)
+        return _pack_views(pack, dtype, *params)
     return tuple(None if q is None else (q[0] if q[1] is None else torch.cat([q[0], q[1]])).to(dtype).contiguous() for q in pairs)
 
 
-class PackWeights(torch.autograd.Function):
+def _pack_views(pack, dtype: torch.dtype, *params: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The layer's expert weights for its grouped GEMMs in one launch: each (routed, shared) pair of
     parameters (w1, b1, w2, b2; shared or both None where absent) stacked [E + S, ...] in the compute
-    dtype, one flat buffer holding all four; the backward likewise one launch, the packed gradients
-    back to the parameters' dtype (each gradient a view of one flat buffer, as the slices of a
-    concatenation's gradient are). Replaces a concatenation and a cast per tensor, and the casts of
-    their gradients."""
-
-    @staticmethod
-    def forward(ctx, pack, dtype, *params):  # type: ignore[override]
-        groups = [(params[i], params[i + 1]) for i in range(0, len(params), 2)]
-        flat = pack([t for g in groups for t in g if t is not None], dtype)
-        outs, at, meta = [], 0, []
-        for r, sh in groups:
-            if r is None:
-                outs.append(None)
-                meta.append(None)
-                continue
-            shape = (r.shape[0] + (sh.shape[0] if sh is not None else 0),) + tuple(r.shape[1:])
-            n = r.numel() + (sh.numel() if sh is not None else 0)
-            outs.append(flat[at : at + n].view(shape))
-            meta.append((r.shape[0], sh is not None))
-            at += n
-        ctx.pack, ctx.meta, ctx.param_dtype = pack, meta, next(t.dtype for t in params if t is not None)
-        ctx.set_materialize_grads(False)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        # already in the parameters' dtype: views; under backward(create_graph=True) the same as
-        # torch ops (a kernel's output would drop the graph, and with it the layer's refusal of a
-        # second derivative)
-        if torch.is_grad_enabled() or all(g is None or g.dtype == ctx.param_dtype for g in grads):
-            views: list = []
-            for g, m in zip(grads, ctx.meta):
-                if g is None or m is None:
-                    views += [None, None]
-                else:
-                    g = g.to(ctx.param_dtype)
-                    views += [g[: m[0]], g[m[0] :]] if m[1] else [g, None]
-            return (None, None, *views)
-        sources, where = [], []
-        for g, m in zip(grads, ctx.meta):
-            if g is None or m is None:
-                where.append(None)
-                continue
-            rows, has_shared = m
-            g = g.contiguous()
-            parts = [g[:rows], g[rows:]] if has_shared else [g]
-            where.append([(p.shape, p.numel()) for p in parts])
-            sources += parts
-        out: list = []
-        flat = ctx.pack(sources, ctx.param_dtype) if sources else None
-        at = 0
-        for w in where:
-            if w is None:
-                out += [None, None]
-                continue
-            for shape, n in w:
-                out.append(flat[at : at + n].view(shape))
-                at += n
-            if len(w) == 1:
-                out.append(None)
-        return (None, None, *out)
+    dtype, views of one flat buffer. Replaces a concatenation and a cast per tensor; the gradients
+    come back without a launch (MoELayerFunction writes them in the parameters' dtype, as views)."""
+    groups = [(params[i], params[i + 1]) for i in range(0, len(params), 2)]
+    flat = pack([t for g in groups for t in g if t is not None], dtype)
+    outs: list = []
+    at = 0
+    for r, sh in groups:
+        if r is None:
+            outs.append(None)
+            continue
+        shape = (r.shape[0] + (sh.shape[0] if sh is not None else 0),) + tuple(r.shape[1:])
+        n = r.numel() + (sh.numel() if sh is not None else 0)
+        outs.append(flat[at : at + n].view(shape))
+        at += n
+    return tuple(outs)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -336,7 +294,10 @@ class MoELayerFunction(torch.autograd.Function):
     """gating -> route -> expert_mlp -> unpermute forward, their backwards in reverse, on a plan."""
 
     @staticmethod
-    def forward(ctx, plan: LayerPlan, logits, bias, tokens, w1, b1, w2, b2, shared):  # type: ignore[override]
+    def forward(ctx, plan: LayerPlan, logits, bias, tokens, w1, b1, w2, b2, shared, *params):  # type: ignore[override]
+        """params: with packed weights (w1 ... b2 stacked routed + shared, in the compute dtype), the
+        parameters they were packed from, (routed, shared) for each of w1, b1, w2, b2 (None where
+        absent): the gradients go to those, written in their dtype, split by views."""
         p = plan
         E, k = p.E, p.k
         checking = _checks.value_checks_enabled(logits)
@@ -354,7 +315,7 @@ class MoELayerFunction(torch.autograd.Function):
 
             # the weights in the compute dtype (the tokens'): cast here, so that their gradients come
             # back in the parameters' dtype, written so by the kernels (docs/host_path.md, step 4)
-            params = (w1, w2)
+            sources, params = params, (w1, w2)
             w1, b1, w2, b2 = (_compute(t, tokens.dtype) for t in (w1, b1, w2, b2))
             experts = impls.get("experts")
             if experts is None or checking:
@@ -385,7 +346,13 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
         ctx.fused, ctx.aux_coef = fused, aux_coef
         # the parameters' dtype and layout, for their gradients (meta: no memory, nothing kept alive)
-        ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
+        if sources:  # the stacked gradients in the parameters' dtype, contiguous: split by views
+            ctx.rows = [None if r is None else (r.shape[0], sh is not None) for r, sh in zip(sources[0::2], sources[1::2])]
+            like = ((w1, sources[0]), (w2, sources[4]))
+            ctx.grads_like = tuple(torch.empty(t.shape, dtype=src.dtype, device="meta") for t, src in like)
+        else:
+            ctx.rows = None
+            ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
         keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
             logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None,
@@ -401,7 +368,10 @@ class MoELayerFunction(torch.autograd.Function):
             ctx.saved_tensors
         )
         fused = ctx.fused
-        _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad[:9]
+        if ctx.rows is not None:  # the packed copies take no gradient: their parameters do
+            src = ctx.needs_input_grad[9:]
+            need_w1, need_b1, need_w2, need_b2 = src[0] or src[1], src[2] or src[3], src[4] or src[5], src[6] or src[7]
         has_b1, has_b2, has_shared = ctx.has
         d_logits = d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
         dev = tokens.device.type
@@ -483,7 +453,15 @@ class MoELayerFunction(torch.autograd.Function):
             anchors = [t for t in (logits, tokens, w1, w2) if t.requires_grad]
             grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
         d_logits, d_tokens, dw1, db1, dw2, db2, d_shared = grads
-        return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
+        if ctx.rows is None:
+            return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
+        split: list = []
+        for g, r in zip((dw1, db1, dw2, db2), ctx.rows):
+            if r is None or g is None:
+                split += [None, None]
+            else:
+                split += [g[: r[0]], g[r[0] :]] if r[1] else [g, None]
+        return (None, d_logits, None, d_tokens, None, None, None, None, d_shared, *split)
 
 
 def _gating_backward(p: LayerPlan, grad_weights, grad_prob_mean, logits: Tensor, ids: Tensor) -> Tensor:

@@ -401,7 +401,7 @@ class TritonGateRoute:
         )
 
     def pack(self, sources, dtype):
-        """The layer plan's weight pack (nn/_layer_plan.PackWeights): one launch."""
+        """The layer plan's weight pack (nn/_layer_plan._pack_views): one launch."""
         from ._pack import pack
 
         return pack(sources, dtype)
