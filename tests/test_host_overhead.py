@@ -97,3 +97,21 @@ def test_the_layer_step_end_to_end(tmp_path):
     [row] = json.loads(out.read_text())["rows"]
     assert row["host_syncs"] == 0 and row["custom_op_calls"] == 0
     assert row["launches_ours"] == 14 and row["launches"] <= 22, row
+
+
+def test_the_routed_plan_paths_wait_for_the_device_nowhere(tmp_path):
+    """Group-limited top-k (its routing as torch ops before the plan), interleaved SwiGLU and our
+    transformers backend, each a step with no host sync (the group-limited load was a bincount,
+    which waits for the device to size its output)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for only in ("MoE layer, LLM groups_geomoe", "MoE layer, LLM interleaved_geomoe"):
+        out = tmp_path / "host.json"
+        cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--only", only, "--steps", "1", "--json", str(out)]
+        subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, check=True)
+        [row] = json.loads(out.read_text())["rows"]
+        assert row["host_syncs"] == 0, row

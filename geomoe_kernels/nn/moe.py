@@ -287,7 +287,8 @@ class MoEMLP(nn.Module):
         weights = scores.gather(1, ids)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        load = torch.bincount(ids.reshape(-1), minlength=E)
+        flat = ids.reshape(-1)  # bincount would wait for the device (its output size depends on the ids' max)
+        load = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
         prob_mean = (scores / scores.sum(-1, keepdim=True)).mean(0) if T else scores.new_zeros(E)
         return weights.to(torch.promote_types(logits.dtype, torch.float32)), ids, load, prob_mean
 
