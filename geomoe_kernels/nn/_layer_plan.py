@@ -290,6 +290,17 @@ def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype, memory_format=torch.contiguous_format)
 
 
+def _split(rows, *grads: Optional[Tensor]) -> list:
+    """The stacked gradients [E + S, ...] as (routed, shared) views, per MoELayerFunction's ctx.rows."""
+    out: list = []
+    for g, r in zip(grads, rows):
+        if r is None or g is None:
+            out += [None, None]
+        else:
+            out += [g[: r[0]], g[r[0] :]] if r[1] else [g, None]
+    return out
+
+
 class MoELayerFunction(torch.autograd.Function):
     """gating -> route -> expert_mlp -> unpermute forward, their backwards in reverse, on a plan."""
 
@@ -455,13 +466,7 @@ class MoELayerFunction(torch.autograd.Function):
         d_logits, d_tokens, dw1, db1, dw2, db2, d_shared = grads
         if ctx.rows is None:
             return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
-        split: list = []
-        for g, r in zip((dw1, db1, dw2, db2), ctx.rows):
-            if r is None or g is None:
-                split += [None, None]
-            else:
-                split += [g[: r[0]], g[r[0] :]] if r[1] else [g, None]
-        return (None, d_logits, None, d_tokens, None, None, None, None, d_shared, *split)
+        return (None, d_logits, None, d_tokens, None, None, None, None, d_shared, *_split(ctx.rows, dw1, db1, dw2, db2))
 
 
 def _gating_backward(p: LayerPlan, grad_weights, grad_prob_mean, logits: Tensor, ids: Tensor) -> Tensor:

@@ -154,6 +154,47 @@ def _interleaved_block(offsets, E, slot, rounds, search_steps, BM: tl.constexpr,
     return e, row0
 
 
+@triton.jit
+def _gmm_epilogue(
+    acc,
+    acc_up,
+    Out,
+    Pre,
+    rm,
+    rn,
+    mask,
+    N,
+    stride_om,
+    stride_pm,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
+):
+    """_gmm_kernel's epilogue on its fp32 tile(s): with GRAD_ACT, d pre = d hidden * act'(pre) (both
+    halves for SwiGLU); else pre stored where asked, then the activation and the output."""
+    if GRAD_ACT != _NONE:
+        p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
+        o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+        if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+            up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(x)
+            tl.store(o_ptr, (acc * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
+            tl.store(o_ptr + N, (acc * x * s).to(Out.dtype.element_ty), mask=mask)
+        else:
+            tl.store(o_ptr, (acc * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
+    else:
+        if STORE_PRE:
+            tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
+            if ACT == _SWIGLU:
+                tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
+        if ACT == _SWIGLU:
+            out = acc * tl.sigmoid(acc) * acc_up
+        else:
+            out = _apply_act(acc, ACT)
+        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+
 # TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
 @triton.autotune(
     configs=_GEMM_CONFIGS,
@@ -252,27 +293,7 @@ def _gmm_kernel(
             if ACT == _SWIGLU:
                 acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        if GRAD_ACT != _NONE:
-            p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
-            o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
-            x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-            if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
-                up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
-                s = tl.sigmoid(x)
-                tl.store(o_ptr, (acc * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
-                tl.store(o_ptr + N, (acc * x * s).to(Out.dtype.element_ty), mask=mask)
-            else:
-                tl.store(o_ptr, (acc * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
-        else:
-            if STORE_PRE:
-                tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
-                if ACT == _SWIGLU:
-                    tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
-            if ACT == _SWIGLU:
-                out = acc * tl.sigmoid(acc) * acc_up
-            else:
-                out = _apply_act(acc, ACT)
-            tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
 
 
 # The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
