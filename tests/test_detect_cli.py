@@ -81,3 +81,25 @@ def test_schedule_as_published():
     assert lr(0) == pytest.approx(8e-5 * 1e-6) and lr(250) == pytest.approx(8e-5 * (1e-6 + (1 - 1e-6) * 0.5))
     assert lr(500) == 8e-5 and lr(799) == 8e-5
     assert lr(800) == pytest.approx(8e-6) and lr(1099) == pytest.approx(8e-6) and lr(1100) == pytest.approx(8e-7)
+
+
+def test_the_readme_detection_commands_run_the_published_recipe(monkeypatch):
+    import re
+    import shlex
+
+    from geomoe.detection import detect as detmod
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    rows = re.findall(r"^\| (DIOR|DIOR-R) [^|]*\| ([\d.]+) \| ([\d.]+) \| `(geomoe detect [^`]*)` \|$", readme, flags=re.M)
+    assert [r[:3] for r in rows] == [("DIOR", "79.30", "76.40"), ("DIOR-R", "71.82", "69.70")]
+    got = []
+    monkeypatch.setattr(detmod, "detect", lambda args: got.append(args))
+    for *_, command in rows:
+        main(shlex.split(command.replace("MODEL", "geomoe").replace("ENCODER", "encoder.pth"))[1:])
+    resolved = [a.resolved() for a in got]
+    assert [a.boxes for a in resolved] == ["horizontal", "oriented"]
+    for a in resolved:
+        assert (a.recipe, a.config, a.weights, a.epochs, a.lr_steps, a.batch_size, a.lr, a.layer_decay) == (
+            "published", "base", "encoder.pth", 12, "8,11", 1, 8e-5, 0.8,
+        )  # fmt: skip
+        assert (a.weight_decay, a.warmup, a.size, a.fpn_channels, a.fc_channels) == (0.05, 500, 800, 256, 1024)
