@@ -199,14 +199,19 @@ def _datasets(args: DetectArgs):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, boxes: str, device, precision: str, limit: Optional[int] = None) -> Dict[str, Any]:
-    """Detections on `dataset` (one image at a time) scored as published: COCO bbox AP (horizontal)
-    or rotated mAP at IoU 0.5, VOC07 11 points (oriented)."""
+def evaluate(
+    model: nn.Module, dataset, boxes: str, device, precision: str, limit: Optional[int] = None, env=None
+) -> Optional[Dict[str, Any]]:
+    """Detections on `dataset` (one image at a time; each process every world-th image, gathered on
+    rank 0) scored as published: COCO bbox AP (horizontal) or rotated mAP at IoU 0.5, VOC07 11
+    points (oriented). None on the other ranks."""
     net = _eval_model(model)
     was = net.training
     net.eval()
     dets, gts = [], []
-    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+    rank, world = (env.rank, env.world) if env is not None and env.enabled else (0, 1)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(rank, n, world):
         img, gt_boxes, labels, size = dataset[i]
         image, sizes, _ = collate([(img, gt_boxes, labels, size)])
         with autocast(precision, device):
@@ -214,6 +219,13 @@ def evaluate(model: nn.Module, dataset, boxes: str, device, precision: str, limi
         dets.append({k: v.float().cpu() for k, v in d.items()})
         gts.append({"boxes": gt_boxes, "labels": labels})
     net.train(was)
+    if world > 1:  # back in the dataset's order: image i came from rank i % world
+        parts: List[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, (dets, gts))
+        if rank:
+            return None
+        dets = [parts[i % world][0][i // world] for i in range(n)]
+        gts = [parts[i % world][1][i // world] for i in range(n)]
     if boxes == "horizontal":
         from .coco_eval import coco_ap
 
@@ -249,6 +261,13 @@ class DetectTask(Task):
         self.env = env
         self.precision = resolve_precision(args.precision, None, env.device)
         self.workers = args.workers if args.workers is not None else (4 if env.device.type == "cuda" else 0)
+        if args.boxes == "horizontal":
+            try:
+                import pycocotools.cocoeval  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "argument '--boxes horizontal' expected pycocotools (its COCO evaluation): pip install pycocotools"
+                ) from None
         self.placement = Placement(env)
         self.checkpointer = Checkpointer(env, self)
         self.checkpointer.refuse_fresh_run()
@@ -348,10 +367,11 @@ class DetectTask(Task):
             images_per_s=w.seen / max(time.perf_counter() - w.t0, 1e-9), bad_steps=w.bad_steps,
         )  # fmt: skip
         w.reset()
-        if self._eval_due(step) and self.env.main:
-            m = evaluate(self.model, self.val_set, self.args.boxes, self.env.device, self.precision, self.args.max_val)
-            self.last_eval = dict(step=step, **m)
-            rec["eval"] = m
+        if self._eval_due(step):
+            m = evaluate(self.model, self.val_set, self.args.boxes, self.env.device, self.precision, self.args.max_val, self.env)
+            if m is not None:
+                self.last_eval = dict(step=step, **m)
+                rec["eval"] = m
             w.start_clock()
         return rec
 
