@@ -103,3 +103,23 @@ def test_the_readme_detection_commands_run_the_published_recipe(monkeypatch):
             "published", "base", "encoder.pth", 12, "8,11", 1, 8e-5, 0.8,
         )  # fmt: skip
         assert (a.weight_decay, a.warmup, a.size, a.fpn_channels, a.fc_channels) == (0.05, 500, 800, 256, 1024)
+
+
+@pytest.mark.parametrize("boxes", ["horizontal", "oriented"])
+def test_every_parameter_gets_a_gradient_when_no_anchor_is_positive(boxes):
+    # DDP (torchrun) stops on a parameter left out of the graph: a 6 px object matches no 32 px anchor
+    from geomoe.dense.backbones import build_backbone
+    from geomoe.detection import DetectorConfig, FasterRCNN
+    from geomoe.detection.oriented_rcnn import OrientedConfig, OrientedRCNN
+
+    torch.manual_seed(0)
+    backbone = build_backbone("geomoe", "tiny", 0.0)
+    if boxes == "horizontal":
+        model = FasterRCNN(backbone, DetectorConfig(num_classes=2, fpn_channels=8, fc_channels=16))
+        target = {"boxes": torch.tensor([[10.0, 10.0, 16.0, 16.0]]), "labels": torch.tensor([1])}
+    else:
+        model = OrientedRCNN(backbone, OrientedConfig(num_classes=2, fpn_channels=8, fc_channels=16))
+        target = {"boxes": torch.tensor([[13.0, 13.0, 6.0, 6.0, 0.3]]), "labels": torch.tensor([1])}
+    losses = model(torch.randn(1, 3, 64, 64), [(64, 64)], [target])
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
