@@ -41,6 +41,16 @@ def _segment_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _detect_parser(sub) -> argparse.ArgumentParser:
+    from .detection.detect import DetectArgs
+
+    p = sub.add_parser(
+        "detect", help="object detection (Faster R-CNN / Oriented R-CNN) on either pretrained encoder (docs/detection.md)"
+    )
+    add_fields(p, DetectArgs)
+    return p
+
+
 def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
     """The `geomoe` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(
@@ -50,6 +60,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     )
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {"pretrain": _pretrain_parser(sub), "finetune": _finetune_parser(sub), "segment": _segment_parser(sub)}
+    parsers["detect"] = _detect_parser(sub)
     st = sub.add_parser("stats", help="per-band mean and std of a raster folder, written to DIR/band_stats.json")
     st.add_argument("data_dir", metavar="DIR", help="raster folder DIR/<subfolder>/...")
     st.add_argument("--out", default=None, help="the JSON file to write (default DIR/band_stats.json)")
@@ -110,6 +121,12 @@ def _run(ns: argparse.Namespace, parsers) -> int:
         sargs = SegmentArgs(**fields)
         _validate(parsers["segment"], sargs)
         segment(sargs)
+    elif ns.command == "detect":
+        from .detection.detect import DetectArgs, detect
+
+        dargs = DetectArgs(**fields)
+        _validate(parsers["detect"], dargs)
+        detect(dargs)
     elif ns.command == "stats":
         from .geodata import band_stats
 

@@ -347,12 +347,12 @@ def _unwrap_worker_error(exc: BaseException) -> BaseException:
     """A SegDataError raised in a loader worker comes back with the worker's traceback in its
     message: the original one line again."""
     text = str(exc)
-    m = re.findall(r"SegDataError: (.*)", text)
+    m = re.findall(r"(?:SegDataError|DetectionDataError): (.*)", text)
     return SegDataError(m[-1]) if m and "Traceback" in text else exc
 
 
 class _Batches:
-    """The loader's batches as (images, labels, 0 skipped); a bad file's error in one line. The
+    """The loader's batches as (*the collated batch, 0 skipped); a bad file's error in one line. The
     loader's iterator is made at iter() (its workers then inherit start_batches' signal mask)."""
 
     def __init__(self, loader):
@@ -365,7 +365,7 @@ class _Batches:
     def _unwrapped(it):
         while True:
             try:
-                imgs, labels = next(it)
+                batch = next(it)
             except StopIteration:
                 return
             except Exception as exc:
@@ -377,11 +377,46 @@ class _Batches:
                 if err is exc:
                     raise
                 raise err from None
-            yield imgs, labels, 0
+            yield (*batch, 0)
 
 
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+def task_backbone(task: Task, drop_path: float) -> nn.Module:
+    """The run's backbone (--model, --config, --backend), --weights loaded into it; task.note says how."""
+    args = task.args
+    backbone = build_backbone(args.model, args.config, drop_path, args.backend)
+    task.note = "from scratch (no --weights)"
+    if args.weights:
+        task.note = load_backbone_weights(backbone, args.weights, strict=not args.allow_partial_weights).describe()
+    return backbone
+
+
+def place_and_optimise(task: Task, model: nn.Module, backbone: nn.Module) -> None:
+    """task.model on the device, placed (task.wrapped), AdamW (0.9, 0.999) over the published dense
+    groups (layer decay, no decay on biases and norms), task.scaler."""
+    args, device = task.args, task.env.device
+    task.model = model.to(device)
+    task.placement.shard(task.model)
+    task.wrapped = task.placement.wrap(task.model, [])
+    groups = dense_param_groups(task.model, backbone, float(args.lr), float(args.weight_decay), float(args.layer_decay))
+    task.optimizer = torch.optim.AdamW(groups, lr=float(args.lr), betas=(0.9, 0.999))
+    task.scaler = grad_scaler(task.precision, device)
+
+
+def resume_task(task: Task, state: Optional[Dict[str, Any]], what: str) -> None:
+    """task.run_id; on a resume the changed arguments warned, the checkpoint checked against the
+    model (`what` names it), the weights, task.last_eval and the trainer's state restored."""
+    task.run_id = run_identity(state)
+    if state is None:
+        return
+    warn_changed_run_arguments(state, task.run_args, warn=task.env.main)
+    check_checkpoint_fits(state, task.model.state_dict(), what)
+    task.placement.load_weights(state["model"])
+    task.last_eval = state.get("last_eval")
+    task.checkpointer.restore(state)
 
 
 class SegmentTask(Task):
@@ -424,7 +459,7 @@ class SegmentTask(Task):
             weight_decay=args.weight_decay, warmup=args.warmup, crop=args.crop, drop_path=args.drop_path,
             head_channels=args.head_channels, seed=args.seed,
         )  # fmt: skip
-        self._resume(self.checkpointer.load())
+        resume_task(self, self.checkpointer.load(), f"--model {args.model}, --config {args.config}, {self.head_classes} classes")
 
     def _data(self) -> None:
         args, src = self.args, self.src
@@ -450,34 +485,13 @@ class SegmentTask(Task):
 
     def _model(self) -> None:
         args, device = self.args, self.env.device
-        backbone = build_backbone(args.model, args.config, float(args.drop_path or 0.0), args.backend)
-        self.note = "from scratch (no --weights)"
-        if args.weights:
-            self.note = load_backbone_weights(backbone, args.weights, strict=not args.allow_partial_weights).describe()
+        backbone = task_backbone(self, float(args.drop_path or 0.0))
         model: nn.Module = Segmentor(backbone, self.head_classes, int(args.head_channels or 512))
         if self.env.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif self.env.enabled and self.env.main:
             warnings.warn("DDP on CPUs: BatchNorm statistics are per process (SyncBatchNorm needs GPUs)")
-        self.model = model.to(device)
-        self.placement.shard(self.model)
-        self.wrapped = self.placement.wrap(self.model, [])
-        groups = dense_param_groups(self.model, backbone, float(args.lr), float(args.weight_decay), float(args.layer_decay))
-        self.optimizer = torch.optim.AdamW(groups, lr=float(args.lr), betas=(0.9, 0.999))
-        self.scaler = grad_scaler(self.precision, device)
-
-    def _resume(self, state: Optional[Dict[str, Any]]) -> None:
-        args = self.args
-        self.run_id = run_identity(state)
-        if state is None:
-            return
-        warn_changed_run_arguments(state, self.run_args, warn=self.env.main)
-        check_checkpoint_fits(
-            state, self.model.state_dict(), f"--model {args.model}, --config {args.config}, {self.head_classes} classes"
-        )
-        self.placement.load_weights(state["model"])
-        self.last_eval = state.get("last_eval")
-        self.checkpointer.restore(state)
+        place_and_optimise(self, model, backbone)
 
     def banner(self) -> str:
         args = self.args

@@ -141,7 +141,7 @@ def rpn_loss(
 ) -> Dict[str, Tensor]:
     """anchors [A, 4] (all levels), cls_logits [B, A], deltas [B, A, 4]: the RPN's losses."""
     cls_sum = cls_logits.new_zeros(())
-    reg_sum = cls_logits.new_zeros(())
+    reg_sum = deltas.sum() * 0  # in the graph when no anchor is positive: DDP expects every parameter's gradient
     samples = 0
     for b, gt in enumerate(gt_boxes):
         assigned, _ = assigner(anchors, gt.to(anchors.dtype))
