@@ -290,6 +290,24 @@ def _compute(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype, memory_format=torch.contiguous_format)
 
 
+def _combine_rows(p: LayerPlan, d_x: Tensor, row_to_flat: Tensor, flat_to_row: Tensor, k: int) -> Tensor:
+    """The row gradients summed into their tokens (the combine, unweighted)."""
+    combine_rows = p.impls.get("combine_rows") or p.impl(
+        "combine_rows",
+        unpermute_op,
+        dict(rows=d_x, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=None, shared=None),
+    )
+    return combine_rows(d_x, flat_to_row, k, None, None)
+
+
+def _routing_weight_grad(p: LayerPlan, g: Tensor, rows_out: Tensor, flat_to_row: Tensor, k: int) -> Tensor:
+    """d weights [T, k] = <g_t, expert output row> (unpermute's weight gradient)."""
+    weight_grad = p.impls.get("weight_grad") or p.impl(
+        "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
+    )
+    return weight_grad(g, rows_out, flat_to_row, k)
+
+
 def _split(rows, *grads: Optional[Tensor]) -> list:
     """The stacked gradients [E + S, ...] as (routed, shared) views, per MoELayerFunction's ctx.rows."""
     out: list = []
@@ -421,19 +439,11 @@ class MoELayerFunction(torch.autograd.Function):
                         like1, like2 = ctx.grads_like
                         dw1, db1, dw2, db2 = dw1.to(like1.dtype), db1.to(like1.dtype), dw2.to(like2.dtype), db2.to(like2.dtype)
                     if need_tokens:  # the row gradients summed into their tokens (the combine, unweighted)
-                        combine_rows = impls.get("combine_rows") or p.impl(
-                            "combine_rows",
-                            unpermute_op,
-                            dict(rows=d_x, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=None, shared=None),
-                        )
-                        d_tokens = combine_rows(d_x, flat_to_row, k, None, None)
+                        d_tokens = _combine_rows(p, d_x, row_to_flat, flat_to_row, k)
                     db1 = db1 if has_b1 else None
                     db2 = db2 if has_b2 else None
                 if need_logits:
-                    weight_grad = impls.get("weight_grad") or p.impl(
-                        "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
-                    )
-                    grad_weights = weight_grad(g, rows_out, flat_to_row, k).to(weights.dtype)
+                    grad_weights = _routing_weight_grad(p, g, rows_out, flat_to_row, k).to(weights.dtype)
                     if fused:  # gating's backward reads the first p.k columns (the shared experts' are constants)
                         if p.scale != 1.0:
                             grad_weights = grad_weights * _scale_row(p, grad_weights)
@@ -695,19 +705,11 @@ class RoutedLayerFunction(torch.autograd.Function):
                             p, ctx.gate_graph, d_rows, tokens, w1, w2, offsets, hidden, row_to_flat, k
                         )
                     if need_tokens:
-                        combine_rows = impls.get("combine_rows") or p.impl(
-                            "combine_rows",
-                            unpermute_op,
-                            dict(rows=d_x, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=None, shared=None),
-                        )
-                        d_tokens = combine_rows(d_x, flat_to_row, k, None, None)
+                        d_tokens = _combine_rows(p, d_x, row_to_flat, flat_to_row, k)
                     db1 = db1 if has_b1 else None
                     db2 = db2 if has_b2 else None
                 if need_weights:
-                    weight_grad = impls.get("weight_grad") or p.impl(
-                        "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
-                    )
-                    grad_weights = weight_grad(g, rows_out, flat_to_row, k).to(weights.dtype)
+                    grad_weights = _routing_weight_grad(p, g, rows_out, flat_to_row, k).to(weights.dtype)
         finally:
             torch.set_grad_enabled(create_graph)
             if autocast:
