@@ -1,8 +1,10 @@
-"""MoEMLP.from_transformers (geomoe_kernels/nn/hf_blocks.py): a MoEMLP built from the sparse-MoE block
-of a tiny random transformers model (AutoConfig.for_model) of each architecture shares the block's
-parameters (the same objects, storage kept) and gives the block's output (run on transformers'
-"eager" experts) and every gradient in float64 to 1e-10; with MoEMLP's own gating (router="geomoe")
-the same experts and weights up to the block router's float32 softmax. Skipped without transformers."""
+"""MoEMLP.from_transformers (geomoe_kernels/integrations/transformers_moe.py): the sparse-MoE block of
+a tiny random transformers model (AutoConfig.for_model) of each family gets its family's adapter
+class, which shares the block's parameters (the same objects, storage kept) and gives the block's
+output (run on transformers' "eager" experts) and every gradient in float64 to 1e-10; with MoEMLP's
+own gating (router="geomoe") the same experts and weights up to the block router's float32 softmax.
+A block of another family, or one whose layout is not its family's, is refused by name. Skipped
+without transformers."""
 
 from __future__ import annotations
 
@@ -14,10 +16,19 @@ pytest.importorskip("transformers", minversion="5.0")
 pytest.importorskip("geomoe_kernels.integrations.transformers")
 
 from geomoe_kernels import MoEMLP  # noqa: E402
+from geomoe_kernels.integrations import transformers_moe as tm  # noqa: E402
 from geomoe_kernels.nn.hf_blocks import UnsupportedBlock  # noqa: E402
 from tests.test_transformers_backend import MODELS, _build  # noqa: E402
 
 FUSED = {"gpt_oss": False}  # GPT-OSS's clamped SwiGLU runs as the experts' own gate between two GEMMs
+ADAPTER = {
+    "mixtral": tm.MixtralAdapter,
+    "qwen2_moe": tm.Qwen2MoeAdapter,
+    "qwen3_moe": tm.Qwen3MoeAdapter,
+    "olmoe": tm.OlmoeAdapter,
+    "deepseek_v3": tm.DeepseekV3Adapter,
+    "gpt_oss": tm.GptOssAdapter,
+}
 
 
 def _block(name: str) -> nn.Module:
@@ -35,6 +46,7 @@ def test_block_equals_its_moe_mlp(name):
     block = _block(name)
     storage = {n: p.untyped_storage().data_ptr() for n, p in block.named_parameters()}
     moe = MoEMLP.from_transformers(block, backend="torch")
+    assert type(moe) is ADAPTER[name] and tm.adapter_class(block) is ADAPTER[name]  # the family's own class
     assert {id(p) for p in moe.parameters()} == {id(p) for p in block.parameters()}  # shared, not copied
     assert moe.expert_gate_fn is None if FUSED.get(name, True) else moe.expert_gate_fn is not None
     assert (moe._kn(moe.w1).is_contiguous(), moe._kn(moe.w2).is_contiguous()) == (True, True)  # read in place
@@ -57,6 +69,7 @@ def test_block_equals_its_moe_mlp(name):
             assert p.untyped_storage().data_ptr() == storage[n], n
 
     own = MoEMLP.from_transformers(block, router="geomoe", backend="torch")
+    assert type(own) is ADAPTER[name]
     got_own, _, load_own = own(x)
     assert torch.equal(load_own, load)
     assert _max_rel(got_own, want) <= 1e-6  # the block's router takes its softmax / sigmoid in float32
@@ -109,8 +122,46 @@ def test_refusals_name_the_block():
         MoEMLP.from_transformers(block)
     block.experts.has_gate = True
     del block.gate
-    with pytest.raises(UnsupportedBlock, match=r"expected a router 'gate' or 'router'.*got none"):
+    with pytest.raises(UnsupportedBlock, match=r"expected the router 'gate' with a weight Parameter \[6, 32\], got none"):
         MoEMLP.from_transformers(block)
+
+
+def test_the_family_is_chosen_by_the_block_class_and_another_is_refused():
+    from transformers import AutoConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    block = _block("mixtral")
+    block.__class__ = type("MyMixtralBlock", (MixtralSparseMoeBlock,), {})  # a subclass: still Mixtral's
+    assert type(MoEMLP.from_transformers(block)) is tm.MixtralAdapter
+    config = AutoConfig.for_model(
+        "glm4_moe", hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2
+    )
+    supported = r"Mixtral \(MixtralSparseMoeBlock\), Qwen2-MoE .*DeepSeek-V3 \(DeepseekV3MoE\), GPT-OSS \(GptOssMLP\)"
+    with pytest.raises(
+        UnsupportedBlock,
+        match=rf"no adapter for the family of Glm4MoeMoE \(model_type 'glm4_moe'\); the supported families: {supported}",
+    ):
+        MoEMLP.from_transformers(Glm4MoeMoE(config))
+
+
+def test_a_block_unlike_its_family_is_refused():
+    block = _block("mixtral")
+    with pytest.raises(
+        UnsupportedBlock, match=r"GptOssAdapter serves GPT-OSS's GptOssMLP, got MixtralSparseMoeBlock"
+    ):
+        tm.GptOssAdapter(block)
+    with pytest.raises(TypeError, match=r"base of the per-family adapters.*MixtralAdapter"):
+        tm.TransformersMoEMLP(block)
+    block.experts.is_transposed = True
+    with pytest.raises(UnsupportedBlock, match=r"Mixtral's experts expected is_transposed=False .*got is_transposed=True"):
+        MoEMLP.from_transformers(block)
+    block.experts.is_transposed = False
+    block.shared_expert = nn.Linear(32, 32)  # a shared expert Mixtral has not: refused, not left out
+    with pytest.raises(UnsupportedBlock, match=r"Mixtral's block expected no \['shared_expert'\]"):
+        MoEMLP.from_transformers(block)
+    del block.shared_expert
+    assert type(tm.MixtralAdapter(block)) is tm.MixtralAdapter
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])

@@ -1,40 +1,36 @@
-"""The transformers adapter: `TransformersMoEMLP(block)` (what `MoEMLP.from_transformers(block)`
-returns), a MoEMLP subclass built from a transformers sparse-MoE block, sharing its parameters (the
-same Parameter objects: a step of either's optimizer is seen by both, and the block's state_dict and
-save_pretrained are unchanged). What is transformers' own lives here, in the subclass's methods
-(weights stored [E, out, in], the block's router, the experts' gate between the GEMMs, the block's
-shared-expert module); MoEMLP keeps GeoMoE's and the general MoE options. It runs on the same
-launch plan as MoEMLP (nn/_layer_plan.py): with router="geomoe" and the fused SwiGLU the gating op
-inside the plan, otherwise the routing first and the rest of the layer planned. Importing this
-module imports no transformers; building an adapter does.
+"""The transformers adapters: `MoEMLP.from_transformers(block)` picks the class of the block's
+family (by the block's class: `adapter_class`) and builds it, a MoEMLP subclass sharing the block's
+parameters (the same Parameter objects: a step of either's optimizer is seen by both, and the
+block's state_dict and save_pretrained are unchanged). What is transformers' own lives here, in
+`TransformersMoEMLP` (the base, on the same launch plan as MoEMLP, nn/_layer_plan.py: with
+router="geomoe" and the fused SwiGLU the gating op inside the plan, otherwise the routing first and
+the rest of the layer planned) and in one small class per family, which states in its class body,
+and nowhere else, the family's facts:
+- block_class: transformers' sparse-MoE block class it serves (or a subclass of it);
+- the experts' layout: weights stored [E, out, in] (weights_out_in, transformers' is_transposed
+  False) or [E, in, out], their biases, gate_up_proj's columns ([gate | up] or interleaved);
+- the gate between the GEMMs: transformers' default act_fn(gate) * up (the fused SwiGLU when act_fn
+  is SiLU, else the experts' own `_apply_gate` between the two grouped GEMMs), or always the
+  experts' own (GPT-OSS's clamped SwiGLU on interleaved columns);
+- the router: the block's attribute holding it, its class (the one router="geomoe" maps), the
+  MoEMLP gating options that reproduce it (`routing`), and its selection-bias buffer (DeepSeek-V3's
+  e_score_correction_bias, shared: update_bias moves it);
+- the shared expert: the block's attribute holding it (called as is), and its sigmoid gate
+  (Qwen2-MoE's shared_expert_gate).
+The block's experts' layout flags are checked against the family's facts; a mismatch is refused
+naming the flag. router="block" (the default) calls the block's router: the same experts and
+weights as the block, in its own dtypes (most routers compute the softmax in float32).
+router="geomoe" runs MoEMLP's gating on its weight with the family's options.
 
-What is read from the block (by attribute, so any block built the same way is served):
-- the experts: `block.experts`, a module carrying transformers' `@use_experts_implementation` layout
-  flags with a gate (has_gate: `gate_up_proj`, `down_proj`, their biases with has_bias). Its weights
-  become w1, w2 (b1, b2). Stored [E, out, in] (is_transposed=False) they are re-laid out once, in
-  place, to row-major [E, in, out] storage with the same shape, values and identity (as the
-  "geomoe" experts backend does), so the grouped GEMMs read them without a copy per call. The gate:
-  fused SwiGLU when the experts use transformers' default gate on [gate | up] with SiLU, else the
-  experts' own `_apply_gate` between the two grouped GEMMs (GPT-OSS's clamped SwiGLU on
-  interleaved columns, GeGLU, ...).
-- the router: `block.gate` or `block.router`, a module with `weight` [E, dim] (and `bias` when it
-  has one) and `top_k`. router="block" (the default) calls it: the same experts and weights as the
-  block, in its own dtypes (most routers compute the softmax in float32). router="geomoe" runs
-  MoEMLP's gating on its weight with the options read from it: softmax then top-k, renormalised
-  unless `norm_topk_prob` is False (GPT-OSS's softmax over the top-k logits is the renormalised
-  form); with an `e_score_correction_bias` buffer, DeepSeek-V3's sigmoid selection with that bias
-  (shared: update_bias moves the router's buffer), group-limited top-k (`num_group`, `topk_group`)
-  and `routed_scaling_factor`. Only routers of the known types are mapped.
-- the shared expert: `block.shared_expert` or `block.shared_experts`, any module (called as is),
-  and `block.shared_expert_gate` (a Linear to 1 output, Qwen2-MoE's sigmoid gate).
-
-Refused with an error naming the block type and the experts' layout flags: experts without a gate
-(up_proj only), a post-expert norm, expert-parallel or DTensor expert weights, a Mixtral router
-with jitter noise, a router="geomoe" request for a router type whose arithmetic is not mapped."""
+Refused with an error naming the block type and the experts' layout flags: a block of a family
+without an adapter (the error lists the supported ones), experts without a gate, a post-expert
+norm, expert-parallel or DTensor expert weights, a Mixtral router with jitter noise, a
+router="geomoe" request for a router of another class than the family's. Importing this module
+imports no transformers; building an adapter does."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -43,11 +39,8 @@ from ..nn import moe as _moe
 from ..nn.moe import MoEMLP
 
 ROUTERS = ("block", "geomoe")
-# routers whose arithmetic MoEMLP's own gating reproduces (router="geomoe")
-SOFTMAX_TOPK_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
-SOFTMAX_OF_TOPK_ROUTERS = ("GptOssTopKRouter",)
-SIGMOID_GROUP_ROUTERS = ("DeepseekV3TopkRouter",)
 _FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate", "has_post_expert_norm", "_is_expert_parallel")
+_SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_expert_gate")
 
 
 class UnsupportedBlock(ValueError):
@@ -66,14 +59,6 @@ def _refuse(block: nn.Module, what: str) -> UnsupportedBlock:
     return UnsupportedBlock(f"MoEMLP.from_transformers: {what}; block {_describe(block)}")
 
 
-def _first(block: nn.Module, names) -> Optional[Any]:
-    for n in names:
-        m = getattr(block, n, None)
-        if m is not None:
-            return m
-    return None
-
-
 def _is_dtensor(t: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -89,12 +74,16 @@ def _relayout_out_in(param: nn.Parameter) -> None:
             param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _read_block(block: nn.Module, router: str) -> dict:
-    """What the adapter takes from the block (checked; what it cannot serve is refused by name)."""
+def _check_router_arg(router: str, block: Any) -> None:
     if router not in ROUTERS:
         raise ValueError(f"MoEMLP.from_transformers: argument 'router' expected one of {list(ROUTERS)}, got {router!r}")
     if not isinstance(block, nn.Module):
         raise TypeError(f"MoEMLP.from_transformers: argument 'block' expected an nn.Module, got {type(block).__name__}")
+
+
+def _experts_of(block: nn.Module) -> Any:
+    """The block's experts module, checked for what every adapter needs of it (transformers'
+    @use_experts_implementation flags, a gate, no post-expert norm, not a rank's shard)."""
     experts = getattr(block, "experts", None)
     if experts is None or not all(hasattr(experts, f) for f in ("has_gate", "is_transposed", "has_bias", "num_experts")):
         raise _refuse(
@@ -110,6 +99,11 @@ def _read_block(block: nn.Module, router: str) -> dict:
         raise _refuse(
             block, "expected unsharded experts, got _is_expert_parallel=True (a rank's shard); build from the unsharded block"
         )
+    return experts
+
+
+def _expert_tensors(block: nn.Module, experts: Any) -> Tuple[Any, Any, Any, Any]:
+    """(gate_up_proj, its bias, down_proj, its bias): local Parameters of the right rank."""
     w1: Any = getattr(experts, "gate_up_proj", None)
     w2: Any = getattr(experts, "down_proj", None)
     b1, b2 = (
@@ -125,105 +119,67 @@ def _read_block(block: nn.Module, router: str) -> dict:
                 )
             if _is_dtensor(p):
                 raise _refuse(block, f"experts.{name} is a DTensor (sharded); only local expert weights are served")
-    transposed = bool(experts.is_transposed)
-    E = int(experts.num_experts)
-    if transposed:
-        (_, D, up), (_, hidden, D2) = w1.shape, w2.shape
-    else:
-        (_, up, D), (_, D2, hidden) = w1.shape, w2.shape
-    if w1.shape[0] != E or w2.shape[0] != E or D2 != D or up != 2 * hidden:
-        raise _refuse(
-            block,
-            f"expected gate_up_proj and down_proj of {E} experts, [gate, up] twice down_proj's input; got {list(w1.shape)}, {list(w2.shape)}",
-        )
-
-    gate = _first(block, ("gate", "router"))
-    if gate is None or not isinstance(getattr(gate, "weight", None), nn.Parameter) or gate.weight.shape != (E, D):
-        got = (
-            "none"
-            if gate is None
-            else f"{type(gate).__name__} with weight {list(getattr(getattr(gate, 'weight', None), 'shape', []))}"
-        )
-        raise _refuse(block, f"expected a router 'gate' or 'router' with a weight Parameter [{E}, {D}], got {got}")
-    top_k = int(getattr(gate, "top_k", getattr(block, "top_k", 0)))
-    if getattr(block, "jitter_noise", 0):
-        raise _refuse(block, f"expected router jitter noise 0, got {block.jitter_noise}")
-    correction = getattr(gate, "e_score_correction_bias", None)
-    gate_bias = getattr(gate, "bias", None)
-    rtype = type(gate).__name__
-    known = SOFTMAX_TOPK_ROUTERS + SOFTMAX_OF_TOPK_ROUTERS + SIGMOID_GROUP_ROUTERS
-    if router == "geomoe" and rtype not in known:
-        raise _refuse(block, f"router='geomoe' maps only the routers {list(known)}, got {rtype} (router='block' calls it)")
-    sigmoid = correction is not None
-    opts = dict(
-        score_func="sigmoid" if sigmoid else "softmax",
-        renormalize=bool(getattr(gate, "norm_topk_prob", True)),
-        routed_scaling_factor=float(getattr(gate, "routed_scaling_factor", 1.0)) if sigmoid else 1.0,
-        n_group=int(getattr(gate, "num_group", 1)) if sigmoid else 1,
-        topk_group=int(getattr(gate, "topk_group", 1)) if sigmoid else None,
-    )
-
-    shared = _first(block, ("shared_expert", "shared_experts"))
-    shared_gate = getattr(block, "shared_expert_gate", None)
-    if shared_gate is not None and (
-        not isinstance(shared_gate, nn.Linear) or shared_gate.bias is not None or shared_gate.out_features != 1
-    ):
-        raise _refuse(block, f"expected shared_expert_gate a Linear({D}, 1, bias=False), got {shared_gate}")
-
-    return dict(
-        experts=experts, weights=(w1, b1, w2, b2), transposed=transposed, D=D, hidden=hidden, E=E, top_k=top_k, gate=gate,
-        gate_bias=gate_bias, correction=correction, opts=opts, shared=shared, shared_gate=shared_gate,
-    )  # fmt: skip
+    return w1, b1, w2, b2
 
 
 class TransformersMoEMLP(MoEMLP):
-    """A MoEMLP over a transformers sparse-MoE block's own parameters and modules (the module
-    docstring says what is read). forward(x) -> (y, aux, load) as MoEMLP's; update_bias moves the
-    router's correction bias where it has one. Its state, set here and nowhere else:
-    - weights_out_in: the experts' weights are stored [E, out, in] (read as transposed views);
-    - block_router: `gate` is the block's router, called for (logits, weights, ids);
-    - expert_gate_fn: the experts' own gate between the two grouped GEMMs, or None (fused SwiGLU);
-    - shared_expert: the block's shared-expert module (its own hidden size), or None; shared_gate
-      its sigmoid gate (Qwen2-MoE's shared_expert_gate), or None."""
+    """The base of the per-family adapters: a MoEMLP over a transformers sparse-MoE block's own
+    parameters and modules. forward(x) -> (y, aux, load) as MoEMLP's; update_bias moves the router's
+    selection bias where the family has one. Build one with MoEMLP.from_transformers(block) (which
+    picks the family's class) or with the family's class itself. Its state, set in __init__ and
+    nowhere else: `gate` the block's router (router="block", called for (logits, weights, ids)) or
+    a Linear on the router's own weight (router="geomoe"); `expert_gate_fn` the experts' own gate
+    between the two grouped GEMMs, or None (fused SwiGLU); `shared_expert` the block's shared-expert
+    module or None, `shared_gate` its sigmoid gate or None."""
 
     shares_expert_tensors = True  # the block's whole expert tensors: expert parallelism cannot shard them
 
+    # ---- the family's facts: each family's class states them in its body (the module docstring) ----
+    family: ClassVar[str] = ""
+    block_class: ClassVar[str] = ""
+    weights_out_in: ClassVar[bool] = True  # experts' weights stored [E, out, in] (is_transposed=False)
+    expert_biases: ClassVar[bool] = False  # gate_up_proj_bias and down_proj_bias (has_bias)
+    swiglu_columns: ClassVar[str] = "concat"  # gate_up_proj's columns: [gate | up], or "interleaved"
+    own_expert_gate: ClassVar[bool] = False  # always the experts' _apply_gate (else transformers' default gate)
+    router_attr: ClassVar[str] = "gate"
+    router_class: ClassVar[str] = ""
+    selection_bias: ClassVar[Optional[str]] = None  # the router's buffer added to the scores for selection
+    shared_attr: ClassVar[Optional[str]] = None
+    shared_gate_attr: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        """MoEMLP's gating options that reproduce the family's router (router="geomoe")."""
+        raise NotImplementedError  # pragma: no cover - every family states its own
+
+    @classmethod
+    def check_block(cls, block: nn.Module) -> None:
+        """The family's own refusals, beyond the layout (none unless the family states some)."""
+
     def __init__(self, block: nn.Module, router: str = "block", backend: str = "auto"):
-        parts = _read_block(block, router)
-        experts, (w1, b1, w2, b2), transposed = parts["experts"], parts["weights"], parts["transposed"]
-        D, hidden, E, top_k, gate, gate_bias = (
-            parts["D"],
-            parts["hidden"],
-            parts["E"],
-            parts["top_k"],
-            parts["gate"],
-            parts["gate_bias"],
-        )
-        correction, shared, shared_gate = parts["correction"], parts["shared"], parts["shared_gate"]
+        if not self.family:
+            raise TypeError(
+                "TransformersMoEMLP is the base of the per-family adapters: build one with MoEMLP.from_transformers(block) "
+                f"or a family's class ({', '.join(f.__name__ for f in FAMILIES)})"
+            )
+        parts = self._read_block(block, router)
+        experts, (w1, b1, w2, b2), gate = parts["experts"], parts["weights"], parts["gate"]
+        D, E, gate_bias = parts["D"], parts["E"], getattr(gate, "bias", None)
         from .transformers import fused_activation
 
-        fused = fused_activation(experts) == "swiglu"
+        fused = not self.own_expert_gate and fused_activation(experts) == "swiglu"
         with torch.device("meta"):
             super().__init__(
-                D,
-                hidden,
-                E,
-                0,
-                top_k,
-                activation="swiglu",
-                backend=backend,
-                bias=experts.has_bias,
-                gate_bias=gate_bias is not None,
-                swiglu_layout="concat" if experts.is_concatenated else "interleaved",
-                **parts["opts"],
-            )
+                D, parts["hidden"], E, 0, int(getattr(gate, "top_k", getattr(block, "top_k", 0))), activation="swiglu",
+                backend=backend, bias=self.expert_biases, gate_bias=gate_bias is not None,
+                swiglu_layout=self.swiglu_columns, **self.routing(gate),
+            )  # fmt: skip
         # the block's own tensors, by identity
-        if not transposed:
+        if self.weights_out_in:
             for p in (w1, w2):
                 _relayout_out_in(p)
-        self.weights_out_in = not transposed
         self.w1, self.w2 = w1, w2
-        if experts.has_bias:
+        if self.expert_biases:
             self.b1, self.b2 = b1, b2
         self.expert_gate_fn: Optional[Callable[[Tensor], Tensor]] = None if fused else experts._apply_gate
         self.block_router = router == "block"
@@ -235,16 +191,97 @@ class TransformersMoEMLP(MoEMLP):
             if gate_bias is not None:
                 linear.bias = gate_bias
             self.gate = linear
+        correction = getattr(gate, self.selection_bias, None) if self.selection_bias else None
         self.expert_bias = correction if correction is not None else torch.zeros(E, device=w1.device)
-        self.shared_expert: Optional[nn.Module] = shared
-        self.shared_gate = shared_gate if shared is not None else None
+        self.shared_expert: Optional[nn.Module] = parts["shared"]
+        self.shared_gate = parts["shared_gate"]
         left = [n for n, t in list(self.named_parameters()) + list(self.named_buffers()) if t.is_meta]
         if left:  # pragma: no cover - every tensor above comes from the block
             raise _refuse(block, f"internal: {left} not taken from the block")
 
+    @classmethod
+    def serves(cls, block: nn.Module) -> bool:
+        """Whether `block` is of the family's block class (or a subclass of it)."""
+        return any(t.__name__ == cls.block_class for t in type(block).__mro__)
+
+    @classmethod
+    def _read_block(cls, block: nn.Module, router: str) -> dict:
+        """What the adapter takes from the block, checked against the family's facts (what it cannot
+        serve is refused by name)."""
+        _check_router_arg(router, block)
+        experts = _experts_of(block)
+        if not cls.serves(block):
+            raise _refuse(block, f"{cls.__name__} serves {cls.family}'s {cls.block_class}, got {type(block).__name__}")
+        cls._check_layout(block, experts)
+        cls.check_block(block)
+        w1, b1, w2, b2 = _expert_tensors(block, experts)
+        E = int(experts.num_experts)
+        if cls.weights_out_in:
+            (_, up, D), (_, D2, hidden) = w1.shape, w2.shape
+        else:
+            (_, D, up), (_, hidden, D2) = w1.shape, w2.shape
+        if w1.shape[0] != E or w2.shape[0] != E or D2 != D or up != 2 * hidden:
+            raise _refuse(
+                block,
+                f"expected gate_up_proj and down_proj of {E} experts, [gate, up] twice down_proj's input; got {list(w1.shape)}, {list(w2.shape)}",
+            )
+        gate = cls._router(block, router, E, D)
+        shared, shared_gate = cls._shared_modules(block, D)
+        return dict(experts=experts, weights=(w1, b1, w2, b2), D=D, hidden=hidden, E=E, gate=gate, shared=shared, shared_gate=shared_gate)  # fmt: skip
+
+    @classmethod
+    def _check_layout(cls, block: nn.Module, experts: Any) -> None:
+        """The experts' layout flags against the family's facts."""
+        want = {
+            "is_transposed": not cls.weights_out_in,
+            "has_bias": cls.expert_biases,
+            "is_concatenated": cls.swiglu_columns == "concat",
+        }
+        for flag, value in want.items():
+            got = getattr(experts, flag, None)
+            if got is None or bool(got) != value:
+                raise _refuse(block, f"{cls.family}'s experts expected {flag}={value} (the family's layout), got {flag}={got}")
+
+    @classmethod
+    def _router(cls, block: nn.Module, router: str, E: int, D: int) -> nn.Module:
+        gate = getattr(block, cls.router_attr, None)
+        if gate is None or not isinstance(getattr(gate, "weight", None), nn.Parameter) or gate.weight.shape != (E, D):
+            got = (
+                "none"
+                if gate is None
+                else f"{type(gate).__name__} with weight {list(getattr(getattr(gate, 'weight', None), 'shape', []))}"
+            )
+            raise _refuse(block, f"expected the router '{cls.router_attr}' with a weight Parameter [{E}, {D}], got {got}")
+        if router == "geomoe" and type(gate).__name__ != cls.router_class:
+            raise _refuse(
+                block,
+                f"router='geomoe' maps only {cls.family}'s router {cls.router_class}, got {type(gate).__name__} "
+                "(router='block' calls it)",
+            )
+        return gate
+
+    @classmethod
+    def _shared_modules(cls, block: nn.Module, D: int) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+        """(the shared expert, its gate) as the family holds them; a shared expert the family has
+        not is refused rather than left out of the output."""
+        declared = (cls.shared_attr, cls.shared_gate_attr)
+        extra = [n for n in _SHARED_ATTRS if n not in declared and getattr(block, n, None) is not None]
+        if extra:
+            raise _refuse(block, f"{cls.family}'s block expected no {extra} (the adapter would leave them out), got them")
+        shared = getattr(block, cls.shared_attr, None) if cls.shared_attr else None
+        if cls.shared_attr and not isinstance(shared, nn.Module):
+            raise _refuse(block, f"expected the shared expert '{cls.shared_attr}' a module, got {type(shared).__name__}")
+        shared_gate = getattr(block, cls.shared_gate_attr, None) if cls.shared_gate_attr else None
+        if cls.shared_gate_attr and (
+            not isinstance(shared_gate, nn.Linear) or shared_gate.bias is not None or shared_gate.out_features != 1
+        ):
+            raise _refuse(block, f"expected {cls.shared_gate_attr} a Linear({D}, 1, bias=False), got {shared_gate}")
+        return shared, shared_gate
+
     def extra_repr(self) -> str:
         return (
-            super().extra_repr()
+            f"{self.family}: "
+            + super().extra_repr()
             + (", router=block's" if self.block_router else "")
             + ("" if self.expert_gate_fn is None else ", expert gate=the experts' own")
             + ("" if self.shared_expert is None else ", shared expert=the block's")
@@ -289,9 +326,148 @@ class TransformersMoEMLP(MoEMLP):
         return weights.to(gate_dtype), ids, load, prob_mean
 
 
+def _softmax_topk(router: nn.Module, renormalize: Optional[bool] = None) -> Dict[str, Any]:
+    """Softmax over the experts, then the top-k, renormalised as the router's norm_topk_prob says."""
+    return dict(
+        score_func="softmax", renormalize=bool(getattr(router, "norm_topk_prob", True)) if renormalize is None else renormalize
+    )
+
+
+class MixtralAdapter(TransformersMoEMLP):
+    """Mixtral: [E, out, in] experts with transformers' default SwiGLU on [gate | up]; the router
+    `gate` (softmax, top-k, always renormalised); no shared expert; router jitter refused."""
+
+    family = "Mixtral"
+    block_class = "MixtralSparseMoeBlock"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
+    router_attr, router_class = "gate", "MixtralTopKRouter"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return _softmax_topk(router, renormalize=True)
+
+    @classmethod
+    def check_block(cls, block: nn.Module) -> None:
+        if getattr(block, "jitter_noise", 0):
+            raise _refuse(block, f"expected router jitter noise 0, got {block.jitter_noise}")
+
+
+class Qwen2MoeAdapter(TransformersMoEMLP):
+    """Qwen2-MoE: [E, out, in] experts with the default SwiGLU; the router `gate` (softmax, top-k,
+    renormalised when norm_topk_prob); the shared expert `shared_expert` times
+    sigmoid(shared_expert_gate(x))."""
+
+    family = "Qwen2-MoE"
+    block_class = "Qwen2MoeSparseMoeBlock"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
+    router_attr, router_class = "gate", "Qwen2MoeTopKRouter"
+    shared_attr, shared_gate_attr = "shared_expert", "shared_expert_gate"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return _softmax_topk(router)
+
+
+class Qwen3MoeAdapter(TransformersMoEMLP):
+    """Qwen3-MoE: [E, out, in] experts with the default SwiGLU; the router `gate` (softmax, top-k,
+    renormalised when norm_topk_prob); no shared expert."""
+
+    family = "Qwen3-MoE"
+    block_class = "Qwen3MoeSparseMoeBlock"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
+    router_attr, router_class = "gate", "Qwen3MoeTopKRouter"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return _softmax_topk(router)
+
+
+class OlmoeAdapter(TransformersMoEMLP):
+    """OLMoE: [E, out, in] experts with the default SwiGLU; the router `gate` (softmax, top-k,
+    renormalised when norm_topk_prob); no shared expert."""
+
+    family = "OLMoE"
+    block_class = "OlmoeSparseMoeBlock"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
+    router_attr, router_class = "gate", "OlmoeTopKRouter"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return _softmax_topk(router)
+
+
+class DeepseekV3Adapter(TransformersMoEMLP):
+    """DeepSeek-V3: [E, out, in] experts with the default SwiGLU; the router `gate` (sigmoid scores,
+    selection by score + e_score_correction_bias within the topk_group best of num_group groups,
+    renormalised when norm_topk_prob, times routed_scaling_factor); the shared experts
+    `shared_experts` (one module), ungated."""
+
+    family = "DeepSeek-V3"
+    block_class = "DeepseekV3MoE"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
+    router_attr, router_class, selection_bias = "gate", "DeepseekV3TopkRouter", "e_score_correction_bias"
+    shared_attr = "shared_experts"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return dict(
+            score_func="sigmoid",
+            renormalize=bool(getattr(router, "norm_topk_prob", True)),
+            routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0)),
+            n_group=int(getattr(router, "num_group", 1)),
+            topk_group=int(getattr(router, "topk_group", 1)),
+        )
+
+
+class GptOssAdapter(TransformersMoEMLP):
+    """GPT-OSS: [E, in, out] experts with biases and interleaved gate/up columns, always the experts'
+    own gate (a clamped SwiGLU) between the two grouped GEMMs; the router `router` with a bias
+    (top-k of the logits, then a softmax over those k: softmax then top-k, renormalised); no shared
+    expert."""
+
+    family = "GPT-OSS"
+    block_class = "GptOssMLP"
+    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = False, True, "interleaved", True
+    router_attr, router_class = "router", "GptOssTopKRouter"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return _softmax_topk(router, renormalize=True)
+
+
+FAMILIES: Tuple[Type[TransformersMoEMLP], ...] = (
+    MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter, GptOssAdapter,
+)  # fmt: skip
+
+
+def adapter_class(block: nn.Module) -> Type[TransformersMoEMLP]:
+    """The adapter class of the block's family, by the block's class (the most derived one that a
+    family serves); an error naming the block, its model type and the supported families else."""
+    for t in type(block).__mro__:
+        for family in FAMILIES:
+            if t.__name__ == family.block_class:
+                return family
+    config = getattr(getattr(block, "experts", None), "config", None) or getattr(block, "config", None)
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(f"{f.family} ({f.block_class})" for f in FAMILIES)
+    raise _refuse(
+        block,
+        f"no adapter for the family of {type(block).__name__}"
+        + (f" (model_type {model_type!r})" if model_type else "")
+        + f"; the supported families: {supported}",
+    )
+
+
+def from_block(block: nn.Module, router: str = "block", backend: str = "auto") -> TransformersMoEMLP:
+    """The adapter of the block's family over its parameters (what MoEMLP.from_transformers returns)."""
+    _check_router_arg(router, block)
+    _experts_of(block)
+    return adapter_class(block)(block, router, backend)
+
+
 def moe_from_transformers(cls: Any, block: nn.Module, router: str = "block", backend: str = "auto") -> TransformersMoEMLP:
-    """TransformersMoEMLP(block, router, backend) (the entry point's old signature; `cls` unused)."""
-    return TransformersMoEMLP(block, router, backend)
+    """from_block(block, router, backend) (the entry point's old signature; `cls` unused)."""
+    return from_block(block, router, backend)
 
 
-_moe.set_transformers_adapter(TransformersMoEMLP)
+_moe.set_transformers_adapter(from_block)

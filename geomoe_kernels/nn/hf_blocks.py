@@ -1,12 +1,11 @@
-"""Moved: the transformers adapter is geomoe_kernels/integrations/transformers_moe.py
-(TransformersMoEMLP); these names stay importable from here."""
+"""Moved: the transformers adapters are geomoe_kernels/integrations/transformers_moe.py (one
+TransformersMoEMLP subclass per family); these names stay importable from here."""
 
 from ..integrations.transformers_moe import (  # noqa: F401
+    FAMILIES,
     ROUTERS,
-    SIGMOID_GROUP_ROUTERS,
-    SOFTMAX_OF_TOPK_ROUTERS,
-    SOFTMAX_TOPK_ROUTERS,
     TransformersMoEMLP,
     UnsupportedBlock,
+    adapter_class,
     moe_from_transformers,
 )

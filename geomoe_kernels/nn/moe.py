@@ -24,9 +24,9 @@ Every option runs as one autograd.Function over a cached launch plan (nn/_layer_
 gating op inside it, or (group-limited top-k, interleaved SwiGLU) the routing computed first and
 the rest of the layer planned.
 
-MoEMLP.from_transformers(block) builds the transformers adapter, a MoEMLP subclass of its own that
-shares the block's parameters (geomoe_kernels/integrations/transformers_moe.py: what it maps and
-what it refuses)."""
+MoEMLP.from_transformers(block) builds the transformers adapter of the block's family, a MoEMLP
+subclass of its own that shares the block's parameters (geomoe_kernels/integrations/transformers_moe.py:
+the families, what each maps and what is refused)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ EXPERT_ACTIVATIONS = ("gelu", "silu", "swiglu")
 SWIGLU_LAYOUTS = ("concat", "interleaved")
 
 
-# The transformers adapter (integrations/transformers_moe.py) subclasses MoEMLP, so this module
-# cannot import it: it hands its class in when it is imported, which the package's __init__ does.
+# The transformers adapters (integrations/transformers_moe.py) subclass MoEMLP, so this module
+# cannot import them: that module hands its builder in when it is imported (the package's __init__).
 _transformers_adapter: Optional[Callable[..., "MoEMLP"]] = None
 
 
@@ -183,11 +183,12 @@ class MoEMLP(nn.Module):
 
     @classmethod
     def from_transformers(cls, block: nn.Module, router: str = "block", backend: str = "auto") -> "MoEMLP":
-        """A MoEMLP sharing the parameters of a transformers sparse-MoE block (Mixtral, Qwen2-MoE,
-        Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...): a TransformersMoEMLP (a MoEMLP subclass in
-        geomoe_kernels/integrations/transformers_moe.py). router="block" calls the block's own router
-        (its exact arithmetic and dtypes), router="geomoe" runs MoEMLP's gating on the router's
-        weights with the options mapped from it."""
+        """A MoEMLP sharing the parameters of a transformers sparse-MoE block of a supported family
+        (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS): the family's adapter class, a
+        TransformersMoEMLP (geomoe_kernels/integrations/transformers_moe.py), chosen by the block's
+        class; another family's block is refused naming it and the supported ones. router="block"
+        calls the block's own router (its exact arithmetic and dtypes), router="geomoe" runs
+        MoEMLP's gating on the router's weights with the family's options."""
         if _transformers_adapter is None:  # only where geomoe_kernels.nn was imported without the package
             raise RuntimeError("MoEMLP.from_transformers: import geomoe_kernels (it registers the transformers adapter)")
         return _transformers_adapter(block, router, backend)
