@@ -1,6 +1,7 @@
 """No function longer than ~100 lines in the library (geomoe_kernels) or the application
 (python/geomoe): a longer one is split into named steps (issue 29). Read from the source (ast), so
-it covers every function and method, nested ones included, whether or not anything imports it."""
+it covers every function and method, nested ones included, whether or not anything imports it.
+And the README stays a front page (under ~400 lines; the detail lives in docs/)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def test_the_check_finds_a_long_function(tmp_path, monkeypatch):
     monkeypatch.setattr(me, "PACKAGES", (str(tmp_path),))
     monkeypatch.setattr(me, "ROOT", str(tmp_path))
     assert [(p, name, n) for p, name, _, n in me.long_functions()] == [("long.py", "long", 101)]
+
+
+README_LIMIT = 400
+
+
+def test_the_readme_stays_short():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        n = len(f.read().splitlines())
+    assert n <= README_LIMIT, f"README.md has {n} lines, over {README_LIMIT}: move the detail to docs/"
