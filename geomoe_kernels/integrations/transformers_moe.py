@@ -339,8 +339,12 @@ class MixtralAdapter(TransformersMoEMLP):
 
     family = "Mixtral"
     block_class = "MixtralSparseMoeBlock"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
-    router_attr, router_class = "gate", "MixtralTopKRouter"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "MixtralTopKRouter"
 
     @classmethod
     def routing(cls, router: nn.Module) -> Dict[str, Any]:
@@ -359,9 +363,14 @@ class Qwen2MoeAdapter(TransformersMoEMLP):
 
     family = "Qwen2-MoE"
     block_class = "Qwen2MoeSparseMoeBlock"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
-    router_attr, router_class = "gate", "Qwen2MoeTopKRouter"
-    shared_attr, shared_gate_attr = "shared_expert", "shared_expert_gate"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "Qwen2MoeTopKRouter"
+    shared_attr = "shared_expert"
+    shared_gate_attr = "shared_expert_gate"
 
     @classmethod
     def routing(cls, router: nn.Module) -> Dict[str, Any]:
@@ -374,8 +383,12 @@ class Qwen3MoeAdapter(TransformersMoEMLP):
 
     family = "Qwen3-MoE"
     block_class = "Qwen3MoeSparseMoeBlock"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
-    router_attr, router_class = "gate", "Qwen3MoeTopKRouter"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "Qwen3MoeTopKRouter"
 
     @classmethod
     def routing(cls, router: nn.Module) -> Dict[str, Any]:
@@ -388,8 +401,12 @@ class OlmoeAdapter(TransformersMoEMLP):
 
     family = "OLMoE"
     block_class = "OlmoeSparseMoeBlock"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
-    router_attr, router_class = "gate", "OlmoeTopKRouter"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "OlmoeTopKRouter"
 
     @classmethod
     def routing(cls, router: nn.Module) -> Dict[str, Any]:
@@ -404,8 +421,13 @@ class DeepseekV3Adapter(TransformersMoEMLP):
 
     family = "DeepSeek-V3"
     block_class = "DeepseekV3MoE"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = True, False, "concat", False
-    router_attr, router_class, selection_bias = "gate", "DeepseekV3TopkRouter", "e_score_correction_bias"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "DeepseekV3TopkRouter"
+    selection_bias = "e_score_correction_bias"
     shared_attr = "shared_experts"
 
     @classmethod
@@ -427,8 +449,12 @@ class GptOssAdapter(TransformersMoEMLP):
 
     family = "GPT-OSS"
     block_class = "GptOssMLP"
-    weights_out_in, expert_biases, swiglu_columns, own_expert_gate = False, True, "interleaved", True
-    router_attr, router_class = "router", "GptOssTopKRouter"
+    weights_out_in = False  # [E, in, out]
+    expert_biases = True
+    swiglu_columns = "interleaved"  # [g0, u0, g1, u1, ...]
+    own_expert_gate = True  # the clamped SwiGLU, GptOssExperts._apply_gate
+    router_attr = "router"
+    router_class = "GptOssTopKRouter"
 
     @classmethod
     def routing(cls, router: nn.Module) -> Dict[str, Any]:
