@@ -17,6 +17,7 @@ pytest.importorskip("geomoe_kernels.integrations.transformers")
 
 from geomoe_kernels import MoEMLP  # noqa: E402
 from geomoe_kernels.integrations import transformers_moe as tm  # noqa: E402
+from geomoe_kernels.nn import _layer_plan  # noqa: E402
 from geomoe_kernels.nn.hf_blocks import UnsupportedBlock  # noqa: E402
 from tests.test_transformers_backend import MODELS, _build  # noqa: E402
 
@@ -42,8 +43,12 @@ def _max_rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_block_equals_its_moe_mlp(name):
+def test_block_equals_its_moe_mlp(name, monkeypatch):
     block = _block(name)
+    plans = []  # which launch plan each forward ran on (the adapters share MoEMLP's)
+    for fn in ("run", "run_routed"):
+        real = getattr(_layer_plan, fn)
+        monkeypatch.setattr(_layer_plan, fn, lambda *a, _real=real, _fn=fn, **k: plans.append(_fn) or _real(*a, **k))
     storage = {n: p.untyped_storage().data_ptr() for n, p in block.named_parameters()}
     moe = MoEMLP.from_transformers(block, backend="torch")
     assert type(moe) is ADAPTER[name] and tm.adapter_class(block) is ADAPTER[name]  # the family's own class
@@ -58,6 +63,7 @@ def test_block_equals_its_moe_mlp(name):
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad((want * g).sum(), [xa, *params])
     got, aux, load = moe(xb)
+    assert plans == ["run_routed"]  # the block's router first, the rest of the layer on the plan
     got_grads = torch.autograd.grad((got * g).sum(), [xb, *params])
     assert got.shape == want.shape and load.sum() == 14 * moe.top_k and aux.isfinite()
     assert _max_rel(got, want) <= 1e-10
@@ -71,6 +77,8 @@ def test_block_equals_its_moe_mlp(name):
     own = MoEMLP.from_transformers(block, router="geomoe", backend="torch")
     assert type(own) is ADAPTER[name]
     got_own, _, load_own = own(x)
+    gating_in_plan = own.expert_gate_fn is None and own.n_group == 1  # else the routing first (groups, own gate)
+    assert plans == ["run_routed", "run" if gating_in_plan else "run_routed"]
     assert torch.equal(load_own, load)
     assert _max_rel(got_own, want) <= 1e-6  # the block's router takes its softmax / sigmoid in float32
 
@@ -147,9 +155,7 @@ def test_the_family_is_chosen_by_the_block_class_and_another_is_refused():
 
 def test_a_block_unlike_its_family_is_refused():
     block = _block("mixtral")
-    with pytest.raises(
-        UnsupportedBlock, match=r"GptOssAdapter serves GPT-OSS's GptOssMLP, got MixtralSparseMoeBlock"
-    ):
+    with pytest.raises(UnsupportedBlock, match=r"GptOssAdapter serves GPT-OSS's GptOssMLP, got MixtralSparseMoeBlock"):
         tm.GptOssAdapter(block)
     with pytest.raises(TypeError, match=r"base of the per-family adapters.*MixtralAdapter"):
         tm.TransformersMoEMLP(block)
