@@ -18,15 +18,18 @@ and nowhere else, the family's facts:
 - the shared expert: the block's attribute holding it (called as is), and its sigmoid gate
   (Qwen2-MoE's shared_expert_gate).
 The block's experts' layout flags are checked against the family's facts; a mismatch is refused
-naming the flag. router="block" (the default) calls the block's router: the same experts and
-weights as the block, in its own dtypes (most routers compute the softmax in float32).
-router="geomoe" runs MoEMLP's gating on its weight with the family's options.
+naming the flag. A block of a family without a class of its own gets `FallbackAdapter`, whose facts
+are read from the block (its experts' flags, `gate` or `router`, `shared_expert(s)`,
+`shared_expert_gate`) and which serves router="block" only. router="block" (the default) calls
+the block's router: the same experts and weights as the block, in its own dtypes (most routers
+compute the softmax in float32). router="geomoe" runs MoEMLP's gating on its weight with the
+family's options.
 
-Refused with an error naming the block type and the experts' layout flags: a block of a family
-without an adapter (the error lists the supported ones), experts without a gate, a post-expert
-norm, expert-parallel or DTensor expert weights, a Mixtral router with jitter noise, a
-router="geomoe" request for a router of another class than the family's. Importing this module
-imports no transformers; building an adapter does."""
+Refused with an error naming the block type and the experts' layout flags: a block whose experts
+lack transformers' layout flags, experts without a gate, a post-expert norm, expert-parallel or
+DTensor expert weights, router jitter noise, a router="geomoe" request for a router of another
+class than the family's or for a block without a family class (the error lists the families).
+Importing this module imports no transformers; building an adapter does."""
 
 from __future__ import annotations
 
@@ -204,19 +207,18 @@ class TransformersMoEMLP(MoEMLP):
         """Whether `block` is of the family's block class (or a subclass of it)."""
         return any(t.__name__ == cls.block_class for t in type(block).__mro__)
 
-    @classmethod
-    def _read_block(cls, block: nn.Module, router: str) -> dict:
+    def _read_block(self, block: nn.Module, router: str) -> dict:
         """What the adapter takes from the block, checked against the family's facts (what it cannot
         serve is refused by name)."""
         _check_router_arg(router, block)
         experts = _experts_of(block)
-        if not cls.serves(block):
-            raise _refuse(block, f"{cls.__name__} serves {cls.family}'s {cls.block_class}, got {type(block).__name__}")
-        cls._check_layout(block, experts)
-        cls.check_block(block)
+        if not self.serves(block):
+            raise _refuse(block, f"{type(self).__name__} serves {self.family}'s {self.block_class}, got {type(block).__name__}")
+        self._check_layout(block, experts)
+        self.check_block(block)
         w1, b1, w2, b2 = _expert_tensors(block, experts)
         E = int(experts.num_experts)
-        if cls.weights_out_in:
+        if self.weights_out_in:
             (_, up, D), (_, D2, hidden) = w1.shape, w2.shape
         else:
             (_, D, up), (_, hidden, D2) = w1.shape, w2.shape
@@ -225,57 +227,54 @@ class TransformersMoEMLP(MoEMLP):
                 block,
                 f"expected gate_up_proj and down_proj of {E} experts, [gate, up] twice down_proj's input; got {list(w1.shape)}, {list(w2.shape)}",
             )
-        gate = cls._router(block, router, E, D)
-        shared, shared_gate = cls._shared_modules(block, D)
+        gate = self._router(block, router, E, D)
+        shared, shared_gate = self._shared_modules(block, D)
         return dict(experts=experts, weights=(w1, b1, w2, b2), D=D, hidden=hidden, E=E, gate=gate, shared=shared, shared_gate=shared_gate)  # fmt: skip
 
-    @classmethod
-    def _check_layout(cls, block: nn.Module, experts: Any) -> None:
+    def _check_layout(self, block: nn.Module, experts: Any) -> None:
         """The experts' layout flags against the family's facts."""
         want = {
-            "is_transposed": not cls.weights_out_in,
-            "has_bias": cls.expert_biases,
-            "is_concatenated": cls.swiglu_columns == "concat",
+            "is_transposed": not self.weights_out_in,
+            "has_bias": self.expert_biases,
+            "is_concatenated": self.swiglu_columns == "concat",
         }
         for flag, value in want.items():
             got = getattr(experts, flag, None)
             if got is None or bool(got) != value:
-                raise _refuse(block, f"{cls.family}'s experts expected {flag}={value} (the family's layout), got {flag}={got}")
+                raise _refuse(block, f"{self.family}'s experts expected {flag}={value} (the family's layout), got {flag}={got}")
 
-    @classmethod
-    def _router(cls, block: nn.Module, router: str, E: int, D: int) -> nn.Module:
-        gate = getattr(block, cls.router_attr, None)
+    def _router(self, block: nn.Module, router: str, E: int, D: int) -> nn.Module:
+        gate = getattr(block, self.router_attr, None)
         if gate is None or not isinstance(getattr(gate, "weight", None), nn.Parameter) or gate.weight.shape != (E, D):
             got = (
                 "none"
                 if gate is None
                 else f"{type(gate).__name__} with weight {list(getattr(getattr(gate, 'weight', None), 'shape', []))}"
             )
-            raise _refuse(block, f"expected the router '{cls.router_attr}' with a weight Parameter [{E}, {D}], got {got}")
-        if router == "geomoe" and type(gate).__name__ != cls.router_class:
+            raise _refuse(block, f"expected the router '{self.router_attr}' with a weight Parameter [{E}, {D}], got {got}")
+        if router == "geomoe" and type(gate).__name__ != self.router_class:
             raise _refuse(
                 block,
-                f"router='geomoe' maps only {cls.family}'s router {cls.router_class}, got {type(gate).__name__} "
+                f"router='geomoe' maps only {self.family}'s router {self.router_class}, got {type(gate).__name__} "
                 "(router='block' calls it)",
             )
         return gate
 
-    @classmethod
-    def _shared_modules(cls, block: nn.Module, D: int) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    def _shared_modules(self, block: nn.Module, D: int) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
         """(the shared expert, its gate) as the family holds them; a shared expert the family has
         not is refused rather than left out of the output."""
-        declared = (cls.shared_attr, cls.shared_gate_attr)
+        declared = (self.shared_attr, self.shared_gate_attr)
         extra = [n for n in _SHARED_ATTRS if n not in declared and getattr(block, n, None) is not None]
         if extra:
-            raise _refuse(block, f"{cls.family}'s block expected no {extra} (the adapter would leave them out), got them")
-        shared = getattr(block, cls.shared_attr, None) if cls.shared_attr else None
-        if cls.shared_attr and not isinstance(shared, nn.Module):
-            raise _refuse(block, f"expected the shared expert '{cls.shared_attr}' a module, got {type(shared).__name__}")
-        shared_gate = getattr(block, cls.shared_gate_attr, None) if cls.shared_gate_attr else None
-        if cls.shared_gate_attr and (
+            raise _refuse(block, f"{self.family}'s block expected no {extra} (the adapter would leave them out), got them")
+        shared = getattr(block, self.shared_attr, None) if self.shared_attr else None
+        if self.shared_attr and not isinstance(shared, nn.Module):
+            raise _refuse(block, f"expected the shared expert '{self.shared_attr}' a module, got {type(shared).__name__}")
+        shared_gate = getattr(block, self.shared_gate_attr, None) if self.shared_gate_attr else None
+        if self.shared_gate_attr and (
             not isinstance(shared_gate, nn.Linear) or shared_gate.bias is not None or shared_gate.out_features != 1
         ):
-            raise _refuse(block, f"expected {cls.shared_gate_attr} a Linear({D}, 1, bias=False), got {shared_gate}")
+            raise _refuse(block, f"expected {self.shared_gate_attr} a Linear({D}, 1, bias=False), got {shared_gate}")
         return shared, shared_gate
 
     def extra_repr(self) -> str:
@@ -461,27 +460,119 @@ class GptOssAdapter(TransformersMoEMLP):
         return _softmax_topk(router, renormalize=True)
 
 
+class Glm4MoeAdapter(TransformersMoEMLP):
+    """GLM-4-MoE: DeepSeek-V3's block under other names: [E, out, in] experts with the default
+    SwiGLU; the router `gate` with DeepSeek-V3's arithmetic (its e_score_correction_bias, groups and
+    routed scaling); the shared experts `shared_experts` (one module), ungated."""
+
+    family = "GLM-4-MoE"
+    block_class = "Glm4MoeMoE"
+    weights_out_in = True  # [E, out, in]
+    expert_biases = False
+    swiglu_columns = "concat"  # [gate | up]
+    own_expert_gate = False  # transformers' default gate
+    router_attr = "gate"
+    router_class = "Glm4MoeTopkRouter"
+    selection_bias = "e_score_correction_bias"
+    shared_attr = "shared_experts"
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        return DeepseekV3Adapter.routing(router)
+
+
 FAMILIES: Tuple[Type[TransformersMoEMLP], ...] = (
-    MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter, GptOssAdapter,
+    MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter, GptOssAdapter, Glm4MoeAdapter,
 )  # fmt: skip
+
+
+class FallbackAdapter(TransformersMoEMLP):
+    """The adapter of a block whose family has no class of its own (adapter_class's fallback: dots1,
+    Qwen3-Next and the other families whose experts carry transformers' @use_experts_implementation
+    layout), served with router="block" only: it calls the block's own
+    router, so it needs none of the router's arithmetic. Its facts are not stated but read from the
+    block, once, in __init__ (the duck typing the single adapter had before the per-family classes):
+    the layout from the experts' flags (is_transposed, has_bias, is_concatenated); the router
+    `gate`, else `router` (a weight [E, dim], `top_k`), its e_score_correction_bias as the selection
+    bias (sigmoid scores for the aux loss; update_bias moves it); the shared expert `shared_expert` or
+    `shared_experts` and its sigmoid gate `shared_expert_gate`. What the block holds beyond those (a
+    module, parameter or buffer of its own) is refused rather than left out of the output, as are
+    router jitter noise and router="geomoe" (no family facts to map the router's arithmetic)."""
+
+    family = "a block read as the fallback"  # replaced by the block's class name in __init__
+
+    def __init__(self, block: nn.Module, router: str = "block", backend: str = "auto"):
+        _check_router_arg(router, block)
+        if router == "geomoe":
+            supported = ", ".join(f"{f.family} ({f.block_class})" for f in FAMILIES)
+            raise _refuse(
+                block,
+                f"router='geomoe' maps the router of a family with an adapter class of its own ({supported}); "
+                f"{type(block).__name__}{_model_type(block)} has none, so its router's arithmetic is not known: "
+                "use router='block' (the default), which calls the block's own router",
+            )
+        experts = _experts_of(block)
+
+        def has(name: str) -> bool:
+            return getattr(block, name, None) is not None
+
+        gate = getattr(block, "gate", None) if has("gate") else getattr(block, "router", None)
+        facts = dict(
+            family=type(block).__name__,
+            block_class=type(block).__name__,
+            weights_out_in=not bool(experts.is_transposed),
+            expert_biases=bool(experts.has_bias),
+            swiglu_columns="interleaved" if getattr(experts, "is_concatenated", True) is False else "concat",
+            router_attr="router" if not has("gate") and has("router") else "gate",
+            router_class=type(gate).__name__,
+            selection_bias="e_score_correction_bias" if getattr(gate, "e_score_correction_bias", None) is not None else None,
+            shared_attr=next((n for n in ("shared_expert", "shared_experts") if has(n)), None),
+            shared_gate_attr="shared_expert_gate" if has("shared_expert_gate") else None,
+        )
+        for fact, value in facts.items():  # the block's facts, as a family's class body states its own
+            setattr(self, fact, value)
+        super().__init__(block, router, backend)
+
+    @classmethod
+    def serves(cls, block: nn.Module) -> bool:
+        return True  # any block: what it cannot serve is refused as its facts are read
+
+    @classmethod
+    def routing(cls, router: nn.Module) -> Dict[str, Any]:
+        """The options read from the router, for the aux loss's scores: sigmoid with a correction bias
+        (DeepSeek-V3's kind, its groups and routed scaling), else softmax."""
+        if getattr(router, "e_score_correction_bias", None) is None:
+            return _softmax_topk(router)
+        return DeepseekV3Adapter.routing(router)
+
+    def check_block(self, block: nn.Module) -> None:  # type: ignore[override]
+        if getattr(block, "jitter_noise", 0):
+            raise _refuse(block, f"expected router jitter noise 0, got {block.jitter_noise}")
+        known = {"experts", self.router_attr, self.shared_attr, self.shared_gate_attr}
+        own = [n for n, _ in block.named_children() if n not in known]
+        own += [n for n, _ in list(block.named_parameters(recurse=False)) + list(block.named_buffers(recurse=False))]
+        if own:
+            raise _refuse(
+                block,
+                f"expected only 'experts', the router, the shared expert and its gate (a block without an adapter "
+                f"class is read by those), got also {own} (the adapter would leave them out)",
+            )
+
+
+def _model_type(block: nn.Module) -> str:
+    config = getattr(getattr(block, "experts", None), "config", None) or getattr(block, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return f" (model_type {model_type!r})" if model_type else ""
 
 
 def adapter_class(block: nn.Module) -> Type[TransformersMoEMLP]:
     """The adapter class of the block's family, by the block's class (the most derived one that a
-    family serves); an error naming the block, its model type and the supported families else."""
+    family serves); FallbackAdapter (router="block" only, its facts read from the block) else."""
     for t in type(block).__mro__:
         for family in FAMILIES:
             if t.__name__ == family.block_class:
                 return family
-    config = getattr(getattr(block, "experts", None), "config", None) or getattr(block, "config", None)
-    model_type = getattr(config, "model_type", None)
-    supported = ", ".join(f"{f.family} ({f.block_class})" for f in FAMILIES)
-    raise _refuse(
-        block,
-        f"no adapter for the family of {type(block).__name__}"
-        + (f" (model_type {model_type!r})" if model_type else "")
-        + f"; the supported families: {supported}",
-    )
+    return FallbackAdapter
 
 
 def from_block(block: nn.Module, router: str = "block", backend: str = "auto") -> TransformersMoEMLP:

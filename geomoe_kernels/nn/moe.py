@@ -184,11 +184,12 @@ class MoEMLP(nn.Module):
     @classmethod
     def from_transformers(cls, block: nn.Module, router: str = "block", backend: str = "auto") -> "MoEMLP":
         """A MoEMLP sharing the parameters of a transformers sparse-MoE block of a supported family
-        (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS): the family's adapter class, a
-        TransformersMoEMLP (geomoe_kernels/integrations/transformers_moe.py), chosen by the block's
-        class; another family's block is refused naming it and the supported ones. router="block"
-        calls the block's own router (its exact arithmetic and dtypes), router="geomoe" runs
-        MoEMLP's gating on the router's weights with the family's options."""
+        (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, GLM-4-MoE): the family's adapter
+        class, a TransformersMoEMLP (geomoe_kernels/integrations/transformers_moe.py), chosen by the
+        block's class; another family's block with transformers' experts layout gets FallbackAdapter
+        (its facts read from the block, router="block" only). router="block" calls the block's own
+        router (its exact arithmetic and dtypes), router="geomoe" runs MoEMLP's gating on the
+        router's weights with the family's options."""
         if _transformers_adapter is None:  # only where geomoe_kernels.nn was imported without the package
             raise RuntimeError("MoEMLP.from_transformers: import geomoe_kernels (it registers the transformers adapter)")
         return _transformers_adapter(block, router, backend)
