@@ -169,6 +169,7 @@ def test_capture_waits_for_every_block_and_refuses_tensors_it_cannot_hold():
         (["--expert-parallel"], "got --expert-parallel"),
         (["--compile"], "'--cuda-graphs' and '--compile' expected one at most"),
         (["--activation-checkpointing"], "'--cuda-graphs' and '--activation-checkpointing' expected one at most"),
+        (["--backend", "torch"], "'--cuda-graphs' and '--backend torch' expected one at most"),
     ],
 )
 def test_cuda_graphs_refusals_are_one_line_usage_errors(extra, says, tmp_path, capsys):

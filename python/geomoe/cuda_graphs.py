@@ -28,8 +28,8 @@ The order, and why:
 
 Random ops inside a block (drop path; none in pretraining) use torch's default CUDA generator, which
 a capture registers: each replay draws new numbers. What cannot work is refused (`refusal`,
-`combination_refusal`): a CPU, FSDP2, expert parallelism, --compile, --activation-checkpointing and
-value checks on the GPU (each message says why)."""
+`combination_refusal`): a CPU, FSDP2, expert parallelism, --compile, --activation-checkpointing,
+--backend torch and value checks on the GPU (each message says why)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,15 @@ Signature = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, bool], ...]
 
 
 def combination_refusal(
-    fsdp: bool, ep: Optional[int], expert_parallel: bool, compile: bool, checkpointing: bool
+    fsdp: bool, ep: Optional[int], expert_parallel: bool, compile: bool, checkpointing: bool, backend: str = "auto"
 ) -> Optional[str]:
     """Why --cuda-graphs cannot run with these other flags (one line naming both), or None."""
+    if backend == "torch":
+        return (
+            f"arguments '{FLAG}' and '--backend torch' expected one at most, got both: the torch reference of the "
+            "grouped GEMM reads each expert's token count on the host, a synchronisation a captured graph cannot "
+            "hold (--backend auto, triton or cuda)"
+        )
     if fsdp:
         return (
             f"arguments '{FLAG}' and '--fsdp' expected one at most, got both: FSDP2 gathers each block's parameters "
@@ -201,8 +207,8 @@ class BlockGraphs:
         except RuntimeError as exc:  # e.g. an op that synchronises (a reference backend's host loop)
             raise RuntimeError(
                 f"{FLAG}: capturing the transformer blocks failed ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
-                "an op in a block synchronised with the host or allocated outside the graph's pool; run without "
-                f"{FLAG} (or with --backend auto)"
+                "an op in a block synchronised with the host (an op on the torch backend, which --backend auto "
+                f"takes where no kernel backend runs: `make info` says which); run without {FLAG}"
             ) from exc
         self.signatures = [signature(s) for s in samples]
         self.samples = [None] * len(self.blocks)  # the graphs hold their own copies of the inputs

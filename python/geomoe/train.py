@@ -156,8 +156,8 @@ class PretrainArgs:
     cuda_graphs: bool = opt(
         False,
         "replay each transformer block's forward and backward as CUDA graphs, captured after the first step "
-        "(CUDA only; a fixed batch size; not with --fsdp, --ep above 1, --compile or --activation-checkpointing; "
-        "docs/pretraining.md)",
+        "(CUDA only; a fixed batch size; not with --fsdp, --ep above 1, --compile, --activation-checkpointing or "
+        "--backend torch; docs/pretraining.md)",
     )
     progress: bool = progress_opt()
     ep: Optional[int] = opt(
@@ -193,7 +193,7 @@ class PretrainArgs:
             raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
         if self.cuda_graphs:
             why = cuda_graphs.combination_refusal(
-                self.fsdp, self.ep, self.expert_parallel, self.compile, self.activation_checkpointing
+                self.fsdp, self.ep, self.expert_parallel, self.compile, self.activation_checkpointing, self.backend
             )
             if why:
                 raise ValueError(why)
