@@ -7,6 +7,8 @@ the GPU machine (benchmarks/gpu_check.sh, step cuda_graphs)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -36,9 +38,11 @@ class emulated_capture:
 
     def __init__(self):
         self.calls = []  # (autocast on, its dtype, its cache on, the samples' signatures)
+        self.capture_modes = []  # torch.cuda.graph's default capture_error_mode during the call
 
     def __call__(self, callables, sample_args, num_warmup_iters=3, allow_unused_input=False):
         on = torch.is_autocast_enabled("cpu")
+        self.capture_modes.append(inspect.signature(torch.cuda.graph).parameters["capture_error_mode"].default)
         self.calls.append(
             (
                 on,
@@ -117,6 +121,9 @@ def test_graphed_blocks_train_as_the_eager_model_and_capture_after_the_first_ste
         assert torch.equal(a, b)
     ((on, dtype, cache, sigs),) = capture.calls
     assert on and dtype == torch.bfloat16 and not cache  # the run's autocast, its cast cache off
+    # the pin-memory thread may allocate during the capture: thread-local mode, then torch's default again
+    assert capture.capture_modes == ["thread_local"]
+    assert inspect.signature(torch.cuda.graph).parameters["capture_error_mode"].default == "global"
     blocks = transformer_blocks(graphed)
     lk = 1 + 1 if kind == "moevit" else 1  # the cls token and the 1 kept token of 4 (mask ratio 0.75)
     assert sigs[0] == (((2, lk, 32), torch.float32, torch.device("cpu"), True),), sigs[0]

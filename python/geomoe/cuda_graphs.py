@@ -16,7 +16,8 @@ The order, and why:
    autotuning: work that synchronises with the host, which a capture forbids;
 2. after that step: make_graphed_callables warms every block up again on a side stream, then
    captures the forwards in order and the backwards in reverse order into one memory pool, under
-   the run's autocast with its cast cache off (a cached cast made in a capture would outlive it);
+   the run's autocast with its cast cache off (a cached cast made in a capture would outlive it),
+   in thread-local capture mode (the data loader's pin-memory thread goes on allocating);
    the fused gating's ticket counter of the capture stream is made before the capture, so the
    graphs hold a counter that lives as long as the process (the kernel zeroes it in place);
 3. every later call of a block copies its inputs into the graph's and replays. The expert-bias
@@ -202,7 +203,7 @@ class BlockGraphs:
             capture_fn = torch.cuda.make_graphed_callables
             _prime_tickets(self.device)
         try:
-            with autocast(self.precision, self.device, cache=False):
+            with autocast(self.precision, self.device, cache=False), _thread_local_captures():
                 capture_fn(tuple(adapters), tuple(samples), num_warmup_iters=self.warmup_iters, allow_unused_input=True)
         except RuntimeError as exc:  # e.g. an op that synchronises (a reference backend's host loop)
             raise RuntimeError(
@@ -257,6 +258,26 @@ class BlockGraphs:
             return adapter.restore(outs)
 
         return replay
+
+
+@contextlib.contextmanager
+def _thread_local_captures() -> Iterator[None]:
+    """torch.cuda.graph captures in cudaStreamCaptureModeThreadLocal while inside. The default,
+    global, makes a CUDA call that may synchronise an error in every thread during a capture: the
+    data loader's pin-memory thread allocates pinned memory while the blocks are captured.
+    make_graphed_callables takes no mode, so the class it captures with gets this default."""
+    base = torch.cuda.graphs.graph
+
+    class ThreadLocalGraph(base):  # type: ignore[valid-type, misc]
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local", **kw):
+            super().__init__(cuda_graph, pool, stream, capture_error_mode, **kw)
+
+    saved = torch.cuda.graph, torch.cuda.graphs.graph
+    torch.cuda.graph = torch.cuda.graphs.graph = ThreadLocalGraph  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.cuda.graph, torch.cuda.graphs.graph = saved  # type: ignore[misc]
 
 
 def _prime_tickets(device: torch.device) -> None:
