@@ -19,6 +19,8 @@ from geomoe.model import GeoMoE
 from geomoe.moevit import MoEViTMAE
 from geomoe.speed import autocast, transformer_blocks
 from geomoe_kernels import _checks
+from geomoe_kernels import backend as _backend
+from geomoe_kernels.nn import _layer_plan
 
 SMALL = dict(img_size=32, num_heads=2, num_experts=4, num_shared_experts=1, top_k=2)
 DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -39,10 +41,12 @@ class emulated_capture:
     def __init__(self):
         self.calls = []  # (autocast on, its dtype, its cache on, the samples' signatures)
         self.capture_modes = []  # torch.cuda.graph's default capture_error_mode during the call
+        self.plans = []  # the MoE layers' launch plans made by then (nn/_layer_plan.py)
 
     def __call__(self, callables, sample_args, num_warmup_iters=3, allow_unused_input=False):
         on = torch.is_autocast_enabled("cpu")
         self.capture_modes.append(inspect.signature(torch.cuda.graph).parameters["capture_error_mode"].default)
+        self.plans.append(_layer_plan.plans_built)
         self.calls.append(
             (
                 on,
@@ -107,6 +111,8 @@ def test_graphed_blocks_train_as_the_eager_model_and_capture_after_the_first_ste
     """Each block records its inputs in the first step (eager), is captured after it with the
     cast cache off, and from then on every step, bias updates included, matches the eager model."""
     eager, graphed = _model(kind), _model(kind)
+    _backend.PLANS.clear()  # the plans of this test's shapes are made in its first step
+    before = _layer_plan.plans_built
     capture = emulated_capture()
     graphs = BlockGraphs(transformer_blocks(graphed), torch.device("cpu"), "bf16", capture_fn=capture)
     for step in range(3):
@@ -120,6 +126,8 @@ def test_graphed_blocks_train_as_the_eager_model_and_capture_after_the_first_ste
     for a, b in zip(eager.state_dict().values(), graphed.state_dict().values()):
         assert torch.equal(a, b)
     ((on, dtype, cache, sigs),) = capture.calls
+    # the warm-up step made the layers' plans before the capture, and no step made one after it
+    assert capture.plans[0] > before and _layer_plan.plans_built == capture.plans[0], (before, capture.plans)
     assert on and dtype == torch.bfloat16 and not cache  # the run's autocast, its cast cache off
     # the pin-memory thread may allocate during the capture: thread-local mode, then torch's default again
     assert capture.capture_modes == ["thread_local"]

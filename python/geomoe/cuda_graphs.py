@@ -77,7 +77,7 @@ def combination_refusal(
     if checkpointing:
         return (
             f"arguments '{FLAG}' and '--activation-checkpointing' expected one at most, got both: torch.utils."
-            "checkpoint stashes the CUDA RNG state on the host at every call, which CUDA refuses during a capture"
+            "checkpoint stashes the CUDA RNG state on the host at every call, which torch refuses during a capture"
         )
     return None
 
