@@ -3,7 +3,8 @@ the preparation around the capture, with `emulated_capture` standing in for
 torch.cuda.make_graphed_callables. The stand-in keeps what the real one does to the tensors: the
 block runs on static input tensors its inputs are copied into, and the gradients come back as
 detached views of static buffers (so .grad shares them). The capture itself and the replays run on
-the GPU machine (benchmarks/gpu_check.sh, step cuda_graphs)."""
+a GPU: tests/test_gpu.py (test_cuda_graphs_blocks_train_as_the_eager_model) and benchmarks/gpu_check.sh
+(step graphs: a short pretraining beside the eager one)."""
 
 from __future__ import annotations
 
