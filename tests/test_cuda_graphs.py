@@ -195,6 +195,7 @@ def test_cuda_graphs_refusals_are_one_line_usage_errors(extra, says, tmp_path, c
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     assert says in err and "geomoe pretrain: error:" in err, err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    assert not (tmp_path / "run").exists()  # refused before the run claims --out
 
 
 def test_value_checks_on_the_gpu_are_refused_with_cuda_graphs():

@@ -195,6 +195,8 @@ class PretrainArgs:
             why = cuda_graphs.combination_refusal(
                 self.fsdp, self.ep, self.expert_parallel, self.compile, self.activation_checkpointing, self.backend
             )
+            if why is None and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+                why = cuda_graphs.refusal(torch.device("cpu"))  # before --out is claimed (setup checks the rest)
             if why:
                 raise ValueError(why)
 
