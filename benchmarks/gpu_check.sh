@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one script. On a GPU machine (no network needed), from the repository root,
 # within GEOMOE_GPU_BUDGET seconds (default 420):
-#   builds the CUDA extension for this card only, runs the benchmarks (headline figures first; what
-#   would start after the budget is skipped, and the results written anyway), a profile of where
+#   builds the CUDA extension for this card only, runs a short `geomoe pretrain --cuda-graphs` beside
+#   the eager one (step times, loss agreement: cuda_graphs.json), the benchmarks (headline figures
+#   first; what would start after the budget is skipped, and the results written anyway), a profile of where
 #   the time goes, `info --verify` (every kernel backend against the reference), the GPU tests and
 #   tests/ops on the GPU's backends (all of them, not stopping at the first failure),
 #   compute-sanitizer on a short set, then the rest of the suite with the time left.
@@ -24,6 +25,7 @@ pack() {  # $OUT gets few files: one tarball of everything, plus the headline fi
   tar -czf "$RETURN_DIR/gpu_check.tgz" -C "$OUT" . 2> /dev/null
   cp "$OUT/gpu_check.log" "$RETURN_DIR/" 2> /dev/null
   cp "$OUT"/results/*.json "$OUT"/results/*.md "$RETURN_DIR/" 2> /dev/null
+  cp "$OUT/cuda_graphs.json" "$RETURN_DIR/" 2> /dev/null
   return 0
 }
 trap pack EXIT
@@ -35,7 +37,7 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${GEOMOE_GPU_BUDGET:-420}
 left() { echo $(( START + BUDGET - $(date +%s) )); }
-STEPS=${GEOMOE_GPU_STEPS:-info,build,benchmarks,profile,verify,gpu_tests,sanitizer,other_tests}  # a subset for a short run
+STEPS=${GEOMOE_GPU_STEPS:-info,build,graphs,benchmarks,profile,verify,gpu_tests,sanitizer,other_tests}  # a subset for a short run
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
@@ -76,6 +78,9 @@ if compgen -G "csrc/*.cu" > /dev/null; then
 else
   log "build: no CUDA sources in csrc/ yet"
 fi
+# `geomoe pretrain --cuda-graphs` beside the same eager run (tiny preset, embedded scenes): step
+# times and the loss agreement into $OUT/cuda_graphs.json
+step graphs 120 $PY -m benchmarks.cuda_graphs_check --out "$OUT/cuda_graphs.json" ${GEOMOE_GRAPHS_ARGS:-}
 # benchmarks: stop starting new ones 100 s before the budget ends (results, tables and plots still
 # get written; the steps after them get the rest: GEOMOE_BENCH_RESERVE seconds)
 quick=()  # GEOMOE_QUICK_CHECKS=1: verify and test with one Triton config per kernel (no autotuning)

@@ -374,3 +374,38 @@ def test_expert_mlp_matches_the_reference(backend, dtype, act):
         y = expert_mlp(leaves[0], *leaves[1:], off, act, backend=be, gather=r2f, flat_to_row=f2r, top_k=k)
         outs.append([t.double() for t in (y, *torch.autograd.grad(y.double().square().mean(), leaves))])
     _assert_within_torch_error(*outs, dtype)
+
+
+def test_cuda_graphs_blocks_train_as_the_eager_model():
+    """`geomoe pretrain --cuda-graphs`' BlockGraphs with the real make_graphed_callables: a small
+    GeoMoE trained graphed (captured after the first, eager step) and eagerly, side by side: the
+    same losses, weights and expert biases (updated in place, read by the replayed router)."""
+    from geomoe.cuda_graphs import BlockGraphs
+    from geomoe.speed import transformer_blocks
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        kw = dict(num_heads=4, num_experts=8, num_shared_experts=1, top_k=2, decoder_embed_dim=32, decoder_depth=1)
+        models.append(GeoMoE(img_size=64, embed_dim=(16, 32, 64), depth=(1, 1, 2), decoder_num_heads=4, **kw).to(CUDA))
+    eager, graphed = models
+    graphs = BlockGraphs(transformer_blocks(graphed), CUDA, "fp32")
+    optims = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        imgs, noise = torch.randn(4, 3, 64, 64, generator=g).to(CUDA), torch.rand(4, 16, generator=g).to(CUDA)
+        losses = []
+        for m, opt in zip(models, optims):
+            opt.zero_grad(set_to_none=True)
+            loss, aux, loads = m(imgs, 0.75, 0.25, noise)
+            (loss + 1e-4 * aux.sum()).backward()
+            opt.step()
+            m.update_expert_biases(loads, 1e-2)
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=f"step {step}")
+        if step == 0:
+            assert graphs.ready()
+            graphs.capture()
+    assert graphs.captured
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)

@@ -44,10 +44,11 @@ def resolve_precision(precision: Optional[str], amp: Optional[bool], device: tor
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def autocast(precision: str, device: torch.device):
-    """The forward's autocast context for `precision` (none for fp32)."""
+def autocast(precision: str, device: torch.device, cache: bool = True):
+    """The forward's autocast context for `precision` (none for fp32); cache=False: no cast cache
+    (CUDA graphs: a cast cached during a capture must not outlive it)."""
     dtype = _DTYPES[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

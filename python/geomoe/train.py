@@ -15,6 +15,7 @@ run's own older checkpoints (checkpoint.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from geomoe_kernels._checks import non_finite_passes
 
-from . import checkpoint, distributed
+from . import checkpoint, cuda_graphs, distributed
 from .config_cli import (
     DATA_FORMATS,
     alpha_opt,
@@ -59,6 +60,7 @@ from .speed import (
     default_compile_backend,
     grad_scaler,
     resolve_precision,
+    transformer_blocks,
 )
 from .trainer import Checkpointer, MoEWindow, Placement, Schedule, Task, Trainer, launch, set_lr
 from .trainer.checkpointing import check_checkpoint_fits
@@ -151,6 +153,12 @@ class PretrainArgs:
     activation_checkpointing: bool = opt(
         False, "recompute each transformer block's activations in the backward (less memory, about one more forward)"
     )
+    cuda_graphs: bool = opt(
+        False,
+        "replay each transformer block's forward and backward as CUDA graphs, captured after the first step "
+        "(CUDA only; a fixed batch size; not with --fsdp, --ep above 1, --compile, --activation-checkpointing or "
+        "--backend torch; docs/pretraining.md)",
+    )
     progress: bool = progress_opt()
     ep: Optional[int] = opt(
         None,
@@ -183,6 +191,14 @@ class PretrainArgs:
             raise ValueError(f"argument '--compile-backend' expected --compile too, got --compile-backend {self.compile_backend}")
         if self.expert_parallel and self.ep is not None:
             raise ValueError(f"arguments '--expert-parallel' and '--ep' expected one at most, got both (--ep {self.ep})")
+        if self.cuda_graphs:
+            why = cuda_graphs.combination_refusal(
+                self.fsdp, self.ep, self.expert_parallel, self.compile, self.activation_checkpointing, self.backend
+            )
+            if why is None and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+                why = cuda_graphs.refusal(torch.device("cpu"))  # before --out is claimed (setup checks the rest)
+            if why:
+                raise ValueError(why)
 
 
 def load_init_weights(model, path: str, partial: bool = False) -> str:
@@ -258,6 +274,9 @@ class PretrainTask(Task):
         self.ep = args.ep if args.ep is not None else (env.world if args.expert_parallel else 1)
         if self.ep > 1 and not env.enabled:
             raise ValueError(f"argument '--ep' expected 1 in a one-process run (use torchrun for more), got {self.ep}")
+        why = cuda_graphs.refusal(env.device, self.ep) if args.cuda_graphs else None
+        if why:  # before any work: a CPU, expert parallelism, value checks on the GPU
+            raise ValueError(why)
         self.placement = Placement(env, self.ep, args.fsdp)
         self.checkpointer = Checkpointer(env, self, dcp=True, async_save=args.async_save)
         distributed.barrier(env)  # rank 0 has claimed --out and recovered any interrupted save
@@ -342,6 +361,10 @@ class PretrainTask(Task):
         if args.compile:  # only then: choosing a backend loads inductor
             self.compile_backend = args.compile_backend or default_compile_backend(self.env.device)
             compile_blocks(self.model, self.compile_backend)
+        # --cuda-graphs: the blocks record their inputs in the first step, then are captured (train_step)
+        self.graphs = (
+            cuda_graphs.BlockGraphs(transformer_blocks(self.model), self.env.device, self.precision) if args.cuda_graphs else None
+        )
 
     def _blocks(self) -> List[torch.nn.Module]:
         """The transformer blocks FSDP2 shards one by one."""
@@ -461,7 +484,8 @@ class PretrainTask(Task):
             f"data {self._data_name()} ({len(self.dataset)} images, {self.model.in_chans} bands), "
             f"precision {self.precision}{' (GradScaler)' if self.scaler.is_enabled() else ''}"
             f"{', compiled blocks (' + self.compile_backend + ')' if args.compile else ''}"
-            f"{', activation checkpointing' if args.activation_checkpointing else ''}; {self._saves()}"
+            f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+            f"{', CUDA graphs per block (captured after the first step)' if args.cuda_graphs else ''}; {self._saves()}"
         )
 
     def _noise(self, step: int, rows: int) -> torch.Tensor:
@@ -483,8 +507,11 @@ class PretrainTask(Task):
         imgs = imgs.to(env.device, non_blocking=True)
         set_lr(self.optimizer, lr)
         # NaN/Inf router scores flow on to the loss check below, as they do on a GPU (where the ops'
-        # value checks are off), instead of raising in the CPU value check: a skipped step everywhere
-        with autocast(self.precision, env.device), non_finite_passes():
+        # value checks are off), instead of raising in the CPU value check: a skipped step everywhere.
+        # --cuda-graphs: no cast cache; a batch shortened by unreadable images runs the blocks eagerly
+        graphs = self.graphs
+        eager = graphs.eager(imgs.shape[0] != self.batch) if graphs is not None else contextlib.nullcontext()
+        with autocast(self.precision, env.device, cache=graphs is None), non_finite_passes(), eager:
             noise = self._noise(step, imgs.shape[0])
             loss, aux, loads = self.wrapped(imgs, RECIPE["mask_ratio"], RECIPE["kept_mask_ratio"], noise)
             total = loss + RECIPE["aux_weight"] * aux.sum()
@@ -501,7 +528,9 @@ class PretrainTask(Task):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         loads = distributed.all_reduce(env, loads.clone())  # the published rule: sum over data-parallel ranks
-        self.model.update_expert_biases(loads, RECIPE["bias_rate"])
+        self.model.update_expert_biases(loads, RECIPE["bias_rate"])  # in place: a captured router reads the new biases
+        if graphs is not None and graphs.ready():  # after the first step: plans, kernels and verdicts are made
+            graphs.capture()
         kept = int(self.model.grid**2 * (1 - RECIPE["mask_ratio"]))
         self.window.add(imgs.shape[0] * env.world, imgs.shape[0] * env.world * kept, loss, aux, loads, grad_norm)
         return None
