@@ -501,9 +501,12 @@ class PretrainTask(Task):
     def train_step(self, batch: Tuple[Any, ...], lr: float, step: int) -> Optional[str]:
         env, (imgs, _) = self.env, batch
         skip = "non-finite loss or empty batch"
-        have = torch.tensor([0.0 if imgs is None else 1.0], device=env.device)
-        if not bool(distributed.all_reduce(env, have, dist.ReduceOp.MIN).item()):
-            return skip  # some rank has no readable image: every rank skips together
+        if env.world > 1:  # some rank has no readable image: every rank skips together
+            have = torch.tensor([0.0 if imgs is None else 1.0], device=env.device)
+            if not bool(distributed.all_reduce(env, have, dist.ReduceOp.MIN).item()):
+                return skip
+        elif imgs is None:  # one process knows on the host: no wait for the device's previous step
+            return skip
         imgs = imgs.to(env.device, non_blocking=True)
         set_lr(self.optimizer, lr)
         # NaN/Inf router scores flow on to the loss check below, as they do on a GPU (where the ops'
@@ -515,14 +518,18 @@ class PretrainTask(Task):
             noise = self._noise(step, imgs.shape[0])
             loss, aux, loads = self.wrapped(imgs, RECIPE["mask_ratio"], RECIPE["kept_mask_ratio"], noise)
             total = loss + RECIPE["aux_weight"] * aux.sum()
+        # The loss is checked after the backward is queued, not before: the one wait for the device
+        # in a step then comes when the host has launched all of it, so the device is never idle
+        # while the host queues the backward. A non-finite step costs a wasted backward, nothing else.
         finite = torch.isfinite(total.detach()).float().reshape(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        with non_finite_passes():
+            self.scaler.scale(total).backward()
+        if self.placement.grad_sync is not None:
+            self.placement.grad_sync()
         if not bool(distributed.all_reduce(env, finite, dist.ReduceOp.MIN).item()):
             self.optimizer.zero_grad(set_to_none=True)
             return skip
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.placement.grad_sync is not None:
-            self.placement.grad_sync()
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.placement.clip_grad_norm(RECIPE["clip_grad"])
         self.scaler.step(self.optimizer)
