@@ -27,7 +27,12 @@ that of the first k columns. The rows are then T*(k+S); below, k stands for k + 
 What the Function saves for backward: the logits and the expert ids [T, k] (gating's backward), the
 tokens [T, d], w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's),
 the routing weights [T, k], and the expert outputs [T*k, d] when the routing weights need a gradient
-(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op."""
+(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op.
+
+With the router given (run's router=, MoEMLP's own where nothing else reads the tokens) the Function
+computes the logits itself, with the ops MoEMLP._logits runs (the same bits), saves the router's
+input and weight as autograd would, and adds the router's part of the tokens' gradient to the
+experts' part in place: no cast back and no separate add (issue 28 item 2)."""
 
 from __future__ import annotations
 
