@@ -10,6 +10,10 @@ launch entry point, `InterpretedFunction.run`). The torch ops are real CPU ops a
 not depend on the widths, and tiny widths keep their arithmetic out of the host time), on one CPU
 thread.
 
+A MoE layer's step is its forward and `torch.autograd.backward` of its outputs (y, the aux loss)
+with upstream gradients made once, outside the step, as a layer inside a network receives them
+(every row alike): what is counted is the layer's own work, not a loss's.
+
 Per step (forward + backward; the train step adds the optimizer), it reports:
 - custom-op calls: calls of ops in the `geomoe` torch.library namespace;
 - kernel launches: ours (Triton launches) and torch's (aten ops that launch a kernel on a GPU: every
@@ -391,7 +395,8 @@ def _prepare_self_check() -> None:
 
 
 def moe_step(kind: str, impl: str, widths: Optional[Dict[str, int]] = None, tokens: int = TOKENS) -> Callable[[], object]:
-    """One forward + backward of the MoE layer (bf16 autocast over float32 parameters, bf16 rows)."""
+    """One forward + backward of the MoE layer (bf16 autocast over float32 parameters, bf16 rows): the
+    backward from upstream gradients of y and the aux loss made once, before the timed steps."""
     from benchmarks import common as C
     from benchmarks import peers as P
     from geomoe_kernels import MoEMLP
@@ -433,12 +438,16 @@ def moe_step(kind: str, impl: str, widths: Optional[Dict[str, int]] = None, toke
     params = [p for p in layer.parameters() if p.requires_grad]
     x3, g3 = (x.view(1, tokens, -1), g.view(1, tokens, -1)) if impl == "loop" else (x, g)
 
+    grads: List[torch.Tensor] = [g3]  # the upstream gradients, made once (the aux loss's on the first call)
+
     def step():
         for t in params + [x]:
             t.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, aux, _ = layer(x3)
-        torch.autograd.backward([y, aux], [g3, torch.ones_like(aux)])
+        if len(grads) == 1:
+            grads.append(torch.ones_like(aux))
+        torch.autograd.backward([y, aux], grads)
 
     return step
 

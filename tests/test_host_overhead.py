@@ -73,8 +73,11 @@ def test_the_layer_step_end_to_end(tmp_path):
     custom-op call (the layer runs as one autograd.Function over its launch plan), and no more
     kernels than with gating and routing in two launches that make their own reductions and the
     aux loss, the expert weights packed in one launch, their gradients written by the kernels in the
-    parameters' dtype (22: 14 ours + 8 torch; 27 before that, 57 before the fused gating, 74 when
-    issue 28's per-call trims landed)."""
+    parameters' dtype, and the router inside the layer's Function (issue 28 item 2: at most 20; 20 =
+    14 ours + 6 torch: the router's cast, linear, two matmuls and bias sum, and the in-place add of
+    its token gradient; 22 before, with the aux loss's upstream gradient made in the step and the
+    router's token gradient cast and added by autograd; 27 before that, 57 before the fused gating,
+    74 when issue 28's per-call trims landed)."""
     import json
     import os
     import subprocess
@@ -96,7 +99,9 @@ def test_the_layer_step_end_to_end(tmp_path):
     subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, check=True)
     [row] = json.loads(out.read_text())["rows"]
     assert row["host_syncs"] == 0 and row["custom_op_calls"] == 0
-    assert row["launches_ours"] == 14 and row["launches"] <= 22, row
+    assert row["launches_ours"] <= 14 and row["launches"] <= 20, row
+    # no upstream gradient made in the step; the tokens cast once, for the router, and not back
+    assert "ones_like" not in row["torch_ops"] and row["torch_ops"].get("_to_copy", 0) <= 1, row
 
 
 def test_the_routed_plan_paths_wait_for_the_device_nowhere(tmp_path):

@@ -27,7 +27,12 @@ that of the first k columns. The rows are then T*(k+S); below, k stands for k + 
 What the Function saves for backward: the logits and the expert ids [T, k] (gating's backward), the
 tokens [T, d], w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's),
 the routing weights [T, k], and the expert outputs [T*k, d] when the routing weights need a gradient
-(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op."""
+(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op.
+
+With the router given (run's router=, MoEMLP's own where nothing else reads the tokens) the Function
+computes the logits itself, with the ops MoEMLP._logits runs (the same bits), saves the router's
+input and weight as autograd would, and adds the router's part of the tokens' gradient to the
+experts' part in place: no cast back and no separate add (issue 28 item 2)."""
 
 from __future__ import annotations
 
@@ -119,7 +124,7 @@ def _sig(t: Optional[Tensor]) -> Optional[Tuple]:
 
 def run(
     options: Tuple[int, int, str, bool, str, float, str, int],
-    logits: Tensor,
+    logits: Optional[Tensor],
     bias: Optional[Tensor],
     tokens: Tensor,
     w1: Any,  # a tensor, or with pack_dtype a (routed, shared) pair of them
@@ -129,6 +134,7 @@ def run(
     shared: Optional[Tensor],
     aux: bool = False,
     pack_dtype: Optional[torch.dtype] = None,
+    router: Optional[Tuple[Tensor, Optional[Tensor], torch.dtype]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(y [T, d], load [E], prob_mean [E]) of the routed experts combined with `shared` (with aux:
     (y, load, the aux loss sum_e prob_mean_e * load_e * E / (k * T)), as MoEMLP's), for
@@ -143,14 +149,26 @@ def run(
     With pack_dtype, w1, b1, w2 and b2 are each a pair (routed, shared or None) of parameters, or
     None: they are stacked [E + S, ...] and cast to pack_dtype here, in one launch where the plan's
     backend has the pack kernel (_pack_views), else a concatenation and a cast each (the same bits), and
-    the gradients go to the parameters themselves, in their dtype."""
+    the gradients go to the parameters themselves, in their dtype.
+
+    With router (weight [E, d], bias [E] or None, both in gate_dtype; gate_dtype) and logits None, the
+    router runs in the Function: logits = tokens in gate_dtype @ weight.T + bias, as MoEMLP._logits
+    computes them (the same ops, the same bits), and its backward adds the router's part of the
+    tokens' gradient to the experts' part in the Function, in place: one kernel where autograd would
+    cast it to the tokens' dtype and add (in half precision it is then rounded once, not twice).
+    Only where nothing else reads the tokens (`shared` None): the order the parts add in is kept."""
     global plans_built
+    rsig = None if router is None else (_sig(router[0]), _sig(router[1]), router[2])
+    if router is not None and (logits is not None or shared is not None):
+        raise ValueError("_layer_plan.run: router= takes logits None and shared None")
     if pack_dtype is not None:
         pairs = (w1, b1, w2, b2)
         psig = tuple(None if q is None else (_sig(q[0]), _sig(q[1])) for q in pairs)  # type: ignore[index]
-        key: Tuple = (options, aux, pack_dtype, _sig(logits), _sig(bias), _sig(tokens), psig, _sig(shared))
+        key: Tuple = (options, aux, pack_dtype, _sig(logits), rsig, _sig(bias), _sig(tokens), psig, _sig(shared))
     else:
-        key = (options, aux, _sig(logits), _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared))
+        key = (
+            options, aux, _sig(logits), rsig, _sig(bias), _sig(tokens), _sig(w1), _sig(b1), _sig(w2), _sig(b2), _sig(shared)
+        )  # fmt: skip
     plan = _backend.PLANS.get(key)
     fresh = plan is None
     if plan is None:
@@ -160,7 +178,8 @@ def run(
         params = tuple(t for q in pairs for t in (q if q is not None else (None, None)))  # type: ignore[union-attr]
         with torch.no_grad():
             w1, b1, w2, b2 = _packed(plan, pack_dtype, pairs)  # type: ignore[arg-type]
-    out = MoELayerFunction.apply(plan, logits, bias, tokens, w1, b1, w2, b2, shared, *params)
+    rw, rb, gate_dtype = router if router is not None else (None, None, None)
+    out = MoELayerFunction.apply(plan, gate_dtype, logits, bias, tokens, w1, b1, w2, b2, shared, rw, rb, *params)
     if fresh and _backend.choices_final():  # its forward pieces are resolved now
         if len(_backend.PLANS) >= _MAX_PLANS:
             _backend.PLANS.clear()
@@ -323,20 +342,25 @@ class MoELayerFunction(torch.autograd.Function):
     """gating -> route -> expert_mlp -> unpermute forward, their backwards in reverse, on a plan."""
 
     @staticmethod
-    def forward(ctx, plan: LayerPlan, logits, bias, tokens, w1, b1, w2, b2, shared, *params):  # type: ignore[override]
+    def forward(ctx, plan: LayerPlan, gate_dtype, logits, bias, tokens, w1, b1, w2, b2, shared, rw, rb, *params):  # type: ignore[override]
         """params: with packed weights (w1 ... b2 stacked routed + shared, in the compute dtype), the
         parameters they were packed from, (routed, shared) for each of w1, b1, w2, b2 (None where
-        absent): the gradients go to those, written in their dtype, split by views."""
+        absent): the gradients go to those, written in their dtype, split by views. rw, rb: the
+        router's weight and bias (logits None), in gate_dtype."""
         p = plan
         E, k = p.E, p.k
-        checking = _checks.value_checks_enabled(logits)
-        dev = logits.device.type
+        checking = _checks.value_checks_enabled(tokens)
+        dev = tokens.device.type
         autocast = torch.is_autocast_enabled(dev)  # off around the implementations, as the ops do it
         if autocast:
             torch.set_autocast_enabled(dev, False)
-        T = logits.shape[0]
+        T = tokens.shape[0]
         aux_coef = E / (k * max(T, 1))  # MoEMLP's aux loss: sum_e prob_mean_e * load_e * aux_coef
+        router_in = None
         try:
+            if rw is not None:  # MoEMLP._logits's ops: the tokens in gate_dtype, a linear
+                router_in = tokens.to(gate_dtype)
+                logits = torch.nn.functional.linear(router_in, rw, rb)
             impls = p.impls
             fused, routed = _gate_and_route(p, logits, bias, checking, aux_coef)
             weights, gate_ids, load, third, fraction, row_to_flat, flat_to_row, offsets = routed
@@ -374,6 +398,7 @@ class MoELayerFunction(torch.autograd.Function):
         ctx.plan = p
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
         ctx.fused, ctx.aux_coef = fused, aux_coef
+        ctx.router = rw is not None
         # the parameters' dtype and layout, for their gradients (meta: no memory, nothing kept alive)
         if sources:  # the stacked gradients in the parameters' dtype, contiguous: split by views
             ctx.rows = [None if r is None else (r.shape[0], sh is not None) for r, sh in zip(sources[0::2], sources[1::2])]
@@ -382,10 +407,11 @@ class MoELayerFunction(torch.autograd.Function):
         else:
             ctx.rows = None
             ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
-        keep_rows = ctx.needs_input_grad[1]  # the routing weights' gradient reads the expert outputs
+        need_router = ctx.router and any(ctx.needs_input_grad[i] for i in (4, 10, 11))
+        keep_rows = ctx.needs_input_grad[2] or need_router  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
             logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None,
-            load if fused else fraction,
+            load if fused else fraction, router_in, rw,
         )  # fmt: skip
         return y, load, third
 
@@ -393,13 +419,16 @@ class MoELayerFunction(torch.autograd.Function):
     def backward(ctx, dy, _dload, d_third):  # type: ignore[override]
         p: LayerPlan = ctx.plan
         k, act = p.k + p.S, p.activation
-        logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out, load_or_fraction = (
-            ctx.saved_tensors
-        )
+        saved = ctx.saved_tensors
+        logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out, load_or_fraction = saved[:12]
+        router_in, rw = saved[12:]
         fused = ctx.fused
-        _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad[:9]
+        _, _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _, need_rw, need_rb = ctx.needs_input_grad[:12]
+        d_rw = d_rb = None
+        if ctx.router:  # the router's gradients come from the logits'
+            need_logits = need_tokens or need_rw or need_rb
         if ctx.rows is not None:  # the packed copies take no gradient: their parameters do
-            src = ctx.needs_input_grad[9:]
+            src = ctx.needs_input_grad[12:]
             need_w1, need_b1, need_w2, need_b2 = src[0] or src[1], src[2] or src[3], src[4] or src[5], src[6] or src[7]
         has_b1, has_b2, has_shared = ctx.has
         d_logits = d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
@@ -465,18 +494,31 @@ class MoELayerFunction(torch.autograd.Function):
                     d_logits = _gating_backward(p, gw, dprob_mean, logits, ids[:, : p.k])
                 else:
                     d_logits = _gating_backward(p, grad_weights, dprob_mean, logits, ids)
+            if ctx.router and d_logits is not None:  # the linear's backward, as autograd's AddmmBackward0 runs it
+                if need_rw:
+                    d_rw = d_logits.t().mm(router_in)
+                if need_rb:
+                    d_rb = d_logits.sum(0)
+                if need_tokens:  # added to the experts' part in place (one rounding to the tokens' dtype)
+                    r = d_logits.mm(rw)
+                    d_tokens = r.to(tokens.dtype) if d_tokens is None else d_tokens.add_(r)
         finally:
             torch.set_grad_enabled(create_graph)
             if autocast:
                 torch.set_autocast_enabled(dev, True)
-        grads = (d_logits, d_tokens, dw1, db1, dw2, db2, d_shared)
+        if ctx.router:
+            d_logits = None  # the logits are the Function's own
+        grads = (d_logits, d_tokens, dw1, db1, dw2, db2, d_shared, d_rw, d_rb)
         if create_graph:  # first-order gradients as asked; a derivative of them is refused by name
-            anchors = [t for t in (logits, tokens, w1, w2) if t.requires_grad]
+            anchors = [t for t in (logits, tokens, w1, w2, rw) if t is not None and t.requires_grad]
             grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
-        d_logits, d_tokens, dw1, db1, dw2, db2, d_shared = grads
+        d_logits, d_tokens, dw1, db1, dw2, db2, d_shared, d_rw, d_rb = grads
         if ctx.rows is None:
-            return None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared
-        return (None, d_logits, None, d_tokens, None, None, None, None, d_shared, *_split(ctx.rows, dw1, db1, dw2, db2))
+            return None, None, d_logits, None, d_tokens, dw1, db1, dw2, db2, d_shared, d_rw, d_rb
+        return (
+            None, None, d_logits, None, d_tokens, None, None, None, None, d_shared, d_rw, d_rb,
+            *_split(ctx.rows, dw1, db1, dw2, db2),
+        )  # fmt: skip
 
 
 def _gating_backward(p: LayerPlan, grad_weights, grad_prob_mean, logits: Tensor, ids: Tensor) -> Tensor:

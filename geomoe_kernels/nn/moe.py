@@ -271,8 +271,24 @@ class MoEMLP(nn.Module):
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             gate_b = self.gate.bias.to(gate_dtype) if self.gate.bias is not None else None
             logits = nn.functional.linear(tokens.to(gate_dtype), self.gate.weight.to(gate_dtype), gate_b)
-        bias = self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
-        return logits, bias
+        return logits, self._selection_bias(gate_dtype)
+
+    def _selection_bias(self, gate_dtype: torch.dtype) -> Optional[Tensor]:
+        return self.expert_bias.to(gate_dtype) if self.score_func == "sigmoid" else None
+
+    def _router_in_plan(self, gate_dtype: torch.dtype, S: int) -> bool:
+        """Whether the planned path may run `_logits`'s linear inside its Function (its backward then
+        adds the router's part of the token gradient in place, issue 28): nothing but the Function reads
+        the tokens (the shared experts, if any, among the grouped ones: S > 0), and the layer's own
+        `_logits` over an nn.Linear whose parameters are in gate_dtype already (no cast to differentiate)."""
+        g = self.gate
+        return (
+            (S > 0 or (self.num_shared_experts == 0 and type(self)._shared is MoEMLP._shared))
+            and type(self)._logits is MoEMLP._logits
+            and type(g) is nn.Linear
+            and g.weight.dtype == gate_dtype
+            and (g.bias is None or g.bias.dtype == gate_dtype)
+        )
 
     def _group_limited_gate(self, logits: Tensor, bias: Optional[Tensor]):
         """DeepSeek-V3's routing as torch ops: experts of the topk_group best groups (a group's score:
@@ -345,12 +361,19 @@ class MoEMLP(nn.Module):
         gate = self._expert_gate()
         if gate is not None or not self._gating_in_plan():
             return self._forward_routed(x, tokens, dtype, gate)
-        logits, bias = self._logits(tokens, torch.promote_types(x.dtype, torch.float32))
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        S = self.num_shared_experts if self._shared_in_experts() else 0
+        # the router in the plan's Function where nothing else reads the tokens (see _layer_plan.run),
+        # else its logits here
+        router = None
+        if self._router_in_plan(gate_dtype, S):
+            router, logits, bias = (self.gate.weight, self.gate.bias, gate_dtype), None, self._selection_bias(gate_dtype)
+        else:
+            logits, bias = self._logits(tokens, gate_dtype)
         # the routed experts read the tokens through an alias made here, before the shared experts'
         # nodes: its backward then runs where expert_mlp's runs on the ops' path, after the shared
         # experts', so the token gradient adds its parts in the same order (the same bits)
         routed_tokens = tokens.view_as(tokens)
-        S = self.num_shared_experts if self._shared_in_experts() else 0
         # the expert weights as (routed, shared) parameter pairs: the plan stacks and casts them (one
         # launch where its backend has the pack kernel)
         if S:
@@ -365,8 +388,9 @@ class MoEMLP(nn.Module):
             self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
             self.backend, S,
         )  # fmt: skip
+        logits = None if logits is None else logits.contiguous()
         y, load, aux = _layer_plan.run(
-            options, logits.contiguous(), bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared, aux=True, pack_dtype=dtype
+            options, logits, bias, routed_tokens.contiguous(), w1, b1, w2, b2, shared, aux=True, pack_dtype=dtype, router=router
         )  # the aux loss as _aux forms it, in the Function (in the gating kernel where it is fused)
         return y.reshape(x.shape[:-1] + (self.dim,)), aux, load
 
