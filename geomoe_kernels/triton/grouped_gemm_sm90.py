@@ -8,7 +8,9 @@ walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block sche
 (kernel_recipes.BlockSchedule: expert e owns ceil(count_e / BM) consecutive row blocks; the column
 tile fastest). A program's tiles come in increasing order, so it finds each tile's expert by
 advancing a cursor over the device-side offsets (one load per expert passed, at most E + 1 in the
-program's life): no per-tile search, no tile table built on the host, no host sync.
+program's life): no per-tile search, no tile table built on the host, no host sync. Gathered rows
+whose experts' weights fit in L2 run in the pointer kernel's interleaved token order instead
+(kernel_recipes.interleaves_experts), each tile's block found by that order's search.
 
 Tensor descriptors are made on the device (tl.make_tensor_descriptor), once per program; they need
 a small global scratch (128 bytes a descriptor a program), which Triton asks of the allocator set by
@@ -46,10 +48,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import activations
+from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, autotune_options, configs
 from . import grouped_gemm as _pointer
-from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue
+from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
 
 MODES = ("auto", "pointer", "persistent")
 ENV = "GEOMOE_TRITON_GEMM"
@@ -162,7 +165,7 @@ def _w_tile(w_desc, e, k0, n0, TRANS_W: tl.constexpr, BK: tl.constexpr, BN: tl.c
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W"],
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE"],
     **autotune_options(_gemm_footprint, "A"),
 )
 @triton.jit
@@ -182,6 +185,8 @@ def _gmm_persistent_kernel(
     W_COLS,
     top_k,
     blocks,
+    rounds,
+    search_steps,
     stride_am,
     stride_we,
     stride_wr,
@@ -194,6 +199,8 @@ def _gmm_persistent_kernel(
     GATHER: tl.constexpr,
     GRAD_ACT: tl.constexpr,
     TRANS_W: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
+    E_POW2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -203,7 +210,10 @@ def _gmm_persistent_kernel(
     W is [E, W_ROWS, W_COLS] with unit column stride (row stride stride_wr): [E, K, N] (times two
     for SwiGLU's [gate | up]) or, with TRANS_W, [E, N, K]. A: M_A rows of K, unit column stride.
     blocks: the schedule's static bound of row blocks (E >= 1); the tiles past the last expert's
-    blocks are skipped. OCC is the grid's business (programs per SM)."""
+    blocks are skipped. OCC is the grid's business (programs per SM). INTERLEAVE (gathered rows
+    whose experts' weights all fit in L2, as the pointer kernel): the row blocks in
+    _interleaved_block's token order, each tile's block found by its search (the order is not
+    monotone in the expert, so no cursor); otherwise expert order and the cursor."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_tiles = tl.cdiv(N, BN)
@@ -221,14 +231,18 @@ def _gmm_persistent_kernel(
     nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
     for t in range(pid, blocks * n_tiles, programs):
         blk = t // n_tiles
-        while (blk >= first + nb) & (e < E):  # tiles come in increasing order: move forward only
-            first += nb
-            e += 1
-            lo = hi
+        if INTERLEAVE:
+            e, row0 = _interleaved_block(offsets, E, blk, rounds, search_steps, BM, E_POW2)
             hi = tl.load(offsets + tl.minimum(e + 1, E))
-            nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
-        if e < E:
+        else:
+            while (blk >= first + nb) & (e < E):  # tiles come in increasing order: move forward only
+                first += nb
+                e += 1
+                lo = hi
+                hi = tl.load(offsets + tl.minimum(e + 1, E))
+                nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
             row0 = lo + (blk - first).to(tl.int64) * BM
+        if e < E:
             n0 = (t % n_tiles) * BN
             rm = row0 + tl.arange(0, BM).to(tl.int64)
             mask_m = rm < hi
@@ -277,9 +291,12 @@ def launch(
     N = activations.out_features(activation, W_ROWS if transpose_weight else W_COLS)
     if not takes(a, weight, activation, gather, N):
         return False
+    if out.shape[0] == 0:
+        return True  # no rows: nothing to write (and no descriptor over an empty A)
     if not INTERPRET and a.device.type == "cuda":
         _ensure_allocator()
     programs = _sms(a.device)
+    rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
     _gmm_persistent_kernel[grid](
         a,
@@ -297,6 +314,8 @@ def launch(
         W_COLS,
         top_k,
         schedule.blocks,
+        max(rounds, 1),
+        rounds.bit_length(),
         a.stride(0),
         weight.stride(0),
         weight.stride(1),
@@ -309,6 +328,8 @@ def launch(
         GATHER=gather is not None,
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
+        INTERLEAVE=rounds > 0,
+        E_POW2=lookup_lanes(E),
         BM=schedule.block,
     )
     return True

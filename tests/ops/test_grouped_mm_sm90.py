@@ -24,6 +24,7 @@ CASES = {
     "empty_first_last": [0, 12, 7, 0],
     "all_to_one": [0, 0, 31, 0],
     "decode": [0, 1, 0, 0, 0, 2, 0, 1],
+    "no_rows": [0, 0, 0],
 }
 
 
@@ -46,6 +47,20 @@ def launches(kernel_backend, monkeypatch):
     return ran
 
 
+class _Spy:
+    """A kernel whose launches note their INTERLEAVE."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["INTERLEAVE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 def _both(fn, programs, monkeypatch):
     """fn() with the pointer kernel, then with the persistent one on `programs` programs."""
     _, sm90 = _modules()
@@ -61,9 +76,9 @@ def _both(fn, programs, monkeypatch):
     return got, want
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# each case on 3 programs (fewer than the tiles), the first also on one and on more than the tiles
+@pytest.mark.parametrize("case, programs", [(c, 3) for c in CASES] + [("uneven", 1), ("uneven", 64)])
 @pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
-@pytest.mark.parametrize("programs", [1, 3, 64])
 def test_persistent_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, case, act, programs):
     tg, _ = _modules()
     dev, dt, counts = kernel_backend.device, torch.float16, CASES[case]
@@ -83,12 +98,20 @@ def test_persistent_forward_is_the_pointer_kernels_bits(kernel_backend, launches
 
 
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
-def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, act):
-    """Token rows gathered through the routing map: pointer loads of A, descriptors for W."""
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, act, interleaved):
+    """Token rows gathered through the routing map: pointer loads of A, descriptors for W; the row
+    blocks in the interleaved token order (the weights fit half the L2) or in expert order (the
+    cursor: an L2 of 0 bytes here)."""
     from geomoe_kernels import route
     from tests.helpers import expert_ids
 
-    tg, _ = _modules()
+    if not interleaved:
+        monkeypatch.setattr(kernel_recipes, "l2_bytes", lambda device: 0)
+    tg, sm90 = _modules()
+    ran = []
+    real = sm90._gmm_persistent_kernel
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(real, ran))
     dev, dt = kernel_backend.device, torch.float16
     T, k, E, K, N = 11, 3, 5, 32, 24
     r2f, _, off = (t.to(dev) for t in route(expert_ids(T, k, E), E, backend="torch"))
@@ -96,7 +119,7 @@ def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend,
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     x = (torch.randn(T, K) / 2).to(dev, dt)
     got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, None, act, gather=r2f, top_k=k), 3, monkeypatch)
-    assert launches == [False, True]
+    assert launches == [False, True] and ran == [interleaved]
     for g, p in zip(got, want):
         assert torch.equal(g, p)
 
