@@ -349,10 +349,17 @@ def needs_hgmma(row: Compiled, arch: int) -> bool:
     return arch == 90 and row.name in GEMM_KERNELS and "IEEE=True" not in row.variant.replace(" ", "").split(";")[0].split(",")
 
 
+def _occ(row: Compiled) -> int:
+    """The programs per SM a persistent kernel's config launches (its OCC constexpr), else 0."""
+    found = re.search(r"\bOCC=(\d+)", row.variant)
+    return int(found.group(1)) if found else 0
+
+
 def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
     """What would go wrong on the card, for the configs shipped to each launch (after pruning): a
     build that fails; a build that spills registers or has a stack (the autotuner would be free to
-    pick it if it were the fastest); on sm_90 a grouped-GEMM build without HGMMA (its tensor-core
+    pick it if it were the fastest); a persistent build whose SM holds fewer CTAs than the
+    programs per SM its grid launches (OCC); on sm_90 a grouped-GEMM build without HGMMA (its tensor-core
     dots lowered to mma.sync or FMA: a fraction of Hopper's throughput); a launch with no config
     within the shared memory (the autotuner skips the ones over it, so some but not all over is fine)."""
     out = [f"{r.name} failed to compile: {r.error} [{r.variant}]" for r in rows if r.error]
@@ -365,6 +372,11 @@ def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
         f"{r.name} w{r.num_warps}/s{r.num_stages}: no TMA copy in the SASS on sm_{arch} [{r.variant}]"
         for r in rows
         if r.error is None and arch >= 90 and r.name in TMA_KERNELS and not r.tma
+    ]
+    out += [  # a persistent kernel's grid has OCC programs per SM: each SM must hold that many CTAs
+        f"{r.name} w{r.num_warps}/s{r.num_stages}: {r.ctas_per_sm} CTAs per SM for OCC={_occ(r)} programs per SM [{r.variant}]"
+        for r in rows
+        if r.error is None and r.ctas_per_sm is not None and r.ctas_per_sm < _occ(r)
     ]
     out += [
         f"{r.name} w{r.num_warps}/s{r.num_stages}: {r.local_bytes} bytes of local memory per thread [{r.variant}]"
