@@ -84,11 +84,13 @@ _CONFIGS = configs(
 
 def persistent_chosen(mode: str, capability: Optional[tuple], has_descriptors: bool) -> bool:
     """Whether the persistent kernel runs a device's 16-bit GEMMs: `auto` on capability >= 9 (Hopper
-    and later: TMA) with descriptors in this Triton; `pointer` never; `persistent` wherever this
-    Triton has descriptors (the interpreter included)."""
+    and later: TMA) with descriptors in this Triton; `pointer` never; `persistent` also without a
+    GPU (capability None: the interpreter), never on a GPU without TMA."""
     if mode == "pointer" or not has_descriptors:
         return False
-    return mode == "persistent" or (capability is not None and capability >= (9, 0))
+    if capability is None:
+        return mode == "persistent"
+    return capability >= (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
