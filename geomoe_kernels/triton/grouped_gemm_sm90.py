@@ -100,6 +100,14 @@ def persistent_for(device: torch.device) -> bool:
     return persistent_chosen(MODE, capability, HAS_DESCRIPTORS)
 
 
+def describe() -> str:
+    """Which kernel runs the 16-bit forward and dgrad here (python -m geomoe_kernels.info)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    which = "persistent TMA kernel" if persistent_for(device) else "pointer-load kernel"
+    return f"Triton grouped GEMM: the {which} on {device} for 16-bit operands ({ENV}={MODE})"
+
+
 @contextlib.contextmanager
 def forced(mode: str) -> Iterator[None]:
     """Run with another mode (tests, tools/triton_offline's sm_90 pass), the choices made again."""

@@ -208,6 +208,11 @@ def test_the_kernel_is_chosen_by_capability_triton_and_override():
     assert not chosen("auto", (9, 0), False)  # a Triton without tensor descriptors
     assert not chosen("pointer", (9, 0), True) and not chosen("persistent", (9, 0), False)
     assert chosen("persistent", None, True) and not chosen("persistent", (8, 6), True)  # the interpreter; no TMA
+    if not torch.cuda.is_available():  # what python -m geomoe_kernels.info says of it on a CPU
+        with sm90.forced("pointer"):
+            assert "the pointer-load kernel on cpu" in sm90.describe() and "GEOMOE_TRITON_GEMM=pointer" in sm90.describe()
+        with sm90.forced("persistent"):
+            assert "the persistent TMA kernel on cpu" in sm90.describe()
 
 
 def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
