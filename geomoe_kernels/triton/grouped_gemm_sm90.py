@@ -297,7 +297,11 @@ def launch(
     grad_act: str,
 ) -> bool:
     """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning);
-    False, nothing launched, where the pointer kernel is to run it."""
+    False, nothing launched, where the pointer kernel is to run it: also a dgrad of gathered rows
+    (the down-projection's dgrad read through the routing map, with the routing weights' gradient
+    in the pointer kernel's epilogue), which this kernel has no epilogue for."""
+    if transpose_weight and gather is not None:
+        return False
     E, W_ROWS, W_COLS = weight.shape
     K = W_COLS if transpose_weight else W_ROWS
     N = activations.out_features(activation, W_ROWS if transpose_weight else W_COLS)

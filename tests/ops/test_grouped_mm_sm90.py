@@ -229,6 +229,12 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
         assert not sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu", None, 12)  # 'up' box at 24 bytes
     with sm90.forced("pointer"):
         assert not sm90.takes(x, w, "gelu", None, 16)
+    with sm90.forced("persistent"):  # a gathered dgrad (the routed one): the pointer kernel's epilogue
+        r2f = torch.zeros(8, dtype=torch.long)
+        off = torch.tensor([0, 8, 8])
+        schedule = kernel_recipes.block_schedule(off, 8, 16)
+        args = (x[:, :16].contiguous(), w, off, schedule, torch.empty(8, 32).half(), None, None, "none", r2f, 1, True, "none")
+        assert sm90.launch(*args) is False
 
 
 def test_a_bad_override_is_refused_naming_the_variable(monkeypatch):
