@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import _allocation
 
 from .. import activations
 from .. import kernel_recipes as recipe
@@ -134,15 +135,18 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _current_allocator_unset() -> bool:
+    """Whether this thread's context has no allocator (Triton 3.6 and 3.9: a context variable whose
+    default is a NullAllocator); True where Triton keeps it otherwise (then ours is set each launch)."""
+    try:
+        return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:
+        return True
+
+
 def _ensure_allocator() -> None:
     """Set our scratch allocator in this thread's context unless one is set there."""
-    try:
-        from triton.runtime import _allocation
-
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):  # another layout: set it
-        unset = True
-    if unset:
+    if _current_allocator_unset():
         triton.set_allocator(_scratch)
 
 

@@ -237,6 +237,36 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
         assert sm90.launch(*args) is False
 
 
+def test_each_thread_gets_the_scratch_allocator_unless_it_has_one():
+    """Triton keeps the allocator in a context variable: a thread that never set one (autograd's
+    device thread runs the dgrad) gets ours at its first launch, one that set its own keeps it."""
+    import threading
+
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime import _allocation
+
+    _, sm90 = _modules()
+    seen = {}
+
+    def fresh():
+        seen["before"] = sm90._current_allocator_unset()
+        sm90._ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    def own():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        sm90._ensure_allocator()
+        seen["own"] = _allocation._allocator.get() is mine
+
+    for fn in (fresh, own):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert seen == {"before": True, "after": sm90._scratch, "own": True}
+
+
 def test_a_bad_override_is_refused_naming_the_variable(monkeypatch):
     pytest.importorskip("triton")
     _, sm90 = _modules()
