@@ -168,7 +168,7 @@ def takes(a: Tensor, weight: Tensor, activation: str, gather: Optional[Tensor], 
         return False
     if activation == "swiglu" and (n_out * a.element_size()) % 16:
         return False  # the 'up' half's tile starts at column N: a 16-byte aligned box start
-    return _tma_ready(weight, 2) and (gather is not None or _tma_ready(a, 1))
+    return _tma_ready(weight, 2) and (_tma_ready(a, 1) if gather is None else a.stride(1) == 1)
 
 
 @triton.jit

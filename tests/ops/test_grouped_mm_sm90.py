@@ -226,6 +226,7 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
         assert not sm90.takes(torch.randn(8, 33).half()[:, :32], w, "none", None, 16)  # rows 66 bytes apart
         assert sm90.takes(torch.randn(8, 33).half()[:, :32], w, "none", torch.zeros(8, dtype=torch.long), 16)  # gathered
         assert not sm90.takes(torch.randn(8 * 32 + 1).half()[1:].view(8, 32), w, "none", None, 16)  # base off 16 B
+        assert not sm90.takes(x.t().contiguous().t(), w, "none", torch.zeros(8, dtype=torch.long), 16)  # strided columns
         assert not sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu", None, 12)  # 'up' box at 24 bytes
     with sm90.forced("pointer"):
         assert not sm90.takes(x, w, "gelu", None, 16)
