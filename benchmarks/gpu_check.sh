@@ -88,6 +88,12 @@ quick=()  # GEOMOE_QUICK_CHECKS=1: verify and test with one Triton config per ke
 bench_k=()  # GEOMOE_BENCH_K: a pytest -k expression, to run a subset of the benchmarks
 [ -n "${GEOMOE_BENCH_K:-}" ] && bench_k=(-k "$GEOMOE_BENCH_K")
 want benchmarks && step benchmarks 400 $PY -m benchmarks.run --out "$OUT/results" "${bench_k[@]}" --budget $(( $(left) - ${GEOMOE_BENCH_RESERVE:-100} ))
+# the grouped GEMM again on the pointer-load kernel (GEOMOE_TRITON_GEMM, read at import), to compare
+# with the persistent TMA kernel that the run above took on sm_90+ (a full run on such a card only)
+if [ -z "${GEOMOE_BENCH_K:-}" ] && [[ "${GEOMOE_CUDA_ARCHS:-}" != 8* ]]; then
+  step benchmarks_pointer 90 env GEOMOE_TRITON_GEMM=pointer $PY -m benchmarks.run --out "$OUT/results-pointer" \
+    --no-plots --budget 60 -k "grouped_gemm_up_projection and geomoe and not cuda"
+fi
 cp "$OUT"/results/*.md "$OUT/" 2>/dev/null || true
 step profile 60 $PY -m benchmarks.profile_gpu ${GEOMOE_PROFILE_ARGS:-}
 step verify 120 "${quick[@]}" $PY -m geomoe_kernels.info --verify

@@ -19,6 +19,9 @@ def report() -> str:
         lines.append(
             f"triton {triton.__version__}; interpreter {'on' if backend.triton_interpreting() else 'off'} (TRITON_INTERPRET)"
         )
+        from .triton import grouped_gemm_sm90
+
+        lines.append(grouped_gemm_sm90.describe())
     except ImportError:
         lines.append("triton not installed")
     lines.append(f"CUDA core: {_core_line()}")

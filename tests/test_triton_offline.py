@@ -60,15 +60,43 @@ def test_sass_units_and_occupancy_are_read_as_the_hardware_runs_them():
     ieee = Compiled(variant="IEEE=True, BM=64; A:*fp32", mma="-", **row)
     assert len(problems([slow], 90)) == 1 and "not HGMMA" in problems([slow], 90)[0]
     assert problems([fast], 90) == [] and problems([ieee], 90) == [] and problems([slow], 80) == []
+    # the persistent GEMM reads through tensor descriptors: a build without TMA copies is a problem
+    persistent = dict(row, name="_gmm_persistent_kernel", variant="BM=128; A:*bf16", mma="HGMMA")
+    assert problems([Compiled(tma=True, **persistent)], 90) == []
+    assert ["no TMA" in p for p in problems([Compiled(tma=False, **persistent)], 90)] == [True]
+    # two programs per SM (OCC=2) need two resident CTAs: 255 registers at 8 warps leave room for one
+    crowded = dict(persistent, variant="BM=128, OCC=2; A:*bf16", num_warps=8, registers=255, tma=True)
+    assert ["1 CTAs per SM for OCC=2" in p for p in problems([Compiled(ctas_per_sm=1, **crowded)], 90)] == [True]
+    assert problems([Compiled(ctas_per_sm=2, **crowded)], 90) == []
+
+
+def test_sm90_records_the_persistent_gemm_beside_the_pointer_kernel_and_sm80_only_the_latter():
+    """The offline compile records the launches as a GPU of the target makes them: on sm_90 the
+    grouped GEMM's 16-bit forward and dgrad go to the persistent TMA kernel (float32 stays on the
+    pointer kernel), on sm_80 (no TMA) all of them to the pointer kernel."""
+    from tools.triton_offline import geomoe_launches
+
+    def kernels(arch, dtype):
+        return {c.name for c in geomoe_launches((dtype,), ["grouped_mm"], arch)}
+
+    # float16: GeoMoE's shapes only (bfloat16 adds an LLM's, slow to make on the CPU)
+    assert {"_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel"} <= kernels(90, torch.float16)
+    assert "_gmm_persistent_kernel" not in kernels(80, torch.float16) | kernels(90, torch.float32)
+    assert "_gmm_kernel" in kernels(80, torch.float16)
 
 
 def test_shipped_sm90_gemm_configs_issue_hgmma():
     """Every shipped config of the grouped GEMMs (forward, dgrad, weight gradient) in bf16 and TF32
-    compiles to wgmma (HGMMA) without spills: what the hardware runs, read from the SASS."""
-    from tools.triton_offline import GEMM_KERNELS, compile_all, needs_hgmma, report
+    compiles to wgmma (HGMMA) without spills, the persistent forward/dgrad with TMA copies: what
+    the hardware runs, read from the SASS."""
+    from tools.triton_offline import GEMM_KERNELS, TMA_KERNELS, compile_all, needs_hgmma, report
 
     rows = compile_all(arch=90, dtypes=(torch.bfloat16,), ops=["expert_mlp", "grouped_mm"], only="_")
     gemm = [r for r in rows if r.name in GEMM_KERNELS]
     assert {r.name for r in gemm} == set(GEMM_KERNELS)
-    bad = [r for r in gemm if r.error or r.local_bytes or (needs_hgmma(r, 90) and r.mma != "HGMMA")]
+    bad = [
+        r
+        for r in gemm
+        if r.error or r.local_bytes or (needs_hgmma(r, 90) and r.mma != "HGMMA") or (r.name in TMA_KERNELS and not r.tma)
+    ]
     assert not bad, report(rows, 90)

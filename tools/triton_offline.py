@@ -132,24 +132,50 @@ def _passes(dtypes) -> List[Tuple[torch.dtype, str]]:
     return [(d, "highest") for d in dtypes] + [(d, "high") for d in dtypes if d == torch.float32]
 
 
-def geomoe_launches(dtypes=(torch.bfloat16, torch.float32), ops: Optional[Sequence[str]] = None) -> List[Launch]:
+def geomoe_launches(
+    dtypes=(torch.bfloat16, torch.float32), ops: Optional[Sequence[str]] = None, arch: Optional[int] = None
+) -> List[Launch]:
     """Run every registered Triton kernel's example launch on CPU tensors (GeoMoE's shapes: 23
     experts, top-3, d 768, expert hidden 576; stage-1 rows of width 256; the gating at 64, 128 and
     256 experts and the expert MLP at an LLM's shape in bf16) in each of `dtypes` (float32 in full
-    precision and in TF32), recording the kernel calls. ops: only those ops' kernels' examples."""
+    precision and in TF32), recording the kernel calls. ops: only those ops' kernels' examples.
+    arch: also the launches that a GPU of that architecture makes where a CPU does not (_gpu_choices)."""
     saved = torch.get_float32_matmul_precision()
     try:
-        return _record_launches(dtypes, ops)
+        return _record_launches(dtypes, ops, arch)
     finally:
         torch.set_float32_matmul_precision(saved)
 
 
-def _record_launches(dtypes, ops: Optional[Sequence[str]] = None) -> List[Launch]:
+GROUPED_GEMM_OPS = ("grouped_mm", "expert_mlp")
+
+
+@contextlib.contextmanager
+def _gpu_choices(arch: Optional[int]) -> Iterator[Tuple[Sequence[str], Sequence[torch.dtype]]]:
+    """(ops, dtypes) to record again with the kernel choices a GPU of `arch` makes that CPU tensors
+    do not: on sm_90 and later the grouped GEMM's forward and dgrad take the persistent TMA kernel
+    (grouped_gemm_sm90, 16-bit operands), beside the pointer kernel (float32, operands TMA cannot
+    read); none elsewhere (sm_80: no TMA)."""
+    from geomoe_kernels.triton import grouped_gemm_sm90 as sm90
+
+    if arch is None or not sm90.persistent_chosen("auto", (arch // 10, arch % 10), sm90.HAS_DESCRIPTORS):
+        yield (), ()
+        return
+    with sm90.forced("persistent"):
+        yield GROUPED_GEMM_OPS, sm90.SIXTEEN_BIT
+
+
+def _record_launches(dtypes, ops: Optional[Sequence[str]] = None, arch: Optional[int] = None) -> List[Launch]:
     with recording() as calls:
         for dtype, precision in _passes(dtypes):
             torch.set_float32_matmul_precision(precision)  # float32 GEMMs: full precision, then TF32
             for example in examples(ops):
                 example(dtype)
+        with _gpu_choices(arch) as (gpu_ops, gpu_dtypes):
+            wanted = [op for op in gpu_ops if ops is None or op in ops]
+            for dtype in [d for d in dtypes if d in gpu_dtypes]:
+                for example in examples(wanted) if wanted else []:
+                    example(dtype)
     return calls
 
 
@@ -277,7 +303,7 @@ def compile_all(
     tool = _cuobjdump()
     limit = SHARED_LIMIT.get(arch, 99 * 1024)
     seen, results = set(), []
-    for n, launch in enumerate(geomoe_launches(dtypes, ops)):
+    for n, launch in enumerate(geomoe_launches(dtypes, ops, arch)):
         if only and only not in launch.name:
             continue
         variants = _variants(launch, first_config_only)
@@ -314,17 +340,26 @@ def compile_all(
 
 # The grouped GEMMs (forward and dgrad, weight gradient): on sm_90 each shipped config must issue
 # wgmma (HGMMA). Full-precision float32 (IEEE=True) has no tensor-core form and runs on the FMA units.
-GEMM_KERNELS = ("_gmm_kernel", "_wgrad_kernel")
+# The persistent forward/dgrad must also copy through TMA (its tensor descriptors).
+GEMM_KERNELS = ("_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel")
+TMA_KERNELS = ("_gmm_persistent_kernel",)
 
 
 def needs_hgmma(row: Compiled, arch: int) -> bool:
     return arch == 90 and row.name in GEMM_KERNELS and "IEEE=True" not in row.variant.replace(" ", "").split(";")[0].split(",")
 
 
+def _occ(row: Compiled) -> int:
+    """The programs per SM a persistent kernel's config launches (its OCC constexpr), else 0."""
+    found = re.search(r"\bOCC=(\d+)", row.variant)
+    return int(found.group(1)) if found else 0
+
+
 def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
     """What would go wrong on the card, for the configs shipped to each launch (after pruning): a
     build that fails; a build that spills registers or has a stack (the autotuner would be free to
-    pick it if it were the fastest); on sm_90 a grouped-GEMM build without HGMMA (its tensor-core
+    pick it if it were the fastest); a persistent build whose SM holds fewer CTAs than the
+    programs per SM its grid launches (OCC); on sm_90 a grouped-GEMM build without HGMMA (its tensor-core
     dots lowered to mma.sync or FMA: a fraction of Hopper's throughput); a launch with no config
     within the shared memory (the autotuner skips the ones over it, so some but not all over is fine)."""
     out = [f"{r.name} failed to compile: {r.error} [{r.variant}]" for r in rows if r.error]
@@ -332,6 +367,16 @@ def problems(rows: List[Compiled], arch: int = 90) -> List[str]:
         f"{r.name} w{r.num_warps}/s{r.num_stages}: mma {r.mma}, not HGMMA, on sm_{arch} [{r.variant}]"
         for r in rows
         if r.error is None and needs_hgmma(r, arch) and r.mma != "HGMMA"
+    ]
+    out += [
+        f"{r.name} w{r.num_warps}/s{r.num_stages}: no TMA copy in the SASS on sm_{arch} [{r.variant}]"
+        for r in rows
+        if r.error is None and arch >= 90 and r.name in TMA_KERNELS and not r.tma
+    ]
+    out += [  # a persistent kernel's grid has OCC programs per SM: each SM must hold that many CTAs
+        f"{r.name} w{r.num_warps}/s{r.num_stages}: {r.ctas_per_sm} CTAs per SM for OCC={_occ(r)} programs per SM [{r.variant}]"
+        for r in rows
+        if r.error is None and r.ctas_per_sm is not None and r.ctas_per_sm < _occ(r)
     ]
     out += [
         f"{r.name} w{r.num_warps}/s{r.num_stages}: {r.local_bytes} bytes of local memory per thread [{r.variant}]"

@@ -6,7 +6,7 @@ bias gradient from the same loads; the splits are summed in a fixed order (deter
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
 the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -432,6 +432,16 @@ def _wgrad_kernel(
         tl.store(db, col_sum.to(DB.dtype.element_ty), mask=rn < N)
 
 
+def _no_persistent_kernel(*args) -> bool:
+    return False
+
+
+# grouped_gemm_sm90's launcher once that module is imported (geomoe_kernels.triton imports every
+# kernel module): it runs a forward or dgrad on the persistent TMA kernel where the device and the
+# operands take it, and says whether it did; the pointer kernel below runs the rest
+persistent_launch: Callable[..., bool] = _no_persistent_kernel
+
+
 class TritonGroupedGemm:
     """The kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes)."""
 
@@ -453,6 +463,8 @@ class TritonGroupedGemm:
         transpose_weight: bool,
         grad_act: str,
     ) -> None:
+        if persistent_launch(a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act):
+            return
         if transpose_weight:  # W[e] read as [N, K]
             E, N_w, K = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)

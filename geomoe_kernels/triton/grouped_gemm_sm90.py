@@ -1,0 +1,358 @@
+"""The grouped GEMM's forward and dgrad for Hopper (sm_90) and later: persistent, the weights and
+contiguous activation rows read through tensor descriptors (TMA), the same epilogues as the
+pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU, act' in the dgrad, the
+output's dtype), whose @triton.jit helpers it calls.
+
+Persistent: one program per SM (OCC per SM where the config's tiles leave room for two), each
+walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block schedule
+(kernel_recipes.BlockSchedule: expert e owns ceil(count_e / BM) consecutive row blocks; the column
+tile fastest). A program's tiles come in increasing order, so it finds each tile's expert by
+advancing a cursor over the device-side offsets (one load per expert passed, at most E + 1 in the
+program's life): no per-tile search, no tile table built on the host, no host sync. Gathered rows
+whose experts' weights fit in L2 run in the pointer kernel's interleaved token order instead
+(kernel_recipes.interleaves_experts), each tile's block found by that order's search.
+
+Tensor descriptors are made on the device (tl.make_tensor_descriptor), once per program; they need
+a small global scratch (128 bytes a descriptor a program), which Triton asks of the allocator set by
+triton.set_allocator at each launch (a context variable in Triton 3.6 and 3.9: a thread that never
+set one, such as autograd's device thread, has none, so each launch sets ours where none is set).
+The weights: a 3-D descriptor [E, K, N] (the dgrad's [E, N, K], its tile transposed in shared
+memory for wgmma), so the K tail of one expert is zero-filled rather than read from the next. A's
+rows: a 2-D descriptor when they are contiguous; the rows past an expert's end (or past M,
+zero-filled) only reach output rows that are never stored. Gathered rows (token indices) keep
+pointer loads: TMA's row gather is Blackwell's (sm_100), not Hopper's.
+
+No warp specialisation: Triton 3.6 and 3.9 document tl.range(warp_specialize=True) as Blackwell-only.
+
+Every config has BK = 64, the pointer kernel's: each output element's sum over K is added up in the
+same chunks in both kernels and in every config, so the result is the same bits whichever kernel
+and config runs (tests/ops/test_grouped_mm_sm90.py, on the interpreter).
+
+Which kernel runs is decided once per device (cached at its first launch): `persistent_for(device)`,
+capability >= 9 and a Triton with tensor descriptors, 16-bit operands; GEOMOE_TRITON_GEMM, read once
+at import, overrides it (`pointer`, `persistent`; default `auto`) so benchmarks can compare the two.
+Each launch then checks only the operands' layout (host metadata, TMA's 16-byte rules) and leaves
+the rest to the pointer kernel. float32 operands (full-precision FMA or TF32) keep the pointer
+kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime import _allocation
+
+from .. import activations
+from .. import kernel_recipes as recipe
+from ..kernel_recipes import BlockSchedule
+from ._config import INTERPRET, autotune_options, configs
+from . import grouped_gemm as _pointer
+from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
+
+MODES = ("auto", "pointer", "persistent")
+ENV = "GEOMOE_TRITON_GEMM"
+MODE = os.environ.get(ENV, "auto")  # read once, here
+if MODE not in MODES:
+    raise ValueError(f"{ENV} must be one of {', '.join(MODES)}; got {MODE!r}")
+
+HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")  # device-side tensor descriptors (Triton >= 3.3)
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+PROGRAMS_WITHOUT_SMS = 3  # the grid on a machine without SMs (the interpreter, the offline compile)
+
+# BN fits the shapes: N = 576 (GeoMoE's hidden) in 9 x 64 or 5 x 128 (Triton's tiles are powers of
+# two: no 192), N = 768 (d) in 6 x 128 or 3 x 256, N = 2048 in 8 x 256; SwiGLU's two accumulators
+# keep 128 x 64 on 8 warps (the register budget, _config.py, prunes the rest). OCC: programs per SM
+# (two where two CTAs fit, by the offline compile's report: one's epilogue overlaps the other's
+# loads; tools/triton_offline flags a config whose CTAs per SM fall short of its OCC). BK is every
+# config's.
+_CONFIGS = configs(
+    [
+        ({"BN": 128, "BK": 64, "OCC": 1}, 8, 4),
+        ({"BN": 64, "BK": 64, "OCC": 1}, 8, 4),  # SwiGLU's first (two 128 x 64 accumulators)
+        ({"BN": 64, "BK": 64, "OCC": 2}, 4, 4),
+        ({"BN": 128, "BK": 64, "OCC": 1}, 8, 3),  # two CTAs did not fit (218-255 registers at 8 warps)
+        ({"BN": 256, "BK": 64, "OCC": 1}, 8, 3),  # the bias-only epilogue (N = 768, 2048)
+    ],
+    {"BN": 16, "BK": 16, "OCC": 1},
+)
+
+
+def persistent_chosen(mode: str, capability: Optional[tuple], has_descriptors: bool) -> bool:
+    """Whether the persistent kernel runs a device's 16-bit GEMMs: `auto` on capability >= 9 (Hopper
+    and later: TMA) with descriptors in this Triton; `pointer` never; `persistent` also without a
+    GPU (capability None: the interpreter), never on a GPU without TMA."""
+    if mode == "pointer" or not has_descriptors:
+        return False
+    if capability is None:
+        return mode == "persistent"
+    return capability >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def persistent_for(device: torch.device) -> bool:
+    """The choice for `device` (cached: made at its first launch)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return persistent_chosen(MODE, capability, HAS_DESCRIPTORS)
+
+
+def describe() -> str:
+    """Which kernel runs the 16-bit forward and dgrad here (python -m geomoe_kernels.info)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    which = "persistent TMA kernel" if persistent_for(device) else "pointer-load kernel"
+    return f"Triton grouped GEMM: the {which} on {device} for 16-bit operands ({ENV}={MODE})"
+
+
+@contextlib.contextmanager
+def forced(mode: str) -> Iterator[None]:
+    """Run with another mode (tests, tools/triton_offline's sm_90 pass), the choices made again."""
+    global MODE
+    saved = MODE
+    MODE = mode
+    persistent_for.cache_clear()
+    try:
+        yield
+    finally:
+        MODE = saved
+        persistent_for.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return PROGRAMS_WITHOUT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """The descriptors' global scratch (a few KB a launch, from torch's caching allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _current_allocator_unset() -> bool:
+    """Whether this thread's context has no allocator (Triton 3.6 and 3.9: a context variable whose
+    default is a NullAllocator); True where Triton keeps it otherwise (then ours is set each launch)."""
+    try:
+        return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:
+        return True
+
+
+def _ensure_allocator() -> None:
+    """Set our scratch allocator in this thread's context unless one is set there."""
+    if _current_allocator_unset():
+        triton.set_allocator(_scratch)
+
+
+def _tma_ready(t: Tensor, contiguous_dim: int) -> bool:
+    """TMA's rules for a tensor read through a descriptor: 16-byte aligned base and strides, the
+    last dimension contiguous."""
+    size = t.element_size()
+    return (
+        t.stride(contiguous_dim) == 1
+        and t.data_ptr() % 16 == 0
+        and all((t.stride(d) * size) % 16 == 0 for d in range(t.dim()) if d != contiguous_dim)
+    )
+
+
+def takes(a: Tensor, weight: Tensor, activation: str, gather: Optional[Tensor], n_out: int) -> bool:
+    """Whether this launch runs here: the device's choice, 16-bit operands of one dtype, and the
+    layouts TMA reads (else the pointer kernel runs it)."""
+    if not persistent_for(a.device) or a.dtype not in SIXTEEN_BIT or weight.dtype != a.dtype:
+        return False
+    if activation == "swiglu" and (n_out * a.element_size()) % 16:
+        return False  # the 'up' half's tile starts at column N: a 16-byte aligned box start
+    return _tma_ready(weight, 2) and (_tma_ready(a, 1) if gather is None else a.stride(1) == 1)
+
+
+@triton.jit
+def _w_tile(w_desc, e, k0, n0, TRANS_W: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """W[e][k0:k0+BK, n0:n0+BN] as a [BK, BN] tile (the dgrad's W[e] is [N, K]: its tile transposed)."""
+    if TRANS_W:
+        return tl.trans(tl.reshape(w_desc.load([e, n0, k0]), (BN, BK)))
+    return tl.reshape(w_desc.load([e, k0, n0]), (BK, BN))
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE"],
+    **autotune_options(_gemm_footprint, "A"),
+)
+@triton.jit
+def _gmm_persistent_kernel(
+    A,
+    W,
+    Bias,
+    Out,
+    Pre,
+    Gather,
+    offsets,
+    E,
+    M_A,
+    N,
+    K,
+    W_ROWS,
+    W_COLS,
+    top_k,
+    blocks,
+    rounds,
+    search_steps,
+    stride_am,
+    stride_we,
+    stride_wr,
+    stride_be,
+    stride_om,
+    stride_pm,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GATHER: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    OCC: tl.constexpr,
+):
+    """out[r] = epilogue(A[r] @ W[e]) for the rows r of each expert e, as _gmm_kernel computes it.
+    W is [E, W_ROWS, W_COLS] with unit column stride (row stride stride_wr): [E, K, N] (times two
+    for SwiGLU's [gate | up]) or, with TRANS_W, [E, N, K]. A: M_A rows of K, unit column stride.
+    blocks: the schedule's static bound of row blocks (E >= 1); the tiles past the last expert's
+    blocks are skipped. OCC is the grid's business (programs per SM). INTERLEAVE (gathered rows
+    whose experts' weights all fit in L2, as the pointer kernel): the row blocks in
+    _interleaved_block's token order, each tile's block found by its search (the order is not
+    monotone in the expert, so no cursor); otherwise expert order and the cursor."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(N, BN)
+    if TRANS_W:
+        w_desc = tl.make_tensor_descriptor(W, [E, W_ROWS, W_COLS], [stride_we, stride_wr, 1], [1, BN, BK])
+    else:
+        w_desc = tl.make_tensor_descriptor(W, [E, W_ROWS, W_COLS], [stride_we, stride_wr, 1], [1, BK, BN])
+    if not GATHER:
+        a_desc = tl.make_tensor_descriptor(A, [M_A, K], [stride_am, 1], [BM, BK])
+    # the cursor: expert e owns the row blocks [first, first + nb), its rows [lo, hi)
+    e = pid * 0
+    first = pid * 0
+    lo = tl.load(offsets)
+    hi = tl.load(offsets + 1)
+    nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
+    for t in range(pid, blocks * n_tiles, programs):
+        blk = t // n_tiles
+        if INTERLEAVE:
+            e, row0 = _interleaved_block(offsets, E, blk, rounds, search_steps, BM, E_POW2)
+            hi = tl.load(offsets + tl.minimum(e + 1, E))
+        else:
+            while (blk >= first + nb) & (e < E):  # tiles come in increasing order: move forward only
+                first += nb
+                e += 1
+                lo = hi
+                hi = tl.load(offsets + tl.minimum(e + 1, E))
+                nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
+            row0 = lo + (blk - first).to(tl.int64) * BM
+        if e < E:
+            n0 = (t % n_tiles) * BN
+            rm = row0 + tl.arange(0, BM).to(tl.int64)
+            mask_m = rm < hi
+            rn = n0 + tl.arange(0, BN)
+            mask_n = rn < N
+            if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
+                arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                if GATHER:
+                    rk = k0 + tl.arange(0, BK)
+                    a = tl.load(A + arow[:, None] * stride_am + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0.0)
+                else:
+                    a = a_desc.load([row0.to(tl.int32), k0])
+                acc += tl.dot(a, _w_tile(w_desc, e, k0, n0, TRANS_W, BK, BN))
+                if ACT == _SWIGLU:  # the 'up' half sits N columns to the right
+                    acc_up += tl.dot(a, _w_tile(w_desc, e, k0, n0 + N, TRANS_W, BK, BN))
+            if HAS_BIAS:
+                b_base = Bias + e.to(tl.int64) * stride_be
+                acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                if ACT == _SWIGLU:
+                    acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            mask = mask_m[:, None] & mask_n[None, :]
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+
+
+def launch(
+    a: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    schedule: BlockSchedule,
+    out: Tensor,
+    pre: Optional[Tensor],
+    bias: Optional[Tensor],
+    activation: str,
+    gather: Optional[Tensor],
+    top_k: int,
+    transpose_weight: bool,
+    grad_act: str,
+) -> bool:
+    """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning);
+    False, nothing launched, where the pointer kernel is to run it: also a dgrad of gathered rows
+    (the down-projection's dgrad read through the routing map, with the routing weights' gradient
+    in the pointer kernel's epilogue), which this kernel has no epilogue for."""
+    if transpose_weight and gather is not None:
+        return False
+    E, W_ROWS, W_COLS = weight.shape
+    K = W_COLS if transpose_weight else W_ROWS
+    N = activations.out_features(activation, W_ROWS if transpose_weight else W_COLS)
+    if not takes(a, weight, activation, gather, N):
+        return False
+    if out.shape[0] == 0:
+        return True  # no rows: nothing to write (and no descriptor over an empty A)
+    if not INTERPRET and a.device.type == "cuda":
+        _ensure_allocator()
+    programs = _sms(a.device)
+    rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
+    grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
+    _gmm_persistent_kernel[grid](
+        a,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        pre if pre is not None else out,
+        gather if gather is not None else offsets,
+        offsets,
+        E,
+        a.shape[0],
+        N,
+        K,
+        W_ROWS,
+        W_COLS,
+        top_k,
+        schedule.blocks,
+        max(rounds, 1),
+        rounds.bit_length(),
+        a.stride(0),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        out.stride(0),
+        pre.stride(0) if pre is not None else 0,
+        HAS_BIAS=bias is not None,
+        ACT=activations.code(activation),
+        STORE_PRE=pre is not None and grad_act == "none",
+        GATHER=gather is not None,
+        GRAD_ACT=activations.code(grad_act),
+        TRANS_W=transpose_weight,
+        INTERLEAVE=rounds > 0,
+        E_POW2=lookup_lanes(E),
+        BM=schedule.block,
+    )
+    return True
+
+
+_pointer.persistent_launch = launch  # TritonGroupedGemm._launch asks this first

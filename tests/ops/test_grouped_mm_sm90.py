@@ -1,0 +1,278 @@
+"""The persistent TMA grouped GEMM (geomoe_kernels/triton/grouped_gemm_sm90.py) against the pointer
+kernel, bit for bit (both sum K in the same BK chunks), and against the float64 per-expert loop:
+forward with each epilogue, gathered and contiguous rows, dgrad with act'; experts without rows,
+tiles that leave a K and an N tail, fewer and more programs than tiles (the cursor over the
+offsets), element offsets past 2^31, and the same bits from two configs. Under the interpreter
+(TRITON_INTERPRET=1, tests/test_triton_interpreter.py's process) the tensor descriptors are the
+interpreter's (numpy loads with TMA's bounds, zero fill and 16-byte checks), so this covers the
+schedule, the descriptors' coordinates and the epilogues; what the hardware's TMA and wgmma do is
+the offline compile's (tests/test_triton_offline.py: HGMMA and UTMALDG in the SASS) and the GPU's.
+The choice of kernel (device, Triton, override, layouts) is checked in the main process."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from geomoe_kernels import kernel_recipes
+from tests.helpers import assert_close, offsets
+from tests.oracles import naive_grouped_mm
+
+CASES = {
+    "uneven": [5, 0, 17, 1, 9],
+    "empty_first_last": [0, 12, 7, 0],
+    "all_to_one": [0, 0, 31, 0],
+    "decode": [0, 1, 0, 0, 0, 2, 0, 1],
+    "no_rows": [0, 0, 0],
+}
+
+
+def _modules():
+    from geomoe_kernels.triton import grouped_gemm as tg
+    from geomoe_kernels.triton import grouped_gemm_sm90 as sm90
+
+    return tg, sm90
+
+
+@pytest.fixture
+def launches(kernel_backend, monkeypatch):
+    """The persistent kernel's launches that ran (True) or went to the pointer kernel (False)."""
+    if kernel_backend.name != "triton":
+        pytest.skip("the Triton kernels")
+    if kernel_backend.device.type == "cuda" and torch.cuda.get_device_capability(kernel_backend.device) < (9, 0):
+        pytest.skip("no TMA on this GPU: the pointer kernel runs every GEMM")
+    tg, sm90 = _modules()
+    assert tg.persistent_launch is sm90.launch
+    ran = []
+    monkeypatch.setattr(tg, "persistent_launch", lambda *a: ran.append(sm90.launch(*a)) or ran[-1])
+    return ran
+
+
+class _Spy:
+    """A kernel whose launches note their INTERLEAVE."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["INTERLEAVE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _both(fn, programs, monkeypatch):
+    """fn() with the pointer kernel, then with the persistent one on `programs` programs."""
+    _, sm90 = _modules()
+    with sm90.forced("pointer"):
+        want = fn()
+    monkeypatch.setattr(sm90, "PROGRAMS_WITHOUT_SMS", programs)
+    sm90._sms.cache_clear()
+    try:
+        with sm90.forced("persistent"):
+            got = fn()
+    finally:
+        sm90._sms.cache_clear()
+    return got, want
+
+
+# each case on 3 programs (fewer than the tiles), the first also on one and on more than the tiles
+@pytest.mark.parametrize("case, programs", [(c, 3) for c in CASES] + [("uneven", 1), ("uneven", 64)])
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+def test_persistent_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, case, act, programs):
+    tg, _ = _modules()
+    dev, dt, counts = kernel_backend.device, torch.float16, CASES[case]
+    E, M, K, N = len(counts), sum(counts), 24, 40  # K and N tails past the interpreter's 16 x 16 tiles
+    off = offsets(counts, dev)
+    n_w = 2 * N if act == "swiglu" else N
+    w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
+    b = torch.randn(E, n_w).to(dev, dt)
+    x = (torch.randn(M, K) / 2).to(dev, dt)
+    got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, b, act), programs, monkeypatch)
+    assert launches == [False, True]
+    for g, p in zip(got, want):
+        assert torch.equal(g, p)
+    if act != "swiglu":
+        exact = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
+        assert_close(got[0].double(), exact, dt)
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, act, interleaved):
+    """Token rows gathered through the routing map: pointer loads of A, descriptors for W; the row
+    blocks in the interleaved token order (the weights fit half the L2) or in expert order (the
+    cursor: an L2 of 0 bytes here)."""
+    from geomoe_kernels import route
+    from tests.helpers import expert_ids
+
+    if not interleaved:
+        monkeypatch.setattr(kernel_recipes, "l2_bytes", lambda device: 0)
+    tg, sm90 = _modules()
+    ran = []
+    real = sm90._gmm_persistent_kernel
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(real, ran))
+    dev, dt = kernel_backend.device, torch.float16
+    T, k, E, K, N = 11, 3, 5, 32, 24
+    r2f, _, off = (t.to(dev) for t in route(expert_ids(T, k, E), E, backend="torch"))
+    n_w = 2 * N if act == "swiglu" else N
+    w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
+    x = (torch.randn(T, K) / 2).to(dev, dt)
+    got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, None, act, gather=r2f, top_k=k), 3, monkeypatch)
+    assert launches == [False, True] and ran == [interleaved]
+    for g, p in zip(got, want):
+        assert torch.equal(g, p)
+
+
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu"])
+def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, grad_act):
+    """grad @ W[e]^T through the transposed descriptor tile, act' (both SwiGLU halves) in the
+    epilogue, against the pointer kernel and the float64 loop."""
+    tg, _ = _modules()
+    dev, dt, counts = kernel_backend.device, torch.float16, [6, 0, 19, 3]
+    E, M, D, H = len(counts), sum(counts), 24, 40
+    off = offsets(counts, dev)
+    n_pre = 2 * H if grad_act == "swiglu" else H
+    w = (torch.randn(E, H, D) / 4).to(dev, dt)  # the down-projection's W [E, H, D], read as W[e]^T
+    g = torch.randn(M, D).to(dev, dt)
+    pre = torch.randn(M, n_pre).to(dev, dt) if grad_act != "none" else None
+    got, want = _both(lambda: kernel_recipes.dgrad(tg.KERNELS, g, w, off, grad_act=grad_act, pre=pre), 3, monkeypatch)
+    assert launches == [False, True] and torch.equal(got, want)
+    d_hidden = torch.cat([g[lo:hi].double() @ w[e].double().t() for e, (lo, hi) in enumerate(zip(off[:-1], off[1:]))])
+    if grad_act == "gelu":
+        p = pre.double()
+        cdf = 0.5 * (1 + torch.erf(p / 2**0.5))
+        d_hidden = d_hidden * (cdf + p * torch.exp(-0.5 * p * p) / (2 * torch.pi) ** 0.5)
+    if grad_act != "swiglu":
+        assert_close(got.double(), d_hidden, dt, grad=True)
+
+
+def test_persistent_configs_give_the_same_bits(kernel_backend, launches, monkeypatch):
+    """Two tiles that share the summation chunk BK: the same bits (autotuning may pick either)."""
+    import triton
+
+    tg, sm90 = _modules()
+    dev, dt, counts = kernel_backend.device, torch.float16, [5, 0, 37, 1, 0, 21]
+    off = offsets(counts, dev)
+    x = (torch.randn(sum(counts), 48) / 2).to(dev, dt)
+    w = (torch.randn(6, 48, 40) / 5).to(dev, dt)
+    b = torch.randn(6, 40).to(dev, dt)
+    chunk = sm90._CONFIGS[0].kwargs["BK"]
+    assert {c.kwargs["BK"] for c in sm90._CONFIGS} == {chunk} == {c.kwargs["BK"] for c in tg._GEMM_CONFIGS}
+    outs = []
+    with sm90.forced("persistent"):
+        for bn, occ in ((16, 1), (32, 2)):
+            config = triton.Config({"BN": bn, "BK": chunk, "OCC": occ}, num_warps=4)
+            monkeypatch.setattr(sm90._gmm_persistent_kernel, "configs", [config])
+            monkeypatch.setattr(sm90._gmm_persistent_kernel, "cache", {})
+            outs.append(kernel_recipes.forward(tg.KERNELS, x, w, off, b, "gelu"))
+    assert launches == [True, True]
+    for first, second in zip(*outs):
+        assert torch.equal(first, second)
+
+
+def test_persistent_kernel_addresses_past_2_31_elements(kernel_backend, launches, monkeypatch):
+    """A's rows 2^30 elements apart (row 2 at 2^31) read through the A descriptor, and expert 1's
+    weights from 2^31 + 512 through the W descriptor, forward and dgrad. One 4 GiB fp16 storage,
+    untouched but for the few rows used (views, no copy)."""
+    tg, sm90 = _modules()
+    dev, dt, K, N = kernel_backend.device, torch.float16, 16, 24
+    big = torch.empty(2**31 + 4096, dtype=dt, device=dev)
+    a = big.as_strided((3, K), (2**30, 1))
+    a.copy_((torch.randn(3, K) / 2).to(dt))
+    w = big.as_strided((2, K, N), (2**31 + 512 - 2048, N, 1), 2048)
+    w.copy_((torch.randn(2, K, N) / 4).to(dt))
+    off = offsets([2, 1], dev)
+    with sm90.forced("persistent"):
+        out, _ = kernel_recipes.forward(tg.KERNELS, a, w, off, None, "none")
+        g = (torch.randn(3, N) / 2).to(dev, dt)
+        d = kernel_recipes.dgrad(tg.KERNELS, g, w, off)
+    assert launches == [True, True]
+    ad, wd, gd = a.cpu().double(), w.cpu().double(), g.cpu().double()
+    tol = dict(rtol=2e-3, atol=4e-3)
+    torch.testing.assert_close(out.cpu().double(), torch.cat([ad[:2] @ wd[0], ad[2:] @ wd[1]]), **tol)
+    torch.testing.assert_close(d.cpu().double(), torch.cat([gd[:2] @ wd[0].t(), gd[2:] @ wd[1].t()]), **tol)
+
+
+# ---- the choice (main process) ----------------------------------------------------------------------
+
+
+def test_the_kernel_is_chosen_by_capability_triton_and_override():
+    pytest.importorskip("triton")
+    _, sm90 = _modules()
+    chosen = sm90.persistent_chosen
+    assert chosen("auto", (9, 0), True) and chosen("auto", (10, 0), True)
+    assert not chosen("auto", (8, 0), True) and not chosen("auto", None, True)  # A100, CPU: the pointer kernel
+    assert not chosen("auto", (9, 0), False)  # a Triton without tensor descriptors
+    assert not chosen("pointer", (9, 0), True) and not chosen("persistent", (9, 0), False)
+    assert chosen("persistent", None, True) and not chosen("persistent", (8, 6), True)  # the interpreter; no TMA
+    if not torch.cuda.is_available():  # what python -m geomoe_kernels.info says of it on a CPU
+        with sm90.forced("pointer"):
+            assert "the pointer-load kernel on cpu" in sm90.describe() and "GEOMOE_TRITON_GEMM=pointer" in sm90.describe()
+        with sm90.forced("persistent"):
+            assert "the persistent TMA kernel on cpu" in sm90.describe()
+
+
+def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
+    pytest.importorskip("triton")
+    _, sm90 = _modules()
+    x, w = torch.randn(8, 32).half(), torch.randn(2, 32, 16).half()
+    with sm90.forced("persistent"):
+        assert sm90.takes(x, w, "gelu", None, 16)
+        assert not sm90.takes(x.float(), w.float(), "gelu", None, 16)  # float32: the pointer kernel's
+        assert not sm90.takes(x, w.transpose(1, 2).contiguous().transpose(1, 2), "none", None, 16)  # columns strided
+        assert not sm90.takes(torch.randn(8, 33).half()[:, :32], w, "none", None, 16)  # rows 66 bytes apart
+        assert sm90.takes(torch.randn(8, 33).half()[:, :32], w, "none", torch.zeros(8, dtype=torch.long), 16)  # gathered
+        assert not sm90.takes(torch.randn(8 * 32 + 1).half()[1:].view(8, 32), w, "none", None, 16)  # base off 16 B
+        assert not sm90.takes(x.t().contiguous().t(), w, "none", torch.zeros(8, dtype=torch.long), 16)  # strided columns
+        assert not sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu", None, 12)  # 'up' box at 24 bytes
+    with sm90.forced("pointer"):
+        assert not sm90.takes(x, w, "gelu", None, 16)
+    with sm90.forced("persistent"):  # a gathered dgrad (the routed one): the pointer kernel's epilogue
+        r2f = torch.zeros(8, dtype=torch.long)
+        off = torch.tensor([0, 8, 8])
+        schedule = kernel_recipes.block_schedule(off, 8, 16)
+        args = (x[:, :16].contiguous(), w, off, schedule, torch.empty(8, 32).half(), None, None, "none", r2f, 1, True, "none")
+        assert sm90.launch(*args) is False
+
+
+def test_each_thread_gets_the_scratch_allocator_unless_it_has_one():
+    """Triton keeps the allocator in a context variable: a thread that never set one (autograd's
+    device thread runs the dgrad) gets ours at its first launch, one that set its own keeps it."""
+    import threading
+
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime import _allocation
+
+    _, sm90 = _modules()
+    seen = {}
+
+    def fresh():
+        seen["before"] = sm90._current_allocator_unset()
+        sm90._ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    def own():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        sm90._ensure_allocator()
+        seen["own"] = _allocation._allocator.get() is mine
+
+    for fn in (fresh, own):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert seen == {"before": True, "after": sm90._scratch, "own": True}
+
+
+def test_a_bad_override_is_refused_naming_the_variable(monkeypatch):
+    pytest.importorskip("triton")
+    _, sm90 = _modules()
+    monkeypatch.setenv("GEOMOE_TRITON_GEMM", "tma")
+    spec = importlib.util.spec_from_file_location("geomoe_kernels.triton._sm90_copy", sm90.__file__)
+    with pytest.raises(ValueError, match="GEOMOE_TRITON_GEMM must be one of auto, pointer, persistent; got 'tma'"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert os.environ["GEOMOE_TRITON_GEMM"] == "tma"
