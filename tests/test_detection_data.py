@@ -124,3 +124,30 @@ def test_synthetic_scenes_are_reproducible_with_boxes_inside():
         # the drawn object differs from the scene around it: its box is not empty of contrast
         x0, y0, x1, y1 = boxes[0].int().tolist()
         assert img[:, y0:y1, x0:x1].std() > 0.1
+
+
+def test_items_by_epoch_code_are_the_same_images_flipped_anew_each_epoch(tmp_path):
+    """The training loader asks for codes epoch * len + index: the same image (scene) every epoch,
+    its flip drawn again for each epoch (the same flips every epoch before, and codes past the end
+    were new scenes, or an IndexError for a COCO folder)."""
+    from geomoe.data import ResumableBatchSampler
+
+    codes = [c for batch in ResumableBatchSampler(3, 1, 0, 0, 6) for c in batch]
+    assert sorted(codes) == list(range(6))  # epoch 1 asks for 3, 4, 5
+    path = _coco(tmp_path, [_ann(1, 1, 7, [2, 3, 10, 5]), _ann(2, 2, 3, [20, 1, 6, 9])])
+    for ds, n in [
+        (SyntheticDetection(3, size=64, train=True, seed=1), 3),
+        (CocoDetection(path, str(tmp_path), True, 1, (40, 30)), 2),
+    ]:
+        for i in range(n):
+            first = ds[i][1]
+            w = ds[i][3][1]
+            flips = []
+            for epoch in range(8):
+                img, boxes, labels, size = ds[epoch * n + i]
+                mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                same, flipped = torch.equal(boxes, first), torch.equal(mirrored, first)
+                assert same or flipped, (type(ds).__name__, i, epoch)
+                flips.append(flipped and not same)
+                torch.testing.assert_close(labels, ds[i][2])
+            assert 0 < sum(flips) < 8, (type(ds).__name__, i, flips)  # P(all alike by chance) = 2 / 2**8

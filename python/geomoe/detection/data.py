@@ -11,7 +11,8 @@ for evaluation and dropped for training (OpenMMLab's filter_empty_gt).
 
 Batches: images resized keeping their ratio so that they fit (800, 800) as published (scale =
 min(800 / long side, 800 / short side): DIOR's 800 x 800 images are unchanged), flipped
-horizontally with probability 0.5 in training, normalised with the published mean / std (RGB
+horizontally with probability 0.5 in training (a new draw each epoch: the training loader asks
+for item codes epoch * len + index), normalised with the published mean / std (RGB
 0-255), padded with zeros to multiples of 32."""
 
 from __future__ import annotations
@@ -140,14 +141,16 @@ class CocoDetection(torch.utils.data.Dataset):
             if not self.records:
                 raise DetectionDataError(f"{ann_file}: no image has a box to train on")
         self.ann_file, self.train, self.seed, self.scale = ann_file, train, seed, scale
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, code: int):
+        """Item `code` = epoch * len + index (the ResumableBatchSampler's codes; evaluation's plain
+        indices are epoch 0): image `index`, its random flip drawn from (seed, epoch, index)."""
         from ..data import open_image
 
+        epoch, i = divmod(int(code), len(self.records))
         r = self.records[i]
         try:
             img = np.asarray(open_image(r.file))
@@ -157,7 +160,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DetectionDataError(
                 f"{r.file}: the image is {img.shape[1]} x {img.shape[0]}, its record in {self.ann_file} says {r.width} x {r.height}"
             )
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch, i])
         image, boxes, size = prepare(img, r.boxes, self.train, rng, self.scale)
         return image, boxes, r.labels, size
 
@@ -220,13 +223,14 @@ class SyntheticDetection(torch.utils.data.Dataset):
         if size % 32:
             raise ValueError(f"SyntheticDetection: size expected a multiple of 32, got {size}")
         self.length, self.size, self.train, self.seed = length, size, train, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, code: int):
+        """Item `code` = epoch * len + index, as CocoDetection's: scene `index`, flipped by (seed, epoch, index)."""
+        epoch, i = divmod(int(code), self.length)
         img, boxes, labels = synthetic_detection_scene(self.size, np.random.default_rng([self.seed, i]))
-        rng = np.random.default_rng([self.seed, self.epoch, i, 1])
+        rng = np.random.default_rng([self.seed, epoch, i, 1])
         image, boxes, size = prepare(img, boxes, self.train, rng, (self.size, self.size))
         return image, boxes, labels, size
