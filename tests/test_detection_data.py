@@ -151,3 +151,35 @@ def test_items_by_epoch_code_are_the_same_images_flipped_anew_each_epoch(tmp_pat
                 flips.append(flipped and not same)
                 torch.testing.assert_close(labels, ds[i][2])
             assert 0 < sum(flips) < 8, (type(ds).__name__, i, flips)  # P(all alike by chance) = 2 / 2**8
+
+
+def test_detections_on_resized_images_are_scored_in_the_images_own_pixels(tmp_path, monkeypatch):
+    """A COCO image of 41 x 30 fit to (100, 100) is 100 x 73 (x 2.439 in x, 2.433 in y): evaluation
+    maps the detections back by those factors and scores them against the file's own boxes."""
+    from torch import nn
+
+    from geomoe.detection import coco_eval
+    from geomoe.detection.detect import _DataErrors, evaluate
+
+    images = [{"id": 1, "file_name": "a.png", "width": 41, "height": 30}]
+    path = _coco(tmp_path, [_ann(1, 1, 7, [2, 3, 10, 5]), _ann(2, 1, 3, [20, 1, 6, 9])], images)
+    ds = CocoDetection(path, str(tmp_path), False, 0, (100, 100))
+    img, resized, labels, size = ds[0]
+    assert size == (73, 100)
+    boxes, _, (sx, sy) = ds.original(0)
+    assert (sx, sy) == (100 / 41, 73 / 30) and boxes.tolist() == [[2, 3, 12, 8], [20, 1, 26, 10]]
+    torch.testing.assert_close(resized, boxes * torch.tensor([sx, sy, sx, sy]))
+
+    class Oracle(nn.Module):  # detects the item's (resized) boxes exactly
+        def forward(self, image, sizes):
+            assert list(sizes) == [(73, 100)] and image.shape[-2:] == (96, 128)
+            return [{"boxes": resized.clone(), "scores": torch.tensor([0.9, 0.8]), "labels": labels.clone()}]
+
+    seen = []
+    real = coco_eval.coco_ap
+    monkeypatch.setattr(coco_eval, "coco_ap", lambda d, g, c: seen.append((d, g)) or real(d, g, c))
+    m = evaluate(Oracle(), _DataErrors(ds), "horizontal", torch.device("cpu"), "fp32")
+    (dets,), (gts,) = seen[0]
+    torch.testing.assert_close(dets["boxes"], boxes, rtol=0, atol=1e-5)  # in the image's own pixels
+    assert torch.equal(gts["boxes"], boxes) and gts["labels"].tolist() == labels.tolist()
+    assert m["bbox_mAP"] == pytest.approx(1.0) and m["bbox_mAP_50"] == pytest.approx(1.0)

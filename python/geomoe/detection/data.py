@@ -164,6 +164,15 @@ class CocoDetection(torch.utils.data.Dataset):
         image, boxes, size = prepare(img, r.boxes, self.train, rng, self.scale)
         return image, boxes, r.labels, size
 
+    def original(self, i: int) -> Tuple[Tensor, Tensor, Tuple[float, float]]:
+        """Image i's own annotation: (boxes [G, 4] in its pixels, labels, (sx, sy)), sx and sy the
+        factors item i's image and boxes were resized by (w / W, h / H): detections on the item map
+        back to the image by dividing x by sx and y by sy (as OpenMMLab's rescale)."""
+        r = self.records[i]
+        f = resize_scale(r.height, r.width, self.scale)
+        h, w = int(r.height * f + 0.5), int(r.width * f + 0.5)
+        return r.boxes, r.labels, (w / r.width, h / r.height)
+
 
 # ---- embedded data: scenes with drawn objects ------------------------------------------------------
 
