@@ -55,9 +55,10 @@ def _within(over: Tensor, alive: Tensor) -> Tensor:
     no earlier block removed -> kept [b]. Iterates kept = alive & not suppressed by a kept box: box i's
     value is final once those before it are, so this reaches the greedy result in at most b rounds,
     and it stops at the first fixed point, which is unique (each value is fixed by the earlier ones)."""
+    by = over.t().to(torch.float32)  # [j, i]: how many kept boxes suppress j, by a matrix-vector product (exact counts)
     kept = alive
     while True:
-        nxt = alive & ~(over & kept[:, None]).any(0)
+        nxt = alive & (torch.mv(by, kept.to(torch.float32)) == 0)
         if torch.equal(nxt, kept):
             return kept
         kept = nxt

@@ -208,10 +208,11 @@ def synthetic_detection_scene(size: int, rng: np.random.Generator, max_objects: 
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(20):
             cls = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
-            w = int(rng.integers(size // 10, size // 4))
-            h = w if cls in (0, 3) else int(w * rng.uniform(0.4, 0.8))
+            # 16 px and up whatever the scene's size: the smallest anchors are 32 px (stride 4 x scale 8)
+            w = int(rng.integers(max(16, size // 8), max(17, size // 3)))
+            h = w if cls in (0, 3) else int(w * rng.uniform(0.5, 0.8))
             if cls == 2:
-                w, h = max(4, w // 2), max(3, h // 2)
+                w, h = max(16, w * 2 // 3), max(10, h * 2 // 3)
             x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             box = [x0, y0, x0 + w, y0 + h]
             if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
