@@ -70,6 +70,8 @@ def test_coco_records_labels_by_category_id_and_skips_crowd_and_tiny(tmp_path):
         ([_ann(1, 1, 7, [30, 1, 14, 4])], None, r"annotation 1 box .* lies outside image a.png \(40 x 30\)"),
         ([_ann(1, 5, 7, [1, 1, 4, 4])], None, "annotation 1 refers to image 5"),
         ([{"id": 1, "image_id": 1, "category_id": 7}], None, "an annotation lacks a field"),
+        ([_ann(1, 1, 7, [-3, 1, 14, 4])], None, r"annotation 1 box \[x -3, .* lies outside image a.png"),
+        ([_ann(1, 1, 7, [1, 1, 14, 34])], None, r"annotation 1 box .* lies outside image a.png \(40 x 30\)"),
     ],
 )
 def test_bad_coco_files_name_the_file(tmp_path, annotations, images, match):
@@ -183,3 +185,13 @@ def test_detections_on_resized_images_are_scored_in_the_images_own_pixels(tmp_pa
     torch.testing.assert_close(dets["boxes"], boxes, rtol=0, atol=1e-5)  # in the image's own pixels
     assert torch.equal(gts["boxes"], boxes) and gts["labels"].tolist() == labels.tolist()
     assert m["bbox_mAP"] == pytest.approx(1.0) and m["bbox_mAP_50"] == pytest.approx(1.0)
+
+
+def test_a_training_file_whose_every_box_is_left_out_names_the_file(tmp_path):
+    """Annotations, but none to train on (crowd or sub-pixel only): an error naming the file; for
+    evaluation the images are kept (no boxes)."""
+    path = _coco(tmp_path, [_ann(1, 1, 7, [1, 1, 4, 4], iscrowd=1), _ann(2, 2, 3, [1, 1, 0.5, 4])])
+    with pytest.raises(DetectionDataError, match=f"{path}: no image has a box to train on"):
+        CocoDetection(path, str(tmp_path), train=True)
+    evaluation = CocoDetection(path, str(tmp_path), train=False)
+    assert [evaluation[i][1].shape[0] for i in range(2)] == [0, 0]
