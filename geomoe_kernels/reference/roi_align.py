@@ -7,8 +7,8 @@ else ceil(roi_h / PH) (gw likewise: 0 and -1 are both adaptive). Not aligned, a 
 1 x 1. A sample outside [-1, H] x [-1, W] reads 0; one inside is clamped to the map (torchvision's
 bilinear_interpolate). An empty grid (a zero-height aligned RoI) gives 0.
 
-The samples of each RoI are laid on a grid of the largest gh x gw among the RoIs (smaller grids
-masked): one host sync for that size. Each bin is a weighted sum of rows of the channels-last input
+RoIs are grouped by their gh x gw grid (host syncs: the groups and their sizes), so no sample is
+padding; only an empty grid is masked. Each bin is a weighted sum of rows of the channels-last input
 (embedding_bag: the gathered samples are never materialised); the backward multiplies the sparse
 transpose of those weights with the bins' gradients. Memory is bounded by doing RoIs in chunks."""
 
