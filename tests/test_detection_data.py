@@ -70,6 +70,8 @@ def test_coco_records_labels_by_category_id_and_skips_crowd_and_tiny(tmp_path):
         ([_ann(1, 1, 7, [30, 1, 14, 4])], None, r"annotation 1 box .* lies outside image a.png \(40 x 30\)"),
         ([_ann(1, 5, 7, [1, 1, 4, 4])], None, "annotation 1 refers to image 5"),
         ([{"id": 1, "image_id": 1, "category_id": 7}], None, "an annotation lacks a field"),
+        ([_ann(1, 1, 7, [-3, 1, 14, 4])], None, r"annotation 1 box \[x -3, .* lies outside image a.png"),
+        ([_ann(1, 1, 7, [1, 1, 14, 34])], None, r"annotation 1 box .* lies outside image a.png \(40 x 30\)"),
     ],
 )
 def test_bad_coco_files_name_the_file(tmp_path, annotations, images, match):
@@ -124,3 +126,72 @@ def test_synthetic_scenes_are_reproducible_with_boxes_inside():
         # the drawn object differs from the scene around it: its box is not empty of contrast
         x0, y0, x1, y1 = boxes[0].int().tolist()
         assert img[:, y0:y1, x0:x1].std() > 0.1
+
+
+def test_items_by_epoch_code_are_the_same_images_flipped_anew_each_epoch(tmp_path):
+    """The training loader asks for codes epoch * len + index: the same image (scene) every epoch,
+    its flip drawn again for each epoch (the same flips every epoch before, and codes past the end
+    were new scenes, or an IndexError for a COCO folder)."""
+    from geomoe.data import ResumableBatchSampler
+
+    codes = [c for batch in ResumableBatchSampler(3, 1, 0, 0, 6) for c in batch]
+    assert sorted(codes) == list(range(6))  # epoch 1 asks for 3, 4, 5
+    path = _coco(tmp_path, [_ann(1, 1, 7, [2, 3, 10, 5]), _ann(2, 2, 3, [20, 1, 6, 9])])
+    for ds, n in [
+        (SyntheticDetection(3, size=64, train=True, seed=1), 3),
+        (CocoDetection(path, str(tmp_path), True, 1, (40, 30)), 2),
+    ]:
+        for i in range(n):
+            first = ds[i][1]
+            w = ds[i][3][1]
+            flips = []
+            for epoch in range(8):
+                img, boxes, labels, size = ds[epoch * n + i]
+                mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                same, flipped = torch.equal(boxes, first), torch.equal(mirrored, first)
+                assert same or flipped, (type(ds).__name__, i, epoch)
+                flips.append(flipped and not same)
+                torch.testing.assert_close(labels, ds[i][2])
+            assert 0 < sum(flips) < 8, (type(ds).__name__, i, flips)  # P(all alike by chance) = 2 / 2**8
+
+
+def test_detections_on_resized_images_are_scored_in_the_images_own_pixels(tmp_path, monkeypatch):
+    """A COCO image of 41 x 30 fit to (100, 100) is 100 x 73 (x 2.439 in x, 2.433 in y): evaluation
+    maps the detections back by those factors and scores them against the file's own boxes."""
+    from torch import nn
+
+    from geomoe.detection import coco_eval
+    from geomoe.detection.detect import _DataErrors, evaluate
+
+    images = [{"id": 1, "file_name": "a.png", "width": 41, "height": 30}]
+    path = _coco(tmp_path, [_ann(1, 1, 7, [2, 3, 10, 5]), _ann(2, 1, 3, [20, 1, 6, 9])], images)
+    ds = CocoDetection(path, str(tmp_path), False, 0, (100, 100))
+    img, resized, labels, size = ds[0]
+    assert size == (73, 100)
+    boxes, _, (sx, sy) = ds.original(0)
+    assert (sx, sy) == (100 / 41, 73 / 30) and boxes.tolist() == [[2, 3, 12, 8], [20, 1, 26, 10]]
+    torch.testing.assert_close(resized, boxes * torch.tensor([sx, sy, sx, sy]))
+
+    class Oracle(nn.Module):  # detects the item's (resized) boxes exactly
+        def forward(self, image, sizes):
+            assert list(sizes) == [(73, 100)] and image.shape[-2:] == (96, 128)
+            return [{"boxes": resized.clone(), "scores": torch.tensor([0.9, 0.8]), "labels": labels.clone()}]
+
+    seen = []
+    real = coco_eval.coco_ap
+    monkeypatch.setattr(coco_eval, "coco_ap", lambda d, g, c: seen.append((d, g)) or real(d, g, c))
+    m = evaluate(Oracle(), _DataErrors(ds), "horizontal", torch.device("cpu"), "fp32")
+    (dets,), (gts,) = seen[0]
+    torch.testing.assert_close(dets["boxes"], boxes, rtol=0, atol=1e-5)  # in the image's own pixels
+    assert torch.equal(gts["boxes"], boxes) and gts["labels"].tolist() == labels.tolist()
+    assert m["bbox_mAP"] == pytest.approx(1.0) and m["bbox_mAP_50"] == pytest.approx(1.0)
+
+
+def test_a_training_file_whose_every_box_is_left_out_names_the_file(tmp_path):
+    """Annotations, but none to train on (crowd or sub-pixel only): an error naming the file; for
+    evaluation the images are kept (no boxes)."""
+    path = _coco(tmp_path, [_ann(1, 1, 7, [1, 1, 4, 4], iscrowd=1), _ann(2, 2, 3, [1, 1, 0.5, 4])])
+    with pytest.raises(DetectionDataError, match=f"{path}: no image has a box to train on"):
+        CocoDetection(path, str(tmp_path), train=True)
+    evaluation = CocoDetection(path, str(tmp_path), train=False)
+    assert [evaluation[i][1].shape[0] for i in range(2)] == [0, 0]

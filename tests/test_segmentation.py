@@ -72,6 +72,27 @@ def test_pyramid_shapes_and_aux_loss(model):
         assert C == (128,) * 4 and bb.out_indices == (1, 1, 2, 2)  # the tiny 3-block preset: 3/5/7/11 of 12 scaled
 
 
+@pytest.mark.parametrize("model", ["geomoe", "moevit"])
+def test_pyramid_shapes_and_aux_loss_at_512_and_800_px(model):
+    """The published input sizes (segmentation crops 512, detection 800): 4 levels at strides 4 to
+    32 with the preset's channels, and the aux loss 5e-6 x the encoder's per-layer sum."""
+    torch.manual_seed(0)
+    bb = build_backbone(model, "tiny", 0.0).eval()
+    for px in (512, 800):
+        x = torch.randn(1, 3, px, px)
+        with torch.no_grad():
+            feats, aux = bb(x)
+            if model == "geomoe":
+                per_layer = bb.forward_features(x).aux
+            else:
+                from geomoe.moevit_encoder import MoEViTEncoder
+
+                per_layer = MoEViTEncoder.forward(bb, x).aux
+        assert [tuple(f.shape) for f in feats] == [(1, c, px // s, px // s) for c, s in zip(bb.out_channels, (4, 8, 16, 32))]
+        assert all(torch.isfinite(f).all() for f in feats)
+        torch.testing.assert_close(aux, 5e-6 * per_layer.sum(), rtol=1e-6, atol=0)
+
+
 def test_geomoe_backbone_at_512_px_and_odd_grids():
     bb = DenseGeoMoE(**GEO).eval()
     with torch.no_grad():

@@ -7,8 +7,8 @@ else ceil(roi_h / PH) (gw likewise: 0 and -1 are both adaptive). Not aligned, a 
 1 x 1. A sample outside [-1, H] x [-1, W] reads 0; one inside is clamped to the map (torchvision's
 bilinear_interpolate). An empty grid (a zero-height aligned RoI) gives 0.
 
-The samples of each RoI are laid on a grid of the largest gh x gw among the RoIs (smaller grids
-masked): one host sync for that size. Each bin is a weighted sum of rows of the channels-last input
+RoIs are grouped by their gh x gw grid (host syncs: the groups and their sizes), so no sample is
+padding; only an empty grid is masked. Each bin is a weighted sum of rows of the channels-last input
 (embedding_bag: the gathered samples are never materialised); the backward multiplies the sparse
 transpose of those weights with the bins' gradients. Memory is bounded by doing RoIs in chunks."""
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CHUNK_ELEMENTS = 1 << 24  # gathered samples per chunk (x channels)
+_CHUNK_SAMPLES = 1 << 20  # bilinear taps per chunk of RoIs (an int64 index and a weight each)
 
 
 def _grid_sizes(rois: Tensor, PH: int, PW: int, scale: float, sampling_ratio: int, aligned: bool):
@@ -58,33 +58,40 @@ def _axis(start: Tensor, size: Tensor, grid: Tensor, bins: int, gmax: int, exten
 
 
 def _samples(input: Tensor, rois: Tensor, PH: int, PW: int, scale: float, sampling_ratio: int, aligned: bool) -> Iterator:
-    """For each chunk of RoIs: (rows of the chunk, flat pixel index [k, PH, PW, S] into one channel
-    plane of the batch laid [B, H, W], weight [k, PH, PW, S] already divided by the sample count)."""
+    """For each chunk of RoIs of one grid size: (the chunk's RoIs [k] int64, flat pixel index
+    [k, PH, PW, S] into one channel plane of the batch laid [B, H, W], weight [k, PH, PW, S] already
+    divided by the sample count). RoIs are grouped by their (gh, gw) grid so that no sample is
+    padding: with adaptive grids a few large RoIs would otherwise set the grid of all."""
     B, C, H, W = input.shape
     K = rois.shape[0]
     x1, y1, rw, rh, gh, gw = _grid_sizes(rois, PH, PW, scale, sampling_ratio, aligned)
     if K == 0:
         return
-    ghm, gwm = max(int(gh.max()), 1), max(int(gw.max()), 1)  # the host sync
     count = (gh * gw).clamp_min(1).to(x1.dtype)
     batch = rois[:, 0].to(torch.int64)
-    per_roi = PH * PW * ghm * gwm * 4 * max(C, 1)
-    step = max(1, _CHUNK_ELEMENTS // per_roi)
-    for lo in range(0, K, step):
-        sl = slice(lo, min(K, lo + step))
-        yl, yh, wyl, wyh = _axis(y1[sl], rh[sl], gh[sl], PH, ghm, H)
-        xl, xh, wxl, wxh = _axis(x1[sl], rw[sl], gw[sl], PW, gwm, W)
-        # [k, PH, ghm, 2] x [k, PW, gwm, 2] -> [k, PH, PW, ghm * gwm * 4]
-        ys, wy = torch.stack([yl, yh], -1), torch.stack([wyl, wyh], -1)
-        xs, wx = torch.stack([xl, xh], -1), torch.stack([wxl, wxh], -1)
-        k = ys.shape[0]
-        idx = (
-            batch[sl, None, None, None, None, None, None] * (H * W)
-            + ys[:, :, None, :, None, :, None] * W
-            + xs[:, None, :, None, :, None, :]
-        )
-        w = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :] / count[sl, None, None, None, None, None, None]
-        yield sl, idx.reshape(k, PH, PW, -1), w.reshape(k, PH, PW, -1)
+    key = gh * (int(gw.max()) + 1) + gw  # the host syncs: the grid sizes and the groups' sizes
+    key, order = torch.sort(key, stable=True)
+    sizes, counts = torch.unique_consecutive(key, return_counts=True)
+    start = 0
+    for _, n in zip(sizes.tolist(), counts.tolist()):
+        group = order[start : start + n]
+        start += n
+        ghm, gwm = max(int(gh[group[0]]), 1), max(int(gw[group[0]]), 1)
+        step = max(1, _CHUNK_SAMPLES // (PH * PW * ghm * gwm * 4))
+        for lo in range(0, n, step):
+            at = group[lo : lo + step]
+            yl, yh, wyl, wyh = _axis(y1[at], rh[at], gh[at], PH, ghm, H)
+            xl, xh, wxl, wxh = _axis(x1[at], rw[at], gw[at], PW, gwm, W)
+            # [k, PH, ghm, 2] x [k, PW, gwm, 2] -> [k, PH, PW, ghm * gwm * 4]: the rows' offsets and the
+            # y weights (over the sample count) first, then one broadcast op each for indices and weights
+            rows = batch[at, None, None, None] * (H * W) + torch.stack([yl, yh], -1) * W
+            wy = torch.stack([wyl, wyh], -1) / count[at, None, None, None]
+            xs, wx = torch.stack([xl, xh], -1), torch.stack([wxl, wxh], -1)
+            k = rows.shape[0]
+            shape = (k, PH, PW, ghm, gwm, 2, 2)  # written in this layout (out=): the reshapes below copy nothing
+            idx = torch.add(rows[:, :, None, :, None, :, None], xs[:, None, :, None, :, None, :], out=rows.new_empty(shape))
+            w = torch.mul(wy[:, :, None, :, None, :, None], wx[:, None, :, None, :, None, :], out=wy.new_empty(shape))
+            yield at, idx.reshape(k, PH, PW, -1), w.reshape(k, PH, PW, -1)
 
 
 def _channels_last(input: Tensor, acc: torch.dtype) -> Tensor:
@@ -106,12 +113,11 @@ def roi_align(
     B, C, H, W = input.shape
     K = rois.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
-    out = input.new_zeros(K, C, pooled_height, pooled_width, dtype=acc)
+    out = input.new_zeros(K, pooled_height, pooled_width, C, dtype=acc)
     table = _channels_last(input, acc)
-    for sl, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
-        k = idx.shape[0]
-        out[sl] = _pool(table, idx, w).reshape(k, pooled_height, pooled_width, C).permute(0, 3, 1, 2)
-    return out.to(input.dtype)
+    for at, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
+        out.index_copy_(0, at, _pool(table, idx, w).reshape(idx.shape[0], pooled_height, pooled_width, C))
+    return out.permute(0, 3, 1, 2).contiguous().to(input.dtype)
 
 
 def roi_align_backward(
@@ -130,11 +136,11 @@ def roi_align_backward(
     acc = torch.promote_types(input.dtype, torch.float32)
     grad = torch.zeros(B * H * W, C, dtype=acc, device=input.device)
     g = grad_out.to(acc).permute(0, 2, 3, 1)  # [K, PH, PW, C]
-    for sl, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
+    for at, idx, w in _samples(input, rois, pooled_height, pooled_width, spatial_scale, sampling_ratio, aligned):
         bins = idx.shape[0] * pooled_height * pooled_width
         S = idx.shape[-1]
         cols = torch.arange(bins, device=idx.device).repeat_interleave(S)
-        at = torch.stack([idx.reshape(-1), cols])  # in range by construction
-        weights_t = torch.sparse_coo_tensor(at, w.reshape(-1).to(acc), (B * H * W, bins), check_invariants=False)
-        grad += torch.sparse.mm(weights_t, g[sl].reshape(bins, C))
+        where = torch.stack([idx.reshape(-1), cols])  # in range by construction
+        weights_t = torch.sparse_coo_tensor(where, w.reshape(-1).to(acc), (B * H * W, bins), check_invariants=False)
+        grad += torch.sparse.mm(weights_t, g[at].reshape(bins, C))
     return grad.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous().to(input.dtype)

@@ -48,6 +48,26 @@ def test_reference_matches_greedy_loop(thr, per_class):
     assert torch.equal(got, _greedy(boxes, scores, thr, cls if per_class else None))
 
 
+@pytest.mark.parametrize("block, split", [(7, 64), (7, 1), (256, 1)])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_the_blocked_scan_matches_the_greedy_loop_across_blocks(monkeypatch, block, split, per_class):
+    """The reference scans blocks of the visiting order against the boxes kept so far and splits by
+    class: small blocks (many block boundaries, ties across them) and both class paths."""
+    from geomoe_kernels.reference import nms as ref
+
+    monkeypatch.setattr(ref, "_BLOCK", block)
+    monkeypatch.setattr(ref, "_SPLIT_CLASSES", split)
+    boxes, scores, cls = _clustered(90, classes=4, seed=3)
+    for thr in (0.0, 0.3, 0.7):
+        want = _greedy(boxes, scores, thr, cls if per_class else None)
+        assert torch.equal(nms(boxes, scores, thr, cls if per_class else None), want)
+    # a chain: each box suppresses the next one only (the longest fixed-point iteration in a block)
+    x = torch.arange(40, dtype=torch.float64) * 3
+    chain = torch.stack([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)  # IoU of neighbours 7/13
+    s = torch.linspace(1, 0.5, 40, dtype=torch.float64)
+    assert nms(chain, s, 0.5).tolist() == list(range(0, 40, 2)) == _greedy(chain, s, 0.5).tolist()
+
+
 def test_ties_keep_the_lower_index_first():
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=torch.float64)
     scores = torch.tensor([0.5, 0.5, 0.9, 0.5], dtype=torch.float64)

@@ -98,6 +98,25 @@ def test_reference_matches_loop_forward_and_backward(sampling, aligned, size):
     torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
+def test_many_rois_of_many_grid_sizes_in_small_chunks(monkeypatch):
+    """The reference groups RoIs by their adaptive grid and pools each group in chunks: RoIs of
+    every size, both images, in chunks of a few RoIs, against the loop, forward and backward."""
+    from geomoe_kernels.reference import roi_align as ref
+
+    monkeypatch.setattr(ref, "_CHUNK_SAMPLES", 200)
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(30, 2, generator=g, dtype=torch.float64) * 24 - 4
+    wh = torch.rand(30, 2, generator=g, dtype=torch.float64) * 26
+    rois = torch.cat([torch.randint(0, 2, (30, 1), generator=g).double(), xy, xy + wh], 1)
+    x = torch.randn(2, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    for sampling, aligned in [(0, True), (-1, False)]:
+        got = roi_align(x, rois, (2, 3), 0.5, sampling, aligned)
+        want = _loop(x, rois, 2, 3, 0.5, sampling, aligned)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        up = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, x, up)[0], torch.autograd.grad(want, x, up)[0], rtol=0, atol=1e-12)
+
+
 def test_empty_rois_and_an_empty_aligned_grid():
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     out = roi_align(x, torch.zeros(0, 5, dtype=torch.float64), 7, 1.0, 0, True)

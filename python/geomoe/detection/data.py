@@ -11,7 +11,8 @@ for evaluation and dropped for training (OpenMMLab's filter_empty_gt).
 
 Batches: images resized keeping their ratio so that they fit (800, 800) as published (scale =
 min(800 / long side, 800 / short side): DIOR's 800 x 800 images are unchanged), flipped
-horizontally with probability 0.5 in training, normalised with the published mean / std (RGB
+horizontally with probability 0.5 in training (a new draw each epoch: the training loader asks
+for item codes epoch * len + index), normalised with the published mean / std (RGB
 0-255), padded with zeros to multiples of 32."""
 
 from __future__ import annotations
@@ -140,14 +141,16 @@ class CocoDetection(torch.utils.data.Dataset):
             if not self.records:
                 raise DetectionDataError(f"{ann_file}: no image has a box to train on")
         self.ann_file, self.train, self.seed, self.scale = ann_file, train, seed, scale
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, code: int):
+        """Item `code` = epoch * len + index (the ResumableBatchSampler's codes; evaluation's plain
+        indices are epoch 0): image `index`, its random flip drawn from (seed, epoch, index)."""
         from ..data import open_image
 
+        epoch, i = divmod(int(code), len(self.records))
         r = self.records[i]
         try:
             img = np.asarray(open_image(r.file))
@@ -157,9 +160,18 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DetectionDataError(
                 f"{r.file}: the image is {img.shape[1]} x {img.shape[0]}, its record in {self.ann_file} says {r.width} x {r.height}"
             )
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch, i])
         image, boxes, size = prepare(img, r.boxes, self.train, rng, self.scale)
         return image, boxes, r.labels, size
+
+    def original(self, i: int) -> Tuple[Tensor, Tensor, Tuple[float, float]]:
+        """Image i's own annotation: (boxes [G, 4] in its pixels, labels, (sx, sy)), sx and sy the
+        factors item i's image and boxes were resized by (w / W, h / H): detections on the item map
+        back to the image by dividing x by sx and y by sy (as OpenMMLab's rescale)."""
+        r = self.records[i]
+        f = resize_scale(r.height, r.width, self.scale)
+        h, w = int(r.height * f + 0.5), int(r.width * f + 0.5)
+        return r.boxes, r.labels, (w / r.width, h / r.height)
 
 
 # ---- embedded data: scenes with drawn objects ------------------------------------------------------
@@ -196,10 +208,11 @@ def synthetic_detection_scene(size: int, rng: np.random.Generator, max_objects: 
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(20):
             cls = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
-            w = int(rng.integers(size // 10, size // 4))
-            h = w if cls in (0, 3) else int(w * rng.uniform(0.4, 0.8))
+            # 16 px and up whatever the scene's size: the smallest anchors are 32 px (stride 4 x scale 8)
+            w = int(rng.integers(max(16, size // 8), max(17, size // 3)))
+            h = w if cls in (0, 3) else int(w * rng.uniform(0.5, 0.8))
             if cls == 2:
-                w, h = max(4, w // 2), max(3, h // 2)
+                w, h = max(16, w * 2 // 3), max(10, h * 2 // 3)
             x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             box = [x0, y0, x0 + w, y0 + h]
             if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
@@ -220,13 +233,14 @@ class SyntheticDetection(torch.utils.data.Dataset):
         if size % 32:
             raise ValueError(f"SyntheticDetection: size expected a multiple of 32, got {size}")
         self.length, self.size, self.train, self.seed = length, size, train, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, code: int):
+        """Item `code` = epoch * len + index, as CocoDetection's: scene `index`, flipped by (seed, epoch, index)."""
+        epoch, i = divmod(int(code), self.length)
         img, boxes, labels = synthetic_detection_scene(self.size, np.random.default_rng([self.seed, i]))
-        rng = np.random.default_rng([self.seed, self.epoch, i, 1])
+        rng = np.random.default_rng([self.seed, epoch, i, 1])
         image, boxes, size = prepare(img, boxes, self.train, rng, (self.size, self.size))
         return image, boxes, labels, size

@@ -204,19 +204,25 @@ def evaluate(
 ) -> Optional[Dict[str, Any]]:
     """Detections on `dataset` (one image at a time; each process every world-th image, gathered on
     rank 0) scored as published: COCO bbox AP (horizontal) or rotated mAP at IoU 0.5, VOC07 11
-    points (oriented). None on the other ranks."""
+    points (oriented). None on the other ranks. Horizontal: a dataset with `original(i)` (a COCO
+    folder, its images resized) is scored in each image's own pixels against its own boxes."""
     net = _eval_model(model)
     was = net.training
     net.eval()
     dets, gts = [], []
     rank, world = (env.rank, env.world) if env is not None and env.enabled else (0, 1)
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    original = getattr(getattr(dataset, "dataset", dataset), "original", None) if boxes == "horizontal" else None
     for i in range(rank, n, world):
         img, gt_boxes, labels, size = dataset[i]
         image, sizes, _ = collate([(img, gt_boxes, labels, size)])
         with autocast(precision, device):
             (d,) = net(image.to(device), sizes)
-        dets.append({k: v.float().cpu() for k, v in d.items()})
+        d = {k: v.float().cpu() for k, v in d.items()}
+        if original is not None:  # scored in the image's own pixels, against its own annotation
+            gt_boxes, labels, (sx, sy) = original(i)
+            d["boxes"] = d["boxes"] / torch.tensor([sx, sy, sx, sy])
+        dets.append(d)
         gts.append({"boxes": gt_boxes, "labels": labels})
     net.train(was)
     if world > 1:  # back in the dataset's order: image i came from rank i % world
