@@ -571,14 +571,16 @@ def test_gemm_tests_again_on_an_emulated_h100():
     shared-memory descriptors, W by TMA completing on mbarriers (by cp.async where its rows are not
     16-byte aligned), carried out by csrc/emulation/sm90_ptx.cuh; then the GEMM and SwiGLU tests once
     more with every copy (cp.async and TMA) landing at issue, where a stage refilled before the
-    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test).
+    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test),
+    and the dynamic shared memory at another window address (3,712: another swizzle phase).
     Under ASan, the forward / dgrad / wgrad / SwiGLU subset."""
     env = dict(os.environ, GEOMOE_EMULATE_SM="90")
     if VARIANT == "asan":  # the AddressSanitizer run: forward, dgrad, wgrad and SwiGLU's paths
         _pytest(env, [__file__], "not (test_grouped_mm or swiglu_expert_mlp or weight_grad_of)")
         return
     _pytest(env, [__file__], f"not ({GEMM_TESTS})")
-    _pytest(dict(env, GEOMOE_EMULATE_COPIES="eager"), [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
+    eager = dict(env, GEOMOE_EMULATE_COPIES="eager", GEOMOE_EMULATE_SMEM_BASE="3712")  # swizzle phase 5, not 1
+    _pytest(eager, [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
 
 
 # ---- the layer and the model -----------------------------------------------------------------------
@@ -873,6 +875,21 @@ def test_detector_sm90_misuse(cases, case, message):
     a, b = torch.randn(64, 16).half(), torch.randn(16, 64).half()
     got = cases(case, a, b, out=torch.zeros(64 * 64))
     assert re.search(message, got), got
+
+
+def test_emulated_shared_window_base_not_a_multiple_of_128_fails_every_launch_naming_it():
+    script = (
+        "import torch; from geomoe_kernels import grouped_mm\n"
+        "try:\n"
+        "    grouped_mm(torch.randn(4, 8).half(), torch.randn(1, 8, 8).half(), torch.tensor([0, 4]), None, 'none', backend='cuda')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, GEOMOE_EMULATE_SMEM_BASE="1100")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "GEOMOE_EMULATE_SMEM_BASE expected a multiple of 128 below 65536 (bytes), got '1100'" in proc.stdout, (
+        proc.stdout + proc.stderr[-3000:]
+    )
 
 
 def test_grouped_mm_finds_its_blocks_among_many_experts():
