@@ -36,7 +36,9 @@
 // Not modelled (what covers it): that the 128 threads of a warpgroup pass the same descriptors and
 // reach the same wgmma (the kernels compute them from warp-uniform values; the fresh-reader audit
 // and the GPU tests); wgmma.fence and fence.proxy.async are no-ops (a CPU has one proxy: their
-// placement is checked by review and on the GPU); the cluster scope (the kernels use one CTA).
+// placement is checked by review and on the GPU); the cluster scope (the kernels use one CTA). An
+// in-flight operand overwritten with its own bits is not seen (nothing changed), and a refill whose
+// copies land lazily after the wait is seen only with GEOMOE_EMULATE_COPIES=eager (the tests run both).
 #pragma once
 #include <cuda_runtime.h>
 
