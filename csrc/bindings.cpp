@@ -138,6 +138,7 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
         "db_partial"_a, "stream"_a);
   m.def("grouped_mm_block_rows", &geomoe::grouped_mm_block_rows);
   m.def("grouped_mm_kernels", &geomoe::grouped_mm_kernels);
+  m.def("grouped_mm_kernels_for", &geomoe::grouped_mm_kernels_for, "probe_threads"_a);
   m.def("grouped_mm", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t w,
                          int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, std::uintptr_t bias,
                          int64_t blocks, std::uintptr_t offsets, int num_experts, int act,

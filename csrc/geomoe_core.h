@@ -99,8 +99,12 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 // rounds (ceil(M / rows)), token order, instead of one expert after another (rounds == 0).
 int grouped_mm_block_rows();
 // The kernels grouped_mm and grouped_mm_wgrad launch on the current device: "wgmma" (sm_90a: wgmma,
-// TMA, mbarriers; a 9.0 device and a build with sm_90a code) or "mma.sync" (every other device).
+// TMA, mbarriers; a 9.0 device that loaded the build's sm_90a code) or "mma.sync" (every other code,
+// where the wgmma kernels trap).
 const char* grouped_mm_kernels();
+// The same choice for a device whose probe kernel (grouped_gemm.cu: its __launch_bounds__ tell the
+// sm_90a cubin, 64 threads, from every other code, 32) reports `probe_threads` (0: no code loaded).
+const char* grouped_mm_kernels_for(int probe_threads);
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo,

@@ -1089,29 +1089,49 @@ inline dim3 grid_1d(int64_t blocks) { return dim3(blocks > 0xffffffffll ? 0xffff
 // tiles instead of 5 with the last half empty), 128 x 128 otherwise.
 inline bool narrow_tiles(int64_t N) { return N <= 64 || (N % 128 != 0 && N % 128 <= 64); }
 
-#if defined(GEOMOE_EMULATION) || defined(GEOMOE_SM90A_BUILT)
-constexpr bool kHasSm90a = true;  // the build has sm_90a code (the emulation carries out its kernels)
-#else
-constexpr bool kHasSm90a = false;
+// Which kernels the device can run is a property of the code it loaded from this file, not of its
+// compute capability alone: the sm_90a cubin has live wgmma kernels and mma.sync kernels that trap;
+// every other code (sm_80, a plain sm_90 cubin beside the sm_90a one, the compute_90 PTX on a newer
+// device) the reverse. The driver picks that code per device, so the launchers ask it: the probe
+// kernel below is never launched, and its __launch_bounds__ (the maxThreadsPerBlock that
+// cudaFuncGetAttributes reports for the code the device loaded) differ between the sm_90a cubin and
+// the rest, under the same condition as the traps.
+constexpr int kProbeSm90a = 64, kProbeOther = 32;
+#if !defined(GEOMOE_EMULATION) && GEOMOE_SM90A_CUBIN != GEOMOE_SM90A
+#error "the mma.sync kernels trap exactly where the wgmma kernels are live (the probe tells the launchers which)"
 #endif
+__global__ void __launch_bounds__(GEOMOE_SM90A_CUBIN ? kProbeSm90a : kProbeOther) cubin_probe() {}
 
-// Whether the launches go to the sm_90a (wgmma) kernels: the current device is 9.0 and the build has
-// sm_90a code (a newer device runs the mma.sync kernels through the compute_90 PTX). Queried once per
-// device; no host sync.
+// The kernels for a device whose probe reports `probe` threads (0: the query failed, and no code of
+// this file runs there): the wgmma ones exactly where that is the sm_90a cubin.
+inline bool wgmma_for(int probe) { return probe == kProbeSm90a; }
+
+// The probe on the current device. The emulated device carries out the sm_90a code where it is 9.0
+// (GEOMOE_EMULATE_SM=90) and the other code elsewhere: the emulated build compiles both live.
+inline int probe_current_device() {
+#if defined(GEOMOE_EMULATION)
+  (void)&cubin_probe;
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9 ? kProbeSm90a
+                                                                                                           : kProbeOther;
+#else
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, cubin_probe) == cudaSuccess ? attr.maxThreadsPerBlock : 0;
+#endif
+}
+
+// Whether the launches go to the sm_90a (wgmma) kernels on the current device. Queried once per
+// device (uncached past 64 devices); no host sync.
 inline bool use_wgmma() {
-  if (!kHasSm90a) return false;
-  static std::atomic<int> known[64];  // 0: not asked yet, 1: no, 2: yes
+  static std::atomic<int> known[64];  // 0: not asked yet, else the probe's answer
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return wgmma_for(probe_current_device());
   int v = known[dev].load(std::memory_order_relaxed);
   if (v == 0) {
-    int major = 0, minor = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess;
-    v = ok && major == 9 && minor == 0 ? 2 : 1;
-    known[dev].store(v, std::memory_order_relaxed);
+    v = probe_current_device();
+    known[dev].store(v == 0 ? -1 : v, std::memory_order_relaxed);
   }
-  return v == 2;
+  return wgmma_for(v);
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -1158,6 +1178,8 @@ bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_
 int grouped_mm_block_rows() { return BM; }
 
 const char* grouped_mm_kernels() { return use_wgmma() ? "wgmma" : "mma.sync"; }
+
+const char* grouped_mm_kernels_for(int probe_threads) { return wgmma_for(probe_threads) ? "wgmma" : "mma.sync"; }
 
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,

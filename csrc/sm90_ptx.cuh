@@ -22,6 +22,8 @@
 
 #include <cuda.h>  // CUtensorMap (a type only: the encoder comes from the runtime's driver entry point)
 
+#include "sm90_desc.cuh"  // make_desc: the wgmma descriptor (the emulated build decodes the same function's bits)
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GEOMOE_SM90A 1
 #else
@@ -32,13 +34,6 @@ namespace geomoe {
 namespace sm90 {
 
 __device__ inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-// The descriptor of a 64-row x 16-column operand whose first element is at shared address `addr`
-// (128-byte swizzle, SBO 1,024 bytes, LBO unused and set to 1).
-__device__ inline uint64_t make_desc(uint32_t addr) {
-  return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
 
 __device__ inline void trap_unless_sm90a() {
 #if !GEOMOE_SM90A

@@ -102,6 +102,48 @@ def test_cuda_core_embeds_the_ptx_of_its_newest_architecture():
     assert re.search(rf"\.sm_{arch}\.ptx", listed.stdout), listed.stdout[-2000:]
 
 
+def _cubin_probe_bounds(tool, library):
+    """{arch: the grouped GEMM's probe kernel's max threads} in `library`'s cubins (cuobjdump -elf:
+    EIATTR_MAX_THREADS of .nv.info.<probe>) and embedded PTX ("compute_NN": its .maxntid)."""
+    found, arch, probe, max_threads = {}, None, False, False
+    with subprocess.Popen([tool, "-elf", library], stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            text = line.strip()
+            if line.startswith("arch = "):
+                arch = text.split("=")[1].strip()
+            elif line.startswith(".nv.info."):
+                probe, max_threads = "cubin_probe" in line, False
+            elif probe and text.startswith("Attribute:"):
+                max_threads = text.endswith("EIATTR_MAX_THREADS")
+            elif probe and max_threads and text.startswith("Value:"):
+                found[arch], probe = int(text.split()[1], 16), False
+    ptx = subprocess.run([tool, "-ptx", library], capture_output=True, text=True, timeout=300).stdout
+    for section in re.split(r"\narch = ", ptx)[1:]:
+        entry = re.search(r"\.entry \w*cubin_probe\w*\(\s*\)\s*\.maxntid (\d+), 1, 1", section)
+        if entry:
+            found["compute_" + section.split()[0].removeprefix("sm_")] = int(entry.group(1))
+    return found
+
+
+@pytest.mark.skipif(not REQUIRED and cuda._core is None, reason="CUDA core not built here (no nvcc); CI requires it")
+def test_cubin_probe_tells_the_sm90a_code_from_every_other():
+    """The launchers run the wgmma kernels exactly where the probe kernel's maxThreadsPerBlock on
+    the device is 64 (grouped_gemm.cu; core.grouped_mm_kernels_for, tested in
+    test_cuda_emulated.py): its __launch_bounds__ in the shipped code must be 64 in the sm_90a cubin
+    (where the mma.sync kernels compile to a trap) and 32 in every other cubin and in the embedded
+    PTX (where the wgmma kernels do), read back from the built core."""
+    triton = pytest.importorskip("triton")  # its wheel carries cuobjdump where the toolkit has none
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump to read the cubins")
+    bounds = _cubin_probe_bounds(tool, cuda._core.__file__)
+    archs = os.environ.get("GEOMOE_CUDA_ARCHS", "80;90a").split(";")
+    want = {f"sm_{a}": 64 if a == "90a" else 32 for a in archs if a}
+    want[f"compute_{_newest_ptx_arch(';'.join(archs))}"] = 32
+    assert bounds == want
+
+
 # what the CUDA runtime says when a launch finds no usable GPU (the core prefixes the binding's name)
 NO_GPU_LAUNCH = re.compile(
     r"geomoe CUDA core: \w+: (CUDA driver version is insufficient for CUDA runtime version"

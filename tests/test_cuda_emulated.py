@@ -336,6 +336,41 @@ def test_grouped_mm_pipeline_in_its_steady_state(dtype):
     _gathered_gelu_within_reference(ids, 3, K=200, N=40, dtype=dtype)
 
 
+def test_grouped_mm_stage_ring_wraps_forward_dgrad_and_wgrad():
+    """Every kernel's 3-stage ring wrapped several times, against the float64 loop over experts: the
+    forward's reduction K = 456 and the dgrad's N = 456 (8 K steps of the wgmma kernels' 64, 15 of
+    the mma.sync kernels' 32: each stage refilled twice, each TMA mbarrier through phases 0, 1, 0),
+    and the weight gradient of an expert with 456 rows (8 row steps of the wgmma kernel's 64); W by
+    TMA on an emulated H100 (rows on 16 bytes). A stage refilled early, a wrong barrier parity or a
+    wgmma operand changed before its wait shows here. Expert 1 has no rows, expert 2 nine."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    E, big, dtype = 3, 456, torch.float16
+    off = torch.tensor([0, 456, 456, 465])
+    M, core = int(off[-1]), cuda.CudaGroupedGemm()
+    experts = [(int(off[e]), int(off[e + 1])) for e in range(E)]
+
+    a = (torch.randn(M, big) / 2).to(dtype)  # forward: [M, 456] @ [456, 72]
+    w = (torch.randn(E, big, 72) / big**0.5).to(dtype)
+    b = torch.randn(E, 72).to(dtype)
+    out, _ = recipe.forward(core, a, w, off, b, "gelu")
+    pre = torch.cat([a[lo:hi].double() @ w[e].double() + b[e].double() for e, (lo, hi) in enumerate(experts)])
+    torch.testing.assert_close(out.double(), torch.nn.functional.gelu(pre), rtol=4e-3, atol=4e-3)
+
+    g = torch.randn(M, big).to(dtype)  # dgrad: [M, 456] @ W[e]^T, W[e] [72, 456]
+    wt = (torch.randn(E, 72, big) / big**0.5).to(dtype)
+    da = recipe.dgrad(core, g, wt, off)
+    exact = torch.cat([g[lo:hi].double() @ wt[e].double().T for e, (lo, hi) in enumerate(experts)])
+    torch.testing.assert_close(da.double(), exact, rtol=4e-3, atol=4e-3)
+
+    x, gy = torch.randn(M, 72).to(dtype), torch.randn(M, 72).to(dtype)  # wgrad over 456 rows of expert 0
+    dw, db = recipe.weight_grad(core, x, gy, off, splits=1)
+    for e, (lo, hi) in enumerate(experts):
+        torch.testing.assert_close(dw[e].double(), x[lo:hi].double().T @ gy[lo:hi].double(), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(db[e].double(), gy[lo:hi].double().sum(0), rtol=1e-4, atol=1e-3)
+    assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
+
+
 def _gathered_gelu_within_reference(ids, E, K, N, dtype):
     """The gathered GELU grouped GEMM on routing `ids` [T, k], forward and every gradient, within
     the reference's error."""
@@ -513,6 +548,18 @@ def test_gathered_rows_past_2_31_elements(act):
     assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
 
 
+def test_wgmma_kernels_only_where_the_device_loaded_the_sm90a_code():
+    """The launchers' choice from the probe kernel's maxThreadsPerBlock on the device (its
+    __launch_bounds__: 64 in the sm_90a cubin, where the mma.sync kernels compile to a trap; 32 in
+    every other code, where the wgmma kernels do): wgmma exactly for the sm_90a cubin, so a plain
+    sm_90 cubin that the driver picks beside it (GEOMOE_CUDA_ARCHS=80;90;90a), a newer device
+    running the compute_90 PTX, or a failed query (0) all get the mma.sync kernels, and a 9.0 device
+    that loaded the sm_90a code gets the wgmma ones whatever else its queries say."""
+    assert CORE.grouped_mm_kernels_for(64) == "wgmma"
+    for probe in (32, 0, 1024, -1):
+        assert CORE.grouped_mm_kernels_for(probe) == "mma.sync"
+
+
 GEMM_TESTS = "grouped_mm or weight_grad or expert_mlp or swiglu or wgmma_kernels or past_2_31"
 
 
@@ -524,14 +571,16 @@ def test_gemm_tests_again_on_an_emulated_h100():
     shared-memory descriptors, W by TMA completing on mbarriers (by cp.async where its rows are not
     16-byte aligned), carried out by csrc/emulation/sm90_ptx.cuh; then the GEMM and SwiGLU tests once
     more with every copy (cp.async and TMA) landing at issue, where a stage refilled before the
-    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test).
+    barrier that ends its reads shows (moving the refill above that barrier fails the pipeline test),
+    and the dynamic shared memory at another window address (3,712: another swizzle phase).
     Under ASan, the forward / dgrad / wgrad / SwiGLU subset."""
     env = dict(os.environ, GEOMOE_EMULATE_SM="90")
     if VARIANT == "asan":  # the AddressSanitizer run: forward, dgrad, wgrad and SwiGLU's paths
         _pytest(env, [__file__], "not (test_grouped_mm or swiglu_expert_mlp or weight_grad_of)")
         return
     _pytest(env, [__file__], f"not ({GEMM_TESTS})")
-    _pytest(dict(env, GEOMOE_EMULATE_COPIES="eager"), [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
+    eager = dict(env, GEOMOE_EMULATE_COPIES="eager", GEOMOE_EMULATE_SMEM_BASE="3712")  # swizzle phase 5, not 1
+    _pytest(eager, [__file__], "not (test_grouped_mm or swiglu_expert_mlp)")
 
 
 # ---- the layer and the model -----------------------------------------------------------------------
@@ -783,6 +832,64 @@ def test_detector_warp_collective_names_an_absent_lane(cases, case, message):
 )
 def test_detector_wmma_misuse(cases, case, message):
     assert re.search(message, cases(case)), cases(case)
+
+
+def test_detector_controls_sm90_wgmma_and_tma_ring(cases):
+    """The emulated sm_90a instructions on a shared window whose dynamic shared memory starts at
+    1,152 (not 1,024-byte aligned): one wgmma from swizzled tiles the kernel aligned in the window,
+    against A @ B; a 3-stage TMA ring of 6 steps (each mbarrier through phases 0, 1) delivering
+    every step's box."""
+    a, b, out = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.zeros(64 * 64)
+    assert cases("wgmma_tile", a, b, out=out) == "no error"
+    torch.testing.assert_close(out.reshape(64, 64).double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+    x, out = torch.arange(384.0).repeat_interleave(64).half(), torch.zeros(64)
+    assert cases("tma_ring", x, out=out) == "no error"
+    assert out[:6].tolist() == [0.0, 64.0, 128.0, 192.0, 256.0, 320.0]
+
+
+def test_detector_tma_wait_with_a_wrong_parity_reads_the_stage_s_old_data(cases):
+    """try_wait.parity(0) on a barrier whose phase 0 has completed returns at once, the refill of the
+    stage still in flight: steps 3-5 read steps 0-2's boxes (as a GPU may)."""
+    x, out = torch.arange(384.0).repeat_interleave(64).half(), torch.zeros(64)
+    assert cases("tma_ring_wrong_parity", x, out=out) == "no error"
+    assert out[:6].tolist() == [0.0, 64.0, 128.0, 0.0, 64.0, 128.0]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "wgmma_tile_not_1024_aligned",
+            r"broken::wgmma_tile<1> .*wgmma.mma_async at broken_kernels.cu:\d+: wgmma descriptor of A "
+            r"0x[0-9a-f]+: start address 0x480 is in row 1 of its 1,024-byte swizzle atom, but the base offset "
+            r"field is 0",
+        ),
+        (
+            "wgmma_operand_overwritten",
+            r"broken::wgmma_tile<2> .*thread \(3,0,0\): wgmma.mma_async issued at broken_kernels.cu:\d+: its "
+            r"operand B changed before the wgmma.wait_group at broken_kernels.cu:\d+ that completes it",
+        ),
+    ],
+)
+def test_detector_sm90_misuse(cases, case, message):
+    a, b = torch.randn(64, 16).half(), torch.randn(16, 64).half()
+    got = cases(case, a, b, out=torch.zeros(64 * 64))
+    assert re.search(message, got), got
+
+
+def test_emulated_shared_window_base_not_a_multiple_of_128_fails_every_launch_naming_it():
+    script = (
+        "import torch; from geomoe_kernels import grouped_mm\n"
+        "try:\n"
+        "    grouped_mm(torch.randn(4, 8).half(), torch.randn(1, 8, 8).half(), torch.tensor([0, 4]), None, 'none', backend='cuda')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, GEOMOE_EMULATE_SMEM_BASE="1100")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "GEOMOE_EMULATE_SMEM_BASE expected a multiple of 128 below 65536 (bytes), got '1100'" in proc.stdout, (
+        proc.stdout + proc.stderr[-3000:]
+    )
 
 
 def test_grouped_mm_finds_its_blocks_among_many_experts():

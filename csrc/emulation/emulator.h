@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -171,8 +172,9 @@ struct Thread {
   // sm_90 (sm90_ptx.cuh): wgmma.mma_async issued and not yet carried out, oldest first, and the
   // operations in each committed group not yet waited for
   std::vector<std::function<void()>> wgmma_ops;
+  std::vector<Site> wgmma_issues;  // where each was issued
   std::vector<std::size_t> wgmma_groups;
-  Site wgmma_site;  // where the oldest pending one was issued
+  Site wgmma_wait_site;  // the wait carrying them out
 };
 
 // An mbarrier (sm90_ptx.cuh) in shared memory: arrivals expected per phase, those still missing, the
@@ -223,6 +225,7 @@ struct Runtime {
   bool failed = false;
   std::string failure;
   unsigned char* dynamic_smem = nullptr;
+  std::size_t smem_base = 0;  // the shared-window address of dynamic_smem[0] (emulated_smem_base)
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
@@ -366,7 +369,7 @@ inline void thread_exit(Thread& t) {
     throw Error(
         format("the thread returns with %zu wgmma.mma_async not waited for (the first issued at %s); "
                "wgmma.wait_group before reading the accumulators or returning",
-               t.wgmma_ops.size(), t.wgmma_site.str().c_str()));
+               t.wgmma_ops.size(), t.wgmma_issues.front().str().c_str()));
   if (!t.async_copies.empty())
     throw Error(
         format("the thread returns with %zu asynchronous copies not waited for (the first issued at %s); "
@@ -440,6 +443,7 @@ inline void run_block(unsigned block_linear) {
     t.async_copies.clear();
     t.async_batches.clear();
     t.wgmma_ops.clear();
+    t.wgmma_issues.clear();
     t.wgmma_groups.clear();
     t.ctx.prepare(r.stacks[i], &thread_main, &t);
   }
@@ -490,6 +494,25 @@ inline std::string config_error(const LaunchSpec& s) {
   return {};
 }
 
+// Where the launch's dynamic shared memory starts in the emulated shared window (what the sm_90
+// instructions of sm90_ptx.cuh address): GEOMOE_EMULATE_SMEM_BASE bytes (read once per process; a
+// multiple of 128 below 64 KiB), 1,152 by default. On a GPU the dynamic shared memory follows the
+// block's reserved 1 KiB and the kernel's static __shared__ variables, so it is rarely 1,024-byte
+// aligned: a kernel whose 128-byte-swizzled tiles (TMA, wgmma) assume it is meets a descriptor or
+// TMA alignment error here, and one whose swizzle phase is off reads the wrong elements. Host
+// pointers keep the window's alignment modulo 128 (the buffer is 128-byte aligned).
+// SIZE_MAX where the variable holds anything else (every launch then fails, naming it).
+inline std::size_t emulated_smem_base() {
+  static const std::size_t base = [] {
+    const char* v = std::getenv("GEOMOE_EMULATE_SMEM_BASE");
+    if (v == nullptr || *v == 0) return std::size_t(1152);
+    char* end = nullptr;
+    const unsigned long long b = std::strtoull(v, &end, 0);
+    return *end != 0 || b % 128 != 0 || b >= 65536 ? SIZE_MAX : std::size_t(b);
+  }();
+  return base;
+}
+
 inline cudaError_t launch(const LaunchSpec& s) {
   Runtime& r = runtime();
   std::lock_guard<std::mutex> lock(r.mutex);
@@ -497,6 +520,12 @@ inline cudaError_t launch(const LaunchSpec& s) {
   r.kernel_name.clear();
   r.failed = false;
   r.failure.clear();
+  if (emulated_smem_base() == SIZE_MAX) {
+    set_error(cudaErrorInvalidConfiguration,
+              format("GEOMOE_EMULATE_SMEM_BASE expected a multiple of 128 below 65536 (bytes), got '%s'",
+                     std::getenv("GEOMOE_EMULATE_SMEM_BASE")));
+    return cudaErrorInvalidConfiguration;
+  }
   if (std::string why = config_error(s); !why.empty()) {
     set_error(cudaErrorInvalidConfiguration,
               format("kernel %s (launched at %s): %s", r.name().c_str(), s.site.str().c_str(), why.c_str()));
@@ -518,6 +547,7 @@ inline cudaError_t launch(const LaunchSpec& s) {
   std::unique_ptr<unsigned char, void (*)(void*)> smem(static_cast<unsigned char*>(raw), std::free);
   r.dynamic_smem = smem.get();
   r.dynamic_smem_bytes = s.smem;
+  r.smem_base = emulated_smem_base();
   const unsigned long long blocks = 1ull * s.grid.x * s.grid.y * s.grid.z;
   // last block first: a kernel that expects earlier blocks to have finished fails here as it may on a GPU
   for (unsigned long long n = blocks; n-- > 0 && !r.failed;) {

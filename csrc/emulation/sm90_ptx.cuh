@@ -4,25 +4,41 @@
 // descriptor and canonical shared-memory layouts; "mbarrier"; "cp.async.bulk.tensor" and the
 // driver's cuTensorMapEncodeTiled).
 //
-// wgmma.mma_async is asynchronous here as on the GPU: an issued operation reads its shared-memory
-// operands and writes the thread's accumulators only when the thread waits for its group
-// (wgmma.wait_group), the latest a GPU may; so a kernel that reads accumulators before the wait
-// reads old values, and one that refills a stage before the wgmma reading it has completed feeds it
-// the new data; the tests' results show both. Each thread computes its own accumulator elements
-// (the fragment layout of the PTX ISA's m64nNk16 D matrix), products of halves exact in float, sums
-// in k order. Descriptors: the 128-byte swizzle with base offset 0 only (what the kernels use), the
-// operand addresses checked to lie inside the launch's dynamic shared memory.
+// wgmma.mma_async is asynchronous here as on the GPU: the hardware may read an issued operation's
+// shared-memory operands at any time until the thread's wait for its group (wgmma.wait_group), so
+// the emulation reads them at issue, reads them again at that wait and fails the launch if any
+// element changed in between (a stage refilled, or a tile overwritten, before the wgmma reading it
+// has completed), and writes the thread's accumulators only at the wait, the latest a GPU may (a
+// kernel that reads them before the wait reads old values). Each thread computes its own
+// accumulator elements (the fragment layout of the PTX ISA's m64nNk16 D matrix) from the operand
+// elements it reads (together the warpgroup's threads read every element of both operands),
+// products of halves exact in float, sums in k order.
+//
+// Descriptors: the kernel's own make_desc (csrc/sm90_desc.cuh, the one both builds include) builds
+// them and every field is decoded here as the PTX ISA lays it out; the 128-byte swizzle with base
+// offset 0 only (what the kernels use), which requires the start address to lie in the first
+// 128-byte row of a 1,024-byte aligned swizzle atom (the base offset field is (addr >> 7) & 7
+// otherwise), and the operand addresses must lie inside the launch's dynamic shared memory.
+// Addresses are shared-window addresses, and the dynamic shared memory starts at
+// GEOMOE_EMULATE_SMEM_BASE (emulator.h; 1,152 by default, not 1,024-byte aligned, as on a GPU where
+// static shared memory comes first): the swizzle XORs the window address's bits 4-6 with its bits
+// 7-9 as the hardware does, so a tile not 1,024-byte aligned is refused (TMA, wgmma) or read in the
+// wrong swizzle phase.
 //
 // mbarrier: arrivals and transaction bytes per phase, phase parity; a thread waiting for a phase
-// that has not completed blocks (a deadlock names it). TMA: the box is read from global memory when
-// the copy is issued (elements outside the tensor are zeros, as the tensor map's OOB fill NONE
-// says), written to shared memory (with the 128-byte swizzle) and counted on its mbarrier when a
-// thread waits on that barrier: the latest; GEOMOE_EMULATE_COPIES=eager lands it at issue instead.
+// that has not completed blocks (a deadlock names it); a wait for a parity whose phase has completed
+// returns at once, whatever is in flight on the barrier (a wrong parity reads a stage's old data).
+// TMA: the box is read from global memory when the copy is issued (elements outside the tensor are
+// zeros, as the tensor map's OOB fill NONE says), written to shared memory (with the 128-byte
+// swizzle of its window addresses) and counted on its mbarrier when a thread waits on that
+// barrier's current phase: the latest; GEOMOE_EMULATE_COPIES=eager lands it at issue instead.
 //
 // Not modelled (what covers it): that the 128 threads of a warpgroup pass the same descriptors and
 // reach the same wgmma (the kernels compute them from warp-uniform values; the fresh-reader audit
 // and the GPU tests); wgmma.fence and fence.proxy.async are no-ops (a CPU has one proxy: their
-// placement is checked by review and on the GPU); the cluster scope (the kernels use one CTA).
+// placement is checked by review and on the GPU); the cluster scope (the kernels use one CTA). An
+// in-flight operand overwritten with its own bits is not seen (nothing changed), and a refill whose
+// copies land lazily after the wait is seen only with GEOMOE_EMULATE_COPIES=eager (the tests run both).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -35,48 +51,81 @@
 
 #include <cuda_pipeline_primitives.h>  // eager_copies()
 
+#include "sm90_desc.cuh"  // make_desc: the kernels' own (csrc/sm90_desc.cuh)
+
 #define GEOMOE_SM90A 1  // the emulation carries out the sm_90a code path
 
 namespace geomoe_emu {
 
-// The shared-window address of p: its offset in the launch's dynamic shared memory (descriptors and
-// TMA address only that), or of an mbarrier (any shared object: its own address, never dereferenced
-// through the window).
+// The shared-window address of p (the dynamic shared memory starts at the window address
+// runtime().smem_base): descriptors and TMA address only the launch's dynamic shared memory. An
+// mbarrier (any shared object) is known by its own address, never through the window.
 inline uint32_t shared_offset(const void* p, const char* what) {
   Runtime& r = runtime();
   const auto* q = static_cast<const unsigned char*>(p);
   if (q < r.dynamic_smem || q >= r.dynamic_smem + r.dynamic_smem_bytes)
     throw Error(format("%s: address %p is not in the launch's %zu bytes of dynamic shared memory", what, p,
                        r.dynamic_smem_bytes));
-  return static_cast<uint32_t>(q - r.dynamic_smem);
+  return static_cast<uint32_t>(r.smem_base + (q - r.dynamic_smem));
 }
 
-inline unsigned char* shared_at(uint64_t offset, std::size_t bytes, const char* what) {
+// The bytes at shared-window address `addr`, which must lie in the launch's dynamic shared memory.
+inline unsigned char* shared_at(uint64_t addr, std::size_t bytes, const char* what) {
   Runtime& r = runtime();
-  if (offset + bytes > r.dynamic_smem_bytes)
-    throw Error(format("%s: shared address 0x%llx (+%zu bytes) is past the launch's %zu bytes of dynamic shared memory",
-                       what, static_cast<unsigned long long>(offset), bytes, r.dynamic_smem_bytes));
-  return r.dynamic_smem + offset;
+  if (addr < r.smem_base || addr - r.smem_base + bytes > r.dynamic_smem_bytes)
+    throw Error(format("%s: shared address 0x%llx (+%zu bytes) is outside the launch's %zu bytes of dynamic shared "
+                       "memory at 0x%zx",
+                       what, static_cast<unsigned long long>(addr), bytes, r.dynamic_smem_bytes, r.smem_base));
+  return r.dynamic_smem + (addr - r.smem_base);
 }
 
+// The 128-byte swizzle of a shared-window address: its 16-byte chunk (bits 4-6) XOR its row in the
+// 1,024-byte atom (bits 7-9), the pattern TMA's SWIZZLE_128B writes and wgmma's layout 1 reads.
 inline uint64_t swizzle128(uint64_t addr) { return addr ^ (((addr >> 7) & 7) << 4); }
 
-// Element (mn, k) of a wgmma operand described by desc; K-major: row mn, column k; MN-major: row
-// k, column mn (the rows 128 bytes, 8-row groups SBO apart, 64-element column groups LBO apart).
-template <class T> float wgmma_operand(uint64_t desc, int mn, int k, bool mn_major) {
+// The window address of element (mn, k) of a wgmma operand described by desc (a T of 2 bytes);
+// K-major: row mn, column k; MN-major: row k, column mn (the rows 128 bytes, 8-row groups SBO apart,
+// 64-element column groups LBO apart), swizzled. The fields, as the PTX ISA's "Matrix Descriptor
+// Format" lays them out: start address bits 0-13 (>> 4), LBO 16-29, SBO 32-45, base offset 49-51,
+// swizzle mode 62-63 (1: 128 bytes).
+inline uint64_t wgmma_operand_address(uint64_t desc, int mn, int k, bool mn_major, std::size_t elem) {
   const uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+  const int row = mn_major ? k : mn, col = mn_major ? mn : k;
+  return swizzle128(start + uint64_t(row / 8) * sbo + uint64_t(row % 8) * 128 + uint64_t(col / 64) * lbo +
+                    uint64_t(col % 64) * elem);
+}
+
+// What the emulator requires of a descriptor (and the hardware of its fields): the 128-byte swizzle,
+// base offset 0 and so a start address in the first row of a 1,024-byte aligned atom, SBO 1,024
+// bytes (8 rows of 128), a nonzero LBO field (unused by a 64-element wide operand, 1 by convention).
+inline void check_wgmma_descriptor(uint64_t desc, const char* operand) {
+  const uint64_t start = (desc & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
   const unsigned base_offset = (desc >> 49) & 7, layout = static_cast<unsigned>(desc >> 62);
   if (layout != 1 || base_offset != 0)
-    throw Error(format("wgmma descriptor 0x%016llx: layout %u, base offset %u; the emulator models the 128-byte "
-                       "swizzle (layout 1) with base offset 0",
-                       static_cast<unsigned long long>(desc), layout, base_offset));
-  const int row = mn_major ? k : mn, col = mn_major ? mn : k;
-  const uint64_t addr = start + uint64_t(row / 8) * sbo + uint64_t(row % 8) * 128 + uint64_t(col / 64) * lbo +
-                        uint64_t(col % 64) * sizeof(T);
-  T v;
-  std::memcpy(&v, shared_at(swizzle128(addr), sizeof(T), "wgmma.mma_async operand"), sizeof(T));
-  return static_cast<float>(v);
+    throw Error(format("wgmma descriptor of %s 0x%016llx: swizzle mode %u, base offset %u; the emulator models the "
+                       "128-byte swizzle (mode 1) with base offset 0",
+                       operand, static_cast<unsigned long long>(desc), layout, base_offset));
+  if ((start >> 7) & 7)
+    throw Error(format("wgmma descriptor of %s 0x%016llx: start address 0x%llx is in row %u of its 1,024-byte "
+                       "swizzle atom, but the base offset field is 0 (128-byte swizzled tiles start 1,024-byte "
+                       "aligned in the shared window)",
+                       operand, static_cast<unsigned long long>(desc), static_cast<unsigned long long>(start),
+                       static_cast<unsigned>((start >> 7) & 7)));
+  if (sbo != 1024 || ((desc >> 16) & 0x3FFF) == 0)
+    throw Error(format("wgmma descriptor of %s 0x%016llx: stride byte offset %llu, leading byte offset field %llu; "
+                       "a 128-byte swizzled operand has 8-row groups 1,024 bytes apart",
+                       operand, static_cast<unsigned long long>(desc), static_cast<unsigned long long>(sbo),
+                       static_cast<unsigned long long>((desc >> 16) & 0x3FFF)));
 }
+
+// One issued wgmma.mma_async of one thread: the window addresses of the operand elements it reads
+// (rows l / 4 and l / 4 + 8 of its warp's 16 of A, its 16 columns of B; 16 k each) and their bits
+// as read at issue.
+struct WgmmaOperands {
+  static constexpr int kA = 2 * 16, kB = 16 * 16;
+  uint32_t addr[kA + kB];
+  uint16_t bits[kA + kB];
+};
 
 }  // namespace geomoe_emu
 
@@ -84,11 +133,6 @@ namespace geomoe {
 namespace sm90 {
 
 inline uint32_t smem_addr(const void* p) { return geomoe_emu::shared_offset(p, "shared address"); }
-
-inline uint64_t make_desc(uint32_t addr) {
-  return (static_cast<uint64_t>((addr & 0x3FFFF) >> 4)) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
 
 inline void wgmma_fence() {}
 inline void fence_operand(float (&)[32]) {}  // the compiler's register moves: nothing to emulate
@@ -101,13 +145,16 @@ inline void wgmma_commit() {
   t.wgmma_groups.push_back(t.wgmma_ops.size() - grouped);
 }
 
-// Carries out every committed group but the newest N, oldest first.
-template <int N> inline void wgmma_wait() {
+// Carries out every committed group but the newest N, oldest first (each operation checks that its
+// operands still hold what it read at issue).
+template <int N> inline void wgmma_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   geomoe_emu::Thread& t = *geomoe_emu::g_thread;
   std::size_t done = 0, groups = 0;
   for (; t.wgmma_groups.size() - groups > static_cast<std::size_t>(N); ++groups) done += t.wgmma_groups[groups];
+  t.wgmma_wait_site = {file, line};  // for the operations' messages
   for (std::size_t i = 0; i < done; ++i) t.wgmma_ops[i]();
   t.wgmma_ops.erase(t.wgmma_ops.begin(), t.wgmma_ops.begin() + done);
+  t.wgmma_issues.erase(t.wgmma_issues.begin(), t.wgmma_issues.begin() + done);
   t.wgmma_groups.erase(t.wgmma_groups.begin(), t.wgmma_groups.begin() + groups);
 }
 
@@ -115,23 +162,59 @@ template <typename T, int TRANS_A, int TRANS_B>
 inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d,
                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16 operands");
+  static_assert(sizeof(T) == sizeof(uint16_t), "16-bit operands");
+  using geomoe_emu::WgmmaOperands;
   geomoe_emu::Thread& t = *geomoe_emu::g_thread;
+  const geomoe_emu::Site issue{file, line};
   const unsigned in_group = (t.warp % 4) * 32 + t.lane;  // the thread's place in its warpgroup
-  if (t.wgmma_ops.empty()) t.wgmma_site = {file, line};
-  t.wgmma_ops.push_back([&d, desc_a, desc_b, scale_d, in_group, file, line] {
-    const unsigned w = in_group / 32, l = in_group % 32;
-    float out[32];
-    try {
-      for (int r = 0; r < 32; ++r) {
-        const int row = 16 * w + l / 4 + 8 * ((r / 2) % 2), col = 8 * (r / 4) + 2 * (l % 4) + r % 2;
-        float acc = scale_d ? d[r] : 0.f;
-        for (int k = 0; k < 16; ++k)
-          acc += geomoe_emu::wgmma_operand<T>(desc_a, row, k, TRANS_A) * geomoe_emu::wgmma_operand<T>(desc_b, col, k, TRANS_B);
-        out[r] = acc;
+  const unsigned w = in_group / 32, l = in_group % 32;
+  // read at issue, the earliest the hardware may: A's rows 16 w + l / 4 (+ 8), B's columns
+  // 8 q + 2 (l % 4) + p (the thread's accumulator elements' rows and columns)
+  auto ops = std::make_shared<WgmmaOperands>();
+  try {
+    geomoe_emu::check_wgmma_descriptor(desc_a, "A");
+    geomoe_emu::check_wgmma_descriptor(desc_b, "B");
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k)
+        ops->addr[h * 16 + k] = static_cast<uint32_t>(
+            geomoe_emu::wgmma_operand_address(desc_a, 16 * w + l / 4 + 8 * h, k, TRANS_A, sizeof(T)));
+    for (int c = 0; c < 16; ++c)
+      for (int k = 0; k < 16; ++k)
+        ops->addr[WgmmaOperands::kA + c * 16 + k] = static_cast<uint32_t>(
+            geomoe_emu::wgmma_operand_address(desc_b, 8 * (c / 2) + 2 * (l % 4) + c % 2, k, TRANS_B, sizeof(T)));
+    for (int i = 0; i < WgmmaOperands::kA + WgmmaOperands::kB; ++i)
+      std::memcpy(&ops->bits[i], geomoe_emu::shared_at(ops->addr[i], 2, "wgmma.mma_async operand"), 2);
+  } catch (const geomoe_emu::Error& e) {
+    throw geomoe_emu::Error(geomoe_emu::format("wgmma.mma_async at %s: ", issue.str().c_str()) + e.message);
+  }
+  t.wgmma_issues.push_back(issue);
+  // at the wait (the latest the hardware may read them): the same bits, then the products
+  t.wgmma_ops.push_back([&d, ops, scale_d, issue, &t] {
+    const geomoe_emu::Site wait = t.wgmma_wait_site;
+    for (int i = 0; i < WgmmaOperands::kA + WgmmaOperands::kB; ++i) {
+      uint16_t now;
+      std::memcpy(&now, geomoe_emu::shared_at(ops->addr[i], 2, "wgmma.mma_async operand"), 2);
+      if (now != ops->bits[i]) {
+        const bool a = i < WgmmaOperands::kA;
+        const int j = a ? i : i - WgmmaOperands::kA;
+        throw geomoe_emu::Error(geomoe_emu::format(
+            "wgmma.mma_async issued at %s: its operand %s changed before the wgmma.wait_group at %s that completes it "
+            "(shared address 0x%x, k %d: 0x%04x at issue, 0x%04x now); the hardware may read the operands at any time "
+            "until that wait",
+            issue.str().c_str(), a ? "A" : "B", wait.str().c_str(), ops->addr[i], j % 16, ops->bits[i], now));
       }
-    } catch (const geomoe_emu::Error& e) {
-      throw geomoe_emu::Error(geomoe_emu::format("wgmma.mma_async issued at %s: ", geomoe_emu::Site{file, line}.str().c_str()) +
-                              e.message);
+    }
+    auto value = [&](int i) {
+      T v;
+      std::memcpy(static_cast<void*>(&v), &ops->bits[i], sizeof v);
+      return static_cast<float>(v);
+    };
+    float out[32];
+    for (int r = 0; r < 32; ++r) {  // row half (r / 2) % 2, column c = 2 (r / 4) + r % 2 of the thread's 16
+      const int h = (r / 2) % 2, c = 2 * (r / 4) + r % 2;
+      float acc = scale_d ? d[r] : 0.f;
+      for (int k = 0; k < 16; ++k) acc += value(h * 16 + k) * value(WgmmaOperands::kA + c * 16 + k);
+      out[r] = acc;
     }
     std::memcpy(d, out, sizeof out);
   });
@@ -189,11 +272,14 @@ inline void mbar_wait(uint64_t* bar, unsigned parity, const char* file = __built
   geomoe_emu::Thread& t = *geomoe_emu::g_thread;
   for (;;) {
     geomoe_emu::Mbarrier& b = mbarrier_of(bar, "mbarrier.try_wait.parity");
-    if (!b.copies.empty()) {
+    // the phase of that parity has completed (the current one has the other parity): at once, and
+    // what is in flight on the barrier (the current phase's copies) has not landed
+    if (b.phase != (parity & 1u)) return;
+    if (!b.copies.empty()) {  // the current phase's copies land now, the latest they may
       mbar_land(b);
       mbarrier_settle(b);
+      continue;
     }
-    if (b.phase != (parity & 1u)) return;  // the phase of that parity has completed
     t.state = geomoe_emu::State::kMbarrier;
     t.site = {file, line};
     t.what = "mbarrier.try_wait.parity";

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "geomoe_core.h"
+#include "sm90_ptx.cuh"  // the emulated sm_90a instructions (csrc/emulation/sm90_ptx.cuh)
 
 namespace broken {
 
@@ -150,6 +151,83 @@ __global__ void dynamic_shared_past_end(float* out) {
   out[threadIdx.x] = dyn[threadIdx.x + 1];
 }
 
+// ---- sm_90a: wgmma, TMA, mbarriers (launched on an emulated window whose dynamic shared memory
+// starts at 1,152, GEOMOE_EMULATE_SMEM_BASE's default: not 1,024-byte aligned) ----
+
+// The element offset of (row, col) in a 128-byte swizzled 64 x 64 tile of halves (the kernels' swz).
+__device__ inline int swz(int row, int col) { return row * 64 + (((col >> 3) ^ (row & 7)) << 3) + (col & 7); }
+
+__device__ inline unsigned char* aligned_1024(unsigned char* smem) {
+  const uint32_t a = geomoe::sm90::smem_addr(smem);
+  return smem + ((1024 - (a & 1023)) & 1023);
+}
+
+enum WgmmaCase { kCorrect, kNotAligned, kOverwrite };
+
+// One warpgroup: D (64 x 64) = A (64 x 16, K-major) B (16 x 64, MN-major), from swizzled tiles.
+// kCorrect: the tiles 1,024-byte aligned in the shared window. kNotAligned: at the start of the
+// dynamic shared memory (aligned in the host buffer, not in the window). kOverwrite: an element of
+// B is changed after every thread has issued the wgmma and before they wait for it.
+template <int CASE> __global__ void wgmma_tile(const __half* a, const __half* b, float* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __half* const as = reinterpret_cast<__half*>(CASE == kNotAligned ? smem : aligned_1024(smem));
+  __half* const bs = as + 64 * 64;
+  const int t = threadIdx.x;
+  for (int i = t; i < 64 * 16; i += 128) as[swz(i / 16, i % 16)] = a[i];  // A[m][k]: row m
+  for (int i = t; i < 16 * 64; i += 128) bs[swz(i / 64, i % 64)] = b[i];  // B[k][n]: row k
+  geomoe::sm90::fence_proxy_async();
+  __syncthreads();
+  float d[32];
+  for (int r = 0; r < 32; ++r) d[r] = 0.f;
+  geomoe::sm90::wgmma_fence();
+  geomoe::sm90::wgmma_m64n64k16<__half, 0, 1>(d, geomoe::sm90::make_desc(geomoe::sm90::smem_addr(as)),
+                                              geomoe::sm90::make_desc(geomoe::sm90::smem_addr(bs)), 1);
+  geomoe::sm90::wgmma_commit();
+  if (CASE == kOverwrite) {
+    __syncthreads();  // every thread has issued
+    if (t == 0) bs[swz(3, 7)] = __hneg(bs[swz(3, 7)]);
+  }
+  geomoe::sm90::wgmma_wait<0>();
+  for (int r = 0; r < 32; ++r)
+    out[(16 * (t / 32) + t % 32 / 4 + 8 * ((r / 2) % 2)) * 64 + 8 * (r / 4) + 2 * (t % 4) + r % 2] = d[r];
+}
+
+// One thread: a 3-stage ring of TMA boxes (64 x 64 halves) on three mbarriers, 6 steps, so each
+// barrier completes two phases; step kt waits with parity (kt / 3) & 1 (WRONG_PARITY: 0) and
+// writes the first element of its box, row 64 kt of x, to out[kt]; the stage is refilled after.
+template <bool WRONG_PARITY> __global__ void tma_ring(const __grid_constant__ CUtensorMap map, float* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __half* const tiles = reinterpret_cast<__half*>(aligned_1024(smem));
+  __shared__ __align__(8) uint64_t full[3];
+  for (int s = 0; s < 3; ++s) geomoe::sm90::mbar_init(&full[s], 1);
+  auto load = [&](int step) {
+    geomoe::sm90::mbar_arrive_expect_tx(&full[step % 3], 64 * 64 * 2);
+    geomoe::sm90::tma_load_3d(tiles + step % 3 * 64 * 64, &map, &full[step % 3], 0, 64 * step, 0);
+  };
+  for (int kt = 0; kt < 3; ++kt) load(kt);
+  for (int kt = 0; kt < 6; ++kt) {
+    geomoe::sm90::mbar_wait(&full[kt % 3], WRONG_PARITY ? 0u : unsigned(kt / 3) & 1u);
+    out[kt] = __half2float(tiles[kt % 3 * 64 * 64]);
+    if (kt + 3 < 6) load(kt + 3);
+  }
+}
+
+// x: 384 rows of 64 halves, as a 3-D tensor map of 64 x 64 boxes with the 128-byte swizzle.
+inline CUtensorMap ring_map(const void* x) {
+  alignas(64) CUtensorMap map;
+  const cuuint64_t dims[3] = {64, 384, 1}, strides[2] = {64 * 2, 384 * 64 * 2};
+  const cuuint32_t box[3] = {64, 64, 1}, ones[3] = {1, 1, 1};
+  void* fn = nullptr;
+  cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, nullptr);
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
+                              const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  reinterpret_cast<Encode>(fn)(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, const_cast<void*>(x), dims, strides, box, ones,
+                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                               CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return map;
+}
+
 cudaError_t run(const char* name, const void* a, const void* b, float* out) {
   auto is = [&](const char* n) { return std::strcmp(name, n) == 0; };
   const auto* fa = static_cast<const float*>(a);
@@ -200,7 +278,19 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
     GEOMOE_LAUNCH(1, 64, 0, s, read_past_end)(fa, out);
   else if (is("static_shared_past_end"))
     GEOMOE_LAUNCH(1, 64, 0, s, static_shared_past_end)(out);
-  else if (is("dynamic_shared_past_end"))
+  else if (is("wgmma_tile"))
+    GEOMOE_LAUNCH(1, 128, 3 * 8192, s, wgmma_tile<kCorrect>)(ha, static_cast<const __half*>(b), out);
+  else if (is("wgmma_tile_not_1024_aligned"))
+    GEOMOE_LAUNCH(1, 128, 3 * 8192, s, wgmma_tile<kNotAligned>)(ha, static_cast<const __half*>(b), out);
+  else if (is("wgmma_operand_overwritten"))
+    GEOMOE_LAUNCH(1, 128, 3 * 8192, s, wgmma_tile<kOverwrite>)(ha, static_cast<const __half*>(b), out);
+  else if (is("tma_ring") || is("tma_ring_wrong_parity")) {
+    const CUtensorMap map = ring_map(a);
+    if (is("tma_ring"))
+      GEOMOE_LAUNCH(1, 1, 4 * 8192, s, tma_ring<false>)(map, out);
+    else
+      GEOMOE_LAUNCH(1, 1, 4 * 8192, s, tma_ring<true>)(map, out);
+  } else if (is("dynamic_shared_past_end"))
     GEOMOE_LAUNCH(1, 64, 64 * sizeof(float), s, dynamic_shared_past_end)(out);
   else
     return cudaErrorInvalidValue;
