@@ -14,10 +14,12 @@ ask for more samples than memory or time allow).
   off: they refuse it), give NaN bins and pass no gradient back.
 
 As a sparse matrix: output [K * PH * PW, C] = S @ input rows [B * H * W, C], with four weights per
-sample; the backward is S^T @ grad. The reference builds S in float64, for all the rois of one
-sample grid at once (one grid with a fixed sampling_ratio) and at most ENTRIES_PER_CHUNK entries at
-a time, as compressed rows: each bin's entries are contiguous, so the rows need no sort; the
-backward sorts each chunk's entries by pixel (a stable sort: sums in a fixed order)."""
+sample; the backward is S^T @ grad. The reference builds S in the inputs' precision, at least
+float32 (float64 inputs give float64 answers; CPU training's float32 runs at half the memory
+traffic), for all the rois of one sample grid at once (one grid with a fixed sampling_ratio), at
+most ENTRIES_PER_CHUNK entries at a time, as compressed rows: each bin's entries are contiguous,
+so the rows need no sort; the backward sorts each chunk's entries by pixel (a stable sort: sums in
+a fixed order)."""
 
 import warnings
 from typing import Iterator, Sequence, Tuple
@@ -26,12 +28,12 @@ import torch
 from torch import Tensor
 
 MAX_GRID = 64  # samples per bin side at most (sampling_ratio <= 0); a fixed sampling_ratio above it is refused
-ENTRIES_PER_CHUNK = 1 << 22  # bounds the float64 temporaries: four weights per sample
+ENTRIES_PER_CHUNK = 1 << 22  # bounds the temporaries: four weights per sample
 
 
 def _grids(rois: Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool):
-    """Per roi: centre (x, y), side lengths, and the sample grid (gh, gw), in float64."""
-    r = rois.double()
+    """Per roi: centre (x, y), side lengths, and the sample grid (gh, gw), in rois' dtype."""
+    r = rois
     offset = 0.5 if aligned else 0.0
     cx, cy = r[:, 1] * spatial_scale - offset, r[:, 2] * spatial_scale - offset
     w, h = r[:, 3] * spatial_scale, r[:, 4] * spatial_scale
@@ -66,19 +68,19 @@ def _chunks(
     rois = torch.where(finite[:, None], rois, torch.zeros_like(rois))
     cx, cy, w, h, gh, gw = _grids(rois, output_size, spatial_scale, sampling_ratio, aligned)
     gh, gw = gh * finite, gw * finite
-    theta = rois[:, 5].double() * (-1.0 if clockwise else 1.0)
+    theta = rois[:, 5] * (-1.0 if clockwise else 1.0)
     cos, sin = torch.cos(theta), torch.sin(theta)
     base = rois[:, 0].to(index) * (H * W)
-    ph = torch.arange(PH, dtype=torch.float64, device=dev)
-    pw = torch.arange(PW, dtype=torch.float64, device=dev)
+    ph = torch.arange(PH, dtype=rois.dtype, device=dev)
+    pw = torch.arange(PW, dtype=rois.dtype, device=dev)
     fixed = sampling_ratio > 0
     grids = [(sampling_ratio, sampling_ratio)] if fixed else torch.unique(torch.stack([gh, gw], 1), dim=0).tolist()
     for g0, g1 in ((int(a), int(b)) for a, b in grids):
         if g0 == 0 or g1 == 0:
             continue  # an empty roi: its bins stay 0
         group = torch.nonzero(finite if fixed else (gh == g0) & (gw == g1)).view(-1)
-        iy = (torch.arange(g0, dtype=torch.float64, device=dev) + 0.5) / g0
-        ix = (torch.arange(g1, dtype=torch.float64, device=dev) + 0.5) / g1
+        iy = (torch.arange(g0, dtype=rois.dtype, device=dev) + 0.5) / g0
+        ix = (torch.arange(g1, dtype=rois.dtype, device=dev) + 0.5) / g1
         step = max(1, ENTRIES_PER_CHUNK // (PH * PW * g0 * g1 * 4))
         for lo in range(0, group.numel(), step):
             sel = group[lo : lo + step]
@@ -140,7 +142,9 @@ def roi_align_rotated(
 ) -> Tensor:
     B, C, H, W = input.shape
     K, (PH, PW) = rois.shape[0], output_size
-    flat = input.double().permute(0, 2, 3, 1).reshape(B * H * W, C)
+    acc = torch.promote_types(torch.promote_types(input.dtype, rois.dtype), torch.float32)
+    rois = rois.to(acc)
+    flat = input.to(acc).permute(0, 2, 3, 1).reshape(B * H * W, C)
     out = flat.new_zeros(K, PH * PW, C)
     for sel, cols, vals in _chunks(rois, (B, C, H, W), output_size, spatial_scale, sampling_ratio, aligned, clockwise):
         rows, n = cols.shape
@@ -165,7 +169,9 @@ def roi_align_rotated_backward(
 ) -> Tensor:
     B, C, H, W = input_shape
     K, _, PH, PW = grad_out.shape
-    g = grad_out.double().permute(0, 2, 3, 1).reshape(K, PH * PW, C)
+    acc = torch.promote_types(torch.promote_types(grad_out.dtype, rois.dtype), torch.float32)
+    rois = rois.to(acc)
+    g = grad_out.to(acc).permute(0, 2, 3, 1).reshape(K, PH * PW, C)
     grad = g.new_zeros(B * H * W, C)
     for sel, cols, vals in _chunks(rois, (B, C, H, W), (PH, PW), spatial_scale, sampling_ratio, aligned, clockwise):
         rows, n = cols.shape
