@@ -122,3 +122,25 @@ def test_records_read_their_images(tmp_path):
     x, boxes, labels, size = ds[0]
     # 64 px fits 800 x 800 by a factor of 12.5
     assert size == (800, 800) and torch.allclose(boxes, torch.tensor([[250.0, 187.5, 250, 125, 0]]))
+
+
+def test_loader_item_codes_are_epoch_times_length_plus_index(tmp_path):
+    """The training loader asks for item codes epoch * len + index: each epoch the same images (and
+    embedded scenes), their flips drawn anew (a record past the list was an IndexError in epoch 2)."""
+    root = _dior_root(
+        tmp_path,
+        {"1": [("ship", [10, 10, 30, 10, 30, 20, 10, 20])], "2": [("vehicle", [40, 40, 50, 40, 50, 44, 40, 44])]},
+        {"train": ["1", "2"], "val": []},
+    )
+    os.makedirs(os.path.join(root, "JPEGImages-trainval"))
+    for i in ("1", "2"):
+        Image.fromarray(np.full((64, 64, 3), 100 + int(i), np.uint8)).save(os.path.join(root, "JPEGImages-trainval", f"{i}.jpg"))
+    for ds in (OrientedDetection(load_dior_r(root, "train"), train=False), OrientedDetection(length=2, size=64, train=False)):
+        for i in range(2):
+            a, b = ds[i], ds[i + 2 * 3]  # epoch 3
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    flips = OrientedDetection(length=2, size=64, train=True, seed=4)
+    firsts = {tuple(flips[2 * e][1].flatten().tolist()) for e in range(8)}  # scene 0 in 8 epochs
+    assert len(firsts) > 1  # flipped anew
+    scene = synthetic_oriented_scene(64, np.random.default_rng([4, 0]))[1]
+    assert all(len(f) == scene.numel() for f in firsts)  # the same objects

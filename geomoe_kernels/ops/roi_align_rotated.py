@@ -3,7 +3,9 @@ of mmrotate's Oriented R-CNN; reference/roi_align_rotated.py says exactly what i
 input [B, C, H, W] (any float dtype; sums in float32 or wider), rois [K, 6] (batch index, cx, cy,
 w, h, angle in radians) -> [K, C, PH, PW] in input's dtype. Differentiable in input (the rois come
 from proposals: no gradient flows to them). The published detector pools 7 x 7 with
-sampling_ratio 2, aligned, clockwise.
+sampling_ratio 2, aligned, clockwise. An adaptive grid (sampling_ratio <= 0) is ceil(roi side / bins)
+samples a bin side as mmcv's, but at most MAX_GRID (64; mmcv's is unbounded: a huge roi would take
+more memory or time than any machine has); a fixed sampling_ratio above it is refused.
 
 Triton: the forward is one program per (roi, block of bins, block of channels), summing its
 samples in a fixed order; the backward adds each sample's four weighted gradients into the input's
@@ -61,6 +63,11 @@ def _check(input: Tensor, rois: Tensor, output_size: List[int], sampling_ratio: 
     check_tensor(OP, "rois", rois, dtypes=FLOAT_DTYPES, shape=(None, 6), device=input.device)
     if len(output_size) != 2 or min(output_size) < 1:
         raise OpInputError(f"{OP}: argument 'output_size' expected two positive ints (PH, PW), got {list(output_size)}")
+    if sampling_ratio > _ref.MAX_GRID:
+        raise OpInputError(
+            f"{OP}: argument 'sampling_ratio' expected at most {_ref.MAX_GRID} samples a bin side (or <= 0: adaptive, "
+            f"ceil(roi side / bins) capped at {_ref.MAX_GRID}), got {sampling_ratio}"
+        )
     if min(input.shape[2:]) < 1:
         raise OpInputError(f"{OP}: argument 'input' expected a non-empty map, got shape {list(input.shape)}")
 

@@ -19,7 +19,8 @@ rotated box's coordinates) decide, and count a shared side twice or not at all.
 Boxes with w <= 0 or h <= 0 are empty: their IoU with anything is 0. A box with a non-finite
 coordinate gives NaN in its row or column (never a silently wrong number). The arithmetic runs in
 float64 here (float32 in the Triton kernel, float64 for float64 boxes), relative to the first box's
-centre, so that boxes far from the origin keep their precision."""
+centre, so that boxes far from the origin keep their precision, and scaled to the pair's largest
+side, so that the areas of huge boxes do not overflow (nor those of tiny ones underflow)."""
 
 import torch
 from torch import Tensor
@@ -74,7 +75,13 @@ def _inside_part(edges_of: Tensor, clip_by: Tensor, closed: bool) -> Tensor:
 def pair_iou(b1: Tensor, b2: Tensor) -> Tensor:
     """IoU of b1[i] and b2[i] for equal-length [P, 5] float64 boxes."""
     shift = torch.cat([b1[:, :2], torch.zeros_like(b1[:, 2:])], 1)
-    p1, p2 = corners(b1 - shift), corners(b2 - shift)
+    # IoU does not change with the scale: each pair is scaled by the power of two nearest its largest
+    # side (exact arithmetic), so that areas neither overflow (w h of huge boxes) nor underflow
+    _, exponent = torch.frexp(torch.maximum(b1[:, 2:4].abs().amax(1), b2[:, 2:4].abs().amax(1)))
+    scale = torch.ldexp(torch.ones_like(b1[:, :1]), -exponent[:, None].clamp(-1000, 1000))
+    scale = torch.cat([scale.expand(-1, 4), torch.ones_like(scale)], 1)
+    b1, b2 = (b1 - shift) * scale, (b2 - shift) * scale
+    p1, p2 = corners(b1), corners(b2)
     inter = _inside_part(p1, p2, closed=True) + _inside_part(p2, p1, closed=False)
     area1, area2 = b1[:, 2] * b1[:, 3], b2[:, 2] * b2[:, 3]
     inter = torch.minimum(inter.clamp(min=0.0), torch.minimum(area1, area2))

@@ -2,11 +2,14 @@
 
 IoU: one program per tile of pairs, the Green's-theorem clipping of reference/box_iou_rotated.py
 (each edge of one box clipped against the other's four half-planes, no polygon built or sorted),
-coordinates relative to the first box's centre. Two edges count as parallel when |cross| is
-below 1e-6 of the product of their lengths: then the edge is in or out as a whole, which decides
-identical boxes and shared sides the same way whatever rounding (or fused multiply-adds) the
-compiler chose; a nearly parallel edge misjudged so moves the area by at most its length times
-1e-6 of it.
+coordinates relative to the first box's centre and scaled to the pair's largest side (huge
+boxes' areas stay finite), pairs whose enclosing boxes do not meet 0 outright. Two edges count
+as parallel when |cross| is below 1e-6 of the product of their lengths: then the edge is in or
+out as a whole, which decides identical boxes and shared sides the same way whatever rounding (or
+fused multiply-adds) the compiler chose; a nearly parallel edge misjudged so moves the area by at
+most its length times 1e-6 of it.
+
+RoIAlign's adaptive grid is bounded as the reference's (MAX_GRID samples a bin side).
 
 NMS: the same arithmetic writes a bit matrix (box i overlaps box j above the threshold, same
 class), 32 columns to a word, in the layout of nms's; nms's one-program scan then walks it.
@@ -22,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.roi_align_rotated import MAX_GRID
 from ..reference.roi_align_rotated import roi_align_rotated_backward as _deterministic_backward
 from ._config import INTERPRET
 from . import kernel, rows_reason
@@ -36,6 +40,7 @@ IOU_COLS = 64 if INTERPRET else 32
 WORD = 32  # suppression bits per word
 ROI_BINS = 16 if INTERPRET else 64
 ROI_CHANNELS = 4 if INTERPRET else 32
+_MAX_GRID: tl.constexpr = tl.constexpr(float(MAX_GRID))  # adaptive samples per bin side at most, as the reference
 
 
 @triton.jit
@@ -87,13 +92,21 @@ def _pair_iou(B1, B2, rows, cols, N, M, COMPUTE: tl.constexpr):
     w2 = tl.load(B2 + cols * 5 + 2, mask=mc, other=0.0).to(COMPUTE)[None, :]
     h2 = tl.load(B2 + cols * 5 + 3, mask=mc, other=0.0).to(COMPUTE)[None, :]
     a2 = tl.load(B2 + cols * 5 + 4, mask=mc, other=0.0).to(COMPUTE)[None, :]
-    # half-axes (width along (cos, sin), height along (-sin, cos)); box 1's centre is the origin
+    # half-axes (width along (cos, sin), height along (-sin, cos)); box 1's centre is the origin, and the
+    # pair is scaled to its largest side (IoU does not change): w h of huge boxes would overflow
     zero = cx1 * 0.0 + cx2 * 0.0  # [rows, cols] (a sum first could overflow to inf, and inf * 0 is NaN)
+    size = tl.maximum(zero + tl.maximum(tl.abs(w1), tl.abs(h1)), zero + tl.maximum(tl.abs(w2), tl.abs(h2)))
+    scale = tl.where((size > 0) & (size < float("inf")), 1.0 / tl.where(size > 0, size, 1.0), 1.0)
+    w1, h1, w2, h2 = w1 * scale, h1 * scale, w2 * scale, h2 * scale
     c1, s1 = tl.cos(a1), tl.sin(a1)
     ux1, uy1, vx1, vy1 = zero + w1 * c1 * 0.5, zero + w1 * s1 * 0.5, zero - h1 * s1 * 0.5, zero + h1 * c1 * 0.5
     c2, s2 = tl.cos(a2), tl.sin(a2)
     ux2, uy2, vx2, vy2 = zero + w2 * c2 * 0.5, zero + w2 * s2 * 0.5, zero - h2 * s2 * 0.5, zero + h2 * c2 * 0.5
-    dx, dy = cx2 - cx1, cy2 - cy1
+    dx, dy = (cx2 - cx1) * scale, (cy2 - cy1) * scale
+    # only boxes whose enclosing boxes meet can overlap (as the reference's candidate pairs); the rest are
+    # 0 without clipping (their scaled distance can be inf: inf - inf is NaN)
+    meet = tl.abs(dx) <= (tl.abs(ux1) + tl.abs(vx1)) + (tl.abs(ux2) + tl.abs(vx2))
+    meet = meet & (tl.abs(dy) <= (tl.abs(uy1) + tl.abs(vy1)) + (tl.abs(uy2) + tl.abs(vy2)))
     p0x, p0y, p1x, p1y = -ux1 - vx1, -uy1 - vy1, ux1 - vx1, uy1 - vy1
     p2x, p2y, p3x, p3y = ux1 + vx1, uy1 + vy1, -ux1 + vx1, -uy1 + vy1
     q0x, q0y, q1x, q1y = dx - ux2 - vx2, dy - uy2 - vy2, dx + ux2 - vx2, dy + uy2 - vy2
@@ -109,7 +122,7 @@ def _pair_iou(B1, B2, rows, cols, N, M, COMPUTE: tl.constexpr):
     area1, area2 = zero + w1 * h1, zero + w2 * h2
     inter = tl.minimum(tl.maximum(inter, 0.0), tl.minimum(area1, area2))
     valid = (w1 > 0) & (h1 > 0) & (w2 > 0) & (h2 > 0)
-    iou = tl.where(valid, inter / tl.where(valid, area1 + area2 - inter, 1.0), 0.0)
+    iou = tl.where(valid & meet, inter / tl.where(valid, area1 + area2 - inter, 1.0), 0.0)
     finite1 = (tl.abs(cx1) < float("inf")) & (tl.abs(cy1) < float("inf")) & (tl.abs(w1) < float("inf"))
     finite1 = finite1 & (tl.abs(h1) < float("inf")) & (tl.abs(a1) < float("inf"))
     finite2 = (tl.abs(cx2) < float("inf")) & (tl.abs(cy2) < float("inf")) & (tl.abs(w2) < float("inf"))
@@ -204,8 +217,8 @@ def _roi_geometry(Rois, k, spatial_scale, sampling_ratio, PH, PW, B, ALIGNED: tl
         gh = sampling_ratio
         gw = sampling_ratio
     else:
-        gh = tl.maximum(tl.ceil(h / PH), 0.0).to(tl.int32)
-        gw = tl.maximum(tl.ceil(w / PW), 0.0).to(tl.int32)
+        gh = tl.minimum(tl.maximum(tl.ceil(h / PH), 0.0), _MAX_GRID).to(tl.int32)  # bounded: a huge roi's loop
+        gw = tl.minimum(tl.maximum(tl.ceil(w / PW), 0.0), _MAX_GRID).to(tl.int32)
     gh = tl.where(valid, gh, 0)
     gw = tl.where(valid, gw, 0)
     return valid, tl.where(valid, b, 0.0).to(tl.int64), cx, cy, w, h, tl.cos(theta), tl.sin(theta), gh, gw

@@ -8,6 +8,8 @@ from typing import List, Optional
 import torch
 from shapely.geometry import Polygon
 
+MAX_GRID = 64  # roi_align_rotated's documented bound on the adaptive samples a bin side
+
 
 def polygon(box) -> Polygon:
     cx, cy, w, h, a = (float(v) for v in box)
@@ -50,8 +52,9 @@ def roi_align_rotated(inp, rois, out_size, scale, sampling_ratio, aligned, clock
         th = -r[5] if clockwise else r[5]
         if not aligned:
             w, h = max(w, 1.0), max(h, 1.0)
-        gh = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(h / PH))
-        gw = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(w / PW))
+        # adaptive: ceil(side / bins) as mmcv's, at most MAX_GRID (mmcv's has no bound)
+        gh = sampling_ratio if sampling_ratio > 0 else min(MAX_GRID, max(0, math.ceil(h / PH)))
+        gw = sampling_ratio if sampling_ratio > 0 else min(MAX_GRID, max(0, math.ceil(w / PW)))
         for ph in range(PH):
             for pw in range(PW):
                 acc = torch.zeros(C, dtype=torch.float64)

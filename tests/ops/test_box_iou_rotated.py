@@ -134,3 +134,50 @@ def test_identical_boxes_far_out_and_huge_keep_iou_one(backend, dtype):
     b = torch.tensor([[2e38, 0.0, 2, 2, 0.3], [0.0, 0.0, 1e15, 3e15, 0.3]], device=backend.device)
     iou = skip_unavailable(box_iou_rotated, b, b, backend=backend.name).diag()
     torch.testing.assert_close(iou.double().cpu(), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def _huge_and_tiny_pairs(s: float):
+    """Pairs of boxes of side about s (w h overflows float32 above ~1.8e19, underflows below ~1e-23)
+    with their IoU from shapely on the same boxes divided by s (IoU does not change with the scale)."""
+    unit = torch.tensor(
+        [
+            [[0, 0, 2, 1, 0.3], [0, 0, 2, 1, 0.3]],  # identical: 1
+            [[0, 0, 2, 1, 0.3], [0.5, 0.3, 2, 1, -0.4]],
+            [[0, 0, 1, 1, 0], [0, 0, 1, 1, math.pi / 2]],  # a square turned a quarter: 1
+            [[0, 0, 3, 2, 0.2], [1, -0.5, 1.5, 0.7, 1.1]],
+            [[0, 0, 1, 1, 0], [5, 0, 1, 1, 0]],  # apart: 0
+        ],
+        dtype=torch.float64,
+    )
+    want = torch.tensor([oracle.iou(a, b) for a, b in unit.tolist()], dtype=torch.float64)
+    scaled = unit.clone()
+    scaled[..., :4] *= s
+    return scaled[:, 0], scaled[:, 1], want
+
+
+@pytest.mark.parametrize("s", [1e19, 3e30, 1e37, 1e-22, 1e-30])
+def test_huge_and_tiny_float32_boxes_keep_their_iou(backend, dtype, s):
+    """w h overflows (or underflows) float32: the IoU still comes out of the pair's own scale."""
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    b1, b2, want = _huge_and_tiny_pairs(s)
+    got = skip_unavailable(box_iou_rotated, b1.float().to(backend.device), b2.float().to(backend.device), backend=backend.name)
+    torch.testing.assert_close(got.diag().double().cpu(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("s", [1e160, 1e300, 1e-160, 1e-300])
+def test_huge_and_tiny_float64_boxes_keep_their_iou(backend, dtype, s):
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    b1, b2, want = _huge_and_tiny_pairs(s)
+    got = skip_unavailable(box_iou_rotated, b1.to(backend.device), b2.to(backend.device), backend=backend.name)
+    torch.testing.assert_close(got.diag().cpu(), want, rtol=0, atol=1e-9)
+
+
+def test_far_apart_boxes_at_the_float32_range_are_zero_not_nan(backend, dtype):
+    """Centres 6e38 apart: their difference overflows float32 to inf (inf - inf would be NaN)."""
+    if dtype != torch.float32:
+        pytest.skip("boxes are float32 or float64 whatever the model's dtype: one row")
+    b = torch.tensor([[3e38, 0, 2, 1, 0.3], [-3e38, 0, 2, 1, 0.3], [3e38, 3e38, 1e38, 1e38, 0.5]], device=backend.device)
+    iou = skip_unavailable(box_iou_rotated, b, b, backend=backend.name).double().cpu()
+    torch.testing.assert_close(iou, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-6)

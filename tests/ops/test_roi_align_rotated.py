@@ -129,3 +129,42 @@ def test_float64_maps_are_refused_by_the_float32_kernels(backend):
     x, rois = _inputs(torch.float64)
     with pytest.raises(BackendUnavailable, match="float64"):
         roi_align_rotated(x.to(backend.device), rois.to(backend.device), 2, backend=backend.name)
+
+
+def _huge_rois():
+    """A ramp map and rois whose adaptive grid (ceil(side / bins) a bin side) is far above the bound
+    of 64: 300 / 1 and 1e5 / 2 (5e9 samples a bin unbounded), 1e30 (all outside but the count)."""
+    H = W = 24
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    x = torch.stack([xs + 100 * ys, (xs - 12).abs() * ys])[None]
+    rois = torch.tensor(
+        [[0, 12, 12, 1e5, 300, 0.3], [0, 10, 13, 40, 300, -1.0], [0, 12, 12, 1e30, 1e30, 0.2]], dtype=torch.float64
+    )
+    return x, rois
+
+
+def test_huge_rois_take_at_most_64_adaptive_samples_a_bin_side():
+    x, rois = _huge_rois()
+    x.requires_grad_(True)
+    got = roi_align_rotated(x, rois, (1, 2), 1.0, 0, True, True, backend="torch")
+    torch.testing.assert_close(got, oracle.roi_align_rotated(x.detach(), rois, (1, 2), 1.0, 0, True, True), rtol=0, atol=1e-9)
+    (g,) = torch.autograd.grad(got.sum(), x)  # the backward bounded alike: all weights of a bin sum to <= 1
+    assert torch.isfinite(g).all() and 0 < float(g.sum()) <= 2 * 3 * 2 + 1e-9
+
+
+def test_huge_rois_are_bounded_on_every_backend(backend):
+    x, _ = _huge_rois()
+    # one bound side each (64 x 2 and 1 x 64 samples a bin: the interpreter's loop stays short); unbounded
+    # the second would loop 5e4 times a bin
+    rois = torch.tensor([[0, 12, 12, 3, 300, 0.3], [0, 10, 13, 1e5, 1, -1.0]], dtype=torch.float64)
+    x, rois = x.float().to(backend.device), rois.float().to(backend.device)
+    want = roi_align_rotated(x.double(), rois.double(), (1, 2), 1.0, 0, True, True, backend="torch")
+    got = skip_unavailable(roi_align_rotated, x, rois, (1, 2), 1.0, 0, True, True, backend=backend.name)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_sampling_ratio_above_the_bound_is_refused():
+    x, rois = _inputs()
+    with pytest.raises(OpInputError, match=r"'sampling_ratio' expected at most 64 samples a bin side .* got 65"):
+        roi_align_rotated(x, rois, 2, 1.0, 65)
+    assert roi_align_rotated(x, rois[:1], (1, 1), 1.0, 64).shape == (1, 3, 1, 1)

@@ -228,7 +228,9 @@ def _fill_rotated(img: np.ndarray, box: Sequence[float], colour, shade=None) -> 
 
 def synthetic_oriented_scene(size: int, rng: np.random.Generator, max_objects: int = 5) -> Tuple[np.ndarray, Tensor, Tensor]:
     """(uint8 [size, size, 3], le90 boxes [G, 5], labels [G]): an aerial-like scene with 1 to
-    max_objects long thin objects at random angles, far enough apart not to overlap."""
+    max_objects long thin objects at random angles, far enough apart not to overlap. Objects are
+    20 px long and up (a quarter to three fifths of the scene by class): the smallest published
+    anchor is 32 px and an anchor needs IoU 0.3 with an object's enclosing box to learn it."""
     from ..data import synthetic_scene
 
     img = synthetic_scene(size, rng).copy()
@@ -237,8 +239,8 @@ def synthetic_oriented_scene(size: int, rng: np.random.Generator, max_objects: i
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(30):
             cls = int(rng.integers(0, len(SYNTHETIC_ORIENTED_CLASSES)))
-            length = size * rng.uniform(*((0.15, 0.3), (0.08, 0.14), (0.35, 0.55))[cls])
-            width = length * rng.uniform(*((0.2, 0.3), (0.4, 0.55), (0.08, 0.12))[cls])
+            length = max(20.0, size * rng.uniform(*((0.25, 0.4), (0.18, 0.26), (0.4, 0.6))[cls]))
+            width = length * rng.uniform(*((0.28, 0.38), (0.5, 0.65), (0.16, 0.22))[cls])
             a = float(rng.uniform(-math.pi / 2, math.pi / 2))
             reach = length / 2 + 2
             cx, cy = rng.uniform(reach, size - reach), rng.uniform(reach, size - reach)
@@ -267,13 +269,15 @@ class OrientedDetection(torch.utils.data.Dataset):
             raise ValueError(f"OrientedDetection: size expected a multiple of 32, got {size}")
         self.records, self.train, self.seed, self.length, self.size, self.scale = records, train, seed, length, size, scale
         self.classes = DIOR_CLASSES if records is not None else SYNTHETIC_ORIENTED_CLASSES
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records) if self.records is not None else self.length
 
-    def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, self.epoch, i, 1])
+    def __getitem__(self, code: int):
+        """Item `code` = epoch * len + index (the training loader's codes; evaluation's plain indices
+        are epoch 0): image (or scene) `index`, its flip drawn from (seed, epoch, index)."""
+        epoch, i = divmod(int(code), len(self))
+        rng = np.random.default_rng([self.seed, epoch, i, 1])
         if self.records is None:
             img, boxes, labels = synthetic_oriented_scene(self.size, np.random.default_rng([self.seed, i]))
             image, boxes, size = prepare_oriented(img, boxes, self.train, rng, scale=(self.size, self.size))
