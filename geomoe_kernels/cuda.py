@@ -454,6 +454,10 @@ class CudaGroupedGemm:
     def block_rows(self, dtype: torch.dtype) -> int:
         return _any_core().grouped_mm_block_rows()
 
+    def combine(self, rows, flat_to_row, top_k, weights, shared):
+        """The combine of expert_mlp with routing weights: this backend's unpermute."""
+        return unpermute(rows, flat_to_row, top_k, weights, shared)
+
     def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
         E, K, N = weight.shape
         _core_for(x).grouped_mm(

@@ -428,9 +428,9 @@ def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
     rows = x[r2f // k]
     g = torch.randn(rows.shape[0], K).to(dtype)
 
-    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, k)
+    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, None, k)
     grads = recipe.expert_mlp_backward(kernels, g, x, leaves[0], leaves[2], off, pre, "swiglu", r2f, k)
-    d_rows, dw1, db1, dw2, db2 = grads
+    d_rows, dw1, db1, dw2, db2, _ = grads
     refs = []
     for cast in (dtype, torch.float64):
         ls = [t.to(cast).requires_grad_(True) for t in (rows, *leaves)]

@@ -19,6 +19,7 @@ from ..kernel_recipes import BlockSchedule
 from ..reference.permute import route as _reference_route
 from . import kernel, rows_reason
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
+from .permute import unpermute as _unpermute
 
 # the activation codes, as constants the kernels can compare against
 _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
@@ -438,6 +439,10 @@ class TritonGroupedGemm:
     def block_rows(self, dtype: torch.dtype) -> int:
         return block_m(dtype)
 
+    def combine(self, rows, flat_to_row, top_k, weights, shared):
+        """The combine of expert_mlp with routing weights: this backend's unpermute."""
+        return _unpermute(rows, flat_to_row, top_k, weights, shared)
+
     def _launch(
         self,
         a: Tensor,
@@ -560,7 +565,7 @@ def _example(dtype: torch.dtype) -> None:
             N1 = 2 * H_ if act == "swiglu" else H_
             w1, b1 = torch.randn(E_, D_, N1, dtype=dtype), torch.randn(E_, N1, dtype=dtype)
             w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
-            out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k_)
+            out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, None, k_)
             expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k_)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     _, _, off = _reference_route(ids, E)
