@@ -439,6 +439,7 @@ def expert_mlp_backward(
         dw2, db2 = _weight_grad_as(kernels, like2, True, pre, grad_out, offsets, a_activation=activation)
     elif hasattr(kernels, "dgrad_routed"):
         assert gather is not None
+        weights = weights.contiguous()  # read by flat index
         acc_dt = torch.promote_types(grad_out.dtype, torch.float32)
         chunks = -(-w2.shape[1] // ROUTING_CHUNK) + 1
         partial = torch.empty(M, chunks, dtype=acc_dt, device=grad_out.device)

@@ -196,10 +196,99 @@ def _gmm_epilogue(
         tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fold_cols(x, ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr):
+    """[ROWS, COLS] -> [ROWS, COLS // CHUNK]: each CHUNK consecutive columns summed by a fixed
+    halving tree (column j + column j + CHUNK/2, then again), each level a sum over an axis of two,
+    which is one addition: the same bits whatever layout the compiler gives x, and the same for a
+    chunk whichever tile width it was computed in."""
+    x = tl.reshape(x, (ROWS, COLS // CHUNK, CHUNK))
+    for i in tl.static_range(12):  # chunks of up to 4,096 columns
+        if (CHUNK >> i) > 1:
+            x = tl.sum(tl.reshape(x, (ROWS, COLS // CHUNK, 2, CHUNK >> (i + 1))), axis=2)
+    return tl.reshape(x, (ROWS, COLS // CHUNK))
+
+
+@triton.jit
+def _routed_dgrad_epilogue(
+    acc,
+    Out,
+    Pre,
+    Partial,
+    RouteW,
+    A,
+    Bias,
+    e,
+    flat,
+    arow,
+    rm,
+    rn,
+    mask_m,
+    mask_n,
+    pid_n,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_om,
+    stride_pm,
+    stride_qm,
+    GRAD_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """The down-projection's dgrad epilogue when its rows are combined with routing weights
+    (docs/host_path.md, step 5), on the fp32 tile acc = g @ W2^T of the tokens' gradient g read
+    through the routing map (unscaled): d pre = w * acc * act'(pre) (SwiGLU: both halves), w the
+    row's routing weight; Partial[flat, c] the sum of acc * act(pre) over the hidden columns of
+    chunk c (act(pre) rounded to the compute dtype, as the forward's hidden rows were), each a fixed
+    halving tree; the column tile 0 also writes the last column, <g, bias[e]> over K in BK steps
+    (0 without a bias). The consumer sums a row's partials in order: the routing weight's gradient
+    <g, rows_out> without the expert outputs kept. flat: the rows' slots (t * top_k + j), arow
+    their tokens. Self-contained (its pointers and strides in, nothing of the main loop but acc): a
+    kernel with another main loop can end in it."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    w = tl.load(RouteW + flat, mask=mask_m, other=0.0).to(tl.float32)
+    p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
+    o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
+    x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    ws = acc * w[:, None]
+    if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+        up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(x)
+        h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
+        tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
+    else:
+        h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
+        tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
+    parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
+    rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
+    n_chunks = tl.cdiv(N, CHUNK)
+    q_row = Partial + flat * stride_qm
+    tl.store(q_row[:, None] + rc[None, :], parts.to(Partial.dtype.element_ty), mask=mask_m[:, None] & (rc < n_chunks)[None, :])
+    if pid_n == 0:
+        bias_dot = tl.zeros((BM,), dtype=tl.float32)
+        if HAS_BIAS:
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                mask_k = rk < K
+                g = tl.load(
+                    A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                ).to(tl.float32)
+                b = tl.load(Bias + e.to(tl.int64) * stride_be + rk, mask=mask_k, other=0.0).to(tl.float32)
+                bias_dot += tl.reshape(_fold_cols(g * b[None, :], BM, BK, BK), (BM,))
+        tl.store(q_row + n_chunks, bias_dot.to(Partial.dtype.element_ty), mask=mask_m)
+
+
 # TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"],
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE", "ROUTED"],
     **autotune_options(_gemm_footprint, "A"),
 )
 @triton.jit
@@ -211,6 +300,8 @@ def _gmm_kernel(
     Pre,
     Gather,
     offsets,
+    Partial,
+    RouteW,
     E,
     N,
     K,
@@ -225,6 +316,7 @@ def _gmm_kernel(
     stride_be,
     stride_om,
     stride_pm,
+    stride_qm,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -234,12 +326,17 @@ def _gmm_kernel(
     IEEE: tl.constexpr,
     E_POW2: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    ROUTED: tl.constexpr,
+    ROUTE_BIAS: tl.constexpr,
+    CHUNK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """GRAD_ACT (the down-projection's dgrad): Pre is read, not written, and the epilogue turns the
     product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre.
+    ROUTED (with GATHER: A is the combined tokens' gradient): _routed_dgrad_epilogue, the routing
+    weight applied there and its gradient's partials written to Partial (Bias: b2, for <g, b2>).
     One grid axis, the column tile fastest: the programs that start together share one row block of
     A (and one expert's W), so A streams from memory once instead of once per column tile, and the
     grid has no 65,535 limit on any axis. INTERLEAVE (a gathered A whose experts' weights all fit in
@@ -257,10 +354,13 @@ def _gmm_kernel(
         rm = row0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < end
         if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
-            arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+            flat = tl.load(Gather + rm, mask=mask_m, other=0)
+            arow = flat // top_k
         else:
+            flat = rm
             arow = rm
-        rn = (tl.program_id(0) % n_tiles) * BN + tl.arange(0, BN)
+        pid_n = tl.program_id(0) % n_tiles
+        rn = pid_n * BN + tl.arange(0, BN)
         mask_n = rn < N
         w_base = W + e.to(tl.int64) * stride_we
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -293,8 +393,14 @@ def _gmm_kernel(
             acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if ACT == _SWIGLU:
                 acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+        if ROUTED:
+            _routed_dgrad_epilogue(
+                acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, pid_n, N, K, stride_am,
+                stride_ak, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+            )  # fmt: skip
+        else:
+            mask = mask_m[:, None] & mask_n[None, :]
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
 
 
 # The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
@@ -341,7 +447,7 @@ def _fold_rows(x, ROWS: tl.constexpr, BN: tl.constexpr):
 
 @triton.autotune(
     configs=_WGRAD_CONFIGS,
-    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB"],
+    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB", "G_ROUTED"],
     **autotune_options(_wgrad_footprint, "A"),
     reset_to_zero=None,
     restore_value=["DW", "DB"],
@@ -354,9 +460,12 @@ def _wgrad_kernel(
     DB,
     Gather,
     offsets,
+    GGather,
+    GScale,
     K,
     N,
     top_k,
+    g_top_k,
     stride_am,
     stride_ak,
     stride_gm,
@@ -373,6 +482,7 @@ def _wgrad_kernel(
     IEEE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     HAS_DB: tl.constexpr,
+    G_ROUTED: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
@@ -381,7 +491,9 @@ def _wgrad_kernel(
     once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
-    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward."""
+    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward.
+    G_ROUTED: G holds the combined tokens' gradient and row r of G is GScale[f] * G[f // g_top_k],
+    f = GGather[r] (rounded to G's dtype, as a weighted permute would store it), formed as it loads."""
     # the tile on axis 0 (fastest): the programs that start together read the same expert's rows
     # (A and G stream once per split from memory, not once per tile), and the K x N tiles of the
     # largest experts (d 6144, N 32,768: 12,288 tiles) fit on an axis without the 65,535 limit
@@ -414,7 +526,19 @@ def _wgrad_kernel(
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
         elif A_ACT != _NONE:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
-        g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
+        if G_ROUTED:
+            gflat = tl.load(GGather + rm, mask=mask_m, other=0)
+            gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
+            g = tl.load(
+                G + (gflat // g_top_k)[:, None] * stride_gm + rn[None, :] * stride_gn,
+                mask=mask_m[:, None] & (rn < N)[None, :],
+                other=0.0,
+            )
+            g = (g.to(tl.float32) * gs[:, None]).to(G.dtype.element_ty)
+        else:
+            g = tl.load(
+                G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0
+            )
         if IEEE:
             acc += tl.dot(a, g, input_precision="ieee")
         else:
@@ -457,7 +581,10 @@ class TritonGroupedGemm:
         top_k: int,
         transpose_weight: bool,
         grad_act: str,
+        routed: Optional[tuple] = None,
     ) -> None:
+        """routed = (routing weights, partial): the dgrad of rows combined with those weights
+        (dgrad_routed); `bias` is then b2, read for the routing weights' gradient, not added."""
         if transpose_weight:  # W[e] read as [N, K]
             E, N_w, K = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(2), weight.stride(1)
@@ -467,6 +594,7 @@ class TritonGroupedGemm:
         N = activations.out_features(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
         rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
+        route_w, partial = routed if routed is not None else (None, None)
         _gmm_kernel[grid](
             a,
             weight,
@@ -475,6 +603,8 @@ class TritonGroupedGemm:
             pre if pre is not None else out,
             gather if gather is not None else offsets,
             offsets,
+            partial if partial is not None else out,
+            route_w if route_w is not None else out,
             E,
             N,
             K,
@@ -489,7 +619,8 @@ class TritonGroupedGemm:
             bias.stride(0) if bias is not None else 0,
             out.stride(0),
             pre.stride(0) if pre is not None else 0,
-            HAS_BIAS=bias is not None,
+            partial.stride(0) if partial is not None else 0,
+            HAS_BIAS=bias is not None and routed is None,
             ACT=activations.code(activation),
             STORE_PRE=pre is not None and grad_act == "none",
             GATHER=gather is not None,
@@ -498,6 +629,9 @@ class TritonGroupedGemm:
             IEEE=fp32_ieee(a.dtype),
             E_POW2=lookup_lanes(E),
             INTERLEAVE=rounds > 0,
+            ROUTED=routed is not None,
+            ROUTE_BIAS=routed is not None and bias is not None,
+            CHUNK=recipe.ROUTING_CHUNK,
             BM=schedule.block,
         )
 
@@ -507,14 +641,20 @@ class TritonGroupedGemm:
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         self._launch(grad, weight, offsets, schedule, out, pre, None, "none", None, 1, True, grad_act)
 
-    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
-        self.wgrad_into(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, False)
+    def dgrad_routed(self, grad, weight, bias, offsets, schedule, gather, top_k, weights, out, grad_act, pre, partial) -> None:
+        """kernel_recipes.RoutesGradients.dgrad_routed: _gmm_kernel with ROUTED."""
+        self._launch(grad, weight, offsets, schedule, out, pre, bias, "none", gather, top_k, True, grad_act, (weights, partial))
 
-    def wgrad_into(self, a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate) -> None:
+    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db, g_routing=None) -> None:
+        self.wgrad_into(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, False, g_routing)
+
+    def wgrad_into(self, a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing=None) -> None:
         """dw [splits, E, K, N] and db [splits, E, N] (or None: no bias gradient) of any float dtype
         and strides: the float32 sums converted once as they are stored, added to what is there
-        with accumulate (the parameter's .grad: no partial, no cast, no add kernel)."""
+        with accumulate (the parameter's .grad: no partial, no cast, no add kernel). g_routing =
+        (gather, top_k, weights): G read through the routing map, weighted (kernel_recipes.weight_grad)."""
         splits, E, K, N = dw.shape
+        g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
         _wgrad_kernel[grid](
             a,
@@ -523,9 +663,12 @@ class TritonGroupedGemm:
             db if db is not None else dw,
             gather if gather is not None else offsets,
             offsets,
+            g_gather,
+            g_scale,
             K,
             N,
             top_k,
+            g_top_k,
             a.stride(0),
             a.stride(1),
             grad.stride(0),
@@ -542,6 +685,7 @@ class TritonGroupedGemm:
             IEEE=fp32_ieee(a.dtype),
             ACCUMULATE=accumulate,
             HAS_DB=db is not None,
+            G_ROUTED=g_routing is not None,
         )
 
 
