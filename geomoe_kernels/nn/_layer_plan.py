@@ -25,9 +25,12 @@ grouped launches: each token's ids and weights get E..E+S-1 and 1 appended (the 
 that of the first k columns. The rows are then T*(k+S); below, k stands for k + S.
 
 What the Function saves for backward: the logits and the expert ids [T, k] (gating's backward), the
-tokens [T, d], w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's),
-the routing weights [T, k], and the expert outputs [T*k, d] when the routing weights need a gradient
-(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op."""
+tokens [T, d], w1, w2, b2, the offsets, the pre-activation [T*k, N1], both routing maps and the routing
+weights [T, k] (expert_mlp's, which combines its rows with the weights): no expert outputs, since the
+routing weights' gradient <dY_t, Y_row> = <dY_t W2^T, act(pre)> + <dY_t, b2> comes from the
+down-projection's dgrad, which reads dY through the routing maps (docs/host_path.md, step 5). The
+same as the op path, which saves these per op. (With a gate between the two GEMMs, run_routed keeps
+the expert outputs and unpermute's weight gradient.)"""
 
 from __future__ import annotations
 
