@@ -116,13 +116,13 @@ def expert_mlp_backward(
     op = "expert_mlp_backward"
     if weights is None:
         check_tensor(op, "grad_out", grad_out, dtypes=(x.dtype,), shape=(pre.shape[0], w2.shape[2]), device=x.device)
-        return
-    if gather is None:
+    elif gather is None:
         raise OpInputError(f"{op}: argument 'weights' expected 'gather' too (the rows are read through it)")
-    T = gather.numel() // max(top_k, 1)
-    check_tensor(op, "grad_out", grad_out, dtypes=(x.dtype,), shape=(T, w2.shape[2]), device=x.device)
-    _check_weights(op, weights, T, top_k, x.device)
-    check_tensor(op, "b2", b2, dtypes=(x.dtype,), shape=(w2.shape[0], w2.shape[2]), device=x.device, optional=True)
+    else:
+        T = gather.numel() // max(top_k, 1)
+        check_tensor(op, "grad_out", grad_out, dtypes=(x.dtype,), shape=(T, w2.shape[2]), device=x.device)
+        _check_weights(op, weights, T, top_k, x.device)
+        check_tensor(op, "b2", b2, dtypes=(x.dtype,), shape=(w2.shape[0], w2.shape[2]), device=x.device, optional=True)
 
 
 @expert_mlp_backward.fake

@@ -209,3 +209,24 @@ def test_bad_arguments_name_the_argument(change, message):
     args.update(change)
     with pytest.raises(OpInputError, match=message.replace("[", r"\[").replace("(", r"\(")):
         expert_mlp_op(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], args["off"], args["act"])
+
+
+def test_bad_routing_arguments_name_the_argument():
+    T, k, E = 4, 2, 3
+    r2f, f2r, off = route(torch.stack([torch.randperm(E)[:k] for _ in range(T)]), E)
+    w1, b1, w2, b2 = (p.detach().float() for p in _params(E, 6, 5, 6, "gelu"))
+    x, w = torch.randn(T, 6), torch.rand(T, k)
+    cases = [
+        (dict(weights=w), "argument 'weights' combines the rows into tokens: it expected 'gather'"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, shared=torch.randn(T, 6)), "argument 'shared' is added in the combine"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, weights=torch.rand(T, k + 1)), "argument 'weights'"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, weights=w, shared=torch.randn(T, 5)), "argument 'shared'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(OpInputError, match=message.replace("(", r"\(")):
+            expert_mlp_op(x, w1, b1, w2, b2, off, "gelu", **kwargs)
+    _, pre = expert_mlp_op(x, w1, b1, w2, b2, off, "gelu", r2f, f2r, k)
+    with pytest.raises(OpInputError, match=r"argument 'grad_out'"):  # with weights: the tokens' gradient [T, D]
+        expert_mlp_backward(torch.randn(T * k, 6), x, w1, w2, off, pre, "gelu", r2f, k, w, b2)
+    with pytest.raises(OpInputError, match=r"argument 'weights' expected 'gather'"):
+        expert_mlp_backward(torch.randn(T, 6), x, w1, w2, off, pre, "gelu", None, 1, w, b2)
