@@ -205,12 +205,15 @@ class RoutesGradients(Protocol):
     ) -> None:
         """Row r reads g = grad[gather[r] // top_k]: acc = g @ W[e]^T, out[r] = w * acc * act'(pre[r])
         (w = weights.view(-1)[gather[r]]; SwiGLU: both halves) and partial[gather[r], c] the sum of
-        acc * act(pre) over hidden columns [16 c, 16 c + 16) (act(pre) rounded to the compute dtype,
-        as the forward's hidden rows were), its last column <g, bias[e]> (0 without bias): every
-        element written, each a fixed-order sum (the consumer sums the columns in order)."""
+        acc * act(pre) over hidden columns [C c, C c + C), C the backend's routing_chunk (16 unless
+        it says: the CUDA core's 8), act(pre) rounded to the compute dtype as the forward's hidden
+        rows were; its last column <g, bias[e]> (0 without bias): every element written, each a
+        fixed-order sum (the consumer sums the columns in order). A backend with weighted_rows(grad,
+        gather, top_k, weights) forms the W2 weight gradient's G with it; otherwise its wgrad takes
+        g_routing and weights G as it loads."""
 
 
-ROUTING_CHUNK = 16  # hidden columns per partial of the routing weights' gradient (dgrad_routed)
+ROUTING_CHUNK = 16  # hidden columns per partial of the routing weights' gradient (a backend's routing_chunk)
 
 
 class WritesGradientsInPlace(Protocol):
@@ -441,16 +444,20 @@ def expert_mlp_backward(
         assert gather is not None
         weights = weights.contiguous()  # read by flat index
         acc_dt = torch.promote_types(grad_out.dtype, torch.float32)
-        chunks = -(-w2.shape[1] // ROUTING_CHUNK) + 1
+        chunks = -(-w2.shape[1] // getattr(kernels, "routing_chunk", ROUTING_CHUNK)) + 1
         partial = torch.empty(M, chunks, dtype=acc_dt, device=grad_out.device)
         d_pre = grad_out.new_empty(M, pre.shape[1])
         kernels.dgrad_routed(  # type: ignore[attr-defined]
             grad_out, w2, b2, offsets, schedule, gather, top_k, weights, d_pre, activation, pre, partial
         )
         d_weights = partial.view(-1, top_k, chunks).sum(-1)
-        dw2, db2 = _weight_grad_as(
-            kernels, like2, True, pre, grad_out, offsets, a_activation=activation, g_routing=(gather, top_k, weights)
-        )
+        if hasattr(kernels, "weighted_rows"):  # G formed by a weighted permute first
+            g = kernels.weighted_rows(grad_out, gather, top_k, weights)  # type: ignore[attr-defined]
+            dw2, db2 = _weight_grad_as(kernels, like2, True, pre, g, offsets, a_activation=activation)
+        else:
+            dw2, db2 = _weight_grad_as(
+                kernels, like2, True, pre, grad_out, offsets, a_activation=activation, g_routing=(gather, top_k, weights)
+            )
     else:
         d_pre, dw2, db2, d_weights = _routed_down_backward(
             kernels, grad_out, w2, b2, offsets, schedule, gather, top_k, weights, activation, pre, like2
