@@ -711,6 +711,8 @@ def _example(dtype: torch.dtype) -> None:
             w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
             out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, None, k_)
             expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k_)
+            # with routing weights: the dgrad's routed epilogue, the weight gradient's routed G
+            expert_mlp_backward(x, x, w1, w2, off, pre, act, r2f, k_, torch.rand(T, k_), b2)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     _, _, off = _reference_route(ids, E)
     rows = torch.randn(T * k, D, dtype=dtype)
