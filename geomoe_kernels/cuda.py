@@ -590,10 +590,12 @@ expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp
 _FUSED = ("none", "gelu", "silu", "swiglu")
 
 
-def _gemm_ok(x, activation, **_) -> Optional[str]:
+def _gemm_ok(x, activation, weights=None, **_) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
-    return None if activation in _FUSED else f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
+    if activation not in _FUSED:
+        return f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
+    return _weights_ok(weights)  # expert_mlp's routing weights (its combine and routed dgrad read float32)
 
 
 WHO = "the CUDA core"

@@ -17,7 +17,8 @@ from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ..reference.permute import route as _reference_route
-from . import kernel, rows_reason
+from .. import backend as _backend
+from . import WHO, kernel, rows_reason
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
 from .permute import unpermute as _unpermute
 
@@ -721,5 +722,5 @@ def _example(dtype: torch.dtype) -> None:
     )
 
 
-for _op, _fn in _ops.items():
-    kernel(_op, lambda x, **_: rows_reason(x), _example)(_fn)
+for _op, _fn in _ops.items():  # expert_mlp's routing weights: float32, as the combine (unpermute) takes them
+    kernel(_op, lambda x, weights=None, **_: rows_reason(x) or _backend.weights_reason(WHO, weights), _example)(_fn)
