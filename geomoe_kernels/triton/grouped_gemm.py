@@ -60,10 +60,13 @@ def _gemm_footprint(args, num_warps):
     """The accumulators' float32 elements a thread; a bias-only epilogue (no activation, no act') with
     16-bit operands counts half: it keeps nothing beside the accumulator, and 128 x 256 on 8 warps
     (128 elements) compiled without spills there (254 registers), where the GELU, SiLU and SwiGLU
-    epilogues spilled 0.5-1.6 KB a thread (offline compile, Triton 3.9)."""
-    swiglu = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"])
-    elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if swiglu else 1)
-    plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value
+    epilogues spilled 0.5-1.6 KB a thread (offline compile, Triton 3.9). The routed dgrad epilogue
+    (ROUTED: pre, act(pre), the weighted tile and the column folds beside the accumulator) counts
+    as two: at 64 elements its GELU build spilled 32-48 bytes a thread (24-32 with float32
+    operands at 32), at 32 (16) none did."""
+    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or bool(args.get("ROUTED"))
+    elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if two else 1)
+    plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value and not args.get("ROUTED")
     if plain and getattr(args.get("A"), "dtype", None) in (torch.float16, torch.bfloat16):
         return elements / 2
     return elements
