@@ -496,8 +496,10 @@ def _wgrad_kernel(
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
     (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward.
-    G_ROUTED: G holds the combined tokens' gradient and row r of G is GScale[f] * G[f // g_top_k],
-    f = GGather[r] (rounded to G's dtype, as a weighted permute would store it), formed as it loads."""
+    G_ROUTED: G holds the combined tokens' gradient, G's row r is G[f // g_top_k], f = GGather[r],
+    and its routing weight GScale[f] multiplies A's row r as it loads (rounded to the dtype: A's tile
+    is in registers anyway, G's goes to the dot as loaded; a weighted G tile spilled up to 5 KB a
+    thread in the offline compile) and G's row in the bias gradient's float32 sum."""
     # the tile on axis 0 (fastest): the programs that start together read the same expert's rows
     # (A and G stream once per split from memory, not once per tile), and the K x N tiles of the
     # largest experts (d 6144, N 32,768: 12,288 tiles) fit on an axis without the 65,535 limit
@@ -530,15 +532,15 @@ def _wgrad_kernel(
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
         elif A_ACT != _NONE:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
-        if G_ROUTED:
+        if G_ROUTED:  # the routing weight on A's tile (in registers already): G goes to the dot as loaded
             gflat = tl.load(GGather + rm, mask=mask_m, other=0)
             gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
             g = tl.load(
                 G + (gflat // g_top_k)[:, None] * stride_gm + rn[None, :] * stride_gn,
                 mask=mask_m[:, None] & (rn < N)[None, :],
                 other=0.0,
             )
-            g = (g.to(tl.float32) * gs[:, None]).to(G.dtype.element_ty)
         else:
             g = tl.load(
                 G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0
@@ -548,7 +550,10 @@ def _wgrad_kernel(
         else:
             acc += tl.dot(a, g)
         if sums:  # the bias gradient as a row sum of the G tile already loaded: no second pass
-            col_sum += _fold_rows(g.to(tl.float32), BM, BN)
+            if G_ROUTED:
+                col_sum += _fold_rows(g.to(tl.float32) * gs[:, None], BM, BN)
+            else:
+                col_sum += _fold_rows(g.to(tl.float32), BM, BN)
     mask = (rk < K)[:, None] & (rn < N)[None, :]
     out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
     if ACCUMULATE:
