@@ -208,9 +208,9 @@ class RoutesGradients(Protocol):
         acc * act(pre) over hidden columns [C c, C c + C), C the backend's routing_chunk (16 unless
         it says: the CUDA core's 8), act(pre) rounded to the compute dtype as the forward's hidden
         rows were; its last column <g, bias[e]> (0 without bias): every element written, each a
-        fixed-order sum (the consumer sums the columns in order). A backend with weighted_rows(grad,
-        gather, top_k, weights) forms the W2 weight gradient's G with it; otherwise its wgrad takes
-        g_routing and weights G as it loads."""
+        fixed-order sum (the consumer sums the columns in order). The W2 weight gradient: where the
+        backend's wgrad_routes(dtype) says so its wgrad takes g_routing (G read through the map,
+        weighted as it loads); otherwise G is its weighted_rows(grad, gather, top_k, weights)."""
 
 
 ROUTING_CHUNK = 16  # hidden columns per partial of the routing weights' gradient (a backend's routing_chunk)
@@ -451,7 +451,8 @@ def expert_mlp_backward(
             grad_out, w2, b2, offsets, schedule, gather, top_k, weights, d_pre, activation, pre, partial
         )
         d_weights = partial.view(-1, top_k, chunks).sum(-1)
-        if hasattr(kernels, "weighted_rows"):  # G formed by a weighted permute first
+        routes = getattr(kernels, "wgrad_routes", None)
+        if routes is None or not routes(grad_out.dtype):  # G formed by a weighted permute first
             g = kernels.weighted_rows(grad_out, gather, top_k, weights)  # type: ignore[attr-defined]
             dw2, db2 = _weight_grad_as(kernels, like2, True, pre, g, offsets, a_activation=activation)
         else:

@@ -20,6 +20,7 @@ from ..reference.permute import route as _reference_route
 from .. import backend as _backend
 from . import WHO, kernel, rows_reason
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
+from .permute import permute as _permute
 from .permute import unpermute as _unpermute
 
 # the activation codes, as constants the kernels can compare against
@@ -575,6 +576,16 @@ class TritonGroupedGemm:
     def combine(self, rows, flat_to_row, top_k, weights, shared):
         """The combine of expert_mlp with routing weights: this backend's unpermute."""
         return _unpermute(rows, flat_to_row, top_k, weights, shared)
+
+    def wgrad_routes(self, dtype: torch.dtype) -> bool:
+        """Whether the weight gradient reads G through the routing map (G_ROUTED): not with
+        full-precision float32, whose FMA dots keep both tiles in registers (280-352 bytes a thread
+        spilled there in the offline compile, at every config the budget could keep)."""
+        return not fp32_ieee(dtype)
+
+    def weighted_rows(self, grad, gather, top_k, weights):
+        """G for the weight gradient where wgrad_routes is False: the weighted permute."""
+        return _permute(grad, gather, top_k, weights)
 
     def _launch(
         self,
