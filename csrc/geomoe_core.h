@@ -105,10 +105,23 @@ const char* grouped_mm_kernels();
 // The same choice for a device whose probe kernel (grouped_gemm.cu: its __launch_bounds__ tell the
 // sm_90a cubin, 64 threads, from every other code, 32) reports `probe_threads` (0: no code loaded).
 const char* grouped_mm_kernels_for(int probe_threads);
+
+// The down-projection dgrad of rows combined with routing weights (docs/host_path.md, step 5): with
+// partial set (trans_w, gather and grad_act too), row r reads the combined tokens' gradient g through
+// gather, d hidden = weights[gather[r]] * (g @ W^T) before act', and partial[gather[r] * ldq + c] =
+// the sum over hidden columns 8c .. 8c + 7 of (g @ W^T) * act(pre) (act(pre) rounded to the dtype),
+// column ceil(N / 8) = <g, b2[e]> (b2 [E, K] contiguous; 0 without): each a fixed-order sum.
+struct RoutedDgrad {
+  const float* weights = nullptr;
+  float* partial = nullptr;
+  int64_t ldq = 0;
+  const void* b2 = nullptr;
+};
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo,
-                       void* pre, int64_t ldp, int grad_act, int64_t rounds, bool interleaved, cudaStream_t stream);
+                       void* pre, int64_t ldp, int grad_act, int64_t rounds, bool interleaved, cudaStream_t stream,
+                       RoutedDgrad route = {});
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
 // (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A (SwiGLU: a has

@@ -359,10 +359,31 @@ __device__ inline const int64_t* interleaved_block(const int64_t* __restrict__ o
 // The epilogue of the forward and dgrad kernels (mma.sync and wgmma alike) from the fp32 tile Cs
 // [BM][LDC] of column tile nt: 8 consecutive columns per thread and step (16-byte accesses where
 // aligned), bias, activation, pre, or act'(pre) for the dgrad.
+// The routing weights' gradient's last partial column: <g, b2[e]> of each row of the block (column tile
+// 0's blocks), one row a thread, in K order (RoutedDgrad).
+template <typename T>
+__device__ inline void routed_bias_column(const RoutedDgrad& route, const T* __restrict__ a, int64_t lda,
+                                          const int64_t* __restrict__ gather, int top_k, int64_t K, int64_t e,
+                                          int64_t row0, int rows, int64_t N) {
+  const int64_t col = (N + 7) / 8;
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const int64_t flat = gather[row0 + r];
+    float s = 0.f;
+    if (route.b2) {
+      const T* g = a + token_of(flat, top_k) * lda;
+      const T* b = static_cast<const T*>(route.b2) + e * K;
+      for (int64_t k = 0; k < K; ++k) s += to_f32(g[k]) * to_f32(b[k]);
+    }
+    route.partial[flat * route.ldq + col] = s;
+  }
+}
+
 template <typename T, int BN, int ACT, int GRAD_ACT, int LDC>
 __device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const int64_t* __restrict__ offsets,
                                      unsigned nt, int64_t N, const T* __restrict__ bias, T* __restrict__ out,
-                                     int64_t ldo, T* __restrict__ pre, int64_t ldp, bool interleaved) {
+                                     int64_t ldo, T* __restrict__ pre, int64_t ldp, bool interleaved,
+                                     const RoutedDgrad& route = {}, const T* __restrict__ a = nullptr, int64_t lda = 0,
+                                     const int64_t* __restrict__ gather = nullptr, int top_k = 1, int64_t K = 0) {
   constexpr bool SWI = ACT == kSwiglu;
   const int tid = threadIdx.x;
   const int64_t n0 = static_cast<int64_t>(nt) * BN;
@@ -385,12 +406,17 @@ __device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const 
       if (GRAD_ACT == kSwiglu) {  // acc = d hidden; pre = (gate, up); out = (d gate, d up)
         float p[8], q[8];
         load_gate_up(pre + row * ldp, o, H, interleaved, valid, vec_p && whole, p, q);
+        const int64_t flat = route.partial ? gather[row] : 0;
+        const float wr = route.partial ? route.weights[flat] : 1.f;
+        float hs = 0.f;  // the routing weights' gradient: sum of acc * hidden over these 8 columns
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const float s = sigmoid(p[j]), dh = src[oc + j];
+          const float s = sigmoid(p[j]), acc = src[oc + j], dh = acc * wr;
+          if (route.partial && j < valid) hs += acc * to_f32(from_f32<T>(p[j] * s * q[j]));
           g[j] = dh * q[j] * s * (1.f + p[j] * (1.f - s));
           u[j] = dh * p[j] * s;
         }
+        if (route.partial) route.partial[flat * route.ldq + o / 8] = hs;
         store_gate_up(out + row * ldo, o, H, interleaved, valid, vec_o && whole, g, u);
         continue;
       }
@@ -411,6 +437,7 @@ __device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const 
       for (int j = 0; j < 8; ++j) g[j] = g[j] * sigmoid(g[j]) * u[j];
       store8(out + row * ldo + o, valid, vec_o, g);
     }
+    if (GRAD_ACT && route.partial && nt == 0) routed_bias_column(route, a, lda, gather, top_k, K, e, row0, rows, N);
     return;
   }
   constexpr int CPR = BN / 8;
@@ -432,6 +459,17 @@ __device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const 
     if (GRAD_ACT) {  // pre is an input here: d pre = d hidden * act'(pre)
       float p[8];
       load8(pre + row * ldp + n, valid, vec_p, p);
+      if (route.partial) {  // the routing weights' gradient over these 8 columns, then d hidden = w * acc
+        const int64_t flat = gather[row];
+        const float wr = route.weights[flat];
+        float hs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (j < valid) hs += v[j] * to_f32(from_f32<T>(activate(p[j], GRAD_ACT)));
+        route.partial[flat * route.ldq + n / 8] = hs;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] *= wr;
+      }
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[j] *= activate_grad(p[j], GRAD_ACT);
       store8(out + row * ldo + n, valid, vec_o, v);
@@ -448,6 +486,7 @@ __device__ inline void gemm_epilogue(const float* Cs, const int64_t* blk, const 
     for (int j = 0; j < 8; ++j) v[j] = activate(v[j], ACT);
     store8(out + row * ldo + n, valid, vec_o, v);
   }
+  if (GRAD_ACT && route.partial && nt == 0) routed_bias_column(route, a, lda, gather, top_k, K, e, row0, rows, N);
 }
 
 // ACT, TRANS_W and GRAD_ACT are compile-time: fewer live registers and no branches in the loops.
@@ -462,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     int64_t K, int64_t N, int64_t ldw, int64_t stride_we, const T* __restrict__ bias,
     const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo, T* __restrict__ pre, int64_t ldp, int n_tiles,
-    int64_t rounds, bool interleaved) {
+    int64_t rounds, bool interleaved, RoutedDgrad route) {
 #if GEOMOE_SM90A_CUBIN
   __trap();  // the sm_90a build runs wg::gmm_kernel (use_wgmma)
 #else
@@ -586,7 +625,8 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
                               wmma::mem_row_major);
   __syncthreads();
 
-  gemm_epilogue<T, BN, ACT, GRAD_ACT, G::LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, G::LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved, route, a, lda,
+                                              gather, top_k, K);
 #endif
 }
 
@@ -811,7 +851,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
     const __grid_constant__ CUtensorMap w_map, bool w_tma, int64_t K, int64_t N, int64_t ldw, int64_t stride_we,
     const T* __restrict__ bias, const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo,
-    T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved) {
+    T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved, RoutedDgrad route) {
 #if !GEOMOE_SM90A
   __trap();  // no sm_90a code here (sm_80, the compute_90 PTX): the launcher never chooses this kernel
 #else
@@ -937,7 +977,8 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
 #pragma unroll
     for (int r = 0; r < 32; ++r) Cs[acc_row(r) * LDC + acc_col(j, r)] = acc[j][r];
   __syncthreads();
-  gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved);
+  gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved, route, a, lda,
+                                           gather, top_k, K);
 #endif
 }
 
@@ -1184,8 +1225,9 @@ const char* grouped_mm_kernels_for(int probe_threads) { return wgmma_for(probe_t
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
-                       int64_t rounds, bool interleaved, cudaStream_t stream) {
+                       int64_t rounds, bool interleaved, cudaStream_t stream, RoutedDgrad route) {
   if (blocks == 0 || N == 0) return cudaSuccess;
+  if (route.partial && (!trans_w || !gather || grad_act == kNone || !route.weights)) return cudaErrorInvalidValue;
   if ((act == kSwiglu && (N % 2 || trans_w)) || (grad_act == kSwiglu && !trans_w)) return cudaErrorInvalidValue;
   if (rounds < 0 || (rounds > 0 && (gather == nullptr || trans_w))) return cudaErrorInvalidValue;  // gathered forward only
   return by_half_dtype(dtype, [&](auto tag) {
@@ -1203,7 +1245,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
         GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
             static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, tma, K, N, ldw, stride_we,
             static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp,
-            static_cast<int>(n_tiles), rounds, interleaved);
+            static_cast<int>(n_tiles), rounds, interleaved, route);
         return cudaGetLastError();
       };
       if (trans_w) {
@@ -1235,7 +1277,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
       GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), kThreads, smem, stream, kernel)(
           static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), K, N, ldw, stride_we,
           static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre),
-          ldp, static_cast<int>(n_tiles), rounds, interleaved);
+          ldp, static_cast<int>(n_tiles), rounds, interleaved, route);
       return cudaGetLastError();
     };
     auto by_width = [&](auto pick) {  // SwiGLU: 128 x 64 (with 128 x 128 ptxas spilled on sm_80)

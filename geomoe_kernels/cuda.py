@@ -454,6 +454,52 @@ class CudaGroupedGemm:
     def block_rows(self, dtype: torch.dtype) -> int:
         return _any_core().grouped_mm_block_rows()
 
+    routing_chunk = 8  # the routing gradient's partials: one a thread's 8 epilogue columns
+
+    def combine(self, rows, flat_to_row, top_k, weights, shared):
+        """The combine of expert_mlp with routing weights: this backend's unpermute."""
+        return unpermute(rows, flat_to_row, top_k, weights, shared)
+
+    def weighted_rows(self, grad, gather, top_k, weights):
+        """The weight gradient's G for rows combined with routing weights: the weighted permute
+        (this core's weight-gradient kernel loads G asynchronously, with no place to weight it)."""
+        return permute(grad, gather, top_k, weights)
+
+    def dgrad_routed(self, grad, weight, bias, offsets, schedule, gather, top_k, weights, out, grad_act, pre, partial) -> None:
+        """kernel_recipes.RoutesGradients.dgrad_routed (the core's RoutedDgrad, 8-column partials)."""
+        K, N = weight.shape[1:]
+        b2 = bias.contiguous() if bias is not None else None
+        _core_for(grad).grouped_mm(
+            dtype=_DTYPE[grad.dtype],
+            a=_p(grad),
+            lda=grad.stride(0),
+            gather=_p(gather),
+            top_k=top_k,
+            w=_p(weight),
+            K=N,
+            N=K,
+            ldw=weight.stride(1),
+            stride_we=weight.stride(0),
+            trans_w=True,
+            bias=0,
+            blocks=schedule.blocks,
+            offsets=_p(offsets),
+            num_experts=schedule.experts,
+            act=0,
+            out=_p(out),
+            ldo=out.stride(0),
+            pre=_p(pre),
+            ldp=pre.stride(0),
+            grad_act=activations.code(grad_act),
+            rounds=0,
+            stream=_stream(grad),
+            swiglu_interleaved=self.swiglu_interleaved,
+            route_weights=_p(weights),
+            partial=_p(partial),
+            ldq=partial.stride(0),
+            route_b2=_p(b2),
+        )
+
     def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
         E, K, N = weight.shape
         _core_for(x).grouped_mm(
@@ -544,10 +590,12 @@ expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp
 _FUSED = ("none", "gelu", "silu", "swiglu")
 
 
-def _gemm_ok(x, activation, **_) -> Optional[str]:
+def _gemm_ok(x, activation, weights=None, **_) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
-    return None if activation in _FUSED else f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
+    if activation not in _FUSED:
+        return f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
+    return _weights_ok(weights)  # expert_mlp's routing weights (its combine and routed dgrad read float32)
 
 
 WHO = "the CUDA core"

@@ -181,6 +181,41 @@ class GroupedGemmKernels(Protocol):
         [splits, E, N] of G_e's row sums, every element written; A = act(a) formed as it loads."""
 
 
+class RoutesGradients(Protocol):
+    """A backend whose down-projection dgrad and weight gradient read the combined tokens' gradient
+    through the routing map (docs/host_path.md, step 5): no permuted, weighted copy of it."""
+
+    def combine(self, rows: Tensor, flat_to_row: Tensor, top_k: int, weights: Tensor, shared: Optional[Tensor]) -> Tensor:
+        """The backend's unpermute: shared + sum_j weights[t, j] rows[flat_to_row[t * k + j]]."""
+
+    def dgrad_routed(
+        self,
+        grad: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        offsets: Tensor,
+        schedule: BlockSchedule,
+        gather: Tensor,
+        top_k: int,
+        weights: Tensor,
+        out: Tensor,
+        grad_act: str,
+        pre: Tensor,
+        partial: Tensor,
+    ) -> None:
+        """Row r reads g = grad[gather[r] // top_k]: acc = g @ W[e]^T, out[r] = w * acc * act'(pre[r])
+        (w = weights.view(-1)[gather[r]]; SwiGLU: both halves) and partial[gather[r], c] the sum of
+        acc * act(pre) over hidden columns [C c, C c + C), C the backend's routing_chunk (16 unless
+        it says: the CUDA core's 8), act(pre) rounded to the compute dtype as the forward's hidden
+        rows were; its last column <g, bias[e]> (0 without bias): every element written, each a
+        fixed-order sum (the consumer sums the columns in order). The W2 weight gradient: where the
+        backend's wgrad_routes(dtype) says so its wgrad takes g_routing (G read through the map,
+        weighted as it loads); otherwise G is its weighted_rows(grad, gather, top_k, weights)."""
+
+
+ROUTING_CHUNK = 16  # hidden columns per partial of the routing weights' gradient (a backend's routing_chunk)
+
+
 class WritesGradientsInPlace(Protocol):
     """A backend whose weight-gradient kernel also writes its sums straight into a destination of
     any float dtype and strides, or adds them to what is there (kernel_recipes.weight_grad's `out`)."""
@@ -261,37 +296,42 @@ def weight_grad(
     splits: Optional[int] = None,
     out: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     accumulate: bool = False,
+    g_routing: Optional[Tuple[Tensor, int, Tensor]] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """(dW [E, K, N], db [E, N]) in float32; A = act(a) with a_activation; the splits summed in a
     fixed order (deterministic, no atomics), experts without rows exact zeros. out = (dW, db): the
     destinations instead (db None: no bias gradient; any float dtype, e.g. the parameters' .grad),
     the result added to what they hold with accumulate, and returned. A backend with wgrad_into and
     one split writes them directly (the float32 sums converted once, as they are stored); otherwise
-    the float32 partials are summed, then copied or added."""
+    the float32 partials are summed, then copied or added. g_routing = (gather, top_k, weights)
+    (a RoutesGradients backend): G's row r is weights.view(-1)[gather[r]] * grad[gather[r] // top_k],
+    grad the combined tokens' gradient, formed as it loads."""
     E, K, N = offsets.numel() - 1, out_features(a_activation, a.shape[1]), grad.shape[1]
     splits = splits if splits is not None else weight_grad_splits(a.device, E, K, N)
+    routed = {} if g_routing is None else {"g_routing": g_routing}
     if out is not None:
         dw_out, db_out = out
         if splits == 1 and hasattr(kernels, "wgrad_into"):
             kernels.wgrad_into(  # type: ignore[attr-defined]
-                a, grad, offsets, gather, top_k, a_activation, dw_out[None], None if db_out is None else db_out[None], accumulate
-            )
+                a, grad, offsets, gather, top_k, a_activation, dw_out[None], None if db_out is None else db_out[None], accumulate,
+                **routed,
+            )  # fmt: skip
             return dw_out, db_out
-        dw, db = _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
+        dw, db = _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N, routed)
         for dest, value in ((dw_out, dw), (db_out, db)):
             if dest is not None:
                 dest.add_(value) if accumulate else dest.copy_(value)
         return dw_out, db_out
-    return _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N)
+    return _summed_partials(kernels, a, grad, offsets, gather, top_k, a_activation, splits, E, K, N, routed)
 
 
 def _summed_partials(
     kernels: GroupedGemmKernels, a: Tensor, grad: Tensor, offsets: Tensor, gather: Optional[Tensor], top_k: int,
-    a_activation: str, splits: int, E: int, K: int, N: int,
+    a_activation: str, splits: int, E: int, K: int, N: int, routed: Dict[str, Any],
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
     partial = torch.empty(splits, E, K, N, dtype=torch.float32, device=a.device)
     partial_db = torch.empty(splits, E, N, dtype=torch.float32, device=a.device)
-    kernels.wgrad(a, grad, offsets, gather, top_k, a_activation, partial, partial_db)
+    kernels.wgrad(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, **routed)
     if splits == 1:
         return partial[0], partial_db[0]
     return partial.sum(0), partial_db.sum(0)
@@ -352,12 +392,18 @@ def expert_mlp(
     offsets: Tensor,
     activation: str,
     gather: Optional[Tensor] = None,
+    flat_to_row: Optional[Tensor] = None,
     top_k: int = 1,
+    weights: Optional[Tensor] = None,
+    shared: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """(rows_out, pre): the hidden rows live only between the two GEMMs, which share one schedule."""
+    """(rows_out, pre): the hidden rows live only between the two GEMMs, which share one schedule.
+    With weights: rows_out combined into the tokens by the backend's unpermute (its `combine`)."""
     schedule = schedule_for(kernels, offsets, _rows(x, gather), x.dtype)
     hidden, pre = forward(kernels, x, w1, offsets, b1, activation, gather, top_k, schedule)
     out, _ = forward(kernels, hidden, w2, offsets, b2, "none", schedule=schedule)
+    if weights is not None:
+        out = kernels.combine(out, flat_to_row, top_k, weights, shared)  # type: ignore[attr-defined]
     return out, pre
 
 
@@ -372,20 +418,79 @@ def expert_mlp_backward(
     activation: str,
     gather: Optional[Tensor] = None,
     top_k: int = 1,
+    weights: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
     grads_like: Optional[Tuple[Tensor, Tensor]] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Four kernels: d pre = (G @ W2^T) * act'(pre) in one (no d hidden tensor, no separate pass);
     dW2, db2 from act(pre) formed in the load (no kept hidden rows); the row gradients; dW1, db1.
     The weight gradients come in w1's and w2's dtype, or in that and the layout of grads_like (the
     float32 parameters w1 and w2 were cast from: their gradients written straight in the
-    parameters' dtype, never rounded to the compute dtype, cast or copied)."""
+    parameters' dtype, never rounded to the compute dtype, cast or copied).
+
+    With routing weights, grad_out is the combined tokens' gradient [T, D]: on a backend with
+    dgrad_routed the down-projection's dgrad reads it through gather and forms the routing
+    weights' gradient in its epilogue (partials over fixed column chunks, summed here in order),
+    and dW2, db2 read it through gather too, weighted as they load (no permuted copy, no kept
+    expert outputs); elsewhere the same arithmetic from torch ops around the plain dgrad."""
     like1, like2 = grads_like if grads_like is not None else (w1, w2)
-    schedule = schedule_for(kernels, offsets, grad_out.shape[0], grad_out.dtype)
-    d_pre = dgrad(kernels, grad_out, w2, offsets, schedule, activation, pre)
-    dw2, db2 = _weight_grad_as(kernels, like2, True, pre, grad_out, offsets, a_activation=activation)
+    M = pre.shape[0]
+    schedule = schedule_for(kernels, offsets, M, grad_out.dtype)
+    d_weights = grad_out.new_empty(0)
+    if weights is None:
+        d_pre = dgrad(kernels, grad_out, w2, offsets, schedule, activation, pre)
+        dw2, db2 = _weight_grad_as(kernels, like2, True, pre, grad_out, offsets, a_activation=activation)
+    elif hasattr(kernels, "dgrad_routed"):
+        assert gather is not None
+        weights = weights.contiguous()  # read by flat index
+        acc_dt = torch.promote_types(grad_out.dtype, torch.float32)
+        chunks = -(-w2.shape[1] // getattr(kernels, "routing_chunk", ROUTING_CHUNK)) + 1
+        partial = torch.empty(M, chunks, dtype=acc_dt, device=grad_out.device)
+        d_pre = grad_out.new_empty(M, pre.shape[1])
+        kernels.dgrad_routed(  # type: ignore[attr-defined]
+            grad_out, w2, b2, offsets, schedule, gather, top_k, weights, d_pre, activation, pre, partial
+        )
+        d_weights = partial.view(-1, top_k, chunks).sum(-1)
+        routes = getattr(kernels, "wgrad_routes", None)
+        if routes is None or not routes(grad_out.dtype):  # G formed by a weighted permute first
+            g = kernels.weighted_rows(grad_out, gather, top_k, weights)  # type: ignore[attr-defined]
+            dw2, db2 = _weight_grad_as(kernels, like2, True, pre, g, offsets, a_activation=activation)
+        else:
+            dw2, db2 = _weight_grad_as(
+                kernels, like2, True, pre, grad_out, offsets, a_activation=activation, g_routing=(gather, top_k, weights)
+            )
+    else:
+        d_pre, dw2, db2, d_weights = _routed_down_backward(
+            kernels, grad_out, w2, b2, offsets, schedule, gather, top_k, weights, activation, pre, like2
+        )
     d_rows = dgrad(kernels, d_pre, w1, offsets, schedule)
     dw1, db1 = _weight_grad_as(kernels, like1, True, x, d_pre, offsets, gather, top_k)
-    return d_rows, dw1, db1, dw2, db2  # type: ignore[return-value]
+    return d_rows, dw1, db1, dw2, db2, d_weights  # type: ignore[return-value]
+
+
+def _routed_down_backward(
+    kernels: GroupedGemmKernels, grad_out: Tensor, w2: Tensor, b2: Optional[Tensor], offsets: Tensor,
+    schedule: BlockSchedule, gather: Optional[Tensor], top_k: int, weights: Tensor, activation: str, pre: Tensor, like2: Tensor,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:  # fmt: skip
+    """(d pre, dW2, db2, d weights) for a backend without dgrad_routed: its plain dgrad on the
+    gathered rows, the routing weight and its gradient applied by torch ops (the reference's
+    arithmetic: reference/expert_mlp.routed_down_backward)."""
+    assert gather is not None
+    acc_dt = torch.promote_types(grad_out.dtype, torch.float32)
+    g = grad_out.index_select(0, torch.div(gather, top_k, rounding_mode="floor"))
+    w_rows = weights.reshape(-1).to(acc_dt).index_select(0, gather)
+    acc = dgrad(kernels, g, w2, offsets, schedule).to(acc_dt)
+    hidden = _act_math.apply(activation, pre).to(grad_out.dtype).to(acc_dt)
+    row_grad = (acc * hidden).sum(1)
+    if b2 is not None and g.shape[0]:
+        rows = torch.arange(g.shape[0], device=g.device)
+        row_expert = torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_max(offsets.numel() - 2)
+        row_grad = row_grad + (g.to(acc_dt) * b2.index_select(0, row_expert).to(acc_dt)).sum(1)
+    d_weights = torch.empty_like(row_grad).index_copy_(0, gather, row_grad).view(-1, top_k)
+    d_pre = _act_math.backward(activation, (acc * w_rows[:, None]).to(grad_out.dtype), pre).contiguous()
+    scaled = (g.to(acc_dt) * w_rows[:, None]).to(grad_out.dtype)
+    dw2, db2 = _weight_grad_as(kernels, like2, True, pre, scaled, offsets, a_activation=activation)
+    return d_pre, dw2, db2, d_weights
 
 
 def grouped_gemm_ops(kernels: GroupedGemmKernels) -> Dict[str, Callable]:

@@ -202,7 +202,7 @@ def test_every_wrapper_call_matches_its_binding(monkeypatch):
     pre = torch.randn(T * k, H, **bf)
     cuda.grouped_mm(x, w1, off, b1, "gelu", r2f, k)
     cuda.grouped_mm_backward(torch.randn(T * k, H, **bf), x, w1, off, pre, "gelu", r2f, k)
-    cuda.expert_mlp(x, w1, b1, w2, b2, off, "silu", r2f, k)
+    cuda.expert_mlp(x, w1, b1, w2, b2, off, "silu", r2f, f2r, k)
     cuda.expert_mlp_backward(torch.randn(T * k, K, **bf), x, w1, w2, off, pre, "gelu", r2f, k)
     assert rows is not None
     launched = set(probe.called)

@@ -431,6 +431,35 @@ def test_expert_mlp(dtype, T, k, act):
         assert torch.count_nonzero(g[2]) == 0
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_expert_mlp_routing_weight_gradient_in_the_dgrad_epilogue(dtype, act):
+    """expert_mlp with routing weights (docs/host_path.md, step 5): the down-projection's dgrad reads
+    dy through the routing map, scales d hidden by the routing weight and writes the routing weights'
+    gradient's 8-column partials and <dy, b2> in its epilogue (RoutedDgrad), the recipe sums them:
+    output and every gradient (the routing weights' and shared's included) against float64; 150
+    tokens top-3 (several row blocks, H 72: a partial column group), an expert without rows; the
+    same bits twice."""
+    E, K, H, T, k = 5, 40, 72, 150, 3
+    r2f, f2r, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
+    N1 = 2 * H if act == "swiglu" else H
+    x = (torch.randn(T, K) / 2).to(dtype).requires_grad_(True)
+    params = [torch.randn(E, K, N1) / K**0.5, torch.randn(E, N1) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
+    params = [p.to(dtype).requires_grad_(True) for p in params]
+    w = (0.2 + 0.8 * torch.rand(T, k)).requires_grad_(True)
+    shared = torch.randn(T, K).to(dtype).requires_grad_(True)
+
+    def run(be, x, w1, b1, w2, b2, w, shared):
+        return expert_mlp(x, w1, b1, w2, b2, off, act, backend=be, gather=r2f, flat_to_row=f2r, top_k=k, weights=w, shared=shared)
+
+    first = _within_reference(run, [x, *params, w, shared], dtype)
+    for g in first[2:6]:
+        assert torch.count_nonzero(g[2]) == 0
+    y = run("cuda", x, *params, w, shared)
+    again = torch.autograd.grad(y.double().square().mean(), [x, *params, w, shared])
+    assert all(torch.equal(a, b.double()) for a, b in zip(first[1:], again))
+
+
 def _swiglu_expert_mlp(x, w1, b1, w2, b2, off, interleaved):
     """The expert MLP with SwiGLU, one expert at a time in x's dtype: pre = x W1 + b1 with columns
     [gate | up] or pairs [g0, u0, ...] (interleaved), hidden = silu(gate) * up, out = hidden W2 + b2."""
@@ -463,9 +492,9 @@ def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
     rows = x[r2f // k]
     g = torch.randn(rows.shape[0], K).to(dtype)
 
-    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, k)
+    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, None, k)
     grads = recipe.expert_mlp_backward(kernels, g, x, leaves[0], leaves[2], off, pre, "swiglu", r2f, k)
-    d_rows, dw1, db1, dw2, db2 = grads
+    d_rows, dw1, db1, dw2, db2, _ = grads
     refs = []
     for cast in (dtype, torch.float64):
         ls = [t.to(cast).requires_grad_(True) for t in (rows, *leaves)]

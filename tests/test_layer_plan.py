@@ -261,7 +261,7 @@ def test_a_plan_is_made_once_per_key_and_a_new_shape_makes_another():
     assert _layer_plan.plans_built == built + 3
 
 
-def test_planned_step_calls_no_custom_op_and_the_ops_path_nine():
+def test_planned_step_calls_no_custom_op_and_the_ops_path_six():
     from benchmarks import host_overhead as H
 
     m = _layer(GEOMOE)
@@ -279,7 +279,9 @@ def test_planned_step_calls_no_custom_op_and_the_ops_path_nine():
         m.use_plan = True
         step()  # the plan made
         planned = H.count(step)
-    assert ops["custom_op_calls"] == 9 and planned["custom_op_calls"] == 0
+    # gating, route, expert_mlp (the combine in it), its backward, the row-gradient combine, gating's
+    # backward: unpermute's own call and its backward's permute and weight gradient are gone (step 5)
+    assert ops["custom_op_calls"] == 6 and planned["custom_op_calls"] == 0
     # the same kernels less two, the shared expert's ids (arange) and weights (a fill of ones) that the
     # plan keeps: only the dispatch is gone. (Allocations and syncs are not compared: above autograd
     # the reference's argsort is seen as the sort it is, one allocation more, and its offsets.tolist()
@@ -373,3 +375,34 @@ def test_shared_experts_join_the_grouped_launches_only_where_routing_takes_them(
     assert MoEMLP(16, 12, num_experts=23, num_shared_experts=1)._shared_in_experts()
     assert not MoEMLP(16, 12, num_experts=256, num_shared_experts=1)._shared_in_experts()
     assert MoEMLP(16, 12, num_experts=300, num_shared_experts=2)._shared_in_experts()  # CUDA's 4096 either way
+
+
+def _function_node(y, name):
+    """The first node of y's graph whose type is named `name`."""
+    todo, seen = [y.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return node
+        todo += [f for f, _ in node.next_functions]
+    raise AssertionError(f"no {name} in the graph")
+
+
+@pytest.mark.parametrize("options", ["geomoe", "llm"])
+def test_the_expert_outputs_are_not_kept_for_backward(options):
+    """Issue 28 step 5: the routing weights' gradient comes from the down-projection's dgrad
+    (<dy W2^T, act(pre)> + <dy, b2>), so the layer keeps no [T * (k + S), d] expert outputs: what
+    it keeps per routed row is the pre-activation and the maps. Its float64 gradients (the routing
+    weights' through the logits included) are test_planned_path_in_float64_matches_the_published_loop's."""
+    m = _layer(OPTIONS[options])
+    T, dim = 5, 16
+    rows = T * (m.top_k + (m.num_shared_experts if m._shared_in_experts() else 0))
+    x = torch.randn(T, dim, requires_grad=True)
+    y, _, _ = m(x)
+    node = _function_node(y, "MoELayerFunctionBackward")
+    shapes = [tuple(t.shape) for t in node.saved_tensors if t is not None]
+    assert (rows, dim) not in shapes, shapes
+    assert (rows, m.w1.shape[-1]) in shapes  # the pre-activation [rows, N1] is what it keeps instead

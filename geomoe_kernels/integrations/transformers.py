@@ -290,6 +290,13 @@ def experts_forward(
         )  # fmt: skip
         return out.to(hidden_states.dtype)
     row_to_flat, flat_to_row, offsets = route(ids.contiguous(), E, backend)
+    if activation is not None and not getattr(module, "has_post_expert_norm", False):
+        # the combine in expert_mlp: its backward forms the routing weights' gradient (as the plan)
+        out = expert_mlp(
+            x, w1, b1, w2, b2, offsets, activation, backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k,
+            weights=weights.contiguous(),
+        )  # fmt: skip
+        return out.to(hidden_states.dtype)
     if activation is not None:
         rows = expert_mlp(x, w1, b1, w2, b2, offsets, activation, backend, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k)
     else:

@@ -25,9 +25,12 @@ grouped launches: each token's ids and weights get E..E+S-1 and 1 appended (the 
 that of the first k columns. The rows are then T*(k+S); below, k stands for k + S.
 
 What the Function saves for backward: the logits and the expert ids [T, k] (gating's backward), the
-tokens [T, d], w1, w2, the offsets, the pre-activation [T*k, N1] and both routing maps (expert_mlp's),
-the routing weights [T, k], and the expert outputs [T*k, d] when the routing weights need a gradient
-(their gradient <dY_t, Y_row>). The same as the op path, which saves these per op.
+tokens [T, d], w1, w2, b2, the offsets, the pre-activation [T*k, N1], both routing maps and the routing
+weights [T, k] (expert_mlp's, which combines its rows with the weights): no expert outputs, since the
+routing weights' gradient <dY_t, Y_row> = <dY_t W2^T, act(pre)> + <dY_t, b2> comes from the
+down-projection's dgrad, which reads dY through the routing maps (docs/host_path.md, step 5). The
+same as the op path, which saves these per op. (With a gate between the two GEMMs, run_routed keeps
+the expert outputs and unpermute's weight gradient.)
 
 With the router given (run's router=, MoEMLP's own where nothing else reads the tokens) the Function
 computes the logits itself, with the ops MoEMLP._logits runs (the same bits), saves the router's
@@ -319,8 +322,34 @@ def _combine_rows(p: LayerPlan, d_x: Tensor, row_to_flat: Tensor, flat_to_row: T
     return combine_rows(d_x, flat_to_row, k, None, None)
 
 
+def _experts_backward(
+    p: LayerPlan, g: Tensor, tokens: Tensor, w1: Tensor, w2: Tensor, b2: Optional[Tensor], offsets: Tensor, pre: Tensor,
+    act: str, row_to_flat: Tensor, k: int, weights: Tensor, grads_like: Optional[Tuple[Tensor, Tensor]],
+):  # fmt: skip
+    """expert_mlp_backward with routing weights on the combined tokens' gradient g [T, d]: (the row
+    gradients, dw1, db1, dw2, db2, d weights [T, k]); with grads_like the weight gradients in those
+    tensors' dtype (the kernel backends write them so; the reference's are converted)."""
+    mlp_backward = p.impls.get("experts_backward") or p.impl(
+        "experts_backward",
+        expert_mlp_backward,
+        dict(
+            grad_out=g, x=tokens, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=act, gather=row_to_flat, top_k=k,
+            weights=weights, b2=b2,
+        ),
+    )  # fmt: skip
+    if grads_like is None:
+        return mlp_backward(g, tokens, w1, w2, offsets, pre, act, row_to_flat, k, weights, b2)
+    if getattr(mlp_backward, "func", None) is _recipe.expert_mlp_backward:  # the kernels write them so
+        return mlp_backward(g, tokens, w1, w2, offsets, pre, act, row_to_flat, k, weights, b2, grads_like=grads_like)
+    # the reference: in the compute dtype, converted to the parameters'
+    d_x, dw1, db1, dw2, db2, d_weights = mlp_backward(g, tokens, w1, w2, offsets, pre, act, row_to_flat, k, weights, b2)
+    like1, like2 = grads_like
+    return d_x, dw1.to(like1.dtype), db1.to(like1.dtype), dw2.to(like2.dtype), db2.to(like2.dtype), d_weights
+
+
 def _routing_weight_grad(p: LayerPlan, g: Tensor, rows_out: Tensor, flat_to_row: Tensor, k: int) -> Tensor:
-    """d weights [T, k] = <g_t, expert output row> (unpermute's weight gradient)."""
+    """d weights [T, k] = <g_t, expert output row> (unpermute's weight gradient: the experts with a
+    gate between their GEMMs)."""
     weight_grad = p.impls.get("weight_grad") or p.impl(
         "weight_grad", unpermute_weight_grad, dict(grad_out=g, rows=rows_out, flat_to_row=flat_to_row, top_k=k)
     )
@@ -374,22 +403,14 @@ class MoELayerFunction(torch.autograd.Function):
             if experts is None or checking:
                 named = dict(
                     x=tokens, w1=w1, b1=b1, w2=w2, b2=b2, offsets=offsets, activation=p.activation,
-                    gather=row_to_flat, flat_to_row=flat_to_row, top_k=k,
+                    gather=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights, shared=shared,
                 )  # fmt: skip
                 if checking:
                     _value_checks(expert_mlp_op, named)
                 experts = p.impl("experts", expert_mlp_op, named)
-            rows_out, pre = experts(tokens, w1, b1, w2, b2, offsets, p.activation, row_to_flat, k)
-
-            combine = impls.get("combine")
-            if combine is None or checking:
-                named = dict(
-                    rows=rows_out, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights, shared=shared
-                )
-                if checking:
-                    _value_checks(unpermute_op, named)
-                combine = p.impl("combine", unpermute_op, named)
-            y = combine(rows_out, flat_to_row, k, weights, shared)
+            # the rows combined into the tokens in the same call (the backend's unpermute): its
+            # backward reads dy through the routing maps and forms the routing weights' gradient
+            y, pre = experts(tokens, w1, b1, w2, b2, offsets, p.activation, row_to_flat, flat_to_row, k, weights, shared)
         finally:
             if autocast:
                 torch.set_autocast_enabled(dev, True)
@@ -407,10 +428,8 @@ class MoELayerFunction(torch.autograd.Function):
         else:
             ctx.rows = None
             ctx.grads_like = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in params)
-        need_router = ctx.router and any(ctx.needs_input_grad[i] for i in (4, 10, 11))
-        keep_rows = ctx.needs_input_grad[2] or need_router  # the routing weights' gradient reads the expert outputs
         ctx.save_for_backward(
-            logits, gate_ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None,
+            logits, gate_ids, tokens, w1, w2, b2, offsets, pre, row_to_flat, flat_to_row, weights,
             load if fused else fraction, router_in, rw,
         )  # fmt: skip
         return y, load, third
@@ -420,7 +439,7 @@ class MoELayerFunction(torch.autograd.Function):
         p: LayerPlan = ctx.plan
         k, act = p.k + p.S, p.activation
         saved = ctx.saved_tensors
-        logits, ids, tokens, w1, w2, offsets, pre, row_to_flat, flat_to_row, weights, rows_out, load_or_fraction = saved[:12]
+        logits, ids, tokens, w1, w2, b2, offsets, pre, row_to_flat, flat_to_row, weights, load_or_fraction = saved[:12]
         router_in, rw = saved[12:]
         fused = ctx.fused
         _, _, need_logits, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _, need_rw, need_rb = ctx.needs_input_grad[:12]
@@ -439,40 +458,22 @@ class MoELayerFunction(torch.autograd.Function):
             torch.set_autocast_enabled(dev, False)
         torch.set_grad_enabled(False)
         try:
-            impls = p.impls  # each piece resolved on its first call (the dict built only then)
             if dy is not None:
                 g = dy.contiguous()
                 if has_shared:
                     d_shared = g
-                if need_tokens or need_w1 or need_b1 or need_w2 or need_b2:  # unpermute's backward, then expert_mlp's
-                    permute = impls.get("permute") or p.impl(
-                        "permute",
-                        permute_op,
-                        dict(x=g, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights),
+                if need_tokens or need_w1 or need_b1 or need_w2 or need_b2 or need_logits:
+                    # expert_mlp's backward on dy itself (read through the routing maps), the routing
+                    # weights' gradient formed in its down-projection's dgrad (docs/host_path.md, step 5)
+                    d_x, dw1, db1, dw2, db2, d_weights = _experts_backward(
+                        p, g, tokens, w1, w2, b2, offsets, pre, act, row_to_flat, k, weights, ctx.grads_like
                     )
-                    d_rows = permute(g, row_to_flat, k, weights).contiguous()
-                    mlp_backward = impls.get("experts_backward") or p.impl(
-                        "experts_backward",
-                        expert_mlp_backward,
-                        dict(
-                            grad_out=d_rows, x=tokens, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=act,
-                            gather=row_to_flat, top_k=k,
-                        ),
-                    )  # fmt: skip
-                    if getattr(mlp_backward, "func", None) is _recipe.expert_mlp_backward:  # the kernels write them so
-                        d_x, dw1, db1, dw2, db2 = mlp_backward(
-                            d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k, grads_like=ctx.grads_like
-                        )
-                    else:  # the reference: in the compute dtype, converted to the parameters'
-                        d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
-                        like1, like2 = ctx.grads_like
-                        dw1, db1, dw2, db2 = dw1.to(like1.dtype), db1.to(like1.dtype), dw2.to(like2.dtype), db2.to(like2.dtype)
                     if need_tokens:  # the row gradients summed into their tokens (the combine, unweighted)
                         d_tokens = _combine_rows(p, d_x, row_to_flat, flat_to_row, k)
                     db1 = db1 if has_b1 else None
                     db2 = db2 if has_b2 else None
                 if need_logits:
-                    grad_weights = _routing_weight_grad(p, g, rows_out, flat_to_row, k).to(weights.dtype)
+                    grad_weights = d_weights.to(weights.dtype)
                     if fused:  # gating's backward reads the first p.k columns (the shared experts' are constants)
                         if p.scale != 1.0:
                             grad_weights = grad_weights * _scale_row(p, grad_weights)
@@ -668,13 +669,14 @@ class RoutedLayerFunction(torch.autograd.Function):
         try:
             routing = _piece(p, "route", route, checking, expert_ids=ids, num_experts=E)
             row_to_flat, flat_to_row, offsets = routing(ids, E)
-            hidden = None
-            if gate is None:
+            hidden = rows_out = None
+            if gate is None:  # the combine in the same call: its backward forms the routing weights' gradient
                 experts = _piece(
                     p, "experts", expert_mlp_op, checking, x=tokens, w1=w1, b1=b1, w2=w2, b2=b2, offsets=offsets,
-                    activation=p.activation, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k,
+                    activation=p.activation, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights,
+                    shared=shared,
                 )  # fmt: skip
-                rows_out, pre = experts(tokens, w1, b1, w2, b2, offsets, p.activation, row_to_flat, k)
+                y, pre = experts(tokens, w1, b1, w2, b2, offsets, p.activation, row_to_flat, flat_to_row, k, weights, shared)
             else:
                 up = _piece(
                     p, "up", grouped_mm_op, checking, x=tokens, weight=w1, offsets=offsets, bias=b1, activation="none",
@@ -687,11 +689,11 @@ class RoutedLayerFunction(torch.autograd.Function):
                     gather=None, flat_to_row=None, top_k=1,
                 )  # fmt: skip
                 rows_out, _ = down(hidden, w2, offsets, b2, "none", None, 1)
-            combine = _piece(
-                p, "combine", unpermute_op, checking, rows=rows_out, row_to_flat=row_to_flat, flat_to_row=flat_to_row,
-                top_k=k, weights=weights, shared=shared,
-            )  # fmt: skip
-            y = combine(rows_out, flat_to_row, k, weights, shared)
+                combine = _piece(
+                    p, "combine", unpermute_op, checking, rows=rows_out, row_to_flat=row_to_flat, flat_to_row=flat_to_row,
+                    top_k=k, weights=weights, shared=shared,
+                )  # fmt: skip
+                y = combine(rows_out, flat_to_row, k, weights, shared)
         finally:
             if autocast:
                 torch.set_autocast_enabled(dev, True)
@@ -699,9 +701,10 @@ class RoutedLayerFunction(torch.autograd.Function):
         ctx.plan, ctx.gate, ctx.autocast = p, gate, autocast
         ctx.gate_graph = gate_graph if gate is not None else None
         ctx.has = (b1 is not None, b2 is not None, shared is not None)
-        keep_rows = ctx.needs_input_grad[2]  # the routing weights' gradient reads the expert outputs
+        # with a gate the routing weights' gradient reads the expert outputs (unpermute's weight gradient)
+        keep_rows = ctx.needs_input_grad[2] and gate is not None
         ctx.save_for_backward(
-            tokens, w1, w2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
+            tokens, w1, w2, b2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out if keep_rows else None
         )
         return y
 
@@ -709,10 +712,10 @@ class RoutedLayerFunction(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         p: LayerPlan = ctx.plan
         k, act, gate = p.k, p.activation, ctx.gate
-        tokens, w1, w2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out = ctx.saved_tensors
+        tokens, w1, w2, b2, offsets, pre, hidden, row_to_flat, flat_to_row, weights, rows_out = ctx.saved_tensors
         _, _, need_weights, _, need_tokens, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         has_b1, has_b2, has_shared = ctx.has
-        d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = None
+        d_tokens = dw1 = db1 = dw2 = db2 = d_shared = grad_weights = d_x = None
         dev = tokens.device.type
         autocast = torch.is_autocast_enabled(dev)
         create_graph = torch.is_grad_enabled()
@@ -725,33 +728,30 @@ class RoutedLayerFunction(torch.autograd.Function):
                 g = dy.contiguous()
                 if has_shared:
                     d_shared = g
-                if need_tokens or need_w1 or need_b1 or need_w2 or need_b2:
+                d_weights = None
+                if gate is None and (need_tokens or need_w1 or need_b1 or need_w2 or need_b2 or need_weights):
+                    d_x, dw1, db1, dw2, db2, d_weights = _experts_backward(
+                        p, g, tokens, w1, w2, b2, offsets, pre, act, row_to_flat, k, weights, None
+                    )
+                elif need_tokens or need_w1 or need_b1 or need_w2 or need_b2:
                     permute = impls.get("permute") or p.impl(
                         "permute",
                         permute_op,
                         dict(x=g, row_to_flat=row_to_flat, flat_to_row=flat_to_row, top_k=k, weights=weights),
                     )
                     d_rows = permute(g, row_to_flat, k, weights).contiguous()
-                    if gate is None:
-                        mlp_backward = impls.get("experts_backward") or p.impl(
-                            "experts_backward",
-                            expert_mlp_backward,
-                            dict(
-                                grad_out=d_rows, x=tokens, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=act,
-                                gather=row_to_flat, top_k=k,
-                            ),
-                        )  # fmt: skip
-                        d_x, dw1, db1, dw2, db2 = mlp_backward(d_rows, tokens, w1, w2, offsets, pre, act, row_to_flat, k)
-                    else:
-                        d_x, dw1, db1, dw2, db2 = _gated_backward(
-                            p, ctx.gate_graph, d_rows, tokens, w1, w2, offsets, hidden, row_to_flat, k
-                        )
+                    d_x, dw1, db1, dw2, db2 = _gated_backward(
+                        p, ctx.gate_graph, d_rows, tokens, w1, w2, offsets, hidden, row_to_flat, k
+                    )
+                if d_x is not None:
                     if need_tokens:
                         d_tokens = _combine_rows(p, d_x, row_to_flat, flat_to_row, k)
                     db1 = db1 if has_b1 else None
                     db2 = db2 if has_b2 else None
                 if need_weights:
-                    grad_weights = _routing_weight_grad(p, g, rows_out, flat_to_row, k).to(weights.dtype)
+                    if d_weights is None:  # a gate between the GEMMs: unpermute's weight gradient
+                        d_weights = _routing_weight_grad(p, g, rows_out, flat_to_row, k)
+                    grad_weights = d_weights.to(weights.dtype)
         finally:
             torch.set_grad_enabled(create_graph)
             if autocast:

@@ -397,10 +397,10 @@ class _Experts(torch.autograd.Function):
             if gate is None:
                 named = dict(
                     x=rows, w1=w1, b1=b1, w2=w2, b2=b2, offsets=offsets, activation=p.activation, gather=None, flat_to_row=None,
-                    top_k=1,
+                    top_k=1, weights=None, shared=None,
                 )  # fmt: skip
                 out, pre = _lp._piece(p, "experts", expert_mlp_op, checking, **named)(
-                    rows, w1, b1, w2, b2, offsets, p.activation, None, 1
+                    rows, w1, b1, w2, b2, offsets, p.activation, None, None, 1
                 )
             else:
                 named = dict(
@@ -428,10 +428,11 @@ class _Experts(torch.autograd.Function):
         with _NoAutocast(rows), torch.no_grad():
             if gate is None:
                 named = dict(
-                    grad_out=g, x=rows, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=p.activation, gather=None, top_k=1
-                )
+                    grad_out=g, x=rows, w1=w1, w2=w2, offsets=offsets, pre=pre, activation=p.activation, gather=None, top_k=1,
+                    weights=None, b2=None,
+                )  # fmt: skip
                 backward = _lp._piece(p, "experts_backward", expert_mlp_backward, False, **named)
-                d_rows, dw1, db1, dw2, db2 = backward(g, rows, w1, w2, offsets, pre, p.activation, None, 1)
+                d_rows, dw1, db1, dw2, db2, _ = backward(g, rows, w1, w2, offsets, pre, p.activation, None, 1)
             else:
                 d_rows, dw1, db1, dw2, db2 = _lp._gated_backward(p, ctx.gate_graph, g, rows, w1, w2, offsets, hidden, None, 1)
         has_b1, has_b2 = ctx.has

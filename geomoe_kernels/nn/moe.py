@@ -428,12 +428,19 @@ class MoEMLP(nn.Module):
             k_all = ids.shape[1]
             row_to_flat, flat_to_row, offsets = route(ids, E + self.num_shared_experts, be)
             w1, b1, w2, b2 = self._stacked(dtype)
-            rows_out = expert_mlp(
-                tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all
-            )
-            y = unpermute(rows_out, row_to_flat, flat_to_row, k_all, weights, None, be)
+            y = expert_mlp(
+                tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all,
+                weights=weights,
+            )  # fmt: skip
             return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
         row_to_flat, flat_to_row, offsets = route(ids, E, be)
+        if self._expert_gate() is None:  # the combine in expert_mlp: its backward forms the weights' gradient
+            # the experts read the tokens through an alias made before the shared experts' nodes (as
+            # the planned path does): the token gradient adds its parts in the same order
+            routed_tokens = tokens.view_as(tokens)
+            shared = self._shared(tokens, dtype)
+            y = self._experts(routed_tokens, dtype, offsets, row_to_flat, flat_to_row, combine=(weights, shared))
+            return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
         rows_out = self._experts(tokens, dtype, offsets, row_to_flat, flat_to_row)
         y = unpermute(rows_out, row_to_flat, flat_to_row, k, weights, self._shared(tokens, dtype), be)
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
@@ -446,10 +453,12 @@ class MoEMLP(nn.Module):
         gather: Optional[Tensor],
         flat_to_row: Optional[Tensor],
         weights: Optional[Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]] = None,
+        combine: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     ) -> Tensor:
         """The routed experts on their rows (expert-major), read from `tokens` through `gather` when
         given (rows already grouped by expert otherwise). `weights` (w1, b1, w2, b2) replace the
-        layer's own: expert parallelism passes its rank's shard."""
+        layer's own: expert parallelism passes its rank's shard. combine = (routing weights, shared
+        or None), with gather and no expert gate: the rows combined into the tokens by expert_mlp."""
         k, be = self.top_k, self.backend
         w1, b1, w2, b2 = weights if weights is not None else (self.w1, self.b1, self.w2, self.b2)
         w1, w2 = self._kn(w1).to(dtype), self._kn(w2).to(dtype)
@@ -463,7 +472,11 @@ class MoEMLP(nn.Module):
             return grouped_mm(hidden.to(dtype), w2, offsets, b2, "none", be)
         # both GEMMs in one op: the first reads its rows straight from the tokens through the
         # permutation, and only the pre-activation is kept for backward
-        return expert_mlp(tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=gather, flat_to_row=flat_to_row, top_k=k)
+        routing, shared = combine if combine is not None else (None, None)
+        return expert_mlp(
+            tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=gather, flat_to_row=flat_to_row, top_k=k,
+            weights=routing, shared=shared,
+        )  # fmt: skip
 
     @torch.no_grad()
     def update_bias(self, load: Tensor, rate: float = 1e-3) -> None:

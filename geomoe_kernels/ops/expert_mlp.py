@@ -9,7 +9,14 @@ that is one [M, hidden] tensor fewer kept for backward and no separate activatio
 
 x [T or M, K], w1 [E, K, N1], b1 [E, N1], w2 [E, H, D], b2 [E, D] with H = N1 (N1 / 2 for swiglu,
 whose W1 holds [gate | up]). Returns (rows_out [M, D], pre [M, N1]); backward gives the row
-gradients [M, K] in expert-major order, dw1, db1, dw2, db2 (experts without rows: exact zeros)."""
+gradients [M, K] in expert-major order, dw1, db1, dw2, db2 (experts without rows: exact zeros).
+
+With routing `weights` [T, top_k] (and `shared` [T, D]) the rows are combined into their tokens in
+the op: it returns (y [T, D] = shared + sum_j weights[t, j] rows_out[row of (t, j)], pre), as
+unpermute would, and its backward takes the tokens' gradient dy itself: the down-projection's dgrad
+reads dy through the routing map (no permuted copy), applies the routing weight in its epilogue and
+reduces the routing weights' gradient <dy_t W2^T, act(pre)> + <dy_t, b2> per row there, so the
+expert outputs are not kept for backward (docs/host_path.md, step 5)."""
 
 from typing import Optional, Tuple
 
@@ -23,7 +30,7 @@ from . import _case
 from ._declare import Verification, contiguous, declare
 from .grouped_gemm import _check as _check_gemm
 from .grouped_gemm import _check_values, _rows, combine_row_grads
-from .permute import route
+from .permute import _check_weights, route
 
 ACTIVATIONS = ("gelu", "silu", "swiglu")
 
@@ -38,7 +45,6 @@ def _verify(c, be, dev, dt):
 @declare(
     reference=_ref.expert_mlp,
     verification=Verification(_verify),
-    for_backward_only=("flat_to_row",),
     value_checks=lambda x, offsets, gather, flat_to_row, **_: _check_values(x, offsets, gather, flat_to_row, "expert_mlp"),
 )
 def expert_mlp_op(
@@ -52,6 +58,8 @@ def expert_mlp_op(
     gather: Optional[Tensor] = None,
     flat_to_row: Optional[Tensor] = None,
     top_k: int = 1,
+    weights: Optional[Tensor] = None,
+    shared: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     op = "expert_mlp"
     check_choice(op, "activation", activation, ACTIVATIONS)
@@ -66,12 +74,25 @@ def expert_mlp_op(
             f"got {list(w2.shape)}"
         )
     check_tensor(op, "b2", b2, shape=(E, w2.shape[2]), device=x.device, optional=True)
+    _check_combine(op, x, w2, gather, top_k, weights, shared)
+
+
+def _check_combine(op, x, w2, gather, top_k, weights, shared) -> None:
+    if weights is None:
+        if shared is not None:
+            raise OpInputError(f"{op}: argument 'shared' is added in the combine: it expected 'weights' too, got none")
+        return
+    if gather is None:
+        raise OpInputError(f"{op}: argument 'weights' combines the rows into tokens: it expected 'gather' and 'flat_to_row'")
+    _check_weights(op, weights, x.shape[0], top_k, x.device)
+    check_tensor(op, "shared", shared, shape=(x.shape[0], w2.shape[2]), device=x.device, optional=True)
+    check_same_dtype(op, ["x", "shared"], [x, shared])
 
 
 @expert_mlp_op.fake
-def _(x, w1, w2, gather, **_):
+def _(x, w1, w2, gather, weights, **_):
     M = _rows(x, gather)
-    return x.new_empty(M, w2.shape[2]), x.new_empty(M, w1.shape[2])
+    return x.new_empty(x.shape[0] if weights is not None else M, w2.shape[2]), x.new_empty(M, w1.shape[2])
 
 
 @declare(reference=_ref.expert_mlp_backward, backward_of="expert_mlp")
@@ -85,42 +106,68 @@ def expert_mlp_backward(
     activation: str,
     gather: Optional[Tensor] = None,
     top_k: int = 1,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d rows [M, K] in expert-major order, dw1, db1, dw2, db2)."""
-    check_tensor(
-        "expert_mlp_backward", "grad_out", grad_out, dtypes=(x.dtype,), shape=(pre.shape[0], w2.shape[2]), device=x.device
-    )
+    weights: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d rows [M, K] in expert-major order, dw1, db1, dw2, db2, d weights): with routing `weights`
+    grad_out is the combined tokens' gradient [T, D], read through `gather`, and d weights [T, top_k]
+    (float32, float64 for float64) the routing weights' gradient (b2: the forward's, for its part
+    <dy, b2>); without, grad_out holds the rows' gradients [M, D] and d weights is empty."""
+    op = "expert_mlp_backward"
+    if weights is None:
+        check_tensor(op, "grad_out", grad_out, dtypes=(x.dtype,), shape=(pre.shape[0], w2.shape[2]), device=x.device)
+    elif gather is None:
+        raise OpInputError(f"{op}: argument 'weights' expected 'gather' too (the rows are read through it)")
+    else:
+        T = gather.numel() // max(top_k, 1)
+        check_tensor(op, "grad_out", grad_out, dtypes=(x.dtype,), shape=(T, w2.shape[2]), device=x.device)
+        _check_weights(op, weights, T, top_k, x.device)
+        check_tensor(op, "b2", b2, dtypes=(x.dtype,), shape=(w2.shape[0], w2.shape[2]), device=x.device, optional=True)
 
 
 @expert_mlp_backward.fake
-def _(x, w1, w2, pre, **_):
+def _(x, w1, w2, pre, weights, top_k, **_):
+    acc = torch.promote_types(x.dtype, torch.float32)
     return (
         x.new_empty(pre.shape[0], x.shape[1]),
         torch.empty_like(w1),
         w1.new_empty(w1.shape[0], w1.shape[2]),
         torch.empty_like(w2),
         w2.new_empty(w2.shape[0], w2.shape[2]),
+        x.new_empty(0) if weights is None else x.new_empty(weights.shape[0], top_k, dtype=acc),
     )
 
 
 def _setup_context(ctx, args, output):
-    ctx.save_for_backward(args["x"], args["w1"], args["w2"], args["offsets"], output[1], args["gather"], args["flat_to_row"])
-    ctx.config = (args["activation"], args["backend"], args["b1"] is not None, args["b2"] is not None, args["top_k"])
+    weights = args["weights"]
+    ctx.save_for_backward(
+        args["x"], args["w1"], args["w2"], args["offsets"], output[1], args["gather"], args["flat_to_row"], weights,
+        args["b2"] if weights is not None else None,
+    )  # fmt: skip
+    ctx.config = (
+        args["activation"], args["backend"], args["b1"] is not None, args["b2"] is not None, args["top_k"],
+        args["shared"] is not None,
+    )  # fmt: skip
 
 
 def _backward(ctx, grad_out, _grad_pre):
     if grad_out is None:  # only `pre` was used: nothing flows back through it
         return {}
-    x, w1, w2, offsets, pre, gather, flat_to_row = ctx.saved_tensors
-    activation, backend, has_b1, has_b2, top_k = ctx.config
-    d_rows, dw1, db1, dw2, db2 = expert_mlp_backward(
-        grad_out.contiguous(), x, w1, w2, offsets, pre, activation, gather, top_k, backend
+    x, w1, w2, offsets, pre, gather, flat_to_row, weights, b2 = ctx.saved_tensors
+    activation, backend, has_b1, has_b2, top_k, has_shared = ctx.config
+    g = grad_out.contiguous()
+    d_rows, dw1, db1, dw2, db2, d_weights = expert_mlp_backward(
+        g, x, w1, w2, offsets, pre, activation, gather, top_k, weights, b2, backend
     )
     grads = {"x": combine_row_grads(d_rows, gather, flat_to_row, top_k, backend), "w1": dw1, "w2": dw2}
     if has_b1:
         grads["b1"] = db1
     if has_b2:
         grads["b2"] = db2
+    if weights is not None and ctx.needs_grad["weights"]:
+        grads["weights"] = d_weights.to(weights.dtype)
+    if has_shared:
+        grads["shared"] = g
     return grads
 
 
@@ -139,10 +186,14 @@ def expert_mlp(
     gather: Optional[Tensor] = None,
     flat_to_row: Optional[Tensor] = None,
     top_k: int = 1,
+    weights: Optional[Tensor] = None,
+    shared: Optional[Tensor] = None,
 ) -> Tensor:
     """act(A[r] @ w1[e] + b1[e]) @ w2[e] + b2[e] for the rows r of each expert e; A = x, or with
-    `gather` and `flat_to_row` (from route) A[r] = x[gather[r] // top_k]. Differentiable in x and
-    the weights and biases."""
+    `gather` and `flat_to_row` (from route) A[r] = x[gather[r] // top_k]. With routing `weights`
+    [T, top_k] the rows combined into their tokens: shared + sum_j weights[t, j] row(t, j) [T, D]
+    (unpermute's result, the routing weights' gradient formed in the experts' backward).
+    Differentiable in x, the weights and biases, `weights` and `shared`."""
     out, _ = expert_mlp_op(
         x.contiguous(),
         w1.contiguous(),
@@ -154,6 +205,8 @@ def expert_mlp(
         gather,
         flat_to_row,
         top_k,
+        contiguous(weights),
+        contiguous(shared),
         backend,
     )
     return out

@@ -17,8 +17,11 @@ from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ..reference.permute import route as _reference_route
-from . import kernel, rows_reason
+from .. import backend as _backend
+from . import WHO, kernel, rows_reason
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs, pow2
+from .permute import permute as _permute
+from .permute import unpermute as _unpermute
 
 # the activation codes, as constants the kernels can compare against
 _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
@@ -58,10 +61,13 @@ def _gemm_footprint(args, num_warps):
     """The accumulators' float32 elements a thread; a bias-only epilogue (no activation, no act') with
     16-bit operands counts half: it keeps nothing beside the accumulator, and 128 x 256 on 8 warps
     (128 elements) compiled without spills there (254 registers), where the GELU, SiLU and SwiGLU
-    epilogues spilled 0.5-1.6 KB a thread (offline compile, Triton 3.9)."""
-    swiglu = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"])
-    elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if swiglu else 1)
-    plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value
+    epilogues spilled 0.5-1.6 KB a thread (offline compile, Triton 3.9). The routed dgrad epilogue
+    (ROUTED: pre, act(pre), the weighted tile and the column folds beside the accumulator) counts
+    as two: at 64 elements its GELU build spilled 32-48 bytes a thread (24-32 with float32
+    operands at 32), at 32 (16) none did."""
+    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or bool(args.get("ROUTED"))
+    elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if two else 1)
+    plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value and not args.get("ROUTED")
     if plain and getattr(args.get("A"), "dtype", None) in (torch.float16, torch.bfloat16):
         return elements / 2
     return elements
@@ -195,10 +201,99 @@ def _gmm_epilogue(
         tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fold_cols(x, ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr):
+    """[ROWS, COLS] -> [ROWS, COLS // CHUNK]: each CHUNK consecutive columns summed by a fixed
+    halving tree (column j + column j + CHUNK/2, then again), each level a sum over an axis of two,
+    which is one addition: the same bits whatever layout the compiler gives x, and the same for a
+    chunk whichever tile width it was computed in."""
+    x = tl.reshape(x, (ROWS, COLS // CHUNK, CHUNK))
+    for i in tl.static_range(12):  # chunks of up to 4,096 columns
+        if (CHUNK >> i) > 1:
+            x = tl.sum(tl.reshape(x, (ROWS, COLS // CHUNK, 2, CHUNK >> (i + 1))), axis=2)
+    return tl.reshape(x, (ROWS, COLS // CHUNK))
+
+
+@triton.jit
+def _routed_dgrad_epilogue(
+    acc,
+    Out,
+    Pre,
+    Partial,
+    RouteW,
+    A,
+    Bias,
+    e,
+    flat,
+    arow,
+    rm,
+    rn,
+    mask_m,
+    mask_n,
+    pid_n,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_om,
+    stride_pm,
+    stride_qm,
+    GRAD_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """The down-projection's dgrad epilogue when its rows are combined with routing weights
+    (docs/host_path.md, step 5), on the fp32 tile acc = g @ W2^T of the tokens' gradient g read
+    through the routing map (unscaled): d pre = w * acc * act'(pre) (SwiGLU: both halves), w the
+    row's routing weight; Partial[flat, c] the sum of acc * act(pre) over the hidden columns of
+    chunk c (act(pre) rounded to the compute dtype, as the forward's hidden rows were), each a fixed
+    halving tree; the column tile 0 also writes the last column, <g, bias[e]> over K in BK steps
+    (0 without a bias). The consumer sums a row's partials in order: the routing weight's gradient
+    <g, rows_out> without the expert outputs kept. flat: the rows' slots (t * top_k + j), arow
+    their tokens. Self-contained (its pointers and strides in, nothing of the main loop but acc): a
+    kernel with another main loop can end in it."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    w = tl.load(RouteW + flat, mask=mask_m, other=0.0).to(tl.float32)
+    p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
+    o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
+    x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    ws = acc * w[:, None]
+    if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+        up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(x)
+        h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
+        tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
+    else:
+        h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
+        tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
+    parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
+    rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
+    n_chunks = tl.cdiv(N, CHUNK)
+    q_row = Partial + flat * stride_qm
+    tl.store(q_row[:, None] + rc[None, :], parts.to(Partial.dtype.element_ty), mask=mask_m[:, None] & (rc < n_chunks)[None, :])
+    if pid_n == 0:
+        bias_dot = tl.zeros((BM,), dtype=tl.float32)
+        if HAS_BIAS:
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                mask_k = rk < K
+                g = tl.load(
+                    A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                ).to(tl.float32)
+                b = tl.load(Bias + e.to(tl.int64) * stride_be + rk, mask=mask_k, other=0.0).to(tl.float32)
+                bias_dot += tl.reshape(_fold_cols(g * b[None, :], BM, BK, BK), (BM,))
+        tl.store(q_row + n_chunks, bias_dot.to(Partial.dtype.element_ty), mask=mask_m)
+
+
 # TRANS_W (the dgrad reads W transposed) is in the key: the best tile differs for the two layouts
 @triton.autotune(
     configs=_GEMM_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE"],
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "IEEE", "E_POW2", "INTERLEAVE", "ROUTED"],
     **autotune_options(_gemm_footprint, "A"),
 )
 @triton.jit
@@ -210,6 +305,8 @@ def _gmm_kernel(
     Pre,
     Gather,
     offsets,
+    Partial,
+    RouteW,
     E,
     N,
     K,
@@ -224,6 +321,7 @@ def _gmm_kernel(
     stride_be,
     stride_om,
     stride_pm,
+    stride_qm,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -233,12 +331,17 @@ def _gmm_kernel(
     IEEE: tl.constexpr,
     E_POW2: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    ROUTED: tl.constexpr,
+    ROUTE_BIAS: tl.constexpr,
+    CHUNK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     """GRAD_ACT (the down-projection's dgrad): Pre is read, not written, and the epilogue turns the
     product (d hidden) into d pre = d hidden * act'(pre); for SwiGLU it writes both halves of d pre.
+    ROUTED (with GATHER: A is the combined tokens' gradient): _routed_dgrad_epilogue, the routing
+    weight applied there and its gradient's partials written to Partial (Bias: b2, for <g, b2>).
     One grid axis, the column tile fastest: the programs that start together share one row block of
     A (and one expert's W), so A streams from memory once instead of once per column tile, and the
     grid has no 65,535 limit on any axis. INTERLEAVE (a gathered A whose experts' weights all fit in
@@ -256,10 +359,13 @@ def _gmm_kernel(
         rm = row0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < end
         if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
-            arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+            flat = tl.load(Gather + rm, mask=mask_m, other=0)
+            arow = flat // top_k
         else:
+            flat = rm
             arow = rm
-        rn = (tl.program_id(0) % n_tiles) * BN + tl.arange(0, BN)
+        pid_n = tl.program_id(0) % n_tiles
+        rn = pid_n * BN + tl.arange(0, BN)
         mask_n = rn < N
         w_base = W + e.to(tl.int64) * stride_we
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -292,8 +398,14 @@ def _gmm_kernel(
             acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if ACT == _SWIGLU:
                 acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+        if ROUTED:
+            _routed_dgrad_epilogue(
+                acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, pid_n, N, K, stride_am,
+                stride_ak, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+            )  # fmt: skip
+        else:
+            mask = mask_m[:, None] & mask_n[None, :]
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
 
 
 # The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
@@ -340,7 +452,7 @@ def _fold_rows(x, ROWS: tl.constexpr, BN: tl.constexpr):
 
 @triton.autotune(
     configs=_WGRAD_CONFIGS,
-    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB"],
+    key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB", "G_ROUTED"],
     **autotune_options(_wgrad_footprint, "A"),
     reset_to_zero=None,
     restore_value=["DW", "DB"],
@@ -353,9 +465,12 @@ def _wgrad_kernel(
     DB,
     Gather,
     offsets,
+    GGather,
+    GScale,
     K,
     N,
     top_k,
+    g_top_k,
     stride_am,
     stride_ak,
     stride_gm,
@@ -372,6 +487,7 @@ def _wgrad_kernel(
     IEEE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     HAS_DB: tl.constexpr,
+    G_ROUTED: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
@@ -380,7 +496,11 @@ def _wgrad_kernel(
     once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
-    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward."""
+    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward.
+    G_ROUTED: G holds the combined tokens' gradient, G's row r is G[f // g_top_k], f = GGather[r],
+    and its routing weight GScale[f] multiplies A's row r as it loads (rounded to the dtype: A's tile
+    is in registers anyway, G's goes to the dot as loaded; a weighted G tile spilled up to 5 KB a
+    thread in the offline compile) and G's row in the bias gradient's float32 sum."""
     # the tile on axis 0 (fastest): the programs that start together read the same expert's rows
     # (A and G stream once per split from memory, not once per tile), and the K x N tiles of the
     # largest experts (d 6144, N 32,768: 12,288 tiles) fit on an axis without the 65,535 limit
@@ -413,13 +533,28 @@ def _wgrad_kernel(
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
         elif A_ACT != _NONE:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
-        g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
+        if G_ROUTED:  # the routing weight on A's tile (in registers already): G goes to the dot as loaded
+            gflat = tl.load(GGather + rm, mask=mask_m, other=0)
+            gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
+            g = tl.load(
+                G + (gflat // g_top_k)[:, None] * stride_gm + rn[None, :] * stride_gn,
+                mask=mask_m[:, None] & (rn < N)[None, :],
+                other=0.0,
+            )
+        else:
+            g = tl.load(
+                G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0
+            )
         if IEEE:
             acc += tl.dot(a, g, input_precision="ieee")
         else:
             acc += tl.dot(a, g)
         if sums:  # the bias gradient as a row sum of the G tile already loaded: no second pass
-            col_sum += _fold_rows(g.to(tl.float32), BM, BN)
+            if G_ROUTED:
+                col_sum += _fold_rows(g.to(tl.float32) * gs[:, None], BM, BN)
+            else:
+                col_sum += _fold_rows(g.to(tl.float32), BM, BN)
     mask = (rk < K)[:, None] & (rn < N)[None, :]
     out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
     if ACCUMULATE:
@@ -448,6 +583,20 @@ class TritonGroupedGemm:
     def block_rows(self, dtype: torch.dtype) -> int:
         return block_m(dtype)
 
+    def combine(self, rows, flat_to_row, top_k, weights, shared):
+        """The combine of expert_mlp with routing weights: this backend's unpermute."""
+        return _unpermute(rows, flat_to_row, top_k, weights, shared)
+
+    def wgrad_routes(self, dtype: torch.dtype) -> bool:
+        """Whether the weight gradient reads G through the routing map (G_ROUTED): not with
+        full-precision float32, whose FMA dots keep both tiles in registers (280-352 bytes a thread
+        spilled there in the offline compile, at every config the budget could keep)."""
+        return not fp32_ieee(dtype)
+
+    def weighted_rows(self, grad, gather, top_k, weights):
+        """G for the weight gradient where wgrad_routes is False: the weighted permute."""
+        return _permute(grad, gather, top_k, weights)
+
     def _launch(
         self,
         a: Tensor,
@@ -462,8 +611,14 @@ class TritonGroupedGemm:
         top_k: int,
         transpose_weight: bool,
         grad_act: str,
+        routed: Optional[tuple] = None,
     ) -> None:
-        if persistent_launch(a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act):
+        """routed = (routing weights, partial): the dgrad of rows combined with those weights
+        (dgrad_routed); `bias` is then b2, read for the routing weights' gradient, not added.
+        The persistent TMA kernel (grouped_gemm_sm90) takes every launch but the routed dgrad."""
+        if routed is None and persistent_launch(
+            a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act
+        ):
             return
         if transpose_weight:  # W[e] read as [N, K]
             E, N_w, K = weight.shape
@@ -474,6 +629,7 @@ class TritonGroupedGemm:
         N = activations.out_features(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
         rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
+        route_w, partial = routed if routed is not None else (None, None)
         _gmm_kernel[grid](
             a,
             weight,
@@ -482,6 +638,8 @@ class TritonGroupedGemm:
             pre if pre is not None else out,
             gather if gather is not None else offsets,
             offsets,
+            partial if partial is not None else out,
+            route_w if route_w is not None else out,
             E,
             N,
             K,
@@ -496,7 +654,8 @@ class TritonGroupedGemm:
             bias.stride(0) if bias is not None else 0,
             out.stride(0),
             pre.stride(0) if pre is not None else 0,
-            HAS_BIAS=bias is not None,
+            partial.stride(0) if partial is not None else 0,
+            HAS_BIAS=bias is not None and routed is None,
             ACT=activations.code(activation),
             STORE_PRE=pre is not None and grad_act == "none",
             GATHER=gather is not None,
@@ -505,6 +664,9 @@ class TritonGroupedGemm:
             IEEE=fp32_ieee(a.dtype),
             E_POW2=lookup_lanes(E),
             INTERLEAVE=rounds > 0,
+            ROUTED=routed is not None,
+            ROUTE_BIAS=routed is not None and bias is not None,
+            CHUNK=recipe.ROUTING_CHUNK,
             BM=schedule.block,
         )
 
@@ -514,14 +676,20 @@ class TritonGroupedGemm:
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         self._launch(grad, weight, offsets, schedule, out, pre, None, "none", None, 1, True, grad_act)
 
-    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
-        self.wgrad_into(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, False)
+    def dgrad_routed(self, grad, weight, bias, offsets, schedule, gather, top_k, weights, out, grad_act, pre, partial) -> None:
+        """kernel_recipes.RoutesGradients.dgrad_routed: _gmm_kernel with ROUTED."""
+        self._launch(grad, weight, offsets, schedule, out, pre, bias, "none", gather, top_k, True, grad_act, (weights, partial))
 
-    def wgrad_into(self, a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate) -> None:
+    def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db, g_routing=None) -> None:
+        self.wgrad_into(a, grad, offsets, gather, top_k, a_activation, partial, partial_db, False, g_routing)
+
+    def wgrad_into(self, a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing=None) -> None:
         """dw [splits, E, K, N] and db [splits, E, N] (or None: no bias gradient) of any float dtype
         and strides: the float32 sums converted once as they are stored, added to what is there
-        with accumulate (the parameter's .grad: no partial, no cast, no add kernel)."""
+        with accumulate (the parameter's .grad: no partial, no cast, no add kernel). g_routing =
+        (gather, top_k, weights): G read through the routing map, weighted (kernel_recipes.weight_grad)."""
         splits, E, K, N = dw.shape
+        g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
         _wgrad_kernel[grid](
             a,
@@ -530,9 +698,12 @@ class TritonGroupedGemm:
             db if db is not None else dw,
             gather if gather is not None else offsets,
             offsets,
+            g_gather,
+            g_scale,
             K,
             N,
             top_k,
+            g_top_k,
             a.stride(0),
             a.stride(1),
             grad.stride(0),
@@ -549,6 +720,7 @@ class TritonGroupedGemm:
             IEEE=fp32_ieee(a.dtype),
             ACCUMULATE=accumulate,
             HAS_DB=db is not None,
+            G_ROUTED=g_routing is not None,
         )
 
 
@@ -572,8 +744,10 @@ def _example(dtype: torch.dtype) -> None:
             N1 = 2 * H_ if act == "swiglu" else H_
             w1, b1 = torch.randn(E_, D_, N1, dtype=dtype), torch.randn(E_, N1, dtype=dtype)
             w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
-            out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, k_)
+            out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, None, k_)
             expert_mlp_backward(out, x, w1, w2, off, pre, act, r2f, k_)
+            # with routing weights: the dgrad's routed epilogue, the weight gradient's routed G
+            expert_mlp_backward(x, x, w1, w2, off, pre, act, r2f, k_, torch.rand(T, k_), b2)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     _, _, off = _reference_route(ids, E)
     rows = torch.randn(T * k, D, dtype=dtype)
@@ -582,5 +756,5 @@ def _example(dtype: torch.dtype) -> None:
     )
 
 
-for _op, _fn in _ops.items():
-    kernel(_op, lambda x, **_: rows_reason(x), _example)(_fn)
+for _op, _fn in _ops.items():  # expert_mlp's routing weights: float32, as the combine (unpermute) takes them
+    kernel(_op, lambda x, weights=None, **_: rows_reason(x) or _backend.weights_reason(WHO, weights), _example)(_fn)

@@ -79,6 +79,84 @@ def test_backend_fused_backward(backend, dtype, act):
         assert torch.count_nonzero(grad[E - 1]) == 0
 
 
+def _combined_loop(x, w1, b1, w2, b2, ids, weights, shared, act):
+    """shared + sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), token by token (float64 oracle)."""
+    outs = []
+    for t in range(x.shape[0]):
+        y = shared[t] if shared is not None else 0
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            y = y + weights[t, j] * (apply_act(act, x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+        outs.append(y)
+    return torch.stack(outs)
+
+
+def _routing(T, k, E, seed=0):
+    """ids [T, k] that leave expert E - 1 without rows, routing weights in (0.2, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    return ids, 0.2 + 0.8 * torch.rand(T, k, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_combined_with_routing_weights_float64_against_a_token_loop(act):
+    """With routing weights the op combines its rows (shared added) and its backward gives the
+    routing weights' gradient from <dy W2^T, act(pre)> + <dy, b2>: every gradient against autograd
+    through a token-by-token loop; an expert without rows gets exact zeros."""
+    T, k, E, K, H, D = 7, 3, 5, 6, 4, 5
+    ids, w = _routing(T, k, E)
+    r2f, f2r, off = route(ids, E)
+    x = torch.randn(T, K, dtype=torch.float64, requires_grad=True)
+    params = _params(E, K, H, D, act)
+    w.requires_grad_(True)
+    shared = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    got = expert_mlp(x, *params, off, act, gather=r2f, flat_to_row=f2r, top_k=k, weights=w, shared=shared)
+    want = _combined_loop(x, *params, ids, w, shared, act)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    leaves = [x, *params, w, shared]
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, g, retain_graph=True), torch.autograd.grad(want, leaves, g, allow_unused=True)
+    ):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-11)
+    assert all(torch.count_nonzero(gp[E - 1]) == 0 for gp in torch.autograd.grad(got, params, g))
+    assert torch.autograd.gradcheck(
+        lambda x, w, s: expert_mlp(x, *params, off, act, gather=r2f, flat_to_row=f2r, top_k=k, weights=w, shared=s),
+        (x, w, shared),
+    )
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_backend_routing_weight_gradient_in_the_dgrad(backend, dtype, act):
+    """The down-projection's dgrad reading dy through the routing map, the routing weight and its
+    gradient in its epilogue (Triton), or the same arithmetic around the plain dgrad (the CUDA core,
+    the reference): output and every gradient, the routing weights' included, against float64;
+    an expert without rows, exact zeros."""
+    dev = backend.device
+    T, k, E, K, H, D = 11, 3, 5, 20, 12, 20
+    ids, w = _routing(T, k, E, seed=1)
+    r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
+    N1 = 2 * H if act == "swiglu" else H
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(T, K).to(dev, dtype).requires_grad_(True)
+    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    w = w.to(dev, wdt).requires_grad_(True)
+    shared = torch.randn(T, D).to(dev, dtype).requires_grad_(True)
+    outs = []
+    for name, cast in ((backend.name, None), ("torch", None), ("torch", torch.float64)):
+        leaves = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in (x, *params, shared)]
+        ws = w if cast is None else w.detach().double().requires_grad_(True)
+        y = skip_unavailable(
+            expert_mlp, leaves[0], *leaves[1:5], off, act, backend=name, gather=r2f, flat_to_row=f2r, top_k=k, weights=ws,
+            shared=leaves[5],
+        )  # fmt: skip
+        grads = torch.autograd.grad(y.float().square().sum(), [*leaves, ws])
+        outs.append([t.double() for t in (y, *grads)])
+    assert_runs_close(outs, dtype, backend.name)  # float32 and the reference: against float64
+    for grad in outs[0][2:6]:
+        assert torch.count_nonzero(grad[E - 1]) == 0
+
+
 def test_gathered_tokens_gradcheck_and_opcheck():
     T, k, E = 9, 2, 4
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
@@ -97,6 +175,12 @@ def test_gathered_tokens_gradcheck_and_opcheck():
     torch.library.opcheck(expert_mlp_op.op, (xf, pf[0], None, pf[2], None, off, "silu", r2f, f2r, k))
     _, pre = expert_mlp_op(xf, *pf, off, "gelu", r2f, f2r, k)
     torch.library.opcheck(expert_mlp_backward.op, (torch.randn(T * k, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k))
+    # with routing weights: the combine in the op, the routing weights' gradient from its backward
+    w, shared = torch.rand(T, k), torch.randn(T, 5)
+    torch.library.opcheck(expert_mlp_op.op, (xf, *pf, off, "gelu", r2f, f2r, k, w, shared))
+    torch.library.opcheck(expert_mlp_op.op, (xf, *pf, off, "gelu", r2f, f2r, k, w, None))
+    args = (torch.randn(T, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k, w, pf[3])
+    torch.library.opcheck(expert_mlp_backward.op, args)
 
 
 def test_keeps_only_the_pre_activation_for_backward():
@@ -125,3 +209,24 @@ def test_bad_arguments_name_the_argument(change, message):
     args.update(change)
     with pytest.raises(OpInputError, match=message.replace("[", r"\[").replace("(", r"\(")):
         expert_mlp_op(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], args["off"], args["act"])
+
+
+def test_bad_routing_arguments_name_the_argument():
+    T, k, E = 4, 2, 3
+    r2f, f2r, off = route(torch.stack([torch.randperm(E)[:k] for _ in range(T)]), E)
+    w1, b1, w2, b2 = (p.detach().float() for p in _params(E, 6, 5, 6, "gelu"))
+    x, w = torch.randn(T, 6), torch.rand(T, k)
+    cases = [
+        (dict(weights=w), "argument 'weights' combines the rows into tokens: it expected 'gather'"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, shared=torch.randn(T, 6)), "argument 'shared' is added in the combine"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, weights=torch.rand(T, k + 1)), "argument 'weights'"),
+        (dict(gather=r2f, flat_to_row=f2r, top_k=k, weights=w, shared=torch.randn(T, 5)), "argument 'shared'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(OpInputError, match=message.replace("(", r"\(")):
+            expert_mlp_op(x, w1, b1, w2, b2, off, "gelu", **kwargs)
+    _, pre = expert_mlp_op(x, w1, b1, w2, b2, off, "gelu", r2f, f2r, k)
+    with pytest.raises(OpInputError, match=r"argument 'grad_out'"):  # with weights: the tokens' gradient [T, D]
+        expert_mlp_backward(torch.randn(T * k, 6), x, w1, w2, off, pre, "gelu", r2f, k, w, b2)
+    with pytest.raises(OpInputError, match=r"argument 'weights' expected 'gather'"):
+        expert_mlp_backward(torch.randn(T, 6), x, w1, w2, off, pre, "gelu", None, 1, w, b2)
