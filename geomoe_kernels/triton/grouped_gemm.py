@@ -161,6 +161,29 @@ def _interleaved_block(offsets, E, slot, rounds, search_steps, BM: tl.constexpr,
 
 
 @triton.jit
+def _mma(acc, a, b, IEEE: tl.constexpr):
+    """acc + a @ b, in IEEE float32 where asked (full-precision float32), else the dtype's tensor cores."""
+    if IEEE:
+        acc += tl.dot(a, b, input_precision="ieee")
+    else:
+        acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def _a_rows(Gather, rm, mask_m, top_k, GATHER: tl.constexpr):
+    """(flat, arow) for rows rm: with GATHER A's rows are tokens, row r reads token
+    row_to_flat[r] // top_k (flat = row_to_flat[r]); else both are rm."""
+    if GATHER:
+        flat = tl.load(Gather + rm, mask=mask_m, other=0)
+        arow = flat // top_k
+    else:
+        flat = rm
+        arow = rm
+    return flat, arow
+
+
+@triton.jit
 def _gmm_epilogue(
     acc,
     acc_up,
@@ -358,12 +381,7 @@ def _gmm_kernel(
         end = tl.load(offsets + e + 1)
         rm = row0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < end
-        if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
-            flat = tl.load(Gather + rm, mask=mask_m, other=0)
-            arow = flat // top_k
-        else:
-            flat = rm
-            arow = rm
+        flat, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
         pid_n = tl.program_id(0) % n_tiles
         rn = pid_n * BN + tl.arange(0, BN)
         mask_n = rn < N
@@ -379,20 +397,14 @@ def _gmm_kernel(
             w = tl.load(
                 w_base + rk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0
             )
-            if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+            acc = _mma(acc, a, w, IEEE)
             if ACT == _SWIGLU:  # SwiGLU: the 'up' half sits N columns to the right
                 wu = tl.load(
                     w_base + rk[:, None] * stride_wk + (rn + N)[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :],
                     other=0.0,
                 )
-                if IEEE:
-                    acc_up += tl.dot(a, wu, input_precision="ieee")
-                else:
-                    acc_up += tl.dot(a, wu)
+                acc_up = _mma(acc_up, a, wu, IEEE)
         if HAS_BIAS:
             b_base = Bias + e.to(tl.int64) * stride_be
             acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -520,10 +532,7 @@ def _wgrad_kernel(
     for m0 in range(lo, hi, BM):
         rm = m0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < hi
-        if GATHER:
-            arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
-        else:
-            arow = rm
+        _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
         a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = mask_m[None, :] & (rk < K)[:, None]
         a = tl.load(a_ptr, mask=a_mask, other=0.0)
@@ -537,19 +546,11 @@ def _wgrad_kernel(
             gflat = tl.load(GGather + rm, mask=mask_m, other=0)
             gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
-            g = tl.load(
-                G + (gflat // g_top_k)[:, None] * stride_gm + rn[None, :] * stride_gn,
-                mask=mask_m[:, None] & (rn < N)[None, :],
-                other=0.0,
-            )
+            grow = gflat // g_top_k
         else:
-            g = tl.load(
-                G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0
-            )
-        if IEEE:
-            acc += tl.dot(a, g, input_precision="ieee")
-        else:
-            acc += tl.dot(a, g)
+            grow = rm
+        g = tl.load(G + grow[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
+        acc = _mma(acc, a, g, IEEE)
         if sums:  # the bias gradient as a row sum of the G tile already loaded: no second pass
             if G_ROUTED:
                 col_sum += _fold_rows(g.to(tl.float32) * gs[:, None], BM, BN)
