@@ -55,11 +55,12 @@ setup: $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/geomoe pretrain --config tiny --out runs/tiny --resume auto $(ARGS)
 
-# the tests (the 15 slowest listed, to keep the suite inside CI's budget), then the benchmark items
+# the tests (two workers, pytest-xdist: CI has two cores; the 15 slowest listed, to keep the suite
+# inside CI's budget), then the benchmark items
 # run once each on tiny shapes (smoke): two summaries, so the test count is of tests; both run, and
 # either failing fails the target
 test: $(TEST_STAMP)
-	status=0; echo "== tests"; $(BIN)/python -m pytest -q --durations=15 tests || status=$$?; \
+	status=0; echo "== tests"; $(BIN)/python -m pytest -q -n 2 --durations=15 tests || status=$$?; \
 	echo "== benchmark items, each run once on tiny shapes (not tests)"; \
 	$(BIN)/python -m pytest -q benchmarks --benchmark-disable || status=$$?; \
 	exit $$status
