@@ -146,3 +146,40 @@ def test_detect_learns_on_the_embedded_scenes(tmp_path):
     assert len(evals) == 1 and evals[0]["bbox_mAP_50"] >= LEARN_AP50, evals
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert f"`geomoe {LEARN}`" in readme and f"AP50 >= {LEARN_AP50:.2f}" in readme
+
+
+def test_two_processes_train_and_resume_exactly(tmp_path):
+    """torchrun, 2 processes (gloo, DDP): detection trains, and a run stopped at its step-2 checkpoint
+    and resumed ends with the weights of the straight run, bit for bit."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from geomoe import checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "geomoe", "detect"]
+        cmd += ["--out", str(out), "--size", "64", "--scenes", "4", "--val-scenes", "1", "--batch-size", "1"]
+        cmd += ["--epochs", "2", "--warmup", "1", "--fc-channels", "32", "--fpn-channels", "16", "--save-every", "2"]
+        cmd += ["--keep-last", "0", "--device", "cpu", "--no-progress", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "cpu x 2" in run(tmp_path / "a")
+    # the run as a crash after step 2 leaves it: its checkpoint of step 2 alone
+    os.makedirs(tmp_path / "b")
+    mid = checkpoint.checkpoint_path(str(tmp_path / "a"), 2)
+    shutil.copytree(mid, os.path.join(tmp_path / "b", os.path.basename(mid)))
+    run(tmp_path / "b", "--resume", "auto")
+    first = load_file(os.path.join(mid, "model.safetensors"))
+    straight = load_file(os.path.join(checkpoint.checkpoint_path(str(tmp_path / "a"), 4), "model.safetensors"))
+    resumed = load_file(os.path.join(checkpoint.checkpoint_path(str(tmp_path / "b"), 4), "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert any(not torch.equal(first[k], straight[k]) for k in straight)  # steps 3 and 4 trained
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
