@@ -148,8 +148,9 @@ def test_detect_learns_on_the_embedded_scenes(tmp_path):
     assert f"`geomoe {LEARN}`" in readme and f"AP50 >= {LEARN_AP50:.2f}" in readme
 
 
-def test_two_processes_train_and_resume_exactly(tmp_path):
-    """torchrun, 2 processes (gloo, DDP): detection trains, and a run stopped at its step-2 checkpoint
+@pytest.mark.parametrize("placement", ["ddp", "fsdp"])
+def test_two_processes_train_and_resume_exactly(tmp_path, placement):
+    """torchrun, 2 processes (gloo; DDP, or FSDP2 with its DCP checkpoints): detection trains, and a run stopped at its step-2 checkpoint
     and resumed ends with the weights of the straight run, bit for bit."""
     import subprocess
     import sys
@@ -165,12 +166,15 @@ def test_two_processes_train_and_resume_exactly(tmp_path):
         cmd += ["--out", str(out), "--size", "64", "--scenes", "4", "--val-scenes", "1", "--batch-size", "1"]
         cmd += ["--epochs", "2", "--warmup", "1", "--fc-channels", "32", "--fpn-channels", "16", "--save-every", "2"]
         cmd += ["--keep-last", "0", "--device", "cpu", "--no-progress", *extra]
+        cmd += ["--fsdp"] if placement == "fsdp" else []
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
     assert "cpu x 2" in run(tmp_path / "a")
+    # FSDP2's checkpoints keep the sharded training state in DCP (dcp/), as pretraining's
+    assert os.path.isdir(os.path.join(checkpoint.checkpoint_path(str(tmp_path / "a"), 2), "dcp")) == (placement == "fsdp")
     # the run as a crash after step 2 leaves it: its checkpoint of step 2 alone
     os.makedirs(tmp_path / "b")
     mid = checkpoint.checkpoint_path(str(tmp_path / "a"), 2)
@@ -183,3 +187,60 @@ def test_two_processes_train_and_resume_exactly(tmp_path):
     assert any(not torch.equal(first[k], straight[k]) for k in straight)  # steps 3 and 4 trained
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+_GROUPS_UNDER_FSDP = """
+import tempfile
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from geomoe.dense.backbones import build_backbone, dense_param_groups
+from geomoe.detection import DetectorConfig, FasterRCNN
+
+def groups(model, backbone):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for g in dense_param_groups(model, backbone, 1e-3, 0.05, 0.8):
+        for p in g["params"]:
+            out[by_id[id(p)]] = (g["lr"], g["weight_decay"])
+    return out
+
+def build():
+    torch.manual_seed(0)
+    backbone = build_backbone("geomoe", "tiny", 0.0)
+    return FasterRCNN(backbone, DetectorConfig(num_classes=2, fpn_channels=8, fc_channels=16)), backbone
+
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+from geomoe.dense.segment import place_and_optimise
+from geomoe.trainer import Placement
+
+want = groups(*build())
+model, backbone = build()
+env = SimpleNamespace(enabled=True, device=torch.device("cpu"), rank=0, world=1)
+task = SimpleNamespace(args=SimpleNamespace(lr=1e-3, weight_decay=0.05, layer_decay=0.8), env=env, precision="fp32")
+task.placement = Placement(env, fsdp=True)
+place_and_optimise(task, model, backbone)
+got = {}
+by_id = {id(p): n for n, p in model.named_parameters()}
+for g in task.optimizer.param_groups:
+    for p in g["params"]:
+        got[by_id[id(p)]] = (g["lr"], g["weight_decay"])
+assert all(isinstance(p, DTensor) for p in model.parameters()), "not sharded"
+assert len(set(want.values())) > 3, want
+assert got == want, sorted(set(got.items()) ^ set(want.items()))[:5]
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp_keeps_the_layer_decay_groups():
+    """--fsdp: the parameters are FSDP2 DTensors and each is in the AdamW group (layer-decayed lr,
+    weight decay) it has unsharded: the groups are built from names fully_shard leaves as they are."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _GROUPS_UNDER_FSDP], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -566,6 +566,45 @@ def test_two_processes_sum_the_confusion_matrix(tmp_path):
     assert got == json.loads(json.dumps(want))
 
 
+def test_two_processes_under_fsdp_train_and_resume_exactly(tmp_path):
+    """torchrun, 2 processes (gloo), --fsdp: FSDP2 trains (an evaluation of 3 images over 2 ranks on the
+    way), the checkpoints keep the sharded state in dcp/, and a run stopped at its step-2 checkpoint and
+    resumed ends with the straight run's weights, bit for bit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from geomoe import checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "geomoe", "segment"]
+        cmd += ["--out", str(out), "--iters", "4", "--batch-size", "2", "--scene-size", "32", "--crop", "32", "--fsdp"]
+        cmd += ["--head-channels", "16", "--val-scenes", "3", "--scenes", "8", "--eval-every", "2", "--save-every", "2"]
+        cmd += ["--keep-last", "0", "--device", "cpu", "--no-progress", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "cpu x 2" in run(tmp_path / "a")
+    mid = checkpoint.checkpoint_path(str(tmp_path / "a"), 2)
+    assert os.path.isdir(os.path.join(mid, "dcp"))
+    os.makedirs(tmp_path / "b")
+    shutil.copytree(mid, os.path.join(tmp_path / "b", os.path.basename(mid)))
+    run(tmp_path / "b", "--resume", "auto")
+    first = load_file(os.path.join(mid, "model.safetensors"))
+    straight = load_file(os.path.join(checkpoint.checkpoint_path(str(tmp_path / "a"), 4), "model.safetensors"))
+    resumed = load_file(os.path.join(checkpoint.checkpoint_path(str(tmp_path / "b"), 4), "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert any(not torch.equal(first[k], straight[k]) for k in straight)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
 # ---- the README's published table -----------------------------------------------------------------
 
 
@@ -588,3 +627,11 @@ def test_the_readme_segmentation_commands_run_the_published_recipe(monkeypatch):
         ("published", "base", 20000, 6e-5, 0.85, 400, 384, 256, 0.1),
     ]
     assert all(a.weights == "encoder.pth" and a.head_channels == 512 for a in resolved)
+
+
+def test_fsdp_with_submission_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--fsdp", "--submission", str(tmp_path / "s"), "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("geomoe segment: error: argument '--fsdp' cannot be combined with --submission"), err

@@ -19,13 +19,14 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import checkpoint, distributed
 from ..config_cli import (
     backend_opt,
     check_fields,
@@ -202,11 +203,17 @@ class SegmentArgs:
     progress: bool = progress_opt()
     max_bad_steps: int = max_bad_steps_opt()
     timeout: float = timeout_opt("a data-loader batch or a collective")
+    fsdp: bool = opt(False, "under torchrun: FSDP2 instead of DDP (fully_shard per backbone transformer block, then the model)")
 
     def validate(self) -> None:
         check_fields(self)
         if self.submission and not self.data:
             raise ValueError("argument '--submission' expected --data (a LoveDA root with Test/), got no --data")
+        if self.submission and self.fsdp:
+            raise ValueError(
+                "argument '--fsdp' cannot be combined with --submission (rank 0 alone writes the submission: its "
+                "forward would wait on FSDP2's all-gathers in the other ranks); run with DDP (without --fsdp)"
+            )
 
     def resolved(self, kind: str) -> "SegmentArgs":
         """Unset fields from the recipe; the dataset-dependent ones from the published configs."""
@@ -271,6 +278,26 @@ def slide_logits(model: nn.Module, img: Tensor, num_classes: int, crop: int, str
 
 def _eval_model(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """FSDP2 (--fsdp): the whole weights on every rank for an evaluation, sharded again after. Each
+    rank evaluates its own images, possibly fewer than another's: a forward that all-gathered its
+    blocks would then wait on a collective the other ranks never start."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            # as fully_shard leaves them: the blocks resharded after their forward, the root not
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 @torch.no_grad()
@@ -400,7 +427,9 @@ def place_and_optimise(task: Task, model: nn.Module, backbone: nn.Module) -> Non
     args, device = task.args, task.env.device
     task.model = model.to(device)
     task.placement.shard(task.model)
-    task.wrapped = task.placement.wrap(task.model, [])
+    # --fsdp: FSDP2 shards each transformer block of the backbone, then the root (the names stay)
+    blocks = [b for name in ("blocks1", "blocks2", "blocks3", "blocks") for b in getattr(backbone, name, [])]
+    task.wrapped = task.placement.wrap(task.model, blocks)
     groups = dense_param_groups(task.model, backbone, float(args.lr), float(args.weight_decay), float(args.layer_decay))
     task.optimizer = torch.optim.AdamW(groups, lr=float(args.lr), betas=(0.9, 0.999))
     task.scaler = grad_scaler(task.precision, device)
@@ -413,8 +442,13 @@ def resume_task(task: Task, state: Optional[Dict[str, Any]], what: str) -> None:
     if state is None:
         return
     warn_changed_run_arguments(state, task.run_args, warn=task.env.main)
+    if task.placement.fsdp and task.env.enabled and not checkpoint.is_dcp(state):
+        raise ValueError(
+            f"checkpoint {state['path']} holds no sharded (DCP) training state: resume it without --fsdp, as it was written"
+        )
     check_checkpoint_fits(state, task.model.state_dict(), what)
-    task.placement.load_weights(state["model"])
+    if not (task.placement.fsdp and task.env.enabled):  # FSDP2: the weights come with the DCP state (restore)
+        task.placement.load_weights(state["model"])
     task.last_eval = state.get("last_eval")
     task.checkpointer.restore(state)
 
@@ -443,8 +477,8 @@ class SegmentTask(Task):
                 f"two), got {args.batch_size} per process x {synced} synchronised process(es): run with --batch-size 2, "
                 "or 1 per GPU under torchrun on 2 or more GPUs (the published runs: 8)"
             )
-        self.placement = Placement(env)
-        self.checkpointer = Checkpointer(env, self)
+        self.placement = Placement(env, fsdp=args.fsdp)
+        self.checkpointer = Checkpointer(env, self, dcp=args.fsdp)
         self.checkpointer.refuse_fresh_run()
         self._data()
         torch.manual_seed(args.seed)
@@ -552,10 +586,11 @@ class SegmentTask(Task):
             if self.env.enabled:  # every process evaluates rank 0's model (its BatchNorm statistics): the one saved
                 for buf in self.model.buffers():
                     torch.distributed.broadcast(buf, 0)
-            m = evaluate(
-                self.model, self.val_set, len(self.classes), self.head_classes, int(args.crop), int(args.slide_stride or args.crop),
-                self.env.device, self.precision, self.env, self.classes, args.max_val,
-            )  # fmt: skip
+            with unsharded(self.model):
+                m = evaluate(
+                    self.model, self.val_set, len(self.classes), self.head_classes, int(args.crop),
+                    int(args.slide_stride or args.crop), self.env.device, self.precision, self.env, self.classes, args.max_val,
+                )  # fmt: skip
             self.last_eval = dict(step=step, **m)
             rec["eval"] = m
             w.start_clock()  # the evaluation's time is not the training's

@@ -38,7 +38,7 @@ from ..config_cli import (
     workers_opt,
 )
 from ..configs import CONFIGS, MODELS
-from ..dense.segment import _Batches, _eval_model, _Window, place_and_optimise, resume_task, task_backbone
+from ..dense.segment import _Batches, _eval_model, _Window, place_and_optimise, resume_task, task_backbone, unsharded
 from ..speed import autocast, resolve_precision
 from ..trainer import Checkpointer, Placement, Task, launch, set_lr
 from ..trainer.data import make_loader
@@ -131,6 +131,7 @@ class DetectArgs:
     progress: bool = progress_opt()
     max_bad_steps: int = max_bad_steps_opt()
     timeout: float = timeout_opt("a data-loader batch or a collective")
+    fsdp: bool = opt(False, "under torchrun: FSDP2 instead of DDP (fully_shard per backbone transformer block, then the model)")
 
     def validate(self) -> None:
         check_fields(self)
@@ -274,8 +275,8 @@ class DetectTask(Task):
                 raise ImportError(
                     "argument '--boxes horizontal' expected pycocotools (its COCO evaluation): pip install pycocotools"
                 ) from None
-        self.placement = Placement(env)
-        self.checkpointer = Checkpointer(env, self)
+        self.placement = Placement(env, fsdp=args.fsdp)
+        self.checkpointer = Checkpointer(env, self, dcp=args.fsdp)
         self.checkpointer.refuse_fresh_run()
         train, val = _datasets(args)
         self.train_set, self.val_set = _DataErrors(train), _DataErrors(val)
@@ -374,7 +375,10 @@ class DetectTask(Task):
         )  # fmt: skip
         w.reset()
         if self._eval_due(step):
-            m = evaluate(self.model, self.val_set, self.args.boxes, self.env.device, self.precision, self.args.max_val, self.env)
+            with unsharded(self.model):
+                m = evaluate(
+                    self.model, self.val_set, self.args.boxes, self.env.device, self.precision, self.args.max_val, self.env
+                )
             if m is not None:
                 self.last_eval = dict(step=step, **m)
                 rec["eval"] = m
