@@ -22,7 +22,20 @@ rows: a 2-D descriptor when they are contiguous; the rows past an expert's end (
 zero-filled) only reach output rows that are never stored. Gathered rows (token indices) keep
 pointer loads: TMA's row gather is Blackwell's (sm_100), not Hopper's.
 
+The output (and the stored pre-activation) leave through [rows, N] descriptors (SwiGLU's 'up' half
+through a second, N columns in) where the tile is wholly its expert's (row0 + BM <= hi) or reaches
+past M (clipped there, as is the N tail); a tile whose expert ends mid-tile keeps masked pointer
+stores: its rows past hi are the next expert's tile, another program's. Layouts TMA cannot write
+keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
+(offline TTGIR, 3.9): one BM x BN buffer outside it, waited on just before the next tile's epilogue
+refills it, so a tile's UTMASTG drains during the next tile's k-loop.
+
 No warp specialisation: Triton 3.6 and 3.9 document tl.range(warp_specialize=True) as Blackwell-only.
+No flatten: tl.range(flatten=True) on the tile loop left the cursor's builds unchanged (the scf.while
+in its body stops the fusion) and fused the interleaved builds' loop with the block search's, not
+with the k-loop under `if e < E` (twice the code, no earlier loads); so the next tile's loads wait
+for this tile's epilogue math, which the OCC=2 configs hide behind the other CTA's k-loop. No
+epilogue subtiling: with the whole-tile buffer every config still holds its OCC in shared memory.
 
 Every config has BK = 64, the pointer kernel's: each output element's sum over K is added up in the
 same chunks in both kernels and in every config, so the result is the same bits whichever kernel

@@ -2,11 +2,12 @@
 kernel, bit for bit (both sum K in the same BK chunks), and against the float64 per-expert loop:
 forward with each epilogue, gathered and contiguous rows, dgrad with act'; experts without rows,
 tiles that leave a K and an N tail, fewer and more programs than tiles (the cursor over the
-offsets), element offsets past 2^31, and the same bits from two configs. Under the interpreter
+offsets), element offsets past 2^31, the same bits from two configs, and the output's TMA stores
+(only tiles wholly inside their expert; the rest by pointer). Under the interpreter
 (TRITON_INTERPRET=1, tests/test_triton_interpreter.py's process) the tensor descriptors are the
 interpreter's (numpy loads with TMA's bounds, zero fill and 16-byte checks), so this covers the
 schedule, the descriptors' coordinates and the epilogues; what the hardware's TMA and wgmma do is
-the offline compile's (tests/test_triton_offline.py: HGMMA and UTMALDG in the SASS) and the GPU's.
+the offline compile's (tests/test_triton_offline.py: HGMMA and TMA in the SASS) and the GPU's.
 The choice of kernel (device, Triton, override, layouts) is checked in the main process."""
 
 import importlib.util
