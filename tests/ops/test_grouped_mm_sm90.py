@@ -203,6 +203,36 @@ def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_ba
         assert_close(got.double(), exact, dt, grad=True)
 
 
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launches, monkeypatch, act):
+    """out and pre as views of larger sentinel-filled buffers (rows past M, columns past N): the
+    descriptors' bounds are the views', so the last tile (past M) and the N tail write nothing
+    outside them; inside, the pointer kernel's bits."""
+    tg, sm90 = _modules()
+    dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
+    E, M, K, N = len(counts), sum(counts), 24, 24
+    off = offsets(counts, dev)
+    n_w = 2 * N if act == "swiglu" else N
+    w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
+    x = (torch.randn(M, K) / 2).to(dev, dt)
+    schedule = kernel_recipes.schedule_for(tg.KERNELS, off, M, dt)
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
+
+    def run():
+        big_out = torch.full((M + 16, N + 8), 7.0, dtype=dt, device=dev)
+        big_pre = torch.full((M + 16, n_w + 8), 7.0, dtype=dt, device=dev)
+        out, pre = big_out[:M, :N], big_pre[:M, :n_w]
+        tg.KERNELS.forward(x, w, off, schedule, None, act, None, 1, out, pre)
+        return big_out, big_pre
+
+    got, want = _both(run, 3, monkeypatch)
+    assert launches == [False, True] and ran == [True]
+    for g, p, cols in zip(got, want, (N, n_w)):
+        assert torch.equal(g, p)
+        assert (g[M:] == 7).all() and (g[:, cols:] == 7).all()
+
+
 def test_outputs_tma_cannot_write_keep_pointer_stores(kernel_backend, launches, monkeypatch):
     """N = 12 half-precision columns (24-byte rows): the output keeps the masked pointer stores
     (TMA_STORE off) while W and A still come through descriptors; the same bits."""
