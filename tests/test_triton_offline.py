@@ -100,3 +100,24 @@ def test_shipped_sm90_gemm_configs_issue_hgmma():
         if r.error or r.local_bytes or (needs_hgmma(r, 90) and r.mma != "HGMMA") or (r.name in TMA_KERNELS and not r.tma)
     ]
     assert not bad, report(rows, 90)
+
+
+def test_the_persistent_gemm_stores_whole_tiles_through_tma():
+    """The persistent forward and dgrad (first config each, bf16, sm_90) write their output tiles with
+    bulk tensor stores (UTMASTG) beside their TMA loads, and keep the pointer stores (STG) for the
+    tiles whose expert ends mid-tile: read from the SASS."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tools import triton_offline as offline
+
+    launches = [c for c in offline.geomoe_launches((torch.bfloat16,), ["grouped_mm"], 90) if c.name == "_gmm_persistent_kernel"]
+    chosen = {c.kwargs["TRANS_W"]: c for c in launches}  # a forward and a dgrad
+    assert set(chosen) == {False, True} and all(c.kwargs["TMA_STORE"] for c in chosen.values())
+    for launch in chosen.values():
+        jit, sig, cst, attrs, opts = offline._variants(launch, True)[0]
+        kernel = triton.compile(
+            ASTSource(fn=jit, signature=sig, constexprs=cst, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts
+        )
+        ops = set(offline._OPCODE.findall(offline._sass(kernel.asm["cubin"], offline._cuobjdump())))
+        assert {"UTMALDG", "UTMASTG", "STG"} <= ops, sorted(ops)

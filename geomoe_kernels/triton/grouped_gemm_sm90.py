@@ -22,7 +22,20 @@ rows: a 2-D descriptor when they are contiguous; the rows past an expert's end (
 zero-filled) only reach output rows that are never stored. Gathered rows (token indices) keep
 pointer loads: TMA's row gather is Blackwell's (sm_100), not Hopper's.
 
+The output (and the stored pre-activation) leave through [rows, N] descriptors (SwiGLU's 'up' half
+through a second, N columns in) where the tile is wholly its expert's (row0 + BM <= hi) or reaches
+past M (clipped there, as is the N tail); a tile whose expert ends mid-tile keeps masked pointer
+stores: its rows past hi are the next expert's tile, another program's. Layouts TMA cannot write
+keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
+(offline TTGIR, 3.9): one BM x BN buffer outside it, waited on just before the next tile's epilogue
+refills it, so a tile's UTMASTG drains during the next tile's k-loop.
+
 No warp specialisation: Triton 3.6 and 3.9 document tl.range(warp_specialize=True) as Blackwell-only.
+No flatten: tl.range(flatten=True) on the tile loop left the cursor's builds unchanged (the scf.while
+in its body stops the fusion) and fused the interleaved builds' loop with the block search's, not
+with the k-loop under `if e < E` (twice the code, no earlier loads); so the next tile's loads wait
+for this tile's epilogue math, which the OCC=2 configs hide behind the other CTA's k-loop. No
+epilogue subtiling: with the whole-tile buffer every config still holds its OCC in shared memory.
 
 Every config has BK = 64, the pointer kernel's: each output element's sum over K is added up in the
 same chunks in both kernels and in every config, so the result is the same bits whichever kernel
@@ -53,7 +66,7 @@ from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, autotune_options, configs
 from . import grouped_gemm as _pointer
-from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
+from .grouped_gemm import _NONE, _SWIGLU, _act_grad, _apply_act, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
 
 MODES = ("auto", "pointer", "persistent")
 ENV = "GEOMOE_TRITON_GEMM"
@@ -161,6 +174,16 @@ def _tma_ready(t: Tensor, contiguous_dim: int) -> bool:
     )
 
 
+def stores_by_tma(out: Tensor, pre: Optional[Tensor], halves: bool, n_out: int) -> bool:
+    """Whether the output (and the stored pre-activation) can be written through TMA descriptors:
+    both TMA-ready, and with `halves` (SwiGLU's [gate | up], each n_out columns wide) the second
+    half's base n_out columns in on a 16-byte boundary; else the epilogue keeps pointer stores."""
+    tensors = [out] + ([pre] if pre is not None else [])
+    if halves and any((n_out * t.element_size()) % 16 for t in tensors):
+        return False
+    return all(_tma_ready(t, 1) for t in tensors)
+
+
 def takes(a: Tensor, weight: Tensor, activation: str, gather: Optional[Tensor], n_out: int) -> bool:
     """Whether this launch runs here: the device's choice, 16-bit operands of one dtype, and the
     layouts TMA reads (else the pointer kernel runs it)."""
@@ -179,6 +202,54 @@ def _w_tile(w_desc, e, k0, n0, TRANS_W: tl.constexpr, BK: tl.constexpr, BN: tl.c
     return tl.reshape(w_desc.load([e, k0, n0]), (BK, BN))
 
 
+@triton.jit
+def _tma_epilogue(
+    acc,
+    acc_up,
+    Out,
+    Pre,
+    o_desc,
+    o_up_desc,
+    p_desc,
+    p_up_desc,
+    row0,
+    n0,
+    rm,
+    rn,
+    mask,
+    N,
+    stride_pm,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
+):
+    """_gmm_epilogue's values for a tile wholly inside its expert (or reaching past the last row),
+    written through the [rows, N] descriptors of the output and the pre-activation (the *_up_desc:
+    the SwiGLU 'up' halves, N columns in), whose bounds clip the N tail and the rows past M. The
+    same expressions as _gmm_epilogue, so the same bits; Pre is still read by pointer (dgrad)."""
+    r0 = row0.to(tl.int32)
+    if GRAD_ACT != _NONE:
+        p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+        if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+            up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(x)
+            o_desc.store([r0, n0], (acc * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty))
+            o_up_desc.store([r0, n0], (acc * x * s).to(Out.dtype.element_ty))
+        else:
+            o_desc.store([r0, n0], (acc * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty))
+    else:
+        if STORE_PRE:
+            p_desc.store([r0, n0], acc.to(Pre.dtype.element_ty))
+            if ACT == _SWIGLU:
+                p_up_desc.store([r0, n0], acc_up.to(Pre.dtype.element_ty))
+        if ACT == _SWIGLU:
+            out = acc * tl.sigmoid(acc) * acc_up
+        else:
+            out = _apply_act(acc, ACT)
+        o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE"],
@@ -195,6 +266,7 @@ def _gmm_persistent_kernel(
     offsets,
     E,
     M_A,
+    M_OUT,
     N,
     K,
     W_ROWS,
@@ -216,6 +288,7 @@ def _gmm_persistent_kernel(
     GRAD_ACT: tl.constexpr,
     TRANS_W: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    TMA_STORE: tl.constexpr,
     E_POW2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -239,6 +312,17 @@ def _gmm_persistent_kernel(
         w_desc = tl.make_tensor_descriptor(W, [E, W_ROWS, W_COLS], [stride_we, stride_wr, 1], [1, BK, BN])
     if not GATHER:
         a_desc = tl.make_tensor_descriptor(A, [M_A, K], [stride_am, 1], [BM, BK])
+    if TMA_STORE:  # the output's N columns (and the other SwiGLU half's, N in), M_OUT rows
+        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
+        o_up_desc = o_desc
+        p_desc = o_desc
+        p_up_desc = o_desc
+        if GRAD_ACT == _SWIGLU:
+            o_up_desc = tl.make_tensor_descriptor(Out + N, [M_OUT, N], [stride_om, 1], [BM, BN])
+        if STORE_PRE:
+            p_desc = tl.make_tensor_descriptor(Pre, [M_OUT, N], [stride_pm, 1], [BM, BN])
+            if ACT == _SWIGLU:
+                p_up_desc = tl.make_tensor_descriptor(Pre + N, [M_OUT, N], [stride_pm, 1], [BM, BN])
     # the cursor: expert e owns the row blocks [first, first + nb), its rows [lo, hi)
     e = pid * 0
     first = pid * 0
@@ -283,7 +367,34 @@ def _gmm_persistent_kernel(
                 if ACT == _SWIGLU:
                     acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             mask = mask_m[:, None] & mask_n[None, :]
-            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+            if TMA_STORE:
+                # the whole box is this tile's only where no row of it is the next expert's (another
+                # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
+                if (row0 + BM <= hi) | (hi >= M_OUT):
+                    _tma_epilogue(
+                        acc,
+                        acc_up,
+                        Out,
+                        Pre,
+                        o_desc,
+                        o_up_desc,
+                        p_desc,
+                        p_up_desc,
+                        row0,
+                        n0,
+                        rm,
+                        rn,
+                        mask,
+                        N,
+                        stride_pm,
+                        ACT,
+                        STORE_PRE,
+                        GRAD_ACT,
+                    )
+                else:
+                    _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+            else:
+                _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
 
 
 def launch(
@@ -316,6 +427,7 @@ def launch(
     if not INTERPRET and a.device.type == "cuda":
         _ensure_allocator()
     programs = _sms(a.device)
+    store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
     _gmm_persistent_kernel[grid](
@@ -328,6 +440,7 @@ def launch(
         offsets,
         E,
         a.shape[0],
+        out.shape[0],
         N,
         K,
         W_ROWS,
@@ -349,6 +462,7 @@ def launch(
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
         INTERLEAVE=rounds > 0,
+        TMA_STORE=stores_by_tma(out, store_pre, activation == "swiglu" or grad_act == "swiglu", N),
         E_POW2=lookup_lanes(E),
         BM=schedule.block,
     )

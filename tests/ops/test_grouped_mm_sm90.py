@@ -2,11 +2,12 @@
 kernel, bit for bit (both sum K in the same BK chunks), and against the float64 per-expert loop:
 forward with each epilogue, gathered and contiguous rows, dgrad with act'; experts without rows,
 tiles that leave a K and an N tail, fewer and more programs than tiles (the cursor over the
-offsets), element offsets past 2^31, and the same bits from two configs. Under the interpreter
+offsets), element offsets past 2^31, the same bits from two configs, and the output's TMA stores
+(only tiles wholly inside their expert; the rest by pointer). Under the interpreter
 (TRITON_INTERPRET=1, tests/test_triton_interpreter.py's process) the tensor descriptors are the
 interpreter's (numpy loads with TMA's bounds, zero fill and 16-byte checks), so this covers the
 schedule, the descriptors' coordinates and the epilogues; what the hardware's TMA and wgmma do is
-the offline compile's (tests/test_triton_offline.py: HGMMA and UTMALDG in the SASS) and the GPU's.
+the offline compile's (tests/test_triton_offline.py: HGMMA and TMA in the SASS) and the GPU's.
 The choice of kernel (device, Triton, override, layouts) is checked in the main process."""
 
 import importlib.util
@@ -50,14 +51,14 @@ def launches(kernel_backend, monkeypatch):
 
 
 class _Spy:
-    """A kernel whose launches note their INTERLEAVE."""
+    """A kernel whose launches note their INTERLEAVE (or another constexpr, `key`)."""
 
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, kernel, seen, key="INTERLEAVE"):
+        self.kernel, self.seen, self.key = kernel, seen, key
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append(kwargs["INTERLEAVE"])
+            self.seen.append(kwargs[self.key])
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -149,6 +150,106 @@ def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, 
         assert_close(got.double(), d_hidden, dt, grad=True)
 
 
+# expert 0 ends mid-tile (its tile's rows 5-15 are expert 1's), expert 1 has a full tile and ends
+# mid-tile, expert 3 fills one tile exactly, the last expert's tile reaches past M (the interpreter's
+# BM is 16). N = 24: two column tiles on three programs, so a tile's row block below is often
+# written by a program that runs before it (the interpreter runs programs one after another): a
+# boundary tile stored as a whole box would overwrite the next expert's finished rows.
+TMA_COUNTS = [5, 20, 3, 16, 9]
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launches, monkeypatch, act):
+    """Tiles wholly inside their expert (or reaching past M) written through the Out and Pre
+    descriptors, the boundary tiles by masked pointer stores: the pointer kernel's bits, out and pre,
+    and the float64 loop's values."""
+    tg, sm90 = _modules()
+    if kernel_backend.device.type == "cpu":
+        assert tg.block_m(torch.float16) == 16  # the tiles the counts above are drawn for
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
+    dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
+    E, M, K, N = len(counts), sum(counts), 24, 24
+    off = offsets(counts, dev)
+    n_w = 2 * N if act == "swiglu" else N
+    w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
+    b = torch.randn(E, n_w).to(dev, dt)
+    x = (torch.randn(M, K) / 2).to(dev, dt)
+    got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, b, act), 3, monkeypatch)
+    assert launches == [False, True] and ran == [True]
+    for g, p in zip(got, want):
+        assert torch.equal(g, p)
+    if act != "swiglu":
+        exact = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
+        assert_close(got[0].double(), exact, dt)
+
+
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu"])
+def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_backend, launches, monkeypatch, grad_act):
+    """The dgrad's d pre through the Out descriptors (both SwiGLU halves), pre read by pointer."""
+    tg, sm90 = _modules()
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
+    dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
+    E, M, D, H = len(counts), sum(counts), 24, 24
+    off = offsets(counts, dev)
+    w = (torch.randn(E, H, D) / 4).to(dev, dt)
+    g = torch.randn(M, D).to(dev, dt)
+    pre = torch.randn(M, 2 * H if grad_act == "swiglu" else H).to(dev, dt) if grad_act != "none" else None
+    got, want = _both(lambda: kernel_recipes.dgrad(tg.KERNELS, g, w, off, grad_act=grad_act, pre=pre), 3, monkeypatch)
+    assert launches == [False, True] and ran == [True] and torch.equal(got, want)
+    if grad_act == "none":
+        exact = torch.cat([g[lo:hi].double() @ w[e].double().t() for e, (lo, hi) in enumerate(zip(off[:-1], off[1:]))])
+        assert_close(got.double(), exact, dt, grad=True)
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launches, monkeypatch, act):
+    """out and pre as views of larger sentinel-filled buffers (rows past M, columns past N): the
+    descriptors' bounds are the views', so the last tile (past M) and the N tail write nothing
+    outside them; inside, the pointer kernel's bits."""
+    tg, sm90 = _modules()
+    dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
+    E, M, K, N = len(counts), sum(counts), 24, 24
+    off = offsets(counts, dev)
+    n_w = 2 * N if act == "swiglu" else N
+    w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
+    x = (torch.randn(M, K) / 2).to(dev, dt)
+    schedule = kernel_recipes.schedule_for(tg.KERNELS, off, M, dt)
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
+
+    def run():
+        big_out = torch.full((M + 16, N + 8), 7.0, dtype=dt, device=dev)
+        big_pre = torch.full((M + 16, n_w + 8), 7.0, dtype=dt, device=dev)
+        out, pre = big_out[:M, :N], big_pre[:M, :n_w]
+        tg.KERNELS.forward(x, w, off, schedule, None, act, None, 1, out, pre)
+        return big_out, big_pre
+
+    got, want = _both(run, 3, monkeypatch)
+    assert launches == [False, True] and ran == [True]
+    for g, p, cols in zip(got, want, (N, n_w)):
+        assert torch.equal(g, p)
+        assert (g[M:] == 7).all() and (g[:, cols:] == 7).all()
+
+
+def test_outputs_tma_cannot_write_keep_pointer_stores(kernel_backend, launches, monkeypatch):
+    """N = 12 half-precision columns (24-byte rows): the output keeps the masked pointer stores
+    (TMA_STORE off) while W and A still come through descriptors; the same bits."""
+    tg, sm90 = _modules()
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
+    dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
+    E, M, K, N = len(counts), sum(counts), 16, 12
+    off = offsets(counts, dev)
+    w = (torch.randn(E, K, 16) / 4).to(dev, dt)[:, :, :N]  # rows 32 bytes apart: W's descriptor takes it
+    x = (torch.randn(M, K) / 2).to(dev, dt)
+    got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, None, "gelu"), 3, monkeypatch)
+    assert launches == [False, True] and ran == [False]
+    for g, p in zip(got, want):
+        assert torch.equal(g, p)
+
+
 def test_persistent_configs_give_the_same_bits(kernel_backend, launches, monkeypatch):
     """Two tiles that share the summation chunk BK: the same bits (autotuning may pick either)."""
     import triton
@@ -230,6 +331,14 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
         assert not sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu", None, 12)  # 'up' box at 24 bytes
     with sm90.forced("pointer"):
         assert not sm90.takes(x, w, "gelu", None, 16)
+    # the output and the stored pre-activation through descriptors: TMA's 16-byte rules, else pointer stores
+    out, pre = torch.empty(8, 16).half(), torch.empty(8, 32).half()
+    assert sm90.stores_by_tma(out, pre, True, 16) and sm90.stores_by_tma(out, None, False, 16)
+    assert not sm90.stores_by_tma(torch.empty(8, 12).half(), None, False, 12)  # rows 24 bytes apart
+    assert not sm90.stores_by_tma(torch.empty(8, 24).half(), None, True, 12)  # the 'up' half's base at 24 bytes
+    assert not sm90.stores_by_tma(out, torch.empty(8, 24).half(), True, 12)  # pre's 'up' half at 24 bytes
+    assert not sm90.stores_by_tma(torch.empty(8 * 16 + 1).half()[1:].view(8, 16), None, False, 16)  # base off 16 B
+    assert not sm90.stores_by_tma(out, torch.empty(16, 8).half().t(), False, 16)  # pre's columns strided
     with sm90.forced("persistent"):  # a gathered dgrad (the routed one): the pointer kernel's epilogue
         r2f = torch.zeros(8, dtype=torch.long)
         off = torch.tensor([0, 8, 8])
