@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -63,7 +62,7 @@ _CONFIGS = configs(
         ({"BK": 128, "BN": 128, "BM": 64, "OCC": 1}, 8, 3),
         ({"BK": 128, "BN": 128, "BM": 64, "OCC": 1}, 8, 4),
         ({"BK": 128, "BN": 64, "BM": 64, "OCC": 1}, 8, 4),
-        ({"BK": 64, "BN": 128, "BM": 64, "OCC": 1}, 4, 4),
+        ({"BK": 64, "BN": 128, "BM": 64, "OCC": 1}, 8, 3),  # 4 warps: 230-255 registers, GELU with routed G spilled (3.6)
         ({"BK": 64, "BN": 64, "BM": 64, "OCC": 2}, 4, 3),
     ],
     {"BK": 16, "BN": 16, "BM": 16, "OCC": 1},
@@ -71,8 +70,14 @@ _CONFIGS = configs(
 
 
 def _footprint(args, num_warps):
-    """The dW tile's float32 elements a thread (16-bit operands only: the budget of 64)."""
-    return accumulator_elements(args["BK"], args["BN"], num_warps)
+    """The dW tile's float32 elements a thread (16-bit operands only: the budget of 64); SwiGLU
+    formed in a descriptor-loaded A with G through the routing map also keeps A's BM x BK tile in
+    registers (gate and up, weighted): 128 x 128 on 8 warps and 64 x 128 on 4 spilled 16-24 bytes
+    a thread without it, 128 x 64 on 8 and 64 x 64 on 4 did not (offline compile, Triton 3.9)."""
+    elements = accumulator_elements(args["BK"], args["BN"], num_warps)
+    if args["A_ACT"] == _SWIGLU.value and args["G_ROUTED"] and not args["GATHER"]:
+        elements += accumulator_elements(args["BM"], args["BK"], num_warps)
+    return elements
 
 
 def _tma_rows(t: Tensor) -> bool:
@@ -155,8 +160,8 @@ def _wgrad_tma_kernel(
         n0 = (tile % n_tiles) * BN
         rk = k0 + tl.arange(0, BK)
         rn = n0 + tl.arange(0, BN)
-        start = tl.load(offsets + e)
-        end = tl.load(offsets + e + 1)
+        start = tl.load(offsets + e).to(tl.int64)  # lo * stride_am: element offsets past 2^31
+        end = tl.load(offsets + e + 1).to(tl.int64)
         chunk = tl.cdiv(end - start, SPLITS)
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, end)
@@ -198,7 +203,9 @@ def _wgrad_tma_kernel(
                     a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
                     grow = gflat // g_top_k
                     g = tl.load(
-                        G + grow[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0
+                        G + grow[:, None] * stride_gm + rn[None, :] * stride_gn,
+                        mask=mask_m[:, None] & (rn < N)[None, :],
+                        other=0.0,
                     )
                 else:
                     g = g_desc.load([r0, n0])  # [BM, BN]

@@ -80,7 +80,7 @@ CASES = {"uneven": [5, 0, 17, 1, 9], "empty_first_last": [0, 12, 7, 0], "no_rows
 def test_tma_wgrad_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, case, splits, programs, act):
     tg, _, _ = _modules()
     dev, dt, counts = kernel_backend.device, torch.float16, CASES[case]
-    E, M, K, N = len(counts), sum(counts), 24, 40
+    M, K, N = sum(counts), 24, 40
     off = offsets(counts, dev)
     a = (torch.randn(M, 2 * K if act == "swiglu" else K) / 2).to(dev, dt)
     g = torch.randn(M, N).to(dev, dt)
@@ -133,7 +133,7 @@ def test_rows_past_an_experts_end_add_nothing(kernel_backend, launches, monkeypa
     and right, the same bits as the pointer kernel's (expert 1's own are NaN in both)."""
     tg, _, _ = _modules()
     dev, dt, counts = kernel_backend.device, torch.float16, [5, 6, 21]
-    E, M, K, N = 3, 32, 24, 40
+    M, K, N = 32, 24, 40
     off = offsets(counts, dev)
     a = (torch.randn(M, 2 * K if act == "swiglu" else K) / 2).to(dt)
     g = torch.randn(M, N).to(dt)
@@ -196,6 +196,25 @@ def test_tma_wgrad_configs_give_the_same_bits(kernel_backend, launches, monkeypa
     assert launches == [True, True]
     for first, second in zip(*outs):
         assert torch.equal(first, second)
+
+
+def test_tma_wgrad_addresses_past_2_31_elements(kernel_backend, launches, monkeypatch):
+    """A's rows 2^30 elements apart: expert 1's descriptor is based at row 2, element 2^31 (its
+    offsets int32, as a caller may pass them). One 4 GiB fp16 storage, untouched but for the rows
+    used (a view, no copy)."""
+    tg, sm90, _ = _modules()
+    dev, dt, K, N = kernel_backend.device, torch.float16, 16, 24
+    big = torch.empty(2**31 + 4096, dtype=dt, device=dev)
+    a = big.as_strided((3, K), (2**30, 1))
+    a.copy_((torch.randn(3, K) / 2).to(dt))
+    g = torch.randn(3, N).to(dev, dt)
+    off = offsets([2, 1], dev).int()
+    with sm90.forced("persistent"):
+        dw, db = kernel_recipes.weight_grad(tg.KERNELS, a, g, off)
+    assert launches == [True]
+    exact_dw, exact_db = _exact(a, g, off, "none")
+    assert_close(dw, exact_dw, dt, grad=True)
+    assert_close(db, exact_db, dt, grad=True)
 
 
 # ---- the choice (main process) ----------------------------------------------------------------------
