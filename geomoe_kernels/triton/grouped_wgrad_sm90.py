@@ -72,8 +72,8 @@ _CONFIGS = configs(
 def _footprint(args, num_warps):
     """The dW tile's float32 elements a thread (16-bit operands only: the budget of 64); SwiGLU
     formed in a descriptor-loaded A with G through the routing map also keeps A's BM x BK tile in
-    registers (gate and up, weighted): 128 x 128 on 8 warps and 64 x 128 on 4 spilled 16-24 bytes
-    a thread without it, 128 x 64 on 8 and 64 x 64 on 4 did not (offline compile, Triton 3.9)."""
+    registers (gate and up, weighted): 128 x 128 on 8 warps spilled 16 bytes a thread without it,
+    128 x 64 on 8 and 64 x 64 on 4 did not (offline compile, Triton 3.9)."""
     elements = accumulator_elements(args["BK"], args["BN"], num_warps)
     if args["A_ACT"] == _SWIGLU.value and args["G_ROUTED"] and not args["GATHER"]:
         elements += accumulator_elements(args["BM"], args["BK"], num_warps)
