@@ -72,22 +72,24 @@ def test_sass_units_and_occupancy_are_read_as_the_hardware_runs_them():
 
 def test_sm90_records_the_persistent_gemm_beside_the_pointer_kernel_and_sm80_only_the_latter():
     """The offline compile records the launches as a GPU of the target makes them: on sm_90 the
-    grouped GEMM's 16-bit forward and dgrad go to the persistent TMA kernel (float32 stays on the
-    pointer kernel), on sm_80 (no TMA) all of them to the pointer kernel."""
+    grouped GEMM's 16-bit forward and dgrad go to the persistent TMA kernel and its weight gradient
+    to the TMA one (float32 stays on the pointer kernels), on sm_80 (no TMA) all of them to the pointer kernel."""
     from tools.triton_offline import geomoe_launches
 
     def kernels(arch, dtype):
         return {c.name for c in geomoe_launches((dtype,), ["grouped_mm"], arch)}
 
     # float16: GeoMoE's shapes only (bfloat16 adds an LLM's, slow to make on the CPU)
-    assert {"_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel"} <= kernels(90, torch.float16)
-    assert "_gmm_persistent_kernel" not in kernels(80, torch.float16) | kernels(90, torch.float32)
+    assert {"_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel", "_wgrad_tma_kernel"} <= kernels(90, torch.float16)
+    pointer_only = kernels(80, torch.float16) | kernels(90, torch.float32)
+    assert "_gmm_persistent_kernel" not in pointer_only and "_wgrad_tma_kernel" not in pointer_only
     assert "_gmm_kernel" in kernels(80, torch.float16)
 
 
 def test_shipped_sm90_gemm_configs_issue_hgmma():
     """Every shipped config of the grouped GEMMs (forward, dgrad, weight gradient) in bf16 and TF32
-    compiles to wgmma (HGMMA) without spills, the persistent forward/dgrad with TMA copies: what
+    compiles to wgmma (HGMMA) without spills, the TMA kernels (persistent forward/dgrad, weight
+    gradient) with TMA copies: what
     the hardware runs, read from the SASS."""
     from tools.triton_offline import GEMM_KERNELS, TMA_KERNELS, compile_all, needs_hgmma, report
 

@@ -154,8 +154,8 @@ GROUPED_GEMM_OPS = ("grouped_mm", "expert_mlp")
 def _gpu_choices(arch: Optional[int]) -> Iterator[Tuple[Sequence[str], Sequence[torch.dtype]]]:
     """(ops, dtypes) to record again with the kernel choices a GPU of `arch` makes that CPU tensors
     do not: on sm_90 and later the grouped GEMM's forward and dgrad take the persistent TMA kernel
-    (grouped_gemm_sm90, 16-bit operands), beside the pointer kernel (float32, operands TMA cannot
-    read); none elsewhere (sm_80: no TMA)."""
+    (grouped_gemm_sm90, 16-bit operands) and the weight gradient the TMA one (grouped_wgrad_sm90),
+    beside the pointer kernels (float32, operands TMA cannot read); none elsewhere (sm_80: no TMA)."""
     from geomoe_kernels.triton import grouped_gemm_sm90 as sm90
 
     if arch is None or not sm90.persistent_chosen("auto", (arch // 10, arch % 10), sm90.HAS_DESCRIPTORS):
@@ -340,9 +340,9 @@ def compile_all(
 
 # The grouped GEMMs (forward and dgrad, weight gradient): on sm_90 each shipped config must issue
 # wgmma (HGMMA). Full-precision float32 (IEEE=True) has no tensor-core form and runs on the FMA units.
-# The persistent forward/dgrad must also copy through TMA (its tensor descriptors).
-GEMM_KERNELS = ("_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel")
-TMA_KERNELS = ("_gmm_persistent_kernel",)
+# The persistent forward/dgrad and the TMA weight gradient must also copy through TMA (their tensor descriptors).
+GEMM_KERNELS = ("_gmm_kernel", "_gmm_persistent_kernel", "_wgrad_kernel", "_wgrad_tma_kernel")
+TMA_KERNELS = ("_gmm_persistent_kernel", "_wgrad_tma_kernel")
 
 
 def needs_hgmma(row: Compiled, arch: int) -> bool:

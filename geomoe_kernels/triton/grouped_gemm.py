@@ -576,6 +576,8 @@ def _no_persistent_kernel(*args) -> bool:
 # kernel module): it runs a forward or dgrad on the persistent TMA kernel where the device and the
 # operands take it, and says whether it did; the pointer kernel below runs the rest
 persistent_launch: Callable[..., bool] = _no_persistent_kernel
+# grouped_wgrad_sm90's launcher, likewise: the weight gradient with TMA descriptors (wgrad_into's arguments)
+persistent_wgrad: Callable[..., bool] = _no_persistent_kernel
 
 
 class TritonGroupedGemm:
@@ -689,6 +691,8 @@ class TritonGroupedGemm:
         and strides: the float32 sums converted once as they are stored, added to what is there
         with accumulate (the parameter's .grad: no partial, no cast, no add kernel). g_routing =
         (gather, top_k, weights): G read through the routing map, weighted (kernel_recipes.weight_grad)."""
+        if persistent_wgrad(a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing):
+            return
         splits, E, K, N = dw.shape
         g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
         grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
