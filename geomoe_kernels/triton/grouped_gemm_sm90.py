@@ -115,11 +115,11 @@ def persistent_for(device: torch.device) -> bool:
 
 
 def describe() -> str:
-    """Which kernel runs the 16-bit forward and dgrad here (python -m geomoe_kernels.info)."""
+    """Which kernels run the 16-bit forward, dgrad and weight gradient here (python -m geomoe_kernels.info)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    which = "persistent TMA kernel" if persistent_for(device) else "pointer-load kernel"
-    return f"Triton grouped GEMM: the {which} on {device} for 16-bit operands ({ENV}={MODE})"
+    which = "persistent TMA kernels" if persistent_for(device) else "pointer-load kernels"
+    return f"Triton grouped GEMM: the {which} on {device} for 16-bit operands, wgrad included ({ENV}={MODE})"
 
 
 @contextlib.contextmanager

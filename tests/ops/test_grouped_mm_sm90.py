@@ -311,9 +311,9 @@ def test_the_kernel_is_chosen_by_capability_triton_and_override():
     assert chosen("persistent", None, True) and not chosen("persistent", (8, 6), True)  # the interpreter; no TMA
     if not torch.cuda.is_available():  # what python -m geomoe_kernels.info says of it on a CPU
         with sm90.forced("pointer"):
-            assert "the pointer-load kernel on cpu" in sm90.describe() and "GEOMOE_TRITON_GEMM=pointer" in sm90.describe()
+            assert "the pointer-load kernels on cpu" in sm90.describe() and "GEOMOE_TRITON_GEMM=pointer" in sm90.describe()
         with sm90.forced("persistent"):
-            assert "the persistent TMA kernel on cpu" in sm90.describe()
+            assert "the persistent TMA kernels on cpu" in sm90.describe()
 
 
 def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
