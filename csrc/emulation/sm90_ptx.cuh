@@ -324,6 +324,7 @@ inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
         std::memcpy(&box[((std::size_t(i2) * m.box[1] + i1) * m.box[0] + i0) * m.elem], src, m.elem);
       }
   geomoe_emu::Mbarrier& b = mbarrier_of(bar, "cp.async.bulk.tensor");
+  ++geomoe_emu::runtime().tma_boxes;
   const bool swz = m.swizzle128;
   auto land = [box = std::move(box), off, swz, bar, bytes] {
     for (std::size_t o = 0; o < bytes; o += 16) {  // 16-byte chunks, swizzled within 1,024-byte atoms
