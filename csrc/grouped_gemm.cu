@@ -806,13 +806,19 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 // accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
 // tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
 // operand row), a 3-stage pipeline (96 KB: two blocks per SM).
-// Operands: the rows of A (gathered through the routing or not, and the weight gradient's A and G) by
-// 16-byte cp.async (or plain loads where a row is not 16-byte aligned) into the swizzled layout, each
-// thread's chunks found as in the mma.sync kernels; the weight W of the forward and dgrad by TMA
-// (one 64 x 64 box per half of the tile, 3-D tensor map over [E, rows, cols], out-of-range elements
-// zeros) completing on the stage's mbarrier, or by cp.async where W's rows are not 16-byte aligned
-// (TMA needs 16-byte strides). The forward's W [K, N] and the weight gradient's A^T and G are
-// MN-major operands (transposed descriptors), the dgrad's W^T and every A K-major.
+// Operands: the rows of A of the forward and dgrad (gathered through the routing or not), and the
+// weight gradient's gathered A and act(pre), by 16-byte cp.async (or plain loads where a row is not
+// 16-byte aligned) into the swizzled layout, each thread's chunks found as in the mma.sync kernels:
+// a box cannot gather rows, and the activation is formed from the copies in shared memory. What is
+// one contiguous box comes by TMA (one 64 x 64 box per half of the tile, SWIZZLE_128B, out-of-range
+// elements zeros, completing on the stage's mbarrier; one thread issues it, so the copy work and
+// its registers leave the other 255): the weight W of the forward and dgrad (3-D tensor map over
+// [E, rows, cols]), and the weight gradient's G (map over [1, M, N]) and its A where it is taken as
+// stored (not gathered, no activation). Where TMA cannot address an operand (a base or row stride
+// not on 16 bytes) it comes by cp.async. The weight gradient's boxes run past its split's rows into
+// the next expert's: those rows are zeroed in shared memory (see wgrad_kernel). The forward's W
+// [K, N] and the weight gradient's A^T and G are MN-major operands (transposed descriptors), the
+// dgrad's W^T and every A K-major.
 // Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
 // generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
 // wgmma of the step before has completed: its stage may be refilled), issue the copies of step

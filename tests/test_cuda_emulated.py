@@ -423,7 +423,7 @@ def _misaligned(t):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("gathered, splits", [(False, 1), (False, 3), (True, 2)])
-def test_weight_grad_of_experts_ending_mid_step_reads_g_and_a_by_tma(dtype, gathered, splits):
+def test_grouped_mm_weight_grad_of_experts_ending_mid_step_by_tma(dtype, gathered, splits):
     """The wgmma weight gradient reads G (and A where it is taken as stored: not gathered, no
     activation) by TMA on an emulated H100, the exact number of 64 x 64 boxes counted; experts end
     mid-step (70 and 130 rows), one has none, and the rows of expert 2 right after expert 0 hold
