@@ -32,6 +32,8 @@
 // zeros, as the tensor map's OOB fill NONE says), written to shared memory (with the 128-byte
 // swizzle of its window addresses) and counted on its mbarrier when a thread waits on that
 // barrier's current phase: the latest; GEOMOE_EMULATE_COPIES=eager lands it at issue instead.
+// Every box issued is counted (Runtime::tma_boxes; the emulated core's emulated_tma_boxes()), so a
+// test can tell a kernel's TMA path from its cp.async fallback.
 //
 // Not modelled (what covers it): that the 128 threads of a warpgroup pass the same descriptors and
 // reach the same wgmma (the kernels compute them from warp-uniform values; the fresh-reader audit
