@@ -8,6 +8,9 @@
 #include <string>
 
 #include "geomoe_core.h"
+#ifdef GEOMOE_EMULATION
+#include <cuda_runtime.h>  // the emulated runtime (csrc/emulation/): its TMA count
+#endif
 
 namespace py = pybind11;
 using namespace pybind11::literals;  // "name"_a: every argument is named, and Python passes each by its name
@@ -42,6 +45,10 @@ void check(cudaError_t err, const char* what) {
 PYBIND11_MODULE(GEOMOE_MODULE, m) {
   m.doc() = "geomoe CUDA core: MoE gating, routing, permutation, grouped GEMM and combine; masked depthwise conv";
   m.def("architectures", [] { return std::string(GEOMOE_CUDA_ARCHS); });
+#ifdef GEOMOE_EMULATION
+  // the TMA boxes (cp.async.bulk.tensor) the emulated kernels have issued in this process
+  m.def("emulated_tma_boxes", [] { return geomoe_emu::runtime().tma_boxes; });
+#endif
   m.def("gating_tokens_per_block", &geomoe::gating_tokens_per_block);
   m.def("route_histogram", [](std::uintptr_t ids, int64_t n, int E, int block, std::uintptr_t per_block, std::uintptr_t s) {
     check(geomoe::route_histogram(ptr<const int64_t>(ids), n, E, block, ptr<int64_t>(per_block), stream(s)), "route_histogram");
@@ -157,14 +164,17 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
         "bias"_a, "blocks"_a, "offsets"_a, "num_experts"_a, "act"_a, "out"_a, "ldo"_a, "pre"_a, "ldp"_a,
         "grad_act"_a, "rounds"_a, "stream"_a, "swiglu_interleaved"_a = false, "route_weights"_a = 0, "partial"_a = 0,
         "ldq"_a = 0, "route_b2"_a = 0);
-  m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, std::uintptr_t gather, int top_k, std::uintptr_t g,
-                               int64_t ldg, std::uintptr_t offsets, int64_t E, int64_t K, int64_t N, int splits, int a_act,
-                               std::uintptr_t partial, std::uintptr_t partial_db, std::uintptr_t s, bool interleaved) {
-    check(geomoe::grouped_mm_wgrad(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
-                                   ptr<const void>(g), ldg, ptr<const int64_t>(offsets), E, K, N, splits, a_act,
-                                   ptr<float>(partial), ptr<float>(partial_db), interleaved, stream(s)), "grouped_mm_wgrad");
-  }, "dtype"_a, "a"_a, "lda"_a, "gather"_a, "top_k"_a, "g"_a, "ldg"_a, "offsets"_a, "num_experts"_a, "K"_a, "N"_a,
-        "splits"_a, "a_act"_a, "partial"_a, "partial_db"_a, "stream"_a, "swiglu_interleaved"_a = false);
+  m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, int64_t a_rows, std::uintptr_t gather, int top_k,
+                               std::uintptr_t g, int64_t ldg, int64_t g_rows, std::uintptr_t offsets, int64_t E, int64_t K,
+                               int64_t N, int splits, int a_act, std::uintptr_t partial, std::uintptr_t partial_db,
+                               std::uintptr_t s, bool interleaved) {
+    check(geomoe::grouped_mm_wgrad(static_cast<DType>(dtype), ptr<const void>(a), lda, a_rows, ptr<const int64_t>(gather),
+                                   top_k, ptr<const void>(g), ldg, g_rows, ptr<const int64_t>(offsets), E, K, N, splits,
+                                   a_act, ptr<float>(partial), ptr<float>(partial_db), interleaved, stream(s)),
+          "grouped_mm_wgrad");
+  }, "dtype"_a, "a"_a, "lda"_a, "a_rows"_a, "gather"_a, "top_k"_a, "g"_a, "ldg"_a, "g_rows"_a, "offsets"_a,
+        "num_experts"_a, "K"_a, "N"_a, "splits"_a, "a_act"_a, "partial"_a, "partial_db"_a, "stream"_a,
+        "swiglu_interleaved"_a = false);
   m.def("topk_gating_backward", [](std::uintptr_t logits, int64_t T, int E, std::uintptr_t ids, int k, std::uintptr_t gw,
                                    std::uintptr_t gp, bool softmax, bool renorm, std::uintptr_t grad, std::uintptr_t s) {
     check(geomoe::topk_gating_backward(ptr<const float>(logits), T, E, ptr<const int64_t>(ids), k, ptr<const float>(gw),

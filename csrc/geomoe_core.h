@@ -125,9 +125,11 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
 // (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A (SwiGLU: a has
-// 2K columns in the layout `interleaved` says).
-cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
-                             int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             int a_act, float* partial, float* partial_db, bool interleaved, cudaStream_t stream);
+// 2K columns in the layout `interleaved` says). a_rows and g_rows: the rows a and g hold (the sm_90a
+// kernel's tensor maps address no row past them).
+cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, int64_t a_rows, const int64_t* gather, int top_k,
+                             const void* g, int64_t ldg, int64_t g_rows, const int64_t* offsets, int64_t num_experts,
+                             int64_t K, int64_t N, int splits, int a_act, float* partial, float* partial_db,
+                             bool interleaved, cudaStream_t stream);
 
 }  // namespace geomoe

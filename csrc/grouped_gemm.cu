@@ -806,13 +806,19 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 // accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
 // tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
 // operand row), a 3-stage pipeline (96 KB: two blocks per SM).
-// Operands: the rows of A (gathered through the routing or not, and the weight gradient's A and G) by
-// 16-byte cp.async (or plain loads where a row is not 16-byte aligned) into the swizzled layout, each
-// thread's chunks found as in the mma.sync kernels; the weight W of the forward and dgrad by TMA
-// (one 64 x 64 box per half of the tile, 3-D tensor map over [E, rows, cols], out-of-range elements
-// zeros) completing on the stage's mbarrier, or by cp.async where W's rows are not 16-byte aligned
-// (TMA needs 16-byte strides). The forward's W [K, N] and the weight gradient's A^T and G are
-// MN-major operands (transposed descriptors), the dgrad's W^T and every A K-major.
+// Operands: the rows of A of the forward and dgrad (gathered through the routing or not), and the
+// weight gradient's gathered A and act(pre), by 16-byte cp.async (or plain loads where a row is not
+// 16-byte aligned) into the swizzled layout, each thread's chunks found as in the mma.sync kernels:
+// a box cannot gather rows, and the activation is formed from the copies in shared memory. What is
+// one contiguous box comes by TMA (one 64 x 64 box per half of the tile, SWIZZLE_128B, out-of-range
+// elements zeros, completing on the stage's mbarrier; one thread issues it, so the copy work and
+// its registers leave the other 255): the weight W of the forward and dgrad (3-D tensor map over
+// [E, rows, cols]), and the weight gradient's G (map over [1, M, N]) and its A where it is taken as
+// stored (not gathered, no activation). Where TMA cannot address an operand (a base or row stride
+// not on 16 bytes) it comes by cp.async. The weight gradient's boxes run past its split's rows into
+// the next expert's: those rows are zeroed in shared memory (see wgrad_kernel). The forward's W
+// [K, N] and the weight gradient's A^T and G are MN-major operands (transposed descriptors), the
+// dgrad's W^T and every A K-major.
 // Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
 // generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
 // wgmma of the step before has completed: its stage may be refilled), issue the copies of step
@@ -984,12 +990,23 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
 
 // The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, two 64-column halves),
 // 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
-// values). The bias gradient, as in the mma.sync kernel, from the G chunks each thread copied.
+// values). G's rows (contiguous, [M, N]) come by TMA where g_map addresses them (tma & 1), A's where
+// A is contiguous and taken as stored (tma & 2: not gathered, no activation formed in its load):
+// two 64 x 64 boxes an operand (columns n0 + 64 j (k0 + 64 j), rows m0..m0 + 63) on the stage's
+// mbarrier, the same swizzled bits the 16-byte copies would write. The gathered A and act(pre) stay
+// cp.async (the rows are not one box; the activation is formed in shared memory from the copies).
+// A step's rows past the split's end hi belong to the next expert (or lie past M: TMA zeros those),
+// and 0 * Inf = NaN, so after the stage's barrier each thread zeroes the rows >= hi of its own
+// chunks of the TMA tiles (only in a split's partial last step; the copies zero them by their
+// source size): the tiles hold exactly what the cp.async path's do, and dW and db come out bit for
+// bit the same. The bias gradient sums, per thread, the G chunks of its copy layout from shared
+// memory after that (TMA or not), each column in a fixed order: deterministic.
 template <typename T, int A_ACT>
 __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ g,
-    int64_t ldg, const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles,
-    int tiles, float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
+    int64_t ldg, const __grid_constant__ CUtensorMap g_map, const __grid_constant__ CUtensorMap a_map, int tma,
+    const int64_t* __restrict__ offsets, int num_experts, int64_t K, int64_t N, int splits, int n_tiles, int tiles,
+    float* __restrict__ partial, float* __restrict__ partial_db, bool interleaved) {
 #if !GEOMOE_SM90A
   __trap();  // no sm_90a code here: the launcher never chooses this kernel
 #else
@@ -997,6 +1014,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* const tl = aligned_tiles<T>(smem);
   __shared__ float db_sum[kThreads / CPR][BN];  // column sums of G, one row per group of copying threads
+  __shared__ __align__(8) uint64_t full[kStages];  // the TMA boxes of each stage
 
   const unsigned tile = blockIdx.x % static_cast<unsigned>(tiles), se = blockIdx.x / static_cast<unsigned>(tiles);
   const int e = static_cast<int>(se % static_cast<unsigned>(num_experts)),
@@ -1006,6 +1024,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   const int64_t chunk = (end - start + splits - 1) / splits;
   const int64_t lo = start + s * chunk, hi = lo + chunk < end ? lo + chunk : end;
   const int tid = threadIdx.x;
+  const bool g_tma = tma & 1, a_tma = A_ACT == kNone && (tma & 2);
 
   // this thread copies columns c .. c + 7 (of A's k0.. and G's n0..) of rows tid / 16 + 16 i
   const int c = tid % CPR * 8;
@@ -1016,6 +1035,14 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   auto load_stage = [&](int64_t m0, int stage) {
     T* const as = tl + stage * STAGE;
     T* const gs = as + 2 * TILE;
+    if ((g_tma || a_tma) && tid == 0) {  // one thread: two 8 KB boxes an operand on the stage's barrier
+      sm90::mbar_arrive_expect_tx(&full[stage], (g_tma + a_tma) * 2 * TILE * sizeof(T));
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (a_tma) sm90::tma_load_3d(as + j * TILE, &a_map, &full[stage], static_cast<int>(k0 + 64 * j), static_cast<int>(m0), 0);
+        if (g_tma) sm90::tma_load_3d(gs + j * TILE, &g_map, &full[stage], static_cast<int>(n0 + 64 * j), static_cast<int>(m0), 0);
+      }
+    }
     if (A_ACT == kSwiglu) {  // one row at a time: the values live beside the accumulators
 #pragma unroll 1
       for (int i = 0; i < TM * CPR / kThreads; ++i) {
@@ -1031,11 +1058,18 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
       const int m = tid / CPR + i * (kThreads / CPR);
       const int64_t row = m0 + m;
       const bool in = row < hi;
-      const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;
-      if (A_ACT != kSwiglu) copy8(as + at(c / 64, m), in ? a + src * lda + k0 + c : a, in ? ka : 0, vec_a);
-      copy8(gs + at(c / 64, m), in ? g + row * ldg + n0 + c : g, in ? gn : 0, vec_g);
+      if (A_ACT != kSwiglu && !a_tma) {
+        const int64_t src = in ? (gather ? token_of(gather[row], top_k) : row) : 0;  // not in the k loop
+        copy8(as + at(c / 64, m), in ? a + src * lda + k0 + c : a, in ? ka : 0, vec_a);
+      }
+      if (!g_tma) copy8(gs + at(c / 64, m), in ? g + row * ldg + n0 + c : g, in ? gn : 0, vec_g);
     }
   };
+
+  if (tid == 0)
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) sm90::mbar_init(&full[st], 1);
+  __syncthreads();  // the barriers are set up before anyone uses them
 
   const bool sums_bias = partial_db != nullptr && k0 == 0;
   float* const my_sum = &db_sum[tid / CPR][tid % CPR];  // column c + j at (c + j) % 8 * CPR + (c + j) / 8
@@ -1056,9 +1090,22 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   }
   const int wgi = tid / 128;  // this warpgroup's 64 K rows of dW
   for (int mt = 0; mt < nm; ++mt) {
-    __pipeline_wait_prior(kStages - 2);
+    __pipeline_wait_prior(kStages - 2);  // this thread's copies of step mt
     T* const as = tl + (mt % kStages) * STAGE;
-    const T* const gs = as + 2 * TILE;
+    T* const gs = as + 2 * TILE;
+    if (g_tma || a_tma) {
+      sm90::mbar_wait(&full[mt % kStages], (mt / kStages) & 1);  // the boxes of step mt
+      const int64_t m0 = lo + static_cast<int64_t>(mt) * TM;
+      if (m0 + TM > hi) {  // the partial last step: the rows >= hi of this thread's chunks made zeros
+#pragma unroll
+        for (int i = 0; i < TM * CPR / kThreads; ++i) {
+          const int m = tid / CPR + i * (kThreads / CPR);
+          if (m0 + m < hi) continue;
+          if (g_tma) *reinterpret_cast<uint4*>(gs + at(c / 64, m)) = make_uint4(0, 0, 0, 0);
+          if (a_tma) *reinterpret_cast<uint4*>(as + at(c / 64, m)) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
     if (A_ACT && A_ACT != kSwiglu) {  // a holds pre: the hidden values formed in place, each thread its own copies
 #pragma unroll
       for (int i = 0; i < TM * CPR / kThreads; ++i) {
@@ -1075,8 +1122,8 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
         for (int j = 0; j < 8; ++j) my_sum[j * CPR] += to_f32(p[j]);
       }
     }
-    sm90::fence_proxy_async();
-    __syncthreads();
+    sm90::fence_proxy_async();  // the copies and this thread's zeros, visible to wgmma
+    __syncthreads();  // everyone's; everyone's wgmma of step mt - 1 done: its stage is free
     const int next = mt + kStages - 1;
     if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
     __pipeline_commit();
@@ -1214,6 +1261,14 @@ bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_
          CUDA_SUCCESS;
 }
 
+// The rows of a contiguous operand ([rows, cols], rows ld apart: the weight gradient's G, or A taken
+// as stored) as a 3-D tensor map [1, rows, cols] of 64 x 64 boxes (weight_map's rules); false where
+// TMA cannot address it or a coordinate would not fit the instruction's 32-bit ones.
+template <typename T> bool rows_map(CUtensorMap* map, const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  if (rows <= 0 || cols <= 0 || rows > 0x7fffffff - 64 || cols > 0x7fffffff - 128) return false;
+  return weight_map(map, p, rows, cols, ld, rows * ld, 1);
+}
+
 }  // namespace
 
 int grouped_mm_block_rows() { return BM; }
@@ -1310,23 +1365,29 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
   });
 }
 
-cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* g,
-                             int64_t ldg, const int64_t* offsets, int64_t num_experts, int64_t K, int64_t N, int splits,
-                             int a_act, float* partial, float* partial_db, bool interleaved, cudaStream_t stream) {
+cudaError_t grouped_mm_wgrad(DType dtype, const void* a, int64_t lda, int64_t a_rows, const int64_t* gather, int top_k,
+                             const void* g, int64_t ldg, int64_t g_rows, const int64_t* offsets, int64_t num_experts,
+                             int64_t K, int64_t N, int splits, int a_act, float* partial, float* partial_db,
+                             bool interleaved, cudaStream_t stream) {
   if (num_experts == 0 || K == 0 || N == 0) return cudaSuccess;
   const int64_t n_tiles = (N + TN - 1) / TN, tiles = (K + TK - 1) / TK * n_tiles;
   if (tiles > 0x7fffffff || num_experts > 0x7fffffff) return cudaErrorInvalidValue;
   return by_half_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr std::size_t smem = WgradTile::smem_bytes<T>();
-    if (use_wgmma()) {
+    if (use_wgmma()) {  // sm_90a: wgmma; G, and A taken as stored, by TMA where it can address them
       auto launch90 = [&](auto kernel) {
+        CUtensorMap g_map, a_map;
+        const bool g_tma = rows_map(&g_map, static_cast<const T*>(g), g_rows, N, ldg);
+        const bool a_tma = a_act == kNone && gather == nullptr && rows_map(&a_map, static_cast<const T*>(a), a_rows, K, lda);
+        if (!g_tma) std::memset(static_cast<void*>(&g_map), 0, sizeof g_map);
+        if (!a_tma) std::memset(static_cast<void*>(&a_map), 0, sizeof a_map);
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
         if (err != cudaSuccess) return err;
         GEOMOE_LAUNCH(grid_1d(splits * num_experts * tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
-            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, offsets,
-            static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles), static_cast<int>(tiles), partial,
-            partial_db, interleaved);
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(g), ldg, g_map, a_map,
+            int(g_tma) | int(a_tma) << 1, offsets, static_cast<int>(num_experts), K, N, splits, static_cast<int>(n_tiles),
+            static_cast<int>(tiles), partial, partial_db, interleaved);
         return cudaGetLastError();
       };
       switch (a_act) {

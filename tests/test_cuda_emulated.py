@@ -412,6 +412,69 @@ def test_weight_grad_of_a_large_weight_from_few_rows(K, N, a_act, gathered, spli
     assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
 
 
+def _misaligned(t):
+    """t's values in a copy whose data starts 2 bytes past a 16-byte boundary (no TMA, no 16-byte copies)."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype)
+    view = flat[1 : 1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("gathered, splits", [(False, 1), (False, 3), (True, 2)])
+def test_grouped_mm_weight_grad_of_experts_ending_mid_step_by_tma(dtype, gathered, splits):
+    """The wgmma weight gradient reads G (and A where it is taken as stored: not gathered, no
+    activation) by TMA on an emulated H100, the exact number of 64 x 64 boxes counted; experts end
+    mid-step (70 and 130 rows), one has none, and the rows of expert 2 right after expert 0 hold
+    Inf, -Inf and NaN in A and G: a box reads them, and only zeroing them in shared memory keeps
+    expert 0 finite; the last expert's box runs past M (TMA's zeros; an address past the tensors
+    fails under ASan). K = 136 and N = 72: tails of both tiles. Every checked expert against float64,
+    and the bits equal to the cp.async path's (the same tensors 2 bytes off 16-byte alignment, which
+    TMA cannot address: no box issued)."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    K, N, k = 136, 72, 2 if gathered else 1
+    off = torch.tensor([0, 70, 70, 79, 209, 212])  # expert 1 empty, expert 2 non-finite
+    M, E = int(off[-1]), off.numel() - 1
+    bad = slice(int(off[2]), int(off[3]))
+    g = torch.randn(M, N).to(dtype)
+    g[bad, ::3], g[bad, 1::3], g[bad, 2::3] = float("inf"), float("-inf"), float("nan")
+    if gathered:  # rows of tokens (T = M, two slots each): routed row r reads token gather[r] // 2
+        tokens = torch.randperm(M)
+        gather = tokens * k + torch.randint(0, k, (M,))
+        x = torch.randn(M, K).to(dtype)
+        x[tokens[bad]] = float("inf")
+        a = x[gather // k]
+    else:
+        gather, x = None, torch.randn(M, K).to(dtype)
+        x[bad, ::2], x[bad, 1::2] = float("nan"), float("-inf")
+        a = x
+    core = cuda.CudaGroupedGemm()
+    before = CORE.emulated_tma_boxes()
+    dw, db = recipe.weight_grad(core, x, g, off, gather, k, splits=splits)
+    boxes = CORE.emulated_tma_boxes() - before
+    tiles = -(-K // 128) * -(-N // 128)
+    steps = 0
+    for e in range(E):
+        rows = int(off[e + 1] - off[e])
+        chunk = -(-rows // splits)
+        steps += sum(-(-max(0, min(chunk, rows - s * chunk)) // 64) for s in range(splits))
+    per_step = 2 if gathered else 4  # G's two 64-column boxes, and A's two 64-row (K) boxes
+    assert boxes == (steps * tiles * per_step if os.environ.get("GEOMOE_EMULATE_SM") == "90" else 0)
+    for e in (0, 1, 3, 4):
+        lo, hi = int(off[e]), int(off[e + 1])
+        assert torch.isfinite(dw[e]).all() and torch.isfinite(db[e]).all()
+        torch.testing.assert_close(dw[e].double(), a[lo:hi].double().T @ g[lo:hi].double(), rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(db[e].double(), g[lo:hi].double().sum(0), rtol=1e-3, atol=2e-3)
+    assert torch.count_nonzero(dw[1]) == 0 and torch.count_nonzero(db[1]) == 0
+    before = CORE.emulated_tma_boxes()
+    dw2, db2 = recipe.weight_grad(core, _misaligned(x), _misaligned(g), off, gather, k, splits=splits)
+    assert CORE.emulated_tma_boxes() == before
+    for ours, theirs in ((dw, dw2), (db, db2)):
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T, k, act", [(1, 1, "gelu"), (100, 1, "silu"), (511, 1, "gelu"), (200, 3, "silu")])
 def test_expert_mlp(dtype, T, k, act):

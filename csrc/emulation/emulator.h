@@ -231,6 +231,7 @@ struct Runtime {
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
   std::size_t dynamic_smem_bytes = 0;
   std::map<const void*, Mbarrier> mbarriers;  // the running block's, by address
+  unsigned long long tma_boxes = 0;           // TMA boxes issued since the process started (the tests read it)
 
   const std::string& name() {
     if (kernel_name.empty()) {

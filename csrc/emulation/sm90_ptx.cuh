@@ -32,6 +32,8 @@
 // zeros, as the tensor map's OOB fill NONE says), written to shared memory (with the 128-byte
 // swizzle of its window addresses) and counted on its mbarrier when a thread waits on that
 // barrier's current phase: the latest; GEOMOE_EMULATE_COPIES=eager lands it at issue instead.
+// Every box issued is counted (Runtime::tma_boxes; the emulated core's emulated_tma_boxes()), so a
+// test can tell a kernel's TMA path from its cp.async fallback.
 //
 // Not modelled (what covers it): that the 128 threads of a warpgroup pass the same descriptors and
 // reach the same wgmma (the kernels compute them from warp-uniform values; the fresh-reader audit
@@ -324,6 +326,7 @@ inline void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0
         std::memcpy(&box[((std::size_t(i2) * m.box[1] + i1) * m.box[0] + i0) * m.elem], src, m.elem);
       }
   geomoe_emu::Mbarrier& b = mbarrier_of(bar, "cp.async.bulk.tensor");
+  ++geomoe_emu::runtime().tma_boxes;
   const bool swz = m.swizzle128;
   auto land = [box = std::move(box), off, swz, bar, bytes] {
     for (std::size_t o = 0; o < bytes; o += 16) {  // 16-byte chunks, swizzled within 1,024-byte atoms
