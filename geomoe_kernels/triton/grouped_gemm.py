@@ -28,6 +28,7 @@ _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
 _GELU: tl.constexpr = tl.constexpr(int(activations.Activation.GELU))
 _SILU: tl.constexpr = tl.constexpr(int(activations.Activation.SILU))
 _SWIGLU: tl.constexpr = tl.constexpr(int(activations.Activation.SWIGLU))
+_SWIGLU_IL: tl.constexpr = tl.constexpr(int(activations.Activation.SWIGLU_INTERLEAVED))
 
 
 def block_m(dtype: torch.dtype) -> int:
@@ -65,12 +66,19 @@ def _gemm_footprint(args, num_warps):
     (ROUTED: pre, act(pre), the weighted tile and the column folds beside the accumulator) counts
     as two: at 64 elements its GELU build spilled 32-48 bytes a thread (24-32 with float32
     operands at 32), at 32 (16) none did."""
-    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or bool(args.get("ROUTED"))
+    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or args["GRAD_ACT"] == _SWIGLU_IL.value or bool(args.get("ROUTED"))
     elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if two else 1)
     plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value and not args.get("ROUTED")
     if plain and getattr(args.get("A"), "dtype", None) in (torch.float16, torch.bfloat16):
         return elements / 2
     return elements
+
+
+def gemm_columns(activation: str, n: int) -> int:
+    """The columns a forward's tiles cover for W's n: pre's for interleaved SwiGLU (each tile's
+    pairs give half its width of output columns), else the output's (concat SwiGLU: each tile
+    reads its gate and up halves N columns apart)."""
+    return n if activation == "swiglu_interleaved" else activations.out_features(activation, n)
 
 
 def lookup_lanes(num_experts: int) -> int:
@@ -184,6 +192,28 @@ def _a_rows(Gather, rm, mask_m, top_k, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _pairs_of(Pre, rm, rn, mask, stride_pm):
+    """(gate, up, columns, mask) of interleaved pre's pairs rn (hidden columns) on rows rm: its 2 BN
+    contiguous columns [g, u, g, u, ...] read at once and split in registers."""
+    BM: tl.constexpr = mask.shape[0]
+    BN: tl.constexpr = mask.shape[1]
+    cols = tl.reshape(tl.join(2 * rn, 2 * rn + 1), (2 * BN,))
+    mask2 = tl.reshape(tl.join(mask, mask), (BM, 2 * BN))
+    pair = tl.load(Pre + rm[:, None] * stride_pm + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(pair, (BM, BN, 2)))
+    return gate, up, cols, mask2
+
+
+@triton.jit
+def _store_pairs(Out, rm, cols, mask2, stride_om, d_gate, d_up):
+    """Store (d gate, d up) as interleaved pairs in the columns `cols` of _pairs_of."""
+    BM: tl.constexpr = d_gate.shape[0]
+    BN: tl.constexpr = d_gate.shape[1]
+    d = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * BN))
+    tl.store(Out + rm[:, None] * stride_om + cols[None, :], d.to(Out.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
 def _gmm_epilogue(
     acc,
     acc_up,
@@ -200,8 +230,16 @@ def _gmm_epilogue(
     GRAD_ACT: tl.constexpr,
 ):
     """_gmm_kernel's epilogue on its fp32 tile(s): with GRAD_ACT, d pre = d hidden * act'(pre) (both
-    halves for SwiGLU); else pre stored where asked, then the activation and the output."""
-    if GRAD_ACT != _NONE:
+    halves for SwiGLU); else pre stored where asked, then the activation and the output.
+    Interleaved SwiGLU (ACT): acc holds BN pre columns as stored, BN / 2 (gate, up) pairs, rn their
+    columns (N: pre's), and the output gets the BN / 2 columns rn // 2 of the pairs' gates; in the
+    dgrad (GRAD_ACT) acc is d hidden as for the other activations and pre's pairs are read (and
+    d pre's written) as 2 BN contiguous columns."""
+    if GRAD_ACT == _SWIGLU_IL:
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask, stride_pm)
+        s = tl.sigmoid(x)
+        _store_pairs(Out, rm, cols, mask2, stride_om, acc * up * s * (1.0 + x * (1.0 - s)), acc * x * s)
+    elif GRAD_ACT != _NONE:
         p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
         o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -217,11 +255,20 @@ def _gmm_epilogue(
             tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
             if ACT == _SWIGLU:
                 tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
-        if ACT == _SWIGLU:
-            out = acc * tl.sigmoid(acc) * acc_up
+        if ACT == _SWIGLU_IL:  # the pairs split in registers (both columns of a pair sit in one thread)
+            BM: tl.constexpr = acc.shape[0]
+            BN: tl.constexpr = acc.shape[1]
+            gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+            ro, _ = tl.split(tl.reshape(rn // 2, (BN // 2, 2)))
+            mo, _ = tl.split(tl.reshape(mask, (BM, BN // 2, 2)))
+            out = gate * tl.sigmoid(gate) * up
+            tl.store(Out + rm[:, None] * stride_om + ro[None, :], out.to(Out.dtype.element_ty), mask=mo)
         else:
-            out = _apply_act(acc, ACT)
-        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+            if ACT == _SWIGLU:
+                out = acc * tl.sigmoid(acc) * acc_up
+            else:
+                out = _apply_act(acc, ACT)
+            tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -283,15 +330,21 @@ def _routed_dgrad_epilogue(
     w = tl.load(RouteW + flat, mask=mask_m, other=0.0).to(tl.float32)
     p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
     o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
-    x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
     ws = acc * w[:, None]
     if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
         tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
         tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
+    elif GRAD_ACT == _SWIGLU_IL:  # pre = [g0, u0, g1, u1, ...]
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask, stride_pm)
+        s = tl.sigmoid(x)
+        h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
+        _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
     else:
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
         tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
     parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
@@ -445,7 +498,7 @@ def _wgrad_footprint(args, num_warps):
     the A tile (FMA dots keep their operands in registers, and SwiGLU loads gate and up): Triton
     3.6 spilled 16 bytes a thread at 64 x 64 without it (3.9 did not)."""
     elements = accumulator_elements(args["BK"], args["BN"], num_warps)
-    if args["IEEE"] and args["A_ACT"] == _SWIGLU.value:
+    if args["IEEE"] and args["A_ACT"] in (_SWIGLU.value, _SWIGLU_IL.value):
         elements += accumulator_elements(args["BM"], args["BK"], num_warps)
     return elements
 
@@ -508,7 +561,8 @@ def _wgrad_kernel(
     once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
-    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward.
+    (SwiGLU: A = [gate | up], 2K columns; interleaved, [g0, u0, g1, u1, ...], gate and up as two
+    stride-2 loads of the same rows), so the hidden rows need not be kept from the forward.
     G_ROUTED: G holds the combined tokens' gradient, G's row r is G[f // g_top_k], f = GGather[r],
     and its routing weight GScale[f] multiplies A's row r as it loads (rounded to the dtype: A's tile
     is in registers anyway, G's goes to the dot as loaded; a weighted G tile spilled up to 5 KB a
@@ -535,10 +589,15 @@ def _wgrad_kernel(
         _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
         a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = mask_m[None, :] & (rk < K)[:, None]
+        if A_ACT == _SWIGLU_IL:  # A = [g0, u0, g1, u1, ...]: hidden column k from columns 2k and 2k + 1
+            a_ptr = A + arow[None, :] * stride_am + (2 * rk)[:, None] * stride_ak
         a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if A_ACT == _SWIGLU:
+        if A_ACT == _SWIGLU or A_ACT == _SWIGLU_IL:
             af = a.to(tl.float32)
-            up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            if A_ACT == _SWIGLU_IL:
+                up = tl.load(a_ptr + stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            else:
+                up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
         elif A_ACT != _NONE:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
@@ -627,7 +686,7 @@ class TritonGroupedGemm:
         else:
             E, K, N_w = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
-        N = activations.out_features(activation, N_w)
+        N = gemm_columns(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
         rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
         route_w, partial = routed if routed is not None else (None, None)

@@ -53,7 +53,7 @@ from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, autotune_options, configs
 from . import grouped_gemm as _pointer
-from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
+from .grouped_gemm import _SWIGLU, _gemm_footprint, _gmm_epilogue, _interleaved_block, gemm_columns, lookup_lanes
 
 MODES = ("auto", "pointer", "persistent")
 ENV = "GEOMOE_TRITON_GEMM"
@@ -168,6 +168,7 @@ def takes(a: Tensor, weight: Tensor, activation: str, gather: Optional[Tensor], 
         return False
     if activation == "swiglu" and (n_out * a.element_size()) % 16:
         return False  # the 'up' half's tile starts at column N: a 16-byte aligned box start
+    # (interleaved SwiGLU's tiles start at multiples of BN of W's columns, as every other activation's)
     return _tma_ready(weight, 2) and (_tma_ready(a, 1) if gather is None else a.stride(1) == 1)
 
 
@@ -308,7 +309,7 @@ def launch(
         return False
     E, W_ROWS, W_COLS = weight.shape
     K = W_COLS if transpose_weight else W_ROWS
-    N = activations.out_features(activation, W_ROWS if transpose_weight else W_COLS)
+    N = gemm_columns(activation, W_ROWS if transpose_weight else W_COLS)
     if not takes(a, weight, activation, gather, N):
         return False
     if out.shape[0] == 0:
