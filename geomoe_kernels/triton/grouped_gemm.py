@@ -791,17 +791,18 @@ expert_mlp, expert_mlp_backward = _ops["expert_mlp"], _ops["expert_mlp_backward"
 
 
 def _example(dtype: torch.dtype) -> None:
-    """GeoMoE's expert MLP (23 experts, top-3, d 768, hidden 576) with GELU and SwiGLU, forward and
-    backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape (d 2048, SwiGLU 768, 128
-    experts, top-8)."""
+    """GeoMoE's expert MLP (23 experts, top-3, d 768, hidden 576) with GELU and SwiGLU (both column
+    layouts), forward and backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape
+    (d 2048, SwiGLU 768, 128 experts, top-8)."""
     T, k, E, D, H = 64, 3, 23, 768, 576
-    shapes = [(E, k, D, H, ("gelu", "swiglu"))] + ([(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else [])
+    acts = ("gelu", "swiglu", "swiglu_interleaved")
+    shapes = [(E, k, D, H, acts)] + ([(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else [])
     for E_, k_, D_, H_, acts in shapes:
         ids = torch.stack([torch.randperm(E_)[:k_] for _ in range(T)])
         r2f, _, off = _reference_route(ids, E_)
         x = torch.randn(T, D_, dtype=dtype)
         for act in acts:
-            N1 = 2 * H_ if act == "swiglu" else H_
+            N1 = 2 * H_ if act in activations.SWIGLUS else H_
             w1, b1 = torch.randn(E_, D_, N1, dtype=dtype), torch.randn(E_, N1, dtype=dtype)
             w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
             out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, None, k_)
