@@ -211,7 +211,8 @@ class ExpertParallelMoEMLP(MoEMLP):
         tokens, dtype = self._tokens(x)
         T, E, k = tokens.shape[0], self.num_experts, self.top_k
         gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        options = ("ep", E, k, self.score_func, self.renormalize, self._expert_activation(), self.routed_scaling_factor, self.backend)
+        act = self._expert_activation()
+        options = ("ep", E, k, self.score_func, self.renormalize, act, self.routed_scaling_factor, self.backend)
         if self._gating_in_plan():
             logits, bias = self._logits(tokens, gate_dtype)
             a, b = logits.contiguous(), bias

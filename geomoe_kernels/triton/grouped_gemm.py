@@ -43,11 +43,12 @@ def block_m(dtype: torch.dtype) -> int:
 # Which configs a launch may use is pruned by register budget (_config.autotune_options): SwiGLU keeps two
 # accumulators (gate and up in the forward; in the dgrad, the product and the pre-activation
 # halves), so at 128 rows only the 8-warp BN 64 and the BN 32 tiles fit; every config fits the
-# other activations.
+# other activations. Interleaved SwiGLU's forward keeps one (BN / 2 (gate, up) pairs, split in the
+# epilogue), so it fits what GELU fits (128 x 128 on 8 warps); its dgrad counts two, as concat's.
 _GEMM_CONFIGS = configs(
     [
         ({"BN": 64, "BK": 64}, 4, 4),
-        ({"BN": 64, "BK": 64}, 8, 4),  # SwiGLU's first config (what GEOMOE_TRITON_AUTOTUNE=0 runs)
+        ({"BN": 64, "BK": 64}, 8, 4),  # [gate | up] SwiGLU's first config (what GEOMOE_TRITON_AUTOTUNE=0 runs)
         ({"BN": 128, "BK": 64}, 8, 3),
         ({"BN": 64, "BK": 64}, 4, 5),
         ({"BN": 128, "BK": 64}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)

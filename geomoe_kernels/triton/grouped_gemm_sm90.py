@@ -1,7 +1,7 @@
 """The grouped GEMM's forward and dgrad for Hopper (sm_90) and later: persistent, the weights and
 contiguous activation rows read through tensor descriptors (TMA), the same epilogues as the
-pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU, act' in the dgrad, the
-output's dtype), whose @triton.jit helpers it calls.
+pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU on [gate | up] or interleaved
+columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls.
 
 Persistent: one program per SM (OCC per SM where the config's tiles leave room for two), each
 walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block schedule
@@ -66,15 +66,17 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 PROGRAMS_WITHOUT_SMS = 3  # the grid on a machine without SMs (the interpreter, the offline compile)
 
 # BN fits the shapes: N = 576 (GeoMoE's hidden) in 9 x 64 or 5 x 128 (Triton's tiles are powers of
-# two: no 192), N = 768 (d) in 6 x 128 or 3 x 256, N = 2048 in 8 x 256; SwiGLU's two accumulators
-# keep 128 x 64 on 8 warps (the register budget, _config.py, prunes the rest). OCC: programs per SM
+# two: no 192), N = 768 (d) in 6 x 128 or 3 x 256, N = 2048 in 8 x 256; [gate | up] SwiGLU's two
+# accumulators keep 128 x 64 on 8 warps (the register budget, _config.py, prunes the rest), where
+# interleaved SwiGLU's one (its tile (gate, up) pairs of W's columns as stored) takes 128 x 128: one
+# wgmma n128 a k-step instead of two n64, A read from shared memory once. OCC: programs per SM
 # (two where two CTAs fit, by the offline compile's report: one's epilogue overlaps the other's
 # loads; tools/triton_offline flags a config whose CTAs per SM fall short of its OCC). BK is every
 # config's.
 _CONFIGS = configs(
     [
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 4),
-        ({"BN": 64, "BK": 64, "OCC": 1}, 8, 4),  # SwiGLU's first (two 128 x 64 accumulators)
+        ({"BN": 64, "BK": 64, "OCC": 1}, 8, 4),  # [gate | up] SwiGLU's first (two 128 x 64 accumulators)
         ({"BN": 64, "BK": 64, "OCC": 2}, 4, 4),
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 3),  # two CTAs did not fit (218-255 registers at 8 warps)
         ({"BN": 256, "BK": 64, "OCC": 1}, 8, 3),  # the bias-only epilogue (N = 768, 2048)
