@@ -193,15 +193,23 @@ def _a_rows(Gather, rm, mask_m, top_k, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _pairs_of(Pre, rm, rn, mask, stride_pm):
-    """(gate, up, columns, mask) of interleaved pre's pairs rn (hidden columns) on rows rm: its 2 BN
-    contiguous columns [g, u, g, u, ...] read at once and split in registers."""
-    BM: tl.constexpr = mask.shape[0]
-    BN: tl.constexpr = mask.shape[1]
-    cols = tl.reshape(tl.join(2 * rn, 2 * rn + 1), (2 * BN,))
-    mask2 = tl.reshape(tl.join(mask, mask), (BM, 2 * BN))
-    pair = tl.load(Pre + rm[:, None] * stride_pm + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-    gate, up = tl.split(tl.reshape(pair, (BM, BN, 2)))
+def _tile_start(rn):
+    """The first column of a tile of columns rn = t * BN + [0, BN), as a multiple of BN that the
+    compiler can see (so the loads and stores at columns derived from it vectorise)."""
+    BN: tl.constexpr = rn.shape[0]
+    return (tl.min(rn, 0) // BN) * BN
+
+
+@triton.jit
+def _pairs_of(Pre, rm, rn, mask_m, N, stride_pm):
+    """(gate, up, columns, mask) of interleaved pre's pairs rn (a tile of hidden columns, N of them)
+    on rows rm: the 2 BN contiguous columns [g, u, g, u, ...] read at once, split in registers."""
+    BN: tl.constexpr = rn.shape[0]
+    BM: tl.constexpr = rm.shape[0]
+    cols = 2 * _tile_start(rn) + tl.arange(0, 2 * BN)
+    mask2 = mask_m[:, None] & (cols < 2 * N)[None, :]
+    pairs = tl.load(Pre + rm[:, None] * stride_pm + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(pairs, (BM, BN, 2)))
     return gate, up, cols, mask2
 
 
@@ -229,15 +237,16 @@ def _gmm_epilogue(
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
     GRAD_ACT: tl.constexpr,
+    mask_m=None,
 ):
     """_gmm_kernel's epilogue on its fp32 tile(s): with GRAD_ACT, d pre = d hidden * act'(pre) (both
     halves for SwiGLU); else pre stored where asked, then the activation and the output.
     Interleaved SwiGLU (ACT): acc holds BN pre columns as stored, BN / 2 (gate, up) pairs, rn their
     columns (N: pre's), and the output gets the BN / 2 columns rn // 2 of the pairs' gates; in the
     dgrad (GRAD_ACT) acc is d hidden as for the other activations and pre's pairs are read (and
-    d pre's written) as 2 BN contiguous columns."""
+    d pre's written) as 2 BN contiguous columns. mask_m: the rows' mask (only these two read it)."""
     if GRAD_ACT == _SWIGLU_IL:
-        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask, stride_pm)
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
         s = tl.sigmoid(x)
         _store_pairs(Out, rm, cols, mask2, stride_om, acc * up * s * (1.0 + x * (1.0 - s)), acc * x * s)
     elif GRAD_ACT != _NONE:
@@ -260,9 +269,9 @@ def _gmm_epilogue(
             BM: tl.constexpr = acc.shape[0]
             BN: tl.constexpr = acc.shape[1]
             gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
-            ro, _ = tl.split(tl.reshape(rn // 2, (BN // 2, 2)))
-            mo, _ = tl.split(tl.reshape(mask, (BM, BN // 2, 2)))
+            ro = _tile_start(rn) // 2 + tl.arange(0, BN // 2)  # the tile's output columns
             out = gate * tl.sigmoid(gate) * up
+            mo = mask_m[:, None] & (ro < N // 2)[None, :]
             tl.store(Out + rm[:, None] * stride_om + ro[None, :], out.to(Out.dtype.element_ty), mask=mo)
         else:
             if ACT == _SWIGLU:
@@ -340,7 +349,7 @@ def _routed_dgrad_epilogue(
         tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
         tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
     elif GRAD_ACT == _SWIGLU_IL:  # pre = [g0, u0, g1, u1, ...]
-        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask, stride_pm)
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
         _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
@@ -471,7 +480,7 @@ def _gmm_kernel(
             )  # fmt: skip
         else:
             mask = mask_m[:, None] & mask_n[None, :]
-            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
 
 
 # The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
@@ -562,8 +571,9 @@ def _wgrad_kernel(
     once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
-    (SwiGLU: A = [gate | up], 2K columns; interleaved, [g0, u0, g1, u1, ...], gate and up as two
-    stride-2 loads of the same rows), so the hidden rows need not be kept from the forward.
+    (SwiGLU: A = [gate | up], 2K columns; interleaved, [g0, u0, g1, u1, ...], its 2 BK columns of
+    each row loaded contiguously and split in registers), so the hidden rows need not be kept from
+    the forward.
     G_ROUTED: G holds the combined tokens' gradient, G's row r is G[f // g_top_k], f = GGather[r],
     and its routing weight GScale[f] multiplies A's row r as it loads (rounded to the dtype: A's tile
     is in registers anyway, G's goes to the dot as loaded; a weighted G tile spilled up to 5 KB a
@@ -590,17 +600,22 @@ def _wgrad_kernel(
         _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
         a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = mask_m[None, :] & (rk < K)[:, None]
-        if A_ACT == _SWIGLU_IL:  # A = [g0, u0, g1, u1, ...]: hidden column k from columns 2k and 2k + 1
-            a_ptr = A + arow[None, :] * stride_am + (2 * rk)[:, None] * stride_ak
-        a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if A_ACT == _SWIGLU or A_ACT == _SWIGLU_IL:
+        if A_ACT == _SWIGLU_IL:  # A = [g0, u0, g1, u1, ...]: the rows' 2 BK columns read contiguously
+            r2 = 2 * (tl.program_id(0) // n_tiles) * BK + tl.arange(0, 2 * BK)
+            pairs = tl.load(
+                A + arow[:, None] * stride_am + r2[None, :] * stride_ak,
+                mask=mask_m[:, None] & (r2 < 2 * K)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            gate, up = tl.split(tl.reshape(pairs, (BM, BK, 2)))  # each pair in one thread
+            a = tl.trans((gate * tl.sigmoid(gate) * up).to(G.dtype.element_ty))
+        else:
+            a = tl.load(a_ptr, mask=a_mask, other=0.0)
+        if A_ACT == _SWIGLU:
             af = a.to(tl.float32)
-            if A_ACT == _SWIGLU_IL:
-                up = tl.load(a_ptr + stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-            else:
-                up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
-        elif A_ACT != _NONE:
+        elif A_ACT != _NONE and A_ACT != _SWIGLU_IL:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
         if G_ROUTED:  # the routing weight on A's tile (in registers already): G goes to the dot as loaded
             gflat = tl.load(GGather + rm, mask=mask_m, other=0)

@@ -286,7 +286,7 @@ def _gmm_persistent_kernel(
                 if ACT == _SWIGLU:
                     acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             mask = mask_m[:, None] & mask_n[None, :]
-            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
 
 
 def launch(
