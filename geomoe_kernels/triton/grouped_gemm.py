@@ -352,12 +352,15 @@ def _routed_dgrad_epilogue(
         x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
+        # the partials first: h is dead before d pre is formed (at 128 rows the other order spilled)
+        parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
         _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
     else:
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
         tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
-    parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
+    if GRAD_ACT != _SWIGLU_IL:
+        parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
     rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
     n_chunks = tl.cdiv(N, CHUNK)
     q_row = Partial + flat * stride_qm
