@@ -509,10 +509,16 @@ _WGRAD_CONFIGS = configs(
 def _wgrad_footprint(args, num_warps):
     """The dW tile; with full-precision fp32 and SwiGLU formed in the load, also the second half of
     the A tile (FMA dots keep their operands in registers, and SwiGLU loads gate and up): Triton
-    3.6 spilled 16 bytes a thread at 64 x 64 without it (3.9 did not)."""
+    3.6 spilled 16 bytes a thread at 64 x 64 without it (3.9 did not); interleaved SwiGLU with the
+    routed G on 4 warps, half of it."""
     elements = accumulator_elements(args["BK"], args["BN"], num_warps)
+    fp32_operands = getattr(args.get("A"), "dtype", None) == torch.float32
     if args["IEEE"] and args["A_ACT"] in (_SWIGLU.value, _SWIGLU_IL.value):
         elements += accumulator_elements(args["BM"], args["BK"], num_warps)
+    elif args["A_ACT"] == _SWIGLU_IL.value and args.get("G_ROUTED") and num_warps < 8 and fp32_operands:
+        # TF32 with the pairs tile [BM, 2 BK] and the routed G on 4 warps: 8 bytes a thread spilled at
+        # 64 x 64 (Triton 3.9): half the pairs' up tile counts
+        elements += accumulator_elements(args["BM"], args["BK"], num_warps) / 2
     return elements
 
 
