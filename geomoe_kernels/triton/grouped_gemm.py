@@ -6,7 +6,7 @@ bias gradient from the same loads; the splits are summed in a fixed order (deter
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
 the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -820,8 +820,8 @@ def _example(dtype: torch.dtype) -> None:
     layouts), forward and backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape
     (d 2048, SwiGLU 768, 128 experts, top-8)."""
     T, k, E, D, H = 64, 3, 23, 768, 576
-    acts = ("gelu", "swiglu", "swiglu_interleaved")
-    shapes = [(E, k, D, H, acts)] + ([(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else [])
+    shapes: List[Tuple[int, int, int, int, Tuple[str, ...]]] = [(E, k, D, H, ("gelu", "swiglu", "swiglu_interleaved"))]
+    shapes += [(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else []
     for E_, k_, D_, H_, acts in shapes:
         ids = torch.stack([torch.randperm(E_)[:k_] for _ in range(T)])
         r2f, _, off = _reference_route(ids, E_)
