@@ -155,8 +155,9 @@ def test_update_bias_reads_no_values_of_integer_counts(monkeypatch):
     assert calls == [torch.float32]
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    m = MoEMLP(16, 12, 5, 1, 2)
+@pytest.mark.parametrize("kw", [{}, dict(activation="swiglu", swiglu_layout="interleaved")], ids=["gelu", "interleaved"])
+def test_torch_compile_fullgraph_forward_backward(kw):
+    m = MoEMLP(16, 12, 5, 1, 2, **kw)
     x = torch.randn(33, 16, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     y, aux, load = compiled(x)
