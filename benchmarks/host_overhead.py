@@ -453,7 +453,7 @@ def moe_step(kind: str, impl: str, widths: Optional[Dict[str, int]] = None, toke
 
 
 # the LLM layer with DeepSeek-V3's group-limited top-k (8 groups, 4 kept; the routing as torch ops),
-# and with GPT-OSS's interleaved SwiGLU columns (the gate between two grouped GEMMs)
+# and with GPT-OSS's interleaved SwiGLU columns (fused in the expert GEMMs as swiglu_interleaved)
 LLM_OPTIONS = {"groups_geomoe": dict(n_group=8, topk_group=4), "interleaved_geomoe": dict(swiglu_layout="interleaved")}
 
 

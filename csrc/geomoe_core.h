@@ -21,7 +21,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // The activation codes of the grouped GEMM's act, grad_act and a_act arguments: the same table as
 // geomoe_kernels/activations.py's Activation (tests/test_activation_codes.py checks that they agree).
-enum class Activation : int { kNone = 0, kGelu = 1, kSilu = 2, kSwiglu = 3 };
+// kSwigluInterleaved names the ops' interleaved SwiGLU; this core takes it as kSwiglu with its
+// `interleaved` flag (geomoe_kernels/cuda.py maps it), never as a code of its own.
+enum class Activation : int { kNone = 0, kGelu = 1, kSilu = 2, kSwiglu = 3, kSwigluInterleaved = 4 };
 
 // Routing: per-block expert histograms [blocks, E], then (after an exclusive prefix `base` over
 // blocks and experts, computed by the caller) a stable scatter of the flat ids into expert-major rows.

@@ -11,16 +11,20 @@ class Activation(enum.IntEnum):
     GELU = 1  # erf form (nn.GELU's default)
     SILU = 2
     SWIGLU = 3  # columns [gate | up]: silu(gate) * up, half the columns out
+    SWIGLU_INTERLEAVED = 4  # SwiGLU on columns [g0, u0, g1, u1, ...] (W1's and b1's alike)
 
 
 ACTIVATIONS = tuple(a.name.lower() for a in Activation)
 
 
+SWIGLUS = ("swiglu", "swiglu_interleaved")  # the gated activations: two pre-activation columns an output
+
+
 def code(name: str) -> int:
-    """The kernels' code for an activation name ('none', 'gelu', 'silu', 'swiglu')."""
+    """The kernels' code for an activation name ('none', 'gelu', 'silu', 'swiglu', 'swiglu_interleaved')."""
     return int(Activation[name.upper()])
 
 
 def out_features(activation: str, n: int) -> int:
     """Columns after the activation for a pre-activation of n columns (SwiGLU halves them)."""
-    return n // 2 if activation == "swiglu" else n
+    return n // 2 if activation in SWIGLUS else n

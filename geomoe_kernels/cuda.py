@@ -445,11 +445,19 @@ masked_depthwise_conv_backward = functools.partial(recipe.masked_depthwise_conv_
 
 class CudaGroupedGemm:
     """The CUDA core's kernels of the grouped-GEMM recipe (geomoe_kernels.kernel_recipes).
-    swiglu_interleaved: SwiGLU's pre-activation columns (W1's, b1's, pre's and d pre's) are pairs
-    [g0, u0, g1, u1, ...] instead of the ops' [gate | up] halves (the kernels fuse both layouts)."""
+    SwiGLU's pre-activation columns (W1's, b1's, pre's and d pre's) are [gate | up] halves for
+    'swiglu' and pairs [g0, u0, g1, u1, ...] for 'swiglu_interleaved' (the kernels fuse both
+    layouts: the core's kSwiglu with its interleaved flag); swiglu_interleaved=True reads 'swiglu'
+    as interleaved too."""
 
     def __init__(self, swiglu_interleaved: bool = False):
         self.swiglu_interleaved = swiglu_interleaved
+
+    def _act(self, activation: str) -> Tuple[int, bool]:
+        """(the core's Activation code, its interleaved flag) for an activation name."""
+        if activation == "swiglu_interleaved":
+            return int(activations.Activation.SWIGLU), True
+        return activations.code(activation), self.swiglu_interleaved
 
     def block_rows(self, dtype: torch.dtype) -> int:
         return _any_core().grouped_mm_block_rows()
@@ -469,6 +477,7 @@ class CudaGroupedGemm:
         """kernel_recipes.RoutesGradients.dgrad_routed (the core's RoutedDgrad, 8-column partials)."""
         K, N = weight.shape[1:]
         b2 = bias.contiguous() if bias is not None else None
+        grad_code, interleaved = self._act(grad_act)
         _core_for(grad).grouped_mm(
             dtype=_DTYPE[grad.dtype],
             a=_p(grad),
@@ -490,10 +499,10 @@ class CudaGroupedGemm:
             ldo=out.stride(0),
             pre=_p(pre),
             ldp=pre.stride(0),
-            grad_act=activations.code(grad_act),
+            grad_act=grad_code,
             rounds=0,
             stream=_stream(grad),
-            swiglu_interleaved=self.swiglu_interleaved,
+            swiglu_interleaved=interleaved,
             route_weights=_p(weights),
             partial=_p(partial),
             ldq=partial.stride(0),
@@ -502,6 +511,7 @@ class CudaGroupedGemm:
 
     def forward(self, x, weight, offsets, schedule, bias, activation, gather, top_k, out, pre) -> None:
         E, K, N = weight.shape
+        act, interleaved = self._act(activation)
         _core_for(x).grouped_mm(
             dtype=_DTYPE[x.dtype],
             a=_p(x),
@@ -518,7 +528,7 @@ class CudaGroupedGemm:
             blocks=schedule.blocks,
             offsets=_p(offsets),
             num_experts=schedule.experts,
-            act=activations.code(activation),
+            act=act,
             out=_p(out),
             ldo=out.stride(0),
             pre=_p(pre),
@@ -526,12 +536,13 @@ class CudaGroupedGemm:
             grad_act=0,
             rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
-            swiglu_interleaved=self.swiglu_interleaved,
+            swiglu_interleaved=interleaved,
         )
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
         """grad @ W[e]^T for each expert's rows; with grad_act, times act'(pre) in the epilogue."""
         K, N = weight.shape[1:]
+        grad_code, interleaved = self._act(grad_act)
         _core_for(grad).grouped_mm(
             dtype=_DTYPE[grad.dtype],
             a=_p(grad),
@@ -553,15 +564,16 @@ class CudaGroupedGemm:
             ldo=out.stride(0),
             pre=_p(pre),
             ldp=pre.stride(0) if pre is not None else 0,
-            grad_act=activations.code(grad_act),
+            grad_act=grad_code,
             rounds=0,
             stream=_stream(grad),
-            swiglu_interleaved=self.swiglu_interleaved,
+            swiglu_interleaved=interleaved,
         )
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
         """(dW, db) partials in float32: A_e^T G_e and G_e's row sums; A = act(a) with a_activation."""
         splits, E, K, N = partial.shape
+        a_code, interleaved = self._act(a_activation)
         _core_for(a).grouped_mm_wgrad(
             dtype=_DTYPE[a.dtype],
             a=_p(a),
@@ -577,26 +589,26 @@ class CudaGroupedGemm:
             K=K,
             N=N,
             splits=splits,
-            a_act=activations.code(a_activation),
+            a_act=a_code,
             partial=_p(partial),
             partial_db=_p(partial_db),
             stream=_stream(a),
-            swiglu_interleaved=self.swiglu_interleaved,
+            swiglu_interleaved=interleaved,
         )
 
 
 _gemm_ops = recipe.grouped_gemm_ops(CudaGroupedGemm())
 grouped_mm, grouped_mm_backward = _gemm_ops["grouped_mm"], _gemm_ops["grouped_mm_backward"]
 expert_mlp, expert_mlp_backward = _gemm_ops["expert_mlp"], _gemm_ops["expert_mlp_backward"]
-# the activations the CUDA grouped GEMM fuses (SwiGLU on the ops' [gate | up] columns)
-_FUSED = ("none", "gelu", "silu", "swiglu")
+# the activations the CUDA grouped GEMM fuses (SwiGLU on [gate | up] or interleaved columns)
+_FUSED = ("none", "gelu", "silu", "swiglu", "swiglu_interleaved")
 
 
 def _gemm_ok(x, activation, weights=None, **_) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA grouped GEMM takes float16 or bfloat16 (Triton serves float32), got {x.dtype}"
     if activation not in _FUSED:
-        return f"the CUDA grouped GEMM fuses none, gelu, silu or swiglu, got {activation!r}"
+        return f"the CUDA grouped GEMM fuses none, gelu, silu, swiglu or swiglu_interleaved, got {activation!r}"
     return _weights_ok(weights)  # expert_mlp's routing weights (its combine and routed dgrad read float32)
 
 

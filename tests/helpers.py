@@ -20,7 +20,7 @@ from geomoe_kernels import BackendUnavailable
 from geomoe_kernels.backend import triton_interpreting
 from geomoe_kernels.cuda import emulation
 
-ACTIVATIONS = ["none", "gelu", "silu", "swiglu"]
+ACTIVATIONS = ["none", "gelu", "silu", "swiglu", "swiglu_interleaved"]
 HALF = (torch.float16, torch.bfloat16)
 
 # max |error| bounds against a float64 computation, by the dtype the op ran in

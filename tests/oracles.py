@@ -56,6 +56,9 @@ def apply_act(name, h):
     if name == "swiglu":
         a, b = h.chunk(2, -1)
         return F.silu(a) * b
+    if name == "swiglu_interleaved":  # columns [g0, u0, g1, u1, ...]
+        pairs = h.unflatten(-1, (h.shape[-1] // 2, 2))
+        return F.silu(pairs[..., 0]) * pairs[..., 1]
     return h
 
 

@@ -536,10 +536,11 @@ def _swiglu_expert_mlp(x, w1, b1, w2, b2, off, interleaved):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout", ["concat", "interleaved", "swiglu_interleaved"])
 @pytest.mark.parametrize("H", [72, 20])
-def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
-    """SwiGLU fused in the CUDA grouped GEMM, [gate | up] and interleaved columns: the forward's
+def test_swiglu_expert_mlp_both_layouts(dtype, layout, H):
+    """SwiGLU fused in the CUDA grouped GEMM, [gate | up] and interleaved columns (asked for by the
+    core's flag, or per call by the ops' activation 'swiglu_interleaved'): the forward's
     epilogue (one accumulator holds both halves of a tile), the dgrad's d gate / d up from pre and the
     weight gradient's hidden rows formed from pre's halves, against the float64 loop; gathered rows
     (top-2), an expert without rows (exact-zero gradients), H = 20 (the up half off 16 bytes, the scalar
@@ -547,7 +548,9 @@ def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
     from geomoe_kernels import kernel_recipes as recipe
 
     T, k, E, K = 37, 2, 4, 24
-    kernels = cuda.CudaGroupedGemm(swiglu_interleaved=interleaved)
+    interleaved = layout != "concat"
+    kernels = cuda.CudaGroupedGemm(swiglu_interleaved=layout == "interleaved")
+    act = "swiglu_interleaved" if layout == "swiglu_interleaved" else "swiglu"
     r2f, _, off = route(_ids(T, E, k, empty=(2,)), E, backend="torch")
     x = (torch.randn(T, K) / 2).to(dtype)
     leaves = [torch.randn(E, K, 2 * H) / K**0.5, torch.randn(E, 2 * H) / 4, torch.randn(E, H, K) / H**0.5, torch.randn(E, K) / 4]
@@ -555,8 +558,8 @@ def test_swiglu_expert_mlp_both_layouts(dtype, interleaved, H):
     rows = x[r2f // k]
     g = torch.randn(rows.shape[0], K).to(dtype)
 
-    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, "swiglu", r2f, None, k)
-    grads = recipe.expert_mlp_backward(kernels, g, x, leaves[0], leaves[2], off, pre, "swiglu", r2f, k)
+    out, pre = recipe.expert_mlp(kernels, x, *leaves, off, act, r2f, None, k)
+    grads = recipe.expert_mlp_backward(kernels, g, x, leaves[0], leaves[2], off, pre, act, r2f, k)
     d_rows, dw1, db1, dw2, db2, _ = grads
     refs = []
     for cast in (dtype, torch.float64):

@@ -23,8 +23,8 @@ SCALED = dict(num_experts=6, num_shared_experts=2, top_k=2, activation="silu", r
 GATED = dict(num_experts=6, num_shared_experts=2, top_k=2, shared_gate=True)
 # the options whose routing or experts the gating op and expert_mlp do not compute (issue 28 item 4):
 # DeepSeek-V3's group-limited sigmoid top-k with routed scaling and a shared expert among the grouped
-# ones (the routing as torch ops, the rest planned), and GPT-OSS's interleaved SwiGLU columns (the
-# gate between two grouped GEMMs) with softmax top-k and a shared expert of batched matmuls
+# ones (the routing as torch ops, the rest planned); and GPT-OSS's interleaved SwiGLU columns (fused
+# in expert_mlp as swiglu_interleaved, its shared expert among the grouped ones) with softmax top-k
 GROUPS = dict(
     num_experts=8, num_shared_experts=1, top_k=3, activation="swiglu", bias=False, gate_bias=False, n_group=4, topk_group=2,
     routed_scaling_factor=2.5,

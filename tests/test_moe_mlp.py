@@ -155,8 +155,9 @@ def test_update_bias_reads_no_values_of_integer_counts(monkeypatch):
     assert calls == [torch.float32]
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    m = MoEMLP(16, 12, 5, 1, 2)
+@pytest.mark.parametrize("kw", [{}, dict(activation="swiglu", swiglu_layout="interleaved")], ids=["gelu", "interleaved"])
+def test_torch_compile_fullgraph_forward_backward(kw):
+    m = MoEMLP(16, 12, 5, 1, 2, **kw)
     x = torch.randn(33, 16, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     y, aux, load = compiled(x)
@@ -221,12 +222,12 @@ def test_layer_on_kernel_backend_equals_torch(kernel_backend, activation):
         torch.testing.assert_close(a.double(), b.double(), **TOL[torch.float32])
 
 
-def _rounded_layer(dtype, activation, shared, k, dim=32, hidden=24, E=6, T=64, seed=0):
+def _rounded_layer(dtype, activation, shared, k, dim=32, hidden=24, E=6, T=64, seed=0, layout="concat"):
     """A layer with non-zero biases, its parameters and tokens [T, dim] rounded to `dtype` (so runs
     in that dtype and in float64 see the same values and route the same way), and an upstream
     gradient for y."""
     torch.manual_seed(seed)
-    m = MoEMLP(dim, hidden, E, shared, k, activation=activation)
+    m = MoEMLP(dim, hidden, E, shared, k, activation=activation, swiglu_layout=layout)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() < 2 and name != "gate.bias":
@@ -249,14 +250,17 @@ def _layer_run(m, x, g, backend, dtype, device):
     return {n: t.detach().double().cpu() for n, t in out.items()}, load.cpu()
 
 
-@pytest.mark.parametrize("activation, shared, k", [("silu", 2, 1), ("gelu", 2, 1), ("swiglu", 1, 2)])
-def test_layer_every_output_and_gradient_within_twice_torch_error(kernel_backend, dtype, activation, shared, k):
+@pytest.mark.parametrize(
+    "activation, shared, k, layout",
+    [("silu", 2, 1, "concat"), ("gelu", 2, 1, "concat"), ("swiglu", 1, 2, "concat"), ("swiglu", 1, 2, "interleaved")],
+)
+def test_layer_every_output_and_gradient_within_twice_torch_error(kernel_backend, dtype, activation, shared, k, layout):
     """The layer on a kernel backend (the emulated CUDA core and the Triton interpreter in their own
     processes, the GPU where there is one): y, aux and the gradient of x and of every parameter
     against the layer in float64; in fp16 / bf16 at most twice the error of backend="torch" in the
     same dtype, in float32 within TOL. Two shared experts at top-1 with SiLU and with GELU among the
-    cases (the shared path's gradients beside the routed experts')."""
-    m, x, g = _rounded_layer(dtype, activation, shared, k)
+    cases (the shared path's gradients beside the routed experts'); SwiGLU in both column layouts."""
+    m, x, g = _rounded_layer(dtype, activation, shared, k, layout=layout)
     ours, load = _layer_run(m, x, g, kernel_backend.name, dtype, kernel_backend.device)
     same_dtype, load_ref = _layer_run(m, x, g, "torch", dtype, kernel_backend.device)
     exact, load_exact = _layer_run(m, x, g, "torch", torch.float64, torch.device("cpu"))
@@ -310,3 +314,27 @@ def test_shared_experts_gradients_within_twice_a_plain_torch_computation(dtype, 
             assert_within_twice_reference_error(ours[name], plain_same[name], exact[name])
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+
+def test_interleaved_swiglu_is_fused_in_the_expert_op(monkeypatch):
+    """MoEMLP(swiglu_layout="interleaved") runs its experts as one expert_mlp with the activation
+    'swiglu_interleaved' (pre kept, the hidden rows recomputed in backward), not as two grouped_mm with
+    the gate between them (the ops' path, what torch.compile traces; the planned path runs the same
+    implementations with no expert gate); its shared expert joins the grouped launches, as with
+    [gate | up]. The float64 values against the per-token loop: tests/test_moe_options.py."""
+    from geomoe_kernels.nn import moe
+
+    seen = []
+    for name in ("expert_mlp", "grouped_mm"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(
+            moe, name, lambda *a, _f=real, _n=name, **kw: seen.append((_n, a[6] if _n == "expert_mlp" else a[4])) or _f(*a, **kw)
+        )
+    torch.manual_seed(0)
+    m = MoEMLP(16, 12, 6, 1, 2, score_func="softmax", activation="swiglu", swiglu_layout="interleaved")
+    assert m._expert_gate() is None and m._shared_in_experts()
+    m.use_plan = False
+    x = torch.randn(9, 16, requires_grad=True)
+    y, aux, _ = m(x)
+    (y.square().sum() + aux).backward()
+    assert seen == [("expert_mlp", "swiglu_interleaved")], seen

@@ -37,6 +37,24 @@ def test_swiglu_keeps_only_the_tiles_whose_two_accumulators_fit(monkeypatch):
     assert _tiles(fwd) == _tiles(dgrad) == [(64, 8), (32, 4)]
 
 
+def test_interleaved_swiglu_forward_keeps_the_one_accumulator_tiles(monkeypatch):
+    """Interleaved SwiGLU's forward holds one accumulator of (gate, up) pairs: the tiles GELU keeps,
+    128 x 128 on 8 warps among them; its dgrad (d hidden beside pre's pairs) counts two, as concat's;
+    its weight gradient in full precision counts the up half, as concat's."""
+    monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
+    fwd = _config.admitted(GEMM_LIST, _launch(act=Activation.SWIGLU_INTERLEAVED), tg._gemm_footprint, "A")
+    assert _tiles(fwd) == _tiles(_config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "A"))
+    assert (128, 8) in _tiles(fwd)
+    dgrad = _config.admitted(
+        GEMM_LIST, _launch(act=Activation.NONE, grad_act=Activation.SWIGLU_INTERLEAVED), tg._gemm_footprint, "A"
+    )
+    assert _tiles(dgrad) == [(64, 8), (32, 4)]
+    fp32 = torch.empty(0, dtype=torch.float32)
+    for act in (Activation.SWIGLU, Activation.SWIGLU_INTERLEAVED):
+        args = {"A": fp32, "A_ACT": int(act), "IEEE": True, "BM": 64, "BK": 64, "BN": 64}
+        assert tg._wgrad_footprint(args, 8) == 16 + 16
+
+
 def test_single_accumulator_epilogues_keep_every_tile_within_the_budget(monkeypatch):
     monkeypatch.delenv("GEOMOE_TRITON_AUTOTUNE", raising=False)
     gelu = _config.admitted(GEMM_LIST, _launch(), tg._gemm_footprint, "A")

@@ -137,9 +137,10 @@ class LocalExperts(nn.Module):
         w1, w2 = weights[0].to(dtype).contiguous(), weights[2].to(dtype).contiguous()
         b1, b2 = (None if b is None else b.to(dtype).contiguous() for b in (weights[1], weights[3]))
         gate = layer._expert_gate()
-        options = ("ep-experts", w1.shape[0], layer.activation, layer.backend, gate is None)
+        act = layer._expert_activation()
+        options = ("ep-experts", w1.shape[0], act, layer.backend, gate is None)
         key = (options, *(_lp._sig(t) for t in (rows, offsets, w1, b1, w2, b2)))
-        plan, fresh = _plan(key, lambda: _lp.RoutedPlan(w1.shape[0], 1, layer.activation, layer.backend))
+        plan, fresh = _plan(key, lambda: _lp.RoutedPlan(w1.shape[0], 1, act, layer.backend))
         out = _Experts.apply(plan, gate, rows.contiguous(), offsets, w1, b1, w2, b2)
         _keep(key, plan, fresh)
         return out
@@ -210,7 +211,8 @@ class ExpertParallelMoEMLP(MoEMLP):
         tokens, dtype = self._tokens(x)
         T, E, k = tokens.shape[0], self.num_experts, self.top_k
         gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        options = ("ep", E, k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor, self.backend)
+        act = self._expert_activation()
+        options = ("ep", E, k, self.score_func, self.renormalize, act, self.routed_scaling_factor, self.backend)
         if self._gating_in_plan():
             logits, bias = self._logits(tokens, gate_dtype)
             a, b = logits.contiguous(), bias

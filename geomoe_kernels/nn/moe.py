@@ -17,12 +17,13 @@ Options for the MoE layers of LLMs (keyword-only; the defaults are GeoMoE's):
   the topk_group best groups eligible. The router then runs as torch ops (the gating op has no groups).
 - shared_gate=True: the shared experts' output times sigmoid(x @ w) (Qwen2-MoE's shared_expert_gate).
 - swiglu_layout="interleaved": SwiGLU's first projection holds columns [g0, u0, g1, u1, ...] instead
-  of [gate | up]; then the two expert GEMMs run as two grouped_mm with the gate between them.
+  of [gate | up]; the expert GEMMs fuse it as they fuse [gate | up] (the ops' activation
+  "swiglu_interleaved").
 Softmax-then-top-k with or without renormalisation is score_func="softmax" with renormalize.
 
 Every option runs as one autograd.Function over a cached launch plan (nn/_layer_plan.py): with the
-gating op inside it, or (group-limited top-k, interleaved SwiGLU) the routing computed first and
-the rest of the layer planned.
+gating op inside it, or (group-limited top-k, an adapter's own expert gate) the routing computed
+first and the rest of the layer planned.
 
 MoEMLP.from_transformers(block) builds the transformers adapter of the block's family, a MoEMLP
 subclass of its own that shares the block's parameters (geomoe_kernels/integrations/transformers_moe.py:
@@ -202,8 +203,12 @@ class MoEMLP(nn.Module):
 
     def _expert_gate(self) -> Optional[Callable[[Tensor], Tensor]]:
         """The gate between the two expert GEMMs (hidden = gate(pre)), or None where expert_mlp fuses
-        the activation: interleaved SwiGLU's columns [g0, u0, g1, u1, ...]."""
-        return self._act if self.activation == "swiglu" and self.swiglu_layout == "interleaved" else None
+        the activation (the layer's own: every activation and SwiGLU layout is fused)."""
+        return None
+
+    def _expert_activation(self) -> str:
+        """The activation the expert ops fuse: 'swiglu_interleaved' for SwiGLU's interleaved columns."""
+        return "swiglu_interleaved" if self.activation == "swiglu" and self.swiglu_layout == "interleaved" else self.activation
 
     def _gating_in_plan(self) -> bool:
         """Whether the gating op computes the routing (inside the layer's plan); else `_gate` does it
@@ -218,9 +223,7 @@ class MoEMLP(nn.Module):
         return w1, b1, w2, b2
 
     def _act(self, h: Tensor) -> Tensor:
-        if self.activation == "swiglu" and self.swiglu_layout == "interleaved":
-            return nn.functional.silu(h[..., ::2]) * h[..., 1::2]
-        return activations.apply(self.activation, h)
+        return activations.apply(self._expert_activation(), h)
 
     @staticmethod
     def _linear(x: Tensor, w: Tensor, b: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -385,8 +388,8 @@ class MoEMLP(nn.Module):
             shared = shared.contiguous() if shared is not None else None
         w1, b1, w2, b2 = (None if q[0] is None else q for q in pairs)
         options = (
-            self.num_experts, self.top_k, self.score_func, self.renormalize, self.activation, self.routed_scaling_factor,
-            self.backend, S,
+            self.num_experts, self.top_k, self.score_func, self.renormalize, self._expert_activation(),
+            self.routed_scaling_factor, self.backend, S,
         )  # fmt: skip
         logits = None if logits is None else logits.contiguous()
         y, load, aux = _layer_plan.run(
@@ -413,7 +416,7 @@ class MoEMLP(nn.Module):
             shared = self._shared(tokens, dtype)
             shared = shared.contiguous() if shared is not None else None
         y = _layer_plan.run_routed(
-            (E, k, self.activation, self.backend), weights.contiguous(), ids.contiguous(), routed_tokens.contiguous(),
+            (E, k, self._expert_activation(), self.backend), weights.contiguous(), ids.contiguous(), routed_tokens.contiguous(),
             w1, b1, w2, b2, shared, gate,
         )  # fmt: skip
         return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
@@ -429,7 +432,7 @@ class MoEMLP(nn.Module):
             row_to_flat, flat_to_row, offsets = route(ids, E + self.num_shared_experts, be)
             w1, b1, w2, b2 = self._stacked(dtype)
             y = expert_mlp(
-                tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all,
+                tokens, w1, b1, w2, b2, offsets, self._expert_activation(), be, gather=row_to_flat, flat_to_row=flat_to_row, top_k=k_all,
                 weights=weights,
             )  # fmt: skip
             return y.reshape(x.shape[:-1] + (self.dim,)), self._aux(load, prob_mean, T), load
@@ -474,7 +477,7 @@ class MoEMLP(nn.Module):
         # permutation, and only the pre-activation is kept for backward
         routing, shared = combine if combine is not None else (None, None)
         return expert_mlp(
-            tokens, w1, b1, w2, b2, offsets, self.activation, be, gather=gather, flat_to_row=flat_to_row, top_k=k,
+            tokens, w1, b1, w2, b2, offsets, self._expert_activation(), be, gather=gather, flat_to_row=flat_to_row, top_k=k,
             weights=routing, shared=shared,
         )  # fmt: skip
 

@@ -1,5 +1,6 @@
 """Grouped GEMM: rows [M, K] grouped by offsets [E+1] times weights [E, K, N] (+ bias [E, N]),
-with an optional activation (gelu, silu, or swiglu on columns [gate | up], which halves N).
+with an optional activation (gelu, silu, or swiglu on columns [gate | up], which halves N;
+swiglu_interleaved: the same on columns [g0, u0, g1, u1, ...], W's and the bias's columns alike).
 
 With `gather` (the routing's row_to_flat, [M]) x holds tokens [M / top_k, K] and row r reads token
 gather[r] // top_k: the permutation happens inside the GEMM's load, with no permuted copy; the
@@ -73,8 +74,9 @@ def _check(
     check_tensor(op, "offsets", offsets, dtypes=INDEX_DTYPES, shape=(E + 1,), device=x.device)
     check_tensor(op, bname, bias, dtypes=(x.dtype,), shape=(E, N), device=x.device, optional=True)
     check_choice(op, "activation", activation, activations.ACTIVATIONS)
-    if activation == "swiglu" and N % 2:
-        raise OpInputError(f"{op}: activation 'swiglu' expected an even N ([gate | up] columns), got N = {N}")
+    if activation in activations.SWIGLUS and N % 2:
+        cols = "[gate | up]" if activation == "swiglu" else "(gate, up) pairs of"
+        raise OpInputError(f"{op}: activation {activation!r} expected an even N ({cols} columns), got N = {N}")
 
 
 def _check_values(x: Tensor, offsets: Tensor, gather: Optional[Tensor], flat_to_row: Optional[Tensor], op: str) -> None:

@@ -17,6 +17,8 @@ def apply(activation: str, pre: torch.Tensor) -> torch.Tensor:
     if activation == "swiglu":  # columns [gate | up]
         gate, up = pre.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+    if activation == "swiglu_interleaved":  # columns [g0, u0, g1, u1, ...]
+        return torch.nn.functional.silu(pre[..., 0::2]) * pre[..., 1::2]
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -38,6 +40,9 @@ def backward(activation: str, grad: torch.Tensor, pre: Optional[torch.Tensor]) -
     if activation == "swiglu":
         gate, up = x.chunk(2, dim=-1)
         out = torch.cat([g * up * _dsilu(gate), g * torch.nn.functional.silu(gate)], dim=-1)
+    elif activation == "swiglu_interleaved":  # d gate, d up back in their pairs
+        gate, up = x[..., 0::2], x[..., 1::2]
+        out = torch.stack([g * up * _dsilu(gate), g * torch.nn.functional.silu(gate)], dim=-1).flatten(-2)
     else:
         raise ValueError(f"unknown activation {activation!r}")
     return out.to(pre.dtype)

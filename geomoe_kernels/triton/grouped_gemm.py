@@ -6,7 +6,7 @@ bias gradient from the same loads; the splits are summed in a fixed order (deter
 atomics), and experts without rows get exact zeros. The launches and the order of the kernels are
 the shared recipe's (geomoe_kernels.kernel_recipes): this module provides only the kernels."""
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -28,6 +28,7 @@ _NONE: tl.constexpr = tl.constexpr(int(activations.Activation.NONE))
 _GELU: tl.constexpr = tl.constexpr(int(activations.Activation.GELU))
 _SILU: tl.constexpr = tl.constexpr(int(activations.Activation.SILU))
 _SWIGLU: tl.constexpr = tl.constexpr(int(activations.Activation.SWIGLU))
+_SWIGLU_IL: tl.constexpr = tl.constexpr(int(activations.Activation.SWIGLU_INTERLEAVED))
 
 
 def block_m(dtype: torch.dtype) -> int:
@@ -42,11 +43,12 @@ def block_m(dtype: torch.dtype) -> int:
 # Which configs a launch may use is pruned by register budget (_config.autotune_options): SwiGLU keeps two
 # accumulators (gate and up in the forward; in the dgrad, the product and the pre-activation
 # halves), so at 128 rows only the 8-warp BN 64 and the BN 32 tiles fit; every config fits the
-# other activations.
+# other activations. Interleaved SwiGLU's forward keeps one (BN / 2 (gate, up) pairs, split in the
+# epilogue), so it fits what GELU fits (128 x 128 on 8 warps); its dgrad counts two, as concat's.
 _GEMM_CONFIGS = configs(
     [
         ({"BN": 64, "BK": 64}, 4, 4),
-        ({"BN": 64, "BK": 64}, 8, 4),  # SwiGLU's first config (what GEOMOE_TRITON_AUTOTUNE=0 runs)
+        ({"BN": 64, "BK": 64}, 8, 4),  # [gate | up] SwiGLU's first config (what GEOMOE_TRITON_AUTOTUNE=0 runs)
         ({"BN": 128, "BK": 64}, 8, 3),
         ({"BN": 64, "BK": 64}, 4, 5),
         ({"BN": 128, "BK": 64}, 8, 4),  # 4 warps: a 128 x 128 accumulator spills (offline compile)
@@ -65,12 +67,19 @@ def _gemm_footprint(args, num_warps):
     (ROUTED: pre, act(pre), the weighted tile and the column folds beside the accumulator) counts
     as two: at 64 elements its GELU build spilled 32-48 bytes a thread (24-32 with float32
     operands at 32), at 32 (16) none did."""
-    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or bool(args.get("ROUTED"))
+    two = _SWIGLU.value in (args["ACT"], args["GRAD_ACT"]) or args["GRAD_ACT"] == _SWIGLU_IL.value or bool(args.get("ROUTED"))
     elements = accumulator_elements(args["BM"], args["BN"], num_warps, 2 if two else 1)
     plain = args["ACT"] == _NONE.value and args["GRAD_ACT"] == _NONE.value and not args.get("ROUTED")
     if plain and getattr(args.get("A"), "dtype", None) in (torch.float16, torch.bfloat16):
         return elements / 2
     return elements
+
+
+def gemm_columns(activation: str, n: int) -> int:
+    """The columns a forward's tiles cover for W's n: pre's for interleaved SwiGLU (each tile's
+    pairs give half its width of output columns), else the output's (concat SwiGLU: each tile
+    reads its gate and up halves N columns apart)."""
+    return n if activation == "swiglu_interleaved" else activations.out_features(activation, n)
 
 
 def lookup_lanes(num_experts: int) -> int:
@@ -184,6 +193,36 @@ def _a_rows(Gather, rm, mask_m, top_k, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _tile_start(rn):
+    """The first column of a tile of columns rn = t * BN + [0, BN), as a multiple of BN that the
+    compiler can see (so the loads and stores at columns derived from it vectorise)."""
+    BN: tl.constexpr = rn.shape[0]
+    return (tl.min(rn, 0) // BN) * BN
+
+
+@triton.jit
+def _pairs_of(Pre, rm, rn, mask_m, N, stride_pm):
+    """(gate, up, columns, mask) of interleaved pre's pairs rn (a tile of hidden columns, N of them)
+    on rows rm: the 2 BN contiguous columns [g, u, g, u, ...] read at once, split in registers."""
+    BN: tl.constexpr = rn.shape[0]
+    BM: tl.constexpr = rm.shape[0]
+    cols = 2 * _tile_start(rn) + tl.arange(0, 2 * BN)
+    mask2 = mask_m[:, None] & (cols < 2 * N)[None, :]
+    pairs = tl.load(Pre + rm[:, None] * stride_pm + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(pairs, (BM, BN, 2)))
+    return gate, up, cols, mask2
+
+
+@triton.jit
+def _store_pairs(Out, rm, cols, mask2, stride_om, d_gate, d_up):
+    """Store (d gate, d up) as interleaved pairs in the columns `cols` of _pairs_of."""
+    BM: tl.constexpr = d_gate.shape[0]
+    BN: tl.constexpr = d_gate.shape[1]
+    d = tl.reshape(tl.join(d_gate, d_up), (BM, 2 * BN))
+    tl.store(Out + rm[:, None] * stride_om + cols[None, :], d.to(Out.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
 def _gmm_epilogue(
     acc,
     acc_up,
@@ -198,10 +237,19 @@ def _gmm_epilogue(
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
     GRAD_ACT: tl.constexpr,
+    mask_m=None,
 ):
     """_gmm_kernel's epilogue on its fp32 tile(s): with GRAD_ACT, d pre = d hidden * act'(pre) (both
-    halves for SwiGLU); else pre stored where asked, then the activation and the output."""
-    if GRAD_ACT != _NONE:
+    halves for SwiGLU); else pre stored where asked, then the activation and the output.
+    Interleaved SwiGLU (ACT): acc holds BN pre columns as stored, BN / 2 (gate, up) pairs, rn their
+    columns (N: pre's), and the output gets the BN / 2 columns rn // 2 of the pairs' gates; in the
+    dgrad (GRAD_ACT) acc is d hidden as for the other activations and pre's pairs are read (and
+    d pre's written) as 2 BN contiguous columns. mask_m: the rows' mask (only these two read it)."""
+    if GRAD_ACT == _SWIGLU_IL:
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
+        s = tl.sigmoid(x)
+        _store_pairs(Out, rm, cols, mask2, stride_om, acc * up * s * (1.0 + x * (1.0 - s)), acc * x * s)
+    elif GRAD_ACT != _NONE:
         p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
         o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -217,11 +265,20 @@ def _gmm_epilogue(
             tl.store(Pre + rm[:, None] * stride_pm + rn[None, :], acc.to(Pre.dtype.element_ty), mask=mask)
             if ACT == _SWIGLU:
                 tl.store(Pre + rm[:, None] * stride_pm + (rn + N)[None, :], acc_up.to(Pre.dtype.element_ty), mask=mask)
-        if ACT == _SWIGLU:
-            out = acc * tl.sigmoid(acc) * acc_up
+        if ACT == _SWIGLU_IL:  # the pairs split in registers (both columns of a pair sit in one thread)
+            BM: tl.constexpr = acc.shape[0]
+            BN: tl.constexpr = acc.shape[1]
+            gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+            ro = _tile_start(rn) // 2 + tl.arange(0, BN // 2)  # the tile's output columns
+            out = gate * tl.sigmoid(gate) * up
+            mo = mask_m[:, None] & (ro < N // 2)[None, :]
+            tl.store(Out + rm[:, None] * stride_om + ro[None, :], out.to(Out.dtype.element_ty), mask=mo)
         else:
-            out = _apply_act(acc, ACT)
-        tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+            if ACT == _SWIGLU:
+                out = acc * tl.sigmoid(acc) * acc_up
+            else:
+                out = _apply_act(acc, ACT)
+            tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -283,18 +340,27 @@ def _routed_dgrad_epilogue(
     w = tl.load(RouteW + flat, mask=mask_m, other=0.0).to(tl.float32)
     p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
     o_ptr = Out + rm[:, None] * stride_om + rn[None, :]
-    x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
     ws = acc * w[:, None]
     if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
         tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
         tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
+    elif GRAD_ACT == _SWIGLU_IL:  # pre = [g0, u0, g1, u1, ...]
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
+        s = tl.sigmoid(x)
+        h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
+        # the partials first: h is dead before d pre is formed (at 128 rows the other order spilled)
+        parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
+        _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
     else:
+        x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
         tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
-    parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
+    if GRAD_ACT != _SWIGLU_IL:
+        parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
     rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
     n_chunks = tl.cdiv(N, CHUNK)
     q_row = Partial + flat * stride_qm
@@ -417,7 +483,7 @@ def _gmm_kernel(
             )  # fmt: skip
         else:
             mask = mask_m[:, None] & mask_n[None, :]
-            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
 
 
 # The weight gradient is a variable-K grouped GEMM: dW[e] = A_e^T G_e, each program one BK x BN
@@ -443,10 +509,16 @@ _WGRAD_CONFIGS = configs(
 def _wgrad_footprint(args, num_warps):
     """The dW tile; with full-precision fp32 and SwiGLU formed in the load, also the second half of
     the A tile (FMA dots keep their operands in registers, and SwiGLU loads gate and up): Triton
-    3.6 spilled 16 bytes a thread at 64 x 64 without it (3.9 did not)."""
+    3.6 spilled 16 bytes a thread at 64 x 64 without it (3.9 did not); interleaved SwiGLU with the
+    routed G on 4 warps, half of it."""
     elements = accumulator_elements(args["BK"], args["BN"], num_warps)
-    if args["IEEE"] and args["A_ACT"] == _SWIGLU.value:
+    fp32_operands = getattr(args.get("A"), "dtype", None) == torch.float32
+    if args["IEEE"] and args["A_ACT"] in (_SWIGLU.value, _SWIGLU_IL.value):
         elements += accumulator_elements(args["BM"], args["BK"], num_warps)
+    elif args["A_ACT"] == _SWIGLU_IL.value and args.get("G_ROUTED") and num_warps < 8 and fp32_operands:
+        # TF32 with the pairs tile [BM, 2 BK] and the routed G on 4 warps: 8 bytes a thread spilled at
+        # 64 x 64 (Triton 3.9): half the pairs' up tile counts
+        elements += accumulator_elements(args["BM"], args["BK"], num_warps) / 2
     return elements
 
 
@@ -508,7 +580,9 @@ def _wgrad_kernel(
     once as they are stored, or added to what is there with ACCUMULATE); the programs of the first
     K tile also sum G's rows into DB [SPLITS, E, N] (strides bs, be; the bias gradient, G read once
     for both). A_ACT: A holds the pre-activation and the hidden rows act(A) are formed as they load
-    (SwiGLU: A = [gate | up], 2K columns), so the hidden rows need not be kept from the forward.
+    (SwiGLU: A = [gate | up], 2K columns; interleaved, [g0, u0, g1, u1, ...], its 2 BK columns of
+    each row loaded contiguously and split in registers), so the hidden rows need not be kept from
+    the forward.
     G_ROUTED: G holds the combined tokens' gradient, G's row r is G[f // g_top_k], f = GGather[r],
     and its routing weight GScale[f] multiplies A's row r as it loads (rounded to the dtype: A's tile
     is in registers anyway, G's goes to the dot as loaded; a weighted G tile spilled up to 5 KB a
@@ -535,12 +609,22 @@ def _wgrad_kernel(
         _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
         a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = mask_m[None, :] & (rk < K)[:, None]
-        a = tl.load(a_ptr, mask=a_mask, other=0.0)
+        if A_ACT == _SWIGLU_IL:  # A = [g0, u0, g1, u1, ...]: the rows' 2 BK columns read contiguously
+            r2 = 2 * (tl.program_id(0) // n_tiles) * BK + tl.arange(0, 2 * BK)
+            pairs = tl.load(
+                A + arow[:, None] * stride_am + r2[None, :] * stride_ak,
+                mask=mask_m[:, None] & (r2 < 2 * K)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            gate, up = tl.split(tl.reshape(pairs, (BM, BK, 2)))  # each pair in one thread
+            a = tl.trans((gate * tl.sigmoid(gate) * up).to(G.dtype.element_ty))
+        else:
+            a = tl.load(a_ptr, mask=a_mask, other=0.0)
         if A_ACT == _SWIGLU:
             af = a.to(tl.float32)
             up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
             a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
-        elif A_ACT != _NONE:
+        elif A_ACT != _NONE and A_ACT != _SWIGLU_IL:
             a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
         if G_ROUTED:  # the routing weight on A's tile (in registers already): G goes to the dot as loaded
             gflat = tl.load(GGather + rm, mask=mask_m, other=0)
@@ -629,7 +713,7 @@ class TritonGroupedGemm:
         else:
             E, K, N_w = weight.shape
             s_we, s_wk, s_wn = weight.stride(0), weight.stride(1), weight.stride(2)
-        N = activations.out_features(activation, N_w)
+        N = gemm_columns(activation, N_w)
         grid = lambda meta: (schedule.blocks * triton.cdiv(N, meta["BN"]),)
         rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
         route_w, partial = routed if routed is not None else (None, None)
@@ -736,17 +820,18 @@ expert_mlp, expert_mlp_backward = _ops["expert_mlp"], _ops["expert_mlp_backward"
 
 
 def _example(dtype: torch.dtype) -> None:
-    """GeoMoE's expert MLP (23 experts, top-3, d 768, hidden 576) with GELU and SwiGLU, forward and
-    backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape (d 2048, SwiGLU 768, 128
-    experts, top-8)."""
+    """GeoMoE's expert MLP (23 experts, top-3, d 768, hidden 576) with GELU and SwiGLU (both column
+    layouts), forward and backward, a grouped_mm weight gradient; in bfloat16 also the LLM shape
+    (d 2048, SwiGLU 768, 128 experts, top-8)."""
     T, k, E, D, H = 64, 3, 23, 768, 576
-    shapes = [(E, k, D, H, ("gelu", "swiglu"))] + ([(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else [])
+    shapes: List[Tuple[int, int, int, int, Tuple[str, ...]]] = [(E, k, D, H, ("gelu", "swiglu", "swiglu_interleaved"))]
+    shapes += [(128, 8, 2048, 768, ("swiglu",))] if dtype == torch.bfloat16 else []
     for E_, k_, D_, H_, acts in shapes:
         ids = torch.stack([torch.randperm(E_)[:k_] for _ in range(T)])
         r2f, _, off = _reference_route(ids, E_)
         x = torch.randn(T, D_, dtype=dtype)
         for act in acts:
-            N1 = 2 * H_ if act == "swiglu" else H_
+            N1 = 2 * H_ if act in activations.SWIGLUS else H_
             w1, b1 = torch.randn(E_, D_, N1, dtype=dtype), torch.randn(E_, N1, dtype=dtype)
             w2, b2 = torch.randn(E_, H_, D_, dtype=dtype), torch.randn(E_, D_, dtype=dtype)
             out, pre = expert_mlp(x, w1, b1, w2, b2, off, act, r2f, None, k_)

@@ -1,7 +1,7 @@
 """The grouped GEMM's forward and dgrad for Hopper (sm_90) and later: persistent, the weights and
 contiguous activation rows read through tensor descriptors (TMA), the same epilogues as the
-pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU, act' in the dgrad, the
-output's dtype), whose @triton.jit helpers it calls.
+pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU on [gate | up] or interleaved
+columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls.
 
 Persistent: one program per SM (OCC per SM where the config's tiles leave room for two), each
 walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block schedule
@@ -66,7 +66,17 @@ from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
 from ._config import INTERPRET, autotune_options, configs
 from . import grouped_gemm as _pointer
-from .grouped_gemm import _NONE, _SWIGLU, _act_grad, _apply_act, _gemm_footprint, _gmm_epilogue, _interleaved_block, lookup_lanes
+from .grouped_gemm import (
+    _NONE,
+    _SWIGLU,
+    _act_grad,
+    _apply_act,
+    _gemm_footprint,
+    _gmm_epilogue,
+    _interleaved_block,
+    gemm_columns,
+    lookup_lanes,
+)
 
 MODES = ("auto", "pointer", "persistent")
 ENV = "GEOMOE_TRITON_GEMM"
@@ -79,15 +89,17 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 PROGRAMS_WITHOUT_SMS = 3  # the grid on a machine without SMs (the interpreter, the offline compile)
 
 # BN fits the shapes: N = 576 (GeoMoE's hidden) in 9 x 64 or 5 x 128 (Triton's tiles are powers of
-# two: no 192), N = 768 (d) in 6 x 128 or 3 x 256, N = 2048 in 8 x 256; SwiGLU's two accumulators
-# keep 128 x 64 on 8 warps (the register budget, _config.py, prunes the rest). OCC: programs per SM
+# two: no 192), N = 768 (d) in 6 x 128 or 3 x 256, N = 2048 in 8 x 256; [gate | up] SwiGLU's two
+# accumulators keep 128 x 64 on 8 warps (the register budget, _config.py, prunes the rest), where
+# interleaved SwiGLU's one (its tile (gate, up) pairs of W's columns as stored) takes 128 x 128: one
+# wgmma n128 a k-step instead of two n64, A read from shared memory once. OCC: programs per SM
 # (two where two CTAs fit, by the offline compile's report: one's epilogue overlaps the other's
 # loads; tools/triton_offline flags a config whose CTAs per SM fall short of its OCC). BK is every
 # config's.
 _CONFIGS = configs(
     [
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 4),
-        ({"BN": 64, "BK": 64, "OCC": 1}, 8, 4),  # SwiGLU's first (two 128 x 64 accumulators)
+        ({"BN": 64, "BK": 64, "OCC": 1}, 8, 4),  # [gate | up] SwiGLU's first (two 128 x 64 accumulators)
         ({"BN": 64, "BK": 64, "OCC": 2}, 4, 4),
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 3),  # two CTAs did not fit (218-255 registers at 8 warps)
         ({"BN": 256, "BK": 64, "OCC": 1}, 8, 3),  # the bias-only epilogue (N = 768, 2048)
@@ -191,6 +203,7 @@ def takes(a: Tensor, weight: Tensor, activation: str, gather: Optional[Tensor], 
         return False
     if activation == "swiglu" and (n_out * a.element_size()) % 16:
         return False  # the 'up' half's tile starts at column N: a 16-byte aligned box start
+    # (interleaved SwiGLU's tiles start at multiples of BN of W's columns, as every other activation's)
     return _tma_ready(weight, 2) and (_tma_ready(a, 1) if gather is None else a.stride(1) == 1)
 
 
@@ -392,9 +405,9 @@ def _gmm_persistent_kernel(
                         GRAD_ACT,
                     )
                 else:
-                    _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+                    _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
             else:
-                _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT)
+                _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
 
 
 def launch(
@@ -419,7 +432,7 @@ def launch(
         return False
     E, W_ROWS, W_COLS = weight.shape
     K = W_COLS if transpose_weight else W_ROWS
-    N = activations.out_features(activation, W_ROWS if transpose_weight else W_COLS)
+    N = gemm_columns(activation, W_ROWS if transpose_weight else W_COLS)
     if not takes(a, weight, activation, gather, N):
         return False
     if out.shape[0] == 0:
@@ -428,6 +441,8 @@ def launch(
         _ensure_allocator()
     programs = _sms(a.device)
     store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
+    # interleaved SwiGLU writes half (forward) or twice (dgrad) the GEMM's columns: pointer stores
+    interleaved_swiglu = "swiglu_interleaved" in (activation, grad_act)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
     _gmm_persistent_kernel[grid](
@@ -462,7 +477,7 @@ def launch(
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
         INTERLEAVE=rounds > 0,
-        TMA_STORE=stores_by_tma(out, store_pre, activation == "swiglu" or grad_act == "swiglu", N),
+        TMA_STORE=not interleaved_swiglu and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N),
         E_POW2=lookup_lanes(E),
         BM=schedule.block,
     )

@@ -7,20 +7,37 @@ import torch
 
 from geomoe_kernels import OpInputError, expert_mlp, route
 from geomoe_kernels.ops.expert_mlp import expert_mlp_backward, expert_mlp_op
-from tests.helpers import assert_runs_close, offsets, skip_unavailable
+from tests.helpers import assert_close, assert_runs_close, offsets, skip_unavailable
 from tests.oracles import apply_act
+
+SWIGLUS = ("swiglu", "swiglu_interleaved")  # [gate | up] and [g0, u0, g1, u1, ...]
 
 CASES = {"uneven": [5, 0, 17, 1, 9], "all_to_one": [0, 0, 31, 0], "one_row": [0, 1, 0], "none": [0, 0, 0]}
 
 
 def _params(E, K, H, D, act, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    N1 = 2 * H if act == "swiglu" else H
+    N1 = 2 * H if act in SWIGLUS else H
     w1 = torch.randn(E, K, N1, generator=g, dtype=dtype) / K**0.5
     b1 = torch.randn(E, N1, generator=g, dtype=dtype)
     w2 = torch.randn(E, H, D, generator=g, dtype=dtype) / H**0.5
     b2 = torch.randn(E, D, generator=g, dtype=dtype)
     return [t.requires_grad_(True) for t in (w1, b1, w2, b2)]
+
+
+def _same_layer(params, act):
+    """(w1, b1, w2, b2) drawn for [gate | up], W1's and b1's columns paired for swiglu_interleaved:
+    the same layer in either layout (whose half-precision errors the tolerances were set on)."""
+    if act != "swiglu_interleaved":
+        return params
+    w1, b1, *rest = params
+    return [_interleave(w1), _interleave(b1), *rest]
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """[..., gate | up] -> [..., g0, u0, g1, u1, ...]."""
+    gate, up = t.chunk(2, -1)
+    return torch.stack([gate, up], -1).flatten(-2).contiguous()
 
 
 def _loop(rows, w1, b1, w2, b2, offsets, act):
@@ -33,7 +50,7 @@ def _loop(rows, w1, b1, w2, b2, offsets, act):
 
 
 @pytest.mark.parametrize("host_loop", [True, False])
-@pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "silu", *SWIGLUS])
 @pytest.mark.parametrize("case", list(CASES))
 def test_reference_matches_a_per_expert_loop_float64(act, case, host_loop, monkeypatch):
     from geomoe_kernels.reference import grouped_gemm as ref
@@ -57,7 +74,7 @@ def test_reference_matches_a_per_expert_loop_float64(act, case, host_loop, monke
             assert all(torch.count_nonzero(p.grad[e]) == 0 for p in params if p.grad is not None)
 
 
-@pytest.mark.parametrize("act", ["gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "silu", *SWIGLUS])
 def test_backend_fused_backward(backend, dtype, act):
     """d pre from the down-projection's dgrad epilogue and dW2 from act(pre) formed in the load
     (kernel backends), against the reference's two separate grouped GEMMs; tokens gathered, one
@@ -66,9 +83,10 @@ def test_backend_fused_backward(backend, dtype, act):
     T, k, E, K, H, D = 11, 2, 4, 20, 12, 20
     ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert E-1 gets no rows
     r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
-    N1 = 2 * H if act == "swiglu" else H
+    N1 = 2 * H if act in SWIGLUS else H
     x = torch.randn(T, K).to(dev, dtype).requires_grad_(True)
-    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    params = [(torch.randn(*shape) / 3) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    params = [t.to(dev, dtype).requires_grad_(True) for t in _same_layer(params, act)]
     outs = []
     for name, cast in ((backend.name, None), ("torch", None), ("torch", torch.float64)):
         leaves = [t if cast is None else t.detach().to(cast).requires_grad_(True) for t in (x, *params)]
@@ -98,7 +116,7 @@ def _routing(T, k, E, seed=0):
     return ids, 0.2 + 0.8 * torch.rand(T, k, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", *SWIGLUS])
 def test_combined_with_routing_weights_float64_against_a_token_loop(act):
     """With routing weights the op combines its rows (shared added) and its backward gives the
     routing weights' gradient from <dy W2^T, act(pre)> + <dy, b2>: every gradient against autograd
@@ -126,7 +144,7 @@ def test_combined_with_routing_weights_float64_against_a_token_loop(act):
     )
 
 
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", *SWIGLUS])
 def test_backend_routing_weight_gradient_in_the_dgrad(backend, dtype, act):
     """The down-projection's dgrad reading dy through the routing map, the routing weight and its
     gradient in its epilogue (Triton), or the same arithmetic around the plain dgrad (the CUDA core,
@@ -136,10 +154,11 @@ def test_backend_routing_weight_gradient_in_the_dgrad(backend, dtype, act):
     T, k, E, K, H, D = 11, 3, 5, 20, 12, 20
     ids, w = _routing(T, k, E, seed=1)
     r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
-    N1 = 2 * H if act == "swiglu" else H
+    N1 = 2 * H if act in SWIGLUS else H
     wdt = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.randn(T, K).to(dev, dtype).requires_grad_(True)
-    params = [(torch.randn(*shape) / 3).to(dev, dtype).requires_grad_(True) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    params = [(torch.randn(*shape) / 3) for shape in ((E, K, N1), (E, N1), (E, H, D), (E, D))]
+    params = [t.to(dev, dtype).requires_grad_(True) for t in _same_layer(params, act)]
     w = w.to(dev, wdt).requires_grad_(True)
     shared = torch.randn(T, D).to(dev, dtype).requires_grad_(True)
     outs = []
@@ -157,6 +176,41 @@ def test_backend_routing_weight_gradient_in_the_dgrad(backend, dtype, act):
         assert torch.count_nonzero(grad[E - 1]) == 0
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_interleaved_swiglu_is_the_concat_layout_with_its_columns_paired(kernel_backend, dtype, routed):
+    """swiglu_interleaved on W1 and b1 with the columns of [gate | up] paired is the same layer: on a
+    kernel backend the output, pre (paired), dW1 and db1 (paired), dW2, db2 and the routing weights'
+    gradient are the concat run's bits (every sum runs over the same terms in the same chunks: the
+    forward's over K, the weight gradients' over the rows, the routing partials' over the same hidden
+    columns); the row gradient sums d pre @ W1^T over pre's columns in another order: within the
+    dtype's tolerance. Gathered rows, an expert without rows, H = 20 (a partial tile)."""
+    dev = kernel_backend.device
+    T, k, E, K, H, D = 11, 2, 4, 24, 20, 16
+    ids, w = _routing(T, k, E, seed=2)
+    r2f, f2r, off = (t.to(dev) for t in route(ids, E, backend="torch"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, K, generator=g).to(dev, dtype)
+    w1, b1 = torch.randn(E, K, 2 * H, generator=g) / K**0.5, torch.randn(E, 2 * H, generator=g) / 4
+    w2, b2 = torch.randn(E, H, D, generator=g) / H**0.5, torch.randn(E, D, generator=g) / 4
+    concat = [t.to(dev, dtype) for t in (w1, b1, w2, b2)]
+    paired = [_interleave(concat[0]), _interleave(concat[1]), *concat[2:]]
+    wts = w.to(dev, torch.float32) if routed else None
+    dy = torch.randn(T if routed else T * k, D, generator=g).to(dev, dtype)
+    runs = []
+    for act, params in (("swiglu", concat), ("swiglu_interleaved", paired)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, *params)] + ([wts.clone().requires_grad_(True)] if routed else [])
+        y, pre = skip_unavailable(
+            expert_mlp_op, leaves[0], *leaves[1:5], off, act, r2f, f2r, k, leaves[5] if routed else None, None,
+            kernel_backend.name,
+        )  # fmt: skip
+        runs.append([y, pre, *torch.autograd.grad(y, leaves, dy)])
+    (y_c, pre_c, dx_c, dw1_c, db1_c, *rest_c), (y_i, pre_i, dx_i, dw1_i, db1_i, *rest_i) = runs
+    assert torch.equal(y_i, y_c) and torch.equal(pre_i, _interleave(pre_c))
+    assert torch.equal(dw1_i, _interleave(dw1_c)) and torch.equal(db1_i, _interleave(db1_c))
+    assert all(torch.equal(a, b) for a, b in zip(rest_i, rest_c))  # dW2, db2 (and d weights)
+    assert_close(dx_i, dx_c.double(), dtype, grad=True)
+
+
 def test_gathered_tokens_gradcheck_and_opcheck():
     T, k, E = 9, 2, 4
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
@@ -169,9 +223,11 @@ def test_gathered_tokens_gradcheck_and_opcheck():
         lambda x, *p: expert_mlp(x, *p, off, "gelu", gather=r2f, flat_to_row=f2r, top_k=k), (x, *params)
     )
     xf, pf = x.detach().float(), [p.detach().float() for p in params]
-    for act in ("gelu", "swiglu"):
+    for act in ("gelu", *SWIGLUS):
         pa = [p.detach().float() for p in _params(E, 6, 4, 5, act)]
         torch.library.opcheck(expert_mlp_op.op, (xf, *pa, off, act, r2f, f2r, k))
+        _, pre_a = expert_mlp_op(xf, *pa, off, act, r2f, f2r, k)
+        torch.library.opcheck(expert_mlp_backward.op, (torch.randn(T * k, 5), xf, pa[0], pa[2], off, pre_a, act, r2f, k))
     torch.library.opcheck(expert_mlp_op.op, (xf, pf[0], None, pf[2], None, off, "silu", r2f, f2r, k))
     _, pre = expert_mlp_op(xf, *pf, off, "gelu", r2f, f2r, k)
     torch.library.opcheck(expert_mlp_backward.op, (torch.randn(T * k, 5), xf, pf[0], pf[2], off, pre, "gelu", r2f, k))

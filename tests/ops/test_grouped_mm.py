@@ -463,8 +463,12 @@ def test_bad_arguments():
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), torch.randn(5))
     with pytest.raises(OpInputError, match=r"'offsets' expected non-decreasing values from 0 to 4"):
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 3, 2]))
-    with pytest.raises(OpInputError, match=r"'activation' expected one of \['none', 'gelu', 'silu', 'swiglu'\], got 'relu'"):
+    with pytest.raises(
+        OpInputError, match=r"'activation' expected one of \['none', 'gelu', 'silu', 'swiglu', 'swiglu_interleaved'\], got 'relu'"
+    ):
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), activation="relu")
+    with pytest.raises(OpInputError, match=r"activation 'swiglu_interleaved' expected an even N \(\(gate, up\) pairs of"):
+        grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 2, 4]), activation="swiglu_interleaved")
     with pytest.raises(OpInputError, match="'gather' and 'flat_to_row' expected together"):
         grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 4, 8]), gather=torch.arange(8), top_k=2)
 

@@ -18,7 +18,9 @@ import torch
 
 from geomoe_kernels import kernel_recipes
 from tests.helpers import assert_close, offsets
-from tests.oracles import naive_grouped_mm
+from tests.oracles import apply_act, naive_grouped_mm
+
+SWIGLUS = ("swiglu", "swiglu_interleaved")
 
 CASES = {
     "uneven": [5, 0, 17, 1, 9],
@@ -81,13 +83,13 @@ def _both(fn, programs, monkeypatch):
 
 # each case on 3 programs (fewer than the tiles), the first also on one and on more than the tiles
 @pytest.mark.parametrize("case, programs", [(c, 3) for c in CASES] + [("uneven", 1), ("uneven", 64)])
-@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, case, act, programs):
     tg, _ = _modules()
     dev, dt, counts = kernel_backend.device, torch.float16, CASES[case]
     E, M, K, N = len(counts), sum(counts), 24, 40  # K and N tails past the interpreter's 16 x 16 tiles
     off = offsets(counts, dev)
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     b = torch.randn(E, n_w).to(dev, dt)
     x = (torch.randn(M, K) / 2).to(dev, dt)
@@ -95,12 +97,11 @@ def test_persistent_forward_is_the_pointer_kernels_bits(kernel_backend, launches
     assert launches == [False, True]
     for g, p in zip(got, want):
         assert torch.equal(g, p)
-    if act != "swiglu":
-        exact = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
-        assert_close(got[0].double(), exact, dt)
+    exact = naive_grouped_mm(x.double(), w.double(), off, b.double(), act)
+    assert_close(got[0].double(), exact, dt)
 
 
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "swiglu", "swiglu_interleaved"])
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, act, interleaved):
     """Token rows gathered through the routing map: pointer loads of A, descriptors for W; the row
@@ -118,7 +119,7 @@ def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend,
     dev, dt = kernel_backend.device, torch.float16
     T, k, E, K, N = 11, 3, 5, 32, 24
     r2f, _, off = (t.to(dev) for t in route(expert_ids(T, k, E), E, backend="torch"))
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     x = (torch.randn(T, K) / 2).to(dev, dt)
     got, want = _both(lambda: kernel_recipes.forward(tg.KERNELS, x, w, off, None, act, gather=r2f, top_k=k), 3, monkeypatch)
@@ -127,7 +128,7 @@ def test_persistent_gathered_forward_is_the_pointer_kernels_bits(kernel_backend,
         assert torch.equal(g, p)
 
 
-@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, grad_act):
     """grad @ W[e]^T through the transposed descriptor tile, act' (both SwiGLU halves) in the
     epilogue, against the pointer kernel and the float64 loop."""
@@ -135,7 +136,7 @@ def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, 
     dev, dt, counts = kernel_backend.device, torch.float16, [6, 0, 19, 3]
     E, M, D, H = len(counts), sum(counts), 24, 40
     off = offsets(counts, dev)
-    n_pre = 2 * H if grad_act == "swiglu" else H
+    n_pre = 2 * H if grad_act in SWIGLUS else H
     w = (torch.randn(E, H, D) / 4).to(dev, dt)  # the down-projection's W [E, H, D], read as W[e]^T
     g = torch.randn(M, D).to(dev, dt)
     pre = torch.randn(M, n_pre).to(dev, dt) if grad_act != "none" else None
@@ -146,8 +147,10 @@ def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, 
         p = pre.double()
         cdf = 0.5 * (1 + torch.erf(p / 2**0.5))
         d_hidden = d_hidden * (cdf + p * torch.exp(-0.5 * p * p) / (2 * torch.pi) ** 0.5)
-    if grad_act != "swiglu":
-        assert_close(got.double(), d_hidden, dt, grad=True)
+    if grad_act in SWIGLUS:  # d pre: the float64 loop's d hidden back through the activation (autograd)
+        p = pre.double().requires_grad_(True)
+        d_hidden = torch.autograd.grad(apply_act(grad_act, p), p, d_hidden)[0]
+    assert_close(got.double(), d_hidden, dt, grad=True)
 
 
 # expert 0 ends mid-tile (its tile's rows 5-15 are expert 1's), expert 1 has a full tile and ends
@@ -329,6 +332,7 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
         assert not sm90.takes(torch.randn(8 * 32 + 1).half()[1:].view(8, 32), w, "none", None, 16)  # base off 16 B
         assert not sm90.takes(x.t().contiguous().t(), w, "none", torch.zeros(8, dtype=torch.long), 16)  # strided columns
         assert not sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu", None, 12)  # 'up' box at 24 bytes
+        assert sm90.takes(x, torch.randn(2, 32, 2 * 12).half(), "swiglu_interleaved", None, 24)  # pairs: no 'up' box
     with sm90.forced("pointer"):
         assert not sm90.takes(x, w, "gelu", None, 16)
     # the output and the stored pre-activation through descriptors: TMA's 16-byte rules, else pointer stores
