@@ -17,7 +17,7 @@ bits, without a custom-op dispatch each); under torch.compile, and with a post-e
 - has_gate=False with act_fn SiLU or erf-GELU: one `expert_mlp` op with that activation;
 - anything else (GeGLU, GPT-OSS's clamped SwiGLU on interleaved columns, relu2, ...): two
   `grouped_mm` ops with the module's own `_apply_gate` / `act_fn` between them (autograd through it).
-  So does SwiGLU on backend="cuda" (registered by name), whose grouped GEMM fuses no SwiGLU.
+  Every backend fuses the same set (the CUDA core's grouped GEMM fuses SwiGLU too).
 
 Layouts. The decorator's flags: is_transposed (weights [E, in, out] rather than [E, out, in]),
 is_concatenated (gate and up side by side, or interleaved: only the module's `_apply_gate` reads
