@@ -813,10 +813,15 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 // one contiguous box comes by TMA (one 64 x 64 box per half of the tile, SWIZZLE_128B, out-of-range
 // elements zeros, completing on the stage's mbarrier; one thread issues it, so the copy work and
 // its registers leave the other 255): the weight W of the forward and dgrad (3-D tensor map over
-// [E, rows, cols]), and the weight gradient's G (map over [1, M, N]) and its A where it is taken as
-// stored (not gathered, no activation). Where TMA cannot address an operand (a base or row stride
-// not on 16 bytes) it comes by cp.async. The weight gradient's boxes run past its split's rows into
-// the next expert's: those rows are zeroed in shared memory (see wgrad_kernel). The forward's W
+// [E, rows, cols]), the forward's and dgrad's A where it is not gathered (the down projection's
+// hidden rows, the dgrad's output gradient: map over [1, M, K], the launcher told M), and the
+// weight gradient's G (map over [1, M, N]) and its A where it is taken as stored (not gathered, no
+// activation). Where TMA cannot address an operand (a base or row stride not on 16 bytes) it comes
+// by cp.async. A box runs past the row block's last row into the next expert's rows (or past M:
+// zeros): in the forward and dgrad those tile rows reach only accumulator rows that no epilogue
+// reads (every epilogue path, the routed dgrad's partials and act'(pre) included, stops at the
+// block's rows, and a row's outputs depend on its own A row only), so they stay as loaded; the
+// weight gradient sums over its rows, and zeroes them in shared memory (see wgrad_kernel). The forward's W
 // [K, N] and the weight gradient's A^T and G are MN-major operands (transposed descriptors), the
 // dgrad's W^T and every A K-major.
 // Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
@@ -855,7 +860,8 @@ __device__ inline int acc_col(int j, int r) { return 64 * j + 8 * (r / 4) + 2 * 
 template <typename T, int ACT, bool TRANS_W, int GRAD_ACT>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
-    const __grid_constant__ CUtensorMap w_map, bool w_tma, int64_t K, int64_t N, int64_t ldw, int64_t stride_we,
+    const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap a_map, int tma, int64_t K, int64_t N,
+    int64_t ldw, int64_t stride_we,
     const T* __restrict__ bias, const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo,
     T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved, RoutedDgrad route) {
 #if !GEOMOE_SM90A
@@ -866,8 +872,9 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* const tiles = aligned_tiles<T>(smem);
   float* const Cs = reinterpret_cast<float*>(tiles);  // after the K loop
-  __shared__ __align__(8) uint64_t full[kStages];      // W's TMA boxes of each stage
+  __shared__ __align__(8) uint64_t full[kStages];      // the TMA boxes (W's, A's) of each stage
   __shared__ const T* a_rows[BM];                      // each tile row's source row (null past the block's rows)
+  const bool w_tma = tma & 1, a_tma = tma & 2;         // a_tma: the launcher's A map (A not gathered)
 
   const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
   const int64_t* const blk = rounds > 0 ? interleaved_block(offsets, num_experts, rb, rounds)
@@ -890,22 +897,31 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   // the rows' sources found once, kept in shared memory
   const bool vec_a = lda % 8 == 0 && aligned16(a);
   const int a_kc = tid % 8 * 8;
-  if (tid < BM) a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
+  if (tid < BM && !a_tma)
+    a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
   const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
 
   auto load_stage = [&](int64_t k0, int stage) {
     T* const as = tiles + stage * STAGE;
     T* const bs = as + 2 * TILE;
-    const int ka = clamp8(K - k0 - a_kc);
+    if (!a_tma) {
+      const int ka = clamp8(K - k0 - a_kc);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = tid / 8 + 32 * i;
-      const T* src = a_rows[r];
-      copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+      for (int i = 0; i < 4; ++i) {
+        const int r = tid / 8 + 32 * i;
+        const T* src = a_rows[r];
+        copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+      }
     }
-    if (w_tma) {  // one thread: two 8 KB boxes on the stage's barrier
+    if ((w_tma || a_tma) && tid == 0) {  // one thread: two 8 KB boxes an operand on the stage's barrier
+      sm90::mbar_arrive_expect_tx(&full[stage], (int(w_tma) + int(a_tma)) * 2 * TILE * sizeof(T));
+#pragma unroll
+      for (int i = 0; i < 2; ++i)  // A's rows row0 + 64 i.., K columns k0.. (past the expert: see above)
+        if (a_tma)
+          sm90::tma_load_3d(as + i * TILE, &a_map, &full[stage], static_cast<int>(k0), static_cast<int>(row0 + 64 * i), 0);
+    }
+    if (w_tma) {
       if (tid == 0) {
-        sm90::mbar_arrive_expect_tx(&full[stage], 2 * TILE * sizeof(T));
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (TRANS_W)  // rows b_start(j).. of W (the output columns), K columns k0..
@@ -954,7 +970,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   for (int kt = 0; kt < nk; ++kt) {
     const int stage = kt % kStages;
     __pipeline_wait_prior(kStages - 2);                            // this thread's copies of step kt
-    if (w_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // W's boxes of step kt
+    if (w_tma || a_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // the boxes of step kt
     sm90::fence_proxy_async();                                     // the copies, visible to wgmma
     __syncthreads();  // everyone's copies; everyone's wgmma of step kt - 1 done: its stage is free
     const int next = kt + kStages - 1;
@@ -1280,7 +1296,7 @@ const char* grouped_mm_kernels_for(int probe_threads) { return wgmma_for(probe_t
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
-                       int64_t rounds, bool interleaved, cudaStream_t stream, RoutedDgrad route) {
+                       int64_t rounds, bool interleaved, cudaStream_t stream, RoutedDgrad route, int64_t a_rows) {
   if (blocks == 0 || N == 0) return cudaSuccess;
   if (route.partial && (!trans_w || !gather || grad_act == kNone || !route.weights)) return cudaErrorInvalidValue;
   if ((act == kSwiglu && (N % 2 || trans_w)) || (grad_act == kSwiglu && !trans_w)) return cudaErrorInvalidValue;
@@ -1289,16 +1305,19 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
     using T = decltype(tag);
     if (use_wgmma()) {  // sm_90a: wgmma, W by TMA where it can address it
       auto launch90 = [&](auto kernel) {
-        CUtensorMap map;
+        CUtensorMap map, a_map;
         const int64_t w_rows = trans_w ? N : K, w_cols = trans_w ? K : N;
         const bool tma = weight_map(&map, static_cast<const T*>(w), w_rows, w_cols, ldw, stride_we, num_experts);
+        const bool a_tma = gather == nullptr && a_rows > 0 && rows_map(&a_map, static_cast<const T*>(a), a_rows, K, lda);
         if (!tma) std::memset(static_cast<void*>(&map), 0, sizeof map);
+        if (!a_tma) std::memset(static_cast<void*>(&a_map), 0, sizeof a_map);
         const int64_t n_tiles = act == kSwiglu ? (N / 2 + wg::BN / 2 - 1) / (wg::BN / 2) : (N + wg::BN - 1) / wg::BN;
         if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
         if (err != cudaSuccess) return err;
         GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
-            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, tma, K, N, ldw, stride_we,
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, a_map, int(tma) | int(a_tma) << 1,
+            K, N, ldw, stride_we,
             static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp,
             static_cast<int>(n_tiles), rounds, interleaved, route);
         return cudaGetLastError();

@@ -527,6 +527,7 @@ class CudaGroupedGemm:
             rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
             swiglu_interleaved=self.swiglu_interleaved,
+            a_rows=x.shape[0],
         )
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
@@ -557,6 +558,7 @@ class CudaGroupedGemm:
             rounds=0,
             stream=_stream(grad),
             swiglu_interleaved=self.swiglu_interleaved,
+            a_rows=grad.shape[0],
         )
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:
