@@ -802,10 +802,18 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 //
 // The forward, dgrad and weight gradient for sm_90a (H100 / H200), chosen at run time where the device
 // is 9.0 and the build has sm_90a code (mma.sync stays the path of every other device). Hand-written
-// PTX (sm90_ptx.cuh): wgmma.mma_async m64n64k16 with both operands in shared memory, fp32
-// accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
-// tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
-// operand row), a 3-stage pipeline (96 KB: two blocks per SM).
+// PTX (sm90_ptx.cuh): wgmma.mma_async with both operands in shared memory, fp32 accumulators in
+// registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128 tile (64
+// registers a thread); BK = 64 (one 128-byte swizzled row per operand row), a 3-stage pipeline
+// (96 KB: two blocks per SM). Shape: m64n128k16, one instruction per warpgroup and k16 for all 128
+// columns (4 a 64-deep step), which reads each A element from shared memory once per 128 columns
+// (two m64n64k16 read it twice); B's two 64 x 64 tiles stay as they are: K-major (the dgrad's W^T)
+// they are 16 8-row groups SBO = 1 KB apart in a row, MN-major (the forward's W, the weight
+// gradient's G) two swizzle atoms one LBO = 8 KB apart (desc_b128). The weight gradient with
+// SwiGLU formed in its load keeps two m64n64k16 (8 a step): there ptxas spilled around the 64
+// contiguous accumulator registers the wide instruction takes. The accumulator fragment of
+// m64n128k16 is m64n64k16's extended (acc_row / acc_col): element r < 32 of the second 64-column
+// half is element 32 + r of the wide one.
 // Operands: the rows of A of the forward and dgrad (gathered through the routing or not), and the
 // weight gradient's gathered A and act(pre), by 16-byte cp.async (or plain loads where a row is not
 // 16-byte aligned) into the swizzled layout, each thread's chunks found as in the mma.sync kernels:
@@ -827,7 +835,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 // Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
 // generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
 // wgmma of the step before has completed: its stage may be refilled), issue the copies of step
-// kt + 2, then 8 wgmma (4 k16 x 2 halves), commit, wait for them. The epilogue is the mma.sync
+// kt + 2, then 4 wgmma (one m64n128k16 a k16), commit, wait for them. The epilogue is the mma.sync
 // kernels': the accumulators go to shared memory (the pipeline's buffers) and gemm_epilogue reads them.
 namespace wg {
 
@@ -849,13 +857,21 @@ template <typename T> __device__ inline T* aligned_tiles(unsigned char* smem) {
   return reinterpret_cast<T*>(smem + ((1024 - (a & 1023)) & 1023));
 }
 
-// Thread t's accumulator element r of half j (64 columns) in its warpgroup's 64 rows: (row, column)
-// in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
+// Thread t's accumulator element r (of 64: one m64n128k16 fragment) in its warpgroup's 64 rows:
+// (row, column) in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
 __device__ inline int acc_row(int r) {
   const int t = threadIdx.x;
   return 64 * (t / 128) + 16 * (t % 128 / 32) + t % 32 / 4 + 8 * ((r / 2) % 2);
 }
-__device__ inline int acc_col(int j, int r) { return 64 * j + 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+__device__ inline int acc_col(int r) { return 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+
+// B's descriptor for one k16 of a 128-wide operand of two 64 x 64 tiles back to back (8 KB each) at
+// `tiles`: K-major (the 128 rows are 16 8-row groups, SBO 1,024 bytes, the second tile's first at
+// group 8), k0 columns in (2 k0 bytes along the row); MN-major (row k0, the second tile's columns
+// one LBO = 8 KB further: its own swizzle atoms).
+template <typename T, bool K_MAJOR> __device__ inline uint64_t desc_b128(uint32_t tiles, int k0) {
+  return K_MAJOR ? sm90::make_desc(tiles + k0 * sizeof(T)) : sm90::make_desc(tiles + k0 * 128, TILE * sizeof(T));
+}
 
 template <typename T, int ACT, bool TRANS_W, int GRAD_ACT>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
@@ -934,7 +950,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
       }
       return;
     }
-#pragma unroll
+#pragma unroll 1  // the fallback: one chunk's addresses at a time (the registers stay with the accumulators)
     for (int i = 0; i < 4; ++i) {  // 1,024 chunks: half j, row r, chunk c
       const int q = tid + kThreads * i, j = q / 512, r = q % 512 / 8, c = q % 8 * 8;
       if (TRANS_W) {  // K-major: W row b_start(j) + r (an output column), K columns k0 + c..
@@ -954,11 +970,9 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     for (int s = 0; s < kStages; ++s) sm90::mbar_init(&full[s], 1);
   __syncthreads();  // the barriers and a_rows are set up before anyone uses them
 
-  float acc[2][32];
+  float acc[64];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+  for (int r = 0; r < 64; ++r) acc[r] = 0.f;
 
   const int nk = static_cast<int>((K + BK - 1) / BK);
 #pragma unroll
@@ -977,35 +991,28 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     if (next < nk) load_stage(static_cast<int64_t>(next) * BK, next % kStages);
     __pipeline_commit();
     const uint32_t as = sm90::smem_addr(tiles + stage * STAGE + wgi * TILE), bs = sm90::smem_addr(tiles + stage * STAGE + 2 * TILE);
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < BK / 16; ++s) {
-      const uint64_t da = sm90::make_desc(as + 32 * s);  // K-major: 16 columns = 32 bytes along the row
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {  // W^T K-major (dgrad), W MN-major: 16 rows = 2,048 bytes
-        const uint64_t db = sm90::make_desc(bs + j * TILE * sizeof(T) + (TRANS_W ? 32 * s : 2048 * s));
-        sm90::wgmma_m64n64k16<T, 0, TRANS_W ? 0 : 1>(acc[j], da, db, 1);
-      }
+    for (int s = 0; s < BK / 16; ++s) {  // A K-major: 16 columns = 32 bytes along the row
+      sm90::wgmma_m64n128k16<T, 0, TRANS_W ? 0 : 1>(acc, sm90::make_desc(as + 32 * s), desc_b128<T, TRANS_W>(bs, 16 * s), 1);
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
   }
   __pipeline_wait_prior(0);
   __syncthreads();  // the pipeline's buffers become Cs
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) Cs[acc_row(r) * LDC + acc_col(j, r)] = acc[j][r];
+  for (int r = 0; r < 64; ++r) Cs[acc_row(r) * LDC + acc_col(r)] = acc[r];
   __syncthreads();
   gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved, route, a, lda,
                                            gather, top_k, K);
 #endif
 }
 
-// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, two 64-column halves),
-// 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
+// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, 128 columns: G's two
+// 64-column tiles), 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
 // values). G's rows (contiguous, [M, N]) come by TMA where g_map addresses them (tma & 1), A's where
 // A is contiguous and taken as stored (tma & 2: not gathered, no activation formed in its load):
 // two 64 x 64 boxes an operand (columns n0 + 64 j (k0 + 64 j), rows m0..m0 + 63) on the stage's
@@ -1092,11 +1099,9 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   if (sums_bias)
 #pragma unroll
     for (int j = 0; j < 8; ++j) my_sum[j * CPR] = 0.f;
-  float acc[2][32];
+  float acc[64];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+  for (int r = 0; r < 64; ++r) acc[r] = 0.f;
 
   const int nm = static_cast<int>((hi - lo + TM - 1) / TM);  // hi < lo: an empty split
 #pragma unroll
@@ -1144,17 +1149,24 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
     __pipeline_commit();
     const uint32_t sa = sm90::smem_addr(as + wgi * TILE), sg = sm90::smem_addr(gs);
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes
+    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes; G's 128 columns: two atoms
       const uint64_t da = sm90::make_desc(sa + 2048 * k);
+      if (A_ACT != kSwiglu) {
+        sm90::wgmma_m64n128k16<T, 1, 1>(acc, da, desc_b128<T, false>(sg, 16 * k), 1);
+      } else {  // acc[32 j ..] = half j's m64n64 fragment (sm90_ptx.cuh): ptxas spilled this variant's
+                // loads around the 64 contiguous registers one m64n128k16 takes
 #pragma unroll
-      for (int j = 0; j < 2; ++j) sm90::wgmma_m64n64k16<T, 1, 1>(acc[j], da, sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+        for (int j = 0; j < 2; ++j)
+          sm90::wgmma_m64n64k16<T, 1, 1>(*reinterpret_cast<float(*)[32]>(acc + 32 * j), da,
+                                         sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+      }
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
   }
   __pipeline_wait_prior(0);
   __syncthreads();  // every thread's bias sums are in
@@ -1166,12 +1178,10 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   }
   float* dst = partial + slot * K * N;  // every element written: empty experts get zeros
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) {
-      const int64_t k = k0 + acc_row(r), n = n0 + acc_col(j, r);
-      if (k < K && n < N) dst[k * N + n] = acc[j][r];
-    }
+  for (int r = 0; r < 64; ++r) {
+    const int64_t k = k0 + acc_row(r), n = n0 + acc_col(r);
+    if (k < K && n < N) dst[k * N + n] = acc[r];
+  }
 #endif
 }
 

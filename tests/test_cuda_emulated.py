@@ -1017,6 +1017,25 @@ def test_detector_controls_sm90_wgmma_and_tma_ring(cases):
     assert out[:6].tolist() == [0.0, 64.0, 128.0, 192.0, 256.0, 320.0]
 
 
+def test_emulated_wgmma_m64n128k16_reads_b_where_its_descriptor_says(cases):
+    """m64n128k16 against A @ B with B (16 x 128) K-major (128 rows: 16 8-row groups SBO apart, over
+    two 64-row tiles) and MN-major (two 64-column swizzle atoms 16 KB apart, the LBO field saying so:
+    the emulator takes the atoms' distance from the descriptor, not from an assumed layout); with
+    LBO left at the K-major convention the second atom is read from the wrong place, the first 64
+    columns right."""
+    a, b = torch.randn(64, 16).half(), torch.randn(16, 128).half()
+    exact = a.double() @ b.double()
+    for case in ("wgmma_n128_k_major", "wgmma_n128_mn_major", "wgmma_n128_lbo_unset"):
+        out = torch.zeros(64 * 128)
+        assert cases(case, a, b, out=out) == "no error"
+        d = out.reshape(64, 128).double()
+        torch.testing.assert_close(d[:, :64], exact[:, :64], rtol=1e-6, atol=1e-5)
+        if case == "wgmma_n128_lbo_unset":
+            assert (d[:, 64:] - exact[:, 64:]).abs().max() > 0.1
+        else:
+            torch.testing.assert_close(d[:, 64:], exact[:, 64:], rtol=1e-6, atol=1e-5)
+
+
 def test_detector_tma_wait_with_a_wrong_parity_reads_the_stage_s_old_data(cases):
     """try_wait.parity(0) on a barrier whose phase 0 has completed returns at once, the refill of the
     stage still in flight: steps 3-5 read steps 0-2's boxes (as a GPU may)."""
