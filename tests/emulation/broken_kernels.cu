@@ -223,8 +223,8 @@ template <int CASE> __global__ void wgmma_n128(const __half* a, const __half* b,
   const uint64_t db = CASE == kKMajor ? geomoe::sm90::make_desc(sb)
                                       : geomoe::sm90::make_desc(sb, CASE == kMnMajorApart ? kApart * 2 : 16);
   geomoe::sm90::wgmma_fence();
-  geomoe::sm90::wgmma_m64n128k16<__half, 0, CASE == kKMajor ? 0 : 1>(d, geomoe::sm90::make_desc(geomoe::sm90::smem_addr(as)),
-                                                                     db, 1);
+  geomoe::sm90::wgmma_m64n128k16<__half, 0, CASE == kKMajor ? 0 : 1>(
+      d, geomoe::sm90::make_desc(geomoe::sm90::smem_addr(as)), db, 1);
   geomoe::sm90::wgmma_commit();
   geomoe::sm90::wgmma_wait<0>();
   for (int r = 0; r < 64; ++r)
