@@ -485,7 +485,8 @@ def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
     every other expert's out (and pre, and the dgrad's act'(pre) product) stays finite and right
     against float64; the last expert's boxes run past M (TMA's zeros; past the tensor fails under
     ASan). K = 136 and N = 72: tails of both. The bits equal to the cp.async path's (A 2 bytes off
-    16-byte alignment, which TMA cannot address: only W's boxes issued)."""
+    16-byte alignment, which TMA cannot address: only W's boxes issued), and to A's boxes beside
+    W by cp.async (W misaligned)."""
     from geomoe_kernels import kernel_recipes as recipe
 
     K, N = 136, 72
@@ -502,9 +503,9 @@ def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
     blocks = sum(-(-int(off[e + 1] - off[e]) // 128) for e in range(E))  # 5 row blocks
     n_out = N // 2 if act == "swiglu" else N
 
-    def run(a, want_boxes):
+    def run(a, want_boxes, weight=w):
         before = CORE.emulated_tma_boxes()
-        out, pre = recipe.forward(core, a, w, off, b, act)
+        out, pre = recipe.forward(core, a, weight, off, b, act)
         assert CORE.emulated_tma_boxes() - before == (want_boxes if h90 else 0)
         return out, pre
 
@@ -521,9 +522,9 @@ def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
     if act != "none":
         assert torch.isfinite(pre[good]).all()
         torch.testing.assert_close(pre[good].double(), exact[good], **GRAD_TOL[dtype])
-    ref = run(_misaligned(x), blocks * steps * 2)
-    for ours, theirs in zip((out, pre), ref):
-        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    for ref in (run(_misaligned(x), blocks * steps * 2), run(x, blocks * steps * 2, _misaligned(w))):
+        for ours, theirs in zip((out, pre), ref):
+            assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
 
     # the down projection's dgrad: A = its output gradient [M, K] as stored, W2 [E, hidden, K] read
     # as W2^T; d pre = (g @ W2^T) * act'(pre) read for the rows stored
@@ -531,9 +532,9 @@ def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
     g = torch.randn(M, K).to(dtype)
     g[bad] = float("nan")
 
-    def dgrad(gr, want_boxes):
+    def dgrad(gr, want_boxes, weight=w2):
         before = CORE.emulated_tma_boxes()
-        d = recipe.dgrad(core, gr, w2, off, grad_act=act, pre=pre if act != "none" else None)
+        d = recipe.dgrad(core, gr, weight, off, grad_act=act, pre=pre if act != "none" else None)
         assert CORE.emulated_tma_boxes() - before == (want_boxes if h90 else 0)
         return d
 
@@ -549,8 +550,8 @@ def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
         dh = torch.autograd.grad(hidden, p, dh)[0]
     assert torch.isfinite(d[good]).all()
     torch.testing.assert_close(d[good].double(), dh[good], **GRAD_TOL[dtype])
-    d2 = dgrad(_misaligned(g), blocks * steps * 2)
-    assert torch.equal(d.view(torch.int16), d2.view(torch.int16))
+    for d2 in (dgrad(_misaligned(g), blocks * steps * 2), dgrad(g, blocks * steps * 2, _misaligned(w2))):
+        assert torch.equal(d.view(torch.int16), d2.view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", HALF)
