@@ -151,19 +151,20 @@ PYBIND11_MODULE(GEOMOE_MODULE, m) {
                          int64_t blocks, std::uintptr_t offsets, int num_experts, int act,
                          std::uintptr_t out, int64_t ldo, std::uintptr_t pre, int64_t ldp, int grad_act, int64_t rounds,
                          std::uintptr_t s, bool interleaved, std::uintptr_t route_weights, std::uintptr_t partial,
-                         int64_t ldq, std::uintptr_t route_b2) {
+                         int64_t ldq, std::uintptr_t route_b2, int64_t a_rows) {
     geomoe::RoutedDgrad route;
     route.weights = ptr<const float>(route_weights), route.partial = ptr<float>(partial), route.ldq = ldq;
     route.b2 = ptr<const void>(route_b2);
     check(geomoe::grouped_mm(static_cast<DType>(dtype), ptr<const void>(a), lda, ptr<const int64_t>(gather), top_k,
                              ptr<const void>(w), K, N, ldw, stride_we, trans_w, ptr<const void>(bias),
                              blocks, ptr<const int64_t>(offsets), num_experts,
-                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, grad_act, rounds, interleaved, stream(s), route),
+                             act, ptr<void>(out), ldo, ptr<void>(pre), ldp, grad_act, rounds, interleaved, stream(s), route,
+                             a_rows),
           "grouped_mm");
   }, "dtype"_a, "a"_a, "lda"_a, "gather"_a, "top_k"_a, "w"_a, "K"_a, "N"_a, "ldw"_a, "stride_we"_a, "trans_w"_a,
         "bias"_a, "blocks"_a, "offsets"_a, "num_experts"_a, "act"_a, "out"_a, "ldo"_a, "pre"_a, "ldp"_a,
         "grad_act"_a, "rounds"_a, "stream"_a, "swiglu_interleaved"_a = false, "route_weights"_a = 0, "partial"_a = 0,
-        "ldq"_a = 0, "route_b2"_a = 0);
+        "ldq"_a = 0, "route_b2"_a = 0, "a_rows"_a = 0);
   m.def("grouped_mm_wgrad", [](int dtype, std::uintptr_t a, int64_t lda, int64_t a_rows, std::uintptr_t gather, int top_k,
                                std::uintptr_t g, int64_t ldg, int64_t g_rows, std::uintptr_t offsets, int64_t E, int64_t K,
                                int64_t N, int splits, int a_act, std::uintptr_t partial, std::uintptr_t partial_db,

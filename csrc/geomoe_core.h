@@ -99,6 +99,8 @@ cudaError_t masked_depthwise_conv_wgrad(DType dtype, const void* x, int64_t ldx,
 // have 2N columns in the layout `interleaved` says: d gate and d up).
 // rounds > 0 (a gathered forward only): the row blocks run interleaved across experts in that many
 // rounds (ceil(M / rows)), token order, instead of one expert after another (rounds == 0).
+// a_rows: the rows a holds (0: not known); where A is not gathered the sm_90a kernel reads it by TMA
+// through a tensor map of that many rows (no row past them addressed).
 int grouped_mm_block_rows();
 // The kernels grouped_mm and grouped_mm_wgrad launch on the current device: "wgmma" (sm_90a: wgmma,
 // TMA, mbarriers; a 9.0 device that loaded the build's sm_90a code) or "mma.sync" (every other code,
@@ -123,7 +125,7 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo,
                        void* pre, int64_t ldp, int grad_act, int64_t rounds, bool interleaved, cudaStream_t stream,
-                       RoutedDgrad route = {});
+                       RoutedDgrad route = {}, int64_t a_rows = 0);
 // dW partials [splits, E, K, N] (fp32) of A_e^T G_e, each expert's rows split `splits` ways, and
 // (partial_db nullable) db partials [splits, E, N] of G_e's row sums; every element is written
 // (zeros for experts without rows). a_act (an Activation code, as act) uses act(A) for A (SwiGLU: a has

@@ -802,10 +802,18 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 //
 // The forward, dgrad and weight gradient for sm_90a (H100 / H200), chosen at run time where the device
 // is 9.0 and the build has sm_90a code (mma.sync stays the path of every other device). Hand-written
-// PTX (sm90_ptx.cuh): wgmma.mma_async m64n64k16 with both operands in shared memory, fp32
-// accumulators in registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128
-// tile (two 64 x 64 accumulators, 64 registers a thread); BK = 64 (one 128-byte swizzled row per
-// operand row), a 3-stage pipeline (96 KB: two blocks per SM).
+// PTX (sm90_ptx.cuh): wgmma.mma_async with both operands in shared memory, fp32 accumulators in
+// registers; 256 threads = two warpgroups, each computing 64 rows of the 128 x 128 tile (64
+// registers a thread); BK = 64 (one 128-byte swizzled row per operand row), a 3-stage pipeline
+// (96 KB: two blocks per SM). Shape: m64n128k16, one instruction per warpgroup and k16 for all 128
+// columns (4 a 64-deep step), which reads each A element from shared memory once per 128 columns
+// (two m64n64k16 read it twice); B's two 64 x 64 tiles stay as they are: K-major (the dgrad's W^T)
+// they are 16 8-row groups SBO = 1 KB apart in a row, MN-major (the forward's W, the weight
+// gradient's G) two swizzle atoms one LBO = 8 KB apart (desc_b128). The weight gradient with
+// SwiGLU formed in its load keeps two m64n64k16 (8 a step): there ptxas spilled around the 64
+// contiguous accumulator registers the wide instruction takes. The accumulator fragment of
+// m64n128k16 is m64n64k16's extended (acc_row / acc_col): element r < 32 of the second 64-column
+// half is element 32 + r of the wide one.
 // Operands: the rows of A of the forward and dgrad (gathered through the routing or not), and the
 // weight gradient's gathered A and act(pre), by 16-byte cp.async (or plain loads where a row is not
 // 16-byte aligned) into the swizzled layout, each thread's chunks found as in the mma.sync kernels:
@@ -813,16 +821,21 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
 // one contiguous box comes by TMA (one 64 x 64 box per half of the tile, SWIZZLE_128B, out-of-range
 // elements zeros, completing on the stage's mbarrier; one thread issues it, so the copy work and
 // its registers leave the other 255): the weight W of the forward and dgrad (3-D tensor map over
-// [E, rows, cols]), and the weight gradient's G (map over [1, M, N]) and its A where it is taken as
-// stored (not gathered, no activation). Where TMA cannot address an operand (a base or row stride
-// not on 16 bytes) it comes by cp.async. The weight gradient's boxes run past its split's rows into
-// the next expert's: those rows are zeroed in shared memory (see wgrad_kernel). The forward's W
+// [E, rows, cols]), the forward's and dgrad's A where it is not gathered (the down projection's
+// hidden rows, the dgrad's output gradient: map over [1, M, K], the launcher told M), and the
+// weight gradient's G (map over [1, M, N]) and its A where it is taken as stored (not gathered, no
+// activation). Where TMA cannot address an operand (a base or row stride not on 16 bytes) it comes
+// by cp.async. A box runs past the row block's last row into the next expert's rows (or past M:
+// zeros): in the forward and dgrad those tile rows reach only accumulator rows that no epilogue
+// reads (every epilogue path, the routed dgrad's partials and act'(pre) included, stops at the
+// block's rows, and a row's outputs depend on its own A row only), so they stay as loaded; the
+// weight gradient sums over its rows, and zeroes them in shared memory (see wgrad_kernel). The forward's W
 // [K, N] and the weight gradient's A^T and G are MN-major operands (transposed descriptors), the
 // dgrad's W^T and every A K-major.
 // Per K step: wait for this thread's copies (and the stage's mbarrier), fence.proxy.async (the
 // generic-proxy copies become visible to wgmma), __syncthreads (everyone's copies, and everyone's
 // wgmma of the step before has completed: its stage may be refilled), issue the copies of step
-// kt + 2, then 8 wgmma (4 k16 x 2 halves), commit, wait for them. The epilogue is the mma.sync
+// kt + 2, then 4 wgmma (one m64n128k16 a k16), commit, wait for them. The epilogue is the mma.sync
 // kernels': the accumulators go to shared memory (the pipeline's buffers) and gemm_epilogue reads them.
 namespace wg {
 
@@ -844,18 +857,27 @@ template <typename T> __device__ inline T* aligned_tiles(unsigned char* smem) {
   return reinterpret_cast<T*>(smem + ((1024 - (a & 1023)) & 1023));
 }
 
-// Thread t's accumulator element r of half j (64 columns) in its warpgroup's 64 rows: (row, column)
-// in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
+// Thread t's accumulator element r (of 64: one m64n128k16 fragment) in its warpgroup's 64 rows:
+// (row, column) in the 128 x 128 tile (the wgmma D fragment: sm90_ptx.cuh).
 __device__ inline int acc_row(int r) {
   const int t = threadIdx.x;
   return 64 * (t / 128) + 16 * (t % 128 / 32) + t % 32 / 4 + 8 * ((r / 2) % 2);
 }
-__device__ inline int acc_col(int j, int r) { return 64 * j + 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+__device__ inline int acc_col(int r) { return 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }
+
+// B's descriptor for one k16 of a 128-wide operand of two 64 x 64 tiles back to back (8 KB each) at
+// `tiles`: K-major (the 128 rows are 16 8-row groups, SBO 1,024 bytes, the second tile's first at
+// group 8), k0 columns in (2 k0 bytes along the row); MN-major (row k0, the second tile's columns
+// one LBO = 8 KB further: its own swizzle atoms).
+template <typename T, bool K_MAJOR> __device__ inline uint64_t desc_b128(uint32_t tiles, int k0) {
+  return K_MAJOR ? sm90::make_desc(tiles + k0 * sizeof(T)) : sm90::make_desc(tiles + k0 * 128, TILE * sizeof(T));
+}
 
 template <typename T, int ACT, bool TRANS_W, int GRAD_ACT>
 __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     const T* __restrict__ a, int64_t lda, const int64_t* __restrict__ gather, int top_k, const T* __restrict__ w,
-    const __grid_constant__ CUtensorMap w_map, bool w_tma, int64_t K, int64_t N, int64_t ldw, int64_t stride_we,
+    const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap a_map, int tma, int64_t K, int64_t N,
+    int64_t ldw, int64_t stride_we,
     const T* __restrict__ bias, const int64_t* __restrict__ offsets, int num_experts, T* __restrict__ out, int64_t ldo,
     T* __restrict__ pre, int64_t ldp, int n_tiles, int64_t rounds, bool interleaved, RoutedDgrad route) {
 #if !GEOMOE_SM90A
@@ -866,8 +888,9 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   extern __shared__ __align__(128) unsigned char smem[];
   T* const tiles = aligned_tiles<T>(smem);
   float* const Cs = reinterpret_cast<float*>(tiles);  // after the K loop
-  __shared__ __align__(8) uint64_t full[kStages];      // W's TMA boxes of each stage
+  __shared__ __align__(8) uint64_t full[kStages];      // the TMA boxes (W's, A's) of each stage
   __shared__ const T* a_rows[BM];                      // each tile row's source row (null past the block's rows)
+  const bool w_tma = tma & 1, a_tma = tma & 2;         // a_tma: the launcher's A map (A not gathered)
 
   const unsigned rb = blockIdx.x / static_cast<unsigned>(n_tiles), nt = blockIdx.x % static_cast<unsigned>(n_tiles);
   const int64_t* const blk = rounds > 0 ? interleaved_block(offsets, num_experts, rb, rounds)
@@ -890,22 +913,31 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   // the rows' sources found once, kept in shared memory
   const bool vec_a = lda % 8 == 0 && aligned16(a);
   const int a_kc = tid % 8 * 8;
-  if (tid < BM) a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
+  if (tid < BM && !a_tma)
+    a_rows[tid] = tid < rows ? a + (gather ? token_of(gather[row0 + tid], top_k) : row0 + tid) * lda : nullptr;
   const bool vec_b = ldw % 8 == 0 && stride_we % 8 == 0 && aligned16(w) && (!SWI || interleaved || (N / 2) % 8 == 0);
 
   auto load_stage = [&](int64_t k0, int stage) {
     T* const as = tiles + stage * STAGE;
     T* const bs = as + 2 * TILE;
-    const int ka = clamp8(K - k0 - a_kc);
+    if (!a_tma) {
+      const int ka = clamp8(K - k0 - a_kc);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = tid / 8 + 32 * i;
-      const T* src = a_rows[r];
-      copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+      for (int i = 0; i < 4; ++i) {
+        const int r = tid / 8 + 32 * i;
+        const T* src = a_rows[r];
+        copy8(as + (r / 64) * TILE + swz(r % 64, a_kc), src ? src + k0 + a_kc : a, src ? ka : 0, vec_a);
+      }
     }
-    if (w_tma) {  // one thread: two 8 KB boxes on the stage's barrier
+    if ((w_tma || a_tma) && tid == 0) {  // one thread: two 8 KB boxes an operand on the stage's barrier
+      sm90::mbar_arrive_expect_tx(&full[stage], (int(w_tma) + int(a_tma)) * 2 * TILE * sizeof(T));
+#pragma unroll
+      for (int i = 0; i < 2; ++i)  // A's rows row0 + 64 i.., K columns k0.. (past the expert: see above)
+        if (a_tma)
+          sm90::tma_load_3d(as + i * TILE, &a_map, &full[stage], static_cast<int>(k0), static_cast<int>(row0 + 64 * i), 0);
+    }
+    if (w_tma) {
       if (tid == 0) {
-        sm90::mbar_arrive_expect_tx(&full[stage], 2 * TILE * sizeof(T));
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (TRANS_W)  // rows b_start(j).. of W (the output columns), K columns k0..
@@ -918,7 +950,7 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
       }
       return;
     }
-#pragma unroll
+#pragma unroll 1  // the fallback: one chunk's addresses at a time (the registers stay with the accumulators)
     for (int i = 0; i < 4; ++i) {  // 1,024 chunks: half j, row r, chunk c
       const int q = tid + kThreads * i, j = q / 512, r = q % 512 / 8, c = q % 8 * 8;
       if (TRANS_W) {  // K-major: W row b_start(j) + r (an output column), K columns k0 + c..
@@ -938,11 +970,9 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
     for (int s = 0; s < kStages; ++s) sm90::mbar_init(&full[s], 1);
   __syncthreads();  // the barriers and a_rows are set up before anyone uses them
 
-  float acc[2][32];
+  float acc[64];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+  for (int r = 0; r < 64; ++r) acc[r] = 0.f;
 
   const int nk = static_cast<int>((K + BK - 1) / BK);
 #pragma unroll
@@ -954,42 +984,35 @@ __global__ void __launch_bounds__(kThreads, 2) gmm_kernel(
   for (int kt = 0; kt < nk; ++kt) {
     const int stage = kt % kStages;
     __pipeline_wait_prior(kStages - 2);                            // this thread's copies of step kt
-    if (w_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // W's boxes of step kt
+    if (w_tma || a_tma) sm90::mbar_wait(&full[stage], (kt / kStages) & 1);  // the boxes of step kt
     sm90::fence_proxy_async();                                     // the copies, visible to wgmma
     __syncthreads();  // everyone's copies; everyone's wgmma of step kt - 1 done: its stage is free
     const int next = kt + kStages - 1;
     if (next < nk) load_stage(static_cast<int64_t>(next) * BK, next % kStages);
     __pipeline_commit();
     const uint32_t as = sm90::smem_addr(tiles + stage * STAGE + wgi * TILE), bs = sm90::smem_addr(tiles + stage * STAGE + 2 * TILE);
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < BK / 16; ++s) {
-      const uint64_t da = sm90::make_desc(as + 32 * s);  // K-major: 16 columns = 32 bytes along the row
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {  // W^T K-major (dgrad), W MN-major: 16 rows = 2,048 bytes
-        const uint64_t db = sm90::make_desc(bs + j * TILE * sizeof(T) + (TRANS_W ? 32 * s : 2048 * s));
-        sm90::wgmma_m64n64k16<T, 0, TRANS_W ? 0 : 1>(acc[j], da, db, 1);
-      }
+    for (int s = 0; s < BK / 16; ++s) {  // A K-major: 16 columns = 32 bytes along the row
+      sm90::wgmma_m64n128k16<T, 0, TRANS_W ? 0 : 1>(acc, sm90::make_desc(as + 32 * s), desc_b128<T, TRANS_W>(bs, 16 * s), 1);
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
   }
   __pipeline_wait_prior(0);
   __syncthreads();  // the pipeline's buffers become Cs
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) Cs[acc_row(r) * LDC + acc_col(j, r)] = acc[j][r];
+  for (int r = 0; r < 64; ++r) Cs[acc_row(r) * LDC + acc_col(r)] = acc[r];
   __syncthreads();
   gemm_epilogue<T, BN, ACT, GRAD_ACT, LDC>(Cs, blk, offsets, nt, N, bias, out, ldo, pre, ldp, interleaved, route, a, lda,
                                            gather, top_k, K);
 #endif
 }
 
-// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, two 64-column halves),
-// 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
+// The weight gradient: a 128 x 128 tile of dW (two warpgroups of 64 K rows, 128 columns: G's two
+// 64-column tiles), 64 routed rows a step; A^T and G both MN-major (row m of the step is a swizzled row of 64 K or N
 // values). G's rows (contiguous, [M, N]) come by TMA where g_map addresses them (tma & 1), A's where
 // A is contiguous and taken as stored (tma & 2: not gathered, no activation formed in its load):
 // two 64 x 64 boxes an operand (columns n0 + 64 j (k0 + 64 j), rows m0..m0 + 63) on the stage's
@@ -1076,11 +1099,9 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   if (sums_bias)
 #pragma unroll
     for (int j = 0; j < 8; ++j) my_sum[j * CPR] = 0.f;
-  float acc[2][32];
+  float acc[64];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) acc[j][r] = 0.f;
+  for (int r = 0; r < 64; ++r) acc[r] = 0.f;
 
   const int nm = static_cast<int>((hi - lo + TM - 1) / TM);  // hi < lo: an empty split
 #pragma unroll
@@ -1128,17 +1149,24 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
     if (next < nm) load_stage(lo + static_cast<int64_t>(next) * TM, next % kStages);
     __pipeline_commit();
     const uint32_t sa = sm90::smem_addr(as + wgi * TILE), sg = sm90::smem_addr(gs);
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes
+    for (int k = 0; k < TM / 16; ++k) {  // 16 rows of the step = 2,048 bytes; G's 128 columns: two atoms
       const uint64_t da = sm90::make_desc(sa + 2048 * k);
+      if (A_ACT != kSwiglu) {
+        sm90::wgmma_m64n128k16<T, 1, 1>(acc, da, desc_b128<T, false>(sg, 16 * k), 1);
+      } else {  // acc[32 j ..] = half j's m64n64 fragment (sm90_ptx.cuh): ptxas spilled this variant's
+                // loads around the 64 contiguous registers one m64n128k16 takes
 #pragma unroll
-      for (int j = 0; j < 2; ++j) sm90::wgmma_m64n64k16<T, 1, 1>(acc[j], da, sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+        for (int j = 0; j < 2; ++j)
+          sm90::wgmma_m64n64k16<T, 1, 1>(*reinterpret_cast<float(*)[32]>(acc + 32 * j), da,
+                                         sm90::make_desc(sg + j * TILE * sizeof(T) + 2048 * k), 1);
+      }
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
-    sm90::fence_operand(acc[0]), sm90::fence_operand(acc[1]);
+    sm90::fence_operand(acc);
   }
   __pipeline_wait_prior(0);
   __syncthreads();  // every thread's bias sums are in
@@ -1150,12 +1178,10 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_kernel(
   }
   float* dst = partial + slot * K * N;  // every element written: empty experts get zeros
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) {
-      const int64_t k = k0 + acc_row(r), n = n0 + acc_col(j, r);
-      if (k < K && n < N) dst[k * N + n] = acc[j][r];
-    }
+  for (int r = 0; r < 64; ++r) {
+    const int64_t k = k0 + acc_row(r), n = n0 + acc_col(r);
+    if (k < K && n < N) dst[k * N + n] = acc[r];
+  }
 #endif
 }
 
@@ -1280,7 +1306,7 @@ const char* grouped_mm_kernels_for(int probe_threads) { return wgmma_for(probe_t
 cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* gather, int top_k, const void* w,
                        int64_t K, int64_t N, int64_t ldw, int64_t stride_we, bool trans_w, const void* bias,
                        int64_t blocks, const int64_t* offsets, int num_experts, int act, void* out, int64_t ldo, void* pre, int64_t ldp, int grad_act,
-                       int64_t rounds, bool interleaved, cudaStream_t stream, RoutedDgrad route) {
+                       int64_t rounds, bool interleaved, cudaStream_t stream, RoutedDgrad route, int64_t a_rows) {
   if (blocks == 0 || N == 0) return cudaSuccess;
   if (route.partial && (!trans_w || !gather || grad_act == kNone || !route.weights)) return cudaErrorInvalidValue;
   if ((act == kSwiglu && (N % 2 || trans_w)) || (grad_act == kSwiglu && !trans_w)) return cudaErrorInvalidValue;
@@ -1289,16 +1315,19 @@ cudaError_t grouped_mm(DType dtype, const void* a, int64_t lda, const int64_t* g
     using T = decltype(tag);
     if (use_wgmma()) {  // sm_90a: wgmma, W by TMA where it can address it
       auto launch90 = [&](auto kernel) {
-        CUtensorMap map;
+        CUtensorMap map, a_map;
         const int64_t w_rows = trans_w ? N : K, w_cols = trans_w ? K : N;
         const bool tma = weight_map(&map, static_cast<const T*>(w), w_rows, w_cols, ldw, stride_we, num_experts);
+        const bool a_tma = gather == nullptr && a_rows > 0 && rows_map(&a_map, static_cast<const T*>(a), a_rows, K, lda);
         if (!tma) std::memset(static_cast<void*>(&map), 0, sizeof map);
+        if (!a_tma) std::memset(static_cast<void*>(&a_map), 0, sizeof a_map);
         const int64_t n_tiles = act == kSwiglu ? (N / 2 + wg::BN / 2 - 1) / (wg::BN / 2) : (N + wg::BN - 1) / wg::BN;
         if (n_tiles > 0x7fffffff) return cudaErrorInvalidValue;
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::smem_bytes));
         if (err != cudaSuccess) return err;
         GEOMOE_LAUNCH(grid_1d(blocks * n_tiles), wg::kThreads, wg::smem_bytes, stream, kernel)(
-            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, tma, K, N, ldw, stride_we,
+            static_cast<const T*>(a), lda, gather, top_k, static_cast<const T*>(w), map, a_map, int(tma) | int(a_tma) << 1,
+            K, N, ldw, stride_we,
             static_cast<const T*>(bias), offsets, num_experts, static_cast<T*>(out), ldo, static_cast<T*>(pre), ldp,
             static_cast<int>(n_tiles), rounds, interleaved, route);
         return cudaGetLastError();

@@ -1,5 +1,6 @@
 // Hopper (sm_90a) instructions of the grouped GEMM's wgmma kernels, as inline PTX: warpgroup MMA
-// (wgmma.mma_async on shared-memory descriptors, fence / commit_group / wait_group), the async-proxy
+// (wgmma.mma_async m64n64k16 and m64n128k16 on shared-memory descriptors, fence / commit_group /
+// wait_group), the async-proxy
 // fence, mbarriers (init, arrive.expect_tx, try_wait.parity) and TMA tile loads
 // (cp.async.bulk.tensor completing on an mbarrier). Every function here compiles to its instruction
 // only where the target is sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere (sm_80, the compute_90 PTX)
@@ -13,8 +14,11 @@
 // 16-byte chunk c of row r sits at chunk c ^ (r % 8) of that row (the pattern TMA's SWIZZLE_128B
 // writes). K-major operand (the reduction index k runs along the row): element (mn, k) of a 64 x 64
 // tile at row mn, column k. MN-major (transposed) operand: at row k, column mn. Consecutive 8-row
-// groups are SBO = 1,024 bytes apart, and a descriptor covers 64 x 16 of one tile, so the leading
-// byte offset (the stride between 64-element column groups) is never used. Tiles start 1,024-byte
+// groups are SBO = 1,024 bytes apart. An m64n128k16 B is 128 wide: K-major, its 128 rows are two
+// 64-row tiles back to back (16 8-row groups SBO apart: one descriptor); MN-major, its 128 columns
+// are two 64-column swizzle atoms (one tile each), and the leading byte offset LBO is the distance
+// between them (make_desc's lbo). Everywhere else LBO is unused (a K-major swizzled operand's 16 k
+// lie in one 128-byte row; an MN-major operand 64 wide is one atom). Tiles start 1,024-byte
 // aligned in the shared window.
 #pragma once
 #include <cstdint>
@@ -90,11 +94,39 @@ __device__ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t
 #endif
 }
 
+// d (64 x 128 fp32 over the warpgroup, 64 per thread) = A (64 x 16) B (16 x 128) + (scale_d ? d : 0):
+// one instruction for the 128 columns (half the reads of A per FLOP of two m64n64k16). The fragment
+// is m64n64k16's extended: thread t holds d[r] = D(16 (t / 32) + (t % 32) / 4 + 8 ((r / 2) % 2),
+// 8 (r / 4) + 2 (t % 4) + r % 2), r < 64 (so d[32 j + r] is element r of the j-th 64-column half's
+// m64n64k16 fragment). B spans two 64-wide tiles: K-major, 16 8-row groups SBO apart (two 64-row
+// tiles back to back); MN-major, two 64-column swizzle atoms LBO apart (make_desc's lbo).
+template <typename T, int TRANS_A, int TRANS_B>
+__device__ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if GEOMOE_SM90A
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)scale_d;
+  trap_unless_sm90a();
+#endif
+}
+
 // Keeps the compiler from moving (or copying) the accumulator registers across the asynchronous
 // wgmma that writes them: placed before wgmma_fence and after wgmma_wait.
-__device__ inline void fence_operand(float (&d)[32]) {
+template <int R> __device__ inline void fence_operand(float (&d)[R]) {
 #pragma unroll
-  for (int r = 0; r < 32; ++r) asm volatile("" : "+f"(d[r])::"memory");
+  for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
 }
 
 // Orders this thread's generic-proxy writes to shared memory (stores, cp.async) before later

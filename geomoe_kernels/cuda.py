@@ -537,6 +537,7 @@ class CudaGroupedGemm:
             rounds=recipe.interleave_rounds(gather is not None, weight, schedule),  # 0: expert order
             stream=_stream(x),
             swiglu_interleaved=interleaved,
+            a_rows=x.shape[0],
         )
 
     def dgrad(self, grad, weight, offsets, schedule, out, grad_act, pre) -> None:
@@ -568,6 +569,7 @@ class CudaGroupedGemm:
             rounds=0,
             stream=_stream(grad),
             swiglu_interleaved=interleaved,
+            a_rows=grad.shape[0],
         )
 
     def wgrad(self, a, grad, offsets, gather, top_k, a_activation, partial, partial_db) -> None:

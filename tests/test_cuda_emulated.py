@@ -476,6 +476,85 @@ def test_grouped_mm_weight_grad_of_experts_ending_mid_step_by_tma(dtype, gathere
 
 
 @pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+def test_grouped_mm_of_experts_ending_mid_tile_with_a_by_tma(dtype, act):
+    """The wgmma forward and dgrad read A by TMA where it is taken as stored (not gathered) on an
+    emulated H100, the exact number of 64 x 64 boxes counted (A's two and W's two a step): experts
+    end mid-tile (70 and 130 rows), one has none, and the rows of expert 2 right after expert 0 hold
+    Inf, -Inf and NaN: expert 0's boxes read them into tile rows whose outputs are never stored, so
+    every other expert's out (and pre, and the dgrad's act'(pre) product) stays finite and right
+    against float64; the last expert's boxes run past M (TMA's zeros; past the tensor fails under
+    ASan). K = 136 and N = 72: tails of both. The bits equal to the cp.async path's (A 2 bytes off
+    16-byte alignment, which TMA cannot address: only W's boxes issued), and to A's boxes beside
+    W by cp.async (W misaligned)."""
+    from geomoe_kernels import kernel_recipes as recipe
+
+    K, N = 136, 72
+    off = torch.tensor([0, 70, 70, 79, 209, 212])  # expert 1 empty, expert 2 non-finite
+    M, E = int(off[-1]), off.numel() - 1
+    bad = slice(int(off[2]), int(off[3]))
+    good = torch.cat([torch.arange(int(off[e]), int(off[e + 1])) for e in (0, 3, 4)])
+    x = torch.randn(M, K).to(dtype)
+    x[bad, ::3], x[bad, 1::3], x[bad, 2::3] = float("inf"), float("-inf"), float("nan")
+    w = (torch.randn(E, K, N) / K**0.5).to(dtype)
+    b = torch.randn(E, N).to(dtype)
+    core = cuda.CudaGroupedGemm()
+    h90 = os.environ.get("GEOMOE_EMULATE_SM") == "90"
+    blocks = sum(-(-int(off[e + 1] - off[e]) // 128) for e in range(E))  # 5 row blocks
+    n_out = N // 2 if act == "swiglu" else N
+
+    def run(a, want_boxes, weight=w):
+        before = CORE.emulated_tma_boxes()
+        out, pre = recipe.forward(core, a, weight, off, b, act)
+        assert CORE.emulated_tma_boxes() - before == (want_boxes if h90 else 0)
+        return out, pre
+
+    steps = -(-K // 64)  # one column tile (SwiGLU: 36 of 64 hidden columns, gates and ups)
+    out, pre = run(x, blocks * steps * 4)
+    exact = torch.cat([x[off[e] : off[e + 1]].double() @ w[e].double() + b[e].double() for e in range(E)])
+    if act == "swiglu":
+        gate, up = exact.chunk(2, dim=1)
+        want = torch.nn.functional.silu(gate) * up
+    else:
+        want = {"none": exact, "gelu": torch.nn.functional.gelu(exact)}[act]
+    assert torch.isfinite(out[good]).all()
+    torch.testing.assert_close(out[good].double(), want[good], **GRAD_TOL[dtype])
+    if act != "none":
+        assert torch.isfinite(pre[good]).all()
+        torch.testing.assert_close(pre[good].double(), exact[good], **GRAD_TOL[dtype])
+    for ref in (run(_misaligned(x), blocks * steps * 2), run(x, blocks * steps * 2, _misaligned(w))):
+        for ours, theirs in zip((out, pre), ref):
+            assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+    # the down projection's dgrad: A = its output gradient [M, K] as stored, W2 [E, hidden, K] read
+    # as W2^T; d pre = (g @ W2^T) * act'(pre) read for the rows stored
+    w2 = (torch.randn(E, n_out, K) / K**0.5).to(dtype)
+    g = torch.randn(M, K).to(dtype)
+    g[bad] = float("nan")
+
+    def dgrad(gr, want_boxes, weight=w2):
+        before = CORE.emulated_tma_boxes()
+        d = recipe.dgrad(core, gr, weight, off, grad_act=act, pre=pre if act != "none" else None)
+        assert CORE.emulated_tma_boxes() - before == (want_boxes if h90 else 0)
+        return d
+
+    d = dgrad(g, blocks * steps * 4)
+    dh = torch.cat([g[off[e] : off[e + 1]].double() @ w2[e].double().T for e in range(E)])
+    if act != "none":
+        p = pre.double().requires_grad_(True)
+        if act == "swiglu":
+            gate, up = p.chunk(2, dim=1)
+            hidden = torch.nn.functional.silu(gate) * up
+        else:
+            hidden = torch.nn.functional.gelu(p)
+        dh = torch.autograd.grad(hidden, p, dh)[0]
+    assert torch.isfinite(d[good]).all()
+    torch.testing.assert_close(d[good].double(), dh[good], **GRAD_TOL[dtype])
+    for d2 in (dgrad(_misaligned(g), blocks * steps * 2), dgrad(g, blocks * steps * 2, _misaligned(w2))):
+        assert torch.equal(d.view(torch.int16), d2.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T, k, act", [(1, 1, "gelu"), (100, 1, "silu"), (511, 1, "gelu"), (200, 3, "silu")])
 def test_expert_mlp(dtype, T, k, act):
     """Both GEMMs, the backward's act'(pre) in the dgrad epilogue and act(pre) formed in the wgrad
@@ -940,6 +1019,25 @@ def test_detector_controls_sm90_wgmma_and_tma_ring(cases):
     x, out = torch.arange(384.0).repeat_interleave(64).half(), torch.zeros(64)
     assert cases("tma_ring", x, out=out) == "no error"
     assert out[:6].tolist() == [0.0, 64.0, 128.0, 192.0, 256.0, 320.0]
+
+
+def test_emulated_wgmma_m64n128k16_reads_b_where_its_descriptor_says(cases):
+    """m64n128k16 against A @ B with B (16 x 128) K-major (128 rows: 16 8-row groups SBO apart, over
+    two 64-row tiles) and MN-major (two 64-column swizzle atoms 16 KB apart, the LBO field saying so:
+    the emulator takes the atoms' distance from the descriptor, not from an assumed layout); with
+    LBO left at the K-major convention the second atom is read from the wrong place, the first 64
+    columns right."""
+    a, b = torch.randn(64, 16).half(), torch.randn(16, 128).half()
+    exact = a.double() @ b.double()
+    for case in ("wgmma_n128_k_major", "wgmma_n128_mn_major", "wgmma_n128_lbo_unset"):
+        out = torch.zeros(64 * 128)
+        assert cases(case, a, b, out=out) == "no error"
+        d = out.reshape(64, 128).double()
+        torch.testing.assert_close(d[:, :64], exact[:, :64], rtol=1e-6, atol=1e-5)
+        if case == "wgmma_n128_lbo_unset":
+            assert (d[:, 64:] - exact[:, 64:]).abs().max() > 0.1
+        else:
+            torch.testing.assert_close(d[:, 64:], exact[:, 64:], rtol=1e-6, atol=1e-5)
 
 
 def test_detector_tma_wait_with_a_wrong_parity_reads_the_stage_s_old_data(cases):

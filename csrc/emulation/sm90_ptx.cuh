@@ -86,8 +86,9 @@ inline unsigned char* shared_at(uint64_t addr, std::size_t bytes, const char* wh
 inline uint64_t swizzle128(uint64_t addr) { return addr ^ (((addr >> 7) & 7) << 4); }
 
 // The window address of element (mn, k) of a wgmma operand described by desc (a T of 2 bytes);
-// K-major: row mn, column k; MN-major: row k, column mn (the rows 128 bytes, 8-row groups SBO apart,
-// 64-element column groups LBO apart), swizzled. The fields, as the PTX ISA's "Matrix Descriptor
+// K-major: row mn, column k (mn / 8 selects the 8-row group: an operand 128 rows wide is 16 groups
+// SBO apart); MN-major: row k, column mn (the rows 128 bytes, 8-row groups SBO apart, 64-element
+// column groups LBO apart), swizzled. The fields, as the PTX ISA's "Matrix Descriptor
 // Format" lays them out: start address bits 0-13 (>> 4), LBO 16-29, SBO 32-45, base offset 49-51,
 // swizzle mode 62-63 (1: 128 bytes).
 inline uint64_t wgmma_operand_address(uint64_t desc, int mn, int k, bool mn_major, std::size_t elem) {
@@ -99,7 +100,11 @@ inline uint64_t wgmma_operand_address(uint64_t desc, int mn, int k, bool mn_majo
 
 // What the emulator requires of a descriptor (and the hardware of its fields): the 128-byte swizzle,
 // base offset 0 and so a start address in the first row of a 1,024-byte aligned atom, SBO 1,024
-// bytes (8 rows of 128), a nonzero LBO field (unused by a 64-element wide operand, 1 by convention).
+// bytes (8 rows of 128), a nonzero LBO field. LBO (PTX ISA, "Leading Dimension Byte Offset"): in a
+// swizzled K-major operand not used (assumed 1: its 16 k lie in one 128-byte row); in a swizzled
+// MN-major one the offset from one (swizzle bytes / 16) = 8 groups of 8 M / N elements, a 64-wide
+// atom, to the next: wgmma_operand_address adds (mn / 64) LBO, so an m64n128k16 B of two 64-column
+// atoms reads its columns 64..127 where the descriptor's LBO says, right or wrong.
 inline void check_wgmma_descriptor(uint64_t desc, const char* operand) {
   const uint64_t start = (desc & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
   const unsigned base_offset = (desc >> 49) & 7, layout = static_cast<unsigned>(desc >> 62);
@@ -120,11 +125,11 @@ inline void check_wgmma_descriptor(uint64_t desc, const char* operand) {
                        static_cast<unsigned long long>((desc >> 16) & 0x3FFF)));
 }
 
-// One issued wgmma.mma_async of one thread: the window addresses of the operand elements it reads
-// (rows l / 4 and l / 4 + 8 of its warp's 16 of A, its 16 columns of B; 16 k each) and their bits
-// as read at issue.
-struct WgmmaOperands {
-  static constexpr int kA = 2 * 16, kB = 16 * 16;
+// One issued wgmma.mma_async (m64nNk16) of one thread: the window addresses of the operand elements
+// it reads (rows l / 4 and l / 4 + 8 of its warp's 16 of A, its N / 4 columns of B; 16 k each) and
+// their bits as read at issue.
+template <int N> struct WgmmaOperands {
+  static constexpr int kA = 2 * 16, kB = N / 4 * 16;
   uint32_t addr[kA + kB];
   uint16_t bits[kA + kB];
 };
@@ -137,7 +142,7 @@ namespace sm90 {
 inline uint32_t smem_addr(const void* p) { return geomoe_emu::shared_offset(p, "shared address"); }
 
 inline void wgmma_fence() {}
-inline void fence_operand(float (&)[32]) {}  // the compiler's register moves: nothing to emulate
+template <int R> inline void fence_operand(float (&)[R]) {}  // the compiler's register moves: nothing to emulate
 inline void fence_proxy_async() {}
 
 inline void wgmma_commit() {
@@ -160,12 +165,15 @@ template <int N> inline void wgmma_wait(const char* file = __builtin_FILE(), int
   t.wgmma_groups.erase(t.wgmma_groups.begin(), t.wgmma_groups.begin() + groups);
 }
 
-template <typename T, int TRANS_A, int TRANS_B>
-inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d,
-                            const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+// wgmma.mma_async.m64nNk16 (N = 64 or 128): the thread's N / 2 accumulators, d[r] at row
+// 16 w + l / 4 + 8 ((r / 2) % 2), column 8 (r / 4) + 2 (l % 4) + r % 2 (the PTX ISA's D fragment).
+template <typename T, int N, int TRANS_A, int TRANS_B>
+inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d, const char* file,
+                           int line) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16 operands");
   static_assert(sizeof(T) == sizeof(uint16_t), "16-bit operands");
-  using geomoe_emu::WgmmaOperands;
+  static_assert(N == 64 || N == 128, "the shapes the kernels issue");
+  using WgmmaOperands = geomoe_emu::WgmmaOperands<N>;
   geomoe_emu::Thread& t = *geomoe_emu::g_thread;
   const geomoe_emu::Site issue{file, line};
   const unsigned in_group = (t.warp % 4) * 32 + t.lane;  // the thread's place in its warpgroup
@@ -180,7 +188,7 @@ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, in
       for (int k = 0; k < 16; ++k)
         ops->addr[h * 16 + k] = static_cast<uint32_t>(
             geomoe_emu::wgmma_operand_address(desc_a, 16 * w + l / 4 + 8 * h, k, TRANS_A, sizeof(T)));
-    for (int c = 0; c < 16; ++c)
+    for (int c = 0; c < N / 4; ++c)
       for (int k = 0; k < 16; ++k)
         ops->addr[WgmmaOperands::kA + c * 16 + k] = static_cast<uint32_t>(
             geomoe_emu::wgmma_operand_address(desc_b, 8 * (c / 2) + 2 * (l % 4) + c % 2, k, TRANS_B, sizeof(T)));
@@ -211,8 +219,8 @@ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, in
       std::memcpy(static_cast<void*>(&v), &ops->bits[i], sizeof v);
       return static_cast<float>(v);
     };
-    float out[32];
-    for (int r = 0; r < 32; ++r) {  // row half (r / 2) % 2, column c = 2 (r / 4) + r % 2 of the thread's 16
+    float out[N / 2];
+    for (int r = 0; r < N / 2; ++r) {  // row half (r / 2) % 2, column c = 2 (r / 4) + r % 2 of the thread's N / 4
       const int h = (r / 2) % 2, c = 2 * (r / 4) + r % 2;
       float acc = scale_d ? d[r] : 0.f;
       for (int k = 0; k < 16; ++k) acc += value(h * 16 + k) * value(WgmmaOperands::kA + c * 16 + k);
@@ -220,6 +228,18 @@ inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, in
     }
     std::memcpy(d, out, sizeof out);
   });
+}
+
+template <typename T, int TRANS_A, int TRANS_B>
+inline void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d,
+                            const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_m64nNk16<T, 64, TRANS_A, TRANS_B>(d, desc_a, desc_b, scale_d, file, line);
+}
+
+template <typename T, int TRANS_A, int TRANS_B>
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_m64nNk16<T, 128, TRANS_A, TRANS_B>(d, desc_a, desc_b, scale_d, file, line);
 }
 
 // ---- mbarriers and TMA ----------------------------------------------------------------------------

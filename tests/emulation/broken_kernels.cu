@@ -192,6 +192,45 @@ template <int CASE> __global__ void wgmma_tile(const __half* a, const __half* b,
     out[(16 * (t / 32) + t % 32 / 4 + 8 * ((r / 2) % 2)) * 64 + 8 * (r / 4) + 2 * (t % 4) + r % 2] = d[r];
 }
 
+enum WgmmaN128Case { kMnMajorApart, kKMajor, kMnMajorLboUnset };
+
+// One warpgroup: D (64 x 128) = A (64 x 16, K-major) B (16 x 128) by one m64n128k16. kKMajor: B's 128
+// rows n (16 k each) are two 64-row tiles back to back, 16 8-row groups SBO apart. kMnMajorApart: B's
+// rows k, its two 64-column swizzle atoms 16 KB apart and the descriptor's LBO saying so.
+// kMnMajorLboUnset: the same tiles, LBO left at the K-major convention (16 bytes): columns 64..127
+// are read from the wrong place.
+template <int CASE> __global__ void wgmma_n128(const __half* a, const __half* b, float* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __half* const as = reinterpret_cast<__half*>(aligned_1024(smem));
+  __half* const bs = as + 64 * 64;
+  constexpr int kApart = 2 * 64 * 64;  // elements from B's first 64-column atom to its second
+  const int t = threadIdx.x;
+  for (int i = t; i < 4 * 64 * 64; i += 128) as[i] = __float2half(0.f);  // A, B and the gap: no stale bits
+  __syncthreads();
+  for (int i = t; i < 64 * 16; i += 128) as[swz(i / 16, i % 16)] = a[i];
+  for (int i = t; i < 16 * 128; i += 128) {  // B[k][n]
+    const int k = i / 128, n = i % 128;
+    if (CASE == kKMajor)
+      bs[swz(n, k)] = b[i];
+    else
+      bs[n / 64 * kApart + swz(k, n % 64)] = b[i];
+  }
+  geomoe::sm90::fence_proxy_async();
+  __syncthreads();
+  float d[64];
+  for (int r = 0; r < 64; ++r) d[r] = 0.f;
+  const uint32_t sb = geomoe::sm90::smem_addr(bs);
+  const uint64_t db = CASE == kKMajor ? geomoe::sm90::make_desc(sb)
+                                      : geomoe::sm90::make_desc(sb, CASE == kMnMajorApart ? kApart * 2 : 16);
+  geomoe::sm90::wgmma_fence();
+  geomoe::sm90::wgmma_m64n128k16<__half, 0, CASE == kKMajor ? 0 : 1>(
+      d, geomoe::sm90::make_desc(geomoe::sm90::smem_addr(as)), db, 1);
+  geomoe::sm90::wgmma_commit();
+  geomoe::sm90::wgmma_wait<0>();
+  for (int r = 0; r < 64; ++r)
+    out[(16 * (t / 32) + t % 32 / 4 + 8 * ((r / 2) % 2)) * 128 + 8 * (r / 4) + 2 * (t % 4) + r % 2] = d[r];
+}
+
 // One thread: a 3-stage ring of TMA boxes (64 x 64 halves) on three mbarriers, 6 steps, so each
 // barrier completes two phases; step kt waits with parity (kt / 3) & 1 (WRONG_PARITY: 0) and
 // writes the first element of its box, row 64 kt of x, to out[kt]; the stage is refilled after.
@@ -284,6 +323,12 @@ cudaError_t run(const char* name, const void* a, const void* b, float* out) {
     GEOMOE_LAUNCH(1, 128, 3 * 8192, s, wgmma_tile<kNotAligned>)(ha, static_cast<const __half*>(b), out);
   else if (is("wgmma_operand_overwritten"))
     GEOMOE_LAUNCH(1, 128, 3 * 8192, s, wgmma_tile<kOverwrite>)(ha, static_cast<const __half*>(b), out);
+  else if (is("wgmma_n128_k_major"))
+    GEOMOE_LAUNCH(1, 128, 5 * 8192, s, wgmma_n128<kKMajor>)(ha, static_cast<const __half*>(b), out);
+  else if (is("wgmma_n128_mn_major"))
+    GEOMOE_LAUNCH(1, 128, 5 * 8192, s, wgmma_n128<kMnMajorApart>)(ha, static_cast<const __half*>(b), out);
+  else if (is("wgmma_n128_lbo_unset"))
+    GEOMOE_LAUNCH(1, 128, 5 * 8192, s, wgmma_n128<kMnMajorLboUnset>)(ha, static_cast<const __half*>(b), out);
   else if (is("tma_ring") || is("tma_ring_wrong_parity")) {
     const CUtensorMap map = ring_map(a);
     if (is("tma_ring"))
