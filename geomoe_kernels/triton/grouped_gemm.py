@@ -534,6 +534,62 @@ def _fold_rows(x, ROWS: tl.constexpr, BN: tl.constexpr):
     return tl.reshape(x, (BN,))
 
 
+@triton.jit
+def _store_dw_db(
+    acc, col_sum, DW, DB, split, e, rk, rn, K, N, stride_ds, stride_de, stride_dk, stride_dn, stride_bs, stride_be,
+    ACCUMULATE: tl.constexpr, sums,
+):  # fmt: skip
+    """A weight-gradient tile's results: the float32 dW tile (rows rk, columns rn of expert e's
+    split) converted once as stored, or added to what is there with ACCUMULATE; where `sums`, the
+    bias gradient's column sums likewise."""
+    mask = (rk < K)[:, None] & (rn < N)[None, :]
+    out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(DW.dtype.element_ty), mask=mask)
+    if sums:
+        db = DB + split * stride_bs + e.to(tl.int64) * stride_be + rn
+        if ACCUMULATE:
+            col_sum += tl.load(db, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(db, col_sum.to(DB.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _routed_rows(a, G, GGather, GScale, rm, mask_m, g_top_k):
+    """G_ROUTED weight gradients: (A's tile [BK, BM] times the routing weights of the routed rows rm,
+    in G's dtype; G's rows, the combined tokens f // g_top_k of f = GGather[rm]; the weights, float32)."""
+    gflat = tl.load(GGather + rm, mask=mask_m, other=0)
+    gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
+    return (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty), gflat // g_top_k, gs
+
+
+@triton.jit
+def _hidden_tile(A, G, arow, rk, mask_m, K, stride_am, stride_ak, A_ACT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """_wgrad_kernel's A tile [BK, BM] (columns rk of the rows arow, masked by mask_m) in G's dtype:
+    A as stored, or the hidden values act(A) formed as A loads (SwiGLU: A = [gate | up], 2K
+    columns; interleaved, [g0, u0, g1, u1, ...], the rows' 2 BK columns read contiguously)."""
+    a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
+    a_mask = mask_m[None, :] & (rk < K)[:, None]
+    if A_ACT == _SWIGLU_IL:
+        r2 = 2 * _tile_start(rk) + tl.arange(0, 2 * BK)
+        pairs = tl.load(
+            A + arow[:, None] * stride_am + r2[None, :] * stride_ak,
+            mask=mask_m[:, None] & (r2 < 2 * K)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        gate, up = tl.split(tl.reshape(pairs, (BM, BK, 2)))  # each pair in one thread
+        a = tl.trans((gate * tl.sigmoid(gate) * up).to(G.dtype.element_ty))
+    else:
+        a = tl.load(a_ptr, mask=a_mask, other=0.0)
+    if A_ACT == _SWIGLU:
+        af = a.to(tl.float32)
+        up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+        a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
+    elif A_ACT != _NONE and A_ACT != _SWIGLU_IL:
+        a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
+    return a
+
+
 @triton.autotune(
     configs=_WGRAD_CONFIGS,
     key=["N", "K", "GATHER", "SPLITS", "A_ACT", "IEEE", "ACCUMULATE", "HAS_DB", "G_ROUTED"],
@@ -607,30 +663,9 @@ def _wgrad_kernel(
         rm = m0 + tl.arange(0, BM).to(tl.int64)
         mask_m = rm < hi
         _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
-        a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
-        a_mask = mask_m[None, :] & (rk < K)[:, None]
-        if A_ACT == _SWIGLU_IL:  # A = [g0, u0, g1, u1, ...]: the rows' 2 BK columns read contiguously
-            r2 = 2 * (tl.program_id(0) // n_tiles) * BK + tl.arange(0, 2 * BK)
-            pairs = tl.load(
-                A + arow[:, None] * stride_am + r2[None, :] * stride_ak,
-                mask=mask_m[:, None] & (r2 < 2 * K)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            gate, up = tl.split(tl.reshape(pairs, (BM, BK, 2)))  # each pair in one thread
-            a = tl.trans((gate * tl.sigmoid(gate) * up).to(G.dtype.element_ty))
-        else:
-            a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if A_ACT == _SWIGLU:
-            af = a.to(tl.float32)
-            up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-            a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
-        elif A_ACT != _NONE and A_ACT != _SWIGLU_IL:
-            a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
+        a = _hidden_tile(A, G, arow, rk, mask_m, K, stride_am, stride_ak, A_ACT, BM, BK)
         if G_ROUTED:  # the routing weight on A's tile (in registers already): G goes to the dot as loaded
-            gflat = tl.load(GGather + rm, mask=mask_m, other=0)
-            gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
-            grow = gflat // g_top_k
+            a, grow, gs = _routed_rows(a, G, GGather, GScale, rm, mask_m, g_top_k)
         else:
             grow = rm
         g = tl.load(G + grow[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask_m[:, None] & (rn < N)[None, :], other=0.0)
@@ -640,16 +675,7 @@ def _wgrad_kernel(
                 col_sum += _fold_rows(g.to(tl.float32) * gs[:, None], BM, BN)
             else:
                 col_sum += _fold_rows(g.to(tl.float32), BM, BN)
-    mask = (rk < K)[:, None] & (rn < N)[None, :]
-    out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
-    if ACCUMULATE:
-        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out, acc.to(DW.dtype.element_ty), mask=mask)
-    if sums:
-        db = DB + split * stride_bs + e.to(tl.int64) * stride_be + rn
-        if ACCUMULATE:
-            col_sum += tl.load(db, mask=rn < N, other=0.0).to(tl.float32)
-        tl.store(db, col_sum.to(DB.dtype.element_ty), mask=rn < N)
+    _store_dw_db(acc, col_sum, DW, DB, split, e, rk, rn, K, N, stride_ds, stride_de, stride_dk, stride_dn, stride_bs, stride_be, ACCUMULATE, sums)  # fmt: skip
 
 
 def _no_persistent_kernel(*args) -> bool:

@@ -49,7 +49,7 @@ from .. import activations
 from ._config import INTERPRET, accumulator_elements, autotune_options, configs
 from . import grouped_gemm as _pointer
 from . import grouped_gemm_sm90 as _sm90
-from .grouped_gemm import _NONE, _SWIGLU, _a_rows, _apply_act, _fold_rows
+from .grouped_gemm import _NONE, _SWIGLU, _a_rows, _apply_act, _fold_rows, _hidden_tile, _routed_rows, _store_dw_db
 
 # the activations formed in A's load that this kernel knows (others: the pointer kernel)
 A_ACTIVATIONS = ("none", "gelu", "silu", "swiglu")
@@ -181,27 +181,19 @@ def _wgrad_tma_kernel(
                 rm = m0 + tl.arange(0, BM).to(tl.int64)
                 mask_m = rm < hi
                 r0 = (m0 - lo).to(tl.int32)
-                if GATHER:
+                if GATHER:  # the pointer kernel's loads
                     _, arow = _a_rows(Gather, rm, mask_m, top_k, GATHER)
-                    a_ptr = A + arow[None, :] * stride_am + rk[:, None] * stride_ak
-                    a_mask = mask_m[None, :] & (rk < K)[:, None]
-                    a = tl.load(a_ptr, mask=a_mask, other=0.0)
-                    if A_ACT == _SWIGLU:
-                        up = tl.load(a_ptr + K * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+                    a = _hidden_tile(A, G, arow, rk, mask_m, K, stride_am, stride_ak, A_ACT, BM, BK)
                 else:
                     a = tl.trans(a_desc.load([r0, k0]))  # [BK, BM]
                     if A_ACT == _SWIGLU:
+                        af = a.to(tl.float32)
                         up = tl.trans(up_desc.load([r0, k0])).to(tl.float32)
-                if A_ACT == _SWIGLU:
-                    af = a.to(tl.float32)
-                    a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
-                elif A_ACT != _NONE:
-                    a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
+                        a = (af * tl.sigmoid(af) * up).to(G.dtype.element_ty)
+                    elif A_ACT != _NONE:
+                        a = _apply_act(a.to(tl.float32), A_ACT).to(G.dtype.element_ty)
                 if G_ROUTED:  # the routing weight on A's tile (in registers): G to the dot as loaded
-                    gflat = tl.load(GGather + rm, mask=mask_m, other=0)
-                    gs = tl.load(GScale + gflat, mask=mask_m, other=0.0).to(tl.float32)
-                    a = (a.to(tl.float32) * gs[None, :]).to(G.dtype.element_ty)
-                    grow = gflat // g_top_k
+                    a, grow, gs = _routed_rows(a, G, GGather, GScale, rm, mask_m, g_top_k)
                     g = tl.load(
                         G + grow[:, None] * stride_gm + rn[None, :] * stride_gn,
                         mask=mask_m[:, None] & (rn < N)[None, :],
@@ -215,16 +207,7 @@ def _wgrad_tma_kernel(
                         col_sum += _fold_rows(g.to(tl.float32) * gs[:, None], BM, BN)
                     else:
                         col_sum += _fold_rows(g.to(tl.float32), BM, BN)
-        mask = (rk < K)[:, None] & (rn < N)[None, :]
-        out = DW + split * stride_ds + e.to(tl.int64) * stride_de + rk[:, None].to(tl.int64) * stride_dk + rn[None, :] * stride_dn
-        if ACCUMULATE:
-            acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out, acc.to(DW.dtype.element_ty), mask=mask)
-        if sums:
-            db = DB + split * stride_bs + e.to(tl.int64) * stride_be + rn
-            if ACCUMULATE:
-                col_sum += tl.load(db, mask=rn < N, other=0.0).to(tl.float32)
-            tl.store(db, col_sum.to(DB.dtype.element_ty), mask=rn < N)
+        _store_dw_db(acc, col_sum, DW, DB, split, e, rk, rn, K, N, stride_ds, stride_de, stride_dk, stride_dn, stride_bs, stride_be, ACCUMULATE, sums)  # fmt: skip
 
 
 def launch(
