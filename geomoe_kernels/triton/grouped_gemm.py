@@ -678,6 +678,24 @@ def _wgrad_kernel(
     _store_dw_db(acc, col_sum, DW, DB, split, e, rk, rn, K, N, stride_ds, stride_de, stride_dk, stride_dn, stride_bs, stride_be, ACCUMULATE, sums)  # fmt: skip
 
 
+def wgrad_arguments(a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing):
+    """What both weight-gradient kernels (this module's, grouped_wgrad_sm90's) take from
+    wgrad_into's arguments: (the tensors, the sizes and strides, the shared constexprs)."""
+    g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
+    operands = (a, grad, dw, db if db is not None else dw, gather if gather is not None else offsets, offsets, g_gather, g_scale)
+    scalars = (dw.shape[2], dw.shape[3], top_k, g_top_k, a.stride(0), a.stride(1), grad.stride(0), grad.stride(1))
+    scalars += tuple(dw.stride()) + ((db.stride(0), db.stride(1)) if db is not None else (0, 0))
+    constexprs = dict(
+        SPLITS=dw.shape[0],
+        GATHER=gather is not None,
+        A_ACT=activations.code(a_activation),
+        ACCUMULATE=accumulate,
+        HAS_DB=db is not None,
+        G_ROUTED=g_routing is not None,
+    )
+    return operands, scalars, constexprs
+
+
 def _no_persistent_kernel(*args) -> bool:
     return False
 
@@ -804,39 +822,11 @@ class TritonGroupedGemm:
         if persistent_wgrad(a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing):
             return
         splits, E, K, N = dw.shape
-        g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
-        grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
-        _wgrad_kernel[grid](
-            a,
-            grad,
-            dw,
-            db if db is not None else dw,
-            gather if gather is not None else offsets,
-            offsets,
-            g_gather,
-            g_scale,
-            K,
-            N,
-            top_k,
-            g_top_k,
-            a.stride(0),
-            a.stride(1),
-            grad.stride(0),
-            grad.stride(1),
-            dw.stride(0),
-            dw.stride(1),
-            dw.stride(2),
-            dw.stride(3),
-            db.stride(0) if db is not None else 0,
-            db.stride(1) if db is not None else 0,
-            SPLITS=splits,
-            GATHER=gather is not None,
-            A_ACT=activations.code(a_activation),
-            IEEE=fp32_ieee(a.dtype),
-            ACCUMULATE=accumulate,
-            HAS_DB=db is not None,
-            G_ROUTED=g_routing is not None,
+        operands, scalars, constexprs = wgrad_arguments(
+            a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing
         )
+        grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), E, splits)
+        _wgrad_kernel[grid](*operands, *scalars, IEEE=fp32_ieee(a.dtype), **constexprs)
 
 
 KERNELS = TritonGroupedGemm()

@@ -231,41 +231,13 @@ def launch(
         return True
     if not INTERPRET and a.device.type == "cuda":
         _sm90._ensure_allocator()
-    g_gather, g_top_k, g_scale = g_routing if g_routing is not None else (offsets, 1, dw)
+    operands, scalars, constexprs = _pointer.wgrad_arguments(
+        a, grad, offsets, gather, top_k, a_activation, dw, db, accumulate, g_routing
+    )
     items = E * splits
     programs = _sm90._sms(a.device)
     grid = lambda meta: (max(1, min(items * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
-    _wgrad_tma_kernel[grid](
-        a,
-        grad,
-        dw,
-        db if db is not None else dw,
-        gather if gather is not None else offsets,
-        offsets,
-        g_gather,
-        g_scale,
-        E,
-        K,
-        N,
-        top_k,
-        g_top_k,
-        a.stride(0),
-        a.stride(1),
-        grad.stride(0),
-        grad.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        dw.stride(2),
-        dw.stride(3),
-        db.stride(0) if db is not None else 0,
-        db.stride(1) if db is not None else 0,
-        SPLITS=splits,
-        GATHER=gather is not None,
-        A_ACT=activations.code(a_activation),
-        ACCUMULATE=accumulate,
-        HAS_DB=db is not None,
-        G_ROUTED=g_routing is not None,
-    )
+    _wgrad_tma_kernel[grid](*operands, E, *scalars, **constexprs)
     return True
 
 
