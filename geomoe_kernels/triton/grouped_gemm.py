@@ -358,7 +358,10 @@ def _routed_dgrad_epilogue(
     else:
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
-        tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
+        if GRAD_ACT == _NONE:  # act' = 1 (_act_grad is GELU's or SiLU's)
+            tl.store(o_ptr, ws.to(Out.dtype.element_ty), mask=mask)
+        else:
+            tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
     if GRAD_ACT != _SWIGLU_IL:
         parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
     rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
@@ -702,9 +705,9 @@ class TritonGroupedGemm:
     ) -> None:
         """routed = (routing weights, partial): the dgrad of rows combined with those weights
         (dgrad_routed); `bias` is then b2, read for the routing weights' gradient, not added.
-        The persistent TMA kernel (grouped_gemm_sm90) takes every launch but the routed dgrad."""
-        if routed is None and persistent_launch(
-            a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act
+        The persistent TMA kernel (grouped_gemm_sm90) takes the launches whose operands TMA reads."""
+        if persistent_launch(
+            a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act, routed
         ):
             return
         if transpose_weight:  # W[e] read as [N, K]

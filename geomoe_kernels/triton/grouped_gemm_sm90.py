@@ -74,6 +74,7 @@ from .grouped_gemm import (
     _gemm_footprint,
     _gmm_epilogue,
     _interleaved_block,
+    _routed_dgrad_epilogue,
     gemm_columns,
     lookup_lanes,
 )
@@ -265,7 +266,7 @@ def _tma_epilogue(
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE"],
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED"],
     **autotune_options(_gemm_footprint, "A"),
 )
 @triton.jit
@@ -277,6 +278,8 @@ def _gmm_persistent_kernel(
     Pre,
     Gather,
     offsets,
+    Partial,
+    RouteW,
     E,
     M_A,
     M_OUT,
@@ -294,6 +297,7 @@ def _gmm_persistent_kernel(
     stride_be,
     stride_om,
     stride_pm,
+    stride_qm,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -302,6 +306,9 @@ def _gmm_persistent_kernel(
     TRANS_W: tl.constexpr,
     INTERLEAVE: tl.constexpr,
     TMA_STORE: tl.constexpr,
+    ROUTED: tl.constexpr,
+    ROUTE_BIAS: tl.constexpr,
+    CHUNK: tl.constexpr,
     E_POW2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -315,7 +322,10 @@ def _gmm_persistent_kernel(
     blocks are skipped. OCC is the grid's business (programs per SM). INTERLEAVE (gathered rows
     whose experts' weights all fit in L2, as the pointer kernel): the row blocks in
     _interleaved_block's token order, each tile's block found by its search (the order is not
-    monotone in the expert, so no cursor); otherwise expert order and the cursor."""
+    monotone in the expert, so no cursor); otherwise expert order and the cursor.
+    ROUTED (the down-projection's dgrad of the combined tokens' gradient A, rows gathered, W read
+    transposed): the pointer kernel's _routed_dgrad_epilogue, the same arguments (Partial, RouteW,
+    stride_qm, ROUTE_BIAS: Bias is b2, read for <g, b2>, not added; CHUNK), so the same bits."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_tiles = tl.cdiv(N, BN)
@@ -362,7 +372,8 @@ def _gmm_persistent_kernel(
             rn = n0 + tl.arange(0, BN)
             mask_n = rn < N
             if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
-                arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+                flat = tl.load(Gather + rm, mask=mask_m, other=0)
+                arow = flat // top_k
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             acc_up = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
@@ -380,7 +391,12 @@ def _gmm_persistent_kernel(
                 if ACT == _SWIGLU:
                     acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             mask = mask_m[:, None] & mask_n[None, :]
-            if TMA_STORE:
+            if ROUTED:  # its pointer stores: d pre, the partials (and their <g, b2> column)
+                _routed_dgrad_epilogue(
+                    acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                    stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                )  # fmt: skip
+            elif TMA_STORE:
                 # the whole box is this tile's only where no row of it is the next expert's (another
                 # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
                 if (row0 + BM <= hi) | (hi >= M_OUT):
@@ -423,13 +439,11 @@ def launch(
     top_k: int,
     transpose_weight: bool,
     grad_act: str,
+    routed: Optional[tuple] = None,
 ) -> bool:
-    """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning);
-    False, nothing launched, where the pointer kernel is to run it: also a dgrad of gathered rows
-    (the down-projection's dgrad read through the routing map, with the routing weights' gradient
-    in the pointer kernel's epilogue), which this kernel has no epilogue for."""
-    if transpose_weight and gather is not None:
-        return False
+    """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning:
+    routed = (routing weights, partial) for the routed dgrad, `bias` then b2); False, nothing
+    launched, where the pointer kernel is to run it."""
     E, W_ROWS, W_COLS = weight.shape
     K = W_COLS if transpose_weight else W_ROWS
     N = gemm_columns(activation, W_ROWS if transpose_weight else W_COLS)
@@ -443,7 +457,10 @@ def launch(
     store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
     # interleaved SwiGLU writes half (forward) or twice (dgrad) the GEMM's columns: pointer stores
     interleaved_swiglu = "swiglu_interleaved" in (activation, grad_act)
+    # the routed dgrad's epilogue (the pointer kernel's, its stores by pointer) writes d pre itself
+    tma_store = routed is None and not interleaved_swiglu and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
+    route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
     _gmm_persistent_kernel[grid](
         a,
@@ -453,6 +470,8 @@ def launch(
         pre if pre is not None else out,
         gather if gather is not None else offsets,
         offsets,
+        partial if partial is not None else out,
+        route_w if route_w is not None else out,
         E,
         a.shape[0],
         out.shape[0],
@@ -470,14 +489,18 @@ def launch(
         bias.stride(0) if bias is not None else 0,
         out.stride(0),
         pre.stride(0) if pre is not None else 0,
-        HAS_BIAS=bias is not None,
+        partial.stride(0) if partial is not None else 0,
+        HAS_BIAS=bias is not None and routed is None,
         ACT=activations.code(activation),
         STORE_PRE=pre is not None and grad_act == "none",
         GATHER=gather is not None,
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
         INTERLEAVE=rounds > 0,
-        TMA_STORE=not interleaved_swiglu and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N),
+        TMA_STORE=tma_store,
+        ROUTED=routed is not None,
+        ROUTE_BIAS=routed is not None and bias is not None,
+        CHUNK=recipe.ROUTING_CHUNK,
         E_POW2=lookup_lanes(E),
         BM=schedule.block,
     )
