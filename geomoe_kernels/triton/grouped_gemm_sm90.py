@@ -69,11 +69,13 @@ from . import grouped_gemm as _pointer
 from .grouped_gemm import (
     _NONE,
     _SWIGLU,
+    _SWIGLU_IL,
     _act_grad,
     _apply_act,
     _gemm_footprint,
     _gmm_epilogue,
     _interleaved_block,
+    _pairs_of,
     _routed_dgrad_epilogue,
     gemm_columns,
     lookup_lanes,
@@ -231,6 +233,7 @@ def _tma_epilogue(
     rm,
     rn,
     mask,
+    mask_m,
     N,
     stride_pm,
     ACT: tl.constexpr,
@@ -240,9 +243,19 @@ def _tma_epilogue(
     """_gmm_epilogue's values for a tile wholly inside its expert (or reaching past the last row),
     written through the [rows, N] descriptors of the output and the pre-activation (the *_up_desc:
     the SwiGLU 'up' halves, N columns in), whose bounds clip the N tail and the rows past M. The
-    same expressions as _gmm_epilogue, so the same bits; Pre is still read by pointer (dgrad)."""
+    same expressions as _gmm_epilogue, so the same bits; Pre is still read by pointer (dgrad).
+    Interleaved SwiGLU: the forward's output box is the BN / 2 columns n0 / 2 of [rows, N / 2]
+    (pre's the BN columns n0 of [rows, N]); the dgrad's d pre box the 2 BN interleaved columns
+    2 n0 of [rows, 2 N] (the pairs joined in registers as _store_pairs joins them)."""
     r0 = row0.to(tl.int32)
-    if GRAD_ACT != _NONE:
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
+    if GRAD_ACT == _SWIGLU_IL:
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
+        s = tl.sigmoid(x)
+        d = tl.reshape(tl.join(acc * up * s * (1.0 + x * (1.0 - s)), acc * x * s), (BM, 2 * BN))
+        o_desc.store([r0, 2 * n0], d.to(Out.dtype.element_ty))
+    elif GRAD_ACT != _NONE:
         p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
@@ -257,11 +270,15 @@ def _tma_epilogue(
             p_desc.store([r0, n0], acc.to(Pre.dtype.element_ty))
             if ACT == _SWIGLU:
                 p_up_desc.store([r0, n0], acc_up.to(Pre.dtype.element_ty))
-        if ACT == _SWIGLU:
-            out = acc * tl.sigmoid(acc) * acc_up
+        if ACT == _SWIGLU_IL:  # the pairs split in registers, as _gmm_epilogue splits them
+            gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+            o_desc.store([r0, n0 // 2], (gate * tl.sigmoid(gate) * up).to(Out.dtype.element_ty))
         else:
-            out = _apply_act(acc, ACT)
-        o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
+            if ACT == _SWIGLU:
+                out = acc * tl.sigmoid(acc) * acc_up
+            else:
+                out = _apply_act(acc, ACT)
+            o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
 
 
 @triton.autotune(
@@ -336,7 +353,13 @@ def _gmm_persistent_kernel(
     if not GATHER:
         a_desc = tl.make_tensor_descriptor(A, [M_A, K], [stride_am, 1], [BM, BK])
     if TMA_STORE:  # the output's N columns (and the other SwiGLU half's, N in), M_OUT rows
-        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
+        if ACT == _SWIGLU_IL:  # half of pre's N: BN / 2 of the tile's BN pairs' columns
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N // 2], [stride_om, 1], [BM, BN // 2])
+        elif GRAD_ACT == _SWIGLU_IL:  # d pre's 2 N interleaved columns, 2 BN a tile
+            tl.static_assert(2 * BN <= 256, "a TMA box is at most 256 elements a side")
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, 2 * N], [stride_om, 1], [BM, 2 * BN])
+        else:
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
         o_up_desc = o_desc
         p_desc = o_desc
         p_up_desc = o_desc
@@ -414,6 +437,7 @@ def _gmm_persistent_kernel(
                         rm,
                         rn,
                         mask,
+                        mask_m,
                         N,
                         stride_pm,
                         ACT,
@@ -455,10 +479,8 @@ def launch(
         _ensure_allocator()
     programs = _sms(a.device)
     store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
-    # interleaved SwiGLU writes half (forward) or twice (dgrad) the GEMM's columns: pointer stores
-    interleaved_swiglu = "swiglu_interleaved" in (activation, grad_act)
     # the routed dgrad's epilogue (the pointer kernel's, its stores by pointer) writes d pre itself
-    tma_store = routed is None and not interleaved_swiglu and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
+    tma_store = routed is None and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)

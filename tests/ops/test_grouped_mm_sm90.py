@@ -261,11 +261,11 @@ def test_persistent_routed_dgrad_addresses_past_2_31_elements(kernel_backend, la
 TMA_COUNTS = [5, 20, 3, 16, 9]
 
 
-@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launches, monkeypatch, act):
     """Tiles wholly inside their expert (or reaching past M) written through the Out and Pre
     descriptors, the boundary tiles by masked pointer stores: the pointer kernel's bits, out and pre,
-    and the float64 loop's values."""
+    and the float64 loop's values. Interleaved SwiGLU: the output box BN / 2 columns at n0 / 2."""
     tg, sm90 = _modules()
     if kernel_backend.device.type == "cpu":
         assert tg.block_m(torch.float16) == 16  # the tiles the counts above are drawn for
@@ -274,7 +274,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launch
     dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
     E, M, K, N = len(counts), sum(counts), 24, 24
     off = offsets(counts, dev)
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     b = torch.randn(E, n_w).to(dev, dt)
     x = (torch.randn(M, K) / 2).to(dev, dt)
@@ -287,9 +287,10 @@ def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launch
         assert_close(got[0].double(), exact, dt)
 
 
-@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_backend, launches, monkeypatch, grad_act):
-    """The dgrad's d pre through the Out descriptors (both SwiGLU halves), pre read by pointer."""
+    """The dgrad's d pre through the Out descriptors (both SwiGLU halves; interleaved, one box of 2 BN
+    columns at 2 n0), pre read by pointer."""
     tg, sm90 = _modules()
     ran = []
     monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
@@ -298,7 +299,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_ba
     off = offsets(counts, dev)
     w = (torch.randn(E, H, D) / 4).to(dev, dt)
     g = torch.randn(M, D).to(dev, dt)
-    pre = torch.randn(M, 2 * H if grad_act == "swiglu" else H).to(dev, dt) if grad_act != "none" else None
+    pre = torch.randn(M, 2 * H if grad_act in SWIGLUS else H).to(dev, dt) if grad_act != "none" else None
     got, want = _both(lambda: kernel_recipes.dgrad(tg.KERNELS, g, w, off, grad_act=grad_act, pre=pre), 3, monkeypatch)
     assert launches == [False, True] and ran == [True] and torch.equal(got, want)
     if grad_act == "none":
@@ -306,7 +307,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_ba
         assert_close(got.double(), exact, dt, grad=True)
 
 
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launches, monkeypatch, act):
     """out and pre as views of larger sentinel-filled buffers (rows past M, columns past N): the
     descriptors' bounds are the views', so the last tile (past M) and the N tail write nothing
@@ -315,7 +316,7 @@ def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launc
     dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
     E, M, K, N = len(counts), sum(counts), 24, 24
     off = offsets(counts, dev)
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     x = (torch.randn(M, K) / 2).to(dev, dt)
     schedule = kernel_recipes.schedule_for(tg.KERNELS, off, M, dt)
