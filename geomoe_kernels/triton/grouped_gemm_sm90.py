@@ -414,11 +414,24 @@ def _gmm_persistent_kernel(
                 if ACT == _SWIGLU:
                     acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             mask = mask_m[:, None] & mask_n[None, :]
-            if ROUTED:  # its pointer stores: d pre, the partials (and their <g, b2> column)
-                _routed_dgrad_epilogue(
-                    acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
-                    stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
-                )  # fmt: skip
+            if ROUTED:  # d pre through the descriptors where the tile is whole (as below), the partials by pointer
+                if TMA_STORE:
+                    if (row0 + BM <= hi) | (hi >= M_OUT):
+                        _routed_dgrad_epilogue(
+                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                            o_desc, o_up_desc, row0, True,
+                        )  # fmt: skip
+                    else:
+                        _routed_dgrad_epilogue(
+                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                        )  # fmt: skip
+                else:
+                    _routed_dgrad_epilogue(
+                        acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                        stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                    )  # fmt: skip
             elif TMA_STORE:
                 # the whole box is this tile's only where no row of it is the next expert's (another
                 # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
@@ -478,9 +491,8 @@ def launch(
     if not INTERPRET and a.device.type == "cuda":
         _ensure_allocator()
     programs = _sms(a.device)
-    store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
-    # the routed dgrad's epilogue (the pointer kernel's, its stores by pointer) writes d pre itself
-    tma_store = routed is None and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
+    store_pre = pre if pre is not None and grad_act == "none" and routed is None else None  # a dgrad reads pre
+    tma_store = stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
@@ -514,7 +526,7 @@ def launch(
         partial.stride(0) if partial is not None else 0,
         HAS_BIAS=bias is not None and routed is None,
         ACT=activations.code(activation),
-        STORE_PRE=pre is not None and grad_act == "none",
+        STORE_PRE=store_pre is not None,
         GATHER=gather is not None,
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
