@@ -111,6 +111,16 @@ _CONFIGS = configs(
 )
 
 
+def _persistent_footprint(args, num_warps):
+    """_gemm_footprint, and over any budget where the config's OCC CTAs would not fit an SM:
+    interleaved SwiGLU's forward with TMA stores keeps a BM x BN / 2 output buffer beside pre's
+    (its box is another shape), which took the 4-warp BN 64 config to 122,912 bytes of shared
+    memory, one CTA per SM for its OCC of two (offline compile, Triton 3.9)."""
+    if args["ACT"] == _SWIGLU_IL.value and args.get("TMA_STORE") and args["OCC"] > 1:
+        return float("inf")
+    return _gemm_footprint(args, num_warps)
+
+
 def persistent_chosen(mode: str, capability: Optional[tuple], has_descriptors: bool) -> bool:
     """Whether the persistent kernel runs a device's 16-bit GEMMs: `auto` on capability >= 9 (Hopper
     and later: TMA) with descriptors in this Triton; `pointer` never; `persistent` also without a
@@ -284,7 +294,7 @@ def _tma_epilogue(
 @triton.autotune(
     configs=_CONFIGS,
     key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED"],
-    **autotune_options(_gemm_footprint, "A"),
+    **autotune_options(_persistent_footprint, "A"),
 )
 @triton.jit
 def _gmm_persistent_kernel(
@@ -492,7 +502,10 @@ def launch(
         _ensure_allocator()
     programs = _sms(a.device)
     store_pre = pre if pre is not None and grad_act == "none" and routed is None else None  # a dgrad reads pre
-    tma_store = stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
+    # the routed interleaved SwiGLU dgrad keeps pointer stores: its 2 BN box spilled 8 bytes a thread
+    # at its one admitted config (128 x 64, 8 warps; offline compile, Triton 3.9), pointer stores none
+    routed_pairs = routed is not None and grad_act == "swiglu_interleaved"
+    tma_store = not routed_pairs and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
