@@ -64,7 +64,7 @@ from triton.runtime import _allocation
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
-from ._config import INTERPRET, autotune_options, configs
+from ._config import INTERPRET, accumulator_elements, autotune_options, configs
 from . import grouped_gemm as _pointer
 from .grouped_gemm import (
     _NONE,
@@ -106,17 +106,26 @@ _CONFIGS = configs(
         ({"BN": 64, "BK": 64, "OCC": 2}, 4, 4),
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 3),  # two CTAs did not fit (218-255 registers at 8 warps)
         ({"BN": 256, "BK": 64, "OCC": 1}, 8, 3),  # the bias-only epilogue (N = 768, 2048)
+        ({"BN": 32, "BK": 64, "OCC": 1}, 8, 4),  # the routed dgrad's only (_persistent_footprint)
     ],
     {"BN": 16, "BK": 16, "OCC": 1},
 )
 
 
 def _persistent_footprint(args, num_warps):
-    """_gemm_footprint, and over any budget where the config's OCC CTAs would not fit an SM:
+    """_gemm_footprint, but over any budget where the config's OCC CTAs would not fit an SM:
     interleaved SwiGLU's forward with TMA stores keeps a BM x BN / 2 output buffer beside pre's
     (its box is another shape), which took the 4-warp BN 64 config to 122,912 bytes of shared
-    memory, one CTA per SM for its OCC of two (offline compile, Triton 3.9)."""
+    memory, one CTA per SM for its OCC of two (offline compile, Triton 3.9). The routed dgrad
+    counts three accumulators (the routed epilogue beside the persistent loop's state): at 128 x 64
+    on 8 warps Triton 3.6 spilled 24 bytes a thread ([gate | up] SwiGLU) and 80 (interleaved), 3.9
+    8 (interleaved, d pre by TMA); 128 x 32 on 8 warps spilled none in either (179-194 registers).
+    That config is the routed dgrad's only: every other launch counts it over the budget."""
     if args["ACT"] == _SWIGLU_IL.value and args.get("TMA_STORE") and args["OCC"] > 1:
+        return float("inf")
+    if args.get("ROUTED"):
+        return accumulator_elements(args["BM"], args["BN"], num_warps, 3)
+    if args["BN"] < 64 and args["BM"] >= 64:
         return float("inf")
     return _gemm_footprint(args, num_warps)
 
@@ -502,10 +511,7 @@ def launch(
         _ensure_allocator()
     programs = _sms(a.device)
     store_pre = pre if pre is not None and grad_act == "none" and routed is None else None  # a dgrad reads pre
-    # the routed interleaved SwiGLU dgrad keeps pointer stores: its 2 BN box spilled 8 bytes a thread
-    # at its one admitted config (128 x 64, 8 warps; offline compile, Triton 3.9), pointer stores none
-    routed_pairs = routed is not None and grad_act == "swiglu_interleaved"
-    tma_store = not routed_pairs and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
+    tma_store = stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
     route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)

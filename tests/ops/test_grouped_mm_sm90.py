@@ -206,8 +206,7 @@ def test_persistent_routed_dgrad_is_the_pointer_kernels_bits(kernel_backend, lau
     pointer kernel's epilogue: d pre and every partial the pointer kernel's bits (the partials' last
     column <g, b2>), every element written, and the float64 loop's values. d pre's tiles wholly
     inside their expert leave through the TMA store descriptors (the others by pointer: experts 0, 2
-    and 3 end mid-tile, so a whole box there would overwrite the next expert's rows); interleaved
-    SwiGLU's keep pointer stores (launch: the box spilled)."""
+    and 3 end mid-tile, so a whole box there would overwrite the next expert's rows)."""
     tg, sm90 = _modules()
     ran, tma = [], []
     spy = _Spy(_Spy(sm90._gmm_persistent_kernel, tma, "TMA_STORE"), ran, "ROUTED")
@@ -215,7 +214,7 @@ def test_persistent_routed_dgrad_is_the_pointer_kernels_bits(kernel_backend, lau
     dev, dt = kernel_backend.device, torch.float16
     run, operands = _routed_dgrad(dev, dt, grad_act, with_bias)
     got, want = _both(run, 3, monkeypatch)
-    assert launches == [False, True] and ran == [True] and tma == [grad_act != "swiglu_interleaved"]
+    assert launches == [False, True] and ran == [True] and tma == [True]
     for x, y in zip(got, want):
         assert torch.equal(x, y)
     d_pre, d_w = _routed_dgrad_exact(grad_act, *operands)
