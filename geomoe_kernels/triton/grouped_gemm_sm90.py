@@ -1,7 +1,13 @@
 """The grouped GEMM's forward and dgrad for Hopper (sm_90) and later: persistent, the weights and
 contiguous activation rows read through tensor descriptors (TMA), the same epilogues as the
 pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU on [gate | up] or interleaved
-columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls.
+columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls. The routed
+dgrad too (ROUTED: the down-projection's dgrad of the combined tokens' gradient, its rows gathered
+through the routing map, W2 read transposed): it ends in the pointer kernel's
+_routed_dgrad_epilogue (d pre, the routing weights' gradient as float32 partials over fixed
+16-column chunks, <g, b2>), so its bits are the pointer kernel's whatever config either picks; only
+d pre's whole tiles leave by TMA there (the partials' rows are the routing map's slots). Its tile
+is 128 x 32 on 8 warps: at 128 x 64 Triton 3.6 spilled (_persistent_footprint).
 
 Persistent: one program per SM (OCC per SM where the config's tiles leave room for two), each
 walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block schedule
@@ -25,8 +31,9 @@ pointer loads: TMA's row gather is Blackwell's (sm_100), not Hopper's.
 The output (and the stored pre-activation) leave through [rows, N] descriptors (SwiGLU's 'up' half
 through a second, N columns in) where the tile is wholly its expert's (row0 + BM <= hi) or reaches
 past M (clipped there, as is the N tail); a tile whose expert ends mid-tile keeps masked pointer
-stores: its rows past hi are the next expert's tile, another program's. Layouts TMA cannot write
-keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
+stores: its rows past hi are the next expert's tile, another program's. Interleaved SwiGLU's
+boxes: the forward's output BN / 2 columns at n0 / 2 (its BN pairs' gates), the dgrad's d pre 2 BN
+interleaved columns at 2 n0. Layouts TMA cannot write keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
 (offline TTGIR, 3.9): one BM x BN buffer outside it, waited on just before the next tile's epilogue
 refills it, so a tile's UTMASTG drains during the next tile's k-loop.
 
