@@ -123,3 +123,31 @@ def test_the_persistent_gemm_stores_whole_tiles_through_tma():
         )
         ops = set(offline._OPCODE.findall(offline._sass(kernel.asm["cubin"], offline._cuobjdump())))
         assert {"UTMALDG", "UTMASTG", "STG"} <= ops, sorted(ops)
+
+
+def test_the_persistent_routed_dgrad_stores_d_pre_through_tma():
+    """The routed dgrad (expert_mlp's backward with routing weights, float16, sm_90) on the persistent
+    kernel: HGMMA, W2 by TMA loads, d pre's whole tiles by bulk tensor stores (UTMASTG) beside the
+    pointer stores (STG: the partials, the boundary tiles), in every config the register budget ships
+    to it (128 x 32 on 8 warps: 128 x 64 spilled with Triton 3.6)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tools import triton_offline as offline
+
+    launches = [
+        c
+        for c in offline.geomoe_launches((torch.float16,), ["expert_mlp"], 90)
+        if c.name == "_gmm_persistent_kernel" and c.kwargs["ROUTED"]
+    ]
+    assert {c.kwargs["GRAD_ACT"] for c in launches} == {1, 3, 4}  # GELU, SwiGLU, interleaved SwiGLU
+    for launch in launches:
+        shipped = offline._shipped_configs(launch.kernel, launch)
+        assert [(c.kwargs["BN"], c.num_warps) for c in shipped] == [(32, 8)]
+        jit, sig, cst, attrs, opts = offline._variants(launch, True)[0]
+        kernel = triton.compile(
+            ASTSource(fn=jit, signature=sig, constexprs=cst, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts
+        )
+        ops = set(offline._OPCODE.findall(offline._sass(kernel.asm["cubin"], offline._cuobjdump())))
+        assert {"HGMMA", "UTMALDG", "STG"} <= ops, sorted(ops)
+        assert launch.kwargs["TMA_STORE"] and {"UTMASTG"} <= ops, sorted(ops)

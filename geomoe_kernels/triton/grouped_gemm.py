@@ -325,6 +325,10 @@ def _routed_dgrad_epilogue(
     BN: tl.constexpr,
     BK: tl.constexpr,
     CHUNK: tl.constexpr,
+    o_desc=None,
+    o_up_desc=None,
+    row0=None,
+    TMA_OUT: tl.constexpr = False,
 ):
     """The down-projection's dgrad epilogue when its rows are combined with routing weights
     (docs/host_path.md, step 5), on the fp32 tile acc = g @ W2^T of the tokens' gradient g read
@@ -335,7 +339,8 @@ def _routed_dgrad_epilogue(
     (0 without a bias). The consumer sums a row's partials in order: the routing weight's gradient
     <g, rows_out> without the expert outputs kept. flat: the rows' slots (t * top_k + j), arow
     their tokens. Self-contained (its pointers and strides in, nothing of the main loop but acc): a
-    kernel with another main loop can end in it."""
+    kernel with another main loop can end in it. TMA_OUT (a tile wholly inside its expert, from the
+    sm_90 kernel): d pre written through its descriptors at row row0 (its _tma_epilogue's boxes)."""
     mask = mask_m[:, None] & mask_n[None, :]
     w = tl.load(RouteW + flat, mask=mask_m, other=0.0).to(tl.float32)
     p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
@@ -346,19 +351,36 @@ def _routed_dgrad_epilogue(
         up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
-        tl.store(o_ptr, (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + N, (ws * x * s).to(Out.dtype.element_ty), mask=mask)
+        d_gate = (ws * up * s * (1.0 + x * (1.0 - s))).to(Out.dtype.element_ty)
+        d_up = (ws * x * s).to(Out.dtype.element_ty)
+        if TMA_OUT:
+            o_desc.store([row0.to(tl.int32), pid_n * BN], d_gate)
+            o_up_desc.store([row0.to(tl.int32), pid_n * BN], d_up)
+        else:
+            tl.store(o_ptr, d_gate, mask=mask)
+            tl.store(o_ptr + N, d_up, mask=mask)
     elif GRAD_ACT == _SWIGLU_IL:  # pre = [g0, u0, g1, u1, ...]
         x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
         s = tl.sigmoid(x)
         h = (x * s * up).to(Out.dtype.element_ty).to(tl.float32)
         # the partials first: h is dead before d pre is formed (at 128 rows the other order spilled)
         parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
-        _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
+        if TMA_OUT:
+            d = tl.reshape(tl.join(ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s), (BM, 2 * BN))
+            o_desc.store([row0.to(tl.int32), 2 * pid_n * BN], d.to(Out.dtype.element_ty))
+        else:
+            _store_pairs(Out, rm, cols, mask2, stride_om, ws * up * s * (1.0 + x * (1.0 - s)), ws * x * s)
     else:
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         h = _apply_act(x, GRAD_ACT).to(Out.dtype.element_ty).to(tl.float32)
-        tl.store(o_ptr, (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty), mask=mask)
+        if GRAD_ACT == _NONE:  # act' = 1 (_act_grad is GELU's or SiLU's)
+            d = ws.to(Out.dtype.element_ty)
+        else:
+            d = (ws * _act_grad(x, GRAD_ACT)).to(Out.dtype.element_ty)
+        if TMA_OUT:
+            o_desc.store([row0.to(tl.int32), pid_n * BN], d)
+        else:
+            tl.store(o_ptr, d, mask=mask)
     if GRAD_ACT != _SWIGLU_IL:
         parts = _fold_cols(tl.where(mask, acc * h, 0.0), BM, BN, CHUNK)
     rc = pid_n * (BN // CHUNK) + tl.arange(0, BN // CHUNK)
@@ -746,9 +768,9 @@ class TritonGroupedGemm:
     ) -> None:
         """routed = (routing weights, partial): the dgrad of rows combined with those weights
         (dgrad_routed); `bias` is then b2, read for the routing weights' gradient, not added.
-        The persistent TMA kernel (grouped_gemm_sm90) takes every launch but the routed dgrad."""
-        if routed is None and persistent_launch(
-            a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act
+        The persistent TMA kernel (grouped_gemm_sm90) takes the launches whose operands TMA reads."""
+        if persistent_launch(
+            a, weight, offsets, schedule, out, pre, bias, activation, gather, top_k, transpose_weight, grad_act, routed
         ):
             return
         if transpose_weight:  # W[e] read as [N, K]

@@ -1,7 +1,13 @@
 """The grouped GEMM's forward and dgrad for Hopper (sm_90) and later: persistent, the weights and
 contiguous activation rows read through tensor descriptors (TMA), the same epilogues as the
 pointer-load kernel of grouped_gemm.py (bias, GELU / SiLU / SwiGLU on [gate | up] or interleaved
-columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls.
+columns, act' in the dgrad, the output's dtype), whose @triton.jit helpers it calls. The routed
+dgrad too (ROUTED: the down-projection's dgrad of the combined tokens' gradient, its rows gathered
+through the routing map, W2 read transposed): it ends in the pointer kernel's
+_routed_dgrad_epilogue (d pre, the routing weights' gradient as float32 partials over fixed
+16-column chunks, <g, b2>), so its bits are the pointer kernel's whatever config either picks; only
+d pre's whole tiles leave by TMA there (the partials' rows are the routing map's slots). Its tile
+is 128 x 32 on 8 warps: at 128 x 64 Triton 3.6 spilled (_persistent_footprint).
 
 Persistent: one program per SM (OCC per SM where the config's tiles leave room for two), each
 walking the tiles pid, pid + G, pid + 2G, ... (G programs) of the row-block schedule
@@ -25,8 +31,9 @@ pointer loads: TMA's row gather is Blackwell's (sm_100), not Hopper's.
 The output (and the stored pre-activation) leave through [rows, N] descriptors (SwiGLU's 'up' half
 through a second, N columns in) where the tile is wholly its expert's (row0 + BM <= hi) or reaches
 past M (clipped there, as is the N tail); a tile whose expert ends mid-tile keeps masked pointer
-stores: its rows past hi are the next expert's tile, another program's. Layouts TMA cannot write
-keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
+stores: its rows past hi are the next expert's tile, another program's. Interleaved SwiGLU's
+boxes: the forward's output BN / 2 columns at n0 / 2 (its BN pairs' gates), the dgrad's d pre 2 BN
+interleaved columns at 2 n0. Layouts TMA cannot write keep pointer stores (`stores_by_tma`, TMA_STORE). Triton pipelines these stores on the tile loop
 (offline TTGIR, 3.9): one BM x BN buffer outside it, waited on just before the next tile's epilogue
 refills it, so a tile's UTMASTG drains during the next tile's k-loop.
 
@@ -64,16 +71,19 @@ from triton.runtime import _allocation
 from .. import activations
 from .. import kernel_recipes as recipe
 from ..kernel_recipes import BlockSchedule
-from ._config import INTERPRET, autotune_options, configs
+from ._config import INTERPRET, accumulator_elements, autotune_options, configs
 from . import grouped_gemm as _pointer
 from .grouped_gemm import (
     _NONE,
     _SWIGLU,
+    _SWIGLU_IL,
     _act_grad,
     _apply_act,
     _gemm_footprint,
     _gmm_epilogue,
     _interleaved_block,
+    _pairs_of,
+    _routed_dgrad_epilogue,
     gemm_columns,
     lookup_lanes,
 )
@@ -103,9 +113,28 @@ _CONFIGS = configs(
         ({"BN": 64, "BK": 64, "OCC": 2}, 4, 4),
         ({"BN": 128, "BK": 64, "OCC": 1}, 8, 3),  # two CTAs did not fit (218-255 registers at 8 warps)
         ({"BN": 256, "BK": 64, "OCC": 1}, 8, 3),  # the bias-only epilogue (N = 768, 2048)
+        ({"BN": 32, "BK": 64, "OCC": 1}, 8, 4),  # the routed dgrad's only (_persistent_footprint)
     ],
     {"BN": 16, "BK": 16, "OCC": 1},
 )
+
+
+def _persistent_footprint(args, num_warps):
+    """_gemm_footprint, but over any budget where the config's OCC CTAs would not fit an SM:
+    interleaved SwiGLU's forward with TMA stores keeps a BM x BN / 2 output buffer beside pre's
+    (its box is another shape), which took the 4-warp BN 64 config to 122,912 bytes of shared
+    memory, one CTA per SM for its OCC of two (offline compile, Triton 3.9). The routed dgrad
+    counts three accumulators (the routed epilogue beside the persistent loop's state): at 128 x 64
+    on 8 warps Triton 3.6 spilled 24 bytes a thread ([gate | up] SwiGLU) and 80 (interleaved), 3.9
+    8 (interleaved, d pre by TMA); 128 x 32 on 8 warps spilled none in either (179-194 registers).
+    That config is the routed dgrad's only: every other launch counts it over the budget."""
+    if args["ACT"] == _SWIGLU_IL.value and args.get("TMA_STORE") and args["OCC"] > 1:
+        return float("inf")
+    if args.get("ROUTED"):
+        return accumulator_elements(args["BM"], args["BN"], num_warps, 3)
+    if args["BN"] < 64 and args["BM"] >= 64:
+        return float("inf")
+    return _gemm_footprint(args, num_warps)
 
 
 def persistent_chosen(mode: str, capability: Optional[tuple], has_descriptors: bool) -> bool:
@@ -230,6 +259,7 @@ def _tma_epilogue(
     rm,
     rn,
     mask,
+    mask_m,
     N,
     stride_pm,
     ACT: tl.constexpr,
@@ -239,9 +269,19 @@ def _tma_epilogue(
     """_gmm_epilogue's values for a tile wholly inside its expert (or reaching past the last row),
     written through the [rows, N] descriptors of the output and the pre-activation (the *_up_desc:
     the SwiGLU 'up' halves, N columns in), whose bounds clip the N tail and the rows past M. The
-    same expressions as _gmm_epilogue, so the same bits; Pre is still read by pointer (dgrad)."""
+    same expressions as _gmm_epilogue, so the same bits; Pre is still read by pointer (dgrad).
+    Interleaved SwiGLU: the forward's output box is the BN / 2 columns n0 / 2 of [rows, N / 2]
+    (pre's the BN columns n0 of [rows, N]); the dgrad's d pre box the 2 BN interleaved columns
+    2 n0 of [rows, 2 N] (the pairs joined in registers as _store_pairs joins them)."""
     r0 = row0.to(tl.int32)
-    if GRAD_ACT != _NONE:
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
+    if GRAD_ACT == _SWIGLU_IL:
+        x, up, cols, mask2 = _pairs_of(Pre, rm, rn, mask_m, N, stride_pm)
+        s = tl.sigmoid(x)
+        d = tl.reshape(tl.join(acc * up * s * (1.0 + x * (1.0 - s)), acc * x * s), (BM, 2 * BN))
+        o_desc.store([r0, 2 * n0], d.to(Out.dtype.element_ty))
+    elif GRAD_ACT != _NONE:
         p_ptr = Pre + rm[:, None] * stride_pm + rn[None, :]
         x = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
         if GRAD_ACT == _SWIGLU:  # pre = [gate | up], hidden = silu(gate) * up
@@ -256,17 +296,21 @@ def _tma_epilogue(
             p_desc.store([r0, n0], acc.to(Pre.dtype.element_ty))
             if ACT == _SWIGLU:
                 p_up_desc.store([r0, n0], acc_up.to(Pre.dtype.element_ty))
-        if ACT == _SWIGLU:
-            out = acc * tl.sigmoid(acc) * acc_up
+        if ACT == _SWIGLU_IL:  # the pairs split in registers, as _gmm_epilogue splits them
+            gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+            o_desc.store([r0, n0 // 2], (gate * tl.sigmoid(gate) * up).to(Out.dtype.element_ty))
         else:
-            out = _apply_act(acc, ACT)
-        o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
+            if ACT == _SWIGLU:
+                out = acc * tl.sigmoid(acc) * acc_up
+            else:
+                out = _apply_act(acc, ACT)
+            o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
 
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE"],
-    **autotune_options(_gemm_footprint, "A"),
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED"],
+    **autotune_options(_persistent_footprint, "A"),
 )
 @triton.jit
 def _gmm_persistent_kernel(
@@ -277,6 +321,8 @@ def _gmm_persistent_kernel(
     Pre,
     Gather,
     offsets,
+    Partial,
+    RouteW,
     E,
     M_A,
     M_OUT,
@@ -294,6 +340,7 @@ def _gmm_persistent_kernel(
     stride_be,
     stride_om,
     stride_pm,
+    stride_qm,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -302,6 +349,9 @@ def _gmm_persistent_kernel(
     TRANS_W: tl.constexpr,
     INTERLEAVE: tl.constexpr,
     TMA_STORE: tl.constexpr,
+    ROUTED: tl.constexpr,
+    ROUTE_BIAS: tl.constexpr,
+    CHUNK: tl.constexpr,
     E_POW2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -315,7 +365,10 @@ def _gmm_persistent_kernel(
     blocks are skipped. OCC is the grid's business (programs per SM). INTERLEAVE (gathered rows
     whose experts' weights all fit in L2, as the pointer kernel): the row blocks in
     _interleaved_block's token order, each tile's block found by its search (the order is not
-    monotone in the expert, so no cursor); otherwise expert order and the cursor."""
+    monotone in the expert, so no cursor); otherwise expert order and the cursor.
+    ROUTED (the down-projection's dgrad of the combined tokens' gradient A, rows gathered, W read
+    transposed): the pointer kernel's _routed_dgrad_epilogue, the same arguments (Partial, RouteW,
+    stride_qm, ROUTE_BIAS: Bias is b2, read for <g, b2>, not added; CHUNK), so the same bits."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_tiles = tl.cdiv(N, BN)
@@ -326,7 +379,13 @@ def _gmm_persistent_kernel(
     if not GATHER:
         a_desc = tl.make_tensor_descriptor(A, [M_A, K], [stride_am, 1], [BM, BK])
     if TMA_STORE:  # the output's N columns (and the other SwiGLU half's, N in), M_OUT rows
-        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
+        if ACT == _SWIGLU_IL:  # half of pre's N: BN / 2 of the tile's BN pairs' columns
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N // 2], [stride_om, 1], [BM, BN // 2])
+        elif GRAD_ACT == _SWIGLU_IL:  # d pre's 2 N interleaved columns, 2 BN a tile
+            tl.static_assert(2 * BN <= 256, "a TMA box is at most 256 elements a side")
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, 2 * N], [stride_om, 1], [BM, 2 * BN])
+        else:
+            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
         o_up_desc = o_desc
         p_desc = o_desc
         p_up_desc = o_desc
@@ -362,7 +421,8 @@ def _gmm_persistent_kernel(
             rn = n0 + tl.arange(0, BN)
             mask_n = rn < N
             if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
-                arow = tl.load(Gather + rm, mask=mask_m, other=0) // top_k
+                flat = tl.load(Gather + rm, mask=mask_m, other=0)
+                arow = flat // top_k
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             acc_up = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
@@ -380,7 +440,25 @@ def _gmm_persistent_kernel(
                 if ACT == _SWIGLU:
                     acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             mask = mask_m[:, None] & mask_n[None, :]
-            if TMA_STORE:
+            if ROUTED:  # d pre through the descriptors where the tile is whole (as below), the partials by pointer
+                if TMA_STORE:
+                    if (row0 + BM <= hi) | (hi >= M_OUT):
+                        _routed_dgrad_epilogue(
+                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                            o_desc, o_up_desc, row0, True,
+                        )  # fmt: skip
+                    else:
+                        _routed_dgrad_epilogue(
+                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                        )  # fmt: skip
+                else:
+                    _routed_dgrad_epilogue(
+                        acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
+                        stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                    )  # fmt: skip
+            elif TMA_STORE:
                 # the whole box is this tile's only where no row of it is the next expert's (another
                 # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
                 if (row0 + BM <= hi) | (hi >= M_OUT):
@@ -398,6 +476,7 @@ def _gmm_persistent_kernel(
                         rm,
                         rn,
                         mask,
+                        mask_m,
                         N,
                         stride_pm,
                         ACT,
@@ -423,13 +502,11 @@ def launch(
     top_k: int,
     transpose_weight: bool,
     grad_act: str,
+    routed: Optional[tuple] = None,
 ) -> bool:
-    """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning);
-    False, nothing launched, where the pointer kernel is to run it: also a dgrad of gathered rows
-    (the down-projection's dgrad read through the routing map, with the routing weights' gradient
-    in the pointer kernel's epilogue), which this kernel has no epilogue for."""
-    if transpose_weight and gather is not None:
-        return False
+    """Run TritonGroupedGemm._launch's GEMM here if `takes` it (its arguments, the same meaning:
+    routed = (routing weights, partial) for the routed dgrad, `bias` then b2); False, nothing
+    launched, where the pointer kernel is to run it."""
     E, W_ROWS, W_COLS = weight.shape
     K = W_COLS if transpose_weight else W_ROWS
     N = gemm_columns(activation, W_ROWS if transpose_weight else W_COLS)
@@ -440,10 +517,10 @@ def launch(
     if not INTERPRET and a.device.type == "cuda":
         _ensure_allocator()
     programs = _sms(a.device)
-    store_pre = pre if pre is not None and grad_act == "none" else None  # the dgrad reads pre, by pointer
-    # interleaved SwiGLU writes half (forward) or twice (dgrad) the GEMM's columns: pointer stores
-    interleaved_swiglu = "swiglu_interleaved" in (activation, grad_act)
+    store_pre = pre if pre is not None and grad_act == "none" and routed is None else None  # a dgrad reads pre
+    tma_store = stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N)
     rounds = recipe.interleave_rounds(gather is not None, weight, schedule)  # 0: expert order
+    route_w, partial = routed if routed is not None else (None, None)
     grid = lambda meta: (max(1, min(schedule.blocks * triton.cdiv(N, meta["BN"]), programs * meta["OCC"])),)
     _gmm_persistent_kernel[grid](
         a,
@@ -453,6 +530,8 @@ def launch(
         pre if pre is not None else out,
         gather if gather is not None else offsets,
         offsets,
+        partial if partial is not None else out,
+        route_w if route_w is not None else out,
         E,
         a.shape[0],
         out.shape[0],
@@ -470,14 +549,18 @@ def launch(
         bias.stride(0) if bias is not None else 0,
         out.stride(0),
         pre.stride(0) if pre is not None else 0,
-        HAS_BIAS=bias is not None,
+        partial.stride(0) if partial is not None else 0,
+        HAS_BIAS=bias is not None and routed is None,
         ACT=activations.code(activation),
-        STORE_PRE=pre is not None and grad_act == "none",
+        STORE_PRE=store_pre is not None,
         GATHER=gather is not None,
         GRAD_ACT=activations.code(grad_act),
         TRANS_W=transpose_weight,
         INTERLEAVE=rounds > 0,
-        TMA_STORE=not interleaved_swiglu and stores_by_tma(out, store_pre, "swiglu" in (activation, grad_act), N),
+        TMA_STORE=tma_store,
+        ROUTED=routed is not None,
+        ROUTE_BIAS=routed is not None and bias is not None,
+        CHUNK=recipe.ROUTING_CHUNK,
         E_POW2=lookup_lanes(E),
         BM=schedule.block,
     )

@@ -153,6 +153,109 @@ def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, 
     assert_close(got.double(), d_hidden, dt, grad=True)
 
 
+# the routed dgrad's rows: experts without rows (1, 4), ending mid-tile (0, 2, 3), the last past M
+ROUTED_COUNTS = [5, 0, 20, 3, 0, 11]
+
+
+def _routed_dgrad(dev, dt, grad_act, with_bias, counts=ROUTED_COUNTS, top_k=3, D=24, H=40, g=None):
+    """The operands of dgrad_routed (tokens T = M / top_k, each row a random slot of the routing map)
+    and a function running it: (d pre, partial)."""
+    tg, _ = _modules()
+    E, M = len(counts), sum(counts)
+    T = M // top_k
+    off = offsets(counts, dev)
+    gather = torch.randperm(M).to(dev)
+    n_pre = 2 * H if grad_act in SWIGLUS else H
+    w2 = (torch.randn(E, H, D) / 4).to(dev, dt)
+    b2 = torch.randn(E, D).to(dev, dt) if with_bias else None
+    g = torch.randn(T, D).to(dev, dt) if g is None else g
+    pre = torch.randn(M, n_pre).to(dev, dt)
+    weights = torch.rand(T, top_k, device=dev)
+    schedule = kernel_recipes.schedule_for(tg.KERNELS, off, M, dt)
+    chunks = -(-H // kernel_recipes.ROUTING_CHUNK) + 1
+
+    def run():
+        d_pre = torch.full((M, n_pre), 7.0, dtype=dt, device=dev)
+        partial = torch.full((M, chunks), 7.0, dtype=torch.float32, device=dev)
+        tg.KERNELS.dgrad_routed(g, w2, b2, off, schedule, gather, top_k, weights, d_pre, grad_act, pre, partial)
+        return d_pre, partial
+
+    return run, (g, w2, b2, off, gather, top_k, weights, pre)
+
+
+def _routed_dgrad_exact(grad_act, g, w2, b2, off, gather, top_k, weights, pre):
+    """float64: d pre = w * (g[token] @ W2[e]^T) back through act, and each slot's <g, act(pre) W2[e] + b2[e]>."""
+    d_pre, d_w = torch.zeros(pre.shape, dtype=torch.float64), torch.zeros(weights.numel(), dtype=torch.float64)
+    for e, (lo, hi) in enumerate(zip(off.tolist()[:-1], off.tolist()[1:])):
+        flat = gather[lo:hi].cpu()
+        gt = g.cpu().double()[flat // top_k]
+        p = pre[lo:hi].cpu().double().requires_grad_(True)
+        h = apply_act(grad_act, p)
+        d_h = gt @ w2[e].cpu().double().t()
+        d_pre[lo:hi] = weights.cpu().double().view(-1)[flat][:, None] * torch.autograd.grad(h, p, d_h)[0]
+        y = h.detach() @ w2[e].cpu().double() + (b2[e].cpu().double() if b2 is not None else 0)
+        d_w[flat] = (gt * y).sum(-1)
+    return d_pre, d_w.view(weights.shape)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "silu", "swiglu", "swiglu_interleaved"])
+def test_persistent_routed_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, monkeypatch, grad_act, with_bias):
+    """The down-projection's dgrad through the routing map (the rows' token gradients gathered by
+    pointer loads, W2 through the transposed descriptor) with the routing weights' gradient in the
+    pointer kernel's epilogue: d pre and every partial the pointer kernel's bits (the partials' last
+    column <g, b2>), every element written, and the float64 loop's values. d pre's tiles wholly
+    inside their expert leave through the TMA store descriptors (the others by pointer: experts 0, 2
+    and 3 end mid-tile, so a whole box there would overwrite the next expert's rows)."""
+    tg, sm90 = _modules()
+    ran, tma = [], []
+    spy = _Spy(_Spy(sm90._gmm_persistent_kernel, tma, "TMA_STORE"), ran, "ROUTED")
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", spy)
+    dev, dt = kernel_backend.device, torch.float16
+    run, operands = _routed_dgrad(dev, dt, grad_act, with_bias)
+    got, want = _both(run, 3, monkeypatch)
+    assert launches == [False, True] and ran == [True] and tma == [True]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    d_pre, d_w = _routed_dgrad_exact(grad_act, *operands)
+    assert_close(got[0].double(), d_pre, dt, grad=True)
+    top_k = operands[5]
+    assert_close(got[1].view(-1, top_k, got[1].shape[1]).sum(-1).double(), d_w, dt, grad=True)
+
+
+@pytest.mark.parametrize("grad_act", ["gelu", "swiglu"])
+def test_persistent_routed_dgrad_in_expert_order(kernel_backend, launches, monkeypatch, grad_act):
+    """The same with the row blocks in expert order (the cursor; an L2 of 0 bytes here) on one
+    program and on more programs than tiles."""
+    monkeypatch.setattr(kernel_recipes, "l2_bytes", lambda device: 0)
+    _, sm90 = _modules()
+    ran = []
+    monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran))
+    run, operands = _routed_dgrad(kernel_backend.device, torch.float16, grad_act, True)
+    for programs in (1, 64):
+        got, want = _both(run, programs, monkeypatch)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
+    assert launches == [False, True] * 2 and ran == [False, False]
+
+
+def test_persistent_routed_dgrad_addresses_past_2_31_elements(kernel_backend, launches, monkeypatch):
+    """The tokens' gradient rows 2^30 elements apart (token 2 at 2^31), gathered by pointer in the
+    k-loop and in the <g, b2> sum: the pointer kernel's bits and the float64 values."""
+    dev, dt, D = kernel_backend.device, torch.float16, 16
+    big = torch.empty(2**31 + 4096, dtype=dt, device=dev)
+    g = big.as_strided((3, D), (2**30, 1))
+    g.copy_(torch.randn(3, D).to(dt))
+    run, operands = _routed_dgrad(dev, dt, "gelu", True, counts=[2, 4], top_k=2, D=D, H=16, g=g)
+    got, want = _both(run, 3, monkeypatch)
+    assert launches == [False, True]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    d_pre, d_w = _routed_dgrad_exact("gelu", *operands)
+    assert_close(got[0].double(), d_pre, dt, grad=True)
+    assert_close(got[1].view(3, 2, -1).sum(-1).double(), d_w, dt, grad=True)
+
+
 # expert 0 ends mid-tile (its tile's rows 5-15 are expert 1's), expert 1 has a full tile and ends
 # mid-tile, expert 3 fills one tile exactly, the last expert's tile reaches past M (the interpreter's
 # BM is 16). N = 24: two column tiles on three programs, so a tile's row block below is often
@@ -161,11 +264,11 @@ def test_persistent_dgrad_is_the_pointer_kernels_bits(kernel_backend, launches, 
 TMA_COUNTS = [5, 20, 3, 16, 9]
 
 
-@pytest.mark.parametrize("act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launches, monkeypatch, act):
     """Tiles wholly inside their expert (or reaching past M) written through the Out and Pre
     descriptors, the boundary tiles by masked pointer stores: the pointer kernel's bits, out and pre,
-    and the float64 loop's values."""
+    and the float64 loop's values. Interleaved SwiGLU: the output box BN / 2 columns at n0 / 2."""
     tg, sm90 = _modules()
     if kernel_backend.device.type == "cpu":
         assert tg.block_m(torch.float16) == 16  # the tiles the counts above are drawn for
@@ -174,7 +277,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launch
     dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
     E, M, K, N = len(counts), sum(counts), 24, 24
     off = offsets(counts, dev)
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     b = torch.randn(E, n_w).to(dev, dt)
     x = (torch.randn(M, K) / 2).to(dev, dt)
@@ -187,9 +290,10 @@ def test_persistent_tma_stores_keep_the_next_experts_rows(kernel_backend, launch
         assert_close(got[0].double(), exact, dt)
 
 
-@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu"])
+@pytest.mark.parametrize("grad_act", ["none", "gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_backend, launches, monkeypatch, grad_act):
-    """The dgrad's d pre through the Out descriptors (both SwiGLU halves), pre read by pointer."""
+    """The dgrad's d pre through the Out descriptors (both SwiGLU halves; interleaved, one box of 2 BN
+    columns at 2 n0), pre read by pointer."""
     tg, sm90 = _modules()
     ran = []
     monkeypatch.setattr(sm90, "_gmm_persistent_kernel", _Spy(sm90._gmm_persistent_kernel, ran, "TMA_STORE"))
@@ -198,7 +302,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_ba
     off = offsets(counts, dev)
     w = (torch.randn(E, H, D) / 4).to(dev, dt)
     g = torch.randn(M, D).to(dev, dt)
-    pre = torch.randn(M, 2 * H if grad_act == "swiglu" else H).to(dev, dt) if grad_act != "none" else None
+    pre = torch.randn(M, 2 * H if grad_act in SWIGLUS else H).to(dev, dt) if grad_act != "none" else None
     got, want = _both(lambda: kernel_recipes.dgrad(tg.KERNELS, g, w, off, grad_act=grad_act, pre=pre), 3, monkeypatch)
     assert launches == [False, True] and ran == [True] and torch.equal(got, want)
     if grad_act == "none":
@@ -206,7 +310,7 @@ def test_persistent_tma_stores_keep_the_next_experts_rows_in_the_dgrad(kernel_ba
         assert_close(got.double(), exact, dt, grad=True)
 
 
-@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "swiglu", "swiglu_interleaved"])
 def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launches, monkeypatch, act):
     """out and pre as views of larger sentinel-filled buffers (rows past M, columns past N): the
     descriptors' bounds are the views', so the last tile (past M) and the N tail write nothing
@@ -215,7 +319,7 @@ def test_persistent_tma_stores_stay_inside_the_output_view(kernel_backend, launc
     dev, dt, counts = kernel_backend.device, torch.float16, TMA_COUNTS
     E, M, K, N = len(counts), sum(counts), 24, 24
     off = offsets(counts, dev)
-    n_w = 2 * N if act == "swiglu" else N
+    n_w = 2 * N if act in SWIGLUS else N
     w = (torch.randn(E, K, n_w) / 4).to(dev, dt)
     x = (torch.randn(M, K) / 2).to(dev, dt)
     schedule = kernel_recipes.schedule_for(tg.KERNELS, off, M, dt)
@@ -343,12 +447,6 @@ def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
     assert not sm90.stores_by_tma(out, torch.empty(8, 24).half(), True, 12)  # pre's 'up' half at 24 bytes
     assert not sm90.stores_by_tma(torch.empty(8 * 16 + 1).half()[1:].view(8, 16), None, False, 16)  # base off 16 B
     assert not sm90.stores_by_tma(out, torch.empty(16, 8).half().t(), False, 16)  # pre's columns strided
-    with sm90.forced("persistent"):  # a gathered dgrad (the routed one): the pointer kernel's epilogue
-        r2f = torch.zeros(8, dtype=torch.long)
-        off = torch.tensor([0, 8, 8])
-        schedule = kernel_recipes.block_schedule(off, 8, 16)
-        args = (x[:, :16].contiguous(), w, off, schedule, torch.empty(8, 32).half(), None, None, "none", r2f, 1, True, "none")
-        assert sm90.launch(*args) is False
 
 
 def test_each_thread_gets_the_scratch_allocator_unless_it_has_one():
