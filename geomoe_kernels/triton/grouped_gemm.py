@@ -295,6 +295,25 @@ def _fold_cols(x, ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _bias_dot(
+    A, Bias, e, arow, mask_m, K, stride_am, stride_ak, stride_be, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr
+):
+    """<g, bias[e]> of the rows arow of A over K in BK steps, each step a fixed halving tree (0
+    without a bias): the routed dgrad's last partial column."""
+    bias_dot = tl.zeros((BM,), dtype=tl.float32)
+    if HAS_BIAS:
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mask_k = rk < K
+            g = tl.load(
+                A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            ).to(tl.float32)
+            b = tl.load(Bias + e.to(tl.int64) * stride_be + rk, mask=mask_k, other=0.0).to(tl.float32)
+            bias_dot += tl.reshape(_fold_cols(g * b[None, :], BM, BK, BK), (BM,))
+    return bias_dot
+
+
+@triton.jit
 def _routed_dgrad_epilogue(
     acc,
     Out,
@@ -388,16 +407,7 @@ def _routed_dgrad_epilogue(
     q_row = Partial + flat * stride_qm
     tl.store(q_row[:, None] + rc[None, :], parts.to(Partial.dtype.element_ty), mask=mask_m[:, None] & (rc < n_chunks)[None, :])
     if pid_n == 0:
-        bias_dot = tl.zeros((BM,), dtype=tl.float32)
-        if HAS_BIAS:
-            for k0 in range(0, K, BK):
-                rk = k0 + tl.arange(0, BK)
-                mask_k = rk < K
-                g = tl.load(
-                    A + arow[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                ).to(tl.float32)
-                b = tl.load(Bias + e.to(tl.int64) * stride_be + rk, mask=mask_k, other=0.0).to(tl.float32)
-                bias_dot += tl.reshape(_fold_cols(g * b[None, :], BM, BK, BK), (BM,))
+        bias_dot = _bias_dot(A, Bias, e, arow, mask_m, K, stride_am, stride_ak, stride_be, HAS_BIAS, BM, BK)
         tl.store(q_row + n_chunks, bias_dot.to(Partial.dtype.element_ty), mask=mask_m)
 
 

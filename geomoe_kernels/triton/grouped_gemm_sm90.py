@@ -307,6 +307,145 @@ def _tma_epilogue(
             o_desc.store([r0, n0], out.to(Out.dtype.element_ty))
 
 
+@triton.jit
+def _block_at(
+    offsets, E, blk, e, first, lo, hi, nb, rounds, search_steps, INTERLEAVE: tl.constexpr, BM: tl.constexpr,
+    E_POW2: tl.constexpr,
+):  # fmt: skip
+    """Row block `blk`'s (e, first, lo, hi, nb, row0): in expert order the cursor (expert e owns the
+    row blocks [first, first + nb), its rows [lo, hi)) moved forward to it, a program's tiles coming
+    in increasing order; INTERLEAVE: _interleaved_block's search (hi its expert's end)."""
+    if INTERLEAVE:
+        e, row0 = _interleaved_block(offsets, E, blk, rounds, search_steps, BM, E_POW2)
+        hi = tl.load(offsets + tl.minimum(e + 1, E))
+    else:
+        while (blk >= first + nb) & (e < E):  # move forward only
+            first += nb
+            e += 1
+            lo = hi
+            hi = tl.load(offsets + tl.minimum(e + 1, E))
+            nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
+        row0 = lo + (blk - first).to(tl.int64) * BM
+    return e, first, lo, hi, nb, row0
+
+
+@triton.jit
+def _out_descriptors(
+    Out, Pre, M_OUT, N, stride_om, stride_pm, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GRAD_ACT: tl.constexpr,
+    TMA_STORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """The TMA store descriptors (output, its SwiGLU 'up' half N columns in, pre, pre's 'up' half) of
+    M_OUT rows: the output's N columns (interleaved SwiGLU: N // 2 of the forward's, 2 N of the
+    dgrad's d pre); without TMA_STORE, or where a descriptor is not used, Out stands in."""
+    if not TMA_STORE:
+        return Out, Out, Out, Out
+    if ACT == _SWIGLU_IL:  # half of pre's N: BN / 2 of the tile's BN pairs' columns
+        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N // 2], [stride_om, 1], [BM, BN // 2])
+    elif GRAD_ACT == _SWIGLU_IL:  # d pre's 2 N interleaved columns, 2 BN a tile
+        tl.static_assert(2 * BN <= 256, "a TMA box is at most 256 elements a side")
+        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, 2 * N], [stride_om, 1], [BM, 2 * BN])
+    else:
+        o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
+    o_up_desc = o_desc
+    p_desc = o_desc
+    p_up_desc = o_desc
+    if GRAD_ACT == _SWIGLU:
+        o_up_desc = tl.make_tensor_descriptor(Out + N, [M_OUT, N], [stride_om, 1], [BM, BN])
+    if STORE_PRE:
+        p_desc = tl.make_tensor_descriptor(Pre, [M_OUT, N], [stride_pm, 1], [BM, BN])
+        if ACT == _SWIGLU:
+            p_up_desc = tl.make_tensor_descriptor(Pre + N, [M_OUT, N], [stride_pm, 1], [BM, BN])
+    return o_desc, o_up_desc, p_desc, p_up_desc
+
+
+@triton.jit
+def _tile_sums(
+    A, a_desc, w_desc, Bias, arow, row0, rn, mask_m, mask_n, e, n0, N, K, stride_am, stride_be,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, TRANS_W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """(acc, acc_up): the tile's fp32 sums over K in BK steps, A's rows gathered (arow, pointer
+    loads) or through a_desc at row0, W's tile through w_desc; acc_up SwiGLU's 'up' half (N columns
+    to the right; zeros otherwise); the bias added."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if GATHER:
+            rk = k0 + tl.arange(0, BK)
+            a = tl.load(A + arow[:, None] * stride_am + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0.0)
+        else:
+            a = a_desc.load([row0.to(tl.int32), k0])
+        acc += tl.dot(a, _w_tile(w_desc, e, k0, n0, TRANS_W, BK, BN))
+        if ACT == _SWIGLU:  # the 'up' half sits N columns to the right
+            acc_up += tl.dot(a, _w_tile(w_desc, e, k0, n0 + N, TRANS_W, BK, BN))
+    if HAS_BIAS:
+        b_base = Bias + e.to(tl.int64) * stride_be
+        acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if ACT == _SWIGLU:
+            acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_up
+
+
+@triton.jit
+def _persistent_epilogue(
+    acc, acc_up, Out, Pre, Partial, RouteW, A, Bias, o_desc, o_up_desc, p_desc, p_up_desc, e, flat, arow,
+    row0, hi, n0, rm, rn, mask_m, mask_n, pid_n, M_OUT, N, K, stride_am, stride_be, stride_om,
+    stride_pm, stride_qm, ACT: tl.constexpr, STORE_PRE: tl.constexpr, GRAD_ACT: tl.constexpr,
+    TMA_STORE: tl.constexpr, ROUTED: tl.constexpr, ROUTE_BIAS: tl.constexpr, CHUNK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The persistent kernel's tile epilogue: the routed dgrad's, _tma_epilogue or _gmm_epilogue,
+    by TMA stores where the tile is wholly its expert's (row0 + BM <= hi) or reaches past M_OUT."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ROUTED:  # d pre through the descriptors where the tile is whole (as below), the partials by pointer
+        if TMA_STORE:
+            if (row0 + BM <= hi) | (hi >= M_OUT):
+                _routed_dgrad_epilogue(
+                    acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, pid_n, N, K,
+                    stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                    o_desc, o_up_desc, row0, True,
+                )  # fmt: skip
+            else:
+                _routed_dgrad_epilogue(
+                    acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, pid_n, N, K,
+                    stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+                )  # fmt: skip
+        else:
+            _routed_dgrad_epilogue(
+                acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, pid_n, N, K,
+                stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
+            )  # fmt: skip
+    elif TMA_STORE:
+        # the whole box is this tile's only where no row of it is the next expert's (another
+        # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
+        if (row0 + BM <= hi) | (hi >= M_OUT):
+            _tma_epilogue(
+                acc,
+                acc_up,
+                Out,
+                Pre,
+                o_desc,
+                o_up_desc,
+                p_desc,
+                p_up_desc,
+                row0,
+                n0,
+                rm,
+                rn,
+                mask,
+                mask_m,
+                N,
+                stride_pm,
+                ACT,
+                STORE_PRE,
+                GRAD_ACT,
+            )
+        else:
+            _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
+    else:
+        _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED"],
@@ -376,25 +515,10 @@ def _gmm_persistent_kernel(
         w_desc = tl.make_tensor_descriptor(W, [E, W_ROWS, W_COLS], [stride_we, stride_wr, 1], [1, BN, BK])
     else:
         w_desc = tl.make_tensor_descriptor(W, [E, W_ROWS, W_COLS], [stride_we, stride_wr, 1], [1, BK, BN])
+    a_desc = w_desc  # stands in where A's rows are gathered (never read then)
     if not GATHER:
         a_desc = tl.make_tensor_descriptor(A, [M_A, K], [stride_am, 1], [BM, BK])
-    if TMA_STORE:  # the output's N columns (and the other SwiGLU half's, N in), M_OUT rows
-        if ACT == _SWIGLU_IL:  # half of pre's N: BN / 2 of the tile's BN pairs' columns
-            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N // 2], [stride_om, 1], [BM, BN // 2])
-        elif GRAD_ACT == _SWIGLU_IL:  # d pre's 2 N interleaved columns, 2 BN a tile
-            tl.static_assert(2 * BN <= 256, "a TMA box is at most 256 elements a side")
-            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, 2 * N], [stride_om, 1], [BM, 2 * BN])
-        else:
-            o_desc = tl.make_tensor_descriptor(Out, [M_OUT, N], [stride_om, 1], [BM, BN])
-        o_up_desc = o_desc
-        p_desc = o_desc
-        p_up_desc = o_desc
-        if GRAD_ACT == _SWIGLU:
-            o_up_desc = tl.make_tensor_descriptor(Out + N, [M_OUT, N], [stride_om, 1], [BM, BN])
-        if STORE_PRE:
-            p_desc = tl.make_tensor_descriptor(Pre, [M_OUT, N], [stride_pm, 1], [BM, BN])
-            if ACT == _SWIGLU:
-                p_up_desc = tl.make_tensor_descriptor(Pre + N, [M_OUT, N], [stride_pm, 1], [BM, BN])
+    o_desc, o_up_desc, p_desc, p_up_desc = _out_descriptors(Out, Pre, M_OUT, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, TMA_STORE, BM, BN)  # fmt: skip
     # the cursor: expert e owns the row blocks [first, first + nb), its rows [lo, hi)
     e = pid * 0
     first = pid * 0
@@ -402,91 +526,27 @@ def _gmm_persistent_kernel(
     hi = tl.load(offsets + 1)
     nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
     for t in range(pid, blocks * n_tiles, programs):
-        blk = t // n_tiles
-        if INTERLEAVE:
-            e, row0 = _interleaved_block(offsets, E, blk, rounds, search_steps, BM, E_POW2)
-            hi = tl.load(offsets + tl.minimum(e + 1, E))
-        else:
-            while (blk >= first + nb) & (e < E):  # tiles come in increasing order: move forward only
-                first += nb
-                e += 1
-                lo = hi
-                hi = tl.load(offsets + tl.minimum(e + 1, E))
-                nb = ((hi - lo + BM - 1) // BM).to(tl.int32)
-            row0 = lo + (blk - first).to(tl.int64) * BM
+        e, first, lo, hi, nb, row0 = _block_at(offsets, E, t // n_tiles, e, first, lo, hi, nb, rounds, search_steps, INTERLEAVE, BM, E_POW2)  # fmt: skip
         if e < E:
             n0 = (t % n_tiles) * BN
             rm = row0 + tl.arange(0, BM).to(tl.int64)
             mask_m = rm < hi
             rn = n0 + tl.arange(0, BN)
             mask_n = rn < N
+            flat = rm  # the rows' slots and A's rows where A is not gathered
+            arow = rm
             if GATHER:  # A rows are tokens: row r reads token row_to_flat[r] // top_k
                 flat = tl.load(Gather + rm, mask=mask_m, other=0)
                 arow = flat // top_k
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                if GATHER:
-                    rk = k0 + tl.arange(0, BK)
-                    a = tl.load(A + arow[:, None] * stride_am + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0.0)
-                else:
-                    a = a_desc.load([row0.to(tl.int32), k0])
-                acc += tl.dot(a, _w_tile(w_desc, e, k0, n0, TRANS_W, BK, BN))
-                if ACT == _SWIGLU:  # the 'up' half sits N columns to the right
-                    acc_up += tl.dot(a, _w_tile(w_desc, e, k0, n0 + N, TRANS_W, BK, BN))
-            if HAS_BIAS:
-                b_base = Bias + e.to(tl.int64) * stride_be
-                acc += tl.load(b_base + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                if ACT == _SWIGLU:
-                    acc_up += tl.load(b_base + rn + N, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            mask = mask_m[:, None] & mask_n[None, :]
-            if ROUTED:  # d pre through the descriptors where the tile is whole (as below), the partials by pointer
-                if TMA_STORE:
-                    if (row0 + BM <= hi) | (hi >= M_OUT):
-                        _routed_dgrad_epilogue(
-                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
-                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
-                            o_desc, o_up_desc, row0, True,
-                        )  # fmt: skip
-                    else:
-                        _routed_dgrad_epilogue(
-                            acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
-                            stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
-                        )  # fmt: skip
-                else:
-                    _routed_dgrad_epilogue(
-                        acc, Out, Pre, Partial, RouteW, A, Bias, e, flat, arow, rm, rn, mask_m, mask_n, t % n_tiles, N, K,
-                        stride_am, 1, stride_be, stride_om, stride_pm, stride_qm, GRAD_ACT, ROUTE_BIAS, BM, BN, BK, CHUNK,
-                    )  # fmt: skip
-            elif TMA_STORE:
-                # the whole box is this tile's only where no row of it is the next expert's (another
-                # tile's, maybe another program's); past M the descriptor clips. Else pointer stores.
-                if (row0 + BM <= hi) | (hi >= M_OUT):
-                    _tma_epilogue(
-                        acc,
-                        acc_up,
-                        Out,
-                        Pre,
-                        o_desc,
-                        o_up_desc,
-                        p_desc,
-                        p_up_desc,
-                        row0,
-                        n0,
-                        rm,
-                        rn,
-                        mask,
-                        mask_m,
-                        N,
-                        stride_pm,
-                        ACT,
-                        STORE_PRE,
-                        GRAD_ACT,
-                    )
-                else:
-                    _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
-            else:
-                _gmm_epilogue(acc, acc_up, Out, Pre, rm, rn, mask, N, stride_om, stride_pm, ACT, STORE_PRE, GRAD_ACT, mask_m)
+            acc, acc_up = _tile_sums(
+                A, a_desc, w_desc, Bias, arow, row0, rn, mask_m, mask_n, e, n0, N, K, stride_am, stride_be,
+                HAS_BIAS, ACT, GATHER, TRANS_W, BM, BN, BK,
+            )  # fmt: skip
+            _persistent_epilogue(
+                acc, acc_up, Out, Pre, Partial, RouteW, A, Bias, o_desc, o_up_desc, p_desc, p_up_desc, e, flat, arow,
+                row0, hi, n0, rm, rn, mask_m, mask_n, t % n_tiles, M_OUT, N, K, stride_am, stride_be, stride_om,
+                stride_pm, stride_qm, ACT, STORE_PRE, GRAD_ACT, TMA_STORE, ROUTED, ROUTE_BIAS, CHUNK, BM, BN, BK,
+            )  # fmt: skip
 
 
 def launch(
