@@ -143,3 +143,18 @@ def assert_runs_close(outs: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype
     """three_runs' result: the output and every gradient by assert_backend_close."""
     for i, (a, r, e) in enumerate(zip(*outs)):
         assert_backend_close(a, r, e, dtype, backend, grad=i > 0)
+
+
+def pointer_then_persistent(sm90, fn, programs, monkeypatch):
+    """(fn() on the persistent sm_90 kernels with `programs` programs, fn() on the pointer kernels):
+    sm90 is geomoe_kernels.triton.grouped_gemm_sm90, imported by the caller (the interpreter's)."""
+    with sm90.forced("pointer"):
+        want = fn()
+    monkeypatch.setattr(sm90, "PROGRAMS_WITHOUT_SMS", programs)
+    sm90._sms.cache_clear()
+    try:
+        with sm90.forced("persistent"):
+            got = fn()
+    finally:
+        sm90._sms.cache_clear()
+    return got, want

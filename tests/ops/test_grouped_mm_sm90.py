@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from geomoe_kernels import kernel_recipes
-from tests.helpers import assert_close, offsets
+from tests.helpers import assert_close, offsets, pointer_then_persistent
 from tests.oracles import apply_act, naive_grouped_mm
 
 SWIGLUS = ("swiglu", "swiglu_interleaved")
@@ -69,16 +69,7 @@ class _Spy:
 def _both(fn, programs, monkeypatch):
     """fn() with the pointer kernel, then with the persistent one on `programs` programs."""
     _, sm90 = _modules()
-    with sm90.forced("pointer"):
-        want = fn()
-    monkeypatch.setattr(sm90, "PROGRAMS_WITHOUT_SMS", programs)
-    sm90._sms.cache_clear()
-    try:
-        with sm90.forced("persistent"):
-            got = fn()
-    finally:
-        sm90._sms.cache_clear()
-    return got, want
+    return pointer_then_persistent(sm90, fn, programs, monkeypatch)
 
 
 # each case on 3 programs (fewer than the tiles), the first also on one and on more than the tiles

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from geomoe_kernels import kernel_recipes
-from tests.helpers import assert_close, offsets
+from tests.helpers import assert_close, offsets, pointer_then_persistent
 
 
 def _modules():
@@ -40,16 +40,7 @@ def launches(kernel_backend, monkeypatch):
 def _both(fn, programs, monkeypatch):
     """fn() with the pointer kernel, then with the TMA kernel on `programs` persistent programs."""
     _, sm90, _ = _modules()
-    with sm90.forced("pointer"):
-        want = fn()
-    monkeypatch.setattr(sm90, "PROGRAMS_WITHOUT_SMS", programs)
-    sm90._sms.cache_clear()
-    try:
-        with sm90.forced("persistent"):
-            got = fn()
-    finally:
-        sm90._sms.cache_clear()
-    return got, want
+    return pointer_then_persistent(sm90, fn, programs, monkeypatch)
 
 
 def _act(a, act):
