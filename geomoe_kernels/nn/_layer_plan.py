@@ -564,8 +564,9 @@ class _NoSecondDerivative(torch.autograd.Function):
 # ---- the routing given (issue 28 item 4) ----------------------------------------------------------
 # The layers whose routing the gating op does not compute (group-limited top-k, a transformers
 # block's own router, the transformers experts backend, which gets the model's routing result) and
-# the experts with a gate of their own between the two GEMMs (GPT-OSS's clamped SwiGLU, GeGLU, ...) run the rest of the layer on the same kind of plan: route -> the experts ->
-# the weighted combine in one Function, each piece the implementation its op would run.
+# the experts with a gate of their own between the two GEMMs (GPT-OSS's clamped SwiGLU, GeGLU, ...)
+# run the rest of the layer on the same kind of plan: route -> the experts -> the weighted combine
+# in one Function, each piece the implementation its op would run.
 
 
 class RoutedPlan(LayerPlan):
