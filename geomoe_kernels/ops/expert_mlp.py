@@ -9,7 +9,8 @@ that is one [M, hidden] tensor fewer kept for backward and no separate activatio
 
 x [T or M, K], w1 [E, K, N1], b1 [E, N1], w2 [E, H, D], b2 [E, D] with H = N1 (N1 / 2 for swiglu,
 whose W1 holds [gate | up], and for swiglu_interleaved, whose W1 holds pairs [g0, u0, g1, u1,
-...]). Returns (rows_out [M, D], pre [M, N1]); backward gives the row gradients [M, K] in expert-major order, dw1, db1, dw2, db2 (experts without rows: exact zeros).
+...]). Returns (rows_out [M, D], pre [M, N1]); backward gives the row gradients [M, K] in
+expert-major order, dw1, db1, dw2, db2 (experts without rows: exact zeros).
 
 With routing `weights` [T, top_k] (and `shared` [T, D]) the rows are combined into their tokens in
 the op: it returns (y [T, D] = shared + sum_j weights[t, j] rows_out[row of (t, j)], pre), as
