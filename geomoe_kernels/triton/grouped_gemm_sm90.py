@@ -96,6 +96,7 @@ if MODE not in MODES:
 
 HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")  # device-side tensor descriptors (Triton >= 3.3)
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+MAX_TMA_EXTENT = 2**31 - 1  # a descriptor's dimension (int32 in Triton's make_tensor_descriptor)
 PROGRAMS_WITHOUT_SMS = 3  # the grid on a machine without SMs (the interpreter, the offline compile)
 
 # BN fits the shapes: N = 576 (GeoMoE's hidden) in 9 x 64 or 5 x 128 (Triton's tiles are powers of
@@ -205,13 +206,18 @@ def _ensure_allocator() -> None:
 
 
 def _tma_ready(t: Tensor, contiguous_dim: int) -> bool:
-    """TMA's rules for a tensor read through a descriptor: 16-byte aligned base and strides, the
-    last dimension contiguous."""
+    """TMA's rules for a tensor read or written through a descriptor: 16-byte aligned base and
+    strides (none zero: no broadcast view), the last dimension contiguous, and every extent within
+    MAX_TMA_EXTENT (the descriptors' shapes and box coordinates are int32: Triton truncates larger
+    ones without a word, where the pointer kernel addresses in int64)."""
     size = t.element_size()
     return (
         t.stride(contiguous_dim) == 1
         and t.data_ptr() % 16 == 0
-        and all((t.stride(d) * size) % 16 == 0 for d in range(t.dim()) if d != contiguous_dim)
+        and all(n <= MAX_TMA_EXTENT for n in t.shape)
+        and all(
+            (t.stride(d) * size) % 16 == 0 and (t.stride(d) > 0 or t.shape[d] == 1) for d in range(t.dim()) if d != contiguous_dim
+        )
     )
 
 
@@ -448,7 +454,7 @@ def _persistent_epilogue(
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED"],
+    key=["N", "K", "ACT", "GATHER", "GRAD_ACT", "TRANS_W", "INTERLEAVE", "ROUTED", "TMA_STORE", "STORE_PRE", "HAS_BIAS"],
     **autotune_options(_persistent_footprint, "A"),
 )
 @triton.jit

@@ -414,6 +414,24 @@ def test_the_kernel_is_chosen_by_capability_triton_and_override():
             assert "the persistent TMA kernels on cpu" in sm90.describe()
 
 
+def test_extents_past_int32_and_broadcast_views_go_to_the_pointer_kernels(monkeypatch):
+    """Triton's descriptors take int32 shapes and coordinates (a larger one is truncated without a
+    word) and a zero stride is no TMA layout: such operands and outputs keep the pointer kernels.
+    The extent limit lowered to 40 stands in for 2^31."""
+    pytest.importorskip("triton")
+    _, sm90 = _modules()
+    x, w, out = torch.randn(48, 32).half(), torch.randn(2, 32, 16).half(), torch.empty(48, 16).half()
+    with sm90.forced("persistent"):
+        assert sm90.takes(x, w, "gelu", None, 16) and sm90.stores_by_tma(out, None, False, 16)
+        assert not sm90.takes(x, w[:1].expand(2, 32, 16), "gelu", None, 16)  # experts share one weight
+        monkeypatch.setattr(sm90, "MAX_TMA_EXTENT", 40)
+        assert not sm90.takes(x, w, "gelu", None, 16)  # A's 48 rows
+        assert sm90.takes(x[:40], w, "gelu", None, 16)
+        assert not sm90.stores_by_tma(out, None, False, 16)  # the output's 48 rows
+        assert sm90.stores_by_tma(out[:40], None, False, 16)
+        assert not sm90.takes(x[:40], torch.randn(48, 32, 16).half(), "gelu", None, 16)  # 48 experts
+
+
 def test_operands_tma_cannot_read_go_to_the_pointer_kernel():
     pytest.importorskip("triton")
     _, sm90 = _modules()
