@@ -1267,12 +1267,14 @@ inline EncodeTiled tensor_map_encoder() {
 
 // W stored [E][rows][cols] (cols contiguous, rows ldw apart, experts stride_we apart) as a 3-D tensor
 // map of 64 x 64 boxes with the 128-byte swizzle; false where TMA cannot address it (a base or stride
-// not on 16 bytes, overlapping rows or experts, a dimension past 2^32), and the kernel copies W by
-// cp.async instead.
+// not on 16 bytes, overlapping rows or experts, a dimension whose box coordinates would not fit the
+// instruction's signed 32-bit ones), and the kernel copies W by cp.async instead.
+constexpr int64_t kMaxBoxCoord = 0x7fffffff - 128;  // a box's int coordinates + 64 (x 2 halves) stay below 2^31
+
 template <typename T>
 bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_t ldw, int64_t stride_we, int64_t experts) {
   if (!aligned16(w) || ldw % 8 || stride_we % 8 || ldw < cols || (experts > 1 && stride_we < rows * ldw) ||
-      rows >= (int64_t(1) << 32) || cols >= (int64_t(1) << 32) || experts >= (int64_t(1) << 32) ||
+      rows > kMaxBoxCoord || cols > kMaxBoxCoord || experts > kMaxBoxCoord ||
       stride_we * int64_t(sizeof(T)) >= (int64_t(1) << 40))
     return false;
   const EncodeTiled encode = tensor_map_encoder();
@@ -1291,7 +1293,7 @@ bool weight_map(CUtensorMap* map, const T* w, int64_t rows, int64_t cols, int64_
 // as stored) as a 3-D tensor map [1, rows, cols] of 64 x 64 boxes (weight_map's rules); false where
 // TMA cannot address it or a coordinate would not fit the instruction's 32-bit ones.
 template <typename T> bool rows_map(CUtensorMap* map, const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  if (rows <= 0 || cols <= 0 || rows > 0x7fffffff - 64 || cols > 0x7fffffff - 128) return false;
+  if (rows <= 0 || cols <= 0) return false;
   return weight_map(map, p, rows, cols, ld, rows * ld, 1);
 }
 

@@ -143,6 +143,7 @@ __device__ inline void mbar_init(uint64_t* bar, unsigned count) {
 #if GEOMOE_SM90A
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the initialised barrier, seen by TMA too
 #else
   (void)bar, (void)count;
   trap_unless_sm90a();
